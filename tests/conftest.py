@@ -1,0 +1,74 @@
+"""Test database set-up: the project's own target schema fixture on a real PostgreSQL.
+
+With ``DATABASE_URL`` unset the suite runs on the embedded sandbox server (started on
+demand by the sandbox backend); with it set, pytest-django creates its throwaway
+``test_<name>`` database on that server and never touches the database named there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.db import connection, transaction
+from psycopg import sql
+
+from usage import target
+
+TARGET_TABLES = (
+    "task_usage_hourly_dirty",
+    "task_usage_hourly",
+    "task_usage",
+    "agent_task_queue",
+    "issue",
+    "agent",
+)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: pytest.FixtureRequest) -> None:
+    """Extend pytest-django's set-up: create the target schema from the project's fixture."""
+    with django_db_blocker.unblock(), transaction.atomic(), connection.cursor() as cursor:
+        target.create_target_schema(cursor, settings.CODEX_TARGET_SCHEMA)
+
+
+@pytest.fixture(autouse=True)
+def _clean_target_tables(
+    request: pytest.FixtureRequest, django_db_blocker: pytest.FixtureRequest
+) -> Iterator[None]:
+    """Empty the unmanaged target tables after each database test (Django only flushes its own)."""
+    yield
+    if request.node.get_closest_marker("django_db") is None:
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            sql.SQL("TRUNCATE {} CASCADE")
+            .format(
+                sql.SQL(", ").join(
+                    sql.Identifier(settings.CODEX_TARGET_SCHEMA, t) for t in TARGET_TABLES
+                )
+            )
+            .as_string()
+        )
+
+
+@pytest.fixture
+def test_database_url(transactional_db: None) -> str:
+    """A DATABASE_URL for subprocesses, pointing at this test run's database."""
+    connection.ensure_connection()
+    params = connection.settings_dict
+    host = quote(str(params["HOST"] or "127.0.0.1"), safe="")
+    port = f":{params['PORT']}" if params.get("PORT") else ""
+    password = f":{quote(params['PASSWORD'], safe='')}" if params.get("PASSWORD") else ""
+    return f"postgresql://{params['USER']}{password}@{host}{port}/{params['NAME']}"
+
+
+@pytest.fixture
+def subprocess_env(test_database_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = test_database_url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,62 @@
+"""App configuration: creates the tool's schema before migrations and migrates the sandbox."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.db.backends.signals import connection_created
+from django.db.models.signals import pre_migrate
+
+logger = logging.getLogger("usage.apps")
+
+
+def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
+    """Create the tool's own schema first, so Django's tables never land in the app's schema.
+
+    With the tool schema first on the search path, PostgreSQL would silently fall back to the
+    next schema when the first one does not exist; creating it before any migration runs
+    rules that out.
+    """
+    from django.db import connections
+    from psycopg import sql
+
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+            .format(sql.Identifier(settings.CODEX_REPAIR_SCHEMA))
+            .as_string()
+        )
+
+
+_sandbox_migrated = False
+
+
+def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
+    """On the sandbox's own database, apply the tool's migrations on first use."""
+    global _sandbox_migrated
+    if _sandbox_migrated or not getattr(connection, "is_sandbox", False):
+        return
+    if connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
+        return
+    _sandbox_migrated = True
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        from django.core.management import call_command
+
+        logger.info("migrating the sandbox database")
+        call_command("migrate", verbosity=0, interactive=False)
+
+
+class UsageConfig(AppConfig):
+    name = "usage"
+    verbose_name = "Codex usage repair"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        pre_migrate.connect(create_tool_schema, sender=self)
+        connection_created.connect(migrate_sandbox)

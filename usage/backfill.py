@@ -1,0 +1,523 @@
+"""The repair itself: rewrite eligible Codex rows once, in short batches, with a journal.
+
+How it stays linear and safe on a live database:
+
+* One set-based snapshot of the candidates' ids goes into a session temp table, numbered in
+  hourly-key order. Batches then walk that numbering by range (a keyset), so no batch ever
+  re-scans or re-sorts the remaining candidates.
+* Each batch is one short transaction with ``lock_timeout``/``statement_timeout`` set locally.
+  It locks its rows with ``SKIP LOCKED`` (ingestion keeps writing), re-checks eligibility
+  under the lock, writes the journal entry and the update in one statement, and adds its
+  counts to the run record: an update never exists without its journal entry.
+* Rows skipped because a writer held them are retried after the pass; rows still locked at
+  the end are reported and the run does not succeed.
+* A timeout rolls the batch back whole and retries it smaller, a bounded number of times.
+* Signals are honoured between batches; the rollup is then rebuilt for what was done.
+* The hourly rollup is rebuilt afterwards in short slices (``usage.rollup``), also for the
+  rows of earlier runs that died before rebuilding theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, Max, Min
+
+from usage import rollup, runs
+from usage.db import (
+    SQLSTATE_LOCK_NOT_AVAILABLE,
+    SQLSTATE_QUERY_CANCELED,
+    check_target,
+    database_now,
+    scrub,
+    sqlstate,
+)
+from usage.eligibility import compose, eligible_params
+from usage.models import BackfillJournal, BackfillRun
+from usage.summary import ensure_cutoff_in_past
+
+logger = logging.getLogger("usage.backfill")
+
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
+# A batch that times out is retried with half the rows, at most this many times in a row.
+MAX_TIMEOUT_RETRIES = 3
+# Pauses before re-trying rows that were skipped because another writer held their lock.
+LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
+
+WORK_TABLE = "pg_temp.codex_backfill_work"
+
+CREATE_WORK_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_backfill_work (
+    seq bigint PRIMARY KEY,
+    id uuid NOT NULL
+) ON COMMIT PRESERVE ROWS"""
+
+TRUNCATE_WORK_TABLE_SQL = f"TRUNCATE {WORK_TABLE}"
+DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
+
+# The snapshot, numbered so that the rows of one hourly key are consecutive.
+FILL_WORK_TABLE_SQL = f"""
+INSERT INTO {WORK_TABLE} (seq, id)
+SELECT row_number() OVER (
+           ORDER BY {{bucket_hour}}, q.agent_id, tu.provider, tu.model, tu.id
+       ),
+       tu.id
+FROM {{eligible_from}}
+WHERE {{eligible_where}}"""
+
+ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
+
+SET_BATCH_TIMEOUTS_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+# One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
+# batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
+BATCH_SQL_TEMPLATE = f"""
+WITH locked AS (
+    SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at
+    FROM {WORK_TABLE} w
+    JOIN ({{eligible_from}}) ON tu.id = w.id
+    WHERE {{selector}}
+      AND {{eligible_where}}
+    ORDER BY w.seq
+    {{limit}}
+    FOR UPDATE OF tu SKIP LOCKED
+),
+journaled AS (
+    INSERT INTO {{journal}} (
+        run_id, usage_id, old_input_tokens, old_updated_at,
+        new_input_tokens, cache_read_tokens, new_updated_at
+    )
+    SELECT %(run_id)s, l.id, l.input_tokens, l.updated_at,
+           greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, now()
+    FROM locked l
+    RETURNING usage_id
+),
+updated AS (
+    UPDATE {{task_usage}} tu
+    SET input_tokens = {{corrected_input}}, updated_at = now()
+    FROM locked l
+    WHERE tu.id = l.id
+    RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
+              l.input_tokens < l.cache_read_tokens AS clamped
+)
+SELECT (SELECT count(*) FROM journaled),
+       count(*),
+       coalesce(sum(removed), 0),
+       count(*) FILTER (WHERE clamped),
+       now()
+FROM updated"""
+
+RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace(
+    "{selector}", "w.seq > %(after)s AND w.seq <= %(upto)s"
+).replace("{limit}", "")
+RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "TRUE").replace(
+    "{limit}", "LIMIT %(limit)s"
+)
+
+REMAINING_IN_WORK_SQL = f"""
+SELECT count(*)
+FROM {WORK_TABLE} w
+JOIN ({{eligible_from}}) ON tu.id = w.id
+WHERE {{eligible_where}}"""
+
+
+class BackfillError(Exception):
+    """The repair stopped; the message says what to do. The run record says what was done."""
+
+    def __init__(self, message: str, result: ExecuteResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class ExecuteOptions:
+    cutoff: datetime
+    workspace_id: uuid.UUID | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    sleep_between_batches: float = 0.0
+    rebuild_rollup: bool = True
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
+    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    number: int
+    rows: int
+    input_tokens_removed: int
+    clamped_rows: int
+    batch_size: int
+    seconds: float
+    stamp: datetime | None
+    retry: bool = False
+
+
+@dataclass
+class ExecuteResult:
+    run: BackfillRun
+    rows_planned: int = 0
+    rows_updated: int = 0
+    input_tokens_removed: int = 0
+    clamped_rows: int = 0
+    rows_remaining: int = 0
+    batches: int = 0
+    stopped: bool = False
+    stale_runs: list[int] = field(default_factory=list)
+    recovered_runs: list[int] = field(default_factory=list)
+    rollup: rollup.RollupResult | None = None
+    update_seconds: float = 0.0
+
+    def add(self, batch: BatchResult) -> None:
+        self.batches += 1
+        self.rows_updated += batch.rows
+        self.input_tokens_removed += batch.input_tokens_removed
+        self.clamped_rows += batch.clamped_rows
+
+
+class _BatchTimeoutError(Exception):
+    pass
+
+
+class Backfill:
+    """One execute run. Use ``execute_backfill``; this class only keeps its state together."""
+
+    def __init__(
+        self,
+        options: ExecuteOptions,
+        stop: threading.Event,
+        on_batch: Callable[[BatchResult, ExecuteResult], None] | None,
+        on_rollup_slice: Callable[[rollup.RollupSlice, int, int], None] | None,
+        on_start: Callable[[BackfillRun], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.on_start = on_start
+        self.stop = stop
+        self.on_batch = on_batch
+        self.on_rollup_slice = on_rollup_slice
+        self.params = eligible_params(options.cutoff, options.workspace_id)
+        self.batch_size = options.batch_size
+        self.result: ExecuteResult | None = None
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> ExecuteResult:
+        check_target()
+        ensure_cutoff_in_past(self.options.cutoff, database_now())
+        with runs.run_lock():
+            stale = runs.mark_stale_runs()
+            run = runs.start_run(
+                arguments=self.options.arguments,
+                cutoff=self.options.cutoff,
+                workspace_id=self.options.workspace_id,
+                batch_size=self.options.batch_size,
+                rollup_state=(
+                    BackfillRun.RollupState.PENDING
+                    if self.options.rebuild_rollup
+                    else BackfillRun.RollupState.SKIPPED
+                ),
+            )
+            self.result = ExecuteResult(run=run, stale_runs=stale)
+            logger.info("run %d started", run.pk)
+            if self.on_start is not None:
+                self.on_start(run)
+            try:
+                self._update_phase()
+            except _BatchTimeoutError as exc:
+                self._rebuild_rollup_quietly()
+                self._finish(BackfillRun.Status.FAILED, str(exc))
+                raise BackfillError(str(exc), self.result) from None
+            except BaseException as exc:
+                message = _describe_failure(exc)
+                self._finish_after_error(message)
+                raise BackfillError(message, self.result) from exc
+            finally:
+                self._drop_work_table()
+            return self._finish_normally()
+
+    def _update_phase(self) -> None:
+        assert self.result is not None
+        started = time.monotonic()
+        planned = self._snapshot()
+        self.result.rows_planned = planned
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(rows_planned=planned)
+        window_start = database_now() - rollup.WINDOW_PAD
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=window_start)
+        logger.info("run %d: %d candidate rows", self.result.run.pk, planned)
+        after = 0
+        while after < planned and not self.stop.is_set():
+            upto = min(after + self.batch_size, planned)
+            self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto})
+            after = upto
+            if after < planned and self.options.sleep_between_batches > 0:
+                logger.info("pause %.3fs", self.options.sleep_between_batches)
+                self.stop.wait(self.options.sleep_between_batches)
+        if not self.stop.is_set():
+            self._retry_locked_rows()
+        if self.stop.is_set():
+            self.result.stopped = True
+            self.result.rows_remaining = planned - self.result.rows_updated
+        else:
+            self.result.rows_remaining = self._remaining_in_work()
+        window_end = database_now() + rollup.WINDOW_PAD
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(
+            rollup_to=window_end, rows_remaining=self.result.rows_remaining
+        )
+        self.result.update_seconds = time.monotonic() - started
+
+    def _snapshot(self) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(CREATE_WORK_TABLE_SQL)
+            cursor.execute(TRUNCATE_WORK_TABLE_SQL)
+            with transaction.atomic():
+                cursor.execute(
+                    SET_BATCH_TIMEOUTS_SQL, [rollup._ms(self.options.lock_timeout), "0"]
+                )
+                cursor.execute(compose(FILL_WORK_TABLE_SQL), self.params)
+                planned = cursor.rowcount
+            cursor.execute(ANALYZE_WORK_TABLE_SQL)
+        return planned
+
+    def _batch(self, template: str, selector: dict[str, int]) -> BatchResult:
+        """Run one batch, halving it on a timeout; return what it did."""
+        assert self.result is not None
+        timeouts = 0
+        while True:
+            size = self.batch_size
+            params = dict(self.params, run_id=self.result.run.pk, limit=size, **selector)
+            if "upto" in selector:
+                params["upto"] = min(selector["upto"], selector["after"] + size)
+            started = time.monotonic()
+            try:
+                with transaction.atomic(), connection.cursor() as cursor:
+                    cursor.execute(
+                        SET_BATCH_TIMEOUTS_SQL,
+                        [
+                            rollup._ms(self.options.lock_timeout),
+                            rollup._ms(self.options.statement_timeout),
+                        ],
+                    )
+                    cursor.execute(compose(template), params)
+                    journaled, rows, removed, clamped, stamp = cursor.fetchone()
+                    if journaled != rows:
+                        raise RuntimeError(
+                            f"journal wrote {journaled} entries for {rows} updated rows; "
+                            "batch rolled back"
+                        )
+                    if rows:
+                        BackfillRun.objects.filter(pk=self.result.run.pk).update(
+                            rows_updated=F("rows_updated") + rows,
+                            input_tokens_removed=F("input_tokens_removed") + removed,
+                            clamped_rows=F("clamped_rows") + clamped,
+                        )
+            except DatabaseError as exc:
+                if sqlstate(exc) not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
+                    raise
+                timeouts += 1
+                if timeouts > MAX_TIMEOUT_RETRIES or size == 1:
+                    raise _BatchTimeoutError(
+                        f"a batch timed out {timeouts} times, down to {size} rows "
+                        f"({scrub(str(exc))}); the work done so far is kept: re-run later, or "
+                        "with a larger --lock-timeout/--statement-timeout"
+                    ) from exc
+                self.batch_size = max(1, size // 2)
+                logger.warning(
+                    "batch timed out (%s); rolled back, retrying with %d rows",
+                    "lock" if sqlstate(exc) == SQLSTATE_LOCK_NOT_AVAILABLE else "statement",
+                    self.batch_size,
+                )
+                continue
+            batch = BatchResult(
+                number=self.result.batches + 1,
+                rows=rows,
+                input_tokens_removed=removed,
+                clamped_rows=clamped,
+                batch_size=size,
+                seconds=time.monotonic() - started,
+                stamp=stamp,
+                retry=template is RETRY_BATCH_SQL,
+            )
+            self.result.add(batch)
+            logger.info(
+                "batch %d: %d rows, %d input tokens removed, %d clamped, %.3fs",
+                batch.number,
+                rows,
+                removed,
+                clamped,
+                batch.seconds,
+            )
+            if self.on_batch is not None:
+                self.on_batch(batch, self.result)
+            if "upto" in selector and params["upto"] < selector["upto"]:
+                # A timeout shrank the batch: finish the rest of the range in smaller pieces.
+                selector = {"after": params["upto"], "upto": selector["upto"]}
+                timeouts = 0
+                continue
+            return batch
+
+    def _retry_locked_rows(self) -> None:
+        """Give rows skipped for a writer's lock a few more chances once it lets go."""
+        for delay in self.options.lock_retry_delays:
+            remaining = self._remaining_in_work()
+            if remaining == 0:
+                return
+            logger.info("%d rows locked by other writers; retrying in %.1fs", remaining, delay)
+            if self.stop.wait(delay):
+                return
+            while not self.stop.is_set():
+                batch = self._batch(RETRY_BATCH_SQL, {})
+                if batch.rows == 0:
+                    break
+
+    def _remaining_in_work(self) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(compose(REMAINING_IN_WORK_SQL), self.params)
+            return cursor.fetchone()[0]
+
+    # -- rollup and the end of the run ---------------------------------------------------
+
+    def _rebuild_rollup(self) -> None:
+        """Rebuild the rollup for this run and for earlier runs that died before theirs."""
+        assert self.result is not None
+        run = self.result.run
+        run.refresh_from_db()
+        total = rollup.RollupResult()
+        for pending in _runs_with_pending_rollup(exclude=run.pk):
+            total.extend(self._rebuild_run(pending, *_journal_window(pending)))
+            self.result.recovered_runs.append(pending.pk)
+        if self.result.rows_updated and run.rollup_from and run.rollup_to:
+            total.extend(self._rebuild_run(run, run.rollup_from, run.rollup_to))
+        BackfillRun.objects.filter(pk=run.pk).update(rollup_state=BackfillRun.RollupState.DONE)
+        self.result.rollup = total
+
+    def _rebuild_run(
+        self, run: BackfillRun, window_from: datetime, window_to: datetime
+    ) -> rollup.RollupResult:
+        result = rollup.rebuild(
+            window_from,
+            window_to,
+            rollup.run_stamps(run.pk),
+            max_lock_seconds=self.options.max_rollup_lock_seconds,
+            lock_timeout=self.options.lock_timeout,
+            statement_timeout=max(self.options.statement_timeout, 0),
+            on_slice=self.on_rollup_slice,
+        )
+        BackfillRun.objects.filter(pk=run.pk).update(
+            rollup_state=BackfillRun.RollupState.DONE,
+            rollup_from=window_from,
+            rollup_to=window_to,
+            rollup_slices=F("rollup_slices") + len(result.slices),
+            rollup_rows=F("rollup_rows") + result.rollup_rows,
+            rollup_max_lock_seconds=max(run.rollup_max_lock_seconds, result.max_lock_held_seconds),
+        )
+        return result
+
+    def _rebuild_rollup_quietly(self) -> None:
+        if not self.options.rebuild_rollup:
+            return
+        try:
+            self._rebuild_rollup()
+        except Exception:
+            logger.exception("rollup rebuild failed; the next run will rebuild it")
+
+    def _finish_normally(self) -> ExecuteResult:
+        assert self.result is not None
+        if self.options.rebuild_rollup:
+            try:
+                self._rebuild_rollup()
+            except (rollup.RollupError, DatabaseError) as exc:
+                message = f"rows repaired, but the rollup rebuild failed: {_describe_failure(exc)}"
+                self._finish_after_error(message)
+                raise BackfillError(message, self.result) from exc
+        if self.result.stopped:
+            self._finish(
+                BackfillRun.Status.INTERRUPTED,
+                "stopped by a signal; re-running the same command resumes",
+            )
+        elif self.result.rows_remaining:
+            self._finish(
+                BackfillRun.Status.FAILED,
+                f"{self.result.rows_remaining} eligible rows stayed locked by other writers",
+            )
+        else:
+            self._finish(BackfillRun.Status.SUCCEEDED, "")
+        return self.result
+
+    def _finish(self, status: str, error: str) -> None:
+        assert self.result is not None
+        runs.finish_run(self.result.run, status, error=error)
+        logger.info("run %d ended: %s", self.result.run.pk, status)
+
+    def _finish_after_error(self, message: str) -> None:
+        assert self.result is not None
+        status = (
+            BackfillRun.Status.INTERRUPTED
+            if self.stop.is_set()
+            else BackfillRun.Status.FAILED
+        )
+        try:
+            self._finish(status, message)
+        except Exception:
+            logger.exception("could not record the end of run %d", self.result.run.pk)
+
+    def _drop_work_table(self) -> None:
+        try:
+            if connection.is_usable():
+                with connection.cursor() as cursor:
+                    cursor.execute(DROP_WORK_TABLE_SQL)
+        except Exception:
+            logger.debug("work table left to die with the session", exc_info=True)
+
+
+def execute_backfill(
+    options: ExecuteOptions,
+    *,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[BatchResult, ExecuteResult], None] | None = None,
+    on_rollup_slice: Callable[[rollup.RollupSlice, int, int], None] | None = None,
+    on_start: Callable[[BackfillRun], None] | None = None,
+) -> ExecuteResult:
+    """Repair the eligible rows and rebuild their rollup; see the module docstring."""
+    return Backfill(options, stop or threading.Event(), on_batch, on_rollup_slice, on_start).run()
+
+
+def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:
+    return list(
+        BackfillRun.objects.filter(rollup_state=BackfillRun.RollupState.PENDING)
+        .exclude(pk=exclude)
+        .exclude(status__in=[BackfillRun.Status.RUNNING, BackfillRun.Status.REVERTED])
+        .order_by("pk")
+    )
+
+
+def _journal_window(run: BackfillRun) -> tuple[datetime, datetime]:
+    """The window covering a run's journaled rows, for runs that died before recording it."""
+    bounds = BackfillJournal.objects.filter(run=run).aggregate(
+        first=Min("new_updated_at"), last=Max("new_updated_at")
+    )
+    if bounds["first"] is None:
+        start = run.rollup_from or run.started_at
+        return start, start + rollup.WINDOW_PAD
+    return bounds["first"] - rollup.WINDOW_PAD, bounds["last"] + rollup.WINDOW_PAD
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, DatabaseError):
+        return f"database error: {scrub(str(exc))}"
+    return scrub(f"{type(exc).__name__}: {exc}")

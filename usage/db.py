@@ -1,0 +1,100 @@
+"""Small database facts the commands need: where we are, what is there, what went wrong.
+
+Everything here is read-only and safe on a production database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.db import connection
+
+ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
+REQUIRED_TARGET_TABLES = ("task_usage", "agent_task_queue", "agent", "task_usage_hourly")
+REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")
+
+# SQLSTATEs the repair reacts to.
+SQLSTATE_LOCK_NOT_AVAILABLE = "55P03"
+SQLSTATE_QUERY_CANCELED = "57014"
+SQLSTATE_READ_ONLY = "25006"
+
+MISSING_OBJECTS_SQL = """
+SELECT name FROM unnest(%(tables)s::text[]) AS name
+WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
+
+ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
+
+
+class TargetError(Exception):
+    """The target database cannot be used as it is; the message says what to do."""
+
+
+def describe_database() -> str:
+    """Name the database a run works on, never its password."""
+    params = connection.settings_dict
+    if getattr(connection, "is_sandbox", False):
+        return f"sandbox (embedded PostgreSQL, database {params['NAME']})"
+    host = params.get("HOST") or "local socket"
+    port = params.get("PORT") or 5432
+    user = params.get("USER") or "(default role)"
+    return f"{host}:{port}/{params['NAME']} as {user}"
+
+
+def scrub(message: str) -> str:
+    """Remove the configured password from a message before it is shown or stored."""
+    password = connection.settings_dict.get("PASSWORD") or ""
+    text = " ".join(str(message).split())
+    return text.replace(password, "***") if password else text
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, looking through Django's wrapper."""
+    for candidate in (exc, exc.__cause__):
+        state = getattr(candidate, "sqlstate", None)
+        if state:
+            return state
+    return None
+
+
+def check_target() -> None:
+    """Refuse to start when the target or the tool's own tables are not what the tool needs."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            MISSING_OBJECTS_SQL,
+            {"tables": list(REQUIRED_TARGET_TABLES), "schema": settings.CODEX_TARGET_SCHEMA},
+        )
+        missing = [row[0] for row in cursor.fetchall()]
+        if missing:
+            raise TargetError(
+                f"table {', '.join(missing)} not found in schema "
+                f"{settings.CODEX_TARGET_SCHEMA!r}: point DATABASE_URL at the application "
+                "database (or set CODEX_TARGET_SCHEMA)"
+            )
+        cursor.execute(
+            ROLLUP_FUNCTION_SQL,
+            {"signature": f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"},
+        )
+        if not cursor.fetchone()[0]:
+            raise TargetError(
+                f"function {ROLLUP_FUNCTION_SIGNATURE} not found in schema "
+                f"{settings.CODEX_TARGET_SCHEMA!r}: this database does not have the hourly "
+                "rollup the repair must call; check DATABASE_URL"
+            )
+        cursor.execute(
+            MISSING_OBJECTS_SQL,
+            {"tables": list(REQUIRED_TOOL_TABLES), "schema": settings.CODEX_REPAIR_SCHEMA},
+        )
+        if cursor.fetchall():
+            raise TargetError(
+                f"the tool's own tables are missing from schema {settings.CODEX_REPAIR_SCHEMA!r}:"
+                " run `python manage.py migrate` first (it creates only that schema)"
+            )
+
+
+def database_now() -> datetime:
+    """The database's clock: every cutoff and run time is judged by it, not by ours."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0]
+

@@ -1,0 +1,92 @@
+"""The one definition of an "eligible row", and the SQL naming it uses.
+
+A ``task_usage`` row is eligible for the repair when it is a Codex row with cached input
+counted inside ``input_tokens``, was last written before the cutoff (the deployment of the
+ingestion fix), optionally belongs to one workspace, and has not been repaired already by a
+run that was not reverted (the journal says so, whatever the clocks say). The command, the
+admin and the tests all use these fragments, so they can never disagree about a row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from psycopg import sql
+
+# Target tables and objects, qualified with the application's schema.
+TARGET_NAMES = (
+    "task_usage",
+    "agent_task_queue",
+    "agent",
+    "issue",
+    "task_usage_hourly",
+    "task_usage_hourly_dirty",
+    "rollup_task_usage_hourly_window",
+)
+# The tool's own tables, qualified with the tool's schema.
+TOOL_NAMES = {"journal": "backfill_journal", "run": "backfill_run"}
+
+ELIGIBLE_FROM = """{task_usage} tu
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id"""
+
+ELIGIBLE_WHERE = """tu.provider = 'codex'
+    AND tu.cache_read_tokens > 0
+    AND tu.input_tokens > 0
+    AND coalesce(tu.updated_at, tu.created_at) < %(cutoff)s
+    AND (%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)
+    AND NOT EXISTS (
+        SELECT 1 FROM {journal} j WHERE j.usage_id = tu.id AND j.reverted_at IS NULL
+    )"""
+
+# The repaired value, and what the repair removes (never more than the row's input).
+CORRECTED_INPUT = "greatest(tu.input_tokens - tu.cache_read_tokens, 0)"
+REMOVED_INPUT = "least(tu.input_tokens, tu.cache_read_tokens)"
+IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
+
+# The hourly rollup key of a usage row (needs ``LEFT JOIN {issue} i ON i.id = q.issue_id``).
+BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
+ROLLUP_KEY = f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model)"
+
+CANDIDATE_IDS_SQL = """
+SELECT tu.id FROM {eligible_from} WHERE {eligible_where}"""
+
+COUNT_ELIGIBLE_SQL = """
+SELECT count(*) FROM {eligible_from} WHERE {eligible_where}"""
+
+
+@cache
+def compose(template: str) -> str:
+    """Render a SQL template: schema-qualified identifiers and the shared fragments.
+
+    Placeholders for values (``%(name)s``) are left for the driver to bind.
+    """
+    target_schema = settings.CODEX_TARGET_SCHEMA
+    tool_schema = settings.CODEX_REPAIR_SCHEMA
+    names: dict[str, sql.Composable] = {
+        name: sql.Identifier(target_schema, name) for name in TARGET_NAMES
+    }
+    names.update({key: sql.Identifier(tool_schema, table) for key, table in TOOL_NAMES.items()})
+    names["tool_schema"] = sql.Identifier(tool_schema)
+    names["target_schema"] = sql.Identifier(target_schema)
+    fragments = {
+        "eligible_from": ELIGIBLE_FROM,
+        "eligible_where": ELIGIBLE_WHERE,
+        "corrected_input": CORRECTED_INPUT,
+        "removed_input": REMOVED_INPUT,
+        "is_clamped": IS_CLAMPED,
+        "bucket_hour": BUCKET_HOUR,
+        "rollup_key": ROLLUP_KEY,
+    }
+    for key, fragment in fragments.items():
+        names[key] = sql.SQL(fragment).format(**{k: v for k, v in names.items() if k != key})
+    used = {k: v for k, v in names.items() if "{" + k + "}" in template}
+    return sql.SQL(template).format(**used).as_string()
+
+
+def eligible_params(cutoff: datetime, workspace_id: uuid.UUID | None) -> dict[str, Any]:
+    return {"cutoff": cutoff, "workspace_id": str(workspace_id) if workspace_id else None}

@@ -1,0 +1,218 @@
+"""Rebuilding the hourly rollup for rows the repair changed, in short lock slices.
+
+``rollup_task_usage_hourly_window`` REPLACES every hourly key that has a row updated inside
+its window, so any set of windows that tiles the span of our updates rebuilds every key we
+touched. Each batch of the repair stamps its rows with one ``updated_at`` (its transaction's
+``now()``), which gives natural cut points: a slice is a run of consecutive batches, and the
+repair walks rows in hourly-key order, so a key's rows fall in one slice and are rebuilt about
+once. Each slice is its own transaction holding lock 4246 (transaction-level, so it can never
+leak) only around the call; the cron tick and workspace deletion run between slices. The
+slice size adapts to the measured cost so a slice holds the lock for about half of
+``max_lock_seconds``; a slice of more than one batch is cancelled by the server if it would
+hold the lock longer than ``max_lock_seconds + 0.5`` and is retried smaller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import DatabaseError, connection, transaction
+
+from usage.db import SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED, sqlstate
+from usage.eligibility import compose
+
+logger = logging.getLogger("usage.rollup")
+
+ROLLUP_LOCK_ID = 4246
+# Every window is widened by this much on each side of the rows it must cover.
+WINDOW_PAD = timedelta(seconds=1)
+DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 2.0
+# Slack the server allows a multi-batch slice before cancelling it.
+LOCK_CAP_SLACK_SECONDS = 0.5
+# A slice aims at this fraction of the lock budget, leaving room for variance.
+TARGET_LOCK_FRACTION = 0.5
+MAX_SLICE_GROWTH = 4.0
+LOCK_WAIT_ATTEMPTS = 5
+
+ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%s, %s)"
+SET_SLICE_TIMEOUTS_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+RUN_STAMPS_SQL = """
+SELECT new_updated_at, count(*) FROM {journal}
+WHERE run_id = %s AND reverted_at IS NULL
+GROUP BY new_updated_at ORDER BY new_updated_at"""
+
+
+class RollupError(Exception):
+    """The rollup could not be rebuilt; the run's rollup stays pending for the next run."""
+
+
+@dataclass(frozen=True)
+class RollupSlice:
+    window_from: datetime
+    window_to: datetime
+    batches: int
+    rows: int
+    rollup_rows: int
+    lock_wait_seconds: float
+    lock_held_seconds: float
+
+
+@dataclass
+class RollupResult:
+    window_from: datetime | None = None
+    window_to: datetime | None = None
+    slices: list[RollupSlice] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rollup_rows(self) -> int:
+        return sum(s.rollup_rows for s in self.slices)
+
+    @property
+    def max_lock_held_seconds(self) -> float:
+        return max((s.lock_held_seconds for s in self.slices), default=0.0)
+
+    def extend(self, other: RollupResult) -> None:
+        self.slices.extend(other.slices)
+        self.seconds += other.seconds
+        if other.window_from is not None:
+            self.window_from = min(filter(None, [self.window_from, other.window_from]))
+            self.window_to = max(filter(None, [self.window_to, other.window_to]))
+
+
+def run_stamps(run_id: int) -> list[tuple[datetime, int]]:
+    """The distinct ``updated_at`` values a run wrote, with how many rows got each."""
+    with connection.cursor() as cursor:
+        cursor.execute(compose(RUN_STAMPS_SQL), [run_id])
+        return list(cursor.fetchall())
+
+
+def rebuild(
+    window_from: datetime,
+    window_to: datetime,
+    stamps: Sequence[tuple[datetime, int]],
+    *,
+    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
+    lock_timeout: float = 5.0,
+    statement_timeout: float = 600.0,
+    on_slice: Callable[[RollupSlice, int, int], None] | None = None,
+) -> RollupResult:
+    """Rebuild every hourly key with a row updated in ``[window_from, window_to)``.
+
+    ``stamps`` are the update timestamps inside the window (sorted), each with its row
+    count; slices are cut only at those timestamps, and together they tile the window.
+    """
+    started = time.monotonic()
+    result = RollupResult(window_from=window_from, window_to=window_to)
+    total_rows = sum(count for _, count in stamps)
+    done_rows = 0
+    cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
+    budget_rows = max(1, stamps[0][1]) if stamps else 1
+    index = 0
+    lower = window_from
+    while index < len(stamps) or (not stamps and lower < window_to):
+        end = index + 1
+        rows = stamps[index][1] if stamps else 0
+        while end < len(stamps) and rows + stamps[end][1] <= budget_rows:
+            rows += stamps[end][1]
+            end += 1
+        upper = stamps[end][0] if end < len(stamps) else window_to
+        batches = end - index
+        limit = cap if batches > 1 else statement_timeout
+        try:
+            piece = _rollup_slice(lower, upper, lock_timeout, limit, batches, rows)
+        except DatabaseError as exc:
+            if batches > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
+                budget_rows = max(1, rows // 2)
+                logger.info("rollup slice over its lock budget; retrying %d rows", budget_rows)
+                continue
+            raise
+        result.slices.append(piece)
+        done_rows += rows
+        if on_slice is not None:
+            on_slice(piece, done_rows, total_rows)
+        logger.info(
+            "rollup slice %s..%s: %d rows, %d hourly rows, lock held %.3fs",
+            lower.isoformat(),
+            upper.isoformat(),
+            rows,
+            piece.rollup_rows,
+            piece.lock_held_seconds,
+        )
+        if piece.lock_held_seconds > cap:
+            logger.warning(
+                "one batch's rollup held lock %d for %.1fs (budget %.1fs): use a smaller "
+                "--batch-size next time",
+                ROLLUP_LOCK_ID,
+                piece.lock_held_seconds,
+                max_lock_seconds,
+            )
+        rate = rows / max(piece.lock_held_seconds, 0.001)
+        wanted = int(rate * max_lock_seconds * TARGET_LOCK_FRACTION)
+        budget_rows = max(1, min(wanted, int(max(rows, 1) * MAX_SLICE_GROWTH)))
+        lower = upper
+        index = end
+        if not stamps:
+            break
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _rollup_slice(
+    lower: datetime,
+    upper: datetime,
+    lock_timeout: float,
+    statement_timeout: float,
+    batches: int,
+    rows: int,
+) -> RollupSlice:
+    """One transaction: take 4246, call the rollup over ``[lower, upper)``, commit."""
+    for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
+        try:
+            waited_from = time.monotonic()
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    SET_SLICE_TIMEOUTS_SQL,
+                    [_ms(lock_timeout), _ms(statement_timeout)],
+                )
+                cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
+                locked_at = time.monotonic()
+                cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
+                rollup_rows = cursor.fetchone()[0] or 0
+            released_at = time.monotonic()
+            return RollupSlice(
+                window_from=lower,
+                window_to=upper,
+                batches=batches,
+                rows=rows,
+                rollup_rows=rollup_rows,
+                lock_wait_seconds=locked_at - waited_from,
+                lock_held_seconds=released_at - locked_at,
+            )
+        except DatabaseError as exc:
+            if sqlstate(exc) != SQLSTATE_LOCK_NOT_AVAILABLE:
+                raise
+            logger.warning(
+                "lock %d busy for %.1fs (attempt %d of %d)",
+                ROLLUP_LOCK_ID,
+                lock_timeout,
+                attempt,
+                LOCK_WAIT_ATTEMPTS,
+            )
+    raise RollupError(
+        f"could not take rollup lock {ROLLUP_LOCK_ID} in {LOCK_WAIT_ATTEMPTS} tries of "
+        f"{lock_timeout:g}s: another writer holds it; re-run the same command later to "
+        "finish the rollup"
+    )
+
+
+def _ms(seconds: float) -> str:
+    """A server-side timeout setting; 0 keeps PostgreSQL's meaning of "no limit"."""
+    return "0" if seconds <= 0 else f"{max(1, int(seconds * 1000))}ms"

@@ -1,0 +1,117 @@
+"""The dry run: what the repair would change, per workspace and UTC day, read-only.
+
+It runs in a ``READ ONLY`` transaction, so it is safe for a read-only role and can never
+write, and it judges the cutoff against the database's clock in that same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from django.db import connection, transaction
+
+from usage.eligibility import compose, eligible_params
+
+SUMMARY_SQL = """
+SELECT
+    a.workspace_id,
+    (tu.created_at AT TIME ZONE 'UTC')::date AS date_utc,
+    count(*) AS rows,
+    coalesce(sum(tu.input_tokens), 0) AS input_before,
+    coalesce(sum({corrected_input}), 0) AS input_after,
+    coalesce(sum({removed_input}), 0) AS input_tokens_removed,
+    count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
+    count(DISTINCT {rollup_key}) FILTER (WHERE q.runtime_id IS NOT NULL) AS rollup_keys,
+    min(tu.created_at) AS first_created_at,
+    max(tu.created_at) AS last_created_at
+FROM {eligible_from}
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+WHERE {eligible_where}
+GROUP BY a.workspace_id, date_utc
+ORDER BY a.workspace_id, date_utc"""
+
+WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
+
+
+class CutoffError(ValueError):
+    """The cutoff is not in the database's past."""
+
+
+@dataclass(frozen=True)
+class SummaryGroup:
+    workspace_id: uuid.UUID
+    date_utc: date
+    rows: int
+    input_before: int
+    input_after: int
+    input_tokens_removed: int
+    clamped_rows: int
+    rollup_keys: int
+    first_created_at: datetime
+    last_created_at: datetime
+
+
+@dataclass(frozen=True)
+class Totals:
+    rows: int = 0
+    input_before: int = 0
+    input_after: int = 0
+    input_tokens_removed: int = 0
+    clamped_rows: int = 0
+    rollup_keys: int = 0
+
+
+@dataclass(frozen=True)
+class DryRunSummary:
+    cutoff: datetime
+    workspace_id: uuid.UUID | None
+    database_now: datetime
+    groups: list[SummaryGroup] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    workspace_known: bool = True
+
+
+def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
+    """Refuse a cutoff at or after the database's now().
+
+    Rows the repair rewrites get ``updated_at = now()``; with a cutoff in the database's
+    future they would still match ``< cutoff`` and be subtracted again.
+    """
+    if cutoff >= database_now:
+        raise CutoffError(
+            f"--cutoff {cutoff.isoformat()} is not before the database's clock "
+            f"({database_now.isoformat()}): use the actual deployment time of the fix"
+        )
+
+
+def load_summary(cutoff: datetime, workspace_id: uuid.UUID | None) -> DryRunSummary:
+    """Aggregate the eligible rows in one read-only pass."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute("SELECT now()")
+        database_now = cursor.fetchone()[0]
+        ensure_cutoff_in_past(cutoff, database_now)
+        workspace_known = True
+        if workspace_id is not None:
+            cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
+            workspace_known = cursor.fetchone()[0]
+        cursor.execute(compose(SUMMARY_SQL), eligible_params(cutoff, workspace_id))
+        groups = [SummaryGroup(*row) for row in cursor.fetchall()]
+    totals = Totals(
+        rows=sum(g.rows for g in groups),
+        input_before=sum(g.input_before for g in groups),
+        input_after=sum(g.input_after for g in groups),
+        input_tokens_removed=sum(g.input_tokens_removed for g in groups),
+        clamped_rows=sum(g.clamped_rows for g in groups),
+        rollup_keys=sum(g.rollup_keys for g in groups),
+    )
+    return DryRunSummary(
+        cutoff=cutoff,
+        workspace_id=workspace_id,
+        database_now=database_now,
+        groups=groups,
+        totals=totals,
+        workspace_known=workspace_known,
+    )

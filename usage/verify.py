@@ -1,0 +1,102 @@
+"""Proof that the hourly rollup is right: compare it with a from-scratch recompute.
+
+The recompute follows the documented rollup semantics (sums over all ``task_usage`` rows of
+a key, rows of tasks without a runtime excluded), so a mismatch means a key the rollup
+missed or a stale hourly row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connection
+
+from usage.eligibility import compose
+
+# ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all.
+MISMATCHES_SQL_TEMPLATE = """
+WITH scoped AS (
+    SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    FROM {task_usage} tu
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE q.runtime_id IS NOT NULL {scope}
+),
+expected AS (
+    SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
+           q.agent_id, i.project_id, tu.provider, tu.model,
+           sum(tu.input_tokens) AS input_tokens,
+           sum(tu.output_tokens) AS output_tokens,
+           sum(tu.cache_read_tokens) AS cache_read_tokens,
+           sum(tu.cache_write_tokens) AS cache_write_tokens,
+           coalesce(sum(tu.cost_usd_ticks), 0) AS cost_usd_ticks,
+           count(DISTINCT tu.task_id) AS task_count,
+           count(*) AS event_count
+    FROM {task_usage} tu
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE q.runtime_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+),
+actual AS (
+    SELECT h.* FROM {task_usage_hourly} h
+    {actual_scope}
+)
+SELECT coalesce(e.bucket_hour, h.bucket_hour), coalesce(e.workspace_id, h.workspace_id),
+       coalesce(e.runtime_id, h.runtime_id), coalesce(e.agent_id, h.agent_id),
+       coalesce(e.project_id, h.project_id), coalesce(e.provider, h.provider),
+       coalesce(e.model, h.model),
+       e.input_tokens, h.input_tokens, e.cache_read_tokens, h.cache_read_tokens,
+       e.event_count, h.event_count
+FROM (SELECT e.* FROM expected e JOIN scoped s USING (bucket_hour, workspace_id, agent_id,
+                                                     provider, model)
+      WHERE s.runtime_id IS NOT DISTINCT FROM e.runtime_id
+        AND s.project_id IS NOT DISTINCT FROM e.project_id) e
+FULL JOIN actual h
+  ON h.bucket_hour = e.bucket_hour AND h.workspace_id = e.workspace_id
+ AND h.runtime_id = e.runtime_id AND h.agent_id = e.agent_id
+ AND h.project_id IS NOT DISTINCT FROM e.project_id
+ AND h.provider = e.provider AND h.model = e.model
+WHERE e.event_count IS NULL OR h.event_count IS NULL
+   OR (e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens,
+       e.cost_usd_ticks, e.task_count, e.event_count)
+      IS DISTINCT FROM
+      (h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens,
+       h.cost_usd_ticks, h.task_count, h.event_count)
+ORDER BY 1, 2, 4, 6, 7
+LIMIT %(limit)s"""
+
+ALL_KEYS_SQL = MISMATCHES_SQL_TEMPLATE.replace("{scope}", "").replace("{actual_scope}", "")
+RUN_KEYS_SQL = MISMATCHES_SQL_TEMPLATE.replace(
+    "{scope}",
+    "AND tu.id IN (SELECT usage_id FROM {journal} WHERE run_id = ANY(%(run_ids)s))",
+).replace(
+    "{actual_scope}",
+    "WHERE EXISTS (SELECT 1 FROM scoped s WHERE s.bucket_hour = h.bucket_hour"
+    " AND s.workspace_id = h.workspace_id AND s.runtime_id = h.runtime_id"
+    " AND s.agent_id = h.agent_id AND s.project_id IS NOT DISTINCT FROM h.project_id"
+    " AND s.provider = h.provider AND s.model = h.model)",
+)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    key: tuple[Any, ...]
+    expected_input: int | None
+    actual_input: int | None
+    expected_cached: int | None
+    actual_cached: int | None
+    expected_events: int | None
+    actual_events: int | None
+
+
+def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
+    """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
+    query = ALL_KEYS_SQL if run_ids is None else RUN_KEYS_SQL
+    with connection.cursor() as cursor:
+        cursor.execute(compose(query), {"run_ids": run_ids or [], "limit": limit})
+        return [Mismatch(tuple(row[:7]), *row[7:]) for row in cursor.fetchall()]
