@@ -40,9 +40,7 @@ def scenario() -> dict[str, TaskUsage]:
     other_agent = make_agent()  # another workspace
     rows = {
         "eligible": make_usage(task, model="gpt-5-codex", created_at=BEFORE),
-        "after_cutoff": make_usage(
-            task, model="gpt-5-late", created_at=BEFORE, updated_at=AFTER
-        ),
+        "after_cutoff": make_usage(task, model="gpt-5-late", created_at=BEFORE, updated_at=AFTER),
         "non_codex": make_usage(task, provider="claude", model="sonnet", created_at=BEFORE),
         "no_cache": make_usage(task, model="gpt-5-nocache", cache_read_tokens=0),
         "other_workspace": make_usage(make_task(other_agent), model="gpt-5-codex"),

@@ -465,9 +465,7 @@ class Backfill:
     def _finish_after_error(self, message: str) -> None:
         assert self.result is not None
         status = (
-            BackfillRun.Status.INTERRUPTED
-            if self.stop.is_set()
-            else BackfillRun.Status.FAILED
+            BackfillRun.Status.INTERRUPTED if self.stop.is_set() else BackfillRun.Status.FAILED
         )
         try:
             self._finish(status, message)
