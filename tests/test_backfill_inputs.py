@@ -1,0 +1,137 @@
+"""Bad input never touches a row: one clear line, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from tests.factories import make_agent, make_task, make_usage
+from tests.processes import manage
+from usage.db import database_now
+from usage.models import BackfillRun, TaskUsage
+
+CUTOFF_ARG = "2026-06-13T08:00:00Z"
+
+
+def run_command(*args: str) -> str:
+    out = io.StringIO()
+    call_command("backfill_codex_usage_cache", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+@pytest.fixture
+def eligible_row(db: None) -> TaskUsage:
+    return make_usage(make_task(make_agent()), model="gpt-5-codex")
+
+
+BAD_ARGUMENTS = [
+    ([], "--cutoff is required"),
+    (["--cutoff", "yesterday"], "not an RFC 3339 timestamp"),
+    (["--cutoff", "2026-06-13"], "not an RFC 3339 timestamp"),
+    (["--cutoff", "2026-06-13T08:00:00"], "not an RFC 3339 timestamp with an offset"),
+    (["--cutoff", "2026-13-45T08:00:00Z"], "not a valid date and time"),
+    (["--cutoff", CUTOFF_ARG, "--workspace-id", "acme"], "is not a UUID"),
+    (["--cutoff", CUTOFF_ARG, "--workspace-id", "12345"], "is not a UUID"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "0"], "--batch-size must be positive"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "-5"], "--batch-size must be positive"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "ten"], "is not a whole number"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "1000000000"], "is too large"),
+    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches", "5 parsecs"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches=-1s"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches", "2h"], "between 0 and 1h"),
+    (["--cutoff", CUTOFF_ARG, "--lock-timeout", "soon"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--statement-timeout", "0"], "must be between"),
+    (["--cutoff", "2999-01-01T00:00:00Z"], "not before the database's clock"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_ARGUMENTS)
+@pytest.mark.parametrize("execute", [False, True], ids=["dry-run", "execute"])
+def test_bad_input_is_refused_and_touches_nothing(
+    eligible_row: TaskUsage, args: list[str], message: str, execute: bool
+) -> None:
+    with pytest.raises(CommandError, match=message) as error:
+        run_command(*args, *(["--execute"] if execute else []))
+    assert "\n" not in str(error.value)
+    row = TaskUsage.objects.get(pk=eligible_row.pk)
+    assert (row.input_tokens, row.updated_at) == (1000, eligible_row.updated_at)
+    assert BackfillRun.objects.count() == 0
+
+
+def test_cutoff_is_judged_by_the_database_clock(eligible_row: TaskUsage) -> None:
+    """A cutoff a minute in the database's future is refused; a minute in its past is fine."""
+    now = database_now()
+    future = (now + timedelta(minutes=1)).isoformat()
+    with pytest.raises(CommandError, match="not before the database's clock"):
+        run_command("--cutoff", future, "--execute")
+    assert TaskUsage.objects.get(pk=eligible_row.pk).input_tokens == 1000
+    past = (now - timedelta(minutes=1)).isoformat()
+    assert "1 rows would change" in run_command("--cutoff", past)
+
+
+def test_any_offset_is_normalized_to_utc(eligible_row: TaskUsage) -> None:
+    output = run_command("--cutoff", "2026-06-13T10:00:00+02:00")
+    assert "Cutoff: 2026-06-13T08:00:00Z" in output
+
+
+def test_missing_rollup_function_is_reported(eligible_row: TaskUsage) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("DROP FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz)")
+    with pytest.raises(CommandError, match="rollup_task_usage_hourly_window.* not found"):
+        run_command("--cutoff", CUTOFF_ARG, "--execute")
+
+
+def test_missing_table_is_reported(eligible_row: TaskUsage) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE agent_task_queue RENAME TO agent_task_queue_moved")
+    with pytest.raises(CommandError, match="table agent_task_queue not found"):
+        run_command("--cutoff", CUTOFF_ARG)
+
+
+def test_unmigrated_tool_schema_is_reported(eligible_row: TaskUsage) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE backfill_journal RENAME TO backfill_journal_moved")
+    with pytest.raises(CommandError, match="python manage.py migrate"):
+        run_command("--cutoff", CUTOFF_ARG)
+
+
+@pytest.mark.slow
+def test_unreachable_database_gives_one_line_without_password(
+    subprocess_env: dict[str, str],
+) -> None:
+    env = dict(subprocess_env, DATABASE_URL="postgresql://ops:s3cr3t-pw@127.0.0.1:9/usage")
+    result = manage("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, env=env, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("CommandError: database error on 127.0.0.1:9/usage as ops")
+
+
+@pytest.mark.slow
+def test_database_without_the_target_schema_is_reported(
+    subprocess_env: dict[str, str], test_database_url: str
+) -> None:
+    name = f"empty_{uuid.uuid4().hex[:8]}"
+    admin_url = test_database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        env = dict(subprocess_env, DATABASE_URL=test_database_url.rsplit("/", 1)[0] + "/" + name)
+        result = manage("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, env=env)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert "table task_usage, agent_task_queue, agent, task_usage_hourly not found" in (
+            result.stderr
+        )
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
