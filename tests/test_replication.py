@@ -139,7 +139,9 @@ class Cluster:
             ]
         )
         log = self.base / f"{data.name}.log"
-        self.run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+        self.run(
+            "pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"
+        )
 
     def stop(self, data: Path) -> None:
         if not (data / "postmaster.pid").exists():
@@ -212,7 +214,15 @@ def cluster() -> Iterator[Cluster]:
     try:
         nodes.primary_port = _free_port()
         nodes.run(
-            "initdb", "-D", str(primary), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"
+            "initdb",
+            "-D",
+            str(primary),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
         )
         nodes.start(primary, nodes.primary_port, "-c wal_level=replica", "-c max_wal_senders=5")
         nodes.run(
@@ -269,8 +279,9 @@ def write(primary: psycopg.Connection, rows: int = 200) -> None:
 def pause_replay(standby: psycopg.Connection) -> None:
     standby.execute("SELECT pg_wal_replay_pause()")
     wait_until(
-        lambda: standby.execute("SELECT pg_get_wal_replay_pause_state()").fetchone()[0]
-        == "paused",
+        lambda: (
+            standby.execute("SELECT pg_get_wal_replay_pause_state()").fetchone()[0] == "paused"
+        ),
         10,
         "replay to pause",
     )
@@ -373,7 +384,11 @@ def test_wait_for_replicas_stops_on_signal_and_gives_up_after_max_wait(
 
     with pytest.raises(ReplicationLagTimeout) as raised:
         wait_for_replicas(
-            0.2, threading.Event(), lambda _: None, poll_seconds=0.2, max_wait_seconds=1.0,
+            0.2,
+            threading.Event(),
+            lambda _: None,
+            poll_seconds=0.2,
+            max_wait_seconds=1.0,
             cursor=primary.cursor(),
         )
     assert 1.0 <= raised.value.waited_seconds < 5
