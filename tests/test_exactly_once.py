@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -31,10 +32,11 @@ def test_rerun_with_the_same_cutoff_changes_nothing(repaired: TaskUsage) -> None
 
 def test_later_cutoff_does_not_repair_again(repaired: TaskUsage) -> None:
     """A cutoff after the repair's own updated_at would match the row by time alone."""
+    later = repaired.updated_at + timedelta(milliseconds=1)
+    time.sleep(0.01)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT now() - interval '1 second'")
-        later = cursor.fetchone()[0]
-    assert repaired.updated_at < later
+        cursor.execute("SELECT now()")
+        assert later < cursor.fetchone()[0]
     assert load_summary(later, None).totals.rows == 0
     result = execute_backfill(ExecuteOptions(cutoff=later))
     assert result.rows_updated == 0
