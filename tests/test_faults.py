@@ -180,7 +180,7 @@ def test_kill_9_leaves_a_stale_run_that_the_next_run_recovers(subprocess_env) ->
         stdout=out,
         stderr=err,
     )
-    assert f"Run {crashed.pk} had no live owner; marked interrupted." in err.getvalue()
+    assert f"Run {crashed.pk} had no live owner; marked interrupted." in out.getvalue()
     crashed.refresh_from_db()
     assert crashed.status == BackfillRun.Status.INTERRUPTED
     assert crashed.rollup_state == BackfillRun.RollupState.DONE

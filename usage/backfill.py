@@ -41,6 +41,7 @@ from usage.db import (
     sqlstate,
 )
 from usage.eligibility import compose, eligible_params
+from usage.events import log_event
 from usage.models import BackfillJournal, BackfillRun
 from usage.summary import ensure_cutoff_in_past
 
@@ -152,6 +153,7 @@ class ExecuteOptions:
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
+    max_replication_lag: float | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,22 +195,51 @@ class _BatchTimeoutError(Exception):
     pass
 
 
+class BackfillListener:
+    """Receives a run's events; the command renders them (progress bar, lines, JSON)."""
+
+    def started(self, run: BackfillRun) -> None:
+        """The run record exists; its id can be shown."""
+
+    def planned(self, rows: int) -> None:
+        """The candidate snapshot is taken: ``rows`` rows to walk."""
+
+    def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
+        """A batch committed."""
+
+    def paused(self, reason: str, seconds: float | None) -> None:
+        """The run waits (throttle or replica lag) before its next batch."""
+
+    def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
+        """A rollup slice committed."""
+
+
+class _CallbackListener(BackfillListener):
+    def __init__(self, **callbacks: Callable[..., None] | None) -> None:
+        self.callbacks = callbacks
+
+    def started(self, run: BackfillRun) -> None:
+        if self.callbacks.get("on_start"):
+            self.callbacks["on_start"](run)
+
+    def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
+        if self.callbacks.get("on_batch"):
+            self.callbacks["on_batch"](batch, result)
+
+    def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
+        if self.callbacks.get("on_rollup_slice"):
+            self.callbacks["on_rollup_slice"](piece, done_rows, total_rows)
+
+
 class Backfill:
     """One execute run. Use ``execute_backfill``; this class only keeps its state together."""
 
     def __init__(
-        self,
-        options: ExecuteOptions,
-        stop: threading.Event,
-        on_batch: Callable[[BatchResult, ExecuteResult], None] | None,
-        on_rollup_slice: Callable[[rollup.RollupSlice, int, int], None] | None,
-        on_start: Callable[[BackfillRun], None] | None = None,
+        self, options: ExecuteOptions, stop: threading.Event, listener: BackfillListener
     ) -> None:
         self.options = options
-        self.on_start = on_start
         self.stop = stop
-        self.on_batch = on_batch
-        self.on_rollup_slice = on_rollup_slice
+        self.listener = listener
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.batch_size = options.batch_size
         self.result: ExecuteResult | None = None
@@ -232,9 +263,8 @@ class Backfill:
                 ),
             )
             self.result = ExecuteResult(run=run, stale_runs=stale)
-            logger.info("run %d started", run.pk)
-            if self.on_start is not None:
-                self.on_start(run)
+            log_event(logger, logging.INFO, "start", f"run {run.pk} started", run_id=run.pk)
+            self.listener.started(run)
             try:
                 self._update_phase()
             except _BatchTimeoutError as exc:
@@ -257,15 +287,22 @@ class Backfill:
         BackfillRun.objects.filter(pk=self.result.run.pk).update(rows_planned=planned)
         window_start = database_now() - rollup.WINDOW_PAD
         BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=window_start)
-        logger.info("run %d: %d candidate rows", self.result.run.pk, planned)
+        log_event(
+            logger,
+            logging.INFO,
+            "planned",
+            f"run {self.result.run.pk}: {planned} candidate rows",
+            run_id=self.result.run.pk,
+            rows_planned=planned,
+        )
+        self.listener.planned(planned)
         after = 0
         while after < planned and not self.stop.is_set():
             upto = min(after + self.batch_size, planned)
             self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto})
             after = upto
-            if after < planned and self.options.sleep_between_batches > 0:
-                logger.info("pause %.3fs", self.options.sleep_between_batches)
-                self.stop.wait(self.options.sleep_between_batches)
+            if after < planned:
+                self._pause_between_batches()
         if not self.stop.is_set():
             self._retry_locked_rows()
         if self.stop.is_set():
@@ -278,6 +315,36 @@ class Backfill:
             rollup_to=window_end, rows_remaining=self.result.rows_remaining
         )
         self.result.update_seconds = time.monotonic() - started
+
+    def _pause_between_batches(self) -> None:
+        """The operator's throttle, then wait while replicas lag too far behind."""
+        seconds = self.options.sleep_between_batches
+        if seconds > 0:
+            log_event(
+                logger,
+                logging.DEBUG,
+                "pause",
+                f"pause {seconds:.3f}s",
+                reason="sleep",
+                seconds=seconds,
+            )
+            self.listener.paused("sleep between batches", seconds)
+            self.stop.wait(seconds)
+        if self.options.max_replication_lag is not None and not self.stop.is_set():
+            from usage import replication
+
+            def on_lag(reason: str) -> None:
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "pause",
+                    f"paused: {reason}",
+                    reason="replication_lag",
+                    detail=reason,
+                )
+                self.listener.paused(reason, None)
+
+            replication.wait_for_replicas(self.options.max_replication_lag, self.stop, on_lag)
 
     def _snapshot(self) -> int:
         with connection.cursor() as cursor:
@@ -352,16 +419,24 @@ class Backfill:
                 retry=template is RETRY_BATCH_SQL,
             )
             self.result.add(batch)
-            logger.info(
-                "batch %d: %d rows, %d input tokens removed, %d clamped, %.3fs",
-                batch.number,
-                rows,
-                removed,
-                clamped,
-                batch.seconds,
+            log_event(
+                logger,
+                logging.DEBUG,
+                "batch",
+                f"batch {batch.number}: {rows} rows, {removed} input tokens removed, "
+                f"{clamped} clamped, {batch.seconds:.3f}s",
+                run_id=self.result.run.pk,
+                batch=batch.number,
+                rows=rows,
+                input_tokens_removed=removed,
+                clamped_rows=clamped,
+                batch_size=size,
+                seconds=round(batch.seconds, 6),
+                rows_done=self.result.rows_updated,
+                rows_planned=self.result.rows_planned,
+                retry=batch.retry,
             )
-            if self.on_batch is not None:
-                self.on_batch(batch, self.result)
+            self.listener.batch(batch, self.result)
             if "upto" in selector and params["upto"] < selector["upto"]:
                 # A timeout shrank the batch: finish the rest of the range in smaller pieces.
                 selector = {"after": params["upto"], "upto": selector["upto"]}
@@ -414,7 +489,7 @@ class Backfill:
             max_lock_seconds=self.options.max_rollup_lock_seconds,
             lock_timeout=self.options.lock_timeout,
             statement_timeout=max(self.options.statement_timeout, 0),
-            on_slice=self.on_rollup_slice,
+            on_slice=self.listener.rollup_slice,
         )
         BackfillRun.objects.filter(pk=run.pk).update(
             rollup_state=BackfillRun.RollupState.DONE,
@@ -460,7 +535,22 @@ class Backfill:
     def _finish(self, status: str, error: str) -> None:
         assert self.result is not None
         runs.finish_run(self.result.run, status, error=error)
-        logger.info("run %d ended: %s", self.result.run.pk, status)
+        r = self.result
+        log_event(
+            logger,
+            logging.INFO if status == BackfillRun.Status.SUCCEEDED else logging.WARNING,
+            "end",
+            f"run {r.run.pk} {status}: {r.rows_updated} rows updated, "
+            f"{r.rows_remaining} remaining",
+            run_id=r.run.pk,
+            status=status,
+            rows_planned=r.rows_planned,
+            rows_updated=r.rows_updated,
+            rows_remaining=r.rows_remaining,
+            input_tokens_removed=r.input_tokens_removed,
+            clamped_rows=r.clamped_rows,
+            error=error,
+        )
 
     def _finish_after_error(self, message: str) -> None:
         assert self.result is not None
@@ -485,12 +575,20 @@ def execute_backfill(
     options: ExecuteOptions,
     *,
     stop: threading.Event | None = None,
+    listener: BackfillListener | None = None,
     on_batch: Callable[[BatchResult, ExecuteResult], None] | None = None,
     on_rollup_slice: Callable[[rollup.RollupSlice, int, int], None] | None = None,
     on_start: Callable[[BackfillRun], None] | None = None,
 ) -> ExecuteResult:
-    """Repair the eligible rows and rebuild their rollup; see the module docstring."""
-    return Backfill(options, stop or threading.Event(), on_batch, on_rollup_slice, on_start).run()
+    """Repair the eligible rows and rebuild their rollup; see the module docstring.
+
+    Pass a ``listener`` for every event, or the ``on_*`` callbacks for a few.
+    """
+    if listener is None:
+        listener = _CallbackListener(
+            on_batch=on_batch, on_rollup_slice=on_rollup_slice, on_start=on_start
+        )
+    return Backfill(options, stop or threading.Event(), listener).run()
 
 
 def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:

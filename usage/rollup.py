@@ -24,6 +24,7 @@ from django.db import DatabaseError, connection, transaction
 
 from usage.db import SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED, sqlstate
 from usage.eligibility import compose
+from usage.events import log_event
 
 logger = logging.getLogger("usage.rollup")
 
@@ -138,13 +139,22 @@ def rebuild(
         done_rows += rows
         if on_slice is not None:
             on_slice(piece, done_rows, total_rows)
-        logger.info(
-            "rollup slice %s..%s: %d rows, %d hourly rows, lock held %.3fs",
-            lower.isoformat(),
-            upper.isoformat(),
-            rows,
-            piece.rollup_rows,
-            piece.lock_held_seconds,
+        log_event(
+            logger,
+            logging.DEBUG,
+            "rollup_slice",
+            f"rollup slice {lower.isoformat()}..{upper.isoformat()}: {rows} rows, "
+            f"{piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} held "
+            f"{piece.lock_held_seconds:.3f}s",
+            window_from=lower,
+            window_to=upper,
+            batches=batches,
+            rows=rows,
+            rows_done=done_rows,
+            rows_total=total_rows,
+            rollup_rows=piece.rollup_rows,
+            lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+            lock_held_seconds=round(piece.lock_held_seconds, 6),
         )
         if piece.lock_held_seconds > cap:
             logger.warning(

@@ -100,3 +100,33 @@ def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> li
     with connection.cursor() as cursor:
         cursor.execute(compose(query), {"run_ids": run_ids or [], "limit": limit})
         return [Mismatch(tuple(row[:7]), *row[7:]) for row in cursor.fetchall()]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    run_id: int
+    eligible_rows_left: int
+    mismatches: list[Mismatch]
+
+    @property
+    def ok(self) -> bool:
+        return self.eligible_rows_left == 0 and not self.mismatches
+
+
+def verify_run(run_id: int, limit: int = 100) -> VerifyResult:
+    """After a run: nothing eligible is left, and every hourly key it touched is right.
+
+    Read-only: it runs in a READ ONLY transaction, so it is safe at any time.
+    """
+    from django.db import transaction
+
+    from usage.eligibility import COUNT_ELIGIBLE_SQL, eligible_params
+    from usage.models import BackfillRun
+
+    run = BackfillRun.objects.get(pk=run_id)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
+        left = cursor.fetchone()[0]
+        mismatches = rollup_mismatches(run_ids=[run.pk], limit=limit)
+    return VerifyResult(run_id=run.pk, eligible_rows_left=left, mismatches=mismatches)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
-from usage import render
+from usage import render, report
 from usage.backfill import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -23,21 +26,48 @@ from usage.backfill import (
     execute_backfill,
 )
 from usage.db import TargetError, check_target, describe_database, scrub
+from usage.events import JsonFormatter
+from usage.models import BackfillRun
+from usage.progress import OutputStream, ProgressListener
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.runs import RunLockError
 from usage.summary import CutoffError, load_summary
+from usage.verify import VerifyResult, verify_run
 
-# Exit status when eligible rows were left (locked by writers): distinct from errors (1).
+# Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
+EXIT_VERIFY_FAILED = 4
+
+RECORDED_OPTIONS = (
+    "cutoff",
+    "workspace_id",
+    "batch_size",
+    "sleep_between_batches",
+    "rebuild_rollup",
+    "lock_timeout",
+    "statement_timeout",
+    "max_rollup_lock_seconds",
+    "max_replication_lag",
+)
 
 EXAMPLES = """
 examples:
-  # dry run: what would change (writes nothing)
+  # dry run (the default): what would change, per workspace and UTC day; writes nothing
   python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z
 
-  # one workspace, then apply, throttled
+  # the same for one workspace, as JSON for a reviewer
   python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z \\
-      --workspace-id 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d --execute --sleep-between-batches 200ms
+      --workspace-id 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d --format json --output plan.json
+
+  # apply it, throttled, pausing while replicas lag more than 10 s, then verify
+  python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z --execute \\
+      --sleep-between-batches 200ms --max-replication-lag 10 --verify
+
+  # verify an earlier run
+  python manage.py backfill_codex_usage_cache --verify --run-id 12
+
+exit status: 0 done; 1 error or bad input (nothing changed by it); 3 eligible rows left
+locked by other writers; 4 verification failed; 130/143 stopped by SIGINT/SIGTERM.
 """
 
 
@@ -57,8 +87,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--cutoff",
-            help="required: RFC 3339 hosted deployment time of the Codex usage fix "
-            "(any offset; normalized to UTC), e.g. 2026-06-13T08:00:00Z",
+            help="required (except with --verify --run-id): RFC 3339 hosted deployment time of "
+            "the Codex usage fix, any offset (normalized to UTC), e.g. 2026-06-13T08:00:00Z",
         )
         parser.add_argument("--workspace-id", help="optional workspace UUID to limit the repair")
         parser.add_argument(
@@ -101,57 +131,47 @@ class Command(BaseCommand):
             help="longest time one rollup slice may hold lock 4246 "
             f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
         )
+        parser.add_argument(
+            "--max-replication-lag",
+            help="pause between batches while a streaming replica lags more than this many "
+            "seconds (default: no check)",
+        )
+        parser.add_argument(
+            "--verify",
+            action="store_true",
+            help="after --execute (or for --run-id), check that no eligible row is left and "
+            "that every hourly key the run touched equals a from-scratch recompute",
+        )
+        parser.add_argument("--run-id", help="with --verify and no --execute: the run to check")
+        parser.add_argument(
+            "--format",
+            choices=report.FORMATS,
+            default="table",
+            help="result format: a readable table (default), JSON or CSV",
+        )
+        parser.add_argument("--output", help="write the result to this file instead of stdout")
+        parser.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="stderr events as text (with a progress bar on a terminal) or one JSON "
+            "object per event",
+        )
+
+    # -- entry point ---------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            cutoff = opts.parse_cutoff(options["cutoff"])
-            workspace_id = opts.parse_workspace_id(options["workspace_id"])
-            execute_options = ExecuteOptions(
-                cutoff=cutoff,
-                workspace_id=workspace_id,
-                batch_size=opts.parse_batch_size(options["batch_size"]),
-                sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
-                rebuild_rollup=options["rebuild_rollup"],
-                lock_timeout=opts.parse_seconds(
-                    options["lock_timeout"], flag="--lock-timeout", minimum=0.001, maximum=600
-                ),
-                statement_timeout=opts.parse_seconds(
-                    options["statement_timeout"],
-                    flag="--statement-timeout",
-                    minimum=0.001,
-                    maximum=86400,
-                ),
-                max_rollup_lock_seconds=opts.parse_seconds(
-                    options["max_rollup_lock_seconds"],
-                    flag="--max-rollup-lock-seconds",
-                    minimum=0.05,
-                    maximum=60,
-                ),
-                arguments={
-                    key: str(options[key])
-                    for key in (
-                        "cutoff",
-                        "workspace_id",
-                        "batch_size",
-                        "sleep_between_batches",
-                        "rebuild_rollup",
-                        "lock_timeout",
-                        "statement_timeout",
-                        "max_rollup_lock_seconds",
-                    )
-                },
-            )
+            settings = self._parse(options)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
 
         verbosity = options["verbosity"]
-        handler = self._attach_log_handler(verbosity)
+        stderr = OutputStream(self.stderr)
+        handler = self._attach_log_handler(stderr, verbosity, options["log_format"])
+        self.quiet_header = options["format"] != "table" and not options["output"]
         try:
-            self._write_header(execute_options, options["execute"])
-            if options["execute"]:
-                self._execute(execute_options, verbosity)
-            else:
-                self._dry_run(execute_options)
+            document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
@@ -161,124 +181,332 @@ class Command(BaseCommand):
             ) from exc
         finally:
             logging.getLogger("usage").removeHandler(handler)
+        self._exit_status(document)
+
+    def _parse(self, options: dict[str, Any]) -> ExecuteOptions:
+        run_id = options["run_id"]
+        if run_id is not None:
+            try:
+                options["run_id"] = int(run_id)
+            except ValueError:
+                raise ValueError(f"--run-id {run_id!r} is not a run number") from None
+            if not options["verify"] or options["execute"]:
+                raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
+        elif options["verify"] and not options["execute"]:
+            raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
+        if options["output"]:
+            parent = Path(options["output"]).resolve().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise ValueError(f"--output {options['output']!r}: cannot write in {parent}")
+        standalone_verify = run_id is not None
+        lag = options["max_replication_lag"]
+        return ExecuteOptions(
+            cutoff=(
+                opts.parse_cutoff(options["cutoff"])
+                if not standalone_verify or options["cutoff"]
+                else None
+            ),  # type: ignore[arg-type]
+            workspace_id=opts.parse_workspace_id(options["workspace_id"]),
+            batch_size=opts.parse_batch_size(options["batch_size"]),
+            sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
+            rebuild_rollup=options["rebuild_rollup"],
+            lock_timeout=opts.parse_seconds(
+                options["lock_timeout"], flag="--lock-timeout", minimum=0.001, maximum=600
+            ),
+            statement_timeout=opts.parse_seconds(
+                options["statement_timeout"],
+                flag="--statement-timeout",
+                minimum=0.001,
+                maximum=86400,
+            ),
+            max_rollup_lock_seconds=opts.parse_seconds(
+                options["max_rollup_lock_seconds"],
+                flag="--max-rollup-lock-seconds",
+                minimum=0.05,
+                maximum=60,
+            ),
+            max_replication_lag=(
+                None
+                if lag is None
+                else opts.parse_seconds(
+                    lag, flag="--max-replication-lag", minimum=0.1, maximum=86400
+                )
+            ),
+            arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
+        )
+
+    def _run(
+        self,
+        settings: ExecuteOptions,
+        options: dict[str, Any],
+        verbosity: int,
+        stderr: OutputStream,
+    ) -> dict[str, Any]:
+        database = describe_database()
+        if options["run_id"] is not None:
+            document = report.base_document("verify", database)
+            self._header(f"Database: {database}", f"Mode: verify run {options['run_id']}")
+            check_target()
+            if not BackfillRun.objects.filter(pk=options["run_id"]).exists():
+                raise CommandError(f"run {options['run_id']} does not exist")
+            self._verify(document, options["run_id"])
+            self._emit(document, options)
+            return document
+
+        execute = options["execute"]
+        document = report.base_document("execute" if execute else "dry_run", database)
+        self._header(
+            f"Database: {database}",
+            f"Mode: {'EXECUTE' if execute else 'dry run'}",
+            f"Cutoff: {render.timestamp(settings.cutoff)}",
+            f"Workspace: {settings.workspace_id or 'all'}",
+        )
+        check_target()
+        summary = load_summary(settings.cutoff, settings.workspace_id)
+        report.add_summary(document, summary)
+        if not summary.workspace_known:
+            self.stderr.write(
+                self.style.WARNING(f"No agent belongs to workspace {settings.workspace_id}.")
+            )
+        if execute:
+            failure: CommandError | None = None
+            try:
+                result = self._execute(settings, verbosity, options["log_format"], stderr)
+            except BackfillError as exc:
+                if exc.result is None:
+                    raise CommandError(str(exc)) from exc
+                result, failure = exc.result, CommandError(str(exc))
+            report.add_execute(document, result)
+            document["_stopped_by"] = getattr(self, "_signal_received", None)
+            if options["verify"] and failure is None:
+                self._verify(document, result.run.pk)
+            self._emit(document, options)
+            if failure is not None:
+                raise failure
+        else:
+            self._emit(document, options)
+        return document
 
     # -- modes ---------------------------------------------------------------------------
 
-    def _dry_run(self, options: ExecuteOptions) -> None:
-        check_target()
-        summary = load_summary(options.cutoff, options.workspace_id)
-        if not summary.workspace_known:
-            self.stderr.write(
-                self.style.WARNING(f"No agent belongs to workspace {options.workspace_id}.")
-            )
-        if summary.totals.rows == 0:
-            self.stdout.write(self.style.SUCCESS("No eligible Codex rows: nothing to do."))
-            return
-        self.stdout.write(render.summary_table(summary))
-        t = summary.totals
-        self.stdout.write(
-            f"\n{render.number(t.rows)} rows would change; "
-            f"{render.number(t.input_tokens_removed)} input tokens removed "
-            f"({render.number(t.input_before)} -> {render.number(t.input_after)}); "
-            f"{render.number(t.clamped_rows)} clamped to 0; "
-            f"{render.number(t.rollup_keys)} hourly rollup keys to rebuild."
-        )
-        self.stdout.write(
-            self.style.SUCCESS(
-                "Dry run complete: nothing was written. Review the summary, then re-run with "
-                "--execute to apply it."
-            )
-        )
-
-    def _execute(self, options: ExecuteOptions, verbosity: int) -> None:
+    def _execute(
+        self, settings: ExecuteOptions, verbosity: int, log_format: str, stderr: OutputStream
+    ) -> ExecuteResult:
         stop = threading.Event()
-        received: list[int] = []
+        self._signal_received: int | None = None
 
         def on_signal(signum: int, frame: Any) -> None:
-            received.append(signum)
+            if self._signal_received is None:
+                self._signal_received = signum
             stop.set()
             self.stderr.write(
                 self.style.WARNING(
-                    f"{signal.Signals(signum).name} received: finishing the current batch, "
+                    f"\n{signal.Signals(signum).name} received: finishing the current batch, "
                     "then rebuilding the rollup for what was done."
                 )
             )
 
+        listener = ProgressListener(
+            stderr,
+            terminal=stderr.isatty(),
+            enabled=verbosity >= 1 and log_format == "text",
+        )
+        listener.started = lambda run: self._header(  # type: ignore[method-assign]
+            f"Run {run.pk} started at {render.timestamp(run.started_at)} "
+            f"by {run.os_user}@{run.client_host} as role {run.db_role}."
+        )
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            result = execute_backfill(
-                options,
-                stop=stop,
-                on_start=lambda run: self.stdout.write(
-                    f"Run {run.pk} started at {render.timestamp(run.started_at)} "
-                    f"by {run.os_user}@{run.client_host} as role {run.db_role}."
-                ),
-            )
-        except BackfillError as exc:
-            if exc.result is not None:
-                self._write_result(exc.result)
-            raise CommandError(str(exc)) from exc
+            return execute_backfill(settings, stop=stop, listener=listener)
         finally:
+            listener.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self._write_result(result)
-        if result.stopped:
-            raise CommandError(
-                f"stopped by {signal.Signals(received[0]).name} after "
-                f"{result.rows_updated} rows; re-run the same command to resume",
-                returncode=128 + received[0],
-            )
-        if result.rows_remaining:
-            raise CommandError(
-                f"{result.rows_remaining} eligible rows were locked by other writers the whole "
-                "time and were not repaired; re-run the same command to finish them",
-                returncode=EXIT_ROWS_REMAINING,
-            )
+
+    def _verify(self, document: dict[str, Any], run_id: int) -> VerifyResult:
+        result = verify_run(run_id)
+        report.add_verify(document, result)
+        return result
 
     # -- output --------------------------------------------------------------------------
 
-    def _write_header(self, options: ExecuteOptions, execute: bool) -> None:
-        self.stdout.write(f"Database: {describe_database()}")
-        self.stdout.write(f"Mode: {'EXECUTE' if execute else 'dry run'}")
-        self.stdout.write(f"Cutoff: {render.timestamp(options.cutoff)}")
-        self.stdout.write(f"Workspace: {options.workspace_id or 'all'}")
+    def _header(self, *lines: str) -> None:
+        """Context lines: on stdout with the table, on stderr when stdout carries JSON/CSV."""
+        for line in lines:
+            if self.quiet_header:
+                self.stderr.write(line, style_func=lambda message: message)
+            else:
+                self.stdout.write(line)
 
-    def _write_result(self, result: ExecuteResult) -> None:
-        run = result.run
-        run.refresh_from_db()
-        for stale in result.stale_runs:
-            self.stderr.write(
-                self.style.WARNING(f"Run {stale} had no live owner; marked interrupted.")
+    def _emit(self, document: dict[str, Any], options: dict[str, Any]) -> None:
+        public = {k: v for k, v in document.items() if not k.startswith("_")}
+        fmt = options["format"]
+        if fmt == "table":
+            text = self._table(public)
+        elif fmt == "json":
+            text = report.to_json(public)
+        else:
+            text = report.to_csv(public)
+        if options["output"]:
+            _write_atomically(Path(options["output"]), text)
+            self.stdout.write(f"Result written to {options['output']} ({fmt}).")
+            if fmt != "table":
+                self.stdout.write(self._table(public))
+        else:
+            self.stdout.write(text)
+
+    def _table(self, document: dict[str, Any]) -> str:
+        lines: list[str] = []
+        totals = document.get("totals")
+        if totals is not None:
+            if totals["rows"] == 0:
+                lines.append(self.style.SUCCESS("No eligible Codex rows: nothing to do."))
+            else:
+                lines.append(_summary_table(document))
+                lines.append(
+                    f"\n{render.number(totals['rows'])} rows would change; "
+                    f"{render.number(totals['input_tokens_removed'])} input tokens removed "
+                    f"({render.number(totals['input_before'])} -> "
+                    f"{render.number(totals['input_after'])}); "
+                    f"{render.number(totals['clamped_rows'])} clamped to 0; "
+                    f"{render.number(document['expected_rollup_keys'])} hourly rollup keys "
+                    "to rebuild."
+                )
+        if document["mode"] == "dry_run" and totals and totals["rows"]:
+            lines.append(
+                self.style.SUCCESS(
+                    "Dry run complete: nothing was written. Review the summary, then re-run "
+                    "with --execute to apply it."
+                )
             )
-        self.stdout.write(f"Run {run.pk}: {run.status}")
-        self.stdout.write(
-            f"  rows planned {render.number(result.rows_planned)}, "
-            f"updated {render.number(result.rows_updated)}, "
-            f"remaining {render.number(result.rows_remaining)}; "
-            f"input tokens removed {render.number(result.input_tokens_removed)}; "
-            f"clamped {render.number(result.clamped_rows)}; batches {result.batches}"
-        )
-        if result.rollup is not None:
-            r = result.rollup
+        if "run_id" in document:
+            lines.extend(self._run_lines(document))
+        if "verify" in document:
+            lines.extend(self._verify_lines(document["verify"]))
+        return "\n".join(lines)
+
+    def _run_lines(self, d: dict[str, Any]) -> list[str]:
+        lines = [
+            f"Run {d['run_id']}: rows planned {render.number(d['rows_planned'])}, "
+            f"updated {render.number(d['rows_updated'])}, "
+            f"remaining {render.number(d['rows_remaining'])}; "
+            f"input tokens removed {render.number(d['input_tokens_removed'])}; "
+            f"clamped {render.number(d['clamped_rows'])}; batches {d['batches']}"
+        ]
+        for stale in d["stale_runs"]:
+            lines.append(self.style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
+        if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
+            lines.append("  rollup not rebuilt (--no-rebuild-rollup): the cron tick will")
+        elif d["rollup_slices"] or d["recovered_runs"]:
             recovered = (
-                f" (including runs {', '.join(map(str, result.recovered_runs))})"
-                if result.recovered_runs
+                f" (including runs {', '.join(map(str, d['recovered_runs']))})"
+                if d["recovered_runs"]
                 else ""
             )
-            self.stdout.write(
-                f"  rollup rebuilt{recovered}: {len(r.slices)} slices, "
-                f"{render.number(r.rollup_rows)} hourly rows, "
-                f"lock 4246 held at most {r.max_lock_held_seconds:.3f}s"
+            lines.append(
+                f"  rollup rebuilt{recovered}: {d['rollup_slices']} slices, "
+                f"{render.number(d['rollup_rows'])} hourly rows, "
+                f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s"
             )
-        elif run.rollup_state == run.RollupState.SKIPPED:
-            self.stdout.write("  rollup not rebuilt (--no-rebuild-rollup): the cron tick will")
-        style = self.style.SUCCESS if run.status == run.Status.SUCCEEDED else self.style.ERROR
-        self.stdout.write(style(f"Run {run.pk} {run.status}."))
+        ok = d["status"] == BackfillRun.Status.SUCCEEDED
+        style = self.style.SUCCESS if ok else self.style.ERROR
+        lines.append(style(f"Run {d['run_id']} {d['status']}."))
+        return lines
 
-    def _attach_log_handler(self, verbosity: int) -> logging.Handler:
-        handler = logging.StreamHandler(self.stderr)
-        levels = {0: logging.WARNING, 1: logging.INFO}
-        handler.setLevel(levels.get(verbosity, logging.DEBUG))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    def _verify_lines(self, v: dict[str, Any]) -> list[str]:
+        lines = [
+            f"Verify run {v['run_id']}: {render.number(v['eligible_rows_left'])} eligible rows "
+            f"left; {len(v['mismatches'])} hourly keys differ from a recompute."
+        ]
+        for m in v["mismatches"][:20]:
+            lines.append(
+                f"  key {tuple(str(part) for part in m['key'])}: input expected "
+                f"{m['expected_input']} got {m['actual_input']}, events expected "
+                f"{m['expected_events']} got {m['actual_events']}"
+            )
+        style = self.style.SUCCESS if v["ok"] else self.style.ERROR
+        lines.append(style("Verification passed." if v["ok"] else "Verification FAILED."))
+        return lines
+
+    def _exit_status(self, document: dict[str, Any]) -> None:
+        signum = document.get("_stopped_by")
+        if signum:
+            raise CommandError(
+                f"stopped by {signal.Signals(signum).name} after "
+                f"{document['rows_updated']} rows; re-run the same command to resume",
+                returncode=128 + signum,
+            )
+        if document.get("rows_remaining"):
+            raise CommandError(
+                f"{document['rows_remaining']} eligible rows were locked by other writers the "
+                "whole time and were not repaired; re-run the same command to finish them",
+                returncode=EXIT_ROWS_REMAINING,
+            )
+        verify = document.get("verify")
+        if verify is not None and not verify["ok"]:
+            raise CommandError(
+                f"verification of run {verify['run_id']} failed: "
+                f"{verify['eligible_rows_left']} eligible rows left, "
+                f"{len(verify['mismatches'])} hourly keys wrong; see the list above",
+                returncode=EXIT_VERIFY_FAILED,
+            )
+
+    def _attach_log_handler(
+        self, stream: OutputStream, verbosity: int, log_format: str
+    ) -> logging.Handler:
+        handler = logging.StreamHandler(stream)
+        if log_format == "json":
+            handler.setLevel(logging.DEBUG if verbosity >= 1 else logging.WARNING)
+            handler.setFormatter(JsonFormatter())
+        else:
+            levels = {0: logging.WARNING, 1: logging.WARNING}
+            handler.setLevel(levels.get(verbosity, logging.DEBUG))
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("usage").addHandler(handler)
         return handler
+
+
+def _summary_table(document: dict[str, Any]) -> str:
+    rows = [
+        (
+            str(g["workspace_id"]),
+            g["date_utc"].isoformat(),
+            render.number(g["rows"]),
+            render.number(g["input_before"]),
+            render.number(g["input_after"]),
+            render.number(g["input_tokens_removed"]),
+            render.number(g["clamped_rows"]),
+            render.number(g["rollup_keys"]),
+            render.timestamp(g["first_created_at"]),
+            render.timestamp(g["last_created_at"]),
+        )
+        for g in document["groups"]
+    ]
+    t = document["totals"]
+    rows.append(
+        (
+            "TOTAL",
+            "",
+            render.number(t["rows"]),
+            render.number(t["input_before"]),
+            render.number(t["input_after"]),
+            render.number(t["input_tokens_removed"]),
+            render.number(t["clamped_rows"]),
+            render.number(document["expected_rollup_keys"]),
+            "",
+            "",
+        )
+    )
+    return render.render_table(render.SUMMARY_COLUMNS, rows)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write the whole result or nothing: a reviewer never gets half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text if text.endswith("\n") else text + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
