@@ -115,7 +115,7 @@ updated AS (
 )
 SELECT (SELECT count(*) FROM journaled),
        count(*),
-       coalesce(sum(removed), 0),
+       coalesce(sum(removed), 0)::bigint,
        count(*) FILTER (WHERE clamped),
        now()
 FROM updated"""

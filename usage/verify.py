@@ -28,11 +28,11 @@ WITH scoped AS (
 expected AS (
     SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
            q.agent_id, i.project_id, tu.provider, tu.model,
-           sum(tu.input_tokens) AS input_tokens,
-           sum(tu.output_tokens) AS output_tokens,
-           sum(tu.cache_read_tokens) AS cache_read_tokens,
-           sum(tu.cache_write_tokens) AS cache_write_tokens,
-           coalesce(sum(tu.cost_usd_ticks), 0) AS cost_usd_ticks,
+           sum(tu.input_tokens)::bigint AS input_tokens,
+           sum(tu.output_tokens)::bigint AS output_tokens,
+           sum(tu.cache_read_tokens)::bigint AS cache_read_tokens,
+           sum(tu.cache_write_tokens)::bigint AS cache_write_tokens,
+           coalesce(sum(tu.cost_usd_ticks), 0)::bigint AS cost_usd_ticks,
            count(DISTINCT tu.task_id) AS task_count,
            count(*) AS event_count
     FROM {task_usage} tu
