@@ -37,8 +37,10 @@ def test_setup_commands_are_the_ones_ci_runs() -> None:
 
 def test_runbook_covers_preflight_first_and_verify_last() -> None:
     commands = runbook_commands()
-    assert commands[0].startswith("python manage.py preflight_codex_usage_backfill")
-    main_steps = [c for c in commands if "revert_codex_usage_backfill" not in c]
+    assert commands[0] == "python manage.py migrate"
+    steps = [c for c in commands[1:] if "revert_codex_usage_backfill" not in c]
+    assert steps[0].startswith("python manage.py preflight_codex_usage_backfill")
+    main_steps = steps
     assert main_steps[-1].startswith("python manage.py backfill_codex_usage_cache --verify")
     assert any("revert_codex_usage_backfill" in c and "--execute" in c for c in commands)
 
