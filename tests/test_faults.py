@@ -318,4 +318,11 @@ def test_concurrent_ingestion_loses_nothing_and_repairs_exactly_once(test_databa
     assert TaskUsage.objects.filter(model__startswith="new-", input_tokens=900).count() == (
         writer.new_rows
     )
+    # Every hourly key the run touched is right at once; keys only the writer touched wait
+    # for the platform's cron tick, which a window call over the writer's time stands in for.
+    assert rollup_mismatches(run_ids=[result.run.pk]) == []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT rollup_task_usage_hourly_window(%s, now())", [result.run.started_at]
+        )
     assert rollup_mismatches() == []

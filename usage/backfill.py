@@ -13,8 +13,9 @@ How it stays linear and safe on a live database:
   the end are reported and the run does not succeed.
 * A timeout rolls the batch back whole and retries it smaller, a bounded number of times.
 * Signals are honoured between batches; the rollup is then rebuilt for what was done.
-* The hourly rollup is rebuilt afterwards in short slices (``usage.rollup``), also for the
-  rows of earlier runs that died before rebuilding theirs.
+* The hourly rollup is rebuilt afterwards, key by key in short lock slices
+  (``usage.rollup.rebuild_keys``), also for the rows of earlier runs that died before
+  rebuilding theirs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Max, Min
+from django.db.models import F
 
 from usage import rollup, runs
 from usage.db import (
@@ -42,7 +43,7 @@ from usage.db import (
 )
 from usage.eligibility import compose, eligible_params
 from usage.events import log_event
-from usage.models import BackfillJournal, BackfillRun
+from usage.models import BackfillRun
 from usage.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -466,40 +467,32 @@ class Backfill:
     # -- rollup and the end of the run ---------------------------------------------------
 
     def _rebuild_rollup(self) -> None:
-        """Rebuild the rollup for this run and for earlier runs that died before theirs."""
+        """Rebuild the hourly keys of this run's rows and of earlier runs that died first."""
         assert self.result is not None
         run = self.result.run
-        run.refresh_from_db()
-        total = rollup.RollupResult()
-        for pending in _runs_with_pending_rollup(exclude=run.pk):
-            total.extend(self._rebuild_run(pending, *_journal_window(pending)))
-            self.result.recovered_runs.append(pending.pk)
-        if self.result.rows_updated and run.rollup_from and run.rollup_to:
-            total.extend(self._rebuild_run(run, run.rollup_from, run.rollup_to))
-        BackfillRun.objects.filter(pk=run.pk).update(rollup_state=BackfillRun.RollupState.DONE)
-        self.result.rollup = total
-
-    def _rebuild_run(
-        self, run: BackfillRun, window_from: datetime, window_to: datetime
-    ) -> rollup.RollupResult:
-        result = rollup.rebuild(
-            window_from,
-            window_to,
-            rollup.run_stamps(run.pk),
+        pending = [r.pk for r in _runs_with_pending_rollup(exclude=run.pk)]
+        run_ids = [*pending, run.pk] if self.result.rows_updated else pending
+        if not run_ids:
+            BackfillRun.objects.filter(pk=run.pk).update(rollup_state=BackfillRun.RollupState.DONE)
+            self.result.rollup = rollup.RollupResult()
+            return
+        result = rollup.rebuild_keys(
+            run_ids,
             max_lock_seconds=self.options.max_rollup_lock_seconds,
             lock_timeout=self.options.lock_timeout,
-            statement_timeout=max(self.options.statement_timeout, 0),
+            statement_timeout=self.options.statement_timeout,
             on_slice=self.listener.rollup_slice,
         )
-        BackfillRun.objects.filter(pk=run.pk).update(
-            rollup_state=BackfillRun.RollupState.DONE,
-            rollup_from=window_from,
-            rollup_to=window_to,
-            rollup_slices=F("rollup_slices") + len(result.slices),
-            rollup_rows=F("rollup_rows") + result.rollup_rows,
-            rollup_max_lock_seconds=max(run.rollup_max_lock_seconds, result.max_lock_held_seconds),
+        BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(
+            rollup_state=BackfillRun.RollupState.DONE
         )
-        return result
+        BackfillRun.objects.filter(pk=run.pk).update(
+            rollup_slices=len(result.slices),
+            rollup_rows=result.rollup_rows,
+            rollup_max_lock_seconds=result.max_lock_held_seconds,
+        )
+        self.result.recovered_runs.extend(pending)
+        self.result.rollup = result
 
     def _rebuild_rollup_quietly(self) -> None:
         if not self.options.rebuild_rollup:
@@ -598,17 +591,6 @@ def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:
         .exclude(status__in=[BackfillRun.Status.RUNNING, BackfillRun.Status.REVERTED])
         .order_by("pk")
     )
-
-
-def _journal_window(run: BackfillRun) -> tuple[datetime, datetime]:
-    """The window covering a run's journaled rows, for runs that died before recording it."""
-    bounds = BackfillJournal.objects.filter(run=run).aggregate(
-        first=Min("new_updated_at"), last=Max("new_updated_at")
-    )
-    if bounds["first"] is None:
-        start = run.rollup_from or run.started_at
-        return start, start + rollup.WINDOW_PAD
-    return bounds["first"] - rollup.WINDOW_PAD, bounds["last"] + rollup.WINDOW_PAD
 
 
 def _describe_failure(exc: BaseException) -> str:

@@ -96,6 +96,7 @@ class ProgressListener(BackfillListener):
             self._line(what)
 
     def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
+        """``done_rows``/``total_rows`` count hourly keys for the repair's key slices."""
         status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
         if self.progress is not None:
             if self.rollup_task is None:
@@ -106,7 +107,7 @@ class ProgressListener(BackfillListener):
                 self.rollup_task, completed=done_rows, total=total_rows, status=status
             )
         elif self.enabled:
-            self._line(f"rollup: {done_rows:,}/{total_rows:,} rows covered, {status}")
+            self._line(f"rollup: {done_rows:,}/{total_rows:,} hourly keys rebuilt, {status}")
 
     def close(self) -> None:
         if self.progress is not None:

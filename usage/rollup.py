@@ -1,5 +1,16 @@
 """Rebuilding the hourly rollup for rows the repair changed, in short lock slices.
 
+Two ways to cut the work, both through ``rollup_task_usage_hourly_window`` and its documented
+contract, each slice its own transaction holding lock 4246 (transaction-level, so it can never
+leak) only around the call, so the cron tick and workspace deletion run between slices:
+
+* ``rebuild_keys`` (the repair's way): the distinct hourly keys of the journaled rows are
+  listed once, in key order, and each slice queues a range of them in
+  ``task_usage_hourly_dirty`` and calls the function over a one-microsecond window, which
+  drains the queue. Every key is rebuilt exactly once and a slice can be as small as one key,
+  so no slice holds the lock longer than the budget, whatever the batch size was.
+* ``rebuild`` (window tiles, used by the revert): see below.
+
 ``rollup_task_usage_hourly_window`` REPLACES every hourly key that has a row updated inside
 its window, so any set of windows that tiles the span of our updates rebuilds every key we
 touched. Each batch of the repair stamps its rows with one ``updated_at`` (its transaction's
@@ -19,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
@@ -63,6 +75,7 @@ class RollupSlice:
     rollup_rows: int
     lock_wait_seconds: float
     lock_held_seconds: float
+    keys: int = 0
 
 
 @dataclass
@@ -184,28 +197,33 @@ def _rollup_slice(
     rows: int,
 ) -> RollupSlice:
     """One transaction: take 4246, call the rollup over ``[lower, upper)``, commit."""
+
+    def call(cursor: Any) -> int:
+        cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
+        return cursor.fetchone()[0] or 0
+
+    rollup_rows, waited, held = _under_rollup_lock(call, lock_timeout, statement_timeout)
+    return RollupSlice(lower, upper, batches, rows, rollup_rows, waited, held)
+
+
+def _under_rollup_lock(
+    work: Callable[[Any], int], lock_timeout: float, statement_timeout: float
+) -> tuple[int, float, float]:
+    """Run ``work`` in its own transaction holding lock 4246; retry a busy lock a few times.
+
+    Returns what ``work`` returned, the seconds spent waiting for the lock and the seconds
+    it was held (until the commit).
+    """
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         try:
             waited_from = time.monotonic()
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    SET_SLICE_TIMEOUTS_SQL,
-                    [_ms(lock_timeout), _ms(statement_timeout)],
-                )
+                cursor.execute(SET_SLICE_TIMEOUTS_SQL, [_ms(lock_timeout), _ms(statement_timeout)])
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-                cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
-                rollup_rows = cursor.fetchone()[0] or 0
+                value = work(cursor)
             released_at = time.monotonic()
-            return RollupSlice(
-                window_from=lower,
-                window_to=upper,
-                batches=batches,
-                rows=rows,
-                rollup_rows=rollup_rows,
-                lock_wait_seconds=locked_at - waited_from,
-                lock_held_seconds=released_at - locked_at,
-            )
+            return value, locked_at - waited_from, released_at - locked_at
         except DatabaseError as exc:
             if sqlstate(exc) != SQLSTATE_LOCK_NOT_AVAILABLE:
                 raise
@@ -220,6 +238,142 @@ def _rollup_slice(
         f"could not take rollup lock {ROLLUP_LOCK_ID} in {LOCK_WAIT_ATTEMPTS} tries of "
         f"{lock_timeout:g}s: another writer holds it; re-run the same command later to "
         "finish the rollup"
+    )
+
+
+# -- key slices ------------------------------------------------------------------------------
+
+KEYS_TABLE = "pg_temp.codex_rollup_keys"
+KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
+# The first slice is small; later ones are sized from the measured cost per key.
+FIRST_SLICE_KEYS = 50
+
+CREATE_KEYS_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
+    seq bigint PRIMARY KEY,
+    bucket_hour timestamptz NOT NULL,
+    workspace_id uuid NOT NULL,
+    runtime_id uuid NOT NULL,
+    agent_id uuid NOT NULL,
+    project_id uuid,
+    provider text NOT NULL,
+    model text NOT NULL
+) ON COMMIT PRESERVE ROWS"""
+TRUNCATE_KEYS_TABLE_SQL = f"TRUNCATE {KEYS_TABLE}"
+DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
+
+# The hourly keys of the rows some runs changed (rows of tasks without a runtime have none).
+FILL_KEYS_TABLE_SQL = f"""
+INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS})
+SELECT row_number() OVER (ORDER BY {KEY_COLUMNS}), {KEY_COLUMNS}
+FROM (
+    SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    FROM {{journal}} j
+    JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    JOIN {{agent_task_queue}} q ON q.id = tu.task_id
+    JOIN {{agent}} a ON a.id = q.agent_id
+    LEFT JOIN {{issue}} i ON i.id = q.issue_id
+    WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
+) keys"""
+
+ENQUEUE_KEYS_SQL = f"""
+INSERT INTO {{task_usage_hourly_dirty}} ({KEY_COLUMNS}, enqueued_at)
+SELECT {KEY_COLUMNS}, %(stamp)s FROM {KEYS_TABLE}
+WHERE seq > %(after)s AND seq <= %(upto)s"""
+
+# The window is one microsecond after the queued keys' stamp: the call rebuilds them (and
+# drains whatever else was queued before), plus any row written in that microsecond.
+ROLLUP_QUEUED_SQL = (
+    "SELECT {rollup_task_usage_hourly_window}(%(stamp)s, %(stamp)s + interval '1 microsecond')"
+)
+
+
+def rebuild_keys(
+    run_ids: Sequence[int],
+    *,
+    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
+    lock_timeout: float = 5.0,
+    statement_timeout: float = 600.0,
+    on_slice: Callable[[RollupSlice, int, int], None] | None = None,
+) -> RollupResult:
+    """Rebuild every hourly key of the rows the given runs changed, each key once."""
+    started = time.monotonic()
+    result = RollupResult()
+    with connection.cursor() as cursor:
+        cursor.execute(CREATE_KEYS_TABLE_SQL)
+        cursor.execute(TRUNCATE_KEYS_TABLE_SQL)
+        cursor.execute(compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids)})
+        total = cursor.rowcount
+    try:
+        cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
+        budget = min(FIRST_SLICE_KEYS, max(total, 1))
+        done = 0
+        while done < total:
+            size = min(budget, total - done)
+            try:
+                piece = _queued_slice(
+                    done, done + size, lock_timeout, cap if size > 1 else (statement_timeout)
+                )
+            except DatabaseError as exc:
+                if size > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
+                    budget = max(1, size // 2)
+                    logger.info("rollup slice over its lock budget; retrying %d keys", budget)
+                    continue
+                raise
+            done += size
+            result.slices.append(piece)
+            result.window_from = result.window_from or piece.window_from
+            result.window_to = piece.window_to
+            if on_slice is not None:
+                on_slice(piece, done, total)
+            log_event(
+                logger,
+                logging.DEBUG,
+                "rollup_slice",
+                f"rollup slice: {size} keys ({done}/{total}), {piece.rollup_rows} hourly rows, "
+                f"lock {ROLLUP_LOCK_ID} held {piece.lock_held_seconds:.3f}s",
+                keys=size,
+                keys_done=done,
+                keys_total=total,
+                rollup_rows=piece.rollup_rows,
+                lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+                lock_held_seconds=round(piece.lock_held_seconds, 6),
+            )
+            rate = size / max(piece.lock_held_seconds, 0.001)
+            wanted = int(rate * max_lock_seconds * TARGET_LOCK_FRACTION)
+            budget = max(1, min(wanted, int(size * MAX_SLICE_GROWTH)))
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(DROP_KEYS_TABLE_SQL)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _queued_slice(
+    after: int, upto: int, lock_timeout: float, statement_timeout: float
+) -> RollupSlice:
+    """One transaction: take 4246, queue keys ``(after, upto]``, drain them through the call."""
+    stamps: list[datetime] = []
+
+    def queue_and_call(cursor: Any) -> int:
+        cursor.execute("SELECT clock_timestamp()")
+        stamps.append(cursor.fetchone()[0])
+        params = {"stamp": stamps[0], "after": after, "upto": upto}
+        cursor.execute(compose(ENQUEUE_KEYS_SQL), params)
+        cursor.execute(compose(ROLLUP_QUEUED_SQL), params)
+        return cursor.fetchone()[0] or 0
+
+    rollup_rows, waited, held = _under_rollup_lock(queue_and_call, lock_timeout, statement_timeout)
+    return RollupSlice(
+        window_from=stamps[0],
+        window_to=stamps[0] + timedelta(microseconds=1),
+        batches=0,
+        rows=0,
+        rollup_rows=rollup_rows,
+        lock_wait_seconds=waited,
+        lock_held_seconds=held,
+        keys=upto - after,
     )
 
 
