@@ -1,0 +1,418 @@
+"""Reverting an execute run: both tables exactly as before, on a real PostgreSQL.
+
+Every test here commits (the repair and the revert run in many short transactions), and some
+hold locks from a second connection, so they are transactional.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.db.models.functions import Now
+
+from tests.factories import (
+    AFTER,
+    BEFORE,
+    CUTOFF,
+    make_agent,
+    make_task,
+    make_usage,
+    populate_rollup,
+)
+from usage import runs
+from usage.eligibility import compose
+from usage.models import AgentTaskQueue, BackfillJournal, BackfillRun, TaskUsage
+from usage.revert import RevertOptions, execute_revert, plan_revert
+from usage.summary import load_summary
+from usage.verify import rollup_mismatches
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CUTOFF_ARG = "2026-06-13T08:00:00Z"
+
+COLUMNS_SQL = """
+SELECT column_name FROM information_schema.columns
+WHERE table_schema = %s AND table_name = %s
+ORDER BY ordinal_position"""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def backfill() -> str:
+    out = io.StringIO()
+    call_command(
+        "backfill_codex_usage_cache",
+        "--cutoff",
+        CUTOFF_ARG,
+        "--execute",
+        stdout=out,
+        stderr=io.StringIO(),
+    )
+    return out.getvalue()
+
+
+def revert(*args: str) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    call_command("revert_codex_usage_backfill", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def revert_error(*args: str) -> CommandError:
+    with pytest.raises(CommandError) as caught:
+        revert(*args)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return caught.value
+
+
+def table_snapshot(table: str, exclude: tuple[str, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every column of every row (but ``exclude``), in a total order."""
+    with connection.cursor() as cursor:
+        cursor.execute(COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA, table])
+        columns = [name for (name,) in cursor.fetchall() if name not in exclude]
+        assert columns, f"no columns found for {table}"
+        listed = ", ".join(columns)
+        cursor.execute(compose(f"SELECT {listed} FROM {{{table}}} ORDER BY {listed}"))
+        return cursor.fetchall()
+
+
+def snapshot() -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        "task_usage": table_snapshot("task_usage"),
+        "task_usage_hourly": table_snapshot("task_usage_hourly", exclude=("updated_at",)),
+    }
+
+
+def dirty_queue_size() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(compose("SELECT count(*) FROM {task_usage_hourly_dirty}"))
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture
+def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
+    """A second session on the test database, as another process would have."""
+    with psycopg.connect(test_database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def scenario() -> dict[str, TaskUsage]:
+    """Eligible rows of every shape the revert must restore, among rows it must not touch."""
+    workspace = uuid.uuid4()
+    agent = make_agent(workspace)
+    task = make_task(agent, project_id=uuid.uuid4())
+    projectless = make_task(agent)
+    no_runtime = make_task(agent, runtime=False)
+    # A second task of the same agent and runtime: its rows share hourly keys with ``task``.
+    sibling = make_task(agent, project_id=None)
+    AgentTaskQueue.objects.filter(pk=sibling.pk).update(runtime_id=task.runtime_id)
+    sibling_of_projectless = make_task(agent)
+    AgentTaskQueue.objects.filter(pk=sibling_of_projectless.pk).update(
+        runtime_id=projectless.runtime_id
+    )
+    other_workspace_task = make_task(make_agent())
+    rows = {
+        "plain": make_usage(task, model="gpt-5-codex", created_at=BEFORE),
+        "clamped": make_usage(
+            task, model="gpt-5-mini", input_tokens=100, cache_read_tokens=300, created_at=BEFORE
+        ),
+        "legacy": make_usage(
+            task,
+            model="gpt-5-legacy",
+            created_at=BEFORE - timedelta(days=3, minutes=7),
+            updated_at=None,
+        ),
+        "projectless": make_usage(projectless, model="gpt-5-codex", created_at=BEFORE),
+        "projectless_same_key_untouched": make_usage(
+            sibling_of_projectless,
+            model="gpt-5-codex",
+            created_at=BEFORE + timedelta(minutes=5),
+            updated_at=AFTER,
+        ),
+        "no_runtime": make_usage(no_runtime, model="gpt-5-codex", created_at=BEFORE),
+        "other_workspace": make_usage(other_workspace_task, model="gpt-5-codex"),
+        "updated_late": make_usage(
+            task, model="gpt-5-late", created_at=BEFORE - timedelta(hours=2), updated_at=AFTER
+        ),
+        "non_codex": make_usage(task, provider="claude", model="sonnet", created_at=BEFORE),
+        "no_cache": make_usage(task, model="gpt-5-nocache", cache_read_tokens=0),
+        "zero_input": make_usage(task, model="gpt-5-zero", input_tokens=0),
+    }
+    populate_rollup()
+    return rows
+
+
+ELIGIBLE = ("plain", "clamped", "legacy", "projectless", "no_runtime", "other_workspace")
+
+
+# -- the round trip --------------------------------------------------------------------------
+
+
+def test_revert_restores_task_usage_and_hourly_exactly(scenario: dict[str, TaskUsage]) -> None:
+    original = snapshot()
+    assert load_summary(CUTOFF, None).totals.rows == len(ELIGIBLE)
+
+    assert "succeeded" in backfill()
+    repaired = snapshot()
+    assert repaired["task_usage"] != original["task_usage"]
+    assert repaired["task_usage_hourly"] != original["task_usage_hourly"]
+    assert TaskUsage.objects.get(pk=scenario["clamped"].pk).input_tokens == 0
+    assert TaskUsage.objects.get(pk=scenario["legacy"].pk).updated_at is not None
+    run = BackfillRun.objects.get()
+
+    out, err = revert(str(run.pk), "--execute")
+
+    assert snapshot() == original
+    assert TaskUsage.objects.get(pk=scenario["legacy"].pk).updated_at is None
+    assert f"Run {run.pk} reverted." in out
+    assert f"rows restored {len(ELIGIBLE)}, changed since (left alone) 0, remaining 0" in out
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.REVERTED
+    assert run.reverted_at is not None
+    assert run.error == ""
+    assert not BackfillJournal.objects.filter(run=run, reverted_at__isnull=True).exists()
+    assert dirty_queue_size() == 0
+    assert rollup_mismatches() == []
+
+
+def test_revert_in_batches_of_one_with_a_tight_lock_budget(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    original = snapshot()
+    backfill()
+    run = BackfillRun.objects.get()
+    result = execute_revert(
+        RevertOptions(run_id=run.pk, batch_size=1, max_rollup_lock_seconds=0.05)
+    )
+    assert (result.rows_restored, result.rows_changed, result.rows_remaining) == (6, 0, 0)
+    assert result.batches == len(ELIGIBLE)
+    assert result.reverted
+    # Five of the six rows have a rollup key (one task has no runtime): one drain each.
+    assert len(result.rollup.slices) == 5
+    assert snapshot() == original
+    assert dirty_queue_size() == 0
+
+
+def test_row_changed_or_deleted_after_the_run_is_left_alone_and_listed(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    original = snapshot()
+    backfill()
+    run = BackfillRun.objects.get()
+    changed_id = scenario["plain"].pk
+    deleted_id = scenario["projectless"].pk
+    # Ingestion's UPSERT after the run: new counts, updated_at = now().
+    TaskUsage.objects.filter(pk=changed_id).update(input_tokens=5555, updated_at=Now())
+    TaskUsage.objects.filter(pk=deleted_id).delete()
+    changed_row = TaskUsage.objects.get(pk=changed_id)
+
+    out, err = revert(str(run.pk), "--execute")
+
+    assert "2 rows were changed by someone else since the run" in err
+    assert str(changed_id) in err and "5555" in err
+    assert str(deleted_id) in err and "deleted" in err
+    assert f"rows restored {len(ELIGIBLE) - 2}, changed since (left alone) 2" in out
+    after = TaskUsage.objects.get(pk=changed_id)
+    assert (after.input_tokens, after.updated_at) == (5555, changed_row.updated_at)
+    # The others are back as they were.
+    expected = {row[0]: row for row in original["task_usage"]}
+    for row in table_snapshot("task_usage"):
+        if row[0] != changed_id:
+            assert row == expected[row[0]]
+    # Their journal entries stay active: the repair never touches those rows again.
+    active = set(
+        BackfillJournal.objects.filter(run=run, reverted_at__isnull=True).values_list(
+            "usage_id", flat=True
+        )
+    )
+    assert active == {changed_id, deleted_id}
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.REVERTED
+    assert "2 rows changed by others" in run.error
+    # Only the keys of the rows someone else changed are left for the platform to rebuild.
+    assert {m.key[2] for m in rollup_mismatches()} == {
+        scenario["plain"].task.runtime_id,
+        scenario["projectless"].task.runtime_id,
+    }
+    assert dirty_queue_size() == 0
+
+
+def test_reverted_rows_are_eligible_again_and_a_new_execute_repairs_them(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    backfill()
+    repaired = snapshot()["task_usage_hourly"]
+    first = BackfillRun.objects.get()
+    assert load_summary(CUTOFF, None).totals.rows == 0
+    revert(str(first.pk), "--execute")
+    assert load_summary(CUTOFF, None).totals.rows == len(ELIGIBLE)
+
+    assert "succeeded" in backfill()
+    second = BackfillRun.objects.exclude(pk=first.pk).get()
+    assert second.rows_updated == len(ELIGIBLE)
+    assert TaskUsage.objects.get(pk=scenario["plain"].pk).input_tokens == 700
+    assert TaskUsage.objects.get(pk=scenario["clamped"].pk).input_tokens == 0
+    assert BackfillJournal.objects.filter(run=second, reverted_at__isnull=True).count() == len(
+        ELIGIBLE
+    )
+    assert snapshot()["task_usage_hourly"] == repaired
+    assert rollup_mismatches() == []
+
+
+def test_dry_run_reports_and_writes_nothing(scenario: dict[str, TaskUsage]) -> None:
+    backfill()
+    run = BackfillRun.objects.get()
+    TaskUsage.objects.filter(pk=scenario["clamped"].pk).update(input_tokens=42, updated_at=Now())
+    before = snapshot()
+    journal_before = list(BackfillJournal.objects.order_by("id").values())
+
+    out, err = revert(str(run.pk))
+
+    assert "Mode: dry run" in out
+    assert f"{len(ELIGIBLE) - 1} rows would be restored (4 hourly rollup keys to rebuild)" in out
+    assert "1 changed since the run would be left alone" in out
+    assert str(scenario["clamped"].pk) in err
+    assert "nothing was written" in out
+    assert snapshot() == before
+    assert list(BackfillJournal.objects.order_by("id").values()) == journal_before
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.SUCCEEDED
+    assert dirty_queue_size() == 0
+
+
+# -- rows locked by writers ------------------------------------------------------------------
+
+
+def test_row_locked_by_a_writer_is_retried_reported_and_finished_by_a_rerun(
+    scenario: dict[str, TaskUsage], other_connection: psycopg.Connection
+) -> None:
+    original = snapshot()
+    backfill()
+    run = BackfillRun.objects.get()
+    locked_id = scenario["legacy"].pk
+    with other_connection.transaction():
+        other_connection.execute(
+            compose("SELECT 1 FROM {task_usage} WHERE id = %s FOR UPDATE"), [locked_id]
+        )
+        result = execute_revert(RevertOptions(run_id=run.pk, lock_retry_delays=(0.05, 0.05)))
+        assert (result.rows_restored, result.rows_remaining) == (len(ELIGIBLE) - 1, 1)
+        assert not result.reverted
+        run.refresh_from_db()
+        assert run.status == BackfillRun.Status.SUCCEEDED
+        # The command says so with its own exit status.
+        error = revert_error(str(run.pk), "--execute")
+        assert error.returncode == 3
+        assert "1 rows of run" in str(error) and "locked" in str(error)
+    # The writer let go: the same revert finishes the job.
+    result = execute_revert(RevertOptions(run_id=run.pk))
+    assert (result.rows_restored, result.rows_remaining, result.rows_changed) == (1, 0, 0)
+    assert result.reverted
+    assert snapshot() == original
+    assert dirty_queue_size() == 0
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", "", " "])
+def test_run_id_that_is_not_a_run_number(value: str) -> None:
+    error = revert_error(value, "--execute")
+    assert "is not a run number" in str(error)
+
+
+@pytest.mark.parametrize("mode", [(), ("--execute",)])
+def test_unknown_run(mode: tuple[str, ...]) -> None:
+    error = revert_error("987654", *mode)
+    assert "run 987654 not found" in str(error)
+
+
+@pytest.mark.parametrize("mode", [(), ("--execute",)])
+def test_run_already_reverted(scenario: dict[str, TaskUsage], mode: tuple[str, ...]) -> None:
+    backfill()
+    run = BackfillRun.objects.get()
+    revert(str(run.pk), "--execute")
+    after_first = snapshot()
+    error = revert_error(str(run.pk), *mode)
+    assert f"run {run.pk} was already reverted" in str(error)
+    assert snapshot() == after_first
+
+
+def make_running_run() -> BackfillRun:
+    run = runs.start_run(
+        arguments={}, cutoff=CUTOFF, workspace_id=None, batch_size=1000, rollup_state="pending"
+    )
+    assert run.status == BackfillRun.Status.RUNNING
+    return run
+
+
+def test_run_still_running(other_connection: psycopg.Connection) -> None:
+    running = make_running_run()
+    other_connection.execute("SELECT pg_advisory_lock(%s)", [runs.RUN_LOCK_ID])
+    dry = revert_error(str(running.pk))
+    assert f"run {running.pk} is still running" in str(dry)
+    execute = revert_error(str(running.pk), "--execute")
+    assert f"run {running.pk} (started" in str(execute)
+    assert "still running" in str(execute)
+    running.refresh_from_db()
+    assert running.status == BackfillRun.Status.RUNNING
+
+
+def test_run_left_running_by_a_dead_process_is_marked_interrupted_then_reverted(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    original = snapshot()
+    backfill()
+    run = BackfillRun.objects.get()
+    BackfillRun.objects.filter(pk=run.pk).update(status=BackfillRun.Status.RUNNING)
+    plan = plan_revert(run.pk)
+    assert plan.owner_gone and plan.rows_restorable == len(ELIGIBLE)
+    out, err = revert(str(run.pk), "--execute")
+    assert f"Run {run.pk} had no live owner; marked interrupted." in err
+    assert f"Run {run.pk} reverted." in out
+    assert snapshot() == original
+
+
+def test_revert_while_another_run_holds_the_run_lock_names_it(
+    scenario: dict[str, TaskUsage], other_connection: psycopg.Connection
+) -> None:
+    backfill()
+    done = BackfillRun.objects.get()
+    repaired = snapshot()
+    busy = make_running_run()
+    other_connection.execute("SELECT pg_advisory_lock(%s)", [runs.RUN_LOCK_ID])
+
+    error = revert_error(str(done.pk), "--execute")
+
+    assert f"run {busy.pk} (started" in str(error)
+    assert "still running on this database" in str(error)
+    assert snapshot() == repaired
+    done.refresh_from_db()
+    assert done.status == BackfillRun.Status.SUCCEEDED
+    # The dry run does not need the lock.
+    out, _ = revert(str(done.pk))
+    assert f"{len(ELIGIBLE)} rows would be restored" in out
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--batch-size", "0", "--batch-size must be positive"),
+        ("--lock-timeout", "soon", "--lock-timeout"),
+        ("--show", "many", "--show 'many' must be a whole number"),
+    ],
+)
+def test_bad_options(flag: str, value: str, expected: str) -> None:
+    error = revert_error("1", flag, value)
+    assert expected in str(error)

@@ -1,0 +1,628 @@
+"""Undoing one execute run from its journal: rows back as they were, rollup rebuilt for them.
+
+A journal entry says what the run changed: ``old_input_tokens``/``old_updated_at`` (what the
+row was) and ``new_input_tokens``/``new_updated_at`` (what the run wrote). A row is restored
+only while it is still exactly what the run left (same ``input_tokens`` and ``updated_at``);
+a row that someone else rewrote (ingestion's UPSERT sets ``updated_at = now()``) or deleted
+since is left alone, listed, and its journal entry stays active, so the repair never touches
+it again either.
+
+How it stays safe on a live database, like the repair itself:
+
+* The run's journal is walked by ``id`` range (a keyset: its entries were written in one
+  sequence, one run at a time), each batch one short transaction with ``lock_timeout`` and
+  ``statement_timeout`` set locally. One statement locks the rows (``SKIP LOCKED``),
+  re-checks them under the lock, restores them, stamps their journal entries
+  ``reverted_at = now()`` and queues their hourly keys in ``task_usage_hourly_dirty``: a row
+  is never restored without its journal entry saying so, nor without its key queued.
+* Restored rows get their *old* ``updated_at`` back, so no time window of the rollup would
+  find them; the platform's own invalidation queue does. After each batch the queue is
+  drained by one ``rollup_task_usage_hourly_window`` call under lock 4246 (transaction-level,
+  only around that call) over a one-microsecond window just after the batch's enqueue time:
+  it rebuilds the queued keys and hardly anything else. The cron tick only drains keys queued
+  more than five minutes ago, so it never meets a large backlog of ours. Batches start at
+  ``INITIAL_BATCH_SIZE`` entries and are then sized from the measured rollup cost, so that a
+  drain holds the lock for about half of ``max_rollup_lock_seconds`` (the journal is in
+  hourly-key order, so neighbouring entries share keys).
+* Rows skipped because a writer held their lock are retried after the pass; rows still locked
+  at the end are reported and the run is not marked reverted (re-running finishes it).
+* The run is marked ``reverted`` once every entry was either restored or found changed by
+  someone else; those are listed, and noted in the run record. Reverted entries no longer
+  count in the eligibility definition, so the restored rows are eligible again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Max, Min
+from django.db.models.functions import Now
+
+from usage import rollup, runs
+from usage.backfill import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOCK_TIMEOUT_SECONDS,
+    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+    LOCK_RETRY_DELAYS_SECONDS,
+    MAX_TIMEOUT_RETRIES,
+)
+from usage.db import (
+    SQLSTATE_LOCK_NOT_AVAILABLE,
+    SQLSTATE_QUERY_CANCELED,
+    check_target,
+    database_now,
+    scrub,
+    sqlstate,
+)
+from usage.eligibility import compose
+from usage.models import BackfillJournal, BackfillRun
+
+logger = logging.getLogger("usage.revert")
+
+DEFAULT_SHOW_CHANGED = 20
+# The first batch is this small (or the operator's --batch-size, if smaller); later ones are
+# sized from the measured rollup cost.
+INITIAL_BATCH_SIZE = 100
+# The drain window: from the enqueue time to just after it (now() has microsecond precision).
+DRAIN_WINDOW = timedelta(microseconds=1)
+REVERTABLE_STATUSES = (
+    BackfillRun.Status.SUCCEEDED,
+    BackfillRun.Status.FAILED,
+    BackfillRun.Status.INTERRUPTED,
+)
+
+SET_BATCH_TIMEOUTS_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+# "Still exactly what the run left" (false, never NULL, when the row is gone).
+UNCHANGED = """(tu.id IS NOT NULL
+        AND tu.input_tokens = j.new_input_tokens
+        AND tu.updated_at IS NOT DISTINCT FROM j.new_updated_at)"""
+
+# One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
+# skipped for a writer's lock on an earlier try).
+BATCH_SQL_TEMPLATE = f"""
+WITH batch AS MATERIALIZED (
+    SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
+           j.new_input_tokens, j.new_updated_at
+    FROM {{journal}} j
+    WHERE {{selector}}
+      AND j.run_id = %(run_id)s
+      AND j.reverted_at IS NULL
+),
+locked AS MATERIALIZED (
+    SELECT j.id AS journal_id, tu.id AS usage_id, j.old_input_tokens, j.old_updated_at
+    FROM batch j
+    JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    WHERE {UNCHANGED}
+    FOR UPDATE OF tu SKIP LOCKED
+),
+restored AS (
+    UPDATE {{task_usage}} tu
+    SET input_tokens = l.old_input_tokens, updated_at = l.old_updated_at
+    FROM locked l
+    WHERE tu.id = l.usage_id
+    RETURNING l.journal_id, tu.task_id, tu.provider, tu.model, tu.created_at
+),
+marked AS (
+    UPDATE {{journal}} j
+    SET reverted_at = now()
+    FROM restored r
+    WHERE j.id = r.journal_id
+    RETURNING j.id
+),
+restored_keys AS (
+    SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    FROM restored tu
+    JOIN {{agent_task_queue}} q ON q.id = tu.task_id
+    JOIN {{agent}} a ON a.id = q.agent_id
+    LEFT JOIN {{issue}} i ON i.id = q.issue_id
+    WHERE q.runtime_id IS NOT NULL
+),
+enqueued AS (
+    INSERT INTO {{task_usage_hourly_dirty}} (
+        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
+        enqueued_at
+    )
+    SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model, now()
+    FROM restored_keys
+    RETURNING 1
+),
+skipped AS (
+    -- Unchanged in our snapshot but not locked by us: a writer holds the row.
+    SELECT j.id
+    FROM batch j
+    LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    WHERE {UNCHANGED}
+      AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.journal_id = j.id)
+)
+SELECT (SELECT count(*) FROM batch),
+       (SELECT count(*) FROM restored),
+       (SELECT count(*) FROM marked),
+       (SELECT count(*) FROM enqueued),
+       (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
+       now()"""
+
+RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id > %(after)s AND j.id <= %(upto)s")
+RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id = ANY(%(ids)s)")
+
+# Where the run's active entries stand now: restorable, changed since, and their rollup keys.
+CLASSIFY_SQL = f"""
+SELECT count(*) FILTER (WHERE {UNCHANGED}),
+       count(*) FILTER (WHERE NOT {UNCHANGED}),
+       count(DISTINCT {{rollup_key}}) FILTER (WHERE {UNCHANGED} AND q.runtime_id IS NOT NULL)
+FROM {{journal}} j
+LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
+LEFT JOIN {{agent_task_queue}} q ON q.id = tu.task_id
+LEFT JOIN {{issue}} i ON i.id = q.issue_id
+WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL"""
+
+CHANGED_ROWS_SQL = f"""
+SELECT j.id, j.usage_id, j.new_input_tokens, j.new_updated_at,
+       tu.input_tokens, tu.updated_at, tu.id IS NULL
+FROM {{journal}} j
+LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
+WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL AND NOT {UNCHANGED}
+ORDER BY j.id
+LIMIT %(limit)s"""
+
+# Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half).
+RUN_LOCK_HOLDER_SQL = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND granted
+  AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
+LIMIT 1"""
+
+
+class RevertError(Exception):
+    """The revert cannot start or stopped; the message says what to do."""
+
+    def __init__(self, message: str, result: RevertResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class RevertOptions:
+    run_id: int
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
+    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
+    show_changed: int = DEFAULT_SHOW_CHANGED
+
+
+@dataclass(frozen=True)
+class ChangedRow:
+    """A row the run repaired that someone else rewrote (or deleted) since: left alone."""
+
+    journal_id: int
+    usage_id: uuid.UUID
+    expected_input_tokens: int
+    expected_updated_at: datetime
+    current_input_tokens: int | None
+    current_updated_at: datetime | None
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class RevertBatch:
+    number: int
+    entries: int
+    rows_restored: int
+    keys_enqueued: int
+    rows_skipped_locked: int
+    batch_size: int
+    seconds: float
+    stamp: datetime
+    retry: bool = False
+
+
+@dataclass
+class RevertResult:
+    """What a revert found (dry run) or did (execute).
+
+    Counts of the run's journal entries that were active (not reverted) when it started:
+    ``rows_restorable`` could be restored (dry run: would be), ``rows_restored`` were,
+    ``rows_changed`` were changed or deleted by someone else and are left alone
+    (``changed`` lists the first of them), ``rows_remaining`` could be restored but were not
+    (locked by writers through every retry, or not reached because the revert was stopped).
+    """
+
+    run: BackfillRun
+    executed: bool
+    entries: int = 0
+    rows_restorable: int = 0
+    rows_restored: int = 0
+    rows_changed: int = 0
+    rows_remaining: int = 0
+    rollup_keys: int = 0
+    changed: list[ChangedRow] = field(default_factory=list)
+    batches: int = 0
+    stopped: bool = False
+    stale_runs: list[int] = field(default_factory=list)
+    owner_gone: bool = False
+    rollup: rollup.RollupResult = field(default_factory=rollup.RollupResult)
+    seconds: float = 0.0
+
+    @property
+    def reverted(self) -> bool:
+        return self.run.status == BackfillRun.Status.REVERTED
+
+
+class _BatchTimeoutError(Exception):
+    pass
+
+
+def parse_run_id(value: str | int | None) -> int:
+    """The RUN_ID argument: a positive whole number, checked before the database is asked."""
+    text = str(value).strip() if value is not None else ""
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(
+            f"RUN_ID {value!r} is not a run number; give the number printed as 'Run N' by "
+            "backfill_codex_usage_cache --execute, e.g. 12"
+        )
+    return int(text)
+
+
+def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
+    """The dry run: what a revert of ``run_id`` would restore, in one read-only transaction."""
+    check_target()
+    started = time.monotonic()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        run = _load_run(run_id)
+        owner_gone = False
+        if run.status == BackfillRun.Status.RUNNING:
+            holder = _run_lock_holder()
+            if holder is not None:
+                raise RevertError(_still_running(run, holder))
+            owner_gone = True
+        else:
+            _ensure_revertable(run)
+        result = RevertResult(run=run, executed=False, owner_gone=owner_gone)
+        _classify(result, show_changed)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def execute_revert(
+    options: RevertOptions,
+    *,
+    stop: threading.Event | None = None,
+    on_batch: Callable[[RevertBatch, RevertResult], None] | None = None,
+    on_start: Callable[[RevertResult], None] | None = None,
+) -> RevertResult:
+    """Restore the run's unchanged rows and rebuild their rollup; see the module docstring.
+
+    Holds the run lock throughout (``runs.RunLockError`` when another run or revert has it).
+    Returns the result; ``result.rows_remaining`` or ``result.stopped`` mean the run is not
+    reverted yet and running the same revert again finishes it.
+    """
+    return _Revert(options, stop or threading.Event(), on_batch, on_start).run()
+
+
+class _Revert:
+    """One execute revert. Use ``execute_revert``; this class only keeps its state together."""
+
+    def __init__(
+        self,
+        options: RevertOptions,
+        stop: threading.Event,
+        on_batch: Callable[[RevertBatch, RevertResult], None] | None,
+        on_start: Callable[[RevertResult], None] | None,
+    ) -> None:
+        self.options = options
+        self.stop = stop
+        self.on_batch = on_batch
+        self.on_start = on_start
+        self.batch_size = min(options.batch_size, INITIAL_BATCH_SIZE)
+        self.timeouts = 0
+        self.result: RevertResult | None = None
+
+    def run(self) -> RevertResult:
+        check_target()
+        started = time.monotonic()
+        with runs.run_lock():
+            stale = runs.mark_stale_runs()
+            run = _load_run(self.options.run_id)
+            _ensure_revertable(run)
+            self.result = result = RevertResult(run=run, executed=True, stale_runs=stale)
+            _classify(result, 0)
+            logger.info(
+                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
+                run.pk,
+                result.entries,
+                result.rows_restorable,
+                result.rows_changed,
+            )
+            if self.on_start is not None:
+                self.on_start(result)
+            try:
+                if BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).exists():
+                    # An earlier revert of this run stopped; drain whatever it left queued.
+                    self._drain(database_now())
+                self._restore_phase()
+            except _BatchTimeoutError as exc:
+                self._drain_quietly()
+                raise RevertError(str(exc), result) from None
+            except RevertError:
+                raise
+            except BaseException as exc:
+                self._drain_quietly()
+                raise RevertError(
+                    f"revert of run {run.pk} stopped: {_describe_failure(exc)}; the rows "
+                    "restored so far stay restored: run the same revert again to finish",
+                    result,
+                ) from exc
+            self._finish()
+        result.seconds = time.monotonic() - started
+        return result
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def _restore_phase(self) -> None:
+        assert self.result is not None
+        bounds = BackfillJournal.objects.filter(
+            run=self.result.run, reverted_at__isnull=True
+        ).aggregate(first=Min("id"), last=Max("id"))
+        if bounds["first"] is None:
+            return
+        after, last = bounds["first"] - 1, bounds["last"]
+        skipped: list[int] = []
+        while after < last and not self.stop.is_set():
+            upto = min(after + self.batch_size, last)
+            batch = self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto}, retry=False)
+            if batch is None:
+                continue  # timed out: same range, smaller
+            skipped.extend(batch[1])
+            after = upto
+        for delay in self.options.lock_retry_delays:
+            if not skipped or self.stop.is_set():
+                break
+            logger.info("%d rows locked by other writers; retrying in %.1fs", len(skipped), delay)
+            if self.stop.wait(delay):
+                break
+            pending, skipped = skipped, []
+            while pending and not self.stop.is_set():
+                chunk = pending[: self.batch_size]
+                batch = self._batch(RETRY_BATCH_SQL, {"ids": chunk}, retry=True)
+                if batch is None:
+                    continue
+                skipped.extend(batch[1])
+                pending = pending[len(chunk) :]
+        self.result.stopped = self.stop.is_set()
+
+    def _batch(
+        self, template: str, selector: dict[str, object], *, retry: bool
+    ) -> tuple[RevertBatch, list[int]] | None:
+        """One batch and its drain; None when it timed out and was rolled back (size halved)."""
+        assert self.result is not None
+        size = self.batch_size
+        started = time.monotonic()
+        params = dict(selector, run_id=self.result.run.pk)
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    SET_BATCH_TIMEOUTS_SQL,
+                    [
+                        rollup._ms(self.options.lock_timeout),
+                        rollup._ms(self.options.statement_timeout),
+                    ],
+                )
+                cursor.execute(compose(template), params)
+                entries, restored, marked, enqueued, skipped, stamp = cursor.fetchone()
+                if marked != restored:
+                    raise RuntimeError(
+                        f"marked {marked} journal entries for {restored} restored rows; "
+                        "batch rolled back"
+                    )
+        except DatabaseError as exc:
+            if sqlstate(exc) not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
+                raise
+            self.timeouts += 1
+            if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
+                raise _BatchTimeoutError(
+                    f"a revert batch timed out {self.timeouts} times, down to {size} entries "
+                    f"({scrub(str(exc))}); the rows restored so far stay restored: run the "
+                    "same revert again later, or with a larger --lock-timeout/"
+                    "--statement-timeout"
+                ) from exc
+            self.batch_size = max(1, size // 2)
+            logger.warning("revert batch timed out; retrying with %d entries", self.batch_size)
+            return None
+        self.timeouts = 0
+        batch = RevertBatch(
+            number=self.result.batches + 1,
+            entries=entries,
+            rows_restored=restored,
+            keys_enqueued=enqueued,
+            rows_skipped_locked=len(skipped),
+            batch_size=size,
+            seconds=time.monotonic() - started,
+            stamp=stamp,
+            retry=retry,
+        )
+        self.result.batches += 1
+        self.result.rows_restored += restored
+        logger.info(
+            "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
+            "%d locked, %.3fs",
+            batch.number,
+            entries,
+            restored,
+            enqueued,
+            len(skipped),
+            batch.seconds,
+        )
+        self._adapt(size, self._drain(stamp, keys=enqueued) if enqueued else None)
+        if self.on_batch is not None:
+            self.on_batch(batch, self.result)
+        return batch, list(skipped)
+
+    # -- the rollup ------------------------------------------------------------------------
+
+    def _drain(self, stamp: datetime, keys: int = 0) -> float:
+        """Rebuild the keys queued up to ``stamp`` in one lock-4246 transaction; seconds held."""
+        assert self.result is not None
+        try:
+            piece = rollup.rebuild(
+                stamp,
+                stamp + DRAIN_WINDOW,
+                [(stamp, keys)],
+                max_lock_seconds=self.options.max_rollup_lock_seconds,
+                lock_timeout=self.options.lock_timeout,
+                statement_timeout=max(self.options.statement_timeout, 0),
+            )
+        except rollup.RollupError as exc:
+            raise RevertError(
+                f"{exc} (the restored rows' hourly keys stay queued in "
+                "task_usage_hourly_dirty, which the platform's cron tick also drains)",
+                self.result,
+            ) from exc
+        self.result.rollup.extend(piece)
+        return piece.max_lock_held_seconds
+
+    def _adapt(self, size: int, held: float | None) -> None:
+        """Size the next batch so its rollup holds lock 4246 for about half the budget.
+
+        Starts small and grows at most ``MAX_SLICE_GROWTH``-fold per batch, never above the
+        operator's ``--batch-size``: the cost of a key is only known once one was rebuilt.
+        """
+        budget = self.options.max_rollup_lock_seconds
+        grown = size * rollup.MAX_SLICE_GROWTH
+        wanted = grown if not held else size * budget * rollup.TARGET_LOCK_FRACTION / held
+        self.batch_size = max(1, min(self.options.batch_size, int(min(wanted, grown))))
+        if held and held > budget:
+            logger.warning(
+                "rollup of one batch held lock %d for %.2fs (budget %.2fs); batches now %d",
+                rollup.ROLLUP_LOCK_ID,
+                held,
+                budget,
+                self.batch_size,
+            )
+
+    def _drain_quietly(self) -> None:
+        try:
+            if connection.connection is not None and not connection.is_usable():
+                connection.close()
+            self._drain(database_now())
+        except Exception:
+            logger.exception(
+                "rollup drain failed; the queued keys stay in task_usage_hourly_dirty"
+            )
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
+        assert self.result is not None
+        result = self.result
+        restored = result.rows_restored
+        _classify(result, self.options.show_changed)
+        result.rows_remaining = result.rows_restorable
+        result.rows_restorable = restored + result.rows_remaining
+        result.rows_restored = restored
+        if result.stopped or result.rows_remaining:
+            logger.warning(
+                "revert of run %d incomplete: %d rows restored, %d remaining%s",
+                result.run.pk,
+                restored,
+                result.rows_remaining,
+                ", stopped by a signal" if result.stopped else "",
+            )
+            return
+        fields: dict[str, object] = {"status": BackfillRun.Status.REVERTED, "reverted_at": Now()}
+        if result.rows_changed:
+            note = (
+                f"reverted; {result.rows_changed} rows changed by others since the run were "
+                "left as they are (their journal entries stay active)"
+            )
+            fields["error"] = f"{note}; {result.run.error}" if result.run.error else note
+        BackfillRun.objects.filter(pk=result.run.pk).update(**fields)
+        result.run.refresh_from_db()
+        logger.info(
+            "run %d reverted: %d rows restored, %d left as changed since",
+            result.run.pk,
+            restored,
+            result.rows_changed,
+        )
+
+
+def _load_run(run_id: int) -> BackfillRun:
+    run = BackfillRun.objects.filter(pk=run_id).first()
+    if run is None:
+        raise RevertError(
+            f"run {run_id} not found in {settings.CODEX_REPAIR_SCHEMA}.backfill_run; give the "
+            "number printed as 'Run N' by backfill_codex_usage_cache --execute"
+        )
+    return run
+
+
+def _ensure_revertable(run: BackfillRun) -> None:
+    if run.status == BackfillRun.Status.REVERTED:
+        when = run.reverted_at.strftime("%Y-%m-%d %H:%M:%S UTC") if run.reverted_at else "-"
+        raise RevertError(
+            f"run {run.pk} was already reverted at {when}; its restored rows are eligible "
+            "again, so nothing is left to revert"
+        )
+    if run.status == BackfillRun.Status.RUNNING:
+        raise RevertError(_still_running(run, run.backend_pid))
+    if run.status not in REVERTABLE_STATUSES:
+        raise RevertError(f"run {run.pk} has status {run.status!r}, which cannot be reverted")
+
+
+def _still_running(run: BackfillRun, backend_pid: int | None) -> str:
+    return (
+        f"run {run.pk} is still running (started {run.started_at:%Y-%m-%d %H:%M:%S} UTC by "
+        f"{run.os_user}@{run.client_host}, database backend pid {backend_pid}); wait for it "
+        "to finish, or stop it, before reverting it"
+    )
+
+
+def _run_lock_holder() -> int | None:
+    """The backend holding the run lock, if any: read from pg_locks, never by taking it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            RUN_LOCK_HOLDER_SQL,
+            {"high": runs.RUN_LOCK_ID >> 32, "low": runs.RUN_LOCK_ID & 0xFFFFFFFF},
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _classify(result: RevertResult, show_changed: int) -> None:
+    """Fill the counts of the run's active entries, and list the first changed rows."""
+    params = {"run_id": result.run.pk, "limit": show_changed}
+    with connection.cursor() as cursor:
+        cursor.execute(compose(CLASSIFY_SQL), params)
+        restorable, changed, keys = cursor.fetchone()
+        listed: Sequence[tuple] = []
+        if changed and show_changed > 0:
+            cursor.execute(compose(CHANGED_ROWS_SQL), params)
+            listed = cursor.fetchall()
+    if not result.entries:
+        result.entries = restorable + changed
+    result.rows_restorable = restorable
+    result.rows_changed = changed
+    result.rollup_keys = keys
+    result.changed = [ChangedRow(*row) for row in listed]
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, DatabaseError):
+        return f"database error: {scrub(str(exc))}"
+    return scrub(f"{type(exc).__name__}: {exc}")
