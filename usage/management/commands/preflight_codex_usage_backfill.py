@@ -1,0 +1,158 @@
+"""``preflight_codex_usage_backfill``: the read-only checklist to run before a repair."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import textwrap
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
+
+from usage import options as opts
+from usage import render
+from usage.db import describe_database, scrub
+from usage.preflight import (
+    CHECKS,
+    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+    CheckResult,
+    run_preflight,
+)
+
+EXAMPLES = """
+examples:
+  # before the repair: is this database ready for it? (reads only, in a READ ONLY transaction)
+  python manage.py preflight_codex_usage_backfill --cutoff 2026-06-13T08:00:00Z
+
+  # the same for one workspace, showing what each check looked at and how long it took
+  python manage.py preflight_codex_usage_backfill --cutoff 2026-06-13T08:00:00Z \\
+      --workspace-id 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d --verbosity 2
+
+  # only problems (for scripts); the exit status is non-zero when a check fails
+  DATABASE_URL=postgresql://repair@db.internal:5432/app \\
+      python manage.py preflight_codex_usage_backfill --cutoff 2026-06-13T08:00:00Z -v 0
+
+  # the same checks as a test run, as the runbook has it
+  DATABASE_URL=... CODEX_BACKFILL_CUTOFF=2026-06-13T08:00:00Z python -m pytest -m preflight
+
+checks:
+{checks}
+
+verbosity: 0 shows only failures and warnings, 1 the checklist, 2 adds what each check
+looked at and its time, 3 adds every SQL statement (on stderr).
+"""
+
+MAX_STATEMENT_TIMEOUT_SECONDS = 3600.0
+TITLES = {check.name: check.title for check in CHECKS}
+MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+
+
+class Command(BaseCommand):
+    help = (
+        "Check, read-only, that the target database is ready for "
+        "backfill_codex_usage_cache: server version, tables, columns and types, the rollup "
+        "function, indexes, privileges, the tool's own schema, and the candidate rows on "
+        "both sides of the cutoff. Prints a checklist with what to do for each failure; "
+        "exits non-zero when any check fails."
+    )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        listed = "\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
+        parser.description = textwrap.fill(self.help, 88)
+        parser.epilog = EXAMPLES.format(checks=listed)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        return parser
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--cutoff",
+            help="required: RFC 3339 hosted deployment time of the Codex usage fix, the "
+            "value you will pass to backfill_codex_usage_cache, e.g. 2026-06-13T08:00:00Z",
+        )
+        parser.add_argument(
+            "--workspace-id", help="optional workspace UUID, as for the repair itself"
+        )
+        parser.add_argument(
+            "--statement-timeout",
+            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
+            help="longest any one check's query may run, e.g. 30s or 10m "
+            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s); counting candidates scans "
+            "task_usage when few rows are eligible",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            cutoff = opts.parse_cutoff(options["cutoff"])
+            workspace_id = opts.parse_workspace_id(options["workspace_id"])
+            statement_timeout = opts.parse_seconds(
+                options["statement_timeout"],
+                flag="--statement-timeout",
+                minimum=0.1,
+                maximum=MAX_STATEMENT_TIMEOUT_SECONDS,
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+
+        verbosity = options["verbosity"]
+        handler = self._attach_log_handler(verbosity)
+        try:
+            if verbosity >= 1:
+                self.stdout.write(
+                    f"Pre-flight of {describe_database()} (read-only), cutoff "
+                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}"
+                )
+            results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
+        except DatabaseError as exc:
+            raise CommandError(
+                f"cannot inspect {describe_database()}: {scrub(str(exc))}; "
+                "check DATABASE_URL and that the server is reachable"
+            ) from exc
+        finally:
+            logging.getLogger("usage").removeHandler(handler)
+
+        for result in results:
+            self._write_result(result, verbosity)
+        counts = {status: 0 for status in MARKS}
+        for result in results:
+            counts[result.status] += 1
+        summary = (
+            f"{len(results)} checks: {counts['ok']} passed, {counts['warn']} with warnings, "
+            f"{counts['fail']} failed, {counts['skip']} not checked."
+        )
+        failures = [r.name for r in results if r.status == "fail"]
+        warnings = [r.name for r in results if r.status == "warn"]
+        if failures or counts["skip"]:
+            self.stdout.write(self.style.ERROR(summary))
+            raise CommandError(
+                f"pre-flight failed: {', '.join(failures)}; do what each failed check says, "
+                "then run the pre-flight again before the repair"
+            )
+        if verbosity >= 1 or warnings:
+            style = self.style.WARNING if warnings else self.style.SUCCESS
+            self.stdout.write(style(summary))
+
+    def _write_result(self, result: CheckResult, verbosity: int) -> None:
+        if result.status == "ok" and verbosity < 1:
+            return
+        style = {
+            "ok": self.style.SUCCESS,
+            "warn": self.style.WARNING,
+            "fail": self.style.ERROR,
+            "skip": self.style.NOTICE,
+        }[result.status]
+        timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
+        self.stdout.write(f"{style(MARKS[result.status])} {result.name}: {result.detail}{timing}")
+        if verbosity >= 2:
+            self.stdout.write(f"         checked: {TITLES.get(result.name, result.name)}")
+        if result.fix and result.status != "ok":
+            self.stdout.write(f"         what to do: {result.fix}")
+
+    def _attach_log_handler(self, verbosity: int) -> logging.Handler:
+        """Library log lines on stderr; SQL statements only at --verbosity 3."""
+        handler = logging.StreamHandler(self.stderr)
+        handler.setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("usage").addHandler(handler)
+        return handler

@@ -1,0 +1,204 @@
+"""Replication-lag throttle: pause the repair while a streaming replica falls behind.
+
+Rewriting millions of rows produces WAL faster than a busy replica may replay it, and a
+lagging replica serves stale dashboards (or blocks failover). ``--max-replication-lag``
+makes the repair wait between batches until every replica is back within the limit.
+
+How a replica is judged, from one query on ``pg_stat_replication`` on the primary:
+
+* ``replay_lag`` known: too high when it exceeds the limit. With replay stuck the primary
+  keeps extrapolating it, so a stalled replica shows a growing lag.
+* ``replay_lag`` NULL (unknown): PostgreSQL clears it when a replica has caught up and no
+  WAL is being written. Unknown counts as too high only when the replica is behind by WAL
+  position (``replay_lsn`` is NULL or before ``pg_current_wal_lsn()``); an idle, caught-up
+  replica never pauses the repair.
+* Row details hidden: without ``pg_monitor`` (or ``pg_read_all_stats``, or superuser) a
+  role sees that walsenders exist but not their positions or lags. The lag is then unknown
+  *and* the position cannot be checked, so the throttle refuses to guess: it reports the
+  missing privilege as the reason to pause (fail closed). A safety limit that silently
+  does nothing would be worse; grant ``pg_monitor`` to the repair's role, or drop the
+  option. The pre-flight check warns about this before a run.
+
+Walsenders serving ``pg_basebackup`` (state ``backup``) are not replicas and are ignored;
+logical-replication walsenders are judged like physical ones (their ``replay_lag`` is the
+subscriber's apply lag).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connection
+
+logger = logging.getLogger("usage.replication")
+
+# One cheap query: a row per walsender, no joins. On a standby (cascading replication) the
+# reference position is what it has replayed itself, since pg_current_wal_lsn() fails there.
+REPLICAS_SQL = """
+WITH here AS (
+    SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                ELSE pg_current_wal_lsn() END AS lsn
+)
+SELECT r.pid,
+       r.state,
+       coalesce(nullif(r.application_name, ''), r.usename::text, 'replica') AS name,
+       coalesce(host(r.client_addr), 'local') AS client,
+       extract(epoch FROM r.replay_lag)::float8 AS replay_lag_seconds,
+       r.replay_lsn IS NULL AS position_unknown,
+       greatest(pg_wal_lsn_diff(here.lsn, r.replay_lsn), 0)::bigint AS behind_bytes
+FROM pg_stat_replication r CROSS JOIN here
+WHERE r.state IS DISTINCT FROM 'backup'"""
+
+MISSING_PRIVILEGE_HINT = "grant pg_monitor to the repair's role to see replica lag"
+
+
+class ReplicationLagTimeout(Exception):
+    """Replicas stayed behind for longer than the caller was willing to wait."""
+
+    def __init__(self, reason: str, waited_seconds: float) -> None:
+        super().__init__(
+            f"replication lag stayed too high for {waited_seconds:.0f}s ({reason}); "
+            "wait for the replicas to catch up, then re-run the same command to resume"
+        )
+        self.reason = reason
+        self.waited_seconds = waited_seconds
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One walsender as the throttle sees it."""
+
+    pid: int
+    state: str | None
+    name: str
+    client: str
+    replay_lag_seconds: float | None
+    position_unknown: bool
+    behind_bytes: int | None
+
+    @property
+    def hidden(self) -> bool:
+        """The role may not see this walsender's details (only ``pid`` is shown)."""
+        return self.state is None
+
+    @property
+    def label(self) -> str:
+        return f"replica {self.name}@{self.client}"
+
+
+def _format_seconds(value: float) -> str:
+    return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
+
+
+def _format_limit(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _format_bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "kB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
+    """Why this replica is too far behind, or None when it is within the limit."""
+    if replica.hidden:
+        return f"replica pid {replica.pid} lag not visible to this role ({MISSING_PRIVILEGE_HINT})"
+    if replica.replay_lag_seconds is not None:
+        if replica.replay_lag_seconds > max_lag_seconds:
+            return (
+                f"{replica.label} replay lag {_format_seconds(replica.replay_lag_seconds)} "
+                f"> {_format_limit(max_lag_seconds)}"
+            )
+        return None
+    if replica.position_unknown:
+        return f"{replica.label} replay lag unknown, replay position not reported yet"
+    if replica.behind_bytes:
+        return (
+            f"{replica.label} replay lag unknown, {_format_bytes(replica.behind_bytes)} "
+            "of WAL not replayed"
+        )
+    return None
+
+
+def replica_states(cursor: Any = None) -> list[ReplicaState]:
+    """Every walsender of this server that serves a replica (one query)."""
+    if cursor is None:
+        with connection.cursor() as own_cursor:
+            return replica_states(own_cursor)
+    cursor.execute(REPLICAS_SQL)
+    return [ReplicaState(*row) for row in cursor.fetchall()]
+
+
+def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
+    """None when every connected streaming replica is within ``max_lag_seconds``.
+
+    Otherwise a short human reason naming the worst replica, such as
+    ``replica walreceiver@10.0.0.2 replay lag 12.3s > 5s``. Runs one query on ``cursor``
+    (a Django or psycopg cursor on the primary; default: Django's default connection).
+    """
+    reasons: list[tuple[float, str]] = []
+    for replica in replica_states(cursor):
+        reason = judge(replica, max_lag_seconds)
+        if reason is not None:
+            # Worst first: known lags by size; unknown or hidden ones rank above all of them.
+            weight = (
+                replica.replay_lag_seconds
+                if replica.replay_lag_seconds is not None
+                else float("inf")
+            )
+            reasons.append((weight, reason))
+    if not reasons:
+        return None
+    reasons.sort(key=lambda item: item[0], reverse=True)
+    worst = reasons[0][1]
+    if len(reasons) > 1:
+        worst += f" (+{len(reasons) - 1} more)"
+    return worst
+
+
+def wait_for_replicas(
+    max_lag_seconds: float,
+    stop_event: threading.Event,
+    on_pause: Callable[[str], None],
+    poll_seconds: float = 0.5,
+    max_wait_seconds: float | None = None,
+    cursor: Any = None,
+) -> float:
+    """Block while replication lag is too high; return the seconds spent paused.
+
+    Calls ``on_pause(reason)`` on every poll that finds lag too high, so the caller can
+    show it on its progress line. Returns early (without error) when ``stop_event`` is
+    set, so a signal is never held up by a lagging replica. Raises
+    ``ReplicationLagTimeout`` when ``max_wait_seconds`` pass with lag still too high:
+    carrying on would defeat the limit the operator asked for.
+    """
+    started = time.monotonic()
+    paused = False
+    while True:
+        reason = lag_too_high(max_lag_seconds, cursor)
+        waited = time.monotonic() - started
+        if reason is None:
+            if paused:
+                logger.info("replicas caught up after a %.1fs pause", waited)
+            return waited if paused else 0.0
+        if stop_event.is_set():
+            return waited
+        if max_wait_seconds is not None and waited >= max_wait_seconds:
+            raise ReplicationLagTimeout(reason, waited)
+        paused = True
+        logger.debug("pausing: %s", reason)
+        on_pause(reason)
+        delay = poll_seconds
+        if max_wait_seconds is not None:
+            delay = min(delay, max(max_wait_seconds - waited, 0.0))
+        if stop_event.wait(delay):
+            return time.monotonic() - started
