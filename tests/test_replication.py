@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -447,3 +448,64 @@ def test_preflight_flags_a_standby_and_hidden_replica_lag(
     assert hidden.status == "warn"
     assert "hidden from this role" in hidden.detail
     assert "GRANT pg_monitor" in hidden.fix
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_backfill_command_pauses_while_the_replica_lags(
+    cluster: Cluster, primary: psycopg.Connection, standby: psycopg.Connection
+) -> None:
+    """End to end: a real --execute on the primary waits for the paused replica."""
+    from tests.processes import start_manage
+    from usage import dataset, target
+
+    primary.execute("DROP DATABASE IF EXISTS repl_target")
+    primary.execute("CREATE DATABASE repl_target")
+    url = f"postgresql://postgres@127.0.0.1:{cluster.primary_port}/repl_target"
+    with psycopg.connect(url) as conn, conn.cursor() as cursor:
+        target.create_target_schema(cursor, "public")
+        target.seed_demo_data(cursor, "public", dataset.DatasetSpec(rows=400, cutoff=CUTOFF))
+    env = dict(os.environ, DATABASE_URL=url, PYTHONUNBUFFERED="1")
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    caught_up(primary)
+    pause_replay(standby)
+    lagging(primary, 0.2, measured=False)
+
+    process = start_manage(
+        "backfill_codex_usage_cache",
+        "--cutoff",
+        "2026-06-13T08:00:00Z",
+        "--execute",
+        "--batch-size",
+        "20",
+        "--max-replication-lag",
+        "0.2",
+        env=env,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(line.startswith("paused: ") for line in lines), 60, "a pause")
+        assert process.poll() is None, "the run must wait while the replica lags"
+        standby.execute("SELECT pg_wal_replay_resume()")
+        stdout = process.stdout.read()
+        assert process.wait(timeout=120) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+    reader.join(10)
+    pause = next(line for line in lines if line.startswith("paused: "))
+    assert f"replica {REPLICA_NAME}@127.0.0.1" in pause
+    assert "succeeded" in stdout
+    primary.execute("DROP DATABASE IF EXISTS repl_target")

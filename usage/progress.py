@@ -37,6 +37,7 @@ class ProgressListener(BackfillListener):
         self.terminal = terminal and enabled
         self.started_at = time.monotonic()
         self.last_line = 0.0
+        self.was_paused = False
         self.update_task: TaskID | None = None
         self.rollup_task: TaskID | None = None
         self.progress: Progress | None = None
@@ -70,6 +71,7 @@ class ProgressListener(BackfillListener):
             self._line(f"progress: 0/{rows:,} rows planned", force=True)
 
     def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
+        self.was_paused = False
         rate = result.rows_updated / max(time.monotonic() - self.started_at, 1e-6)
         if self.progress is not None and self.update_task is not None:
             self.progress.update(
@@ -93,7 +95,9 @@ class ProgressListener(BackfillListener):
         if self.progress is not None and self.update_task is not None:
             self.progress.update(self.update_task, status=what)
         elif self.enabled and not reason.startswith("sleep"):
-            self._line(what)
+            # The start of a pause is always shown; while it lasts, the usual rate applies.
+            self._line(what, force=not self.was_paused)
+            self.was_paused = True
 
     def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
         """``done_rows``/``total_rows`` count hourly keys for the repair's key slices."""
