@@ -164,3 +164,7 @@ class BackfillJournal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.usage_id} in run {self.run_id}"
+
+
+# The admin's proxy model lives with the admin code; import it so the app always has it.
+from usage.candidates import CandidateUsage  # noqa: E402,F401

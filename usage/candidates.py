@@ -1,0 +1,444 @@
+"""The admin's candidates page: which rows the repair would change, and its totals.
+
+Everything here is built on ``usage.eligibility``: the page's rows are the ids
+``CANDIDATE_IDS_SQL`` selects, its totals come from one aggregate over the same
+``ELIGIBLE_FROM``/``ELIGIBLE_WHERE`` fragments, and the corrected input, tokens removed and
+clamped flag shown per row are the repair's own expressions. The page therefore cannot
+disagree with the command's dry run about a row or a total.
+
+The page must stay fast on a table with hundreds of millions of rows, so it never asks the
+database for a ``COUNT(*)`` of the list: one grouped aggregate gives the totals together with
+the row counts for every workspace, created month and clamped choice of the sidebar, and the
+paginator uses those counts (or a count capped at ``COUNT_CAP`` rows while searching).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.paginator import Paginator
+from django.db import connection, transaction
+from django.db.models import BigIntegerField, BooleanField, QuerySet
+from django.db.models.expressions import RawSQL
+from django.utils.functional import cached_property
+
+from usage import options, render
+from usage.eligibility import (
+    CANDIDATE_IDS_SQL,
+    CORRECTED_INPUT,
+    IS_CLAMPED,
+    REMOVED_INPUT,
+    compose,
+    eligible_params,
+)
+from usage.models import BackfillRun, TaskUsage
+from usage.summary import CutoffError, Totals, ensure_cutoff_in_past
+
+logger = logging.getLogger("usage.candidates")
+
+# GET parameters that choose what the page lists (the command's --cutoff and --workspace-id).
+CUTOFF_PARAM = "cutoff"
+WORKSPACE_PARAM = "workspace"
+CREATED_PARAM = "created"
+CLAMPED_PARAM = "clamped"
+SEARCH_PARAM = "q"
+
+# Counting stops here while searching: enough to page through, never a scan of everything.
+COUNT_CAP = 10_000
+# The workspace filter lists the workspaces with the most candidates, at most this many.
+WORKSPACE_CHOICES = 20
+
+DATABASE_NOW_SQL = "SELECT now()"
+
+# Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
+# is the dry run's totals; the others count rows per workspace, created month and clamped.
+CANDIDATE_TOTALS_SQL = """
+SELECT
+    GROUPING(c.workspace_id) AS all_workspaces,
+    GROUPING(c.created_month) AS all_months,
+    GROUPING(c.clamped) AS all_clamped,
+    c.workspace_id,
+    c.created_month,
+    c.clamped,
+    count(*) AS rows,
+    coalesce(sum(c.input_before), 0) AS input_before,
+    coalesce(sum(c.input_after), 0) AS input_after,
+    coalesce(sum(c.input_tokens_removed), 0) AS input_tokens_removed,
+    count(*) FILTER (WHERE c.clamped) AS clamped_rows
+FROM (
+    SELECT
+        a.workspace_id,
+        date_trunc('month', tu.created_at AT TIME ZONE 'UTC')::date AS created_month,
+        {is_clamped} AS clamped,
+        tu.input_tokens AS input_before,
+        {corrected_input} AS input_after,
+        {removed_input} AS input_tokens_removed
+    FROM {eligible_from}
+    WHERE {eligible_where}
+) AS c
+GROUP BY GROUPING SETS (
+    (), (c.workspace_id), (c.created_month), (c.clamped), (c.created_month, c.clamped)
+)"""
+
+WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
+
+# A fingerprint of the run records: it changes whenever a run starts, finishes a batch, ends
+# or is reverted, i.e. whenever the tool itself changed which rows are eligible.
+RUNS_FINGERPRINT_SQL = """
+SELECT md5(coalesce(string_agg(
+    concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
+), ''))
+FROM {run}"""
+
+# The totals pass reads every eligible row (as the dry run does); while the runs stay the same,
+# paging, filtering and searching reuse it for this long.
+TOTALS_CACHE_SECONDS = 120
+
+_NAMED_PARAM = re.compile(r"%\((\w+)\)s")
+_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+# The shared fragments name the usage table ``tu``; the ORM names it after its table.
+_USAGE_ALIAS = re.compile(r"\btu\.")
+
+
+class CandidateUsage(TaskUsage):
+    """A ``task_usage`` row as the admin's candidates page shows it (no table of its own)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "candidate"
+        verbose_name_plural = "candidates"
+
+
+def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """Turn ``%(name)s`` placeholders into ``%s`` with a parameter list, for ``RawSQL``.
+
+    The ORM joins a raw fragment's parameters into one positional list for the whole query.
+    """
+    values: list[Any] = []
+
+    def take(match: re.Match[str]) -> str:
+        values.append(params[match.group(1)])
+        return "%s"
+
+    return _NAMED_PARAM.sub(take, sql_text), values
+
+
+@functools.cache
+def on_usage_table(fragment: str) -> str:
+    """Render a shared ``tu.`` fragment against the ORM's alias of the usage table."""
+    alias = connection.ops.quote_name(TaskUsage._meta.db_table)
+    return _USAGE_ALIAS.sub(f"{alias}.", fragment)
+
+
+def annotate_repair(queryset: QuerySet) -> QuerySet:
+    """Add the repair's own per-row values: corrected input, tokens removed, clamped."""
+    return queryset.annotate(
+        corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), BigIntegerField()),
+        tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), BigIntegerField()),
+        clamped=RawSQL(on_usage_table(IS_CLAMPED), (), BooleanField()),
+    )
+
+
+def eligible_only(
+    queryset: QuerySet, cutoff: datetime, workspace_id: uuid.UUID | None
+) -> QuerySet:
+    """Keep the rows the command would repair, by the shared definition's id list."""
+    ids_sql, params = positional(compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id))
+    return queryset.filter(id__in=RawSQL(ids_sql, params))
+
+
+def parse_month(value: str | None) -> date | None:
+    """Parse the created-month filter (``YYYY-MM``); ``None`` when absent."""
+    if not value:
+        return None
+    match = _MONTH.match(value.strip())
+    if not match:
+        raise ValueError(f"created month {value!r} is not YYYY-MM, e.g. 2026-05")
+    return date(int(match.group(1)), int(match.group(2)), 1)
+
+
+def parse_clamped(value: str | None) -> bool | None:
+    if not value:
+        return None
+    if value in ("yes", "no"):
+        return value == "yes"
+    raise ValueError(f"clamped {value!r} must be yes or no")
+
+
+def month_range(month: date) -> tuple[datetime, datetime]:
+    """The UTC bounds of a calendar month, as the totals group ``created_at``."""
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    end = (
+        datetime(month.year + 1, 1, 1, tzinfo=UTC)
+        if month.month == 12
+        else datetime(month.year, month.month + 1, 1, tzinfo=UTC)
+    )
+    return start, end
+
+
+def cutoff_param(cutoff: datetime) -> str:
+    """A cutoff as the page's query string (and the command's --cutoff) spell it."""
+    return cutoff.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class CandidateTotals:
+    """What the page shows above the list, and the counts its sidebar and paginator use."""
+
+    database_now: datetime
+    totals: Totals
+    workspaces: list[tuple[uuid.UUID, int]]
+    months: list[tuple[date, int]]
+    counts: dict[tuple[date | None, bool | None], int]
+
+
+def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateTotals:
+    """One read-only pass: the dry run's totals plus the sidebar's counts.
+
+    Like the dry run, it refuses a cutoff that is not in the database's past, judged in the
+    same read-only transaction that reads the rows.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute(DATABASE_NOW_SQL)
+        database_now = cursor.fetchone()[0]
+        ensure_cutoff_in_past(cutoff, database_now)
+        cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
+        rows = cursor.fetchall()
+    totals = Totals()
+    workspaces: list[tuple[uuid.UUID, int]] = []
+    months: list[tuple[date, int]] = []
+    counts: dict[tuple[date | None, bool | None], int] = {}
+    for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
+        count = int(count)
+        if not all_ws:
+            workspaces.append((ws, count))
+        elif all_months and all_clamped:
+            before, after, removed, clamped_rows = (int(v) for v in sums)
+            totals = Totals(
+                rows=count,
+                input_before=before,
+                input_after=after,
+                input_tokens_removed=removed,
+                clamped_rows=clamped_rows,
+            )
+            counts[(None, None)] = count
+        else:
+            key = (None if all_months else month, None if all_clamped else clamped)
+            counts[key] = count
+            if not all_months and all_clamped:
+                months.append((month, count))
+    workspaces.sort(key=lambda item: (-item[1], str(item[0])))
+    months.sort()
+    return CandidateTotals(database_now, totals, workspaces, months, counts)
+
+
+def runs_fingerprint() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
+        return cursor.fetchone()[0]
+
+
+def cached_candidate_totals(
+    cutoff: datetime, workspace_id: uuid.UUID | None
+) -> tuple[CandidateTotals, bool]:
+    """The totals for the page, from the last pass while no run changed anything.
+
+    Only the tool's own runs make rows eligible again or not; ingestion can only take rows
+    out (its writes stamp ``updated_at`` after the cutoff), so a short reuse is safe to show
+    with the time it was computed. Returns the totals and whether they were reused.
+    """
+    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs_fingerprint()}"
+    result = cache.get(key)
+    if result is not None:
+        return result, True
+    result = load_candidate_totals(cutoff, workspace_id)
+    cache.set(key, result, TOTALS_CACHE_SECONDS)
+    return result, False
+
+
+def workspace_has_agents(workspace_id: uuid.UUID) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
+        return bool(cursor.fetchone()[0])
+
+
+@dataclass
+class CandidatePage:
+    """The cutoff and workspace the page lists candidates for, and what it found."""
+
+    cutoff: datetime | None = None
+    cutoff_text: str = ""
+    cutoff_source: str = ""
+    source_run_id: int | None = None
+    workspace_id: uuid.UUID | None = None
+    workspace_text: str = ""
+    error: str = ""
+    workspace_known: bool = True
+    result: CandidateTotals | None = None
+    reused: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.result is not None
+
+    @property
+    def totals(self) -> Totals | None:
+        return self.result.totals if self.result else None
+
+    @property
+    def total_cells(self) -> list[dict[str, Any]]:
+        """The totals row above the list, in the dry run's words."""
+        t = self.totals
+        if t is None:
+            return []
+        cells = (
+            ("total-rows", "rows", t.rows),
+            ("total-input-before", "input before", t.input_before),
+            ("total-input-after", "input after", t.input_after),
+            ("total-removed", "tokens removed", t.input_tokens_removed),
+            ("total-clamped", "clamped", t.clamped_rows),
+        )
+        return [
+            {"id": id_, "label": label, "value": value, "text": render.number(value)}
+            for id_, label, value in cells
+        ]
+
+    @property
+    def command(self) -> str:
+        """The dry run that prints the same totals."""
+        if self.cutoff is None:
+            return ""
+        parts = [
+            "python manage.py backfill_codex_usage_cache",
+            f"--cutoff {cutoff_param(self.cutoff)}",
+        ]
+        if self.workspace_id:
+            parts.append(f"--workspace-id {self.workspace_id}")
+        return " ".join(parts)
+
+    @property
+    def cutoff_display(self) -> str:
+        return render.timestamp(self.cutoff) if self.cutoff else ""
+
+    @property
+    def computed_at(self) -> str:
+        return render.timestamp(self.result.database_now) if self.result else ""
+
+    def known_count(self, params: Mapping[str, str]) -> int | None:
+        """The list's row count for these sidebar choices, if the totals pass counted it."""
+        if self.result is None:
+            return 0
+        if (params.get(SEARCH_PARAM) or "").strip():
+            return None
+        try:
+            month = parse_month(params.get(CREATED_PARAM))
+        except ValueError:
+            month = None
+        try:
+            clamped = parse_clamped(params.get(CLAMPED_PARAM))
+        except ValueError:
+            clamped = None
+        return self.result.counts.get((month, clamped), 0)
+
+
+def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
+    """Resolve the page's cutoff and workspace, then load the totals for them.
+
+    The cutoff is the one chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
+    cutoff of the latest run; with none of them the page lists nothing and says why.
+    """
+    page = CandidatePage(
+        cutoff_text=(params.get(CUTOFF_PARAM) or "").strip(),
+        workspace_text=(params.get(WORKSPACE_PARAM) or "").strip(),
+    )
+    try:
+        page.workspace_id = options.parse_workspace_id(page.workspace_text)
+    except ValueError as exc:
+        page.error = str(exc)
+        return page
+
+    if page.cutoff_text:
+        page.cutoff_source = "chosen on this page"
+        value = page.cutoff_text
+    elif settings.CODEX_BACKFILL_CUTOFF:
+        page.cutoff_source = "CODEX_BACKFILL_CUTOFF"
+        value = settings.CODEX_BACKFILL_CUTOFF
+    else:
+        run = BackfillRun.objects.order_by("-started_at", "-id").only("id", "cutoff").first()
+        if run is None:
+            return page
+        page.cutoff = run.cutoff
+        page.cutoff_source = f"the latest run (#{run.pk})"
+        page.source_run_id = run.pk
+        value = ""
+    if value:
+        try:
+            page.cutoff = options.parse_cutoff(value)
+        except ValueError as exc:
+            prefix = "" if page.cutoff_text else "CODEX_BACKFILL_CUTOFF: "
+            page.error = prefix + str(exc)
+            return page
+    if not page.cutoff_text:
+        page.cutoff_text = cutoff_param(page.cutoff)
+
+    try:
+        page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
+    except CutoffError as exc:
+        page.error = str(exc)
+        return page
+    if page.workspace_id and page.result.totals.rows == 0:
+        page.workspace_known = workspace_has_agents(page.workspace_id)
+    logger.debug(
+        "candidates for cutoff %s, workspace %s: %s rows",
+        page.cutoff_text,
+        page.workspace_id or "all",
+        page.result.totals.rows,
+    )
+    return page
+
+
+class BoundedPaginator(Paginator):
+    """A paginator that never counts a big list: it is told the count, or counts a few.
+
+    With ``known_count`` (the totals pass already counted these rows) it runs no count at
+    all; otherwise it counts at most ``cap`` + 1 rows and reports "more than ``cap``".
+    """
+
+    def __init__(
+        self,
+        object_list: Any,
+        per_page: int,
+        orphans: int = 0,
+        allow_empty_first_page: bool = True,
+        *,
+        known_count: int | None = None,
+        cap: int = COUNT_CAP,
+    ) -> None:
+        super().__init__(object_list, per_page, orphans, allow_empty_first_page)
+        self.known_count = known_count
+        self.cap = cap
+        self.capped = False
+
+    @cached_property
+    def count(self) -> int:
+        if self.known_count is not None:
+            return self.known_count
+        counted = self.object_list[: self.cap + 1].count()
+        if counted > self.cap:
+            self.capped = True
+            return self.cap
+        return counted
+
+    @property
+    def count_label(self) -> str:
+        return f"more than {self.count:,}" if self.capped else f"{self.count:,}"
