@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,8 @@ def test_runbook_runs_verbatim_on_a_fresh_sandbox(tmp_path: Path) -> None:
         pytest.skip("plan.json exists in the project folder; the runbook would overwrite it")
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(
+        # "python" in the README is the interpreter running these tests (its virtualenv).
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         CODEX_REPAIR_SANDBOX_DIR=str(tmp_path / "sandbox"),
         CODEX_BACKFILL_CUTOFF=CUTOFF,
         PYTHONUNBUFFERED="1",

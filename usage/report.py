@@ -60,7 +60,9 @@ def add_summary(document: dict[str, Any], summary: DryRunSummary) -> None:
             "database_now": summary.database_now,
             "totals": {key: totals[key] for key in TOTAL_FIELDS},
             "expected_rollup_keys": summary.totals.rollup_keys,
-            "groups": [asdict(group) for group in summary.groups],
+            "group_count": summary.group_count,
+            # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups.
+            "groups": [dict(vars(group)) for group in summary.groups],
         }
     )
 

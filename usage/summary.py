@@ -32,6 +32,9 @@ WHERE {eligible_where}
 GROUP BY a.workspace_id, date_utc
 ORDER BY a.workspace_id, date_utc"""
 
+# Groups are fetched from the server in chunks of this many rows.
+SUMMARY_FETCH_ROWS = 2000
+
 WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
 
 
@@ -71,6 +74,7 @@ class DryRunSummary:
     groups: list[SummaryGroup] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     workspace_known: bool = True
+    group_count: int = 0
 
 
 def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
@@ -86,27 +90,40 @@ def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
         )
 
 
-def load_summary(cutoff: datetime, workspace_id: uuid.UUID | None) -> DryRunSummary:
-    """Aggregate the eligible rows in one read-only pass."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET TRANSACTION READ ONLY")
-        cursor.execute("SELECT now()")
-        database_now = cursor.fetchone()[0]
-        ensure_cutoff_in_past(cutoff, database_now)
-        workspace_known = True
-        if workspace_id is not None:
-            cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
-            workspace_known = cursor.fetchone()[0]
-        cursor.execute(compose(SUMMARY_SQL), eligible_params(cutoff, workspace_id))
-        groups = [SummaryGroup(*row) for row in cursor.fetchall()]
-    totals = Totals(
-        rows=sum(g.rows for g in groups),
-        input_before=sum(g.input_before for g in groups),
-        input_after=sum(g.input_after for g in groups),
-        input_tokens_removed=sum(g.input_tokens_removed for g in groups),
-        clamped_rows=sum(g.clamped_rows for g in groups),
-        rollup_keys=sum(g.rollup_keys for g in groups),
-    )
+def load_summary(
+    cutoff: datetime, workspace_id: uuid.UUID | None, max_groups: int | None = None
+) -> DryRunSummary:
+    """Aggregate the eligible rows in one read-only pass.
+
+    At most ``max_groups`` groups are kept (the totals cover all of them), so a table view
+    of a huge database needs little memory.
+    """
+    groups: list[SummaryGroup] = []
+    sums = [0] * 6
+    count = 0
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION READ ONLY")
+            cursor.execute("SELECT now()")
+            database_now = cursor.fetchone()[0]
+            ensure_cutoff_in_past(cutoff, database_now)
+            workspace_known = True
+            if workspace_id is not None:
+                cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
+                workspace_known = cursor.fetchone()[0]
+        # A client-side cursor keeps parallel query; its rows stay in libpq's compact result
+        # and become Python objects only chunk by chunk, as they are folded into the totals.
+        with connection.cursor() as cursor:
+            cursor.execute(compose(SUMMARY_SQL), eligible_params(cutoff, workspace_id))
+            while chunk := cursor.fetchmany(SUMMARY_FETCH_ROWS):
+                for row in chunk:
+                    group = SummaryGroup(*row)
+                    count += 1
+                    for i, value in enumerate(row[2:8]):
+                        sums[i] += value
+                    if max_groups is None or len(groups) < max_groups:
+                        groups.append(group)
+    totals = Totals(*sums)
     return DryRunSummary(
         cutoff=cutoff,
         workspace_id=workspace_id,
@@ -114,4 +131,5 @@ def load_summary(cutoff: datetime, workspace_id: uuid.UUID | None) -> DryRunSumm
         groups=groups,
         totals=totals,
         workspace_known=workspace_known,
+        group_count=count,
     )

@@ -262,7 +262,9 @@ class Command(BaseCommand):
             f"Workspace: {settings.workspace_id or 'all'}",
         )
         check_target()
-        summary = load_summary(settings.cutoff, settings.workspace_id)
+        # A table shows a bounded number of groups: keep no more in memory than that.
+        keep = render.TABLE_GROUP_LIMIT if options["format"] == "table" else None
+        summary = load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
         report.add_summary(document, summary)
         if not summary.workspace_known:
             self.stderr.write(
@@ -362,7 +364,7 @@ class Command(BaseCommand):
             if totals["rows"] == 0:
                 lines.append(self.style.SUCCESS("No eligible Codex rows: nothing to do."))
             else:
-                lines.append(_summary_table(document))
+                lines.append(render.summary_table(document))
                 lines.append(
                     f"\n{render.number(totals['rows'])} rows would change; "
                     f"{render.number(totals['input_tokens_removed'])} input tokens removed "
@@ -464,40 +466,6 @@ class Command(BaseCommand):
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("usage").addHandler(handler)
         return handler
-
-
-def _summary_table(document: dict[str, Any]) -> str:
-    rows = [
-        (
-            str(g["workspace_id"]),
-            g["date_utc"].isoformat(),
-            render.number(g["rows"]),
-            render.number(g["input_before"]),
-            render.number(g["input_after"]),
-            render.number(g["input_tokens_removed"]),
-            render.number(g["clamped_rows"]),
-            render.number(g["rollup_keys"]),
-            render.timestamp(g["first_created_at"]),
-            render.timestamp(g["last_created_at"]),
-        )
-        for g in document["groups"]
-    ]
-    t = document["totals"]
-    rows.append(
-        (
-            "TOTAL",
-            "",
-            render.number(t["rows"]),
-            render.number(t["input_before"]),
-            render.number(t["input_after"]),
-            render.number(t["input_tokens_removed"]),
-            render.number(t["clamped_rows"]),
-            render.number(document["expected_rollup_keys"]),
-            "",
-            "",
-        )
-    )
-    return render.render_table(render.SUMMARY_COLUMNS, rows)
 
 
 def _write_atomically(path: Path, text: str) -> None:
