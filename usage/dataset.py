@@ -5,12 +5,15 @@
 rows shaped like the hosted database described in
 ``shared/docs/target-database.md``.  Everything runs server-side as set-based
 ``INSERT ... SELECT`` over ``generate_series``; no row ever travels to the
-client, so a million rows take seconds and constant client memory.
+client, so client memory stays constant and a million rows load in well under
+a minute (the big tables' keys and indexes are rebuilt after the load).
 
-Every value is derived from series indexes through ``md5`` and integer
-arithmetic, and every timestamp is relative to ``DatasetSpec.cutoff``: the
-same spec always produces byte-identical rows (uuids included), whatever the
-server clock, session time zone or random seed.
+Every value is derived from series indexes through hash functions (``md5``
+for the uuids, ``hashint8extended`` for the rest) and integer arithmetic, and
+every timestamp is ``DatasetSpec.cutoff`` plus or minus a whole number of
+seconds or milliseconds (never days, whose length depends on the session time
+zone): the same spec always produces byte-identical rows (uuids included),
+whatever the server clock, session time zone or random seed.
 
 Shape of the data:
 
@@ -39,6 +42,7 @@ Shape of the data:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -106,7 +110,13 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class DatasetStats:
-    """Counts read back from the database after generation."""
+    """Counts read back from the database after generation.
+
+    ``eligible`` counts the rows the repair must rewrite (codex, cache read
+    and input above zero, ``coalesce(updated_at, created_at) < cutoff``),
+    ``clamped`` those of them with input below cache read, and ``legacy`` the
+    rows with ``updated_at`` NULL.
+    """
 
     rows: int
     agents: int
@@ -150,7 +160,8 @@ def _wheel_is_safe() -> bool:
     )
 
 
-assert _wheel_is_safe(), "provider/model wheel would violate (task_id, provider, model)"
+if not _wheel_is_safe():
+    raise RuntimeError("provider/model wheel would violate (task_id, provider, model)")
 
 
 @dataclass(frozen=True)
@@ -169,9 +180,14 @@ def _plan(spec: DatasetSpec) -> _Plan:
     return _Plan(workspaces, agents, heavy, permille)
 
 
-def _h32(md5_expr: str, part: int) -> str:
-    """SQL for the ``part``-th (0..3) unsigned 32-bit slice of an md5 hex string."""
-    return f"('x' || substr({md5_expr}, {8 * part + 1}, 8))::bit(32)::bigint"
+def _hash(key: str, seed: int) -> str:
+    """SQL for an unsigned 32-bit hash of the bigint ``key`` under ``seed``.
+
+    ``hashint8extended`` is the function behind hash partitioning, so its
+    results are stable across PostgreSQL releases; it is far cheaper than
+    md5, which is kept for the uuids.
+    """
+    return f"(hashint8extended({key}, {seed}) & 4294967295)"
 
 
 def _runtime(workspace_no: str, slot: str) -> str:
@@ -196,20 +212,25 @@ CREATE TEMP TABLE _dataset_task (
 )
 """
 
+# Agent a lives in workspace w = 1 + (a - 1) mod W and runs on runtime slot
+# r = ((a - 1) / W) mod 2 of it, except every 29th agent, which has none.
 _INSERT_AGENTS = f"""
 INSERT INTO agent (id, workspace_id, name, runtime_id, created_at)
 SELECT md5('agent-' || a)::uuid,
        md5('workspace-' || w)::uuid,
        CASE WHEN a <= %(heavy_agents)s THEN 'heavy-agent-' ELSE 'agent-' END || a,
-       CASE WHEN mod(a, 29) = 0 THEN NULL
-            ELSE {_runtime("w", "mod((a - 1) / %(workspaces)s, 2)")} END,
-       %(cutoff)s::timestamptz - interval '120 days' + a * interval '1 second'
+       CASE WHEN mod(a, 29) = 0 THEN NULL ELSE {_runtime("w", "r")} END,
+       %(cutoff)s::timestamptz - (120 * 86400 - a) * interval '1 second'
 FROM (
-    SELECT a, mod(a - 1, %(workspaces)s) + 1 AS w
+    SELECT a,
+           mod(a - 1, %(workspaces)s) + 1 AS w,
+           mod((a - 1) / %(workspaces)s, 2) AS r
     FROM generate_series(1, %(agents)s::bigint) AS a
 ) AS s
+ORDER BY a
 """
 
+# Issue j belongs to workspace 1 + (j - 1) mod W; a fifth have no project.
 _INSERT_ISSUES = f"""
 INSERT INTO issue (id, workspace_id, project_id)
 SELECT md5('issue-' || j)::uuid,
@@ -217,82 +238,105 @@ SELECT md5('issue-' || j)::uuid,
        CASE WHEN mod(h, 100) < 20 THEN NULL
             ELSE md5('project-' || w || '-' || mod(h / 100, %(projects)s))::uuid END
 FROM (
-    SELECT j, mod(j - 1, %(workspaces)s) + 1 AS w, {_h32("md5('issue-attr-' || j)", 0)} AS h
+    SELECT j, mod(j - 1, %(workspaces)s) + 1 AS w, {_hash("j", 201)} AS h
     FROM generate_series(1, %(workspaces)s::bigint * %(issues_per_workspace)s) AS j
 ) AS s
+ORDER BY j
 """
 
 # Tasks: candidate task t gets k in {1, 2, 3} usage rows (60/30/10); a
 # running sum places its rows at first_row + 0 .. k - 1, and the candidates
 # whose first row lies beyond spec.rows are dropped (k >= 1, so ``rows``
-# candidates always suffice).
+# candidates always suffice).  Each "OFFSET 0" keeps the planner from
+# flattening a layer into its parent, which would evaluate its expressions
+# once per reference instead of once per row.  The agent, runtime and issue
+# uuids are looked up in arrays built once (md5 is the costly part).
 _INSERT_TASKS = f"""
 INSERT INTO pg_temp._dataset_task
 SELECT p.t,
        p.k,
        p.first_row,
-       mod(p.h2 / 1000, {len(_WHEEL)})::integer,
+       mod(p.hw, {len(_WHEEL)})::integer,
        md5('task-' || p.t)::uuid,
-       md5('agent-' || p.agent_no)::uuid,
-       CASE WHEN mod(p.h3, 100) < 5 THEN NULL
-            WHEN mod(p.h3, 100) < 12 THEN {_runtime("p.w", "1 - p.r")}
-            ELSE {_runtime("p.w", "CASE WHEN mod(p.agent_no, 29) = 0 THEN 0 ELSE p.r END")}
+       (
+           (SELECT array_agg(md5('agent-' || a)::uuid ORDER BY a)
+            FROM generate_series(1, %(agents)s::bigint) AS a)
+       )[p.agent_no],
+       CASE WHEN mod(p.hr, 100) < 5 THEN NULL
+            ELSE (
+                (SELECT array_agg({_runtime("w", "slot")} ORDER BY w, slot)
+                 FROM generate_series(1, %(workspaces)s::bigint) AS w
+                 CROSS JOIN generate_series(0, 1) AS slot)
+            )[2 * p.w - 1 + CASE WHEN mod(p.hr, 100) < 12 THEN 1 - p.own_slot
+                                 ELSE p.own_slot END]
        END,
-       CASE WHEN mod(p.h3 / 100000, 100) < 70
-            THEN md5('issue-' || (p.w + %(workspaces)s::bigint
-                                  * mod(p.h5 / 100000, %(issues_per_workspace)s)))::uuid
-       END,
-       CASE WHEN mod(p.h5 / 1000, 100) < 90 THEN 'completed'
-            WHEN mod(p.h5 / 1000, 100) < 96 THEN 'failed'
+       (
+           (SELECT array_agg(md5('issue-' || j)::uuid ORDER BY j)
+            FROM generate_series(1, %(workspaces)s::bigint * %(issues_per_workspace)s) AS j)
+       )[p.issue_no],
+       CASE WHEN mod(p.hm / 1000, 100) < 90 THEN 'completed'
+            WHEN mod(p.hm / 1000, 100) < 96 THEN 'failed'
             ELSE 'cancelled' END,
-       CASE WHEN mod(p.h3 / 100, 1000) < 100
+       CASE WHEN mod(p.hr / 10000, 1000) < 100
             THEN %(cutoff)s::timestamptz
-                 + mod(p.h4, %(after_seconds)s) * interval '1 second'
-                 + mod(p.h6, 1000) * interval '1 millisecond'
+                 + mod(p.ht, %(after_seconds)s) * interval '1 second'
+                 + mod(p.hm, 1000) * interval '1 millisecond'
             ELSE %(cutoff)s::timestamptz - %(history_seconds)s * interval '1 second'
-                 + mod(p.h4, %(history_seconds)s) * interval '1 second'
-                 + mod(p.h6, 1000) * interval '1 millisecond'
+                 + mod(p.ht, %(history_seconds)s) * interval '1 second'
+                 + mod(p.hm, 1000) * interval '1 millisecond'
        END
 FROM (
-    SELECT s.*,
-           mod(s.agent_no - 1, %(workspaces)s) + 1 AS w,
-           mod((s.agent_no - 1) / %(workspaces)s, 2) AS r,
-           sum(s.k) OVER (ORDER BY s.t ROWS UNBOUNDED PRECEDING) - s.k AS first_row
+    SELECT a.*,
+           mod(a.agent_no - 1, %(workspaces)s) + 1 AS w,
+           CASE WHEN mod(a.agent_no, 29) = 0 THEN 0
+                ELSE mod((a.agent_no - 1) / %(workspaces)s, 2) END AS own_slot,
+           CASE WHEN mod(a.hr / 100, 100) < 70
+                THEN mod(a.agent_no - 1, %(workspaces)s) + 1
+                     + %(workspaces)s::bigint * mod(a.hm / 100000, %(issues_per_workspace)s)
+           END AS issue_no
     FROM (
         SELECT h.*,
-               CASE WHEN mod(h.h1, 100) < 60 THEN 1
-                    WHEN mod(h.h1, 100) < 90 THEN 2
-                    ELSE 3 END AS k,
-               CASE WHEN mod(h.h1 / 100, 1000) < %(heavy_permille)s
-                    THEN 1 + mod(h.h2, greatest(%(heavy_agents)s, 1))
-                    ELSE %(heavy_agents)s + 1 + mod(h.h2, %(regular_agents)s)
+               CASE WHEN mod(h.ha, 1000) < %(heavy_permille)s
+                    THEN 1 + mod(h.ha / 1000, greatest(%(heavy_agents)s, 1))
+                    ELSE %(heavy_agents)s + 1 + mod(h.ha / 1000, %(regular_agents)s)
                END AS agent_no
         FROM (
-            SELECT t,
-                   {_h32("m1", 0)} AS h1, {_h32("m1", 1)} AS h2,
-                   {_h32("m1", 2)} AS h3, {_h32("m1", 3)} AS h4,
-                   {_h32("m2", 0)} AS h5, {_h32("m2", 1)} AS h6
+            SELECT c.t, c.k, c.first_row,
+                   {_hash("c.t", 102)} AS ha, {_hash("c.t", 103)} AS hr,
+                   {_hash("c.t", 104)} AS ht, {_hash("c.t", 105)} AS hm,
+                   {_hash("c.t", 106)} AS hw
             FROM (
-                SELECT t, md5('task-a-' || t) AS m1, md5('task-b-' || t) AS m2
-                FROM generate_series(1, %(rows)s::bigint) AS t
-            ) AS g
+                SELECT s.t, s.k,
+                       sum(s.k) OVER (ORDER BY s.t ROWS UNBOUNDED PRECEDING) - s.k AS first_row
+                FROM (
+                    SELECT t,
+                           CASE WHEN mod({_hash("t", 101)}, 100) < 60 THEN 1
+                                WHEN mod({_hash("t", 101)}, 100) < 90 THEN 2
+                                ELSE 3 END AS k
+                    FROM generate_series(1, %(rows)s::bigint) AS t
+                ) AS s
+            ) AS c
+            WHERE c.first_row < %(rows)s
+            OFFSET 0
         ) AS h
-    ) AS s
+        OFFSET 0
+    ) AS a
+    OFFSET 0
 ) AS p
-WHERE p.first_row < %(rows)s
 """
 
+# Physical order follows created_at, as in a table filled by ingestion.
 _INSERT_TASK_QUEUE = """
 INSERT INTO agent_task_queue (id, agent_id, runtime_id, issue_id, status, created_at)
 SELECT id, agent_id, runtime_id, issue_id, status, created_at
 FROM pg_temp._dataset_task
-ORDER BY t
+ORDER BY created_at, id
 """
 
-# Usage rows, built in layers: (r) row number n, slot and task; (u) hash
-# slices u1..u8 of two md5s of n; (b) provider, model and created_at; (c) the
-# "rewritten after the cutoff" flag; (d) updated_at and token bases; (e) cache
-# read and whether the buggy ingestion wrote the row.
+# Usage rows, built in layers: (r) row number n, slot and task; (u) hashes
+# u1..u8 of n; (b) provider, model and created_at; (c) the "rewritten after
+# the cutoff" flag; (d) updated_at and token bases; (e) cache read and whether
+# the buggy ingestion wrote the row.  "OFFSET 0" as above.
 _INSERT_USAGE = f"""
 INSERT INTO task_usage (
     id, task_id, provider, model, input_tokens, output_tokens,
@@ -350,29 +394,102 @@ SELECT u.*,
            + mod(u.u1, 20000) * interval '1 millisecond' AS created_at
 FROM (
 SELECT r.*,
-       {_h32("r.m1", 0)} AS u1, {_h32("r.m1", 1)} AS u2,
-       {_h32("r.m1", 2)} AS u3, {_h32("r.m1", 3)} AS u4,
-       {_h32("r.m2", 0)} AS u5, {_h32("r.m2", 1)} AS u6,
-       {_h32("r.m2", 2)} AS u7, {_h32("r.m2", 3)} AS u8
+       {_hash("r.n", 1)} AS u1, {_hash("r.n", 2)} AS u2,
+       {_hash("r.n", 3)} AS u3, {_hash("r.n", 4)} AS u4,
+       {_hash("r.n", 5)} AS u5, {_hash("r.n", 6)} AS u6,
+       {_hash("r.n", 7)} AS u7, {_hash("r.n", 8)} AS u8
 FROM (
 SELECT t.id AS task_id,
        t.created_at AS task_at,
        t.wheel_base,
        s.slot,
-       t.first_row + s.slot + 1 AS n,
-       md5('usage-a-' || (t.first_row + s.slot + 1)) AS m1,
-       md5('usage-b-' || (t.first_row + s.slot + 1)) AS m2
+       t.first_row + s.slot + 1 AS n
 FROM pg_temp._dataset_task AS t
 JOIN generate_series(0, {_MAX_ROWS_PER_TASK - 1}) AS s (slot) ON s.slot < t.k
 WHERE t.first_row + s.slot < %(rows)s
+OFFSET 0
 ) AS r
+OFFSET 0
 ) AS u
+OFFSET 0
 ) AS b
+OFFSET 0
 ) AS c
+OFFSET 0
 ) AS d
 ) AS e
-ORDER BY e.n
+ORDER BY e.created_at, e.n
 """
+
+# Bulk load, as PostgreSQL's "Populating a Database" advises: the keys,
+# foreign keys and other indexes of the two big tables (and foreign keys
+# pointing at them) are dropped for the load and re-created afterwards from
+# their catalog definitions, under the same names, in the same transaction.
+_SAVE_DDL = """
+CREATE TEMP TABLE _dataset_ddl AS
+WITH rel AS (
+    SELECT 'agent_task_queue'::regclass::oid AS oid
+    UNION ALL
+    SELECT 'task_usage'::regclass::oid
+)
+SELECT CASE c.contype WHEN 'f' THEN 1 ELSE 2 END AS drop_order,
+       CASE c.contype WHEN 'f' THEN 3 ELSE 1 END AS create_order,
+       'ALTER TABLE ' || c.conrelid::regclass::text
+           || ' DROP CONSTRAINT ' || quote_ident(c.conname) AS drop_sql,
+       'ALTER TABLE ' || c.conrelid::regclass::text
+           || ' ADD CONSTRAINT ' || quote_ident(c.conname)
+           || ' ' || pg_get_constraintdef(c.oid) AS create_sql
+FROM pg_constraint AS c
+WHERE (c.contype IN ('p', 'u') AND c.conrelid IN (SELECT oid FROM rel))
+   OR (c.contype = 'f' AND (c.conrelid IN (SELECT oid FROM rel)
+                            OR c.confrelid IN (SELECT oid FROM rel)))
+UNION ALL
+SELECT 3, 2,
+       'DROP INDEX ' || i.indexrelid::regclass::text,
+       pg_get_indexdef(i.indexrelid)
+FROM pg_index AS i
+WHERE i.indrelid IN (SELECT oid FROM rel)
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_constraint AS c
+      WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+  )
+"""
+
+_RUN_DROPS = """
+DO $dataset$
+DECLARE
+    stmt text;
+BEGIN
+    FOR stmt IN SELECT drop_sql FROM pg_temp._dataset_ddl ORDER BY drop_order, drop_sql LOOP
+        EXECUTE stmt;
+    END LOOP;
+END
+$dataset$
+"""
+
+_RUN_CREATES = """
+DO $dataset$
+DECLARE
+    stmt text;
+BEGIN
+    FOR stmt IN SELECT create_sql FROM pg_temp._dataset_ddl ORDER BY create_order, create_sql
+    LOOP
+        EXECUTE stmt;
+    END LOOP;
+END
+$dataset$
+"""
+
+_DROP_DDL = "DROP TABLE IF EXISTS pg_temp._dataset_ddl"
+
+_XACT_ID = "SELECT pg_current_xact_id()::text"
+
+# Transaction-local settings for the load, restored before returning: no JIT
+# compilation (it costs seconds and gains nothing here) and sort and
+# index-build memory for a million rows.
+_SETTINGS = (("jit", "off"), ("work_mem", "64MB"), ("maintenance_work_mem", "256MB"))
+_GET_SETTINGS = "SELECT " + ", ".join(f"current_setting('{name}')" for name, _ in _SETTINGS)
+_SET_SETTINGS = "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name, _ in _SETTINGS)
 
 _POPULATE = "SELECT rollup_task_usage_hourly_window('-infinity', 'infinity')"
 
@@ -422,15 +539,56 @@ def _params(spec: DatasetSpec) -> dict[str, Any]:
     }
 
 
-def generate_dataset(cursor: Cursor, spec: DatasetSpec) -> DatasetStats:
+def generate_dataset(cursor: Cursor, spec: DatasetSpec, *, bulk_load: bool = True) -> DatasetStats:
     """Fill the (empty) target schema on ``cursor``'s search_path from ``spec``.
 
-    Runs a handful of set-based statements on the caller's connection and
-    transaction (nothing is committed here), then ANALYZEs the tables and
-    reads the counts back.  ``task_usage_hourly`` is left empty: call
-    :func:`populate_hourly` for the initial rollup.
+    Runs a handful of set-based statements, ANALYZEs the tables and reads the
+    counts back.  Inside a transaction (a psycopg connection without
+    autocommit, a Django ``atomic`` block) nothing is committed here; on an
+    autocommit connection the whole load runs in one transaction of its own,
+    so a failure never leaves a half-built schema.  ``task_usage_hourly`` is
+    left empty: call :func:`populate_hourly` for the initial rollup.
+
+    With ``bulk_load`` (the default) the primary keys, unique constraints,
+    foreign keys and indexes of ``agent_task_queue`` and ``task_usage`` are
+    dropped during the load and re-created from their catalog definitions,
+    under the same names, before returning: about three times faster at a
+    million rows.  It needs ownership of those tables and takes ACCESS
+    EXCLUSIVE locks on them; ``bulk_load=False`` inserts through the live
+    indexes and constraints instead.
     """
+    own_transaction = not _in_transaction(cursor)
+    if own_transaction:
+        cursor.execute("BEGIN")
+    try:
+        stats = _generate(cursor, spec, bulk_load)
+    except BaseException:
+        if own_transaction:
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
+        raise
+    if own_transaction:
+        cursor.execute("COMMIT")
+    return stats
+
+
+def _in_transaction(cursor: Cursor) -> bool:
+    """Whether two consecutive statements share one transaction (no autocommit)."""
+    cursor.execute(_XACT_ID)
+    first = cursor.fetchone()[0]
+    cursor.execute(_XACT_ID)
+    return bool(cursor.fetchone()[0] == first)
+
+
+def _generate(cursor: Cursor, spec: DatasetSpec, bulk_load: bool) -> DatasetStats:
     params = _params(spec)
+    cursor.execute(_GET_SETTINGS)
+    saved = [str(value) for value in cursor.fetchone()]
+    cursor.execute(_SET_SETTINGS, [value for _, value in _SETTINGS])
+    if bulk_load:
+        cursor.execute(_DROP_DDL)
+        cursor.execute(_SAVE_DDL)
+        cursor.execute(_RUN_DROPS)
     cursor.execute(_DROP_TASKS)
     cursor.execute(_CREATE_TASKS)
     cursor.execute(_INSERT_AGENTS, params)
@@ -439,7 +597,11 @@ def generate_dataset(cursor: Cursor, spec: DatasetSpec) -> DatasetStats:
     cursor.execute(_INSERT_TASK_QUEUE)
     cursor.execute(_INSERT_USAGE, params)
     cursor.execute(_DROP_TASKS)
+    if bulk_load:
+        cursor.execute(_RUN_CREATES)
+        cursor.execute(_DROP_DDL)
     cursor.execute(_ANALYZE)
+    cursor.execute(_SET_SETTINGS, saved)
     cursor.execute(_STATS, {"cutoff": spec.cutoff})
     row = cursor.fetchone()
     rows, agents, tasks, workspaces, eligible, clamped, legacy = (int(v) for v in row)
