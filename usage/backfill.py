@@ -39,6 +39,7 @@ from usage.db import (
     check_target,
     database_now,
     scrub,
+    set_local_timeouts,
     sqlstate,
 )
 from usage.eligibility import compose, eligible_params
@@ -79,9 +80,6 @@ WHERE {{eligible_where}}"""
 
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 
-SET_BATCH_TIMEOUTS_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
 # batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
@@ -352,9 +350,7 @@ class Backfill:
             cursor.execute(CREATE_WORK_TABLE_SQL)
             cursor.execute(TRUNCATE_WORK_TABLE_SQL)
             with transaction.atomic():
-                cursor.execute(
-                    SET_BATCH_TIMEOUTS_SQL, [rollup._ms(self.options.lock_timeout), "0"]
-                )
+                set_local_timeouts(cursor, self.options.lock_timeout, 0)
                 cursor.execute(compose(FILL_WORK_TABLE_SQL), self.params)
                 planned = cursor.rowcount
             cursor.execute(ANALYZE_WORK_TABLE_SQL)
@@ -372,12 +368,8 @@ class Backfill:
             started = time.monotonic()
             try:
                 with transaction.atomic(), connection.cursor() as cursor:
-                    cursor.execute(
-                        SET_BATCH_TIMEOUTS_SQL,
-                        [
-                            rollup._ms(self.options.lock_timeout),
-                            rollup._ms(self.options.statement_timeout),
-                        ],
+                    set_local_timeouts(
+                        cursor, self.options.lock_timeout, self.options.statement_timeout
                     )
                     cursor.execute(compose(template), params)
                     journaled, rows, removed, clamped, stamp = cursor.fetchone()

@@ -6,6 +6,7 @@ Everything here is read-only and safe on a production database.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
@@ -24,6 +25,26 @@ SELECT name FROM unnest(%(tables)s::text[]) AS name
 WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
 
 ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
+
+
+SET_LOCAL_TIMEOUTS_SQL = (
+    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+
+def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
+    """Set ``lock_timeout`` and ``statement_timeout`` for the current transaction only.
+
+    Server-side limits end a stuck statement even if this process is gone; 0 means none.
+    """
+    cursor.execute(
+        SET_LOCAL_TIMEOUTS_SQL, [timeout_setting(lock_timeout), timeout_setting(statement_timeout)]
+    )
+
+
+def timeout_setting(seconds: float) -> str:
+    """A server-side timeout value; 0 keeps PostgreSQL's meaning of "no limit"."""
+    return "0" if seconds <= 0 else f"{max(1, int(seconds * 1000))}ms"
 
 
 class TargetError(Exception):

@@ -60,6 +60,7 @@ from usage.db import (
     check_target,
     database_now,
     scrub,
+    set_local_timeouts,
     sqlstate,
 )
 from usage.eligibility import compose
@@ -79,9 +80,6 @@ REVERTABLE_STATUSES = (
     BackfillRun.Status.INTERRUPTED,
 )
 
-SET_BATCH_TIMEOUTS_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
 UNCHANGED = """(tu.id IS NOT NULL
@@ -414,12 +412,8 @@ class _Revert:
         params = dict(selector, run_id=self.result.run.pk)
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    SET_BATCH_TIMEOUTS_SQL,
-                    [
-                        rollup._ms(self.options.lock_timeout),
-                        rollup._ms(self.options.statement_timeout),
-                    ],
+                set_local_timeouts(
+                    cursor, self.options.lock_timeout, self.options.statement_timeout
                 )
                 cursor.execute(compose(template), params)
                 entries, restored, marked, enqueued, skipped, stamp = cursor.fetchone()

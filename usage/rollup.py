@@ -34,7 +34,12 @@ from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
-from usage.db import SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED, sqlstate
+from usage.db import (
+    SQLSTATE_LOCK_NOT_AVAILABLE,
+    SQLSTATE_QUERY_CANCELED,
+    set_local_timeouts,
+    sqlstate,
+)
 from usage.eligibility import compose
 from usage.events import log_event
 
@@ -52,9 +57,6 @@ MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%s, %s)"
-SET_SLICE_TIMEOUTS_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 RUN_STAMPS_SQL = """
 SELECT new_updated_at, count(*) FROM {journal}
@@ -218,7 +220,7 @@ def _under_rollup_lock(
         try:
             waited_from = time.monotonic()
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(SET_SLICE_TIMEOUTS_SQL, [_ms(lock_timeout), _ms(statement_timeout)])
+                set_local_timeouts(cursor, lock_timeout, statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
                 value = work(cursor)
@@ -375,8 +377,3 @@ def _queued_slice(
         lock_held_seconds=held,
         keys=upto - after,
     )
-
-
-def _ms(seconds: float) -> str:
-    """A server-side timeout setting; 0 keeps PostgreSQL's meaning of "no limit"."""
-    return "0" if seconds <= 0 else f"{max(1, int(seconds * 1000))}ms"

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
@@ -27,6 +27,7 @@ from usage.backfill import (
 )
 from usage.db import TargetError, check_target, describe_database, scrub
 from usage.events import JsonFormatter
+from usage.management.base import ExamplesCommand
 from usage.models import BackfillRun
 from usage.progress import OutputStream, ProgressListener
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -71,18 +72,15 @@ locked by other writers; 4 verification failed; 130/143 stopped by SIGINT/SIGTER
 """
 
 
-class Command(BaseCommand):
+class Command(ExamplesCommand):
     help = (
         "Repair historical Codex task_usage rows whose input_tokens still include cached "
         "input (input_tokens := max(input_tokens - cache_read_tokens, 0)), once per row, and "
         "rebuild the hourly rollup for them. Dry run unless --execute is given."
     )
 
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.epilog = EXAMPLES
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        return parser
+    def examples(self) -> str:
+        return EXAMPLES
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

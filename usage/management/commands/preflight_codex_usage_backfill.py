@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import textwrap
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
 from usage.db import describe_database, scrub
+from usage.management.base import ExamplesCommand
 from usage.preflight import (
     CHECKS,
     DEFAULT_STATEMENT_TIMEOUT_SECONDS,
@@ -48,7 +48,7 @@ TITLES = {check.name: check.title for check in CHECKS}
 MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 
 
-class Command(BaseCommand):
+class Command(ExamplesCommand):
     help = (
         "Check, read-only, that the target database is ready for "
         "backfill_codex_usage_cache: server version, tables, columns and types, the rollup "
@@ -57,12 +57,13 @@ class Command(BaseCommand):
         "exits non-zero when any check fails."
     )
 
+    def examples(self) -> str:
+        listed = "\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
+        return EXAMPLES.format(checks=listed)
+
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
         parser = super().create_parser(prog_name, subcommand, **kwargs)
-        listed = "\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
         parser.description = textwrap.fill(self.help, 88)
-        parser.epilog = EXAMPLES.format(checks=listed)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
         return parser
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import threading
 from datetime import datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database, scrub
+from usage.management.base import ExamplesCommand
 from usage.revert import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -52,18 +52,15 @@ CHANGED_COLUMNS = (
 )
 
 
-class Command(BaseCommand):
+class Command(ExamplesCommand):
     help = (
         "Revert one backfill_codex_usage_cache --execute run: restore the rows it changed "
         "(input_tokens and updated_at as journaled) unless someone changed them since, and "
         "rebuild their hourly rollup. Dry run unless --execute is given."
     )
 
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.epilog = EXAMPLES
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        return parser
+    def examples(self) -> str:
+        return EXAMPLES
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("run_id", metavar="RUN_ID", help="the run to revert (its number)")
