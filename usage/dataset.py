@@ -491,7 +491,30 @@ _SETTINGS = (("jit", "off"), ("work_mem", "64MB"), ("maintenance_work_mem", "256
 _GET_SETTINGS = "SELECT " + ", ".join(f"current_setting('{name}')" for name, _ in _SETTINGS)
 _SET_SETTINGS = "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name, _ in _SETTINGS)
 
-_POPULATE = "SELECT rollup_task_usage_hourly_window('-infinity', 'infinity')"
+# The state the rollup function reaches from scratch (sums over every row of each key; rows
+# of tasks without a runtime excluded), built in one set-based pass: calling the function
+# over all time costs its production-like per-key price, hours at a million rows.
+_POPULATE = """
+WITH inserted AS (
+    INSERT INTO task_usage_hourly (
+        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
+        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+        cost_usd_ticks, task_count, event_count
+    )
+    SELECT date_trunc('hour', tu.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+           a.workspace_id, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model,
+           sum(tu.input_tokens), sum(tu.output_tokens), sum(tu.cache_read_tokens),
+           sum(tu.cache_write_tokens), coalesce(sum(tu.cost_usd_ticks), 0),
+           count(DISTINCT tu.task_id), count(*)
+    FROM task_usage tu
+    JOIN agent_task_queue q ON q.id = tu.task_id
+    JOIN agent a ON a.id = q.agent_id
+    LEFT JOIN issue i ON i.id = q.issue_id
+    WHERE q.runtime_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+    RETURNING 1
+)
+SELECT count(*) FROM inserted"""
 
 _ANALYZE = "ANALYZE agent, issue, agent_task_queue, task_usage"
 
@@ -617,12 +640,10 @@ def _generate(cursor: Cursor, spec: DatasetSpec, bulk_load: bool) -> DatasetStat
 
 
 def populate_hourly(cursor: Cursor) -> int:
-    """Build ``task_usage_hourly`` from scratch with the schema's rollup function.
+    """Build ``task_usage_hourly`` from scratch, as the rollup function would; return its rows.
 
-    Calls ``rollup_task_usage_hourly_window('-infinity', 'infinity')`` and
-    returns its result (hourly rows upserted plus deleted).  Its cost follows
-    the function's production-like per-key cost, so it is the slow step of
-    seeding a large dataset.
+    Expects an empty hourly table (a freshly generated dataset). The tests check that the
+    result equals a from-scratch recompute and what the rollup function itself produces.
     """
     cursor.execute(_POPULATE)
     row = cursor.fetchone()
