@@ -1,0 +1,321 @@
+"""What the benchmark measures that is not the tool itself: the floor, the original algorithm,
+the single rollup call, state digests, and a watcher that sees lock 4246 from the server side.
+
+All SQL is built from ``usage.eligibility`` (``compose`` and its fragments), so the floor and
+the aggregate query select exactly the rows the tool repairs. The one exception is the original
+tool's batch statement, reproduced as the Go command ran it: it is the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID, TAKE_ROLLUP_LOCK_SQL
+
+logger = logging.getLogger("bench.variants")
+
+# (a) The floor: every eligible row in one set-based UPDATE, one transaction, no journal.
+FLOOR_UPDATE_SQL = """
+UPDATE {task_usage} AS tu
+SET input_tokens = {corrected_input}, updated_at = now()
+FROM {agent_task_queue} q
+    JOIN {agent} a ON a.id = q.agent_id
+WHERE q.id = tu.task_id
+  AND {eligible_where}"""
+
+# (b) The original Go tool's batch statement, verbatim but for the placeholders: every batch
+# re-finds and re-sorts all remaining candidates. Unqualified names, as the Go tool used them.
+ORIGINAL_BATCH_SQL = """
+WITH candidates AS (
+SELECT
+tu.id,
+(tu.input_tokens - GREATEST(tu.input_tokens - tu.cache_read_tokens, 0))::bigint AS removed_tokens
+FROM task_usage tu
+JOIN agent_task_queue atq ON atq.id = tu.task_id
+JOIN agent a ON a.id = atq.agent_id
+WHERE tu.provider = 'codex'
+AND tu.cache_read_tokens > 0
+AND tu.input_tokens > 0
+AND COALESCE(tu.updated_at, tu.created_at) < %(cutoff)s
+AND (NULLIF(%(workspace)s, '')::uuid IS NULL OR a.workspace_id = NULLIF(%(workspace)s, '')::uuid)
+ORDER BY COALESCE(tu.updated_at, tu.created_at), tu.id
+LIMIT %(limit)s
+FOR UPDATE OF tu SKIP LOCKED
+),
+updated AS (
+UPDATE task_usage tu
+SET input_tokens = GREATEST(tu.input_tokens - tu.cache_read_tokens, 0),
+updated_at = now()
+FROM candidates c
+WHERE tu.id = c.id
+RETURNING c.removed_tokens
+)
+SELECT COUNT(*)::bigint, COALESCE(SUM(removed_tokens), 0)::bigint FROM updated"""
+
+SET_SEARCH_PATH_SQL = "SELECT set_config('search_path', %s, false)"
+TAKE_SESSION_ROLLUP_LOCK_SQL = "SELECT pg_advisory_lock(%s)"
+RELEASE_SESSION_ROLLUP_LOCK_SQL = "SELECT pg_advisory_unlock(%s)"
+NO_STATEMENT_TIMEOUT_SQL = "SET LOCAL statement_timeout = 0"
+
+# (e) The reference for the dry run: one plain aggregate over the same rows.
+PLAIN_AGGREGATE_SQL = """
+SELECT count(*),
+       coalesce(sum(tu.input_tokens), 0),
+       coalesce(sum({corrected_input}), 0),
+       count(*) FILTER (WHERE {is_clamped})
+FROM {eligible_from}
+WHERE {eligible_where}"""
+
+# The original tool's dry-run query, verbatim but for the placeholders: grouped by workspace
+# and UTC day like ours, without the rollup-key count. An informational second reference.
+ORIGINAL_SUMMARY_SQL = """
+SELECT
+a.workspace_id::text AS workspace_id,
+(tu.created_at AT TIME ZONE 'UTC')::date::text AS date_utc,
+COUNT(*)::bigint AS rows,
+COALESCE(SUM(tu.input_tokens), 0)::bigint AS input_before,
+COALESCE(SUM(GREATEST(tu.input_tokens - tu.cache_read_tokens, 0)), 0)::bigint AS input_after,
+COALESCE(SUM(tu.input_tokens - GREATEST(tu.input_tokens - tu.cache_read_tokens, 0)), 0)::bigint
+    AS overcount,
+COUNT(*) FILTER (WHERE tu.input_tokens < tu.cache_read_tokens)::bigint AS clamped_rows,
+MIN(tu.created_at) AS min_created_at,
+MAX(tu.created_at) AS max_created_at
+FROM task_usage tu
+JOIN agent_task_queue atq ON atq.id = tu.task_id
+JOIN agent a ON a.id = atq.agent_id
+WHERE tu.provider = 'codex'
+AND tu.cache_read_tokens > 0
+AND tu.input_tokens > 0
+AND COALESCE(tu.updated_at, tu.created_at) < %(cutoff)s
+AND (NULLIF(%(workspace)s, '')::uuid IS NULL OR a.workspace_id = NULLIF(%(workspace)s, '')::uuid)
+GROUP BY a.workspace_id, (tu.created_at AT TIME ZONE 'UTC')::date
+ORDER BY a.workspace_id, date_utc"""
+
+# End states. Only (id, input_tokens) is compared: updated_at is now() of whoever wrote it.
+TASK_USAGE_DIGEST_SQL = """
+SELECT count(*), md5(string_agg(tu.id::text || ':' || tu.input_tokens::text, ',' ORDER BY tu.id))
+FROM {task_usage} tu"""
+
+HOURLY_DIGEST_SQL = """
+SELECT count(*),
+       md5(string_agg(
+           concat_ws(':', h.bucket_hour, h.workspace_id, h.runtime_id, h.agent_id,
+                     coalesce(h.project_id::text, '-'), h.provider, h.model, h.input_tokens,
+                     h.output_tokens, h.cache_read_tokens, h.cache_write_tokens,
+                     h.cost_usd_ticks, h.task_count, h.event_count),
+           ',' ORDER BY h.bucket_hour, h.workspace_id, h.runtime_id, h.agent_id, h.project_id,
+                        h.provider, h.model))
+FROM {task_usage_hourly} h"""
+
+LATEST_RUN_SQL = """
+SELECT id, status, rows_planned, rows_updated, rows_remaining, started_at, finished_at,
+       rollup_from, rollup_to, (SELECT count(*) FROM {journal} j WHERE j.run_id = r.id)
+FROM {run} r ORDER BY id DESC LIMIT 1"""
+
+# Lock 4246 as the server sees it: one row per holder. A session-level hold keeps its
+# (pid, NULL xact_start) identity while idle; each transaction-level hold has its own start.
+LOCK_HOLDERS_SQL = """
+SELECT l.pid, s.xact_start
+FROM pg_locks l
+LEFT JOIN pg_stat_activity s ON s.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.database = %s AND l.granted
+  AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1"""
+
+
+@dataclass(frozen=True)
+class Timed:
+    seconds: float
+    rows: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def count_eligible(conn: psycopg.Connection, cutoff: datetime) -> int:
+    with conn.cursor() as cur:
+        cur.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(cutoff, None))
+        return int(cur.fetchone()[0])
+
+
+def floor_update(conn: psycopg.Connection, cutoff: datetime) -> Timed:
+    """(a) One UPDATE of all eligible rows in one transaction, timed to its commit."""
+    started = time.monotonic()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(NO_STATEMENT_TIMEOUT_SQL)
+        cur.execute(compose(FLOOR_UPDATE_SQL), eligible_params(cutoff, None))
+        rows = cur.rowcount
+    return Timed(time.monotonic() - started, rows)
+
+
+def original_loop(
+    conn: psycopg.Connection, lock_conn: psycopg.Connection, cutoff: datetime, batch_size: int
+) -> Timed:
+    """(b) The Go tool's execute phase: lock 4246 for the session, then batches until 0.
+
+    Each batch is its own autocommit statement, as pgx ran it.
+    """
+    conn.autocommit = True
+    conn.execute(SET_SEARCH_PATH_SQL, (_target_schema(),))
+    params = {"cutoff": cutoff, "workspace": "", "limit": batch_size}
+    batch_seconds: list[float] = []
+    total = removed = 0
+    started = time.monotonic()
+    lock_conn.execute(TAKE_SESSION_ROLLUP_LOCK_SQL, (ROLLUP_LOCK_ID,))
+    try:
+        while True:
+            batch_started = time.monotonic()
+            rows, tokens = conn.execute(ORIGINAL_BATCH_SQL, params).fetchone()
+            batch_seconds.append(time.monotonic() - batch_started)
+            if rows == 0:
+                break
+            total += rows
+            removed += tokens
+            if len(batch_seconds) % 50 == 0:
+                logger.info("  original loop: %d batches, %d rows", len(batch_seconds), total)
+    finally:
+        lock_conn.execute(RELEASE_SESSION_ROLLUP_LOCK_SQL, (ROLLUP_LOCK_ID,))
+    seconds = time.monotonic() - started
+    return Timed(
+        seconds,
+        total,
+        {
+            "batches": len(batch_seconds) - 1,
+            "first_batch_seconds": round(batch_seconds[0], 4),
+            "last_full_batch_seconds": round(batch_seconds[-2], 4)
+            if len(batch_seconds) > 1
+            else None,
+            "input_tokens_removed": int(removed),
+        },
+    )
+
+
+def single_rollup_call(
+    conn: psycopg.Connection, window_from: datetime, window_to: datetime
+) -> Timed:
+    """(d) One rollup call over the whole update window, holding 4246 throughout."""
+    started = time.monotonic()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(NO_STATEMENT_TIMEOUT_SQL)
+        cur.execute(TAKE_ROLLUP_LOCK_SQL, (ROLLUP_LOCK_ID,))
+        locked = time.monotonic()
+        cur.execute(compose(ROLLUP_CALL_SQL), (window_from, window_to))
+        rollup_rows = int(cur.fetchone()[0] or 0)
+    released = time.monotonic()
+    return Timed(
+        released - started,
+        rollup_rows,
+        {"lock_held_seconds": released - locked, "rollup_rows": rollup_rows},
+    )
+
+
+def task_usage_digest(conn: psycopg.Connection) -> tuple[int, str]:
+    with conn.cursor() as cur:
+        cur.execute(compose(TASK_USAGE_DIGEST_SQL))
+        count, digest = cur.fetchone()
+    return int(count), str(digest)
+
+
+def hourly_digest(conn: psycopg.Connection) -> tuple[int, str]:
+    with conn.cursor() as cur:
+        cur.execute(compose(HOURLY_DIGEST_SQL))
+        count, digest = cur.fetchone()
+    return int(count), str(digest or "")
+
+
+def latest_run(conn: psycopg.Connection) -> dict[str, Any]:
+    with conn.cursor() as cur:
+        cur.execute(compose(LATEST_RUN_SQL))
+        row = cur.fetchone()
+    keys = (
+        "id",
+        "status",
+        "rows_planned",
+        "rows_updated",
+        "rows_remaining",
+        "started_at",
+        "finished_at",
+        "rollup_from",
+        "rollup_to",
+        "journal_rows",
+    )
+    return dict(zip(keys, row, strict=True))
+
+
+def _target_schema() -> str:
+    from django.conf import settings
+
+    return settings.CODEX_TARGET_SCHEMA
+
+
+class LockWatcher:
+    """Poll pg_locks for lock 4246 in one database and record how long each hold lasted.
+
+    An independent, server-side cross-check of the client's own timings, at the resolution
+    of the poll interval: a hold is seen from its first to its last sample, so it may have
+    lasted up to one interval longer. A hold ends when its backend is seen without the lock
+    or holding it in another transaction (samples taken while a transaction commits show no
+    transaction start, and are counted with the hold they end).
+    """
+
+    def __init__(self, conn: psycopg.Connection, database_oid: int, interval: float = 0.02):
+        self.conn = conn
+        self.database_oid = database_oid
+        self.interval = interval
+        self.holds: list[float] = []
+        self._open: dict[int, list[Any]] = {}  # pid -> [first, last, xact_start]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="lock-4246-watcher", daemon=True)
+
+    def __enter__(self) -> LockWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid in list(self._open):
+            self._close(pid)
+
+    def _close(self, pid: int) -> None:
+        first, last, _ = self._open.pop(pid)
+        self.holds.append(last - first)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            rows = self.conn.execute(
+                LOCK_HOLDERS_SQL, (self.database_oid, ROLLUP_LOCK_ID)
+            ).fetchall()
+            seen = set()
+            for pid, xact_start in rows:
+                seen.add(pid)
+                hold = self._open.get(pid)
+                if (
+                    hold is not None
+                    and None not in (xact_start, hold[2])
+                    and xact_start != hold[2]
+                ):
+                    self._close(pid)
+                    hold = None
+                if hold is None:
+                    self._open[pid] = [now, now, xact_start]
+                else:
+                    hold[1] = now
+                    hold[2] = xact_start or hold[2]
+            for pid in set(self._open) - seen:
+                self._close(pid)
+            self._stop.wait(self.interval)
+
+    @property
+    def max_hold_seconds(self) -> float:
+        return max(self.holds, default=0.0)
+
+    @property
+    def hold_count(self) -> int:
+        return len(self.holds)
