@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 MAX_BATCH_SIZE = 50_000
 MAX_SLEEP_SECONDS = 3600.0
@@ -98,3 +99,21 @@ def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: flo
     if not minimum <= seconds <= maximum:
         raise ValueError(f"{flag} must be between {minimum:g} and {maximum:g} seconds")
     return seconds
+
+
+def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
+    """The server-side limits shared by the repair and the revert, validated once."""
+    return {
+        "lock_timeout": parse_seconds(
+            options["lock_timeout"], flag="--lock-timeout", minimum=0.001, maximum=600
+        ),
+        "statement_timeout": parse_seconds(
+            options["statement_timeout"], flag="--statement-timeout", minimum=0.001, maximum=86400
+        ),
+        "max_rollup_lock_seconds": parse_seconds(
+            options["max_rollup_lock_seconds"],
+            flag="--max-rollup-lock-seconds",
+            minimum=0.05,
+            maximum=60,
+        ),
+    }

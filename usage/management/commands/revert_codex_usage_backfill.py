@@ -105,21 +105,7 @@ class Command(ExamplesCommand):
             revert_options = RevertOptions(
                 run_id=run_id,
                 batch_size=opts.parse_batch_size(options["batch_size"]),
-                lock_timeout=opts.parse_seconds(
-                    options["lock_timeout"], flag="--lock-timeout", minimum=0.001, maximum=600
-                ),
-                statement_timeout=opts.parse_seconds(
-                    options["statement_timeout"],
-                    flag="--statement-timeout",
-                    minimum=0.001,
-                    maximum=86400,
-                ),
-                max_rollup_lock_seconds=opts.parse_seconds(
-                    options["max_rollup_lock_seconds"],
-                    flag="--max-rollup-lock-seconds",
-                    minimum=0.05,
-                    maximum=60,
-                ),
+                **opts.parse_timeouts(options),
                 show_changed=show,
             )
         except ValueError as exc:
