@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+
 import pytest
 from django.db import connection
 
-from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
+from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
+from usage import rollup
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.summary import load_summary
 from usage.verify import rollup_mismatches
@@ -56,5 +60,109 @@ def test_slices_stay_within_the_lock_budget_and_cover_every_key(slow_rollup: Non
     slices = result.rollup.slices
     assert len(slices) > 3
     assert sum(piece.keys for piece in slices) == keys  # each key once
+    assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
+    assert rollup_mismatches() == []
+
+
+# Every row queued in task_usage_hourly_dirty costs 15 ms to insert: a slow enqueue.
+SLOW_ENQUEUE = """
+CREATE FUNCTION public.codex_test_slow_enqueue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(0.015);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER codex_test_slow_enqueue BEFORE INSERT ON public.task_usage_hourly_dirty
+    FOR EACH ROW EXECUTE FUNCTION public.codex_test_slow_enqueue();
+"""
+FAST_ENQUEUE = """
+DROP TRIGGER codex_test_slow_enqueue ON public.task_usage_hourly_dirty;
+DROP FUNCTION public.codex_test_slow_enqueue();
+"""
+
+
+def test_the_lock_cap_covers_the_enqueue_and_the_commit_too(slow_rollup: None) -> None:
+    """The call gets only what the enqueue left of the cap, so the whole hold stays under it.
+
+    With the cap on each statement alone, a slice of 25 keys here held the lock for the
+    enqueue (0.375 s) plus the call (0.5 s), over the 0.8 s cap.
+    """
+    for _ in range(3):
+        task = make_task(make_agent())
+        for model in range(40):
+            make_usage(task, model=f"m{model}")
+    populate_rollup()
+    with connection.cursor() as cursor:
+        cursor.execute(SLOW_ENQUEUE)
+    try:
+        budget = 0.3
+        result = execute_backfill(
+            ExecuteOptions(cutoff=CUTOFF, batch_size=1000, max_rollup_lock_seconds=budget)
+        )
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(FAST_ENQUEUE)
+    slices = result.rollup.slices
+    assert sum(piece.keys for piece in slices) == 120
+    assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
+    assert rollup_mismatches() == []
+
+
+# Every queued key costs 1 ms per task of its agent, plus 20 ms: the documented cost shape.
+AGENT_SIZED_ROLLUP = """
+ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
+    RENAME TO rollup_task_usage_hourly_window_fast;
+CREATE FUNCTION public.rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(0.001 * (
+        SELECT coalesce(sum(20 + (SELECT count(*) FROM agent_task_queue q
+                                  WHERE q.agent_id = d.agent_id)), 0)
+        FROM task_usage_hourly_dirty d WHERE d.enqueued_at < p_to));
+    RETURN public.rollup_task_usage_hourly_window_fast(p_from, p_to);
+END $$;
+"""
+
+
+@pytest.fixture
+def agent_sized_rollup() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(AGENT_SIZED_ROLLUP)
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute(FAST_ROLLUP)
+
+
+def test_slices_are_sized_by_the_cost_of_their_keys(
+    agent_sized_rollup: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of an agent with many tasks get smaller slices, so no slice has to be cancelled.
+
+    Sized by key count, the slice after 30 cheap keys (21 ms each) took 10 expensive ones
+    (120 ms each) and went over the cap.
+    """
+    light = make_task(make_agent())
+    for model in range(30):
+        make_usage(light, model=f"m{model}", created_at=BEFORE)
+    heavy_agent = make_agent()
+    heavy = make_task(heavy_agent)
+    for _ in range(99):
+        make_task(heavy_agent)
+    for model in range(10):
+        make_usage(heavy, model=f"m{model}", created_at=BEFORE + timedelta(hours=1))
+    populate_rollup()
+    budget = 0.6
+    monkeypatch.setattr(rollup, "FIRST_SLICE_KEYS", 10)  # the first slice: cheap keys only
+    rollup_logger = logging.getLogger("usage.rollup")  # it does not propagate to caplog's
+    monkeypatch.setattr(rollup_logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(rollup_logger, "level", logging.INFO)
+    result = execute_backfill(
+        ExecuteOptions(cutoff=CUTOFF, batch_size=1000, max_rollup_lock_seconds=budget)
+    )
+    slices = result.rollup.slices
+    assert slices[0].keys == 10
+    assert sum(piece.keys for piece in slices) == 40
+    # The slices of the expensive keys hold about as long as those of the cheap ones.
+    assert len(slices) >= 7
+    assert "rollup slice of" not in caplog.text  # no slice was cancelled and retried
     assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
     assert rollup_mismatches() == []

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
@@ -51,6 +52,11 @@ WINDOW_PAD = timedelta(seconds=1)
 DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 2.0
 # Slack the server allows a multi-batch slice before cancelling it.
 LOCK_CAP_SLACK_SECONDS = 0.5
+# Of that cap, this much is kept for what follows the rollup call under the lock: the
+# commit (a WAL flush) and the round trips. The call gets the rest.
+COMMIT_ALLOWANCE_SECONDS = 0.3
+# A call is never given less than this; if even that is cancelled the slice is split.
+MIN_CALL_SECONDS = 0.05
 # A slice aims at this fraction of the lock budget, leaving room for variance.
 TARGET_LOCK_FRACTION = 0.5
 MAX_SLICE_GROWTH = 4.0
@@ -58,6 +64,7 @@ LOCK_WAIT_ATTEMPTS = 5
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%s, %s)"
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+SET_CALL_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 RUN_STAMPS_SQL = """
 SELECT new_updated_at, count(*) FROM {journal}
 WHERE run_id = %s AND reverted_at IS NULL
@@ -141,9 +148,16 @@ def rebuild(
             end += 1
         upper = stamps[end][0] if end < len(stamps) else window_to
         batches = end - index
-        limit = cap if batches > 1 else statement_timeout
         try:
-            piece = _rollup_slice(lower, upper, lock_timeout, limit, batches, rows)
+            piece = _rollup_slice(
+                lower,
+                upper,
+                lock_timeout,
+                statement_timeout,
+                cap if batches > 1 else None,
+                batches,
+                rows,
+            )
         except DatabaseError as exc:
             if batches > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
                 budget_rows = max(1, rows // 2)
@@ -195,23 +209,36 @@ def _rollup_slice(
     upper: datetime,
     lock_timeout: float,
     statement_timeout: float,
+    hold_limit: float | None,
     batches: int,
     rows: int,
 ) -> RollupSlice:
     """One transaction: take 4246, call the rollup over ``[lower, upper)``, commit."""
 
-    def call(cursor: Any) -> int:
+    def call(cursor: Any, limit_next_statement: Callable[[], None]) -> int:
+        limit_next_statement()
         cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
         return cursor.fetchone()[0] or 0
 
-    rollup_rows, waited, held = _under_rollup_lock(call, lock_timeout, statement_timeout)
+    rollup_rows, waited, held = _under_rollup_lock(
+        call, lock_timeout, statement_timeout, hold_limit
+    )
     return RollupSlice(lower, upper, batches, rows, rollup_rows, waited, held)
 
 
 def _under_rollup_lock(
-    work: Callable[[Any], int], lock_timeout: float, statement_timeout: float
+    work: Callable[[Any, Callable[[], None]], int],
+    lock_timeout: float,
+    statement_timeout: float,
+    hold_limit: float | None = None,
 ) -> tuple[int, float, float]:
     """Run ``work`` in its own transaction holding lock 4246; retry a busy lock a few times.
+
+    ``work`` gets the cursor and a function to call just before its long statement: with a
+    ``hold_limit``, that function shortens the statement's timeout to what is left of the
+    limit since the lock was taken, minus room for the commit. ``statement_timeout`` caps
+    each statement alone, so without this a slice could hold the lock for the enqueue's
+    time plus the call's plus the commit's.
 
     Returns what ``work`` returned, the seconds spent waiting for the lock and the seconds
     it was held (until the commit).
@@ -223,7 +250,11 @@ def _under_rollup_lock(
                 set_local_timeouts(cursor, lock_timeout, statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-                value = work(cursor)
+
+                limit_next_statement = partial(
+                    _shorten_statement_timeout, cursor, hold_limit, locked_at
+                )
+                value = work(cursor, limit_next_statement)
             released_at = time.monotonic()
             return value, locked_at - waited_from, released_at - locked_at
         except DatabaseError as exc:
@@ -243,12 +274,27 @@ def _under_rollup_lock(
     )
 
 
+def _shorten_statement_timeout(cursor: Any, hold_limit: float | None, locked_at: float) -> None:
+    """Let the next statement run only for what is left of ``hold_limit`` (see above)."""
+    if hold_limit is None:
+        return
+    left = hold_limit - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - locked_at)
+    cursor.execute(SET_CALL_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"])
+
+
 # -- key slices ------------------------------------------------------------------------------
 
 KEYS_TABLE = "pg_temp.codex_rollup_keys"
 KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
-# The first slice is small; later ones are sized from the measured cost per key.
+# The first slice is small; later ones are sized from the measured cost of the ones before.
 FIRST_SLICE_KEYS = 50
+# The estimated cost of a key, in "tasks": the rollup's cost per key grows with the task count
+# of the key's agent (documented for the target), plus a fixed part for the key itself.
+KEY_BASE_COST = 20
+# How fast a lower cost rate (a slower slice) is believed, and how fast a higher one: a
+# slowdown takes effect at once, a speed-up only gradually.
+RATE_SLOWER_WEIGHT = 1.0
+RATE_FASTER_WEIGHT = 0.3
 
 CREATE_KEYS_TABLE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
@@ -259,16 +305,16 @@ CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
     agent_id uuid NOT NULL,
     project_id uuid,
     provider text NOT NULL,
-    model text NOT NULL
+    model text NOT NULL,
+    cost_to bigint NOT NULL
 ) ON COMMIT PRESERVE ROWS"""
 TRUNCATE_KEYS_TABLE_SQL = f"TRUNCATE {KEYS_TABLE}"
 DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 
-# The hourly keys of the rows some runs changed (rows of tasks without a runtime have none).
+# The hourly keys of the rows some runs changed (rows of tasks without a runtime have none),
+# numbered, each with the running total of their estimated cost (``cost_to``).
 FILL_KEYS_TABLE_SQL = f"""
-INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS})
-SELECT row_number() OVER (ORDER BY {KEY_COLUMNS}), {KEY_COLUMNS}
-FROM (
+WITH keys AS MATERIALIZED (
     SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
            q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
     FROM {{journal}} j
@@ -277,7 +323,30 @@ FROM (
     JOIN {{agent}} a ON a.id = q.agent_id
     LEFT JOIN {{issue}} i ON i.id = q.issue_id
     WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-) keys"""
+),
+agent_tasks AS (
+    SELECT k.agent_id,
+           (SELECT count(*) FROM {{agent_task_queue}} t WHERE t.agent_id = k.agent_id) AS tasks
+    FROM (SELECT DISTINCT agent_id FROM keys) k
+)
+INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS}, cost_to)
+SELECT row_number() OVER w, {KEY_COLUMNS},
+       sum(t.tasks + %(base_cost)s) OVER (w ROWS UNBOUNDED PRECEDING)
+FROM keys JOIN agent_tasks t USING (agent_id)
+WINDOW w AS (ORDER BY {KEY_COLUMNS})"""
+
+# The end of the next slice: the last key whose running cost stays within ``limit`` (at least
+# one key), with its running cost. The keyset stops at the first key over the limit.
+NEXT_SLICE_SQL = f"""
+SELECT seq, cost_to FROM {KEYS_TABLE}
+WHERE seq = greatest(
+    %(after)s + 1,
+    coalesce(
+        (SELECT seq - 1 FROM {KEYS_TABLE}
+         WHERE seq > %(after)s AND cost_to > %(limit)s ORDER BY seq LIMIT 1),
+        %(total)s
+    )
+)"""
 
 ENQUEUE_KEYS_SQL = f"""
 INSERT INTO {{task_usage_hourly_dirty}} ({KEY_COLUMNS}, enqueued_at)
@@ -289,6 +358,46 @@ WHERE seq > %(after)s AND seq <= %(upto)s"""
 ROLLUP_QUEUED_SQL = (
     "SELECT {rollup_task_usage_hourly_window}(%(stamp)s, %(stamp)s + interval '1 microsecond')"
 )
+
+
+@dataclass
+class _SlicePlanner:
+    """Sizes key slices so each holds the lock about ``target`` seconds.
+
+    Slices are measured in estimated cost (``cost_to``), not in keys: a key of an agent with
+    thousands of tasks costs a hundred times one of an agent with a few, and slices cut by
+    key count overshoot when heavy keys cluster. The cost rate (estimated cost per second of
+    lock held) is learned from each slice, believing a slowdown at once and a speed-up
+    gradually, and a slice never grows more than ``MAX_SLICE_GROWTH``-fold.
+    """
+
+    target: float
+    rate: float | None = None
+    last_cost: int = 0
+
+    def limit(self, done_cost: int, first_slice_cost: int) -> int:
+        if self.rate is None:
+            return done_cost + max(1, first_slice_cost)
+        wanted = self.rate * self.target
+        if self.last_cost:
+            wanted = min(wanted, self.last_cost * MAX_SLICE_GROWTH)
+        return done_cost + max(1, int(wanted))
+
+    def measured(self, cost: int, held: float) -> None:
+        rate = cost / max(held, 0.001)
+        if self.rate is None:
+            self.rate = rate
+        else:
+            weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
+            self.rate += weight * (rate - self.rate)
+        self.last_cost = cost
+
+    def cancelled(self, cost: int) -> int:
+        """A slice of ``cost`` hit the cap: believe half its cost fits, and return that."""
+        self.last_cost = max(1, cost // 2)
+        if self.rate is not None:
+            self.rate = min(self.rate, self.last_cost / self.target)
+        return self.last_cost
 
 
 def rebuild_keys(
@@ -305,25 +414,40 @@ def rebuild_keys(
     with connection.cursor() as cursor:
         cursor.execute(CREATE_KEYS_TABLE_SQL)
         cursor.execute(TRUNCATE_KEYS_TABLE_SQL)
-        cursor.execute(compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(
+            compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids), "base_cost": KEY_BASE_COST}
+        )
         total = cursor.rowcount
+        first_cost = 0
+        if total:
+            cursor.execute(
+                f"SELECT cost_to FROM {KEYS_TABLE} WHERE seq = %s",
+                [min(FIRST_SLICE_KEYS, total)],
+            )
+            first_cost = cursor.fetchone()[0]
     try:
         cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
-        budget = min(FIRST_SLICE_KEYS, max(total, 1))
-        done = 0
+        planner = _SlicePlanner(target=max_lock_seconds * TARGET_LOCK_FRACTION)
+        done = done_cost = 0
+        limit = planner.limit(done_cost, first_cost)
         while done < total:
-            size = min(budget, total - done)
+            with connection.cursor() as cursor:
+                cursor.execute(NEXT_SLICE_SQL, {"after": done, "limit": limit, "total": total})
+                upto, upto_cost = cursor.fetchone()
+            size, cost = upto - done, upto_cost - done_cost
             try:
                 piece = _queued_slice(
-                    done, done + size, lock_timeout, cap if size > 1 else (statement_timeout)
+                    done, upto, lock_timeout, statement_timeout, cap if size > 1 else None
                 )
             except DatabaseError as exc:
                 if size > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
-                    budget = max(1, size // 2)
-                    logger.info("rollup slice over its lock budget; retrying %d keys", budget)
+                    limit = done_cost + planner.cancelled(cost)
+                    logger.info(
+                        "rollup slice of %d keys over its lock budget; retrying smaller", size
+                    )
                     continue
                 raise
-            done += size
+            done, done_cost = upto, upto_cost
             result.slices.append(piece)
             result.window_from = result.window_from or piece.window_from
             result.window_to = piece.window_to
@@ -342,9 +466,15 @@ def rebuild_keys(
                 lock_wait_seconds=round(piece.lock_wait_seconds, 6),
                 lock_held_seconds=round(piece.lock_held_seconds, 6),
             )
-            rate = size / max(piece.lock_held_seconds, 0.001)
-            wanted = int(rate * max_lock_seconds * TARGET_LOCK_FRACTION)
-            budget = max(1, min(wanted, int(size * MAX_SLICE_GROWTH)))
+            if piece.lock_held_seconds > cap:
+                logger.warning(
+                    "one hourly key's rollup held lock %d for %.1fs (budget %.1fs)",
+                    ROLLUP_LOCK_ID,
+                    piece.lock_held_seconds,
+                    max_lock_seconds,
+                )
+            planner.measured(cost, piece.lock_held_seconds)
+            limit = planner.limit(done_cost, first_cost)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(DROP_KEYS_TABLE_SQL)
@@ -353,20 +483,27 @@ def rebuild_keys(
 
 
 def _queued_slice(
-    after: int, upto: int, lock_timeout: float, statement_timeout: float
+    after: int,
+    upto: int,
+    lock_timeout: float,
+    statement_timeout: float,
+    hold_limit: float | None,
 ) -> RollupSlice:
     """One transaction: take 4246, queue keys ``(after, upto]``, drain them through the call."""
     stamps: list[datetime] = []
 
-    def queue_and_call(cursor: Any) -> int:
+    def queue_and_call(cursor: Any, limit_next_statement: Callable[[], None]) -> int:
         cursor.execute("SELECT clock_timestamp()")
         stamps.append(cursor.fetchone()[0])
         params = {"stamp": stamps[0], "after": after, "upto": upto}
         cursor.execute(compose(ENQUEUE_KEYS_SQL), params)
+        limit_next_statement()
         cursor.execute(compose(ROLLUP_QUEUED_SQL), params)
         return cursor.fetchone()[0] or 0
 
-    rollup_rows, waited, held = _under_rollup_lock(queue_and_call, lock_timeout, statement_timeout)
+    rollup_rows, waited, held = _under_rollup_lock(
+        queue_and_call, lock_timeout, statement_timeout, hold_limit
+    )
     return RollupSlice(
         window_from=stamps[0],
         window_to=stamps[0] + timedelta(microseconds=1),
