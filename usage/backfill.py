@@ -6,9 +6,10 @@ How it stays linear and safe on a live database:
   hourly-key order. Batches then walk that numbering by range (a keyset), so no batch ever
   re-scans or re-sorts the remaining candidates.
 * Each batch is one short transaction with ``lock_timeout``/``statement_timeout`` set locally.
-  It locks its rows with ``SKIP LOCKED`` (ingestion keeps writing), re-checks eligibility
-  under the lock, writes the journal entry and the update in one statement, and adds its
-  counts to the run record: an update never exists without its journal entry.
+  It locks its rows with ``SKIP LOCKED`` (ingestion keeps writing), re-checks the row's own
+  eligibility under the lock (the workspace scope cannot change), writes the journal entry
+  and the update in one statement, and adds its counts to the run record: an update never
+  exists without its journal entry.
 * Rows skipped because a writer held them are retried after the pass; rows still locked at
   the end are reported and the run does not succeed.
 * A timeout rolls the batch back whole and retries it smaller, a bounded number of times.
@@ -83,13 +84,15 @@ ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
 # batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
+# The re-check under the lock is the row's own part of the eligibility (what a concurrent
+# writer can change); the snapshot already applied the workspace scope, which cannot change.
 BATCH_SQL_TEMPLATE = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at
     FROM {WORK_TABLE} w
-    JOIN ({{eligible_from}}) ON tu.id = w.id
+    JOIN {{task_usage}} tu ON tu.id = w.id
     WHERE {{selector}}
-      AND {{eligible_where}}
+      AND {{row_eligible_where}}
     ORDER BY w.seq
     {{limit}}
     FOR UPDATE OF tu SKIP LOCKED
@@ -129,8 +132,8 @@ RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "TRUE").replace(
 REMAINING_IN_WORK_SQL = f"""
 SELECT count(*)
 FROM {WORK_TABLE} w
-JOIN ({{eligible_from}}) ON tu.id = w.id
-WHERE {{eligible_where}}"""
+JOIN {{task_usage}} tu ON tu.id = w.id
+WHERE {{row_eligible_where}}"""
 
 
 class BackfillError(Exception):

@@ -34,14 +34,20 @@ ELIGIBLE_FROM = """{task_usage} tu
     JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id"""
 
-ELIGIBLE_WHERE = """tu.provider = 'codex'
+# What a row's own state decides: the part a concurrent writer can change, so the repair
+# re-checks it under the row lock. Needs only ``{task_usage} tu``.
+ROW_ELIGIBLE_WHERE = """tu.provider = 'codex'
     AND tu.cache_read_tokens > 0
     AND tu.input_tokens > 0
     AND coalesce(tu.updated_at, tu.created_at) < %(cutoff)s
-    AND (%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)
     AND NOT EXISTS (
         SELECT 1 FROM {journal} j WHERE j.usage_id = tu.id AND j.reverted_at IS NULL
     )"""
+# The workspace scope: a row's task, and a task's agent and workspace, never change, so rows
+# selected once within the scope stay within it.
+SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
+ELIGIBLE_WHERE = f"""{ROW_ELIGIBLE_WHERE}
+    AND {SCOPE_WHERE}"""
 
 # The repaired value, and what the repair removes (never more than the row's input).
 CORRECTED_INPUT = "greatest(tu.input_tokens - tu.cache_read_tokens, 0)"
@@ -76,6 +82,7 @@ def compose(template: str) -> str:
     fragments = {
         "eligible_from": ELIGIBLE_FROM,
         "eligible_where": ELIGIBLE_WHERE,
+        "row_eligible_where": ROW_ELIGIBLE_WHERE,
         "corrected_input": CORRECTED_INPUT,
         "removed_input": REMOVED_INPUT,
         "is_clamped": IS_CLAMPED,
