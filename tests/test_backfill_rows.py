@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
+from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import manage
 from usage.backfill import ExecuteOptions, execute_backfill
-from usage.models import BackfillRun, TaskUsage
+from usage.models import AgentTaskQueue, BackfillRun, TaskUsage
 from usage.summary import load_summary
 from usage.verify import rollup_mismatches
 
@@ -156,3 +157,43 @@ def test_dry_run_works_for_a_read_only_role(test_database_url: str, subprocess_e
         with connection.cursor() as cursor:
             cursor.execute(f"DROP OWNED BY {role}")
             cursor.execute(f"DROP ROLE {role}")
+
+
+def test_dry_run_groups_count_keys_and_total_all_groups_when_showing_few() -> None:
+    """Per workspace and UTC day: rows, sums and distinct hourly keys; totals over every group.
+
+    A table view keeps only the first groups; its totals must still cover all of them.
+    """
+    first, second = make_agent(), make_agent()
+    task = make_task(first)
+
+    def same_runtime_task() -> AgentTaskQueue:
+        other = make_task(first)
+        AgentTaskQueue.objects.filter(pk=other.pk).update(runtime_id=task.runtime_id)
+        return other
+
+    make_usage(task, model="a", created_at=BEFORE, input_tokens=1000, cache_read_tokens=300)
+    make_usage(same_runtime_task(), model="a", created_at=BEFORE)  # the same key
+    make_usage(task, model="b", created_at=BEFORE)  # a second key that hour
+    make_usage(same_runtime_task(), model="a", created_at=BEFORE + timedelta(hours=1))  # third
+    make_usage(make_task(first, runtime=False), model="a", created_at=BEFORE)  # no key
+    make_usage(make_task(second), model="a", input_tokens=100, cache_read_tokens=300)
+    make_usage(same_runtime_task(), model="a", created_at=BEFORE - timedelta(days=1))
+    full = load_summary(CUTOFF, None)
+    assert full.group_count == len(full.groups) == 3
+    day = {(g.workspace_id, g.date_utc): g for g in full.groups}
+    main = day[(first.workspace_id, BEFORE.date())]
+    assert (main.rows, main.rollup_keys) == (5, 3)
+    assert (main.input_before, main.input_after, main.input_tokens_removed) == (
+        5000,
+        3500,
+        1500,
+    )
+    clamped = day[(second.workspace_id, BEFORE.date())]
+    assert (clamped.rows, clamped.clamped_rows, clamped.input_after) == (1, 1, 0)
+    assert full.totals.rows == 7
+    assert full.totals.rollup_keys == 5
+    assert full.totals.clamped_rows == 1
+    shown = load_summary(CUTOFF, None, max_groups=1)
+    assert len(shown.groups) == 1 and shown.groups[0] == full.groups[0]
+    assert (shown.group_count, shown.totals) == (3, full.totals)

@@ -14,23 +14,58 @@ from django.db import connection, transaction
 
 from usage.eligibility import compose, eligible_params
 
+# Two hash aggregations instead of one sort: the eligible rows are first summed per hourly
+# rollup key (a key lies in one workspace and one UTC day), then the keys per workspace and
+# day, which also counts them; ``count(DISTINCT key)`` would have sorted every candidate.
+# The totals over all groups come with each group (window sums), so a caller that shows only
+# the first groups fetches only those.
 SUMMARY_SQL = """
+WITH per_key AS (
+    SELECT
+        a.workspace_id,
+        {bucket_hour} AS bucket_hour,
+        q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model,
+        count(*) AS rows,
+        sum(tu.input_tokens) AS input_before,
+        sum({corrected_input}) AS input_after,
+        sum({removed_input}) AS input_tokens_removed,
+        count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
+        min(tu.created_at) AS first_created_at,
+        max(tu.created_at) AS last_created_at
+    FROM {eligible_from}
+        LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE {eligible_where}
+    GROUP BY a.workspace_id, {bucket_hour}, q.runtime_id, q.agent_id, i.project_id,
+             tu.provider, tu.model
+),
+per_day AS (
+    SELECT
+        workspace_id,
+        bucket_hour::date AS date_utc,
+        sum(rows)::bigint AS rows,
+        sum(input_before)::bigint AS input_before,
+        sum(input_after)::bigint AS input_after,
+        sum(input_tokens_removed)::bigint AS input_tokens_removed,
+        sum(clamped_rows)::bigint AS clamped_rows,
+        count(*) FILTER (WHERE runtime_id IS NOT NULL) AS rollup_keys,
+        min(first_created_at) AS first_created_at,
+        max(last_created_at) AS last_created_at
+    FROM per_key
+    GROUP BY workspace_id, date_utc
+)
 SELECT
-    a.workspace_id,
-    (tu.created_at AT TIME ZONE 'UTC')::date AS date_utc,
-    count(*) AS rows,
-    coalesce(sum(tu.input_tokens), 0)::bigint AS input_before,
-    coalesce(sum({corrected_input}), 0)::bigint AS input_after,
-    coalesce(sum({removed_input}), 0)::bigint AS input_tokens_removed,
-    count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
-    count(DISTINCT {rollup_key}) FILTER (WHERE q.runtime_id IS NOT NULL) AS rollup_keys,
-    min(tu.created_at) AS first_created_at,
-    max(tu.created_at) AS last_created_at
-FROM {eligible_from}
-    LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE {eligible_where}
-GROUP BY a.workspace_id, date_utc
-ORDER BY a.workspace_id, date_utc"""
+    workspace_id, date_utc, rows, input_before, input_after, input_tokens_removed,
+    clamped_rows, rollup_keys, first_created_at, last_created_at,
+    count(*) OVER () AS group_count,
+    sum(rows) OVER ()::bigint,
+    sum(input_before) OVER ()::bigint,
+    sum(input_after) OVER ()::bigint,
+    sum(input_tokens_removed) OVER ()::bigint,
+    sum(clamped_rows) OVER ()::bigint,
+    sum(rollup_keys) OVER ()::bigint
+FROM per_day
+ORDER BY workspace_id, date_utc
+LIMIT %(max_groups)s"""
 
 # Groups are fetched from the server in chunks of this many rows.
 SUMMARY_FETCH_ROWS = 2000
@@ -99,7 +134,7 @@ def load_summary(
     of a huge database needs little memory.
     """
     groups: list[SummaryGroup] = []
-    sums = [0] * 6
+    totals = Totals()
     count = 0
     with transaction.atomic():
         with connection.cursor() as cursor:
@@ -112,18 +147,15 @@ def load_summary(
                 cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
                 workspace_known = cursor.fetchone()[0]
         # A client-side cursor keeps parallel query; its rows stay in libpq's compact result
-        # and become Python objects only chunk by chunk, as they are folded into the totals.
+        # and become Python objects only chunk by chunk.
         with connection.cursor() as cursor:
-            cursor.execute(compose(SUMMARY_SQL), eligible_params(cutoff, workspace_id))
+            params = dict(eligible_params(cutoff, workspace_id), max_groups=max_groups)
+            cursor.execute(compose(SUMMARY_SQL), params)
             while chunk := cursor.fetchmany(SUMMARY_FETCH_ROWS):
-                for row in chunk:
-                    group = SummaryGroup(*row)
-                    count += 1
-                    for i, value in enumerate(row[2:8]):
-                        sums[i] += value
-                    if max_groups is None or len(groups) < max_groups:
-                        groups.append(group)
-    totals = Totals(*sums)
+                if not groups:
+                    count = chunk[0][10]
+                    totals = Totals(*chunk[0][11:])
+                groups.extend(SummaryGroup(*row[:10]) for row in chunk)
     return DryRunSummary(
         cutoff=cutoff,
         workspace_id=workspace_id,
