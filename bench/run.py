@@ -380,7 +380,9 @@ class SizeRun:
             "--batch-size",
             str(self.args.batch_size),
         ]
-        proc = run_process(argv, self.srv.url(name))
+        watch_conn, watch = self.watcher(name)
+        with watch_conn, watch:
+            proc = run_process(argv, self.srv.url(name))
         self.check("(c) command exit status 0", proc.returncode == 0, proc.tail())
         with self.srv.connect(name) as conn:
             run = variants.latest_run(conn)
@@ -390,6 +392,7 @@ class SizeRun:
             "rows": run["rows_updated"],
             "command_seconds": proc.seconds,
             "peak_mb": proc.peak_mb,
+            "lock_observed_seconds": watch.max_hold_seconds,
             "startup_seconds": startup.seconds,
             "startup_peak_mb": startup.peak_mb,
             "run_status": run["status"],
@@ -566,7 +569,7 @@ def table_rows(size: dict[str, Any]) -> list[dict[str, Any]]:
             t["seconds"],
             floor,
             peak_mb=t["peak_mb"],
-            lock=0.0,
+            observed=t.get("lock_observed_seconds"),
             note=f"command wall {t['command_seconds']:.2f}s incl. start-up",
         )
         line(
@@ -600,14 +603,14 @@ def table_rows(size: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "dry_run" in r:
         d = r["dry_run"]
-        line("e", "one aggregate query", d["plain_seconds"], d["plain_seconds"])
+        line("e", "one aggregate query (ungrouped)", d["plain_seconds"], d["plain_seconds"])
         if "original_seconds" in d:
             line(
                 "e",
                 "  original tool's dry-run query",
                 d["original_seconds"],
                 d["plain_seconds"],
-                note="grouped by workspace and day, no rollup keys",
+                note="per workspace and day, no key count",
             )
         line(
             "e",
@@ -683,15 +686,21 @@ def targets(size: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         v is not None and v <= ROLLUP_VS_SINGLE_MAX,
         True,
     )
+    # Two readings of "one aggregate query over the same rows": the ungrouped sum, and the
+    # original tool's dry-run query, which sums per workspace and day as the report does.
     d = r.get("dry_run", {})
-    v = ratio(d.get("summary_seconds"), d.get("plain_seconds"))
-    target(
-        "dry run / one aggregate",
-        v,
-        f"<= {DRY_RUN_VS_AGGREGATE_MAX}",
-        v is not None and v <= DRY_RUN_VS_AGGREGATE_MAX,
-        True,
-    )
+    for name, reference in (
+        ("dry run / one ungrouped aggregate", "plain_seconds"),
+        ("dry run / one grouped aggregate", "original_seconds"),
+    ):
+        v = ratio(d.get("summary_seconds"), d.get(reference))
+        target(
+            name,
+            v,
+            f"<= {DRY_RUN_VS_AGGREGATE_MAX}",
+            v is not None and v <= DRY_RUN_VS_AGGREGATE_MAX,
+            True,
+        )
     return out
 
 
