@@ -14,11 +14,12 @@ from django.db import connection, transaction
 
 from usage.eligibility import compose, eligible_params
 
-# Two hash aggregations instead of one sort: the eligible rows are first summed per hourly
-# rollup key (a key lies in one workspace and one UTC day), then the keys per workspace and
-# day, which also counts them; ``count(DISTINCT key)`` would have sorted every candidate.
-# The totals over all groups come with each group (window sums), so a caller that shows only
-# the first groups fetches only those.
+# Two aggregation levels instead of ``count(DISTINCT key)``: the eligible rows are first
+# summed per hourly rollup key (a key lies in one workspace and one UTC day), which parallel
+# workers can do in parts, then the keys per workspace and day, which also counts them. A
+# DISTINCT aggregate cannot be split across workers and sorts inside every group. The totals
+# over all groups come with each group (window sums), so a caller that shows only the first
+# groups fetches only those.
 SUMMARY_SQL = """
 WITH per_key AS (
     SELECT
