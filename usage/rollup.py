@@ -8,7 +8,8 @@ leak) only around the call, so the cron tick and workspace deletion run between 
   listed once, in key order, and each slice queues a range of them in
   ``task_usage_hourly_dirty`` and calls the function over a one-microsecond window, which
   drains the queue. Every key is rebuilt exactly once and a slice can be as small as one key,
-  so no slice holds the lock longer than the budget, whatever the batch size was.
+  so no slice holds the lock longer than the budget, whatever the batch size was. Slices are
+  sized in estimated cost (the key's agent's task count), not in keys.
 * ``rebuild`` (window tiles, used by the revert): see below.
 
 ``rollup_task_usage_hourly_window`` REPLACES every hourly key that has a row updated inside
@@ -20,7 +21,8 @@ once. Each slice is its own transaction holding lock 4246 (transaction-level, so
 leak) only around the call; the cron tick and workspace deletion run between slices. The
 slice size adapts to the measured cost so a slice holds the lock for about half of
 ``max_lock_seconds``; a slice of more than one batch is cancelled by the server if it would
-hold the lock longer than ``max_lock_seconds + 0.5`` and is retried smaller.
+hold the lock longer than ``max_lock_seconds + 0.5`` (its commit included)
+and is retried smaller.
 """
 
 from __future__ import annotations
