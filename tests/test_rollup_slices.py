@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -16,18 +18,25 @@ from usage.verify import rollup_mismatches
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# Makes every rollup call cost 20 ms per queued key, like a slow production rollup.
-SLOW_ROLLUP = """
+
+def delayed_rollup(seconds_sql: str) -> str:
+    """SQL that puts a wrapper in front of the rollup function: it sleeps, then calls it."""
+    return f"""
 ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
     RENAME TO rollup_task_usage_hourly_window_fast;
 CREATE FUNCTION public.rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
 RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_sleep(0.02 * (SELECT count(*) FROM task_usage_hourly_dirty
-                             WHERE enqueued_at < p_to));
+    PERFORM pg_sleep({seconds_sql});
     RETURN public.rollup_task_usage_hourly_window_fast(p_from, p_to);
 END $$;
 """
+
+
+# Makes every rollup call cost 20 ms per queued key, like a slow production rollup.
+SLOW_ROLLUP = delayed_rollup(
+    "0.02 * (SELECT count(*) FROM task_usage_hourly_dirty WHERE enqueued_at < p_to)"
+)
 FAST_ROLLUP = """
 DROP FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz);
 ALTER FUNCTION public.rollup_task_usage_hourly_window_fast(timestamptz, timestamptz)
@@ -35,13 +44,22 @@ ALTER FUNCTION public.rollup_task_usage_hourly_window_fast(timestamptz, timestam
 """
 
 
+@contextmanager
+def installed(setup: str, teardown: str) -> Iterator[None]:
+    """Run the ``setup`` SQL, and the ``teardown`` SQL after the block, even if it fails."""
+    with connection.cursor() as cursor:
+        cursor.execute(setup)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(teardown)
+
+
 @pytest.fixture
-def slow_rollup() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute(SLOW_ROLLUP)
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute(FAST_ROLLUP)
+def slow_rollup() -> Iterator[None]:
+    with installed(SLOW_ROLLUP, FAST_ROLLUP):
+        yield
 
 
 def test_slices_stay_within_the_lock_budget_and_cover_every_key(slow_rollup: None) -> None:
@@ -91,16 +109,11 @@ def test_the_lock_cap_covers_the_enqueue_and_the_commit_too(slow_rollup: None) -
         for model in range(40):
             make_usage(task, model=f"m{model}")
     populate_rollup()
-    with connection.cursor() as cursor:
-        cursor.execute(SLOW_ENQUEUE)
-    try:
-        budget = 0.3
+    budget = 0.3
+    with installed(SLOW_ENQUEUE, FAST_ENQUEUE):
         result = execute_backfill(
             ExecuteOptions(cutoff=CUTOFF, batch_size=1000, max_rollup_lock_seconds=budget)
         )
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(FAST_ENQUEUE)
     slices = result.rollup.slices
     assert sum(piece.keys for piece in slices) == 120
     assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
@@ -108,28 +121,18 @@ def test_the_lock_cap_covers_the_enqueue_and_the_commit_too(slow_rollup: None) -
 
 
 # Every queued key costs 1 ms per task of its agent, plus 20 ms: the documented cost shape.
-AGENT_SIZED_ROLLUP = """
-ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
-    RENAME TO rollup_task_usage_hourly_window_fast;
-CREATE FUNCTION public.rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
-RETURNS bigint LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_sleep(0.001 * (
+AGENT_SIZED_ROLLUP = delayed_rollup(
+    """0.001 * (
         SELECT coalesce(sum(20 + (SELECT count(*) FROM agent_task_queue q
                                   WHERE q.agent_id = d.agent_id)), 0)
-        FROM task_usage_hourly_dirty d WHERE d.enqueued_at < p_to));
-    RETURN public.rollup_task_usage_hourly_window_fast(p_from, p_to);
-END $$;
-"""
+        FROM task_usage_hourly_dirty d WHERE d.enqueued_at < p_to)"""
+)
 
 
 @pytest.fixture
-def agent_sized_rollup() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute(AGENT_SIZED_ROLLUP)
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute(FAST_ROLLUP)
+def agent_sized_rollup() -> Iterator[None]:
+    with installed(AGENT_SIZED_ROLLUP, FAST_ROLLUP):
+        yield
 
 
 def test_slices_are_sized_by_the_cost_of_their_keys(
