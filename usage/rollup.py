@@ -238,7 +238,8 @@ def _under_rollup_lock(
 
     ``work`` gets the cursor and a function to call just before its long statement: with a
     ``hold_limit``, that function shortens the statement's timeout to what is left of the
-    limit since the lock was taken, minus room for the commit. ``statement_timeout`` caps
+    limit since the lock was taken, minus room for the commit (it is applied once as soon as
+    the lock is taken, too). ``statement_timeout`` caps
     each statement alone, so without this a slice could hold the lock for the enqueue's
     time plus the call's plus the commit's.
 
@@ -256,6 +257,7 @@ def _under_rollup_lock(
                 limit_next_statement = partial(
                     _shorten_statement_timeout, cursor, hold_limit, locked_at
                 )
+                limit_next_statement()  # whatever ``work`` runs first is bounded too
                 value = work(cursor, limit_next_statement)
             released_at = time.monotonic()
             return value, locked_at - waited_from, released_at - locked_at
