@@ -95,7 +95,7 @@ WITH locked AS (
       AND {{row_eligible_where}}
     ORDER BY w.seq
     {{limit}}
-    FOR UPDATE OF tu SKIP LOCKED
+    FOR NO KEY UPDATE OF tu SKIP LOCKED
 ),
 journaled AS (
     INSERT INTO {{journal}} (

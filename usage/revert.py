@@ -102,7 +102,7 @@ locked AS MATERIALIZED (
     FROM batch j
     JOIN {{task_usage}} tu ON tu.id = j.usage_id
     WHERE {UNCHANGED}
-    FOR UPDATE OF tu SKIP LOCKED
+    FOR NO KEY UPDATE OF tu SKIP LOCKED
 ),
 restored AS (
     UPDATE {{task_usage}} tu
