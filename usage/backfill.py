@@ -245,6 +245,10 @@ class Backfill:
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.batch_size = options.batch_size
         self.result: ExecuteResult | None = None
+        # Snapshot rows a range batch did not update (locked by a writer, or no longer
+        # eligible). While it is 0 every row walked so far was repaired, and counting what
+        # is left of the snapshot (a pass over all of it) can be skipped.
+        self.range_shortfall = 0
 
     # -- the run -------------------------------------------------------------------------
 
@@ -305,13 +309,15 @@ class Backfill:
             after = upto
             if after < planned:
                 self._pause_between_batches()
-        if not self.stop.is_set():
+        if not self.stop.is_set() and self.range_shortfall:
             self._retry_locked_rows()
         if self.stop.is_set():
             self.result.stopped = True
             self.result.rows_remaining = planned - self.result.rows_updated
-        else:
+        elif self.range_shortfall:
             self.result.rows_remaining = self._remaining_in_work()
+        else:
+            self.result.rows_remaining = 0
         window_end = database_now() + rollup.WINDOW_PAD
         BackfillRun.objects.filter(pk=self.result.run.pk).update(
             rollup_to=window_end, rows_remaining=self.result.rows_remaining
@@ -404,6 +410,8 @@ class Backfill:
                     self.batch_size,
                 )
                 continue
+            if "upto" in selector:
+                self.range_shortfall += params["upto"] - params["after"] - rows
             batch = BatchResult(
                 number=self.result.batches + 1,
                 rows=rows,
