@@ -60,24 +60,20 @@ LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 
-CREATE_WORK_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_backfill_work (
-    seq bigint PRIMARY KEY,
-    id uuid NOT NULL
-) ON COMMIT PRESERVE ROWS"""
-
-TRUNCATE_WORK_TABLE_SQL = f"TRUNCATE {WORK_TABLE}"
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
 
-# The snapshot, numbered so that the rows of one hourly key are consecutive.
-FILL_WORK_TABLE_SQL = f"""
-INSERT INTO {WORK_TABLE} (seq, id)
+# The snapshot, numbered so that the rows of one hourly key are consecutive. Created by
+# CREATE TABLE AS, whose query may use parallel workers (an INSERT's may not), and indexed
+# once it is full.
+CREATE_WORK_TABLE_SQL = """
+CREATE TEMP TABLE codex_backfill_work (seq, id) ON COMMIT PRESERVE ROWS AS
 SELECT row_number() OVER (
-           ORDER BY {{bucket_hour}}, q.agent_id, tu.provider, tu.model, tu.id
+           ORDER BY {bucket_hour}, q.agent_id, tu.provider, tu.model, tu.id
        ),
        tu.id
-FROM {{eligible_from}}
-WHERE {{eligible_where}}"""
+FROM {eligible_from}
+WHERE {eligible_where}"""
+INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 
@@ -356,12 +352,12 @@ class Backfill:
 
     def _snapshot(self) -> int:
         with connection.cursor() as cursor:
-            cursor.execute(CREATE_WORK_TABLE_SQL)
-            cursor.execute(TRUNCATE_WORK_TABLE_SQL)
+            cursor.execute(DROP_WORK_TABLE_SQL)
             with transaction.atomic():
                 set_local_timeouts(cursor, self.options.lock_timeout, 0)
-                cursor.execute(compose(FILL_WORK_TABLE_SQL), self.params)
+                cursor.execute(compose(CREATE_WORK_TABLE_SQL), self.params)
                 planned = cursor.rowcount
+                cursor.execute(INDEX_WORK_TABLE_SQL)
             cursor.execute(ANALYZE_WORK_TABLE_SQL)
         return planned
 
