@@ -14,7 +14,7 @@ ANALYZE), and measures every variant on its own byte-identical copy of it
                peak memory the child's ru_maxrss (os.wait4);
 (d) rollup     on two copies of (c)'s end state: one rollup_task_usage_hourly_window call
                over the run's whole window (lock 4246 held throughout) versus the tool's
-               sliced rebuild (usage.rollup.rebuild with the command's arguments, run in a
+               sliced rebuild (usage.rollup.rebuild_keys with the command's arguments, run in a
                subprocess); both must leave task_usage_hourly identical and equal to
                usage.verify's recompute;
 (e) dry run    usage.summary.load_summary versus one plain aggregate over the same rows

@@ -1,7 +1,7 @@
 """Measurements that must run in the tool's own process, on one copy (``DATABASE_URL``).
 
 ``bench/run.py`` starts this script once per measurement, so each one runs the real library
-code (``usage.rollup.rebuild``, ``usage.summary.load_summary``) through Django's connection,
+code (``usage.rollup.rebuild_keys``, ``usage.summary.load_summary``) through Django's connection,
 exactly as the command would, and reports one JSON object on stdout.
 
     python bench/worker.py rebuild --run-id 1 --max-lock-seconds 2
@@ -38,31 +38,26 @@ from bench.variants import ORIGINAL_SUMMARY_SQL, PLAIN_AGGREGATE_SQL  # noqa: E4
 from usage import options, render, rollup  # noqa: E402
 from usage.backfill import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS  # noqa: E402
 from usage.eligibility import compose, eligible_params  # noqa: E402
-from usage.models import BackfillRun  # noqa: E402
 from usage.summary import load_summary  # noqa: E402
 
 logger = logging.getLogger("bench.worker")
 
 
 def rebuild(run_id: int, max_lock_seconds: float) -> dict[str, Any]:
-    """The tool's rollup rebuild for one run, with the arguments the command passes."""
-    run = BackfillRun.objects.get(pk=run_id)
+    """The tool's rollup rebuild for one run (``rebuild_keys``), as the command calls it."""
     started = time.monotonic()
-    stamps = rollup.run_stamps(run_id)
-    result = rollup.rebuild(
-        run.rollup_from,
-        run.rollup_to,
-        stamps,
+    result = rollup.rebuild_keys(
+        [run_id],
         max_lock_seconds=max_lock_seconds,
         lock_timeout=DEFAULT_LOCK_TIMEOUT_SECONDS,
-        statement_timeout=max(DEFAULT_STATEMENT_TIMEOUT_SECONDS, 0),
+        statement_timeout=DEFAULT_STATEMENT_TIMEOUT_SECONDS,
     )
     seconds = time.monotonic() - started
     holds = sorted(s.lock_held_seconds for s in result.slices)
     return {
         "seconds": seconds,
         "rebuild_seconds": result.seconds,
-        "stamps": len(stamps),
+        "keys": sum(s.keys for s in result.slices),
         "slices": len(result.slices),
         "rollup_rows": result.rollup_rows,
         "max_lock_held_seconds": result.max_lock_held_seconds,
