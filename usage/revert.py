@@ -471,13 +471,12 @@ class _Revert:
         """Rebuild the keys queued up to ``stamp`` in one lock-4246 transaction; seconds held."""
         assert self.result is not None
         try:
-            piece = rollup.rebuild(
+            piece = rollup.rebuild_window(
                 stamp,
                 stamp + DRAIN_WINDOW,
-                [(stamp, keys)],
-                max_lock_seconds=self.options.max_rollup_lock_seconds,
                 lock_timeout=self.options.lock_timeout,
                 statement_timeout=max(self.options.statement_timeout, 0),
+                keys=keys,
             )
         except rollup.RollupError as exc:
             raise RevertError(

@@ -10,19 +10,10 @@ leak) only around the call, so the cron tick and workspace deletion run between 
   drains the queue. Every key is rebuilt exactly once and a slice can be as small as one key,
   so no slice holds the lock longer than the budget, whatever the batch size was. Slices are
   sized in estimated cost (the key's agent's task count), not in keys.
-* ``rebuild`` (window tiles, used by the revert): see below.
-
-``rollup_task_usage_hourly_window`` REPLACES every hourly key that has a row updated inside
-its window, so any set of windows that tiles the span of our updates rebuilds every key we
-touched. Each batch of the repair stamps its rows with one ``updated_at`` (its transaction's
-``now()``), which gives natural cut points: a slice is a run of consecutive batches, and the
-repair walks rows in hourly-key order, so a key's rows fall in one slice and are rebuilt about
-once. Each slice is its own transaction holding lock 4246 (transaction-level, so it can never
-leak) only around the call; the cron tick and workspace deletion run between slices. The
-slice size adapts to the measured cost so a slice holds the lock for about half of
-``max_lock_seconds``; a slice of more than one batch is cancelled by the server if it would
-hold the lock longer than ``max_lock_seconds + 0.5`` (its commit included)
-and is retried smaller.
+* ``rebuild_window`` (the revert's way): one call over a short window in one transaction.
+  The revert restores rows to their old ``updated_at`` and queues their keys itself, then
+  drains them with a call over the microsecond after the enqueue; it sizes its batches so
+  that call holds the lock about half the budget.
 """
 
 from __future__ import annotations
@@ -52,7 +43,7 @@ ROLLUP_LOCK_ID = 4246
 # Every window is widened by this much on each side of the rows it must cover.
 WINDOW_PAD = timedelta(seconds=1)
 DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 2.0
-# Slack the server allows a multi-batch slice before cancelling it.
+# Slack the server allows a slice of more than one key before cancelling it.
 LOCK_CAP_SLACK_SECONDS = 0.5
 # Of that cap, this much is kept for what follows the rollup call under the lock: the
 # commit (a WAL flush) and the round trips. The call gets the rest.
@@ -67,10 +58,6 @@ LOCK_WAIT_ATTEMPTS = 5
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%s, %s)"
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 SET_CALL_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
-RUN_STAMPS_SQL = """
-SELECT new_updated_at, count(*) FROM {journal}
-WHERE run_id = %s AND reverted_at IS NULL
-GROUP BY new_updated_at ORDER BY new_updated_at"""
 
 
 class RollupError(Exception):
@@ -81,8 +68,6 @@ class RollupError(Exception):
 class RollupSlice:
     window_from: datetime
     window_to: datetime
-    batches: int
-    rows: int
     rollup_rows: int
     lock_wait_seconds: float
     lock_held_seconds: float
@@ -112,120 +97,51 @@ class RollupResult:
             self.window_to = max(filter(None, [self.window_to, other.window_to]))
 
 
-def run_stamps(run_id: int) -> list[tuple[datetime, int]]:
-    """The distinct ``updated_at`` values a run wrote, with how many rows got each."""
-    with connection.cursor() as cursor:
-        cursor.execute(compose(RUN_STAMPS_SQL), [run_id])
-        return list(cursor.fetchall())
-
-
-def rebuild(
-    window_from: datetime,
-    window_to: datetime,
-    stamps: Sequence[tuple[datetime, int]],
-    *,
-    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
-    lock_timeout: float = 5.0,
-    statement_timeout: float = 600.0,
-    on_slice: Callable[[RollupSlice, int, int], None] | None = None,
-) -> RollupResult:
-    """Rebuild every hourly key with a row updated in ``[window_from, window_to)``.
-
-    ``stamps`` are the update timestamps inside the window (sorted), each with its row
-    count; slices are cut only at those timestamps, and together they tile the window.
-    """
-    started = time.monotonic()
-    result = RollupResult(window_from=window_from, window_to=window_to)
-    total_rows = sum(count for _, count in stamps)
-    done_rows = 0
-    cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
-    budget_rows = max(1, stamps[0][1]) if stamps else 1
-    index = 0
-    lower = window_from
-    while index < len(stamps) or (not stamps and lower < window_to):
-        end = index + 1
-        rows = stamps[index][1] if stamps else 0
-        while end < len(stamps) and rows + stamps[end][1] <= budget_rows:
-            rows += stamps[end][1]
-            end += 1
-        upper = stamps[end][0] if end < len(stamps) else window_to
-        batches = end - index
-        try:
-            piece = _rollup_slice(
-                lower,
-                upper,
-                lock_timeout,
-                statement_timeout,
-                cap if batches > 1 else None,
-                batches,
-                rows,
-            )
-        except DatabaseError as exc:
-            if batches > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
-                budget_rows = max(1, rows // 2)
-                logger.info("rollup slice over its lock budget; retrying %d rows", budget_rows)
-                continue
-            raise
-        result.slices.append(piece)
-        done_rows += rows
-        if on_slice is not None:
-            on_slice(piece, done_rows, total_rows)
-        log_event(
-            logger,
-            logging.DEBUG,
-            "rollup_slice",
-            f"rollup slice {lower.isoformat()}..{upper.isoformat()}: {rows} rows, "
-            f"{piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} held "
-            f"{piece.lock_held_seconds:.3f}s",
-            window_from=lower,
-            window_to=upper,
-            batches=batches,
-            rows=rows,
-            rows_done=done_rows,
-            rows_total=total_rows,
-            rollup_rows=piece.rollup_rows,
-            lock_wait_seconds=round(piece.lock_wait_seconds, 6),
-            lock_held_seconds=round(piece.lock_held_seconds, 6),
-        )
-        if piece.lock_held_seconds > cap:
-            logger.warning(
-                "one batch's rollup held lock %d for %.1fs (budget %.1fs): use a smaller "
-                "--batch-size next time",
-                ROLLUP_LOCK_ID,
-                piece.lock_held_seconds,
-                max_lock_seconds,
-            )
-        rate = rows / max(piece.lock_held_seconds, 0.001)
-        wanted = int(rate * max_lock_seconds * TARGET_LOCK_FRACTION)
-        budget_rows = max(1, min(wanted, int(max(rows, 1) * MAX_SLICE_GROWTH)))
-        lower = upper
-        index = end
-        if not stamps:
-            break
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def _rollup_slice(
+def rebuild_window(
     lower: datetime,
     upper: datetime,
-    lock_timeout: float,
-    statement_timeout: float,
-    hold_limit: float | None,
-    batches: int,
-    rows: int,
-) -> RollupSlice:
-    """One transaction: take 4246, call the rollup over ``[lower, upper)``, commit."""
+    *,
+    lock_timeout: float = 5.0,
+    statement_timeout: float = 600.0,
+    keys: int = 0,
+) -> RollupResult:
+    """Rebuild, in one lock-4246 transaction, every key the call over ``[lower, upper)`` finds.
+
+    ``keys`` is what the caller queued, for the record.
+    """
+    started = time.monotonic()
 
     def call(cursor: Any, limit_next_statement: Callable[[], None]) -> int:
-        limit_next_statement()
         cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
         return cursor.fetchone()[0] or 0
 
-    rollup_rows, waited, held = _under_rollup_lock(
-        call, lock_timeout, statement_timeout, hold_limit
+    rollup_rows, waited, held = _under_rollup_lock(call, lock_timeout, statement_timeout)
+    piece = RollupSlice(lower, upper, rollup_rows, waited, held, keys)
+    _log_slice(
+        piece,
+        f"rollup window {lower.isoformat()}..{upper.isoformat()}",
+        window_from=lower,
+        window_to=upper,
+        keys=keys,
     )
-    return RollupSlice(lower, upper, batches, rows, rollup_rows, waited, held)
+    return RollupResult(
+        window_from=lower, window_to=upper, slices=[piece], seconds=time.monotonic() - started
+    )
+
+
+def _log_slice(piece: RollupSlice, what: str, **fields: Any) -> None:
+    """One ``rollup_slice`` event: what was rebuilt, and how long lock 4246 was held."""
+    log_event(
+        logger,
+        logging.DEBUG,
+        "rollup_slice",
+        f"{what}: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} held "
+        f"{piece.lock_held_seconds:.3f}s",
+        **fields,
+        rollup_rows=piece.rollup_rows,
+        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+        lock_held_seconds=round(piece.lock_held_seconds, 6),
+    )
 
 
 def _under_rollup_lock(
@@ -457,18 +373,12 @@ def rebuild_keys(
             result.window_to = piece.window_to
             if on_slice is not None:
                 on_slice(piece, done, total)
-            log_event(
-                logger,
-                logging.DEBUG,
-                "rollup_slice",
-                f"rollup slice: {size} keys ({done}/{total}), {piece.rollup_rows} hourly rows, "
-                f"lock {ROLLUP_LOCK_ID} held {piece.lock_held_seconds:.3f}s",
+            _log_slice(
+                piece,
+                f"rollup slice: {size} keys ({done}/{total})",
                 keys=size,
                 keys_done=done,
                 keys_total=total,
-                rollup_rows=piece.rollup_rows,
-                lock_wait_seconds=round(piece.lock_wait_seconds, 6),
-                lock_held_seconds=round(piece.lock_held_seconds, 6),
             )
             if piece.lock_held_seconds > cap:
                 logger.warning(
@@ -511,8 +421,6 @@ def _queued_slice(
     return RollupSlice(
         window_from=stamps[0],
         window_to=stamps[0] + timedelta(microseconds=1),
-        batches=0,
-        rows=0,
         rollup_rows=rollup_rows,
         lock_wait_seconds=waited,
         lock_held_seconds=held,
