@@ -231,6 +231,10 @@ CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
 TRUNCATE_KEYS_TABLE_SQL = f"TRUNCATE {KEYS_TABLE}"
 DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 
+# The run just added its rows to the journal: fresh statistics keep the plan below from
+# taking them for a handful (nested loops over every entry).
+ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
+
 # The hourly keys of the rows some runs changed (rows of tasks without a runtime have none),
 # numbered, each with the running total of their estimated cost (``cost_to``).
 FILL_KEYS_TABLE_SQL = f"""
@@ -245,9 +249,10 @@ WITH keys AS MATERIALIZED (
     WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
 ),
 agent_tasks AS (
-    SELECT k.agent_id,
-           (SELECT count(*) FROM {{agent_task_queue}} t WHERE t.agent_id = k.agent_id) AS tasks
-    FROM (SELECT DISTINCT agent_id FROM keys) k
+    SELECT t.agent_id, count(*) AS tasks
+    FROM {{agent_task_queue}} t
+    WHERE t.agent_id IN (SELECT agent_id FROM keys)
+    GROUP BY t.agent_id
 )
 INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS}, cost_to)
 SELECT row_number() OVER w, {KEY_COLUMNS},
@@ -334,6 +339,7 @@ def rebuild_keys(
     with connection.cursor() as cursor:
         cursor.execute(CREATE_KEYS_TABLE_SQL)
         cursor.execute(TRUNCATE_KEYS_TABLE_SQL)
+        cursor.execute(compose(ANALYZE_JOURNAL_SQL))
         cursor.execute(
             compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids), "base_cost": KEY_BASE_COST}
         )
