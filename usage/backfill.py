@@ -305,15 +305,13 @@ class Backfill:
             after = upto
             if after < planned:
                 self._pause_between_batches()
-        if not self.stop.is_set() and self.range_shortfall:
-            self._retry_locked_rows()
+        remaining = 0
+        if self.range_shortfall and not self.stop.is_set():
+            remaining = self._retry_locked_rows()
         if self.stop.is_set():
             self.result.stopped = True
-            self.result.rows_remaining = planned - self.result.rows_updated
-        elif self.range_shortfall:
-            self.result.rows_remaining = self._remaining_in_work()
-        else:
-            self.result.rows_remaining = 0
+            remaining = planned - self.result.rows_updated
+        self.result.rows_remaining = remaining
         window_end = database_now() + rollup.WINDOW_PAD
         BackfillRun.objects.filter(pk=self.result.run.pk).update(
             rollup_to=window_end, rows_remaining=self.result.rows_remaining
@@ -444,19 +442,23 @@ class Backfill:
                 continue
             return batch
 
-    def _retry_locked_rows(self) -> None:
-        """Give rows skipped for a writer's lock a few more chances once it lets go."""
+    def _retry_locked_rows(self) -> int:
+        """Give rows skipped for a writer's lock a few more chances once it lets go.
+
+        Returns how many rows of the snapshot are still eligible (still locked) at the end.
+        """
         for delay in self.options.lock_retry_delays:
             remaining = self._remaining_in_work()
             if remaining == 0:
-                return
+                return 0
             logger.info("%d rows locked by other writers; retrying in %.1fs", remaining, delay)
             if self.stop.wait(delay):
-                return
+                return remaining
             while not self.stop.is_set():
                 batch = self._batch(RETRY_BATCH_SQL, {})
                 if batch.rows == 0:
                     break
+        return self._remaining_in_work()
 
     def _remaining_in_work(self) -> int:
         with connection.cursor() as cursor:

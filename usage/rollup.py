@@ -155,9 +155,8 @@ def _under_rollup_lock(
     ``work`` gets the cursor and a function to call just before its long statement: with a
     ``hold_limit``, that function shortens the statement's timeout to what is left of the
     limit since the lock was taken, minus room for the commit (it is applied once as soon as
-    the lock is taken, too). ``statement_timeout`` caps
-    each statement alone, so without this a slice could hold the lock for the enqueue's
-    time plus the call's plus the commit's.
+    the lock is taken, too). ``statement_timeout`` caps each statement alone, so without this
+    a slice could hold the lock for the enqueue's time plus the call's plus the commit's.
 
     Returns what ``work`` returned, the seconds spent waiting for the lock and the seconds
     it was held (until the commit).
