@@ -326,11 +326,15 @@ class SizeRun:
             "checks": self.checks,
         }
 
-    def floor(self) -> None:
-        logger.info("(a) floor: one set-based UPDATE")
+    def floor_sample(self) -> tuple[str, variants.Timed]:
+        """(a) once, on a fresh copy: the copy's name (the caller drops it) and the timing."""
         name = self.fresh_copy("floor")
         with self.srv.connect(name) as conn:
-            timed = variants.floor_update(conn, CUTOFF)
+            return name, variants.floor_update(conn, CUTOFF)
+
+    def floor(self) -> None:
+        logger.info("(a) floor: one set-based UPDATE")
+        name, timed = self.floor_sample()
         self.results["floor"] = {"seconds": timed.seconds, "rows": timed.rows}
         self.results["floor"].update(self.end_state(name, "(a) floor"))
         self.check("(a) floor updated every candidate", timed.rows == self.candidates)
@@ -393,9 +397,7 @@ class SizeRun:
         tool["samples"] = [tool["seconds"]]
         for turn in range(2, self.args.update_repeat + 1):
             logger.info("(a)+(c) again, turn %d of %d", turn, self.args.update_repeat)
-            name = self.fresh_copy("floor")
-            with self.srv.connect(name) as conn:
-                timed = variants.floor_update(conn, CUTOFF)
+            name, timed = self.floor_sample()
             self.check(f"(a) turn {turn} updated every candidate", timed.rows == self.candidates)
             floor["samples"].append(timed.seconds)
             self.done_with(name)
