@@ -35,12 +35,14 @@ from usage.replication import (
     ReplicationLagTimeout,
     judge,
     lag_too_high,
+    replica_states,
     wait_for_replicas,
 )
 
 REPLICA_NAME = "codexreplica"
 SERVER_USER = "pgserver"
 COMMAND_TIMEOUT = 120
+LAG_MARGIN_SECONDS = 1.0
 
 
 # -- the rule table, without servers -------------------------------------------------------
@@ -291,22 +293,44 @@ def pause_replay(standby: psycopg.Connection) -> None:
 
 
 def caught_up(primary: psycopg.Connection, limit: float = 0.5) -> None:
+    """Wait until the throttle lets a run go *and* the replica has replayed everything.
+
+    The second half matters for the next test: a replica still replaying a backlog reports
+    a lag that keeps shrinking, which would undo the lag the next test sets up.
+    """
     cursor = primary.cursor()
-    wait_until(lambda: lag_too_high(limit, cursor) is None, 30, "the replica to catch up")
+
+    def settled() -> bool:
+        states = replica_states(cursor)
+        return lag_too_high(limit, cursor) is None and all(
+            state.behind_bytes == 0 for state in states
+        )
+
+    wait_until(settled, 30, "the replica to catch up")
 
 
-def lagging(primary: psycopg.Connection, limit: float, *, measured: bool) -> str:
-    """Keep writing until the throttle reports lag (a measured one, if asked) and return it."""
+def lagging(primary: psycopg.Connection, limit: float) -> str:
+    """Keep writing until the replica's measured lag is clearly over ``limit``; the reason.
+
+    Call with replay paused. Until it is measured the lag is "unknown", and the replica's
+    next reply can turn it into a small known lag within the limit. Measured lag can also
+    step back a little between two replies (by up to 0.1 s here), so this waits for
+    ``LAG_MARGIN_SECONDS`` more than the limit: from then on the throttle keeps reporting
+    lag for as long as replay stays paused.
+    """
     cursor = primary.cursor()
 
-    def reason() -> str | None:
+    def clearly_over() -> bool:
         write(primary)
-        found = lag_too_high(limit, cursor)
-        if found and measured and "unknown" in found:
-            return None
-        return found
+        return any(
+            (state.replay_lag_seconds or 0.0) > limit + LAG_MARGIN_SECONDS
+            for state in replica_states(cursor)
+        )
 
-    return wait_until(reason, 30, "the primary to report replay lag")
+    wait_until(clearly_over, 30, "the primary to report replay lag")
+    reason = lag_too_high(limit, cursor)
+    assert reason is not None
+    return reason
 
 
 @pytest.mark.slow
@@ -317,7 +341,7 @@ def test_paused_replay_is_too_high_and_clears_after_resume(
     caught_up(primary)
     pause_replay(standby)
     write(primary)
-    reason = lagging(primary, 0.1, measured=True)
+    reason = lagging(primary, 0.1)
     assert reason.startswith(f"replica {REPLICA_NAME}@127.0.0.1 replay lag ")
     assert reason.endswith("> 0.1s")
     # Paused replay makes the lag grow, but an hour's limit is not reached.
@@ -334,7 +358,7 @@ def test_wait_for_replicas_pauses_until_the_replica_catches_up(
 ) -> None:
     caught_up(primary)
     pause_replay(standby)
-    lagging(primary, 0.2, measured=False)
+    lagging(primary, 0.2)
 
     def resume_later() -> None:
         time.sleep(2.0)
@@ -370,7 +394,7 @@ def test_wait_for_replicas_stops_on_signal_and_gives_up_after_max_wait(
 ) -> None:
     caught_up(primary)
     pause_replay(standby)
-    lagging(primary, 0.2, measured=False)
+    lagging(primary, 0.2)
 
     stop = threading.Event()
     timer = threading.Timer(1.0, stop.set)
@@ -478,7 +502,7 @@ def test_backfill_command_pauses_while_the_replica_lags(
     assert migrate.returncode == 0, migrate.stderr
     caught_up(primary)
     pause_replay(standby)
-    lagging(primary, 0.2, measured=False)
+    lagging(primary, 0.2)
 
     process = start_manage(
         "backfill_codex_usage_cache",
