@@ -301,9 +301,9 @@ def caught_up(primary: psycopg.Connection, limit: float = 0.5) -> None:
     cursor = primary.cursor()
 
     def settled() -> bool:
-        states = replica_states(cursor)
-        return lag_too_high(limit, cursor) is None and all(
-            state.behind_bytes == 0 for state in states
+        return all(
+            judge(state, limit) is None and state.behind_bytes == 0
+            for state in replica_states(cursor)
         )
 
     wait_until(settled, 30, "the replica to catch up")
