@@ -259,6 +259,9 @@ SELECT row_number() OVER w, {KEY_COLUMNS},
 FROM keys JOIN agent_tasks t USING (agent_id)
 WINDOW w AS (ORDER BY {KEY_COLUMNS})"""
 
+# The running cost up to a key: what the first slice's keys are estimated to cost.
+KEY_COST_TO_SQL = f"SELECT cost_to FROM {KEYS_TABLE} WHERE seq = %s"
+
 # The end of the next slice: the last key whose running cost stays within ``limit`` (at least
 # one key), with its running cost. The keyset stops at the first key over the limit.
 NEXT_SLICE_SQL = f"""
@@ -345,10 +348,7 @@ def rebuild_keys(
         total = cursor.rowcount
         first_cost = 0
         if total:
-            cursor.execute(
-                f"SELECT cost_to FROM {KEYS_TABLE} WHERE seq = %s",
-                [min(FIRST_SLICE_KEYS, total)],
-            )
+            cursor.execute(KEY_COST_TO_SQL, [min(FIRST_SLICE_KEYS, total)])
             first_cost = cursor.fetchone()[0]
     try:
         cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
