@@ -95,6 +95,12 @@ class BackfillRun(models.Model):
         DONE = "done"
         SKIPPED = "skipped"
 
+    class Stamp(models.TextChoices):
+        """What ``updated_at`` the run writes into the rows it repairs (see ``usage.stamp``)."""
+
+        BELOW_WATERMARK = "below_watermark"
+        REPAIR_TIME = "repair_time"
+
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     rollup_state = models.CharField(
         max_length=16, choices=RollupState.choices, default=RollupState.PENDING
@@ -120,6 +126,12 @@ class BackfillRun(models.Model):
     rollup_slices = models.IntegerField(default=0)
     rollup_rows = models.BigIntegerField(default=0)
     rollup_max_lock_seconds = models.FloatField(default=0)
+    rollup_keys = models.BigIntegerField(default=0)
+    rollup_seconds = models.FloatField(default=0)
+    rollup_hash_slices = models.IntegerField(default=0)
+    rollup_cron_waits = models.IntegerField(default=0)
+    stamp = models.CharField(max_length=24, choices=Stamp.choices, blank=True)
+    watermark_at_start = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
 
@@ -152,6 +164,9 @@ class BackfillJournal(models.Model):
     new_input_tokens = models.BigIntegerField()
     cache_read_tokens = models.BigIntegerField()
     new_updated_at = models.DateTimeField()
+    # The database time of the repair: ``new_updated_at`` is what was written into the row,
+    # which may be just below the platform's rollup watermark rather than the repair's time.
+    repaired_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
