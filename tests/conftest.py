@@ -17,6 +17,14 @@ from django.db import connection, transaction
 from psycopg import sql
 
 from usage import target
+from usage.eligibility import compose
+
+# The cron tick's state as the schema fixture creates it: the tick never ran.
+RESET_ROLLUP_STATE_SQL = """
+UPDATE {task_usage_hourly_rollup_state}
+SET watermark_at = '1970-01-01 00:00:00+00', last_run_started_at = NULL,
+    last_run_finished_at = NULL, last_run_rows = NULL, last_error = NULL
+WHERE id = 1"""
 
 TARGET_TABLES = (
     "task_usage_hourly_dirty",
@@ -53,6 +61,7 @@ def _clean_target_tables(
             )
             .as_string()
         )
+        cursor.execute(compose(RESET_ROLLUP_STATE_SQL))
 
 
 @pytest.fixture

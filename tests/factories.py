@@ -76,3 +76,19 @@ def populate_rollup() -> int:
             compose("SELECT {rollup_task_usage_hourly_window}('-infinity', 'infinity')")
         )
         return cursor.fetchone()[0]
+
+
+def set_rollup_state(watermark_at: datetime, last_run_started_at: datetime | None = None) -> None:
+    """Put the platform's cron tick where a test needs it (its watermark and last start)."""
+    from django.db import connection
+
+    from usage.eligibility import compose
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            compose(
+                "UPDATE {task_usage_hourly_rollup_state}"
+                " SET watermark_at = %s, last_run_started_at = %s WHERE id = 1"
+            ),
+            [watermark_at, last_run_started_at],
+        )

@@ -129,9 +129,10 @@ def test_database_without_the_target_schema_is_reported(
         result = manage("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, env=env)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr
-        assert "table task_usage, agent_task_queue, agent, task_usage_hourly not found" in (
-            result.stderr
-        )
+        assert (
+            "table task_usage, agent_task_queue, agent, task_usage_hourly, "
+            "task_usage_hourly_dirty, task_usage_hourly_rollup_state not found"
+        ) in result.stderr
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')

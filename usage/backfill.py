@@ -33,7 +33,7 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
-from usage import rollup, runs
+from usage import cron, rollup, runs
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
@@ -78,6 +78,18 @@ INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 
 
+# The updated_at a batch writes (see usage.cron): just below the platform rollup's watermark,
+# read afresh by every batch (it only moves forward) but never before the cutoff nor in the
+# future; or, when the run found no usable watermark, the time of the repair. The journal's
+# repaired_at keeps the true time either way.
+STAMP = """CASE WHEN %(below_watermark)s THEN greatest(
+        least(
+            (SELECT s.watermark_at FROM {task_usage_hourly_rollup_state} s WHERE s.id = 1)
+                - interval '1 microsecond',
+            now()),
+        %(cutoff)s)
+    ELSE now() END"""
+
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
 # batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
 # The re-check under the lock is the row's own part of the eligibility (what a concurrent
@@ -93,20 +105,23 @@ WITH locked AS (
     {{limit}}
     FOR NO KEY UPDATE OF tu SKIP LOCKED
 ),
+stamp AS MATERIALIZED (
+    SELECT {STAMP} AS at
+),
 journaled AS (
     INSERT INTO {{journal}} (
         run_id, usage_id, old_input_tokens, old_updated_at,
-        new_input_tokens, cache_read_tokens, new_updated_at
+        new_input_tokens, cache_read_tokens, new_updated_at, repaired_at
     )
     SELECT %(run_id)s, l.id, l.input_tokens, l.updated_at,
-           greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, now()
-    FROM locked l
+           greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, s.at, now()
+    FROM locked l CROSS JOIN stamp s
     RETURNING usage_id
 ),
 updated AS (
     UPDATE {{task_usage}} tu
-    SET input_tokens = {{corrected_input}}, updated_at = now()
-    FROM locked l
+    SET input_tokens = {{corrected_input}}, updated_at = s.at
+    FROM locked l CROSS JOIN stamp s
     WHERE tu.id = l.id
     RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
               l.input_tokens < l.cache_read_tokens AS clamped
@@ -152,6 +167,7 @@ class ExecuteOptions:
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
     max_replication_lag: float | None = None
+    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +197,7 @@ class ExecuteResult:
     recovered_runs: list[int] = field(default_factory=list)
     rollup: rollup.RollupResult | None = None
     update_seconds: float = 0.0
+    stamp: cron.StampPolicy | None = None
 
     def add(self, batch: BatchResult) -> None:
         self.batches += 1
@@ -193,6 +210,22 @@ class _BatchTimeoutError(Exception):
     pass
 
 
+class StopRequests(threading.Event):
+    """A stop flag that counts its requests (signals).
+
+    The first request stops the batches, and the rollup is still rebuilt for what was done;
+    a request that arrives once the rollup has begun stops the rollup between slices.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+        super().set()
+
+
 class BackfillListener:
     """Receives a run's events; the command renders them (progress bar, lines, JSON)."""
 
@@ -201,6 +234,9 @@ class BackfillListener:
 
     def planned(self, rows: int) -> None:
         """The candidate snapshot is taken: ``rows`` rows to walk."""
+
+    def stamping(self, policy: cron.StampPolicy) -> None:
+        """How the run stamps ``updated_at`` on the rows it repairs, and why."""
 
     def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
         """A batch committed."""
@@ -253,6 +289,8 @@ class Backfill:
         ensure_cutoff_in_past(self.options.cutoff, database_now())
         with runs.run_lock():
             stale = runs.mark_stale_runs()
+            policy = cron.choose_stamp(self.options.cutoff, cron.read_state())
+            self.params["below_watermark"] = policy.below_watermark
             run = runs.start_run(
                 arguments=self.options.arguments,
                 cutoff=self.options.cutoff,
@@ -263,10 +301,22 @@ class Backfill:
                     if self.options.rebuild_rollup
                     else BackfillRun.RollupState.SKIPPED
                 ),
+                stamp=policy.stamp,
+                watermark_at_start=policy.watermark_at,
             )
-            self.result = ExecuteResult(run=run, stale_runs=stale)
+            self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy)
             log_event(logger, logging.INFO, "start", f"run {run.pk} started", run_id=run.pk)
             self.listener.started(run)
+            log_event(
+                logger,
+                logging.INFO,
+                "stamp",
+                policy.reason,
+                run_id=run.pk,
+                stamp=policy.stamp,
+                watermark_at=policy.watermark_at,
+            )
+            self.listener.stamping(policy)
             try:
                 self._update_phase()
             except _BatchTimeoutError as exc:
@@ -287,8 +337,7 @@ class Backfill:
         planned = self._snapshot()
         self.result.rows_planned = planned
         BackfillRun.objects.filter(pk=self.result.run.pk).update(rows_planned=planned)
-        window_start = database_now() - rollup.WINDOW_PAD
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=window_start)
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=database_now())
         log_event(
             logger,
             logging.INFO,
@@ -312,9 +361,8 @@ class Backfill:
             self.result.stopped = True
             remaining = planned - self.result.rows_updated
         self.result.rows_remaining = remaining
-        window_end = database_now() + rollup.WINDOW_PAD
         BackfillRun.objects.filter(pk=self.result.run.pk).update(
-            rollup_to=window_end, rows_remaining=self.result.rows_remaining
+            rollup_to=database_now(), rows_remaining=self.result.rows_remaining
         )
         self.result.update_seconds = time.monotonic() - started
 
@@ -482,18 +530,35 @@ class Backfill:
             max_lock_seconds=self.options.max_rollup_lock_seconds,
             lock_timeout=self.options.lock_timeout,
             statement_timeout=self.options.statement_timeout,
+            neighbours=rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
+            should_stop=self._rollup_stop_check(),
             on_slice=self.listener.rollup_slice,
+            on_wait=self.listener.paused,
         )
-        BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(
-            rollup_state=BackfillRun.RollupState.DONE
-        )
+        if not result.stopped:
+            BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(
+                rollup_state=BackfillRun.RollupState.DONE
+            )
+            self.result.recovered_runs.extend(pending)
         BackfillRun.objects.filter(pk=run.pk).update(
             rollup_slices=len(result.slices),
             rollup_rows=result.rollup_rows,
             rollup_max_lock_seconds=result.max_lock_held_seconds,
+            rollup_keys=result.keys_done,
+            rollup_seconds=result.seconds,
+            rollup_hash_slices=result.hash_slices,
+            rollup_cron_waits=result.cron_waits,
         )
-        self.result.recovered_runs.extend(pending)
         self.result.rollup = result
+
+    def _rollup_stop_check(self) -> Callable[[], bool]:
+        """Whether a stop request arrived after the rollup began (see ``StopRequests``)."""
+        count = getattr(self.stop, "count", None)
+        if count is not None:
+            return lambda: self.stop.count > count  # type: ignore[attr-defined]
+        if self.stop.is_set():
+            return lambda: False
+        return self.stop.is_set
 
     def _rebuild_rollup_quietly(self) -> None:
         if not self.options.rebuild_rollup:
@@ -512,7 +577,15 @@ class Backfill:
                 message = f"rows repaired, but the rollup rebuild failed: {_describe_failure(exc)}"
                 self._finish_after_error(message)
                 raise BackfillError(message, self.result) from exc
-        if self.result.stopped:
+        rollup_result = self.result.rollup
+        if rollup_result is not None and rollup_result.stopped:
+            self._finish(
+                BackfillRun.Status.INTERRUPTED,
+                f"stopped by a signal during the rollup rebuild ({rollup_result.keys_done} of "
+                f"{rollup_result.keys_total} hourly keys rebuilt); re-running the same command "
+                "rebuilds the rest",
+            )
+        elif self.result.stopped:
             self._finish(
                 BackfillRun.Status.INTERRUPTED,
                 "stopped by a signal; re-running the same command resumes",
@@ -582,7 +655,7 @@ def execute_backfill(
         listener = _CallbackListener(
             on_batch=on_batch, on_rollup_slice=on_rollup_slice, on_start=on_start
         )
-    return Backfill(options, stop or threading.Event(), listener).run()
+    return Backfill(options, stop or StopRequests(), listener).run()
 
 
 def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:

@@ -52,6 +52,7 @@ __all__ = [
     "DatasetSpec",
     "DatasetStats",
     "generate_dataset",
+    "mark_rolled_up",
     "populate_hourly",
 ]
 
@@ -648,6 +649,35 @@ def populate_hourly(cursor: Cursor) -> int:
     cursor.execute(_POPULATE)
     row = cursor.fetchone()
     return int(row[0])
+
+
+# The platform's cron tick as if it had rolled up everything written (the hour after the last
+# write) and its scheduler had stopped five minutes later: deterministic for a given dataset.
+_MARK_ROLLED_UP = """
+UPDATE task_usage_hourly_rollup_state
+SET watermark_at = m.watermark,
+    last_run_started_at = m.watermark + interval '5 minutes',
+    last_run_finished_at = m.watermark + interval '5 minutes',
+    last_run_rows = (SELECT count(*) FROM task_usage_hourly),
+    last_error = NULL
+FROM (
+    SELECT date_trunc('hour', max(coalesce(updated_at, created_at))) + interval '1 hour'
+               AS watermark
+    FROM task_usage
+) m
+WHERE id = 1 AND m.watermark IS NOT NULL
+RETURNING watermark_at"""
+
+
+def mark_rolled_up(cursor: Cursor) -> Any:
+    """Set the cron tick's state as if it had rolled up the whole dataset; return the watermark.
+
+    Call after :func:`populate_hourly`. Without it the state says the tick never ran, and the
+    repair stamps rows with its own time (see ``usage.cron``).
+    """
+    cursor.execute(_MARK_ROLLED_UP)
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 # Seeds a sandbox database; the cutoff is the day the fix landed upstream.

@@ -12,7 +12,17 @@ from django.conf import settings
 from django.db import connection
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
-REQUIRED_TARGET_TABLES = ("task_usage", "agent_task_queue", "agent", "task_usage_hourly")
+REQUIRED_TARGET_TABLES = (
+    "task_usage",
+    "agent_task_queue",
+    "agent",
+    "task_usage_hourly",
+    "task_usage_hourly_dirty",
+    "task_usage_hourly_rollup_state",
+)
+# The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform
+# does, so a key the platform queued is no conflict.
+QUEUE_CONSTRAINT = "uq_task_usage_hourly_dirty_key"
 REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")
 
 # SQLSTATEs the repair reacts to.
@@ -25,6 +35,12 @@ SELECT name FROM unnest(%(tables)s::text[]) AS name
 WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
 
 ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
+
+QUEUE_CONSTRAINT_EXISTS_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_constraint
+    WHERE conrelid = to_regclass(%(table)s) AND conname = %(name)s AND contype = 'u'
+)"""
 
 
 SET_LOCAL_TIMEOUTS_SQL = (
@@ -101,6 +117,19 @@ def check_target() -> None:
                 f"function {ROLLUP_FUNCTION_SIGNATURE} not found in schema "
                 f"{settings.CODEX_TARGET_SCHEMA!r}: this database does not have the hourly "
                 "rollup the repair must call; check DATABASE_URL"
+            )
+        cursor.execute(
+            QUEUE_CONSTRAINT_EXISTS_SQL,
+            {
+                "table": f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly_dirty",
+                "name": QUEUE_CONSTRAINT,
+            },
+        )
+        if not cursor.fetchone()[0]:
+            raise TargetError(
+                f"task_usage_hourly_dirty has no unique constraint {QUEUE_CONSTRAINT}: the "
+                "repair queues hourly keys with ON CONFLICT ON CONSTRAINT, as the platform "
+                "does; run preflight_codex_usage_backfill for the details"
             )
         cursor.execute(
             MISSING_OBJECTS_SQL,

@@ -25,7 +25,9 @@ TARGET_NAMES = (
     "issue",
     "task_usage_hourly",
     "task_usage_hourly_dirty",
+    "task_usage_hourly_rollup_state",
     "rollup_task_usage_hourly_window",
+    "rollup_task_usage_hourly",
 )
 # The tool's own tables, qualified with the tool's schema.
 TOOL_NAMES = {"journal": "backfill_journal", "run": "backfill_run"}

@@ -116,4 +116,7 @@ def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
             minimum=0.05,
             maximum=60,
         ),
+        "cron_tick_interval": parse_seconds(
+            options["cron_tick_interval"], flag="--cron-tick-interval", minimum=1, maximum=86400
+        ),
     }

@@ -40,9 +40,10 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from psycopg import sql
 
-from usage import replication
+from usage import cron, replication
 from usage.db import (
     MISSING_OBJECTS_SQL,
+    QUEUE_CONSTRAINT,
     REQUIRED_TARGET_TABLES,
     REQUIRED_TOOL_TABLES,
     ROLLUP_FUNCTION_SIGNATURE,
@@ -73,11 +74,19 @@ BEFORE_NORMALIZED_WARN_SHARE = 0.2
 FIX_LANDED_UPSTREAM = datetime.fromisoformat("2026-06-13T00:00:00+00:00")
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
-PREFLIGHT_TARGET_TABLES = tuple(
-    dict.fromkeys((*REQUIRED_TARGET_TABLES, "issue", "task_usage_hourly_dirty"))
-)
+PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*REQUIRED_TARGET_TABLES, "issue")))
 
 _TIMESTAMPTZ = "timestamp with time zone"
+# The queue's key, in the order of its unique constraint.
+QUEUE_KEY_COLUMNS = (
+    ("bucket_hour", _TIMESTAMPTZ),
+    ("workspace_id", "uuid"),
+    ("runtime_id", "uuid"),
+    ("agent_id", "uuid"),
+    ("project_id", "uuid"),
+    ("provider", "text"),
+    ("model", "text"),
+)
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 # Table -> the columns the tool (or the rollup it calls) reads or writes, with their types.
 EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -112,6 +121,15 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("task_count", "bigint"),
         ("event_count", "bigint"),
     ),
+    "task_usage_hourly_dirty": (
+        *((name, expected) for name, expected in QUEUE_KEY_COLUMNS),
+        ("enqueued_at", _TIMESTAMPTZ),
+    ),
+    "task_usage_hourly_rollup_state": (
+        ("id", "smallint"),
+        ("watermark_at", _TIMESTAMPTZ),
+        ("last_run_started_at", _TIMESTAMPTZ),
+    ),
 }
 # Types that behave the same for the tool's queries.
 _EQUIVALENT_TYPES = {"text": ("text", "character varying")}
@@ -140,6 +158,25 @@ REQUIRED_INDEXES = (
 )
 
 READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
+
+# The queue's unique constraint the tool's upserts name, and its shape.
+QUEUE_CONSTRAINT_SQL = """
+SELECT c.contype, i.indnullsnotdistinct,
+       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             ORDER BY k.n)
+FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
+# Columns of the queue an insert of the key and enqueued_at alone would leave NULL.
+QUEUE_REQUIRED_COLUMNS_SQL = """
+SELECT a.attname FROM pg_attribute a
+WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+  AND a.attname <> ALL(%(columns)s::text[])"""
+CRON_STATE_SQL = """
+SELECT s.watermark_at, s.last_run_started_at, s.last_error, now(),
+       to_regprocedure(%(cron)s) IS NOT NULL
+FROM (SELECT 1) one LEFT JOIN {task_usage_hourly_rollup_state} s ON s.id = 1"""
 # Transaction-local (third argument true): they end with the pre-flight's transaction.
 TIMEOUTS_SQL = """
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
@@ -452,7 +489,7 @@ def check_indexes(ctx: Context) -> CheckResult:
 
 
 def _privilege_requirements(ctx: Context) -> list[tuple[str, str, str]]:
-    table = {name: compose("{" + name + "}") for name in PREFLIGHT_TARGET_TABLES}
+    table = {name: compose("{" + name + "}") for name in EXPECTED_COLUMNS}
     needs: list[tuple[str, str, str]] = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
         ("schema", ctx.target_schema, "USAGE"),
@@ -490,6 +527,12 @@ def _privilege_requirements(ctx: Context) -> list[tuple[str, str, str]]:
             ("table", table["task_usage_hourly_dirty"], privilege)
             for privilege in ("SELECT", "DELETE")
         )
+    # The repair and the revert queue keys with an upsert, and read the cron's watermark.
+    needs.extend(
+        ("table", table["task_usage_hourly_dirty"], privilege)
+        for privilege in ("INSERT", "UPDATE")
+    )
+    needs.append(("table", table["task_usage_hourly_rollup_state"], "SELECT"))
     return needs
 
 
@@ -652,6 +695,75 @@ def check_after_cutoff(ctx: Context) -> CheckResult:
     return passed(detail)
 
 
+def check_rollup_queue(ctx: Context) -> CheckResult:
+    """The queue's key is unique NULLS NOT DISTINCT under the name the upserts use."""
+    table = compose("{task_usage_hourly_dirty}")
+    key = [name for name, _ in QUEUE_KEY_COLUMNS]
+    fix = (
+        "the repair queues hourly keys as the platform does (INSERT ... ON CONFLICT ON "
+        f"CONSTRAINT {QUEUE_CONSTRAINT}); deploy the application migration that gives "
+        f"task_usage_hourly_dirty that constraint: UNIQUE NULLS NOT DISTINCT ({', '.join(key)})"
+    )
+    row = ctx.one(QUEUE_CONSTRAINT_SQL, {"table": table, "name": QUEUE_CONSTRAINT})
+    if row is None:
+        return failed(f"task_usage_hourly_dirty has no constraint {QUEUE_CONSTRAINT}", fix)
+    kind, nulls_not_distinct, columns = row
+    if kind != "u" or not nulls_not_distinct or list(columns) != key:
+        shape = (
+            f"{'UNIQUE' if kind == 'u' else 'not UNIQUE'}"
+            f"{' NULLS NOT DISTINCT' if nulls_not_distinct else ''} ({', '.join(columns)})"
+        )
+        return failed(f"{QUEUE_CONSTRAINT} is {shape}", fix)
+    extra = [
+        r[0]
+        for r in ctx.all(
+            QUEUE_REQUIRED_COLUMNS_SQL, {"table": table, "columns": [*key, "enqueued_at"]}
+        )
+    ]
+    if extra:
+        return failed(
+            f"task_usage_hourly_dirty has NOT NULL column(s) without a default: "
+            f"{', '.join(extra)}; queueing a key with its seven columns would fail",
+            "this is not the queue the tool was written for: check DATABASE_URL and "
+            "CODEX_TARGET_SCHEMA",
+        )
+    return passed(
+        f"task_usage_hourly_dirty keys are unique NULLS NOT DISTINCT ({QUEUE_CONSTRAINT})"
+    )
+
+
+def check_rollup_cron(ctx: Context) -> CheckResult:
+    """Where the platform's cron tick stands: how the repair will stamp its rows."""
+    watermark, last_started, last_error, now, has_cron = ctx.one(
+        compose(CRON_STATE_SQL),
+        {"cron": f"{ctx.target_schema}.rollup_task_usage_hourly()"},
+    )
+    if watermark is None:
+        return failed(
+            "task_usage_hourly_rollup_state has no row (id = 1)",
+            "the platform's rollup state is missing: check DATABASE_URL and CODEX_TARGET_SCHEMA",
+        )
+    policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now))
+    last = (
+        "the cron tick never ran"
+        if last_started is None
+        else f"last cron tick started {_describe_age(now - last_started)} ago"
+    )
+    notes = [last]
+    if last_error:
+        notes.append(f"its last error: {' '.join(str(last_error).split())[:200]}")
+    if not has_cron:
+        notes.append("rollup_task_usage_hourly() not found")
+    detail = f"{policy.reason} ({'; '.join(notes)})"
+    if not policy.below_watermark:
+        return warned(
+            detail,
+            "the repair still works; to spare the platform one long re-roll, let its cron "
+            "tick catch up past the cutoff first (or accept that re-roll)",
+        )
+    return passed(detail)
+
+
 def check_replication(ctx: Context) -> CheckResult:
     replicas = replication.replica_states(ctx.cursor)
     if not replicas:
@@ -674,6 +786,18 @@ CHECKS: tuple[Check, ...] = (
     Check("tables", "the application's tables", check_tables),
     Check("columns", "the columns and types the tool uses", check_columns, ("tables",)),
     Check("rollup_function", "the hourly rollup function and signature", check_rollup_function),
+    Check(
+        "rollup_queue",
+        "the rollup queue's unique key the repair upserts into",
+        check_rollup_queue,
+        ("tables",),
+    ),
+    Check(
+        "rollup_cron",
+        "the platform's cron tick and its watermark",
+        check_rollup_cron,
+        ("tables",),
+    ),
     Check("indexes", "the indexes the tool relies on", check_indexes, ("tables",)),
     Check("tool_schema", "the tool's own schema is migrated", check_tool_schema),
     Check(

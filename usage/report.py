@@ -44,6 +44,11 @@ RUN_FIELDS = (
     "rollup_rows",
     "rollup_slices",
     "rollup_max_lock_seconds",
+    "rollup_keys",
+    "rollup_seconds",
+    "rollup_hash_slices",
+    "rollup_cron_waits",
+    "stamp",
 )
 
 
@@ -83,7 +88,13 @@ def add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
             "rollup_rows": rollup.rollup_rows if rollup else 0,
             "rollup_slices": len(rollup.slices) if rollup else 0,
             "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6) if rollup else 0,
+            "rollup_keys": rollup.keys_done if rollup else 0,
+            "rollup_seconds": round(rollup.seconds, 3) if rollup else 0,
+            "rollup_hash_slices": rollup.hash_slices if rollup else 0,
+            "rollup_cron_waits": rollup.cron_waits if rollup else 0,
             "rollup_state": run.rollup_state,
+            "stamp": run.stamp,
+            "stamp_reason": result.stamp.reason if result.stamp else "",
             "recovered_runs": result.recovered_runs,
             "stale_runs": result.stale_runs,
             "error": run.error,

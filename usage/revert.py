@@ -39,14 +39,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage import rollup, runs
+from usage import cron, rollup, runs
 from usage.backfill import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -58,7 +58,6 @@ from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
     check_target,
-    database_now,
     scrub,
     set_local_timeouts,
     sqlstate,
@@ -72,8 +71,6 @@ DEFAULT_SHOW_CHANGED = 20
 # The first batch is this small (or the operator's --batch-size, if smaller); later ones are
 # sized from the measured rollup cost.
 INITIAL_BATCH_SIZE = 100
-# The drain window: from the enqueue time to just after it (now() has microsecond precision).
-DRAIN_WINDOW = timedelta(microseconds=1)
 REVERTABLE_STATUSES = (
     BackfillRun.Status.SUCCEEDED,
     BackfillRun.Status.FAILED,
@@ -85,6 +82,26 @@ REVERTABLE_STATUSES = (
 UNCHANGED = """(tu.id IS NOT NULL
         AND tu.input_tokens = j.new_input_tokens
         AND tu.updated_at IS NOT DISTINCT FROM j.new_updated_at)"""
+
+# The task count of every agent the run's rows belong to: a key's rollup cost grows with it.
+AGENT_TASKS_TABLE = "pg_temp.codex_revert_agent_tasks"
+CREATE_AGENT_TASKS_SQL = """
+CREATE TEMP TABLE codex_revert_agent_tasks ON COMMIT PRESERVE ROWS AS
+SELECT q.agent_id, count(*) AS tasks
+FROM {agent_task_queue} q
+WHERE q.agent_id IN (
+    SELECT uq.agent_id
+    FROM {journal} j
+    JOIN {task_usage} tu ON tu.id = j.usage_id
+    JOIN {agent_task_queue} uq ON uq.id = tu.task_id
+    WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL
+)
+GROUP BY q.agent_id"""
+DROP_AGENT_TASKS_SQL = f"DROP TABLE IF EXISTS {AGENT_TASKS_TABLE}"
+# What is queued now (an earlier revert of the run may have stopped before its drain).
+QUEUED_SQL = f"""
+SELECT count(*), coalesce(sum(t.tasks), 0)::bigint, max(d.enqueued_at)
+FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = d.agent_id"""
 
 # One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
 # skipped for a writer's lock on an earlier try).
@@ -128,13 +145,17 @@ restored_keys AS (
     WHERE q.runtime_id IS NOT NULL
 ),
 enqueued AS (
-    INSERT INTO {{task_usage_hourly_dirty}} (
+    -- An upsert, as every platform writer queues keys: a key the platform queued already is
+    -- no conflict, and keeps the later of the two times.
+    INSERT INTO {{task_usage_hourly_dirty}} AS d (
         bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
         enqueued_at
     )
     SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model, now()
     FROM restored_keys
-    RETURNING 1
+    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
+    RETURNING d.agent_id, d.enqueued_at
 ),
 skipped AS (
     -- Unchanged in our snapshot but not locked by us: a writer holds the row.
@@ -148,8 +169,10 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT count(*) FROM restored),
        (SELECT count(*) FROM marked),
        (SELECT count(*) FROM enqueued),
+       (SELECT coalesce(sum(t.tasks), 0)::bigint
+        FROM enqueued e LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = e.agent_id),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
-       now()"""
+       coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
 RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id > %(after)s AND j.id <= %(upto)s")
 RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id = ANY(%(ids)s)")
@@ -199,6 +222,7 @@ class RevertOptions:
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
     show_changed: int = DEFAULT_SHOW_CHANGED
+    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -328,6 +352,7 @@ class _Revert:
         self.batch_size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.timeouts = 0
         self.result: RevertResult | None = None
+        self.drainer: rollup.QueueDrainer | None = None
 
     def run(self) -> RevertResult:
         check_target()
@@ -348,9 +373,10 @@ class _Revert:
             if self.on_start is not None:
                 self.on_start(result)
             try:
+                self._prepare()
                 if BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).exists():
                     # An earlier revert of this run stopped; drain whatever it left queued.
-                    self._drain(database_now())
+                    self._drain_queued()
                 self._restore_phase()
             except _BatchTimeoutError as exc:
                 self._drain_quietly()
@@ -364,9 +390,27 @@ class _Revert:
                     "restored so far stay restored: run the same revert again to finish",
                     result,
                 ) from exc
+            finally:
+                self._drop_agent_tasks()
             self._finish()
         result.seconds = time.monotonic() - started
         return result
+
+    def _prepare(self) -> None:
+        """The agents' task counts (the cost model's input) and the drain's planner."""
+        assert self.result is not None
+        with connection.cursor() as cursor:
+            cursor.execute(DROP_AGENT_TASKS_SQL)
+            cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
+        self.drainer = rollup.QueueDrainer(
+            rollup.SliceLimits(
+                self.options.max_rollup_lock_seconds,
+                self.options.lock_timeout,
+                max(self.options.statement_timeout, 0),
+            ),
+            rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
+        )
+        self.result.rollup = self.drainer.result
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -416,7 +460,7 @@ class _Revert:
                     cursor, self.options.lock_timeout, self.options.statement_timeout
                 )
                 cursor.execute(compose(template), params)
-                entries, restored, marked, enqueued, skipped, stamp = cursor.fetchone()
+                entries, restored, marked, enqueued, tasks, skipped, stamp = cursor.fetchone()
                 if marked != restored:
                     raise RuntimeError(
                         f"marked {marked} journal entries for {restored} restored rows; "
@@ -460,61 +504,63 @@ class _Revert:
             len(skipped),
             batch.seconds,
         )
-        self._adapt(size, self._drain(stamp, keys=enqueued) if enqueued else None)
+        if enqueued:
+            self._drain(stamp, enqueued, tasks)
+            self._adapt(entries, enqueued, tasks)
+        else:
+            self.batch_size = max(1, min(self.options.batch_size, size * 4))
         if self.on_batch is not None:
             self.on_batch(batch, self.result)
         return batch, list(skipped)
 
     # -- the rollup ------------------------------------------------------------------------
 
-    def _drain(self, stamp: datetime, keys: int = 0) -> float:
-        """Rebuild the keys queued up to ``stamp`` in one lock-4246 transaction; seconds held."""
-        assert self.result is not None
+    def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
+        """Rebuild the keys queued up to ``enqueued_until`` in one lock-4246 slice."""
+        assert self.result is not None and self.drainer is not None
         try:
-            piece = rollup.rebuild_window(
-                stamp,
-                stamp + DRAIN_WINDOW,
-                lock_timeout=self.options.lock_timeout,
-                statement_timeout=max(self.options.statement_timeout, 0),
-                keys=keys,
-            )
+            self.drainer.drain(enqueued_until, keys, tasks)
         except rollup.RollupError as exc:
-            raise RevertError(
-                f"{exc} (the restored rows' hourly keys stay queued in "
-                "task_usage_hourly_dirty, which the platform's cron tick also drains)",
-                self.result,
-            ) from exc
-        self.result.rollup.extend(piece)
-        return piece.max_lock_held_seconds
+            raise RevertError(str(exc), self.result) from exc
 
-    def _adapt(self, size: int, held: float | None) -> None:
-        """Size the next batch so its rollup holds lock 4246 for about half the budget.
+    def _drain_queued(self) -> None:
+        """Drain whatever is queued now: what an earlier, stopped revert of the run left."""
+        with connection.cursor() as cursor:
+            cursor.execute(compose(QUEUED_SQL))
+            keys, tasks, latest = cursor.fetchone()
+        if keys:
+            self._drain(latest, keys, tasks)
 
-        Starts small and grows at most ``MAX_SLICE_GROWTH``-fold per batch, never above the
-        operator's ``--batch-size``: the cost of a key is only known once one was rebuilt.
+    def _adapt(self, entries: int, keys: int, tasks: int) -> None:
+        """Size the next batch so its keys' rebuild fits the slice the planner allows.
+
+        Grows at most ``MAX_SLICE_GROWTH``-fold per batch and never above the operator's
+        ``--batch-size``: the journal is in hourly-key order, so neighbouring entries share
+        keys, and the ratio of entries to keys carries over.
         """
-        budget = self.options.max_rollup_lock_seconds
-        grown = size * rollup.MAX_SLICE_GROWTH
-        wanted = grown if not held else size * budget * rollup.TARGET_LOCK_FRACTION / held
+        assert self.drainer is not None
+        wanted = self.drainer.next_keys(tasks / keys) * entries / keys
+        grown = self.batch_size * rollup.MAX_SLICE_GROWTH
         self.batch_size = max(1, min(self.options.batch_size, int(min(wanted, grown))))
-        if held and held > budget:
-            logger.warning(
-                "rollup of one batch held lock %d for %.2fs (budget %.2fs); batches now %d",
-                rollup.ROLLUP_LOCK_ID,
-                held,
-                budget,
-                self.batch_size,
-            )
 
     def _drain_quietly(self) -> None:
         try:
             if connection.connection is not None and not connection.is_usable():
                 connection.close()
-            self._drain(database_now())
+            if self.drainer is not None:
+                self._drain_queued()
         except Exception:
             logger.exception(
                 "rollup drain failed; the queued keys stay in task_usage_hourly_dirty"
             )
+
+    def _drop_agent_tasks(self) -> None:
+        try:
+            if connection.is_usable():
+                with connection.cursor() as cursor:
+                    cursor.execute(DROP_AGENT_TASKS_SQL)
+        except Exception:
+            logger.debug("agent task counts left to die with the session", exc_info=True)
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -1,33 +1,56 @@
-"""Rebuilding the hourly rollup for rows the repair changed, in short lock slices.
+"""Rebuilding the hourly rollup for rows the repair changed, fast and in short lock slices.
 
-Two ways to cut the work, both through ``rollup_task_usage_hourly_window`` and its documented
-contract, each slice its own transaction holding lock 4246 (transaction-level, so it can never
-leak) only around the call, so the cron tick and workspace deletion run between slices:
+The rollup is the platform's: every key is rebuilt by ``rollup_task_usage_hourly_window``,
+never by our own SQL. What the tool chooses is how each call is planned and how many keys it
+takes, from a cost model it measures as it goes:
 
-* ``rebuild_keys`` (the repair's way): the distinct hourly keys of the journaled rows are
-  listed once, in key order, and each slice queues a range of them in
-  ``task_usage_hourly_dirty`` and calls the function over a one-microsecond window, which
-  drains the queue. Every key is rebuilt exactly once and a slice can be as small as one key,
-  so no slice holds the lock longer than the budget, whatever the batch size was. Slices are
-  sized in estimated cost (the key's agent's task count), not in keys.
-* ``rebuild_window`` (the revert's way): one call over a short window in one transaction.
-  The revert restores rows to their old ``updated_at`` and queues their keys itself, then
-  drains them with a call over the microsecond after the enqueue; it sizes its batches so
-  that call holds the lock about half the budget.
+* **Two plans.** The function's recompute joins each dirty key to every task of its agent and
+  runtime, then looks up each task's usage rows. Left to its default settings the planner
+  runs that as a nested loop per key: the cost grows with keys x tasks per agent (about 10 to
+  30 ms a key for an agent of 3,300 tasks). With ``enable_nestloop = off`` it scans the joined
+  tables whole and hashes them: a fixed cost that grows with the table, plus a small one per
+  key. The settings are ``SET LOCAL`` in the slice's transaction, with
+  ``plan_cache_mode = force_custom_plan``: a PL/pgSQL function caches its statements' plans
+  per session (a generic plan is reused whatever the settings say), so only a fresh plan sees
+  them. Each slice checks, from the transaction's own table statistics, that the plan it
+  asked for is the plan that ran (a whole scan of ``task_usage`` or not).
+* **The cost model** (``SlicePlanner``): a nested-loop slice costs ``(tasks + 20 x keys) /
+  rate``; a hash slice ``fixed + (tasks + 700 x keys) / rate``, where ``tasks`` sums the task
+  counts of the keys' agents. Rates and the fixed part are learned from every slice (a
+  slowdown believed at once, a speed-up gradually, slices grow at most fourfold); the fixed
+  part is first predicted from the size of the scanned tables, and a hash slice is never
+  tried when that alone would not fit the lock budget (a table of hundreds of millions of
+  rows). Each slice takes the plan that rebuilds the most keys per second of wall time.
+* **One transaction per slice** holds ``pg_advisory_xact_lock(4246)`` (transaction-level, so
+  it can never leak): it queues the slice's keys in ``task_usage_hourly_dirty`` (an upsert,
+  as every platform writer does, so a key the platform queued is no conflict) and calls the
+  function over the microsecond after the latest of their ``enqueued_at``: it rebuilds those
+  keys (and drains whatever else was queued). The server-side ``statement_timeout`` ends the
+  call when the hold would pass ``--max-rollup-lock-seconds`` + 0.5 s; a cancelled slice is
+  retried smaller (or with the other plan).
+* **Neighbours** (``usage.cron``): between slices lock 4246 stays free for a moment, so a
+  try-lock caller (the platform's cron tick) gets it, and while a tick is due the slices wait
+  until it has run. A stop request ends the rebuild between slices.
+
+The revert's drains (``drain_queued``) run through the same slice transaction and planner.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
+from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
+from usage import cron
+from usage.cron import ROLLUP_LOCK_ID
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
@@ -39,25 +62,68 @@ from usage.events import log_event
 
 logger = logging.getLogger("usage.rollup")
 
-ROLLUP_LOCK_ID = 4246
-# Every window is widened by this much on each side of the rows it must cover.
-WINDOW_PAD = timedelta(seconds=1)
+__all__ = ["ROLLUP_LOCK_ID", "Plan", "RollupError", "RollupResult", "RollupSlice"]
+
 DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 2.0
-# Slack the server allows a slice of more than one key before cancelling it.
+# Slack the server allows a slice before cancelling it: the cap is the budget plus this.
 LOCK_CAP_SLACK_SECONDS = 0.5
 # Of that cap, this much is kept for what follows the rollup call under the lock: the
 # commit (a WAL flush) and the round trips. The call gets the rest.
 COMMIT_ALLOWANCE_SECONDS = 0.3
-# A call is never given less than this; if even that is cancelled the slice is split.
+# A call is never given less than this.
 MIN_CALL_SECONDS = 0.05
 # A slice aims at this fraction of the lock budget, leaving room for variance.
-TARGET_LOCK_FRACTION = 0.5
+TARGET_LOCK_FRACTION = 0.6
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
+# Lock 4246 stays free this long after every slice: a try-lock caller polling every 50 ms
+# asks at least once in that gap.
+SLICE_GAP_SECONDS = 0.1
+# The first slice of each plan takes this many keys' worth of cost, to measure it.
+FIRST_SLICE_KEYS = 50
+# Per-key cost beside the tasks of its agent, in "tasks", for each plan (measured on the
+# fixture at 200,000 and 1,000,000 rows: a nested-loop key costs about 20 task probes on its
+# own; a hashed key about 700 hashed task rows, its share of the upsert and the drain).
+KEY_BASE_COST = {"nestloop": 20, "hash": 700}
+# Priors, replaced by measurements as soon as a slice of that plan ran: task units per second
+# of a nested-loop slice and beyond a hash slice's fixed part, and seconds of a hash slice's
+# whole scan per 8 kB page of task_usage and agent_task_queue.
+PRIOR_RATE = {"nestloop": 150_000.0, "hash": 8_000_000.0}
+PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
+# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
+RATE_SLOWER_WEIGHT = 1.0
+RATE_FASTER_WEIGHT = 0.3
+# Hash slices whose fixed part and rate are fitted from this many of the latest ones.
+HASH_FIT_WINDOW = 6
+# The planner's queue backlog is counted up to this many keys.
+BACKLOG_COUNT_CAP = 100_000
 
-ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%s, %s)"
+
+class Plan(enum.StrEnum):
+    NESTLOOP = "nestloop"
+    HASH = "hash"
+
+
+# The slice transaction's planner settings for each plan; force_custom_plan makes every call
+# plan afresh, so the settings reach the function's statements whatever the session cached.
+SET_PLAN_SQL = (
+    "SELECT set_config('enable_nestloop', %s, true),"
+    " set_config('plan_cache_mode', 'force_custom_plan', true)"
+)
+ENABLE_NESTLOOP = {Plan.NESTLOOP: "on", Plan.HASH: "off"}
+# What the transaction has scanned of task_usage so far: a hash plan scans it whole.
+SCANS_SQL = """
+SELECT coalesce(sum(seq_scan), 0), coalesce(sum(idx_scan), 0)
+FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'task_usage'"""
+# The 8 kB pages a whole-scan plan reads.
+SCANNED_PAGES_SQL = """
+SELECT (pg_relation_size(%(task_usage)s::regclass)
+        + pg_relation_size(%(agent_task_queue)s::regclass)) / 8192"""
+
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 SET_CALL_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
+ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
+BACKLOG_SQL = "SELECT count(*) FROM (SELECT 1 FROM {task_usage_hourly_dirty} LIMIT %(cap)s) queued"
 
 
 class RollupError(Exception):
@@ -66,154 +132,292 @@ class RollupError(Exception):
 
 @dataclass(frozen=True)
 class RollupSlice:
+    """One slice transaction: what it rebuilt, how it was planned, how long it held 4246."""
+
     window_from: datetime
     window_to: datetime
     rollup_rows: int
     lock_wait_seconds: float
     lock_held_seconds: float
     keys: int = 0
+    plan: str = Plan.NESTLOOP
+    tasks: int = 0
+    backlog: int = 0
+    seq_scans: int = 0
+    index_scans: int = 0
 
 
 @dataclass
 class RollupResult:
-    window_from: datetime | None = None
-    window_to: datetime | None = None
     slices: list[RollupSlice] = field(default_factory=list)
     seconds: float = 0.0
+    keys_total: int = 0
+    stopped: bool = False
+    cron_waits: int = 0
+    cron_wait_seconds: float = 0.0
 
     @property
     def rollup_rows(self) -> int:
         return sum(s.rollup_rows for s in self.slices)
 
     @property
+    def keys_done(self) -> int:
+        return sum(s.keys for s in self.slices)
+
+    @property
     def max_lock_held_seconds(self) -> float:
         return max((s.lock_held_seconds for s in self.slices), default=0.0)
 
-    def extend(self, other: RollupResult) -> None:
-        self.slices.extend(other.slices)
-        self.seconds += other.seconds
-        if other.window_from is not None:
-            self.window_from = min(filter(None, [self.window_from, other.window_from]))
-            self.window_to = max(filter(None, [self.window_to, other.window_to]))
+    @property
+    def hash_slices(self) -> int:
+        return sum(1 for s in self.slices if s.plan == Plan.HASH)
+
+    def add(self, piece: RollupSlice) -> None:
+        self.slices.append(piece)
 
 
-def rebuild_window(
-    lower: datetime,
-    upper: datetime,
-    *,
-    lock_timeout: float = 5.0,
-    statement_timeout: float = 600.0,
-    keys: int = 0,
-) -> RollupResult:
-    """Rebuild, in one lock-4246 transaction, every key the call over ``[lower, upper)`` finds.
+# -- the cost model ----------------------------------------------------------------------
 
-    ``keys`` is what the caller queued, for the record.
+
+@dataclass
+class _HashFit:
+    """A hash slice's cost: a fixed part (the whole scans) plus task units over a rate."""
+
+    fixed: float
+    rate: float
+    observations: list[tuple[float, float]] = field(default_factory=list)
+
+    def add(self, units: float, held: float) -> None:
+        self.observations = [*self.observations, (units, held)][-HASH_FIT_WINDOW:]
+        sizes = {u for u, _ in self.observations}
+        if len(sizes) < 2:
+            # One size seen: keep the rate, put the rest in the fixed part.
+            self.fixed = max(0.0, held - units / self.rate)
+            return
+        n = len(self.observations)
+        mean_u = sum(u for u, _ in self.observations) / n
+        mean_h = sum(h for _, h in self.observations) / n
+        var = sum((u - mean_u) ** 2 for u, _ in self.observations)
+        cov = sum((u - mean_u) * (h - mean_h) for u, h in self.observations)
+        slope = max(cov / var, 1e-12)
+        smallest = min(h for _, h in self.observations)
+        self.fixed = min(max(0.0, mean_h - slope * mean_u), smallest)
+        self.rate = 1.0 / slope
+        # A slice slower than the fit says is believed at once.
+        predicted = self.fixed + units / self.rate
+        if held > predicted:
+            self.rate = units / max(held - self.fixed, 1e-3)
+
+    def seconds(self, units: float) -> float:
+        return self.fixed + units / self.rate
+
+
+@dataclass
+class SlicePlanner:
+    """Chooses each slice's plan and size so it holds the lock about ``target`` seconds.
+
+    Costs are in "task units": for a slice, the task counts of its keys' agents plus a per-key
+    part (``KEY_BASE_COST``). ``scan_seconds`` predicts a hash slice's fixed part before one
+    ran; a plan is dropped when it cannot work (a hash scan that alone passes the target, a
+    cancelled probe, or settings that do not reach the function).
     """
-    started = time.monotonic()
 
-    def call(cursor: Any, limit_next_statement: Callable[[], None]) -> int:
-        cursor.execute(compose(ROLLUP_CALL_SQL), [lower, upper])
-        return cursor.fetchone()[0] or 0
+    target: float
+    scan_seconds: float
+    gap: float = SLICE_GAP_SECONDS
+    nestloop_rate: float = PRIOR_RATE[Plan.NESTLOOP]
+    hash_fit: _HashFit | None = None
+    measured_plans: set[Plan] = field(default_factory=set)
+    usable: set[Plan] = field(default_factory=lambda: {Plan.NESTLOOP, Plan.HASH})
+    largest: dict[Plan, float] = field(default_factory=dict)
+    ceiling: dict[Plan, float] = field(default_factory=dict)
 
-    rollup_rows, waited, held = _under_rollup_lock(call, lock_timeout, statement_timeout)
-    piece = RollupSlice(lower, upper, rollup_rows, waited, held, keys)
-    _log_slice(
-        piece,
-        f"rollup window {lower.isoformat()}..{upper.isoformat()}",
-        window_from=lower,
-        window_to=upper,
-        keys=keys,
-    )
-    return RollupResult(
-        window_from=lower, window_to=upper, slices=[piece], seconds=time.monotonic() - started
-    )
+    def __post_init__(self) -> None:
+        if self.hash_fit is None:
+            self.hash_fit = _HashFit(fixed=self.scan_seconds, rate=PRIOR_RATE[Plan.HASH])
+        if self.scan_seconds > self.target:
+            self.usable.discard(Plan.HASH)
+
+    def seconds(self, plan: Plan, units: float) -> float:
+        assert self.hash_fit is not None
+        if plan == Plan.HASH:
+            return self.hash_fit.seconds(units)
+        return units / self.nestloop_rate
+
+    def limit(self, plan: Plan, probe_units: float, backlog_units: float) -> float:
+        """The task units of our keys the next slice of ``plan`` may take (at least 1)."""
+        assert self.hash_fit is not None
+        if plan not in self.measured_plans:
+            wanted = probe_units
+        elif plan == Plan.HASH:
+            wanted = (self.target - self.hash_fit.fixed) * self.hash_fit.rate
+        else:
+            wanted = self.target * self.nestloop_rate
+        wanted -= backlog_units
+        if plan in self.largest:
+            wanted = min(wanted, self.largest[plan] * MAX_SLICE_GROWTH)
+        if plan in self.ceiling:
+            wanted = min(wanted, self.ceiling[plan])
+        return max(1.0, wanted)
+
+    def next_to_probe(self) -> Plan | None:
+        """A usable plan not measured yet: each is tried once on a small slice first."""
+        for plan in (Plan.NESTLOOP, Plan.HASH):
+            if plan in self.usable and plan not in self.measured_plans:
+                return plan
+        return None
+
+    def measured(self, plan: Plan, units: float, held: float) -> None:
+        assert self.hash_fit is not None
+        self.largest[plan] = max(self.largest.get(plan, 0.0), units)
+        if plan == Plan.HASH:
+            self.hash_fit.add(units, held)
+            if self.hash_fit.fixed > self.target:
+                self.usable.discard(Plan.HASH)
+        else:
+            rate = units / max(held, 1e-3)
+            if plan not in self.measured_plans:
+                self.nestloop_rate = rate
+            else:
+                weight = RATE_SLOWER_WEIGHT if rate < self.nestloop_rate else RATE_FASTER_WEIGHT
+                self.nestloop_rate += weight * (rate - self.nestloop_rate)
+        self.measured_plans.add(plan)
+
+    def cancelled(self, plan: Plan, units: float, keys: int) -> None:
+        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan.
+
+        A plan is dropped when even one key did not fit, and a hash plan when its first
+        (small) slice did not: its whole scans alone pass the cap.
+        """
+        if keys <= 1 or (plan == Plan.HASH and plan not in self.measured_plans):
+            self.usable.discard(plan)
+            return
+        self.ceiling[plan] = max(1.0, units / 2)
+        if plan == Plan.NESTLOOP:
+            self.nestloop_rate = min(self.nestloop_rate, units / 2 / self.target)
+        self.measured_plans.add(plan)
+
+    def plan_did_not_apply(self, plan: Plan) -> None:
+        self.usable.discard(plan)
 
 
-def _log_slice(piece: RollupSlice, what: str, **fields: Any) -> None:
-    """One ``rollup_slice`` event: what was rebuilt, and how long lock 4246 was held."""
-    log_event(
-        logger,
-        logging.DEBUG,
-        "rollup_slice",
-        f"{what}: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} held "
-        f"{piece.lock_held_seconds:.3f}s",
-        **fields,
-        rollup_rows=piece.rollup_rows,
-        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
-        lock_held_seconds=round(piece.lock_held_seconds, 6),
-    )
+def predict_scan_seconds() -> float:
+    """A hash slice's whole scans, predicted from the size of the tables they read."""
+    names = {
+        "task_usage": f"{settings.CODEX_TARGET_SCHEMA}.task_usage",
+        "agent_task_queue": f"{settings.CODEX_TARGET_SCHEMA}.agent_task_queue",
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(SCANNED_PAGES_SQL, names)
+        pages = cursor.fetchone()[0] or 0
+    return float(pages) * PRIOR_SCAN_SECONDS_PER_PAGE
 
 
-def _under_rollup_lock(
-    work: Callable[[Any, Callable[[], None]], int],
-    lock_timeout: float,
-    statement_timeout: float,
-    hold_limit: float | None = None,
-) -> tuple[int, float, float]:
-    """Run ``work`` in its own transaction holding lock 4246; retry a busy lock a few times.
+# -- one slice transaction ---------------------------------------------------------------
 
-    ``work`` gets the cursor and a function to call just before its long statement: with a
-    ``hold_limit``, that function shortens the statement's timeout to what is left of the
-    limit since the lock was taken, minus room for the commit (it is applied once as soon as
-    the lock is taken, too). ``statement_timeout`` caps each statement alone, so without this
-    a slice could hold the lock for the enqueue's time plus the call's plus the commit's.
 
-    Returns what ``work`` returned, the seconds spent waiting for the lock and the seconds
-    it was held (until the commit).
+@dataclass(frozen=True)
+class SliceLimits:
+    """The server-side limits of slice transactions."""
+
+    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    lock_timeout: float = 5.0
+    statement_timeout: float = 600.0
+
+    @property
+    def cap(self) -> float:
+        return self.max_lock_seconds + LOCK_CAP_SLACK_SECONDS
+
+
+def run_slice(
+    plan: Plan,
+    limits: SliceLimits,
+    *,
+    enqueue: Callable[[Any], datetime | None] | None = None,
+    window_end: datetime | None = None,
+) -> RollupSlice:
+    """One transaction holding lock 4246: queue keys (optional), then call the rollup.
+
+    ``enqueue`` queues the slice's keys and returns the latest ``enqueued_at`` it left on
+    them; the call's window is the microsecond before that moment plus one (or before
+    ``window_end`` plus one): it rebuilds every key queued until then. The whole hold is kept
+    under ``limits.cap`` by the server: each statement gets what is left of the cap (less room
+    for the commit) since the lock was taken.
     """
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
+        waited_from = time.monotonic()
         try:
-            waited_from = time.monotonic()
             with transaction.atomic(), connection.cursor() as cursor:
-                set_local_timeouts(cursor, lock_timeout, statement_timeout)
+                set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-
-                limit_next_statement = partial(
-                    _shorten_statement_timeout, cursor, hold_limit, locked_at
-                )
-                limit_next_statement()  # whatever ``work`` runs first is bounded too
-                value = work(cursor, limit_next_statement)
+                bound = _Bound(cursor, limits.cap, locked_at)
+                bound.apply()
+                latest = enqueue(cursor) if enqueue is not None else window_end
+                if latest is None:
+                    cursor.execute("SELECT clock_timestamp()")
+                    latest = cursor.fetchone()[0]
+                window_to = latest + timedelta(microseconds=1)
+                window_from = window_to - timedelta(microseconds=1)
+                cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
+                cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
+                seq_before, idx_before = cursor.fetchone()
+                bound.apply()
+                cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window_from, "to": window_to})
+                rollup_rows = cursor.fetchone()[0] or 0
+                cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
+                seq_after, idx_after = cursor.fetchone()
             released_at = time.monotonic()
-            return value, locked_at - waited_from, released_at - locked_at
         except DatabaseError as exc:
             if sqlstate(exc) != SQLSTATE_LOCK_NOT_AVAILABLE:
                 raise
             logger.warning(
                 "lock %d busy for %.1fs (attempt %d of %d)",
                 ROLLUP_LOCK_ID,
-                lock_timeout,
+                limits.lock_timeout,
                 attempt,
                 LOCK_WAIT_ATTEMPTS,
             )
+            continue
+        return RollupSlice(
+            window_from=window_from,
+            window_to=window_to,
+            rollup_rows=rollup_rows,
+            lock_wait_seconds=locked_at - waited_from,
+            lock_held_seconds=released_at - locked_at,
+            plan=plan,
+            seq_scans=int(seq_after - seq_before),
+            index_scans=int(idx_after - idx_before),
+        )
     raise RollupError(
         f"could not take rollup lock {ROLLUP_LOCK_ID} in {LOCK_WAIT_ATTEMPTS} tries of "
-        f"{lock_timeout:g}s: another writer holds it; re-run the same command later to "
+        f"{limits.lock_timeout:g}s: another writer holds it; re-run the same command later to "
         "finish the rollup"
     )
 
 
-def _shorten_statement_timeout(cursor: Any, hold_limit: float | None, locked_at: float) -> None:
-    """Let the next statement run only for what is left of ``hold_limit`` (see above)."""
-    if hold_limit is None:
-        return
-    left = hold_limit - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - locked_at)
-    cursor.execute(SET_CALL_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"])
+@dataclass
+class _Bound:
+    """Shortens the next statement's timeout to what is left of the cap since the lock."""
+
+    cursor: Any
+    cap: float
+    locked_at: float
+
+    def apply(self) -> None:
+        left = self.cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - self.locked_at)
+        self.cursor.execute(SET_CALL_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"])
 
 
-# -- key slices ------------------------------------------------------------------------------
+def plan_applied(piece: RollupSlice) -> bool:
+    """Whether the slice ran the plan it asked for: a hash plan scans task_usage whole."""
+    return piece.plan != Plan.HASH or piece.seq_scans > 0
+
+
+# -- the repair's key slices ---------------------------------------------------------------
 
 KEYS_TABLE = "pg_temp.codex_rollup_keys"
 KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
-# The first slice is small; later ones are sized from the measured cost of the ones before.
-FIRST_SLICE_KEYS = 50
-# The estimated cost of a key, in "tasks": the rollup's cost per key grows with the task count
-# of the key's agent (documented for the target), plus a fixed part for the key itself.
-KEY_BASE_COST = 20
-# How fast a lower cost rate (a slower slice) is believed, and how fast a higher one: a
-# slowdown takes effect at once, a speed-up only gradually.
-RATE_SLOWER_WEIGHT = 1.0
-RATE_FASTER_WEIGHT = 0.3
 
 CREATE_KEYS_TABLE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
@@ -225,7 +429,7 @@ CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
     project_id uuid,
     provider text NOT NULL,
     model text NOT NULL,
-    cost_to bigint NOT NULL
+    tasks_to bigint NOT NULL
 ) ON COMMIT PRESERVE ROWS"""
 TRUNCATE_KEYS_TABLE_SQL = f"TRUNCATE {KEYS_TABLE}"
 DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
@@ -235,7 +439,8 @@ DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
 # The hourly keys of the rows some runs changed (rows of tasks without a runtime have none),
-# numbered, each with the running total of their estimated cost (``cost_to``).
+# numbered, each with the running total of its agents' task counts (``tasks_to``): a key's
+# rollup cost grows with the task count of its agent.
 FILL_KEYS_TABLE_SQL = f"""
 WITH keys AS MATERIALIZED (
     SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
@@ -253,78 +458,48 @@ agent_tasks AS (
     WHERE t.agent_id IN (SELECT agent_id FROM keys)
     GROUP BY t.agent_id
 )
-INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS}, cost_to)
-SELECT row_number() OVER w, {KEY_COLUMNS},
-       sum(t.tasks + %(base_cost)s) OVER (w ROWS UNBOUNDED PRECEDING)
+INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS}, tasks_to)
+SELECT row_number() OVER w, {KEY_COLUMNS}, sum(t.tasks) OVER (w ROWS UNBOUNDED PRECEDING)
 FROM keys JOIN agent_tasks t USING (agent_id)
 WINDOW w AS (ORDER BY {KEY_COLUMNS})"""
 
-# The running cost up to a key: what the first slice's keys are estimated to cost.
-KEY_COST_TO_SQL = f"SELECT cost_to FROM {KEYS_TABLE} WHERE seq = %s"
+KEYS_TOTAL_SQL = f"SELECT count(*), coalesce(max(tasks_to), 0) FROM {KEYS_TABLE}"
 
-# The end of the next slice: the last key whose running cost stays within ``limit`` (at least
-# one key), with its running cost. The keyset stops at the first key over the limit.
+# The end of the next slice: the last key whose cost since ``after`` stays within ``limit``
+# (at least one key), with its running task count. The cost of keys (after, seq] is their
+# tasks plus ``base`` per key; the keyset scan stops at the first key over the limit.
 NEXT_SLICE_SQL = f"""
-SELECT seq, cost_to FROM {KEYS_TABLE}
+SELECT seq, tasks_to FROM {KEYS_TABLE}
 WHERE seq = greatest(
     %(after)s + 1,
     coalesce(
         (SELECT seq - 1 FROM {KEYS_TABLE}
-         WHERE seq > %(after)s AND cost_to > %(limit)s ORDER BY seq LIMIT 1),
+         WHERE seq > %(after)s
+           AND tasks_to - %(done_tasks)s + %(base)s * (seq - %(after)s) > %(limit)s
+         ORDER BY seq LIMIT 1),
         %(total)s
     )
 )"""
 
+# Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got.
 ENQUEUE_KEYS_SQL = f"""
-INSERT INTO {{task_usage_hourly_dirty}} ({KEY_COLUMNS}, enqueued_at)
-SELECT {KEY_COLUMNS}, %(stamp)s FROM {KEYS_TABLE}
-WHERE seq > %(after)s AND seq <= %(upto)s"""
-
-# The window is one microsecond after the queued keys' stamp: the call rebuilds them (and
-# drains whatever else was queued before), plus any row written in that microsecond.
-ROLLUP_QUEUED_SQL = (
-    "SELECT {rollup_task_usage_hourly_window}(%(stamp)s, %(stamp)s + interval '1 microsecond')"
+WITH queued AS (
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_COLUMNS}, enqueued_at)
+    SELECT {KEY_COLUMNS}, clock_timestamp() FROM {KEYS_TABLE}
+    WHERE seq > %(after)s AND seq <= %(upto)s
+    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
+    RETURNING d.enqueued_at
 )
+SELECT max(enqueued_at) FROM queued"""
 
 
-@dataclass
-class _SlicePlanner:
-    """Sizes key slices so each holds the lock about ``target`` seconds.
+@dataclass(frozen=True)
+class NeighbourOptions:
+    """How the rebuild makes room for the platform's other users of lock 4246."""
 
-    Slices are measured in estimated cost (``cost_to``), not in keys: a key of an agent with
-    thousands of tasks costs a hundred times one of an agent with a few, and slices cut by
-    key count overshoot when heavy keys cluster. The cost rate (estimated cost per second of
-    lock held) is learned from each slice, believing a slowdown at once and a speed-up
-    gradually, and a slice never grows more than ``MAX_SLICE_GROWTH``-fold.
-    """
-
-    target: float
-    rate: float | None = None
-    last_cost: int = 0
-
-    def limit(self, done_cost: int, first_slice_cost: int) -> int:
-        if self.rate is None:
-            return done_cost + max(1, first_slice_cost)
-        wanted = self.rate * self.target
-        if self.last_cost:
-            wanted = min(wanted, self.last_cost * MAX_SLICE_GROWTH)
-        return done_cost + max(1, int(wanted))
-
-    def measured(self, cost: int, held: float) -> None:
-        rate = cost / max(held, 0.001)
-        if self.rate is None:
-            self.rate = rate
-        else:
-            weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
-            self.rate += weight * (rate - self.rate)
-        self.last_cost = cost
-
-    def cancelled(self, cost: int) -> int:
-        """A slice of ``cost`` hit the cap: believe half its cost fits, and return that."""
-        self.last_cost = max(1, cost // 2)
-        if self.rate is not None:
-            self.rate = min(self.rate, self.last_cost / self.target)
-        return self.last_cost
+    tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
+    gap: float = SLICE_GAP_SECONDS
 
 
 def rebuild_keys(
@@ -333,67 +508,33 @@ def rebuild_keys(
     max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     lock_timeout: float = 5.0,
     statement_timeout: float = 600.0,
+    neighbours: NeighbourOptions | None = None,
+    should_stop: Callable[[], bool] | None = None,
     on_slice: Callable[[RollupSlice, int, int], None] | None = None,
+    on_wait: Callable[[str, float], None] | None = None,
 ) -> RollupResult:
-    """Rebuild every hourly key of the rows the given runs changed, each key once."""
+    """Rebuild every hourly key of the rows the given runs changed, each key once.
+
+    Stops between slices when ``should_stop()`` says so (``result.stopped``; the keys left
+    are rebuilt by the next run).
+    """
     started = time.monotonic()
+    neighbours = neighbours or NeighbourOptions()
+    limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     result = RollupResult()
     with connection.cursor() as cursor:
         cursor.execute(CREATE_KEYS_TABLE_SQL)
         cursor.execute(TRUNCATE_KEYS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(
-            compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids), "base_cost": KEY_BASE_COST}
-        )
-        total = cursor.rowcount
-        first_cost = 0
-        if total:
-            cursor.execute(KEY_COST_TO_SQL, [min(FIRST_SLICE_KEYS, total)])
-            first_cost = cursor.fetchone()[0]
+        cursor.execute(compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(KEYS_TOTAL_SQL)
+        total, total_tasks = cursor.fetchone()
+    result.keys_total = total
     try:
-        cap = max_lock_seconds + LOCK_CAP_SLACK_SECONDS
-        planner = _SlicePlanner(target=max_lock_seconds * TARGET_LOCK_FRACTION)
-        done = done_cost = 0
-        limit = planner.limit(done_cost, first_cost)
-        while done < total:
-            with connection.cursor() as cursor:
-                cursor.execute(NEXT_SLICE_SQL, {"after": done, "limit": limit, "total": total})
-                upto, upto_cost = cursor.fetchone()
-            size, cost = upto - done, upto_cost - done_cost
-            try:
-                piece = _queued_slice(
-                    done, upto, lock_timeout, statement_timeout, cap if size > 1 else None
-                )
-            except DatabaseError as exc:
-                if size > 1 and sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
-                    limit = done_cost + planner.cancelled(cost)
-                    logger.info(
-                        "rollup slice of %d keys over its lock budget; retrying smaller", size
-                    )
-                    continue
-                raise
-            done, done_cost = upto, upto_cost
-            result.slices.append(piece)
-            result.window_from = result.window_from or piece.window_from
-            result.window_to = piece.window_to
-            if on_slice is not None:
-                on_slice(piece, done, total)
-            _log_slice(
-                piece,
-                f"rollup slice: {size} keys ({done}/{total})",
-                keys=size,
-                keys_done=done,
-                keys_total=total,
+        if total:
+            _KeySlices(limits, neighbours, result, total, total_tasks).run(
+                should_stop or (lambda: False), on_slice, on_wait
             )
-            if piece.lock_held_seconds > cap:
-                logger.warning(
-                    "one hourly key's rollup held lock %d for %.1fs (budget %.1fs)",
-                    ROLLUP_LOCK_ID,
-                    piece.lock_held_seconds,
-                    max_lock_seconds,
-                )
-            planner.measured(cost, piece.lock_held_seconds)
-            limit = planner.limit(done_cost, first_cost)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(DROP_KEYS_TABLE_SQL)
@@ -401,33 +542,243 @@ def rebuild_keys(
     return result
 
 
-def _queued_slice(
-    after: int,
-    upto: int,
-    lock_timeout: float,
-    statement_timeout: float,
-    hold_limit: float | None,
-) -> RollupSlice:
-    """One transaction: take 4246, queue keys ``(after, upto]``, drain them through the call."""
-    stamps: list[datetime] = []
+class _KeySlices:
+    """The slice loop of ``rebuild_keys``: plan, wait for neighbours, run, learn."""
 
-    def queue_and_call(cursor: Any, limit_next_statement: Callable[[], None]) -> int:
-        cursor.execute("SELECT clock_timestamp()")
-        stamps.append(cursor.fetchone()[0])
-        params = {"stamp": stamps[0], "after": after, "upto": upto}
-        cursor.execute(compose(ENQUEUE_KEYS_SQL), params)
-        limit_next_statement()
-        cursor.execute(compose(ROLLUP_QUEUED_SQL), params)
-        return cursor.fetchone()[0] or 0
+    def __init__(
+        self,
+        limits: SliceLimits,
+        neighbours: NeighbourOptions,
+        result: RollupResult,
+        total: int,
+        total_tasks: int,
+    ) -> None:
+        self.limits = limits
+        self.neighbours = neighbours
+        self.result = result
+        self.total = total
+        self.mean_tasks = total_tasks / total
+        self.planner = SlicePlanner(
+            target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
+            scan_seconds=predict_scan_seconds(),
+            gap=neighbours.gap,
+        )
+        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
 
-    rollup_rows, waited, held = _under_rollup_lock(
-        queue_and_call, lock_timeout, statement_timeout, hold_limit
+    def run(
+        self,
+        should_stop: Callable[[], bool],
+        on_slice: Callable[[RollupSlice, int, int], None] | None,
+        on_wait: Callable[[str, float], None] | None,
+    ) -> None:
+        done = done_tasks = 0
+        while done < self.total:
+            if should_stop():
+                self.result.stopped = True
+                break
+            self.ticks.wait_if_due(should_stop, on_wait)
+            if should_stop():
+                self.result.stopped = True
+                break
+            backlog = self._backlog()
+            plan, upto, upto_tasks = self._choose(done, done_tasks, backlog)
+            keys, tasks = upto - done, upto_tasks - done_tasks
+            units = tasks + KEY_BASE_COST[plan] * keys
+            backlog_units = backlog * (self.mean_tasks + KEY_BASE_COST[plan])
+            params = {"after": done, "upto": upto}
+            try:
+                piece = run_slice(
+                    plan, self.limits, enqueue=lambda cursor, p=params: _enqueue(cursor, p)
+                )
+            except DatabaseError as exc:
+                if sqlstate(exc) != SQLSTATE_QUERY_CANCELED:
+                    raise
+                self.planner.cancelled(plan, units + backlog_units, keys)
+                logger.info(
+                    "rollup slice of %d keys (%s plan) over its lock budget; retrying smaller",
+                    keys,
+                    plan,
+                )
+                if not self.planner.usable:
+                    raise RollupError(
+                        f"one hourly key could not be rebuilt within the lock budget "
+                        f"({self.limits.cap:g}s) with either plan"
+                        + (
+                            f" ({backlog} keys the platform queued were drained with it)"
+                            if backlog
+                            else ""
+                        )
+                        + "; re-run later, or with a larger --max-rollup-lock-seconds"
+                    ) from exc
+                continue
+            piece = _with_counts(piece, keys=keys, tasks=tasks, backlog=backlog)
+            if not plan_applied(piece):
+                self.planner.plan_did_not_apply(plan)
+                logger.warning(
+                    "enable_nestloop = off did not reach the rollup function's statements "
+                    "(no whole scan of task_usage); using its default plan from now on"
+                )
+            self.planner.measured(plan, units + backlog_units, piece.lock_held_seconds)
+            done, done_tasks = upto, upto_tasks
+            self.result.add(piece)
+            if on_slice is not None:
+                on_slice(piece, done, self.total)
+            _log_slice(piece, f"rollup slice: {keys} keys ({done}/{self.total})", done, self.total)
+            if piece.lock_held_seconds > self.limits.cap:
+                logger.warning(
+                    "a rollup slice held lock %d for %.1fs (budget %.1fs)",
+                    ROLLUP_LOCK_ID,
+                    piece.lock_held_seconds,
+                    self.limits.max_lock_seconds,
+                )
+            if done < self.total and self.neighbours.gap > 0:
+                time.sleep(self.neighbours.gap)
+        self.result.cron_waits = self.ticks.waits
+        self.result.cron_wait_seconds = self.ticks.waited_seconds
+
+    def _backlog(self) -> int:
+        """Keys already queued: the next call rebuilds (and drains) them too."""
+        with connection.cursor() as cursor:
+            cursor.execute(compose(BACKLOG_SQL), {"cap": BACKLOG_COUNT_CAP})
+            return int(cursor.fetchone()[0])
+
+    def _choose(self, done: int, done_tasks: int, backlog: int) -> tuple[Plan, int, int]:
+        """The plan and the end of the next slice: the most keys per second of wall time."""
+        probe = self.planner.next_to_probe()
+        plans = [probe] if probe is not None else sorted(self.planner.usable)
+        best: tuple[float, Plan, int, int] | None = None
+        for plan in plans:
+            base = KEY_BASE_COST[plan]
+            backlog_units = backlog * (self.mean_tasks + base)
+            probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + base)
+            limit = self.planner.limit(plan, probe_units, backlog_units)
+            upto, upto_tasks = self._slice_end(done, done_tasks, base, limit)
+            units = (upto_tasks - done_tasks) + base * (upto - done) + backlog_units
+            speed = (upto - done) / (self.planner.seconds(plan, units) + self.planner.gap)
+            if best is None or speed > best[0]:
+                best = (speed, plan, upto, upto_tasks)
+        assert best is not None
+        return best[1], best[2], best[3]
+
+    def _slice_end(self, done: int, done_tasks: int, base: int, limit: float) -> tuple[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                NEXT_SLICE_SQL,
+                {
+                    "after": done,
+                    "done_tasks": done_tasks,
+                    "base": base,
+                    "limit": int(limit),
+                    "total": self.total,
+                },
+            )
+            upto, upto_tasks = cursor.fetchone()
+        return int(upto), int(upto_tasks)
+
+
+def _enqueue(cursor: Any, params: dict[str, int]) -> datetime | None:
+    cursor.execute(compose(ENQUEUE_KEYS_SQL), params)
+    return cursor.fetchone()[0]
+
+
+def _with_counts(piece: RollupSlice, **counts: int) -> RollupSlice:
+    return dataclasses.replace(piece, **counts)
+
+
+def _log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
+    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
+    log_event(
+        logger,
+        logging.DEBUG,
+        "rollup_slice",
+        f"{what}, {piece.plan} plan: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} "
+        f"held {piece.lock_held_seconds:.3f}s",
+        keys=piece.keys,
+        keys_done=done,
+        keys_total=total,
+        plan=str(piece.plan),
+        tasks=piece.tasks,
+        backlog=piece.backlog,
+        rollup_rows=piece.rollup_rows,
+        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+        lock_held_seconds=round(piece.lock_held_seconds, 6),
     )
-    return RollupSlice(
-        window_from=stamps[0],
-        window_to=stamps[0] + timedelta(microseconds=1),
-        rollup_rows=rollup_rows,
-        lock_wait_seconds=waited,
-        lock_held_seconds=held,
-        keys=upto - after,
-    )
+
+
+# -- the revert's drains -----------------------------------------------------------------
+
+
+class QueueDrainer:
+    """Rebuilds keys another statement queued (the revert's), one slice per call.
+
+    The caller queued keys up to ``enqueued_until`` and tells their count and task units; the
+    planner picks the plan, and says how much the next batch of keys may cost.
+    """
+
+    def __init__(self, limits: SliceLimits, neighbours: NeighbourOptions | None = None) -> None:
+        self.limits = limits
+        self.neighbours = neighbours or NeighbourOptions()
+        self.planner = SlicePlanner(
+            target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
+            scan_seconds=predict_scan_seconds(),
+            gap=self.neighbours.gap,
+        )
+        self.ticks = cron.TickWatcher(interval=self.neighbours.tick_interval, lead=limits.cap)
+        self.result = RollupResult()
+
+    def next_keys(self, mean_tasks: float) -> int:
+        """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
+        plan = self.planner.next_to_probe() or self._best_plan(mean_tasks)
+        base = KEY_BASE_COST[plan]
+        limit = self.planner.limit(plan, FIRST_SLICE_KEYS * (mean_tasks + base), 0.0)
+        return max(1, int(limit / (mean_tasks + base)))
+
+    def _best_plan(self, mean_tasks: float) -> Plan:
+        best: tuple[float, Plan] | None = None
+        for plan in sorted(self.planner.usable):
+            base = KEY_BASE_COST[plan]
+            units = self.planner.limit(plan, FIRST_SLICE_KEYS * (mean_tasks + base), 0.0)
+            keys = units / (mean_tasks + base)
+            speed = keys / (self.planner.seconds(plan, units) + self.planner.gap)
+            if best is None or speed > best[0]:
+                best = (speed, plan)
+        return best[1] if best else Plan.NESTLOOP
+
+    def drain(
+        self,
+        enqueued_until: datetime,
+        keys: int,
+        tasks: int,
+        should_stop: Callable[[], bool] | None = None,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> RollupSlice:
+        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction."""
+        self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
+        mean_tasks = tasks / keys if keys else 0.0
+        plans = [self.planner.next_to_probe() or self._best_plan(mean_tasks)]
+        plans += [p for p in sorted(self.planner.usable) if p not in plans]
+        for plan in plans:
+            units = tasks + KEY_BASE_COST[plan] * keys
+            try:
+                piece = run_slice(plan, self.limits, window_end=enqueued_until)
+            except DatabaseError as exc:
+                if sqlstate(exc) != SQLSTATE_QUERY_CANCELED:
+                    raise
+                self.planner.cancelled(plan, units, keys)
+                logger.info("revert drain of %d keys (%s plan) over its lock budget", keys, plan)
+                continue
+            piece = _with_counts(piece, keys=keys, tasks=tasks)
+            if not plan_applied(piece):
+                self.planner.plan_did_not_apply(plan)
+            self.planner.measured(plan, units, piece.lock_held_seconds)
+            self.result.add(piece)
+            _log_slice(piece, f"revert drain: {keys} keys", keys, keys)
+            if self.neighbours.gap > 0:
+                time.sleep(self.neighbours.gap)
+            return piece
+        raise RollupError(
+            f"the hourly keys of one revert batch ({keys} keys) could not be rebuilt within the "
+            f"lock budget ({self.limits.cap:g}s); they stay queued in task_usage_hourly_dirty "
+            "(the platform's cron tick drains them too): run the same revert again with a "
+            "smaller --batch-size or a larger --max-rollup-lock-seconds"
+        )

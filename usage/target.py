@@ -37,3 +37,4 @@ def seed_demo_data(cursor: Any, schema: str, spec: dataset.DatasetSpec | None = 
     )
     dataset.generate_dataset(cursor, spec or dataset.DEMO_SPEC)
     dataset.populate_hourly(cursor)
+    dataset.mark_rolled_up(cursor)

@@ -25,6 +25,7 @@ from usage.backfill import (
     ExecuteResult,
     execute_backfill,
 )
+from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import TargetError, check_target, describe_database, scrub
 from usage.events import JsonFormatter
 from usage.management.base import ExamplesCommand
@@ -49,6 +50,7 @@ RECORDED_OPTIONS = (
     "statement_timeout",
     "max_rollup_lock_seconds",
     "max_replication_lag",
+    "cron_tick_interval",
 )
 
 EXAMPLES = """
@@ -128,6 +130,13 @@ class Command(ExamplesCommand):
             default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
             help="longest time one rollup slice may hold lock 4246 "
             f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
+        )
+        parser.add_argument(
+            "--cron-tick-interval",
+            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
+            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
+            "rollup leaves lock 4246 free while a tick is due "
+            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
         )
         parser.add_argument(
             "--max-replication-lag",
@@ -301,6 +310,9 @@ class Command(ExamplesCommand):
             f"Run {run.pk} started at {render.timestamp(run.started_at)} "
             f"by {run.os_user}@{run.client_host} as role {run.db_role}."
         )
+        listener.stamping = lambda policy: self._header(  # type: ignore[method-assign]
+            f"Stamp: {policy.reason}."
+        )
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return execute_backfill(settings, stop=stop, listener=listener)
@@ -389,10 +401,20 @@ class Command(ExamplesCommand):
                 if d["recovered_runs"]
                 else ""
             )
+            plans = (
+                f"{d['rollup_hash_slices']} hashed, "
+                f"{d['rollup_slices'] - d['rollup_hash_slices']} nested-loop"
+            )
+            waits = (
+                f"; waited {d['rollup_cron_waits']} time(s) for the platform's cron tick"
+                if d["rollup_cron_waits"]
+                else ""
+            )
             lines.append(
-                f"  rollup rebuilt{recovered}: {d['rollup_slices']} slices, "
+                f"  rollup rebuilt{recovered}: {render.number(d['rollup_keys'])} hourly keys "
+                f"in {d['rollup_slices']} slices ({plans}) in {d['rollup_seconds']:.1f}s, "
                 f"{render.number(d['rollup_rows'])} hourly rows, "
-                f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s"
+                f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s{waits}"
             )
         ok = d["status"] == BackfillRun.Status.SUCCEEDED
         style = self.style.SUCCESS if ok else self.style.ERROR

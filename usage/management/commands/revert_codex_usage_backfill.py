@@ -13,6 +13,7 @@ from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
+from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import TargetError, describe_database, scrub
 from usage.management.base import ExamplesCommand
 from usage.revert import (
@@ -91,6 +92,13 @@ class Command(ExamplesCommand):
             default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
             help="lock 4246 budget per rollup call; batches shrink when one goes over "
             f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
+        )
+        parser.add_argument(
+            "--cron-tick-interval",
+            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
+            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
+            "rollup leaves lock 4246 free while a tick is due "
+            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
         )
         parser.add_argument(
             "--show",

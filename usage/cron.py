@@ -1,0 +1,193 @@
+"""The platform's own rollup: its cron tick's state, and what the repair does about it.
+
+The platform's scheduler runs ``rollup_task_usage_hourly()`` every few minutes. The tick takes
+lock 4246 with a *try*-lock (it silently skips when the lock is taken), rolls up the window
+``[watermark, least(now() - 5 minutes, watermark + 1 day))`` and advances the watermark; its
+progress is the single row of ``task_usage_hourly_rollup_state``. Two consequences for the
+repair, both handled here:
+
+* **Stamping.** A row the repair rewrites with ``updated_at = now()`` lands in a future tick's
+  window, and that tick re-rolls every such key in one long hold of lock 4246, although the
+  repair already rebuilt them. When the watermark is after the cutoff, the repair stamps its
+  rows with a time just below the watermark instead: no tick ever covers it again, and it is
+  still after the cutoff, so the eligibility rule ``coalesce(updated_at, created_at) < cutoff``
+  never matches the row again. The journal keeps the true time of the repair. When the
+  watermark is not after the cutoff (the tick never ran, or stopped before the fix was
+  deployed), no such time exists: rows are stamped with the repair's time and the command says
+  that the platform's rollup will re-roll their keys once its watermark passes them.
+* **Ticks.** The repair's rollup slices take lock 4246 back to back. Between slices it leaves
+  the lock free, and when the state shows a tick is due (or one was skipped), it leaves the
+  lock free until that tick has run, for a bounded time, so the platform never skips two
+  ticks in a row because of the repair.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import connection
+
+from usage.eligibility import compose
+from usage.models import BackfillRun
+from usage.render import timestamp as _clock
+
+logger = logging.getLogger("usage.cron")
+
+# Serializes every writer of task_usage_hourly on the platform: the cron tick, workspace
+# deletion and the repair's rollup slices.
+ROLLUP_LOCK_ID = 4246
+DEFAULT_TICK_INTERVAL_SECONDS = 300.0
+# A tick whose last start is older than this many intervals is taken for a stopped scheduler:
+# the repair does not wait for it.
+STALE_AFTER_INTERVALS = 3
+# How long past its expected time a due tick is waited for, at most (and never more than half
+# an interval): a scheduler runs late by seconds, not minutes.
+MAX_TICK_GRACE_SECONDS = 30.0
+POLL_SECONDS = 0.2
+
+STATE_SQL = """
+SELECT watermark_at, last_run_started_at, clock_timestamp()
+FROM {task_usage_hourly_rollup_state} WHERE id = 1"""
+
+
+@dataclass(frozen=True)
+class CronState:
+    watermark_at: datetime | None
+    last_run_started_at: datetime | None
+    now: datetime
+
+
+def read_state() -> CronState:
+    """The cron tick's progress row (read without a lock), and the database's clock."""
+    with connection.cursor() as cursor:
+        cursor.execute(compose(STATE_SQL))
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute("SELECT clock_timestamp()")
+            return CronState(None, None, cursor.fetchone()[0])
+    return CronState(*row)
+
+
+@dataclass(frozen=True)
+class StampPolicy:
+    """How the repair stamps ``updated_at``, decided once per run from the cron's watermark."""
+
+    stamp: str  # a BackfillRun.Stamp value
+    watermark_at: datetime | None
+    reason: str
+
+    @property
+    def below_watermark(self) -> bool:
+        return self.stamp == BackfillRun.Stamp.BELOW_WATERMARK
+
+
+def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
+    """Below the watermark when it is after the cutoff; the repair's own time otherwise."""
+    watermark = state.watermark_at
+    if watermark is not None and watermark > cutoff:
+        return StampPolicy(
+            BackfillRun.Stamp.BELOW_WATERMARK,
+            watermark,
+            f"repaired rows are stamped just below the platform rollup's watermark "
+            f"({_clock(watermark)}), so its cron tick never re-rolls them",
+        )
+    if watermark is None:
+        why = "task_usage_hourly_rollup_state has no row"
+    elif state.last_run_started_at is None:
+        why = f"the platform's cron tick never ran (watermark {_clock(watermark)})"
+    else:
+        why = (
+            f"the platform rollup's watermark ({_clock(watermark)}) is not after the cutoff: "
+            "its cron tick is that far behind"
+        )
+    return StampPolicy(
+        BackfillRun.Stamp.REPAIR_TIME,
+        watermark,
+        f"{why}; repaired rows are stamped with the time of the repair, and the platform's "
+        "rollup will re-roll their hourly keys once its watermark passes that time",
+    )
+
+
+@dataclass
+class TickWatcher:
+    """Keeps lock 4246 free around the platform's cron ticks while the rollup runs.
+
+    A tick is expected every ``interval`` seconds after the last one started. From ``lead``
+    seconds before that moment (the longest a slice may hold the lock, so the lock is free
+    when the tick asks) until the tick has started, or until ``grace`` seconds past the
+    expected moment, the caller does not take the lock. A scheduler whose last tick is older
+    than ``STALE_AFTER_INTERVALS`` intervals is taken for stopped and not waited for.
+    """
+
+    interval: float
+    lead: float
+    waits: int = 0
+    waited_seconds: float = 0.0
+    _said_stale: bool = False
+
+    @property
+    def grace(self) -> float:
+        return min(MAX_TICK_GRACE_SECONDS, self.interval / 2)
+
+    def next_due(self, state: CronState) -> datetime | None:
+        """When the next tick is expected, or None when the scheduler looks stopped."""
+        last = state.last_run_started_at
+        if last is None:
+            return None
+        since = (state.now - last).total_seconds()
+        if since > STALE_AFTER_INTERVALS * self.interval:
+            return None
+        # The first expected moment that is not yet more than ``grace`` behind us.
+        ticks = max(1, math.ceil((since - self.grace) / self.interval))
+        return last + timedelta(seconds=ticks * self.interval)
+
+    def wait_if_due(
+        self,
+        stop: Callable[[], bool],
+        on_wait: Callable[[str, float], None] | None = None,
+        sleep: Callable[[float], object] | None = None,
+    ) -> float:
+        """Return at once, or after the due tick ran (or its grace passed); seconds waited."""
+        state = read_state()
+        due = self.next_due(state)
+        if due is None:
+            if not self._said_stale:
+                self._said_stale = True
+                last = state.last_run_started_at
+                logger.info(
+                    "the platform's cron tick %s: not waiting for it between slices",
+                    "never ran" if last is None else f"last ran at {_clock(last)}",
+                )
+            return 0.0
+        if (due - state.now).total_seconds() > self.lead:
+            return 0.0
+        give_up = due + timedelta(seconds=self.grace)
+        limit = (give_up - state.now).total_seconds()
+        message = (
+            f"waiting for the platform's cron tick due at {_clock(due)} "
+            f"(lock {ROLLUP_LOCK_ID} left free, at most {max(limit, 0):.1f}s)"
+        )
+        logger.info(message)
+        if on_wait is not None:
+            on_wait(message, max(limit, 0.0))
+        pause = sleep or threading.Event().wait
+        started = state.now
+        last = state.last_run_started_at
+        current = state
+        while not stop() and current.now < give_up:
+            pause(POLL_SECONDS)
+            current = read_state()
+            if current.last_run_started_at != last:
+                break
+        else:
+            if not stop():
+                logger.info("the cron tick due at %s did not start; continuing", _clock(due))
+        waited = (current.now - started).total_seconds()
+        self.waits += 1
+        self.waited_seconds += waited
+        return waited
