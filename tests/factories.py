@@ -65,6 +65,16 @@ def make_usage(
     )
 
 
+def make_keys(agents: int, models: int) -> list[TaskUsage]:
+    """``agents`` x ``models`` eligible rows, each its own hourly key, rolled up."""
+    rows = []
+    for _ in range(agents):
+        task = make_task(make_agent())
+        rows.extend(make_usage(task, model=f"m{model}") for model in range(models))
+    populate_rollup()
+    return rows
+
+
 def populate_rollup() -> int:
     """Bring task_usage_hourly in line with task_usage, as production's cron would."""
     from django.db import connection

@@ -4,56 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
+from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
 from usage import rollup
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.summary import load_summary
 from usage.verify import rollup_mismatches
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def delayed_rollup(seconds_sql: str) -> str:
-    """SQL that puts a wrapper in front of the rollup function: it sleeps, then calls it."""
-    return f"""
-ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
-    RENAME TO rollup_task_usage_hourly_window_fast;
-CREATE FUNCTION public.rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
-RETURNS bigint LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_sleep({seconds_sql});
-    RETURN public.rollup_task_usage_hourly_window_fast(p_from, p_to);
-END $$;
-"""
-
-
-# Makes every rollup call cost 20 ms per queued key, like a slow production rollup.
-SLOW_ROLLUP = delayed_rollup(
-    "0.02 * (SELECT count(*) FROM task_usage_hourly_dirty WHERE enqueued_at < p_to)"
-)
-FAST_ROLLUP = """
-DROP FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz);
-ALTER FUNCTION public.rollup_task_usage_hourly_window_fast(timestamptz, timestamptz)
-    RENAME TO rollup_task_usage_hourly_window;
-"""
-
-
-@contextmanager
-def installed(setup: str, teardown: str) -> Iterator[None]:
-    """Run the ``setup`` SQL, and the ``teardown`` SQL after the block, even if it fails."""
-    with connection.cursor() as cursor:
-        cursor.execute(setup)
-    try:
-        yield
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(teardown)
 
 
 @pytest.fixture
@@ -82,50 +44,14 @@ def test_slices_stay_within_the_lock_budget_and_cover_every_key(slow_rollup: Non
     assert rollup_mismatches() == []
 
 
-# Every row queued in task_usage_hourly_dirty costs 15 ms to insert: a slow enqueue.
-SLOW_ENQUEUE = """
-CREATE FUNCTION public.codex_test_slow_enqueue() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_sleep(0.015);
-    RETURN NEW;
-END $$;
-CREATE TRIGGER codex_test_slow_enqueue BEFORE INSERT ON public.task_usage_hourly_dirty
-    FOR EACH ROW EXECUTE FUNCTION public.codex_test_slow_enqueue();
-"""
-FAST_ENQUEUE = """
-DROP TRIGGER codex_test_slow_enqueue ON public.task_usage_hourly_dirty;
-DROP FUNCTION public.codex_test_slow_enqueue();
-"""
-
-
-def test_the_lock_cap_covers_the_enqueue_and_the_commit_too(slow_rollup: None) -> None:
-    """The call gets only what the enqueue left of the cap, so the whole hold stays under it.
-
-    With the cap on each statement alone, a slice of 25 keys here held the lock for the
-    enqueue (0.375 s) plus the call (0.5 s), over the 0.8 s cap.
-    """
-    for _ in range(3):
-        task = make_task(make_agent())
-        for model in range(40):
-            make_usage(task, model=f"m{model}")
-    populate_rollup()
-    budget = 0.3
-    with installed(SLOW_ENQUEUE, FAST_ENQUEUE):
-        result = execute_backfill(
-            ExecuteOptions(cutoff=CUTOFF, batch_size=1000, max_rollup_lock_seconds=budget)
-        )
-    slices = result.rollup.slices
-    assert sum(piece.keys for piece in slices) == 120
-    assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
-    assert rollup_mismatches() == []
-
-
-# Every queued key costs 1 ms per task of its agent, plus 20 ms: the documented cost shape.
+# Every key costs 1 ms per task of its agent, plus 20 ms: the documented cost shape of the
+# nested-loop plan (the test data has one usage row a key, all found by the call's window).
 AGENT_SIZED_ROLLUP = delayed_rollup(
     """0.001 * (
-        SELECT coalesce(sum(20 + (SELECT count(*) FROM agent_task_queue q
-                                  WHERE q.agent_id = d.agent_id)), 0)
-        FROM task_usage_hourly_dirty d WHERE d.enqueued_at < p_to)"""
+        SELECT coalesce(sum(20 + (SELECT count(*) FROM agent_task_queue t
+                                  WHERE t.agent_id = q.agent_id)), 0)
+        FROM task_usage tu JOIN agent_task_queue q ON q.id = tu.task_id
+        WHERE tu.updated_at >= p_from AND tu.updated_at < p_to)"""
 )
 
 

@@ -62,33 +62,30 @@ WORK_TABLE = "pg_temp.codex_backfill_work"
 
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
 
-# The snapshot, numbered so that the rows of one hourly key are consecutive. Created by
-# CREATE TABLE AS, whose query may use parallel workers (an INSERT's may not), and indexed
-# once it is full.
-CREATE_WORK_TABLE_SQL = """
-CREATE TEMP TABLE codex_backfill_work (seq, id) ON COMMIT PRESERVE ROWS AS
-SELECT row_number() OVER (
-           ORDER BY {bucket_hour}, q.agent_id, tu.provider, tu.model, tu.id
-       ),
-       tu.id
-FROM {eligible_from}
-WHERE {eligible_where}"""
+# The snapshot: the candidates numbered so that the rows of one hourly key are consecutive,
+# in the rollup's key order (an agent's keys together), each with its key's rank in that
+# order: the rank decides the row's updated_at stamp (see STAMP), so that a range of keys is a
+# range of time. Created by CREATE TABLE AS, whose query may use parallel workers (an
+# INSERT's may not), and indexed once it is full.
+SNAPSHOT_KEY_ORDER = "q.agent_id, q.runtime_id, i.project_id, tu.provider, tu.model, {bucket_hour}"
+CREATE_WORK_TABLE_SQL = f"""
+CREATE TEMP TABLE codex_backfill_work (seq, id, rank) ON COMMIT PRESERVE ROWS AS
+SELECT row_number() OVER (ORDER BY {SNAPSHOT_KEY_ORDER}, tu.id),
+       tu.id,
+       dense_rank() OVER (ORDER BY {SNAPSHOT_KEY_ORDER})
+FROM {{eligible_from}}
+LEFT JOIN {{issue}} i ON i.id = q.issue_id
+WHERE {{eligible_where}}"""
 INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 
 
-# The updated_at a batch writes (see usage.cron): just below the platform rollup's watermark,
-# read afresh by every batch (it only moves forward) but never before the cutoff nor in the
-# future; or, when the run found no usable watermark, the time of the repair. The journal's
-# repaired_at keeps the true time either way.
-STAMP = """CASE WHEN %(below_watermark)s THEN greatest(
-        least(
-            (SELECT s.watermark_at FROM {task_usage_hourly_rollup_state} s WHERE s.id = 1)
-                - interval '1 microsecond',
-            now()),
-        %(cutoff)s)
-    ELSE now() END"""
+# The updated_at a batch writes (see usage.cron): the run's stamp base (just below the
+# platform rollup's watermark, or the start of the run when no watermark is usable) less the
+# row's key rank in microseconds, never before the cutoff. The journal's repaired_at keeps the
+# true time of the repair.
+STAMP = "greatest(%(stamp_base)s - w.rank * interval '1 microsecond', %(cutoff)s)"
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
 # batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
@@ -96,7 +93,7 @@ STAMP = """CASE WHEN %(below_watermark)s THEN greatest(
 # writer can change); the snapshot already applied the workspace scope, which cannot change.
 BATCH_SQL_TEMPLATE = f"""
 WITH locked AS (
-    SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at
+    SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
     FROM {WORK_TABLE} w
     JOIN {{task_usage}} tu ON tu.id = w.id
     WHERE {{selector}}
@@ -105,23 +102,20 @@ WITH locked AS (
     {{limit}}
     FOR NO KEY UPDATE OF tu SKIP LOCKED
 ),
-stamp AS MATERIALIZED (
-    SELECT {STAMP} AS at
-),
 journaled AS (
     INSERT INTO {{journal}} (
         run_id, usage_id, old_input_tokens, old_updated_at,
         new_input_tokens, cache_read_tokens, new_updated_at, repaired_at
     )
     SELECT %(run_id)s, l.id, l.input_tokens, l.updated_at,
-           greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, s.at, now()
-    FROM locked l CROSS JOIN stamp s
+           greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, l.stamp, now()
+    FROM locked l
     RETURNING usage_id
 ),
 updated AS (
     UPDATE {{task_usage}} tu
-    SET input_tokens = {{corrected_input}}, updated_at = s.at
-    FROM locked l CROSS JOIN stamp s
+    SET input_tokens = {{corrected_input}}, updated_at = l.stamp
+    FROM locked l
     WHERE tu.id = l.id
     RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
               l.input_tokens < l.cache_read_tokens AS clamped
@@ -290,7 +284,7 @@ class Backfill:
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             policy = cron.choose_stamp(self.options.cutoff, cron.read_state())
-            self.params["below_watermark"] = policy.below_watermark
+            self.params["stamp_base"] = policy.base
             run = runs.start_run(
                 arguments=self.options.arguments,
                 cutoff=self.options.cutoff,
@@ -302,6 +296,7 @@ class Backfill:
                     else BackfillRun.RollupState.SKIPPED
                 ),
                 stamp=policy.stamp,
+                stamp_base=policy.base,
                 watermark_at_start=policy.watermark_at,
             )
             self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy)

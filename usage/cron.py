@@ -75,10 +75,16 @@ def read_state() -> CronState:
 
 @dataclass(frozen=True)
 class StampPolicy:
-    """How the repair stamps ``updated_at``, decided once per run from the cron's watermark."""
+    """How the repair stamps ``updated_at``, decided once per run from the cron's watermark.
+
+    A repaired row gets ``base`` less its hourly key's rank (in the run's key order) in
+    microseconds, never less than the cutoff: the rows of one key share a stamp, and a range
+    of keys is a range of time, so a rollup call over that window rebuilds exactly those keys.
+    """
 
     stamp: str  # a BackfillRun.Stamp value
     watermark_at: datetime | None
+    base: datetime
     reason: str
 
     @property
@@ -93,6 +99,7 @@ def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
         return StampPolicy(
             BackfillRun.Stamp.BELOW_WATERMARK,
             watermark,
+            min(watermark, state.now),
             f"repaired rows are stamped just below the platform rollup's watermark "
             f"({_clock(watermark)}), so its cron tick never re-rolls them",
         )
@@ -108,7 +115,8 @@ def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
     return StampPolicy(
         BackfillRun.Stamp.REPAIR_TIME,
         watermark,
-        f"{why}; repaired rows are stamped with the time of the repair, and the platform's "
+        state.now,
+        f"{why}; repaired rows are stamped with the time the repair started, and the platform's "
         "rollup will re-roll their hourly keys once its watermark passes that time",
     )
 

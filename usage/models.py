@@ -131,6 +131,8 @@ class BackfillRun(models.Model):
     rollup_hash_slices = models.IntegerField(default=0)
     rollup_cron_waits = models.IntegerField(default=0)
     stamp = models.CharField(max_length=24, choices=Stamp.choices, blank=True)
+    # Rows are stamped ``stamp_base`` less their hourly key's rank in microseconds.
+    stamp_base = models.DateTimeField(null=True, blank=True)
     watermark_at_start = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)

@@ -21,18 +21,21 @@ takes, from a cost model it measures as it goes:
   part is first predicted from the size of the scanned tables, and a hash slice is never
   tried when that alone would not fit the lock budget (a table of hundreds of millions of
   rows). Each slice takes the plan that rebuilds the most keys per second of wall time.
-* **One transaction per slice** holds ``pg_advisory_xact_lock(4246)`` (transaction-level, so
-  it can never leak): it queues the slice's keys in ``task_usage_hourly_dirty`` (an upsert,
-  as every platform writer does, so a key the platform queued is no conflict) and calls the
-  function over the microsecond after the latest of their ``enqueued_at``: it rebuilds those
-  keys (and drains whatever else was queued). The server-side ``statement_timeout`` ends the
-  call when the hold would pass ``--max-rollup-lock-seconds`` + 0.5 s; a cancelled slice is
-  retried smaller (or with the other plan).
+* **Slices of stamps.** The repair stamps the rows of one hourly key with one ``updated_at``,
+  a microsecond apart from the next key's (``usage.backfill``), so a range of keys is a range
+  of time: each slice is one transaction holding ``pg_advisory_xact_lock(4246)``
+  (transaction-level, so it can never leak) around one call over the window from its first
+  stamp to just after its last, which rebuilds exactly those keys. The platform's queue is not
+  written (its keys are drained with the call, as by any rollup call). The server-side
+  ``statement_timeout`` ends the call when the hold would pass ``--max-rollup-lock-seconds``
+  + 0.5 s; a cancelled slice is retried smaller (or with the other plan).
 * **Neighbours** (``usage.cron``): between slices lock 4246 stays free for a moment, so a
   try-lock caller (the platform's cron tick) gets it, and while a tick is due the slices wait
   until it has run. A stop request ends the rebuild between slices.
 
-The revert's drains (``drain_queued``) run through the same slice transaction and planner.
+The revert restores rows to their old ``updated_at`` and queues their keys (an upsert, as the
+platform's writers do); its drains (``QueueDrainer``) run through the same slice transaction
+and planner.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ COMMIT_ALLOWANCE_SECONDS = 0.3
 # A call is never given less than this.
 MIN_CALL_SECONDS = 0.05
 # A slice aims at this fraction of the lock budget, leaving room for variance.
-TARGET_LOCK_FRACTION = 0.6
+TARGET_LOCK_FRACTION = 0.7
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
 # Lock 4246 stays free this long after every slice: a try-lock caller polling every 50 ms
@@ -93,8 +96,6 @@ PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
 # How fast a lower rate (a slower slice) is believed, and how fast a higher one.
 RATE_SLOWER_WEIGHT = 1.0
 RATE_FASTER_WEIGHT = 0.3
-# Hash slices whose fixed part and rate are fitted from this many of the latest ones.
-HASH_FIT_WINDOW = 6
 # The planner's queue backlog is counted up to this many keys.
 BACKLOG_COUNT_CAP = 100_000
 
@@ -123,7 +124,11 @@ SELECT (pg_relation_size(%(task_usage)s::regclass)
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 SET_CALL_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
-BACKLOG_SQL = "SELECT count(*) FROM (SELECT 1 FROM {task_usage_hourly_dirty} LIMIT %(cap)s) queued"
+# Keys queued by others before a moment: a call whose window ends then drains them too.
+BACKLOG_SQL = """
+SELECT count(*) FROM (
+    SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
+) queued"""
 
 
 class RollupError(Exception):
@@ -181,32 +186,28 @@ class RollupResult:
 
 @dataclass
 class _HashFit:
-    """A hash slice's cost: a fixed part (the whole scans) plus task units over a rate."""
+    """A hash slice's cost: a fixed part (the whole scans) plus task units over a rate.
+
+    The fixed part is the shortest hash slice seen (every one pays the scans; the first, a
+    small probe, is nearly all scan), or the prediction from the tables' size before one ran.
+    The rate is learned from what each slice took beyond it, a slowdown believed at once and
+    a speed-up gradually. A fit that cannot tell the two apart (slices of nearly the same size
+    and nearly the same time) leaves them as they are.
+    """
 
     fixed: float
     rate: float
-    observations: list[tuple[float, float]] = field(default_factory=list)
+    measured: bool = False
 
     def add(self, units: float, held: float) -> None:
-        self.observations = [*self.observations, (units, held)][-HASH_FIT_WINDOW:]
-        sizes = {u for u, _ in self.observations}
-        if len(sizes) < 2:
-            # One size seen: keep the rate, put the rest in the fixed part.
-            self.fixed = max(0.0, held - units / self.rate)
+        self.fixed = min(self.fixed, held) if self.measured else held
+        self.measured = True
+        beyond = held - self.fixed
+        if beyond <= 0.1 * held:
             return
-        n = len(self.observations)
-        mean_u = sum(u for u, _ in self.observations) / n
-        mean_h = sum(h for _, h in self.observations) / n
-        var = sum((u - mean_u) ** 2 for u, _ in self.observations)
-        cov = sum((u - mean_u) * (h - mean_h) for u, h in self.observations)
-        slope = max(cov / var, 1e-12)
-        smallest = min(h for _, h in self.observations)
-        self.fixed = min(max(0.0, mean_h - slope * mean_u), smallest)
-        self.rate = 1.0 / slope
-        # A slice slower than the fit says is believed at once.
-        predicted = self.fixed + units / self.rate
-        if held > predicted:
-            self.rate = units / max(held - self.fixed, 1e-3)
+        rate = units / beyond
+        weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
+        self.rate += weight * (rate - self.rate)
 
     def seconds(self, units: float) -> float:
         return self.fixed + units / self.rate
@@ -272,8 +273,6 @@ class SlicePlanner:
         self.largest[plan] = max(self.largest.get(plan, 0.0), units)
         if plan == Plan.HASH:
             self.hash_fit.add(units, held)
-            if self.hash_fit.fixed > self.target:
-                self.usable.discard(Plan.HASH)
         else:
             rate = units / max(held, 1e-3)
             if plan not in self.measured_plans:
@@ -299,6 +298,14 @@ class SlicePlanner:
 
     def plan_did_not_apply(self, plan: Plan) -> None:
         self.usable.discard(plan)
+
+
+def slice_units(
+    plan: Plan, keys: int, tasks: int, backlog: int = 0, mean_tasks: float = 0.0
+) -> float:
+    """A slice's cost in task units: its keys, and the queued keys its call drains too."""
+    base = KEY_BASE_COST[plan]
+    return tasks + base * keys + backlog * (mean_tasks + base)
 
 
 def predict_scan_seconds() -> float:
@@ -330,19 +337,13 @@ class SliceLimits:
 
 
 def run_slice(
-    plan: Plan,
-    limits: SliceLimits,
-    *,
-    enqueue: Callable[[Any], datetime | None] | None = None,
-    window_end: datetime | None = None,
+    plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
 ) -> RollupSlice:
-    """One transaction holding lock 4246: queue keys (optional), then call the rollup.
+    """One transaction holding lock 4246 around one rollup call over ``[from, to)``.
 
-    ``enqueue`` queues the slice's keys and returns the latest ``enqueued_at`` it left on
-    them; the call's window is the microsecond before that moment plus one (or before
-    ``window_end`` plus one): it rebuilds every key queued until then. The whole hold is kept
-    under ``limits.cap`` by the server: each statement gets what is left of the cap (less room
-    for the commit) since the lock was taken.
+    The call rebuilds the keys of the rows last written in the window, and every key queued
+    before its end. The whole hold is kept under ``limits.cap`` by the server: the call gets
+    what is left of the cap (less room for the commit) since the lock was taken.
     """
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
@@ -351,18 +352,10 @@ def run_slice(
                 set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-                bound = _Bound(cursor, limits.cap, locked_at)
-                bound.apply()
-                latest = enqueue(cursor) if enqueue is not None else window_end
-                if latest is None:
-                    cursor.execute("SELECT clock_timestamp()")
-                    latest = cursor.fetchone()[0]
-                window_to = latest + timedelta(microseconds=1)
-                window_from = window_to - timedelta(microseconds=1)
                 cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
                 cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
                 seq_before, idx_before = cursor.fetchone()
-                bound.apply()
+                _Bound(cursor, limits.cap, locked_at).apply()
                 cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window_from, "to": window_to})
                 rollup_rows = cursor.fetchone()[0] or 0
                 cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
@@ -414,39 +407,43 @@ def plan_applied(piece: RollupSlice) -> bool:
     return piece.plan != Plan.HASH or piece.seq_scans > 0
 
 
-# -- the repair's key slices ---------------------------------------------------------------
+# -- the repair's slices of stamps ------------------------------------------------------------
 
-KEYS_TABLE = "pg_temp.codex_rollup_keys"
-KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
+# The repair stamps every row of one hourly key with the same updated_at, one microsecond per
+# key (see usage.backfill): a range of stamps is a range of keys, and a rollup call over the
+# window from the first stamp to just after the last rebuilds exactly them (plus any row
+# someone else wrote in that window: more work, never less). The queue is not touched.
+STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
+# A slice's window never spans a gap wider than this between two stamps: between runs, or
+# the batches of a run of an earlier version, other writers' rows would fill it.
+MAX_WINDOW_GAP = timedelta(seconds=1)
 
-CREATE_KEYS_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_rollup_keys (
+CREATE_STAMPS_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
     seq bigint PRIMARY KEY,
-    bucket_hour timestamptz NOT NULL,
-    workspace_id uuid NOT NULL,
-    runtime_id uuid NOT NULL,
-    agent_id uuid NOT NULL,
-    project_id uuid,
-    provider text NOT NULL,
-    model text NOT NULL,
+    stamp timestamptz NOT NULL,
+    segment bigint NOT NULL,
+    keys_to bigint NOT NULL,
     tasks_to bigint NOT NULL
 ) ON COMMIT PRESERVE ROWS"""
-TRUNCATE_KEYS_TABLE_SQL = f"TRUNCATE {KEYS_TABLE}"
-DROP_KEYS_TABLE_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
+TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
+DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 
 # The run just added its rows to the journal: fresh statistics keep the plan below from
 # taking them for a handful (nested loops over every entry).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The hourly keys of the rows some runs changed (rows of tasks without a runtime have none),
-# numbered, each with the running total of its agents' task counts (``tasks_to``): a key's
-# rollup cost grows with the task count of its agent.
-FILL_KEYS_TABLE_SQL = f"""
+# The stamps of the rows some runs changed that still carry them (a row written since is
+# found by the platform's own window), in time order, each with the hourly keys of its rows
+# and their agents' task counts (a key's rollup cost grows with its agent's tasks) as running
+# totals, and a segment number that grows at every gap wider than MAX_WINDOW_GAP.
+FILL_STAMPS_TABLE_SQL = f"""
 WITH keys AS MATERIALIZED (
-    SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    SELECT DISTINCT j.new_updated_at AS stamp,
+           {{bucket_hour}} AS bucket_hour, a.workspace_id, q.runtime_id, q.agent_id,
+           i.project_id, tu.provider, tu.model
     FROM {{journal}} j
-    JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    JOIN {{task_usage}} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
     JOIN {{agent_task_queue}} q ON q.id = tu.task_id
     JOIN {{agent}} a ON a.id = q.agent_id
     LEFT JOIN {{issue}} i ON i.id = q.issue_id
@@ -457,41 +454,44 @@ agent_tasks AS (
     FROM {{agent_task_queue}} t
     WHERE t.agent_id IN (SELECT agent_id FROM keys)
     GROUP BY t.agent_id
+),
+stamps AS (
+    SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
+           k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
+    FROM keys k JOIN agent_tasks t USING (agent_id)
+    GROUP BY k.stamp
 )
-INSERT INTO {KEYS_TABLE} (seq, {KEY_COLUMNS}, tasks_to)
-SELECT row_number() OVER w, {KEY_COLUMNS}, sum(t.tasks) OVER (w ROWS UNBOUNDED PRECEDING)
-FROM keys JOIN agent_tasks t USING (agent_id)
-WINDOW w AS (ORDER BY {KEY_COLUMNS})"""
+INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
+SELECT row_number() OVER w, stamp,
+       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING),
+       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING),
+       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
+FROM stamps
+WINDOW w AS (ORDER BY stamp)"""
 
-KEYS_TOTAL_SQL = f"SELECT count(*), coalesce(max(tasks_to), 0) FROM {KEYS_TABLE}"
+NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
+STAMPS_TOTAL_SQL = (
+    f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
+)
 
-# The end of the next slice: the last key whose cost since ``after`` stays within ``limit``
-# (at least one key), with its running task count. The cost of keys (after, seq] is their
-# tasks plus ``base`` per key; the keyset scan stops at the first key over the limit.
+# The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
+# ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
+# The keyset scan stops at the first stamp over the limit or past the segment.
 NEXT_SLICE_SQL = f"""
-SELECT seq, tasks_to FROM {KEYS_TABLE}
-WHERE seq = greatest(
+WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
+SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
+FROM {STAMPS_TABLE} s, first
+WHERE s.seq = greatest(
     %(after)s + 1,
     coalesce(
-        (SELECT seq - 1 FROM {KEYS_TABLE}
-         WHERE seq > %(after)s
-           AND tasks_to - %(done_tasks)s + %(base)s * (seq - %(after)s) > %(limit)s
-         ORDER BY seq LIMIT 1),
+        (SELECT n.seq - 1 FROM {STAMPS_TABLE} n
+         WHERE n.seq > %(after)s
+           AND (n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s
+                OR n.segment <> first.segment)
+         ORDER BY n.seq LIMIT 1),
         %(total)s
     )
 )"""
-
-# Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got.
-ENQUEUE_KEYS_SQL = f"""
-WITH queued AS (
-    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_COLUMNS}, enqueued_at)
-    SELECT {KEY_COLUMNS}, clock_timestamp() FROM {KEYS_TABLE}
-    WHERE seq > %(after)s AND seq <= %(upto)s
-    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
-    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
-    RETURNING d.enqueued_at
-)
-SELECT max(enqueued_at) FROM queued"""
 
 
 @dataclass(frozen=True)
@@ -523,26 +523,40 @@ def rebuild_keys(
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     result = RollupResult()
     with connection.cursor() as cursor:
-        cursor.execute(CREATE_KEYS_TABLE_SQL)
-        cursor.execute(TRUNCATE_KEYS_TABLE_SQL)
+        cursor.execute(CREATE_STAMPS_TABLE_SQL)
+        cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(compose(FILL_KEYS_TABLE_SQL), {"run_ids": list(run_ids)})
-        cursor.execute(KEYS_TOTAL_SQL)
-        total, total_tasks = cursor.fetchone()
-    result.keys_total = total
+        cursor.execute(
+            compose(FILL_STAMPS_TABLE_SQL), {"run_ids": list(run_ids), "max_gap": MAX_WINDOW_GAP}
+        )
+        cursor.execute(STAMPS_TOTAL_SQL)
+        stamps, keys, tasks = cursor.fetchone()
+    result.keys_total = keys
     try:
-        if total:
-            _KeySlices(limits, neighbours, result, total, total_tasks).run(
+        if stamps:
+            _StampSlices(limits, neighbours, result, stamps, tasks / keys).run(
                 should_stop or (lambda: False), on_slice, on_wait
             )
     finally:
         with connection.cursor() as cursor:
-            cursor.execute(DROP_KEYS_TABLE_SQL)
+            cursor.execute(DROP_STAMPS_TABLE_SQL)
     result.seconds = time.monotonic() - started
     return result
 
 
-class _KeySlices:
+@dataclass(frozen=True)
+class _Span:
+    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
+
+    after: int
+    upto: int
+    keys: int
+    tasks: int
+    window_from: datetime
+    window_to: datetime
+
+
+class _StampSlices:
     """The slice loop of ``rebuild_keys``: plan, wait for neighbours, run, learn."""
 
     def __init__(
@@ -551,19 +565,20 @@ class _KeySlices:
         neighbours: NeighbourOptions,
         result: RollupResult,
         total: int,
-        total_tasks: int,
+        mean_tasks: float,
     ) -> None:
         self.limits = limits
         self.neighbours = neighbours
         self.result = result
         self.total = total
-        self.mean_tasks = total_tasks / total
+        self.mean_tasks = mean_tasks
         self.planner = SlicePlanner(
             target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
             scan_seconds=predict_scan_seconds(),
             gap=neighbours.gap,
         )
         self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
+        self.done = self.done_keys = self.done_tasks = 0
 
     def run(
         self,
@@ -571,8 +586,8 @@ class _KeySlices:
         on_slice: Callable[[RollupSlice, int, int], None] | None,
         on_wait: Callable[[str, float], None] | None,
     ) -> None:
-        done = done_tasks = 0
-        while done < self.total:
+        keys_total = self.result.keys_total
+        while self.done < self.total:
             if should_stop():
                 self.result.stopped = True
                 break
@@ -581,49 +596,44 @@ class _KeySlices:
                 self.result.stopped = True
                 break
             backlog = self._backlog()
-            plan, upto, upto_tasks = self._choose(done, done_tasks, backlog)
-            keys, tasks = upto - done, upto_tasks - done_tasks
-            units = tasks + KEY_BASE_COST[plan] * keys
-            backlog_units = backlog * (self.mean_tasks + KEY_BASE_COST[plan])
-            params = {"after": done, "upto": upto}
+            plan, span = self._choose(backlog)
             try:
-                piece = run_slice(
-                    plan, self.limits, enqueue=lambda cursor, p=params: _enqueue(cursor, p)
-                )
+                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
             except DatabaseError as exc:
                 if sqlstate(exc) != SQLSTATE_QUERY_CANCELED:
                     raise
-                self.planner.cancelled(plan, units + backlog_units, keys)
+                units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
+                self.planner.cancelled(plan, units, span.keys)
                 logger.info(
                     "rollup slice of %d keys (%s plan) over its lock budget; retrying smaller",
-                    keys,
+                    span.keys,
                     plan,
                 )
                 if not self.planner.usable:
                     raise RollupError(
                         f"one hourly key could not be rebuilt within the lock budget "
                         f"({self.limits.cap:g}s) with either plan"
-                        + (
-                            f" ({backlog} keys the platform queued were drained with it)"
-                            if backlog
-                            else ""
-                        )
+                        + (f" ({backlog} queued keys were drained with it)" if backlog else "")
                         + "; re-run later, or with a larger --max-rollup-lock-seconds"
                     ) from exc
                 continue
-            piece = _with_counts(piece, keys=keys, tasks=tasks, backlog=backlog)
-            if not plan_applied(piece):
-                self.planner.plan_did_not_apply(plan)
-                logger.warning(
-                    "enable_nestloop = off did not reach the rollup function's statements "
-                    "(no whole scan of task_usage); using its default plan from now on"
-                )
-            self.planner.measured(plan, units + backlog_units, piece.lock_held_seconds)
-            done, done_tasks = upto, upto_tasks
+            piece = _with_counts(piece, keys=span.keys, tasks=span.tasks, backlog=backlog)
+            piece = _checked(piece, self.planner)
+            ran = Plan(piece.plan)
+            units = slice_units(ran, span.keys, span.tasks, backlog, self.mean_tasks)
+            self.planner.measured(ran, units, piece.lock_held_seconds)
+            self.done = span.upto
+            self.done_keys += span.keys
+            self.done_tasks += span.tasks
             self.result.add(piece)
             if on_slice is not None:
-                on_slice(piece, done, self.total)
-            _log_slice(piece, f"rollup slice: {keys} keys ({done}/{self.total})", done, self.total)
+                on_slice(piece, self.done_keys, keys_total)
+            _log_slice(
+                piece,
+                f"rollup slice: {span.keys} keys ({self.done_keys}/{keys_total})",
+                self.done_keys,
+                keys_total,
+            )
             if piece.lock_held_seconds > self.limits.cap:
                 logger.warning(
                     "a rollup slice held lock %d for %.1fs (budget %.1fs)",
@@ -631,54 +641,80 @@ class _KeySlices:
                     piece.lock_held_seconds,
                     self.limits.max_lock_seconds,
                 )
-            if done < self.total and self.neighbours.gap > 0:
+            if self.done < self.total and self.neighbours.gap > 0:
                 time.sleep(self.neighbours.gap)
         self.result.cron_waits = self.ticks.waits
         self.result.cron_wait_seconds = self.ticks.waited_seconds
 
     def _backlog(self) -> int:
-        """Keys already queued: the next call rebuilds (and drains) them too."""
+        """Keys others queued before the next window ends: its call rebuilds them too.
+
+        Normally none: the repair's stamps are below the cron's watermark, and the cron tick
+        drains what was queued before its own window's end.
+        """
         with connection.cursor() as cursor:
-            cursor.execute(compose(BACKLOG_SQL), {"cap": BACKLOG_COUNT_CAP})
+            cursor.execute(NEXT_STAMP_SQL, [self.done + 1])
+            (first,) = cursor.fetchone()
+            cursor.execute(
+                compose(BACKLOG_SQL), {"before": first + MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+            )
             return int(cursor.fetchone()[0])
 
-    def _choose(self, done: int, done_tasks: int, backlog: int) -> tuple[Plan, int, int]:
-        """The plan and the end of the next slice: the most keys per second of wall time."""
+    def _choose(self, backlog: int) -> tuple[Plan, _Span]:
+        """The plan and the stamps of the next slice: the most keys per second of wall time."""
         probe = self.planner.next_to_probe()
         plans = [probe] if probe is not None else sorted(self.planner.usable)
-        best: tuple[float, Plan, int, int] | None = None
+        best: tuple[float, Plan, _Span] | None = None
         for plan in plans:
             base = KEY_BASE_COST[plan]
-            backlog_units = backlog * (self.mean_tasks + base)
+            backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
             probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + base)
-            limit = self.planner.limit(plan, probe_units, backlog_units)
-            upto, upto_tasks = self._slice_end(done, done_tasks, base, limit)
-            units = (upto_tasks - done_tasks) + base * (upto - done) + backlog_units
-            speed = (upto - done) / (self.planner.seconds(plan, units) + self.planner.gap)
+            span = self._span(base, self.planner.limit(plan, probe_units, backlog_units))
+            units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
+            speed = span.keys / (self.planner.seconds(plan, units) + self.planner.gap)
             if best is None or speed > best[0]:
-                best = (speed, plan, upto, upto_tasks)
+                best = (speed, plan, span)
         assert best is not None
-        return best[1], best[2], best[3]
+        return best[1], best[2]
 
-    def _slice_end(self, done: int, done_tasks: int, base: int, limit: float) -> tuple[int, int]:
+    def _span(self, base: int, limit: float) -> _Span:
         with connection.cursor() as cursor:
             cursor.execute(
                 NEXT_SLICE_SQL,
                 {
-                    "after": done,
-                    "done_tasks": done_tasks,
+                    "after": self.done,
+                    "done_keys": self.done_keys,
+                    "done_tasks": self.done_tasks,
                     "base": base,
                     "limit": int(limit),
                     "total": self.total,
                 },
             )
-            upto, upto_tasks = cursor.fetchone()
-        return int(upto), int(upto_tasks)
+            upto, keys_to, tasks_to, first, last = cursor.fetchone()
+        return _Span(
+            after=self.done,
+            upto=int(upto),
+            keys=int(keys_to) - self.done_keys,
+            tasks=int(tasks_to) - self.done_tasks,
+            window_from=first,
+            window_to=last + timedelta(microseconds=1),
+        )
 
 
-def _enqueue(cursor: Any, params: dict[str, int]) -> datetime | None:
-    cursor.execute(compose(ENQUEUE_KEYS_SQL), params)
-    return cursor.fetchone()[0]
+def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
+    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops.
+
+    The planner then drops the hash plan (something, such as a ``SET`` clause on the
+    function, keeps the slice's settings from its statements).
+    """
+    if plan_applied(piece):
+        return piece
+    planner.plan_did_not_apply(Plan(piece.plan))
+    logger.warning(
+        "enable_nestloop = off did not reach the rollup function's statements (no whole "
+        "scan of task_usage); using its default plan from now on"
+    )
+    return dataclasses.replace(piece, plan=Plan.NESTLOOP)
 
 
 def _with_counts(piece: RollupSlice, **counts: int) -> RollupSlice:
@@ -729,16 +765,16 @@ class QueueDrainer:
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
         plan = self.planner.next_to_probe() or self._best_plan(mean_tasks)
-        base = KEY_BASE_COST[plan]
-        limit = self.planner.limit(plan, FIRST_SLICE_KEYS * (mean_tasks + base), 0.0)
-        return max(1, int(limit / (mean_tasks + base)))
+        per_key = mean_tasks + KEY_BASE_COST[plan]
+        limit = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0)
+        return max(1, int(limit / per_key))
 
     def _best_plan(self, mean_tasks: float) -> Plan:
         best: tuple[float, Plan] | None = None
         for plan in sorted(self.planner.usable):
-            base = KEY_BASE_COST[plan]
-            units = self.planner.limit(plan, FIRST_SLICE_KEYS * (mean_tasks + base), 0.0)
-            keys = units / (mean_tasks + base)
+            per_key = mean_tasks + KEY_BASE_COST[plan]
+            units = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0)
+            keys = units / per_key
             speed = keys / (self.planner.seconds(plan, units) + self.planner.gap)
             if best is None or speed > best[0]:
                 best = (speed, plan)
@@ -758,19 +794,20 @@ class QueueDrainer:
         plans = [self.planner.next_to_probe() or self._best_plan(mean_tasks)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
         for plan in plans:
-            units = tasks + KEY_BASE_COST[plan] * keys
             try:
-                piece = run_slice(plan, self.limits, window_end=enqueued_until)
+                piece = run_slice(
+                    plan, self.limits, enqueued_until, enqueued_until + timedelta(microseconds=1)
+                )
             except DatabaseError as exc:
                 if sqlstate(exc) != SQLSTATE_QUERY_CANCELED:
                     raise
-                self.planner.cancelled(plan, units, keys)
+                self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 logger.info("revert drain of %d keys (%s plan) over its lock budget", keys, plan)
                 continue
             piece = _with_counts(piece, keys=keys, tasks=tasks)
-            if not plan_applied(piece):
-                self.planner.plan_did_not_apply(plan)
-            self.planner.measured(plan, units, piece.lock_held_seconds)
+            piece = _checked(piece, self.planner)
+            ran = Plan(piece.plan)
+            self.planner.measured(ran, slice_units(ran, keys, tasks), piece.lock_held_seconds)
             self.result.add(piece)
             _log_slice(piece, f"revert drain: {keys} keys", keys, keys)
             if self.neighbours.gap > 0:
