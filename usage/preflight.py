@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -619,11 +619,19 @@ def _share(part: int, whole: int) -> str:
     return f"{part:,} of {whole:,} ({100 * part / whole:.0f}%)" if whole else "none"
 
 
+def _shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, held within Python's years 1 to 9999 (a cutoff may be near them)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return (datetime.min if delta < timedelta(0) else datetime.max).replace(tzinfo=UTC)
+
+
 def check_after_cutoff(ctx: Context) -> CheckResult:
     params = {
         **eligible_params(ctx.cutoff, ctx.workspace_id),
-        "window_start": ctx.cutoff - NEIGHBOURHOOD,
-        "window_end": ctx.cutoff + NEIGHBOURHOOD,
+        "window_start": _shifted(ctx.cutoff, -NEIGHBOURHOOD),
+        "window_end": _shifted(ctx.cutoff, NEIGHBOURHOOD),
         "sample": SAMPLE_ROWS,
     }
     before, before_unfixed, after, after_unfixed = ctx.one(

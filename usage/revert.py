@@ -263,17 +263,6 @@ class _BatchTimeoutError(Exception):
     pass
 
 
-def parse_run_id(value: str | int | None) -> int:
-    """The RUN_ID argument: a positive whole number, checked before the database is asked."""
-    text = str(value).strip() if value is not None else ""
-    if not text.isdigit() or int(text) <= 0:
-        raise ValueError(
-            f"RUN_ID {value!r} is not a run number; give the number printed as 'Run N' by "
-            "backfill_codex_usage_cache --execute, e.g. 12"
-        )
-    return int(text)
-
-
 def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
     """The dry run: what a revert of ``run_id`` would restore, in one read-only transaction."""
     check_target()

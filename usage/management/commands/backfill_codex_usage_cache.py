@@ -184,10 +184,7 @@ class Command(ExamplesCommand):
     def _parse(self, options: dict[str, Any]) -> ExecuteOptions:
         run_id = options["run_id"]
         if run_id is not None:
-            try:
-                options["run_id"] = int(run_id)
-            except ValueError:
-                raise ValueError(f"--run-id {run_id!r} is not a run number") from None
+            options["run_id"] = opts.parse_run_id(run_id)
             if not options["verify"] or options["execute"]:
                 raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
         elif options["verify"] and not options["execute"]:
@@ -204,7 +201,7 @@ class Command(ExamplesCommand):
                 if not standalone_verify or options["cutoff"]
                 else None
             ),  # type: ignore[arg-type]
-            workspace_id=opts.parse_workspace_id(options["workspace_id"]),
+            workspace_id=opts.parse_workspace_id(options["workspace_id"], allow_empty=False),
             batch_size=opts.parse_batch_size(options["batch_size"]),
             sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
             rebuild_rollup=options["rebuild_rollup"],

@@ -86,7 +86,7 @@ class Command(ExamplesCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             cutoff = opts.parse_cutoff(options["cutoff"])
-            workspace_id = opts.parse_workspace_id(options["workspace_id"])
+            workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
                 options["statement_timeout"],
                 flag="--statement-timeout",

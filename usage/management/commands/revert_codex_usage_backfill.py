@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from datetime import datetime
@@ -24,7 +25,6 @@ from usage.revert import (
     RevertOptions,
     RevertResult,
     execute_revert,
-    parse_run_id,
     plan_revert,
 )
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -100,7 +100,7 @@ class Command(ExamplesCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            run_id = parse_run_id(options["run_id"])
+            run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
             show = _parse_show(options["show"])
             revert_options = RevertOptions(
                 run_id=run_id,
@@ -260,8 +260,10 @@ class Command(ExamplesCommand):
 
 def _parse_show(value: str) -> int:
     text = str(value).strip()
-    if not text.isdigit() or int(text) > MAX_SHOW_CHANGED:
-        raise ValueError(f"--show {value!r} must be a whole number from 0 to {MAX_SHOW_CHANGED}")
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > MAX_SHOW_CHANGED:
+        raise ValueError(
+            f"--show {opts.shown(value)} must be a whole number from 0 to {MAX_SHOW_CHANGED}"
+        )
     return int(text)
 
 
