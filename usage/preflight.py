@@ -47,7 +47,7 @@ from usage.db import (
     REQUIRED_TOOL_TABLES,
     ROLLUP_FUNCTION_SIGNATURE,
     SQLSTATE_QUERY_CANCELED,
-    scrub,
+    error_text,
     sqlstate,
 )
 from usage.eligibility import ELIGIBLE_WHERE, compose, eligible_params
@@ -812,7 +812,7 @@ def _run_one(
             )
         else:
             fix = "fix the error above (often a missing privilege), then run the pre-flight again"
-        result = failed(f"query failed: {scrub(str(exc))}", fix)
+        result = failed(f"query failed: {error_text(exc)}", fix)
     seconds = time.monotonic() - started
     logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
     return replace(result, name=check.name, seconds=seconds)

@@ -59,6 +59,7 @@ from usage.db import (
     SQLSTATE_QUERY_CANCELED,
     check_target,
     database_now,
+    error_text,
     scrub,
     set_local_timeouts,
     sqlstate,
@@ -418,7 +419,7 @@ class _Revert:
             if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
                 raise _BatchTimeoutError(
                     f"a revert batch timed out {self.timeouts} times, down to {size} entries "
-                    f"({scrub(str(exc))}); the rows restored so far stay restored: run the "
+                    f"({error_text(exc)}); the rows restored so far stay restored: run the "
                     "same revert again later, or with a larger --lock-timeout/"
                     "--statement-timeout"
                 ) from exc
@@ -500,9 +501,10 @@ class _Revert:
             if connection.connection is not None and not connection.is_usable():
                 connection.close()
             self._drain(database_now())
-        except Exception:
-            logger.exception(
-                "rollup drain failed; the queued keys stay in task_usage_hourly_dirty"
+        except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
+            logger.warning(
+                "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
+                error_text(exc),
             )
 
     # -- the end ---------------------------------------------------------------------------
@@ -606,5 +608,5 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, DatabaseError):
-        return f"database error: {scrub(str(exc))}"
+        return f"database error: {error_text(exc)}"
     return scrub(f"{type(exc).__name__}: {exc}")

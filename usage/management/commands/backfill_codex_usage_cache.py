@@ -25,7 +25,7 @@ from usage.backfill import (
     ExecuteResult,
     execute_backfill,
 )
-from usage.db import TargetError, check_target, describe_database, scrub
+from usage.db import TargetError, check_target, database_failure, describe_database
 from usage.events import JsonFormatter
 from usage.management.base import ExamplesCommand
 from usage.models import BackfillRun
@@ -173,10 +173,7 @@ class Command(ExamplesCommand):
         except (TargetError, CutoffError, RunLockError) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
-            raise CommandError(
-                f"database error on {describe_database()}: {scrub(str(exc))}; "
-                "check DATABASE_URL and that the server is reachable"
-            ) from exc
+            raise CommandError(database_failure(exc)) from exc
         finally:
             logging.getLogger("usage").removeHandler(handler)
         self._exit_status(document)

@@ -14,7 +14,7 @@ from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
-from usage.db import TargetError, describe_database, scrub
+from usage.db import TargetError, database_failure, describe_database
 from usage.management.base import ExamplesCommand
 from usage.revert import (
     DEFAULT_BATCH_SIZE,
@@ -125,10 +125,7 @@ class Command(ExamplesCommand):
                 self._write_result(result)
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
-            raise CommandError(
-                f"database error on {describe_database()}: {scrub(str(exc))}; "
-                "check DATABASE_URL and that the server is reachable"
-            ) from exc
+            raise CommandError(database_failure(exc)) from exc
         finally:
             logging.getLogger("usage").removeHandler(handler)
 

@@ -1,0 +1,177 @@
+"""After a failure, the printed figures and the run record are true, and errors are one line.
+
+On a real PostgreSQL: a table lock that makes every batch time out, a rollup function that
+fails inside PL/pgSQL or is terminated mid-call.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from tests.factories import make_agent, make_task, make_usage, populate_rollup
+from tests.processes import error_lines, start_manage, wait_until
+from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.models import BackfillRun, TaskUsage
+from usage.options import parse_cutoff
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CUTOFF_ARG = "2026-06-13T08:00:00Z"
+ROLLUP = "rollup_task_usage_hourly_window"
+
+
+def command(name: str, *args: str) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    call_command(name, *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def make_rows(count: int) -> list[TaskUsage]:
+    """``count`` eligible rows of one task, each its own hourly key (its own model)."""
+    task = make_task(make_agent())
+    rows = [make_usage(task, model=f"m{n}") for n in range(count)]
+    populate_rollup()
+    return rows
+
+
+def still_eligible() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            compose(COUNT_ELIGIBLE_SQL), eligible_params(parse_cutoff(CUTOFF_ARG), None)
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture
+def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(test_database_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def replace_rollup() -> Iterator:
+    """Swap the rollup function for a PL/pgSQL body of the test's; put the real one back."""
+    schema = settings.CODEX_TARGET_SCHEMA
+    signature = "(timestamptz, timestamptz)"
+    real = f"{ROLLUP}_real"
+
+    def install(body: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER FUNCTION {schema}.{ROLLUP}{signature} RENAME TO {real}")
+            cursor.execute(
+                f"CREATE FUNCTION {schema}.{ROLLUP}(p_from timestamptz, p_to timestamptz) "
+                f"RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN {body} "
+                f"RETURN {schema}.{real}(p_from, p_to); END $$"
+            )
+        installed.append(True)
+
+    installed: list[bool] = []
+    yield install
+    if installed:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP FUNCTION {schema}.{ROLLUP}{signature}")
+            cursor.execute(f"ALTER FUNCTION {schema}.{real}{signature} RENAME TO {ROLLUP}")
+
+
+# -- rows remaining are counted -------------------------------------------------------------
+
+
+def test_a_run_whose_batches_time_out_counts_the_rows_left(other_connection) -> None:
+    make_rows(5)
+    other_connection.execute("LOCK TABLE task_usage IN SHARE MODE")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="a batch timed out 4 times") as failed:
+        call_command(
+            "backfill_codex_usage_cache",
+            "--cutoff",
+            CUTOFF_ARG,
+            "--execute",
+            "--statement-timeout",
+            "1ms",
+            "--lock-timeout",
+            "30s",
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+    other_connection.rollback()
+    assert "\n" not in str(failed.value)
+    run = BackfillRun.objects.get()
+    assert run.status == BackfillRun.Status.FAILED
+    assert (run.rows_planned, run.rows_updated, run.rows_remaining) == (5, 0, 5)
+    assert still_eligible() == 5
+    assert "rows planned 5, updated 0, remaining 5" in out.getvalue()
+    assert f"Run {run.pk} failed." in out.getvalue()
+    assert "canceling statement due to statement timeout" in run.error
+    assert "\n" not in run.error
+
+
+# -- errors are the server's primary message --------------------------------------------------
+
+
+def test_a_rollup_error_inside_plpgsql_is_one_line_without_its_context(replace_rollup) -> None:
+    make_rows(3)
+    replace_rollup("PERFORM 1 / (SELECT count(*) - count(*) FROM task_usage);")
+    out = io.StringIO()
+    with pytest.raises(CommandError) as failed:
+        call_command(
+            "backfill_codex_usage_cache",
+            "--cutoff",
+            CUTOFF_ARG,
+            "--execute",
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+    message = str(failed.value)
+    assert (
+        message == "rows repaired, but the rollup rebuild failed: database error: division by zero"
+    )
+    run = BackfillRun.objects.get()
+    assert run.error == message
+    assert (run.rows_updated, run.rows_remaining) == (3, 0)
+    assert run.rollup_state == BackfillRun.RollupState.PENDING
+    assert "rows planned 3, updated 3, remaining 0" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_terminating_the_rollup_gives_one_line_and_a_short_record(
+    replace_rollup, subprocess_env: dict[str, str]
+) -> None:
+    make_rows(4)
+    replace_rollup("PERFORM pg_sleep(60);")
+    process = start_manage(
+        "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", env=subprocess_env
+    )
+
+    def in_rollup() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'codex-usage-repair'"
+                " AND state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
+                [f"%{ROLLUP}%"],
+            )
+            return [pid for (pid,) in cursor.fetchall()]
+
+    wait_until(lambda: bool(in_rollup()) or process.poll() is not None, timeout=60)
+    with connection.cursor() as cursor:
+        for pid in in_rollup():
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stdout + stderr
+    lines = error_lines(stderr)
+    assert lines[-1].startswith("CommandError: rows repaired, but the rollup rebuild failed:")
+    assert "terminating connection due to administrator command" in lines[-1]
+    run = BackfillRun.objects.get()
+    assert run.status == BackfillRun.Status.FAILED
+    for text in (lines[-1], run.error):
+        assert "CONTEXT" not in text and "PL/pgSQL" not in text and "pg_sleep" not in text
+        assert len(text) < 300
+    assert (run.rows_updated, run.rows_remaining) == (4, 0)
+    assert "rows planned 4, updated 4, remaining 0" in stdout
