@@ -1,12 +1,14 @@
 """After a failure, the printed figures and the run record are true, and errors are one line.
 
 On a real PostgreSQL: a table lock that makes every batch time out, a rollup function that
-fails inside PL/pgSQL or is terminated mid-call.
+fails inside PL/pgSQL or is terminated mid-call, a verify that finds more differing keys
+than it lists.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 
 import psycopg
@@ -175,3 +177,35 @@ def test_terminating_the_rollup_gives_one_line_and_a_short_record(
         assert len(text) < 300
     assert (run.rows_updated, run.rows_remaining) == (4, 0)
     assert "rows planned 4, updated 4, remaining 0" in stdout
+
+
+# -- verify counts every differing key ------------------------------------------------------
+
+
+def test_verify_counts_every_differing_key_and_lists_some() -> None:
+    make_rows(130)
+    command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute")
+    run = BackfillRun.objects.get()
+    with connection.cursor() as cursor:
+        cursor.execute(compose("UPDATE {task_usage_hourly} SET input_tokens = input_tokens + 1"))
+    with pytest.raises(CommandError, match="130 hourly keys wrong") as failed:
+        command("backfill_codex_usage_cache", "--verify", "--run-id", str(run.pk))
+    assert failed.value.returncode == 4
+    out = io.StringIO()
+    with pytest.raises(CommandError):
+        call_command(
+            "backfill_codex_usage_cache",
+            "--verify",
+            "--run-id",
+            str(run.pk),
+            "--format",
+            "json",
+            stdout=out,
+        )
+    document = json.loads(out.getvalue())
+    assert document["verify"]["mismatched_keys"] == 130
+    assert len(document["verify"]["mismatches"]) == 100  # the list is capped, the count not
+    out = io.StringIO()
+    with pytest.raises(CommandError):
+        call_command("backfill_codex_usage_cache", "--verify", "--run-id", str(run.pk), stdout=out)
+    assert "130 hourly keys differ from a recompute (the first 20 are listed)." in out.getvalue()

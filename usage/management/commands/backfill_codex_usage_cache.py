@@ -38,6 +38,8 @@ from usage.verify import VerifyResult, verify_run
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
 EXIT_VERIFY_FAILED = 4
+# The table lists at most this many mismatched hourly keys (JSON carries up to verify's cap).
+VERIFY_LISTED = 20
 
 RECORDED_OPTIONS = (
     "cutoff",
@@ -396,9 +398,14 @@ class Command(ExamplesCommand):
     def _verify_lines(self, v: dict[str, Any]) -> list[str]:
         lines = [
             f"Verify run {v['run_id']}: {render.number(v['eligible_rows_left'])} eligible rows "
-            f"left; {len(v['mismatches'])} hourly keys differ from a recompute."
+            f"left; {render.number(v['mismatched_keys'])} hourly keys differ from a recompute"
+            + (
+                f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
+                if v["mismatched_keys"] > VERIFY_LISTED
+                else "."
+            )
         ]
-        for m in v["mismatches"][:20]:
+        for m in v["mismatches"][:VERIFY_LISTED]:
             lines.append(
                 f"  key {tuple(str(part) for part in m['key'])}: input expected "
                 f"{m['expected_input']} got {m['actual_input']}, events expected "
@@ -427,7 +434,7 @@ class Command(ExamplesCommand):
             raise CommandError(
                 f"verification of run {verify['run_id']} failed: "
                 f"{verify['eligible_rows_left']} eligible rows left, "
-                f"{len(verify['mismatches'])} hourly keys wrong; see the list above",
+                f"{verify['mismatched_keys']} hourly keys wrong; see the list above",
                 returncode=EXIT_VERIFY_FAILED,
             )
 
