@@ -1,14 +1,15 @@
 """After a failure, the printed figures and the run record are true, and errors are one line.
 
 On a real PostgreSQL: a table lock that makes every batch time out, a rollup function that
-fails inside PL/pgSQL or is terminated mid-call, a verify that finds more differing keys
-than it lists.
+fails inside PL/pgSQL or is terminated mid-call, a revert stopped by SIGTERM, a verify that
+finds more differing keys than it lists.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import signal
 from collections.abc import Iterator
 
 import psycopg
@@ -21,7 +22,7 @@ from django.db import connection
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, start_manage, wait_until
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.models import BackfillRun, TaskUsage
+from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.options import parse_cutoff
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -209,3 +210,45 @@ def test_verify_counts_every_differing_key_and_lists_some() -> None:
     with pytest.raises(CommandError):
         call_command("backfill_codex_usage_cache", "--verify", "--run-id", str(run.pk), stdout=out)
     assert "130 hourly keys differ from a recompute (the first 20 are listed)." in out.getvalue()
+
+
+# -- a revert stopped by a signal says what the revert did ----------------------------------
+
+
+@pytest.mark.slow
+def test_a_revert_stopped_by_sigterm_prints_its_own_outcome(
+    subprocess_env: dict[str, str], other_connection
+) -> None:
+    rows = make_rows(6)
+    command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute")
+    run = BackfillRun.objects.get()
+    assert run.status == BackfillRun.Status.SUCCEEDED
+    # A writer holds one repaired row: the revert restores the others, then waits for it.
+    other_connection.execute("SELECT 1 FROM task_usage WHERE id = %s FOR UPDATE", [rows[0].pk])
+    process = start_manage(
+        "revert_codex_usage_backfill", str(run.pk), "--execute", env=subprocess_env
+    )
+    wait_until(
+        lambda: (
+            BackfillJournal.objects.filter(reverted_at__isnull=False).count() == 5
+            or process.poll() is not None
+        ),
+        timeout=60,
+    )
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    other_connection.rollback()
+    assert process.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert f"Revert of run {run.pk} stopped by SIGTERM: 5 rows restored, 1 still to restore." in (
+        stdout
+    )
+    assert f"Run {run.pk} succeeded." not in stdout
+    assert error_lines(stderr)[-1] == (
+        "CommandError: stopped by SIGTERM after 5 rows; run the same revert again to finish"
+    )
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.SUCCEEDED  # not reverted until every row is
+
+    out, _ = command("revert_codex_usage_backfill", str(run.pk), "--execute")
+    assert f"Run {run.pk} reverted." in out
+    assert still_eligible() == 6

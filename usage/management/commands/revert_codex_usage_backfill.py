@@ -122,7 +122,7 @@ class Command(ExamplesCommand):
         except (TargetError, RevertError, RunLockError) as exc:
             result = getattr(exc, "result", None)
             if result is not None:
-                self._write_result(result)
+                self._write_result(result, f"Revert of run {result.run.pk} failed.")
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
             raise CommandError(database_failure(exc)) from exc
@@ -186,9 +186,9 @@ class Command(ExamplesCommand):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self._write_result(result)
+        signum = received[0] if received else signal.SIGTERM
+        self._write_result(result, self._outcome(result, signum))
         if result.stopped:
-            signum = received[0] if received else signal.SIGTERM
             raise CommandError(
                 f"stopped by {signal.Signals(signum).name} after "
                 f"{result.rows_restored} rows; run the same revert again to finish",
@@ -204,7 +204,23 @@ class Command(ExamplesCommand):
 
     # -- output --------------------------------------------------------------------------
 
-    def _write_result(self, result: RevertResult) -> None:
+    def _outcome(self, result: RevertResult, signum: int) -> str:
+        """The revert's own outcome, never the status of the run it reverts."""
+        run = result.run
+        if result.stopped:
+            return (
+                f"Revert of run {run.pk} stopped by {signal.Signals(signum).name}: "
+                f"{render.number(result.rows_restored)} rows restored, "
+                f"{render.number(result.rows_remaining)} still to restore."
+            )
+        if result.rows_remaining:
+            return (
+                f"Revert of run {run.pk} incomplete: "
+                f"{render.number(result.rows_remaining)} rows stayed locked."
+            )
+        return f"Run {run.pk} {run.status}."
+
+    def _write_result(self, result: RevertResult, outcome: str) -> None:
         run = result.run
         run.refresh_from_db()
         for stale in result.stale_runs:
@@ -221,7 +237,7 @@ class Command(ExamplesCommand):
             f"lock 4246 held at most {r.max_lock_held_seconds:.3f}s"
         )
         style = self.style.SUCCESS if result.reverted else self.style.ERROR
-        self.stdout.write(style(f"Run {run.pk} {run.status}."))
+        self.stdout.write(style(outcome))
 
     def _write_changed(self, result: RevertResult) -> None:
         if not result.rows_changed:
