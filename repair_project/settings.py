@@ -5,6 +5,10 @@ sandbox PostgreSQL (see ``usage.sandbox``) so that a fresh clone works with no o
 The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, default
 ``codex_repair``) placed first on the search path; the application's tables are found in
 ``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
+
+Every connection gets a connect timeout and server-side limits (``CODEX_CONNECT_TIMEOUT``,
+``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``), read and checked in
+``repair_project.environment``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import os
 import re
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from repair_project import environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -56,20 +61,17 @@ if USING_SANDBOX:
         "PORT": "",
     }
 else:
-    try:
-        _default_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
-    except ValueError as exc:
-        raise ImproperlyConfigured(
-            "DATABASE_URL is not a valid database URL; expected "
-            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
-        ) from exc
-    if _default_db.get("ENGINE") != "django.db.backends.postgresql":
-        raise ImproperlyConfigured("DATABASE_URL must be a postgresql:// URL.")
+    _default_db = environment.database_settings(DATABASE_URL)
 
+# Limits on every connection: how long connecting may take, how long one statement may run
+# on the server (commands set tighter limits per batch), how long a session may sit idle
+# inside a transaction (holding locks) before the server ends it.
+CODEX_CONNECTION_LIMITS = environment.connection_limits(os.environ)
 _default_db.setdefault("OPTIONS", {})
+_default_db["OPTIONS"].update(CODEX_CONNECTION_LIMITS.libpq_params())
 _default_db["OPTIONS"]["options"] = (
     f"-c search_path={CODEX_REPAIR_SCHEMA},{CODEX_TARGET_SCHEMA}"
-    " -c application_name=codex-usage-repair"
+    " -c application_name=codex-usage-repair " + CODEX_CONNECTION_LIMITS.server_options()
 )
 _default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
 DATABASES = {"default": _default_db}

@@ -823,13 +823,16 @@ def connect_target() -> psycopg.Connection:
 
     ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database,
     which Django's default connection points at during the tests). ``run_preflight`` keeps
-    everything on it inside a read-only transaction.
+    everything on it inside a read-only transaction. It has the same limits as Django's
+    connection: ``CODEX_CONNECT_TIMEOUT`` and the server-side timeouts.
     """
+    limits = settings.CODEX_CONNECTION_LIMITS
     options: dict[str, Any] = {
         "autocommit": True,
-        "connect_timeout": 10,
         "application_name": "codex-usage-repair-preflight",
         "cursor_factory": psycopg.ClientCursor,
+        "options": limits.server_options(),
+        **limits.libpq_params(),
     }
     if settings.USING_SANDBOX:
         from usage import sandbox

@@ -1,0 +1,194 @@
+"""The environment the tool runs in: DATABASE_URL and the connection limits.
+
+Real processes throughout: ``manage.py`` as an operator runs it, a TCP server that never
+answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import connection
+
+from repair_project.environment import ConnectionLimits
+from tests.processes import PROJECT_DIR, error_lines, manage, silent_server
+from usage.preflight import connect_target
+
+CUTOFF_ARG = "2026-06-13T08:00:00Z"
+PASSWORD = "s3cr3t-pw"
+
+
+def base_env(**changes: str | None) -> dict[str, str]:
+    """This process's environment without the tool's variables, plus ``changes``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CODEX_", "DJANGO_")) and k != "DATABASE_URL"
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: v for k, v in changes.items() if v is not None})
+    return env
+
+
+def python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` with the project's settings loaded, as a separate process."""
+    setup = "import django; django.setup()\n"
+    return subprocess.run(
+        [sys.executable, "-c", setup + code],
+        cwd=PROJECT_DIR,
+        env=dict(env, DJANGO_SETTINGS_MODULE="repair_project.settings"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def assert_one_line_exit_1(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# -- DATABASE_URL and the other settings ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("garbage", "DATABASE_URL is not a URL"),
+        (f"mysql://ops:{PASSWORD}@db.internal/app", "names a 'mysql' database"),
+        (f"postgresql://ops:{PASSWORD}@db.internal:99999/app", "port that is not a number"),
+        (f"postgresql://ops:{PASSWORD}@db.internal:0/app", "port that is not a number"),
+        ("postgresql://", "names no database"),
+        (f"postgresql://ops:{PASSWORD}@db.internal/", "names no database"),
+        (f"postgresql://ops:{PASSWORD}@db internal/app", "contains spaces"),
+        (f"postgresql://ops:{PASSWORD}@[::1/app", "is not a valid URL"),
+    ],
+)
+def test_a_malformed_database_url_gives_one_line(url: str, expected: str) -> None:
+    result = manage(
+        "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, env=base_env(DATABASE_URL=url)
+    )
+    line = assert_one_line_exit_1(result)
+    assert expected in line
+    assert "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME" in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CODEX_CONNECT_TIMEOUT", "soon", "CODEX_CONNECT_TIMEOUT 'soon' is not a duration"),
+        ("CODEX_CONNECT_TIMEOUT", "0", "CODEX_CONNECT_TIMEOUT must be between 1 and 3600"),
+        ("CODEX_STATEMENT_TIMEOUT", "-1s", "CODEX_STATEMENT_TIMEOUT '-1s' is negative"),
+        ("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "١٠", "is not a duration"),
+        ("CODEX_REPAIR_SCHEMA", "Robert'); DROP", "is not a plain lower-case PostgreSQL"),
+    ],
+)
+def test_a_malformed_setting_gives_one_line(name: str, value: str, expected: str) -> None:
+    result = manage(
+        "preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG, env=base_env(**{name: value})
+    )
+    assert expected in assert_one_line_exit_1(result)
+
+
+# -- connection limits ------------------------------------------------------------------------
+
+
+def test_every_connection_carries_the_server_side_limits(
+    settings: Any, test_database_url: str
+) -> None:
+    limits = settings.CODEX_CONNECTION_LIMITS
+    assert limits == ConnectionLimits(
+        connect_timeout=10, statement_timeout=3600, idle_in_transaction_timeout=600
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('statement_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')"
+        )
+        assert cursor.fetchone() == ("1h", "10min")
+    assert connection.connection.info.get_parameters()["connect_timeout"] == "10"
+    settings.DATABASE_URL, settings.USING_SANDBOX = test_database_url, False
+    with connect_target() as target:
+        row = target.execute(
+            "SELECT current_setting('statement_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')"
+        ).fetchone()
+        assert row == ("1h", "10min")
+        assert target.info.get_parameters()["connect_timeout"] == "10"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_limits_are_set_from_the_environment(subprocess_env: dict[str, str]) -> None:
+    env = dict(
+        subprocess_env,
+        CODEX_CONNECT_TIMEOUT="7",
+        CODEX_STATEMENT_TIMEOUT="1m30s",
+        CODEX_IDLE_IN_TRANSACTION_TIMEOUT="2m",
+    )
+    shown = (
+        "SELECT current_setting('statement_timeout'),"
+        " current_setting('idle_in_transaction_session_timeout')"
+    )
+    code = (
+        "from django.db import connection\n"
+        "from usage.preflight import connect_target\n"
+        "with connection.cursor() as c:\n"
+        f"    c.execute({shown!r}); print(*c.fetchone())\n"
+        "print(connection.connection.info.get_parameters()['connect_timeout'])\n"
+        "with connect_target() as t:\n"
+        f"    print(*t.execute({shown!r}).fetchone())\n"
+        "    print(t.info.get_parameters()['connect_timeout'])\n"
+    )
+    result = python(code, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["90s 2min", "7", "90s 2min", "7"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "timeout"),
+    [
+        (("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG), None),
+        (("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute"), "2"),
+        (("revert_codex_usage_backfill", "1", "--execute"), "2"),
+        (("preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG), "2"),
+    ],
+    ids=["dry-run-default-timeout", "execute", "revert", "preflight"],
+)
+def test_a_server_that_never_answers_gives_one_line(
+    command: tuple[str, ...], timeout: str | None
+) -> None:
+    """The process is given a minute; without a connect timeout it would wait forever."""
+    with silent_server() as port:
+        url = f"postgresql://ops:{PASSWORD}@127.0.0.1:{port}/app"
+        env = base_env(DATABASE_URL=url, CODEX_CONNECT_TIMEOUT=timeout)
+        result = manage(*command, env=env, timeout=60)
+    line = assert_one_line_exit_1(result)
+    assert "connection timeout expired" in line
+    assert f"127.0.0.1:{port}/app" in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_the_preflight_connection_gives_up_on_a_server_that_never_answers(
+    settings: Any,
+) -> None:
+    """``pytest -m preflight`` opens its own psycopg connection: it has the same limits."""
+    with silent_server() as port:
+        settings.DATABASE_URL = f"postgresql://ops:{PASSWORD}@127.0.0.1:{port}/app"
+        settings.USING_SANDBOX = False
+        settings.CODEX_CONNECTION_LIMITS = ConnectionLimits(2, 60, 60)
+        with pytest.raises(psycopg.OperationalError, match="connection timeout expired"):
+            connect_target()
