@@ -1,4 +1,4 @@
-"""Reading the settings from the environment: the database URL and the connection limits.
+"""Reading the settings from the environment: the database URL, connection limits, the key.
 
 Settings are read once per process, before Django is set up. Every bad value becomes an
 ``ImproperlyConfigured`` whose message is one line saying what to set; ``manage.py`` prints
@@ -7,9 +7,12 @@ it as such, without a traceback. No message here ever contains a password.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,6 +35,11 @@ KEEPALIVES = {
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
+
+# Django's own test of a strong key (``check --deploy``, security.W009).
+SECRET_KEY_MIN_LENGTH = 50
+SECRET_KEY_MIN_UNIQUE = 5
+SECRET_KEY_FILE = "secret_key"
 
 
 def database_settings(url: str) -> dict[str, Any]:
@@ -116,3 +124,62 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
 
 def _milliseconds(seconds: float) -> str:
     return "0" if seconds <= 0 else f"{max(1, round(seconds * 1000))}ms"
+
+
+def secret_key(
+    environ: os._Environ[str] | dict[str, str], sandbox_dir: Path | None
+) -> tuple[str, str]:
+    """The key that signs sessions and messages, and where it came from.
+
+    ``DJANGO_SECRET_KEY`` when set. On the sandbox, a key generated once and kept with the
+    sandbox's data (``SANDBOX_DIR/secret_key``, mode 0600, never in the repository). Off the
+    sandbox without ``DJANGO_SECRET_KEY``: a random key for this process only, source "",
+    and the admin refuses to be served (``usage.serving``).
+    """
+    given = environ.get("DJANGO_SECRET_KEY", "")
+    if given:
+        return given, "DJANGO_SECRET_KEY"
+    if sandbox_dir is not None:
+        try:
+            return _kept_key(sandbox_dir / SECRET_KEY_FILE), "sandbox"
+        except OSError:
+            pass  # an unwritable sandbox folder: no kept key, so no serving either
+    return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
+
+
+def _kept_key(path: Path) -> str:
+    """Read the sandbox's key, creating it first (atomically: processes may race)."""
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    handle = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(staged, path)  # never replaces a key another process kept first
+    finally:
+        staged.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> str:
+    handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(handle) as stream:
+        key = stream.read().strip()
+    if key_problem(key):
+        raise OSError(f"{path} does not hold a usable key")
+    return key
+
+
+def key_problem(key: str) -> str:
+    """Why a secret key is too weak to sign the admin's cookies, or ""."""
+    if len(key) < SECRET_KEY_MIN_LENGTH or len(set(key)) < SECRET_KEY_MIN_UNIQUE:
+        return (
+            f"has fewer than {SECRET_KEY_MIN_LENGTH} characters or fewer than "
+            f"{SECRET_KEY_MIN_UNIQUE} different ones"
+        )
+    return ""

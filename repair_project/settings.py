@@ -7,8 +7,10 @@ The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, defau
 ``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
 
 Every connection gets a connect timeout and server-side limits (``CODEX_CONNECT_TIMEOUT``,
-``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``), read and checked in
-``repair_project.environment``.
+``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``). The secret key comes
+from ``DJANGO_SECRET_KEY``, or on the sandbox from a key kept with the sandbox's data; off the
+sandbox without it the admin refuses to be served (``usage.serving``). The values are read
+and checked in ``repair_project.environment``.
 """
 
 from __future__ import annotations
@@ -76,20 +78,48 @@ _default_db["OPTIONS"]["options"] = (
 _default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
 DATABASES = {"default": _default_db}
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "codex-usage-repair-local-only-key")
+# Never a committed value: see ``environment.secret_key``. CODEX_SECRET_KEY_SOURCE is
+# "DJANGO_SECRET_KEY", "sandbox", or "" (a key for this process only: nothing is served).
+SECRET_KEY, CODEX_SECRET_KEY_SOURCE = environment.secret_key(
+    os.environ, SANDBOX_DIR if USING_SANDBOX else None
+)
 DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 ]
 
+# DJANGO_HTTPS=1 when the admin is served over HTTPS by the WSGI server itself, "proxy" when
+# a proxy in front terminates TLS and sets X-Forwarded-Proto. Unset for runserver on a
+# workstation (plain HTTP on localhost). See the README's "Serving the admin for real".
+_HTTPS = os.environ.get("DJANGO_HTTPS", "").strip().lower()
+if _HTTPS not in ("", "0", "1", "proxy"):
+    raise ImproperlyConfigured(f"DJANGO_HTTPS={_HTTPS[:20]!r} must be 1, proxy or unset")
+if _HTTPS in ("1", "proxy"):
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    # A day: the tool is a one-off; a long HSTS pin would outlive it.
+    SECURE_HSTS_SECONDS = 86400
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    if _HTTPS == "proxy":
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# An internal tool's admin is never submitted to the browsers' HSTS preload list.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
+# Messages live in the session (stored in the database), never in a cookie the browser
+# could hand back with markup in it.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 INSTALLED_APPS = [
+    # First: its runserver (which refuses to serve without a secret key) takes precedence
+    # over Django's.
+    "usage",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "usage",
 ]
 
 MIDDLEWARE = [

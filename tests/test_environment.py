@@ -1,26 +1,37 @@
-"""The environment the tool runs in: DATABASE_URL and the connection limits.
+"""The environment the tool runs in: DATABASE_URL, connection limits, the secret key, serving.
 
 Real processes throughout: ``manage.py`` as an operator runs it, a TCP server that never
-answers.
+answers, ``runserver`` and the WSGI entry point without a key of their own.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from django.contrib.messages import constants
+from django.contrib.messages.storage.base import Message
+from django.contrib.messages.storage.cookie import CookieStorage
 from django.db import connection
+from django.test import Client, RequestFactory, override_settings
+from django.utils.safestring import mark_safe
 
 from repair_project.environment import ConnectionLimits
-from tests.processes import PROJECT_DIR, error_lines, manage, silent_server
+from tests.processes import PROJECT_DIR, error_lines, free_port, manage, silent_server
 from usage.preflight import connect_target
 
 CUTOFF_ARG = "2026-06-13T08:00:00Z"
 PASSWORD = "s3cr3t-pw"
+# The key this repository once committed (with it, anyone could forge the admin's cookies).
+FORMERLY_COMMITTED_KEY = "codex-usage-repair-local-only-key"
+STRONG_KEY = "k" + uuid.uuid4().hex + uuid.uuid4().hex
 
 
 def base_env(**changes: str | None) -> dict[str, str]:
@@ -93,6 +104,7 @@ def test_a_malformed_database_url_gives_one_line(url: str, expected: str) -> Non
         ("CODEX_STATEMENT_TIMEOUT", "-1s", "CODEX_STATEMENT_TIMEOUT '-1s' is negative"),
         ("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "١٠", "is not a duration"),
         ("CODEX_REPAIR_SCHEMA", "Robert'); DROP", "is not a plain lower-case PostgreSQL"),
+        ("DJANGO_HTTPS", "yes", "DJANGO_HTTPS='yes' must be 1, proxy or unset"),
     ],
 )
 def test_a_malformed_setting_gives_one_line(name: str, value: str, expected: str) -> None:
@@ -192,3 +204,87 @@ def test_the_preflight_connection_gives_up_on_a_server_that_never_answers(
         settings.CODEX_CONNECTION_LIMITS = ConnectionLimits(2, 60, 60)
         with pytest.raises(psycopg.OperationalError, match="connection timeout expired"):
             connect_target()
+
+
+# -- the secret key and serving ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (None, "DJANGO_SECRET_KEY is not set"),
+        (FORMERLY_COMMITTED_KEY, "DJANGO_SECRET_KEY has fewer than 50 characters"),
+    ],
+    ids=["unset", "formerly-committed"],
+)
+def test_runserver_refuses_a_real_database_without_a_strong_key(
+    key: str | None, expected: str
+) -> None:
+    env = base_env(DATABASE_URL="postgresql://repair@db.internal:5432/app", DJANGO_SECRET_KEY=key)
+    result = manage("runserver", "--noreload", f"127.0.0.1:{free_port()}", env=env)
+    assert expected in assert_one_line_exit_1(result)
+
+    served = python("import repair_project.wsgi", env)
+    assert served.returncode != 0
+    assert expected in error_lines(served.stderr)[-1]
+
+
+@pytest.mark.slow
+def test_check_deploy_is_clean_when_served_for_real() -> None:
+    real = base_env(
+        DATABASE_URL="postgresql://repair@db.internal:5432/app",
+        DJANGO_SECRET_KEY=STRONG_KEY,
+        DJANGO_ALLOWED_HOSTS="repair.example.com",
+        DJANGO_HTTPS="proxy",
+    )
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=real)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout
+
+    without_key = dict(real)
+    del without_key["DJANGO_SECRET_KEY"]
+    result = manage("check", "--deploy", env=without_key)
+    assert result.returncode == 1
+    assert "(usage.E001) DJANGO_SECRET_KEY is not set" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_sandbox_keeps_a_generated_key_outside_the_repository(tmp_path: Path) -> None:
+    sandbox = tmp_path / "sandbox"
+    env = base_env(CODEX_REPAIR_SANDBOX_DIR=str(sandbox))
+    show = (
+        "from django.conf import settings\n"
+        "print(settings.CODEX_SECRET_KEY_SOURCE, settings.SECRET_KEY)"
+    )
+    first, second = python(show, env), python(show, env)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout  # kept, so sessions survive a restart
+    source, key = first.stdout.split()
+    assert source == "sandbox"
+    assert len(key) >= 50 and key != FORMERLY_COMMITTED_KEY
+    kept = sandbox / "secret_key"
+    assert kept.read_text().strip() == key
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    sources = [
+        path
+        for path in PROJECT_DIR.rglob("*.py")
+        if not any(part.startswith(".") for part in path.relative_to(PROJECT_DIR).parts)
+        and FORMERLY_COMMITTED_KEY in path.read_text()
+    ]
+    assert sources == [Path(__file__)]
+
+
+@pytest.mark.django_db
+def test_a_messages_cookie_forged_with_the_old_key_shows_nothing(
+    admin_client: Client, settings: Any
+) -> None:
+    forged = Message(constants.ERROR, mark_safe("<script>alert('forged')</script>"))
+    with override_settings(SECRET_KEY=FORMERLY_COMMITTED_KEY):
+        storage = CookieStorage(RequestFactory().get("/"))
+        value = storage._encode([forged])
+    admin_client.cookies["messages"] = value
+    response = admin_client.get("/admin/")
+    assert response.status_code == 200
+    assert "alert('forged')" not in response.content.decode()
+    assert settings.SECRET_KEY != FORMERLY_COMMITTED_KEY
