@@ -77,6 +77,18 @@ def _url_problem(url: str) -> str:
     return ""
 
 
+def url_secrets(url: str) -> list[str]:
+    """The URL itself and its password (as written and decoded): never to be shown."""
+    found = [url] if url else []
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        found.extend({password, unquote(password)})
+    return found
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """The limits set on every connection the tool opens (seconds; 0 means none)."""

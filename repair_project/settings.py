@@ -110,6 +110,10 @@ SILENCED_SYSTEM_CHECKS = ["security.W021"]
 # could hand back with markup in it.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
+# Django's error pages (DJANGO_DEBUG=1) never show DATABASE_URL, a password or the key.
+DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
+DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
+
 INSTALLED_APPS = [
     # First: its runserver (which refuses to serve without a secret key) takes precedence
     # over Django's.

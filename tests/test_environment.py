@@ -1,18 +1,22 @@
 """The environment the tool runs in: DATABASE_URL, connection limits, the secret key, serving.
 
 Real processes throughout: ``manage.py`` as an operator runs it, a TCP server that never
-answers, ``runserver`` and the WSGI entry point without a key of their own.
+answers, ``runserver`` with ``DJANGO_DEBUG=1`` against a database that disappears.
 """
 
 from __future__ import annotations
 
+import html
 import os
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -24,7 +28,15 @@ from django.test import Client, RequestFactory, override_settings
 from django.utils.safestring import mark_safe
 
 from repair_project.environment import ConnectionLimits
-from tests.processes import PROJECT_DIR, error_lines, free_port, manage, silent_server
+from tests.processes import (
+    PROJECT_DIR,
+    error_lines,
+    free_port,
+    manage,
+    silent_server,
+    start_manage,
+    wait_until,
+)
 from usage.preflight import connect_target
 
 CUTOFF_ARG = "2026-06-13T08:00:00Z"
@@ -288,3 +300,64 @@ def test_a_messages_cookie_forged_with_the_old_key_shows_nothing(
     assert response.status_code == 200
     assert "alert('forged')" not in response.content.decode()
     assert settings.SECRET_KEY != FORMERLY_COMMITTED_KEY
+
+
+# -- Django's error page with DJANGO_DEBUG=1 --------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_debug_error_page_shows_no_database_url_and_no_password(
+    test_database_url: str,
+) -> None:
+    """runserver with DJANGO_DEBUG=1; its database disappears; a page fails to connect."""
+    name = f"vanishing_{uuid.uuid4().hex[:8]}"
+    server_url = test_database_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    scheme, rest = f"{server_url}/{name}".split("://", 1)
+    user, host = rest.split("@", 1)
+    url = f"{scheme}://{user.split(':')[0]}:{quote(PASSWORD)}@{host}"
+    port = free_port()
+    env = base_env(DATABASE_URL=url, DJANGO_DEBUG="1", DJANGO_SECRET_KEY=STRONG_KEY)
+    server = start_manage("runserver", "--noreload", f"127.0.0.1:{port}", env=env)
+    try:
+        wait_until(lambda: _listening(port) or server.poll() is not None, timeout=60)
+        assert server.poll() is None, server.communicate()
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        pages = [_fetch(port, accept) for accept in ("text/html", "text/plain")]
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for status, body in pages:
+        assert status == 500
+        assert "OperationalError" in body  # Django's debug page, with settings and frames
+        assert f'database "{name}" does not exist' in html.unescape(body)
+        assert PASSWORD not in body and quote(PASSWORD) not in body
+        assert url not in body
+        assert STRONG_KEY not in body
+
+
+def _listening(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _fetch(port: int, accept: str) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/admin/",
+        headers={"Cookie": "sessionid=0123456789abcdefghijklmnopqrstuv", "Accept": accept},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
