@@ -115,10 +115,11 @@ DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
 DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
 
 INSTALLED_APPS = [
-    # First: its runserver (which refuses to serve without a secret key) takes precedence
-    # over Django's.
+    # First: its runserver (which refuses to serve without a secret key) and its admin
+    # templates take precedence over Django's.
     "usage",
-    "django.contrib.admin",
+    # The admin without a password form: logins are managed with manage.py only.
+    "usage.sites.ReviewAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -128,6 +129,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "usage.middleware.RejectNulBytes",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
