@@ -153,19 +153,26 @@ def test_terminating_the_rollup_gives_one_line_and_a_short_record(
         "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", env=subprocess_env
     )
 
-    def in_rollup() -> list[int]:
+    wait_until(lambda: BackfillRun.objects.exists() or process.poll() is not None, timeout=60)
+    backend = BackfillRun.objects.get().backend_pid
+
+    def in_rollup() -> bool:
+        """Only this run's own backend, and only while it is inside the rollup call."""
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'codex-usage-repair'"
-                " AND state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()",
-                [f"%{ROLLUP}%"],
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+                " AND datname = current_database() AND state = 'active' AND query LIKE %s",
+                [backend, f"%{ROLLUP}%"],
             )
-            return [pid for (pid,) in cursor.fetchall()]
+            return cursor.fetchone()[0] == 1
 
-    wait_until(lambda: bool(in_rollup()) or process.poll() is not None, timeout=60)
+    wait_until(lambda: in_rollup() or process.poll() is not None, timeout=60)
     with connection.cursor() as cursor:
-        for pid in in_rollup():
-            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid = %s AND datname = current_database()",
+            [backend],
+        )
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stdout + stderr
     lines = error_lines(stderr)
