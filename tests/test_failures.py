@@ -2,7 +2,7 @@
 
 On a real PostgreSQL: a table lock that makes every batch time out, a rollup function that
 fails inside PL/pgSQL or is terminated mid-call, a revert stopped by SIGTERM, a verify that
-finds more differing keys than it lists.
+finds more differing keys than it lists, a run lock held in another database.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -21,9 +22,11 @@ from django.db import connection
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, start_manage, wait_until
+from usage import runs
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.options import parse_cutoff
+from usage.revert import plan_revert
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -259,3 +262,29 @@ def test_a_revert_stopped_by_sigterm_prints_its_own_outcome(
     out, _ = command("revert_codex_usage_backfill", str(run.pk), "--execute")
     assert f"Run {run.pk} reverted." in out
     assert still_eligible() == 6
+
+
+# -- a run lock held in another database is not this database's ------------------------------
+
+
+def test_a_run_lock_held_in_another_database_does_not_make_a_dead_run_look_alive(
+    test_database_url: str,
+) -> None:
+    """Two databases on one server: the other's repair must not block reverting ours."""
+    make_rows(2)
+    command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute")
+    run = BackfillRun.objects.get()
+    BackfillRun.objects.filter(pk=run.pk).update(status=BackfillRun.Status.RUNNING)
+    name = f"neighbour_{uuid.uuid4().hex[:8]}"
+    server_url = test_database_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(f"{server_url}/{name}", autocommit=True) as neighbour:
+            neighbour.execute("SELECT pg_advisory_lock(%s)", [runs.RUN_LOCK_ID])
+            plan = plan_revert(run.pk)
+    finally:
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert plan.owner_gone
+    assert plan.rows_restorable == 2

@@ -176,9 +176,11 @@ ORDER BY j.id
 LIMIT %(limit)s"""
 
 # Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half).
+# Advisory locks belong to one database; pg_locks lists every database of the server.
 RUN_LOCK_HOLDER_SQL = """
 SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
 LIMIT 1"""
 
