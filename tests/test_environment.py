@@ -189,8 +189,10 @@ def test_the_limits_are_set_from_the_environment(subprocess_env: dict[str, str])
         (("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute"), "2"),
         (("revert_codex_usage_backfill", "1", "--execute"), "2"),
         (("preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG), "2"),
+        (("runserver", "--noreload", "127.0.0.1:1"), "2"),
+        (("runserver", "127.0.0.1:1"), "2"),
     ],
-    ids=["dry-run-default-timeout", "execute", "revert", "preflight"],
+    ids=["dry-run-default-timeout", "execute", "revert", "preflight", "admin", "admin-reloader"],
 )
 def test_a_server_that_never_answers_gives_one_line(
     command: tuple[str, ...], timeout: str | None
@@ -198,7 +200,9 @@ def test_a_server_that_never_answers_gives_one_line(
     """The process is given a minute; without a connect timeout it would wait forever."""
     with silent_server() as port:
         url = f"postgresql://ops:{PASSWORD}@127.0.0.1:{port}/app"
-        env = base_env(DATABASE_URL=url, CODEX_CONNECT_TIMEOUT=timeout)
+        env = base_env(
+            DATABASE_URL=url, CODEX_CONNECT_TIMEOUT=timeout, DJANGO_SECRET_KEY=STRONG_KEY
+        )
         result = manage(*command, env=env, timeout=60)
     line = assert_one_line_exit_1(result)
     assert "connection timeout expired" in line

@@ -1,4 +1,9 @@
-"""``runserver``: Django's development server, refusing to serve without a secret key."""
+"""``runserver``: Django's development server, refusing to serve what it should not.
+
+It does not start without a secret key of its own (``usage.serving``), nor when the
+database cannot be reached: that is one line (within ``CODEX_CONNECT_TIMEOUT``) instead of
+a traceback from the server's start-up checks.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from typing import Any
 
 from django.contrib.staticfiles.management.commands.runserver import Command as Runserver
 from django.core.management.base import CommandError
+from django.db import DatabaseError, connection
 
+from usage.db import database_failure
 from usage.serving import serving_refusal
 
 
@@ -20,4 +27,9 @@ class Command(Runserver):
         refusal = serving_refusal()
         if refusal:
             raise CommandError(refusal)
+        try:
+            connection.ensure_connection()
+        except DatabaseError as exc:
+            raise CommandError(database_failure(exc)) from exc
+        connection.close()
         super().handle(*args, **options)
