@@ -1,5 +1,6 @@
 """What the benchmark measures that is not the tool itself: the floor, the original algorithm,
-the single rollup call, state digests, and a watcher that sees lock 4246 from the server side.
+the platform's default rollup call, state digests, sizes, and a watcher that sees lock 4246
+from the server side.
 
 All SQL is built from ``usage.eligibility`` (``compose`` and its fragments), so the floor and
 the aggregate query select exactly the rows the tool repairs. The one exception is the original
@@ -12,13 +13,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
+from usage.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID, TAKE_ROLLUP_LOCK_SQL
+from usage.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID
 
 logger = logging.getLogger("bench.variants")
 
@@ -117,8 +119,52 @@ FROM {task_usage_hourly} h"""
 
 LATEST_RUN_SQL = """
 SELECT id, status, rows_planned, rows_updated, rows_remaining, started_at, finished_at,
-       rollup_from, rollup_to, (SELECT count(*) FROM {journal} j WHERE j.run_id = r.id)
+       rollup_from, rollup_to, (SELECT count(*) FROM {journal} j WHERE j.run_id = r.id),
+       rollup_state, rollup_keys, rollup_slices, rollup_hash_slices, rollup_seconds,
+       rollup_max_lock_seconds, rollup_cron_waits, stamp
 FROM {run} r ORDER BY id DESC LIMIT 1"""
+
+# (d) The hourly keys of a run's rows, and a call of the platform's function over them with
+# its default settings, as the cron tick would make it once its window covered the rows.
+RUN_KEYS_SQL = """
+SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
+       q.agent_id, i.project_id, tu.provider, tu.model
+FROM {journal} j
+JOIN {task_usage} tu ON tu.id = j.usage_id
+JOIN {agent_task_queue} q ON q.id = tu.task_id
+JOIN {agent} a ON a.id = q.agent_id
+LEFT JOIN {issue} i ON i.id = q.issue_id
+WHERE j.run_id = %(run_id)s AND q.runtime_id IS NOT NULL"""
+COUNT_RUN_KEYS_SQL = f"SELECT count(*) FROM ({RUN_KEYS_SQL}) keys"
+SEED_SQL = "SELECT setseed(0.4246)"
+QUEUE_RUN_KEYS_SQL = f"""
+WITH picked AS (
+    SELECT * FROM ({RUN_KEYS_SQL}) keys ORDER BY random() LIMIT %(sample)s
+),
+queued AS (
+    INSERT INTO {{task_usage_hourly_dirty}} AS d (
+        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
+        enqueued_at)
+    SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
+           clock_timestamp()
+    FROM picked
+    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
+    RETURNING d.enqueued_at
+)
+SELECT count(*), max(enqueued_at) FROM queued"""
+
+# The cron tick's state of a live platform: its watermark five minutes back, a tick just run.
+LIVE_CRON_STATE_SQL = """
+UPDATE {task_usage_hourly_rollup_state}
+SET watermark_at = now() - interval '5 minutes', last_run_started_at = now()
+WHERE id = 1"""
+
+# Sizes and WAL for the capacity figures.
+WAL_LSN_SQL = "SELECT pg_current_wal_lsn()"
+WAL_BYTES_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint"
+JOURNAL_BYTES_SQL = "SELECT pg_total_relation_size(%s::regclass)"
+WORK_TABLE_BYTES_SQL = f"SELECT pg_total_relation_size('{WORK_TABLE}'::regclass)"
 
 # Lock 4246 as the server sees it: one row per holder. A session-level hold keeps its
 # (pid, NULL xact_start) identity while idle; each transaction-level hold has its own start.
@@ -195,23 +241,36 @@ def original_loop(
     )
 
 
-def single_rollup_call(
-    conn: psycopg.Connection, window_from: datetime, window_to: datetime
-) -> Timed:
-    """(d) One rollup call over the whole update window, holding 4246 throughout."""
-    started = time.monotonic()
-    with conn.transaction(), conn.cursor() as cur:
+def default_rollup_call(conn: psycopg.Connection, run_id: int, sample: int) -> Timed:
+    """(d) ``sample`` random keys of the run's rows (all of them, at most) queued, then one
+    call of the platform's function with its default settings; rolled back afterwards."""
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
         cur.execute(NO_STATEMENT_TIMEOUT_SQL)
-        cur.execute(TAKE_ROLLUP_LOCK_SQL, (ROLLUP_LOCK_ID,))
-        locked = time.monotonic()
-        cur.execute(compose(ROLLUP_CALL_SQL), (window_from, window_to))
-        rollup_rows = int(cur.fetchone()[0] or 0)
-    released = time.monotonic()
-    return Timed(
-        released - started,
-        rollup_rows,
-        {"lock_held_seconds": released - locked, "rollup_rows": rollup_rows},
-    )
+        cur.execute(SEED_SQL)
+        cur.execute(compose(QUEUE_RUN_KEYS_SQL), {"run_id": run_id, "sample": sample})
+        keys, latest = cur.fetchone()
+        started = time.monotonic()
+        cur.execute(
+            compose(ROLLUP_CALL_SQL), {"from": latest, "to": latest + timedelta(microseconds=1)}
+        )
+        rows = int(cur.fetchone()[0] or 0)
+        seconds = time.monotonic() - started
+    return Timed(seconds, int(keys), {"rollup_rows": rows})
+
+
+def count_run_keys(conn: psycopg.Connection, run_id: int) -> int:
+    with conn.cursor() as cur:
+        cur.execute(compose(COUNT_RUN_KEYS_SQL), {"run_id": run_id})
+        return int(cur.fetchone()[0])
+
+
+def snapshot_bytes(conn: psycopg.Connection, cutoff: datetime) -> int:
+    """The temp space of the execute's snapshot of the candidates (its table and key)."""
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        cur.execute(compose(CREATE_WORK_TABLE_SQL), eligible_params(cutoff, None))
+        cur.execute(INDEX_WORK_TABLE_SQL)
+        cur.execute(WORK_TABLE_BYTES_SQL)
+        return int(cur.fetchone()[0])
 
 
 def task_usage_digest(conn: psycopg.Connection) -> tuple[int, str]:
@@ -243,6 +302,14 @@ def latest_run(conn: psycopg.Connection) -> dict[str, Any]:
         "rollup_from",
         "rollup_to",
         "journal_rows",
+        "rollup_state",
+        "rollup_keys",
+        "rollup_slices",
+        "rollup_hash_slices",
+        "rollup_seconds",
+        "rollup_max_lock_seconds",
+        "rollup_cron_waits",
+        "stamp",
     )
     return dict(zip(keys, row, strict=True))
 

@@ -1,10 +1,9 @@
 """Measurements that must run in the tool's own process, on one copy (``DATABASE_URL``).
 
 ``bench/run.py`` starts this script once per measurement, so each one runs the real library
-code (``usage.rollup.rebuild_keys``, ``usage.summary.load_summary``) through Django's connection,
-exactly as the command would, and reports one JSON object on stdout.
+code (``usage.summary.load_summary``) through Django's connection, exactly as the command
+would, and reports one JSON object on stdout.
 
-    python bench/worker.py rebuild --run-id 1 --max-lock-seconds 2
     python bench/worker.py summary --cutoff 2026-06-13T08:00:00Z --repeat 3
 """
 
@@ -35,39 +34,11 @@ django.setup()
 from django.db import connection, transaction  # noqa: E402
 
 from bench.variants import ORIGINAL_SUMMARY_SQL, PLAIN_AGGREGATE_SQL  # noqa: E402
-from usage import options, render, rollup  # noqa: E402
-from usage.backfill import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS  # noqa: E402
+from usage import options, render  # noqa: E402
 from usage.eligibility import compose, eligible_params  # noqa: E402
 from usage.summary import load_summary  # noqa: E402
 
 logger = logging.getLogger("bench.worker")
-
-
-def rebuild(run_id: int, max_lock_seconds: float) -> dict[str, Any]:
-    """The tool's rollup rebuild for one run (``rebuild_keys``), as the command calls it."""
-    started = time.monotonic()
-    result = rollup.rebuild_keys(
-        [run_id],
-        max_lock_seconds=max_lock_seconds,
-        lock_timeout=DEFAULT_LOCK_TIMEOUT_SECONDS,
-        statement_timeout=DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    )
-    seconds = time.monotonic() - started
-    holds = sorted(s.lock_held_seconds for s in result.slices)
-    return {
-        "seconds": seconds,
-        "rebuild_seconds": result.seconds,
-        "keys": sum(s.keys for s in result.slices),
-        "slices": len(result.slices),
-        "rollup_rows": result.rollup_rows,
-        "max_lock_held_seconds": result.max_lock_held_seconds,
-        "median_lock_held_seconds": statistics.median(holds) if holds else 0.0,
-        "total_lock_held_seconds": sum(holds),
-        "max_lock_wait_seconds": max((s.lock_wait_seconds for s in result.slices), default=0.0),
-        "slices_over_cap": sum(
-            1 for h in holds if h > max_lock_seconds + rollup.LOCK_CAP_SLACK_SECONDS
-        ),
-    }
 
 
 def summary(cutoff_text: str, repeat: int) -> dict[str, Any]:
@@ -132,17 +103,11 @@ def summary(cutoff_text: str, repeat: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
-    p_rebuild = sub.add_parser("rebuild")
-    p_rebuild.add_argument("--run-id", type=int, required=True)
-    p_rebuild.add_argument("--max-lock-seconds", type=float, required=True)
     p_summary = sub.add_parser("summary")
     p_summary.add_argument("--cutoff", required=True)
     p_summary.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.action == "rebuild":
-        out = rebuild(args.run_id, args.max_lock_seconds)
-    else:
-        out = summary(args.cutoff, args.repeat)
+    out = summary(args.cutoff, args.repeat)
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 

@@ -5,6 +5,12 @@ sandbox PostgreSQL (see ``usage.sandbox``) so that a fresh clone works with no o
 The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, default
 ``codex_repair``) placed first on the search path; the application's tables are found in
 ``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
+
+Every connection gets a connect timeout and server-side limits (``CODEX_CONNECT_TIMEOUT``,
+``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``). The secret key comes
+from ``DJANGO_SECRET_KEY``, or on the sandbox from a key kept with the sandbox's data; off the
+sandbox without it the admin refuses to be served (``usage.serving``). The values are read
+and checked in ``repair_project.environment``.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import os
 import re
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from repair_project import environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -56,42 +63,73 @@ if USING_SANDBOX:
         "PORT": "",
     }
 else:
-    try:
-        _default_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
-    except ValueError as exc:
-        raise ImproperlyConfigured(
-            "DATABASE_URL is not a valid database URL; expected "
-            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
-        ) from exc
-    if _default_db.get("ENGINE") != "django.db.backends.postgresql":
-        raise ImproperlyConfigured("DATABASE_URL must be a postgresql:// URL.")
+    _default_db = environment.database_settings(DATABASE_URL)
 
+# Limits on every connection: how long connecting may take, how long one statement may run
+# on the server (commands set tighter limits per batch), how long a session may sit idle
+# inside a transaction (holding locks) before the server ends it.
+CODEX_CONNECTION_LIMITS = environment.connection_limits(os.environ)
 _default_db.setdefault("OPTIONS", {})
+_default_db["OPTIONS"].update(CODEX_CONNECTION_LIMITS.libpq_params())
 _default_db["OPTIONS"]["options"] = (
     f"-c search_path={CODEX_REPAIR_SCHEMA},{CODEX_TARGET_SCHEMA}"
-    " -c application_name=codex-usage-repair"
+    " -c application_name=codex-usage-repair " + CODEX_CONNECTION_LIMITS.server_options()
 )
 _default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
 DATABASES = {"default": _default_db}
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "codex-usage-repair-local-only-key")
+# Never a committed value: see ``environment.secret_key``. CODEX_SECRET_KEY_SOURCE is
+# "DJANGO_SECRET_KEY", "sandbox", or "" (a key for this process only: nothing is served).
+SECRET_KEY, CODEX_SECRET_KEY_SOURCE = environment.secret_key(
+    os.environ, SANDBOX_DIR if USING_SANDBOX else None
+)
 DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 ]
 
+# DJANGO_HTTPS=1 when the admin is served over HTTPS by the WSGI server itself, "proxy" when
+# a proxy in front terminates TLS and sets X-Forwarded-Proto. Unset for runserver on a
+# workstation (plain HTTP on localhost). See the README's "Serving the admin for real".
+_HTTPS = os.environ.get("DJANGO_HTTPS", "").strip().lower()
+if _HTTPS not in ("", "0", "1", "proxy"):
+    raise ImproperlyConfigured(f"DJANGO_HTTPS={_HTTPS[:20]!r} must be 1, proxy or unset")
+if _HTTPS in ("1", "proxy"):
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    # A day: the tool is a one-off; a long HSTS pin would outlive it.
+    SECURE_HSTS_SECONDS = 86400
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    if _HTTPS == "proxy":
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# An internal tool's admin is never submitted to the browsers' HSTS preload list.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
+
+# Messages live in the session (stored in the database), never in a cookie the browser
+# could hand back with markup in it.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
+# Django's error pages (DJANGO_DEBUG=1) never show DATABASE_URL, a password or the key.
+DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
+DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
+
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # First: its runserver (which refuses to serve without a secret key) and its admin
+    # templates take precedence over Django's.
+    "usage",
+    # The admin without a password form: logins are managed with manage.py only.
+    "usage.sites.ReviewAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "usage",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "usage.middleware.RejectNulBytes",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

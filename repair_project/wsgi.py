@@ -1,10 +1,19 @@
-"""WSGI entry point, for serving the read-only admin behind a real web server."""
+"""WSGI entry point, for serving the read-only admin behind a real web server.
+
+It refuses to load (``ImproperlyConfigured``, one line) without a secret key of its own:
+see ``usage.serving`` and the README's "Serving the admin for real".
+"""
 
 from __future__ import annotations
 
 import os
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.wsgi import get_wsgi_application
 
+from usage.serving import serving_refusal
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "repair_project.settings")
+if serving_refusal():
+    raise ImproperlyConfigured(serving_refusal())
 application = get_wsgi_application()

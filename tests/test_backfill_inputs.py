@@ -14,8 +14,10 @@ from django.db import connection
 
 from tests.factories import make_agent, make_task, make_usage
 from tests.processes import manage
+from usage import render
 from usage.db import database_now
 from usage.models import BackfillRun, TaskUsage
+from usage.options import parse_cutoff, parse_duration, parse_run_id, parse_seconds
 
 CUTOFF_ARG = "2026-06-13T08:00:00Z"
 
@@ -44,7 +46,16 @@ BAD_ARGUMENTS = [
     (["--cutoff", CUTOFF_ARG, "--batch-size", "ten"], "is not a whole number"),
     (["--cutoff", CUTOFF_ARG, "--batch-size", "1000000000"], "is too large"),
     (["--cutoff", CUTOFF_ARG, "--sleep-between-batches", "5 parsecs"], "is not a duration"),
-    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches=-1s"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches=-1s"], "'-1s' is negative"),
+    (["--cutoff", CUTOFF_ARG, "--sleep-between-batches", "-1s"], "'-1s' is negative"),
+    (["--cutoff", "0001-01-01T00:00:00+05:30"], "is out of range"),
+    (["--cutoff", "9999-12-31T23:59:59-05:00"], "is out of range"),
+    (["--cutoff", "２０２６-06-13T08:00:00Z"], "not an RFC 3339 timestamp"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "１０"], "is not a whole number"),
+    (["--cutoff", CUTOFF_ARG, "--batch-size", "1_000"], "is not a whole number"),
+    (["--cutoff", CUTOFF_ARG, "--lock-timeout", "nan"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--lock-timeout", "١"], "is not a duration"),
+    (["--cutoff", CUTOFF_ARG, "--workspace-id", "١" * 32], "is not a UUID"),
     (["--cutoff", CUTOFF_ARG, "--sleep-between-batches", "2h"], "between 0 and 1h"),
     (["--cutoff", CUTOFF_ARG, "--lock-timeout", "soon"], "is not a duration"),
     (["--cutoff", CUTOFF_ARG, "--statement-timeout", "0"], "must be between"),
@@ -136,3 +147,50 @@ def test_database_without_the_target_schema_is_reported(
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+# -- the parsers themselves, and values that must be accepted -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("5", 5.0), ("0.5", 0.5), ("0", 0.0), ("500ms", 0.5), ("1m30s", 90.0), (" 2s ", 2.0)],
+)
+def test_durations_take_bare_seconds_like_the_timeouts(value: str, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+    assert parse_seconds(value, flag="--x", minimum=0, maximum=100) == seconds
+
+
+@pytest.mark.parametrize(
+    "value", ["١٢", "１２", "²", "1_2", "+12", "12.0", "0", "-1", "", "9" * 20]
+)
+def test_run_ids_are_positive_ascii_numbers(value: str) -> None:
+    with pytest.raises(ValueError, match="is not a run number") as refused:
+        parse_run_id(value, name="RUN_ID")
+    assert str(refused.value).startswith("RUN_ID ")
+
+
+def test_a_run_id_fits_a_bigint() -> None:
+    assert parse_run_id(" 12 ") == 12
+    assert parse_run_id(str(2**63 - 1)) == 2**63 - 1
+    with pytest.raises(ValueError):
+        parse_run_id(str(2**63))
+
+
+def test_year_one_is_rendered_with_four_digits() -> None:
+    assert render.timestamp(parse_cutoff("0001-01-01T00:00:00Z")) == "0001-01-01T00:00:00Z"
+    assert render.timestamp(parse_cutoff("9999-12-31T23:59:59Z")) == "9999-12-31T23:59:59Z"
+    assert render.timestamp(parse_cutoff("2026-06-13T10:00:00+02:00")) == "2026-06-13T08:00:00Z"
+
+
+def test_a_dry_run_takes_bare_seconds_and_a_year_one_cutoff(eligible_row: TaskUsage) -> None:
+    output = run_command("--cutoff", "0001-01-01T00:00:00Z", "--sleep-between-batches", "5")
+    assert "Cutoff: 0001-01-01T00:00:00Z" in output
+    assert "No eligible Codex rows: nothing to do." in output
+
+
+def test_an_empty_workspace_id_never_widens_the_repair(eligible_row: TaskUsage) -> None:
+    with pytest.raises(CommandError, match="--workspace-id is empty"):
+        run_command("--cutoff", CUTOFF_ARG, "--workspace-id", "", "--execute")
+    assert TaskUsage.objects.get(pk=eligible_row.pk).input_tokens == 1000
+    assert BackfillRun.objects.count() == 0

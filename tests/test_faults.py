@@ -204,6 +204,10 @@ def test_dropped_connection_fails_the_run_cleanly_and_rerun_completes(subprocess
     run.refresh_from_db()
     assert run.status == BackfillRun.Status.FAILED
     assert run.rows_updated == _journaled() == repaired_count()
+    # Counted on a fresh connection, not assumed: every row not repaired is still eligible.
+    assert run.rows_remaining == 24 - run.rows_updated > 0
+    assert f"updated {run.rows_updated}, remaining {run.rows_remaining};" in stdout
+    assert "\n" not in run.error and "CONTEXT" not in run.error
     call_command(
         "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=io.StringIO()
     )

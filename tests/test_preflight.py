@@ -309,6 +309,17 @@ def test_cutoff_must_be_in_the_databases_past(usage_rows: None) -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("cutoff", ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"])
+def test_a_cutoff_at_the_edge_of_the_calendar_is_checked_not_crashed(
+    usage_rows: None, cutoff: str
+) -> None:
+    """The neighbourhood a week around the cutoff stays within years 1 to 9999."""
+    found = results(cutoff=parse_cutoff(cutoff))
+    assert found["after_cutoff"].status in ("ok", "warn"), found["after_cutoff"].detail
+    assert found["cutoff"].ok == cutoff.startswith("0001")
+
+
+@pytest.mark.django_db
 def test_no_candidates_fails_unless_earlier_runs_repaired_them() -> None:
     check = results()["candidates"]
     assert not check.ok

@@ -209,7 +209,10 @@ class CreatedMonthFilter(admin.SimpleListFilter):
         page = _page(request)
         if page is None or page.result is None:
             return []
-        return [(f"{m:%Y-%m}", f"{m:%B %Y} ({rows:,})") for m, rows in page.result.months]
+        return [
+            (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({rows:,})")
+            for m, rows in page.result.months
+        ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         try:
@@ -220,7 +223,8 @@ class CreatedMonthFilter(admin.SimpleListFilter):
         if month is None:
             return queryset
         start, end = month_range(month)
-        return queryset.filter(created_at__gte=start, created_at__lt=end)
+        queryset = queryset.filter(created_at__gte=start)
+        return queryset if end is None else queryset.filter(created_at__lt=end)
 
 
 class ClampedFilter(admin.SimpleListFilter):

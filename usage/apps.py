@@ -58,5 +58,7 @@ class UsageConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from usage import checks  # noqa: F401 - registers the deploy check
+
         pre_migrate.connect(create_tool_schema, sender=self)
         connection_created.connect(migrate_sandbox)

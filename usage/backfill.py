@@ -39,11 +39,12 @@ from usage.db import (
     SQLSTATE_QUERY_CANCELED,
     check_target,
     database_now,
+    error_text,
     scrub,
     set_local_timeouts,
     sqlstate,
 )
-from usage.eligibility import compose, eligible_params
+from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.events import log_event
 from usage.models import BackfillRun
 from usage.summary import ensure_cutoff_in_past
@@ -57,6 +58,8 @@ DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 MAX_TIMEOUT_RETRIES = 3
 # Pauses before re-trying rows that were skipped because another writer held their lock.
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
+# After a failure or a stop, counting the rows still eligible may take this long at most.
+REMAINING_COUNT_TIMEOUT_SECONDS = 60.0
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 
@@ -283,7 +286,12 @@ class Backfill:
         ensure_cutoff_in_past(self.options.cutoff, database_now())
         with runs.run_lock():
             stale = runs.mark_stale_runs()
-            policy = cron.choose_stamp(self.options.cutoff, cron.read_state())
+            state = cron.read_state()
+            policy = (
+                cron.choose_stamp(self.options.cutoff, state)
+                if self.options.rebuild_rollup
+                else cron.stamp_for_the_tick(state)
+            )
             self.params["stamp_base"] = policy.base
             run = runs.start_run(
                 arguments=self.options.arguments,
@@ -315,11 +323,12 @@ class Backfill:
             try:
                 self._update_phase()
             except _BatchTimeoutError as exc:
+                message = str(exc) + self._count_remaining()
                 self._rebuild_rollup_quietly()
-                self._finish(BackfillRun.Status.FAILED, str(exc))
-                raise BackfillError(str(exc), self.result) from None
+                self._finish(BackfillRun.Status.FAILED, message)
+                raise BackfillError(message, self.result) from None
             except BaseException as exc:
-                message = _describe_failure(exc)
+                message = _describe_failure(exc) + self._count_remaining()
                 self._finish_after_error(message)
                 raise BackfillError(message, self.result) from exc
             finally:
@@ -352,10 +361,10 @@ class Backfill:
         remaining = 0
         if self.range_shortfall and not self.stop.is_set():
             remaining = self._retry_locked_rows()
+        self.result.rows_remaining = remaining
         if self.stop.is_set():
             self.result.stopped = True
-            remaining = planned - self.result.rows_updated
-        self.result.rows_remaining = remaining
+            self._count_remaining()
         BackfillRun.objects.filter(pk=self.result.run.pk).update(
             rollup_to=database_now(), rows_remaining=self.result.rows_remaining
         )
@@ -437,7 +446,7 @@ class Backfill:
                 if timeouts > MAX_TIMEOUT_RETRIES or size == 1:
                     raise _BatchTimeoutError(
                         f"a batch timed out {timeouts} times, down to {size} rows "
-                        f"({scrub(str(exc))}); the work done so far is kept: re-run later, or "
+                        f"({error_text(exc)}); the work done so far is kept: re-run later, or "
                         "with a larger --lock-timeout/--statement-timeout"
                     ) from exc
                 self.batch_size = max(1, size // 2)
@@ -560,8 +569,8 @@ class Backfill:
             return
         try:
             self._rebuild_rollup()
-        except Exception:
-            logger.exception("rollup rebuild failed; the next run will rebuild it")
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            logger.warning("rollup rebuild failed (%s); the next run rebuilds it", error_text(exc))
 
     def _finish_normally(self) -> ExecuteResult:
         assert self.result is not None
@@ -594,9 +603,33 @@ class Backfill:
             self._finish(BackfillRun.Status.SUCCEEDED, "")
         return self.result
 
+    def _count_remaining(self) -> str:
+        """Count the rows still eligible after a failure or a stop; never assume them.
+
+        On a fresh connection if the run's own died. Returns "" once counted, else a note
+        for the error text (the record then keeps the upper bound, planned less updated).
+        """
+        assert self.result is not None
+        try:
+            if connection.connection is not None and not connection.is_usable():
+                connection.close()
+            with transaction.atomic(), connection.cursor() as cursor:
+                set_local_timeouts(
+                    cursor, self.options.lock_timeout, REMAINING_COUNT_TIMEOUT_SECONDS
+                )
+                cursor.execute(compose(COUNT_ELIGIBLE_SQL), self.params)
+                self.result.rows_remaining = cursor.fetchone()[0]
+            return ""
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            bound = max(self.result.rows_planned - self.result.rows_updated, 0)
+            self.result.rows_remaining = bound
+            return f"; rows remaining not counted ({error_text(exc)}): at most {bound}"
+
     def _finish(self, status: str, error: str) -> None:
         assert self.result is not None
-        runs.finish_run(self.result.run, status, error=error)
+        runs.finish_run(
+            self.result.run, status, error=error, rows_remaining=self.result.rows_remaining
+        )
         r = self.result
         log_event(
             logger,
@@ -621,8 +654,10 @@ class Backfill:
         )
         try:
             self._finish(status, message)
-        except Exception:
-            logger.exception("could not record the end of run %d", self.result.run.pk)
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            logger.warning(
+                "could not record the end of run %d: %s", self.result.run.pk, error_text(exc)
+            )
 
     def _drop_work_table(self) -> None:
         try:
@@ -666,5 +701,5 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, DatabaseError):
-        return f"database error: {scrub(str(exc))}"
+        return f"database error: {error_text(exc)}"
     return scrub(f"{type(exc).__name__}: {exc}")

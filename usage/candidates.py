@@ -104,7 +104,7 @@ FROM {run}"""
 TOTALS_CACHE_SECONDS = 120
 
 _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
-_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 # The shared fragments name the usage table ``tu``; the ORM names it after its table.
 _USAGE_ALIAS = re.compile(r"\btu\.")
 
@@ -160,9 +160,9 @@ def parse_month(value: str | None) -> date | None:
     """Parse the created-month filter (``YYYY-MM``); ``None`` when absent."""
     if not value:
         return None
-    match = _MONTH.match(value.strip())
-    if not match:
-        raise ValueError(f"created month {value!r} is not YYYY-MM, e.g. 2026-05")
+    match = _MONTH.fullmatch(value.strip())
+    if not match or not 1 <= int(match.group(1)) <= 9999 or not 1 <= int(match.group(2)) <= 12:
+        raise ValueError(f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05")
     return date(int(match.group(1)), int(match.group(2)), 1)
 
 
@@ -171,18 +171,20 @@ def parse_clamped(value: str | None) -> bool | None:
         return None
     if value in ("yes", "no"):
         return value == "yes"
-    raise ValueError(f"clamped {value!r} must be yes or no")
+    raise ValueError(f"clamped {options.shown(value)} must be yes or no")
 
 
-def month_range(month: date) -> tuple[datetime, datetime]:
-    """The UTC bounds of a calendar month, as the totals group ``created_at``."""
+def month_range(month: date) -> tuple[datetime, datetime | None]:
+    """The UTC bounds of a calendar month, as the totals group ``created_at``.
+
+    December 9999 has no end Python can write; ``None`` then means "no upper bound".
+    """
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
-    end = (
-        datetime(month.year + 1, 1, 1, tzinfo=UTC)
-        if month.month == 12
-        else datetime(month.year, month.month + 1, 1, tzinfo=UTC)
-    )
-    return start, end
+    if month.month < 12:
+        return start, datetime(month.year, month.month + 1, 1, tzinfo=UTC)
+    if month.year < 9999:
+        return start, datetime(month.year + 1, 1, 1, tzinfo=UTC)
+    return start, None
 
 
 def cutoff_param(cutoff: datetime) -> str:

@@ -121,6 +121,17 @@ def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
     )
 
 
+def stamp_for_the_tick(state: CronState) -> StampPolicy:
+    """Without the repair's own rollup, the rows must land in the cron tick's future windows."""
+    return StampPolicy(
+        BackfillRun.Stamp.REPAIR_TIME,
+        state.watermark_at,
+        state.now,
+        "--no-rebuild-rollup: repaired rows are stamped with the time the repair started, so "
+        "the platform's cron tick rolls them up once its watermark passes that time",
+    )
+
+
 @dataclass
 class TickWatcher:
     """Keeps lock 4246 free around the platform's cron ticks while the rollup runs.

@@ -79,10 +79,45 @@ def describe_database() -> str:
 
 
 def scrub(message: str) -> str:
-    """Remove the configured password from a message before it is shown or stored."""
+    """One line fit to show or store: the message's first line, without the password.
+
+    A server error's text is its primary message, then lines of DETAIL, HINT and CONTEXT
+    (for an error inside the rollup function, kilobytes of PL/pgSQL); only the first counts.
+    """
     password = connection.settings_dict.get("PASSWORD") or ""
-    text = " ".join(str(message).split())
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
     return text.replace(password, "***") if password else text
+
+
+def error_text(exc: BaseException) -> str:
+    """A database error in one line: the server's primary message when there is one.
+
+    The chain is searched too: Django's wrapper has the driver's error as its cause, and an
+    error raised while cleaning up after a lost connection has the real one as its context.
+    """
+    seen: list[BaseException] = []
+    candidate: BaseException | None = exc
+    while candidate is not None and candidate not in seen and len(seen) < 8:
+        seen.append(candidate)
+        diag = getattr(candidate, "diag", None)
+        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        if primary:
+            return scrub(primary)
+        candidate = candidate.__cause__ or candidate.__context__
+    return scrub(str(exc)) or type(exc).__name__
+
+
+def database_failure(exc: BaseException) -> str:
+    """The one line a command prints for a database error, with what to do about it."""
+    if sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
+        advice = (
+            "a statement ran longer than the server-side statement timeout; raise "
+            "CODEX_STATEMENT_TIMEOUT (or the command's --statement-timeout) and re-run"
+        )
+    else:
+        advice = "check DATABASE_URL and that the server is reachable"
+    return f"database error on {describe_database()}: {error_text(exc)}; {advice}"
 
 
 def sqlstate(exc: BaseException) -> str | None:

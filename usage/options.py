@@ -1,11 +1,17 @@
-"""Parsing and validation of the operator's command-line values.
+"""Parsing and validation of the operator's values: command-line options and environment.
 
 Each parser raises ``ValueError`` with a one-line message that says what is wrong and what to
-type instead; the commands turn it into a ``CommandError``. Nothing here touches the database.
+type instead; the commands turn it into a ``CommandError`` (exit status 1). Nothing here
+touches the database.
+
+Only ASCII digits are digits here. Python's ``int()`` and ``float()`` also read Arabic-Indic,
+full-width and superscript digits, underscores, ``nan`` and ``inf``, none of which an
+operator means as a batch size, a run id or a number of seconds.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -13,56 +19,100 @@ from typing import Any
 
 MAX_BATCH_SIZE = 50_000
 MAX_SLEEP_SECONDS = 3600.0
+# Run ids are PostgreSQL bigints.
+MAX_RUN_ID = 2**63 - 1
+# An error message quotes at most this many characters of the value it refuses.
+SHOWN_CHARS = 200
 
 _RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_WHOLE = re.compile(r"[0-9]{1,30}")
+_NUMBER = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
+_DURATION = re.compile(r"([0-9]{1,30}(\.[0-9]{1,30})?(ms|s|m|h)){1,4}")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def shown(value: Any) -> str:
+    """A value as a message quotes it: its repr (escapes stay escaped), cut to a short line."""
+    text = str(value)
+    if len(text) > SHOWN_CHARS:
+        return repr(text[:SHOWN_CHARS]) + f" (and {len(text) - SHOWN_CHARS} more characters)"
+    return repr(text)
 
 
 def parse_cutoff(value: str | None) -> datetime:
     """Parse an RFC 3339 timestamp with an explicit offset and normalize it to UTC."""
-    if not value:
+    if not value or not str(value).strip():
         raise ValueError(
             "--cutoff is required: give the hosted deployment time of the Codex usage fix, "
             "e.g. --cutoff 2026-06-13T08:00:00Z"
         )
-    text = value.strip()
-    if not _RFC3339.match(text):
+    text = str(value).strip()
+    if not _RFC3339.fullmatch(text):
         raise ValueError(
-            f"--cutoff {value!r} is not an RFC 3339 timestamp with an offset; "
+            f"--cutoff {shown(value)} is not an RFC 3339 timestamp with an offset; "
             "use e.g. 2026-06-13T08:00:00Z or 2026-06-13T10:00:00+02:00"
         )
     # Python's parser accepts at most microseconds; extra fractional digits are truncated.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("z", "Z").replace("t", "T"))
+    text = re.sub(r"(\.[0-9]{6})[0-9]+", r"\1", text.replace("z", "Z").replace("t", "T"))
     try:
-        parsed = datetime.fromisoformat(text)
+        return datetime.fromisoformat(text).astimezone(UTC)
     except ValueError as exc:
-        raise ValueError(f"--cutoff {value!r} is not a valid date and time: {exc}") from exc
-    return parsed.astimezone(UTC)
+        raise ValueError(f"--cutoff {shown(value)} is not a valid date and time: {exc}") from exc
+    except OverflowError:
+        raise ValueError(
+            f"--cutoff {shown(value)} is out of range: in UTC it falls before year 1 or after "
+            "year 9999; use the hosted deployment time of the fix, e.g. 2026-06-13T08:00:00Z"
+        ) from None
 
 
-def parse_workspace_id(value: str | None) -> uuid.UUID | None:
-    """Validate the workspace filter here, so a typo never reaches the database as a cast."""
-    if value is None or value == "":
+def parse_workspace_id(value: str | None, *, allow_empty: bool = True) -> uuid.UUID | None:
+    """Validate the workspace filter here, so a typo never reaches the database as a cast.
+
+    On the command line an empty value is refused (``--workspace-id "$WS"`` with ``WS``
+    unset must not widen the repair to every workspace); the admin's form sends "" for all.
+    """
+    if value is None or (value == "" and allow_empty):
         return None
+    text = str(value).strip()
+    if not text:
+        raise ValueError(
+            "--workspace-id is empty; give a workspace UUID, or leave the option out to "
+            "work on every workspace"
+        )
     try:
-        return uuid.UUID(value.strip())
+        if not text.isascii():
+            raise ValueError(text)
+        return uuid.UUID(text)
     except ValueError:
         raise ValueError(
-            f"--workspace-id {value!r} is not a UUID; "
+            f"--workspace-id {shown(value)} is not a UUID; "
             "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
         ) from None
 
 
+def parse_run_id(value: str | int | None, *, name: str = "--run-id") -> int:
+    """A run number: a positive whole number in ASCII digits, checked before the database."""
+    text = "" if value is None else str(value).strip()
+    number = int(text) if _WHOLE.fullmatch(text) else 0
+    if not 0 < number <= MAX_RUN_ID:
+        raise ValueError(
+            f"{name} {shown(value)} is not a run number; give the number printed as "
+            "'Run N' by backfill_codex_usage_cache --execute, e.g. 12"
+        )
+    return number
+
+
 def parse_batch_size(value: str | int) -> int:
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--batch-size {value!r} is not a whole number") from None
-    if size <= 0:
+    text = str(value).strip()
+    if re.fullmatch(r"-[0-9]+", text) or text == "0":
         raise ValueError("--batch-size must be positive, e.g. --batch-size 1000")
+    if not _WHOLE.fullmatch(text):
+        raise ValueError(f"--batch-size {shown(value)} is not a whole number, e.g. 1000")
+    size = int(text)
     if size > MAX_BATCH_SIZE:
         raise ValueError(
             f"--batch-size {size} is too large: batches over {MAX_BATCH_SIZE} rows hold row "
@@ -71,31 +121,41 @@ def parse_batch_size(value: str | int) -> int:
     return size
 
 
-def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-batches") -> float:
-    """Parse a Go-style duration (``500ms``, ``2s``, ``1m30s``; a bare ``0`` is allowed)."""
+def duration_seconds(value: str | float | int, *, flag: str) -> float:
+    """Read a duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``).
+
+    Says nothing about the range; the callers check it.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{flag} {shown(value)} is not a duration")
     if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        if text == "0":
-            return 0.0
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise ValueError(
-                f"{flag} {value!r} is not a duration; use e.g. 500ms, 2s, 1m or 1m30s"
-            )
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds < 0 or seconds > MAX_SLEEP_SECONDS:
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} {shown(value)} is not a finite number of seconds")
+        return float(value)
+    text = str(value).strip()
+    if text.startswith("-") and (_NUMBER.fullmatch(text[1:]) or _DURATION.fullmatch(text[1:])):
+        raise ValueError(f"{flag} {shown(value)} is negative; give 0 or more, e.g. 500ms")
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    if not _DURATION.fullmatch(text):
+        raise ValueError(
+            f"{flag} {shown(value)} is not a duration; "
+            "use e.g. 500ms, 2s, 1m, 1m30s or a number of seconds"
+        )
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-batches") -> float:
+    """The pause between batches: a duration from 0 to 1h (``500ms``, ``2s``, ``5``)."""
+    seconds = duration_seconds(value, flag=flag)
+    if not 0 <= seconds <= MAX_SLEEP_SECONDS:
         raise ValueError(f"{flag} must be between 0 and 1h")
     return seconds
 
 
 def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: float) -> float:
     """Parse a positive number of seconds (a bare number or a duration such as ``5s``)."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = parse_duration(str(value), flag=flag)
+    seconds = duration_seconds(value, flag=flag)
     if not minimum <= seconds <= maximum:
         raise ValueError(f"{flag} must be between {minimum:g} and {maximum:g} seconds")
     return seconds

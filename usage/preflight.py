@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -48,7 +48,7 @@ from usage.db import (
     REQUIRED_TOOL_TABLES,
     ROLLUP_FUNCTION_SIGNATURE,
     SQLSTATE_QUERY_CANCELED,
-    scrub,
+    error_text,
     sqlstate,
 )
 from usage.eligibility import ELIGIBLE_WHERE, compose, eligible_params
@@ -662,11 +662,19 @@ def _share(part: int, whole: int) -> str:
     return f"{part:,} of {whole:,} ({100 * part / whole:.0f}%)" if whole else "none"
 
 
+def _shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, held within Python's years 1 to 9999 (a cutoff may be near them)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return (datetime.min if delta < timedelta(0) else datetime.max).replace(tzinfo=UTC)
+
+
 def check_after_cutoff(ctx: Context) -> CheckResult:
     params = {
         **eligible_params(ctx.cutoff, ctx.workspace_id),
-        "window_start": ctx.cutoff - NEIGHBOURHOOD,
-        "window_end": ctx.cutoff + NEIGHBOURHOOD,
+        "window_start": _shifted(ctx.cutoff, -NEIGHBOURHOOD),
+        "window_end": _shifted(ctx.cutoff, NEIGHBOURHOOD),
         "sample": SAMPLE_ROWS,
     }
     before, before_unfixed, after, after_unfixed = ctx.one(
@@ -928,7 +936,7 @@ def _run_one(
             )
         else:
             fix = "fix the error above (often a missing privilege), then run the pre-flight again"
-        result = failed(f"query failed: {scrub(str(exc))}", fix)
+        result = failed(f"query failed: {error_text(exc)}", fix)
     seconds = time.monotonic() - started
     logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
     return replace(result, name=check.name, seconds=seconds)
@@ -939,13 +947,16 @@ def connect_target() -> psycopg.Connection:
 
     ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database,
     which Django's default connection points at during the tests). ``run_preflight`` keeps
-    everything on it inside a read-only transaction.
+    everything on it inside a read-only transaction. It has the same limits as Django's
+    connection: ``CODEX_CONNECT_TIMEOUT`` and the server-side timeouts.
     """
+    limits = settings.CODEX_CONNECTION_LIMITS
     options: dict[str, Any] = {
         "autocommit": True,
-        "connect_timeout": 10,
         "application_name": "codex-usage-repair-preflight",
         "cursor_factory": psycopg.ClientCursor,
+        "options": limits.server_options(),
+        **limits.libpq_params(),
     }
     if settings.USING_SANDBOX:
         from usage import sandbox

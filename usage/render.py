@@ -8,7 +8,7 @@ first ``TABLE_GROUP_LIMIT`` groups, since JSON and CSV carry every one of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
@@ -29,7 +29,15 @@ SUMMARY_COLUMNS = (
 
 
 def timestamp(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
+    """RFC 3339 in UTC to the second; four-digit years (``strftime`` gives year 1 as "1")."""
+    if value is None:
+        return "-"
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
+        f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}Z"
+    )
 
 
 def number(value: int) -> str:

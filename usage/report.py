@@ -107,6 +107,7 @@ def add_verify(document: dict[str, Any], result: VerifyResult) -> None:
         "run_id": result.run_id,
         "ok": result.ok,
         "eligible_rows_left": result.eligible_rows_left,
+        "mismatched_keys": result.mismatched_keys,
         "mismatches": [asdict(m) for m in result.mismatches],
     }
 
@@ -143,7 +144,7 @@ def to_csv(document: dict[str, Any]) -> str:
                 verify["run_id"],
                 verify["ok"],
                 verify["eligible_rows_left"],
-                len(verify["mismatches"]),
+                verify["mismatched_keys"],
             ]
         )
     return buffer.getvalue()

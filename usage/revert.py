@@ -58,6 +58,7 @@ from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
     check_target,
+    error_text,
     scrub,
     set_local_timeouts,
     sqlstate,
@@ -198,9 +199,11 @@ ORDER BY j.id
 LIMIT %(limit)s"""
 
 # Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half).
+# Advisory locks belong to one database; pg_locks lists every database of the server.
 RUN_LOCK_HOLDER_SQL = """
 SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
 LIMIT 1"""
 
@@ -285,17 +288,6 @@ class RevertResult:
 
 class _BatchTimeoutError(Exception):
     pass
-
-
-def parse_run_id(value: str | int | None) -> int:
-    """The RUN_ID argument: a positive whole number, checked before the database is asked."""
-    text = str(value).strip() if value is not None else ""
-    if not text.isdigit() or int(text) <= 0:
-        raise ValueError(
-            f"RUN_ID {value!r} is not a run number; give the number printed as 'Run N' by "
-            "backfill_codex_usage_cache --execute, e.g. 12"
-        )
-    return int(text)
 
 
 def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
@@ -473,7 +465,7 @@ class _Revert:
             if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
                 raise _BatchTimeoutError(
                     f"a revert batch timed out {self.timeouts} times, down to {size} entries "
-                    f"({scrub(str(exc))}); the rows restored so far stay restored: run the "
+                    f"({error_text(exc)}); the rows restored so far stay restored: run the "
                     "same revert again later, or with a larger --lock-timeout/"
                     "--statement-timeout"
                 ) from exc
@@ -549,9 +541,10 @@ class _Revert:
                 connection.close()
             if self.drainer is not None:
                 self._drain_queued()
-        except Exception:
-            logger.exception(
-                "rollup drain failed; the queued keys stay in task_usage_hourly_dirty"
+        except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
+            logger.warning(
+                "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
+                error_text(exc),
             )
 
     def _drop_agent_tasks(self) -> None:
@@ -663,5 +656,5 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, DatabaseError):
-        return f"database error: {scrub(str(exc))}"
+        return f"database error: {error_text(exc)}"
     return scrub(f"{type(exc).__name__}: {exc}")

@@ -532,16 +532,95 @@ def rebuild_keys(
         cursor.execute(STAMPS_TOTAL_SQL)
         stamps, keys, tasks = cursor.fetchone()
     result.keys_total = keys
+    stop = should_stop or (lambda: False)
     try:
         if stamps:
             _StampSlices(limits, neighbours, result, stamps, tasks / keys).run(
-                should_stop or (lambda: False), on_slice, on_wait
+                stop, on_slice, on_wait
             )
+        if not result.stopped:
+            _rebuild_rewritten(run_ids, limits, neighbours, result, stop, on_wait)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(DROP_STAMPS_TABLE_SQL)
+            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
     result.seconds = time.monotonic() - started
     return result
+
+
+# Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
+# no window of stamps finds them, so they are queued and drained like the revert's, in chunks
+# the planner sizes. Usually few: the platform's next tick would reach them too, but the run's
+# keys are right when it ends, and --verify can say so at once.
+REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
+KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
+CREATE_REWRITTEN_TABLE_SQL = """
+CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
+WITH keys AS MATERIALIZED (
+    SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    FROM {journal} j
+    JOIN {task_usage} tu
+      ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.new_updated_at
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
+),
+agent_tasks AS (
+    SELECT t.agent_id, count(*) AS tasks
+    FROM {agent_task_queue} t
+    WHERE t.agent_id IN (SELECT agent_id FROM keys)
+    GROUP BY t.agent_id
+)
+SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
+FROM keys k JOIN agent_tasks t USING (agent_id)"""
+DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
+REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
+# Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got
+# and their agents' tasks.
+ENQUEUE_REWRITTEN_SQL = f"""
+WITH queued AS (
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_COLUMNS}, enqueued_at)
+    SELECT {KEY_COLUMNS}, clock_timestamp() FROM {REWRITTEN_TABLE}
+    WHERE seq > %(after)s AND seq <= %(upto)s
+    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
+    RETURNING d.enqueued_at
+)
+SELECT (SELECT max(enqueued_at) FROM queued),
+       (SELECT coalesce(sum(tasks), 0) FROM {REWRITTEN_TABLE}
+        WHERE seq > %(after)s AND seq <= %(upto)s)"""
+
+
+def _rebuild_rewritten(
+    run_ids: Sequence[int],
+    limits: SliceLimits,
+    neighbours: NeighbourOptions,
+    result: RollupResult,
+    should_stop: Callable[[], bool],
+    on_wait: Callable[[str, float], None] | None,
+) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(DROP_REWRITTEN_TABLE_SQL)
+        cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(REWRITTEN_TOTAL_SQL)
+        total, tasks = cursor.fetchone()
+    if not total:
+        return
+    result.keys_total += total
+    drainer = QueueDrainer(limits, neighbours)
+    done = 0
+    while done < total:
+        if should_stop():
+            result.stopped = True
+            return
+        upto = min(total, done + drainer.next_keys(tasks / total))
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+            latest, chunk_tasks = cursor.fetchone()
+        result.add(drainer.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait))
+        done = upto
 
 
 @dataclass(frozen=True)

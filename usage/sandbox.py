@@ -54,7 +54,10 @@ def _bootstrap(host: str, dbname: str) -> None:
     The database is built under a temporary name and renamed at the end, so an interrupted
     bootstrap never leaves a half-loaded sandbox behind.
     """
-    with psycopg.connect(host=host, user="postgres", dbname="postgres", autocommit=True) as conn:
+    limits = settings.CODEX_CONNECTION_LIMITS.libpq_params()
+    with psycopg.connect(
+        host=host, user="postgres", dbname="postgres", autocommit=True, **limits
+    ) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_LOCK_ID,))
         try:
             exists = conn.execute(
@@ -66,7 +69,7 @@ def _bootstrap(host: str, dbname: str) -> None:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(staging)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(staging)))
             with (
-                psycopg.connect(host=host, user="postgres", dbname=staging) as staged,
+                psycopg.connect(host=host, user="postgres", dbname=staging, **limits) as staged,
                 staged.cursor() as cursor,
             ):
                 target.create_target_schema(cursor, settings.CODEX_TARGET_SCHEMA)

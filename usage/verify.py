@@ -51,7 +51,8 @@ SELECT coalesce(e.bucket_hour, h.bucket_hour), coalesce(e.workspace_id, h.worksp
        coalesce(e.project_id, h.project_id), coalesce(e.provider, h.provider),
        coalesce(e.model, h.model),
        e.input_tokens, h.input_tokens, e.cache_read_tokens, h.cache_read_tokens,
-       e.event_count, h.event_count
+       e.event_count, h.event_count,
+       count(*) OVER () AS mismatched_keys
 FROM (SELECT e.* FROM expected e JOIN scoped s USING (bucket_hour, workspace_id, agent_id,
                                                      provider, model)
       WHERE s.runtime_id IS NOT DISTINCT FROM e.runtime_id
@@ -94,12 +95,25 @@ class Mismatch:
     actual_events: int | None
 
 
-def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
-    """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
+def find_mismatches(
+    run_ids: list[int] | None = None, limit: int = 1000
+) -> tuple[int, list[Mismatch]]:
+    """How many hourly keys differ from the recompute, and the first ``limit`` of them.
+
+    The count covers every differing key (all keys, or those of some runs); only the list
+    is capped.
+    """
     query = ALL_KEYS_SQL if run_ids is None else RUN_KEYS_SQL
     with connection.cursor() as cursor:
         cursor.execute(compose(query), {"run_ids": run_ids or [], "limit": limit})
-        return [Mismatch(tuple(row[:7]), *row[7:]) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    count = rows[0][13] if rows else 0
+    return count, [Mismatch(tuple(row[:7]), *row[7:13]) for row in rows]
+
+
+def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
+    """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
+    return find_mismatches(run_ids, limit)[1]
 
 
 @dataclass(frozen=True)
@@ -107,14 +121,17 @@ class VerifyResult:
     run_id: int
     eligible_rows_left: int
     mismatches: list[Mismatch]
+    mismatched_keys: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.eligible_rows_left == 0 and not self.mismatches
+        return self.eligible_rows_left == 0 and not self.mismatched_keys and not self.mismatches
 
 
 def verify_run(run_id: int, limit: int = 100) -> VerifyResult:
     """After a run: nothing eligible is left, and every hourly key it touched is right.
+
+    All differing keys are counted; at most ``limit`` of them are listed.
 
     Read-only: it runs in a READ ONLY transaction, so it is safe at any time.
     """
@@ -128,5 +145,7 @@ def verify_run(run_id: int, limit: int = 100) -> VerifyResult:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
         left = cursor.fetchone()[0]
-        mismatches = rollup_mismatches(run_ids=[run.pk], limit=limit)
-    return VerifyResult(run_id=run.pk, eligible_rows_left=left, mismatches=mismatches)
+        count, mismatches = find_mismatches(run_ids=[run.pk], limit=limit)
+    return VerifyResult(
+        run_id=run.pk, eligible_rows_left=left, mismatches=mismatches, mismatched_keys=count
+    )

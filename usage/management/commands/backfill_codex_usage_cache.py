@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -26,10 +23,11 @@ from usage.backfill import (
     execute_backfill,
 )
 from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
-from usage.db import TargetError, check_target, describe_database, scrub
+from usage.db import TargetError, check_target, database_failure, describe_database
 from usage.events import JsonFormatter
 from usage.management.base import ExamplesCommand
 from usage.models import BackfillRun
+from usage.outputs import OutputError, check_output
 from usage.progress import OutputStream, ProgressListener
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.runs import RunLockError
@@ -39,6 +37,8 @@ from usage.verify import VerifyResult, verify_run
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
 EXIT_VERIFY_FAILED = 4
+# The table lists at most this many mismatched hourly keys (JSON carries up to verify's cap).
+VERIFY_LISTED = 20
 
 RECORDED_OPTIONS = (
     "cutoff",
@@ -177,34 +177,30 @@ class Command(ExamplesCommand):
         stderr = OutputStream(self.stderr)
         handler = self._attach_log_handler(stderr, verbosity, options["log_format"])
         self.quiet_header = options["format"] != "table" and not options["output"]
+        self.write_error: str | None = None
         try:
             document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
-            raise CommandError(
-                f"database error on {describe_database()}: {scrub(str(exc))}; "
-                "check DATABASE_URL and that the server is reachable"
-            ) from exc
+            raise CommandError(database_failure(exc)) from exc
         finally:
             logging.getLogger("usage").removeHandler(handler)
-        self._exit_status(document)
+        error = self._exit_status(document)
+        if self.write_error:
+            error = self._with_write_error(document, error)
+        if error is not None:
+            raise error
 
     def _parse(self, options: dict[str, Any]) -> ExecuteOptions:
         run_id = options["run_id"]
         if run_id is not None:
-            try:
-                options["run_id"] = int(run_id)
-            except ValueError:
-                raise ValueError(f"--run-id {run_id!r} is not a run number") from None
+            options["run_id"] = opts.parse_run_id(run_id)
             if not options["verify"] or options["execute"]:
                 raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
         elif options["verify"] and not options["execute"]:
             raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
-        if options["output"]:
-            parent = Path(options["output"]).resolve().parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise ValueError(f"--output {options['output']!r}: cannot write in {parent}")
+        self.output = check_output(options["output"]) if options["output"] is not None else None
         standalone_verify = run_id is not None
         lag = options["max_replication_lag"]
         return ExecuteOptions(
@@ -213,7 +209,7 @@ class Command(ExamplesCommand):
                 if not standalone_verify or options["cutoff"]
                 else None
             ),  # type: ignore[arg-type]
-            workspace_id=opts.parse_workspace_id(options["workspace_id"]),
+            workspace_id=opts.parse_workspace_id(options["workspace_id"], allow_empty=False),
             batch_size=opts.parse_batch_size(options["batch_size"]),
             sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
             rebuild_rollup=options["rebuild_rollup"],
@@ -264,20 +260,25 @@ class Command(ExamplesCommand):
                 self.style.WARNING(f"No agent belongs to workspace {settings.workspace_id}.")
             )
         if execute:
-            failure: CommandError | None = None
             try:
                 result = self._execute(settings, verbosity, options["log_format"], stderr)
             except BackfillError as exc:
                 if exc.result is None:
                     raise CommandError(str(exc)) from exc
-                result, failure = exc.result, CommandError(str(exc))
+                result, document["_failure"] = exc.result, str(exc)
             report.add_execute(document, result)
             document["_stopped_by"] = getattr(self, "_signal_received", None)
-            if options["verify"] and failure is None:
-                self._verify(document, result.run.pk)
+            if options["verify"] and "_failure" not in document:
+                try:
+                    self._verify(document, result.run.pk)
+                except DatabaseError as exc:
+                    # The run happened: its outcome is printed, then why verify did not run.
+                    document["_failure"] = (
+                        f"run {result.run.pk} {result.run.status}, but --verify could not "
+                        f"run: {database_failure(exc)}; verify later with --verify --run-id "
+                        f"{result.run.pk}"
+                    )
             self._emit(document, options)
-            if failure is not None:
-                raise failure
         else:
             self._emit(document, options)
         return document
@@ -345,13 +346,19 @@ class Command(ExamplesCommand):
             text = report.to_json(public)
         else:
             text = report.to_csv(public)
-        if options["output"]:
-            _write_atomically(Path(options["output"]), text)
-            self.stdout.write(f"Result written to {options['output']} ({fmt}).")
-            if fmt != "table":
-                self.stdout.write(self._table(public))
-        else:
+        if self.output is None:
             self.stdout.write(text)
+            return
+        try:
+            self.output.write(text)
+        except OutputError as exc:
+            # Whatever happened to the file, the outcome is shown; the error follows it.
+            self.write_error = str(exc)
+            self.stdout.write(self._table(public))
+            return
+        self.stdout.write(f"Result written to {options['output']} ({fmt}).")
+        if fmt != "table":
+            self.stdout.write(self._table(public))
 
     def _table(self, document: dict[str, Any]) -> str:
         lines: list[str] = []
@@ -394,7 +401,9 @@ class Command(ExamplesCommand):
         for stale in d["stale_runs"]:
             lines.append(self.style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
         if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
-            lines.append("  rollup not rebuilt (--no-rebuild-rollup): the cron tick will")
+            lines.append(
+                "  rollup not rebuilt (--no-rebuild-rollup): the platform's cron tick will"
+            )
         elif d["rollup_slices"] or d["recovered_runs"]:
             recovered = (
                 f" (including runs {', '.join(map(str, d['recovered_runs']))})"
@@ -410,8 +419,13 @@ class Command(ExamplesCommand):
                 if d["rollup_cron_waits"]
                 else ""
             )
+            done = (
+                "rebuilt"
+                if d["rollup_state"] == BackfillRun.RollupState.DONE
+                else "stopped (the next run of the command rebuilds the rest)"
+            )
             lines.append(
-                f"  rollup rebuilt{recovered}: {render.number(d['rollup_keys'])} hourly keys "
+                f"  rollup {done}{recovered}: {render.number(d['rollup_keys'])} hourly keys "
                 f"in {d['rollup_slices']} slices ({plans}) in {d['rollup_seconds']:.1f}s, "
                 f"{render.number(d['rollup_rows'])} hourly rows, "
                 f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s{waits}"
@@ -424,9 +438,14 @@ class Command(ExamplesCommand):
     def _verify_lines(self, v: dict[str, Any]) -> list[str]:
         lines = [
             f"Verify run {v['run_id']}: {render.number(v['eligible_rows_left'])} eligible rows "
-            f"left; {len(v['mismatches'])} hourly keys differ from a recompute."
+            f"left; {render.number(v['mismatched_keys'])} hourly keys differ from a recompute"
+            + (
+                f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
+                if v["mismatched_keys"] > VERIFY_LISTED
+                else "."
+            )
         ]
-        for m in v["mismatches"][:20]:
+        for m in v["mismatches"][:VERIFY_LISTED]:
             lines.append(
                 f"  key {tuple(str(part) for part in m['key'])}: input expected "
                 f"{m['expected_input']} got {m['actual_input']}, events expected "
@@ -436,28 +455,46 @@ class Command(ExamplesCommand):
         lines.append(style("Verification passed." if v["ok"] else "Verification FAILED."))
         return lines
 
-    def _exit_status(self, document: dict[str, Any]) -> None:
+    def _exit_status(self, document: dict[str, Any]) -> CommandError | None:
+        """The error that ends the command, if any: a failed run first, then a signal."""
+        if "_failure" in document:
+            return CommandError(document["_failure"])
         signum = document.get("_stopped_by")
         if signum:
-            raise CommandError(
+            return CommandError(
                 f"stopped by {signal.Signals(signum).name} after "
                 f"{document['rows_updated']} rows; re-run the same command to resume",
                 returncode=128 + signum,
             )
         if document.get("rows_remaining"):
-            raise CommandError(
+            return CommandError(
                 f"{document['rows_remaining']} eligible rows were locked by other writers the "
                 "whole time and were not repaired; re-run the same command to finish them",
                 returncode=EXIT_ROWS_REMAINING,
             )
         verify = document.get("verify")
         if verify is not None and not verify["ok"]:
-            raise CommandError(
+            return CommandError(
                 f"verification of run {verify['run_id']} failed: "
                 f"{verify['eligible_rows_left']} eligible rows left, "
-                f"{len(verify['mismatches'])} hourly keys wrong; see the list above",
+                f"{verify['mismatched_keys']} hourly keys wrong; see the list above",
                 returncode=EXIT_VERIFY_FAILED,
             )
+        return None
+
+    def _with_write_error(
+        self, document: dict[str, Any], error: CommandError | None
+    ) -> CommandError:
+        """Add the --output failure to the command's error; exit 1 when there is none."""
+        if error is not None:
+            return CommandError(f"{error}; also, {self.write_error}", returncode=error.returncode)
+        if "run_id" in document:
+            done = f"run {document['run_id']} {document['status']} (its outcome is shown above)"
+        elif "verify" in document:
+            done = "the verification's outcome is shown above"
+        else:
+            done = "the dry run changed nothing (its summary is shown above)"
+        return CommandError(f"{self.write_error}; {done}")
 
     def _attach_log_handler(
         self, stream: OutputStream, verbosity: int, log_format: str
@@ -472,15 +509,3 @@ class Command(ExamplesCommand):
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logging.getLogger("usage").addHandler(handler)
         return handler
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write the whole result or nothing: a reviewer never gets half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text if text.endswith("\n") else text + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

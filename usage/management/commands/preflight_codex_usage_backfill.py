@@ -11,7 +11,7 @@ from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
-from usage.db import describe_database, scrub
+from usage.db import describe_database, error_text
 from usage.management.base import ExamplesCommand
 from usage.preflight import (
     CHECKS,
@@ -86,7 +86,7 @@ class Command(ExamplesCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             cutoff = opts.parse_cutoff(options["cutoff"])
-            workspace_id = opts.parse_workspace_id(options["workspace_id"])
+            workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
                 options["statement_timeout"],
                 flag="--statement-timeout",
@@ -107,7 +107,7 @@ class Command(ExamplesCommand):
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
         except DatabaseError as exc:
             raise CommandError(
-                f"cannot inspect {describe_database()}: {scrub(str(exc))}; "
+                f"cannot inspect {describe_database()}: {error_text(exc)}; "
                 "check DATABASE_URL and that the server is reachable"
             ) from exc
         finally:

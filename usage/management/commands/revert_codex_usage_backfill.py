@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from datetime import datetime
@@ -14,7 +15,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
-from usage.db import TargetError, describe_database, scrub
+from usage.db import TargetError, database_failure, describe_database
 from usage.management.base import ExamplesCommand
 from usage.revert import (
     DEFAULT_BATCH_SIZE,
@@ -25,7 +26,6 @@ from usage.revert import (
     RevertOptions,
     RevertResult,
     execute_revert,
-    parse_run_id,
     plan_revert,
 )
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -108,7 +108,7 @@ class Command(ExamplesCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            run_id = parse_run_id(options["run_id"])
+            run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
             show = _parse_show(options["show"])
             revert_options = RevertOptions(
                 run_id=run_id,
@@ -130,13 +130,10 @@ class Command(ExamplesCommand):
         except (TargetError, RevertError, RunLockError) as exc:
             result = getattr(exc, "result", None)
             if result is not None:
-                self._write_result(result)
+                self._write_result(result, f"Revert of run {result.run.pk} failed.")
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
-            raise CommandError(
-                f"database error on {describe_database()}: {scrub(str(exc))}; "
-                "check DATABASE_URL and that the server is reachable"
-            ) from exc
+            raise CommandError(database_failure(exc)) from exc
         finally:
             logging.getLogger("usage").removeHandler(handler)
 
@@ -197,9 +194,9 @@ class Command(ExamplesCommand):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self._write_result(result)
+        signum = received[0] if received else signal.SIGTERM
+        self._write_result(result, self._outcome(result, signum))
         if result.stopped:
-            signum = received[0] if received else signal.SIGTERM
             raise CommandError(
                 f"stopped by {signal.Signals(signum).name} after "
                 f"{result.rows_restored} rows; run the same revert again to finish",
@@ -215,7 +212,23 @@ class Command(ExamplesCommand):
 
     # -- output --------------------------------------------------------------------------
 
-    def _write_result(self, result: RevertResult) -> None:
+    def _outcome(self, result: RevertResult, signum: int) -> str:
+        """The revert's own outcome, never the status of the run it reverts."""
+        run = result.run
+        if result.stopped:
+            return (
+                f"Revert of run {run.pk} stopped by {signal.Signals(signum).name}: "
+                f"{render.number(result.rows_restored)} rows restored, "
+                f"{render.number(result.rows_remaining)} still to restore."
+            )
+        if result.rows_remaining:
+            return (
+                f"Revert of run {run.pk} incomplete: "
+                f"{render.number(result.rows_remaining)} rows stayed locked."
+            )
+        return f"Run {run.pk} {run.status}."
+
+    def _write_result(self, result: RevertResult, outcome: str) -> None:
         run = result.run
         run.refresh_from_db()
         for stale in result.stale_runs:
@@ -232,7 +245,7 @@ class Command(ExamplesCommand):
             f"lock 4246 held at most {r.max_lock_held_seconds:.3f}s"
         )
         style = self.style.SUCCESS if result.reverted else self.style.ERROR
-        self.stdout.write(style(f"Run {run.pk} {run.status}."))
+        self.stdout.write(style(outcome))
 
     def _write_changed(self, result: RevertResult) -> None:
         if not result.rows_changed:
@@ -268,8 +281,10 @@ class Command(ExamplesCommand):
 
 def _parse_show(value: str) -> int:
     text = str(value).strip()
-    if not text.isdigit() or int(text) > MAX_SHOW_CHANGED:
-        raise ValueError(f"--show {value!r} must be a whole number from 0 to {MAX_SHOW_CHANGED}")
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) > MAX_SHOW_CHANGED:
+        raise ValueError(
+            f"--show {opts.shown(value)} must be a whole number from 0 to {MAX_SHOW_CHANGED}"
+        )
     return int(text)
 
 

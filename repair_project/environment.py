@@ -1,0 +1,197 @@
+"""Reading the settings from the environment: the database URL, connection limits, the key.
+
+Settings are read once per process, before Django is set up. Every bad value becomes an
+``ImproperlyConfigured`` whose message is one line saying what to set; ``manage.py`` prints
+it as such, without a traceback. No message here ever contains a password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from usage.options import parse_seconds
+
+URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
+
+# Defaults of the connection limits (see ``connection_limits``).
+DEFAULT_CONNECT_TIMEOUT = "10s"
+DEFAULT_STATEMENT_TIMEOUT = "1h"
+DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = "10m"
+# TCP keepalives: a server that vanished mid-statement is noticed within about a minute.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+# Django's own test of a strong key (``check --deploy``, security.W009).
+SECRET_KEY_MIN_LENGTH = 50
+SECRET_KEY_MIN_UNIQUE = 5
+SECRET_KEY_FILE = "secret_key"
+
+
+def database_settings(url: str) -> dict[str, Any]:
+    """Django's database settings for ``DATABASE_URL``, refused in one line when malformed."""
+    problem = _url_problem(url)
+    if problem:
+        raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
+    try:
+        return dict(dj_database_url.parse(url, conn_max_age=0))
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL is not a valid URL; expected {URL_FORM}"
+        ) from None
+
+
+def _url_problem(url: str) -> str:
+    """What is wrong with a database URL, in words that never repeat its password."""
+    if any(ord(ch) < 33 or ord(ch) == 127 for ch in url):
+        return "contains spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        if "port" in str(exc).lower():
+            return "has a port that is not a number from 1 to 65535"
+        return "is not a valid URL"
+    if "://" not in url or not parts.scheme:
+        return "is not a URL"
+    if parts.scheme not in POSTGRES_SCHEMES:
+        return f"names a {parts.scheme!r} database, but the tool works on PostgreSQL only"
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    if not unquote(parts.path[1:]):
+        return "names no database (the /DBNAME part)"
+    return ""
+
+
+def url_secrets(url: str) -> list[str]:
+    """The URL itself and its password (as written and decoded): never to be shown."""
+    found = [url] if url else []
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        found.extend({password, unquote(password)})
+    return found
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The limits set on every connection the tool opens (seconds; 0 means none)."""
+
+    connect_timeout: int
+    statement_timeout: float
+    idle_in_transaction_timeout: float
+
+    def libpq_params(self) -> dict[str, Any]:
+        """Connection parameters for psycopg (and Django's ``OPTIONS``)."""
+        return {"connect_timeout": self.connect_timeout, **KEEPALIVES}
+
+    def server_options(self) -> str:
+        """The server-side limits as a libpq ``options`` string (``-c name=value`` each)."""
+        return (
+            f"-c statement_timeout={_milliseconds(self.statement_timeout)}"
+            " -c idle_in_transaction_session_timeout="
+            f"{_milliseconds(self.idle_in_transaction_timeout)}"
+        )
+
+
+def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionLimits:
+    """Read ``CODEX_CONNECT_TIMEOUT``, ``CODEX_STATEMENT_TIMEOUT`` and the idle timeout."""
+
+    def seconds(name: str, default: str, minimum: float, maximum: float) -> float:
+        value = environ.get(name, "").strip() or default
+        try:
+            return parse_seconds(value, flag=name, minimum=minimum, maximum=maximum)
+        except ValueError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+
+    return ConnectionLimits(
+        # libpq takes whole seconds (and treats 1 as 2).
+        connect_timeout=max(
+            2, math.ceil(seconds("CODEX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 1, 3600))
+        ),
+        statement_timeout=seconds(
+            "CODEX_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT, 0, 7 * 86400
+        ),
+        idle_in_transaction_timeout=seconds(
+            "CODEX_IDLE_IN_TRANSACTION_TIMEOUT", DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, 0, 86400
+        ),
+    )
+
+
+def _milliseconds(seconds: float) -> str:
+    return "0" if seconds <= 0 else f"{max(1, round(seconds * 1000))}ms"
+
+
+def secret_key(
+    environ: os._Environ[str] | dict[str, str], sandbox_dir: Path | None
+) -> tuple[str, str]:
+    """The key that signs sessions and messages, and where it came from.
+
+    ``DJANGO_SECRET_KEY`` when set. On the sandbox, a key generated once and kept with the
+    sandbox's data (``SANDBOX_DIR/secret_key``, mode 0600, never in the repository). Off the
+    sandbox without ``DJANGO_SECRET_KEY``: a random key for this process only, source "",
+    and the admin refuses to be served (``usage.serving``).
+    """
+    given = environ.get("DJANGO_SECRET_KEY", "")
+    if given:
+        return given, "DJANGO_SECRET_KEY"
+    if sandbox_dir is not None:
+        try:
+            return _kept_key(sandbox_dir / SECRET_KEY_FILE), "sandbox"
+        except OSError:
+            pass  # an unwritable sandbox folder: no kept key, so no serving either
+    return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
+
+
+def _kept_key(path: Path) -> str:
+    """Read the sandbox's key, creating it first (atomically: processes may race)."""
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    handle = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(staged, path)  # never replaces a key another process kept first
+    finally:
+        staged.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> str:
+    handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(handle) as stream:
+        key = stream.read().strip()
+    if key_problem(key):
+        raise OSError(f"{path} does not hold a usable key")
+    return key
+
+
+def key_problem(key: str) -> str:
+    """Why a secret key is too weak to sign the admin's cookies, or ""."""
+    if len(key) < SECRET_KEY_MIN_LENGTH or len(set(key)) < SECRET_KEY_MIN_UNIQUE:
+        return (
+            f"has fewer than {SECRET_KEY_MIN_LENGTH} characters or fewer than "
+            f"{SECRET_KEY_MIN_UNIQUE} different ones"
+        )
+    return ""

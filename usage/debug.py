@@ -1,0 +1,79 @@
+"""Django's error pages without secrets: no DATABASE_URL, no password, no key.
+
+With ``DJANGO_DEBUG=1`` an error page lists the settings, the request's environment (which
+under ``runserver`` includes the process's, ``DATABASE_URL`` among it) and every frame's
+local variables (psycopg's connection string, Django's connection parameters). The filter
+hides any setting or variable that holds a secret, whatever its name; the reporter then
+removes any secret still left in the page's text, as a last resort.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from django.conf import settings
+from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
+
+from repair_project.environment import url_secrets
+
+
+def known_secrets() -> list[str]:
+    """Every value that must never be shown: passwords, the database URL, the key."""
+    found = url_secrets(getattr(settings, "DATABASE_URL", ""))
+    for database in settings.DATABASES.values():
+        if database.get("PASSWORD"):
+            found.append(str(database["PASSWORD"]))
+    found.append(settings.SECRET_KEY)
+    # Longest first, so that a password inside the URL goes with the URL.
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _holds_secret(value: Any, secrets: list[str]) -> bool:
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except Exception:  # noqa: BLE001 - what cannot be shown safely is not shown
+        return True
+    return any(secret in text for secret in secrets)
+
+
+class SecretHidingFilter(SafeExceptionReporterFilter):
+    """Django's filter, also hiding ``DATABASE_URL`` and any value holding a secret."""
+
+    hidden_settings = re.compile(
+        "API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|DATABASE_URL|DSN", flags=re.I
+    )
+
+    def cleanse_setting(self, key: Any, value: Any) -> Any:
+        cleansed = super().cleanse_setting(key, value)
+        if cleansed is not self.cleansed_substitute and _holds_secret(cleansed, known_secrets()):
+            return self.cleansed_substitute
+        return cleansed
+
+    def get_traceback_frame_variables(self, request: Any, tb_frame: Any) -> Any:
+        secrets = known_secrets()
+        return [
+            (name, self.cleansed_substitute if _holds_secret(value, secrets) else value)
+            for name, value in super().get_traceback_frame_variables(request, tb_frame)
+        ]
+
+
+class SecretHidingReporter(ExceptionReporter):
+    """Django's reporter, whose page text never contains a known secret."""
+
+    def get_traceback_html(self) -> str:
+        return _without_secrets(super().get_traceback_html(), escaped=True)
+
+    def get_traceback_text(self) -> str:
+        return _without_secrets(super().get_traceback_text(), escaped=False)
+
+
+def _without_secrets(text: str, *, escaped: bool) -> str:
+    for secret in known_secrets():
+        text = text.replace(secret, SafeExceptionReporterFilter.cleansed_substitute)
+        if escaped:
+            text = text.replace(
+                html.escape(secret), SafeExceptionReporterFilter.cleansed_substitute
+            )
+    return text

@@ -1,0 +1,171 @@
+"""Writing a result to a file the operator named, checked before any work starts.
+
+``check_output`` is called while the options are parsed, before the command touches the
+database: a path that cannot take the result (a directory, a missing or unwritable parent, a
+block device, a dangling symbolic link) is refused in one line. The ``OutputFile`` it
+returns writes the result once the work is done:
+
+* A regular file (or a new one) is replaced atomically: the text goes into a temporary file
+  next to it, created with mode 0666 so that the umask decides its permissions, and is
+  renamed over it. A reviewer never reads half a file. A symbolic link is followed: the file
+  it points to is replaced and the link stays a link.
+* A character device (``/dev/null``, a terminal) or a FIFO (``--output >(jq .)``) is written
+  into, never replaced. A FIFO nobody reads is refused instead of waiting for a reader.
+
+Every failure is an ``OutputError`` with a one-line message; the caller decides what else
+to say (after a run, the run's outcome comes first).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from usage.options import shown
+
+# A new result file gets these permissions, less the umask's.
+NEW_FILE_MODE = 0o666
+
+
+class OutputError(Exception):
+    """The result cannot be written there; the message is one line and says why."""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A checked place for a result; ``write`` puts the text there."""
+
+    given: str
+    path: Path
+    stream: bool
+    flag: str = "--output"
+
+    def write(self, text: str) -> None:
+        """Write ``text`` (with a final newline): into a stream, or replacing a file whole."""
+        data = (text if text.endswith("\n") else text + "\n").encode()
+        try:
+            if self.stream:
+                _write_into(self.path, data)
+            else:
+                _replace(self.path, data)
+        except OSError as exc:
+            raise OutputError(
+                f"could not write the result to {self.flag} {shown(self.given)}: {_reason(exc)}"
+            ) from exc
+
+
+def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
+    """Check that ``value`` can take a result, without creating or opening anything.
+
+    Raises ``ValueError`` with a one-line message (bad input) when it cannot.
+    """
+    given = "" if value is None else str(value)
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"{flag} {shown(given)} {why}")
+
+    if not given.strip():
+        raise ValueError(f"{flag} needs a file name, e.g. {flag} plan.json")
+    if "\x00" in given:
+        raise refuse("contains a NUL byte; give a file name")
+    if given == "-":
+        raise refuse("is not a file; leave out the option to print the result on stdout")
+    if given.endswith(("/", os.sep)):
+        raise refuse("names a directory; give a file name, e.g. reports/plan.json")
+    path = Path(os.path.abspath(given))
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise refuse(
+                "is a symbolic link to a file that does not exist; give the real path"
+            ) from None
+        _check_directory(path.parent, refuse)
+        return OutputFile(given, path, stream=False, flag=flag)
+    except OSError as exc:
+        raise refuse(f"cannot be used: {_reason(exc)}") from None
+    mode = found.st_mode
+    if stat.S_ISDIR(mode):
+        raise refuse("is a directory; give a file name, e.g. reports/plan.json")
+    if stat.S_ISREG(mode):
+        final = Path(os.path.realpath(path))
+        if not os.access(final, os.W_OK):
+            raise refuse("is not writable; give another file or change its permissions")
+        _check_directory(final.parent, refuse)
+        return OutputFile(given, final, stream=False, flag=flag)
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        if not os.access(path, os.W_OK):
+            raise refuse("is not writable")
+        return OutputFile(given, path, stream=True, flag=flag)
+    kind = "a block device" if stat.S_ISBLK(mode) else "not a regular file"
+    raise refuse(f"is {kind}; give a regular file name")
+
+
+def _check_directory(directory: Path, refuse: Callable[[str], ValueError]) -> None:
+    """The directory a new or replaced file goes in must exist and let us create files."""
+    try:
+        found = os.stat(directory)
+    except FileNotFoundError:
+        raise refuse(f"cannot be created: the directory {directory} does not exist") from None
+    except OSError as exc:
+        raise refuse(f"cannot be created in {directory}: {_reason(exc)}") from None
+    if not stat.S_ISDIR(found.st_mode):
+        raise refuse(f"cannot be created: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise refuse(f"cannot be written: no permission to create files in {directory}")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    handle = os.open(temporary, flags, NEW_FILE_MODE)
+    try:
+        try:
+            _write_all(handle, data)
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        if os.path.islink(path):
+            # Checked as a file (links followed); a link put there since is never replaced.
+            raise OSError(errno.ELOOP, "it became a symbolic link after it was checked")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_into(path: Path, data: bytes) -> None:
+    """Write into a character device or a FIFO; never create, truncate or replace it."""
+    flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        handle = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "it is a FIFO that no process reads") from exc
+        raise
+    try:
+        found = os.fstat(handle).st_mode
+        if not (stat.S_ISCHR(found) or stat.S_ISFIFO(found)):
+            raise OSError(errno.EINVAL, "it is no longer a device or a FIFO")
+        # Non-blocking only to open a FIFO without a reader; write the usual way.
+        fcntl.fcntl(handle, fcntl.F_SETFL, fcntl.fcntl(handle, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        _write_all(handle, data)
+    finally:
+        os.close(handle)
+
+
+def _write_all(handle: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(handle, view)
+        view = view[written:]
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

@@ -1,0 +1,31 @@
+"""Whether the admin may be served: never with a key anyone could know.
+
+``runserver`` (``usage/management/commands/runserver.py``) and the WSGI entry point
+(``repair_project/wsgi.py``) ask ``serving_refusal`` before they serve anything, and
+``check --deploy`` reports the same problem (``usage.checks``).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from repair_project.environment import SECRET_KEY_MIN_LENGTH, key_problem
+
+KEY_EXAMPLE = (
+    "DJANGO_SECRET_KEY=\"$(python -c 'import secrets; "
+    f"print(secrets.token_urlsafe({SECRET_KEY_MIN_LENGTH}))')\""
+)
+
+
+def serving_refusal() -> str:
+    """Why the admin must not be served with these settings, or ""."""
+    source = settings.CODEX_SECRET_KEY_SOURCE
+    if not source:
+        return (
+            "DJANGO_SECRET_KEY is not set: the admin of a real database is not served "
+            f"without a secret key of its own; set it once per install, e.g. export {KEY_EXAMPLE}"
+        )
+    problem = key_problem(settings.SECRET_KEY)
+    if problem:
+        return f"{source} {problem}: the admin is not served with a weak key; e.g. {KEY_EXAMPLE}"
+    return ""
