@@ -129,20 +129,28 @@ class TryLockProbe:
         with psycopg.connect(self.url, autocommit=True) as conn:
             while not self._stop.wait(self.every):
                 (got,) = conn.execute(TRY_LOCK_SQL).fetchone()
-                self.tries.append((time.monotonic(), bool(got)))
+                self.tries.append((time.time(), bool(got)))
 
     @property
     def successes(self) -> int:
         return sum(1 for _, got in self.tries if got)
 
-    def longest_refusal(self) -> float:
-        """The longest time the lock was refused at every try in a row."""
-        longest, since = 0.0, None
+    def refusals(self) -> list[tuple[float, float]]:
+        """Each run of refused tries: (first, last) refused try, in epoch seconds."""
+        runs: list[tuple[float, float]] = []
+        since = last = None
         for moment, got in self.tries:
             if got:
+                if since is not None:
+                    runs.append((since, last))
                 since = None
-            elif since is None:
-                since = moment
             else:
-                longest = max(longest, moment - since)
-        return longest
+                since = moment if since is None else since
+                last = moment
+        if since is not None:
+            runs.append((since, last))
+        return runs
+
+    def longest_refusal(self) -> float:
+        """The longest time the lock was refused at every try in a row."""
+        return max((last - first for first, last in self.refusals()), default=0.0)

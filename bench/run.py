@@ -505,6 +505,13 @@ class SizeRun:
             "max_lock_held_seconds": run["rollup_max_lock_seconds"],
             "lock_observed_seconds": watch.max_hold_seconds,
             "try_lock_longest_refusal_seconds": probe.longest_refusal(),
+            "try_lock_longest_refusals": sorted(probe.refusals(), key=lambda run: run[0] - run[1])[
+                :3
+            ],
+            "slice_timeline": [
+                (e["time"], e["plan"], e["keys"], e["lock_held_seconds"]) for e in slices
+            ],
+            "cron_tick_times": [(str(at), ran, seconds) for at, ran, seconds in cron.ticks],
             "try_lock_successes": probe.successes,
             "cron_ticks": len(cron.ticks),
             "cron_ticks_skipped": cron.skipped,

@@ -14,8 +14,8 @@ takes, from a cost model it measures as it goes:
   per session (a generic plan is reused whatever the settings say), so only a fresh plan sees
   them. Each slice checks, from the transaction's own table statistics, that the plan it
   asked for is the plan that ran (a whole scan of ``task_usage`` or not).
-* **The cost model** (``SlicePlanner``): a nested-loop slice costs ``(tasks + 20 x keys) /
-  rate``; a hash slice ``fixed + (tasks + 700 x keys) / rate``, where ``tasks`` sums the task
+* **The cost model** (``SlicePlanner``): a nested-loop slice costs ``(tasks + 60 x keys) /
+  rate``; a hash slice ``fixed + (tasks + 5000 x keys) / rate``, where ``tasks`` sums the task
   counts of the keys' agents. Rates and the fixed part are learned from every slice (a
   slowdown believed at once, a speed-up gradually, slices grow at most fourfold); the fixed
   part is first predicted from the size of the scanned tables, and a hash slice is never
@@ -80,18 +80,19 @@ TARGET_LOCK_FRACTION = 0.7
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
 # Lock 4246 stays free this long after every slice: a try-lock caller polling every 50 ms
-# asks at least once in that gap.
-SLICE_GAP_SECONDS = 0.1
+# asks in that gap several times, even when a busy server delays its polls.
+SLICE_GAP_SECONDS = 0.2
 # The first slice of each plan takes this many keys' worth of cost, to measure it.
 FIRST_SLICE_KEYS = 50
-# Per-key cost beside the tasks of its agent, in "tasks", for each plan (measured on the
-# fixture at 200,000 and 1,000,000 rows: a nested-loop key costs about 20 task probes on its
-# own; a hashed key about 700 hashed task rows, its share of the upsert and the drain).
-KEY_BASE_COST = {"nestloop": 20, "hash": 700}
+# Per-key cost beside the tasks of its agent, in "tasks", for each plan (measured at 400,000
+# rows on PostgreSQL 15: a nested-loop key costs about 7 µs a task of its agent plus 0.4 ms;
+# a hashed key about 0.3 ms whatever its agent, its share of the joins, the upsert and the
+# drain, beside the slice's fixed whole scans).
+KEY_BASE_COST = {"nestloop": 60, "hash": 5000}
 # Priors, replaced by measurements as soon as a slice of that plan ran: task units per second
 # of a nested-loop slice and beyond a hash slice's fixed part, and seconds of a hash slice's
 # whole scan per 8 kB page of task_usage and agent_task_queue.
-PRIOR_RATE = {"nestloop": 150_000.0, "hash": 8_000_000.0}
+PRIOR_RATE = {"nestloop": 150_000.0, "hash": 20_000_000.0}
 PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
 # How fast a lower rate (a slower slice) is believed, and how fast a higher one.
 RATE_SLOWER_WEIGHT = 1.0
@@ -522,7 +523,10 @@ def rebuild_keys(
     neighbours = neighbours or NeighbourOptions()
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     result = RollupResult()
-    with connection.cursor() as cursor:
+    # One pass over the runs' journal, as long as it takes (it holds no lock another writer
+    # waits for): the session's statement_timeout would end it at scale.
+    with transaction.atomic(), connection.cursor() as cursor:
+        set_local_timeouts(cursor, lock_timeout, 0)
         cursor.execute(CREATE_STAMPS_TABLE_SQL)
         cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
@@ -601,7 +605,8 @@ def _rebuild_rewritten(
     should_stop: Callable[[], bool],
     on_wait: Callable[[str, float], None] | None,
 ) -> None:
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        set_local_timeouts(cursor, limits.lock_timeout, 0)
         cursor.execute(DROP_REWRITTEN_TABLE_SQL)
         cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL), {"run_ids": list(run_ids)})
         cursor.execute(REWRITTEN_TOTAL_SQL)
@@ -695,6 +700,7 @@ class _StampSlices:
                         + (f" ({backlog} queued keys were drained with it)" if backlog else "")
                         + "; re-run later, or with a larger --max-rollup-lock-seconds"
                     ) from exc
+                self._leave_a_gap()  # the cancelled slice held the lock up to the cap
                 continue
             piece = _with_counts(piece, keys=span.keys, tasks=span.tasks, backlog=backlog)
             piece = _checked(piece, self.planner)
@@ -720,10 +726,14 @@ class _StampSlices:
                     piece.lock_held_seconds,
                     self.limits.max_lock_seconds,
                 )
-            if self.done < self.total and self.neighbours.gap > 0:
-                time.sleep(self.neighbours.gap)
+            if self.done < self.total:
+                self._leave_a_gap()
         self.result.cron_waits = self.ticks.waits
         self.result.cron_wait_seconds = self.ticks.waited_seconds
+
+    def _leave_a_gap(self) -> None:
+        if self.neighbours.gap > 0:
+            time.sleep(self.neighbours.gap)
 
     def _backlog(self) -> int:
         """Keys others queued before the next window ends: its call rebuilds them too.
@@ -882,6 +892,8 @@ class QueueDrainer:
                     raise
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 logger.info("revert drain of %d keys (%s plan) over its lock budget", keys, plan)
+                if self.neighbours.gap > 0:
+                    time.sleep(self.neighbours.gap)
                 continue
             piece = _with_counts(piece, keys=keys, tasks=tasks)
             piece = _checked(piece, self.planner)
