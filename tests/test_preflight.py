@@ -441,7 +441,7 @@ def test_command_prints_the_checklist(usage_rows: None) -> None:
     assert "(read-only), cutoff 2026-06-13T08:00:00Z, workspace all" in out
     for name in CHECK_NAMES:
         assert f"[ok]   {name}: " in out
-    assert "14 checks: 14 passed, 0 with warnings, 0 failed, 0 not checked." in out
+    assert "15 checks: 15 passed, 0 with warnings, 0 failed, 0 not checked." in out
 
 
 @pytest.mark.django_db
@@ -453,7 +453,7 @@ def test_command_fails_with_what_to_do(usage_rows: None) -> None:
     assert message.startswith("pre-flight failed: indexes;")
     assert "[FAIL] indexes: no usable index on task_usage(updated_at)" in message
     assert "what to do: restore the application's indexes" in message
-    assert "14 checks: 13 passed, 0 with warnings, 1 failed, 0 not checked." in message
+    assert "15 checks: 14 passed, 0 with warnings, 1 failed, 0 not checked." in message
 
 
 @pytest.mark.django_db
@@ -507,7 +507,7 @@ def test_command_exit_status_as_a_process(subprocess_env: dict[str, str]) -> Non
     ok = manage("preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG, env=subprocess_env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # The test database's cron tick never ran: a warning (the repair stamps its own time).
-    assert "14 checks: 13 passed, 1 with warnings" in ok.stdout
+    assert "15 checks: 14 passed, 1 with warnings" in ok.stdout
     assert "[warn] rollup_cron: the platform's cron tick never ran" in ok.stdout
 
     late = manage(
@@ -578,3 +578,17 @@ def test_target_database(name: str, target_results: dict[str, CheckResult]) -> N
         )
     if not result.ok:
         pytest.fail(f"{name}: {result.detail}\nwhat to do: {result.fix}", pytrace=False)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_whose_rollup_did_not_finish_is_a_warning(usage_rows: None) -> None:
+    from usage.backfill import ExecuteOptions, execute_backfill
+    from usage.models import BackfillRun
+
+    run = execute_backfill(ExecuteOptions(cutoff=CUTOFF)).run
+    assert results()["pending_rollups"].status == "ok"
+    BackfillRun.objects.filter(pk=run.pk).update(rollup_state=BackfillRun.RollupState.PENDING)
+    found = results()["pending_rollups"]
+    assert found.status == "warn"
+    assert f"run(s) {run.pk} did not finish" in found.detail
+    assert "--execute with the same cutoff" in found.fix

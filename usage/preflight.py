@@ -173,6 +173,10 @@ SELECT a.attname FROM pg_attribute a
 WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
   AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
   AND a.attname <> ALL(%(columns)s::text[])"""
+PENDING_ROLLUPS_SQL = """
+SELECT id FROM {run}
+WHERE rollup_state = 'pending' AND status NOT IN ('running', 'reverted')
+ORDER BY id"""
 CRON_STATE_SQL = """
 SELECT s.watermark_at, s.last_run_started_at, s.last_error, now(),
        to_regprocedure(%(cron)s) IS NOT NULL
@@ -772,6 +776,19 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
     return passed(detail)
 
 
+def check_pending_rollups(ctx: Context) -> CheckResult:
+    """Runs whose rollup did not finish: their rows are below the cron's watermark."""
+    pending = [row[0] for row in ctx.all(compose(PENDING_ROLLUPS_SQL))]
+    if not pending:
+        return passed("no run has its rollup pending")
+    return warned(
+        f"the rollup of run(s) {', '.join(map(str, pending))} did not finish: their rows' "
+        "hourly keys are not rebuilt yet, and the platform's cron tick will not rebuild them",
+        "run backfill_codex_usage_cache --execute with the same cutoff (with nothing left to "
+        "repair it only rebuilds them), or see the runbook's section on the cron tick",
+    )
+
+
 def check_replication(ctx: Context) -> CheckResult:
     replicas = replication.replica_states(ctx.cursor)
     if not replicas:
@@ -826,6 +843,12 @@ CHECKS: tuple[Check, ...] = (
         "rows on both sides of the cutoff look as expected",
         check_after_cutoff,
         ("tables", "columns", "tool_schema"),
+    ),
+    Check(
+        "pending_rollups",
+        "no earlier run left its rollup unfinished",
+        check_pending_rollups,
+        ("tool_schema",),
     ),
     Check("replication", "replica lag is visible for --max-replication-lag", check_replication),
 )
