@@ -67,7 +67,11 @@ logger = logging.getLogger("usage.rollup")
 
 __all__ = ["ROLLUP_LOCK_ID", "Plan", "RollupError", "RollupResult", "RollupSlice"]
 
-DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 2.0
+# The longest a slice may hold lock 4246 (plus LOCK_CAP_SLACK_SECONDS). Long enough for the
+# platform's whole-scan (hash) plan to fit a slice on tables of a few million rows; short
+# against the 10 s a workspace deletion waits for the lock. The cron tick is waited for, and
+# try-lock callers get the gaps between slices, whatever the budget.
+DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 5.0
 # Slack the server allows a slice before cancelling it: the cap is the budget plus this.
 LOCK_CAP_SLACK_SECONDS = 0.5
 # Of that cap, this much is kept for what follows the rollup call under the lock: the
