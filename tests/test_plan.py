@@ -27,7 +27,7 @@ from django.urls import reverse
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, manage
-from tests.test_operator_output import check_type, lookup
+from tests.test_operator_output import check_type, documented_fields, lookup
 from usage import plan
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.db import database_now
@@ -37,7 +37,6 @@ from usage.models import BackfillJournal, BackfillRun, TaskUsage
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CUTOFF_ARG = "2026-06-13T08:00:00Z"
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 # What ingestion does to a row it receives again: the normalized value, updated_at = now().
 INGEST_SQL = """
@@ -702,23 +701,11 @@ def test_a_plan_that_cannot_be_written_is_one_line_after_the_summary(
 # -- documents: the plan file and the execute's JSON ---------------------------------------
 
 
-def documented(marker: str) -> list[tuple[str, str, str]]:
-    """(field, type, third column) rows of a README table between ``marker`` comments."""
-    text = README.read_text()
-    block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
-    found = []
-    for line in block.splitlines():
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[0] and not set(cells[0]) <= {"-"} and cells[0] != "field":
-            found.append((cells[0], cells[1], cells[2]))
-    return found
-
-
 def test_the_plan_file_matches_the_readme_description(
     rows: dict[str, Any], plan_file: Path
 ) -> None:
     document = json.loads(plan_file.read_text())
-    fields = documented("plan-fields")
+    fields = documented_fields("plan-fields")
     for path, spec, _ in fields:
         values = lookup(document, path)
         assert values, path
@@ -738,7 +725,7 @@ def test_the_execute_json_with_a_plan_matches_the_readme_description(
     out, _ = command("--execute", "--plan", str(plan_file), "--verify", "--format", "json")
     document = json.loads(out)
     checked = 0
-    for path, spec, modes in documented("json-fields"):
+    for path, spec, modes in documented_fields():
         if not {"execute", "execute with --plan"} & set(modes.split(", ")):
             continue
         for value in lookup(document, path):
