@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -166,6 +167,31 @@ def test_every_repair_option_refuses_every_hostile_value(rows: None) -> None:
         refused("backfill_codex_usage_cache", ["--verify", "--run-id", value])
     for value in HOSTILE_PATHS:
         refused("backfill_codex_usage_cache", [*base, "--output", value])
+        refused("backfill_codex_usage_cache", ["--cutoff", CUTOFF_ARG, "--plan-out", value])
+    for value in HOSTILE + HOSTILE_PATHS:
+        refused("backfill_codex_usage_cache", ["--execute", "--plan", value])
+    assert fingerprint() == before
+
+
+def test_every_plan_option_refuses_every_hostile_value(rows: None, tmp_path: Path) -> None:
+    """With a valid plan, a hostile --plan-max-age, --cutoff or --workspace-id is refused."""
+    plan = tmp_path / "plan.json"
+    call_command(
+        "backfill_codex_usage_cache",
+        "--cutoff",
+        CUTOFF_ARG,
+        "--plan-out",
+        str(plan),
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
+    before = fingerprint()
+    base = ["--execute", "--plan", str(plan)]
+    for option in ("--plan-max-age", "--cutoff", "--workspace-id"):
+        for value in HOSTILE:
+            if option == "--cutoff" and value == CUTOFF_ARG:
+                continue  # the plan's own cutoff
+            refused("backfill_codex_usage_cache", [*base, option, value])
     assert fingerprint() == before
 
 

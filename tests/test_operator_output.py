@@ -35,10 +35,11 @@ TYPES = {
 }
 
 
-def documented_fields() -> list[tuple[str, str, str]]:
-    """(path, type, modes) rows of the README's JSON field table."""
+def documented_fields(marker: str = "json-fields") -> list[tuple[str, str, str]]:
+    """(path, type, modes) rows of the README's JSON field table (or another table of its
+    fields between ``<!-- marker:start -->`` and ``<!-- marker:end -->``)."""
     text = README.read_text()
-    block = text.split("<!-- json-fields:start -->")[1].split("<!-- json-fields:end -->")[0]
+    block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
     rows = []
     for line in block.splitlines():
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]

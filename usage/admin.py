@@ -503,6 +503,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             "What",
             {"fields": ("cutoff", "workspace_id", "batch_size", "arguments", "candidates_link")},
         ),
+        ("Saved plan", {"fields": ("plan_fingerprint_shown", "plan_made", "plan_rows_shown")}),
         (
             "Result",
             {
@@ -546,6 +547,23 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     @admin.display(description="rows remaining", ordering="rows_remaining")
     def remaining(self, obj: BackfillRun) -> str:
         return _number(obj.rows_remaining)
+
+    @admin.display(description="plan fingerprint")
+    def plan_fingerprint_shown(self, obj: BackfillRun) -> str:
+        return obj.plan_fingerprint or "none: executed without --plan"
+
+    @admin.display(description="plan made at (database clock)")
+    def plan_made(self, obj: BackfillRun) -> str:
+        return render.timestamp(obj.plan_created_at)
+
+    @admin.display(description="rows in the plan")
+    def plan_rows_shown(self, obj: BackfillRun) -> str:
+        if obj.plan_rows is None:
+            return "-"
+        return (
+            f"{_number(obj.plan_rows)} ({_number(obj.rows_planned)} still candidates at the "
+            "execute)"
+        )
 
     @admin.display(description="journal")
     def journal_link(self, obj: BackfillRun) -> str:

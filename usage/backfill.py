@@ -166,6 +166,10 @@ class ExecuteOptions:
     max_replication_lag: float | None = None
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     arguments: dict[str, Any] = field(default_factory=dict)
+    # A saved plan's check (``usage.plan``): called under the run lock once the snapshot is
+    # taken and before the run record exists; it raises to refuse the run (nothing written)
+    # and returns fields for the run record.
+    check_snapshot: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,8 @@ class Backfill:
         # eligible). While it is 0 every row walked so far was repaired, and counting what
         # is left of the snapshot (a pass over all of it) can be skipped.
         self.range_shortfall = 0
+        # The snapshot's row count once it is taken (before the run record with a plan).
+        self.snapshot_rows: int | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -285,6 +291,7 @@ class Backfill:
         check_target()
         ensure_cutoff_in_past(self.options.cutoff, database_now())
         with runs.run_lock():
+            checked = self._check_snapshot()
             stale = runs.mark_stale_runs()
             state = cron.read_state()
             policy = (
@@ -306,6 +313,7 @@ class Backfill:
                 stamp=policy.stamp,
                 stamp_base=policy.base,
                 watermark_at_start=policy.watermark_at,
+                **checked,
             )
             self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy)
             log_event(logger, logging.INFO, "start", f"run {run.pk} started", run_id=run.pk)
@@ -335,10 +343,26 @@ class Backfill:
                 self._drop_work_table()
             return self._finish_normally()
 
+    def _check_snapshot(self) -> dict[str, Any]:
+        """With a saved plan: snapshot now, under the run lock, and let the plan judge it.
+
+        The batches walk this same snapshot and only ever drop rows from it (the re-check
+        under the row lock), so what the check accepted bounds what is repaired. A refusal
+        leaves nothing behind: no run record, and the session's work table dropped.
+        """
+        if self.options.check_snapshot is None:
+            return {}
+        try:
+            self.snapshot_rows = self._snapshot()
+            return self.options.check_snapshot()
+        except BaseException:
+            self._drop_work_table()
+            raise
+
     def _update_phase(self) -> None:
         assert self.result is not None
         started = time.monotonic()
-        planned = self._snapshot()
+        planned = self._snapshot() if self.snapshot_rows is None else self.snapshot_rows
         self.result.rows_planned = planned
         BackfillRun.objects.filter(pk=self.result.run.pk).update(rows_planned=planned)
         BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=database_now())

@@ -136,6 +136,11 @@ class BackfillRun(models.Model):
     watermark_at_start = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # The saved plan the run executed (``--plan``; see ``usage.plan``): its fingerprint of the
+    # candidate set, the database time it was made, and how many rows it planned.
+    plan_fingerprint = models.CharField(max_length=80, blank=True)
+    plan_created_at = models.DateTimeField(null=True, blank=True)
+    plan_rows = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         db_table = "backfill_run"

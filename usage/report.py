@@ -14,7 +14,7 @@ from typing import Any
 
 from usage.backfill import ExecuteResult
 from usage.events import json_default
-from usage.summary import DryRunSummary
+from usage.summary import DryRunSummary, SummaryGroup
 from usage.verify import VerifyResult
 
 FORMATS = ("table", "json", "csv")
@@ -66,10 +66,17 @@ def add_summary(document: dict[str, Any], summary: DryRunSummary) -> None:
             "totals": {key: totals[key] for key in TOTAL_FIELDS},
             "expected_rollup_keys": summary.totals.rollup_keys,
             "group_count": summary.group_count,
-            # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups.
-            "groups": [dict(vars(group)) for group in summary.groups],
+            # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups. The
+            # ids digest is for saved plans (usage.plan), not for readers of the summary.
+            "groups": [_public_group(group) for group in summary.groups],
         }
     )
+
+
+def _public_group(group: SummaryGroup) -> dict[str, Any]:
+    fields = dict(vars(group))
+    del fields["ids_digest"]
+    return fields
 
 
 def add_execute(document: dict[str, Any], result: ExecuteResult) -> None:

@@ -19,7 +19,9 @@ from usage.eligibility import compose, eligible_params
 # workers can do in parts, then the keys per workspace and day, which also counts them. A
 # DISTINCT aggregate cannot be split across workers and sorts inside every group. The totals
 # over all groups come with each group (window sums), so a caller that shows only the first
-# groups fetches only those.
+# groups fetches only those. ``ids_digest`` is the XOR of a 64-bit hash of each row's id: two
+# groups with the same rows have the same digest (a saved plan compares them, see
+# ``usage.plan``); XOR is associative, so the per-key digests combine into the day's.
 SUMMARY_SQL = """
 WITH per_key AS (
     SELECT
@@ -32,7 +34,8 @@ WITH per_key AS (
         sum({removed_input}) AS input_tokens_removed,
         count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
         min(tu.created_at) AS first_created_at,
-        max(tu.created_at) AS last_created_at
+        max(tu.created_at) AS last_created_at,
+        bit_xor(uuid_hash_extended(tu.id, 0)) AS ids_digest
     FROM {eligible_from}
         LEFT JOIN {issue} i ON i.id = q.issue_id
     WHERE {eligible_where}
@@ -50,13 +53,14 @@ per_day AS (
         sum(clamped_rows)::bigint AS clamped_rows,
         count(*) FILTER (WHERE runtime_id IS NOT NULL) AS rollup_keys,
         min(first_created_at) AS first_created_at,
-        max(last_created_at) AS last_created_at
+        max(last_created_at) AS last_created_at,
+        bit_xor(ids_digest) AS ids_digest
     FROM per_key
     GROUP BY workspace_id, date_utc
 )
 SELECT
     workspace_id, date_utc, rows, input_before, input_after, input_tokens_removed,
-    clamped_rows, rollup_keys, first_created_at, last_created_at,
+    clamped_rows, rollup_keys, first_created_at, last_created_at, ids_digest,
     count(*) OVER () AS group_count,
     sum(rows) OVER ()::bigint,
     sum(input_before) OVER ()::bigint,
@@ -90,6 +94,8 @@ class SummaryGroup:
     rollup_keys: int
     first_created_at: datetime
     last_created_at: datetime
+    # XOR of uuid_hash_extended(id, 0) over the group's rows (a signed bigint).
+    ids_digest: int
 
 
 @dataclass(frozen=True)
@@ -154,9 +160,9 @@ def load_summary(
             cursor.execute(compose(SUMMARY_SQL), params)
             while chunk := cursor.fetchmany(SUMMARY_FETCH_ROWS):
                 if not groups:
-                    count = chunk[0][10]
-                    totals = Totals(*chunk[0][11:])
-                groups.extend(SummaryGroup(*row[:10]) for row in chunk)
+                    count = chunk[0][11]
+                    totals = Totals(*chunk[0][12:])
+                groups.extend(SummaryGroup(*row[:11]) for row in chunk)
     return DryRunSummary(
         cutoff=cutoff,
         workspace_id=workspace_id,

@@ -6,13 +6,15 @@ import argparse
 import logging
 import signal
 import threading
+import uuid
+from datetime import datetime
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
-from usage import render, report
+from usage import plan, render, report
 from usage.backfill import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -27,7 +29,7 @@ from usage.db import TargetError, check_target, database_failure, describe_datab
 from usage.events import JsonFormatter
 from usage.management.base import ExamplesCommand
 from usage.models import BackfillRun
-from usage.outputs import OutputError, check_output
+from usage.outputs import OutputError, OutputFile, check_output
 from usage.progress import OutputStream, ProgressListener
 from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.runs import RunLockError
@@ -51,6 +53,8 @@ RECORDED_OPTIONS = (
     "max_rollup_lock_seconds",
     "max_replication_lag",
     "cron_tick_interval",
+    "plan",
+    "plan_max_age",
 )
 
 EXAMPLES = """
@@ -58,13 +62,17 @@ examples:
   # dry run (the default): what would change, per workspace and UTC day; writes nothing
   python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z
 
-  # the same for one workspace, as JSON for a reviewer
+  # the same for one workspace, saved as a plan for the reviewer
   python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z \\
-      --workspace-id 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d --format json --output plan.json
+      --workspace-id 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d --plan-out plan.json
 
-  # apply it, throttled, pausing while replicas lag more than 10 s, then verify
-  python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z --execute \\
+  # apply exactly the reviewed plan (its cutoff and workspace), throttled, pausing while
+  # replicas lag more than 10 s, then verify
+  python manage.py backfill_codex_usage_cache --execute --plan plan.json \\
       --sleep-between-batches 200ms --max-replication-lag 10 --verify
+
+  # the result as JSON for a script
+  python manage.py backfill_codex_usage_cache --cutoff 2026-06-13T08:00:00Z --format json
 
   # verify an earlier run
   python manage.py backfill_codex_usage_cache --verify --run-id 12
@@ -158,6 +166,21 @@ class Command(ExamplesCommand):
         )
         parser.add_argument("--output", help="write the result to this file instead of stdout")
         parser.add_argument(
+            "--plan-out",
+            help="dry run only: also save the result as a plan (JSON) for review; execute it "
+            "with --execute --plan FILE",
+        )
+        parser.add_argument(
+            "--plan",
+            help="with --execute: repair what this plan (written by --plan-out) covers, with "
+            "its cutoff and workspace, or refuse and change nothing",
+        )
+        parser.add_argument(
+            "--plan-max-age",
+            help="with --plan: refuse a plan made longer ago than this by the database's "
+            f"clock, e.g. 2h (default {plan.DEFAULT_MAX_AGE}, at most 720h)",
+        )
+        parser.add_argument(
             "--log-format",
             choices=("text", "json"),
             default="text",
@@ -180,7 +203,7 @@ class Command(ExamplesCommand):
         self.write_error: str | None = None
         try:
             document = self._run(settings, options, verbosity, stderr)
-        except (TargetError, CutoffError, RunLockError) as exc:
+        except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
             raise CommandError(database_failure(exc)) from exc
@@ -201,19 +224,27 @@ class Command(ExamplesCommand):
         elif options["verify"] and not options["execute"]:
             raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
         self.output = check_output(options["output"]) if options["output"] is not None else None
-        standalone_verify = run_id is not None
+        self.plan_out = self._check_plan_out(options)
+        self.plan = self._read_plan(options)
+        cutoff, workspace_id = self._scope(options)
+        timeouts = opts.parse_timeouts(options)
+        self.plan_check = (
+            plan.SnapshotCheck(
+                self.plan,
+                max_age_seconds=self.plan_max_age,
+                lock_timeout=timeouts["lock_timeout"],
+            )
+            if self.plan is not None
+            else None
+        )
         lag = options["max_replication_lag"]
         return ExecuteOptions(
-            cutoff=(
-                opts.parse_cutoff(options["cutoff"])
-                if not standalone_verify or options["cutoff"]
-                else None
-            ),  # type: ignore[arg-type]
-            workspace_id=opts.parse_workspace_id(options["workspace_id"], allow_empty=False),
+            cutoff=cutoff,  # type: ignore[arg-type]
+            workspace_id=workspace_id,
             batch_size=opts.parse_batch_size(options["batch_size"]),
             sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
             rebuild_rollup=options["rebuild_rollup"],
-            **opts.parse_timeouts(options),
+            **timeouts,
             max_replication_lag=(
                 None
                 if lag is None
@@ -222,7 +253,57 @@ class Command(ExamplesCommand):
                 )
             ),
             arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
+            check_snapshot=self.plan_check,
         )
+
+    def _check_plan_out(self, options: dict[str, Any]) -> OutputFile | None:
+        """``--plan-out``: a dry run's, checked like ``--output`` before anything is touched."""
+        value = options["plan_out"]
+        if value is None:
+            return None
+        if options["execute"] or options["verify"]:
+            raise ValueError(
+                "--plan-out goes with the dry run (without --execute or --verify): write the "
+                "plan, have it reviewed, then run --execute --plan FILE"
+            )
+        target = check_output(value, flag="--plan-out")
+        if self.output is not None and not target.stream and self.output.path == target.path:
+            raise ValueError(
+                f"--plan-out and --output both name {opts.shown(value)}; give each its own file"
+            )
+        return target
+
+    def _read_plan(self, options: dict[str, Any]) -> plan.Plan | None:
+        """``--plan``: read and checked (checksum, version, fields) before the database."""
+        value = options["plan"]
+        self.plan_max_age = plan.DEFAULT_MAX_AGE_SECONDS
+        if value is None:
+            if options["plan_max_age"] is not None:
+                raise ValueError("--plan-max-age goes with --execute --plan FILE")
+            return None
+        if not options["execute"]:
+            raise ValueError(
+                "--plan goes with --execute (it applies a reviewed plan); a dry run writes "
+                "one with --plan-out FILE"
+            )
+        self.plan_max_age = plan.parse_max_age(options["plan_max_age"])
+        return plan.read_plan(value)
+
+    def _scope(self, options: dict[str, Any]) -> tuple[datetime | None, uuid.UUID | None]:
+        """The cutoff and workspace: the plan's (given again, they must be equal), or given."""
+        given = options["cutoff"]
+        if self.plan is None:
+            standalone_verify = options["run_id"] is not None and not given
+            cutoff = None if standalone_verify else opts.parse_cutoff(given)
+            return cutoff, opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
+        if given is not None and not str(given).strip():
+            raise ValueError("--cutoff is empty; leave it out, the plan gives the cutoff")
+        plan.bind_options(
+            self.plan,
+            None if given is None else opts.parse_cutoff(given),
+            opts.parse_workspace_id(options["workspace_id"], allow_empty=False),
+        )
+        return self.plan.cutoff, self.plan.workspace_id
 
     def _run(
         self,
@@ -250,15 +331,40 @@ class Command(ExamplesCommand):
             f"Cutoff: {render.timestamp(settings.cutoff)}",
             f"Workspace: {settings.workspace_id or 'all'}",
         )
+        if self.plan is not None:
+            self._header(
+                f"Plan: {options['plan']}, made {render.timestamp(self.plan.created_at)} by the "
+                f"database's clock, {render.number(self.plan.rows)} rows, fingerprint "
+                f"{plan.short(self.plan.fingerprint)}"
+            )
         check_target()
-        # A table shows a bounded number of groups: keep no more in memory than that.
-        keep = render.TABLE_GROUP_LIMIT if options["format"] == "table" else None
+        if self.plan is not None:
+            # Another database or too old: refused before the summary's pass over the rows.
+            plan.check_database(self.plan, self.plan_max_age)
+        identity = plan.read_identity() if self.plan_out is not None else None
+        # A table shows a bounded number of groups: keep no more in memory than that. A plan
+        # keeps them all.
+        keep = (
+            render.TABLE_GROUP_LIMIT
+            if options["format"] == "table" and self.plan_out is None
+            else None
+        )
         summary = load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
         report.add_summary(document, summary)
         if not summary.workspace_known:
             self.stderr.write(
                 self.style.WARNING(f"No agent belongs to workspace {settings.workspace_id}.")
             )
+        if identity is not None:
+            document["_plan"] = plan.plan_document(summary, identity)
+            if identity.system_identifier is None:
+                self.stderr.write(
+                    self.style.WARNING(
+                        "The server's system identifier is not readable by this role (no "
+                        "EXECUTE on pg_control_system()): the plan names its database by "
+                        "host, port, name and oid."
+                    )
+                )
         if execute:
             try:
                 result = self._execute(settings, verbosity, options["log_format"], stderr)
@@ -267,6 +373,9 @@ class Command(ExamplesCommand):
                     raise CommandError(str(exc)) from exc
                 result, document["_failure"] = exc.result, str(exc)
             report.add_execute(document, result)
+            if self.plan_check is not None and self.plan_check.outcome is not None:
+                document["plan"] = self.plan_check.outcome.document()
+                document["_plan_line"] = self.plan_check.outcome.summary()
             document["_stopped_by"] = getattr(self, "_signal_received", None)
             if options["verify"] and "_failure" not in document:
                 try:
@@ -281,7 +390,24 @@ class Command(ExamplesCommand):
             self._emit(document, options)
         else:
             self._emit(document, options)
+            if "_plan" in document:
+                self._write_plan(document["_plan"], options["plan_out"])
         return document
+
+    def _write_plan(self, saved: dict[str, Any], given: str) -> None:
+        """Write the plan file after the summary is shown; a failure is said after it."""
+        assert self.plan_out is not None
+        try:
+            self.plan_out.write(plan.plan_text(saved))
+        except OutputError as exc:
+            self.write_error = f"{self.write_error}; also, {exc}" if self.write_error else str(exc)
+            return
+        self._header(
+            f"Plan written to {given}: {render.number(saved['totals']['rows'])} rows, "
+            f"fingerprint {plan.short(saved['fingerprint'])}. Have it reviewed, then apply "
+            f"exactly it with: python manage.py backfill_codex_usage_cache --execute --plan "
+            f"{given}"
+        )
 
     # -- modes ---------------------------------------------------------------------------
 
@@ -307,10 +433,7 @@ class Command(ExamplesCommand):
             terminal=stderr.isatty(),
             enabled=verbosity >= 1 and log_format == "text",
         )
-        listener.started = lambda run: self._header(  # type: ignore[method-assign]
-            f"Run {run.pk} started at {render.timestamp(run.started_at)} "
-            f"by {run.os_user}@{run.client_host} as role {run.db_role}."
-        )
+        listener.started = self._started  # type: ignore[method-assign]
         listener.stamping = lambda policy: self._header(  # type: ignore[method-assign]
             f"Stamp: {policy.reason}."
         )
@@ -321,6 +444,14 @@ class Command(ExamplesCommand):
             listener.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _started(self, run: BackfillRun) -> None:
+        self._header(
+            f"Run {run.pk} started at {render.timestamp(run.started_at)} "
+            f"by {run.os_user}@{run.client_host} as role {run.db_role}."
+        )
+        if self.plan_check is not None and self.plan_check.outcome is not None:
+            self._header(self.plan_check.outcome.summary())
 
     def _verify(self, document: dict[str, Any], run_id: int) -> VerifyResult:
         result = verify_run(run_id)
@@ -339,9 +470,10 @@ class Command(ExamplesCommand):
 
     def _emit(self, document: dict[str, Any], options: dict[str, Any]) -> None:
         public = {k: v for k, v in document.items() if not k.startswith("_")}
+        private = {k: v for k, v in document.items() if k == "_plan_line"}
         fmt = options["format"]
         if fmt == "table":
-            text = self._table(public)
+            text = self._table({**public, **private})
         elif fmt == "json":
             text = report.to_json(public)
         else:
@@ -354,11 +486,11 @@ class Command(ExamplesCommand):
         except OutputError as exc:
             # Whatever happened to the file, the outcome is shown; the error follows it.
             self.write_error = str(exc)
-            self.stdout.write(self._table(public))
+            self.stdout.write(self._table({**public, **private}))
             return
         self.stdout.write(f"Result written to {options['output']} ({fmt}).")
         if fmt != "table":
-            self.stdout.write(self._table(public))
+            self.stdout.write(self._table({**public, **private}))
 
     def _table(self, document: dict[str, Any]) -> str:
         lines: list[str] = []
@@ -382,10 +514,16 @@ class Command(ExamplesCommand):
                 self.style.SUCCESS(
                     "Dry run complete: nothing was written. Review the summary, then re-run "
                     "with --execute to apply it."
+                    if self.plan_out is None
+                    else "Dry run complete: nothing was written to the database. Have the "
+                    "plan reviewed, then apply it with --execute --plan."
                 )
             )
         if "run_id" in document:
-            lines.extend(self._run_lines(document))
+            run_lines = self._run_lines(document)
+            if "_plan_line" in document:
+                run_lines.insert(1, document["_plan_line"])
+            lines.extend(run_lines)
         if "verify" in document:
             lines.extend(self._verify_lines(document["verify"]))
         return "\n".join(lines)
