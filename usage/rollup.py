@@ -438,32 +438,40 @@ DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 # taking them for a handful (nested loops over every entry).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The stamps of the rows some runs changed that still carry them (a row written since is
-# found by the platform's own window), in time order, each with the hourly keys of its rows
-# and their agents' task counts (a key's rollup cost grows with its agent's tasks) as running
+# The hourly keys of the rows some runs changed that still carry the run's stamp (a row written
+# since is found by the platform's own window), one row per (stamp, key). A table of its own,
+# analyzed before the next statement joins it: the estimate of the join that finds the rows
+# (on id and stamp, two correlated conditions) is a single row, and a plan built on that
+# walks every task of every key's agent once per key.
+STAMPED_KEYS_TABLE = "pg_temp.codex_rollup_stamped_keys"
+CREATE_STAMPED_KEYS_SQL = """
+CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
+SELECT DISTINCT j.new_updated_at AS stamp,
+       {bucket_hour} AS bucket_hour, a.workspace_id, q.runtime_id, q.agent_id,
+       i.project_id, tu.provider, tu.model
+FROM {journal} j
+JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
+JOIN {agent_task_queue} q ON q.id = tu.task_id
+JOIN {agent} a ON a.id = q.agent_id
+LEFT JOIN {issue} i ON i.id = q.issue_id
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL"""
+ANALYZE_STAMPED_KEYS_SQL = f"ANALYZE {STAMPED_KEYS_TABLE}"
+
+# The task count of each agent of some keys: a key's rollup cost grows with it.
+AGENT_TASKS_SQL = """
+SELECT t.agent_id, count(*) AS tasks
+FROM {{agent_task_queue}} t
+WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys})
+GROUP BY t.agent_id"""
+
+# The stamps in time order, each with its keys and their agents' task counts as running
 # totals, and a segment number that grows at every gap wider than MAX_WINDOW_GAP.
 FILL_STAMPS_TABLE_SQL = f"""
-WITH keys AS MATERIALIZED (
-    SELECT DISTINCT j.new_updated_at AS stamp,
-           {{bucket_hour}} AS bucket_hour, a.workspace_id, q.runtime_id, q.agent_id,
-           i.project_id, tu.provider, tu.model
-    FROM {{journal}} j
-    JOIN {{task_usage}} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
-    JOIN {{agent_task_queue}} q ON q.id = tu.task_id
-    JOIN {{agent}} a ON a.id = q.agent_id
-    LEFT JOIN {{issue}} i ON i.id = q.issue_id
-    WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-),
-agent_tasks AS (
-    SELECT t.agent_id, count(*) AS tasks
-    FROM {{agent_task_queue}} t
-    WHERE t.agent_id IN (SELECT agent_id FROM keys)
-    GROUP BY t.agent_id
-),
+WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=STAMPED_KEYS_TABLE)}),
 stamps AS (
     SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
            k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
-    FROM keys k JOIN agent_tasks t USING (agent_id)
+    FROM {STAMPED_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)
     GROUP BY k.stamp
 )
 INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
@@ -534,9 +542,9 @@ def rebuild_keys(
         cursor.execute(CREATE_STAMPS_TABLE_SQL)
         cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(
-            compose(FILL_STAMPS_TABLE_SQL), {"run_ids": list(run_ids), "max_gap": MAX_WINDOW_GAP}
-        )
+        cursor.execute(compose(CREATE_STAMPED_KEYS_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
+        cursor.execute(compose(FILL_STAMPS_TABLE_SQL), {"max_gap": MAX_WINDOW_GAP})
         cursor.execute(STAMPS_TOTAL_SQL)
         stamps, keys, tasks = cursor.fetchone()
     result.keys_total = keys
@@ -562,27 +570,23 @@ def rebuild_keys(
 # keys are right when it ends, and --verify can say so at once.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
 KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
-CREATE_REWRITTEN_TABLE_SQL = """
+REWRITTEN_KEYS_TABLE = "pg_temp.codex_rollup_rewritten_keys"
+CREATE_REWRITTEN_KEYS_SQL = """
+CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
+SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+       q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+FROM {journal} j
+JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.new_updated_at
+JOIN {agent_task_queue} q ON q.id = tu.task_id
+JOIN {agent} a ON a.id = q.agent_id
+LEFT JOIN {issue} i ON i.id = q.issue_id
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL"""
+ANALYZE_REWRITTEN_KEYS_SQL = f"ANALYZE {REWRITTEN_KEYS_TABLE}"
+CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
-WITH keys AS MATERIALIZED (
-    SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
-    FROM {journal} j
-    JOIN {task_usage} tu
-      ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.new_updated_at
-    JOIN {agent_task_queue} q ON q.id = tu.task_id
-    JOIN {agent} a ON a.id = q.agent_id
-    LEFT JOIN {issue} i ON i.id = q.issue_id
-    WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-),
-agent_tasks AS (
-    SELECT t.agent_id, count(*) AS tasks
-    FROM {agent_task_queue} t
-    WHERE t.agent_id IN (SELECT agent_id FROM keys)
-    GROUP BY t.agent_id
-)
+WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=REWRITTEN_KEYS_TABLE)})
 SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
-FROM keys k JOIN agent_tasks t USING (agent_id)"""
+FROM {REWRITTEN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)"""
 DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
 REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
 # Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got
@@ -612,7 +616,9 @@ def _rebuild_rewritten(
     with transaction.atomic(), connection.cursor() as cursor:
         set_local_timeouts(cursor, limits.lock_timeout, 0)
         cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-        cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(compose(CREATE_REWRITTEN_KEYS_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
+        cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
         cursor.execute(REWRITTEN_TOTAL_SQL)
         total, tasks = cursor.fetchone()
     if not total:
