@@ -262,8 +262,16 @@ class SlicePlanner:
             return self.hash_fit.seconds(units)
         return units / self.nestloop_rate
 
-    def limit(self, plan: Plan, probe_units: float, backlog_units: float) -> float:
-        """The task units of our keys the next slice of ``plan`` may take (at least 1)."""
+    def limit(
+        self, plan: Plan, probe_units: float, backlog_units: float, *, grow: bool = True
+    ) -> float:
+        """The task units of our keys the next slice of ``plan`` may take (at least 1).
+
+        With ``grow`` (the slice that will run) a slice is at most ``MAX_SLICE_GROWTH`` times
+        the largest of its plan so far; without it (comparing the plans) it is what the
+        measured rate allows, so a plan that has not run big slices yet is not judged by its
+        small first one.
+        """
         assert self.hash_fit is not None
         if plan not in self.measured_plans:
             wanted = probe_units
@@ -272,7 +280,7 @@ class SlicePlanner:
         else:
             wanted = self.target * self.nestloop_rate
         wanted -= backlog_units
-        if plan in self.largest:
+        if grow and plan in self.largest:
             wanted = min(wanted, self.largest[plan] * MAX_SLICE_GROWTH)
         if plan in self.ceiling:
             wanted = min(wanted, self.ceiling[plan])
@@ -786,13 +794,18 @@ class _StampSlices:
             base = KEY_BASE_COST[plan]
             backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
             probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + base)
-            span = self._span(base, self.planner.limit(plan, probe_units, backlog_units))
-            units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
-            speed = span.keys / (self.planner.seconds(plan, units) + self.planner.gap)
+            # Judged at the size its measured rate allows, run at the size growth allows.
+            judged = self._span(
+                base, self.planner.limit(plan, probe_units, backlog_units, grow=False)
+            )
+            units = slice_units(plan, judged.keys, judged.tasks, backlog, self.mean_tasks)
+            speed = judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
             if best is None or speed > best[0]:
-                best = (speed, plan, span)
+                best = (speed, plan, probe_units, backlog_units)
         assert best is not None
-        return best[1], best[2]
+        _, plan, probe_units, backlog_units = best
+        limit = self.planner.limit(plan, probe_units, backlog_units)
+        return plan, self._span(KEY_BASE_COST[plan], limit)
 
     def _span(self, base: int, limit: float) -> _Span:
         with connection.cursor() as cursor:
@@ -890,7 +903,7 @@ class QueueDrainer:
         best: tuple[float, Plan] | None = None
         for plan in sorted(self.planner.usable):
             per_key = mean_tasks + KEY_BASE_COST[plan]
-            units = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0)
+            units = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0, grow=False)
             keys = units / per_key
             speed = keys / (self.planner.seconds(plan, units) + self.planner.gap)
             if best is None or speed > best[0]:
