@@ -113,6 +113,19 @@ def test_unmigrated_tool_schema_is_reported(eligible_row: TaskUsage) -> None:
         run_command("--cutoff", CUTOFF_ARG)
 
 
+def test_a_tool_schema_behind_this_version_is_reported(eligible_row: TaskUsage) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM django_migrations WHERE app = 'usage' AND name = %s",
+            ["0005_run_plan_fingerprint"],
+        )
+    with pytest.raises(CommandError, match="not migrated to this version") as error:
+        run_command("--cutoff", CUTOFF_ARG, "--execute")
+    assert "(missing 0005_run_plan_fingerprint)" in str(error.value)
+    assert "python manage.py migrate" in str(error.value)
+    assert not BackfillRun.objects.exists()
+
+
 @pytest.mark.slow
 def test_unreachable_database_gives_one_line_without_password(
     subprocess_env: dict[str, str],

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from psycopg import sql
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
 REQUIRED_TARGET_TABLES = (
@@ -35,6 +36,8 @@ SELECT name FROM unnest(%(tables)s::text[]) AS name
 WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
 
 ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
+
+APPLIED_TOOL_MIGRATIONS_SQL = "SELECT name FROM {} WHERE app = 'usage'"
 
 QUEUE_CONSTRAINT_EXISTS_SQL = """
 SELECT EXISTS (
@@ -175,6 +178,30 @@ def check_target() -> None:
                 f"the tool's own tables are missing from schema {settings.CODEX_REPAIR_SCHEMA!r}:"
                 " run `python manage.py migrate` first (it creates only that schema)"
             )
+        cursor.execute(
+            sql.SQL(APPLIED_TOOL_MIGRATIONS_SQL)
+            .format(sql.Identifier(settings.CODEX_REPAIR_SCHEMA, "django_migrations"))
+            .as_string()
+        )
+        missing_migrations = sorted(tool_migrations() - {row[0] for row in cursor.fetchall()})
+        if missing_migrations:
+            raise TargetError(
+                f"the tool's schema {settings.CODEX_REPAIR_SCHEMA!r} is not migrated to this "
+                f"version (missing {', '.join(missing_migrations)}): run `python manage.py "
+                "migrate` first (it changes only that schema)"
+            )
+
+
+def tool_migrations() -> set[str]:
+    """The names of the tool's own migrations on disk (no database access)."""
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    return {
+        name
+        for (app, name), migration in loader.disk_migrations.items()
+        if app == "usage" and not migration.replaces
+    }
 
 
 def database_now() -> datetime:
