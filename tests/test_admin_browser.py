@@ -21,6 +21,7 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
 
+from tests.support import CUTOFF_ARG
 from usage import render
 from usage.dataset import DEMO_SPEC, generate_dataset
 from usage.summary import Totals, load_summary
@@ -39,7 +40,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = Path(settings.BASE_DIR) / "artifacts" / "admin-candidates.png"
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 TOTAL_CELLS = {
     "total-rows": "rows",
     "total-input-before": "input_before",

@@ -15,14 +15,13 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
-from tests.processes import start_manage, wait_until
+from tests.processes import start_manage
+from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 
 def make_rows(count: int, agents: int = 3) -> list[TaskUsage]:
@@ -39,12 +38,6 @@ def repaired_count() -> int:
     return TaskUsage.objects.filter(input_tokens__lt=1000).count()
 
 
-@pytest.fixture
-def other_connection(test_database_url: str):
-    with psycopg.connect(test_database_url) as conn:
-        yield conn
-
-
 def test_row_locked_by_a_writer_is_retried_once_released(other_connection) -> None:
     rows = make_rows(6)
     other_connection.execute("SELECT 1 FROM task_usage WHERE id = %s FOR UPDATE", [rows[0].pk])
@@ -58,7 +51,9 @@ def test_row_locked_by_a_writer_is_retried_once_released(other_connection) -> No
     assert rollup_mismatches() == []
 
 
-def test_row_locked_for_the_whole_run_is_reported_never_success(other_connection) -> None:
+def test_row_locked_for_the_whole_run_is_reported_never_success(
+    other_connection, quick_lock_retries: None
+) -> None:
     rows = make_rows(6)
     other_connection.execute("SELECT 1 FROM task_usage WHERE id = %s FOR UPDATE", [rows[0].pk])
     out = io.StringIO()

@@ -37,7 +37,8 @@ from tests.platform import (
     installed,
     next_tick,
 )
-from tests.processes import start_manage, wait_until
+from tests.processes import start_manage
+from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.db import database_now
 from usage.eligibility import compose
@@ -45,9 +46,7 @@ from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.revert import RevertOptions, execute_revert
 from usage.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 QUEUE_KEY_SQL = """
 INSERT INTO {task_usage_hourly_dirty} AS d (

@@ -17,6 +17,7 @@ from django.db import connection, transaction
 
 from tests.factories import CUTOFF, make_keys
 from tests.platform import CALL_KEYS, FAST_ROLLUP, delayed_rollup, installed
+from tests.support import COMMITS
 from usage import dataset, rollup
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.cron import CronState, TickWatcher
@@ -81,7 +82,7 @@ def deep_dataset(transactional_db: None) -> Iterator[None]:
     yield
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_the_hash_plan_reaches_the_function_even_with_a_cached_generic_plan(
     deep_dataset: None,
 ) -> None:
@@ -121,7 +122,7 @@ def test_the_hash_plan_reaches_the_function_even_with_a_cached_generic_plan(
     assert rollup_mismatches() == []
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_both_plans_rebuild_keys_equal_to_a_recompute(deep_dataset: None) -> None:
     with connection.cursor() as cursor:
         # Rows rewritten without their rollup: 600 hourly keys are now wrong.
@@ -180,7 +181,7 @@ ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
     RESET enable_nestloop"""
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_a_slice_whose_settings_do_not_reach_the_function_is_seen_as_nested_loops(
     deep_dataset: None,
 ) -> None:
@@ -201,7 +202,7 @@ SCAN_TOO_SLOW = delayed_rollup(
 )
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_a_hash_plan_that_does_not_fit_the_budget_is_dropped_for_nested_loops() -> None:
     make_keys(3, 30)
     budget = 0.3

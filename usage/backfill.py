@@ -56,7 +56,8 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 # A batch that times out is retried with half the rows, at most this many times in a row.
 MAX_TIMEOUT_RETRIES = 3
-# Pauses before re-trying rows that were skipped because another writer held their lock.
+# Pauses before re-trying rows that were skipped because another writer held their lock
+# (read when the options are made, so the tests can set them short).
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # After a failure or a stop, counting the rows still eligible may take this long at most.
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0
@@ -144,6 +145,11 @@ JOIN {{task_usage}} tu ON tu.id = w.id
 WHERE {{row_eligible_where}}"""
 
 
+def default_lock_retry_delays() -> tuple[float, ...]:
+    """The pauses before each retry of rows a writer held: ``LOCK_RETRY_DELAYS_SECONDS``."""
+    return LOCK_RETRY_DELAYS_SECONDS
+
+
 class BackfillError(Exception):
     """The repair stopped; the message says what to do. The run record says what was done."""
 
@@ -162,7 +168,7 @@ class ExecuteOptions:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
+    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     max_replication_lag: float | None = None
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     arguments: dict[str, Any] = field(default_factory=dict)

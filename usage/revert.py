@@ -51,8 +51,8 @@ from usage.backfill import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
     DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    LOCK_RETRY_DELAYS_SECONDS,
     MAX_TIMEOUT_RETRIES,
+    default_lock_retry_delays,
 )
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
@@ -223,7 +223,7 @@ class RevertOptions:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
+    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     show_changed: int = DEFAULT_SHOW_CHANGED
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
 
