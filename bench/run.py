@@ -2,7 +2,7 @@
 platform's own rollup, on two dataset shapes, with the platform's neighbours running.
 
 One run builds a deterministic dataset of ``--rows`` task_usage rows once per shape, in a
-template database (schema fixture, ``usage.dataset``, initial rollup, the tool's migrations,
+template database (schema fixture, ``sandbox.dataset``, initial rollup, the tool's migrations,
 VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
 (``CREATE DATABASE ... TEMPLATE``), each after a CHECKPOINT. The shapes:
 
@@ -68,7 +68,8 @@ from rich.table import Table  # noqa: E402
 
 from bench import neighbours, variants  # noqa: E402
 from bench import server as pg  # noqa: E402
-from usage import dataset, rollup, target  # noqa: E402
+from sandbox import dataset, target  # noqa: E402
+from usage import rollup  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
 from usage.verify import ALL_KEYS_SQL  # noqa: E402
 
@@ -84,8 +85,8 @@ DEFAULT_BASELINE_MAX_ROWS = 400_000
 # Bumped when the way the template is built changes, so an old template is never reused.
 TEMPLATE_VERSION = "2"
 TEMPLATE_INPUTS = (
-    ROOT / "usage" / "dataset.py",
-    ROOT / "usage" / "sql" / "target_schema.sql",
+    ROOT / "sandbox" / "dataset.py",
+    ROOT / "sandbox" / "target_schema.sql",
     *sorted((ROOT / "usage" / "migrations").glob("0*.py")),
 )
 WORKER = str(ROOT / "bench" / "worker.py")

@@ -18,7 +18,8 @@ from django.db import connection, transaction
 from django.test import override_settings
 from psycopg import sql
 
-from usage import backfill, target
+from sandbox import target
+from usage import backfill
 from usage.eligibility import compose
 
 # The cron tick's state as the schema fixture creates it: the tick never ran.

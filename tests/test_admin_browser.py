@@ -21,9 +21,9 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
 
+from sandbox.dataset import DEMO_SPEC, generate_dataset
 from tests.support import CUTOFF_ARG
 from usage import render
-from usage.dataset import DEMO_SPEC, generate_dataset
 from usage.summary import Totals, load_summary
 
 logger = logging.getLogger("usage.tests.browser")

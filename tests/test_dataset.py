@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from django.db import connection
 
+from sandbox import dataset
 from tests.factories import CUTOFF
 from tests.support import COMMITS
-from usage import dataset
 from usage.summary import load_summary
 from usage.verify import rollup_mismatches
 

@@ -469,8 +469,8 @@ def test_backfill_command_pauses_while_the_replica_lags(
     cluster: Cluster, primary: psycopg.Connection, standby: psycopg.Connection
 ) -> None:
     """End to end: a real --execute on the primary waits for the paused replica."""
+    from sandbox import dataset, target
     from tests.processes import start_manage
-    from usage import dataset, target
 
     primary.execute("DROP DATABASE IF EXISTS repl_target")
     primary.execute("CREATE DATABASE repl_target")

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
+from sandbox import dataset
 from tests.factories import CUTOFF, make_keys
 from tests.platform import CALL_KEYS, FAST_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS
-from usage import dataset, rollup
+from usage import rollup
 from usage.backfill import ExecuteOptions, execute_backfill
 from usage.cron import CronState, TickWatcher
 from usage.db import database_now

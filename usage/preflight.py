@@ -982,10 +982,10 @@ def connect_target() -> psycopg.Connection:
         **limits.libpq_params(),
     }
     if settings.USING_SANDBOX:
-        from usage import sandbox
+        from sandbox import server
 
         options.update(
-            host=sandbox.ensure_sandbox(), user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
+            host=server.ensure_sandbox(), user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
         )
         return psycopg.connect(**options)
     return psycopg.connect(settings.DATABASE_URL, **options)
