@@ -26,10 +26,10 @@ from django.utils import timezone
 from sandbox.dataset import DatasetSpec, generate_dataset
 from tests.factories import AFTER, BEFORE, CUTOFF, make_agent, make_task, make_usage
 from tests.support import CUTOFF_ARG
-from usage.admin import CandidateUsageAdmin
-from usage.candidates import COUNT_CAP, CandidateUsage
+from usage.admin.base import COUNT_CAP
+from usage.admin.candidates import CandidateUsageAdmin
 from usage.eligibility import CANDIDATE_IDS_SQL, compose, eligible_params
-from usage.models import BackfillJournal, BackfillRun, TaskUsage
+from usage.models import BackfillJournal, BackfillRun, CandidateUsage, TaskUsage
 from usage.summary import load_summary
 
 pytestmark = pytest.mark.django_db
