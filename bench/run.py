@@ -22,11 +22,12 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
                the keys of (c)'s rows, as the platform would make it; when that would take
                longer than ``--default-call-max-seconds`` (estimated from 100 keys), a random
                sample of the keys is timed and the time scaled to all of them (said so);
-(e) dry run    usage.summary.load_summary versus one plain aggregate over the same rows
+(e) dry run    usage.repair.summary.load_summary versus one plain aggregate over the same rows
                (medians, alternating, same connection), plus the dry-run command's wall time.
 
 End states of (a), (b) and (c) are compared by an md5 of (id, input_tokens) ordered by id, and
-(c)'s hourly table against usage.verify's recompute; any failed check makes the exit status 1.
+(c)'s hourly table against usage.repair.verify's recompute; any failed check makes the exit
+status 1.
 
     python bench/run.py --rows 400000                       # embedded PostgreSQL (default)
     python bench/run.py --rows 100000,400000,1000000 --shapes wide,deep
@@ -69,9 +70,9 @@ from rich.table import Table  # noqa: E402
 from bench import neighbours, variants  # noqa: E402
 from bench import server as pg  # noqa: E402
 from sandbox import dataset, target  # noqa: E402
-from usage import rollup  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
-from usage.verify import ALL_KEYS_SQL  # noqa: E402
+from usage.repair import rollup  # noqa: E402
+from usage.repair.verify import ALL_KEYS_SQL  # noqa: E402
 
 logger = logging.getLogger("bench.run")
 
@@ -541,7 +542,7 @@ class SizeRun:
             f"{run['journal_rows']} vs {run['rows_updated']}",
         )
         self.check(
-            "(c) task_usage_hourly equals usage.verify's recompute",
+            "(c) task_usage_hourly equals usage.repair.verify's recompute",
             not mismatches,
             f"{len(mismatches)}+ mismatching keys",
         )

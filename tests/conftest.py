@@ -19,8 +19,8 @@ from django.test import override_settings
 from psycopg import sql
 
 from sandbox import target
-from usage import backfill
 from usage.eligibility import compose
+from usage.repair import batching
 
 # The cron tick's state as the schema fixture creates it: the tick never ran.
 RESET_ROLLUP_STATE_SQL = """
@@ -103,4 +103,4 @@ def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture
 def quick_lock_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows a writer holds are retried after 50 to 400 ms, not the production 0.5 to 4 s."""
-    monkeypatch.setattr(backfill, "LOCK_RETRY_DELAYS_SECONDS", (0.05, 0.1, 0.2, 0.4))
+    monkeypatch.setattr(batching, "LOCK_RETRY_DELAYS_SECONDS", (0.05, 0.1, 0.2, 0.4))

@@ -30,7 +30,7 @@ from usage.admin.base import COUNT_CAP
 from usage.admin.candidates import CandidateUsageAdmin
 from usage.eligibility import CANDIDATE_IDS_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, CandidateUsage, TaskUsage
-from usage.summary import load_summary
+from usage.repair.summary import load_summary
 
 pytestmark = pytest.mark.django_db
 

@@ -24,7 +24,7 @@ from django.db import connection
 from sandbox.dataset import DEMO_SPEC, generate_dataset
 from tests.support import CUTOFF_ARG
 from usage import render
-from usage.summary import Totals, load_summary
+from usage.repair.summary import Totals, load_summary
 
 logger = logging.getLogger("usage.tests.browser")
 

@@ -13,10 +13,10 @@ from django.db import connection
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import manage
 from tests.support import COMMITS, table_snapshot
-from usage.backfill import ExecuteOptions, execute_backfill
 from usage.models import AgentTaskQueue, BackfillRun, TaskUsage
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

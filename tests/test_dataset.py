@@ -7,8 +7,8 @@ from django.db import connection
 from sandbox import dataset
 from tests.factories import CUTOFF
 from tests.support import COMMITS
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -23,11 +23,11 @@ from django.db import connection
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, start_manage
 from tests.support import COMMITS, CUTOFF_ARG, command, wait_until
-from usage import runs
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.options import parse_cutoff
-from usage.revert import plan_revert
+from usage.repair import runs
+from usage.repair.revert import plan_revert
 
 pytestmark = COMMITS
 

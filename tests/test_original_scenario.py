@@ -17,8 +17,8 @@ from tests.factories import (
 )
 from tests.support import COMMITS, CUTOFF_ARG, backfill
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -31,10 +31,10 @@ from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from tests.test_operator_output import check_type, documented_fields, lookup
 from usage import plan
-from usage.backfill import ExecuteOptions, execute_backfill
 from usage.db import database_now
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
+from usage.repair.backfill import ExecuteOptions, execute_backfill
 
 pytestmark = COMMITS
 

@@ -39,12 +39,12 @@ from tests.platform import (
 )
 from tests.processes import start_manage
 from tests.support import COMMITS, CUTOFF_ARG, wait_until
-from usage.backfill import ExecuteOptions, execute_backfill
 from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.revert import RevertOptions, execute_revert
-from usage.verify import rollup_mismatches
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.revert import RevertOptions, execute_revert
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

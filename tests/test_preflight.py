@@ -566,8 +566,8 @@ def test_target_database(name: str, target_results: dict[str, CheckResult]) -> N
 
 @pytest.mark.django_db(transaction=True)
 def test_a_run_whose_rollup_did_not_finish_is_a_warning(usage_rows: None) -> None:
-    from usage.backfill import ExecuteOptions, execute_backfill
     from usage.models import BackfillRun
+    from usage.repair.backfill import ExecuteOptions, execute_backfill
 
     run = execute_backfill(ExecuteOptions(cutoff=CUTOFF)).run
     assert results()["pending_rollups"].status == "ok"

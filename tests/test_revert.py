@@ -28,12 +28,12 @@ from tests.factories import (
     populate_rollup,
 )
 from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
-from usage import runs
 from usage.eligibility import compose
 from usage.models import AgentTaskQueue, BackfillJournal, BackfillRun, TaskUsage
-from usage.revert import RevertOptions, execute_revert, plan_revert
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair import runs
+from usage.repair.revert import RevertOptions, execute_revert, plan_revert
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -19,13 +19,13 @@ from sandbox import dataset
 from tests.factories import CUTOFF, make_keys
 from tests.platform import CALL_KEYS, FAST_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS
-from usage import rollup
-from usage.backfill import ExecuteOptions, execute_backfill
 from usage.cron import CronState, TickWatcher
 from usage.db import database_now
 from usage.eligibility import compose
-from usage.rollup import Plan, SliceLimits, SlicePlanner, plan_applied, run_slice
-from usage.verify import rollup_mismatches
+from usage.repair import rollup
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.rollup import Plan, SliceLimits, SlicePlanner, plan_applied, run_slice
+from usage.repair.verify import rollup_mismatches
 
 # Queue ``%(keys)s`` hourly keys (every ``%(step)s``-th in key order, from ``%(offset)s``),
 # as a platform writer would; the latest enqueued_at.

@@ -11,10 +11,10 @@ import pytest
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS
-from usage import rollup
-from usage.backfill import ExecuteOptions, execute_backfill
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair import rollup
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

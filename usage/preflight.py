@@ -52,7 +52,7 @@ from usage.db import (
     sqlstate,
 )
 from usage.eligibility import ELIGIBLE_WHERE, compose, eligible_params
-from usage.summary import CutoffError, ensure_cutoff_in_past
+from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
 

@@ -12,10 +12,10 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from usage.backfill import ExecuteResult
 from usage.events import json_default
-from usage.summary import DryRunSummary, SummaryGroup
-from usage.verify import VerifyResult
+from usage.repair.backfill import ExecuteResult
+from usage.repair.summary import DryRunSummary, SummaryGroup
+from usage.repair.verify import VerifyResult
 
 FORMATS = ("table", "json", "csv")
 

@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from usage import options, render
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
-from usage.summary import CutoffError, Totals, ensure_cutoff_in_past
+from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.candidates")
 

@@ -15,7 +15,14 @@ from django.db import DatabaseError
 
 from usage import options as opts
 from usage import plan, render, report
-from usage.backfill import (
+from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
+from usage.db import TargetError, check_target, database_failure, describe_database
+from usage.events import JsonFormatter
+from usage.management.base import ExamplesCommand
+from usage.models import BackfillRun
+from usage.outputs import OutputError, OutputFile, check_output
+from usage.progress import OutputStream, ProgressBar
+from usage.repair.backfill import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
     DEFAULT_STATEMENT_TIMEOUT_SECONDS,
@@ -24,17 +31,10 @@ from usage.backfill import (
     ExecuteResult,
     execute_backfill,
 )
-from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
-from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.events import JsonFormatter
-from usage.management.base import ExamplesCommand
-from usage.models import BackfillRun
-from usage.outputs import OutputError, OutputFile, check_output
-from usage.progress import OutputStream, ProgressListener
-from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-from usage.runs import RunLockError
-from usage.summary import CutoffError, load_summary
-from usage.verify import VerifyResult, verify_run
+from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+from usage.repair.runs import RunLockError
+from usage.repair.summary import CutoffError, load_summary
+from usage.repair.verify import VerifyResult, verify_run
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
@@ -428,20 +428,24 @@ class Command(ExamplesCommand):
                 )
             )
 
-        listener = ProgressListener(
+        bar = ProgressBar(
             stderr,
             terminal=stderr.isatty(),
             enabled=verbosity >= 1 and log_format == "text",
         )
-        listener.started = self._started  # type: ignore[method-assign]
-        listener.stamping = lambda policy: self._header(  # type: ignore[method-assign]
-            f"Stamp: {policy.reason}."
-        )
+
+        def progress(event: str, /, **details: Any) -> None:
+            if event == "started":
+                self._started(details["run"])
+            elif event == "stamping":
+                self._header(f"Stamp: {details['policy'].reason}.")
+            bar(event, **details)
+
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return execute_backfill(settings, stop=stop, listener=listener)
+            return execute_backfill(settings, stop=stop, progress=progress)
         finally:
-            listener.close()
+            bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

@@ -17,7 +17,7 @@ from usage import render
 from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import TargetError, database_failure, describe_database
 from usage.management.base import ExamplesCommand
-from usage.revert import (
+from usage.repair.revert import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LOCK_TIMEOUT_SECONDS,
     DEFAULT_SHOW_CHANGED,
@@ -28,8 +28,8 @@ from usage.revert import (
     execute_revert,
     plan_revert,
 )
-from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-from usage.runs import RunLockError
+from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+from usage.repair.runs import RunLockError
 
 # Exit status when restorable rows were left (locked by writers): distinct from errors (1).
 EXIT_ROWS_REMAINING = 3
@@ -182,15 +182,7 @@ class Command(ExamplesCommand):
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            result = execute_revert(
-                options,
-                stop=stop,
-                on_start=lambda r: self.stdout.write(
-                    f"Reverting run {r.run.pk} ({r.run.status}): "
-                    f"{render.number(r.rows_restorable)} rows to restore, "
-                    f"{render.number(r.rows_changed)} changed since."
-                ),
-            )
+            result = execute_revert(options, stop=stop, progress=self._progress)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -211,6 +203,15 @@ class Command(ExamplesCommand):
             )
 
     # -- output --------------------------------------------------------------------------
+
+    def _progress(self, event: str, /, **details: Any) -> None:
+        if event == "started":
+            r = details["result"]
+            self.stdout.write(
+                f"Reverting run {r.run.pk} ({r.run.status}): "
+                f"{render.number(r.rows_restorable)} rows to restore, "
+                f"{render.number(r.rows_changed)} changed since."
+            )
 
     def _outcome(self, result: RevertResult, signum: int) -> str:
         """The revert's own outcome, never the status of the run it reverts."""
