@@ -15,23 +15,18 @@ from django.db import DatabaseError
 
 from usage import options as opts
 from usage import plan, render, report
-from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.events import JsonFormatter
-from usage.management.base import ExamplesCommand
+from usage.management.base import ToolCommand
 from usage.models import BackfillRun
 from usage.outputs import OutputError, OutputFile, check_output
 from usage.progress import OutputStream, ProgressBar
 from usage.repair.backfill import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
     BackfillError,
     ExecuteOptions,
     ExecuteResult,
     execute_backfill,
 )
-from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, load_summary
 from usage.repair.verify import VerifyResult, verify_run
@@ -82,7 +77,7 @@ locked by other writers; 4 verification failed; 130/143 stopped by SIGINT/SIGTER
 """
 
 
-class Command(ExamplesCommand):
+class Command(ToolCommand):
     help = (
         "Repair historical Codex task_usage rows whose input_tokens still include cached "
         "input (input_tokens := max(input_tokens - cache_read_tokens, 0)), once per row, and "
@@ -121,30 +116,11 @@ class Command(ExamplesCommand):
             default=True,
             help="after --execute, rebuild the hourly rollup for the changed rows (default on)",
         )
-        parser.add_argument(
-            "--lock-timeout",
-            default=f"{DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
-            help="server-side lock_timeout per batch and rollup slice "
-            f"(default {DEFAULT_LOCK_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--statement-timeout",
-            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
-            help="server-side statement_timeout per batch "
-            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--max-rollup-lock-seconds",
-            default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
-            help="longest time one rollup slice may hold lock 4246 "
-            f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
-        )
-        parser.add_argument(
-            "--cron-tick-interval",
-            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
-            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
-            "rollup leaves lock 4246 free while a tick is due "
-            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+        self.add_timeout_arguments(
+            parser,
+            lock="per batch and rollup slice",
+            statement="per batch",
+            rollup="longest time one rollup slice may hold lock 4246",
         )
         parser.add_argument(
             "--max-replication-lag",
@@ -191,24 +167,24 @@ class Command(ExamplesCommand):
     # -- entry point ---------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
+        with self.bad_input():
             settings = self._parse(options)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
 
         verbosity = options["verbosity"]
         stderr = OutputStream(self.stderr)
-        handler = self._attach_log_handler(stderr, verbosity, options["log_format"])
+        json_logs = options["log_format"] == "json"
+        if json_logs:
+            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        else:
+            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
         self.quiet_header = options["format"] != "table" and not options["output"]
         self.write_error: str | None = None
+        self.signals: list[int] = []
         try:
-            document = self._run(settings, options, verbosity, stderr)
+            with self.logging_to(stderr, level, json=json_logs), self.database_errors():
+                document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
-        except DatabaseError as exc:
-            raise CommandError(database_failure(exc)) from exc
-        finally:
-            logging.getLogger("usage").removeHandler(handler)
         error = self._exit_status(document)
         if self.write_error:
             error = self._with_write_error(document, error)
@@ -376,7 +352,7 @@ class Command(ExamplesCommand):
             if self.plan_check is not None and self.plan_check.outcome is not None:
                 document["plan"] = self.plan_check.outcome.document()
                 document["_plan_line"] = self.plan_check.outcome.summary()
-            document["_stopped_by"] = getattr(self, "_signal_received", None)
+            document["_stopped_by"] = self.signals[0] if self.signals else None
             if options["verify"] and "_failure" not in document:
                 try:
                     self._verify(document, result.run.pk)
@@ -415,19 +391,6 @@ class Command(ExamplesCommand):
         self, settings: ExecuteOptions, verbosity: int, log_format: str, stderr: OutputStream
     ) -> ExecuteResult:
         stop = threading.Event()
-        self._signal_received: int | None = None
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self._signal_received is None:
-                self._signal_received = signum
-            stop.set()
-            self.stderr.write(
-                self.style.WARNING(
-                    f"\n{signal.Signals(signum).name} received: finishing the current batch, "
-                    "then rebuilding the rollup for what was done."
-                )
-            )
-
         bar = ProgressBar(
             stderr,
             terminal=stderr.isatty(),
@@ -441,13 +404,15 @@ class Command(ExamplesCommand):
                 self._header(f"Stamp: {details['policy'].reason}.")
             bar(event, **details)
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return execute_backfill(settings, stop=stop, progress=progress)
-        finally:
-            bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with self.stopping_on_signals(
+            stop,
+            "finishing the current batch, then rebuilding the rollup for what was done.",
+            new_line=True,
+        ) as self.signals:
+            try:
+                return execute_backfill(settings, stop=stop, progress=progress)
+            finally:
+                bar.close()
 
     def _started(self, run: BackfillRun) -> None:
         self._header(
@@ -637,17 +602,3 @@ class Command(ExamplesCommand):
         else:
             done = "the dry run changed nothing (its summary is shown above)"
         return CommandError(f"{self.write_error}; {done}")
-
-    def _attach_log_handler(
-        self, stream: OutputStream, verbosity: int, log_format: str
-    ) -> logging.Handler:
-        handler = logging.StreamHandler(stream)
-        if log_format == "json":
-            handler.setLevel(logging.DEBUG if verbosity >= 1 else logging.WARNING)
-            handler.setFormatter(JsonFormatter())
-        else:
-            levels = {0: logging.WARNING, 1: logging.WARNING}
-            handler.setLevel(levels.get(verbosity, logging.DEBUG))
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("usage").addHandler(handler)
-        return handler
