@@ -55,9 +55,9 @@ from usage.db import database_now, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import json_default, log_event
 from usage.options import duration_seconds, shown
+from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS
 from usage.repair.backfill import WORK_TABLE
 from usage.repair.summary import DryRunSummary, SummaryGroup
-from usage.report import GROUP_FIELDS, TOTAL_FIELDS
 
 logger = logging.getLogger("usage.plan")
 
