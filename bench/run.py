@@ -72,7 +72,7 @@ from bench import server as pg  # noqa: E402
 from sandbox import dataset, target  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
 from usage.repair import rollup  # noqa: E402
-from usage.repair.verify import ALL_KEYS_SQL  # noqa: E402
+from usage.repair.verify import ALL_KEYS, MISMATCHES_SQL  # noqa: E402
 
 logger = logging.getLogger("bench.run")
 
@@ -489,7 +489,7 @@ class SizeRun:
                 variants.JOURNAL_BYTES_SQL, [compose("{journal}")]
             ).fetchone()
             with conn.cursor() as cur:
-                cur.execute(compose(ALL_KEYS_SQL), {"run_ids": [], "limit": 10})
+                cur.execute(compose(MISMATCHES_SQL, **ALL_KEYS), {"run_ids": [], "limit": 10})
                 mismatches = cur.fetchall()
         tick = neighbours.next_tick(url)
         update = (run["rollup_to"] - run["started_at"]).total_seconds()

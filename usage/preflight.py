@@ -51,7 +51,13 @@ from usage.db import (
     error_text,
     sqlstate,
 )
-from usage.eligibility import ELIGIBLE_WHERE, compose, eligible_params
+from usage.eligibility import (
+    CODEX_WITH_CACHED_INPUT,
+    NOT_REPAIRED,
+    SCOPE_WHERE,
+    compose,
+    eligible_params,
+)
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
@@ -250,12 +256,9 @@ SELECT count(*) FROM (
 
 JOURNALED_SQL = "SELECT EXISTS (SELECT 1 FROM {journal} WHERE reverted_at IS NULL)"
 
-# The eligibility definition with its cutoff comparison turned around: Codex rows with cached
-# input, last written in [cutoff, window end), not repaired by this tool. Written so that the
-# updated_at index and the legacy created_at index serve it.
-_ELIGIBLE_CUTOFF_TEST = "coalesce(tu.updated_at, tu.created_at) < %(cutoff)s"
-if _ELIGIBLE_CUTOFF_TEST not in ELIGIBLE_WHERE:  # pragma: no cover - guards a refactoring
-    raise ImportError("usage.eligibility changed its cutoff test; update usage.preflight")
+# The eligibility definition with its cutoff comparison turned around, from the same named
+# parts: Codex rows with cached input, last written in [cutoff, window end), not repaired by
+# this tool. Written so that the updated_at index and the legacy created_at index serve it.
 _AFTER_CUTOFF_TEST = """(
         (tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
         OR (tu.updated_at IS NULL
@@ -263,7 +266,10 @@ _AFTER_CUTOFF_TEST = """(
 _BEFORE_WINDOW_TEST = """(
         tu.updated_at >= %(window_start)s
         OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
-WRITTEN_AFTER_CUTOFF_WHERE = ELIGIBLE_WHERE.replace(_ELIGIBLE_CUTOFF_TEST, _AFTER_CUTOFF_TEST)
+WRITTEN_AFTER_CUTOFF_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
+    AND {_AFTER_CUTOFF_TEST}
+    AND {NOT_REPAIRED}
+    AND {SCOPE_WHERE}"""
 
 CUTOFF_NEIGHBOURHOOD_SQL = f"""
 WITH before_cutoff AS (

@@ -97,10 +97,11 @@ ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 STAMP = "greatest(%(stamp_base)s - w.rank * interval '1 microsecond', %(cutoff)s)"
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
-# batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
+# batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry;
+# see RANGE_BATCH and RETRY_BATCH).
 # The re-check under the lock is the row's own part of the eligibility (what a concurrent
 # writer can change); the snapshot already applied the workspace scope, which cannot change.
-BATCH_SQL_TEMPLATE = f"""
+BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
     FROM {WORK_TABLE} w
@@ -136,12 +137,10 @@ SELECT (SELECT count(*) FROM journaled),
        now()
 FROM updated"""
 
-RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace(
-    "{selector}", "w.seq > %(after)s AND w.seq <= %(upto)s"
-).replace("{limit}", "")
-RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "TRUE").replace(
-    "{limit}", "LIMIT %(limit)s"
-)
+# The two kinds of batch, as the parts of BATCH_SQL that differ: a range of the snapshot's
+# numbering, or (a retry) the next rows of the snapshot that are still eligible.
+RANGE_BATCH = {"selector": "w.seq > %(after)s AND w.seq <= %(upto)s", "limit": ""}
+RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s"}
 
 REMAINING_IN_WORK_SQL = f"""
 SELECT count(*)
@@ -339,7 +338,7 @@ class Backfill:
         after = 0
         while after < planned and not self.stop.is_set():
             upto = min(after + self.halving.size, planned)
-            self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto})
+            self._batch(RANGE_BATCH, {"after": after, "upto": upto})
             after = upto
             if after < planned:
                 self._pause_between_batches()
@@ -396,14 +395,12 @@ class Backfill:
             cursor.execute(ANALYZE_WORK_TABLE_SQL)
         return planned
 
-    def _batch(self, template: str, selector: dict[str, int]) -> BatchResult:
+    def _batch(self, kind: dict[str, str], selector: dict[str, int]) -> BatchResult:
         """Run one batch, halving it on a timeout; return what it did."""
         assert self.result is not None
         while True:
             started = time.monotonic()
-            done = self.halving.attempt(
-                functools.partial(self._batch_statement, template, selector)
-            )
+            done = self.halving.attempt(functools.partial(self._batch_statement, kind, selector))
             if done is None:
                 continue  # timed out and rolled back: the same rows, fewer at a time
             params, size, (rows, removed, clamped, stamp) = done
@@ -417,7 +414,7 @@ class Backfill:
                 batch_size=size,
                 seconds=time.monotonic() - started,
                 stamp=stamp,
-                retry=template is RETRY_BATCH_SQL,
+                retry=kind is RETRY_BATCH,
             )
             self.result.add(batch)
             log_event(
@@ -445,7 +442,7 @@ class Backfill:
             return batch
 
     def _batch_statement(
-        self, template: str, selector: dict[str, int], size: int
+        self, kind: dict[str, str], selector: dict[str, int], size: int
     ) -> tuple[dict[str, Any], int, tuple[int, int, int, Any]]:
         """One batch's statement, in its own transaction; its parameters, size and figures."""
         assert self.result is not None
@@ -454,7 +451,7 @@ class Backfill:
             params["upto"] = min(selector["upto"], selector["after"] + size)
         with transaction.atomic(), connection.cursor() as cursor:
             set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
-            cursor.execute(compose(template), params)
+            cursor.execute(compose(BATCH_SQL, **kind), params)
             journaled, rows, removed, clamped, stamp = cursor.fetchone()
             if journaled != rows:
                 raise RuntimeError(
@@ -476,7 +473,7 @@ class Backfill:
 
         def retry_pass() -> None:
             while not self.stop.is_set():
-                if self._batch(RETRY_BATCH_SQL, {}).rows == 0:
+                if self._batch(RETRY_BATCH, {}).rows == 0:
                     break
 
         return retry_locked(

@@ -112,7 +112,7 @@ FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id
 
 # One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
 # skipped for a writer's lock on an earlier try).
-BATCH_SQL_TEMPLATE = f"""
+BATCH_SQL = f"""
 WITH batch AS MATERIALIZED (
     SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
            j.new_input_tokens, j.new_updated_at
@@ -181,8 +181,9 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
        coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
-RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id > %(after)s AND j.id <= %(upto)s")
-RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id = ANY(%(ids)s)")
+# The two kinds of batch: an id range of the run's journal, or the ids a writer held.
+RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
+RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
 
 # Where the run's active entries stand now: restorable, changed since, and their rollup keys.
 CLASSIFY_SQL = f"""
@@ -410,7 +411,7 @@ class _Revert:
         skipped: list[int] = []
         while after < last and not self.stop.is_set():
             upto = min(after + self.halving.size, last)
-            batch = self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto}, retry=False)
+            batch = self._batch(RANGE_BATCH, {"after": after, "upto": upto}, retry=False)
             if batch is None:
                 continue  # timed out: same range, smaller
             skipped.extend(batch[1])
@@ -421,7 +422,7 @@ class _Revert:
             skipped.clear()
             while pending and not self.stop.is_set():
                 chunk = pending[: self.halving.size]
-                batch = self._batch(RETRY_BATCH_SQL, {"ids": chunk}, retry=True)
+                batch = self._batch(RETRY_BATCH, {"ids": chunk}, retry=True)
                 if batch is None:
                     continue
                 skipped.extend(batch[1])
@@ -433,14 +434,14 @@ class _Revert:
         self.result.stopped = self.stop.is_set()
 
     def _batch(
-        self, template: str, selector: dict[str, object], *, retry: bool
+        self, kind: dict[str, str], selector: dict[str, object], *, retry: bool
     ) -> tuple[RevertBatch, list[int]] | None:
         """One batch and its drain; None when it timed out and was rolled back (size halved)."""
         assert self.result is not None
         started = time.monotonic()
         params = dict(selector, run_id=self.result.run.pk)
         size = self.halving.size
-        done = self.halving.attempt(lambda _size: self._batch_statement(template, params))
+        done = self.halving.attempt(lambda _size: self._batch_statement(kind, params))
         if done is None:
             return None
         entries, restored, marked, enqueued, tasks, skipped, stamp = done
@@ -475,11 +476,11 @@ class _Revert:
         self.progress("batch", batch=batch, result=self.result)
         return batch, list(skipped)
 
-    def _batch_statement(self, template: str, params: dict[str, object]) -> tuple:
+    def _batch_statement(self, kind: dict[str, str], params: dict[str, object]) -> tuple:
         """One batch's statement, in its own transaction: what it restored, queued, skipped."""
         with transaction.atomic(), connection.cursor() as cursor:
             set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
-            cursor.execute(compose(template), params)
+            cursor.execute(compose(BATCH_SQL, **kind), params)
             done = cursor.fetchone()
             entries, restored, marked, *_ = done
             if marked != restored:
