@@ -1,6 +1,6 @@
 """``--output``: checked before any work, never replacing a device, FIFO or link, umask modes.
 
-The path checks and the writing live in ``usage.outputs`` (one library for every file the
+The path checks and the writing live in ``usage.output.files`` (one library for every file the
 tool writes a result to); the command tests run the real repair on PostgreSQL and check
 that a refused path changed nothing, and that a write failing after a run never hides the
 run's outcome.
@@ -25,7 +25,7 @@ from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.outputs import OutputError, check_output
+from usage.output.files import OutputError, check_output
 
 
 @pytest.fixture

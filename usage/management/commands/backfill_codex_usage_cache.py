@@ -20,9 +20,9 @@ from usage.db import TargetError, check_target, database_failure, describe_datab
 from usage.management.base import ToolCommand
 from usage.models import BackfillRun
 from usage.output import document as result
+from usage.output.files import OutputError, OutputFile, check_output
+from usage.output.progress import OutputStream, ProgressBar
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
-from usage.outputs import OutputError, OutputFile, check_output
-from usage.progress import OutputStream, ProgressBar
 from usage.repair.backfill import (
     DEFAULT_BATCH_SIZE,
     BackfillError,
