@@ -41,18 +41,15 @@ from usage.events import log_event
 from usage.models import BackfillRun
 from usage.repair import rollup, runs
 from usage.repair.batching import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
     BatchTimeoutError,
     BatchWords,
     Halving,
-    Progress,
-    default_lock_retry_delays,
+    RunError,
+    RunLimits,
     describe_failure,
-    no_progress,
     retry_locked,
 )
+from usage.repair.progress import Progress, no_progress
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -149,27 +146,19 @@ JOIN {{task_usage}} tu ON tu.id = w.id
 WHERE {{row_eligible_where}}"""
 
 
-class BackfillError(Exception):
+class BackfillError(RunError):
     """The repair stopped; the message says what to do. The run record says what was done."""
 
-    def __init__(self, message: str, result: ExecuteResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    result: ExecuteResult | None
 
 
 @dataclass(frozen=True)
-class ExecuteOptions:
+class ExecuteOptions(RunLimits):
     cutoff: datetime
     workspace_id: uuid.UUID | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
     sleep_between_batches: float = 0.0
     rebuild_rollup: bool = True
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
-    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
-    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     max_replication_lag: float | None = None
-    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     arguments: dict[str, Any] = field(default_factory=dict)
     # A saved plan's check (``usage.plan``): called under the run lock once the snapshot is
     # taken and before the run record exists; it raises to refuse the run (nothing written)

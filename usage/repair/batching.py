@@ -9,7 +9,10 @@ Both walk their rows in short batches, each one transaction with ``lock_timeout`
 * Rows a writer held (skipped with ``SKIP LOCKED``) are retried after the pass, once after
   each of the ``LOCK_RETRY_DELAYS_SECONDS`` (``retry_locked``); those still locked are counted.
 * A failure is one line (``describe_failure``).
-* What happens is reported through one callback, ``Progress``: ``progress(event, **details)``.
+* What happens is reported through one callback (``usage.repair.progress.Progress``).
+
+``RunLimits`` are the options both take (batch size, timeouts, the rollup's lock budget, the
+platform's cron tick) and ``RunError`` the error both end with.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from django.db import DatabaseError
 
+from usage import cron
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
@@ -29,6 +33,7 @@ from usage.db import (
     scrub,
     sqlstate,
 )
+from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
@@ -47,21 +52,26 @@ def default_lock_retry_delays() -> tuple[float, ...]:
     return LOCK_RETRY_DELAYS_SECONDS
 
 
-class Progress(Protocol):
-    """The one way a run reports what happens: ``progress(event, **details)``.
+@dataclass(frozen=True, kw_only=True)
+class RunLimits:
+    """How a run (the repair or the revert) may use the database: its batches, their
+    server-side timeouts, the rollup's hold of lock 4246 and the platform's cron tick."""
 
-    The repair's events: ``started`` (``run``), ``planned`` (``rows``), ``stamping``
-    (``policy``), ``batch`` (``batch``, ``result``), ``paused`` (``reason``, ``seconds``) and
-    ``rollup_slice`` (``piece``, ``done``, ``total``). The revert's: ``started``
-    (``result``) and ``batch`` (``batch``, ``result``). A callback ignores what it does not
-    show.
-    """
-
-    def __call__(self, event: str, /, **details: Any) -> None: ...
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
+    max_rollup_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
+    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
 
 
-def no_progress(event: str, /, **details: Any) -> None:
-    """The progress callback of a run nobody watches."""
+class RunError(Exception):
+    """A run could not start, or stopped; the message says what to do. ``result`` is what
+    the run did, when it did anything (its record says the same)."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class BatchTimeoutError(Exception):

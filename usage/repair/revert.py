@@ -46,24 +46,20 @@ from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage import cron
 from usage.db import check_target, error_text, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import rollup, runs
 from usage.repair.batching import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
     BatchTimeoutError,
     BatchWords,
     Halving,
-    Progress,
-    default_lock_retry_delays,
+    RunError,
+    RunLimits,
     describe_failure,
-    no_progress,
     retry_locked,
 )
+from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.revert")
 
@@ -215,24 +211,16 @@ WHERE locktype = 'advisory' AND granted
 LIMIT 1"""
 
 
-class RevertError(Exception):
+class RevertError(RunError):
     """The revert cannot start or stopped; the message says what to do."""
 
-    def __init__(self, message: str, result: RevertResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    result: RevertResult | None
 
 
 @dataclass(frozen=True)
-class RevertOptions:
+class RevertOptions(RunLimits):
     run_id: int
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
-    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
-    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     show_changed: int = DEFAULT_SHOW_CHANGED
-    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
 
 
 @dataclass(frozen=True)

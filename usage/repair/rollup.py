@@ -62,7 +62,7 @@ from usage.db import (
 )
 from usage.eligibility import compose
 from usage.events import log_event
-from usage.repair.batching import Progress, no_progress
+from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.rollup")
 

@@ -24,12 +24,12 @@ from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.progress import OutputStream, ProgressBar
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.repair.backfill import (
-    DEFAULT_BATCH_SIZE,
     BackfillError,
     ExecuteOptions,
     ExecuteResult,
     execute_backfill,
 )
+from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, load_summary
 from usage.repair.verify import verify_run

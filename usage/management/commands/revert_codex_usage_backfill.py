@@ -15,8 +15,8 @@ from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
 from usage.management.base import ToolCommand
+from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_SHOW_CHANGED,
     RevertError,
     RevertOptions,
