@@ -35,7 +35,13 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
 from usage import cron
-from usage.db import check_target, database_now, error_text, set_local_timeouts
+from usage.db import (
+    check_target,
+    database_now,
+    error_text,
+    reconnect_if_dead,
+    set_local_timeouts,
+)
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.events import log_event
 from usage.models import BackfillRun
@@ -47,6 +53,7 @@ from usage.repair.batching import (
     RunError,
     RunLimits,
     describe_failure,
+    drop_temp_table,
     retry_locked,
 )
 from usage.repair.progress import Progress, no_progress
@@ -571,8 +578,7 @@ class Backfill:
         """
         assert self.result is not None
         try:
-            if connection.connection is not None and not connection.is_usable():
-                connection.close()
+            reconnect_if_dead()
             with transaction.atomic(), connection.cursor() as cursor:
                 set_local_timeouts(
                     cursor, self.options.lock_timeout, REMAINING_COUNT_TIMEOUT_SECONDS
@@ -620,12 +626,7 @@ class Backfill:
             )
 
     def _drop_work_table(self) -> None:
-        try:
-            if connection.is_usable():
-                with connection.cursor() as cursor:
-                    cursor.execute(DROP_WORK_TABLE_SQL)
-        except Exception:
-            logger.debug("work table left to die with the session", exc_info=True)
+        drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
 
 
 def execute_backfill(

@@ -46,7 +46,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage.db import check_target, error_text, set_local_timeouts
+from usage.db import check_target, error_text, reconnect_if_dead, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import rollup, runs
@@ -57,6 +57,7 @@ from usage.repair.batching import (
     RunError,
     RunLimits,
     describe_failure,
+    drop_temp_table,
     retry_locked,
 )
 from usage.repair.progress import Progress, no_progress
@@ -510,8 +511,7 @@ class _Revert:
 
     def _drain_quietly(self) -> None:
         try:
-            if connection.connection is not None and not connection.is_usable():
-                connection.close()
+            reconnect_if_dead()
             if self.drainer is not None:
                 self._drain_queued()
         except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
@@ -521,12 +521,7 @@ class _Revert:
             )
 
     def _drop_agent_tasks(self) -> None:
-        try:
-            if connection.is_usable():
-                with connection.cursor() as cursor:
-                    cursor.execute(DROP_AGENT_TASKS_SQL)
-        except Exception:
-            logger.debug("agent task counts left to die with the session", exc_info=True)
+        drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
 
     # -- the end ---------------------------------------------------------------------------
 
