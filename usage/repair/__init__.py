@@ -2,7 +2,8 @@
 
 ``backfill`` repairs the eligible rows and ``revert`` undoes a run, both on the one batching
 core of ``batching`` (short batches halved on a timeout, rows a writer held retried after
-the pass, one way to describe a failure, one progress callback); ``rollup`` rebuilds the
+the pass, their shared options and error, one way to describe a failure) and reporting
+through the one callback of ``progress``; ``rollup`` rebuilds the
 hourly keys they touched in short slices under lock 4246; ``runs`` keeps the run record and
 the run lock; ``summary`` is the dry run's aggregate and ``verify`` the proof after a run.
 """
