@@ -49,17 +49,7 @@ from django.db.models.functions import Now
 from usage.db import check_target, error_text, reconnect_if_dead, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
-from usage.repair import rollup, runs
-from usage.repair.batching import (
-    BatchTimeoutError,
-    BatchWords,
-    Halving,
-    RunError,
-    RunLimits,
-    describe_failure,
-    drop_temp_table,
-    retry_locked,
-)
+from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.revert")
@@ -69,7 +59,7 @@ DEFAULT_SHOW_CHANGED = 20
 # sized from the measured rollup cost.
 INITIAL_BATCH_SIZE = 100
 # How the revert's messages name its batches.
-WORDS = BatchWords(
+WORDS = batching.BatchWords(
     batch="a revert batch",
     unit="entries",
     kept="the rows restored so far stay restored: run the same revert again later",
@@ -212,14 +202,14 @@ WHERE locktype = 'advisory' AND granted
 LIMIT 1"""
 
 
-class RevertError(RunError):
+class RevertError(batching.RunError):
     """The revert cannot start or stopped; the message says what to do."""
 
     result: RevertResult | None
 
 
 @dataclass(frozen=True)
-class RevertOptions(RunLimits):
+class RevertOptions(batching.RunLimits):
     run_id: int
     show_changed: int = DEFAULT_SHOW_CHANGED
 
@@ -326,7 +316,7 @@ class _Revert:
         self.options = options
         self.stop = stop
         self.progress = progress
-        self.halving = Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
+        self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
         self.result: RevertResult | None = None
         self.drainer: rollup.QueueDrainer | None = None
 
@@ -353,7 +343,7 @@ class _Revert:
                     # An earlier revert of this run stopped; drain whatever it left queued.
                     self._drain_queued()
                 self._restore_phase()
-            except BatchTimeoutError as exc:
+            except batching.BatchTimeoutError as exc:
                 self._drain_quietly()
                 raise RevertError(str(exc), result) from None
             except RevertError:
@@ -361,7 +351,7 @@ class _Revert:
             except BaseException as exc:
                 self._drain_quietly()
                 raise RevertError(
-                    f"revert of run {run.pk} stopped: {describe_failure(exc)}; the rows "
+                    f"revert of run {run.pk} stopped: {batching.describe_failure(exc)}; the rows "
                     "restored so far stay restored: run the same revert again to finish",
                     result,
                 ) from exc
@@ -417,7 +407,7 @@ class _Revert:
                 skipped.extend(batch[1])
                 pending = pending[len(chunk) :]
 
-        retry_locked(
+        batching.retry_locked(
             self.options.lock_retry_delays, self.stop, lambda: len(skipped), retry_pass, logger
         )
         self.result.stopped = self.stop.is_set()
@@ -521,7 +511,7 @@ class _Revert:
             )
 
     def _drop_agent_tasks(self) -> None:
-        drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
+        batching.drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
 
     # -- the end ---------------------------------------------------------------------------
 
