@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = (10_000_000, 100_000_000)
-NESTLOOP_KEY_BASE = 60  # usage.rollup.KEY_BASE_COST["nestloop"]
+NESTLOOP_KEY_BASE = 60  # usage.repair.rollup.KEY_BASE_COST["nestloop"]
 GIB = 1024**3
 
 

@@ -2,7 +2,7 @@
 platform's own rollup, on two dataset shapes, with the platform's neighbours running.
 
 One run builds a deterministic dataset of ``--rows`` task_usage rows once per shape, in a
-template database (schema fixture, ``usage.dataset``, initial rollup, the tool's migrations,
+template database (schema fixture, ``sandbox.dataset``, initial rollup, the tool's migrations,
 VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
 (``CREATE DATABASE ... TEMPLATE``), each after a CHECKPOINT. The shapes:
 
@@ -22,11 +22,12 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
                the keys of (c)'s rows, as the platform would make it; when that would take
                longer than ``--default-call-max-seconds`` (estimated from 100 keys), a random
                sample of the keys is timed and the time scaled to all of them (said so);
-(e) dry run    usage.summary.load_summary versus one plain aggregate over the same rows
+(e) dry run    usage.repair.summary.load_summary versus one plain aggregate over the same rows
                (medians, alternating, same connection), plus the dry-run command's wall time.
 
 End states of (a), (b) and (c) are compared by an md5 of (id, input_tokens) ordered by id, and
-(c)'s hourly table against usage.verify's recompute; any failed check makes the exit status 1.
+(c)'s hourly table against usage.repair.verify's recompute; any failed check makes the exit
+status 1.
 
     python bench/run.py --rows 400000                       # embedded PostgreSQL (default)
     python bench/run.py --rows 100000,400000,1000000 --shapes wide,deep
@@ -68,9 +69,10 @@ from rich.table import Table  # noqa: E402
 
 from bench import neighbours, variants  # noqa: E402
 from bench import server as pg  # noqa: E402
-from usage import dataset, rollup, target  # noqa: E402
+from sandbox import dataset, target  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
-from usage.verify import ALL_KEYS_SQL  # noqa: E402
+from usage.repair import rollup  # noqa: E402
+from usage.repair.verify import ALL_KEYS, MISMATCHES_SQL  # noqa: E402
 
 logger = logging.getLogger("bench.run")
 
@@ -84,8 +86,8 @@ DEFAULT_BASELINE_MAX_ROWS = 400_000
 # Bumped when the way the template is built changes, so an old template is never reused.
 TEMPLATE_VERSION = "2"
 TEMPLATE_INPUTS = (
-    ROOT / "usage" / "dataset.py",
-    ROOT / "usage" / "sql" / "target_schema.sql",
+    ROOT / "sandbox" / "dataset.py",
+    ROOT / "sandbox" / "target_schema.sql",
     *sorted((ROOT / "usage" / "migrations").glob("0*.py")),
 )
 WORKER = str(ROOT / "bench" / "worker.py")
@@ -487,7 +489,7 @@ class SizeRun:
                 variants.JOURNAL_BYTES_SQL, [compose("{journal}")]
             ).fetchone()
             with conn.cursor() as cur:
-                cur.execute(compose(ALL_KEYS_SQL), {"run_ids": [], "limit": 10})
+                cur.execute(compose(MISMATCHES_SQL, **ALL_KEYS), {"run_ids": [], "limit": 10})
                 mismatches = cur.fetchall()
         tick = neighbours.next_tick(url)
         update = (run["rollup_to"] - run["started_at"]).total_seconds()
@@ -540,7 +542,7 @@ class SizeRun:
             f"{run['journal_rows']} vs {run['rows_updated']}",
         )
         self.check(
-            "(c) task_usage_hourly equals usage.verify's recompute",
+            "(c) task_usage_hourly equals usage.repair.verify's recompute",
             not mismatches,
             f"{len(mismatches)}+ mismatching keys",
         )

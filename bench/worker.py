@@ -1,7 +1,7 @@
 """Measurements that must run in the tool's own process, on one copy (``DATABASE_URL``).
 
 ``bench/run.py`` starts this script once per measurement, so each one runs the real library
-code (``usage.summary.load_summary``) through Django's connection, exactly as the command
+code (``usage.repair.summary.load_summary``) through Django's connection, exactly as the command
 would, and reports one JSON object on stdout.
 
     python bench/worker.py summary --cutoff 2026-06-13T08:00:00Z --repeat 3
@@ -34,9 +34,10 @@ django.setup()
 from django.db import connection, transaction  # noqa: E402
 
 from bench.variants import ORIGINAL_SUMMARY_SQL, PLAIN_AGGREGATE_SQL  # noqa: E402
-from usage import options, render  # noqa: E402
+from usage import options  # noqa: E402
 from usage.eligibility import compose, eligible_params  # noqa: E402
-from usage.summary import load_summary  # noqa: E402
+from usage.output.table import TABLE_GROUP_LIMIT  # noqa: E402
+from usage.repair.summary import load_summary  # noqa: E402
 
 logger = logging.getLogger("bench.worker")
 
@@ -51,7 +52,7 @@ def summary(cutoff_text: str, repeat: int) -> dict[str, Any]:
     cutoff = options.parse_cutoff(cutoff_text)
     params = eligible_params(cutoff, None)
     # As the command calls it for its default table output.
-    keep = render.TABLE_GROUP_LIMIT
+    keep = TABLE_GROUP_LIMIT
     plain_sql = compose(PLAIN_AGGREGATE_SQL)
 
     def plain() -> tuple[int, int, int, int]:

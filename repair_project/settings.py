@@ -1,7 +1,7 @@
 """Settings for the codex-usage-repair operator tool.
 
 The target database comes from ``DATABASE_URL``. Without it the tool runs on an embedded
-sandbox PostgreSQL (see ``usage.sandbox``) so that a fresh clone works with no other step.
+sandbox PostgreSQL (see ``sandbox.server``) so that a fresh clone works with no other step.
 The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, default
 ``codex_repair``) placed first on the search path; the application's tables are found in
 ``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
@@ -55,7 +55,7 @@ USING_SANDBOX = not DATABASE_URL
 
 if USING_SANDBOX:
     _default_db: dict = {
-        "ENGINE": "usage.sandbox_backend",
+        "ENGINE": "sandbox.backend",
         "NAME": SANDBOX_DATABASE_NAME,
         "USER": "postgres",
         "PASSWORD": "",

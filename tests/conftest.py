@@ -11,13 +11,16 @@ import os
 from collections.abc import Iterator
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection, transaction
+from django.test import override_settings
 from psycopg import sql
 
-from usage import target
+from sandbox import target
 from usage.eligibility import compose
+from usage.repair import batching
 
 # The cron tick's state as the schema fixture creates it: the tick never ran.
 RESET_ROLLUP_STATE_SQL = """
@@ -34,6 +37,13 @@ TARGET_TABLES = (
     "issue",
     "agent",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hasher() -> Iterator[None]:
+    """Tests hash passwords with MD5: a login costs microseconds, not PBKDF2's 0.6 s."""
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +91,16 @@ def subprocess_env(test_database_url: str) -> dict[str, str]:
     env["DATABASE_URL"] = test_database_url
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
+    """A second session on the test database, as another process (a writer) would have."""
+    with psycopg.connect(test_database_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def quick_lock_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows a writer holds are retried after 50 to 400 ms, not the production 0.5 to 4 s."""
+    monkeypatch.setattr(batching, "LOCK_RETRY_DELAYS_SECONDS", (0.05, 0.1, 0.2, 0.4))

@@ -23,17 +23,17 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
+from sandbox.dataset import DatasetSpec, generate_dataset
 from tests.factories import AFTER, BEFORE, CUTOFF, make_agent, make_task, make_usage
-from usage.admin import CandidateUsageAdmin
-from usage.candidates import COUNT_CAP, CandidateUsage
-from usage.dataset import DatasetSpec, generate_dataset
+from tests.support import CUTOFF_ARG
+from usage.admin.base import COUNT_CAP
+from usage.admin.candidates import CandidateUsageAdmin
 from usage.eligibility import CANDIDATE_IDS_SQL, compose, eligible_params
-from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.summary import load_summary
+from usage.models import BackfillJournal, BackfillRun, CandidateUsage, TaskUsage
+from usage.repair.summary import load_summary
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 CANDIDATES = "admin:usage_candidateusage_changelist"
 RUNS = "admin:usage_backfillrun_changelist"
 JOURNAL = "admin:usage_backfilljournal_changelist"

@@ -21,9 +21,10 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
 
+from sandbox.dataset import DEMO_SPEC, generate_dataset
+from tests.support import CUTOFF_ARG
 from usage import render
-from usage.dataset import DEMO_SPEC, generate_dataset
-from usage.summary import Totals, load_summary
+from usage.repair.summary import Totals, load_summary
 
 logger = logging.getLogger("usage.tests.browser")
 
@@ -39,7 +40,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = Path(settings.BASE_DIR) / "artifacts" / "admin-candidates.png"
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 TOTAL_CELLS = {
     "total-rows": "rows",
     "total-input-before": "input_before",

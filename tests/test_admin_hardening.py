@@ -16,7 +16,7 @@ from django.urls import reverse
 
 from tests.factories import make_agent, make_task, make_usage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 CANDIDATES = "admin:usage_candidateusage_changelist"
 RUNS = "admin:usage_backfillrun_changelist"

@@ -12,18 +12,13 @@ from django.db import connection
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import manage
-from usage.backfill import ExecuteOptions, execute_backfill
+from tests.support import COMMITS, table_snapshot
 from usage.models import AgentTaskQueue, BackfillRun, TaskUsage
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def snapshot_table(table: str) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3")
-        return cursor.fetchall()
+pytestmark = COMMITS
 
 
 def test_clamped_row_ends_at_zero_and_is_counted() -> None:
@@ -62,12 +57,12 @@ def test_legacy_row_with_null_updated_at_is_repaired_and_rolled_up() -> None:
 def test_task_without_runtime_is_repaired_but_never_rolled_up() -> None:
     row = make_usage(make_task(make_agent(), runtime=False), model="gpt-5-codex")
     populate_rollup()
-    assert snapshot_table("task_usage_hourly") == []
+    assert table_snapshot("task_usage_hourly") == []
     assert load_summary(CUTOFF, None).totals.rollup_keys == 0
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     assert result.rows_updated == 1
     assert TaskUsage.objects.get(pk=row.pk).input_tokens == 700
-    assert snapshot_table("task_usage_hourly") == []
+    assert table_snapshot("task_usage_hourly") == []
     assert rollup_mismatches() == []
 
 
@@ -124,11 +119,11 @@ def test_dry_run_writes_nothing() -> None:
     make_usage(make_task(make_agent()), model="x")
     make_usage(make_task(make_agent()), model="y", updated_at=None)
     populate_rollup()
-    before = [snapshot_table(t) for t in ("task_usage", "task_usage_hourly")]
+    before = [table_snapshot(t) for t in ("task_usage", "task_usage_hourly")]
     out = io.StringIO()
     call_command("backfill_codex_usage_cache", "--cutoff", "2026-06-13T08:00:00Z", stdout=out)
     assert "2 rows would change" in out.getvalue()
-    assert [snapshot_table(t) for t in ("task_usage", "task_usage_hourly")] == before
+    assert [table_snapshot(t) for t in ("task_usage", "task_usage_hourly")] == before
     assert BackfillRun.objects.count() == 0
 
 

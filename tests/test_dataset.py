@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 from django.db import connection
 
+from sandbox import dataset
 from tests.factories import CUTOFF
-from usage import dataset
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from tests.support import COMMITS
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = COMMITS
 
 HOURLY = (
     "SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,"

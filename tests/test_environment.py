@@ -35,11 +35,10 @@ from tests.processes import (
     manage,
     silent_server,
     start_manage,
-    wait_until,
 )
+from tests.support import CUTOFF_ARG, wait_until
 from usage.preflight import connect_target
 
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 PASSWORD = "s3cr3t-pw"
 # The key this repository once committed (with it, anyone could forge the admin's cookies).
 FORMERLY_COMMITTED_KEY = "codex-usage-repair-local-only-key"

@@ -9,11 +9,12 @@ import pytest
 from django.db import IntegrityError, connection
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
-from usage.backfill import ExecuteOptions, execute_backfill
+from tests.support import COMMITS
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.summary import load_summary
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.summary import load_summary
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = COMMITS
 
 
 @pytest.fixture

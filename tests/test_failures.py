@@ -21,23 +21,17 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
-from tests.processes import error_lines, start_manage, wait_until
-from usage import runs
+from tests.processes import error_lines, start_manage
+from tests.support import COMMITS, CUTOFF_ARG, command, wait_until
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.options import parse_cutoff
-from usage.revert import plan_revert
+from usage.repair import runs
+from usage.repair.revert import plan_revert
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = COMMITS
 
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 ROLLUP = "rollup_task_usage_hourly_window"
-
-
-def command(name: str, *args: str) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    call_command(name, *args, stdout=out, stderr=err)
-    return out.getvalue(), err.getvalue()
 
 
 def make_rows(count: int) -> list[TaskUsage]:
@@ -54,12 +48,6 @@ def still_eligible() -> int:
             compose(COUNT_ELIGIBLE_SQL), eligible_params(parse_cutoff(CUTOFF_ARG), None)
         )
         return cursor.fetchone()[0]
-
-
-@pytest.fixture
-def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(test_database_url) as conn:
-        yield conn
 
 
 @pytest.fixture

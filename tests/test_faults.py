@@ -15,14 +15,13 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
-from tests.processes import start_manage, wait_until
-from usage.backfill import BackfillError, ExecuteOptions, execute_backfill
+from tests.processes import start_manage
+from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.verify import rollup_mismatches
+from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 
 def make_rows(count: int, agents: int = 3) -> list[TaskUsage]:
@@ -39,12 +38,6 @@ def repaired_count() -> int:
     return TaskUsage.objects.filter(input_tokens__lt=1000).count()
 
 
-@pytest.fixture
-def other_connection(test_database_url: str):
-    with psycopg.connect(test_database_url) as conn:
-        yield conn
-
-
 def test_row_locked_by_a_writer_is_retried_once_released(other_connection) -> None:
     rows = make_rows(6)
     other_connection.execute("SELECT 1 FROM task_usage WHERE id = %s FOR UPDATE", [rows[0].pk])
@@ -58,7 +51,9 @@ def test_row_locked_by_a_writer_is_retried_once_released(other_connection) -> No
     assert rollup_mismatches() == []
 
 
-def test_row_locked_for_the_whole_run_is_reported_never_success(other_connection) -> None:
+def test_row_locked_for_the_whole_run_is_reported_never_success(
+    other_connection, quick_lock_retries: None
+) -> None:
     rows = make_rows(6)
     other_connection.execute("SELECT 1 FROM task_usage WHERE id = %s FOR UPDATE", [rows[0].pk])
     out = io.StringIO()
@@ -84,7 +79,7 @@ def test_lock_timeout_rolls_back_and_retries_with_a_smaller_batch(other_connecti
     sizes: list[int] = []
     result = execute_backfill(
         ExecuteOptions(cutoff=CUTOFF, batch_size=4, lock_timeout=0.5),
-        on_batch=lambda batch, _: sizes.append(batch.batch_size),
+        progress=lambda event, **d: sizes.append(d["batch"].batch_size) if event == "batch" else 0,
     )
     release.join()
     assert result.rows_updated == 4
@@ -292,6 +287,13 @@ def test_concurrent_ingestion_loses_nothing_and_repairs_exactly_once(test_databa
     original = {r.pk: r.input_tokens for r in rows}
     writer = Writer(test_database_url, rows, seconds=1.5)
     alive_at_rollup: list[bool] = []
+
+    def progress(event: str, **details: object) -> None:
+        if event == "started":
+            writer.start()
+        elif event == "rollup_slice":
+            alive_at_rollup.append(writer.is_alive())
+
     result = execute_backfill(
         ExecuteOptions(
             cutoff=CUTOFF,
@@ -299,8 +301,7 @@ def test_concurrent_ingestion_loses_nothing_and_repairs_exactly_once(test_databa
             sleep_between_batches=0.15,
             lock_retry_delays=(0.2, 0.5, 1.0, 2.0),
         ),
-        on_start=lambda run: writer.start(),
-        on_rollup_slice=lambda *args: alive_at_rollup.append(writer.is_alive()),
+        progress=progress,
     )
     writer.join(10)
     assert writer.error is None

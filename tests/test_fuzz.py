@@ -28,12 +28,11 @@ from django.urls import reverse
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, manage
+from tests.support import CUTOFF_ARG
 from usage.eligibility import compose
 from usage.models import BackfillRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 
 HOSTILE = [
     "",

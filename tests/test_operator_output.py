@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import pty
@@ -13,17 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
 from tests.processes import PROJECT_DIR
+from tests.support import COMMITS, CUTOFF_ARG
+from tests.support import backfill as command
 from usage.models import BackfillRun
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = COMMITS
 
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 README = PROJECT_DIR / "README.md"
 TYPES = {
     "string": str,
@@ -77,12 +76,6 @@ def rows() -> None:
         make_usage(make_task(agent), model=model)
     make_usage(make_task(agent), model="c", input_tokens=100, cache_read_tokens=300)
     populate_rollup()
-
-
-def command(*args: str) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    call_command("backfill_codex_usage_cache", *args, stdout=out, stderr=err)
-    return out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["dry_run", "execute"])
@@ -159,19 +152,10 @@ def test_verify_finds_a_wrong_hourly_row_and_exits_non_zero(rows: None) -> None:
     assert error.value.returncode == 4
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--verify"], "--verify needs --execute"),
-        (["--verify", "--run-id", "x"], "is not a run number"),
-        (["--verify", "--run-id", "999999"], "run 999999 does not exist"),
-        (["--run-id", "3"], "--run-id goes with --verify"),
-        (["--cutoff", CUTOFF_ARG, "--max-replication-lag", "lots"], "is not a duration"),
-    ],
-)
-def test_verify_and_option_mistakes(rows: None, args: list[str], message: str) -> None:
-    with pytest.raises(CommandError, match=message):
-        command(*args)
+def test_verify_of_a_run_that_does_not_exist(rows: None) -> None:
+    # The verify mistakes refused before the database are in tests/test_options.py.
+    with pytest.raises(CommandError, match="run 999999 does not exist"):
+        command("--verify", "--run-id", "999999")
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import pytest
-from django.core.management import call_command
 
 from tests.factories import (
     AFTER,
@@ -17,19 +15,16 @@ from tests.factories import (
     make_usage,
     populate_rollup,
 )
+from tests.support import COMMITS, CUTOFF_ARG, backfill
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 
 def run_command(*args: str) -> str:
-    out = io.StringIO()
-    call_command("backfill_codex_usage_cache", *args, stdout=out, stderr=io.StringIO())
-    return out.getvalue()
+    return backfill(*args)[0]
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """``--output``: checked before any work, never replacing a device, FIFO or link, umask modes.
 
-The path checks and the writing live in ``usage.outputs`` (one library for every file the
+The path checks and the writing live in ``usage.output.files`` (one library for every file the
 tool writes a result to); the command tests run the real repair on PostgreSQL and check
 that a refused path changed nothing, and that a write failing after a run never hides the
 run's outcome.
@@ -22,16 +22,10 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
+from tests.support import COMMITS, CUTOFF_ARG
+from tests.support import backfill as command
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.outputs import OutputError, check_output
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
-
-
-def command(*args: str) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    call_command("backfill_codex_usage_cache", *args, stdout=out, stderr=err)
-    return out.getvalue(), err.getvalue()
+from usage.output.files import OutputError, check_output
 
 
 @pytest.fixture
@@ -194,7 +188,7 @@ def test_a_fifo_nobody_reads_is_an_error_not_a_wait(tmp_path: Path) -> None:
 # -- the command: refused before the run, outcome kept after it -----------------------------
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 @pytest.mark.parametrize(
     "name", ["directory", "missing-parent", "file-as-parent", "dangling-link"]
 )
@@ -209,7 +203,7 @@ def test_execute_with_an_unusable_output_changes_nothing(
     assert unchanged(rows)
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_a_write_failing_after_the_run_still_shows_its_outcome(
     rows: list[TaskUsage], tmp_path: Path, fmt: str
@@ -243,7 +237,7 @@ def test_a_write_failing_after_the_run_still_shows_its_outcome(
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_a_full_device_after_a_dry_run_says_nothing_changed(rows: list[TaskUsage]) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
@@ -264,7 +258,7 @@ def test_a_full_device_after_a_dry_run_says_nothing_changed(rows: list[TaskUsage
     assert unchanged(rows)
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_json_through_a_symlink_reaches_its_target(
     rows: list[TaskUsage], tmp_path: Path, umask: None
 ) -> None:

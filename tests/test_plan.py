@@ -27,16 +27,16 @@ from django.urls import reverse
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import error_lines, manage
+from tests.support import COMMITS, CUTOFF_ARG
+from tests.support import backfill as command
 from tests.test_operator_output import check_type, documented_fields, lookup
 from usage import plan
-from usage.backfill import ExecuteOptions, execute_backfill
 from usage.db import database_now
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
+from usage.repair.backfill import ExecuteOptions, execute_backfill
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 # What ingestion does to a row it receives again: the normalized value, updated_at = now().
 INGEST_SQL = """
@@ -46,12 +46,6 @@ ON CONFLICT (task_id, provider, model) DO UPDATE SET
     input_tokens = EXCLUDED.input_tokens,
     cache_read_tokens = EXCLUDED.cache_read_tokens,
     updated_at = now()"""
-
-
-def command(*args: str) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    call_command("backfill_codex_usage_cache", *args, stdout=out, stderr=err)
-    return out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -129,6 +123,7 @@ def eligible_now() -> int:
 # -- plan, then execute --------------------------------------------------------------------
 
 
+@pytest.mark.django_db(transaction=True)  # logs in to the admin: auth is flushed too
 def test_plan_then_execute_repairs_exactly_the_plan(
     rows: dict[str, Any], plan_file: Path, admin_client: Client
 ) -> None:

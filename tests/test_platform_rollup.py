@@ -37,17 +37,16 @@ from tests.platform import (
     installed,
     next_tick,
 )
-from tests.processes import start_manage, wait_until
-from usage.backfill import ExecuteOptions, execute_backfill
+from tests.processes import start_manage
+from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.revert import RevertOptions, execute_revert
-from usage.verify import rollup_mismatches
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.revert import RevertOptions, execute_revert
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
+pytestmark = COMMITS
 
 QUEUE_KEY_SQL = """
 INSERT INTO {task_usage_hourly_dirty} AS d (

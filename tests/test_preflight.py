@@ -43,6 +43,7 @@ from tests.factories import (
     set_rollup_state,
 )
 from tests.processes import manage
+from tests.support import CUTOFF_ARG
 from usage.eligibility import compose
 from usage.management.commands.preflight_codex_usage_backfill import Command
 from usage.models import BackfillJournal, BackfillRun
@@ -56,8 +57,6 @@ from usage.preflight import (
     passed,
     run_preflight,
 )
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
 
 
 def results(
@@ -484,21 +483,6 @@ def test_command_help_is_complete_with_examples() -> None:
         assert f"  {name} " in text
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        ((), "--cutoff is required"),
-        (("--cutoff", "2026-06-13"), "is not an RFC 3339 timestamp"),
-        (("--cutoff", CUTOFF_ARG, "--workspace-id", "nope"), "is not a UUID"),
-    ],
-)
-def test_command_rejects_bad_input_before_touching_the_database(
-    args: tuple[str, ...], expected: str
-) -> None:
-    with pytest.raises(CommandError, match=expected):
-        preflight_command(*args)
-
-
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_command_exit_status_as_a_process(subprocess_env: dict[str, str]) -> None:
@@ -582,8 +566,8 @@ def test_target_database(name: str, target_results: dict[str, CheckResult]) -> N
 
 @pytest.mark.django_db(transaction=True)
 def test_a_run_whose_rollup_did_not_finish_is_a_warning(usage_rows: None) -> None:
-    from usage.backfill import ExecuteOptions, execute_backfill
     from usage.models import BackfillRun
+    from usage.repair.backfill import ExecuteOptions, execute_backfill
 
     run = execute_backfill(ExecuteOptions(cutoff=CUTOFF)).run
     assert results()["pending_rollups"].status == "ok"

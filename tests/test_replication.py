@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import psycopg
 import pytest
 
 from tests.factories import CUTOFF
+from tests.support import wait_until
 from usage.preflight import CHECKS, CheckResult, run_preflight
 from usage.replication import (
     ReplicaState,
@@ -196,18 +197,6 @@ def _prepare_for_server_user(base: Path, bin_dir: Path) -> str | None:
     return pwd.getpwuid(entry.pw_uid).pw_name
 
 
-def wait_until(condition: Callable[[], Any], seconds: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:g}s waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     bin_dir = _server_binaries()
@@ -250,7 +239,7 @@ def cluster() -> Iterator[Cluster]:
                     "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
                 ).fetchone()[0],
                 30,
-                "the replica to stream",
+                what="the replica to stream",
             )
         yield nodes
     finally:
@@ -288,7 +277,7 @@ def pause_replay(standby: psycopg.Connection) -> None:
             standby.execute("SELECT pg_get_wal_replay_pause_state()").fetchone()[0] == "paused"
         ),
         10,
-        "replay to pause",
+        what="replay to pause",
     )
 
 
@@ -306,7 +295,7 @@ def caught_up(primary: psycopg.Connection, limit: float = 0.5) -> None:
             for state in replica_states(cursor)
         )
 
-    wait_until(settled, 30, "the replica to catch up")
+    wait_until(settled, 30, what="the replica to catch up")
 
 
 def lagging(primary: psycopg.Connection, limit: float) -> str:
@@ -327,7 +316,7 @@ def lagging(primary: psycopg.Connection, limit: float) -> str:
             for state in replica_states(cursor)
         )
 
-    wait_until(clearly_over, 30, "the primary to report replay lag")
+    wait_until(clearly_over, 30, what="the primary to report replay lag")
     reason = lag_too_high(limit, cursor)
     assert reason is not None
     return reason
@@ -480,8 +469,8 @@ def test_backfill_command_pauses_while_the_replica_lags(
     cluster: Cluster, primary: psycopg.Connection, standby: psycopg.Connection
 ) -> None:
     """End to end: a real --execute on the primary waits for the paused replica."""
+    from sandbox import dataset, target
     from tests.processes import start_manage
-    from usage import dataset, target
 
     primary.execute("DROP DATABASE IF EXISTS repl_target")
     primary.execute("CREATE DATABASE repl_target")
@@ -519,7 +508,7 @@ def test_backfill_command_pauses_while_the_replica_lags(
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any(line.startswith("paused: ") for line in lines), 60, "a pause")
+        wait_until(lambda: any(line.startswith("paused: ") for line in lines), 60, what="a pause")
         assert process.poll() is None, "the run must wait while the replica lags"
         standby.execute("SELECT pg_wal_replay_resume()")
         stdout = process.stdout.read()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
@@ -29,22 +27,15 @@ from tests.factories import (
     make_usage,
     populate_rollup,
 )
-from usage import runs
+from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
 from usage.eligibility import compose
 from usage.models import AgentTaskQueue, BackfillJournal, BackfillRun, TaskUsage
-from usage.revert import RevertOptions, execute_revert, plan_revert
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from usage.repair import runs
+from usage.repair.revert import RevertOptions, execute_revert, plan_revert
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-CUTOFF_ARG = "2026-06-13T08:00:00Z"
-
-COLUMNS_SQL = """
-SELECT column_name FROM information_schema.columns
-WHERE table_schema = %s AND table_name = %s
-ORDER BY ordinal_position"""
-
+pytestmark = COMMITS
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -76,17 +67,6 @@ def revert_error(*args: str) -> CommandError:
     return caught.value
 
 
-def table_snapshot(table: str, exclude: tuple[str, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every column of every row (but ``exclude``), in a total order."""
-    with connection.cursor() as cursor:
-        cursor.execute(COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA, table])
-        columns = [name for (name,) in cursor.fetchall() if name not in exclude]
-        assert columns, f"no columns found for {table}"
-        listed = ", ".join(columns)
-        cursor.execute(compose(f"SELECT {listed} FROM {{{table}}} ORDER BY {listed}"))
-        return cursor.fetchall()
-
-
 def snapshot() -> dict[str, list[tuple[Any, ...]]]:
     return {
         "task_usage": table_snapshot("task_usage"),
@@ -98,13 +78,6 @@ def dirty_queue_size() -> int:
     with connection.cursor() as cursor:
         cursor.execute(compose("SELECT count(*) FROM {task_usage_hourly_dirty}"))
         return cursor.fetchone()[0]
-
-
-@pytest.fixture
-def other_connection(test_database_url: str) -> Iterator[psycopg.Connection]:
-    """A second session on the test database, as another process would have."""
-    with psycopg.connect(test_database_url, autocommit=True) as conn:
-        yield conn
 
 
 @pytest.fixture
@@ -295,7 +268,7 @@ def test_dry_run_reports_and_writes_nothing(scenario: dict[str, TaskUsage]) -> N
 
 
 def test_row_locked_by_a_writer_is_retried_reported_and_finished_by_a_rerun(
-    scenario: dict[str, TaskUsage], other_connection: psycopg.Connection
+    scenario: dict[str, TaskUsage], other_connection: psycopg.Connection, quick_lock_retries: None
 ) -> None:
     original = snapshot()
     backfill()
@@ -323,12 +296,6 @@ def test_row_locked_by_a_writer_is_retried_reported_and_finished_by_a_rerun(
 
 
 # -- bad input -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", "", " "])
-def test_run_id_that_is_not_a_run_number(value: str) -> None:
-    error = revert_error(value, "--execute")
-    assert "is not a run number" in str(error)
 
 
 @pytest.mark.parametrize("mode", [(), ("--execute",)])
@@ -402,16 +369,3 @@ def test_revert_while_another_run_holds_the_run_lock_names_it(
     # The dry run does not need the lock.
     out, _ = revert(str(done.pk))
     assert f"{len(ELIGIBLE)} rows would be restored" in out
-
-
-@pytest.mark.parametrize(
-    ("flag", "value", "expected"),
-    [
-        ("--batch-size", "0", "--batch-size must be positive"),
-        ("--lock-timeout", "soon", "--lock-timeout"),
-        ("--show", "many", "--show 'many' must be a whole number"),
-    ],
-)
-def test_bad_options(flag: str, value: str, expected: str) -> None:
-    error = revert_error("1", flag, value)
-    assert expected in str(error)

@@ -15,15 +15,17 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
+from sandbox import dataset
 from tests.factories import CUTOFF, make_keys
 from tests.platform import CALL_KEYS, FAST_ROLLUP, delayed_rollup, installed
-from usage import dataset, rollup
-from usage.backfill import ExecuteOptions, execute_backfill
+from tests.support import COMMITS
 from usage.cron import CronState, TickWatcher
 from usage.db import database_now
 from usage.eligibility import compose
-from usage.rollup import Plan, SliceLimits, SlicePlanner, plan_applied, run_slice
-from usage.verify import rollup_mismatches
+from usage.repair import rollup
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.rollup import Plan, SliceLimits, SlicePlanner, plan_applied, run_slice
+from usage.repair.verify import rollup_mismatches
 
 # Queue ``%(keys)s`` hourly keys (every ``%(step)s``-th in key order, from ``%(offset)s``),
 # as a platform writer would; the latest enqueued_at.
@@ -81,7 +83,7 @@ def deep_dataset(transactional_db: None) -> Iterator[None]:
     yield
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_the_hash_plan_reaches_the_function_even_with_a_cached_generic_plan(
     deep_dataset: None,
 ) -> None:
@@ -121,7 +123,7 @@ def test_the_hash_plan_reaches_the_function_even_with_a_cached_generic_plan(
     assert rollup_mismatches() == []
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_both_plans_rebuild_keys_equal_to_a_recompute(deep_dataset: None) -> None:
     with connection.cursor() as cursor:
         # Rows rewritten without their rollup: 600 hourly keys are now wrong.
@@ -180,7 +182,7 @@ ALTER FUNCTION public.rollup_task_usage_hourly_window(timestamptz, timestamptz)
     RESET enable_nestloop"""
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_a_slice_whose_settings_do_not_reach_the_function_is_seen_as_nested_loops(
     deep_dataset: None,
 ) -> None:
@@ -201,7 +203,7 @@ SCAN_TOO_SLOW = delayed_rollup(
 )
 
 
-@pytest.mark.django_db(transaction=True)
+@COMMITS
 def test_a_hash_plan_that_does_not_fit_the_budget_is_dropped_for_nested_loops() -> None:
     make_keys(3, 30)
     budget = 0.3

@@ -10,12 +10,13 @@ import pytest
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
-from usage import rollup
-from usage.backfill import ExecuteOptions, execute_backfill
-from usage.summary import load_summary
-from usage.verify import rollup_mismatches
+from tests.support import COMMITS
+from usage.repair import rollup
+from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.summary import load_summary
+from usage.repair.verify import rollup_mismatches
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = COMMITS
 
 
 @pytest.fixture

@@ -209,3 +209,9 @@ def database_now() -> datetime:
     with connection.cursor() as cursor:
         cursor.execute("SELECT clock_timestamp()")
         return cursor.fetchone()[0]
+
+
+def reconnect_if_dead() -> None:
+    """After the connection was lost, let the next statement open a fresh one."""
+    if connection.connection is not None and not connection.is_usable():
+        connection.close()

@@ -36,15 +36,21 @@ ELIGIBLE_FROM = """{task_usage} tu
     JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id"""
 
-# What a row's own state decides: the part a concurrent writer can change, so the repair
-# re-checks it under the row lock. Needs only ``{task_usage} tu``.
-ROW_ELIGIBLE_WHERE = """tu.provider = 'codex'
+# The parts of a row's own eligibility. A Codex row whose input still counts cached input:
+CODEX_WITH_CACHED_INPUT = """tu.provider = 'codex'
     AND tu.cache_read_tokens > 0
-    AND tu.input_tokens > 0
-    AND coalesce(tu.updated_at, tu.created_at) < %(cutoff)s
-    AND NOT EXISTS (
+    AND tu.input_tokens > 0"""
+# ... last written before the cutoff (the deployment of the ingestion fix) ...
+WRITTEN_BEFORE_CUTOFF = "coalesce(tu.updated_at, tu.created_at) < %(cutoff)s"
+# ... and not repaired by a run that was not reverted (the journal says so).
+NOT_REPAIRED = """NOT EXISTS (
         SELECT 1 FROM {journal} j WHERE j.usage_id = tu.id AND j.reverted_at IS NULL
     )"""
+# What a row's own state decides: the part a concurrent writer can change, so the repair
+# re-checks it under the row lock. Needs only ``{task_usage} tu``.
+ROW_ELIGIBLE_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
+    AND {WRITTEN_BEFORE_CUTOFF}
+    AND {NOT_REPAIRED}"""
 # The workspace scope: a row's task, and a task's agent and workspace, never change, so rows
 # selected once within the scope stay within it.
 SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
@@ -68,10 +74,12 @@ SELECT count(*) FROM {eligible_from} WHERE {eligible_where}"""
 
 
 @cache
-def compose(template: str) -> str:
+def compose(template: str, **parts: str) -> str:
     """Render a SQL template: schema-qualified identifiers and the shared fragments.
 
-    Placeholders for values (``%(name)s``) are left for the driver to bind.
+    ``parts`` name the statement's own fragments (``compose(BATCH_SQL, selector=...)`` fills
+    ``{selector}``); they may use the shared names too. Placeholders for values
+    (``%(name)s``) are left for the driver to bind.
     """
     target_schema = settings.CODEX_TARGET_SCHEMA
     tool_schema = settings.CODEX_REPAIR_SCHEMA
@@ -93,6 +101,8 @@ def compose(template: str) -> str:
     }
     for key, fragment in fragments.items():
         names[key] = sql.SQL(fragment).format(**{k: v for k, v in names.items() if k != key})
+    for key, fragment in parts.items():
+        names[key] = sql.SQL(fragment).format(**names)
     used = {k: v for k, v in names.items() if "{" + k + "}" in template}
     return sql.SQL(template).format(**used).as_string()
 

@@ -1,9 +1,9 @@
 """Events of a run, for progress displays and structured logs.
 
-The library reports what happens (a batch, a pause, a rollup slice, the end) to a listener
-and to the ``usage`` loggers with the event's fields attached, so a command can show a
-progress bar on a terminal, throttled lines elsewhere, or one JSON object per event, without
-the library knowing which.
+The library reports what happens (a batch, a pause, a rollup slice, the end) to the run's
+progress callback (``usage.repair.progress``) and to the ``usage`` loggers with the event's
+fields attached, so a command can show a progress bar on a terminal, throttled lines
+elsewhere, or one JSON object per event, without the library knowing which.
 """
 
 from __future__ import annotations

@@ -3,12 +3,31 @@
 The unmanaged models map the target tables the repair reads and writes; Django never creates
 or alters them. ``BackfillRun`` and ``BackfillJournal`` are the tool's own, created by
 ``migrate`` in the tool's schema (``CODEX_REPAIR_SCHEMA``), never in the application's.
+``CandidateUsage`` is a ``task_usage`` row as the admin's candidates page lists it; its
+QuerySet selects rows by the shared eligibility definition and adds the repair's own values.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
 from django.contrib.postgres.indexes import BrinIndex
-from django.db import models
+from django.db import connection, models
+from django.db.models.expressions import RawSQL
+
+from usage.eligibility import (
+    CANDIDATE_IDS_SQL,
+    CORRECTED_INPUT,
+    IS_CLAMPED,
+    REMOVED_INPUT,
+    compose,
+    eligible_params,
+)
 
 
 class Agent(models.Model):
@@ -193,5 +212,57 @@ class BackfillJournal(models.Model):
         return f"{self.usage_id} in run {self.run_id}"
 
 
-# The admin's proxy model lives with the admin code; import it so the app always has it.
-from usage.candidates import CandidateUsage  # noqa: E402,F401
+# The shared fragments name the usage table ``tu``; the ORM names it after its table.
+_USAGE_ALIAS = re.compile(r"\btu\.")
+_NAMED_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """Turn ``%(name)s`` placeholders into ``%s`` with a parameter list, for ``RawSQL``.
+
+    The ORM joins a raw fragment's parameters into one positional list for the whole query.
+    """
+    values: list[Any] = []
+
+    def take(match: re.Match[str]) -> str:
+        values.append(params[match.group(1)])
+        return "%s"
+
+    return _NAMED_PARAM.sub(take, sql_text), values
+
+
+@functools.cache
+def on_usage_table(fragment: str) -> str:
+    """Render a shared ``tu.`` fragment against the ORM's alias of the usage table."""
+    alias = connection.ops.quote_name(TaskUsage._meta.db_table)
+    return _USAGE_ALIAS.sub(f"{alias}.", fragment)
+
+
+class CandidateUsageQuerySet(models.QuerySet):
+    """Usage rows seen by the repair's one eligibility definition (``usage.eligibility``)."""
+
+    def with_repair(self) -> CandidateUsageQuerySet:
+        """Add the repair's own per-row values: corrected input, tokens removed, clamped."""
+        return self.annotate(
+            corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), models.BigIntegerField()),
+            tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), models.BigIntegerField()),
+            clamped=RawSQL(on_usage_table(IS_CLAMPED), (), models.BooleanField()),
+        )
+
+    def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateUsageQuerySet:
+        """Keep the rows the command would repair, by the shared definition's id list."""
+        ids_sql, params = positional(
+            compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
+        )
+        return self.filter(id__in=RawSQL(ids_sql, params))
+
+
+class CandidateUsage(TaskUsage):
+    """A ``task_usage`` row as the admin's candidates page shows it (no table of its own)."""
+
+    objects = CandidateUsageQuerySet.as_manager()
+
+    class Meta:
+        proxy = True
+        verbose_name = "candidate"
+        verbose_name_plural = "candidates"

@@ -17,10 +17,10 @@ Fewer rows than planned is allowed (ingestion rewrote some since, which makes th
 eligible) and reported.
 
 The fingerprint is cheap on both sides. Each group carries an ids digest: the XOR of a 64-bit
-hash of every row id in it, computed in the dry run's own aggregate (``usage.summary``) at
+hash of every row id in it, computed in the dry run's own aggregate (``usage.repair.summary``) at
 no extra pass. The execute computes the same figures over the snapshot its batches will
 walk, under the run lock and before the run record exists (``ExecuteOptions.check_snapshot``
-in ``usage.backfill``): one aggregate over the snapshot's rows. The batches only ever drop
+in ``usage.repair.backfill``): one aggregate over the snapshot's rows. The batches only ever drop
 rows from that snapshot, so what is repaired is within what was checked. The guarantee is
 per group: never more rows, more input tokens, more tokens removed or more clamped rows than
 reviewed in any workspace/day, never a workspace/day that was not reviewed, and, where a
@@ -51,13 +51,13 @@ from typing import Any
 from django.db import connection, transaction
 
 from usage import render
-from usage.backfill import WORK_TABLE
 from usage.db import database_now, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import json_default, log_event
 from usage.options import duration_seconds, shown
-from usage.report import GROUP_FIELDS, TOTAL_FIELDS
-from usage.summary import DryRunSummary, SummaryGroup
+from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS
+from usage.repair.backfill import WORK_TABLE
+from usage.repair.summary import DryRunSummary, SummaryGroup
 
 logger = logging.getLogger("usage.plan")
 
@@ -94,7 +94,7 @@ WHERE d.datname = current_database()"""
 SYSTEM_IDENTIFIER_SQL = "SELECT system_identifier::text FROM pg_catalog.pg_control_system()"
 
 # The plan's group figures over the execute's snapshot: the same definitions as the dry
-# run's summary (``usage.summary.SUMMARY_SQL``), for the snapshot's rows that are still
+# run's summary (``usage.repair.summary.SUMMARY_SQL``), for the snapshot's rows that are still
 # eligible (the batches re-check the same condition under the row lock).
 SNAPSHOT_FIGURES_SQL = f"""
 SELECT a.workspace_id,

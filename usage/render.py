@@ -1,31 +1,13 @@
-"""Human-readable rendering for the commands: numbers, times, plain text tables.
+"""Human-readable values for the commands and the admin: numbers, times, plain tables.
 
-Tables are formatted by hand (two passes: widths, then lines) so that a summary of a
-hundred thousand groups renders in well under a second; a terminal still shows only the
-first ``TABLE_GROUP_LIMIT`` groups, since JSON and CSV carry every one of them.
+``render_table`` lays out a small plain table by hand (the revert's list of changed rows);
+the dry run's table is ``usage.output.table``'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
-
-# Groups shown in a summary table; --format csv/json always carry all of them.
-TABLE_GROUP_LIMIT = 200
-
-SUMMARY_COLUMNS = (
-    "workspace",
-    "date (UTC)",
-    "rows",
-    "input before",
-    "input after",
-    "tokens removed",
-    "clamped",
-    "rollup keys",
-    "first created_at",
-    "last created_at",
-)
 
 
 def timestamp(value: datetime | None) -> str:
@@ -62,49 +44,6 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([line(columns), rule, *(line(row) for row in rows)])
-
-
-def summary_table(document: dict[str, Any], limit: int = TABLE_GROUP_LIMIT) -> str:
-    """The dry-run groups (at most ``limit``) and their total, from a result document."""
-    groups = document["groups"]
-    group_count = document.get("group_count", len(groups))
-    rows = [
-        (
-            str(g["workspace_id"]),
-            g["date_utc"].isoformat(),
-            number(g["rows"]),
-            number(g["input_before"]),
-            number(g["input_after"]),
-            number(g["input_tokens_removed"]),
-            number(g["clamped_rows"]),
-            number(g["rollup_keys"]),
-            timestamp(g["first_created_at"]),
-            timestamp(g["last_created_at"]),
-        )
-        for g in groups[:limit]
-    ]
-    t = document["totals"]
-    rows.append(
-        (
-            "TOTAL",
-            f"{number(group_count)} groups",
-            number(t["rows"]),
-            number(t["input_before"]),
-            number(t["input_after"]),
-            number(t["input_tokens_removed"]),
-            number(t["clamped_rows"]),
-            number(document["expected_rollup_keys"]),
-            "",
-            "",
-        )
-    )
-    table = render_table(SUMMARY_COLUMNS, rows)
-    if group_count > limit:
-        table += (
-            f"\n(the first {limit} of {number(group_count)} workspace/day groups are shown; "
-            "--format csv or json --output FILE gives them all)"
-        )
-    return table
 
 
 def _looks_numeric(text: str) -> bool:

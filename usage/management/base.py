@@ -1,19 +1,35 @@
-"""The base of the tool's commands: one-line argument errors, and examples in ``--help``.
+"""The one base of the tool's commands (``ToolCommand``) and the surface they share.
 
 Argument errors are bad input like any other: one line and exit status 1. Plain argparse
 prints its usage and exits 2, and it reads a value that starts with ``-`` (``--sleep-between-
 batches -1s``) as an unknown option; here such a value goes to its option, whose own parser
 then says what is wrong with it.
+
+Besides its parser and the examples in ``--help``, the base gives the commands what they
+share: the server-side timeout options of the repair and the revert, bad input and database
+errors turned into a one-line ``CommandError``, the library's log lines on a command's
+stream, and SIGINT/SIGTERM turned into a stop request while a run lasts.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
-from collections.abc import Sequence
-from typing import Any, NoReturn
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
+
+from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
+from usage.db import database_failure
+from usage.events import JsonFormatter
+from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
+from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 
 # An argument error quotes at most this much of a value, and says at most this much.
 LONGEST_WORD = 80
@@ -76,8 +92,9 @@ class ToolParser(CommandParser):
         raise CommandError(f"Error: {text}")
 
 
-class ExamplesCommand(BaseCommand):
-    """A command whose help epilog is ``examples()``, laid out verbatim."""
+class ToolCommand(BaseCommand):
+    """A command of the tool: its parser, its help epilog (``examples()``, laid out verbatim)
+    and the surface the commands share (see the module)."""
 
     def examples(self) -> str:
         return ""
@@ -89,3 +106,96 @@ class ExamplesCommand(BaseCommand):
         parser.epilog = self.examples()
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         return parser
+
+    # -- options ---------------------------------------------------------------------------
+
+    def add_timeout_arguments(
+        self, parser: CommandParser, *, lock: str, statement: str, rollup: str
+    ) -> None:
+        """The server-side limits of a run (``options.parse_timeouts`` reads them).
+
+        ``lock``, ``statement`` and ``rollup`` say what each limit applies to in this command.
+        """
+        parser.add_argument(
+            "--lock-timeout",
+            default=f"{DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
+            help=f"server-side lock_timeout {lock} (default {DEFAULT_LOCK_TIMEOUT_SECONDS:g}s)",
+        )
+        parser.add_argument(
+            "--statement-timeout",
+            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
+            help=f"server-side statement_timeout {statement} "
+            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s)",
+        )
+        parser.add_argument(
+            "--max-rollup-lock-seconds",
+            default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
+            help=f"{rollup} (default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
+        )
+        parser.add_argument(
+            "--cron-tick-interval",
+            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
+            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
+            "rollup leaves lock 4246 free while a tick is due "
+            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    @contextmanager
+    def bad_input(self) -> Iterator[None]:
+        """A value refused while the options are read (``ValueError``): one line, exit 1."""
+        try:
+            yield
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+
+    @contextmanager
+    def database_errors(
+        self, describe: Callable[[DatabaseError], str] = database_failure
+    ) -> Iterator[None]:
+        """A database error that ends the command: one line (``describe``), exit 1."""
+        try:
+            yield
+        except DatabaseError as exc:
+            raise CommandError(describe(exc)) from exc
+
+    @contextmanager
+    def logging_to(self, stream: TextIO, level: int, *, json: bool = False) -> Iterator[None]:
+        """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up."""
+        handler = logging.StreamHandler(stream)
+        handler.setLevel(level)
+        handler.setFormatter(
+            JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        )
+        logger = logging.getLogger("usage")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+
+    @contextmanager
+    def stopping_on_signals(
+        self, stop: threading.Event, what_next: str, *, new_line: bool = False
+    ) -> Iterator[list[int]]:
+        """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next``.
+
+        Yields the signals received, in order; the previous handlers are back afterwards.
+        ``new_line`` starts the message on a line of its own (after a progress bar).
+        """
+        received: list[int] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            received.append(signum)
+            stop.set()
+            name = signal.Signals(signum).name
+            start = "\n" if new_line else ""
+            self.stderr.write(self.style.WARNING(f"{start}{name} received: {what_next}"))
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield received
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import threading
 import uuid
@@ -14,33 +15,28 @@ from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from usage import options as opts
-from usage import plan, render, report
-from usage.backfill import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+from usage import plan, render
+from usage.db import TargetError, check_target, database_failure, describe_database
+from usage.management.base import ToolCommand
+from usage.models import BackfillRun
+from usage.output import document as result
+from usage.output.files import OutputError, OutputFile, check_output
+from usage.output.progress import OutputStream, ProgressBar
+from usage.output.table import TABLE_GROUP_LIMIT, result_table
+from usage.repair.backfill import (
     BackfillError,
     ExecuteOptions,
     ExecuteResult,
     execute_backfill,
 )
-from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
-from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.events import JsonFormatter
-from usage.management.base import ExamplesCommand
-from usage.models import BackfillRun
-from usage.outputs import OutputError, OutputFile, check_output
-from usage.progress import OutputStream, ProgressListener
-from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-from usage.runs import RunLockError
-from usage.summary import CutoffError, load_summary
-from usage.verify import VerifyResult, verify_run
+from usage.repair.batching import DEFAULT_BATCH_SIZE
+from usage.repair.runs import RunLockError
+from usage.repair.summary import CutoffError, load_summary
+from usage.repair.verify import verify_run
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
 EXIT_VERIFY_FAILED = 4
-# The table lists at most this many mismatched hourly keys (JSON carries up to verify's cap).
-VERIFY_LISTED = 20
 
 RECORDED_OPTIONS = (
     "cutoff",
@@ -82,7 +78,7 @@ locked by other writers; 4 verification failed; 130/143 stopped by SIGINT/SIGTER
 """
 
 
-class Command(ExamplesCommand):
+class Command(ToolCommand):
     help = (
         "Repair historical Codex task_usage rows whose input_tokens still include cached "
         "input (input_tokens := max(input_tokens - cache_read_tokens, 0)), once per row, and "
@@ -121,30 +117,11 @@ class Command(ExamplesCommand):
             default=True,
             help="after --execute, rebuild the hourly rollup for the changed rows (default on)",
         )
-        parser.add_argument(
-            "--lock-timeout",
-            default=f"{DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
-            help="server-side lock_timeout per batch and rollup slice "
-            f"(default {DEFAULT_LOCK_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--statement-timeout",
-            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
-            help="server-side statement_timeout per batch "
-            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--max-rollup-lock-seconds",
-            default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
-            help="longest time one rollup slice may hold lock 4246 "
-            f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
-        )
-        parser.add_argument(
-            "--cron-tick-interval",
-            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
-            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
-            "rollup leaves lock 4246 free while a tick is due "
-            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+        self.add_timeout_arguments(
+            parser,
+            lock="per batch and rollup slice",
+            statement="per batch",
+            rollup="longest time one rollup slice may hold lock 4246",
         )
         parser.add_argument(
             "--max-replication-lag",
@@ -160,7 +137,7 @@ class Command(ExamplesCommand):
         parser.add_argument("--run-id", help="with --verify and no --execute: the run to check")
         parser.add_argument(
             "--format",
-            choices=report.FORMATS,
+            choices=result.FORMATS,
             default="table",
             help="result format: a readable table (default), JSON or CSV",
         )
@@ -191,24 +168,26 @@ class Command(ExamplesCommand):
     # -- entry point ---------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
+        with self.bad_input():
             settings = self._parse(options)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
 
         verbosity = options["verbosity"]
         stderr = OutputStream(self.stderr)
-        handler = self._attach_log_handler(stderr, verbosity, options["log_format"])
+        json_logs = options["log_format"] == "json"
+        if json_logs:
+            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        else:
+            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
         self.quiet_header = options["format"] != "table" and not options["output"]
         self.write_error: str | None = None
+        self.signals: list[int] = []
+        self.failure: str | None = None
+        self.plan_line: str | None = None
         try:
-            document = self._run(settings, options, verbosity, stderr)
+            with self.logging_to(stderr, level, json=json_logs), self.database_errors():
+                document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
-        except DatabaseError as exc:
-            raise CommandError(database_failure(exc)) from exc
-        finally:
-            logging.getLogger("usage").removeHandler(handler)
         error = self._exit_status(document)
         if self.write_error:
             error = self._with_write_error(document, error)
@@ -312,19 +291,18 @@ class Command(ExamplesCommand):
         verbosity: int,
         stderr: OutputStream,
     ) -> dict[str, Any]:
+        """Do what the options ask, show its result, and return the result document."""
         database = describe_database()
         if options["run_id"] is not None:
-            document = report.base_document("verify", database)
             self._header(f"Database: {database}", f"Mode: verify run {options['run_id']}")
             check_target()
             if not BackfillRun.objects.filter(pk=options["run_id"]).exists():
                 raise CommandError(f"run {options['run_id']} does not exist")
-            self._verify(document, options["run_id"])
+            document = result.build("verify", database, verify=verify_run(options["run_id"]))
             self._emit(document, options)
             return document
 
         execute = options["execute"]
-        document = report.base_document("execute" if execute else "dry_run", database)
         self._header(
             f"Database: {database}",
             f"Mode: {'EXECUTE' if execute else 'dry run'}",
@@ -345,18 +323,16 @@ class Command(ExamplesCommand):
         # A table shows a bounded number of groups: keep no more in memory than that. A plan
         # keeps them all.
         keep = (
-            render.TABLE_GROUP_LIMIT
-            if options["format"] == "table" and self.plan_out is None
-            else None
+            TABLE_GROUP_LIMIT if options["format"] == "table" and self.plan_out is None else None
         )
         summary = load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
-        report.add_summary(document, summary)
         if not summary.workspace_known:
             self.stderr.write(
                 self.style.WARNING(f"No agent belongs to workspace {settings.workspace_id}.")
             )
+        saved_plan = None
         if identity is not None:
-            document["_plan"] = plan.plan_document(summary, identity)
+            saved_plan = plan.plan_document(summary, identity)
             if identity.system_identifier is None:
                 self.stderr.write(
                     self.style.WARNING(
@@ -365,33 +341,41 @@ class Command(ExamplesCommand):
                         "host, port, name and oid."
                     )
                 )
-        if execute:
+        if not execute:
+            document = result.build("dry_run", database, summary=summary)
+            self._emit(document, options)
+            if saved_plan is not None:
+                self._write_plan(saved_plan, options["plan_out"])
+            return document
+
+        try:
+            executed = self._execute(settings, verbosity, options["log_format"], stderr)
+        except BackfillError as exc:
+            if exc.result is None:
+                raise CommandError(str(exc)) from exc
+            executed, self.failure = exc.result, str(exc)
+        checked = self.plan_check.outcome if self.plan_check is not None else None
+        self.plan_line = checked.summary() if checked is not None else None
+        verified = None
+        if options["verify"] and self.failure is None:
             try:
-                result = self._execute(settings, verbosity, options["log_format"], stderr)
-            except BackfillError as exc:
-                if exc.result is None:
-                    raise CommandError(str(exc)) from exc
-                result, document["_failure"] = exc.result, str(exc)
-            report.add_execute(document, result)
-            if self.plan_check is not None and self.plan_check.outcome is not None:
-                document["plan"] = self.plan_check.outcome.document()
-                document["_plan_line"] = self.plan_check.outcome.summary()
-            document["_stopped_by"] = getattr(self, "_signal_received", None)
-            if options["verify"] and "_failure" not in document:
-                try:
-                    self._verify(document, result.run.pk)
-                except DatabaseError as exc:
-                    # The run happened: its outcome is printed, then why verify did not run.
-                    document["_failure"] = (
-                        f"run {result.run.pk} {result.run.status}, but --verify could not "
-                        f"run: {database_failure(exc)}; verify later with --verify --run-id "
-                        f"{result.run.pk}"
-                    )
-            self._emit(document, options)
-        else:
-            self._emit(document, options)
-            if "_plan" in document:
-                self._write_plan(document["_plan"], options["plan_out"])
+                verified = verify_run(executed.run.pk)
+            except DatabaseError as exc:
+                # The run happened: its outcome is printed, then why verify did not run.
+                self.failure = (
+                    f"run {executed.run.pk} {executed.run.status}, but --verify could not "
+                    f"run: {database_failure(exc)}; verify later with --verify --run-id "
+                    f"{executed.run.pk}"
+                )
+        document = result.build(
+            "execute",
+            database,
+            summary=summary,
+            execute=executed,
+            plan=checked.document() if checked is not None else None,
+            verify=verified,
+        )
+        self._emit(document, options)
         return document
 
     def _write_plan(self, saved: dict[str, Any], given: str) -> None:
@@ -415,35 +399,28 @@ class Command(ExamplesCommand):
         self, settings: ExecuteOptions, verbosity: int, log_format: str, stderr: OutputStream
     ) -> ExecuteResult:
         stop = threading.Event()
-        self._signal_received: int | None = None
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self._signal_received is None:
-                self._signal_received = signum
-            stop.set()
-            self.stderr.write(
-                self.style.WARNING(
-                    f"\n{signal.Signals(signum).name} received: finishing the current batch, "
-                    "then rebuilding the rollup for what was done."
-                )
-            )
-
-        listener = ProgressListener(
+        bar = ProgressBar(
             stderr,
             terminal=stderr.isatty(),
             enabled=verbosity >= 1 and log_format == "text",
         )
-        listener.started = self._started  # type: ignore[method-assign]
-        listener.stamping = lambda policy: self._header(  # type: ignore[method-assign]
-            f"Stamp: {policy.reason}."
-        )
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return execute_backfill(settings, stop=stop, listener=listener)
-        finally:
-            listener.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+
+        def progress(event: str, /, **details: Any) -> None:
+            if event == "started":
+                self._started(details["run"])
+            elif event == "stamping":
+                self._header(f"Stamp: {details['policy'].reason}.")
+            bar(event, **details)
+
+        with self.stopping_on_signals(
+            stop,
+            "finishing the current batch, then rebuilding the rollup for what was done.",
+            new_line=True,
+        ) as self.signals:
+            try:
+                return execute_backfill(settings, stop=stop, progress=progress)
+            finally:
+                bar.close()
 
     def _started(self, run: BackfillRun) -> None:
         self._header(
@@ -452,11 +429,6 @@ class Command(ExamplesCommand):
         )
         if self.plan_check is not None and self.plan_check.outcome is not None:
             self._header(self.plan_check.outcome.summary())
-
-    def _verify(self, document: dict[str, Any], run_id: int) -> VerifyResult:
-        result = verify_run(run_id)
-        report.add_verify(document, result)
-        return result
 
     # -- output --------------------------------------------------------------------------
 
@@ -469,15 +441,14 @@ class Command(ExamplesCommand):
                 self.stdout.write(line)
 
     def _emit(self, document: dict[str, Any], options: dict[str, Any]) -> None:
-        public = {k: v for k, v in document.items() if not k.startswith("_")}
-        private = {k: v for k, v in document.items() if k == "_plan_line"}
+        """Show the result: on stdout, or in --output and then as the table on stdout."""
         fmt = options["format"]
         if fmt == "table":
-            text = self._table({**public, **private})
+            text = self._table(document, terminal=self.output is None)
         elif fmt == "json":
-            text = report.to_json(public)
+            text = result.to_json(document)
         else:
-            text = report.to_csv(public)
+            text = result.to_csv(document)
         if self.output is None:
             self.stdout.write(text)
             return
@@ -486,118 +457,28 @@ class Command(ExamplesCommand):
         except OutputError as exc:
             # Whatever happened to the file, the outcome is shown; the error follows it.
             self.write_error = str(exc)
-            self.stdout.write(self._table({**public, **private}))
+            self.stdout.write(self._table(document))
             return
         self.stdout.write(f"Result written to {options['output']} ({fmt}).")
         if fmt != "table":
-            self.stdout.write(self._table({**public, **private}))
+            self.stdout.write(self._table(document))
 
-    def _table(self, document: dict[str, Any]) -> str:
-        lines: list[str] = []
-        totals = document.get("totals")
-        if totals is not None:
-            if totals["rows"] == 0:
-                lines.append(self.style.SUCCESS("No eligible Codex rows: nothing to do."))
-            else:
-                lines.append(render.summary_table(document))
-                lines.append(
-                    f"\n{render.number(totals['rows'])} rows would change; "
-                    f"{render.number(totals['input_tokens_removed'])} input tokens removed "
-                    f"({render.number(totals['input_before'])} -> "
-                    f"{render.number(totals['input_after'])}); "
-                    f"{render.number(totals['clamped_rows'])} clamped to 0; "
-                    f"{render.number(document['expected_rollup_keys'])} hourly rollup keys "
-                    "to rebuild."
-                )
-        if document["mode"] == "dry_run" and totals and totals["rows"]:
-            lines.append(
-                self.style.SUCCESS(
-                    "Dry run complete: nothing was written. Review the summary, then re-run "
-                    "with --execute to apply it."
-                    if self.plan_out is None
-                    else "Dry run complete: nothing was written to the database. Have the "
-                    "plan reviewed, then apply it with --execute --plan."
-                )
-            )
-        if "run_id" in document:
-            run_lines = self._run_lines(document)
-            if "_plan_line" in document:
-                run_lines.insert(1, document["_plan_line"])
-            lines.extend(run_lines)
-        if "verify" in document:
-            lines.extend(self._verify_lines(document["verify"]))
-        return "\n".join(lines)
-
-    def _run_lines(self, d: dict[str, Any]) -> list[str]:
-        lines = [
-            f"Run {d['run_id']}: rows planned {render.number(d['rows_planned'])}, "
-            f"updated {render.number(d['rows_updated'])}, "
-            f"remaining {render.number(d['rows_remaining'])}; "
-            f"input tokens removed {render.number(d['input_tokens_removed'])}; "
-            f"clamped {render.number(d['clamped_rows'])}; batches {d['batches']}"
-        ]
-        for stale in d["stale_runs"]:
-            lines.append(self.style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
-        if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
-            lines.append(
-                "  rollup not rebuilt (--no-rebuild-rollup): the platform's cron tick will"
-            )
-        elif d["rollup_slices"] or d["recovered_runs"]:
-            recovered = (
-                f" (including runs {', '.join(map(str, d['recovered_runs']))})"
-                if d["recovered_runs"]
-                else ""
-            )
-            plans = (
-                f"{d['rollup_hash_slices']} hashed, "
-                f"{d['rollup_slices'] - d['rollup_hash_slices']} nested-loop"
-            )
-            waits = (
-                f"; waited {d['rollup_cron_waits']} time(s) for the platform's cron tick"
-                if d["rollup_cron_waits"]
-                else ""
-            )
-            done = (
-                "rebuilt"
-                if d["rollup_state"] == BackfillRun.RollupState.DONE
-                else "stopped (the next run of the command rebuilds the rest)"
-            )
-            lines.append(
-                f"  rollup {done}{recovered}: {render.number(d['rollup_keys'])} hourly keys "
-                f"in {d['rollup_slices']} slices ({plans}) in {d['rollup_seconds']:.1f}s, "
-                f"{render.number(d['rollup_rows'])} hourly rows, "
-                f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s{waits}"
-            )
-        ok = d["status"] == BackfillRun.Status.SUCCEEDED
-        style = self.style.SUCCESS if ok else self.style.ERROR
-        lines.append(style(f"Run {d['run_id']} {d['status']}."))
-        return lines
-
-    def _verify_lines(self, v: dict[str, Any]) -> list[str]:
-        lines = [
-            f"Verify run {v['run_id']}: {render.number(v['eligible_rows_left'])} eligible rows "
-            f"left; {render.number(v['mismatched_keys'])} hourly keys differ from a recompute"
-            + (
-                f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
-                if v["mismatched_keys"] > VERIFY_LISTED
-                else "."
-            )
-        ]
-        for m in v["mismatches"][:VERIFY_LISTED]:
-            lines.append(
-                f"  key {tuple(str(part) for part in m['key'])}: input expected "
-                f"{m['expected_input']} got {m['actual_input']}, events expected "
-                f"{m['expected_events']} got {m['actual_events']}"
-            )
-        style = self.style.SUCCESS if v["ok"] else self.style.ERROR
-        lines.append(style("Verification passed." if v["ok"] else "Verification FAILED."))
-        return lines
+    def _table(self, document: dict[str, Any], *, terminal: bool = True) -> str:
+        """The table for stdout (as wide as its terminal, if it is one) or for a file."""
+        width = shutil.get_terminal_size().columns if terminal and self.stdout.isatty() else None
+        return result_table(
+            document,
+            self.style,
+            plan_out=self.plan_out is not None,
+            plan_line=self.plan_line,
+            width=width,
+        )
 
     def _exit_status(self, document: dict[str, Any]) -> CommandError | None:
         """The error that ends the command, if any: a failed run first, then a signal."""
-        if "_failure" in document:
-            return CommandError(document["_failure"])
-        signum = document.get("_stopped_by")
+        if self.failure is not None:
+            return CommandError(self.failure)
+        signum = self.signals[0] if self.signals else None
         if signum:
             return CommandError(
                 f"stopped by {signal.Signals(signum).name} after "
@@ -633,17 +514,3 @@ class Command(ExamplesCommand):
         else:
             done = "the dry run changed nothing (its summary is shown above)"
         return CommandError(f"{self.write_error}; {done}")
-
-    def _attach_log_handler(
-        self, stream: OutputStream, verbosity: int, log_format: str
-    ) -> logging.Handler:
-        handler = logging.StreamHandler(stream)
-        if log_format == "json":
-            handler.setLevel(logging.DEBUG if verbosity >= 1 else logging.WARNING)
-            handler.setFormatter(JsonFormatter())
-        else:
-            levels = {0: logging.WARNING, 1: logging.WARNING}
-            handler.setLevel(levels.get(verbosity, logging.DEBUG))
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("usage").addHandler(handler)
-        return handler

@@ -12,7 +12,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import describe_database, error_text
-from usage.management.base import ExamplesCommand
+from usage.management.base import ToolCommand
 from usage.preflight import (
     CHECKS,
     DEFAULT_STATEMENT_TIMEOUT_SECONDS,
@@ -48,7 +48,7 @@ TITLES = {check.name: check.title for check in CHECKS}
 MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 
 
-class Command(ExamplesCommand):
+class Command(ToolCommand):
     help = (
         "Check, read-only, that the target database is ready for "
         "backfill_codex_usage_cache: server version, tables, columns and types, the rollup "
@@ -84,7 +84,7 @@ class Command(ExamplesCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
+        with self.bad_input():
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
@@ -93,25 +93,17 @@ class Command(ExamplesCommand):
                 minimum=0.1,
                 maximum=MAX_STATEMENT_TIMEOUT_SECONDS,
             )
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
 
         verbosity = options["verbosity"]
-        handler = self._attach_log_handler(verbosity)
-        try:
+        # Library log lines on stderr; SQL statements only at --verbosity 3.
+        level = logging.DEBUG if verbosity >= 3 else logging.WARNING
+        with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
             if verbosity >= 1:
                 self.stdout.write(
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
                     f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}"
                 )
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
-        except DatabaseError as exc:
-            raise CommandError(
-                f"cannot inspect {describe_database()}: {error_text(exc)}; "
-                "check DATABASE_URL and that the server is reachable"
-            ) from exc
-        finally:
-            logging.getLogger("usage").removeHandler(handler)
 
         for result in results:
             self._write_result(result, verbosity)
@@ -150,10 +142,9 @@ class Command(ExamplesCommand):
         if result.fix and result.status != "ok":
             self.stdout.write(f"         what to do: {result.fix}")
 
-    def _attach_log_handler(self, verbosity: int) -> logging.Handler:
-        """Library log lines on stderr; SQL statements only at --verbosity 3."""
-        handler = logging.StreamHandler(self.stderr)
-        handler.setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("usage").addHandler(handler)
-        return handler
+
+def _cannot_inspect(exc: DatabaseError) -> str:
+    return (
+        f"cannot inspect {describe_database()}: {error_text(exc)}; "
+        "check DATABASE_URL and that the server is reachable"
+    )

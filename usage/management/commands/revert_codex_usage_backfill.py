@@ -10,26 +10,21 @@ from datetime import datetime
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
-from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
-from usage.db import TargetError, database_failure, describe_database
-from usage.management.base import ExamplesCommand
-from usage.revert import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
+from usage.db import TargetError, describe_database
+from usage.management.base import ToolCommand
+from usage.repair.batching import DEFAULT_BATCH_SIZE
+from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
     RevertError,
     RevertOptions,
     RevertResult,
     execute_revert,
     plan_revert,
 )
-from usage.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-from usage.runs import RunLockError
+from usage.repair.runs import RunLockError
 
 # Exit status when restorable rows were left (locked by writers): distinct from errors (1).
 EXIT_ROWS_REMAINING = 3
@@ -53,7 +48,7 @@ CHANGED_COLUMNS = (
 )
 
 
-class Command(ExamplesCommand):
+class Command(ToolCommand):
     help = (
         "Revert one backfill_codex_usage_cache --execute run: restore the rows it changed "
         "(input_tokens and updated_at as journaled) unless someone changed them since, and "
@@ -75,30 +70,11 @@ class Command(ExamplesCommand):
             default=str(DEFAULT_BATCH_SIZE),
             help=f"journal entries per batch (default {DEFAULT_BATCH_SIZE})",
         )
-        parser.add_argument(
-            "--lock-timeout",
-            default=f"{DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
-            help="server-side lock_timeout per batch and rollup call "
-            f"(default {DEFAULT_LOCK_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--statement-timeout",
-            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
-            help="server-side statement_timeout per batch and rollup call "
-            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s)",
-        )
-        parser.add_argument(
-            "--max-rollup-lock-seconds",
-            default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
-            help="lock 4246 budget per rollup call; batches shrink when one goes over "
-            f"(default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
-        )
-        parser.add_argument(
-            "--cron-tick-interval",
-            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
-            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
-            "rollup leaves lock 4246 free while a tick is due "
-            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+        self.add_timeout_arguments(
+            parser,
+            lock="per batch and rollup call",
+            statement="per batch and rollup call",
+            rollup="lock 4246 budget per rollup call; batches shrink when one goes over",
         )
         parser.add_argument(
             "--show",
@@ -107,7 +83,7 @@ class Command(ExamplesCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
+        with self.bad_input():
             run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
             show = _parse_show(options["show"])
             revert_options = RevertOptions(
@@ -116,26 +92,21 @@ class Command(ExamplesCommand):
                 **opts.parse_timeouts(options),
                 show_changed=show,
             )
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
 
-        handler = self._attach_log_handler(options["verbosity"])
+        level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
         try:
-            self.stdout.write(f"Database: {describe_database()}")
-            self.stdout.write(f"Mode: {'EXECUTE' if options['execute'] else 'dry run'}")
-            if options["execute"]:
-                self._execute(revert_options)
-            else:
-                self._dry_run(revert_options)
+            with self.logging_to(self.stderr, level), self.database_errors():
+                self.stdout.write(f"Database: {describe_database()}")
+                self.stdout.write(f"Mode: {'EXECUTE' if options['execute'] else 'dry run'}")
+                if options["execute"]:
+                    self._execute(revert_options)
+                else:
+                    self._dry_run(revert_options)
         except (TargetError, RevertError, RunLockError) as exc:
             result = getattr(exc, "result", None)
             if result is not None:
                 self._write_result(result, f"Revert of run {result.run.pk} failed.")
             raise CommandError(str(exc)) from exc
-        except DatabaseError as exc:
-            raise CommandError(database_failure(exc)) from exc
-        finally:
-            logging.getLogger("usage").removeHandler(handler)
 
     # -- modes ---------------------------------------------------------------------------
 
@@ -168,32 +139,10 @@ class Command(ExamplesCommand):
 
     def _execute(self, options: RevertOptions) -> None:
         stop = threading.Event()
-        received: list[int] = []
-
-        def on_signal(signum: int, frame: Any) -> None:
-            received.append(signum)
-            stop.set()
-            self.stderr.write(
-                self.style.WARNING(
-                    f"{signal.Signals(signum).name} received: finishing the current batch "
-                    "and its rollup, then stopping."
-                )
-            )
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            result = execute_revert(
-                options,
-                stop=stop,
-                on_start=lambda r: self.stdout.write(
-                    f"Reverting run {r.run.pk} ({r.run.status}): "
-                    f"{render.number(r.rows_restorable)} rows to restore, "
-                    f"{render.number(r.rows_changed)} changed since."
-                ),
-            )
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with self.stopping_on_signals(
+            stop, "finishing the current batch and its rollup, then stopping."
+        ) as received:
+            result = execute_revert(options, stop=stop, progress=self._progress)
         signum = received[0] if received else signal.SIGTERM
         self._write_result(result, self._outcome(result, signum))
         if result.stopped:
@@ -211,6 +160,15 @@ class Command(ExamplesCommand):
             )
 
     # -- output --------------------------------------------------------------------------
+
+    def _progress(self, event: str, /, **details: Any) -> None:
+        if event == "started":
+            r = details["result"]
+            self.stdout.write(
+                f"Reverting run {r.run.pk} ({r.run.status}): "
+                f"{render.number(r.rows_restorable)} rows to restore, "
+                f"{render.number(r.rows_changed)} changed since."
+            )
 
     def _outcome(self, result: RevertResult, signum: int) -> str:
         """The revert's own outcome, never the status of the run it reverts."""
@@ -269,14 +227,6 @@ class Command(ExamplesCommand):
                 for c in result.changed
             ]
             self.stderr.write(render.render_table(CHANGED_COLUMNS, rows))
-
-    def _attach_log_handler(self, verbosity: int) -> logging.Handler:
-        handler = logging.StreamHandler(self.stderr)
-        levels = {0: logging.WARNING, 1: logging.INFO}
-        handler.setLevel(levels.get(verbosity, logging.DEBUG))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("usage").addHandler(handler)
-        return handler
 
 
 def _parse_show(value: str) -> int:

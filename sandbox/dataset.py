@@ -1,7 +1,7 @@
 """Deterministic target dataset generator for the task_usage repair tool.
 
 ``generate_dataset`` fills an already-created target schema (see
-``usage/sql/target_schema.sql``) with agents, issues, tasks and ``task_usage``
+``sandbox/target_schema.sql``) with agents, issues, tasks and ``task_usage``
 rows shaped like the hosted database described in
 ``shared/docs/target-database.md``.  Everything runs server-side as set-based
 ``INSERT ... SELECT`` over ``generate_series``; no row ever travels to the

@@ -11,9 +11,9 @@ from typing import Any
 
 from psycopg import sql
 
-from usage import dataset
+from sandbox import dataset
 
-SCHEMA_FIXTURE = Path(__file__).resolve().parent / "sql" / "target_schema.sql"
+SCHEMA_FIXTURE = Path(__file__).resolve().parent / "target_schema.sql"
 
 
 def create_target_schema(cursor: Any, schema: str) -> None:

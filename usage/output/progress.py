@@ -20,16 +20,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from usage import rollup
-from usage.backfill import BackfillListener, BatchResult, ExecuteResult
-from usage.models import BackfillRun
+from usage.repair import rollup
+from usage.repair.backfill import BatchResult, ExecuteResult
 
 # Off a terminal, at most one progress line per this many seconds.
 LINE_INTERVAL_SECONDS = 5.0
 
 
-class ProgressListener(BackfillListener):
-    """Render a run's events; ``close()`` when the run ends."""
+class ProgressBar:
+    """Render a repair's progress events (a ``batching.Progress``); ``close()`` at the end."""
 
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
@@ -56,10 +55,12 @@ class ProgressListener(BackfillListener):
                 transient=False,
             )
 
-    # -- events --------------------------------------------------------------------------
+    def __call__(self, event: str, /, **details: Any) -> None:
+        """A run's event: the ones this renders are its methods of the same name."""
+        if event in ("planned", "batch", "paused", "rollup_slice"):
+            getattr(self, event)(**details)
 
-    def started(self, run: BackfillRun) -> None:
-        self.started_at = time.monotonic()
+    # -- events --------------------------------------------------------------------------
 
     def planned(self, rows: int) -> None:
         if self.progress is not None:
@@ -99,8 +100,9 @@ class ProgressListener(BackfillListener):
             self._line(what, force=not self.was_paused)
             self.was_paused = True
 
-    def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
-        """``done_rows``/``total_rows`` count hourly keys for the repair's key slices."""
+    def rollup_slice(self, piece: rollup.RollupSlice, done: int, total: int) -> None:
+        """``done``/``total`` count the hourly keys the repair's key slices rebuild."""
+        done_rows, total_rows = done, total
         status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
         if self.progress is not None:
             if self.rollup_task is None:

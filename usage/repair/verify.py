@@ -15,7 +15,7 @@ from django.db import connection
 from usage.eligibility import compose
 
 # ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all.
-MISMATCHES_SQL_TEMPLATE = """
+MISMATCHES_SQL = """
 WITH scoped AS (
     SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
            q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
@@ -71,17 +71,16 @@ WHERE e.event_count IS NULL OR h.event_count IS NULL
 ORDER BY 1, 2, 4, 6, 7
 LIMIT %(limit)s"""
 
-ALL_KEYS_SQL = MISMATCHES_SQL_TEMPLATE.replace("{scope}", "").replace("{actual_scope}", "")
-RUN_KEYS_SQL = MISMATCHES_SQL_TEMPLATE.replace(
-    "{scope}",
-    "AND tu.id IN (SELECT usage_id FROM {journal} WHERE run_id = ANY(%(run_ids)s))",
-).replace(
-    "{actual_scope}",
-    "WHERE EXISTS (SELECT 1 FROM scoped s WHERE s.bucket_hour = h.bucket_hour"
+# The scope of a check, as the parts of MISMATCHES_SQL that differ: every key, or the keys
+# of the rows some runs changed.
+ALL_KEYS = {"scope": "", "actual_scope": ""}
+RUN_KEYS = {
+    "scope": "AND tu.id IN (SELECT usage_id FROM {journal} WHERE run_id = ANY(%(run_ids)s))",
+    "actual_scope": "WHERE EXISTS (SELECT 1 FROM scoped s WHERE s.bucket_hour = h.bucket_hour"
     " AND s.workspace_id = h.workspace_id AND s.runtime_id = h.runtime_id"
     " AND s.agent_id = h.agent_id AND s.project_id IS NOT DISTINCT FROM h.project_id"
     " AND s.provider = h.provider AND s.model = h.model)",
-)
+}
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,11 @@ def find_mismatches(
     The count covers every differing key (all keys, or those of some runs); only the list
     is capped.
     """
-    query = ALL_KEYS_SQL if run_ids is None else RUN_KEYS_SQL
+    scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
-        cursor.execute(compose(query), {"run_ids": run_ids or [], "limit": limit})
+        cursor.execute(
+            compose(MISMATCHES_SQL, **scope), {"run_ids": run_ids or [], "limit": limit}
+        )
         rows = cursor.fetchall()
     count = rows[0][13] if rows else 0
     return count, [Mismatch(tuple(row[:7]), *row[7:13]) for row in rows]

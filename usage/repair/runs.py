@@ -19,6 +19,7 @@ from typing import Any
 from django.db import connection
 from django.db.models.functions import Now
 
+from usage.db import reconnect_if_dead
 from usage.models import BackfillRun
 
 logger = logging.getLogger("usage.runs")
@@ -96,8 +97,7 @@ def start_run(**fields: Any) -> BackfillRun:
 
 def finish_run(run: BackfillRun, status: str, **fields: Any) -> None:
     """Close the run record; a fresh connection is used if the old one died."""
-    if connection.connection is not None and not connection.is_usable():
-        connection.close()
+    reconnect_if_dead()
     BackfillRun.objects.filter(pk=run.pk).update(status=status, finished_at=Now(), **fields)
     run.refresh_from_db()
 

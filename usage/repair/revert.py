@@ -37,34 +37,20 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage import cron, rollup, runs
-from usage.backfill import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LOCK_TIMEOUT_SECONDS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    LOCK_RETRY_DELAYS_SECONDS,
-    MAX_TIMEOUT_RETRIES,
-)
-from usage.db import (
-    SQLSTATE_LOCK_NOT_AVAILABLE,
-    SQLSTATE_QUERY_CANCELED,
-    check_target,
-    error_text,
-    scrub,
-    set_local_timeouts,
-    sqlstate,
-)
+from usage.db import check_target, error_text, reconnect_if_dead, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
+from usage.repair import batching, rollup, runs
+from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.revert")
 
@@ -72,6 +58,13 @@ DEFAULT_SHOW_CHANGED = 20
 # The first batch is this small (or the operator's --batch-size, if smaller); later ones are
 # sized from the measured rollup cost.
 INITIAL_BATCH_SIZE = 100
+# How the revert's messages name its batches.
+WORDS = batching.BatchWords(
+    batch="a revert batch",
+    unit="entries",
+    kept="the rows restored so far stay restored: run the same revert again later",
+    retrying="revert batch timed out; retrying with %(size)d entries",
+)
 REVERTABLE_STATUSES = (
     BackfillRun.Status.SUCCEEDED,
     BackfillRun.Status.FAILED,
@@ -106,7 +99,7 @@ FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id
 
 # One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
 # skipped for a writer's lock on an earlier try).
-BATCH_SQL_TEMPLATE = f"""
+BATCH_SQL = f"""
 WITH batch AS MATERIALIZED (
     SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
            j.new_input_tokens, j.new_updated_at
@@ -175,8 +168,9 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
        coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
-RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id > %(after)s AND j.id <= %(upto)s")
-RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "j.id = ANY(%(ids)s)")
+# The two kinds of batch: an id range of the run's journal, or the ids a writer held.
+RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
+RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
 
 # Where the run's active entries stand now: restorable, changed since, and their rollup keys.
 CLASSIFY_SQL = f"""
@@ -208,24 +202,16 @@ WHERE locktype = 'advisory' AND granted
 LIMIT 1"""
 
 
-class RevertError(Exception):
+class RevertError(batching.RunError):
     """The revert cannot start or stopped; the message says what to do."""
 
-    def __init__(self, message: str, result: RevertResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    result: RevertResult | None
 
 
 @dataclass(frozen=True)
-class RevertOptions:
+class RevertOptions(batching.RunLimits):
     run_id: int
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
-    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
-    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
     show_changed: int = DEFAULT_SHOW_CHANGED
-    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -286,10 +272,6 @@ class RevertResult:
         return self.run.status == BackfillRun.Status.REVERTED
 
 
-class _BatchTimeoutError(Exception):
-    pass
-
-
 def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
     """The dry run: what a revert of ``run_id`` would restore, in one read-only transaction."""
     check_target()
@@ -315,34 +297,26 @@ def execute_revert(
     options: RevertOptions,
     *,
     stop: threading.Event | None = None,
-    on_batch: Callable[[RevertBatch, RevertResult], None] | None = None,
-    on_start: Callable[[RevertResult], None] | None = None,
+    progress: Progress = no_progress,
 ) -> RevertResult:
     """Restore the run's unchanged rows and rebuild their rollup; see the module docstring.
 
     Holds the run lock throughout (``runs.RunLockError`` when another run or revert has it).
     Returns the result; ``result.rows_remaining`` or ``result.stopped`` mean the run is not
-    reverted yet and running the same revert again finishes it.
+    reverted yet and running the same revert again finishes it. ``progress`` is called with
+    ``started`` (``result``: what is to restore) and each ``batch`` (``batch``, ``result``).
     """
-    return _Revert(options, stop or threading.Event(), on_batch, on_start).run()
+    return _Revert(options, stop or threading.Event(), progress).run()
 
 
 class _Revert:
     """One execute revert. Use ``execute_revert``; this class only keeps its state together."""
 
-    def __init__(
-        self,
-        options: RevertOptions,
-        stop: threading.Event,
-        on_batch: Callable[[RevertBatch, RevertResult], None] | None,
-        on_start: Callable[[RevertResult], None] | None,
-    ) -> None:
+    def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
         self.options = options
         self.stop = stop
-        self.on_batch = on_batch
-        self.on_start = on_start
-        self.batch_size = min(options.batch_size, INITIAL_BATCH_SIZE)
-        self.timeouts = 0
+        self.progress = progress
+        self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
         self.result: RevertResult | None = None
         self.drainer: rollup.QueueDrainer | None = None
 
@@ -362,15 +336,14 @@ class _Revert:
                 result.rows_restorable,
                 result.rows_changed,
             )
-            if self.on_start is not None:
-                self.on_start(result)
+            self.progress("started", result=result)
             try:
                 self._prepare()
                 if BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).exists():
                     # An earlier revert of this run stopped; drain whatever it left queued.
                     self._drain_queued()
                 self._restore_phase()
-            except _BatchTimeoutError as exc:
+            except batching.BatchTimeoutError as exc:
                 self._drain_quietly()
                 raise RevertError(str(exc), result) from None
             except RevertError:
@@ -378,7 +351,7 @@ class _Revert:
             except BaseException as exc:
                 self._drain_quietly()
                 raise RevertError(
-                    f"revert of run {run.pk} stopped: {_describe_failure(exc)}; the rows "
+                    f"revert of run {run.pk} stopped: {batching.describe_failure(exc)}; the rows "
                     "restored so far stay restored: run the same revert again to finish",
                     result,
                 ) from exc
@@ -416,63 +389,41 @@ class _Revert:
         after, last = bounds["first"] - 1, bounds["last"]
         skipped: list[int] = []
         while after < last and not self.stop.is_set():
-            upto = min(after + self.batch_size, last)
-            batch = self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto}, retry=False)
+            upto = min(after + self.halving.size, last)
+            batch = self._batch(RANGE_BATCH, {"after": after, "upto": upto}, retry=False)
             if batch is None:
                 continue  # timed out: same range, smaller
             skipped.extend(batch[1])
             after = upto
-        for delay in self.options.lock_retry_delays:
-            if not skipped or self.stop.is_set():
-                break
-            logger.info("%d rows locked by other writers; retrying in %.1fs", len(skipped), delay)
-            if self.stop.wait(delay):
-                break
-            pending, skipped = skipped, []
+
+        def retry_pass() -> None:
+            pending = skipped[:]
+            skipped.clear()
             while pending and not self.stop.is_set():
-                chunk = pending[: self.batch_size]
-                batch = self._batch(RETRY_BATCH_SQL, {"ids": chunk}, retry=True)
+                chunk = pending[: self.halving.size]
+                batch = self._batch(RETRY_BATCH, {"ids": chunk}, retry=True)
                 if batch is None:
                     continue
                 skipped.extend(batch[1])
                 pending = pending[len(chunk) :]
+
+        batching.retry_locked(
+            self.options.lock_retry_delays, self.stop, lambda: len(skipped), retry_pass, logger
+        )
         self.result.stopped = self.stop.is_set()
 
     def _batch(
-        self, template: str, selector: dict[str, object], *, retry: bool
+        self, kind: dict[str, str], selector: dict[str, object], *, retry: bool
     ) -> tuple[RevertBatch, list[int]] | None:
         """One batch and its drain; None when it timed out and was rolled back (size halved)."""
         assert self.result is not None
-        size = self.batch_size
         started = time.monotonic()
         params = dict(selector, run_id=self.result.run.pk)
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                set_local_timeouts(
-                    cursor, self.options.lock_timeout, self.options.statement_timeout
-                )
-                cursor.execute(compose(template), params)
-                entries, restored, marked, enqueued, tasks, skipped, stamp = cursor.fetchone()
-                if marked != restored:
-                    raise RuntimeError(
-                        f"marked {marked} journal entries for {restored} restored rows; "
-                        "batch rolled back"
-                    )
-        except DatabaseError as exc:
-            if sqlstate(exc) not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
-                raise
-            self.timeouts += 1
-            if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-                raise _BatchTimeoutError(
-                    f"a revert batch timed out {self.timeouts} times, down to {size} entries "
-                    f"({error_text(exc)}); the rows restored so far stay restored: run the "
-                    "same revert again later, or with a larger --lock-timeout/"
-                    "--statement-timeout"
-                ) from exc
-            self.batch_size = max(1, size // 2)
-            logger.warning("revert batch timed out; retrying with %d entries", self.batch_size)
+        size = self.halving.size
+        done = self.halving.attempt(lambda _size: self._batch_statement(kind, params))
+        if done is None:
             return None
-        self.timeouts = 0
+        entries, restored, marked, enqueued, tasks, skipped, stamp = done
         batch = RevertBatch(
             number=self.result.batches + 1,
             entries=entries,
@@ -500,10 +451,23 @@ class _Revert:
             self._drain(stamp, enqueued, tasks)
             self._adapt(entries, enqueued, tasks)
         else:
-            self.batch_size = max(1, min(self.options.batch_size, size * 4))
-        if self.on_batch is not None:
-            self.on_batch(batch, self.result)
+            self.halving.size = max(1, min(self.options.batch_size, size * 4))
+        self.progress("batch", batch=batch, result=self.result)
         return batch, list(skipped)
+
+    def _batch_statement(self, kind: dict[str, str], params: dict[str, object]) -> tuple:
+        """One batch's statement, in its own transaction: what it restored, queued, skipped."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
+            cursor.execute(compose(BATCH_SQL, **kind), params)
+            done = cursor.fetchone()
+            entries, restored, marked, *_ = done
+            if marked != restored:
+                raise RuntimeError(
+                    f"marked {marked} journal entries for {restored} restored rows; "
+                    "batch rolled back"
+                )
+        return done
 
     # -- the rollup ------------------------------------------------------------------------
 
@@ -532,13 +496,12 @@ class _Revert:
         """
         assert self.drainer is not None
         wanted = self.drainer.next_keys(tasks / keys) * entries / keys
-        grown = self.batch_size * rollup.MAX_SLICE_GROWTH
-        self.batch_size = max(1, min(self.options.batch_size, int(min(wanted, grown))))
+        grown = self.halving.size * rollup.MAX_SLICE_GROWTH
+        self.halving.size = max(1, min(self.options.batch_size, int(min(wanted, grown))))
 
     def _drain_quietly(self) -> None:
         try:
-            if connection.connection is not None and not connection.is_usable():
-                connection.close()
+            reconnect_if_dead()
             if self.drainer is not None:
                 self._drain_queued()
         except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
@@ -548,12 +511,7 @@ class _Revert:
             )
 
     def _drop_agent_tasks(self) -> None:
-        try:
-            if connection.is_usable():
-                with connection.cursor() as cursor:
-                    cursor.execute(DROP_AGENT_TASKS_SQL)
-        except Exception:
-            logger.debug("agent task counts left to die with the session", exc_info=True)
+        batching.drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -650,11 +608,3 @@ def _classify(result: RevertResult, show_changed: int) -> None:
     result.rows_changed = changed
     result.rollup_keys = keys
     result.changed = [ChangedRow(*row) for row in listed]
-
-
-def _describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, DatabaseError):
-        return f"database error: {error_text(exc)}"
-    return scrub(f"{type(exc).__name__}: {exc}")

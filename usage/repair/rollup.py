@@ -22,8 +22,8 @@ takes, from a cost model it measures as it goes:
   tried when that alone would not fit the lock budget (a table of hundreds of millions of
   rows). Each slice takes the plan that rebuilds the most keys per second of wall time.
 * **Slices of stamps.** The repair stamps the rows of one hourly key with one ``updated_at``,
-  a microsecond apart from the next key's (``usage.backfill``), so a range of keys is a range
-  of time: each slice is one transaction holding ``pg_advisory_xact_lock(4246)``
+  a microsecond apart from the next key's (``usage.repair.backfill``), so a range of keys is a
+  range of time: each slice is one transaction holding ``pg_advisory_xact_lock(4246)``
   (transaction-level, so it can never leak) around one call over the window from its first
   stamp to just after its last, which rebuilds exactly those keys. The platform's queue is not
   written (its keys are drained with the call, as by any rollup call). The server-side
@@ -62,6 +62,7 @@ from usage.db import (
 )
 from usage.eligibility import compose
 from usage.events import log_event
+from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.rollup")
 
@@ -438,7 +439,7 @@ def plan_applied(piece: RollupSlice) -> bool:
 # -- the repair's slices of stamps ------------------------------------------------------------
 
 # The repair stamps every row of one hourly key with the same updated_at, one microsecond per
-# key (see usage.backfill): a range of stamps is a range of keys, and a rollup call over the
+# key (see usage.repair.backfill): a range of stamps is a range of keys, and a rollup call over the
 # window from the first stamp to just after the last rebuilds exactly them (plus any row
 # someone else wrote in that window: more work, never less). The queue is not touched.
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
@@ -546,14 +547,21 @@ def rebuild_keys(
     statement_timeout: float = 600.0,
     neighbours: NeighbourOptions | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_slice: Callable[[RollupSlice, int, int], None] | None = None,
-    on_wait: Callable[[str, float], None] | None = None,
+    progress: Progress = no_progress,
 ) -> RollupResult:
     """Rebuild every hourly key of the rows the given runs changed, each key once.
 
     Stops between slices when ``should_stop()`` says so (``result.stopped``; the keys left
-    are rebuilt by the next run).
+    are rebuilt by the next run). Reports each slice (``rollup_slice``) and each wait for
+    the platform's cron tick (``paused``) to ``progress``.
     """
+
+    def on_slice(piece: RollupSlice, done: int, total: int) -> None:
+        progress("rollup_slice", piece=piece, done=done, total=total)
+
+    def on_wait(reason: str, seconds: float) -> None:
+        progress("paused", reason=reason, seconds=seconds)
+
     started = time.monotonic()
     neighbours = neighbours or NeighbourOptions()
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)

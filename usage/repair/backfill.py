@@ -15,12 +15,13 @@ How it stays linear and safe on a live database:
 * A timeout rolls the batch back whole and retries it smaller, a bounded number of times.
 * Signals are honoured between batches; the rollup is then rebuilt for what was done.
 * The hourly rollup is rebuilt afterwards, key by key in short lock slices
-  (``usage.rollup.rebuild_keys``), also for the rows of earlier runs that died before
+  (``usage.repair.rollup.rebuild_keys``), also for the rows of earlier runs that died before
   rebuilding theirs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -33,31 +34,40 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
-from usage import cron, rollup, runs
+from usage import cron
 from usage.db import (
-    SQLSTATE_LOCK_NOT_AVAILABLE,
-    SQLSTATE_QUERY_CANCELED,
     check_target,
     database_now,
     error_text,
-    scrub,
+    reconnect_if_dead,
     set_local_timeouts,
-    sqlstate,
 )
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.events import log_event
 from usage.models import BackfillRun
-from usage.summary import ensure_cutoff_in_past
+from usage.repair import rollup, runs
+from usage.repair.batching import (
+    BatchTimeoutError,
+    BatchWords,
+    Halving,
+    RunError,
+    RunLimits,
+    describe_failure,
+    drop_temp_table,
+    retry_locked,
+)
+from usage.repair.progress import Progress, no_progress
+from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
 
-DEFAULT_BATCH_SIZE = 1000
-DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
-DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
-# A batch that times out is retried with half the rows, at most this many times in a row.
-MAX_TIMEOUT_RETRIES = 3
-# Pauses before re-trying rows that were skipped because another writer held their lock.
-LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
+# How the repair's messages name its batches.
+WORDS = BatchWords(
+    batch="a batch",
+    unit="rows",
+    kept="the work done so far is kept: re-run later",
+    retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
+)
 # After a failure or a stop, counting the rows still eligible may take this long at most.
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0
 
@@ -91,10 +101,11 @@ ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 STAMP = "greatest(%(stamp_base)s - w.rank * interval '1 microsecond', %(cutoff)s)"
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
-# batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry).
+# batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry;
+# see RANGE_BATCH and RETRY_BATCH).
 # The re-check under the lock is the row's own part of the eligibility (what a concurrent
 # writer can change); the snapshot already applied the workspace scope, which cannot change.
-BATCH_SQL_TEMPLATE = f"""
+BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
     FROM {WORK_TABLE} w
@@ -130,12 +141,10 @@ SELECT (SELECT count(*) FROM journaled),
        now()
 FROM updated"""
 
-RANGE_BATCH_SQL = BATCH_SQL_TEMPLATE.replace(
-    "{selector}", "w.seq > %(after)s AND w.seq <= %(upto)s"
-).replace("{limit}", "")
-RETRY_BATCH_SQL = BATCH_SQL_TEMPLATE.replace("{selector}", "TRUE").replace(
-    "{limit}", "LIMIT %(limit)s"
-)
+# The two kinds of batch, as the parts of BATCH_SQL that differ: a range of the snapshot's
+# numbering, or (a retry) the next rows of the snapshot that are still eligible.
+RANGE_BATCH = {"selector": "w.seq > %(after)s AND w.seq <= %(upto)s", "limit": ""}
+RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s"}
 
 REMAINING_IN_WORK_SQL = f"""
 SELECT count(*)
@@ -144,27 +153,19 @@ JOIN {{task_usage}} tu ON tu.id = w.id
 WHERE {{row_eligible_where}}"""
 
 
-class BackfillError(Exception):
+class BackfillError(RunError):
     """The repair stopped; the message says what to do. The run record says what was done."""
 
-    def __init__(self, message: str, result: ExecuteResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    result: ExecuteResult | None
 
 
 @dataclass(frozen=True)
-class ExecuteOptions:
+class ExecuteOptions(RunLimits):
     cutoff: datetime
     workspace_id: uuid.UUID | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
     sleep_between_batches: float = 0.0
     rebuild_rollup: bool = True
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
-    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
-    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = LOCK_RETRY_DELAYS_SECONDS
     max_replication_lag: float | None = None
-    cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     arguments: dict[str, Any] = field(default_factory=dict)
     # A saved plan's check (``usage.plan``): called under the run lock once the snapshot is
     # taken and before the run record exists; it raises to refuse the run (nothing written)
@@ -207,10 +208,6 @@ class ExecuteResult:
         self.clamped_rows += batch.clamped_rows
 
 
-class _BatchTimeoutError(Exception):
-    pass
-
-
 class StopRequests(threading.Event):
     """A stop flag that counts its requests (signals).
 
@@ -227,56 +224,15 @@ class StopRequests(threading.Event):
         super().set()
 
 
-class BackfillListener:
-    """Receives a run's events; the command renders them (progress bar, lines, JSON)."""
-
-    def started(self, run: BackfillRun) -> None:
-        """The run record exists; its id can be shown."""
-
-    def planned(self, rows: int) -> None:
-        """The candidate snapshot is taken: ``rows`` rows to walk."""
-
-    def stamping(self, policy: cron.StampPolicy) -> None:
-        """How the run stamps ``updated_at`` on the rows it repairs, and why."""
-
-    def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
-        """A batch committed."""
-
-    def paused(self, reason: str, seconds: float | None) -> None:
-        """The run waits (throttle or replica lag) before its next batch."""
-
-    def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
-        """A rollup slice committed."""
-
-
-class _CallbackListener(BackfillListener):
-    def __init__(self, **callbacks: Callable[..., None] | None) -> None:
-        self.callbacks = callbacks
-
-    def started(self, run: BackfillRun) -> None:
-        if self.callbacks.get("on_start"):
-            self.callbacks["on_start"](run)
-
-    def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
-        if self.callbacks.get("on_batch"):
-            self.callbacks["on_batch"](batch, result)
-
-    def rollup_slice(self, piece: rollup.RollupSlice, done_rows: int, total_rows: int) -> None:
-        if self.callbacks.get("on_rollup_slice"):
-            self.callbacks["on_rollup_slice"](piece, done_rows, total_rows)
-
-
 class Backfill:
     """One execute run. Use ``execute_backfill``; this class only keeps its state together."""
 
-    def __init__(
-        self, options: ExecuteOptions, stop: threading.Event, listener: BackfillListener
-    ) -> None:
+    def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         self.options = options
         self.stop = stop
-        self.listener = listener
+        self.progress = progress
         self.params = eligible_params(options.cutoff, options.workspace_id)
-        self.batch_size = options.batch_size
+        self.halving = Halving(options.batch_size, WORDS, logger)
         self.result: ExecuteResult | None = None
         # Snapshot rows a range batch did not update (locked by a writer, or no longer
         # eligible). While it is 0 every row walked so far was repaired, and counting what
@@ -317,7 +273,7 @@ class Backfill:
             )
             self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy)
             log_event(logger, logging.INFO, "start", f"run {run.pk} started", run_id=run.pk)
-            self.listener.started(run)
+            self.progress("started", run=run)
             log_event(
                 logger,
                 logging.INFO,
@@ -327,16 +283,16 @@ class Backfill:
                 stamp=policy.stamp,
                 watermark_at=policy.watermark_at,
             )
-            self.listener.stamping(policy)
+            self.progress("stamping", policy=policy)
             try:
                 self._update_phase()
-            except _BatchTimeoutError as exc:
+            except BatchTimeoutError as exc:
                 message = str(exc) + self._count_remaining()
                 self._rebuild_rollup_quietly()
                 self._finish(BackfillRun.Status.FAILED, message)
                 raise BackfillError(message, self.result) from None
             except BaseException as exc:
-                message = _describe_failure(exc) + self._count_remaining()
+                message = describe_failure(exc) + self._count_remaining()
                 self._finish_after_error(message)
                 raise BackfillError(message, self.result) from exc
             finally:
@@ -374,11 +330,11 @@ class Backfill:
             run_id=self.result.run.pk,
             rows_planned=planned,
         )
-        self.listener.planned(planned)
+        self.progress("planned", rows=planned)
         after = 0
         while after < planned and not self.stop.is_set():
-            upto = min(after + self.batch_size, planned)
-            self._batch(RANGE_BATCH_SQL, {"after": after, "upto": upto})
+            upto = min(after + self.halving.size, planned)
+            self._batch(RANGE_BATCH, {"after": after, "upto": upto})
             after = upto
             if after < planned:
                 self._pause_between_batches()
@@ -406,7 +362,7 @@ class Backfill:
                 reason="sleep",
                 seconds=seconds,
             )
-            self.listener.paused("sleep between batches", seconds)
+            self.progress("paused", reason="sleep between batches", seconds=seconds)
             self.stop.wait(seconds)
         if self.options.max_replication_lag is not None and not self.stop.is_set():
             from usage import replication
@@ -420,7 +376,7 @@ class Backfill:
                     reason="replication_lag",
                     detail=reason,
                 )
-                self.listener.paused(reason, None)
+                self.progress("paused", reason=reason, seconds=None)
 
             replication.wait_for_replicas(self.options.max_replication_lag, self.stop, on_lag)
 
@@ -435,51 +391,15 @@ class Backfill:
             cursor.execute(ANALYZE_WORK_TABLE_SQL)
         return planned
 
-    def _batch(self, template: str, selector: dict[str, int]) -> BatchResult:
+    def _batch(self, kind: dict[str, str], selector: dict[str, int]) -> BatchResult:
         """Run one batch, halving it on a timeout; return what it did."""
         assert self.result is not None
-        timeouts = 0
         while True:
-            size = self.batch_size
-            params = dict(self.params, run_id=self.result.run.pk, limit=size, **selector)
-            if "upto" in selector:
-                params["upto"] = min(selector["upto"], selector["after"] + size)
             started = time.monotonic()
-            try:
-                with transaction.atomic(), connection.cursor() as cursor:
-                    set_local_timeouts(
-                        cursor, self.options.lock_timeout, self.options.statement_timeout
-                    )
-                    cursor.execute(compose(template), params)
-                    journaled, rows, removed, clamped, stamp = cursor.fetchone()
-                    if journaled != rows:
-                        raise RuntimeError(
-                            f"journal wrote {journaled} entries for {rows} updated rows; "
-                            "batch rolled back"
-                        )
-                    if rows:
-                        BackfillRun.objects.filter(pk=self.result.run.pk).update(
-                            rows_updated=F("rows_updated") + rows,
-                            input_tokens_removed=F("input_tokens_removed") + removed,
-                            clamped_rows=F("clamped_rows") + clamped,
-                        )
-            except DatabaseError as exc:
-                if sqlstate(exc) not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
-                    raise
-                timeouts += 1
-                if timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-                    raise _BatchTimeoutError(
-                        f"a batch timed out {timeouts} times, down to {size} rows "
-                        f"({error_text(exc)}); the work done so far is kept: re-run later, or "
-                        "with a larger --lock-timeout/--statement-timeout"
-                    ) from exc
-                self.batch_size = max(1, size // 2)
-                logger.warning(
-                    "batch timed out (%s); rolled back, retrying with %d rows",
-                    "lock" if sqlstate(exc) == SQLSTATE_LOCK_NOT_AVAILABLE else "statement",
-                    self.batch_size,
-                )
-                continue
+            done = self.halving.attempt(functools.partial(self._batch_statement, kind, selector))
+            if done is None:
+                continue  # timed out and rolled back: the same rows, fewer at a time
+            params, size, (rows, removed, clamped, stamp) = done
             if "upto" in selector:
                 self.range_shortfall += params["upto"] - params["after"] - rows
             batch = BatchResult(
@@ -490,7 +410,7 @@ class Backfill:
                 batch_size=size,
                 seconds=time.monotonic() - started,
                 stamp=stamp,
-                retry=template is RETRY_BATCH_SQL,
+                retry=kind is RETRY_BATCH,
             )
             self.result.add(batch)
             log_event(
@@ -510,31 +430,55 @@ class Backfill:
                 rows_planned=self.result.rows_planned,
                 retry=batch.retry,
             )
-            self.listener.batch(batch, self.result)
+            self.progress("batch", batch=batch, result=self.result)
             if "upto" in selector and params["upto"] < selector["upto"]:
                 # A timeout shrank the batch: finish the rest of the range in smaller pieces.
                 selector = {"after": params["upto"], "upto": selector["upto"]}
-                timeouts = 0
                 continue
             return batch
+
+    def _batch_statement(
+        self, kind: dict[str, str], selector: dict[str, int], size: int
+    ) -> tuple[dict[str, Any], int, tuple[int, int, int, Any]]:
+        """One batch's statement, in its own transaction; its parameters, size and figures."""
+        assert self.result is not None
+        params = dict(self.params, run_id=self.result.run.pk, limit=size, **selector)
+        if "upto" in selector:
+            params["upto"] = min(selector["upto"], selector["after"] + size)
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
+            cursor.execute(compose(BATCH_SQL, **kind), params)
+            journaled, rows, removed, clamped, stamp = cursor.fetchone()
+            if journaled != rows:
+                raise RuntimeError(
+                    f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
+                )
+            if rows:
+                BackfillRun.objects.filter(pk=self.result.run.pk).update(
+                    rows_updated=F("rows_updated") + rows,
+                    input_tokens_removed=F("input_tokens_removed") + removed,
+                    clamped_rows=F("clamped_rows") + clamped,
+                )
+        return params, size, (rows, removed, clamped, stamp)
 
     def _retry_locked_rows(self) -> int:
         """Give rows skipped for a writer's lock a few more chances once it lets go.
 
         Returns how many rows of the snapshot are still eligible (still locked) at the end.
         """
-        for delay in self.options.lock_retry_delays:
-            remaining = self._remaining_in_work()
-            if remaining == 0:
-                return 0
-            logger.info("%d rows locked by other writers; retrying in %.1fs", remaining, delay)
-            if self.stop.wait(delay):
-                return remaining
+
+        def retry_pass() -> None:
             while not self.stop.is_set():
-                batch = self._batch(RETRY_BATCH_SQL, {})
-                if batch.rows == 0:
+                if self._batch(RETRY_BATCH, {}).rows == 0:
                     break
-        return self._remaining_in_work()
+
+        return retry_locked(
+            self.options.lock_retry_delays,
+            self.stop,
+            self._remaining_in_work,
+            retry_pass,
+            logger,
+        )
 
     def _remaining_in_work(self) -> int:
         with connection.cursor() as cursor:
@@ -560,8 +504,7 @@ class Backfill:
             statement_timeout=self.options.statement_timeout,
             neighbours=rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
             should_stop=self._rollup_stop_check(),
-            on_slice=self.listener.rollup_slice,
-            on_wait=self.listener.paused,
+            progress=self.progress,
         )
         if not result.stopped:
             BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(
@@ -602,7 +545,7 @@ class Backfill:
             try:
                 self._rebuild_rollup()
             except (rollup.RollupError, DatabaseError) as exc:
-                message = f"rows repaired, but the rollup rebuild failed: {_describe_failure(exc)}"
+                message = f"rows repaired, but the rollup rebuild failed: {describe_failure(exc)}"
                 self._finish_after_error(message)
                 raise BackfillError(message, self.result) from exc
         rollup_result = self.result.rollup
@@ -635,8 +578,7 @@ class Backfill:
         """
         assert self.result is not None
         try:
-            if connection.connection is not None and not connection.is_usable():
-                connection.close()
+            reconnect_if_dead()
             with transaction.atomic(), connection.cursor() as cursor:
                 set_local_timeouts(
                     cursor, self.options.lock_timeout, REMAINING_COUNT_TIMEOUT_SECONDS
@@ -684,32 +626,20 @@ class Backfill:
             )
 
     def _drop_work_table(self) -> None:
-        try:
-            if connection.is_usable():
-                with connection.cursor() as cursor:
-                    cursor.execute(DROP_WORK_TABLE_SQL)
-        except Exception:
-            logger.debug("work table left to die with the session", exc_info=True)
+        drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
 
 
 def execute_backfill(
     options: ExecuteOptions,
     *,
     stop: threading.Event | None = None,
-    listener: BackfillListener | None = None,
-    on_batch: Callable[[BatchResult, ExecuteResult], None] | None = None,
-    on_rollup_slice: Callable[[rollup.RollupSlice, int, int], None] | None = None,
-    on_start: Callable[[BackfillRun], None] | None = None,
+    progress: Progress = no_progress,
 ) -> ExecuteResult:
     """Repair the eligible rows and rebuild their rollup; see the module docstring.
 
-    Pass a ``listener`` for every event, or the ``on_*`` callbacks for a few.
+    ``progress`` is called with each event of the run (see ``batching.Progress``).
     """
-    if listener is None:
-        listener = _CallbackListener(
-            on_batch=on_batch, on_rollup_slice=on_rollup_slice, on_start=on_start
-        )
-    return Backfill(options, stop or StopRequests(), listener).run()
+    return Backfill(options, stop or StopRequests(), progress).run()
 
 
 def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:
@@ -719,11 +649,3 @@ def _runs_with_pending_rollup(exclude: int) -> list[BackfillRun]:
         .exclude(status__in=[BackfillRun.Status.RUNNING, BackfillRun.Status.REVERTED])
         .order_by("pk")
     )
-
-
-def _describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(exc, DatabaseError):
-        return f"database error: {error_text(exc)}"
-    return scrub(f"{type(exc).__name__}: {exc}")

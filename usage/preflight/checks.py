@@ -1,10 +1,10 @@
-"""Pre-flight: is this database ready for the repair, checked read-only before a run.
+"""The pre-flight's checks: is this database ready for the repair, judged read-only.
 
-``run_preflight`` runs every check of ``CHECKS`` inside one ``READ ONLY`` transaction that
-it always rolls back, each check in its own savepoint, so a failing or cancelled query
-fails only its own check and nothing can ever be written. Each check returns a
-``CheckResult`` that says what was found and, when it is not fine, what the operator should
-do. The same results back the ``preflight_codex_usage_backfill`` command and
+``run_preflight`` (``usage.preflight.run``) runs every check of ``CHECKS`` inside one
+``READ ONLY`` transaction that it always rolls back, each check in its own savepoint, so a
+failing or cancelled query fails only its own check and nothing can ever be written. Each
+check returns a ``CheckResult`` that says what was found and, when it is not fine, what the
+operator should do. The same results back the ``preflight_codex_usage_backfill`` command and
 ``pytest -m preflight`` (tests/test_preflight.py), which the runbook names.
 
 Checks are judged the way the tool uses the database: tables, columns and types it reads
@@ -27,17 +27,12 @@ warnings, not failures: legitimate data can look either way, and the operator de
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
-from django.conf import settings
-from django.db import DatabaseError, connection, transaction
 from psycopg import sql
 
 from usage import cron, replication
@@ -47,12 +42,15 @@ from usage.db import (
     REQUIRED_TARGET_TABLES,
     REQUIRED_TOOL_TABLES,
     ROLLUP_FUNCTION_SIGNATURE,
-    SQLSTATE_QUERY_CANCELED,
-    error_text,
-    sqlstate,
 )
-from usage.eligibility import ELIGIBLE_WHERE, compose, eligible_params
-from usage.summary import CutoffError, ensure_cutoff_in_past
+from usage.eligibility import (
+    CODEX_WITH_CACHED_INPUT,
+    NOT_REPAIRED,
+    SCOPE_WHERE,
+    compose,
+    eligible_params,
+)
+from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
 
@@ -250,12 +248,9 @@ SELECT count(*) FROM (
 
 JOURNALED_SQL = "SELECT EXISTS (SELECT 1 FROM {journal} WHERE reverted_at IS NULL)"
 
-# The eligibility definition with its cutoff comparison turned around: Codex rows with cached
-# input, last written in [cutoff, window end), not repaired by this tool. Written so that the
-# updated_at index and the legacy created_at index serve it.
-_ELIGIBLE_CUTOFF_TEST = "coalesce(tu.updated_at, tu.created_at) < %(cutoff)s"
-if _ELIGIBLE_CUTOFF_TEST not in ELIGIBLE_WHERE:  # pragma: no cover - guards a refactoring
-    raise ImportError("usage.eligibility changed its cutoff test; update usage.preflight")
+# The eligibility definition with its cutoff comparison turned around, from the same named
+# parts: Codex rows with cached input, last written in [cutoff, window end), not repaired by
+# this tool. Written so that the updated_at index and the legacy created_at index serve it.
 _AFTER_CUTOFF_TEST = """(
         (tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
         OR (tu.updated_at IS NULL
@@ -263,7 +258,10 @@ _AFTER_CUTOFF_TEST = """(
 _BEFORE_WINDOW_TEST = """(
         tu.updated_at >= %(window_start)s
         OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
-WRITTEN_AFTER_CUTOFF_WHERE = ELIGIBLE_WHERE.replace(_ELIGIBLE_CUTOFF_TEST, _AFTER_CUTOFF_TEST)
+WRITTEN_AFTER_CUTOFF_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
+    AND {_AFTER_CUTOFF_TEST}
+    AND {NOT_REPAIRED}
+    AND {SCOPE_WHERE}"""
 
 CUTOFF_NEIGHBOURHOOD_SQL = f"""
 WITH before_cutoff AS (
@@ -853,139 +851,3 @@ CHECKS: tuple[Check, ...] = (
     Check("replication", "replica lag is visible for --max-replication-lag", check_replication),
 )
 CHECK_NAMES = tuple(check.name for check in CHECKS)
-
-
-# -- running them ---------------------------------------------------------------------------
-
-
-class _LoggingCursor:
-    """Log each statement at DEBUG (shown with --verbosity 3), then run it."""
-
-    def __init__(self, cursor: Any) -> None:
-        self._cursor = cursor
-
-    def execute(self, query: str, params: Any = None) -> Any:
-        logger.debug("SQL: %s", " ".join(str(query).split()))
-        return self._cursor.execute(query, params)
-
-    def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
-
-
-@contextmanager
-def _read_only_django() -> Iterator[tuple[Any, Callable[[], Any]]]:
-    """Django's default connection: an atomic block (or a savepoint) rolled back at the end."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        try:
-            yield cursor, transaction.atomic
-        finally:
-            transaction.set_rollback(True)
-
-
-@contextmanager
-def _read_only_psycopg(conn: psycopg.Connection) -> Iterator[tuple[Any, Callable[[], Any]]]:
-    """A psycopg connection: a transaction (or savepoint) rolled back at the end."""
-    with conn.transaction(force_rollback=True), conn.cursor() as cursor:
-        yield cursor, conn.transaction
-
-
-def run_preflight(
-    cutoff: datetime,
-    workspace_id: uuid.UUID | None = None,
-    *,
-    conn: psycopg.Connection | None = None,
-    checks: Sequence[Check] = CHECKS,
-    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-) -> list[CheckResult]:
-    """Run ``checks`` in one read-only transaction; never writes, always rolls back.
-
-    ``conn`` is a psycopg connection to inspect instead of Django's default connection
-    (the pytest pre-flight uses it to reach the real target, not the test database).
-    ``statement_timeout`` (seconds) bounds every query: counting candidates scans
-    ``task_usage`` when few rows are eligible.
-    """
-    session = _read_only_django() if conn is None else _read_only_psycopg(conn)
-    results: dict[str, CheckResult] = {}
-    with session as (raw_cursor, savepoint):
-        raw_cursor.execute(READ_ONLY_SQL)
-        raw_cursor.execute(
-            TIMEOUTS_SQL,
-            {
-                "statement_timeout": f"{round(statement_timeout * 1000)}ms",
-                "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
-            },
-        )
-        ctx = Context(
-            cursor=_LoggingCursor(raw_cursor),
-            cutoff=cutoff,
-            workspace_id=workspace_id,
-            target_schema=settings.CODEX_TARGET_SCHEMA,
-            tool_schema=settings.CODEX_REPAIR_SCHEMA,
-        )
-        for check in checks:
-            results[check.name] = _run_one(check, ctx, savepoint, results, statement_timeout)
-    return list(results.values())
-
-
-def _run_one(
-    check: Check,
-    ctx: Context,
-    savepoint: Callable[[], Any],
-    earlier: dict[str, CheckResult],
-    statement_timeout: float,
-) -> CheckResult:
-    blocked = [name for name in check.requires if name in earlier and not earlier[name].ok]
-    if blocked:
-        # Not checked counts as not passed: the pre-flight proves readiness, never assumes it.
-        return CheckResult(
-            check.name,
-            False,
-            f"not checked: needs {', '.join(blocked)}",
-            f"fix {', '.join(blocked)} first, then run the pre-flight again",
-            skipped=True,
-        )
-    started = time.monotonic()
-    try:
-        with savepoint():
-            result = check.run(ctx)
-    except (DatabaseError, psycopg.Error) as exc:
-        if sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
-            fix = (
-                f"the check's query ran longer than {statement_timeout:g}s: run the pre-flight "
-                "again off-peak with a longer --statement-timeout (e.g. 10m)"
-            )
-        else:
-            fix = "fix the error above (often a missing privilege), then run the pre-flight again"
-        result = failed(f"query failed: {error_text(exc)}", fix)
-    seconds = time.monotonic() - started
-    logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
-    return replace(result, name=check.name, seconds=seconds)
-
-
-def connect_target() -> psycopg.Connection:
-    """A separate connection to the database the tool targets, for ``pytest -m preflight``.
-
-    ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database,
-    which Django's default connection points at during the tests). ``run_preflight`` keeps
-    everything on it inside a read-only transaction. It has the same limits as Django's
-    connection: ``CODEX_CONNECT_TIMEOUT`` and the server-side timeouts.
-    """
-    limits = settings.CODEX_CONNECTION_LIMITS
-    options: dict[str, Any] = {
-        "autocommit": True,
-        "application_name": "codex-usage-repair-preflight",
-        "cursor_factory": psycopg.ClientCursor,
-        "options": limits.server_options(),
-        **limits.libpq_params(),
-    }
-    if settings.USING_SANDBOX:
-        from usage import sandbox
-
-        options.update(
-            host=sandbox.ensure_sandbox(), user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
-        )
-        return psycopg.connect(**options)
-    return psycopg.connect(settings.DATABASE_URL, **options)
