@@ -268,7 +268,7 @@ def _hourly_rows_rebuilt_since(moment: object) -> int:
 def test_kill_9_mid_rollup_leaves_nothing_for_the_tick_and_a_rerun_finishes(
     slow_rollup: None, subprocess_env: dict[str, str], test_database_url: str
 ) -> None:
-    make_keys(4, 40)
+    make_keys(4, 20)
     live_watermark()
     started = database_now()
     process = start_manage(
@@ -306,7 +306,7 @@ def test_kill_9_mid_rollup_leaves_nothing_for_the_tick_and_a_rerun_finishes(
 def test_a_signal_during_the_rollup_stops_it_and_the_run_is_interrupted(
     slow_rollup: None, subprocess_env: dict[str, str]
 ) -> None:
-    make_keys(4, 40)
+    make_keys(4, 20)
     live_watermark()
     started = database_now()
     process = start_manage(
