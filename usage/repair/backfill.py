@@ -320,8 +320,9 @@ class Backfill:
         started = time.monotonic()
         planned = self._snapshot() if self.snapshot_rows is None else self.snapshot_rows
         self.result.rows_planned = planned
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(rows_planned=planned)
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(rollup_from=database_now())
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(
+            rows_planned=planned, rollup_from=database_now()
+        )
         log_event(
             logger,
             logging.INFO,

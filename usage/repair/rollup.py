@@ -685,7 +685,52 @@ class _Span:
     window_to: datetime
 
 
-class _StampSlices:
+class _Slicer:
+    """What the stamp slices and the queue drains share: a planner that learns from every
+    slice, the watch on the cron tick, and the room left to the lock's other users."""
+
+    def __init__(
+        self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
+    ) -> None:
+        self.limits = limits
+        self.neighbours = neighbours
+        self.result = result
+        self.planner = SlicePlanner(
+            target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
+            scan_seconds=predict_scan_seconds(),
+            gap=neighbours.gap,
+        )
+        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
+
+    def _leave_a_gap(self) -> None:
+        if self.neighbours.gap > 0:
+            time.sleep(self.neighbours.gap)
+
+    def _cancelled(self, exc: SliceCancelled, plan: Plan, units: float, keys: int) -> None:
+        """The server ended a slice at the cap: its hold counts, and the planner learns."""
+        self.result.cancelled_holds.append(exc.held)
+        self.planner.cancelled(plan, units, keys)
+
+    def _settled(
+        self,
+        piece: RollupSlice,
+        keys: int,
+        tasks: int,
+        backlog: int = 0,
+        mean_tasks: float = 0.0,
+    ) -> RollupSlice:
+        """The slice as it ran, measured by the planner and added to the result."""
+        piece = _checked(
+            dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog), self.planner
+        )
+        ran = Plan(piece.plan)
+        units = slice_units(ran, keys, tasks, backlog, mean_tasks)
+        self.planner.measured(ran, units, piece.lock_held_seconds)
+        self.result.add(piece)
+        return piece
+
+
+class _StampSlices(_Slicer):
     """The slice loop of ``rebuild_keys``: plan, wait for neighbours, run, learn."""
 
     def __init__(
@@ -696,17 +741,9 @@ class _StampSlices:
         total: int,
         mean_tasks: float,
     ) -> None:
-        self.limits = limits
-        self.neighbours = neighbours
-        self.result = result
+        super().__init__(limits, neighbours, result)
         self.total = total
         self.mean_tasks = mean_tasks
-        self.planner = SlicePlanner(
-            target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
-            scan_seconds=predict_scan_seconds(),
-            gap=neighbours.gap,
-        )
-        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
         self.done = self.done_keys = self.done_tasks = 0
 
     def run(
@@ -729,9 +766,8 @@ class _StampSlices:
             try:
                 piece = run_slice(plan, self.limits, span.window_from, span.window_to)
             except SliceCancelled as exc:
-                self.result.cancelled_holds.append(exc.held)
                 units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
-                self.planner.cancelled(plan, units, span.keys)
+                self._cancelled(exc, plan, units, span.keys)
                 logger.info(
                     "rollup slice of %d keys (%s plan) over its lock budget; retrying smaller",
                     span.keys,
@@ -746,15 +782,10 @@ class _StampSlices:
                     ) from exc
                 self._leave_a_gap()  # the cancelled slice held the lock up to the cap
                 continue
-            piece = _with_counts(piece, keys=span.keys, tasks=span.tasks, backlog=backlog)
-            piece = _checked(piece, self.planner)
-            ran = Plan(piece.plan)
-            units = slice_units(ran, span.keys, span.tasks, backlog, self.mean_tasks)
-            self.planner.measured(ran, units, piece.lock_held_seconds)
+            piece = self._settled(piece, span.keys, span.tasks, backlog, self.mean_tasks)
             self.done = span.upto
             self.done_keys += span.keys
             self.done_tasks += span.tasks
-            self.result.add(piece)
             if on_slice is not None:
                 on_slice(piece, self.done_keys, keys_total)
             _log_slice(
@@ -775,10 +806,6 @@ class _StampSlices:
         self.result.cron_waits = self.ticks.waits
         self.result.cron_wait_seconds = self.ticks.waited_seconds
 
-    def _leave_a_gap(self) -> None:
-        if self.neighbours.gap > 0:
-            time.sleep(self.neighbours.gap)
-
     def _backlog(self) -> int:
         """Keys others queued before the next window ends: its call rebuilds them too.
 
@@ -797,7 +824,7 @@ class _StampSlices:
         """The plan and the stamps of the next slice: the most keys per second of wall time."""
         probe = self.planner.next_to_probe()
         plans = [probe] if probe is not None else sorted(self.planner.usable)
-        best: tuple[float, Plan, _Span] | None = None
+        best: tuple[float, Plan, float, float] | None = None
         for plan in plans:
             base = KEY_BASE_COST[plan]
             backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
@@ -855,10 +882,6 @@ def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
 
 
-def _with_counts(piece: RollupSlice, **counts: int) -> RollupSlice:
-    return dataclasses.replace(piece, **counts)
-
-
 def _log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
     """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
     log_event(
@@ -882,7 +905,7 @@ def _log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
 # -- the revert's drains -----------------------------------------------------------------
 
 
-class QueueDrainer:
+class QueueDrainer(_Slicer):
     """Rebuilds keys another statement queued (the revert's), one slice per call.
 
     The caller queued keys up to ``enqueued_until`` and tells their count and task units; the
@@ -890,15 +913,7 @@ class QueueDrainer:
     """
 
     def __init__(self, limits: SliceLimits, neighbours: NeighbourOptions | None = None) -> None:
-        self.limits = limits
-        self.neighbours = neighbours or NeighbourOptions()
-        self.planner = SlicePlanner(
-            target=limits.max_lock_seconds * TARGET_LOCK_FRACTION,
-            scan_seconds=predict_scan_seconds(),
-            gap=self.neighbours.gap,
-        )
-        self.ticks = cron.TickWatcher(interval=self.neighbours.tick_interval, lead=limits.cap)
-        self.result = RollupResult()
+        super().__init__(limits, neighbours or NeighbourOptions(), RollupResult())
 
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
@@ -937,20 +952,13 @@ class QueueDrainer:
                     plan, self.limits, enqueued_until, enqueued_until + timedelta(microseconds=1)
                 )
             except SliceCancelled as exc:
-                self.result.cancelled_holds.append(exc.held)
-                self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
+                self._cancelled(exc, plan, slice_units(plan, keys, tasks), keys)
                 logger.info("revert drain of %d keys (%s plan) over its lock budget", keys, plan)
-                if self.neighbours.gap > 0:
-                    time.sleep(self.neighbours.gap)
+                self._leave_a_gap()
                 continue
-            piece = _with_counts(piece, keys=keys, tasks=tasks)
-            piece = _checked(piece, self.planner)
-            ran = Plan(piece.plan)
-            self.planner.measured(ran, slice_units(ran, keys, tasks), piece.lock_held_seconds)
-            self.result.add(piece)
+            piece = self._settled(piece, keys, tasks)
             _log_slice(piece, f"revert drain: {keys} keys", keys, keys)
-            if self.neighbours.gap > 0:
-                time.sleep(self.neighbours.gap)
+            self._leave_a_gap()
             return piece
         raise RollupError(
             f"the hourly keys of one revert batch ({keys} keys) could not be rebuilt within the "
