@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 
 from django.db import connection
 
+from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.render import timestamp as _clock
@@ -67,9 +68,8 @@ def read_state() -> CronState:
     with connection.cursor() as cursor:
         cursor.execute(compose(STATE_SQL))
         row = cursor.fetchone()
-        if row is None:
-            cursor.execute("SELECT clock_timestamp()")
-            return CronState(None, None, cursor.fetchone()[0])
+    if row is None:
+        return CronState(None, None, database_now())
     return CronState(*row)
 
 
