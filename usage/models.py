@@ -120,6 +120,12 @@ class BackfillRun(models.Model):
         BELOW_WATERMARK = "below_watermark"
         REPAIR_TIME = "repair_time"
 
+    class RollupPath(models.TextChoices):
+        """How the run rebuilds its hourly keys (see ``usage.repair.recompute``)."""
+
+        OWN = "own"  # the tool's aggregate-first recompute, for a function definition it knows
+        FUNCTION = "function"  # the platform's rollup_task_usage_hourly_window
+
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     rollup_state = models.CharField(
         max_length=16, choices=RollupState.choices, default=RollupState.PENDING
@@ -153,6 +159,15 @@ class BackfillRun(models.Model):
     # Rows are stamped ``stamp_base`` less their hourly key's rank in microseconds.
     stamp_base = models.DateTimeField(null=True, blank=True)
     watermark_at_start = models.DateTimeField(null=True, blank=True)
+    # The earliest and the latest updated_at the run wrote (always after the cutoff).
+    stamp_first = models.DateTimeField(null=True, blank=True)
+    stamp_last = models.DateTimeField(null=True, blank=True)
+    # The rollup's path, the installed function it recognised (a version name, or "unknown")
+    # and that definition's fingerprint, and why the path was taken (a failed proof included).
+    rollup_path = models.CharField(max_length=16, choices=RollupPath.choices, blank=True)
+    rollup_function = models.CharField(max_length=80, blank=True)
+    rollup_fingerprint = models.CharField(max_length=80, blank=True)
+    rollup_path_reason = models.TextField(blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     # The saved plan the run executed (``--plan``; see ``usage.plan``): its fingerprint of the
@@ -160,6 +175,16 @@ class BackfillRun(models.Model):
     plan_fingerprint = models.CharField(max_length=80, blank=True)
     plan_created_at = models.DateTimeField(null=True, blank=True)
     plan_rows = models.BigIntegerField(null=True, blank=True)
+    # The earlier run this one continues (it was interrupted or failed before finishing the
+    # same cutoff and workspace), if any.
+    continues = models.ForeignKey(
+        "self",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="continued_by",
+        db_index=False,
+    )
 
     class Meta:
         db_table = "backfill_run"
