@@ -12,7 +12,7 @@ from __future__ import annotations
 from django.contrib import admin
 
 # Registers the pages: Django's admin imports this package, and the pages are these modules.
-from usage.admin import candidates, runs  # noqa: F401
+from usage.admin import candidates, journal, runs  # noqa: F401
 
 admin.site.site_header = "Codex usage repair"
 admin.site.site_title = "Codex usage repair"

@@ -19,22 +19,9 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.functional import cached_property
-from django.utils.html import format_html
-
-from usage import render
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
-
-
-def short_uuid(value: Any) -> str:
-    """A uuid short enough for a list column; the full value is in the tooltip."""
-    text = str(value)
-    return format_html('<span title="{}">{}…</span>', text, text[:8])
-
-
-def number_or_dash(value: int | None) -> str:
-    return "-" if value is None else render.number(value)
 
 
 def run_url(run_id: int) -> str:
