@@ -234,7 +234,7 @@ def test_lists_exactly_the_rows_the_command_would_repair(
 
     content = response.content.decode()
     for header in (
-        "usage row",
+        "id",
         "workspace",
         "agent",
         "model",

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, set_rollup_state
 from tests.support import CUTOFF_ARG
-from usage.admin.formats import clock, elapsed, number, seconds
+from usage.admin.formats import clock, elapsed, number, seconds, short_id, unique_prefix_length
 from usage.admin.runs import STAMP_KINDS, argument_rows
 from usage.models import BackfillJournal, BackfillRun
 
@@ -107,6 +107,32 @@ def test_values_are_formatted_for_reading() -> None:
     start = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
     assert elapsed(start, start + timedelta(milliseconds=1500)) == "1.500 s"
     assert elapsed(start, None) == "-"
+
+
+def test_ids_in_lists_are_their_shortest_unique_prefix() -> None:
+    assert unique_prefix_length([]) == 4
+    assert unique_prefix_length(["abcdef01-x", "abcdef02-x", None]) == 8
+    assert unique_prefix_length(["abc9", "abc8"]) == 4
+    assert unique_prefix_length(["same", "same"]) == 4
+    ids = [uuid.UUID(f"{first}aa46de6-0000-4000-8000-000000000000") for first in "12"]
+    assert str(short_id(ids[0], unique_prefix_length(ids))) == (
+        f'<span class="short-id" title="{ids[0]}">1aa4…</span>'
+    )
+    assert short_id(None) == "-" and short_id("abc", 8) == "abc"
+
+
+def test_a_list_shows_ids_as_prefixes_unique_on_its_page(admin_client: Client) -> None:
+    workspace = uuid.UUID("5eedf00d-0000-4000-8000-000000000000")
+    task = make_task(make_agent(workspace))
+    rows = [make_usage(task, input_tokens=100 + i, cache_read_tokens=10) for i in range(3)]
+    response = admin_client.get(
+        reverse("admin:usage_candidateusage_changelist"), {"cutoff": CUTOFF_ARG}
+    )
+    html = response.content.decode()
+    length = unique_prefix_length(row.id for row in rows)
+    for row in rows:
+        assert f'title="{row.id}">{str(row.id)[:length]}…</span>' in html
+    assert f'title="{workspace}">5eed…</span>' in html  # one workspace: the shortest prefix
 
 
 def test_arguments_read_as_options_without_none() -> None:

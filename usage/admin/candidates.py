@@ -39,7 +39,7 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
-from usage.admin.formats import clock, clock_cell, number, short_id
+from usage.admin.formats import clock, clock_cell, number
 from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
@@ -151,6 +151,10 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "removed",
     )
     list_display_links = ("usage_id",)
+    id_columns = {
+        "usage_id": lambda row: row.id,
+        "workspace": lambda row: row.task.agent.workspace_id,
+    }
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
     list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just
@@ -289,13 +293,13 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {"title": f"Usage row {object_id}", **(extra_context or {})}
         return super().changeform_view(request, object_id, form_url, context)
 
-    @admin.display(description="usage row", ordering="id")
+    @admin.display(description="id", ordering="id")
     def usage_id(self, obj: CandidateUsage) -> str:
-        return short_id(obj.id)
+        return self.short_id_of(obj, "usage_id")
 
     @admin.display(description="workspace", ordering="task__agent__workspace_id")
     def workspace(self, obj: CandidateUsage) -> str:
-        return short_id(obj.task.agent.workspace_id)
+        return self.short_id_of(obj, "workspace")
 
     @admin.display(description="workspace")
     def workspace_id(self, obj: CandidateUsage) -> str:

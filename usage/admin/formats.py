@@ -2,11 +2,13 @@
 
 Numbers have thousands separators; seconds a sensible precision and a unit; every time is in
 UTC, to the second, with the zone (``2026-12-03 08:11:02 UTC``), and stamps, which differ by
-microseconds, to the microsecond; long ids are a prefix with the full value in a tooltip.
+microseconds, to the microsecond; in lists, long ids are the shortest prefix that tells
+apart those on the page, with the full value in a tooltip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,9 +64,27 @@ def elapsed(start: datetime | None, end: datetime | None) -> str:
     return seconds(max((end - start).total_seconds(), 0.0))
 
 
-def short_id(value: Any, length: int = 8) -> SafeString | str:
-    """A uuid short enough for a list column; the full value is in the tooltip."""
+# A list shows ids as the shortest prefix that tells apart those on the page, at least this
+# long (as git abbreviates commits); until the page has computed it, this long.
+SHORT_ID_MINIMUM = 4
+SHORT_ID_DEFAULT = 8
+
+
+def unique_prefix_length(values: Iterable[Any], minimum: int = SHORT_ID_MINIMUM) -> int:
+    """The shortest length, at least ``minimum``, whose prefixes tell the values apart."""
+    texts = {str(value) for value in values if value is not None}
+    longest = max((len(text) for text in texts), default=minimum)
+    for length in range(minimum, longest):
+        if len({text[:length] for text in texts}) == len(texts):
+            return length
+    return longest
+
+
+def short_id(value: Any, length: int = SHORT_ID_DEFAULT) -> SafeString | str:
+    """An id short enough for a list column; the full value is in the tooltip."""
     if value is None:
         return DASH
     text = str(value)
+    if length >= len(text):
+        return text
     return format_html('<span class="short-id" title="{}">{}…</span>', text, text[:length])

@@ -16,7 +16,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 
 from usage.admin.base import ReadOnlyAdmin, run_url, usage_url
-from usage.admin.formats import clock, clock_cell, number, short_id
+from usage.admin.formats import clock, clock_cell, number
 from usage.admin.runs import README_SECTION
 from usage.models import BackfillJournal, BackfillRun
 
@@ -54,6 +54,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         "reverted_cell",
     )
     list_display_links = ("id",)
+    id_columns = {"usage_cell": lambda entry: entry.usage_id}
     list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
     ordering = ("-id",)
     search_fields = ("usage_id",)
@@ -123,7 +124,9 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
 
     @admin.display(description="usage row", ordering="usage_id")
     def usage_cell(self, obj: BackfillJournal) -> str:
-        return format_html('<a href="{}">{}</a>', usage_url(obj.usage_id), short_id(obj.usage_id))
+        return format_html(
+            '<a href="{}">{}</a>', usage_url(obj.usage_id), self.short_id_of(obj, "usage_cell")
+        )
 
     @admin.display(description="reverted at")
     def reverted(self, obj: BackfillJournal) -> str:

@@ -25,7 +25,6 @@ from usage.admin.formats import (
     elapsed,
     number,
     seconds,
-    short_id,
 )
 from usage.models import BackfillRun
 
@@ -123,6 +122,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "os_user_cell",
     )
     list_display_links = ("id",)
+    id_columns = {"workspace": lambda run: run.workspace_id}
     list_filter = ("status", "rollup_state")
     ordering = ("-id",)
     fieldsets = (
@@ -267,7 +267,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="workspace", ordering="workspace_id")
     def workspace(self, obj: BackfillRun) -> str:
-        return short_id(obj.workspace_id) if obj.workspace_id else "all"
+        return self.short_id_of(obj, "workspace") if obj.workspace_id else "all"
 
     @admin.display(description="updated", ordering="rows_updated")
     def updated(self, obj: BackfillRun) -> str:
@@ -278,7 +278,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             number(obj.rows_updated),
         )
 
-    @admin.display(description="tokens removed", ordering="input_tokens_removed")
+    @admin.display(description="removed", ordering="input_tokens_removed")
     def removed(self, obj: BackfillRun) -> str:
         return number(obj.input_tokens_removed)
 
