@@ -10,6 +10,7 @@ each add URL (the auth ones too) leaves the users and groups as they were.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -247,12 +248,13 @@ def test_the_registry_does_not_depend_on_the_order_of_the_apps(tmp_path: Path, o
             """
         )
     )
+    # The child writes the apps' order and the served site's models as one JSON line.
     probe = (
-        "import django; django.setup();"
-        "from django.urls import get_resolver, resolve; get_resolver().url_patterns;"
-        "from django.conf import settings; print(settings.INSTALLED_APPS);"
-        "site = resolve('/admin/').func.admin_site;"
-        "print(sorted(m._meta.label for m in site._registry))"
+        "import json, sys, django; django.setup();"
+        "from django.conf import settings; from django.urls import get_resolver, resolve;"
+        "get_resolver().url_patterns; site = resolve('/admin/').func.admin_site;"
+        "sys.stdout.write(json.dumps([list(settings.INSTALLED_APPS),"
+        " sorted(m._meta.label for m in site._registry)]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env.update(
@@ -269,10 +271,10 @@ def test_the_registry_does_not_depend_on_the_order_of_the_apps(tmp_path: Path, o
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    installed, registry = result.stdout.splitlines()
-    first = installed.index("'usage'") < installed.index("'django.contrib.auth'")
+    installed, registry = json.loads(result.stdout)
+    first = installed.index("usage") < installed.index("django.contrib.auth")
     assert first == (order == "usage first")
-    assert registry == str(sorted(TOOL_MODELS))
+    assert registry == sorted(TOOL_MODELS)
 
 
 # -- every URL it serves ---------------------------------------------------------------------
