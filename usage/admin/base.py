@@ -7,6 +7,7 @@ Every page of the tool's admin derives from ``ReadOnlyAdmin``. Lists never count
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,22 +20,12 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
-from usage import render
+from usage.admin.formats import SHORT_ID_DEFAULT, short_id, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
-
-
-def short_uuid(value: Any) -> str:
-    """A uuid short enough for a list column; the full value is in the tooltip."""
-    text = str(value)
-    return format_html('<span title="{}">{}…</span>', text, text[:8])
-
-
-def number_or_dash(value: int | None) -> str:
-    return "-" if value is None else render.number(value)
 
 
 def run_url(run_id: int) -> str:
@@ -76,7 +67,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     """View-only pages: no add, change or delete, no actions, no POST to the list.
 
     Viewing needs a staff login with the model's view permission (superusers have it).
+    A list shows the ids of ``id_columns`` as their shortest prefix unique on the page
+    (``short_id_of``).
     """
+
+    # A list column that shows an id, and how to get the id from a row.
+    id_columns: dict[str, Callable[[Any], Any]] = {}
 
     actions = None
     show_facets = admin.ShowFacets.NEVER
@@ -103,6 +99,27 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return ReadOnlyChangeList
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        """The list, each of its rows told how long a prefix tells its ids apart on the page.
+
+        The page's rows are read here once; the template then shows these same objects.
+        """
+        changelist = super().get_changelist_instance(request)
+        if self.id_columns:
+            rows = list(changelist.result_list)
+            lengths = {
+                name: unique_prefix_length(get(row) for row in rows)
+                for name, get in self.id_columns.items()
+            }
+            for row in rows:
+                row.id_prefix_lengths = lengths
+        return changelist
+
+    def short_id_of(self, obj: Any, column: str) -> SafeString | str:
+        """The id of ``column`` as the list shows it: a prefix, the full id in its tooltip."""
+        lengths = getattr(obj, "id_prefix_lengths", {})
+        return short_id(self.id_columns[column](obj), lengths.get(column, SHORT_ID_DEFAULT))
 
     def get_paginator(
         self,

@@ -27,6 +27,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 
 from usage import options, render
+from usage.admin.formats import clock
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past
@@ -266,11 +267,11 @@ class CandidatePage:
 
     @property
     def cutoff_display(self) -> str:
-        return render.timestamp(self.cutoff) if self.cutoff else ""
+        return clock(self.cutoff) if self.cutoff else ""
 
     @property
     def computed_at(self) -> str:
-        return render.timestamp(self.result.database_now) if self.result else ""
+        return clock(self.result.database_now) if self.result else ""
 
     def known_count(self, params: Mapping[str, str]) -> int | None:
         """The list's row count for these sidebar choices, if the totals pass counted it."""

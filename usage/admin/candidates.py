@@ -17,17 +17,14 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
-from usage import render
 from usage.admin.base import (
     BoundedPaginator,
     ReadOnlyAdmin,
     ReadOnlyChangeList,
     candidates_url,
     journal_url,
-    number_or_dash,
     refuse_writes,
     run_url,
-    short_uuid,
 )
 from usage.admin.candidate_page import (
     CLAMPED_PARAM,
@@ -42,6 +39,7 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
+from usage.admin.formats import clock, clock_cell, number
 from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
@@ -137,11 +135,13 @@ class CandidateChangeList(ReadOnlyChangeList):
 class CandidateUsageAdmin(ReadOnlyAdmin):
     """The rows the command would repair for the page's cutoff and workspace."""
 
+    # Fits the list's 1,050 px at a 1,400 px window: ids are a prefix (the full id in the
+    # tooltip), times may wrap between date and time, a clamped row says so by its input
+    # after; the task is on the row's page (and the search finds it).
     list_display = (
         "usage_id",
         "workspace",
         "agent_name",
-        "task_short",
         "model",
         "created",
         "updated",
@@ -149,9 +149,12 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "cached",
         "corrected",
         "removed",
-        "is_clamped",
     )
     list_display_links = ("usage_id",)
+    id_columns = {
+        "usage_id": lambda row: row.id,
+        "workspace": lambda row: row.task.agent.workspace_id,
+    }
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
     list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just
@@ -165,14 +168,14 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
             "Usage row",
             {
                 "fields": (
-                    "id",
+                    "row_id",
                     "workspace_id",
                     "agent_name",
                     "task",
                     "provider",
                     "model",
-                    "created_at",
-                    "updated_at",
+                    "created_shown",
+                    "updated_shown",
                 )
             },
         ),
@@ -180,19 +183,38 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
             "Tokens now",
             {
                 "fields": (
-                    "input_tokens",
-                    "cache_read_tokens",
-                    "output_tokens",
-                    "cache_write_tokens",
-                    "cost_usd_ticks",
+                    "input_shown",
+                    "cached_shown",
+                    "output_shown",
+                    "cache_write_shown",
+                    "cost_shown",
                 )
             },
         ),
         (
             "Repair",
-            {"fields": ("corrected", "removed", "is_clamped", "repair_status")},
+            {
+                "fields": ("corrected_shown", "removed_shown", "is_clamped", "repair_status"),
+                "description": (
+                    "What the repair computes for this row as it is now. It changes the row "
+                    "only if the row is a candidate for the cutoff and workspace it is run "
+                    "with, and never a row it has already repaired."
+                ),
+            },
         ),
     )
+
+    def get_fieldsets(self, request: HttpRequest, obj: CandidateUsage | None = None) -> Any:
+        """A row already repaired shows its journal entry, not what a repair would compute."""
+        if obj is None or self.active_entry(obj) is None:
+            return self.fieldsets
+        *rest, (title, _options) = self.fieldsets
+        return [*rest, (title, {"fields": ("repair_status",)})]
+
+    @staticmethod
+    def active_entry(obj: CandidateUsage) -> BackfillJournal | None:
+        """The journal entry of the repair that holds for this row (not reverted), if any."""
+        return BackfillJournal.objects.filter(usage_id=obj.id, reverted_at__isnull=True).first()
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -271,50 +293,93 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {"title": f"Usage row {object_id}", **(extra_context or {})}
         return super().changeform_view(request, object_id, form_url, context)
 
-    @admin.display(description="usage row id", ordering="id")
+    @admin.display(description="id", ordering="id")
     def usage_id(self, obj: CandidateUsage) -> str:
-        return short_uuid(obj.id)
+        return self.short_id_of(obj, "usage_id")
 
     @admin.display(description="workspace", ordering="task__agent__workspace_id")
     def workspace(self, obj: CandidateUsage) -> str:
-        return short_uuid(obj.task.agent.workspace_id)
+        return self.short_id_of(obj, "workspace")
 
     @admin.display(description="workspace")
     def workspace_id(self, obj: CandidateUsage) -> str:
         ws = obj.task.agent.workspace_id
         return format_html('{} (<a href="{}">candidates</a>)', ws, candidates_url(workspace=ws))
 
-    @admin.display(description="agent name", ordering="task__agent__name")
+    @admin.display(description="agent", ordering="task__agent__name")
     def agent_name(self, obj: CandidateUsage) -> str:
-        return obj.task.agent.name
+        name = obj.task.agent.name
+        return format_html('<span class="agent-name" title="{}">{}</span>', name, name)
 
-    @admin.display(description="task", ordering="task_id")
-    def task_short(self, obj: CandidateUsage) -> str:
-        return short_uuid(obj.task_id)
-
-    @admin.display(description="created at (UTC)", ordering="created_at")
+    @admin.display(description="created", ordering="created_at")
     def created(self, obj: CandidateUsage) -> str:
-        return render.timestamp(obj.created_at)
+        return clock_cell(obj.created_at)
 
-    @admin.display(description="updated at (UTC)", ordering="updated_at")
+    @admin.display(description="updated", ordering="updated_at")
     def updated(self, obj: CandidateUsage) -> str:
-        return render.timestamp(obj.updated_at)
+        return clock_cell(obj.updated_at)
 
-    @admin.display(description="input tokens", ordering="input_tokens")
+    @admin.display(description="created at")
+    def created_shown(self, obj: CandidateUsage) -> str:
+        return clock(obj.created_at, micro=True)
+
+    @admin.display(description="updated at")
+    def updated_shown(self, obj: CandidateUsage) -> str:
+        return clock(obj.updated_at, micro=True) if obj.updated_at else "none"
+
+    @admin.display(description="input", ordering="input_tokens")
     def input(self, obj: CandidateUsage) -> str:
-        return number_or_dash(obj.input_tokens)
+        return number(obj.input_tokens)
 
-    @admin.display(description="cached tokens", ordering="cache_read_tokens")
+    @admin.display(description="cached", ordering="cache_read_tokens")
     def cached(self, obj: CandidateUsage) -> str:
-        return number_or_dash(obj.cache_read_tokens)
+        return number(obj.cache_read_tokens)
 
-    @admin.display(description="corrected input", ordering="corrected_input")
+    @admin.display(description="input after", ordering="corrected_input")
     def corrected(self, obj: CandidateUsage) -> str:
-        return number_or_dash(obj.corrected_input)
+        if obj.clamped:
+            return format_html(
+                '{} <span class="clamped" title="{}">clamped</span>',
+                number(obj.corrected_input),
+                "input was below the cached tokens: the repair sets it to 0",
+            )
+        return number(obj.corrected_input)
 
-    @admin.display(description="tokens removed", ordering="tokens_removed")
+    @admin.display(description="removed", ordering="tokens_removed")
     def removed(self, obj: CandidateUsage) -> str:
-        return number_or_dash(obj.tokens_removed)
+        return number(obj.tokens_removed)
+
+    @admin.display(description="ID")
+    def row_id(self, obj: CandidateUsage) -> str:
+        return str(obj.id)
+
+    @admin.display(description="input after the repair")
+    def corrected_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.corrected_input)
+
+    @admin.display(description="tokens removed")
+    def removed_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.tokens_removed)
+
+    @admin.display(description="input tokens")
+    def input_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.input_tokens)
+
+    @admin.display(description="cached input tokens (cache read)")
+    def cached_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.cache_read_tokens)
+
+    @admin.display(description="output tokens")
+    def output_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.output_tokens)
+
+    @admin.display(description="cache write tokens")
+    def cache_write_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.cache_write_tokens)
+
+    @admin.display(description="cost (USD ticks)")
+    def cost_shown(self, obj: CandidateUsage) -> str:
+        return number(obj.cost_usd_ticks)
 
     @admin.display(description="clamped", boolean=True, ordering="clamped")
     def is_clamped(self, obj: CandidateUsage) -> bool:
@@ -322,26 +387,22 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     @admin.display(description="repaired by")
     def repair_status(self, obj: CandidateUsage) -> str:
-        entry = (
-            BackfillJournal.objects.filter(usage_id=obj.id, reverted_at__isnull=True)
-            .select_related("run")
-            .first()
-        )
+        entry = self.active_entry(obj)
         history = journal_url(q=obj.id)
         if entry is None:
             return format_html(
                 'not repaired (<a href="{}">journal entries for this row</a>)', history
             )
         return format_html(
-            '<a href="{}">journal entry #{}</a> of <a href="{}">run #{}</a> at {}: '
+            '<a href="{}">journal entry #{}</a> of <a href="{}">run #{}</a>, repaired at {}: '
             "input {} → {} (<a href='{}'>all journal entries for this row</a>)",
             reverse("admin:usage_backfilljournal_change", args=[entry.pk]),
             entry.pk,
             run_url(entry.run_id),
             entry.run_id,
-            render.timestamp(entry.new_updated_at),
-            number_or_dash(entry.old_input_tokens),
-            number_or_dash(entry.new_input_tokens),
+            clock(entry.repaired_at),
+            number(entry.old_input_tokens),
+            number(entry.new_input_tokens),
             history,
         )
 

@@ -1,0 +1,90 @@
+"""Values as every page of the admin shows them, the same in lists and on detail pages.
+
+Numbers have thousands separators; seconds a sensible precision and a unit; every time is in
+UTC, to the second, with the zone (``2026-12-03 08:11:02 UTC``), and stamps, which differ by
+microseconds, to the microsecond; in lists, long ids are the shortest prefix that tells
+apart those on the page, with the full value in a tooltip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+DASH = "-"
+
+
+def clock(value: datetime | None, *, micro: bool = False) -> str:
+    """``2026-12-03 08:11:02 UTC`` (four-digit years), with microseconds if ``micro``."""
+    if value is None:
+        return DASH
+    value = value.astimezone(UTC) if value.utcoffset() else value
+    text = (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
+    )
+    if micro:
+        text += f".{value.microsecond:06d}"
+    return f"{text} UTC"
+
+
+def clock_cell(value: datetime | None) -> str:
+    """A time for a list column: it may break between the date and the time, nowhere else."""
+    if value is None:
+        return DASH
+    day, time = clock(value).split(" ", 1)
+    return format_html('<span class="nowrap">{}</span> <span class="nowrap">{}</span>', day, time)
+
+
+def number(value: int | None) -> str:
+    return DASH if value is None else f"{value:,}"
+
+
+def seconds(value: float | None) -> str:
+    """A duration: ``0.018 s``, ``12.4 s``, ``4 min 05 s``, ``2 h 03 min``."""
+    if value is None:
+        return DASH
+    if value < 10:
+        return f"{value:.3f} s"
+    if value < 60:
+        return f"{value:.1f} s"
+    whole = round(value)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600:,} h {whole % 3600 // 60:02d} min"
+
+
+def elapsed(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return DASH
+    return seconds(max((end - start).total_seconds(), 0.0))
+
+
+# A list shows ids as the shortest prefix that tells apart those on the page, at least this
+# long (as git abbreviates commits); until the page has computed it, this long.
+SHORT_ID_MINIMUM = 4
+SHORT_ID_DEFAULT = 8
+
+
+def unique_prefix_length(values: Iterable[Any], minimum: int = SHORT_ID_MINIMUM) -> int:
+    """The shortest length, at least ``minimum``, whose prefixes tell the values apart."""
+    texts = {str(value) for value in values if value is not None}
+    longest = max((len(text) for text in texts), default=minimum)
+    for length in range(minimum, longest):
+        if len({text[:length] for text in texts}) == len(texts):
+            return length
+    return longest
+
+
+def short_id(value: Any, length: int = SHORT_ID_DEFAULT) -> SafeString | str:
+    """An id short enough for a list column; the full value is in the tooltip."""
+    if value is None:
+        return DASH
+    text = str(value)
+    if length >= len(text):
+        return text
+    return format_html('<span class="short-id" title="{}">{}…</span>', text, text[:length])
