@@ -64,6 +64,8 @@ class Cursor(Protocol):
 
     def fetchone(self) -> Any: ...
 
+    def fetchall(self) -> Any: ...
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -494,19 +496,41 @@ _SET_SETTINGS = "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name
 
 # The state the rollup function reaches from scratch (sums over every row of each key; rows
 # of tasks without a runtime excluded), built in one set-based pass: calling the function
-# over all time costs its production-like per-key price, hours at a million rows.
+# over all time costs its production-like per-key price, hours at a million rows. The
+# columns are those the hourly table has: the cost ones only since the platform's
+# migration 213 (see sandbox.target).
+_HOURLY_SUMS = {
+    "input_tokens": "sum(tu.input_tokens)",
+    "output_tokens": "sum(tu.output_tokens)",
+    "cache_read_tokens": "sum(tu.cache_read_tokens)",
+    "cache_write_tokens": "sum(tu.cache_write_tokens)",
+    "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)",
+    "uncosted_input_tokens": (
+        "coalesce(sum(tu.input_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_output_tokens": (
+        "coalesce(sum(tu.output_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_cache_read_tokens": (
+        "coalesce(sum(tu.cache_read_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_cache_write_tokens": (
+        "coalesce(sum(tu.cache_write_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "task_count": "count(DISTINCT tu.task_id)",
+    "event_count": "count(*)",
+}
+_HOURLY_COLUMNS = """
+SELECT attname FROM pg_attribute
+WHERE attrelid = 'task_usage_hourly'::regclass AND attnum > 0 AND NOT attisdropped"""
 _POPULATE = """
 WITH inserted AS (
     INSERT INTO task_usage_hourly (
-        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
-        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-        cost_usd_ticks, task_count, event_count
+        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model, {columns}
     )
     SELECT date_trunc('hour', tu.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
            a.workspace_id, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model,
-           sum(tu.input_tokens), sum(tu.output_tokens), sum(tu.cache_read_tokens),
-           sum(tu.cache_write_tokens), coalesce(sum(tu.cost_usd_ticks), 0),
-           count(DISTINCT tu.task_id), count(*)
+           {sums}
     FROM task_usage tu
     JOIN agent_task_queue q ON q.id = tu.task_id
     JOIN agent a ON a.id = q.agent_id
@@ -646,7 +670,14 @@ def populate_hourly(cursor: Cursor) -> int:
     Expects an empty hourly table (a freshly generated dataset). The tests check that the
     result equals a from-scratch recompute and what the rollup function itself produces.
     """
-    cursor.execute(_POPULATE)
+    cursor.execute(_HOURLY_COLUMNS)
+    present = {str(name) for (name,) in cursor.fetchall()}
+    columns = [name for name in _HOURLY_SUMS if name in present]
+    cursor.execute(
+        _POPULATE.format(
+            columns=", ".join(columns), sums=", ".join(_HOURLY_SUMS[name] for name in columns)
+        )
+    )
     row = cursor.fetchone()
     return int(row[0])
 
