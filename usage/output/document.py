@@ -134,6 +134,7 @@ def _add_verify(document: dict[str, Any], result: VerifyResult) -> None:
         "ok": result.ok,
         "eligible_rows_left": result.eligible_rows_left,
         "mismatched_keys": result.mismatched_keys,
+        "columns": list(result.columns),
         "mismatches": [asdict(m) for m in result.mismatches],
     }
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from usage.models import BackfillRun
 from usage.render import number, timestamp
+from usage.repair.verify import describe as describe_mismatch
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
@@ -239,11 +240,7 @@ def verify_lines(v: dict[str, Any], style: Style) -> list[str]:
         )
     ]
     for m in v["mismatches"][:VERIFY_LISTED]:
-        lines.append(
-            f"  key {tuple(str(part) for part in m['key'])}: input expected "
-            f"{m['expected_input']} got {m['actual_input']}, events expected "
-            f"{m['expected_events']} got {m['actual_events']}"
-        )
+        lines.append(f"  {describe_mismatch(m)}")
     shown = style.SUCCESS if v["ok"] else style.ERROR
     lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
     return lines

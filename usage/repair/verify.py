@@ -1,8 +1,15 @@
 """Proof that the hourly rollup is right: compare it with a from-scratch recompute.
 
-The recompute follows the documented rollup semantics (sums over all ``task_usage`` rows of
-a key, rows of tasks without a runtime excluded), so a mismatch means a key the rollup
-missed or a stale hourly row.
+The recompute follows the documented rollup semantics (sums over all ``task_usage`` rows of a
+key, rows of tasks without a runtime excluded) and compares every column the platform's
+function writes that the hourly table has: the four token sums, ``task_count`` and
+``event_count``, and since the platform's migration 213 ``cost_usd_ticks`` and the four
+``uncosted_*`` sums (the tokens of rows without a cost, which the dashboards price Codex
+input by). The columns come from the catalog, not from the rollup's version table, and the
+sums are written here on their own (``CASE`` rather than ``FILTER``): a mistake in the
+rollup's SQL (``usage.repair.rollup``) cannot pass both. A mismatch is a key the rollup
+missed, a stale hourly row, or a column that differs; each is listed with the columns that
+differ and both values.
 """
 
 from __future__ import annotations
@@ -10,11 +17,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 
-from usage.eligibility import compose
+from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.models import BackfillRun
 
-# ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all.
+# Every aggregate column the platform's function writes, as this module recomputes it.
+EXPECTED_SUMS = {
+    "input_tokens": "sum(tu.input_tokens)",
+    "output_tokens": "sum(tu.output_tokens)",
+    "cache_read_tokens": "sum(tu.cache_read_tokens)",
+    "cache_write_tokens": "sum(tu.cache_write_tokens)",
+    "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)",
+    "uncosted_input_tokens": (
+        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.input_tokens ELSE 0 END)"
+    ),
+    "uncosted_output_tokens": (
+        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.output_tokens ELSE 0 END)"
+    ),
+    "uncosted_cache_read_tokens": (
+        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.cache_read_tokens ELSE 0 END)"
+    ),
+    "uncosted_cache_write_tokens": (
+        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.cache_write_tokens ELSE 0 END)"
+    ),
+    "task_count": "count(DISTINCT tu.task_id)",
+    "event_count": "count(*)",
+}
+KEY = ("bucket_hour", "workspace_id", "runtime_id", "agent_id", "project_id", "provider", "model")
+
+HOURLY_COLUMNS_SQL = """
+SELECT column_name FROM information_schema.columns
+WHERE table_schema = %s AND table_name = 'task_usage_hourly'"""
+
+# ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all; the
+# expected row of a key is absent (``e.present`` NULL) when it has no rows left, and its
+# hourly row is absent when the rollup has none.
 MISMATCHES_SQL = """
 WITH scoped AS (
     SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
@@ -27,14 +65,7 @@ WITH scoped AS (
 ),
 expected AS (
     SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
-           q.agent_id, i.project_id, tu.provider, tu.model,
-           sum(tu.input_tokens)::bigint AS input_tokens,
-           sum(tu.output_tokens)::bigint AS output_tokens,
-           sum(tu.cache_read_tokens)::bigint AS cache_read_tokens,
-           sum(tu.cache_write_tokens)::bigint AS cache_write_tokens,
-           coalesce(sum(tu.cost_usd_ticks), 0)::bigint AS cost_usd_ticks,
-           count(DISTINCT tu.task_id) AS task_count,
-           count(*) AS event_count
+           q.agent_id, i.project_id, tu.provider, tu.model, true AS present, {expected}
     FROM {task_usage} tu
     JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id
@@ -50,8 +81,7 @@ SELECT coalesce(e.bucket_hour, h.bucket_hour), coalesce(e.workspace_id, h.worksp
        coalesce(e.runtime_id, h.runtime_id), coalesce(e.agent_id, h.agent_id),
        coalesce(e.project_id, h.project_id), coalesce(e.provider, h.provider),
        coalesce(e.model, h.model),
-       e.input_tokens, h.input_tokens, e.cache_read_tokens, h.cache_read_tokens,
-       e.event_count, h.event_count,
+       e.present IS NOT NULL, h.bucket_hour IS NOT NULL, {pairs},
        count(*) OVER () AS mismatched_keys
 FROM (SELECT e.* FROM expected e JOIN scoped s USING (bucket_hour, workspace_id, agent_id,
                                                      provider, model)
@@ -62,12 +92,8 @@ FULL JOIN actual h
  AND h.runtime_id = e.runtime_id AND h.agent_id = e.agent_id
  AND h.project_id IS NOT DISTINCT FROM e.project_id
  AND h.provider = e.provider AND h.model = e.model
-WHERE e.event_count IS NULL OR h.event_count IS NULL
-   OR (e.input_tokens, e.output_tokens, e.cache_read_tokens, e.cache_write_tokens,
-       e.cost_usd_ticks, e.task_count, e.event_count)
-      IS DISTINCT FROM
-      (h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens,
-       h.cost_usd_ticks, h.task_count, h.event_count)
+WHERE e.present IS NULL OR h.bucket_hour IS NULL
+   OR ({e_columns}) IS DISTINCT FROM ({h_columns})
 ORDER BY 1, 2, 4, 6, 7
 LIMIT %(limit)s"""
 
@@ -84,14 +110,43 @@ RUN_KEYS = {
 
 
 @dataclass(frozen=True)
+class ColumnMismatch:
+    """One column of one hourly key: what the recompute expects, what the rollup has."""
+
+    column: str
+    expected: int | None
+    actual: int | None
+
+
+@dataclass(frozen=True)
 class Mismatch:
+    """An hourly key that differs from the recompute: missing (rows but no hourly row),
+    stale (an hourly row but no rows left), or with the columns that differ."""
+
     key: tuple[Any, ...]
-    expected_input: int | None
-    actual_input: int | None
-    expected_cached: int | None
-    actual_cached: int | None
-    expected_events: int | None
-    actual_events: int | None
+    missing: bool
+    stale: bool
+    columns: tuple[ColumnMismatch, ...]
+
+
+def compared_columns(cursor: Any) -> list[str]:
+    """The columns the platform's function writes that this database's hourly table has."""
+    from django.conf import settings
+
+    cursor.execute(HOURLY_COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA])
+    present = {name for (name,) in cursor.fetchall()}
+    return [name for name in EXPECTED_SUMS if name in present]
+
+
+def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
+    return compose(
+        MISMATCHES_SQL,
+        expected=", ".join(f"{EXPECTED_SUMS[name]}::bigint AS {name}" for name in columns),
+        pairs=", ".join(f"e.{name}, h.{name}" for name in columns),
+        e_columns=", ".join(f"e.{name}" for name in columns),
+        h_columns=", ".join(f"h.{name}" for name in columns),
+        **scope,
+    )
 
 
 def find_mismatches(
@@ -104,12 +159,29 @@ def find_mismatches(
     """
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
-        cursor.execute(
-            compose(MISMATCHES_SQL, **scope), {"run_ids": run_ids or [], "limit": limit}
-        )
+        columns = compared_columns(cursor)
+        cursor.execute(mismatches_sql(columns, scope), {"run_ids": run_ids or [], "limit": limit})
         rows = cursor.fetchall()
-    count = rows[0][13] if rows else 0
-    return count, [Mismatch(tuple(row[:7]), *row[7:13]) for row in rows]
+    count = rows[0][-1] if rows else 0
+    found = []
+    width = len(KEY)
+    for row in rows:
+        expected_row, actual_row = row[width], row[width + 1]
+        values = row[width + 2 : -1]
+        differing = tuple(
+            ColumnMismatch(name, expected, actual)
+            for name, expected, actual in zip(columns, values[0::2], values[1::2], strict=True)
+            if expected != actual
+        )
+        found.append(
+            Mismatch(
+                tuple(row[:width]),
+                missing=expected_row and not actual_row,
+                stale=actual_row and not expected_row,
+                columns=differing if expected_row and actual_row else (),
+            )
+        )
+    return count, found
 
 
 def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
@@ -123,6 +195,8 @@ class VerifyResult:
     eligible_rows_left: int
     mismatches: list[Mismatch]
     mismatched_keys: int = 0
+    # The hourly columns compared (the platform's version decides which exist).
+    columns: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -136,17 +210,41 @@ def verify_run(run_id: int, limit: int = 100) -> VerifyResult:
 
     Read-only: it runs in a READ ONLY transaction, so it is safe at any time.
     """
-    from django.db import transaction
-
-    from usage.eligibility import COUNT_ELIGIBLE_SQL, eligible_params
-    from usage.models import BackfillRun
-
     run = BackfillRun.objects.get(pk=run_id)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
         left = cursor.fetchone()[0]
+        columns = compared_columns(cursor)
         count, mismatches = find_mismatches(run_ids=[run.pk], limit=limit)
     return VerifyResult(
-        run_id=run.pk, eligible_rows_left=left, mismatches=mismatches, mismatched_keys=count
+        run_id=run.pk,
+        eligible_rows_left=left,
+        mismatches=mismatches,
+        mismatched_keys=count,
+        columns=tuple(columns),
     )
+
+
+def describe(mismatch: dict[str, Any]) -> str:
+    """One line for a mismatch (as the result document has it): the key, then what differs,
+    with both values."""
+    hour, workspace, runtime, agent, project, provider, model = mismatch["key"]
+    when = hour.strftime("%Y-%m-%dT%H:%MZ") if hasattr(hour, "strftime") else str(hour)
+    key = (
+        f"{when} workspace {workspace} runtime {runtime} agent {agent} project "
+        f"{project or '-'} {provider or '(no provider)'}/{model}"
+    )
+    if mismatch["missing"]:
+        return f"{key}: no hourly row, but usage rows exist"
+    if mismatch["stale"]:
+        return f"{key}: an hourly row, but no usage rows are left"
+    differing = "; ".join(
+        f"{c['column']} expected {_number(c['expected'])} got {_number(c['actual'])}"
+        for c in mismatch["columns"]
+    )
+    return f"{key}: {differing}"
+
+
+def _number(value: int | None) -> str:
+    return "NULL" if value is None else f"{value:,}"
