@@ -20,7 +20,8 @@ import psycopg
 
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.repair.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
-from usage.repair.rollup import ROLLUP_CALL_SQL, ROLLUP_LOCK_ID
+from usage.repair.rollup import ROLLUP_LOCK_ID
+from usage.repair.rollup.function import ROLLUP_CALL_SQL
 
 logger = logging.getLogger("bench.variants")
 

@@ -207,6 +207,21 @@ def test_a_runs_page_shows_the_fields_of_migration_0006_when_set(
 ) -> None:
     run = repaired
     text = record_text(run_page(admin_client, run), "backfillrun")
+    # A real execute records the stamps it wrote and its rollup's path.
+    stamps = f"from {clock(run.stamp_first, micro=True)} to {clock(run.stamp_last, micro=True)}"
+    assert f"Stamps written: {stamps}" in text
+    assert "Rollup function recognised: platform migration 213" in text
+    assert "Why this path: the tool's own aggregate-first recompute" in text
+    # A run without them (--no-rebuild-rollup chooses no path) leaves them out.
+    BackfillRun.objects.filter(pk=run.pk).update(
+        stamp_first=None,
+        stamp_last=None,
+        rollup_path="",
+        rollup_function="",
+        rollup_fingerprint="",
+        rollup_path_reason="",
+    )
+    text = record_text(run_page(admin_client, run), "backfillrun")
     for label in ("Stamps written:", "Path:", "Rollup function recognised:", "Why this path:"):
         assert label not in text, label
 

@@ -189,13 +189,14 @@ def test_the_next_cron_tick_re_rolls_none_of_the_repaired_rows(test_database_url
     )
     run = BackfillRun.objects.get()
     assert (run.stamp, run.watermark_at_start) == (BackfillRun.Stamp.BELOW_WATERMARK, watermark)
-    assert run.stamp_base == watermark
+    assert run.stamp_base == watermark - timedelta(microseconds=1)  # the top stamp
     # A microsecond per hourly key below the watermark, one stamp for each of the 30 keys.
     stamps = {r.updated_at for r in TaskUsage.objects.filter(pk__in=[r.pk for r in rows])}
     assert len(stamps) == 30
     assert min(stamps) == watermark - timedelta(microseconds=30)
     assert max(stamps) == watermark - timedelta(microseconds=1)
     assert min(stamps) > CUTOFF  # the rule coalesce(updated_at, created_at) < cutoff: no more
+    assert (run.stamp_first, run.stamp_last) == (min(stamps), max(stamps))
     for entry in BackfillJournal.objects.filter(run=run):
         assert entry.new_updated_at in stamps
         assert entry.repaired_at > watermark  # the true time of the repair

@@ -279,9 +279,9 @@ def test_a_security_definer_rollup_needs_no_hourly_write_privileges() -> None:
     # A security definer rollup writes the hourly table itself; the repair's own enqueue
     # (an upsert into the queue) still needs INSERT and UPDATE there.
     assert detail == (
-        f'role {role} lacks UPDATE on "public"."task_usage", '
-        'INSERT on "public"."task_usage_hourly_dirty", '
-        'UPDATE on "public"."task_usage_hourly_dirty"'
+        f'role {role} lacks UPDATE on "public"."task_usage" (the rows are rewritten), '
+        'INSERT on "public"."task_usage_hourly_dirty" (queueing keys), '
+        'UPDATE on "public"."task_usage_hourly_dirty" (queueing keys)'
     )
 
 
@@ -440,7 +440,7 @@ def test_command_prints_the_checklist(usage_rows: None) -> None:
     assert "(read-only), cutoff 2026-06-13T08:00:00Z, workspace all" in out
     for name in CHECK_NAMES:
         assert f"[ok]   {name}: " in out
-    assert "15 checks: 15 passed, 0 with warnings, 0 failed, 0 not checked." in out
+    assert "16 checks: 16 passed, 0 with warnings, 0 failed, 0 not checked." in out
 
 
 @pytest.mark.django_db
@@ -452,7 +452,7 @@ def test_command_fails_with_what_to_do(usage_rows: None) -> None:
     assert message.startswith("pre-flight failed: indexes;")
     assert "[FAIL] indexes: no usable index on task_usage(updated_at)" in message
     assert "what to do: restore the application's indexes" in message
-    assert "15 checks: 14 passed, 0 with warnings, 1 failed, 0 not checked." in message
+    assert "16 checks: 15 passed, 0 with warnings, 1 failed, 0 not checked." in message
 
 
 @pytest.mark.django_db
@@ -491,7 +491,7 @@ def test_command_exit_status_as_a_process(subprocess_env: dict[str, str]) -> Non
     ok = manage("preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG, env=subprocess_env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # The test database's cron tick never ran: a warning (the repair stamps its own time).
-    assert "15 checks: 14 passed, 1 with warnings" in ok.stdout
+    assert "16 checks: 15 passed, 1 with warnings" in ok.stdout
     assert "[warn] rollup_cron: the platform's cron tick never ran" in ok.stdout
 
     late = manage(

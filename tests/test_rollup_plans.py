@@ -22,9 +22,10 @@ from tests.support import COMMITS
 from usage.cron import CronState, TickWatcher
 from usage.db import database_now
 from usage.eligibility import compose
-from usage.repair import rollup
 from usage.repair.backfill import ExecuteOptions, execute_backfill
-from usage.repair.rollup import Plan, SliceLimits, SlicePlanner, plan_applied, run_slice
+from usage.repair.rollup import function
+from usage.repair.rollup.function import Plan, SlicePlanner, plan_applied, run_slice
+from usage.repair.rollup.slices import SliceLimits
 from usage.repair.verify import rollup_mismatches
 
 # Queue ``%(keys)s`` hourly keys (every ``%(step)s``-th in key order, from ``%(offset)s``),
@@ -191,7 +192,7 @@ def test_a_slice_whose_settings_do_not_reach_the_function_is_seen_as_nested_loop
     assert piece.rollup_rows == 30
     assert not plan_applied(piece)
     planner = SlicePlanner(target=1.0, scan_seconds=0.1)
-    checked = rollup._checked(piece, planner)
+    checked = function._checked(piece, planner)
     assert checked.plan == Plan.NESTLOOP
     assert Plan.HASH not in planner.usable
 

@@ -11,8 +11,8 @@ import pytest
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS
-from usage.repair import rollup
 from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.rollup import function
 from usage.repair.summary import load_summary
 from usage.repair.verify import rollup_mismatches
 
@@ -81,10 +81,10 @@ def test_slices_are_sized_by_the_cost_of_their_keys(
         make_usage(heavy, model=f"m{model}", created_at=BEFORE + timedelta(hours=1))
     populate_rollup()
     budget = 0.6
-    monkeypatch.setattr(rollup, "FIRST_SLICE_KEYS", 10)  # the first slice: cheap keys only
+    monkeypatch.setattr(function, "FIRST_SLICE_KEYS", 10)  # the first slice: cheap keys only
     # The nested-loop plan only, whose cost grows with the tasks of a key's agent: a whole
     # scan is predicted far over the budget, so the hash plan is never tried.
-    monkeypatch.setattr(rollup, "PRIOR_SCAN_SECONDS_PER_PAGE", 10.0)
+    monkeypatch.setattr(function, "PRIOR_SCAN_SECONDS_PER_PAGE", 10.0)
     rollup_logger = logging.getLogger("usage.rollup")  # it does not propagate to caplog's
     monkeypatch.setattr(rollup_logger, "handlers", [caplog.handler])
     monkeypatch.setattr(rollup_logger, "level", logging.INFO)

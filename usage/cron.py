@@ -73,37 +73,93 @@ def read_state() -> CronState:
     return CronState(*row)
 
 
+# Where the watermark leaves less than a microsecond per hourly key between the cutoff and
+# itself, keys share stamps, at most this many a stamp: a slice of the function path takes
+# whole stamps, so more keys a stamp could not fit a short lock budget (and the own path's
+# proof would grow with it). Past that, the rows get the repair's time instead.
+MAX_KEYS_PER_STAMP = 64
+MICROSECOND = timedelta(microseconds=1)
+
+
 @dataclass(frozen=True)
 class StampPolicy:
     """How the repair stamps ``updated_at``, decided once per run from the cron's watermark.
 
-    A repaired row gets ``base`` less its hourly key's rank (in the run's key order) in
-    microseconds, never less than the cutoff: the rows of one key share a stamp, and a range
-    of keys is a range of time, so a rollup call over that window rebuilds exactly those keys.
+    The key of rank r (of ``keys``, in the run's key order) gets ``top - (r - 1) x slots /
+    keys`` microseconds (integer division): the rows of one key share a stamp, a range of
+    keys is a range of time, and every stamp lies in ``[first, top]``, strictly after the
+    cutoff and, below the watermark, strictly before it. With fewer ``slots`` than keys,
+    neighbouring keys share a stamp.
     """
 
     stamp: str  # a BackfillRun.Stamp value
     watermark_at: datetime | None
-    base: datetime
+    top: datetime
+    slots: int
+    keys: int
     reason: str
 
     @property
     def below_watermark(self) -> bool:
         return self.stamp == BackfillRun.Stamp.BELOW_WATERMARK
 
+    @property
+    def first(self) -> datetime:
+        """The earliest stamp the policy can give."""
+        return self.top - (self.slots - 1) * MICROSECOND
 
-def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
-    """Below the watermark when it is after the cutoff; the repair's own time otherwise."""
+    def params(self) -> dict[str, object]:
+        """The batch statement's parameters for the stamp (see ``usage.repair.backfill``)."""
+        return {"stamp_top": self.top, "stamp_slots": self.slots, "stamp_keys": max(self.keys, 1)}
+
+
+def _microseconds(later: datetime, earlier: datetime) -> int:
+    return (later - earlier) // MICROSECOND
+
+
+def _span(policy_top: datetime, slots: int, keys: int | None) -> str:
+    if keys is None:  # the pre-flight: the keys are not counted yet
+        return (
+            f"{slots:,} microseconds up to {_clock(policy_top, microseconds=True)} for the "
+            f"run's hourly keys (one a stamp, or up to {MAX_KEYS_PER_STAMP} a stamp beyond "
+            f"{slots:,} keys)"
+        )
+    first = policy_top - (slots - 1) * MICROSECOND
+    shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
+    return (
+        f"stamps from {_clock(first, microseconds=True)} to "
+        f"{_clock(policy_top, microseconds=True)}{shared}"
+    )
+
+
+def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
+    """Below the watermark when there is room after the cutoff; the repair's own time else.
+
+    ``keys`` is the number of hourly keys the run stamps (one stamp each where there is room);
+    None (the pre-flight) describes the room there is.
+    """
     watermark = state.watermark_at
     if watermark is not None and watermark > cutoff:
-        return StampPolicy(
-            BackfillRun.Stamp.BELOW_WATERMARK,
-            watermark,
-            min(watermark, state.now),
-            f"repaired rows are stamped just below the platform rollup's watermark "
-            f"({_clock(watermark)}), so its cron tick never re-rolls them",
+        top = min(watermark, state.now) - MICROSECOND
+        room = _microseconds(top, cutoff)  # stamps strictly after the cutoff, up to top
+        if room >= 1 and (keys is None or room * MAX_KEYS_PER_STAMP >= keys):
+            slots = room if keys is None else min(room, max(keys, 1))
+            return StampPolicy(
+                BackfillRun.Stamp.BELOW_WATERMARK,
+                watermark,
+                top,
+                slots,
+                keys or 0,
+                f"repaired rows are stamped just below the platform rollup's watermark "
+                f"({_clock(watermark, microseconds=True)}), so its cron tick never re-rolls "
+                f"them: {_span(top, slots, keys)}",
+            )
+        why = (
+            f"the platform rollup's watermark ({_clock(watermark, microseconds=True)}) is only "
+            f"{max(room + 1, 0):,} microseconds after the cutoff, too close for "
+            f"{keys or 0:,} hourly keys ({MAX_KEYS_PER_STAMP} a stamp at most)"
         )
-    if watermark is None:
+    elif watermark is None:
         why = "task_usage_hourly_rollup_state has no row"
     elif state.last_run_started_at is None:
         why = f"the platform's cron tick never ran (watermark {_clock(watermark)})"
@@ -112,21 +168,36 @@ def choose_stamp(cutoff: datetime, state: CronState) -> StampPolicy:
             f"the platform rollup's watermark ({_clock(watermark)}) is not after the cutoff: "
             "its cron tick is that far behind"
         )
-    return StampPolicy(
-        BackfillRun.Stamp.REPAIR_TIME,
-        watermark,
-        state.now,
-        f"{why}; repaired rows are stamped with the time the repair started, and the platform's "
-        "rollup will re-roll their hourly keys once its watermark passes that time",
+    return _repair_time(
+        cutoff,
+        state,
+        keys,
+        f"{why}; repaired rows are stamped with the time the repair started, and the "
+        "platform's rollup will re-roll their hourly keys once its watermark passes that time",
     )
 
 
-def stamp_for_the_tick(state: CronState) -> StampPolicy:
-    """Without the repair's own rollup, the rows must land in the cron tick's future windows."""
+def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str) -> StampPolicy:
+    """Stamps just up to the run's start (the cutoff is before it, ``ensure_cutoff_in_past``)."""
+    top = state.now
+    room = max(1, _microseconds(top, cutoff))
+    slots = room if keys is None else min(room, max(keys, 1))
     return StampPolicy(
         BackfillRun.Stamp.REPAIR_TIME,
         state.watermark_at,
-        state.now,
+        top,
+        slots,
+        keys or 0,
+        f"{why}: {_span(top, slots, keys)}",
+    )
+
+
+def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPolicy:
+    """Without the repair's own rollup, the rows must land in the cron tick's future windows."""
+    return _repair_time(
+        cutoff,
+        state,
+        keys,
         "--no-rebuild-rollup: repaired rows are stamped with the time the repair started, so "
         "the platform's cron tick rolls them up once its watermark passes that time",
     )

@@ -254,10 +254,8 @@ class PlanOutcome:
         )
 
 
-def short(fingerprint: str) -> str:
-    """A fingerprint as a line shows it: the algorithm and the first 12 hex digits."""
-    return fingerprint[: len("sha256:") + 12] + "…"
-
+# A fingerprint as a line shows it.
+short = render.short_hash
 
 # -- writing a plan ------------------------------------------------------------------------
 

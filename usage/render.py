@@ -10,16 +10,23 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 
-def timestamp(value: datetime | None) -> str:
-    """RFC 3339 in UTC to the second; four-digit years (``strftime`` gives year 1 as "1")."""
+def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
+    """RFC 3339 in UTC to the second (or the microsecond); four-digit years (``strftime``
+    gives year 1 as "1")."""
     if value is None:
         return "-"
     if value.utcoffset():
         value = value.astimezone(UTC)
+    fraction = f".{value.microsecond:06d}" if microseconds else ""
     return (
         f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
-        f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}Z"
+        f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}{fraction}Z"
     )
+
+
+def short_hash(fingerprint: str) -> str:
+    """A fingerprint as a line shows it: the algorithm and the first 12 hex digits."""
+    return fingerprint[: len("sha256:") + 12] + "…"
 
 
 def number(value: int) -> str:

@@ -33,9 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from psycopg import sql
-
-from usage import cron, replication
+from usage import cron, privileges, replication
 from usage.db import (
     MISSING_OBJECTS_SQL,
     QUEUE_CONSTRAINT,
@@ -50,6 +48,7 @@ from usage.eligibility import (
     compose,
     eligible_params,
 )
+from usage.repair.rollup import choose_path
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
@@ -132,7 +131,6 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 # Types that behave the same for the tool's queries.
 _EQUIVALENT_TYPES = {"text": ("text", "character varying")}
 # The run record and the journal are inserted into and updated (finish, revert).
-_TOOL_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
 
 
 @dataclass(frozen=True)
@@ -221,19 +219,6 @@ JOIN pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ic.relam
 LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
 WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
-
-# Each requirement is (kind, qualified object, privilege); evaluated for the current role.
-PRIVILEGES_SQL = """
-SELECT r.kind, r.obj, r.priv,
-       CASE r.kind
-           WHEN 'table' THEN has_table_privilege(r.obj, r.priv)
-           WHEN 'function' THEN has_function_privilege(r.obj, r.priv)
-           WHEN 'schema' THEN has_schema_privilege(r.obj, r.priv)
-           WHEN 'database' THEN has_database_privilege(current_database(), r.priv)
-       END,
-       current_user,
-       current_database()
-FROM unnest(%(kinds)s::text[], %(objs)s::text[], %(privs)s::text[]) AS r(kind, obj, priv)"""
 
 APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
 
@@ -490,93 +475,31 @@ def check_indexes(ctx: Context) -> CheckResult:
     )
 
 
-def _privilege_requirements(ctx: Context) -> list[tuple[str, str, str]]:
-    table = {name: compose("{" + name + "}") for name in EXPECTED_COLUMNS}
-    needs: list[tuple[str, str, str]] = [
-        # has_schema_privilege takes the schema's name, not a quoted identifier.
-        ("schema", ctx.target_schema, "USAGE"),
-        ("table", table["task_usage"], "SELECT"),
-        ("table", table["task_usage"], "UPDATE"),
-        ("table", table["agent_task_queue"], "SELECT"),
-        ("table", table["agent"], "SELECT"),
-        ("table", table["issue"], "SELECT"),
-        ("table", table["task_usage_hourly"], "SELECT"),
-        (
-            "function",
-            compose("{rollup_task_usage_hourly_window}") + "(timestamptz, timestamptz)",
-            "EXECUTE",
-        ),
-        # The batches keep their work list in a temporary table.
-        ("database", "", "TEMPORARY"),
-        ("schema", ctx.tool_schema, "USAGE"),
-    ]
-    for tool_table in (*REQUIRED_TOOL_TABLES, "django_migrations"):
-        qualified = compose("{tool_schema}") + "." + _quote(tool_table)
-        privileges = ("SELECT",) if tool_table == "django_migrations" else _TOOL_TABLE_PRIVILEGES
-        needs.extend(("table", qualified, privilege) for privilege in privileges)
-    _, _, security_definer = ctx.one(
-        ROLLUP_FUNCTION_DETAILS_SQL,
-        {"signature": f"{ctx.target_schema}.{ROLLUP_FUNCTION_SIGNATURE}"},
+def check_rollup_path(ctx: Context) -> CheckResult:
+    """How the repair will rebuild the hourly rollup: its own recompute, or the function."""
+    choice = choose_path(cursor=ctx.cursor)
+    if choice.own:
+        return passed(choice.reason)
+    return warned(
+        choice.reason,
+        "the repair still works, through the platform's function: slower on a large table "
+        "(its cost grows with the tasks of each key's agent), never less safe",
     )
-    if not security_definer:
-        # The rollup runs with the caller's privileges: it rewrites the hourly table and
-        # drains the queue on the repair's behalf.
-        needs.extend(
-            ("table", table["task_usage_hourly"], privilege)
-            for privilege in ("INSERT", "UPDATE", "DELETE")
-        )
-        needs.extend(
-            ("table", table["task_usage_hourly_dirty"], privilege)
-            for privilege in ("SELECT", "DELETE")
-        )
-    # The repair and the revert queue keys with an upsert, and read the cron's watermark.
-    needs.extend(
-        ("table", table["task_usage_hourly_dirty"], privilege)
-        for privilege in ("INSERT", "UPDATE")
-    )
-    needs.append(("table", table["task_usage_hourly_rollup_state"], "SELECT"))
-    return needs
-
-
-def _quote(identifier: str) -> str:
-    return sql.Identifier(identifier).as_string()
-
-
-def _grant(kind: str, obj: str, privilege: str, role: str, database: str) -> str:
-    role_name = _quote(role)
-    if kind == "database":
-        return f"GRANT {privilege} ON DATABASE {_quote(database)} TO {role_name};"
-    if kind == "function":
-        return f"GRANT EXECUTE ON FUNCTION {obj} TO {role_name};"
-    if kind == "schema":
-        return f"GRANT {privilege} ON SCHEMA {_quote(obj)} TO {role_name};"
-    return f"GRANT {privilege} ON {obj} TO {role_name};"
 
 
 def check_privileges(ctx: Context) -> CheckResult:
-    needs = _privilege_requirements(ctx)
-    rows = ctx.all(
-        PRIVILEGES_SQL,
-        {
-            "kinds": [kind for kind, _, _ in needs],
-            "objs": [obj for _, obj, _ in needs],
-            "privs": [privilege for _, _, privilege in needs],
-        },
+    choice = choose_path(cursor=ctx.cursor)
+    needs = privileges.requirements(
+        security_definer=privileges.function_runs_as_owner(ctx.cursor), own_path=choice.own
     )
-    missing = [row for row in rows if not row[3]]
-    role, database = rows[0][4], rows[0][5]
-    if missing:
-        described = ", ".join(
-            f"{privilege} on {obj or 'database ' + database}" for _, obj, privilege, *_ in missing
-        )
-        grants = " ".join(
-            _grant(kind, obj, privilege, role, database) for kind, obj, privilege, *_ in missing
-        )
+    missing = privileges.find_missing(ctx.cursor, needs)
+    if missing.needs:
         return failed(
-            f"role {role} lacks {described}",
-            f"grant them (as the owner or a superuser), or connect as another role: {grants}",
+            f"role {missing.role} lacks {missing.described()}",
+            "grant them (as the owner or a superuser), or connect as another role: "
+            + missing.grants(),
         )
-    return passed(f"role {role} has the {len(needs)} privileges the repair uses")
+    return passed(f"role {missing.role} has the {len(needs)} privileges the repair uses")
 
 
 def check_tool_schema(ctx: Context) -> CheckResult:
@@ -753,7 +676,7 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
             "task_usage_hourly_rollup_state has no row (id = 1)",
             "the platform's rollup state is missing: check DATABASE_URL and CODEX_TARGET_SCHEMA",
         )
-    policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now))
+    policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now), None)
     last = (
         "the cron tick never ran"
         if last_started is None
@@ -809,6 +732,12 @@ CHECKS: tuple[Check, ...] = (
     Check("tables", "the application's tables", check_tables),
     Check("columns", "the columns and types the tool uses", check_columns, ("tables",)),
     Check("rollup_function", "the hourly rollup function and signature", check_rollup_function),
+    Check(
+        "rollup_path",
+        "how the repair rebuilds the hourly rollup",
+        check_rollup_path,
+        ("tables", "rollup_function"),
+    ),
     Check(
         "rollup_queue",
         "the rollup queue's unique key the repair upserts into",

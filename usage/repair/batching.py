@@ -63,6 +63,9 @@ class RunLimits:
     max_rollup_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
+    # How the rollup is rebuilt: "auto" (the own recompute for a function definition the tool
+    # knows, proven by each run; the platform's function otherwise) or "function".
+    rollup_path: str = "auto"
 
 
 class RunError(Exception):

@@ -42,15 +42,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
+from usage import privileges
 from usage.db import check_target, error_text, reconnect_if_dead, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress
+from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
@@ -137,6 +139,10 @@ restored_keys AS (
     JOIN {{agent}} a ON a.id = q.agent_id
     LEFT JOIN {{issue}} i ON i.id = q.issue_id
     WHERE q.runtime_id IS NOT NULL
+),
+noted AS (
+    -- The keys this batch's drain rebuilds (usage.repair.rollup.RevertDrains).
+    INSERT INTO {REVERT_KEYS_TABLE} SELECT * FROM restored_keys RETURNING 1
 ),
 enqueued AS (
     -- An upsert, as every platform writer queues keys: a key the platform queued already is
@@ -265,6 +271,7 @@ class RevertResult:
     stale_runs: list[int] = field(default_factory=list)
     owner_gone: bool = False
     rollup: rollup.RollupResult = field(default_factory=rollup.RollupResult)
+    path: rollup.PathChoice | None = None
     seconds: float = 0.0
 
     @property
@@ -318,16 +325,20 @@ class _Revert:
         self.progress = progress
         self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
         self.result: RevertResult | None = None
-        self.drainer: rollup.QueueDrainer | None = None
+        self.drains: rollup.RevertDrains | None = None
+        self.path: rollup.PathChoice | None = None
 
     def run(self) -> RevertResult:
         check_target()
         started = time.monotonic()
+        self._check_privileges()
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _load_run(self.options.run_id)
             _ensure_revertable(run)
-            self.result = result = RevertResult(run=run, executed=True, stale_runs=stale)
+            self.result = result = RevertResult(
+                run=run, executed=True, stale_runs=stale, path=self.path
+            )
             _classify(result, 0)
             logger.info(
                 "revert of run %d: %d active journal entries, %d restorable, %d changed since",
@@ -357,25 +368,41 @@ class _Revert:
                 ) from exc
             finally:
                 self._drop_agent_tasks()
+                if self.drains is not None:
+                    self.drains.close()
             self._finish()
         result.seconds = time.monotonic() - started
         return result
 
+    def _check_privileges(self) -> None:
+        """The rollup's path, and every privilege the revert needs to finish, before it writes."""
+        self.path = rollup.choose_path(self.options.rollup_path)
+        with connection.cursor() as cursor:
+            needs = privileges.requirements(
+                security_definer=privileges.function_runs_as_owner(cursor),
+                revert=True,
+                own_path=self.path.own,
+            )
+            privileges.refuse_missing(cursor, needs, "the revert")
+
+    def _limits(self) -> rollup.SliceLimits:
+        return rollup.SliceLimits(
+            self.options.max_rollup_lock_seconds,
+            self.options.lock_timeout,
+            max(self.options.statement_timeout, 0),
+        )
+
+    def _neighbours(self) -> rollup.NeighbourOptions:
+        return rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval)
+
     def _prepare(self) -> None:
-        """The agents' task counts (the cost model's input) and the drain's planner."""
-        assert self.result is not None
+        """The agents' task counts (the function path's cost model) and the drains."""
+        assert self.result is not None and self.path is not None
         with connection.cursor() as cursor:
             cursor.execute(DROP_AGENT_TASKS_SQL)
             cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
-        self.drainer = rollup.QueueDrainer(
-            rollup.SliceLimits(
-                self.options.max_rollup_lock_seconds,
-                self.options.lock_timeout,
-                max(self.options.statement_timeout, 0),
-            ),
-            rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
-        )
-        self.result.rollup = self.drainer.result
+        self.drains = rollup.RevertDrains(self.path, self._limits(), self._neighbours())
+        self.result.rollup = self.drains.result
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -473,36 +500,43 @@ class _Revert:
 
     def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
         """Rebuild the keys queued up to ``enqueued_until`` in one lock-4246 slice."""
-        assert self.result is not None and self.drainer is not None
+        assert self.result is not None and self.drains is not None
         try:
-            self.drainer.drain(enqueued_until, keys, tasks)
+            piece = self.drains.drain(enqueued_until, keys, tasks)
         except rollup.RollupError as exc:
             raise RevertError(str(exc), self.result) from exc
+        rebuilt = self.drains.result
+        self.progress(
+            "rollup_slice", piece=piece, done=rebuilt.keys_done, total=self.result.rollup_keys
+        )
 
     def _drain_queued(self) -> None:
         """Drain whatever is queued now: what an earlier, stopped revert of the run left."""
+        assert self.result is not None and self.drains is not None
         with connection.cursor() as cursor:
             cursor.execute(compose(QUEUED_SQL))
             keys, tasks, latest = cursor.fetchone()
         if keys:
-            self._drain(latest, keys, tasks)
+            try:
+                self.drains.drain_queue(latest, keys, tasks)
+            except rollup.RollupError as exc:
+                raise RevertError(str(exc), self.result) from exc
 
     def _adapt(self, entries: int, keys: int, tasks: int) -> None:
         """Size the next batch so its keys' rebuild fits the slice the planner allows.
 
         Grows at most ``MAX_SLICE_GROWTH``-fold per batch and never above the operator's
-        ``--batch-size``: the journal is in hourly-key order, so neighbouring entries share
-        keys, and the ratio of entries to keys carries over.
+        ``--batch-size``: the journal is in the repair's walking order (physical, so time
+        order), so neighbouring entries share hours and keys, and the ratios carry over.
         """
-        assert self.drainer is not None
-        wanted = self.drainer.next_keys(tasks / keys) * entries / keys
-        grown = self.halving.size * rollup.MAX_SLICE_GROWTH
-        self.halving.size = max(1, min(self.options.batch_size, int(min(wanted, grown))))
+        assert self.drains is not None
+        wanted = self.drains.next_entries(entries, keys, tasks, self.halving.size)
+        self.halving.size = max(1, min(self.options.batch_size, wanted))
 
     def _drain_quietly(self) -> None:
         try:
             reconnect_if_dead()
-            if self.drainer is not None:
+            if self.drains is not None:
                 self._drain_queued()
         except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
             logger.warning(
@@ -533,7 +567,17 @@ class _Revert:
                 ", stopped by a signal" if result.stopped else "",
             )
             return
-        fields: dict[str, object] = {"status": BackfillRun.Status.REVERTED, "reverted_at": Now()}
+        if not self._rebuild_pending_rollup():
+            return
+        fields: dict[str, object] = {
+            "status": BackfillRun.Status.REVERTED,
+            "reverted_at": Now(),
+            "rollup_state": (
+                BackfillRun.RollupState.SKIPPED
+                if result.run.rollup_state == BackfillRun.RollupState.SKIPPED
+                else BackfillRun.RollupState.DONE
+            ),
+        }
         if result.rows_changed:
             note = (
                 f"reverted; {result.rows_changed} rows changed by others since the run were "
@@ -548,6 +592,43 @@ class _Revert:
             restored,
             result.rows_changed,
         )
+
+    def _rebuild_pending_rollup(self) -> bool:
+        """A run whose own rollup never finished (killed, stopped): rebuild the keys of its
+        rows the revert leaves (changed by others since), which nobody rebuilt yet.
+
+        The restored rows' keys were rebuilt by the drains; these are the rest, so that every
+        key of the run is right once it is reverted. False when a stop came first (the run
+        stays as it is, and the same revert finishes it).
+        """
+        assert self.result is not None and self.path is not None
+        run = self.result.run
+        if run.rollup_state != BackfillRun.RollupState.PENDING:
+            return True
+        try:
+            rebuilt = rollup.rebuild_keys(
+                [run.pk],
+                choice=self.path,
+                max_lock_seconds=self.options.max_rollup_lock_seconds,
+                lock_timeout=self.options.lock_timeout,
+                statement_timeout=max(self.options.statement_timeout, 0),
+                neighbours=self._neighbours(),
+                should_stop=self.stop.is_set,
+                progress=self.progress,
+            )
+        except (rollup.RollupError, DatabaseError) as exc:
+            raise RevertError(
+                f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
+                f"since it (its own rollup never finished) could not be rebuilt: "
+                f"{batching.describe_failure(exc)}; run the same revert again to finish",
+                self.result,
+            ) from exc
+        self.result.rollup.slices.extend(rebuilt.slices)
+        self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
+        if rebuilt.stopped:
+            self.result.stopped = True
+            return False
+        return True
 
 
 def _load_run(run_id: int) -> BackfillRun:

@@ -1,0 +1,301 @@
+"""One rollup slice: a short transaction holding lock 4246, and the room left to neighbours.
+
+Every writer of ``task_usage_hourly`` on the platform serializes on advisory lock 4246: the
+cron tick (a try-lock: it silently skips a tick when the lock is taken), workspace deletion
+(waits 10 s, then fails) and the repair. Both of the repair's paths (``recompute``, the
+tool's own, and ``function``, the platform's) therefore rebuild keys in slices:
+
+* **A slice is one transaction** that takes ``pg_advisory_xact_lock(4246)`` (transaction
+  level: it can never leak) and does its work; the server-side ``statement_timeout`` of each
+  statement is what is left of ``--max-rollup-lock-seconds`` + ``LOCK_CAP_SLACK_SECONDS``
+  since the lock was taken, less room for the commit, so no hold passes that cap, whatever
+  the planner does. A slice the server cancels is ``SliceCancelled`` (its hold is timed).
+* **Room for neighbours** (``Slicer``): the lock stays free for ``SLICE_GAP_SECONDS`` after
+  every slice, so a try-lock caller gets it; while the platform's cron tick is due no slice
+  starts (``usage.cron.TickWatcher``); a stop request ends the rebuild between slices.
+* **Progress or stop**: a slice cancelled ``MAX_CANCELLED_IN_A_ROW`` times in a row ends the
+  rebuild with ``RollupError`` (the run's rollup stays pending), never an endless retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from django.db import DatabaseError, connection, transaction
+
+from usage import cron
+from usage.cron import ROLLUP_LOCK_ID
+from usage.db import (
+    SQLSTATE_LOCK_NOT_AVAILABLE,
+    SQLSTATE_QUERY_CANCELED,
+    SQLSTATE_SERIALIZATION_FAILURE,
+    set_local_timeouts,
+    sqlstate,
+)
+
+logger = logging.getLogger("usage.rollup")
+
+T = TypeVar("T")
+
+# The longest a slice may hold lock 4246 (plus LOCK_CAP_SLACK_SECONDS). Short against the
+# 10 s a workspace deletion waits for the lock. The cron tick is waited for, and try-lock
+# callers get the gaps between slices, whatever the budget.
+DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 5.0
+# Slack the server allows a slice before cancelling it: the cap is the budget plus this.
+LOCK_CAP_SLACK_SECONDS = 0.5
+# Of that cap, this much is kept for what follows the last statement under the lock: the
+# commit (a WAL flush) and the round trips.
+COMMIT_ALLOWANCE_SECONDS = 0.3
+# A statement is never given less than this.
+MIN_CALL_SECONDS = 0.05
+# A slice aims at this fraction of the lock budget, leaving room for variance.
+TARGET_LOCK_FRACTION = 0.7
+# A slice is at most this many times the largest one measured so far.
+MAX_SLICE_GROWTH = 4.0
+LOCK_WAIT_ATTEMPTS = 5
+# Lock 4246 stays free this long after every slice: a try-lock caller polling every 50 ms
+# asks in that gap several times, even when a busy server delays its polls.
+SLICE_GAP_SECONDS = 0.2
+# After this many slices cancelled in a row (each smaller, or with another plan, than the
+# one before, where that is possible), the rebuild stops: the run's rollup stays pending.
+MAX_CANCELLED_IN_A_ROW = 5
+
+TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
+REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+
+
+class RollupError(Exception):
+    """The rollup could not be rebuilt; the run's rollup stays pending for the next run."""
+
+
+class SliceCancelled(Exception):
+    """The server ended a slice at the lock budget; it held lock 4246 ``held`` seconds."""
+
+    def __init__(self, held: float) -> None:
+        super().__init__(f"rollup slice cancelled after holding lock {ROLLUP_LOCK_ID} {held:.3f}s")
+        self.held = held
+
+
+@dataclass(frozen=True)
+class SliceLimits:
+    """The server-side limits of slice transactions."""
+
+    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    lock_timeout: float = 5.0
+    statement_timeout: float = 600.0
+
+    @property
+    def cap(self) -> float:
+        return self.max_lock_seconds + LOCK_CAP_SLACK_SECONDS
+
+    @property
+    def target(self) -> float:
+        """How long a slice aims to hold the lock."""
+        return self.max_lock_seconds * TARGET_LOCK_FRACTION
+
+
+@dataclass(frozen=True)
+class NeighbourOptions:
+    """How the rebuild makes room for the platform's other users of lock 4246."""
+
+    tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
+    gap: float = SLICE_GAP_SECONDS
+
+
+@dataclass(frozen=True)
+class RollupSlice:
+    """One slice transaction: what it rebuilt, how, and how long it held 4246.
+
+    ``plan`` is ``own`` for the tool's recompute, else the planner setting the platform's
+    function ran with; ``window_from``/``window_to`` are the stamps (function) or the bucket
+    hours (own) it covered; ``rows`` the usage rows an own slice read.
+    """
+
+    window_from: datetime | None
+    window_to: datetime | None
+    rollup_rows: int
+    lock_wait_seconds: float
+    lock_held_seconds: float
+    keys: int = 0
+    plan: str = "nestloop"
+    tasks: int = 0
+    backlog: int = 0
+    seq_scans: int = 0
+    index_scans: int = 0
+    rows: int = 0
+
+
+@dataclass
+class RollupResult:
+    """What a rebuild did: its slices, its waits, and the path it ended on."""
+
+    slices: list[RollupSlice] = field(default_factory=list)
+    seconds: float = 0.0
+    keys_total: int = 0
+    stopped: bool = False
+    cron_waits: int = 0
+    cron_wait_seconds: float = 0.0
+    # How long each slice the server cancelled at the budget held the lock.
+    cancelled_holds: list[float] = field(default_factory=list)
+    # The path the keys were rebuilt on ("own" or "function"), and why, when it changed
+    # during the rebuild (a failed proof).
+    path: str = ""
+    path_reason: str = ""
+
+    @property
+    def rollup_rows(self) -> int:
+        return sum(s.rollup_rows for s in self.slices)
+
+    @property
+    def keys_done(self) -> int:
+        return sum(s.keys for s in self.slices)
+
+    @property
+    def max_lock_held_seconds(self) -> float:
+        """The longest hold of lock 4246, cancelled slices included."""
+        holds = [s.lock_held_seconds for s in self.slices] + self.cancelled_holds
+        return max(holds, default=0.0)
+
+    @property
+    def hash_slices(self) -> int:
+        return sum(1 for s in self.slices if s.plan == "hash")
+
+    def add(self, piece: RollupSlice) -> None:
+        self.slices.append(piece)
+
+
+@dataclass(frozen=True)
+class Locked(Generic[T]):
+    """What a slice's work returned, how long it waited for lock 4246 and held it."""
+
+    value: T
+    waited: float
+    held: float
+
+
+class Bound:
+    """Gives the next statement what is left of the cap since the lock was taken."""
+
+    def __init__(self, cursor: Any, cap: float, locked_at: float) -> None:
+        self.cursor = cursor
+        self.cap = cap
+        self.locked_at = locked_at
+
+    def __call__(self) -> None:
+        left = self.cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - self.locked_at)
+        self.cursor.execute(
+            SET_STATEMENT_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"]
+        )
+
+
+def run_locked(
+    limits: SliceLimits,
+    work: Callable[[Any, Bound], T],
+    *,
+    repeatable_read: bool = False,
+) -> Locked[T]:
+    """Run ``work(cursor, bound)`` in one transaction holding lock 4246.
+
+    ``work`` calls ``bound()`` before each statement that may run long. Waits for the lock
+    up to ``limits.lock_timeout``, ``LOCK_WAIT_ATTEMPTS`` times. With ``repeatable_read``
+    every statement sees one snapshot (a proof compares two computations); a serialization
+    failure (a writer of the same rows committed first) is retried like a busy lock. Inside
+    a caller's transaction (a savepoint) the caller's isolation stands.
+    """
+    for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
+        waited_from = time.monotonic()
+        locked_at: float | None = None
+        own_transaction = not connection.in_atomic_block
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                if repeatable_read and own_transaction:
+                    cursor.execute(REPEATABLE_READ_SQL)
+                set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
+                cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
+                locked_at = time.monotonic()
+                value = work(cursor, Bound(cursor, limits.cap, locked_at))
+            released_at = time.monotonic()
+        except DatabaseError as exc:
+            state = sqlstate(exc)
+            if state == SQLSTATE_QUERY_CANCELED and locked_at is not None:
+                raise SliceCancelled(time.monotonic() - locked_at) from exc
+            if state == SQLSTATE_SERIALIZATION_FAILURE:
+                logger.info("rollup slice met a concurrent writer (attempt %d); again", attempt)
+                continue
+            if state != SQLSTATE_LOCK_NOT_AVAILABLE:
+                raise
+            logger.warning(
+                "lock %d busy for %.1fs (attempt %d of %d)",
+                ROLLUP_LOCK_ID,
+                limits.lock_timeout,
+                attempt,
+                LOCK_WAIT_ATTEMPTS,
+            )
+            continue
+        return Locked(value, locked_at - waited_from, released_at - locked_at)
+    raise RollupError(
+        f"could not take rollup lock {ROLLUP_LOCK_ID} in {LOCK_WAIT_ATTEMPTS} tries of "
+        f"{limits.lock_timeout:g}s: another writer holds it; re-run the same command later to "
+        "finish the rollup"
+    )
+
+
+class Slicer:
+    """What every rebuild loop shares: the room left to the lock's other users, the stop
+    request, and the bound on slices cancelled in a row."""
+
+    def __init__(
+        self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
+    ) -> None:
+        self.limits = limits
+        self.neighbours = neighbours
+        self.result = result
+        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
+        self.cancelled_in_a_row = 0
+
+    def may_start(
+        self, should_stop: Callable[[], bool], on_wait: Callable[[str, float], None] | None
+    ) -> bool:
+        """Wait while the cron tick is due; False when a stop was asked for (noted)."""
+        if not should_stop():
+            self.ticks.wait_if_due(should_stop, on_wait)
+        if should_stop():
+            self.result.stopped = True
+            return False
+        return True
+
+    def leave_a_gap(self) -> None:
+        if self.neighbours.gap > 0:
+            time.sleep(self.neighbours.gap)
+
+    def cancelled(self, exc: SliceCancelled, what: str) -> None:
+        """The server ended a slice at the cap: its hold counts; too many in a row stop it.
+
+        ``what`` names the slice in the error ("a slice of 6,000 keys ...").
+        """
+        self.result.cancelled_holds.append(exc.held)
+        self.cancelled_in_a_row += 1
+        logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
+        if self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
+            raise RollupError(
+                f"{what} could not be rebuilt within the lock budget ({self.limits.cap:g}s) "
+                f"in {self.cancelled_in_a_row} tries in a row; the run's rollup stays "
+                "pending: re-run the same command with a larger --max-rollup-lock-seconds "
+                "(or when the database is less busy) to rebuild the rest"
+            ) from exc
+        self.leave_a_gap()  # the cancelled slice held the lock up to the cap
+
+    def settled(self, piece: RollupSlice) -> None:
+        """A slice that ran: it counts, and the run of cancellations is over."""
+        self.cancelled_in_a_row = 0
+        self.result.add(piece)
+
+    def finish(self) -> None:
+        self.result.cron_waits += self.ticks.waits
+        self.result.cron_wait_seconds += self.ticks.waited_seconds
