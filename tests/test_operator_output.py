@@ -123,10 +123,12 @@ def test_json_logs_are_one_object_per_event(rows: None) -> None:
     assert [line for line in err.splitlines() if line.strip() and not line.startswith("{")] == []
     kinds = [e["event"] for e in events]
     assert kinds.count("batch") == 3
-    assert "rollup_slice" in kinds and kinds[-1] == "end"
+    assert kinds[0] == "context" and "rollup_slice" in kinds
+    assert kinds[-2:] == ["end", "outcome"]
     batch = next(e for e in events if e["event"] == "batch")
     assert {"run_id", "rows", "input_tokens_removed", "seconds", "batch_size"} <= batch.keys()
-    assert events[-1]["status"] == "succeeded"
+    assert events[-2]["status"] == "succeeded"
+    assert events[-1]["exit_status"] == 0
 
 
 def test_verbosity_zero_prints_only_the_result(rows: None) -> None:
