@@ -279,7 +279,7 @@ def revert_events(bar: ProgressBar) -> Any:
             bar.update(
                 "revert",
                 done["entries"],
-                status=f"{result.rows_restored:,} rows restored, batch {batch.batch_size:,}",
+                status=f"restored {result.rows_restored:,}",
             )
         elif event == "paused":
             _pause(bar, paused, details["reason"], details.get("seconds"))
