@@ -498,7 +498,7 @@ def test_command_exit_status_as_a_process(subprocess_env: dict[str, str]) -> Non
         "preflight_codex_usage_backfill", "--cutoff", "2099-01-01T00:00:00Z", env=subprocess_env
     )
     assert late.returncode == 1
-    assert "[FAIL] cutoff: --cutoff 2099-01-01T00:00:00+00:00 is not before" in late.stdout
+    assert "[FAIL] cutoff: --cutoff 2099-01-01T00:00:00Z is not before" in late.stdout
     assert "pre-flight failed: cutoff;" in late.stderr
 
 
@@ -556,9 +556,13 @@ def target_results(request: pytest.FixtureRequest) -> dict[str, CheckResult]:
 def test_target_database(name: str, target_results: dict[str, CheckResult]) -> None:
     result = target_results[name]
     if result.warning:
-        warnings.warn(
-            PreflightWarning(f"{name}: {result.detail} -- what to do: {result.fix}"),
-            stacklevel=1,
+        # Attributed to the check, not to this line: pytest's summary then shows the warning
+        # alone, without a source line (``warnings.warn(``) under it.
+        warnings.warn_explicit(
+            PreflightWarning(f"{result.detail} -- what to do: {result.fix}"),
+            PreflightWarning,
+            f"pre-flight check {name}",
+            0,
         )
     if not result.ok:
         pytest.fail(f"{name}: {result.detail}\nwhat to do: {result.fix}", pytrace=False)
