@@ -101,6 +101,7 @@ def test_the_revert_explains_hourly_rows_that_differ_from_keys() -> None:
     assert text.startswith("Run 3 reverted.\n")
     assert "6,000 hourly keys queued and rebuilt in 12 calls" in text
     assert "reported 6,009 hourly rows: it counts rows upserted plus rows deleted" in text
+    assert "keys other writers queued included" in text
     assert "--cutoff 2026-06-13T08:00:00Z" in text
     document["rollup_rows"] = 6_000
     assert "upserted" not in "\n".join(outcome.revert_lines(document, no_style(), None))

@@ -34,6 +34,7 @@ from usage.db import database_failure
 from usage.events import JsonFormatter, event_line
 from usage.output import document as result
 from usage.output.files import OutputError, OutputFile
+from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 
@@ -207,6 +208,50 @@ class ToolCommand(BaseCommand):
 
     # -- showing the result ------------------------------------------------------------------
 
+    def reporter(self, options: dict[str, Any]) -> Reporter:
+        """Where this command's lines go, for its output options (``usage.output.report``)."""
+        return Reporter(
+            self.stdout,
+            self.stderr,
+            self.style,
+            json_logs=options["log_format"] == "json",
+            document_on_stdout=options["format"] != "table" and not options["output"],
+            verbosity=options["verbosity"],
+        )
+
+    @contextmanager
+    def run_logging(self, stream: TextIO, report: Reporter) -> Iterator[None]:
+        """The library's log lines as the output mode wants them.
+
+        As text: warnings, and at ``--verbosity 2`` everything (the events too, which the bar
+        and the outcome show otherwise). As JSON: the events (at ``--verbosity 0`` only
+        warnings), and the library's other messages from warnings up (all at 2).
+        """
+        verbosity = report.verbosity
+        if report.json_logs:
+            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        else:
+            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
+        with self.logging_to(
+            stream,
+            level,
+            json=report.json_logs,
+            plain_level=logging.WARNING if verbosity <= 1 else None,
+            events=report.json_logs or verbosity >= 2,
+        ):
+            yield
+
+    def signal_said(self, report: Reporter) -> Callable[[str], None]:
+        """How a signal's message is said: a ``signal`` event, or a line after the bar."""
+
+        def say(message: str) -> None:
+            if report.json_logs:
+                report.warning(message, event="signal")
+            else:
+                self.stderr.write(self.style.WARNING(f"\n{message}"))
+
+        return say
+
     def terminal_width(self) -> int | None:
         """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
         return shutil.get_terminal_size().columns if self.stdout.isatty() else None
@@ -268,21 +313,30 @@ class ToolCommand(BaseCommand):
 
     @contextmanager
     def logging_to(
-        self, stream: TextIO, level: int, *, json: bool = False, plain_level: int | None = None
+        self,
+        stream: TextIO,
+        level: int,
+        *,
+        json: bool = False,
+        plain_level: int | None = None,
+        events: bool = True,
     ) -> Iterator[None]:
         """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up.
 
         ``plain_level``: messages without an event of their own (``log`` events) only from
         this level up (the events are what a JSON reader follows; the rest is detail).
+        ``events``: whether records of an event are shown (as text, the bar and the outcome
+        already show them).
         """
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         )
-        if plain_level is not None:
-            least = plain_level
-            handler.addFilter(lambda record: hasattr(record, "event") or record.levelno >= least)
+        least = logging.NOTSET if plain_level is None else plain_level
+        handler.addFilter(
+            lambda record: events if hasattr(record, "event") else record.levelno >= least
+        )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
         try:

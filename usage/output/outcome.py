@@ -45,6 +45,29 @@ def scope_arguments(document: dict[str, Any]) -> str:
     return arguments
 
 
+def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
+    """``Next: <prose>: <command>``, the command whole: on the same line when it fits, else
+    on lines of its own, broken before an option with a shell continuation (``\\``), so
+    that it can be copied as it is. Without a command: the prose, wrapped."""
+    if command is None:
+        return wrap(prose + ".", width, hanging="  ")
+    line = f"{prose}: {command}"
+    if width is None or len(line) <= width:
+        return [line]
+    lines = wrap(prose + ":", width, hanging="  ")
+    pieces = command.split(" --")
+    current = "  " + pieces[0]
+    for piece in pieces[1:]:
+        option = "--" + piece
+        if len(current) + 1 + len(option) + 2 <= width:
+            current += " " + option
+        else:
+            lines.append(current + " \\")
+            current = "      " + option
+    lines.append(current)
+    return lines
+
+
 def dry_run_lines(
     document: dict[str, Any], style: Style, width: int | None, *, plan_out: bool
 ) -> list[str]:
@@ -54,11 +77,10 @@ def dry_run_lines(
         return [style.SUCCESS("Dry run complete: nothing was written to the database.")]
     return [
         style.SUCCESS("Dry run complete: nothing was written."),
-        *wrap(
-            "Next: save it as a plan for the reviewer: "
+        *next_step(
+            "Next: save it as a plan for the reviewer",
             f"{REPAIR} {scope_arguments(document)} --plan-out plan.json",
             width,
-            hanging="  ",
         ),
     ]
 
@@ -109,10 +131,13 @@ def execute_lines(
         rows.append(("continues", f"run {d['continues']}"))
     if plan_line:
         rows.append(("plan", plan_line.removeprefix("Plan check: ")))
-    if d.get("error") and not ok:
+    plain_stop = status == BackfillRun.Status.INTERRUPTED and d.get("error", "").startswith(
+        "stopped by a signal;"
+    )
+    if d.get("error") and not ok and not plain_stop:
         rows.append(("why", d["error"]))
     lines.extend(labelled(rows, width))
-    lines.extend(wrap(execute_next(d), width, hanging="  "))
+    lines.extend(next_step(*execute_next(d), width))
     return lines
 
 
@@ -150,31 +175,39 @@ def rows_against_keys(rows: int, keys: int) -> str:
         return ""
     return (
         f"; the rollup function reported {number(rows)} hourly rows: it counts rows upserted "
-        "plus rows deleted (a key left with no rows), and includes keys other writers queued "
-        "meanwhile"
+        "plus rows deleted (a key left with no rows) for every key its windows found, other "
+        "rows stamped in those windows and keys other writers queued included"
     )
 
 
-def execute_next(d: dict[str, Any]) -> str:
-    """The command to type after this run."""
+def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
+    """What to do after this run, and the command to type."""
     run_id = d["run_id"]
+    verify = f"{REPAIR} --verify --run-id {run_id}"
+    again = None
     if d["status"] == BackfillRun.Status.SUCCEEDED:
-        verify = d.get("verify")
-        if verify is None:
-            return f"Next: verify it: {REPAIR} --verify --run-id {run_id}"
-        if verify["ok"]:
-            return f"Nothing else to do. To undo the run: {REVERT} {run_id}"
+        checked = d.get("verify")
+        if checked is None:
+            return "Next: verify it", verify
+        if checked["ok"]:
+            return "Nothing else to do. To undo the run", f"{REVERT} {run_id}"
+        return "Next: look at the keys above, then verify again", verify
+    if d["status"] == BackfillRun.Status.FAILED:
+        if "locked by other writers" in d.get("error", ""):
+            return (
+                "Next: re-run the same command later (writers held those rows); the new run "
+                f"continues run {run_id}",
+                again,
+            )
         return (
-            f"Next: look at the keys above, then verify again: {REPAIR} --verify --run-id {run_id}"
-        )
-    if d["status"] == BackfillRun.Status.FAILED and not d["rows_remaining"] and d.get("error"):
-        return (
-            f"Next: fix what the error says, then re-run the same command: the new run "
-            f"continues run {run_id}."
+            "Next: fix what the error says, then re-run the same command; the new run "
+            f"continues run {run_id}",
+            again,
         )
     return (
-        f"Next: re-run the same command (later, if writers held rows): the new run continues "
-        f"run {run_id} (the rows still eligible, and the rollup of what was done)."
+        f"Next: re-run the same command; the new run continues run {run_id} (the rows still "
+        "eligible, and the rollup of what was done)",
+        again,
     )
 
 
@@ -232,7 +265,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         return [
             *labelled(rows, width, indent="  "),
             style.SUCCESS("Dry run complete: nothing was written."),
-            *wrap(f"Next: revert it: {REVERT} {run_id} --execute", width, hanging="  "),
+            *next_step("Next: revert it", f"{REVERT} {run_id} --execute", width),
         ]
     status = d["status"]
     heading = {
@@ -264,12 +297,18 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         rows.append(("why", d["error"]))
     lines.extend(labelled(rows, width))
     if status == "reverted":
-        following = (
-            f"Next: its rows are candidates again; see them with the dry run: {REPAIR} "
-            f"--cutoff {moment(d['cutoff'])}"
-            + (f" --workspace-id {d['workspace_id']}" if d.get("workspace_id") else "")
+        scope = {"cutoff": d["cutoff"], "workspace_id": d.get("workspace_id")}
+        lines.extend(
+            next_step(
+                "Next: its rows are candidates again; see them with the dry run",
+                f"{REPAIR} {scope_arguments(scope)}",
+                width,
+            )
         )
     else:
-        following = f"Next: run the same revert again to finish: {REVERT} {run_id} --execute"
-    lines.extend(wrap(following, width, hanging="  "))
+        lines.extend(
+            next_step(
+                "Next: run the same revert again to finish", f"{REVERT} {run_id} --execute", width
+            )
+        )
     return lines

@@ -193,7 +193,7 @@ class ProgressBar:
             if len(self.phases) == 1:
                 self.live.start()
             self.live.refresh()
-        elif self.enabled:
+        elif self.enabled and started_now:
             self._line(f"{label}: 0/{total:,} {unit}", force=True)
 
     def update(
@@ -206,7 +206,8 @@ class ProgressBar:
         if status is not None:
             phase.status = status
         if self.live is None and self.enabled:
-            self._line(plain(phase))
+            # A phase's first line is shown at once; then one every few seconds.
+            self._line(plain(phase), force=len(phase.samples) == 1)
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
         """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it

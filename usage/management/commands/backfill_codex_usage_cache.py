@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import threading
 import uuid
@@ -23,7 +22,6 @@ from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.lines import wrap
 from usage.output.progress import OutputStream, ProgressBar, repair_events
-from usage.output.report import Reporter
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.repair.backfill import (
     BackfillError,
@@ -168,29 +166,13 @@ class Command(ToolCommand):
 
         self.verbosity = verbosity = options["verbosity"]
         stderr = OutputStream(self.stderr)
-        json_logs = options["log_format"] == "json"
-        if json_logs:
-            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
-        else:
-            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
-        self.report = Reporter(
-            self.stdout,
-            self.stderr,
-            self.style,
-            json_logs=json_logs,
-            document_on_stdout=options["format"] != "table" and not options["output"],
-            verbosity=verbosity,
-        )
+        self.report = self.reporter(options)
         self.write_error: str | None = None
         self.signals: list[int] = []
         self.failure: str | None = None
         self.plan_line: str | None = None
-        plain = logging.WARNING if verbosity <= 1 else None
         try:
-            with (
-                self.logging_to(stderr, level, json=json_logs, plain_level=plain),
-                self.database_errors(),
-            ):
+            with self.run_logging(stderr, self.report), self.database_errors():
                 document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
@@ -468,18 +450,12 @@ class Command(ToolCommand):
             stop,
             "finishing the current batch, then rebuilding the rollup for what was done.",
             new_line=True,
-            say=self._signal_line,
+            say=self.signal_said(self.report),
         ) as self.signals:
             try:
                 return execute_backfill(settings, stop=stop, progress=progress)
             finally:
                 bar.close()
-
-    def _signal_line(self, message: str) -> None:
-        if self.report.json_logs:
-            self.report.warning(message, event="signal")
-        else:
-            self.stderr.write(self.style.WARNING(f"\n{message}"))
 
     def _started(self, run: BackfillRun) -> None:
         if not self.report.json_logs:

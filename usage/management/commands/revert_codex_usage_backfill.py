@@ -7,7 +7,6 @@ command base and output helpers.
 
 from __future__ import annotations
 
-import logging
 import re
 import signal
 import threading
@@ -25,7 +24,6 @@ from usage.output.files import check_output
 from usage.output.lines import fit_items
 from usage.output.outcome import revert_lines
 from usage.output.progress import OutputStream, ProgressBar, revert_events
-from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
@@ -115,21 +113,10 @@ class Command(ToolCommand):
                 check_output(options["output"]) if options["output"] is not None else None
             )
 
-        self.verbosity = verbosity = options["verbosity"]
-        json_logs = options["log_format"] == "json"
-        if json_logs:
-            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
-        else:
-            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
+        self.verbosity = options["verbosity"]
         self.format = options["format"]
-        self.report = Reporter(
-            self.stdout,
-            self.stderr,
-            self.style,
-            json_logs=json_logs,
-            document_on_stdout=self.format != "table" and not options["output"],
-            verbosity=verbosity,
-        )
+        self.report = self.reporter(options)
+        json_logs = self.report.json_logs
         self.database = describe_database()
         mode = f"revert run {run_id} ({'execute' if options['execute'] else 'dry run'})"
         if json_logs:
@@ -144,13 +131,9 @@ class Command(ToolCommand):
         else:
             self.report.context("context", f"Database: {self.database}")
             self.report.context("context", f"Mode: {mode}")
-        plain = logging.WARNING if verbosity <= 1 else None
         stderr = OutputStream(self.stderr)
         try:
-            with (
-                self.logging_to(stderr, level, json=json_logs, plain_level=plain),
-                self.database_errors(),
-            ):
+            with self.run_logging(stderr, self.report), self.database_errors():
                 if options["execute"]:
                     self._execute(revert_options, stderr)
                 else:
@@ -194,7 +177,7 @@ class Command(ToolCommand):
         with self.stopping_on_signals(
             stop,
             "finishing the current batch and its rollup, then stopping.",
-            say=self._signal_line,
+            say=self.signal_said(self.report),
         ) as received:
             try:
                 done = execute_revert(options, stop=stop, progress=progress)
@@ -259,12 +242,6 @@ class Command(ToolCommand):
             retry=batch.retry,
             rows_done=found.rows_restored,
         )
-
-    def _signal_line(self, message: str) -> None:
-        if self.report.json_logs:
-            self.report.warning(message, event="signal")
-        else:
-            self.stderr.write(self.style.WARNING(f"\n{message}"))
 
     def _show(
         self,
