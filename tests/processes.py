@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import re
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,3 +89,44 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# What a terminal draws that is not text: colours, cursor moves, line erasing.
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def on_terminal(
+    *args: str, env: dict[str, str], columns: int, timeout: float = 120
+) -> tuple[int, str]:
+    """Run ``manage.py`` on a pseudo-terminal ``columns`` wide (stdout and stderr both).
+
+    Returns the exit status and what the terminal received, as text.
+    """
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_DIR,
+        env=dict(env, COLUMNS=str(columns), TERM="xterm"),
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=timeout)
+    os.close(leader)
+    return process.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def screen_lines(received: str) -> list[str]:
+    """Every line a terminal showed, live redraws included, without its control codes."""
+    return re.split(r"\r\n|\r|\n", TERMINAL_CODES.sub("", received))

@@ -101,7 +101,7 @@ def test_a_run_whose_batches_time_out_counts_the_rows_left(other_connection) -> 
     assert run.status == BackfillRun.Status.FAILED
     assert (run.rows_planned, run.rows_updated, run.rows_remaining) == (5, 0, 5)
     assert still_eligible() == 5
-    assert "rows planned 5, updated 0, remaining 5" in out.getvalue()
+    assert "rows changed    0 of 5 planned; 5 still eligible" in out.getvalue()
     assert f"Run {run.pk} failed." in out.getvalue()
     assert "canceling statement due to statement timeout" in run.error
     assert "\n" not in run.error
@@ -131,7 +131,7 @@ def test_a_rollup_error_inside_plpgsql_is_one_line_without_its_context(replace_r
     assert run.error == message
     assert (run.rows_updated, run.rows_remaining) == (3, 0)
     assert run.rollup_state == BackfillRun.RollupState.PENDING
-    assert "rows planned 3, updated 3, remaining 0" in out.getvalue()
+    assert "rows changed    3 of 3 planned; 0 still eligible" in out.getvalue()
 
 
 @pytest.mark.slow
@@ -175,7 +175,7 @@ def test_terminating_the_rollup_gives_one_line_and_a_short_record(
         assert "CONTEXT" not in text and "PL/pgSQL" not in text and "pg_sleep" not in text
         assert len(text) < 300
     assert (run.rows_updated, run.rows_remaining) == (4, 0)
-    assert "rows planned 4, updated 4, remaining 0" in stdout
+    assert "rows changed    4 of 4 planned; 0 still eligible" in stdout
 
 
 # -- verify counts every differing key ------------------------------------------------------
@@ -237,9 +237,8 @@ def test_a_revert_stopped_by_sigterm_prints_its_own_outcome(
     stdout, stderr = process.communicate(timeout=60)
     other_connection.rollback()
     assert process.returncode == 128 + signal.SIGTERM, stdout + stderr
-    assert f"Revert of run {run.pk} stopped by SIGTERM: 5 rows restored, 1 still to restore." in (
-        stdout
-    )
+    assert f"Revert of run {run.pk} stopped by SIGTERM.\n" in stdout
+    assert "rows restored  5 of 6; 1 still to restore" in stdout
     assert f"Run {run.pk} succeeded." not in stdout
     assert error_lines(stderr)[-1] == (
         "CommandError: stopped by SIGTERM after 5 rows; run the same revert again to finish"

@@ -131,7 +131,7 @@ def test_sigterm_stops_between_batches_rebuilds_rollup_and_rerun_resumes(subproc
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "SIGTERM received" in stderr
-    assert "re-run the same command to resume" in stderr
+    assert "re-run the same command to continue" in stderr
     assert "Traceback" not in stderr
     run = BackfillRun.objects.get()
     assert run.status == BackfillRun.Status.INTERRUPTED
@@ -201,7 +201,10 @@ def test_dropped_connection_fails_the_run_cleanly_and_rerun_completes(subprocess
     assert run.rows_updated == _journaled() == repaired_count()
     # Counted on a fresh connection, not assumed: every row not repaired is still eligible.
     assert run.rows_remaining == 24 - run.rows_updated > 0
-    assert f"updated {run.rows_updated}, remaining {run.rows_remaining};" in stdout
+    assert (
+        f"rows changed    {run.rows_updated} of {run.rows_planned} planned; "
+        f"{run.rows_remaining} still eligible" in stdout
+    )
     assert "\n" not in run.error and "CONTEXT" not in run.error
     call_command(
         "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=io.StringIO()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import make_agent, make_task, make_usage, populate_rollup
-from tests.processes import PROJECT_DIR
+from tests.processes import PROJECT_DIR, on_terminal
 from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from usage.models import BackfillRun
@@ -123,10 +122,12 @@ def test_json_logs_are_one_object_per_event(rows: None) -> None:
     assert [line for line in err.splitlines() if line.strip() and not line.startswith("{")] == []
     kinds = [e["event"] for e in events]
     assert kinds.count("batch") == 3
-    assert "rollup_slice" in kinds and kinds[-1] == "end"
+    assert kinds[0] == "context" and "rollup_slice" in kinds
+    assert kinds[-2:] == ["end", "outcome"]
     batch = next(e for e in events if e["event"] == "batch")
     assert {"run_id", "rows", "input_tokens_removed", "seconds", "batch_size"} <= batch.keys()
-    assert events[-1]["status"] == "succeeded"
+    assert events[-2]["status"] == "succeeded"
+    assert events[-1]["exit_status"] == 0
 
 
 def test_verbosity_zero_prints_only_the_result(rows: None) -> None:
@@ -184,40 +185,19 @@ def test_help_is_complete_with_examples(name: str) -> None:
 @pytest.mark.slow
 def test_progress_bar_on_a_terminal(rows: None, subprocess_env: dict[str, str]) -> None:
     """On a real pseudo-terminal the run shows a live bar with rows, rate and ETA."""
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "manage.py",
-            "backfill_codex_usage_cache",
-            "--cutoff",
-            CUTOFF_ARG,
-            "--execute",
-            "--batch-size",
-            "1",
-            "--sleep-between-batches",
-            "300ms",
-        ],
-        cwd=PROJECT_DIR,
-        env=dict(subprocess_env, COLUMNS="160", TERM="xterm"),
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
+    status, screen = on_terminal(
+        "backfill_codex_usage_cache",
+        "--cutoff",
+        CUTOFF_ARG,
+        "--execute",
+        "--batch-size",
+        "1",
+        "--sleep-between-batches",
+        "300ms",
+        env=subprocess_env,
+        columns=160,
     )
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    process.wait(timeout=60)
-    os.close(leader)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert process.returncode == 0, screen
+    assert status == 0, screen
     assert "update" in screen and "3/3" in screen
     assert "rows/s" in screen and "ETA" in screen
     assert "paused: sleep between batches" in screen

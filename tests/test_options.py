@@ -104,6 +104,9 @@ REPAIR_BAD_VALUES = [case for case in BAD_VALUES if case[0] != "--run-id"]
 def test_the_repair_refuses_bad_input_before_the_database(
     option: str, value: str | None, message: str, execute: bool
 ) -> None:
+    if execute and (option, value) == ("--cutoff", None):
+        # An execute without a cutoff is told to use the reviewed plan first.
+        message = "--execute needs the reviewed plan: --execute --plan FILE"
     with pytest.raises(CommandError, match=message) as error:
         backfill(*repair_args(option, value), *(["--execute"] if execute else []))
     assert "\n" not in str(error.value)

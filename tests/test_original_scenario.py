@@ -79,7 +79,7 @@ def test_execute_repairs_only_the_eligible_row_once(scenario: dict) -> None:
     second = run_command(
         "--cutoff", CUTOFF_ARG, "--workspace-id", str(scenario["workspace"]), "--execute"
     )
-    assert "rows planned 0, updated 0" in second
+    assert "rows changed    0 of 0 planned" in second
     assert TaskUsage.objects.get(pk=scenario["eligible"].pk).input_tokens == 700
 
     from django.db import connection

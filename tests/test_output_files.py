@@ -228,7 +228,8 @@ def test_a_write_failing_after_the_run_still_shows_its_outcome(
     assert run.status == BackfillRun.Status.SUCCEEDED
     assert BackfillJournal.objects.count() == 3
     assert f"Run {run.pk} succeeded." in out.getvalue()
-    assert f"Run {run.pk}: rows planned 3, updated 3, remaining 0" in out.getvalue()
+    shown = out.getvalue()
+    assert f"Run {run.pk} succeeded.\n  rows changed    3 of 3 planned; 0 still eligible" in shown
     message = str(failed.value)
     assert "\n" not in message and failed.value.returncode == 1
     assert "could not write the result to --output" in message

@@ -490,7 +490,9 @@ def test_rows_rewritten_by_ingestion_since_the_plan_are_left_alone_and_reported(
         "remove); 1 planned row is no longer eligible (rewritten by ingestion or repaired since "
         "the plan) and is left alone."
     )
-    assert out.count(line) == 2, out  # at the start, and with the run's figures
+    assert out.count(line) == 1, out  # at the start
+    # and in the run's outcome, as its "plan" line
+    assert f"plan            {line.removeprefix('Plan check: ')}" in out
     assert tokens(rewritten) == 5000
     assert [tokens(row) for row in [*rows["a"][1:], rows["b"]]] == [700, 700, 700]
     run = BackfillRun.objects.get()
@@ -502,8 +504,9 @@ def test_the_plan_check_is_an_event_of_the_json_log(rows: dict[str, Any], plan_f
     ingest(rows["b"])
     _, err = command("--execute", "--plan", str(plan_file), "--log-format", "json")
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events][:2] == ["plan", "start"]
-    checked = events[0]
+    assert [e["event"] for e in events][:3] == ["context", "plan", "start"]
+    assert events[0]["plan"]["file"] == str(plan_file)
+    checked = events[1]
     assert (checked["rows"], checked["rows_now"], checked["rows_gone"]) == (4, 3, 1)
     assert checked["identical"] is False
     assert checked["fingerprint"] == json.loads(plan_file.read_text())["fingerprint"]
@@ -659,7 +662,7 @@ def test_an_unreadable_plan_is_refused(rows: dict[str, Any], plan_file: Path) ->
         (["--cutoff", CUTOFF_ARG, "--plan-out", "OUT", "--output", "OUT"], "both name"),
         (["--cutoff", CUTOFF_ARG, "--plan-out", "DIR"], "--plan-out .* is a directory"),
         (["--cutoff", CUTOFF_ARG, "--plan-out", ""], "--plan-out needs a file name"),
-        (["--execute"], "--cutoff is required"),
+        (["--execute"], "--execute needs the reviewed plan: --execute --plan FILE"),
     ],
 )
 def test_plan_option_mistakes_are_refused(

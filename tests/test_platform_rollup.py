@@ -328,7 +328,7 @@ def test_a_signal_during_the_rollup_stops_it_and_the_run_is_interrupted(
     assert run.rollup_state == BackfillRun.RollupState.PENDING
     assert "during the rollup rebuild" in run.error
     assert "succeeded" not in stdout
-    assert f"Run {run.pk} interrupted." in stdout
+    assert f"Run {run.pk} interrupted by SIGTERM." in stdout
 
     call_command(
         "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=io.StringIO()

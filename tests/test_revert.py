@@ -150,7 +150,9 @@ def test_revert_restores_task_usage_and_hourly_exactly(scenario: dict[str, TaskU
     assert snapshot() == original
     assert TaskUsage.objects.get(pk=scenario["legacy"].pk).updated_at is None
     assert f"Run {run.pk} reverted." in out
-    assert f"rows restored {len(ELIGIBLE)}, changed since (left alone) 0, remaining 0" in out
+    assert f"rows restored  {len(ELIGIBLE)} of {len(ELIGIBLE)}; 0 still to restore" in out
+    assert "changed since  0 (left alone)" in out
+    assert out.count("rows restored") == 1  # the outcome is said once
     run.refresh_from_db()
     assert run.status == BackfillRun.Status.REVERTED
     assert run.reverted_at is not None
@@ -193,10 +195,11 @@ def test_row_changed_or_deleted_after_the_run_is_left_alone_and_listed(
 
     out, err = revert(str(run.pk), "--execute")
 
-    assert "2 rows were changed by someone else since the run" in err
-    assert str(changed_id) in err and "5555" in err
-    assert str(deleted_id) in err and "deleted" in err
-    assert f"rows restored {len(ELIGIBLE) - 2}, changed since (left alone) 2" in out
+    assert "2 rows were changed by someone else since the run" in out
+    assert str(changed_id) in out and "5,555" in out
+    assert str(deleted_id) in out and "deleted" in out
+    assert f"rows restored  {len(ELIGIBLE) - 2} of {len(ELIGIBLE) - 2}; 0 still" in out
+    assert "changed since  2 (left alone)" in out
     after = TaskUsage.objects.get(pk=changed_id)
     assert (after.input_tokens, after.updated_at) == (5555, changed_row.updated_at)
     # The others are back as they were.
@@ -252,10 +255,11 @@ def test_dry_run_reports_and_writes_nothing(scenario: dict[str, TaskUsage]) -> N
 
     out, err = revert(str(run.pk))
 
-    assert "Mode: dry run" in out
-    assert f"{len(ELIGIBLE) - 1} rows would be restored (4 hourly rollup keys to rebuild)" in out
-    assert "1 changed since the run would be left alone" in out
-    assert str(scenario["clamped"].pk) in err
+    assert f"Mode: revert run {run.pk} (dry run)" in out
+    assert f"rows to restore  {len(ELIGIBLE) - 1}\n" in out
+    assert "rollup keys      4 hourly keys to rebuild" in out
+    assert "changed since    1 (left alone)" in out
+    assert str(scenario["clamped"].pk) in out
     assert "nothing was written" in out
     assert snapshot() == before
     assert list(BackfillJournal.objects.order_by("id").values()) == journal_before
@@ -345,7 +349,7 @@ def test_run_left_running_by_a_dead_process_is_marked_interrupted_then_reverted(
     plan = plan_revert(run.pk)
     assert plan.owner_gone and plan.rows_restorable == len(ELIGIBLE)
     out, err = revert(str(run.pk), "--execute")
-    assert f"Run {run.pk} had no live owner; marked interrupted." in err
+    assert f"Run {run.pk} had no live owner; marked interrupted." in out
     assert f"Run {run.pk} reverted." in out
     assert snapshot() == original
 
@@ -368,4 +372,4 @@ def test_revert_while_another_run_holds_the_run_lock_names_it(
     assert done.status == BackfillRun.Status.SUCCEEDED
     # The dry run does not need the lock.
     out, _ = revert(str(done.pk))
-    assert f"{len(ELIGIBLE)} rows would be restored" in out
+    assert f"rows to restore  {len(ELIGIBLE)}\n" in out

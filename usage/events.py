@@ -20,20 +20,41 @@ def log_event(logger: logging.Logger, level: int, event: str, message: str, **fi
     logger.log(level, message, extra={"event": event, "fields": fields})
 
 
+def event_line(
+    level: str, event: str, message: str, fields: dict[str, Any], created: float | None = None
+) -> str:
+    """One event as one line of JSON: time, level, event, message, then the event's fields.
+
+    The library's log records (``JsonFormatter``) and the commands' own lines (context,
+    warnings, the outcome) share this shape, so a ``--log-format json`` reader sees one kind
+    of line.
+    """
+    when = datetime.now() if created is None else datetime.fromtimestamp(created)
+    document: dict[str, Any] = {
+        "time": when.astimezone().isoformat(),
+        "level": level,
+        "event": event,
+        "message": message,
+    }
+    document.update(fields)
+    return json.dumps(document, default=json_default, sort_keys=False)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log record: time, level, event, message and the event's fields."""
+    """One JSON object per log record (``event_line``); a record without an event of its
+    own is a ``log`` event."""
 
     def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created).astimezone().isoformat(),
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", "log"),
-            "message": record.getMessage(),
-        }
-        document.update(getattr(record, "fields", {}))
+        fields = dict(getattr(record, "fields", {}))
         if record.exc_info:
-            document["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(document, default=json_default, sort_keys=False)
+            fields["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return event_line(
+            record.levelname.lower(),
+            getattr(record, "event", "log"),
+            " ".join(record.getMessage().split()),
+            fields,
+            record.created,
+        )
 
 
 def json_default(value: Any) -> Any:

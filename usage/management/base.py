@@ -6,9 +6,11 @@ batches -1s``) as an unknown option; here such a value goes to its option, whose
 then says what is wrong with it.
 
 Besides its parser and the examples in ``--help``, the base gives the commands what they
-share: the server-side timeout options of the repair and the revert, bad input and database
-errors turned into a one-line ``CommandError``, the library's log lines on a command's
-stream, and SIGINT/SIGTERM turned into a stop request while a run lasts.
+share: the server-side timeout options of the repair and the revert, the output options
+(``--format``, ``--output``, ``--log-format``) and the showing of a result, bad input and
+database errors turned into a one-line ``CommandError`` (a JSON event under ``--log-format
+json``, like every other stderr line then), the library's log lines on a command's stream,
+and SIGINT/SIGTERM turned into a stop request while a run lasts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,13 +31,32 @@ from django.db import DatabaseError
 
 from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import database_failure
-from usage.events import JsonFormatter
+from usage.events import JsonFormatter, event_line
+from usage.output import document as result
+from usage.output.files import OutputError, OutputFile
+from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 
 # An argument error quotes at most this much of a value, and says at most this much.
 LONGEST_WORD = 80
 LONGEST_MESSAGE = 400
+
+
+def wants_json_logs(argv: Sequence[str]) -> bool:
+    """Whether a command line asks for ``--log-format json`` (read before it is parsed, so
+    that even an argument error is a JSON line)."""
+    for position, token in enumerate(argv):
+        if token == "--log-format=json":
+            return True
+        if token == "--log-format" and argv[position + 1 : position + 2] == ["json"]:
+            return True
+    return False
+
+
+def error_line(message: str, returncode: int) -> str:
+    """A command's error as a JSON event (``--log-format json``)."""
+    return event_line("error", "error", message, {"exit_status": returncode})
 
 
 def _shorten(match: re.Match[str]) -> str:
@@ -88,6 +111,8 @@ class ToolParser(CommandParser):
             text = text[:LONGEST_MESSAGE] + "..."
         text = f"{text} (see {self.prog.strip()} --help)"
         if self.called_from_command_line:
+            if getattr(self, "json_errors", False):
+                self.exit(1, error_line(text, 1) + "\n")
             self.exit(1, f"CommandError: {text}\n")
         raise CommandError(f"Error: {text}")
 
@@ -95,6 +120,8 @@ class ToolParser(CommandParser):
 class ToolCommand(BaseCommand):
     """A command of the tool: its parser, its help epilog (``examples()``, laid out verbatim)
     and the surface the commands share (see the module)."""
+
+    json_errors = False
 
     def examples(self) -> str:
         return ""
@@ -105,7 +132,24 @@ class ToolCommand(BaseCommand):
         parser.__class__ = ToolParser
         parser.epilog = self.examples()
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.json_errors = self.json_errors  # type: ignore[attr-defined]
         return parser
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        self.json_errors = wants_json_logs(argv[2:])
+        super().run_from_argv(argv)
+
+    def execute(self, *args: Any, **options: Any) -> str | None:
+        """Django's, but under ``--log-format json`` the error is a JSON line too."""
+        try:
+            return super().execute(*args, **options)
+        except CommandError as exc:
+            if not (self._called_from_command_line and self.json_errors):
+                raise
+            if options.get("traceback"):
+                raise
+            self.stderr.write(error_line(str(exc), exc.returncode), style_func=lambda t: t)
+            sys.exit(exc.returncode)
 
     # -- options ---------------------------------------------------------------------------
 
@@ -140,6 +184,113 @@ class ToolCommand(BaseCommand):
             f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
         )
 
+    def add_output_arguments(self, parser: CommandParser) -> None:
+        """``--format``, ``--output`` and ``--log-format``: the same in every command that
+        has a result."""
+        parser.add_argument(
+            "--format",
+            choices=result.FORMATS,
+            default="table",
+            help="result format: a readable table (default), JSON or CSV",
+        )
+        parser.add_argument(
+            "--output",
+            help="write the result to this file instead of stdout (stdout then shows only "
+            "the outcome)",
+        )
+        parser.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="stderr as text (with a progress bar on a terminal) or one JSON object per "
+            "line, every line",
+        )
+
+    # -- showing the result ------------------------------------------------------------------
+
+    def reporter(self, options: dict[str, Any]) -> Reporter:
+        """Where this command's lines go, for its output options (``usage.output.report``)."""
+        return Reporter(
+            self.stdout,
+            self.stderr,
+            self.style,
+            json_logs=options["log_format"] == "json",
+            document_on_stdout=options["format"] != "table" and not options["output"],
+            verbosity=options["verbosity"],
+        )
+
+    @contextmanager
+    def run_logging(self, stream: TextIO, report: Reporter) -> Iterator[None]:
+        """The library's log lines as the output mode wants them.
+
+        As text: warnings, and at ``--verbosity 2`` everything (the events too, which the bar
+        and the outcome show otherwise). As JSON: the events (at ``--verbosity 0`` only
+        warnings), and the library's other messages from warnings up (all at 2).
+        """
+        verbosity = report.verbosity
+        if report.json_logs:
+            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        else:
+            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
+        with self.logging_to(
+            stream,
+            level,
+            json=report.json_logs,
+            plain_level=logging.WARNING if verbosity <= 1 else None,
+            events=report.json_logs or verbosity >= 2,
+        ):
+            yield
+
+    def signal_said(self, report: Reporter) -> Callable[[str], None]:
+        """How a signal's message is said: a ``signal`` event, or a line after the bar."""
+
+        def say(message: str) -> None:
+            if report.json_logs:
+                report.warning(message, event="signal")
+            else:
+                self.stderr.write(self.style.WARNING(f"\n{message}"))
+
+        return say
+
+    def terminal_width(self) -> int | None:
+        """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
+        return shutil.get_terminal_size().columns if self.stdout.isatty() else None
+
+    def show_result(
+        self,
+        document: dict[str, Any],
+        fmt: str,
+        output: OutputFile | None,
+        readable: Callable[[str], str],
+    ) -> str | None:
+        """Show the result: on stdout, or in ``output`` with only the outcome on stdout.
+
+        ``readable(kind)`` renders the document as text: ``file`` (whole, for a file),
+        ``screen`` (the result on stdout) or ``brief`` (the outcome, when the result went to
+        the file). Returns the error text when ``output`` could not be written (the outcome
+        is shown on stdout first).
+        """
+        if fmt == "json":
+            text = result.to_json(document)
+        elif fmt == "csv":
+            text = result.to_csv(document)
+        else:
+            text = readable("file" if output is not None else "screen")
+        if output is None:
+            self.stdout.write(text)
+            return None
+        try:
+            output.write(text)
+        except OutputError as exc:
+            # Whatever happened to the file, the outcome is shown; the error follows it.
+            self.stdout.write(readable("brief"))
+            return str(exc)
+        self.stdout.write(f"Result written to {output.given} ({fmt}).")
+        brief = readable("brief")
+        if brief:
+            self.stdout.write(brief)
+        return None
+
     # -- running ---------------------------------------------------------------------------
 
     @contextmanager
@@ -161,12 +312,30 @@ class ToolCommand(BaseCommand):
             raise CommandError(describe(exc)) from exc
 
     @contextmanager
-    def logging_to(self, stream: TextIO, level: int, *, json: bool = False) -> Iterator[None]:
-        """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up."""
+    def logging_to(
+        self,
+        stream: TextIO,
+        level: int,
+        *,
+        json: bool = False,
+        plain_level: int | None = None,
+        events: bool = True,
+    ) -> Iterator[None]:
+        """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up.
+
+        ``plain_level``: messages without an event of their own (``log`` events) only from
+        this level up (the events are what a JSON reader follows; the rest is detail).
+        ``events``: whether records of an event are shown (as text, the bar and the outcome
+        already show them).
+        """
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        )
+        least = logging.NOTSET if plain_level is None else plain_level
+        handler.addFilter(
+            lambda record: events if hasattr(record, "event") else record.levelno >= least
         )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
@@ -177,12 +346,18 @@ class ToolCommand(BaseCommand):
 
     @contextmanager
     def stopping_on_signals(
-        self, stop: threading.Event, what_next: str, *, new_line: bool = False
+        self,
+        stop: threading.Event,
+        what_next: str,
+        *,
+        new_line: bool = False,
+        say: Callable[[str], None] | None = None,
     ) -> Iterator[list[int]]:
         """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next``.
 
         Yields the signals received, in order; the previous handlers are back afterwards.
-        ``new_line`` starts the message on a line of its own (after a progress bar).
+        ``new_line`` starts the message on a line of its own (after a progress bar); ``say``
+        writes it instead of a warning on stderr.
         """
         received: list[int] = []
 
@@ -190,6 +365,9 @@ class ToolCommand(BaseCommand):
             received.append(signum)
             stop.set()
             name = signal.Signals(signum).name
+            if say is not None:
+                say(f"{name} received: {what_next}")
+                return
             start = "\n" if new_line else ""
             self.stderr.write(self.style.WARNING(f"{start}{name} received: {what_next}"))
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from usage.events import json_default
 from usage.repair.backfill import ExecuteResult
+from usage.repair.revert import RevertResult
 from usage.repair.summary import DryRunSummary, SummaryGroup
-from usage.repair.verify import VerifyResult
+from usage.repair.verdict import RunVerification
 
 FORMATS = ("table", "json", "csv")
 
@@ -50,6 +51,22 @@ RUN_FIELDS = (
     "rollup_hash_slices",
     "rollup_cron_waits",
     "stamp",
+    "stamp_first",
+    "stamp_last",
+    "rollup_path",
+    "rollup_function",
+    "rollup_path_reason",
+    "continues",
+)
+VERIFY_FIELDS = (
+    "run_id",
+    "run_status",
+    "ok",
+    "eligible_rows_left",
+    "eligible_rows_expected",
+    "mismatched_keys",
+    "continues",
+    "continued_by",
 )
 
 
@@ -60,7 +77,7 @@ def build(
     summary: DryRunSummary | None = None,
     execute: ExecuteResult | None = None,
     plan: dict[str, Any] | None = None,
-    verify: VerifyResult | None = None,
+    verify: RunVerification | None = None,
 ) -> dict[str, Any]:
     """The result of one command: its mode and database, then whichever parts it has."""
     document: dict[str, Any] = {"mode": mode, "database": database}
@@ -121,6 +138,12 @@ def _add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
             "rollup_state": run.rollup_state,
             "stamp": run.stamp,
             "stamp_reason": result.stamp.reason if result.stamp else "",
+            "stamp_first": run.stamp_first,
+            "stamp_last": run.stamp_last,
+            "rollup_path": run.rollup_path,
+            "rollup_function": run.rollup_function,
+            "rollup_path_reason": run.rollup_path_reason,
+            "continues": run.continues_id,
             "recovered_runs": result.recovered_runs,
             "stale_runs": result.stale_runs,
             "error": run.error,
@@ -128,14 +151,102 @@ def _add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
     )
 
 
-def _add_verify(document: dict[str, Any], result: VerifyResult) -> None:
+def _add_verify(document: dict[str, Any], result: RunVerification) -> None:
     document["verify"] = {
         "run_id": result.run_id,
+        "run_status": result.run_status,
+        "runs": result.runs,
+        "continues": result.continues,
+        "continued_by": result.continued_by,
+        "last_run_status": result.last_status,
         "ok": result.ok,
         "eligible_rows_left": result.eligible_rows_left,
+        "eligible_rows_expected": result.eligible_rows_expected,
         "mismatched_keys": result.mismatched_keys,
         "columns": list(result.columns),
         "mismatches": [asdict(m) for m in result.mismatches],
+    }
+
+
+REVERT_FIELDS = (
+    "run_id",
+    "run_status",
+    "executed",
+    "status",
+    "entries",
+    "rows_restorable",
+    "rows_restored",
+    "rows_changed",
+    "rows_remaining",
+    "rollup_keys",
+    "batches",
+    "rollup_calls",
+    "rollup_rows",
+    "rollup_max_lock_seconds",
+    "seconds",
+    "error",
+)
+CHANGED_FIELDS = (
+    "journal_id",
+    "usage_id",
+    "expected_input_tokens",
+    "expected_updated_at",
+    "current_input_tokens",
+    "current_updated_at",
+    "deleted",
+)
+
+
+def build_revert(
+    database: str,
+    result: RevertResult,
+    *,
+    signal: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The result of a revert (``executed``) or of its dry run, for every format.
+
+    ``status`` is the revert's own outcome, never the reverted run's: ``would_revert`` (dry
+    run), ``reverted``, ``stopped`` (by ``signal``), ``incomplete`` (rows stayed locked) or
+    ``failed`` (``error``).
+    """
+    run = result.run
+    rollup = result.rollup
+    if not result.executed:
+        status = "would_revert"
+    elif error is not None:
+        status = "failed"
+    elif result.stopped:
+        status = "stopped"
+    elif result.rows_remaining:
+        status = "incomplete"
+    else:
+        status = "reverted"
+    return {
+        "mode": "revert" if result.executed else "revert_dry_run",
+        "database": database,
+        "run_id": run.pk,
+        "run_status": run.status,
+        "cutoff": run.cutoff,
+        "workspace_id": run.workspace_id,
+        "executed": result.executed,
+        "status": status,
+        "signal": signal,
+        "entries": result.entries,
+        "rows_restorable": result.rows_restorable,
+        "rows_restored": result.rows_restored,
+        "rows_changed": result.rows_changed,
+        "rows_remaining": result.rows_remaining,
+        # Executed: the keys the revert queued and rebuilt; a dry run: the keys it would.
+        "rollup_keys": rollup.keys_done if result.executed else result.rollup_keys,
+        "batches": result.batches,
+        "rollup_calls": len(rollup.slices),
+        "rollup_rows": rollup.rollup_rows,
+        "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6),
+        "seconds": round(result.seconds, 3),
+        "stale_runs": result.stale_runs,
+        "error": error or "",
+        "changed": [asdict(c) for c in result.changed],
     }
 
 
@@ -144,9 +255,21 @@ def to_json(document: dict[str, Any]) -> str:
 
 
 def to_csv(document: dict[str, Any]) -> str:
-    """The groups (and a TOTAL row); a run's figures follow as a second block."""
+    """The groups (and a TOTAL row); a run's figures follow as a second block.
+
+    A revert's document: its figures, then the rows changed since the run.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    if document["mode"] in ("revert", "revert_dry_run"):
+        writer.writerow(REVERT_FIELDS)
+        writer.writerow([_cell(document[key]) for key in REVERT_FIELDS])
+        if document["changed"]:
+            buffer.write("\n")
+            writer.writerow(CHANGED_FIELDS)
+            for changed in document["changed"]:
+                writer.writerow([_cell(changed[key]) for key in CHANGED_FIELDS])
+        return buffer.getvalue()
     if "groups" in document:
         writer.writerow(GROUP_FIELDS)
         for group in document["groups"]:
@@ -161,21 +284,16 @@ def to_csv(document: dict[str, Any]) -> str:
         if "groups" in document:
             buffer.write("\n")
         writer.writerow(RUN_FIELDS)
-        writer.writerow([document[key] for key in RUN_FIELDS])
+        writer.writerow([_cell(document[key]) for key in RUN_FIELDS])
     if "verify" in document:
         buffer.write("\n")
         verify = document["verify"]
-        writer.writerow(["verify_run_id", "ok", "eligible_rows_left", "mismatched_keys"])
-        writer.writerow(
-            [
-                verify["run_id"],
-                verify["ok"],
-                verify["eligible_rows_left"],
-                verify["mismatched_keys"],
-            ]
-        )
+        writer.writerow([f"verify_{key}" for key in VERIFY_FIELDS])
+        writer.writerow([_cell(verify[key]) for key in VERIFY_FIELDS])
     return buffer.getvalue()
 
 
 def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
     return json_default(value) if not isinstance(value, int | str | float) else value

@@ -2,124 +2,227 @@
 
 At 3 a.m. an operator needs to see how far a run is, how fast it goes, when it will end and
 why it is waiting; a log collector needs the same without a flood of lines.
+
+Each phase (the repair's update and rollup, the revert's restore) is one line: its name, a
+bar, done/total in its own unit (rows, keys, entries), the rate, the ETA, the time elapsed
+and what it is doing. The line is composed for the terminal's width at every refresh and is
+never wider: the ornaments go first (the status, the elapsed time, then the bar), and
+done/total, the rate and the ETA stay. The ETA follows the rate of the last few seconds of
+the phase, from its second update on: the first update of a phase includes its set-up (the
+rollup's first slices are small probes), so an ETA from it alone misleads.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
-from usage.repair import rollup
-from usage.repair.backfill import BatchResult, ExecuteResult
+from rich.console import Console, RenderableType
+from rich.progress import Progress
+from rich.text import Text
 
 # Off a terminal, at most one progress line per this many seconds.
 LINE_INTERVAL_SECONDS = 5.0
+# The rate behind the ETA: over the updates of the last this many seconds (at least two).
+RATE_WINDOW_SECONDS = 10.0
+# The bar's width when there is room, and the least worth drawing.
+BAR_WIDTH = 30
+MIN_BAR_WIDTH = 10
+
+
+@dataclass
+class Phase:
+    """One phase's figures, and its recent updates for the rate."""
+
+    label: str
+    unit: str
+    total: int
+    done: int = 0
+    status: str = ""
+    started: float = field(default_factory=time.monotonic)
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+
+    def update(self, done: int, total: int | None = None) -> None:
+        now = time.monotonic()
+        self.done = done
+        if total is not None:
+            self.total = total
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_SECONDS:
+            self.samples.popleft()
+
+    def rate(self) -> float | None:
+        """Units per second over the recent updates; None before two updates."""
+        if len(self.samples) < 2:
+            return None
+        (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
+        if last <= first:
+            return None
+        return (done_last - done_first) / (last - first)
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        if self.done >= self.total:
+            return 0.0
+        if not rate or rate <= 0:
+            return None
+        return (self.total - self.done) / rate
+
+    def parts(self) -> dict[str, str]:
+        """The texts of the line, each kept whole."""
+        rate = self.rate()
+        eta = self.eta()
+        return {
+            "label": f"{self.label:<6}",
+            "count": f"{self.done:,}/{self.total:,} {self.unit}",
+            "rate": f"{rate:,.0f} {self.unit}/s" if rate is not None else f"- {self.unit}/s",
+            "eta": f"ETA {clock(eta)}" if eta is not None else "ETA -:--:--",
+            "elapsed": f"elapsed {clock(time.monotonic() - self.started)}",
+            "status": self.status,
+        }
+
+
+def compose(phase: Phase, width: int) -> Text:
+    """The phase's line at most ``width`` wide: ornaments dropped first, values never split.
+
+    In order, until the line fits: the bar shrinks, the elapsed time goes, the bar goes, the
+    status is cut between words (or goes), the label goes. done/total, the rate and the ETA
+    stay, the rate's unit shortened last (a line narrower than those alone, under about 40
+    columns, is cropped).
+    """
+    parts = phase.parts()
+    names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
+
+    def size(bar: int) -> int:
+        texts = [parts[n] for n in names]
+        return sum(map(len, texts)) + 2 * (len(texts) - 1) + (bar + 1 if bar else 0)
+
+    def bar_room() -> int:
+        room = width - size(0) - 1
+        return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
+
+    bar = BAR_WIDTH
+    for step in ("shrink", "elapsed", "bar", "status", "label", "unit"):
+        if size(bar) <= width:
+            break
+        if step == "shrink":
+            bar = bar_room()
+        elif step == "elapsed":
+            names.remove("elapsed")
+            bar = bar_room()
+        elif step == "bar":
+            bar = 0
+        elif step == "status" and "status" in names:
+            spare = width - (size(0) - len(parts["status"])) - 1
+            words = parts["status"].split(" ")
+            while words and len(" ".join(words)) + 1 > spare:
+                words.pop()
+            if words:
+                parts["status"] = " ".join(words) + "…"
+            else:
+                names.remove("status")
+        elif step == "label":
+            names.remove("label")
+        elif step == "unit":
+            parts["rate"] = parts["rate"].replace(f" {phase.unit}/s", "/s")
+    line = Text(no_wrap=True, overflow="crop")
+    for index, name in enumerate(names):
+        if index:
+            line.append(" " if name == "count" and bar else "  ")
+        if name == "count" and bar:
+            filled = round(bar * min(phase.done / phase.total, 1.0)) if phase.total else bar
+            line.append("━" * filled, style="magenta")
+            line.append("━" * (bar - filled), style="grey37")
+            line.append(" ")
+        line.append(parts[name], style="cyan" if name == "eta" else "")
+    return line
+
+
+class _Lines(Progress):
+    """rich's live display, showing our composed lines instead of its table."""
+
+    def __init__(self, bar: ProgressBar, console: Console) -> None:
+        self.bar = bar
+        self.shown_on = console
+        super().__init__(console=console, transient=False, redirect_stdout=False)
+
+    def get_renderables(self) -> Any:
+        width = self.shown_on.width
+        group: list[RenderableType] = [compose(p, width) for p in self.bar.phases.values()]
+        yield from group
 
 
 class ProgressBar:
-    """Render a repair's progress events (a ``batching.Progress``); ``close()`` at the end."""
+    """Show a run's phases; the events of a run are turned into calls by ``repair_events``
+    and ``revert_events``. ``close()`` at the end."""
 
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
         self.enabled = enabled
         self.terminal = terminal and enabled
-        self.started_at = time.monotonic()
         self.last_line = 0.0
-        self.was_paused = False
-        self.update_task: TaskID | None = None
-        self.rollup_task: TaskID | None = None
-        self.progress: Progress | None = None
+        self.phases: dict[str, Phase] = {}
+        self.live: _Lines | None = None
         if self.terminal:
-            self.progress = Progress(
-                TextColumn("{task.description:<7}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("rows"),
-                TextColumn("{task.fields[rate]}"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[status]}"),
-                console=Console(file=stream, force_terminal=True),
-                transient=False,
-            )
+            self.live = _Lines(self, Console(file=stream, force_terminal=True))
 
-    def __call__(self, event: str, /, **details: Any) -> None:
-        """A run's event: the ones this renders are its methods of the same name."""
-        if event in ("planned", "batch", "paused", "rollup_slice"):
-            getattr(self, event)(**details)
+    def phase(
+        self,
+        key: str,
+        label: str,
+        total: int,
+        unit: str,
+        status: str = "",
+        *,
+        started_now: bool = True,
+    ) -> None:
+        """Start a phase (once; a second call only updates its total).
 
-    # -- events --------------------------------------------------------------------------
+        ``started_now``: the phase's work starts now (its rate counts from here); else the
+        first update is its first measure (it came after work not shown, such as set-up).
+        """
+        if key in self.phases:
+            self.phases[key].total = total
+            return
+        self.phases[key] = Phase(label, unit, total, status=status)
+        if started_now:
+            self.phases[key].update(0)
+        if self.live is not None:
+            if len(self.phases) == 1:
+                self.live.start()
+            self.live.refresh()
+        elif self.enabled and started_now:
+            self._line(f"{label}: 0/{total:,} {unit}", force=True)
 
-    def planned(self, rows: int) -> None:
-        if self.progress is not None:
-            self.progress.start()
-            self.update_task = self.progress.add_task(
-                "update", total=rows, rate="", status="snapshot taken"
-            )
-        elif self.enabled:
-            self._line(f"progress: 0/{rows:,} rows planned", force=True)
+    def update(
+        self, key: str, done: int, *, total: int | None = None, status: str | None = None
+    ) -> None:
+        phase = self.phases.get(key)
+        if phase is None:
+            return
+        phase.update(done, total)
+        if status is not None:
+            phase.status = status
+        if self.live is None and self.enabled:
+            # A phase's first line is shown at once; then one every few seconds.
+            self._line(plain(phase), force=len(phase.samples) == 1)
 
-    def batch(self, batch: BatchResult, result: ExecuteResult) -> None:
-        self.was_paused = False
-        rate = result.rows_updated / max(time.monotonic() - self.started_at, 1e-6)
-        if self.progress is not None and self.update_task is not None:
-            self.progress.update(
-                self.update_task,
-                completed=result.rows_updated,
-                rate=f"{rate:,.0f} rows/s",
-                status=f"batch {batch.batch_size:,}" + (" (retry)" if batch.retry else ""),
-            )
-        elif self.enabled:
-            planned = max(result.rows_planned, 1)
-            left = max(result.rows_planned - result.rows_updated, 0)
-            eta = left / rate if rate > 0 else 0.0
-            self._line(
-                f"progress: {result.rows_updated:,}/{result.rows_planned:,} rows "
-                f"({100 * result.rows_updated / planned:.0f}%), {rate:,.0f} rows/s, "
-                f"ETA {_clock(eta)}, batch {batch.batch_size:,}"
-            )
-
-    def paused(self, reason: str, seconds: float | None) -> None:
-        what = f"paused: {reason}" + (f" ({seconds:g}s)" if seconds else "")
-        if self.progress is not None and self.update_task is not None:
-            self.progress.update(self.update_task, status=what)
-        elif self.enabled and not reason.startswith("sleep"):
-            # The start of a pause is always shown; while it lasts, the usual rate applies.
-            self._line(what, force=not self.was_paused)
-            self.was_paused = True
-
-    def rollup_slice(self, piece: rollup.RollupSlice, done: int, total: int) -> None:
-        """``done``/``total`` count the hourly keys the repair's key slices rebuild."""
-        done_rows, total_rows = done, total
-        status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
-        if self.progress is not None:
-            if self.rollup_task is None:
-                self.rollup_task = self.progress.add_task(
-                    "rollup", total=total_rows, rate="", status=status
-                )
-            self.progress.update(
-                self.rollup_task, completed=done_rows, total=total_rows, status=status
-            )
-        elif self.enabled:
-            self._line(f"rollup: {done_rows:,}/{total_rows:,} hourly keys rebuilt, {status}")
+    def status(self, key: str, text: str, *, force: bool = False) -> None:
+        """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it
+        at once."""
+        phase = self.phases.get(key)
+        if phase is None:
+            return
+        phase.status = text
+        if self.live is None and self.enabled:
+            self._line(text, force=force)
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    # -- helpers -------------------------------------------------------------------------
+        if self.live is not None and self.phases:
+            self.live.refresh()
+            self.live.stop()
 
     def _line(self, text: str, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -127,6 +230,83 @@ class ProgressBar:
             self.last_line = now
             self.stream.write(text + "\n")
             self.stream.flush()
+
+
+def plain(phase: Phase) -> str:
+    """A phase as one line for a log (off a terminal)."""
+    parts = phase.parts()
+    percent = 100 * phase.done / phase.total if phase.total else 100.0
+    status = f", {parts['status']}" if parts["status"] else ""
+    return (
+        f"{phase.label}: {parts['count']} ({percent:.0f}%), {parts['rate']}, {parts['eta']}, "
+        f"{parts['elapsed']}{status}"
+    )
+
+
+def repair_events(bar: ProgressBar) -> Any:
+    """The repair's progress events (``usage.repair.progress``) shown on ``bar``."""
+    paused = {"now": False}
+
+    def show(event: str, /, **details: Any) -> None:
+        if event == "planned":
+            bar.phase("update", "update", details["rows"], "rows", status="snapshot taken")
+        elif event == "batch":
+            batch, result = details["batch"], details["result"]
+            paused["now"] = False
+            status = f"batch {batch.batch_size:,}" + (" (retry)" if batch.retry else "")
+            bar.update("update", result.rows_updated, status=status)
+        elif event == "paused":
+            _pause(bar, paused, details["reason"], details.get("seconds"))
+        elif event == "rollup_slice":
+            _rollup_slice(bar, details)
+
+    return show
+
+
+def revert_events(bar: ProgressBar) -> Any:
+    """The revert's progress events shown on ``bar``: its journal entries, then its rollup."""
+    done = {"entries": 0}
+    paused = {"now": False}
+
+    def show(event: str, /, **details: Any) -> None:
+        if event == "started":
+            result = details["result"]
+            bar.phase("revert", "revert", result.entries, "entries")
+        elif event == "batch":
+            batch, result = details["batch"], details["result"]
+            if not batch.retry:
+                done["entries"] += batch.entries
+            paused["now"] = False
+            bar.update(
+                "revert",
+                done["entries"],
+                status=f"restored {result.rows_restored:,}",
+            )
+        elif event == "paused":
+            _pause(bar, paused, details["reason"], details.get("seconds"))
+        elif event == "rollup_slice":
+            _rollup_slice(bar, details)
+
+    return show
+
+
+def _pause(bar: ProgressBar, paused: dict[str, bool], reason: str, seconds: Any) -> None:
+    what = f"paused: {reason}" + (f" ({seconds:g}s)" if seconds else "")
+    key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
+    if reason.startswith("sleep") and bar.live is None:
+        return  # the operator's own throttle: not worth a line in a log
+    # The start of a pause is always shown off a terminal; while it lasts, the usual rate.
+    bar.status(key, what, force=not paused["now"])
+    paused["now"] = True
+
+
+def _rollup_slice(bar: ProgressBar, details: dict[str, Any]) -> None:
+    """``done``/``total`` count the hourly keys the slices rebuild."""
+    piece, done, total = details["piece"], details["done"], details["total"]
+    status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
+    # The first slice event comes after the rollup's set-up and its first (probe) slice.
+    bar.phase("rollup", "rollup", total, "keys", started_now=False)
+    bar.update("rollup", done, total=total, status=status)
 
 
 class OutputStream:
@@ -150,6 +330,6 @@ class OutputStream:
         return self.wrapper.isatty()
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,16 +1,21 @@
 """The backfill command's result as the readable table: what an operator reads at 3 a.m.
 
-The dry run's workspace/day groups are a table laid out by rich: at their natural width when
-the output is a file or a pipe, and fitted to the terminal's width on a terminal (the
-headers go on two lines first; only on a narrow terminal do cells fold onto more lines, and
-none is ever cut short). A terminal shows at most
-``TABLE_GROUP_LIMIT`` groups; JSON and CSV carry every one of them. The run's figures and the
-verification follow as lines.
+The dry run's workspace/day groups are a table laid out by rich. In a file or a pipe it has
+its natural width; on a terminal it takes the first of a few shapes that fits the width,
+and it never lets the terminal split a number, a time or a header. The shapes, widest
+first: every column; the headers on two lines; the workspace as the shortest prefix of its
+id that is unique in the table and the first/last ``created_at`` as times of day (the
+group's day is in its own column); without those times; without "input after" (before less
+removed, and in the totals line); and, narrower still, one block of lines per group. A
+terminal shows at most ``TABLE_GROUP_LIMIT`` groups; JSON and CSV carry every one of them,
+and every column.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.color import Style
@@ -18,7 +23,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from usage.models import BackfillRun
+from usage.output import outcome
+from usage.output.lines import fit_items, wrap
 from usage.render import number, timestamp
 from usage.repair.verify import describe as describe_mismatch
 
@@ -26,19 +32,59 @@ from usage.repair.verify import describe as describe_mismatch
 TABLE_GROUP_LIMIT = 200
 # The table lists at most this many mismatched hourly keys (JSON carries up to verify's cap).
 VERIFY_LISTED = 20
+# A shortened workspace id keeps at least this many characters (and more when needed to be
+# unique in the table); with at most this many workspaces their full ids are listed below.
+SHORT_WORKSPACE = 8
+LISTED_WORKSPACES = 10
 
-# (header, the header on two lines, right-aligned)
-SUMMARY_COLUMNS = (
-    ("workspace", "workspace", False),
-    ("date (UTC)", "date\n(UTC)", False),
-    ("rows", "rows", True),
-    ("input before", "input\nbefore", True),
-    ("input after", "input\nafter", True),
-    ("tokens removed", "tokens\nremoved", True),
-    ("clamped", "clamped", True),
-    ("rollup keys", "rollup\nkeys", True),
-    ("first created_at", "first\ncreated_at", False),
-    ("last created_at", "last\ncreated_at", False),
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    two_lines: str
+    right: bool
+
+
+COLUMNS = {
+    c.key: c
+    for c in (
+        Column("workspace", "workspace", "workspace", False),
+        Column("date", "date (UTC)", "date\n(UTC)", False),
+        Column("rows", "rows", "rows", True),
+        Column("before", "input before", "input\nbefore", True),
+        Column("after", "input after", "input\nafter", True),
+        Column("removed", "tokens removed", "tokens\nremoved", True),
+        Column("clamped", "clamped", "clamped", True),
+        Column("keys", "rollup keys", "rollup\nkeys", True),
+        Column("first", "first created_at", "first\ncreated", False),
+        Column("last", "last created_at", "last\ncreated", False),
+    )
+}
+ALL_COLUMNS = tuple(COLUMNS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One way to lay out the groups: which columns, and how compactly."""
+
+    columns: tuple[str, ...] = ALL_COLUMNS
+    two_line_headers: bool = False
+    short_workspace: bool = False
+    times_of_day: bool = False
+
+
+# Widest first; the first that fits the terminal is used, else one block per group.
+SHAPES = (
+    Shape(),
+    Shape(two_line_headers=True),
+    Shape(two_line_headers=True, short_workspace=True, times_of_day=True),
+    Shape(columns=ALL_COLUMNS[:8], two_line_headers=True, short_workspace=True),
+    Shape(
+        columns=tuple(c for c in ALL_COLUMNS[:8] if c != "after"),
+        two_line_headers=True,
+        short_workspace=True,
+    ),
 )
 
 # A rule under the header, and nothing else: the plain layout the table always had.
@@ -53,53 +99,94 @@ def summary_table(
 ) -> str:
     """The dry-run groups (at most ``limit``) and their total, from a result document.
 
-    With a ``width`` the table fits it: at its natural width if that fits, else with the
-    headers on two lines, and only then by folding cells onto more lines (never cut short).
+    With a ``width`` (a terminal's) the first shape of ``SHAPES`` that fits it is used, else
+    one block of lines per group; no line is longer than ``width`` and no value is split.
     """
-    groups = document["groups"]
-    group_count = document.get("group_count", len(groups))
-    rows = [
-        (
-            str(g["workspace_id"]),
-            g["date_utc"].isoformat(),
-            number(g["rows"]),
-            number(g["input_before"]),
-            number(g["input_after"]),
-            number(g["input_tokens_removed"]),
-            number(g["clamped_rows"]),
-            number(g["rollup_keys"]),
-            timestamp(g["first_created_at"]),
-            timestamp(g["last_created_at"]),
-        )
-        for g in groups[:limit]
-    ]
-    t = document["totals"]
-    rows.append(
-        (
-            "TOTAL",
-            f"{number(group_count)} groups",
-            number(t["rows"]),
-            number(t["input_before"]),
-            number(t["input_after"]),
-            number(t["input_tokens_removed"]),
-            number(t["clamped_rows"]),
-            number(document["expected_rollup_keys"]),
-            "",
-            "",
-        )
-    )
-    text = _layout(rows, compact=False, width=None)
-    if width is not None and _widest(text) > width:
-        text = _layout(rows, compact=True, width=width)
+    groups = document["groups"][:limit]
+    group_count = document.get("group_count", len(document["groups"]))
+    short = _short_workspaces([str(g["workspace_id"]) for g in groups])
+    lines: list[str] = []
+    for shape in SHAPES if width is not None else SHAPES[:1]:
+        text = _layout(_rows(document, groups, group_count, shape, short), shape)
+        if width is None or _widest(text) <= width:
+            lines.append(text)
+            lines.extend(_shape_notes(shape, short, width))
+            break
+    else:
+        lines.extend(_blocks(document, groups, group_count, short, width))
+        lines.extend(_shape_notes(None, short, width))
     if group_count > limit:
-        text += (
-            f"\n(the first {limit} of {number(group_count)} workspace/day groups are shown; "
-            "--format csv or json --output FILE gives them all)"
+        lines.extend(
+            wrap(
+                f"(the first {limit} of {number(group_count)} workspace/day groups are shown; "
+                "--format csv or json --output FILE gives them all)",
+                width,
+                hanging="",
+            )
         )
-    return text
+    return "\n".join(lines)
 
 
-def _layout(rows: list[tuple[str, ...]], *, compact: bool, width: int | None) -> str:
+def _short_workspaces(ids: list[str]) -> dict[str, str]:
+    """Each id's shortest prefix (``SHORT_WORKSPACE`` characters at least) unique among ``ids``."""
+    distinct = sorted(set(ids))
+    length = SHORT_WORKSPACE
+    while length < 36 and len({i[:length] for i in distinct}) < len(distinct):
+        length += 1
+    return {i: i[:length] for i in distinct}
+
+
+def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
+    workspace = str(group["workspace_id"])
+    when: Callable[[Any], str] = _time_of_day if shape.times_of_day else timestamp
+    return {
+        "workspace": short[workspace] if shape.short_workspace else workspace,
+        "date": group["date_utc"].isoformat(),
+        "rows": number(group["rows"]),
+        "before": number(group["input_before"]),
+        "after": number(group["input_after"]),
+        "removed": number(group["input_tokens_removed"]),
+        "clamped": number(group["clamped_rows"]),
+        "keys": number(group["rollup_keys"]),
+        "first": when(group["first_created_at"]),
+        "last": when(group["last_created_at"]),
+    }
+
+
+def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
+    t = document["totals"]
+    return {
+        "workspace": "TOTAL",
+        "date": f"{number(group_count)} groups",
+        "rows": number(t["rows"]),
+        "before": number(t["input_before"]),
+        "after": number(t["input_after"]),
+        "removed": number(t["input_tokens_removed"]),
+        "clamped": number(t["clamped_rows"]),
+        "keys": number(document["expected_rollup_keys"]),
+        "first": "",
+        "last": "",
+    }
+
+
+def _rows(
+    document: dict[str, Any],
+    groups: list[dict[str, Any]],
+    group_count: int,
+    shape: Shape,
+    short: dict[str, str],
+) -> list[tuple[str, ...]]:
+    rows = [_values(g, shape, short) for g in groups]
+    rows.append(_total_values(document, group_count))
+    return [tuple(row[key] for key in shape.columns) for row in rows]
+
+
+def _time_of_day(value: Any) -> str:
+    return timestamp(value)[11:]
+
+
+def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
+    """The table at its natural width: nothing wraps, nothing is cut."""
     table = Table(
         box=HEADER_RULE,
         show_edge=False,
@@ -108,20 +195,20 @@ def _layout(rows: list[tuple[str, ...]], *, compact: bool, width: int | None) ->
         header_style="",
         highlight=False,
     )
-    for header, two_lines, right in SUMMARY_COLUMNS:
+    for key in shape.columns:
+        column = COLUMNS[key]
         table.add_column(
-            two_lines if compact else header,
-            justify="right" if right else "left",
+            column.two_lines if shape.two_line_headers else column.header,
+            justify="right" if column.right else "left",
             vertical="bottom",
-            overflow="fold",
-            no_wrap=width is None,
+            no_wrap=True,
         )
     for row in rows:
         table.add_row(*row)
     buffer = io.StringIO()
     console = Console(
         file=buffer,
-        width=width or 100_000,
+        width=100_000,
         color_system=None,
         highlight=False,
         emoji=False,
@@ -132,6 +219,57 @@ def _layout(rows: list[tuple[str, ...]], *, compact: bool, width: int | None) ->
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
+def _blocks(
+    document: dict[str, Any],
+    groups: list[dict[str, Any]],
+    group_count: int,
+    short: dict[str, str],
+    width: int | None,
+) -> list[str]:
+    """One block per group: its workspace and day, then its figures, each kept whole."""
+    shape = Shape(short_workspace=True, times_of_day=True)
+    lines: list[str] = []
+    for values in [_values(g, shape, short) for g in groups] + [
+        _total_values(document, group_count)
+    ]:
+        items = [
+            f"{values['workspace']} {values['date']}",
+            f"rows {values['rows']}",
+            f"input {values['before']} -> {values['after']}",
+            f"removed {values['removed']}",
+            f"clamped {values['clamped']}",
+            f"keys {values['keys']}",
+        ]
+        if values["first"]:
+            items.append(f"created {values['first']}-{values['last']}")
+        lines.extend(fit_items(items, width))
+    return lines
+
+
+def _shape_notes(shape: Shape | None, short: dict[str, str], width: int | None) -> list[str]:
+    """What a narrower shape left out or shortened, and where to find it whole."""
+    if shape is not None and not shape.short_workspace:
+        return []
+    length = len(next(iter(short.values()), "")) if short else SHORT_WORKSPACE
+    changes = [f"workspaces by the first {length} characters of their id"]
+    if shape is None or shape.times_of_day:
+        changes.append("created_at as the time of day")
+    left_out = [] if shape is None or shape.times_of_day else ["first/last created_at"]
+    if shape is not None and "after" not in shape.columns:
+        left_out.append("input after")
+    if left_out:
+        changes.append(f"{' and '.join(left_out)} left out")
+    lines = wrap(
+        f"(fitted to {width} columns: {'; '.join(changes)}; --format csv gives every column)",
+        width,
+        hanging="",
+    )
+    if 0 < len(short) <= LISTED_WORKSPACES:
+        for full, prefix in short.items():
+            lines.extend(wrap(f"{prefix}  {full}", width, indent="  ", hanging="    "))
+    return lines
+
+
 def _widest(text: str) -> int:
     return max((len(line) for line in text.splitlines()), default=0)
 
@@ -140,107 +278,88 @@ def result_table(
     document: dict[str, Any],
     style: Style,
     *,
+    groups: bool = True,
     plan_out: bool = False,
     plan_line: str | None = None,
+    signal_name: str | None = None,
     width: int | None = None,
 ) -> str:
-    """The result document as the readable table; ``width``: the terminal's (None: any).
+    """The result document as the readable text; ``width``: the terminal's (None: any).
 
-    ``plan_out``: the dry run also saved a plan. ``plan_line``: the plan check's outcome,
-    shown under the run's figures.
+    ``groups``: show the table of workspace/day groups (a dry run's, or a run's written to a
+    file); an execute on a terminal shows its outcome instead (``usage.output.outcome``).
+    ``plan_out``: the dry run also saved a plan (the line that says so follows).
+    ``plan_line``: the plan check's outcome. ``signal_name``: the signal that stopped the run.
     """
     lines: list[str] = []
     totals = document.get("totals")
-    if totals is not None:
+    dry_run = document["mode"] == "dry_run"
+    if totals is not None and (dry_run or groups):
         if totals["rows"] == 0:
             lines.append(style.SUCCESS("No eligible Codex rows: nothing to do."))
         else:
-            lines.append(summary_table(document, width=width))
-            lines.append(
-                f"\n{number(totals['rows'])} rows would change; "
-                f"{number(totals['input_tokens_removed'])} input tokens removed "
-                f"({number(totals['input_before'])} -> "
-                f"{number(totals['input_after'])}); "
-                f"{number(totals['clamped_rows'])} clamped to 0; "
-                f"{number(document['expected_rollup_keys'])} hourly rollup keys "
-                "to rebuild."
+            if groups:
+                lines.append(summary_table(document, width=width))
+                lines.append("")
+            what = "rows would change" if dry_run else "rows were candidates before the run"
+            removed = "input tokens removed" if dry_run else "input tokens to remove then"
+            lines.extend(
+                wrap(
+                    f"{number(totals['rows'])} {what}; "
+                    f"{number(totals['input_tokens_removed'])} {removed} "
+                    f"({number(totals['input_before'])} -> "
+                    f"{number(totals['input_after'])}); "
+                    f"{number(totals['clamped_rows'])} clamped to 0; "
+                    f"{number(document['expected_rollup_keys'])} hourly rollup keys "
+                    "to rebuild.",
+                    width,
+                    hanging="",
+                )
             )
-    if document["mode"] == "dry_run" and totals and totals["rows"]:
-        lines.append(
-            style.SUCCESS(
-                "Dry run complete: nothing was written. Review the summary, then re-run "
-                "with --execute to apply it."
-                if not plan_out
-                else "Dry run complete: nothing was written to the database. Have the "
-                "plan reviewed, then apply it with --execute --plan."
+    if dry_run and totals and totals["rows"]:
+        lines.extend(outcome.dry_run_lines(document, style, width, plan_out=plan_out))
+    if "run_id" in document:
+        lines.extend(
+            outcome.execute_lines(
+                document, style, width, plan_line=plan_line, signal_name=signal_name
             )
         )
-    if "run_id" in document:
-        shown_run = run_lines(document, style)
-        if plan_line is not None:
-            shown_run.insert(1, plan_line)
-        lines.extend(shown_run)
     if "verify" in document:
-        lines.extend(verify_lines(document["verify"], style))
+        lines.extend(verify_lines(document["verify"], style, width))
     return "\n".join(lines)
 
 
-def run_lines(d: dict[str, Any], style: Style) -> list[str]:
+def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
+    """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
     lines = [
-        f"Run {d['run_id']}: rows planned {number(d['rows_planned'])}, "
-        f"updated {number(d['rows_updated'])}, "
-        f"remaining {number(d['rows_remaining'])}; "
-        f"input tokens removed {number(d['input_tokens_removed'])}; "
-        f"clamped {number(d['clamped_rows'])}; batches {d['batches']}"
+        line for text in outcome.verify_context(v) for line in wrap(text, width, hanging="  ")
     ]
-    for stale in d["stale_runs"]:
-        lines.append(style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
-    if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
-        lines.append("  rollup not rebuilt (--no-rebuild-rollup): the platform's cron tick will")
-    elif d["rollup_slices"] or d["recovered_runs"]:
-        recovered = (
-            f" (including runs {', '.join(map(str, d['recovered_runs']))})"
-            if d["recovered_runs"]
-            else ""
+    covered = f" with its chain (runs {_listed(v['runs'])})" if len(v["runs"]) > 1 else ""
+    left = f"{number(v['eligible_rows_left'])} eligible rows left"
+    if v["eligible_rows_expected"] and v["eligible_rows_left"]:
+        left += " (eligible again by design: restored by a revert)"
+    lines.extend(
+        wrap(
+            f"Verify run {v['run_id']}{covered}: {left}; "
+            f"{number(v['mismatched_keys'])} hourly keys differ from a recompute"
+            + (
+                f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
+                if v["mismatched_keys"] > VERIFY_LISTED
+                else "."
+            ),
+            width,
+            hanging="  ",
         )
-        plans = (
-            f"{d['rollup_hash_slices']} hashed, "
-            f"{d['rollup_slices'] - d['rollup_hash_slices']} nested-loop"
-        )
-        waits = (
-            f"; waited {d['rollup_cron_waits']} time(s) for the platform's cron tick"
-            if d["rollup_cron_waits"]
-            else ""
-        )
-        done = (
-            "rebuilt"
-            if d["rollup_state"] == BackfillRun.RollupState.DONE
-            else "stopped (the next run of the command rebuilds the rest)"
-        )
-        lines.append(
-            f"  rollup {done}{recovered}: {number(d['rollup_keys'])} hourly keys "
-            f"in {d['rollup_slices']} slices ({plans}) in {d['rollup_seconds']:.1f}s, "
-            f"{number(d['rollup_rows'])} hourly rows, "
-            f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f}s{waits}"
-        )
-    ok = d["status"] == BackfillRun.Status.SUCCEEDED
-    shown = style.SUCCESS if ok else style.ERROR
-    lines.append(shown(f"Run {d['run_id']} {d['status']}."))
-    return lines
-
-
-def verify_lines(v: dict[str, Any], style: Style) -> list[str]:
-    lines = [
-        f"Verify run {v['run_id']}: {number(v['eligible_rows_left'])} eligible rows "
-        f"left; {number(v['mismatched_keys'])} hourly keys differ from a recompute"
-        + (
-            f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
-            if v["mismatched_keys"] > VERIFY_LISTED
-            else "."
-        )
-    ]
+    )
     for m in v["mismatches"][:VERIFY_LISTED]:
         lines.append(f"  {describe_mismatch(m)}")
     shown = style.SUCCESS if v["ok"] else style.ERROR
     lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
+    following = outcome.verify_next(v)
+    if following:
+        lines.extend(wrap(following, width, hanging="  "))
     return lines
+
+
+def _listed(run_ids: list[int]) -> str:
+    return ", ".join(map(str, run_ids))

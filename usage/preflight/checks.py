@@ -48,6 +48,7 @@ from usage.eligibility import (
     compose,
     eligible_params,
 )
+from usage.events import json_default
 from usage.repair.rollup import choose_path
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
@@ -541,7 +542,7 @@ def check_cutoff(ctx: Context) -> CheckResult:
     except CutoffError as exc:
         return failed(str(exc), "give --cutoff the hosted deployment time of the Codex fix")
     age = database_now - ctx.cutoff
-    detail = f"{ctx.cutoff.isoformat()} is {_describe_age(age)} before the database's clock"
+    detail = f"{json_default(ctx.cutoff)} is {_describe_age(age)} before the database's clock"
     if ctx.cutoff < FIX_LANDED_UPSTREAM:
         return warned(
             detail
@@ -677,17 +678,30 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
             "the platform's rollup state is missing: check DATABASE_URL and CODEX_TARGET_SCHEMA",
         )
     policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now), None)
-    last = (
-        "the cron tick never ran"
-        if last_started is None
-        else f"last cron tick started {_describe_age(now - last_started)} ago"
-    )
-    notes = [last]
+    notes = []
+    stopped = False
+    if last_started is not None:
+        age = now - last_started
+        notes.append(f"last cron tick started {_describe_age(age)} ago")
+        # As the repair judges it (usage.cron): a tick this late means a stopped scheduler.
+        limit = cron.STALE_AFTER_INTERVALS * cron.DEFAULT_TICK_INTERVAL_SECONDS
+        stopped = age.total_seconds() > limit
+    elif "never ran" not in policy.reason:
+        notes.append("the cron tick never ran")
     if last_error:
         notes.append(f"its last error: {' '.join(str(last_error).split())[:200]}")
     if not has_cron:
         notes.append("rollup_task_usage_hourly() not found")
-    detail = f"{policy.reason} ({'; '.join(notes)})"
+    detail = policy.reason + (f" ({'; '.join(notes)})" if notes else "")
+    if stopped:
+        return warned(
+            detail,
+            "the platform's scheduler looks stopped (no tick for more than "
+            f"{cron.STALE_AFTER_INTERVALS} intervals of "
+            f"{cron.DEFAULT_TICK_INTERVAL_SECONDS / 60:g} minutes): the repair does not wait "
+            "for its ticks, and the hourly rows of new usage stay stale until it runs again; "
+            "ask the platform's operators to restart it",
+        )
     if not policy.below_watermark:
         return warned(
             detail,

@@ -559,7 +559,8 @@ class _Revert:
         result.rows_restorable = restored + result.rows_remaining
         result.rows_restored = restored
         if result.stopped or result.rows_remaining:
-            logger.warning(
+            # The command shows the outcome; as a log line it is a detail.
+            logger.info(
                 "revert of run %d incomplete: %d rows restored, %d remaining%s",
                 result.run.pk,
                 restored,

@@ -4,6 +4,10 @@ Only one ``--execute`` (or revert) may work on a database at a time. The owner h
 session-level advisory lock of its own (never 4246, which belongs to the rollup writers) for
 its whole life; a run left ``running`` while nobody holds that lock lost its process (kill -9,
 a lost machine) and is marked interrupted by the next invocation.
+
+A run that did not finish is continued by the next one of the same scope: ``start_run``
+records that link (``continues``), and ``chain`` follows it both ways, so that a re-run after
+an interruption and the run it finished are read, shown and verified as one repair.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import getpass
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from django.db import connection
@@ -77,11 +83,49 @@ def mark_stale_runs() -> list[int]:
     return stale
 
 
+# A run of these statuses did not finish what it was asked to do: the next run of the same
+# cutoff and workspace continues it.
+UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
+
+
+def run_to_continue(cutoff: datetime, workspace_id: uuid.UUID | None) -> BackfillRun | None:
+    """The run a new run of this scope continues, if any. Call with the run lock held.
+
+    It is the latest earlier run with the same cutoff and workspace, when that run did not
+    finish (interrupted or failed; a run a dead process left ``running`` is marked
+    interrupted first) and was not reverted. A run that finished, or was reverted, ends its
+    chain: the next run of the scope starts a new one. Each run is continued at most once,
+    since the run that continues it is then the latest of the scope.
+    """
+    latest = (
+        BackfillRun.objects.filter(cutoff=cutoff, workspace_id=workspace_id)
+        .order_by("-pk")
+        .first()
+    )
+    return latest if latest is not None and latest.status in UNFINISHED else None
+
+
+def chain(run: BackfillRun) -> list[BackfillRun]:
+    """``run`` with the runs it continues and the runs that continue it, oldest first."""
+    runs = [run]
+    while runs[0].continues_id is not None:
+        runs.insert(0, BackfillRun.objects.get(pk=runs[0].continues_id))
+    while (later := runs[-1].continued_by.order_by("pk").first()) is not None:
+        runs.append(later)
+    return runs
+
+
 def start_run(**fields: Any) -> BackfillRun:
-    """Create the run record, stamped with who runs it and the database's clock."""
+    """Create the run record, stamped with who runs it and the database's clock.
+
+    The record says which run it continues (``run_to_continue`` of its cutoff and
+    workspace), unless ``fields`` says it already.
+    """
     with connection.cursor() as cursor:
         cursor.execute(WHO_SQL)
         db_role, backend_pid = cursor.fetchone()
+    if "continues" not in fields and "cutoff" in fields:
+        fields["continues"] = run_to_continue(fields["cutoff"], fields.get("workspace_id"))
     run = BackfillRun.objects.create(
         os_user=_os_user(),
         db_role=db_role,

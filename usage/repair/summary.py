@@ -13,6 +13,7 @@ from datetime import date, datetime
 from django.db import connection, transaction
 
 from usage.eligibility import compose, eligible_params
+from usage.events import json_default
 
 # Two aggregation levels instead of ``count(DISTINCT key)``: the eligible rows are first
 # summed per hourly rollup key (a key lies in one workspace and one UTC day), which parallel
@@ -127,8 +128,8 @@ def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
     """
     if cutoff >= database_now:
         raise CutoffError(
-            f"--cutoff {cutoff.isoformat()} is not before the database's clock "
-            f"({database_now.isoformat()}): use the actual deployment time of the fix"
+            f"--cutoff {json_default(cutoff)} is not before the database's clock "
+            f"({json_default(database_now)}): use the actual deployment time of the fix"
         )
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import shutil
 import signal
 import threading
 import uuid
@@ -20,8 +18,10 @@ from usage.db import TargetError, check_target, database_failure, describe_datab
 from usage.management.base import ToolCommand
 from usage.models import BackfillRun
 from usage.output import document as result
+from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.progress import OutputStream, ProgressBar
+from usage.output.lines import wrap
+from usage.output.progress import OutputStream, ProgressBar, repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.repair.backfill import (
     BackfillError,
@@ -32,7 +32,7 @@ from usage.repair.backfill import (
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, load_summary
-from usage.repair.verify import verify_run
+from usage.repair.verdict import verify_run_in_context
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
@@ -73,8 +73,13 @@ examples:
   # verify an earlier run
   python manage.py backfill_codex_usage_cache --verify --run-id 12
 
-exit status: 0 done; 1 error or bad input (nothing changed by it); 3 eligible rows left
-locked by other writers; 4 verification failed; 130/143 stopped by SIGINT/SIGTERM.
+cutoff and workspace: --cutoff (and --workspace-id) for a dry run and for --execute without
+a plan; --execute --plan FILE takes both from the plan; --verify --run-id N takes them from
+the run.
+
+exit status: 0 done (also: verify of a reverted run whose hourly keys are right); 1 error or
+bad input (nothing changed by it); 3 eligible rows left locked by other writers; 4
+verification failed; 130/143 stopped by SIGINT/SIGTERM.
 """
 
 
@@ -91,8 +96,9 @@ class Command(ToolCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--cutoff",
-            help="required (except with --verify --run-id): RFC 3339 hosted deployment time of "
-            "the Codex usage fix, any offset (normalized to UTC), e.g. 2026-06-13T08:00:00Z",
+            help="RFC 3339 hosted deployment time of the Codex usage fix, any offset "
+            "(normalized to UTC), e.g. 2026-06-13T08:00:00Z; required for a dry run and for "
+            "--execute without --plan (a plan gives it, a verified run has its own)",
         )
         parser.add_argument("--workspace-id", help="optional workspace UUID to limit the repair")
         parser.add_argument(
@@ -136,13 +142,6 @@ class Command(ToolCommand):
         )
         parser.add_argument("--run-id", help="with --verify and no --execute: the run to check")
         parser.add_argument(
-            "--format",
-            choices=result.FORMATS,
-            default="table",
-            help="result format: a readable table (default), JSON or CSV",
-        )
-        parser.add_argument("--output", help="write the result to this file instead of stdout")
-        parser.add_argument(
             "--plan-out",
             help="dry run only: also save the result as a plan (JSON) for review; execute it "
             "with --execute --plan FILE",
@@ -157,13 +156,7 @@ class Command(ToolCommand):
             help="with --plan: refuse a plan made longer ago than this by the database's "
             f"clock, e.g. 2h (default {plan.DEFAULT_MAX_AGE}, at most 720h)",
         )
-        parser.add_argument(
-            "--log-format",
-            choices=("text", "json"),
-            default="text",
-            help="stderr events as text (with a progress bar on a terminal) or one JSON "
-            "object per event",
-        )
+        self.add_output_arguments(parser)
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -171,26 +164,22 @@ class Command(ToolCommand):
         with self.bad_input():
             settings = self._parse(options)
 
-        verbosity = options["verbosity"]
+        self.verbosity = verbosity = options["verbosity"]
         stderr = OutputStream(self.stderr)
-        json_logs = options["log_format"] == "json"
-        if json_logs:
-            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
-        else:
-            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
-        self.quiet_header = options["format"] != "table" and not options["output"]
+        self.report = self.reporter(options)
         self.write_error: str | None = None
         self.signals: list[int] = []
         self.failure: str | None = None
         self.plan_line: str | None = None
         try:
-            with self.logging_to(stderr, level, json=json_logs), self.database_errors():
+            with self.run_logging(stderr, self.report), self.database_errors():
                 document = self._run(settings, options, verbosity, stderr)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
         error = self._exit_status(document)
         if self.write_error:
             error = self._with_write_error(document, error)
+        self._final_line(document, error)
         if error is not None:
             raise error
 
@@ -266,12 +255,18 @@ class Command(ToolCommand):
                 "one with --plan-out FILE"
             )
         self.plan_max_age = plan.parse_max_age(options["plan_max_age"])
+        self.plan_file = value
         return plan.read_plan(value)
 
     def _scope(self, options: dict[str, Any]) -> tuple[datetime | None, uuid.UUID | None]:
         """The cutoff and workspace: the plan's (given again, they must be equal), or given."""
         given = options["cutoff"]
         if self.plan is None:
+            if options["execute"] and (given is None or not str(given).strip()):
+                raise ValueError(
+                    "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
+                    "--plan-out FILE writes it); or give --cutoff to execute without a plan"
+                )
             standalone_verify = options["run_id"] is not None and not given
             cutoff = None if standalone_verify else opts.parse_cutoff(given)
             return cutoff, opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
@@ -294,27 +289,25 @@ class Command(ToolCommand):
         """Do what the options ask, show its result, and return the result document."""
         database = describe_database()
         if options["run_id"] is not None:
-            self._header(f"Database: {database}", f"Mode: verify run {options['run_id']}")
+            run_id = options["run_id"]
+            self._context(database, f"verify run {run_id}", run_id=run_id)
             check_target()
-            if not BackfillRun.objects.filter(pk=options["run_id"]).exists():
-                raise CommandError(f"run {options['run_id']} does not exist")
-            document = result.build("verify", database, verify=verify_run(options["run_id"]))
+            if not BackfillRun.objects.filter(pk=run_id).exists():
+                raise CommandError(
+                    f"run {run_id} does not exist; give the number printed as 'Run N' by "
+                    "--execute (the admin lists the runs)"
+                )
+            document = result.build("verify", database, verify=verify_run_in_context(run_id))
             self._emit(document, options)
             return document
 
         execute = options["execute"]
-        self._header(
-            f"Database: {database}",
-            f"Mode: {'EXECUTE' if execute else 'dry run'}",
-            f"Cutoff: {render.timestamp(settings.cutoff)}",
-            f"Workspace: {settings.workspace_id or 'all'}",
+        self._context(
+            database,
+            "execute" if execute else "dry run",
+            cutoff=settings.cutoff,
+            workspace_id=settings.workspace_id,
         )
-        if self.plan is not None:
-            self._header(
-                f"Plan: {options['plan']}, made {render.timestamp(self.plan.created_at)} by the "
-                f"database's clock, {render.number(self.plan.rows)} rows, fingerprint "
-                f"{plan.short(self.plan.fingerprint)}"
-            )
         check_target()
         if self.plan is not None:
             # Another database or too old: refused before the summary's pass over the rows.
@@ -327,19 +320,15 @@ class Command(ToolCommand):
         )
         summary = load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
         if not summary.workspace_known:
-            self.stderr.write(
-                self.style.WARNING(f"No agent belongs to workspace {settings.workspace_id}.")
-            )
+            self.report.warning(f"No agent belongs to workspace {settings.workspace_id}.")
         saved_plan = None
         if identity is not None:
             saved_plan = plan.plan_document(summary, identity)
             if identity.system_identifier is None:
-                self.stderr.write(
-                    self.style.WARNING(
-                        "The server's system identifier is not readable by this role (no "
-                        "EXECUTE on pg_control_system()): the plan names its database by "
-                        "host, port, name and oid."
-                    )
+                self.report.warning(
+                    "The server's system identifier is not readable by this role (no "
+                    "EXECUTE on pg_control_system()): the plan names its database by "
+                    "host, port, name and oid."
                 )
         if not execute:
             document = result.build("dry_run", database, summary=summary)
@@ -359,7 +348,7 @@ class Command(ToolCommand):
         verified = None
         if options["verify"] and self.failure is None:
             try:
-                verified = verify_run(executed.run.pk)
+                verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
                 # The run happened: its outcome is printed, then why verify did not run.
                 self.failure = (
@@ -367,6 +356,7 @@ class Command(ToolCommand):
                     f"run: {database_failure(exc)}; verify later with --verify --run-id "
                     f"{executed.run.pk}"
                 )
+        executed.run.refresh_from_db()
         document = result.build(
             "execute",
             database,
@@ -378,6 +368,34 @@ class Command(ToolCommand):
         self._emit(document, options)
         return document
 
+    def _context(self, database: str, mode: str, **scope: Any) -> None:
+        """The first lines: the database, the mode and the scope (one event in JSON)."""
+        given = self.plan
+        if self.report.json_logs:
+            if given is not None:
+                scope["plan"] = {
+                    "file": self.plan_file,
+                    "created_at": given.created_at,
+                    "rows": given.rows,
+                    "fingerprint": given.fingerprint,
+                }
+            self.report.context(
+                "context", f"{mode} on {database}", database=database, mode=mode, **scope
+            )
+            return
+        self.report.context("context", f"Database: {database}")
+        self.report.context("context", f"Mode: {mode}")
+        if "cutoff" in scope:
+            self.report.context("context", f"Cutoff: {render.timestamp(scope['cutoff'])}")
+            self.report.context("context", f"Workspace: {scope['workspace_id'] or 'all'}")
+        if given is not None:
+            self.report.context(
+                "context",
+                f"Plan: {self.plan_file}, made {render.timestamp(given.created_at)} by the "
+                f"database's clock, {render.number(given.rows)} rows, fingerprint "
+                f"{plan.short(given.fingerprint)}",
+            )
+
     def _write_plan(self, saved: dict[str, Any], given: str) -> None:
         """Write the plan file after the summary is shown; a failure is said after it."""
         assert self.plan_out is not None
@@ -386,12 +404,24 @@ class Command(ToolCommand):
         except OutputError as exc:
             self.write_error = f"{self.write_error}; also, {exc}" if self.write_error else str(exc)
             return
-        self._header(
+        message = (
             f"Plan written to {given}: {render.number(saved['totals']['rows'])} rows, "
-            f"fingerprint {plan.short(saved['fingerprint'])}. Have it reviewed, then apply "
-            f"exactly it with: python manage.py backfill_codex_usage_cache --execute --plan "
-            f"{given}"
+            f"fingerprint {plan.short(saved['fingerprint'])}. Next: have it reviewed, then "
+            f"apply exactly it: {outcome.REPAIR} --execute --plan {given}"
         )
+        if self.report.json_logs:
+            self.report.event(
+                "plan_written", message, file=given, fingerprint=saved["fingerprint"]
+            )
+        else:
+            self._readable_line(message)
+
+    def _readable_line(self, message: str) -> None:
+        """A line of the readable outcome: with the result, or on stderr beside a document."""
+        target = self.stderr if self.report.document_on_stdout else self.stdout
+        width = self.terminal_width() if target is self.stdout else None
+        for line in wrap(message, width, hanging="  "):
+            target.write(line, style_func=lambda text: text)
 
     # -- modes ---------------------------------------------------------------------------
 
@@ -404,18 +434,23 @@ class Command(ToolCommand):
             terminal=stderr.isatty(),
             enabled=verbosity >= 1 and log_format == "text",
         )
+        show = repair_events(bar)
 
         def progress(event: str, /, **details: Any) -> None:
             if event == "started":
                 self._started(details["run"])
-            elif event == "stamping":
-                self._header(f"Stamp: {details['policy'].reason}.")
-            bar(event, **details)
+            elif event == "stamping" and not self.report.json_logs:
+                # The JSON log has the library's own ``stamp`` event.
+                self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
+            elif event == "rollup_path":
+                self._rollup_path(**details)
+            show(event, **details)
 
         with self.stopping_on_signals(
             stop,
             "finishing the current batch, then rebuilding the rollup for what was done.",
             new_line=True,
+            say=self.signal_said(self.report),
         ) as self.signals:
             try:
                 return execute_backfill(settings, stop=stop, progress=progress)
@@ -423,55 +458,111 @@ class Command(ToolCommand):
                 bar.close()
 
     def _started(self, run: BackfillRun) -> None:
-        self._header(
-            f"Run {run.pk} started at {render.timestamp(run.started_at)} "
-            f"by {run.os_user}@{run.client_host} as role {run.db_role}."
+        if not self.report.json_logs:
+            # The JSON log has the library's own ``start`` event.
+            self.report.context(
+                "start",
+                f"Run {run.pk} started at {render.timestamp(run.started_at)} "
+                f"by {run.os_user}@{run.client_host} as role {run.db_role}.",
+            )
+        earlier = run.continues
+        if earlier is not None:
+            self.report.context(
+                "continues",
+                f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
+                f"{render.number(earlier.rows_updated)} rows repaired, "
+                f"{render.number(earlier.rows_remaining)} left{self._error_note(earlier)}).",
+                run_id=run.pk,
+                continues=earlier.pk,
+                continues_status=earlier.status,
+                continues_rows_updated=earlier.rows_updated,
+                continues_rows_remaining=earlier.rows_remaining,
+            )
+        checked = self.plan_check.outcome if self.plan_check is not None else None
+        if checked is not None and not self.report.json_logs:
+            # The JSON log has the library's own ``plan`` event.
+            self.report.context("plan", checked.summary())
+
+    @staticmethod
+    def _error_note(run: BackfillRun) -> str:
+        first = run.error.split(";")[0].strip() if run.error else ""
+        return f"; {first}" if first else ""
+
+    def _rollup_path(self, **details: Any) -> None:
+        """The rollup's path (the tool's recompute or the platform's function), and why."""
+        function = f" ({details['function']})" if details.get("function") else ""
+        reason = f": {details['reason']}" if details.get("reason") else ""
+        self.report.context(
+            "rollup_path",
+            f"Rollup: {details.get('path')}{function}{reason}.",
+            path=details.get("path"),
+            function=details.get("function"),
+            fingerprint=details.get("fingerprint"),
+            reason=details.get("reason"),
         )
-        if self.plan_check is not None and self.plan_check.outcome is not None:
-            self._header(self.plan_check.outcome.summary())
 
     # -- output --------------------------------------------------------------------------
 
-    def _header(self, *lines: str) -> None:
-        """Context lines: on stdout with the table, on stderr when stdout carries JSON/CSV."""
-        for line in lines:
-            if self.quiet_header:
-                self.stderr.write(line, style_func=lambda message: message)
-            else:
-                self.stdout.write(line)
-
     def _emit(self, document: dict[str, Any], options: dict[str, Any]) -> None:
-        """Show the result: on stdout, or in --output and then as the table on stdout."""
-        fmt = options["format"]
-        if fmt == "table":
-            text = self._table(document, terminal=self.output is None)
-        elif fmt == "json":
-            text = result.to_json(document)
-        else:
-            text = result.to_csv(document)
-        if self.output is None:
-            self.stdout.write(text)
-            return
-        try:
-            self.output.write(text)
-        except OutputError as exc:
-            # Whatever happened to the file, the outcome is shown; the error follows it.
-            self.write_error = str(exc)
-            self.stdout.write(self._table(document))
-            return
-        self.stdout.write(f"Result written to {options['output']} ({fmt}).")
-        if fmt != "table":
-            self.stdout.write(self._table(document))
+        """Show the result (see ``ToolCommand.show_result``)."""
+        self.write_error = self.show_result(
+            document,
+            options["format"],
+            self.output,
+            lambda kind: self._readable(document, kind),
+        )
 
-    def _table(self, document: dict[str, Any], *, terminal: bool = True) -> str:
-        """The table for stdout (as wide as its terminal, if it is one) or for a file."""
-        width = shutil.get_terminal_size().columns if terminal and self.stdout.isatty() else None
+    def _readable(self, document: dict[str, Any], kind: str) -> str:
+        """The result as text: whole for a file; for stdout, the groups of a dry run (not at
+        --verbosity 0), and for a run its outcome."""
+        width = None if kind == "file" else self.terminal_width()
+        groups = kind == "file" or (
+            kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
+        )
         return result_table(
             document,
             self.style,
+            groups=groups,
             plan_out=self.plan_out is not None,
             plan_line=self.plan_line,
+            signal_name=self._signal_name(),
             width=width,
+        )
+
+    def _signal_name(self) -> str | None:
+        return signal.Signals(self.signals[0]).name if self.signals else None
+
+    def _final_line(self, document: dict[str, Any], error: CommandError | None) -> None:
+        """The outcome as the last stderr line when stdout carries a document (or JSON)."""
+        status = 0 if error is None else error.returncode
+        if "run_id" in document:
+            message = (
+                f"Run {document['run_id']} {document['status']}: "
+                f"{render.number(document['rows_updated'])} rows changed, "
+                f"{render.number(document['rows_remaining'])} still eligible"
+            )
+            fields: dict[str, Any] = {
+                "run_id": document["run_id"],
+                "status": document["status"],
+                "rows_updated": document["rows_updated"],
+                "rows_remaining": document["rows_remaining"],
+            }
+        elif document["mode"] == "verify":
+            verify = document["verify"]
+            message = f"Verification of run {verify['run_id']} " + (
+                "passed" if verify["ok"] else "FAILED"
+            )
+            fields = {"run_id": verify["run_id"], "verified": verify["ok"]}
+        else:
+            rows = document["totals"]["rows"]
+            message = (
+                f"Dry run complete: {render.number(rows)} rows would change; nothing was written"
+            )
+            fields = {"rows": rows}
+        if "verify" in document and "run_id" in document:
+            message += "; verification " + ("passed" if document["verify"]["ok"] else "FAILED")
+        self.report.outcome(
+            f"{message} (exit status {status}).", ok=status == 0, exit_status=status, **fields
         )
 
     def _exit_status(self, document: dict[str, Any]) -> CommandError | None:
@@ -482,21 +573,26 @@ class Command(ToolCommand):
         if signum:
             return CommandError(
                 f"stopped by {signal.Signals(signum).name} after "
-                f"{document['rows_updated']} rows; re-run the same command to resume",
+                f"{render.number(document['rows_updated'])} rows; re-run the same command to "
+                "continue (the new run continues this one)",
                 returncode=128 + signum,
             )
         if document.get("rows_remaining"):
             return CommandError(
-                f"{document['rows_remaining']} eligible rows were locked by other writers the "
-                "whole time and were not repaired; re-run the same command to finish them",
+                f"{render.number(document['rows_remaining'])} eligible rows were locked by "
+                "other writers the whole time and were not repaired; re-run the same command "
+                "to finish them",
                 returncode=EXIT_ROWS_REMAINING,
             )
         verify = document.get("verify")
         if verify is not None and not verify["ok"]:
+            listed = (
+                "; the first of them are listed with the result" if verify["mismatches"] else ""
+            )
             return CommandError(
                 f"verification of run {verify['run_id']} failed: "
-                f"{verify['eligible_rows_left']} eligible rows left, "
-                f"{verify['mismatched_keys']} hourly keys wrong; see the list above",
+                f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
+                f"{render.number(verify['mismatched_keys'])} hourly keys wrong{listed}",
                 returncode=EXIT_VERIFY_FAILED,
             )
         return None

@@ -13,6 +13,7 @@ from usage import options as opts
 from usage import render
 from usage.db import describe_database, error_text
 from usage.management.base import ToolCommand
+from usage.output.lines import wrap
 from usage.preflight import (
     CHECKS,
     DEFAULT_STATEMENT_TIMEOUT_SECONDS,
@@ -99,10 +100,12 @@ class Command(ToolCommand):
         level = logging.DEBUG if verbosity >= 3 else logging.WARNING
         with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
             if verbosity >= 1:
-                self.stdout.write(
+                for line in wrap(
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
-                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}"
-                )
+                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}",
+                    self.terminal_width(),
+                ):
+                    self.stdout.write(line)
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
         for result in results:
@@ -136,11 +139,23 @@ class Command(ToolCommand):
             "skip": self.style.NOTICE,
         }[result.status]
         timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
-        self.stdout.write(f"{style(MARKS[result.status])} {result.name}: {result.detail}{timing}")
+        width = self.terminal_width()
+        mark = MARKS[result.status]
+        first, *rest = wrap(
+            f"{mark} {result.name}: {result.detail}{timing}", width, hanging=" " * 9
+        )
+        # The mark is styled on its own: the wrapping counts the characters shown.
+        self.stdout.write(style(mark) + first[len(mark) :])
+        for line in rest:
+            self.stdout.write(line)
         if verbosity >= 2:
-            self.stdout.write(f"         checked: {TITLES.get(result.name, result.name)}")
+            self._indented(f"checked: {TITLES.get(result.name, result.name)}", width)
         if result.fix and result.status != "ok":
-            self.stdout.write(f"         what to do: {result.fix}")
+            self._indented(f"what to do: {result.fix}", width)
+
+    def _indented(self, text: str, width: int | None) -> None:
+        for line in wrap(text, width, indent=" " * 9, hanging=" " * 11):
+            self.stdout.write(line)
 
 
 def _cannot_inspect(exc: DatabaseError) -> str:

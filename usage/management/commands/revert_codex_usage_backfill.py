@@ -1,8 +1,12 @@
-"""``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first)."""
+"""``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first).
+
+It looks and behaves like the repair: the same header, progress bar, outcome block, output
+options (``--format``, ``--output``, ``--log-format``) and number format, from the same
+command base and output helpers.
+"""
 
 from __future__ import annotations
 
-import logging
 import re
 import signal
 import threading
@@ -15,6 +19,11 @@ from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
 from usage.management.base import ToolCommand
+from usage.output import document as result
+from usage.output.files import check_output
+from usage.output.lines import fit_items
+from usage.output.outcome import revert_lines
+from usage.output.progress import OutputStream, ProgressBar, revert_events
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
@@ -37,6 +46,13 @@ examples:
 
   # apply it
   python manage.py revert_codex_usage_backfill 12 --execute
+
+  # the same, with its result as JSON in a file and one JSON object per stderr line
+  python manage.py revert_codex_usage_backfill 12 --execute --format json \\
+      --output revert-12.json --log-format json
+
+exit status: 0 done; 1 error or bad input (nothing changed by it); 3 rows stayed locked by
+other writers (run the same revert again); 130/143 stopped by SIGINT/SIGTERM (run it again).
 """
 
 CHANGED_COLUMNS = (
@@ -81,6 +97,7 @@ class Command(ToolCommand):
             default=str(DEFAULT_SHOW_CHANGED),
             help=f"how many rows changed since the run to list (default {DEFAULT_SHOW_CHANGED})",
         )
+        self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         with self.bad_input():
@@ -92,141 +109,209 @@ class Command(ToolCommand):
                 **opts.parse_timeouts(options),
                 show_changed=show,
             )
+            self.output = (
+                check_output(options["output"]) if options["output"] is not None else None
+            )
 
-        level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
+        self.verbosity = options["verbosity"]
+        self.format = options["format"]
+        self.report = self.reporter(options)
+        json_logs = self.report.json_logs
+        self.database = describe_database()
+        mode = f"revert run {run_id} ({'execute' if options['execute'] else 'dry run'})"
+        if json_logs:
+            self.report.context(
+                "context",
+                mode,
+                database=self.database,
+                mode="revert",
+                run_id=run_id,
+                execute=options["execute"],
+            )
+        else:
+            self.report.context("context", f"Database: {self.database}")
+            self.report.context("context", f"Mode: {mode}")
+        stderr = OutputStream(self.stderr)
         try:
-            with self.logging_to(self.stderr, level), self.database_errors():
-                self.stdout.write(f"Database: {describe_database()}")
-                self.stdout.write(f"Mode: {'EXECUTE' if options['execute'] else 'dry run'}")
+            with self.run_logging(stderr, self.report), self.database_errors():
                 if options["execute"]:
-                    self._execute(revert_options)
+                    self._execute(revert_options, stderr)
                 else:
                     self._dry_run(revert_options)
+                    if self.write_error:
+                        raise CommandError(f"{self.write_error}; the dry run changed nothing")
         except (TargetError, RevertError, RunLockError) as exc:
-            result = getattr(exc, "result", None)
-            if result is not None:
-                self._write_result(result, f"Revert of run {result.run.pk} failed.")
+            found = getattr(exc, "result", None)
+            if found is not None:
+                self._show(found, error=str(exc))
             raise CommandError(str(exc)) from exc
 
     # -- modes ---------------------------------------------------------------------------
 
     def _dry_run(self, options: RevertOptions) -> None:
-        result = plan_revert(options.run_id, show_changed=options.show_changed)
-        run = result.run
-        self.stdout.write(
-            f"Run {run.pk}: {run.status}, started {render.timestamp(run.started_at)} by "
-            f"{run.os_user}@{run.client_host}, cutoff {render.timestamp(run.cutoff)}, "
-            f"{render.number(run.rows_updated)} rows repaired."
-        )
-        if result.owner_gone:
-            self.stderr.write(
-                self.style.WARNING(
-                    f"Run {run.pk} is marked running but no process holds the run lock; "
-                    "--execute will mark it interrupted first."
-                )
+        found = plan_revert(options.run_id, show_changed=options.show_changed)
+        self._describe_run(found)
+        if found.owner_gone:
+            self.report.warning(
+                f"Run {found.run.pk} is marked running but no process holds the run lock; "
+                "--execute will mark it interrupted first."
             )
-        self._write_changed(result)
-        self.stdout.write(
-            f"{render.number(result.rows_restorable)} rows would be restored "
-            f"({render.number(result.rollup_keys)} hourly rollup keys to rebuild); "
-            f"{render.number(result.rows_changed)} changed since the run would be left alone."
-        )
-        self.stdout.write(
-            self.style.SUCCESS(
-                "Dry run complete: nothing was written. Re-run with --execute to revert."
-            )
-        )
+        self._show(found)
 
-    def _execute(self, options: RevertOptions) -> None:
+    def _execute(self, options: RevertOptions, stderr: OutputStream) -> None:
         stop = threading.Event()
+        bar = ProgressBar(
+            stderr,
+            terminal=stderr.isatty(),
+            enabled=self.verbosity >= 1 and not self.report.json_logs,
+        )
+        show = revert_events(bar)
+
+        def progress(event: str, /, **details: Any) -> None:
+            if event == "started":
+                self._describe_run(details["result"])
+            elif event == "batch" and self.report.json_logs:
+                self._batch_event(details["batch"], details["result"])
+            show(event, **details)
+
         with self.stopping_on_signals(
-            stop, "finishing the current batch and its rollup, then stopping."
+            stop,
+            "finishing the current batch and its rollup, then stopping.",
+            say=self.signal_said(self.report),
         ) as received:
-            result = execute_revert(options, stop=stop, progress=self._progress)
+            try:
+                done = execute_revert(options, stop=stop, progress=progress)
+            finally:
+                bar.close()
         signum = received[0] if received else signal.SIGTERM
-        self._write_result(result, self._outcome(result, signum))
-        if result.stopped:
+        name = signal.Signals(signum).name
+        document = self._show(done, signal_name=name if done.stopped else None)
+        also = f"; also, {self.write_error}" if self.write_error else ""
+        if done.stopped:
             raise CommandError(
-                f"stopped by {signal.Signals(signum).name} after "
-                f"{result.rows_restored} rows; run the same revert again to finish",
+                f"stopped by {name} after {render.number(done.rows_restored)} rows; run the "
+                f"same revert again to finish{also}",
                 returncode=128 + signum,
             )
-        if result.rows_remaining:
+        if done.rows_remaining:
             raise CommandError(
-                f"{result.rows_remaining} rows of run {result.run.pk} stayed locked by other "
-                "writers and were not restored; the run is not marked reverted: run the same "
-                "revert again to finish",
+                f"{render.number(done.rows_remaining)} rows of run {done.run.pk} stayed locked "
+                "by other writers and were not restored; the run is not marked reverted: run "
+                f"the same revert again to finish{also}",
                 returncode=EXIT_ROWS_REMAINING,
+            )
+        if self.write_error:
+            raise CommandError(
+                f"{self.write_error}; the revert's outcome is shown above ({document['status']})"
             )
 
     # -- output --------------------------------------------------------------------------
 
-    def _progress(self, event: str, /, **details: Any) -> None:
-        if event == "started":
-            r = details["result"]
-            self.stdout.write(
-                f"Reverting run {r.run.pk} ({r.run.status}): "
-                f"{render.number(r.rows_restorable)} rows to restore, "
-                f"{render.number(r.rows_changed)} changed since."
-            )
-
-    def _outcome(self, result: RevertResult, signum: int) -> str:
-        """The revert's own outcome, never the status of the run it reverts."""
-        run = result.run
-        if result.stopped:
-            return (
-                f"Revert of run {run.pk} stopped by {signal.Signals(signum).name}: "
-                f"{render.number(result.rows_restored)} rows restored, "
-                f"{render.number(result.rows_remaining)} still to restore."
-            )
-        if result.rows_remaining:
-            return (
-                f"Revert of run {run.pk} incomplete: "
-                f"{render.number(result.rows_remaining)} rows stayed locked."
-            )
-        return f"Run {run.pk} {run.status}."
-
-    def _write_result(self, result: RevertResult, outcome: str) -> None:
-        run = result.run
-        run.refresh_from_db()
-        for stale in result.stale_runs:
-            self.stderr.write(
-                self.style.WARNING(f"Run {stale} had no live owner; marked interrupted.")
-            )
-        self._write_changed(result)
-        r = result.rollup
-        self.stdout.write(
-            f"  rows restored {render.number(result.rows_restored)}, "
-            f"changed since (left alone) {render.number(result.rows_changed)}, "
-            f"remaining {render.number(result.rows_remaining)}; batches {result.batches}; "
-            f"rollup: {len(r.slices)} calls, {render.number(r.rollup_rows)} hourly rows, "
-            f"lock 4246 held at most {r.max_lock_held_seconds:.3f}s"
+    def _describe_run(self, found: RevertResult) -> None:
+        """The run being reverted, once, among the first lines."""
+        run = found.run
+        self.report.context(
+            "run",
+            f"Run {run.pk}: {run.status}, started {render.timestamp(run.started_at)} by "
+            f"{run.os_user}@{run.client_host}, cutoff {render.timestamp(run.cutoff)}, "
+            f"{render.number(run.rows_updated)} rows repaired; "
+            f"{render.number(found.entries)} journal entries to read.",
+            run_id=run.pk,
+            status=run.status,
+            cutoff=run.cutoff,
+            workspace_id=run.workspace_id,
+            rows_updated=run.rows_updated,
+            entries=found.entries,
+            rows_restorable=found.rows_restorable,
+            rows_changed=found.rows_changed,
         )
-        style = self.style.SUCCESS if result.reverted else self.style.ERROR
-        self.stdout.write(style(outcome))
 
-    def _write_changed(self, result: RevertResult) -> None:
-        if not result.rows_changed:
-            return
-        self.stderr.write(
-            self.style.WARNING(
-                f"{render.number(result.rows_changed)} rows were changed by someone else since "
-                "the run; they are left as they are"
-                + (f" (first {len(result.changed)}):" if result.changed else ".")
-            )
+    def _batch_event(self, batch: Any, found: RevertResult) -> None:
+        self.report.event(
+            "batch",
+            f"revert batch {batch.number}: {batch.entries} entries, {batch.rows_restored} rows "
+            f"restored",
+            run_id=found.run.pk,
+            batch=batch.number,
+            entries=batch.entries,
+            rows_restored=batch.rows_restored,
+            keys_queued=batch.keys_enqueued,
+            rows_skipped_locked=batch.rows_skipped_locked,
+            batch_size=batch.batch_size,
+            seconds=round(batch.seconds, 6),
+            retry=batch.retry,
+            rows_done=found.rows_restored,
         )
-        if result.changed:
-            rows = [
-                (
-                    str(c.usage_id),
-                    str(c.expected_input_tokens),
-                    "deleted" if c.deleted else str(c.current_input_tokens),
-                    _precise(c.expected_updated_at),
-                    "deleted" if c.deleted else _precise(c.current_updated_at),
+
+    def _show(
+        self,
+        found: RevertResult,
+        *,
+        signal_name: str | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """Show the revert's result once (see ``ToolCommand.show_result``); its outcome as
+        the last stderr line when stdout carries a document."""
+        found.run.refresh_from_db()
+        document = result.build_revert(self.database, found, signal=signal_name, error=error)
+        self.write_error = self.show_result(
+            document, self.format, self.output, lambda kind: self._readable(document, kind)
+        )
+        ok = document["status"] in ("reverted", "would_revert")
+        self.report.outcome(
+            f"Revert of run {document['run_id']}: {document['status']}, "
+            f"{render.number(document['rows_restored'])} rows restored, "
+            f"{render.number(document['rows_remaining'])} still to restore.",
+            ok=ok,
+            run_id=document["run_id"],
+            status=document["status"],
+            rows_restored=document["rows_restored"],
+            rows_remaining=document["rows_remaining"],
+        )
+        return document
+
+    def _readable(self, document: dict[str, Any], kind: str) -> str:
+        """The revert's outcome as text, with the rows changed since the run (not in brief)."""
+        width = None if kind == "file" else self.terminal_width()
+        lines = []
+        if kind != "brief" and document["rows_changed"]:
+            changed = document["changed"]
+            lines.append(
+                self.style.WARNING(
+                    f"{render.number(document['rows_changed'])} rows were changed by someone "
+                    "else since the run; they are left as they are"
+                    + (f" (first {len(changed)}):" if changed else ".")
                 )
-                for c in result.changed
-            ]
-            self.stderr.write(render.render_table(CHANGED_COLUMNS, rows))
+            )
+            if changed:
+                rows = [
+                    (
+                        str(c["usage_id"]),
+                        render.number(c["expected_input_tokens"]),
+                        "deleted" if c["deleted"] else render.number(c["current_input_tokens"]),
+                        _precise(c["expected_updated_at"]),
+                        "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
+                    )
+                    for c in changed
+                ]
+                table = render.render_table(CHANGED_COLUMNS, rows)
+                if width is not None and max(map(len, table.splitlines())) > width:
+                    # Too wide for the terminal: one block per row, each value whole.
+                    for row in rows:
+                        lines.extend(
+                            fit_items(
+                                [
+                                    row[0],
+                                    f"input {row[1]} -> now {row[2]}",
+                                    f"updated_at {row[3]} -> now {row[4]}",
+                                ],
+                                width,
+                            )
+                        )
+                else:
+                    lines.append(table)
+        lines.extend(revert_lines(document, self.style, width))
+        return "\n".join(lines)
 
 
 def _parse_show(value: str) -> int:

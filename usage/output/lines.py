@@ -1,0 +1,69 @@
+"""Lines of prose fitted to a terminal: wrapped between words, never inside a number.
+
+An operator reads the outcome of a run at whatever width their terminal has. A line that the
+terminal wraps by itself splits ``2,075`` into ``2,0`` and ``75``; these helpers wrap at
+spaces only (a word longer than the width stays whole), so a number, a time or a command is
+always on one line.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+
+def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ") -> list[str]:
+    """``text`` as lines of at most ``width`` characters (None: one line), split at spaces.
+
+    ``indent`` starts the first line, ``hanging`` the lines that continue it.
+    """
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(
+        text,
+        width=max(width, 20),
+        initial_indent=indent,
+        subsequent_indent=hanging,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [indent]
+
+
+def labelled(
+    rows: Sequence[tuple[str, str]], width: int | None, *, indent: str = "  "
+) -> list[str]:
+    """``label  value`` lines with the values aligned; a long value continues under itself.
+
+    When the labels leave too little room, a value continues under its label instead.
+    """
+    if not rows:
+        return []
+    column = max(len(label) for label, _ in rows) + 2
+    lines: list[str] = []
+    for label, value in rows:
+        first = f"{indent}{label}".ljust(len(indent) + column)
+        room = None if width is None else width - len(first)
+        if room is not None and room < 30:
+            lines.extend(wrap(f"{label}  {value}", width, indent=indent, hanging=indent + "  "))
+            continue
+        lines.extend(wrap(value, width, indent=first, hanging=" " * len(first)))
+    return lines
+
+
+def fit_items(items: Sequence[str], width: int | None, *, hanging: str = "  ") -> list[str]:
+    """Items (each kept whole) on lines of at most ``width``, two spaces apart."""
+    if width is None:
+        return ["  ".join(items)]
+    lines: list[str] = []
+    current = ""
+    for item in items:
+        if not current:
+            current = (hanging if lines else "") + item
+        elif len(current) + 2 + len(item) <= width:
+            current += "  " + item
+        else:
+            lines.append(current)
+            current = hanging + item
+    if current:
+        lines.append(current)
+    return lines

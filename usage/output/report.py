@@ -1,0 +1,84 @@
+"""Where a command's lines go, so that every mode does what it says.
+
+* ``--log-format text``: context lines (database, mode, run, stamp...) go to stdout with the
+  readable result, or to stderr when stdout carries the JSON/CSV document; warnings go to
+  stderr; when stdout carries a document, the command's last stderr line is its outcome.
+* ``--log-format json``: every line on stderr is one JSON object (``events.event_line``):
+  the context lines, warnings and the outcome become events, and so does the command's
+  error (``ToolCommand``); stdout carries the result alone.
+* ``--verbosity 0``: no context lines and no progress; the result and what went wrong only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from django.core.management.base import OutputWrapper
+from django.core.management.color import Style
+
+from usage.events import event_line
+from usage.output.lines import wrap
+
+
+class Reporter:
+    """A command's context lines, warnings, events and outcome line (see the module)."""
+
+    def __init__(
+        self,
+        stdout: OutputWrapper,
+        stderr: OutputWrapper,
+        style: Style,
+        *,
+        json_logs: bool,
+        document_on_stdout: bool,
+        verbosity: int,
+    ) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self.style = style
+        self.json_logs = json_logs
+        self.document_on_stdout = document_on_stdout
+        self.verbosity = verbosity
+
+    def context(self, event: str, message: str, **fields: Any) -> None:
+        """A line that says what the command works on or what it decided (not at -v 0)."""
+        if self.verbosity < 1:
+            return
+        if self.json_logs:
+            self._json("info", event, message, fields)
+        else:
+            self._text(self.stderr if self.document_on_stdout else self.stdout, message)
+
+    def warning(self, message: str, event: str = "warning", **fields: Any) -> None:
+        if self.json_logs:
+            self._json("warning", event, message, fields)
+        else:
+            self._text(self.stderr, message, self.style.WARNING)
+
+    def event(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
+        """An event that only the JSON log shows (text mode shows it otherwise, or not)."""
+        if self.json_logs and (self.verbosity >= 1 or level != "info"):
+            self._json(level, event, message, fields)
+
+    def outcome(self, message: str, *, ok: bool, **fields: Any) -> None:
+        """The command's outcome as its last stderr line, when stdout does not show it."""
+        if self.json_logs:
+            self._json("info" if ok else "error", "outcome", message, fields)
+        elif self.document_on_stdout:
+            self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
+
+    def _text(
+        self, stream: OutputWrapper, message: str, style: Callable[[str], str] | None = None
+    ) -> None:
+        """``message`` on ``stream``, wrapped to its terminal between words."""
+        width = shutil.get_terminal_size().columns if stream.isatty() else None
+        for line in wrap(message, width, hanging="  "):
+            stream.write(style(line) if style else line, style_func=lambda text: text)
+
+    def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
+        self.stderr.write(
+            event_line(level, event, " ".join(message.split()), fields),
+            style_func=lambda text: text,
+        )

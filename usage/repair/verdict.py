@@ -1,0 +1,83 @@
+"""What ``--verify --run-id N`` judges: the run as part of its repair, not a row count alone.
+
+``verify.verify_run`` checks one run: nothing eligible is left and its hourly keys equal a
+recompute. Two kinds of run need more than that to be judged fairly:
+
+* **A reverted run.** The revert restored its rows, so they are eligible again by design:
+  counting them as "left" would call the revert a failed repair. What is still checked is
+  that the run's hourly keys equal a recompute (the revert rebuilt them); the rows left are
+  reported, and are not a failure.
+* **A run in a chain** (one that continues an unfinished run, or was continued by a later
+  one, see ``runs.chain``). The runs of a chain are one repair of one scope, done in several
+  goes: the hourly keys of every run of the chain are checked, and the rows left are judged
+  by its last run. When that run did not finish either, the rows left are a failure, with
+  what to do next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import connection, transaction
+
+from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.models import BackfillRun
+from usage.repair import runs
+from usage.repair.verify import Mismatch, find_mismatches
+
+
+@dataclass(frozen=True)
+class RunVerification:
+    """A run's verification, with the runs it covers and how to read the rows left."""
+
+    run_id: int
+    run_status: str
+    runs: list[int]
+    last_status: str
+    continues: int | None
+    continued_by: int | None
+    eligible_rows_left: int
+    mismatched_keys: int
+    mismatches: list[Mismatch]
+    # The rows left are eligible by design: a run of the chain was reverted.
+    eligible_rows_expected: bool
+
+    @property
+    def last_run(self) -> int:
+        return self.runs[-1]
+
+    @property
+    def keys_ok(self) -> bool:
+        return not self.mismatched_keys and not self.mismatches
+
+    @property
+    def ok(self) -> bool:
+        rows_ok = self.eligible_rows_left == 0 or self.eligible_rows_expected
+        return rows_ok and self.keys_ok
+
+
+def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
+    """Verify run ``run_id`` with its chain (see the module), read-only.
+
+    All differing keys are counted; at most ``limit`` of them are listed.
+    """
+    run = BackfillRun.objects.get(pk=run_id)
+    members = runs.chain(run)
+    later = next((r for r in members if r.continues_id == run.pk), None)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
+        left = cursor.fetchone()[0]
+        count, mismatches = find_mismatches(run_ids=[r.pk for r in members], limit=limit)
+    return RunVerification(
+        run_id=run.pk,
+        run_status=run.status,
+        runs=[r.pk for r in members],
+        last_status=members[-1].status,
+        continues=run.continues_id,
+        continued_by=later.pk if later is not None else None,
+        eligible_rows_left=left,
+        mismatched_keys=count,
+        mismatches=mismatches,
+        eligible_rows_expected=any(r.status == BackfillRun.Status.REVERTED for r in members),
+    )
