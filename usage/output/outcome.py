@@ -152,10 +152,17 @@ def _rollup(d: dict[str, Any]) -> str:
         if d["recovered_runs"]
         else ""
     )
-    plans = (
-        f"{number(d['rollup_hash_slices'])} hashed, "
-        f"{number(d['rollup_slices'] - d['rollup_hash_slices'])} nested-loop"
-    )
+    if d.get("rollup_path") == BackfillRun.RollupPath.OWN:
+        plans = (
+            "the first proven against the platform's function"
+            if d["rollup_slices"] > 1
+            else "proven against the platform's function"
+        )
+    else:
+        plans = (
+            f"{number(d['rollup_hash_slices'])} hashed, "
+            f"{number(d['rollup_slices'] - d['rollup_hash_slices'])} nested-loop"
+        )
     waits = (
         f"; waited {number(d['rollup_cron_waits'])} time(s) for the platform's cron tick"
         if d["rollup_cron_waits"]

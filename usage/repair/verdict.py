@@ -1,7 +1,8 @@
 """What ``--verify --run-id N`` judges: the run as part of its repair, not a row count alone.
 
-``verify.verify_run`` checks one run: nothing eligible is left and its hourly keys equal a
-recompute. Two kinds of run need more than that to be judged fairly:
+A run is verified when nothing eligible is left and its hourly keys equal a recompute
+(``verify.find_mismatches``, every column the installed function writes). Two kinds of run
+need more than that to be judged fairly:
 
 * **A reverted run.** The revert restored its rows, so they are eligible again by design:
   counting them as "left" would call the revert a failed repair. What is still checked is
@@ -23,7 +24,7 @@ from django.db import connection, transaction
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair import runs
-from usage.repair.verify import Mismatch, find_mismatches
+from usage.repair.verify import Mismatch, compared_columns, find_mismatches
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RunVerification:
     mismatches: list[Mismatch]
     # The rows left are eligible by design: a run of the chain was reverted.
     eligible_rows_expected: bool
+    # The hourly columns compared (the platform's version decides which exist).
+    columns: tuple[str, ...] = ()
 
     @property
     def last_run(self) -> int:
@@ -68,6 +71,7 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
         left = cursor.fetchone()[0]
+        columns = compared_columns(cursor)
         count, mismatches = find_mismatches(run_ids=[r.pk for r in members], limit=limit)
     return RunVerification(
         run_id=run.pk,
@@ -80,4 +84,5 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
         mismatched_keys=count,
         mismatches=mismatches,
         eligible_rows_expected=any(r.status == BackfillRun.Status.REVERTED for r in members),
+        columns=tuple(columns),
     )

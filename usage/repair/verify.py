@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import connection
 
-from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.models import BackfillRun
+from usage.eligibility import compose
 
 # Every aggregate column the platform's function writes, as this module recomputes it.
 EXPECTED_SUMS = {
@@ -155,7 +154,7 @@ def find_mismatches(
     """How many hourly keys differ from the recompute, and the first ``limit`` of them.
 
     The count covers every differing key (all keys, or those of some runs); only the list
-    is capped.
+    is capped. Every column of ``compared_columns`` is compared.
     """
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
@@ -187,43 +186,6 @@ def find_mismatches(
 def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
     """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
     return find_mismatches(run_ids, limit)[1]
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    run_id: int
-    eligible_rows_left: int
-    mismatches: list[Mismatch]
-    mismatched_keys: int = 0
-    # The hourly columns compared (the platform's version decides which exist).
-    columns: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.eligible_rows_left == 0 and not self.mismatched_keys and not self.mismatches
-
-
-def verify_run(run_id: int, limit: int = 100) -> VerifyResult:
-    """After a run: nothing eligible is left, and every hourly key it touched is right.
-
-    All differing keys are counted; at most ``limit`` of them are listed.
-
-    Read-only: it runs in a READ ONLY transaction, so it is safe at any time.
-    """
-    run = BackfillRun.objects.get(pk=run_id)
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET TRANSACTION READ ONLY")
-        cursor.execute(compose(COUNT_ELIGIBLE_SQL), eligible_params(run.cutoff, run.workspace_id))
-        left = cursor.fetchone()[0]
-        columns = compared_columns(cursor)
-        count, mismatches = find_mismatches(run_ids=[run.pk], limit=limit)
-    return VerifyResult(
-        run_id=run.pk,
-        eligible_rows_left=left,
-        mismatches=mismatches,
-        mismatched_keys=count,
-        columns=tuple(columns),
-    )
 
 
 def describe(mismatch: dict[str, Any]) -> str:

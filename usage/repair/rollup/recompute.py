@@ -207,40 +207,35 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     function = BackfillRun.RollupPath.FUNCTION
 
     def through_function(why: str) -> PathChoice:
-        return PathChoice(
-            function,
-            installed.described,
-            installed.fingerprint,
-            f"the platform's rollup_task_usage_hourly_window rebuilds the keys: {why}",
-            installed.version,
-        )
+        return PathChoice(function, installed.described, installed.fingerprint, why, version)
 
     version = installed.version
     if version is None:
         return through_function(
-            f"its installed definition (fingerprint {shown}) is not one this tool knows, so "
-            "only the function itself can say what it writes"
+            f"the platform's function rebuilds the keys: its installed definition "
+            f"(fingerprint {shown}) is not one this tool knows"
         )
     if requested == "function":
-        return through_function(f"--rollup-path function ({version.name}, fingerprint {shown})")
+        return through_function(
+            "the platform's function rebuilds the keys, as asked (--rollup-path function)"
+        )
     absent = [name for name in version.columns if name not in installed.hourly_columns]
     if absent:
         return through_function(
-            f"its definition is the {version.name}'s (fingerprint {shown}), but "
-            f"task_usage_hourly lacks {', '.join(absent)}"
+            f"the platform's function rebuilds the keys: task_usage_hourly lacks "
+            f"{', '.join(absent)}, which its definition (fingerprint {shown}) writes"
         )
     if missing:
         return through_function(
-            f"the role may not {'/'.join(missing)} task_usage_hourly itself (the function "
-            "does it on its behalf)"
+            f"the platform's function rebuilds the keys: the role may not "
+            f"{'/'.join(missing)} task_usage_hourly itself"
         )
     return PathChoice(
         BackfillRun.RollupPath.OWN,
         version.name,
         installed.fingerprint,
-        f"the tool's own aggregate-first recompute: the installed function is the "
-        f"{version.name}'s (fingerprint {shown}); each run proves it on its first keys, "
-        "against the function, before relying on it",
+        f"the tool's own aggregate-first recompute (the function's fingerprint {shown}), "
+        "proven equal to the function on the run's first keys",
         version,
     )
 
@@ -350,7 +345,7 @@ WITH hours AS (
     SELECT bucket_hour, count(*) AS keys,
            coalesce(lag(bucket_hour) OVER (ORDER BY bucket_hour) + interval '1 hour',
                     bucket_hour) AS gap_from
-    FROM {KEYS_TABLE} GROUP BY bucket_hour
+    FROM {KEYS_TABLE} WHERE NOT done GROUP BY bucket_hour
 ),
 histogram AS MATERIALIZED (
     SELECT s.histogram_bounds::text::timestamptz[] AS bounds, greatest(c.reltuples, 0) AS rows
@@ -385,12 +380,11 @@ INDEX_HOURS_SQL = f"ALTER TABLE {HOURS_TABLE} ADD PRIMARY KEY (seq)"
 DROP_HOURS_SQL = f"DROP TABLE IF EXISTS {HOURS_TABLE}"
 NUMBER_KEYS_SQL = f"""
 UPDATE {KEYS_TABLE} k SET hour_seq = h.seq
-FROM {HOURS_TABLE} h WHERE h.bucket_hour = k.bucket_hour"""
+FROM {HOURS_TABLE} h WHERE h.bucket_hour = k.bucket_hour AND NOT k.done"""
 INDEX_KEYS_SQL = f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)"
 ANALYZE_SQL = "ANALYZE {table}"
-HOURS_TOTAL_SQL = f"""
-SELECT count(*), coalesce(max(keys_to), 0), (SELECT count(stamp) FROM {KEYS_TABLE})
-FROM {HOURS_TABLE}"""
+KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
+HOURS_TOTAL_SQL = f"SELECT count(*) FROM {HOURS_TABLE}"
 # The next slice: from the hour after ``after`` to the last one within ``limit`` estimated
 # rows (the first hour's gap is not read; at least one hour), with its rows, keys and span.
 NEXT_HOURS_SQL = f"""
@@ -764,7 +758,7 @@ class OwnRebuild(Slicer):
         on_wait: Callable[[str, float], None] | None,
     ) -> bool:
         try:
-            self.hours, keys, stamped = self._touched(run_ids)
+            keys, stamped = self._touched(run_ids)
             if not keys:
                 return True
             self.result.keys_total += keys
@@ -782,6 +776,7 @@ class OwnRebuild(Slicer):
                 logger.warning("rollup path: %s", self.result.path_reason)
                 return False
             logger.info("rollup path: %s", proof.describe())
+            self.hours = self._hours()
             self._slices(should_stop, on_slice, on_wait)
             return True
         finally:
@@ -790,18 +785,27 @@ class OwnRebuild(Slicer):
                 cursor.execute(DROP_KEYS_SQL)
                 cursor.execute(DROP_HOURS_SQL)
 
-    def _touched(self, run_ids: Sequence[int]) -> tuple[int, int, int]:
-        """The touched keys and their hours, in temporary tables: the hours, the keys, and
-        the keys that still carry a stamp."""
+    def _touched(self, run_ids: Sequence[int]) -> tuple[int, int]:
+        """The touched keys, in a temporary table: how many, and how many still carry a
+        stamp."""
         # One pass over the runs' journal, as long as it takes (it holds no lock another
         # writer waits for): the session's statement_timeout would end it at scale.
-        target = settings.CODEX_TARGET_SCHEMA
         with transaction.atomic(), connection.cursor() as cursor:
             set_local_timeouts(cursor, self.limits.lock_timeout, 0)
             cursor.execute(DROP_KEYS_SQL)
             cursor.execute(DROP_HOURS_SQL)
             cursor.execute(compose("ANALYZE {journal}"))
             cursor.execute(compose(CREATE_KEYS_SQL), {"run_ids": list(run_ids)})
+            cursor.execute(ANALYZE_SQL.format(table=KEYS_TABLE))
+            cursor.execute(KEYS_TOTAL_SQL)
+            keys, stamped = cursor.fetchone()
+        return int(keys), int(stamped)
+
+    def _hours(self) -> int:
+        """The hours of the keys the proof left, numbered, with their estimated rows."""
+        target = settings.CODEX_TARGET_SCHEMA
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
             cursor.execute(CREATE_HOURS_SQL, {"schema": target, "table": f"{target}.task_usage"})
             cursor.execute(INDEX_HOURS_SQL)
             cursor.execute(NUMBER_KEYS_SQL)
@@ -809,8 +813,7 @@ class OwnRebuild(Slicer):
             cursor.execute(ANALYZE_SQL.format(table=KEYS_TABLE))
             cursor.execute(ANALYZE_SQL.format(table=HOURS_TABLE))
             cursor.execute(HOURS_TOTAL_SQL)
-            hours, keys, stamped = cursor.fetchone()
-        return int(hours), int(keys), int(stamped)
+            return int(cursor.fetchone()[0])
 
     def _prove(
         self,
