@@ -8,7 +8,6 @@ it as such, without a traceback. No message here ever contains a password.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -114,17 +113,21 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
     """Read ``CODEX_CONNECT_TIMEOUT``, ``CODEX_STATEMENT_TIMEOUT`` and the idle timeout."""
 
     def seconds(name: str, default: str, minimum: float, maximum: float) -> float:
-        value = environ.get(name, "").strip() or default
+        value = environ.get(name, "") or default
         try:
             return parse_seconds(value, flag=name, minimum=minimum, maximum=maximum)
         except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from None
 
+    connect_timeout = seconds("CODEX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 2, 3600)
+    if connect_timeout != int(connect_timeout):
+        # libpq takes whole seconds: a fraction would be rounded, and said nowhere.
+        raise ImproperlyConfigured(
+            f"CODEX_CONNECT_TIMEOUT {connect_timeout:g}s is not a whole number of seconds; "
+            "give whole seconds from 2 to 3600, e.g. 10s"
+        )
     return ConnectionLimits(
-        # libpq takes whole seconds (and treats 1 as 2).
-        connect_timeout=max(
-            2, math.ceil(seconds("CODEX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 1, 3600))
-        ),
+        connect_timeout=int(connect_timeout),
         statement_timeout=seconds(
             "CODEX_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT, 0, 7 * 86400
         ),

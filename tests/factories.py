@@ -49,6 +49,7 @@ def make_usage(
     output_tokens: int = 50,
     created_at: datetime = BEFORE,
     updated_at: datetime | None | str = "same",
+    cost_usd_ticks: int | None = 10,
 ) -> TaskUsage:
     return TaskUsage.objects.create(
         id=uuid.uuid4(),
@@ -61,7 +62,7 @@ def make_usage(
         cache_write_tokens=0,
         created_at=created_at,
         updated_at=created_at if updated_at == "same" else updated_at,
-        cost_usd_ticks=10,
+        cost_usd_ticks=cost_usd_ticks,
     )
 
 

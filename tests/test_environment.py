@@ -112,7 +112,11 @@ def test_a_malformed_database_url_gives_one_line(url: str, expected: str) -> Non
     ("name", "value", "expected"),
     [
         ("CODEX_CONNECT_TIMEOUT", "soon", "CODEX_CONNECT_TIMEOUT 'soon' is not a duration"),
-        ("CODEX_CONNECT_TIMEOUT", "0", "CODEX_CONNECT_TIMEOUT must be between 1 and 3600"),
+        ("CODEX_CONNECT_TIMEOUT", "0", "CODEX_CONNECT_TIMEOUT must be between 2 and 3600"),
+        ("CODEX_CONNECT_TIMEOUT", "1", "CODEX_CONNECT_TIMEOUT must be between 2 and 3600"),
+        ("CODEX_CONNECT_TIMEOUT", "2.5", "is not a whole number of seconds"),
+        ("CODEX_STATEMENT_TIMEOUT", "1h1h", "CODEX_STATEMENT_TIMEOUT '1h1h' is not a duration"),
+        ("CODEX_STATEMENT_TIMEOUT", " 5s", "has spaces around it"),
         ("CODEX_STATEMENT_TIMEOUT", "-1s", "CODEX_STATEMENT_TIMEOUT '-1s' is negative"),
         ("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "١٠", "is not a duration"),
         ("CODEX_REPAIR_SCHEMA", "Robert'); DROP", "is not a plain lower-case PostgreSQL"),

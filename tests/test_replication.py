@@ -423,7 +423,9 @@ def test_role_without_pg_monitor_cannot_see_lag_and_pauses(
             assert reason is not None and "pg_monitor" in reason
             primary.execute("GRANT pg_monitor TO codex_no_monitor")
             wait_until(
-                lambda: lag_too_high(3600, conn.cursor()) is None, 30, "lag visible once granted"
+                lambda: lag_too_high(3600, conn.cursor()) is None,
+                30,
+                what="lag visible once granted",
             )
     finally:
         primary.execute("DROP ROLE IF EXISTS codex_no_monitor")

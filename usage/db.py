@@ -115,10 +115,22 @@ def error_text(exc: BaseException) -> str:
 
 def database_failure(exc: BaseException) -> str:
     """The one line a command prints for a database error, with what to do about it."""
-    if sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
+    state = sqlstate(exc)
+    if state == SQLSTATE_QUERY_CANCELED:
         advice = (
             "a statement ran longer than the server-side statement timeout; raise "
             "CODEX_STATEMENT_TIMEOUT (or the command's --statement-timeout) and re-run"
+        )
+    elif state == SQLSTATE_INSUFFICIENT_PRIVILEGE:
+        role = connection.settings_dict.get("USER") or "the role"
+        advice = (
+            f"{role} lacks that privilege: grant it, or connect as a role that has it "
+            "(preflight_codex_usage_backfill lists every privilege the repair needs)"
+        )
+    elif state == SQLSTATE_READ_ONLY:
+        advice = (
+            "the server only reads (a standby, or default_transaction_read_only): point "
+            "DATABASE_URL at the primary"
         )
     else:
         advice = "check DATABASE_URL and that the server is reachable"

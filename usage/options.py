@@ -30,7 +30,11 @@ _RFC3339 = re.compile(
 )
 _WHOLE = re.compile(r"[0-9]{1,30}")
 _NUMBER = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
-_DURATION = re.compile(r"([0-9]{1,30}(\.[0-9]{1,30})?(ms|s|m|h)){1,4}")
+# Go-style: each unit at most once, largest first (1h30m, 2m5s, 1s500ms).
+_DURATION = re.compile(
+    r"(?=[0-9])([0-9]{1,30}(\.[0-9]{1,30})?h)?([0-9]{1,30}(\.[0-9]{1,30})?m(?!s))?"
+    r"([0-9]{1,30}(\.[0-9]{1,30})?s)?([0-9]{1,30}(\.[0-9]{1,30})?ms)?"
+)
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -124,7 +128,8 @@ def parse_batch_size(value: str | int) -> int:
 def duration_seconds(value: str | float | int, *, flag: str) -> float:
     """Read a duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``).
 
-    Says nothing about the range; the callers check it.
+    Each unit at most once, largest first, and nothing around it (``1h1h`` or ``' 5s'`` is
+    refused, not read as 2 h or 5 s). Says nothing about the range; the callers check it.
     """
     if isinstance(value, bool):
         raise ValueError(f"{flag} {shown(value)} is not a duration")
@@ -132,7 +137,11 @@ def duration_seconds(value: str | float | int, *, flag: str) -> float:
         if not math.isfinite(value):
             raise ValueError(f"{flag} {shown(value)} is not a finite number of seconds")
         return float(value)
-    text = str(value).strip()
+    text = str(value)
+    if text != text.strip():
+        raise ValueError(
+            f"{flag} {shown(value)} has spaces around it; give the duration alone, e.g. 500ms"
+        )
     if text.startswith("-") and (_NUMBER.fullmatch(text[1:]) or _DURATION.fullmatch(text[1:])):
         raise ValueError(f"{flag} {shown(value)} is negative; give 0 or more, e.g. 500ms")
     if _NUMBER.fullmatch(text):

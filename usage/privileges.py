@@ -20,7 +20,7 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-from usage.db import REQUIRED_TOOL_TABLES, ROLLUP_FUNCTION_SIGNATURE
+from usage.db import REQUIRED_TOOL_TABLES, ROLLUP_FUNCTION_SIGNATURE, TargetError
 from usage.eligibility import compose
 
 # The tool's own tables: the run record and the journal are read, written and updated.
@@ -72,7 +72,7 @@ class Missing:
         return " ".join(grant_statement(need, self.role, self.database) for need in self.needs)
 
 
-class PrivilegeError(Exception):
+class PrivilegeError(TargetError):
     """The role lacks privileges a run needs; nothing was written."""
 
 

@@ -565,22 +565,35 @@ class Backfill:
             BackfillRun.objects.filter(pk=run.pk).update(rollup_state=BackfillRun.RollupState.DONE)
             self.result.rollup = rollup.RollupResult()
             return
-        result = rollup.rebuild_keys(
-            run_ids,
-            choice=self.result.path,
-            max_lock_seconds=self.options.max_rollup_lock_seconds,
-            lock_timeout=self.options.lock_timeout,
-            statement_timeout=self.options.statement_timeout,
-            neighbours=rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
-            should_stop=self._rollup_stop_check(),
-            progress=self.progress,
-        )
+        try:
+            result = rollup.rebuild_keys(
+                run_ids,
+                choice=self.result.path,
+                max_lock_seconds=self.options.max_rollup_lock_seconds,
+                lock_timeout=self.options.lock_timeout,
+                statement_timeout=self.options.statement_timeout,
+                neighbours=rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval),
+                should_stop=self._rollup_stop_check(),
+                progress=self.progress,
+            )
+        except rollup.RollupError as exc:
+            if exc.result is not None:  # what it did, its longest hold included, is recorded
+                self.result.rollup = exc.result
+                self._record_rollup(exc.result)
+            raise
         self.result.rollup = result
         if not result.stopped:
             BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(
                 rollup_state=BackfillRun.RollupState.DONE
             )
             self.result.recovered_runs.extend(pending)
+        self._record_rollup(result)
+
+    def _record_rollup(self, result: rollup.RollupResult) -> None:
+        """The rollup's figures on the run record; the path too, when a failed proof changed
+        it."""
+        assert self.result is not None
+        run = self.result.run
         fields: dict[str, Any] = {}
         if self.result.path is not None and result.path != self.result.path.path:
             # The own path's proof failed: the function rebuilt the keys; the record says why.

@@ -133,6 +133,15 @@ def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
         )
 
 
+def workspace_has_agents(workspace_id: uuid.UUID | None) -> bool:
+    """Whether any agent belongs to the workspace (every workspace when None)."""
+    if workspace_id is None:
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
+        return bool(cursor.fetchone()[0])
+
+
 def load_summary(
     cutoff: datetime, workspace_id: uuid.UUID | None, max_groups: int | None = None
 ) -> DryRunSummary:
@@ -150,10 +159,7 @@ def load_summary(
             cursor.execute("SELECT now()")
             database_now = cursor.fetchone()[0]
             ensure_cutoff_in_past(cutoff, database_now)
-            workspace_known = True
-            if workspace_id is not None:
-                cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
-                workspace_known = cursor.fetchone()[0]
+            workspace_known = workspace_has_agents(workspace_id)
         # A client-side cursor keeps parallel query; its rows stay in libpq's compact result
         # and become Python objects only chunk by chunk.
         with connection.cursor() as cursor:

@@ -31,7 +31,7 @@ from usage.repair.backfill import (
 )
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
-from usage.repair.summary import CutoffError, load_summary
+from usage.repair.summary import CutoffError, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
@@ -318,8 +318,18 @@ class Command(ToolCommand):
         keep = (
             TABLE_GROUP_LIMIT if options["format"] == "table" and self.plan_out is None else None
         )
-        summary = load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
-        if not summary.workspace_known:
+        # An execute shown as its outcome alone needs no summary, a pass over every candidate
+        # (grouped, their hourly keys counted) before the run's own: its record has the run's
+        # figures. JSON, CSV and --output carry the groups, so they take it.
+        outcome_only = execute and options["format"] == "table" and self.output is None
+        summary = (
+            None
+            if outcome_only
+            else load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
+        )
+        if not (
+            summary.workspace_known if summary else workspace_has_agents(settings.workspace_id)
+        ):
             self.report.warning(f"No agent belongs to workspace {settings.workspace_id}.")
         saved_plan = None
         if identity is not None:

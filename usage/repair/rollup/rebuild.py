@@ -49,6 +49,7 @@ from usage.repair.rollup.slices import (
     MAX_SLICE_GROWTH,
     Bound,
     NeighbourOptions,
+    RollupError,
     RollupResult,
     RollupSlice,
     SliceCancelled,
@@ -91,18 +92,23 @@ def rebuild_keys(
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     stop = should_stop or (lambda: False)
     result = RollupResult(path=choice.path)
-    if choice.own:
-        own = OwnRebuild(choice, limits, neighbours, result)
-        if not own.run(run_ids, stop, on_slice, on_wait) and not result.stopped:
-            # The function rebuilds every key; the proof's keys (the function's already)
-            # count once.
-            result.path = BackfillRun.RollupPath.FUNCTION
-            result.keys_total = 0
-            result.slices = [dataclasses.replace(piece, keys=0) for piece in result.slices]
-            progress("rollup_path", path=result.path, reason=result.path_reason)
-    if result.path == BackfillRun.RollupPath.FUNCTION and not result.stopped:
-        rebuild_by_function(run_ids, limits, neighbours, result, stop, on_slice, on_wait)
-    result.seconds = time.monotonic() - started
+    try:
+        if choice.own:
+            own = OwnRebuild(choice, limits, neighbours, result)
+            if not own.run(run_ids, stop, on_slice, on_wait) and not result.stopped:
+                # The function rebuilds every key; the proof's keys (the function's already)
+                # count once.
+                result.path = BackfillRun.RollupPath.FUNCTION
+                result.keys_total = 0
+                result.slices = [dataclasses.replace(piece, keys=0) for piece in result.slices]
+                progress("rollup_path", path=result.path, reason=result.path_reason)
+        if result.path == BackfillRun.RollupPath.FUNCTION and not result.stopped:
+            rebuild_by_function(run_ids, limits, neighbours, result, stop, on_slice, on_wait)
+    except RollupError as exc:
+        exc.result = result
+        raise
+    finally:
+        result.seconds = time.monotonic() - started
     return result
 
 

@@ -71,7 +71,12 @@ REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 
 class RollupError(Exception):
-    """The rollup could not be rebuilt; the run's rollup stays pending for the next run."""
+    """The rollup could not be rebuilt; the run's rollup stays pending for the next run.
+
+    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it.
+    """
+
+    result: RollupResult | None = None
 
 
 class SliceCancelled(Exception):
