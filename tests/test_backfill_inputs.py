@@ -138,11 +138,27 @@ def test_database_without_the_target_schema_is_reported(
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("5", 5.0), ("0.5", 0.5), ("0", 0.0), ("500ms", 0.5), ("1m30s", 90.0), (" 2s ", 2.0)],
+    [("5", 5.0), ("0.5", 0.5), ("0", 0.0), ("500ms", 0.5), ("1m30s", 90.0), ("1s500ms", 1.5)],
 )
 def test_durations_take_bare_seconds_like_the_timeouts(value: str, seconds: float) -> None:
     assert parse_duration(value) == seconds
     assert parse_seconds(value, flag="--x", minimum=0, maximum=100) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (" 2s ", "has spaces around it"),
+        ("1h1h", "is not a duration"),  # once taken for 2 h
+        ("1m1h", "is not a duration"),  # units largest first
+        ("5ms1s", "is not a duration"),
+    ],
+)
+def test_a_duration_is_its_units_each_once_largest_first_and_nothing_else(
+    value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_duration(value)
 
 
 @pytest.mark.parametrize(
