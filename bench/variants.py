@@ -34,6 +34,66 @@ FROM {agent_task_queue} q
 WHERE q.id = tu.task_id
   AND {eligible_where}"""
 
+# (a) The floor of the rollup: the same sums as the platform's function for every key the
+# floor's UPDATE touched, in one aggregate-first statement (every usage row joined to its
+# task, agent and issue and grouped by the seven key columns, then kept for the touched
+# keys), upserted in every column the hourly table has. Written here, not shared with the
+# tool: what the tool's own recompute is measured against.
+FLOOR_SUMS = {
+    "input_tokens": "sum(tu.input_tokens)",
+    "output_tokens": "sum(tu.output_tokens)",
+    "cache_read_tokens": "sum(tu.cache_read_tokens)",
+    "cache_write_tokens": "sum(tu.cache_write_tokens)",
+    "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)",
+    "uncosted_input_tokens": (
+        "coalesce(sum(tu.input_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_output_tokens": (
+        "coalesce(sum(tu.output_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_cache_read_tokens": (
+        "coalesce(sum(tu.cache_read_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "uncosted_cache_write_tokens": (
+        "coalesce(sum(tu.cache_write_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
+    ),
+    "task_count": "count(DISTINCT tu.task_id)",
+    "event_count": "count(*)",
+}
+HOURLY_COLUMNS_SQL = """
+SELECT attname FROM pg_attribute
+WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"""
+FLOOR_KEY = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
+FLOOR_RECOMPUTE_SQL = """
+WITH touched AS MATERIALIZED (
+    SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
+           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    FROM {task_usage} tu
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE tu.updated_at >= %(since)s AND q.runtime_id IS NOT NULL
+),
+sums AS (
+    SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
+           q.agent_id, i.project_id, tu.provider, tu.model, {sums}
+    FROM {task_usage} tu
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    JOIN {agent} a ON a.id = q.agent_id
+    LEFT JOIN {issue} i ON i.id = q.issue_id
+    WHERE q.runtime_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+)
+INSERT INTO {task_usage_hourly} AS h ({key}, {columns}, updated_at)
+SELECT {s_key}, {s_columns}, now()
+FROM touched t JOIN sums s
+  ON s.bucket_hour = t.bucket_hour AND s.workspace_id = t.workspace_id
+ AND s.runtime_id = t.runtime_id AND s.agent_id = t.agent_id
+ AND s.project_id IS NOT DISTINCT FROM t.project_id
+ AND s.provider = t.provider AND s.model = t.model
+ON CONFLICT ({key}) DO UPDATE SET {set_columns}, updated_at = EXCLUDED.updated_at"""
+FLOOR_WORK_MEM_SQL = "SET LOCAL work_mem = '64MB'"
+
 # (b) The original Go tool's batch statement, verbatim but for the placeholders: every batch
 # re-finds and re-sorts all remaining candidates. Unqualified names, as the Go tool used them.
 ORIGINAL_BATCH_SQL = """
@@ -191,13 +251,43 @@ def count_eligible(conn: psycopg.Connection, cutoff: datetime) -> int:
 
 
 def floor_update(conn: psycopg.Connection, cutoff: datetime) -> Timed:
-    """(a) One UPDATE of all eligible rows in one transaction, timed to its commit."""
+    """(a) One UPDATE of all eligible rows in one transaction, timed to its commit.
+
+    ``detail["since"]`` is the time it wrote into the rows (its transaction's ``now()``).
+    """
     started = time.monotonic()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(NO_STATEMENT_TIMEOUT_SQL)
+        cur.execute("SELECT now()")
+        (since,) = cur.fetchone()
         cur.execute(compose(FLOOR_UPDATE_SQL), eligible_params(cutoff, None))
         rows = cur.rowcount
-    return Timed(time.monotonic() - started, rows)
+    return Timed(time.monotonic() - started, rows, {"since": since})
+
+
+def floor_recompute(conn: psycopg.Connection, since: datetime) -> Timed:
+    """(a) The rollup's floor after the floor's UPDATE: one aggregate-first statement over
+    the keys of the rows it wrote (``since``), every column upserted, timed to its commit."""
+    with conn.cursor() as cur:
+        cur.execute(HOURLY_COLUMNS_SQL, [compose("{task_usage_hourly}")])
+        present = {name for (name,) in cur.fetchall()}
+    columns = [name for name in FLOOR_SUMS if name in present]
+    statement = compose(
+        FLOOR_RECOMPUTE_SQL,
+        key=FLOOR_KEY,
+        s_key=", ".join(f"s.{name}" for name in FLOOR_KEY.split(", ")),
+        sums=", ".join(f"{FLOOR_SUMS[name]}::bigint AS {name}" for name in columns),
+        columns=", ".join(columns),
+        s_columns=", ".join(f"s.{name}" for name in columns),
+        set_columns=", ".join(f"{name} = EXCLUDED.{name}" for name in columns),
+    )
+    started = time.monotonic()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(NO_STATEMENT_TIMEOUT_SQL)
+        cur.execute(FLOOR_WORK_MEM_SQL)
+        cur.execute(statement, {"since": since})
+        keys = cur.rowcount
+    return Timed(time.monotonic() - started, keys)
 
 
 def original_loop(

@@ -25,6 +25,7 @@ from usage.eligibility import compose
 from usage.models import BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
+from usage.repair.rollup import recompute as own
 from usage.repair.rollup import slices
 from usage.repair.verdict import verify_run_in_context
 from usage.repair.verify import rollup_mismatches
@@ -339,4 +340,34 @@ def test_the_repairs_drain_of_rewritten_keys_is_named_as_such(
         execute_backfill(ExecuteOptions(cutoff=CUTOFF), progress=rewrite_before_the_rollup)
     assert "rewritten keys drain: 1 keys" in caplog.text
     assert "revert drain" not in caplog.text
+    assert rollup_mismatches() == []
+
+
+def test_an_hour_too_big_for_one_slice_of_the_own_path_goes_through_the_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every own slice sleeps past the cap, as a slice whose one hour holds too many rows
+    would: after two tries the hour's keys go through the function, and the run ends."""
+    make_keys(4, 30)  # one bucket hour: 50 keys for the proof, 70 for the own slices
+    live_watermark()
+    sliced = own.OwnRebuild._slice_work
+
+    def too_slow(self: own.OwnRebuild, span: Any) -> Any:
+        work = sliced(self, span)
+
+        def slow(cursor: Any, bound: Any) -> Any:
+            bound()
+            cursor.execute("SELECT pg_sleep(5)")
+            return work(cursor, bound)
+
+        return slow
+
+    monkeypatch.setattr(own.OwnRebuild, "_slice_work", too_slow)
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF, max_rollup_lock_seconds=0.2))
+    run = BackfillRun.objects.get(pk=result.run.pk)
+    assert run.status == BackfillRun.Status.SUCCEEDED
+    assert result.rollup is not None and result.rollup.path == "own"
+    assert len(result.rollup.cancelled_holds) == 2
+    plans = [piece.plan for piece in result.rollup.slices]
+    assert "own" not in plans and plans.count("nestloop") >= 2  # the proof, the function's
     assert rollup_mismatches() == []

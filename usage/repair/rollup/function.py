@@ -444,8 +444,15 @@ JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
 JOIN {agent_task_queue} q ON q.id = tu.task_id
 JOIN {agent} a ON a.id = q.agent_id
 LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL"""
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
+  {only_hour}"""
 ANALYZE_STAMPED_KEYS_SQL = f"ANALYZE {STAMPED_KEYS_TABLE}"
+
+# Every key of the runs, or (the own path's fallback) those of one bucket hour.
+ONLY_HOUR = {
+    False: "",
+    True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s",
+}
 
 # The task count of each agent of some keys: a key's rollup cost grows with it.
 AGENT_TASKS_SQL = """
@@ -645,7 +652,8 @@ JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.
 JOIN {agent_task_queue} q ON q.id = tu.task_id
 JOIN {agent} a ON a.id = q.agent_id
 LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL"""
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
+  {only_hour}"""
 ANALYZE_REWRITTEN_KEYS_SQL = f"ANALYZE {REWRITTEN_KEYS_TABLE}"
 CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
@@ -752,11 +760,15 @@ def _rebuild_rewritten(
     result: RollupResult,
     should_stop: Callable[[], bool],
     on_wait: Callable[[str, float], None] | None,
+    hour: datetime | None = None,
 ) -> None:
     with transaction.atomic(), connection.cursor() as cursor:
         set_local_timeouts(cursor, limits.lock_timeout, 0)
         cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-        cursor.execute(compose(CREATE_REWRITTEN_KEYS_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(
+            compose(CREATE_REWRITTEN_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
+            {"run_ids": list(run_ids), "hour": hour},
+        )
         cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
         cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
         cursor.execute(REWRITTEN_TOTAL_SQL)
@@ -787,11 +799,13 @@ def rebuild_by_function(
     should_stop: Callable[[], bool],
     on_slice: Callable[[RollupSlice, int, int], None] | None,
     on_wait: Callable[[str, float], None] | None,
+    hour: datetime | None = None,
 ) -> None:
     """Rebuild every hourly key of the rows the runs changed through the platform's function.
 
     Slices of stamps first, then the keys of rows rewritten since; stops between slices when
-    ``should_stop()`` says so (``result.stopped``).
+    ``should_stop()`` says so (``result.stopped``). With ``hour``, only that bucket hour's
+    keys (the own path's fallback for an hour too big for one of its slices).
     """
     # One pass over the runs' journal, as long as it takes (it holds no lock another writer
     # waits for): the session's statement_timeout would end it at scale.
@@ -800,7 +814,10 @@ def rebuild_by_function(
         cursor.execute(CREATE_STAMPS_TABLE_SQL)
         cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(compose(CREATE_STAMPED_KEYS_SQL), {"run_ids": list(run_ids)})
+        cursor.execute(
+            compose(CREATE_STAMPED_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
+            {"run_ids": list(run_ids), "hour": hour},
+        )
         cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
         cursor.execute(compose(FILL_STAMPS_TABLE_SQL), {"max_gap": MAX_WINDOW_GAP})
         cursor.execute(STAMPS_TOTAL_SQL)
@@ -812,7 +829,7 @@ def rebuild_by_function(
                 should_stop, on_slice, on_wait
             )
         if not result.stopped:
-            _rebuild_rewritten(run_ids, limits, neighbours, result, should_stop, on_wait)
+            _rebuild_rewritten(run_ids, limits, neighbours, result, should_stop, on_wait, hour)
     finally:
         with connection.cursor() as cursor:
             cursor.execute(DROP_STAMPS_TABLE_SQL)

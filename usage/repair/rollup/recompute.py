@@ -54,6 +54,7 @@ from usage.repair.rollup.function import (
     Plan,
     call_function,
     log_slice,
+    rebuild_by_function,
     set_plan,
 )
 from usage.repair.rollup.slices import (
@@ -749,6 +750,7 @@ class OwnRebuild(Slicer):
         self.rate = RowRate(target=limits.target)
         self.hours = 0
         self.done = self.rows_done = self.keys_done = 0
+        self.run_ids: list[int] = []
 
     def run(
         self,
@@ -757,6 +759,7 @@ class OwnRebuild(Slicer):
         on_slice: Callable[[RollupSlice, int, int], None] | None,
         on_wait: Callable[[str, float], None] | None,
     ) -> bool:
+        self.run_ids = list(run_ids)
         try:
             keys, stamped = self._touched(run_ids)
             if not keys:
@@ -913,14 +916,11 @@ class OwnRebuild(Slicer):
             except SliceCancelled as exc:
                 self.rate.cancelled(span.rows)
                 if span.hours == 1 and self.cancelled_in_a_row >= 1:
+                    # One hour's rows are more than a slice can read: its keys go through
+                    # the function, a window of stamps at a time, and the rest goes on.
                     self.result.cancelled_holds.append(exc.held)
-                    raise RollupError(
-                        f"one bucket hour ({span.start:%Y-%m-%d %H:00} UTC, about "
-                        f"{span.rows:,} usage rows) could not be recomputed within the lock "
-                        f"budget ({self.limits.cap:g}s), twice; the run's rollup stays "
-                        "pending: re-run the same command with a larger "
-                        "--max-rollup-lock-seconds to rebuild the rest"
-                    ) from exc
+                    self._hour_by_function(span, should_stop, on_slice, on_wait)
+                    continue
                 self.cancelled(
                     exc,
                     f"slice of {span.hours} bucket hours (about {span.rows:,} usage rows, "
@@ -952,6 +952,37 @@ class OwnRebuild(Slicer):
             )
             if self.done < self.hours:
                 self.leave_a_gap()
+
+    def _hour_by_function(
+        self,
+        span: _Hours,
+        should_stop: Callable[[], bool],
+        on_slice: Callable[[RollupSlice, int, int], None] | None,
+        on_wait: Callable[[str, float], None] | None,
+    ) -> None:
+        """The own path's fallback for an hour too big for one of its slices."""
+        logger.warning(
+            "bucket hour %s (about %s usage rows) does not fit one slice of the own "
+            "recompute: the platform's function rebuilds its keys",
+            f"{span.start:%Y-%m-%d %H:00}",
+            f"{span.rows:,}",
+        )
+        counted = self.result.keys_total
+        rebuild_by_function(
+            self.run_ids,
+            self.limits,
+            self.neighbours,
+            self.result,
+            should_stop,
+            on_slice,
+            on_wait,
+            hour=span.start,
+        )
+        self.result.keys_total = counted  # its keys were counted with the run's
+        self.cancelled_in_a_row = 0
+        if not self.result.stopped:
+            self.done, self.rows_done = span.upto, self.rows_done + span.rows
+            self.keys_done += span.keys
 
     def _slice_work(self, span: _Hours) -> Callable[[Any, Bound], tuple[int, int]]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
