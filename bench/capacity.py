@@ -1,14 +1,19 @@
 """What repairing 10 and 100 million candidate rows would take, from a benchmark's figures.
 
 Reads the JSON of ``bench/run.py`` and projects, per dataset shape, from its largest size:
-the update phase (time per candidate), the snapshot's temp space, the journal and the WAL
-(bytes per candidate), and the rollup (keys per candidate, and the time per key of the plan
-that still fits a slice on a table that large). A projection, not a measurement: each cost
-is taken as linear in what it counts, which the sizes measured bear out within the stated
-spread; the table's total size (candidates are about 42 % of the rows in the datasets) is
-what decides whether the whole-scan plan still fits a slice.
+the tool's update phase and rollup phase (time per candidate), the two floors (the one-shot
+UPDATE and the aggregate-first recompute, per candidate), the snapshot's temp space, the
+journal and the WAL (bytes per candidate). A projection, not a measurement: each cost is
+taken as linear in what it counts, which the sizes measured bear out within the spread the
+scaling table shows.
 
-    python bench/capacity.py bench/results/final.json
+It also says what breaks first. A slice of the own rollup is at least one bucket hour of
+usage rows: the projection compares the rows of an hour (the table's rows over the hours of
+its history) with what a slice reads in 70 % of the lock budget at the measured rate. An
+hour that does not fit goes through the platform's function instead (its keys a window of
+stamps at a time, at the function's measured cost a key).
+
+    python bench/capacity.py bench/results/2026-12-03-own-rollup.json
 """
 
 from __future__ import annotations
@@ -20,52 +25,38 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = (10_000_000, 100_000_000)
-NESTLOOP_KEY_BASE = 60  # usage.repair.rollup.KEY_BASE_COST["nestloop"]
 GIB = 1024**3
+TARGET_LOCK_FRACTION = 0.7  # usage.repair.rollup.slices.TARGET_LOCK_FRACTION
+# The datasets spread their rows over 60 days of history and 7 after the cutoff.
+HISTORY_HOURS = 67 * 24
 
 
-def projection(size: dict[str, Any], candidates: int) -> dict[str, Any]:
-    t = size["results"]["tool"]
+def projection(size: dict[str, Any], candidates: int, budget: float) -> dict[str, Any]:
+    r = size["results"]
+    t = r["tool"]
     n = size["candidates"]
-    rows_per_candidate = size["rows"] / n
-    table_rows = candidates * rows_per_candidate
-    keys_per_candidate = t["rollup_keys"] / n
-    plans = t["per_plan"]
-    hash_ = plans.get("hash")
-    nested = plans.get("nestloop")
-    budget = size["max_rollup_lock_seconds"]
-    # The whole scans grow with the table: the shortest hashed slice measured is nearly all
-    # scan; scaled to the projected table, does it still fit 70 % of the budget?
-    scan = hash_["shortest_hold_seconds"] * table_rows / size["rows"] if hash_ else None
-    hash_fits = scan is not None and scan < 0.7 * budget
-    keys = candidates * keys_per_candidate
     scale = candidates / n
-    if hash_fits:
-        seconds = hash_["held_seconds"] / hash_["keys"] * keys
-        slices = hash_["slices"] * scale
-        plan = "hash"
-    else:
-        # Only nested loops fit. A key costs 60 plus its agent's tasks in task units (the
-        # cost model's), whatever the table's size; the measured nested-loop slices give the
-        # seconds per unit, all the run's keys the units.
-        units = sum(p["tasks"] + NESTLOOP_KEY_BASE * p["keys"] for p in plans.values())
-        per_unit = nested["held_seconds"] / (nested["tasks"] + NESTLOOP_KEY_BASE * nested["keys"])
-        seconds = units * per_unit * scale
-        slices = seconds / (0.7 * budget)
-        plan = "nestloop"
-    # The neighbours' share: a 0.2 s gap after every slice.
-    rollup_seconds = seconds + 0.2 * slices
+    table_rows = size["rows"] * scale
+    own = t["per_plan"].get("own", {})
+    rows_per_second = own["rows"] / own["held_seconds"] if own.get("held_seconds") else None
+    hour_rows = table_rows / HISTORY_HOURS
+    hour_seconds = hour_rows / rows_per_second if rows_per_second else None
+    fits = hour_seconds is not None and hour_seconds <= TARGET_LOCK_FRACTION * budget
+    floors = r["floor"]["seconds"] + r["floor_rollup"]["seconds"]
     return {
         "candidates": candidates,
         "table_rows": table_rows,
-        "update_hours": t["seconds"] / n * candidates / 3600,
-        "snapshot_gib": t["snapshot_bytes"] / n * candidates / GIB,
-        "journal_gib": t["journal_bytes"] / n * candidates / GIB,
-        "wal_gib": t["wal_bytes"] / n * candidates / GIB,
-        "keys": keys,
-        "whole_scan_seconds": scan,
-        "rollup_plan": plan,
-        "rollup_hours": rollup_seconds / 3600,
+        "update_hours": t["seconds"] * scale / 3600,
+        "rollup_hours": t["rollup_seconds"] * scale / 3600,
+        "execute_hours": t["execute_seconds"] * scale / 3600,
+        "floors_hours": floors * scale / 3600,
+        "snapshot_gib": t["snapshot_bytes"] * scale / GIB,
+        "journal_gib": t["journal_bytes"] * scale / GIB,
+        "wal_gib": t["wal_bytes"] * scale / GIB,
+        "keys": t["rollup_keys"] * scale,
+        "hour_rows": hour_rows,
+        "hour_seconds": hour_seconds,
+        "hour_fits": fits,
     }
 
 
@@ -76,37 +67,46 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(args.json.read_text())
     shapes: dict[str, dict[str, Any]] = {}
     for size in report["sizes"]:
-        if "tool" in size["results"]:
+        if "tool" in size["results"] and "floor_rollup" in size["results"]:
             best = shapes.get(size["shape"])
             if best is None or size["rows"] > best["rows"]:
                 shapes[size["shape"]] = size
     out = sys.stdout
     for shape, size in shapes.items():
-        t = size["results"]["tool"]
+        r = size["results"]
+        t = r["tool"]
         n = size["candidates"]
+        own = t["per_plan"].get("own", {})
+        rate = own["rows"] / own["held_seconds"] if own.get("held_seconds") else 0
         out.write(
             f"\n{shape}, from {size['rows']:,} rows ({n:,} candidates): "
-            f"update {t['seconds'] / n * 1e6:.0f} us/candidate, snapshot "
-            f"{t['snapshot_bytes'] / n:.0f} B, journal {t['journal_bytes'] / n:.0f} B, "
-            f"WAL {t['wal_bytes'] / n:.0f} B per candidate; "
-            f"{t['rollup_keys'] / n:.2f} hourly keys per candidate\n"
+            f"execute {t['execute_seconds'] / n * 1e6:.1f} us/candidate (update "
+            f"{t['seconds'] / n * 1e6:.1f}, rollup {t['rollup_seconds'] / n * 1e6:.1f}); floors "
+            f"{(r['floor']['seconds'] + r['floor_rollup']['seconds']) / n * 1e6:.1f} us "
+            f"(UPDATE {r['floor']['seconds'] / n * 1e6:.1f}, recompute "
+            f"{r['floor_rollup']['seconds'] / n * 1e6:.1f}); snapshot "
+            f"{t['snapshot_bytes'] / n:.0f} B, journal {t['journal_bytes'] / n:.0f} B, WAL "
+            f"{t['wal_bytes'] / n:.0f} B per candidate; own slices read {rate:,.0f} rows/s of "
+            "hold\n"
         )
-        for plan, p in t["per_plan"].items():
-            out.write(
-                f"  {plan}: {p['keys']:,} keys in {p['slices']} slices, {p['ms_per_key']:.2f} "
-                f"ms a key, holds {p['shortest_hold_seconds']:.2f} to "
-                f"{p['longest_hold_seconds']:.2f} s\n"
-            )
-        for candidates in TARGETS:
-            p = projection(size, candidates)
-            scan = "-" if p["whole_scan_seconds"] is None else f"{p['whole_scan_seconds']:.0f} s"
-            out.write(
-                f"  {candidates:>11,} candidates (table ~{p['table_rows'] / 1e6:,.0f}M rows): "
-                f"update {p['update_hours']:.1f} h; snapshot {p['snapshot_gib']:.1f} GiB temp; "
-                f"journal {p['journal_gib']:.1f} GiB; WAL {p['wal_gib']:.0f} GiB; "
-                f"whole scan ~{scan} -> {p['rollup_plan']}: {p['keys'] / 1e6:.1f}M keys in "
-                f"{p['rollup_hours']:.1f} h\n"
-            )
+        for budget in (size["max_rollup_lock_seconds"], 1.0):
+            for candidates in TARGETS:
+                p = projection(size, candidates, budget)
+                fit = (
+                    "fits a slice"
+                    if p["hour_fits"]
+                    else "does NOT fit a slice: its keys go through the function"
+                )
+                out.write(
+                    f"  {candidates:>11,} candidates (table ~{p['table_rows'] / 1e6:,.0f}M "
+                    f"rows), budget {budget:g} s: execute {p['execute_hours']:.2f} h "
+                    f"(update {p['update_hours']:.2f} h, rollup {p['rollup_hours']:.2f} h) "
+                    f"against the floors' {p['floors_hours']:.2f} h "
+                    f"({p['execute_hours'] / p['floors_hours']:.2f}x); snapshot "
+                    f"{p['snapshot_gib']:.1f} GiB temp; journal {p['journal_gib']:.1f} GiB; "
+                    f"WAL {p['wal_gib']:.0f} GiB; an hour ~{p['hour_rows']:,.0f} rows, "
+                    f"~{p['hour_seconds'] or 0:.1f} s of a slice: {fit}\n"
+                )
     return 0
 
 

@@ -5,7 +5,7 @@ Reads the JSON the benchmark wrote and prints, per dataset shape, one summary li
 the run printed them. Nothing is measured here, so the document can be regenerated from the
 committed JSON:
 
-    python bench/markdown.py bench/results/rollup-final.json
+    python bench/markdown.py bench/results/2026-12-03-own-rollup.json
 """
 
 from __future__ import annotations
@@ -17,31 +17,39 @@ from pathlib import Path
 from typing import Any, TextIO
 
 SUMMARY_HEADER = (
-    "| rows | candidates | hourly keys | floor, s | update, s | rollup, s | execute, s "
-    "| execute / floor | default call, s | rollup speed-up | longest 4246 hold, s "
-    "(tool / pg_locks) | longest try-lock refusal, s | cron ticks (skipped, in a row) "
-    "| next tick, s (rows) |"
+    "| rows | candidates | hourly keys | UPDATE, s | floor recompute, s | update, s "
+    "| rollup, s | rollup / floor | execute, s | execute / floors | execute at 1 s budget, s "
+    "| default call, s | longest 4246 hold, s (tool / pg_locks) | longest try-lock refusal, s "
+    "| cron ticks (skipped, in a row) | next tick, s (rows) |"
 )
+SUMMARY_COLUMNS = 16
 
 
 def _s(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _x(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or not reference else f"{value / reference:.2f}x"
+
+
 def summary_line(size: dict[str, Any]) -> str:
     r = size["results"]
     t = r["tool"]
     floor = r["floor"]["seconds"]
+    recompute = r.get("floor_rollup", {}).get("seconds")
+    floors = floor + recompute if recompute is not None else None
     d = r.get("default_call")
-    default = "-"
-    speedup = "-"
-    if d is not None:
-        default = _s(d["seconds"], 1) + (" (sampled)" if d["sampled"] else "")
-        speedup = f"{d['seconds'] / t['rollup_seconds']:.1f}x"
+    default = "-" if d is None else _s(d["seconds"], 1) + (" (sampled)" if d["sampled"] else "")
+    g = r.get("small_budget")
+    small = "-"
+    if g is not None:
+        small = f"{_s(g['execute_seconds'])} ({_x(g['execute_seconds'], t['execute_seconds'])})"
     return (
         f"| {size['rows']:,} | {size['candidates']:,} | {t['rollup_keys']:,} | {_s(floor)} "
-        f"| {_s(t['seconds'])} | {_s(t['rollup_seconds'])} | {_s(t['execute_seconds'])} "
-        f"| {t['execute_seconds'] / floor:.1f}x | {default} | {speedup} "
+        f"| {_s(recompute)} | {_s(t['seconds'])} | {_s(t['rollup_seconds'])} "
+        f"| {_x(t['rollup_seconds'], recompute)} | {_s(t['execute_seconds'])} "
+        f"| {_x(t['execute_seconds'], floors)} | {small} | {default} "
         f"| {_s(t['max_lock_held_seconds'])} / {_s(t.get('lock_observed_seconds'))} "
         f"| {_s(t['try_lock_longest_refusal_seconds'])} "
         f"| {t['cron_ticks']} ({t['cron_ticks_skipped']}, {t['cron_ticks_skipped_in_a_row']}) "
@@ -79,7 +87,7 @@ def render(report: dict[str, Any], out: TextIO) -> None:
         shapes.setdefault(size["shape"], []).append(size)
     for shape, sizes in shapes.items():
         out.write(f"\n### Shape `{shape}`: the issue's measures\n\n{SUMMARY_HEADER}\n")
-        out.write("|" + "---:|" * 14 + "\n")
+        out.write("|" + "---:|" * SUMMARY_COLUMNS + "\n")
         for size in sizes:
             out.write(summary_line(size) + "\n")
     for shape, sizes in shapes.items():

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from sandbox.dataset import HOURLY_SUMS
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.repair.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
 from usage.repair.rollup import ROLLUP_LOCK_ID
@@ -37,29 +38,9 @@ WHERE q.id = tu.task_id
 # (a) The floor of the rollup: the same sums as the platform's function for every key the
 # floor's UPDATE touched, in one aggregate-first statement (every usage row joined to its
 # task, agent and issue and grouped by the seven key columns, then kept for the touched
-# keys), upserted in every column the hourly table has. Written here, not shared with the
-# tool: what the tool's own recompute is measured against.
-FLOOR_SUMS = {
-    "input_tokens": "sum(tu.input_tokens)",
-    "output_tokens": "sum(tu.output_tokens)",
-    "cache_read_tokens": "sum(tu.cache_read_tokens)",
-    "cache_write_tokens": "sum(tu.cache_write_tokens)",
-    "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)",
-    "uncosted_input_tokens": (
-        "coalesce(sum(tu.input_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
-    ),
-    "uncosted_output_tokens": (
-        "coalesce(sum(tu.output_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
-    ),
-    "uncosted_cache_read_tokens": (
-        "coalesce(sum(tu.cache_read_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
-    ),
-    "uncosted_cache_write_tokens": (
-        "coalesce(sum(tu.cache_write_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)"
-    ),
-    "task_count": "count(DISTINCT tu.task_id)",
-    "event_count": "count(*)",
-}
+# keys), upserted in every column the hourly table has, with the sums the dataset's initial
+# rollup uses (sandbox.dataset.HOURLY_SUMS), not the tool's: what its own recompute is
+# measured against.
 HOURLY_COLUMNS_SQL = """
 SELECT attname FROM pg_attribute
 WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"""
@@ -271,12 +252,12 @@ def floor_recompute(conn: psycopg.Connection, since: datetime) -> Timed:
     with conn.cursor() as cur:
         cur.execute(HOURLY_COLUMNS_SQL, [compose("{task_usage_hourly}")])
         present = {name for (name,) in cur.fetchall()}
-    columns = [name for name in FLOOR_SUMS if name in present]
+    columns = [name for name in HOURLY_SUMS if name in present]
     statement = compose(
         FLOOR_RECOMPUTE_SQL,
         key=FLOOR_KEY,
         s_key=", ".join(f"s.{name}" for name in FLOOR_KEY.split(", ")),
-        sums=", ".join(f"{FLOOR_SUMS[name]}::bigint AS {name}" for name in columns),
+        sums=", ".join(f"{HOURLY_SUMS[name]}::bigint AS {name}" for name in columns),
         columns=", ".join(columns),
         s_columns=", ".join(f"s.{name}" for name in columns),
         set_columns=", ".join(f"{name} = EXCLUDED.{name}" for name in columns),

@@ -51,6 +51,7 @@ __all__ = [
     "DEMO_SPEC",
     "DatasetSpec",
     "DatasetStats",
+    "HOURLY_SUMS",
     "generate_dataset",
     "mark_rolled_up",
     "populate_hourly",
@@ -498,8 +499,8 @@ _SET_SETTINGS = "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name
 # of tasks without a runtime excluded), built in one set-based pass: calling the function
 # over all time costs its production-like per-key price, hours at a million rows. The
 # columns are those the hourly table has: the cost ones only since the platform's
-# migration 213 (see sandbox.target).
-_HOURLY_SUMS = {
+# migration 213 (see sandbox.target). The benchmark's floor sums the same way.
+HOURLY_SUMS = {
     "input_tokens": "sum(tu.input_tokens)",
     "output_tokens": "sum(tu.output_tokens)",
     "cache_read_tokens": "sum(tu.cache_read_tokens)",
@@ -672,10 +673,10 @@ def populate_hourly(cursor: Cursor) -> int:
     """
     cursor.execute(_HOURLY_COLUMNS)
     present = {str(name) for (name,) in cursor.fetchall()}
-    columns = [name for name in _HOURLY_SUMS if name in present]
+    columns = [name for name in HOURLY_SUMS if name in present]
     cursor.execute(
         _POPULATE.format(
-            columns=", ".join(columns), sums=", ".join(_HOURLY_SUMS[name] for name in columns)
+            columns=", ".join(columns), sums=", ".join(HOURLY_SUMS[name] for name in columns)
         )
     )
     row = cursor.fetchone()

@@ -201,7 +201,7 @@ def test_operator_reviews_candidates_then_a_run_in_a_1400_px_window(
         page.screenshot(path=str(RUN_SHOT), full_page=True)
 
     assert run_page_width <= VIEWPORT["width"]
-    for words in ("OS user", "Database role", "Stamp base", render.number(want.rows)):
+    for words in ("OS user", "Database role", "Top stamp", render.number(want.rows)):
         assert words in run_text, words
     assert "None" not in run_text
     for shot in (CANDIDATES_SHOT, RUN_SHOT):

@@ -193,7 +193,7 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
 
     # The stamp: kind, base and the watermark it was read from, and why.
     assert f"Stamp: {STAMP_KINDS[BackfillRun.Stamp.BELOW_WATERMARK]}" in text
-    assert f"Stamp base: {clock(run.stamp_base, micro=True)}" in text
+    assert f"Top stamp: {clock(run.stamp_base, micro=True)}" in text
     assert f"Rollup watermark at the start: {clock(WATERMARK, micro=True)}" in text
     assert "on purpose" in text and "never re-rolls" in text
 

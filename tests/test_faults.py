@@ -51,6 +51,29 @@ def test_row_locked_by_a_writer_is_retried_once_released(other_connection) -> No
     assert rollup_mismatches() == []
 
 
+def test_a_row_moved_since_the_snapshot_is_found_again_by_its_id(other_connection) -> None:
+    """A batch finds its rows where the snapshot saw them; a row a writer moved meanwhile
+    (here a new row version with the same eligible values) is repaired by the retry."""
+    rows = make_rows(6)
+
+    def move_one_row(event: str, /, **details: object) -> None:
+        if event == "planned":  # the snapshot is taken, no batch has run yet
+            other_connection.execute(
+                "UPDATE task_usage SET output_tokens = output_tokens + 1 WHERE id = %s",
+                [rows[2].pk],
+            )
+            other_connection.commit()
+
+    result = execute_backfill(
+        ExecuteOptions(cutoff=CUTOFF, lock_retry_delays=(0.05,)), progress=move_one_row
+    )
+    # The range batch found 5 rows where the snapshot saw them; a retry found the sixth by
+    # its id, and the next retry found nothing left.
+    assert (result.rows_updated, result.rows_remaining, result.batches) == (6, 0, 3)
+    assert TaskUsage.objects.get(pk=rows[2].pk).input_tokens == 1002 - 300
+    assert rollup_mismatches() == []
+
+
 def test_row_locked_for_the_whole_run_is_reported_never_success(
     other_connection, quick_lock_retries: None
 ) -> None:

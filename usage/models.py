@@ -115,13 +115,13 @@ class BackfillRun(models.Model):
         SKIPPED = "skipped"
 
     class Stamp(models.TextChoices):
-        """What ``updated_at`` the run writes into the rows it repairs (see ``usage.stamp``)."""
+        """What ``updated_at`` the run writes into the rows it repairs (see ``usage.cron``)."""
 
         BELOW_WATERMARK = "below_watermark"
         REPAIR_TIME = "repair_time"
 
     class RollupPath(models.TextChoices):
-        """How the run rebuilds its hourly keys (see ``usage.repair.recompute``)."""
+        """How the run rebuilds its hourly keys (see ``usage.repair.rollup.recompute``)."""
 
         OWN = "own"  # the tool's aggregate-first recompute, for a function definition it knows
         FUNCTION = "function"  # the platform's rollup_task_usage_hourly_window
@@ -156,7 +156,8 @@ class BackfillRun(models.Model):
     rollup_hash_slices = models.IntegerField(default=0)
     rollup_cron_waits = models.IntegerField(default=0)
     stamp = models.CharField(max_length=24, choices=Stamp.choices, blank=True)
-    # Rows are stamped ``stamp_base`` less their hourly key's rank in microseconds.
+    # The top stamp: the rows of the key of rank r (of K) are stamped ``stamp_base`` less
+    # (r - 1) x S / K microseconds (``usage.cron.StampPolicy``).
     stamp_base = models.DateTimeField(null=True, blank=True)
     watermark_at_start = models.DateTimeField(null=True, blank=True)
     # The earliest and the latest updated_at the run wrote (always after the cutoff).

@@ -189,3 +189,8 @@ def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
             options["cron_tick_interval"], flag="--cron-tick-interval", minimum=1, maximum=86400
         ),
     }
+
+
+def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
+    """The server-side limits and the rollup's path: a run's ``RunLimits`` but its batches."""
+    return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}

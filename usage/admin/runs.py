@@ -36,10 +36,11 @@ STAMP_KINDS = {
 }
 STAMP_HELP = {
     BackfillRun.Stamp.BELOW_WATERMARK: (
-        "Each repaired row's <code>updated_at</code> is the stamp base less its hourly key's "
-        "rank in microseconds: just below the platform rollup's watermark read at the start, "
-        "and after the cutoff. This is on purpose: the platform's cron tick never covers that "
-        "time again, so it never re-rolls the keys this run rebuilt, and the row is never "
+        "Each repaired row's <code>updated_at</code> is a stamp of its hourly key, from the "
+        "top stamp down, a microsecond a key (neighbouring keys share one where there is less "
+        "room): strictly below the platform rollup's watermark read at the start, and "
+        "strictly after the cutoff. This is on purpose: the platform's cron tick never covers "
+        "that time again, so it never re-rolls the keys this run rebuilt, and the row is never "
         "eligible again. When each row was repaired is in its journal entry "
         f"(<em>repaired at</em>). See {README_SECTION}."
     ),
@@ -447,7 +448,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     def stamp_kind(self, obj: BackfillRun) -> str:
         return STAMP_KINDS.get(obj.stamp, obj.stamp or DASH)
 
-    @admin.display(description="stamp base")
+    @admin.display(description="top stamp")
     def stamp_base_shown(self, obj: BackfillRun) -> str:
         return clock(obj.stamp_base, micro=True)
 
@@ -494,6 +495,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     def rollup_slices_shown(self, obj: BackfillRun) -> str:
         if not obj.rollup_slices:
             return number(obj.rollup_slices)
+        if obj.rollup_path == BackfillRun.RollupPath.OWN:
+            return f"{number(obj.rollup_slices)} (the first a proof against the function)"
         nested = obj.rollup_slices - obj.rollup_hash_slices
         return (
             f"{number(obj.rollup_slices)} ({number(obj.rollup_hash_slices)} hashed, "

@@ -37,6 +37,7 @@ from usage.output.files import OutputError, OutputFile
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+from usage.repair.rollup.recompute import ROLLUP_PATHS
 
 # An argument error quotes at most this much of a value, and says at most this much.
 LONGEST_WORD = 80
@@ -182,6 +183,15 @@ class ToolCommand(BaseCommand):
             help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
             "rollup leaves lock 4246 free while a tick is due "
             f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+        )
+        parser.add_argument(
+            "--rollup-path",
+            choices=ROLLUP_PATHS,
+            default="auto",
+            help="how the hourly keys are rebuilt: auto (the tool's own recompute when the "
+            "installed rollup function is a definition it knows, proven against the function "
+            "on each run's first keys; the function otherwise) or function (always the "
+            "platform's function; slower on large tables)",
         )
 
     def add_output_arguments(self, parser: CommandParser) -> None:

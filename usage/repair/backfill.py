@@ -86,9 +86,10 @@ DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
 # workers (an INSERT's may not), and indexed once it is full.
 SNAPSHOT_KEY_ORDER = "{bucket_hour}, q.agent_id, q.runtime_id, i.project_id, tu.provider, tu.model"
 CREATE_WORK_TABLE_SQL = f"""
-CREATE TEMP TABLE codex_backfill_work (seq, id, rank) ON COMMIT PRESERVE ROWS AS
+CREATE TEMP TABLE codex_backfill_work (seq, id, tid, rank) ON COMMIT PRESERVE ROWS AS
 SELECT row_number() OVER (ORDER BY tu.ctid),
        tu.id,
+       tu.ctid,
        dense_rank() OVER (ORDER BY {SNAPSHOT_KEY_ORDER})
 FROM {{eligible_from}}
 LEFT JOIN {{issue}} i ON i.id = q.issue_id
@@ -110,14 +111,14 @@ STAMP = (
 
 # One batch: lock, re-check, journal and update in one statement. ``{selector}`` picks the
 # batch's rows from the snapshot (a seq range, or the next still-eligible rows on a retry;
-# see RANGE_BATCH and RETRY_BATCH).
+# see RANGE_BATCH and RETRY_BATCH), ``{find}`` how each is found in task_usage.
 # The re-check under the lock is the row's own part of the eligibility (what a concurrent
 # writer can change); the snapshot already applied the workspace scope, which cannot change.
 BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
     FROM {WORK_TABLE} w
-    JOIN {{task_usage}} tu ON tu.id = w.id
+    JOIN {{task_usage}} tu ON {{find}}
     WHERE {{selector}}
       AND {{row_eligible_where}}
     ORDER BY w.seq
@@ -153,8 +154,15 @@ FROM updated"""
 
 # The two kinds of batch, as the parts of BATCH_SQL that differ: a range of the snapshot's
 # numbering, or (a retry) the next rows of the snapshot that are still eligible.
-RANGE_BATCH = {"selector": "w.seq > %(after)s AND w.seq <= %(upto)s", "limit": ""}
-RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s"}
+# A range batch finds its rows where the snapshot saw them (``ctid``: no index descent), and
+# checks the id: a row written since has moved, is not found, and counts as not updated, so
+# the retry after the pass (by id, through the primary key) takes it if it is still eligible.
+RANGE_BATCH = {
+    "selector": "w.seq > %(after)s AND w.seq <= %(upto)s",
+    "limit": "",
+    "find": "tu.ctid = w.tid AND tu.id = w.id",
+}
+RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s", "find": "tu.id = w.id"}
 
 REMAINING_IN_WORK_SQL = f"""
 SELECT count(*)

@@ -49,6 +49,7 @@ RECORDED_OPTIONS = (
     "max_rollup_lock_seconds",
     "max_replication_lag",
     "cron_tick_interval",
+    "rollup_path",
     "plan",
     "plan_max_age",
 )
@@ -195,7 +196,7 @@ class Command(ToolCommand):
         self.plan_out = self._check_plan_out(options)
         self.plan = self._read_plan(options)
         cutoff, workspace_id = self._scope(options)
-        timeouts = opts.parse_timeouts(options)
+        timeouts = opts.parse_limits(options)
         self.plan_check = (
             plan.SnapshotCheck(
                 self.plan,

@@ -106,7 +106,7 @@ class Command(ToolCommand):
             revert_options = RevertOptions(
                 run_id=run_id,
                 batch_size=opts.parse_batch_size(options["batch_size"]),
-                **opts.parse_timeouts(options),
+                **opts.parse_limits(options),
                 show_changed=show,
             )
             self.output = (
