@@ -517,6 +517,7 @@ class SizeRun:
             "update_seconds": (run["rollup_to"] - run["started_at"]).total_seconds(),
             "rollup_seconds": run["rollup_seconds"],
             "rollup_slices": run["rollup_slices"],
+            "rollup_cron_wait_seconds": run["rollup_cron_wait_seconds"],
             "max_lock_held_seconds": run["rollup_max_lock_seconds"],
             "command_seconds": proc.seconds,
             "per_plan": _per_plan(slices),
@@ -580,6 +581,8 @@ class SizeRun:
             "rollup_slices": run["rollup_slices"],
             "rollup_hash_slices": run["rollup_hash_slices"],
             "rollup_cron_waits": run["rollup_cron_waits"],
+            "rollup_cron_wait_seconds": run["rollup_cron_wait_seconds"],
+            "rollup_path": run["rollup_path"],
             "max_lock_held_seconds": run["rollup_max_lock_seconds"],
             "lock_observed_seconds": watch.max_hold_seconds,
             "try_lock_longest_refusal_seconds": probe.longest_refusal(),
@@ -838,13 +841,15 @@ def table_rows(size: dict[str, Any]) -> list[dict[str, Any]]:
             f"{plan} {p['keys']:,} keys in {p['slices']} slices ({p['ms_per_key']:.2f} ms a key)"
             for plan, p in t["per_plan"].items()
         )
+        waited = t.get("rollup_cron_wait_seconds", 0.0)
         line(
             "c",
             "  rollup phase",
             t["rollup_seconds"],
             floor_rollup,
             rows=t["rollup_keys"],
-            note=f"{t['rollup_keys']:,} keys: {plans}",
+            note=f"{t['rollup_keys']:,} keys: {plans}; {waited:.1f}s of it leaving lock 4246 "
+            "to the cron tick",
         )
         line(
             "c",
@@ -1036,9 +1041,12 @@ def targets(size: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         tick is not None and tick <= NEXT_TICK_HOLD_MAX,
         True,
     )
-    v = ratio(t.get("rollup_seconds"), floor_rollup)
+    own_time = None
+    if t.get("rollup_seconds") is not None:
+        own_time = t["rollup_seconds"] - t.get("rollup_cron_wait_seconds", 0.0)
+    v = ratio(own_time, floor_rollup)
     target(
-        "rollup phase / aggregate-first floor (recompute + upsert)",
+        "rollup phase, its waits for the cron tick aside / aggregate-first floor",
         v,
         f"<= {ROLLUP_VS_FLOOR_MAX:g}",
         v is not None and v <= ROLLUP_VS_FLOOR_MAX,

@@ -163,7 +163,8 @@ LATEST_RUN_SQL = """
 SELECT id, status, rows_planned, rows_updated, rows_remaining, started_at, finished_at,
        rollup_from, rollup_to, (SELECT count(*) FROM {journal} j WHERE j.run_id = r.id),
        rollup_state, rollup_keys, rollup_slices, rollup_hash_slices, rollup_seconds,
-       rollup_max_lock_seconds, rollup_cron_waits, stamp
+       rollup_max_lock_seconds, rollup_cron_waits, stamp, rollup_cron_wait_seconds,
+       rollup_path
 FROM {run} r ORDER BY id DESC LIMIT 1"""
 
 # (d) The hourly keys of a run's rows, and a call of the platform's function over them with
@@ -382,6 +383,8 @@ def latest_run(conn: psycopg.Connection) -> dict[str, Any]:
         "rollup_max_lock_seconds",
         "rollup_cron_waits",
         "stamp",
+        "rollup_cron_wait_seconds",
+        "rollup_path",
     )
     return dict(zip(keys, row, strict=True))
 

@@ -155,6 +155,8 @@ class BackfillRun(models.Model):
     rollup_seconds = models.FloatField(default=0)
     rollup_hash_slices = models.IntegerField(default=0)
     rollup_cron_waits = models.IntegerField(default=0)
+    # How long the rollup left lock 4246 free for the platform's cron tick, in all.
+    rollup_cron_wait_seconds = models.FloatField(default=0)
     stamp = models.CharField(max_length=24, choices=Stamp.choices, blank=True)
     # The top stamp: the rows of the key of rank r (of K) are stamped ``stamp_base`` less
     # (r - 1) x S / K microseconds (``usage.cron.StampPolicy``).

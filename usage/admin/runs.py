@@ -517,4 +517,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="waits for the cron tick")
     def rollup_cron_waits_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rollup_cron_waits)
+        if not obj.rollup_cron_waits:
+            return number(obj.rollup_cron_waits)
+        return f"{number(obj.rollup_cron_waits)} ({seconds(obj.rollup_cron_wait_seconds)} in all)"

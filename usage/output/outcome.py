@@ -164,7 +164,8 @@ def _rollup(d: dict[str, Any]) -> str:
             f"{number(d['rollup_slices'] - d['rollup_hash_slices'])} nested-loop"
         )
     waits = (
-        f"; waited {number(d['rollup_cron_waits'])} time(s) for the platform's cron tick"
+        f"; waited {number(d['rollup_cron_waits'])} time(s), "
+        f"{d.get('rollup_cron_wait_seconds', 0):.1f} s in all, for the platform's cron tick"
         if d["rollup_cron_waits"]
         else ""
     )

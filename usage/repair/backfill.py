@@ -622,6 +622,7 @@ class Backfill:
             rollup_seconds=result.seconds,
             rollup_hash_slices=result.hash_slices,
             rollup_cron_waits=result.cron_waits,
+            rollup_cron_wait_seconds=result.cron_wait_seconds,
             **fields,
         )
 
