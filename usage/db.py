@@ -5,6 +5,7 @@ Everything here is read-only and safe on a production database.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -229,3 +230,13 @@ def reconnect_if_dead() -> None:
     """After the connection was lost, let the next statement open a fresh one."""
     if connection.connection is not None and not connection.is_usable():
         connection.close()
+
+
+def drop_temp_table(statement: str, what: str, logger: logging.Logger) -> None:
+    """Drop a run's session temp table; when the session is gone, the table went with it."""
+    try:
+        if connection.is_usable():
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+    except Exception:
+        logger.debug("%s left to die with the session", what, exc_info=True)

@@ -38,6 +38,7 @@ from usage import cron, privileges, render
 from usage.db import (
     check_target,
     database_now,
+    drop_temp_table,
     error_text,
     reconnect_if_dead,
     set_local_timeouts,
@@ -53,7 +54,6 @@ from usage.repair.batching import (
     RunError,
     RunLimits,
     describe_failure,
-    drop_temp_table,
     retry_locked,
 )
 from usage.repair.progress import Progress, no_progress

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 
 from usage import cron
 from usage.db import (
@@ -146,16 +146,6 @@ def retry_locked(
             return locked
         retry_pass()
     return count_locked()
-
-
-def drop_temp_table(statement: str, what: str, logger: logging.Logger) -> None:
-    """Drop a run's session temp table; when the session is gone, the table went with it."""
-    try:
-        if connection.is_usable():
-            with connection.cursor() as cursor:
-                cursor.execute(statement)
-    except Exception:
-        logger.debug("%s left to die with the session", what, exc_info=True)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -47,7 +47,13 @@ from django.db.models import Max, Min
 from django.db.models.functions import Now
 
 from usage import privileges
-from usage.db import check_target, error_text, reconnect_if_dead, set_local_timeouts
+from usage.db import (
+    check_target,
+    drop_temp_table,
+    error_text,
+    reconnect_if_dead,
+    set_local_timeouts,
+)
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
@@ -545,7 +551,7 @@ class _Revert:
             )
 
     def _drop_agent_tasks(self) -> None:
-        batching.drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
+        drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
 
     # -- the end ---------------------------------------------------------------------------
 

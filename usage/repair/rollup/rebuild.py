@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import connection
 
+from usage.db import drop_temp_table
 from usage.models import BackfillRun
 from usage.repair.progress import Progress, no_progress
 from usage.repair.rollup.function import (
@@ -136,10 +137,6 @@ class RevertDrains:
             cursor.execute(CREATE_REVERT_KEYS_SQL)
             cursor.execute(CLEAR_REVERT_KEYS_SQL)
 
-    @property
-    def own(self) -> bool:
-        return self.recompute is not None
-
     def drain(
         self,
         enqueued_until: datetime,
@@ -178,11 +175,7 @@ class RevertDrains:
 
     def close(self) -> None:
         self.function.finish()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(DROP_REVERT_KEYS_SQL)
-        except Exception:
-            logger.debug("revert keys table left to die with the session", exc_info=True)
+        drop_temp_table(DROP_REVERT_KEYS_SQL, "revert keys table", logger)
 
     def _prove(
         self,

@@ -46,7 +46,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
-from usage.db import ROLLUP_FUNCTION_SIGNATURE, set_local_timeouts
+from usage.db import ROLLUP_FUNCTION_SIGNATURE, drop_temp_table, set_local_timeouts
 from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.render import short_hash
@@ -784,9 +784,8 @@ class OwnRebuild(Slicer):
             return True
         finally:
             self.finish()
-            with connection.cursor() as cursor:
-                cursor.execute(DROP_KEYS_SQL)
-                cursor.execute(DROP_HOURS_SQL)
+            drop_temp_table(DROP_KEYS_SQL, "rollup keys table", logger)
+            drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
 
     def _touched(self, run_ids: Sequence[int]) -> tuple[int, int]:
         """The touched keys, in a temporary table: how many, and how many still carry a
