@@ -27,7 +27,8 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
                sample of the keys is timed and the time scaled to all of them (said so);
 (e) dry run    usage.repair.summary.load_summary versus one plain aggregate over the same rows
                (medians, alternating, same connection), plus the dry-run command's wall time;
-(g) budget     the whole execute again with ``--small-budget`` (1 s) as the lock budget;
+(g) budget     the whole execute again with ``--small-budget`` (1 s) as the lock budget,
+               with the same neighbours as (c);
 (u) update     ``--update-repeat`` pairs, in turn, of (a)'s UPDATE and the whole command with
                ``--no-rebuild-rollup`` (process wall time, start-up included); medians.
 
@@ -506,7 +507,15 @@ class SizeRun:
         with self.srv.connect(name) as conn:
             conn.execute(compose(variants.LIVE_CRON_STATE_SQL))
             conn.commit()
-        proc = run_process(self.tool_argv(rollup_too=True, budget=budget), url)
+        # The same neighbours as (c): the command is told the tick's interval, and waits for
+        # the tick when it is due.
+        probe = neighbours.TryLockProbe(url).start()
+        cron = neighbours.CronScheduler(url, self.args.cron_interval).start()
+        try:
+            proc = run_process(self.tool_argv(rollup_too=True, budget=budget), url)
+        finally:
+            probe.stop()
+            cron.stop()
         self.check("(g) command exit status 0", proc.returncode == 0, proc.tail())
         with self.srv.connect(name) as conn:
             run = variants.latest_run(conn)
@@ -519,6 +528,9 @@ class SizeRun:
             "rollup_slices": run["rollup_slices"],
             "rollup_cron_wait_seconds": run["rollup_cron_wait_seconds"],
             "max_lock_held_seconds": run["rollup_max_lock_seconds"],
+            "try_lock_longest_refusal_seconds": probe.longest_refusal(),
+            "cron_ticks": len(cron.ticks),
+            "cron_ticks_skipped": cron.skipped,
             "command_seconds": proc.seconds,
             "per_plan": _per_plan(slices),
         }
