@@ -7,7 +7,8 @@ journal and the WAL (bytes per candidate). A projection, not a measurement: each
 taken as linear in what it counts, which the sizes measured bear out within the spread the
 scaling table shows.
 
-It also says what breaks first. A slice of the own rollup is at least one bucket hour of
+With a (g) run, the same projection is made at its budget from its own figures. It also
+says what breaks first. A slice of the own rollup is at least one bucket hour of
 usage rows: the projection compares the rows of an hour (the table's rows over the hours of
 its history) with what a slice reads in 70 % of the lock budget at the measured rate. An
 hour that does not fit goes through the platform's function instead (its keys a window of
@@ -32,8 +33,17 @@ HISTORY_HOURS = 67 * 24
 
 
 def projection(size: dict[str, Any], candidates: int, budget: float) -> dict[str, Any]:
+    """At ``budget``: from (c)'s figures, or (g)'s when it ran with that budget."""
     r = size["results"]
-    t = r["tool"]
+    t = dict(r["tool"])
+    g = r.get("small_budget")
+    if g is not None and g["budget"] == budget and budget != size["max_rollup_lock_seconds"]:
+        t.update(
+            seconds=g["update_seconds"],
+            rollup_seconds=g["rollup_seconds"],
+            execute_seconds=g["execute_seconds"],
+            per_plan=g["per_plan"],
+        )
     n = size["candidates"]
     scale = candidates / n
     table_rows = size["rows"] * scale
@@ -89,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['wal_bytes'] / n:.0f} B per candidate; own slices read {rate:,.0f} rows/s of "
             "hold\n"
         )
-        for budget in (size["max_rollup_lock_seconds"], 1.0):
+        budgets = [size["max_rollup_lock_seconds"]]
+        if "small_budget" in r:
+            budgets.append(r["small_budget"]["budget"])
+        for budget in budgets:
             for candidates in TARGETS:
                 p = projection(size, candidates, budget)
                 fit = (
