@@ -44,7 +44,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from usage.cron import ROLLUP_LOCK_ID
-from usage.db import set_local_timeouts
+from usage.db import drop_temp_table, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import log_event
 from usage.repair.rollup.slices import (
@@ -831,6 +831,5 @@ def rebuild_by_function(
         if not result.stopped:
             _rebuild_rewritten(run_ids, limits, neighbours, result, should_stop, on_wait, hour)
     finally:
-        with connection.cursor() as cursor:
-            cursor.execute(DROP_STAMPS_TABLE_SQL)
-            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
+        drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
+        drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
