@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from usage.options import parse_seconds
+from usage.options import parse_rollup_declarations, parse_seconds
 
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
@@ -135,6 +135,15 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
             "CODEX_IDLE_IN_TRANSACTION_TIMEOUT", DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, 0, 86400
         ),
     )
+
+
+def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str, int]:
+    """``CODEX_ROLLUP_DECLARE``: definitions of the rollup function the operator declares equal
+    to a platform version (fingerprint to migration); each run still proves it."""
+    try:
+        return parse_rollup_declarations(environ.get("CODEX_ROLLUP_DECLARE", ""))
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 
 def _milliseconds(seconds: float) -> str:

@@ -171,6 +171,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The admin's candidates page defaults to this cutoff when set (RFC 3339).
 CODEX_BACKFILL_CUTOFF = os.environ.get("CODEX_BACKFILL_CUTOFF", "").strip()
 
+# Definitions of the rollup function the operator declares equal to a platform version
+# (``CODEX_ROLLUP_DECLARE=FINGERPRINT=MIGRATION[,...]``; README, "The rollup's two paths").
+CODEX_ROLLUP_DECLARED = environment.rollup_declarations(os.environ)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

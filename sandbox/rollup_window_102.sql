@@ -5,11 +5,12 @@
 --
 -- sandbox.target installs it: create_target_schema() the current one (213), and
 -- install_platform_version() switches a database between 102 and 213 (the tests do).  The
--- tool recognises each definition by its fingerprint (usage.repair.rollup.recompute):
--- changing a body here changes its fingerprint, and the test that pins the known ones
--- fails until the version table there says what the new body writes.
+-- tool recognises each definition by a fingerprint of its tokens (usage.repair.rollup.versions),
+-- as "this project's fixture of migration N", never as the platform's own: changing a token
+-- here changes it, and the test that pins the known ones fails until the table is updated.
 --
--- 1. Returns 0 when p_from >= p_to (or either bound is NULL).
+-- 1. Returns 0 when p_from >= p_to.  (A NULL bound is not refused, as on the platform: with
+--    p_from NULL the queued keys before p_to are still recomputed and drained.)
 -- 2. Dirty keys: keys of task_usage rows with updated_at in [p_from, p_to), or with
 --    updated_at IS NULL and created_at in [p_from, p_to), plus the queued keys with
 --    enqueued_at < p_to.
@@ -19,8 +20,10 @@
 --    deleted.
 -- 4. Idempotent: re-running an overlapping window gives the same state.
 --
--- Everything runs as one statement, so the dirty keys, the recompute and the queue drain
--- share one snapshot: a key queued concurrently is never drained without its recompute.
+-- As on the platform, the dirty keys and the recompute are one statement and the queue is
+-- drained by a second one, with a snapshot of its own: under READ COMMITTED a key queued
+-- (with enqueued_at < p_to) between the two is drained without being recomputed.  Checked
+-- against the platform's own migrations 102 and 213: tests/test_platform_as_it_ships.py.
 --
 -- The recompute is shaped like the platform's (fact 6 of the function's contract): each
 -- dirty key is joined to *every* task of its agent and runtime, then each task's usage rows
@@ -36,7 +39,7 @@ AS $rollup$
 DECLARE
     v_changed bigint;
 BEGIN
-    IF p_from IS NULL OR p_to IS NULL OR p_from >= p_to THEN
+    IF p_from >= p_to THEN
         RETURN 0;
     END IF;
 
@@ -150,15 +153,11 @@ BEGIN
           AND h.provider = r.provider
           AND h.model = r.model
         RETURNING 1
-    ),
-    drained AS (
-        -- Runs to completion although nothing reads it.
-        DELETE FROM task_usage_hourly_dirty d
-        WHERE d.enqueued_at < p_to
-        RETURNING 1
     )
     SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted)
     INTO v_changed;
+
+    DELETE FROM task_usage_hourly_dirty d WHERE d.enqueued_at < p_to;
 
     RETURN v_changed;
 END;

@@ -210,7 +210,7 @@ def test_a_runs_page_shows_the_fields_of_migration_0006_when_set(
     # A real execute records the stamps it wrote and its rollup's path.
     stamps = f"from {clock(run.stamp_first, micro=True)} to {clock(run.stamp_last, micro=True)}"
     assert f"Stamps written: {stamps}" in text
-    assert "Rollup function recognised: platform migration 213" in text
+    assert "Rollup function recognised: this project's fixture of migration 213" in text
     assert "Why this path: the tool's own aggregate-first recompute" in text
     # A run without them (--no-rebuild-rollup chooses no path) leaves them out.
     BackfillRun.objects.filter(pk=run.pk).update(

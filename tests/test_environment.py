@@ -121,6 +121,14 @@ def test_a_malformed_database_url_gives_one_line(url: str, expected: str) -> Non
         ("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "١٠", "is not a duration"),
         ("CODEX_REPAIR_SCHEMA", "Robert'); DROP", "is not a plain lower-case PostgreSQL"),
         ("DJANGO_HTTPS", "yes", "DJANGO_HTTPS='yes' must be 1, proxy or unset"),
+        ("CODEX_ROLLUP_DECLARE", "213", "CODEX_ROLLUP_DECLARE '213' is not FINGERPRINT=MIGRATION"),
+        ("CODEX_ROLLUP_DECLARE", f"sha256:{'a' * 63}=213", "is not FINGERPRINT=MIGRATION"),
+        ("CODEX_ROLLUP_DECLARE", f"sha256:{'a' * 64}=214", "as migration 214, which this tool"),
+        (
+            "CODEX_ROLLUP_DECLARE",
+            f"sha256:{'a' * 64}=213,sha256:{'a' * 64}=102",
+            "declares sha256:aaaaaaaaaaaa… twice, as 213 and 102",
+        ),
     ],
 )
 def test_a_malformed_setting_gives_one_line(name: str, value: str, expected: str) -> None:

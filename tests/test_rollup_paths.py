@@ -29,7 +29,7 @@ from usage.models import AgentTaskQueue, BackfillRun, Issue
 from usage.preflight.run import run_preflight
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import choose_path
+from usage.repair.rollup import choose_path, versions
 from usage.repair.rollup import recompute as own
 from usage.repair.verdict import verify_run_in_context
 from usage.repair.verify import rollup_mismatches
@@ -77,7 +77,7 @@ def as_the_function_makes_it() -> list[tuple]:
     return state
 
 
-def as_the_own_path_makes_it(version: own.FunctionVersion) -> list[tuple]:
+def as_the_own_path_makes_it(version: versions.FunctionVersion) -> list[tuple]:
     """The hourly table after the own recompute wrote every key (rolled back)."""
     first, last = sql(HOURS_SQL)[0]
     span = [(first - timedelta(hours=1), last + timedelta(hours=1))]
@@ -111,9 +111,13 @@ def platform(request: pytest.FixtureRequest) -> Iterator[int]:
         target.install_platform_version(cursor, settings.CODEX_TARGET_SCHEMA, 213)
 
 
-def known(version: int) -> own.FunctionVersion:
-    name = f"platform migration {version}"
-    return next(v for v in own.KNOWN_FUNCTIONS.values() if v.name == name)
+def known(version: int) -> versions.FunctionVersion:
+    """The fixture's rendition of a platform version, as the tool knows it."""
+    return next(
+        v
+        for v in versions.KNOWN_FUNCTIONS.values()
+        if (v.migration, v.source) == (version, versions.FIXTURE)
+    )
 
 
 def edge_cases() -> dict[str, Any]:
@@ -153,30 +157,111 @@ def edge_cases() -> dict[str, Any]:
 # -- the versions the tool knows ---------------------------------------------------------
 
 
-def test_the_fixtures_functions_are_the_versions_the_tool_knows(platform: int) -> None:
+def test_the_platforms_own_fingerprints_name_its_versions_and_columns() -> None:
+    """The platform's definitions as its migrations install them (measured on databases built
+    from its migration files: tests/test_platform_as_it_ships.py checks them there)."""
+    platform_102 = versions.recognise(
+        "sha256:6d1db7180295ad57298900e2bfa7066f1516e47fa2fa909fd79c81b3602f3b1e"
+    )
+    platform_213 = versions.recognise(
+        "sha256:894f2246ef809a93a20791e3e3f6b8a67fc886e54881bb26555b0d96f02e8ed1"
+    )
+    assert platform_102 is not None and platform_213 is not None
+    assert (platform_102.source, platform_102.migration) == (versions.PLATFORM, 102)
+    assert (platform_213.source, platform_213.migration) == (versions.PLATFORM, 213)
+    assert platform_102.name == "the platform's migration 102"
+    assert platform_213.name == "the platform's migration 213"
+    tokens = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+    assert platform_102.columns == (*tokens, "task_count", "event_count")
+    assert platform_213.columns == (
+        *tokens,
+        "cost_usd_ticks",
+        *(f"uncosted_{name}" for name in tokens),
+        "task_count",
+        "event_count",
+    )
+    # Two of each source, one a version: nothing else is known.
+    assert sorted((v.source, v.migration) for v in versions.KNOWN_FUNCTIONS.values()) == [
+        ("fixture", 102),
+        ("fixture", 213),
+        ("platform", 102),
+        ("platform", 213),
+    ]
+
+
+def test_the_fixtures_functions_are_known_as_the_fixtures(platform: int) -> None:
     choice = choose_path()
     assert choice.own and choice.version == known(platform)
-    assert choice.function == f"platform migration {platform}"
+    assert choice.version.source == versions.FIXTURE
+    assert choice.function == f"this project's fixture of migration {platform}"
+    assert "platform's migration" not in choice.reason
     with connection.cursor() as cursor:
-        installed_function = own.read_installed_function(cursor)
+        installed_function = versions.read_installed_function(cursor)
     assert installed_function is not None
     assert installed_function.fingerprint == known(platform).fingerprint
     # 102 writes no cost columns; 213 writes cost_usd_ticks and the four uncosted sums.
     assert ("uncosted_input_tokens" in choice.version.columns) == (platform == 213)
     assert ("cost_usd_ticks" in choice.version.columns) == (platform == 213)
+    checks = {r.name: r for r in run_preflight(CUTOFF, None)}
+    assert f"this project's fixture of migration {platform}" in checks["rollup_function"].detail
+    assert checks["rollup_path"].status == "ok"
 
 
-def test_a_reformatted_body_is_the_same_definition_a_changed_one_is_not() -> None:
-    body = "BEGIN\n    RETURN 0;\nEND"
-    assert own.fingerprint("plpgsql", "", body) == own.fingerprint(
-        "plpgsql", "", " BEGIN RETURN 0; END "
+BODY = "BEGIN\n    IF p_from >= p_to THEN RETURN 0; END IF;\n    RETURN 'UTC' = $x$--$x$;\nEND"
+
+
+@pytest.mark.parametrize(
+    "same",
+    [
+        " begin if p_from>=p_to then return 0 ; end if;return 'UTC'=$x$--$x$; end ",
+        "-- a comment\nBEGIN /* a /* nested */ one */ IF p_from >= p_to THEN RETURN 0;\n"
+        "END IF; -- why\nRETURN 'UTC' = $x$--$x$; END",
+    ],
+    ids=["layout-and-case", "comments"],
+)
+def test_comments_layout_and_keyword_case_leave_the_fingerprint(same: str) -> None:
+    assert versions.fingerprint("plpgsql", "", same) == versions.fingerprint("plpgsql", "", BODY)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        BODY.replace("RETURN 0", "RETURN 1"),
+        BODY.replace("'UTC'", "'utc'"),  # a literal's case is its value
+        BODY.replace("$x$--$x$", "$x$-$x$"),  # dollar-quoted text is text, not a comment
+        BODY.replace(">=", ">"),
+        BODY.replace("p_from >= p_to", '"P_FROM" >= p_to'),  # a quoted name keeps its case
+    ],
+    ids=["number", "literal-case", "dollar-text", "operator", "quoted-name"],
+)
+def test_any_change_of_a_token_or_setting_changes_the_fingerprint(other: str) -> None:
+    assert versions.fingerprint("plpgsql", "", other) != versions.fingerprint("plpgsql", "", BODY)
+    assert versions.fingerprint("plpgsql", "search_path=app", BODY) != versions.fingerprint(
+        "plpgsql", "", BODY
     )
-    assert own.fingerprint("plpgsql", "", body) != own.fingerprint(
-        "plpgsql", "", "BEGIN RETURN 1; END"
-    )
-    assert own.fingerprint("plpgsql", "", body) != own.fingerprint(
-        "plpgsql", "search_path=app", body
-    )
+    assert versions.fingerprint("sql", "", BODY) != versions.fingerprint("plpgsql", "", BODY)
+
+
+def test_a_definition_recommented_and_relaid_is_still_recognised(
+    restored_function: None,
+) -> None:
+    """As a platform migration that only edits comments and layout would install it."""
+    text = target.ROLLUP_FUNCTIONS[213].read_text()
+    body = text[text.index("$rollup$") : text.rindex("$rollup$")]
+    lines = ["  " + line.upper().replace("--", "-- note:") for line in body.split("\n")]
+    lines.insert(1, "/* reviewed 2026-12-06: comments and layout only */")
+    # Upper-casing reaches words and literals: put the one literal that is not upper case
+    # already back, and the dollar quote's tag.
+    relaid = "\n".join(lines).replace("'HOUR'", "'hour'").replace("$ROLLUP$", "$rollup$")
+    assert relaid.count("\n") == body.count("\n") + 1
+    install_body((body, relaid))
+    choice = choose_path()
+    assert choice.own and choice.version == known(213)
+    make_keys(2, 3)
+    live_watermark()
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert result.rollup is not None and result.rollup.path == "own"
+    assert hourly() == as_the_function_makes_it()
 
 
 # -- equal to the function, column by column --------------------------------------------
@@ -187,7 +272,7 @@ def test_the_own_path_writes_what_the_function_writes(platform: int) -> None:
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     run = BackfillRun.objects.get(pk=result.run.pk)
     assert run.status == BackfillRun.Status.SUCCEEDED
-    assert (run.rollup_path, run.rollup_function) == ("own", f"platform migration {platform}")
+    assert (run.rollup_path, run.rollup_function) == ("own", known(platform).name)
     assert result.rollup is not None and result.rollup.path == "own"
     assert hourly() == as_the_function_makes_it()
     assert verify_run_in_context(run.pk).ok
@@ -246,11 +331,11 @@ def test_an_unknown_definition_takes_the_function_path_and_says_so(
 ) -> None:
     make_keys(2, 3)
     live_watermark()
-    install_body(("DECLARE\n", "DECLARE\n    -- a hotfix this tool has not seen\n"))
+    install_body(SAME_SUMS)  # a hotfix this tool has not seen
     choice = choose_path()
     assert not choice.own and choice.function == "unknown"
     assert "is not one this tool knows" in choice.reason
-    assert choice.fingerprint not in own.KNOWN_FUNCTIONS
+    assert choice.fingerprint not in versions.KNOWN_FUNCTIONS
 
     out = io.StringIO()
     call_command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=out)
@@ -264,14 +349,64 @@ def test_an_unknown_definition_takes_the_function_path_and_says_so(
     assert "is not one this tool knows" in checks["rollup_path"].detail
 
 
-def test_a_failed_proof_puts_the_rest_of_the_run_on_the_function(
-    restored_function: None, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def declared(settings: Any) -> Any:
+    """The operator's CODEX_ROLLUP_DECLARE, as settings holds it (fingerprint to migration)."""
+    settings.CODEX_ROLLUP_DECLARED = {}
+    return settings.CODEX_ROLLUP_DECLARED
+
+
+def installed_fingerprint() -> str:
+    with connection.cursor() as cursor:
+        installed_function = versions.read_installed_function(cursor)
+    assert installed_function is not None
+    return installed_function.fingerprint
+
+
+# A platform hotfix that computes what 213 computes: a statement that changes nothing.
+SAME_SUMS = ("BEGIN\n", "BEGIN\n    PERFORM set_config('application_name', 'rollup', true);\n")
+
+
+def test_an_unknown_definition_says_how_to_declare_it(restored_function: None) -> None:
+    install_body(SAME_SUMS)
+    checks = {r.name: r for r in run_preflight(CUTOFF, None)}
+    assert checks["rollup_path"].status == "warn"
+    assert "unknown" in checks["rollup_function"].detail
+    assert f"CODEX_ROLLUP_DECLARE={installed_fingerprint()}=213" in checks["rollup_path"].fix
+
+
+def test_a_declared_definition_takes_the_own_path_named_as_declared(
+    restored_function: None, declared: dict[str, int]
 ) -> None:
-    """A definition taken for a known one that writes something else: the proof sees it.
+    make_keys(3, 4)
+    live_watermark()
+    install_body(SAME_SUMS)
+    assert not choose_path().own
+    declared[installed_fingerprint()] = 213
+    name = "declared as the platform's migration 213 (CODEX_ROLLUP_DECLARE)"
+    checks = {r.name: r for r in run_preflight(CUTOFF, None)}
+    assert checks["rollup_path"].status == "ok"
+    assert name in checks["rollup_path"].detail and name in checks["rollup_function"].detail
+
+    out = io.StringIO()
+    call_command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=out)
+    run = BackfillRun.objects.get()
+    assert (run.rollup_path, run.rollup_function) == ("own", name)
+    assert run.rollup_fingerprint == installed_fingerprint()
+    assert f"Rollup: own ({name})" in out.getvalue()
+    assert "proven equal to the function" in run.rollup_path_reason
+    assert hourly() == as_the_function_makes_it()
+    assert verify_run_in_context(run.pk).ok
+
+
+def test_a_declared_definition_that_writes_something_else_ends_on_the_function(
+    restored_function: None, declared: dict[str, int]
+) -> None:
+    """The operator declares a definition 213 that is not: the proof sees it.
 
     The function here sums every row's input into uncosted_input_tokens (the costed ones
-    too); the tool is made to believe it is the 213 definition. The run's first keys differ,
-    so the rest goes through the function, and the record says why.
+    too). The run's first keys differ, so the rest goes through the function, and the record
+    says why.
     """
     make_keys(3, 4)  # every row has a cost: its uncosted input is 0
     live_watermark()
@@ -281,19 +416,14 @@ def test_a_failed_proof_puts_the_rest_of_the_run_on_the_function(
             "coalesce(sum(tu.input_tokens),",
         )
     )
-    with connection.cursor() as cursor:
-        wrong = own.read_installed_function(cursor)
-    assert wrong is not None and wrong.version is None
-    monkeypatch.setitem(
-        own.KNOWN_FUNCTIONS,
-        wrong.fingerprint,
-        own.FunctionVersion("platform migration 213", wrong.fingerprint, known(213).columns),
-    )
+    declared[installed_fingerprint()] = 213
+    assert choose_path().own
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     run = BackfillRun.objects.get(pk=result.run.pk)
     assert run.status == BackfillRun.Status.SUCCEEDED
     assert result.rollup is not None and result.rollup.path == "function"
     assert run.rollup_path == "function"
+    assert run.rollup_function == "declared as the platform's migration 213 (CODEX_ROLLUP_DECLARE)"
     assert "differs from the function" in run.rollup_path_reason
     assert "uncosted_input_tokens: function" in run.rollup_path_reason
     # Every key is the function's, as it would have been without the own path ...
@@ -302,6 +432,11 @@ def test_a_failed_proof_puts_the_rest_of_the_run_on_the_function(
     verdict = verify_run_in_context(run.pk)
     assert not verdict.ok and verdict.mismatched_keys == 12
     assert {c.column for m in verdict.mismatches for c in m.columns} == {"uncosted_input_tokens"}
+
+
+def test_a_declaration_never_overrides_a_known_definition(declared: dict[str, int]) -> None:
+    declared[known(213).fingerprint] = 102
+    assert choose_path().version == known(213)
 
 
 # -- verify compares every column the function writes ------------------------------------

@@ -194,3 +194,38 @@ def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
 def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
     """The server-side limits and the rollup's path: a run's ``RunLimits`` but its batches."""
     return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}
+
+
+# The platform versions of the rollup function an operator may declare a definition equal to
+# (``CODEX_ROLLUP_DECLARE``); usage.repair.rollup.versions knows the columns each writes.
+DECLARABLE_MIGRATIONS = (102, 213)
+_DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
+
+
+def parse_rollup_declarations(value: str, flag: str = "CODEX_ROLLUP_DECLARE") -> dict[str, int]:
+    """``FINGERPRINT=MIGRATION`` pairs, separated by commas: fingerprint to platform migration.
+
+    The fingerprint is the one the pre-flight prints in full for an unknown definition.
+    """
+    declared: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        match = _DECLARATION.fullmatch(item)
+        if not match:
+            raise ValueError(
+                f"{flag} {shown(item)} is not FINGERPRINT=MIGRATION; give the fingerprint the "
+                "pre-flight prints (sha256: and 64 hex digits) and a platform migration, "
+                f"e.g. sha256:{'0' * 64}=213"
+            )
+        print_, migration = match.group(1), int(match.group(2))
+        if migration not in DECLARABLE_MIGRATIONS:
+            known = " or ".join(map(str, DECLARABLE_MIGRATIONS))
+            raise ValueError(
+                f"{flag} declares {print_[:19]}… as migration {migration}, which this tool "
+                f"does not know; declare it as {known}, the versions whose sums it computes"
+            )
+        if declared.get(print_, migration) != migration:
+            raise ValueError(
+                f"{flag} declares {print_[:19]}… twice, as {declared[print_]} and {migration}"
+            )
+        declared[print_] = migration
+    return declared

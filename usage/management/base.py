@@ -37,7 +37,7 @@ from usage.output.files import OutputError, OutputFile
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-from usage.repair.rollup.recompute import ROLLUP_PATHS
+from usage.repair.rollup.versions import ROLLUP_PATHS
 
 # An argument error quotes at most this much of a value, and says at most this much.
 LONGEST_WORD = 80

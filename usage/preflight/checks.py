@@ -49,7 +49,9 @@ from usage.eligibility import (
     eligible_params,
 )
 from usage.events import json_default
+from usage.render import short_hash
 from usage.repair.rollup import choose_path
+from usage.repair.rollup.versions import DECLARE_SETTING, read_installed_function
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
@@ -432,7 +434,12 @@ def check_rollup_function(ctx: Context) -> CheckResult:
     if returns != "bigint":
         return failed(f"{signature} returns {returns}, expected bigint", fix)
     mode = "security definer" if security_definer else "runs with the caller's privileges"
-    return passed(f"{signature} returns bigint ({mode})")
+    installed = read_installed_function(ctx.cursor)
+    assert installed is not None
+    return passed(
+        f"{signature} returns bigint ({mode}); its definition: {installed.described} "
+        f"(fingerprint {short_hash(installed.fingerprint)})"
+    )
 
 
 def check_indexes(ctx: Context) -> CheckResult:
@@ -481,11 +488,18 @@ def check_rollup_path(ctx: Context) -> CheckResult:
     choice = choose_path(cursor=ctx.cursor)
     if choice.own:
         return passed(choice.reason)
-    return warned(
-        choice.reason,
+    fix = (
         "the repair still works, through the platform's function: slower on a large table "
-        "(its cost grows with the tasks of each key's agent), never less safe",
+        "(its cost grows with the tasks of each key's agent), never less safe"
     )
+    if choice.version is None:
+        fix += (
+            "; if this definition computes what one of the platform's versions computes "
+            "(compare its body with migration 102's or 213's), declare it and rerun the "
+            f"pre-flight: {DECLARE_SETTING}={choice.fingerprint}=213 (or =102); every run "
+            "still proves it on its first keys"
+        )
+    return warned(choice.reason, fix)
 
 
 def check_privileges(ctx: Context) -> CheckResult:

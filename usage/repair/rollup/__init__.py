@@ -4,10 +4,11 @@ Where each part lives:
 
 * ``slices``: one slice transaction under lock 4246, the budget that bounds it, and the
   room left to the lock's other users (the cron tick, try-lock callers, a stop request).
-* ``recompute``: the own path. For a definition of the platform's function the tool knows
-  (by fingerprint), keys are recomputed aggregate-first, a range of bucket hours a slice,
-  after each run proved the recompute equal to the function on its first keys. Also the
-  version table, the path choice and the proof.
+* ``versions``: the definitions of the platform's function the tool recognises (by a
+  fingerprint of their tokens), and the path a run takes.
+* ``recompute``: the own path. For a recognised definition, keys are recomputed
+  aggregate-first, a range of bucket hours a slice, after each run proved the recompute
+  equal to the function on its first keys.
 * ``function``: the function path, through ``rollup_task_usage_hourly_window`` itself, in
   slices of the repair's stamps planned by a measured cost model (nested loops or hashed),
   and the queue drains the revert uses.
@@ -21,7 +22,6 @@ from __future__ import annotations
 from usage.cron import ROLLUP_LOCK_ID
 from usage.repair.rollup.function import QueueDrainer
 from usage.repair.rollup.rebuild import RevertDrains, rebuild_keys
-from usage.repair.rollup.recompute import PathChoice, choose_path
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     LOCK_CAP_SLACK_SECONDS,
@@ -32,6 +32,7 @@ from usage.repair.rollup.slices import (
     RollupSlice,
     SliceLimits,
 )
+from usage.repair.rollup.versions import PathChoice, choose_path
 
 __all__ = [
     "DEFAULT_MAX_ROLLUP_LOCK_SECONDS",

@@ -1,6 +1,6 @@
 """The two callers of the rollup: the repair's rebuild of its runs' keys, the revert's drains.
 
-Both take the run's path (``recompute.choose_path``): the own recompute, proven on the first
+Both take the run's path (``versions.choose_path``): the own recompute, proven on the first
 keys before it is relied on, or the platform's function. A failed proof puts the rest of the
 work on the function; ``result.path`` and ``result.path_reason`` say so.
 """
@@ -36,10 +36,8 @@ from usage.repair.rollup.recompute import (
     REVERT_HOURS_SQL,
     REVERT_KEYS,
     OwnRebuild,
-    PathChoice,
     Proof,
     Recompute,
-    choose_path,
     own_settings,
     prove,
     span_params,
@@ -57,6 +55,7 @@ from usage.repair.rollup.slices import (
     SliceLimits,
     run_locked,
 )
+from usage.repair.rollup.versions import PathChoice, choose_path
 
 logger = logging.getLogger("usage.rollup")
 

@@ -12,14 +12,10 @@ statement under lock 4246, sized by its measured rows per second.
 
 Used only where it provably writes what the function writes:
 
-* **Known definitions** (``KNOWN_FUNCTIONS``). The installed function is recognised by its
-  fingerprint: SHA-256 over its language, its ``SET`` clauses and its body with whitespace
-  runs collapsed (``pg_proc``). Each known definition lists the hourly columns it writes:
-  the platform's migration 102 (the four token sums, ``task_count``, ``event_count``) and
-  213 (also ``cost_usd_ticks`` and the four ``uncosted_*`` sums). Any other definition, a
-  role that may not write ``task_usage_hourly`` itself, or ``--rollup-path function`` take
-  the function path (``usage.repair.rollup.function``); the pre-flight, the run's first
-  lines and its record say which, and why.
+* **Recognised definitions** (``usage.repair.rollup.versions``): the platform's own, this
+  project's fixture, or one the operator declared; each names the hourly columns it writes.
+  Any other definition, a role that may not write ``task_usage_hourly`` itself, or
+  ``--rollup-path function`` take the function path (``usage.repair.rollup.function``).
 * **A proof per run** (``prove``). Before relying on its own recompute, each run computes its
   first keys both ways in one REPEATABLE READ transaction under lock 4246: its own sums into
   a temporary table, then the function's call (which writes them), then a comparison of every
@@ -36,7 +32,6 @@ Used only where it provably writes what the function writes:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,10 +41,8 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
-from usage.db import ROLLUP_FUNCTION_SIGNATURE, drop_temp_table, set_local_timeouts
+from usage.db import drop_temp_table, set_local_timeouts
 from usage.eligibility import compose
-from usage.models import BackfillRun
-from usage.render import short_hash
 from usage.repair.rollup.function import (
     Plan,
     call_function,
@@ -61,7 +54,6 @@ from usage.repair.rollup.slices import (
     MAX_SLICE_GROWTH,
     Bound,
     NeighbourOptions,
-    RollupError,
     RollupResult,
     RollupSlice,
     SliceCancelled,
@@ -69,176 +61,12 @@ from usage.repair.rollup.slices import (
     Slicer,
     run_locked,
 )
+from usage.repair.rollup.versions import FunctionVersion, PathChoice
 
 logger = logging.getLogger("usage.rollup")
 
-# -- the versions the tool knows ------------------------------------------------------------
-
-TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-COST_COLUMNS = (
-    "cost_usd_ticks",
-    "uncosted_input_tokens",
-    "uncosted_output_tokens",
-    "uncosted_cache_read_tokens",
-    "uncosted_cache_write_tokens",
-)
-COUNT_COLUMNS = ("task_count", "event_count")
 KEY_COLUMNS = ("bucket_hour", "workspace_id", "runtime_id", "agent_id", "project_id", "provider")
 KEY_COLUMNS += ("model",)
-
-
-@dataclass(frozen=True)
-class FunctionVersion:
-    """A definition of the rollup function the tool knows, and the hourly columns it writes
-    (besides the key and ``updated_at``)."""
-
-    name: str
-    fingerprint: str
-    columns: tuple[str, ...]
-
-
-KNOWN_FUNCTIONS = {
-    version.fingerprint: version
-    for version in (
-        FunctionVersion(
-            "platform migration 102",
-            "sha256:62f7ba4c6b42b9f0e4d9dd6edba621179bc9103ab82256f8336d4c9fbe04727c",
-            TOKEN_COLUMNS + COUNT_COLUMNS,
-        ),
-        FunctionVersion(
-            "platform migration 213",
-            "sha256:7a076508fe7b710603befd4bb7c04ddf64bfdf81af96a2a137526e27c799b1e2",
-            TOKEN_COLUMNS + COST_COLUMNS + COUNT_COLUMNS,
-        ),
-    )
-}
-
-# The installed definition: what the fingerprint is made of, and whether it runs with its
-# owner's privileges.
-INSTALLED_FUNCTION_SQL = """
-SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc, p.prosecdef
-FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-WHERE p.oid = to_regprocedure(%(signature)s)"""
-HOURLY_COLUMNS_SQL = """
-SELECT attname FROM pg_attribute
-WHERE attrelid = to_regclass(%(table)s) AND attnum > 0 AND NOT attisdropped"""
-# The role writes the hourly table itself on the own path (the function may be a security
-# definer that does it for roles that cannot).
-OWN_PATH_PRIVILEGES_SQL = """
-SELECT array_remove(ARRAY[
-    CASE WHEN NOT has_table_privilege(%(table)s, 'SELECT') THEN 'SELECT' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'INSERT') THEN 'INSERT' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'UPDATE') THEN 'UPDATE' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'DELETE') THEN 'DELETE' END
-], NULL)"""
-
-
-def fingerprint(language: str, config: str, body: str) -> str:
-    """A definition's fingerprint: its language, ``SET`` clauses and whitespace-normalized body.
-
-    Formatting does not change it; any change of a token, a comment or a setting does.
-    """
-    text = "\n".join((language, config, " ".join(body.split())))
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class InstalledFunction:
-    fingerprint: str
-    version: FunctionVersion | None
-    security_definer: bool
-    hourly_columns: frozenset[str]
-
-    @property
-    def described(self) -> str:
-        """The version's name, or "unknown"."""
-        return self.version.name if self.version else "unknown"
-
-
-def read_installed_function(cursor: Any) -> InstalledFunction | None:
-    """The rollup function as the catalog has it (None when it is missing)."""
-    target = settings.CODEX_TARGET_SCHEMA
-    cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    language, config, body, security_definer = row
-    print_ = fingerprint(language, config, body)
-    cursor.execute(HOURLY_COLUMNS_SQL, {"table": f"{target}.task_usage_hourly"})
-    columns = frozenset(name for (name,) in cursor.fetchall())
-    return InstalledFunction(print_, KNOWN_FUNCTIONS.get(print_), security_definer, columns)
-
-
-@dataclass(frozen=True)
-class PathChoice:
-    """How a run rebuilds its hourly keys, decided before its first write and recorded."""
-
-    path: str  # a BackfillRun.RollupPath value
-    function: str  # the recognised version's name, or "unknown"
-    fingerprint: str
-    reason: str
-    version: FunctionVersion | None = None
-
-    @property
-    def own(self) -> bool:
-        return self.path == BackfillRun.RollupPath.OWN
-
-
-# What --rollup-path accepts.
-ROLLUP_PATHS = ("auto", "function")
-
-
-def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
-    """The own path for a known definition the role can stand in for; else the function.
-
-    Read-only; on ``cursor`` (the pre-flight's) or Django's connection.
-    """
-    if cursor is None:
-        with connection.cursor() as cursor:
-            return choose_path(requested, cursor)
-    installed = read_installed_function(cursor)
-    missing: list[str] = []
-    if installed is not None and installed.version is not None:
-        table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
-        cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
-        missing = list(cursor.fetchone()[0])
-    if installed is None:
-        raise RollupError(f"function {ROLLUP_FUNCTION_SIGNATURE} not found")
-    shown = short_hash(installed.fingerprint)
-    function = BackfillRun.RollupPath.FUNCTION
-
-    def through_function(why: str) -> PathChoice:
-        return PathChoice(function, installed.described, installed.fingerprint, why, version)
-
-    version = installed.version
-    if version is None:
-        return through_function(
-            f"the platform's function rebuilds the keys: its installed definition "
-            f"(fingerprint {shown}) is not one this tool knows"
-        )
-    if requested == "function":
-        return through_function(
-            "the platform's function rebuilds the keys, as asked (--rollup-path function)"
-        )
-    absent = [name for name in version.columns if name not in installed.hourly_columns]
-    if absent:
-        return through_function(
-            f"the platform's function rebuilds the keys: task_usage_hourly lacks "
-            f"{', '.join(absent)}, which its definition (fingerprint {shown}) writes"
-        )
-    if missing:
-        return through_function(
-            f"the platform's function rebuilds the keys: the role may not "
-            f"{'/'.join(missing)} task_usage_hourly itself"
-        )
-    return PathChoice(
-        BackfillRun.RollupPath.OWN,
-        version.name,
-        installed.fingerprint,
-        f"the tool's own aggregate-first recompute (the function's fingerprint {shown}), "
-        "proven equal to the function on the run's first keys",
-        version,
-    )
 
 
 # -- the recompute --------------------------------------------------------------------------

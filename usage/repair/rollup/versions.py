@@ -1,0 +1,306 @@
+"""The rollup function's definitions the tool knows, how it recognises the installed one, and
+the path a run takes because of it.
+
+A definition is recognised by a fingerprint of what it does, not of how it is written: its
+language, its ``SET`` clauses and its body as SQL tokens (comments and layout dropped,
+unquoted words in lower case). Three kinds of definition take the own path: the platform's
+own (its migrations 102 and 213), this project's fixture (a rendition used by the tests), and
+one the operator declares equal to a platform version (``CODEX_ROLLUP_DECLARE``). Every run
+proves its own recompute against the installed function before relying on it, whichever kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+
+from usage.db import ROLLUP_FUNCTION_SIGNATURE
+from usage.models import BackfillRun
+from usage.options import DECLARABLE_MIGRATIONS
+from usage.render import short_hash
+from usage.repair.rollup.slices import RollupError
+
+TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+COST_COLUMNS = (
+    "cost_usd_ticks",
+    "uncosted_input_tokens",
+    "uncosted_output_tokens",
+    "uncosted_cache_read_tokens",
+    "uncosted_cache_write_tokens",
+)
+COUNT_COLUMNS = ("task_count", "event_count")
+
+# The hourly columns each platform version's function writes (besides the key and updated_at).
+PLATFORM_COLUMNS = {
+    102: TOKEN_COLUMNS + COUNT_COLUMNS,
+    213: TOKEN_COLUMNS + COST_COLUMNS + COUNT_COLUMNS,
+}
+assert tuple(PLATFORM_COLUMNS) == DECLARABLE_MIGRATIONS
+
+# Where a recognised definition comes from.
+PLATFORM, FIXTURE, DECLARED = "platform", "fixture", "declared"
+DECLARE_SETTING = "CODEX_ROLLUP_DECLARE"
+
+
+@dataclass(frozen=True)
+class FunctionVersion:
+    """A definition of the rollup function the tool can stand in for, and the hourly columns
+    it writes (those of the platform migration it matches)."""
+
+    migration: int
+    source: str  # PLATFORM, FIXTURE or DECLARED
+    fingerprint: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return PLATFORM_COLUMNS[self.migration]
+
+    @property
+    def name(self) -> str:
+        """What the pre-flight, the run and the admin call it."""
+        if self.source == PLATFORM:
+            return f"the platform's migration {self.migration}"
+        if self.source == FIXTURE:
+            return f"this project's fixture of migration {self.migration}"
+        return f"declared as the platform's migration {self.migration} ({DECLARE_SETTING})"
+
+
+# The platform's definitions, as the catalog of a database built from its own migration files
+# holds them (multica-ai/multica, server/migrations/102_task_usage_hourly_pipeline.up.sql and
+# 213_task_usage_authoritative_cost.up.sql; no later migration redefines the function). How
+# to check them: README, "The rollup's two paths". The fixture's (sandbox/rollup_window_*.sql)
+# compute the same sums, written differently.
+KNOWN_FUNCTIONS = {
+    version.fingerprint: version
+    for version in (
+        FunctionVersion(
+            102,
+            PLATFORM,
+            "sha256:6d1db7180295ad57298900e2bfa7066f1516e47fa2fa909fd79c81b3602f3b1e",
+        ),
+        FunctionVersion(
+            213,
+            PLATFORM,
+            "sha256:894f2246ef809a93a20791e3e3f6b8a67fc886e54881bb26555b0d96f02e8ed1",
+        ),
+        FunctionVersion(
+            102,
+            FIXTURE,
+            "sha256:638adb09e7732f938c42933a004cce23bdcab4ca9861252ff04b8ba7ac84d5fd",
+        ),
+        FunctionVersion(
+            213,
+            FIXTURE,
+            "sha256:578f469961c8ec04d8c6bdd459b10b47ef0147cb326c606783054b946a55c1be",
+        ),
+    )
+}
+
+
+# -- the fingerprint -----------------------------------------------------------------------
+
+# One SQL token each; whitespace and comments are matched and dropped. Strings, dollar-quoted
+# text and quoted identifiers are kept as written; a comment marker inside them is text.
+_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<line_comment>--[^\n]*)
+    | (?P<block_comment>/\*)
+    | (?P<string>[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*')
+    | (?P<dollar>\$(?P<tag>[^\W\d][\w]*)?\$)
+    | (?P<param>\$\d+)
+    | (?P<quoted>"(?:[^"]|"")*")
+    | (?P<word>[^\W\d][\w$]*)
+    | (?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
+    | (?P<operator>(?:(?!--|/\*)[-+*/<>=~!@\#%^&|`?])+)
+    | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def _block_comment_end(text: str, start: int) -> int:
+    """Where a block comment opened just before ``start`` ends (they nest in PostgreSQL)."""
+    depth, i = 1, start
+    while i < len(text) and depth:
+        if text.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif text.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+        else:
+            i += 1
+    return i
+
+
+def sql_tokens(text: str) -> list[str]:
+    """``text`` as SQL tokens: comments and whitespace dropped, unquoted words in lower case.
+
+    Two bodies with the same tokens are the same program to PostgreSQL's parser; a change of
+    any token (a literal, an operator, a quoted name) is a change of the fingerprint.
+    """
+    tokens: list[str] = []
+    i = 0
+    while i < len(text):
+        match = _TOKEN.match(text, i)
+        assert match is not None  # "other" matches any character
+        kind, i = match.lastgroup, match.end()
+        if kind == "block_comment":
+            i = _block_comment_end(text, i)
+        elif kind == "dollar":
+            closing = text.find(match.group(), i)
+            end = len(text) if closing < 0 else closing + len(match.group())
+            tokens.append(text[match.start() : end])
+            i = end
+        elif kind == "word":
+            tokens.append(match.group().lower())
+        elif kind not in ("space", "line_comment"):
+            tokens.append(match.group())
+    return tokens
+
+
+def fingerprint(language: str, config: str, body: str) -> str:
+    """A definition's fingerprint: its language, its ``SET`` clauses and its body's tokens."""
+    text = "\n".join((language, config, " ".join(sql_tokens(body))))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def declared_functions() -> dict[str, FunctionVersion]:
+    """The operator's declarations (``CODEX_ROLLUP_DECLARE``): fingerprint to version."""
+    return {
+        print_: FunctionVersion(migration, DECLARED, print_)
+        for print_, migration in settings.CODEX_ROLLUP_DECLARED.items()
+    }
+
+
+def recognise(print_: str) -> FunctionVersion | None:
+    """The version a fingerprint is known or declared as (a known one wins), or None."""
+    return KNOWN_FUNCTIONS.get(print_) or declared_functions().get(print_)
+
+
+# -- the installed definition ----------------------------------------------------------------
+
+# What the fingerprint is made of, and whether the function runs with its owner's privileges.
+INSTALLED_FUNCTION_SQL = """
+SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc, p.prosecdef
+FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+WHERE p.oid = to_regprocedure(%(signature)s)"""
+HOURLY_COLUMNS_SQL = """
+SELECT attname FROM pg_attribute
+WHERE attrelid = to_regclass(%(table)s) AND attnum > 0 AND NOT attisdropped"""
+# The role writes the hourly table itself on the own path (the function may be a security
+# definer that does it for roles that cannot).
+OWN_PATH_PRIVILEGES_SQL = """
+SELECT array_remove(ARRAY[
+    CASE WHEN NOT has_table_privilege(%(table)s, 'SELECT') THEN 'SELECT' END,
+    CASE WHEN NOT has_table_privilege(%(table)s, 'INSERT') THEN 'INSERT' END,
+    CASE WHEN NOT has_table_privilege(%(table)s, 'UPDATE') THEN 'UPDATE' END,
+    CASE WHEN NOT has_table_privilege(%(table)s, 'DELETE') THEN 'DELETE' END
+], NULL)"""
+
+
+@dataclass(frozen=True)
+class InstalledFunction:
+    fingerprint: str
+    version: FunctionVersion | None
+    security_definer: bool
+    hourly_columns: frozenset[str]
+
+    @property
+    def described(self) -> str:
+        """The version's name, or "unknown"."""
+        return self.version.name if self.version else "unknown"
+
+
+def read_installed_function(cursor: Any) -> InstalledFunction | None:
+    """The rollup function as the catalog has it (None when it is missing)."""
+    target = settings.CODEX_TARGET_SCHEMA
+    cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    language, config, body, security_definer = row
+    print_ = fingerprint(language, config, body)
+    cursor.execute(HOURLY_COLUMNS_SQL, {"table": f"{target}.task_usage_hourly"})
+    columns = frozenset(name for (name,) in cursor.fetchall())
+    return InstalledFunction(print_, recognise(print_), security_definer, columns)
+
+
+# -- the path ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """How a run rebuilds its hourly keys, decided before its first write and recorded."""
+
+    path: str  # a BackfillRun.RollupPath value
+    function: str  # the recognised version's name, or "unknown"
+    fingerprint: str
+    reason: str
+    version: FunctionVersion | None = None
+
+    @property
+    def own(self) -> bool:
+        return self.path == BackfillRun.RollupPath.OWN
+
+
+# What --rollup-path accepts.
+ROLLUP_PATHS = ("auto", "function")
+
+
+def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
+    """The own path for a recognised definition the role can stand in for; else the function.
+
+    Read-only; on ``cursor`` (the pre-flight's) or Django's connection.
+    """
+    if cursor is None:
+        with connection.cursor() as cursor:
+            return choose_path(requested, cursor)
+    installed = read_installed_function(cursor)
+    if installed is None:
+        raise RollupError(f"function {ROLLUP_FUNCTION_SIGNATURE} not found")
+    version = installed.version
+    shown = short_hash(installed.fingerprint)
+    found = f"{installed.described} (fingerprint {shown})"
+
+    def through_function(why: str) -> PathChoice:
+        function = BackfillRun.RollupPath.FUNCTION
+        return PathChoice(function, installed.described, installed.fingerprint, why, version)
+
+    if version is None:
+        return through_function(
+            f"the platform's function rebuilds the keys: its installed definition "
+            f"(fingerprint {shown}) is not one this tool knows"
+        )
+    if requested == "function":
+        return through_function(
+            f"the platform's function rebuilds the keys, as asked (--rollup-path function); "
+            f"installed: {found}"
+        )
+    absent = [name for name in version.columns if name not in installed.hourly_columns]
+    if absent:
+        return through_function(
+            f"the platform's function rebuilds the keys: task_usage_hourly lacks "
+            f"{', '.join(absent)}, which {found} writes"
+        )
+    cursor.execute(
+        OWN_PATH_PRIVILEGES_SQL, {"table": f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"}
+    )
+    missing = list(cursor.fetchone()[0])
+    if missing:
+        return through_function(
+            f"the platform's function rebuilds the keys: the role may not "
+            f"{'/'.join(missing)} task_usage_hourly itself"
+        )
+    return PathChoice(
+        BackfillRun.RollupPath.OWN,
+        version.name,
+        installed.fingerprint,
+        f"the tool's own aggregate-first recompute, for {found}, proven equal to the "
+        "function on the run's first keys",
+        version,
+    )
