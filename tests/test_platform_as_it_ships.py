@@ -60,7 +60,7 @@ SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc
 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
 WHERE p.oid = 'public.rollup_task_usage_hourly_window(timestamptz, timestamptz)'::regprocedure"""
 KEYS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
-HOURLY_SQL = "SELECT * FROM task_usage_hourly ORDER BY {keys}".format(keys=KEYS)
+HOURLY_SQL = f"SELECT * FROM task_usage_hourly ORDER BY {KEYS}"
 QUEUE_SQL = f"SELECT {KEYS} FROM task_usage_hourly_dirty ORDER BY {KEYS}"
 # Every key there is, queued: the function's own from-scratch recompute of each.
 QUEUE_EVERY_KEY_SQL = f"""
