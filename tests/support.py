@@ -7,6 +7,8 @@ Fixtures shared the same way (a second database session, the fast lock retries) 
 from __future__ import annotations
 
 import io
+import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -72,3 +74,11 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what or 'condition'} not met within {timeout:g}s")
         time.sleep(step)
+
+
+def opted_in(config: pytest.Config, marker: str, variable: str) -> bool:
+    """Opted in with ``-m MARKER`` (any expression selecting it) or ``VARIABLE=1``."""
+    if os.environ.get(variable) == "1":
+        return True
+    markexpr = config.getoption("markexpr", default="") or ""
+    return bool(re.search(rf"(?<!not )\b{marker}\b", markexpr))

@@ -43,7 +43,7 @@ from tests.factories import (
     set_rollup_state,
 )
 from tests.processes import manage
-from tests.support import CUTOFF_ARG
+from tests.support import CUTOFF_ARG, opted_in
 from usage.eligibility import compose
 from usage.management.commands.preflight_codex_usage_backfill import Command
 from usage.models import BackfillJournal, BackfillRun
@@ -527,17 +527,9 @@ class PreflightWarning(UserWarning):
     """A check passed with a warning: the operator should read it before the repair."""
 
 
-def _preflight_selected(config: pytest.Config) -> bool:
-    """Opted in with ``-m preflight`` (any expression selecting it) or CODEX_PREFLIGHT=1."""
-    if os.environ.get("CODEX_PREFLIGHT") == "1":
-        return True
-    markexpr = config.getoption("markexpr", default="") or ""
-    return bool(re.search(r"(?<!not )\bpreflight\b", markexpr))
-
-
 @pytest.fixture(scope="module")
 def target_results(request: pytest.FixtureRequest) -> dict[str, CheckResult]:
-    if not _preflight_selected(request.config):
+    if not opted_in(request.config, "preflight", "CODEX_PREFLIGHT"):
         pytest.skip(
             "the pre-flight of the real target database is opt-in: run "
             "`python -m pytest -m preflight` (or set CODEX_PREFLIGHT=1)"

@@ -246,6 +246,29 @@ def test_reverted_rows_are_eligible_again_and_a_new_execute_repairs_them(
     assert rollup_mismatches() == []
 
 
+def test_a_later_run_verifies_after_an_earlier_run_is_reverted(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    """Found by the chaos soak (schedule 1005): run 1 repaired, run 2 found nothing left,
+    then run 1 was reverted. Its rows are eligible again by design, not rows run 2 missed."""
+    backfill()
+    backfill()
+    first, second = BackfillRun.objects.order_by("pk")
+    assert second.rows_updated == 0 and second.continues_id is None
+    revert(str(first.pk), "--execute")
+    out = io.StringIO()
+    call_command("backfill_codex_usage_cache", "--verify", "--run-id", str(second.pk), stdout=out)
+    assert f"{len(ELIGIBLE)} eligible rows left (eligible again by design" in out.getvalue()
+    # A row written before the cutoff since (never journaled) is still reported as left.
+    TaskUsage.objects.filter(pk=scenario["plain"].pk).update(input_tokens=5000)
+    make_usage(make_task(make_agent()), input_tokens=900, cache_read_tokens=100)
+    with pytest.raises(CommandError) as failed:
+        call_command(
+            "backfill_codex_usage_cache", "--verify", "--run-id", str(second.pk), stdout=out
+        )
+    assert failed.value.returncode == 4
+
+
 def test_dry_run_reports_and_writes_nothing(scenario: dict[str, TaskUsage]) -> None:
     backfill()
     run = BackfillRun.objects.get()
