@@ -2,7 +2,8 @@
 """Django's command-line entry point for the codex-usage-repair operator tool.
 
 A setting the environment got wrong (``DATABASE_URL``, a timeout, a schema name) is bad
-input like any other: one line on stderr and exit status 1, not a traceback.
+input like any other: one line on stderr and exit status 1, not a traceback. So is a database
+that cannot be reached, in Django's own commands too (``migrate``, the runbook's first step).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "repair_project.settings")
     from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
+    from django.db.utils import OperationalError
 
     try:
         execute_from_command_line(sys.argv)
@@ -23,6 +25,16 @@ def main() -> None:
             raise
         message = " ".join(str(exc).split())
         sys.stderr.write(f"ImproperlyConfigured: {message}\n")
+        sys.exit(1)
+    except OperationalError as exc:
+        if "--traceback" in sys.argv:
+            raise
+        from usage.db import describe_database, error_text
+
+        sys.stderr.write(
+            f"OperationalError: cannot use {describe_database()}: {error_text(exc)}; check "
+            "DATABASE_URL and that the server is reachable\n"
+        )
         sys.exit(1)
 
 

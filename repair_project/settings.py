@@ -25,12 +25,17 @@ from repair_project import environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def _schema_setting(name: str, default: str) -> str:
-    value = os.environ.get(name, default).strip()
-    if not _IDENTIFIER.match(value):
+    value = os.environ.get(name, "") or default
+    if value != value.strip():
+        # Read as the name without its spaces it would name another schema than the one set.
+        raise ImproperlyConfigured(
+            f"{name}={value!r} has spaces around it; give the schema name alone, e.g. {default}"
+        )
+    if not _IDENTIFIER.fullmatch(value):
         raise ImproperlyConfigured(
             f"{name}={value!r} is not a plain lower-case PostgreSQL schema name; "
             "use letters, digits and underscores only."

@@ -120,6 +120,8 @@ def test_a_malformed_database_url_gives_one_line(url: str, expected: str) -> Non
         ("CODEX_STATEMENT_TIMEOUT", "-1s", "CODEX_STATEMENT_TIMEOUT '-1s' is negative"),
         ("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "١٠", "is not a duration"),
         ("CODEX_REPAIR_SCHEMA", "Robert'); DROP", "is not a plain lower-case PostgreSQL"),
+        ("CODEX_TARGET_SCHEMA", "public ", "CODEX_TARGET_SCHEMA='public ' has spaces around it"),
+        ("CODEX_REPAIR_SCHEMA", "codex_repair\n", "has spaces around it"),
         ("DJANGO_HTTPS", "yes", "DJANGO_HTTPS='yes' must be 1, proxy or unset"),
         ("CODEX_ROLLUP_DECLARE", "213", "CODEX_ROLLUP_DECLARE '213' is not FINGERPRINT=MIGRATION"),
         ("CODEX_ROLLUP_DECLARE", f"sha256:{'a' * 63}=213", "is not FINGERPRINT=MIGRATION"),
@@ -136,6 +138,18 @@ def test_a_malformed_setting_gives_one_line(name: str, value: str, expected: str
         "preflight_codex_usage_backfill", "--cutoff", CUTOFF_ARG, env=base_env(**{name: value})
     )
     assert expected in assert_one_line_exit_1(result)
+
+
+@pytest.mark.slow
+def test_migrate_on_an_unreachable_database_gives_one_line() -> None:
+    """The runbook's first step: Django's own command, not only the tool's, says it in one line."""
+    port = free_port()
+    url = f"postgresql://ops:{PASSWORD}@127.0.0.1:{port}/app"
+    result = manage("migrate", env=base_env(DATABASE_URL=url))
+    line = assert_one_line_exit_1(result)
+    assert line.startswith(f"OperationalError: cannot use 127.0.0.1:{port}/app as ops: ")
+    assert "check DATABASE_URL" in line
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 # -- connection limits ------------------------------------------------------------------------
