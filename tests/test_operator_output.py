@@ -202,3 +202,13 @@ def test_progress_bar_on_a_terminal(rows: None, subprocess_env: dict[str, str]) 
     assert "rows/s" in screen and "ETA" in screen
     assert "paused: sleep between batches" in screen
     assert "rollup" in screen and "lock 4246 held" in screen
+
+
+def test_execute_with_verify_says_what_is_next_after_the_verification() -> None:
+    make_usage(make_task(make_agent()), input_tokens=900, cache_read_tokens=100)
+    populate_rollup()
+    out, _ = command("--cutoff", CUTOFF_ARG, "--execute", "--verify")
+    lines = out.splitlines()
+    verdict = lines.index("Verification passed.")
+    assert lines[verdict + 1].startswith("Nothing else to do. To undo the run:")
+    assert not any(line.startswith("Nothing else to do") for line in lines[:verdict])

@@ -64,6 +64,8 @@ BAD_VALUES = [
     ("--batch-size", "1_000", "is not a whole number"),
     ("--sleep-between-batches", "5 parsecs", "is not a duration"),
     ("--sleep-between-batches", "-1s", "'-1s' is negative"),
+    # 0 is refused too: the message never offers it.
+    ("--lock-timeout", "-1s", "'-1s' is negative; give 0.001 seconds or more"),
     ("--sleep-between-batches", "2h", "between 0 and 1h"),
     ("--sleep-between-batches", "1h1h", "'1h1h' is not a duration"),
     ("--sleep-between-batches", "30s1m", "'30s1m' is not a duration"),

@@ -125,7 +125,7 @@ def parse_batch_size(value: str | int) -> int:
     return size
 
 
-def duration_seconds(value: str | float | int, *, flag: str) -> float:
+def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.0) -> float:
     """Read a duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``).
 
     Each unit at most once, largest first, and nothing around it (``1h1h`` or ``' 5s'`` is
@@ -143,7 +143,8 @@ def duration_seconds(value: str | float | int, *, flag: str) -> float:
             f"{flag} {shown(value)} has spaces around it; give the duration alone, e.g. 500ms"
         )
     if text.startswith("-") and (_NUMBER.fullmatch(text[1:]) or _DURATION.fullmatch(text[1:])):
-        raise ValueError(f"{flag} {shown(value)} is negative; give 0 or more, e.g. 500ms")
+        least = "0 or more" if minimum <= 0 else f"{minimum:g} seconds or more"
+        raise ValueError(f"{flag} {shown(value)} is negative; give {least}, e.g. 500ms")
     if _NUMBER.fullmatch(text):
         return float(text)
     if not _DURATION.fullmatch(text):
@@ -164,7 +165,7 @@ def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-bat
 
 def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: float) -> float:
     """Parse a positive number of seconds (a bare number or a duration such as ``5s``)."""
-    seconds = duration_seconds(value, flag=flag)
+    seconds = duration_seconds(value, flag=flag, minimum=minimum)
     if not minimum <= seconds <= maximum:
         raise ValueError(f"{flag} must be between {minimum:g} and {maximum:g} seconds")
     return seconds

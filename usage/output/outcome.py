@@ -93,7 +93,8 @@ def execute_lines(
     plan_line: str | None = None,
     signal_name: str | None = None,
 ) -> list[str]:
-    """The outcome of an execute: status, what changed, the rollup, and what to do next."""
+    """The outcome of an execute: status, what changed, the rollup (``execute_next`` says what
+    to do next, after the verification when there is one)."""
     status = d["status"]
     ok = status == BackfillRun.Status.SUCCEEDED
     heading = f"Run {d['run_id']} {status}"
@@ -137,7 +138,6 @@ def execute_lines(
     if d.get("error") and not ok and not plain_stop:
         rows.append(("why", d["error"]))
     lines.extend(labelled(rows, width))
-    lines.extend(next_step(*execute_next(d), width))
     return lines
 
 

@@ -326,6 +326,8 @@ def result_table(
         )
     if "verify" in document:
         lines.extend(verify_lines(document["verify"], style, width))
+    if "run_id" in document:
+        lines.extend(outcome.next_step(*outcome.execute_next(document), width))
     return "\n".join(lines)
 
 

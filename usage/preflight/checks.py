@@ -487,7 +487,7 @@ def check_rollup_path(ctx: Context) -> CheckResult:
     """How the repair will rebuild the hourly rollup: its own recompute, or the function."""
     choice = choose_path(cursor=ctx.cursor)
     if choice.own:
-        return passed(choice.reason)
+        return passed(f"{choice.function}: {choice.reason}")
     fix = (
         "the repair still works, through the platform's function: slower on a large table "
         "(its cost grows with the tasks of each key's agent), never less safe"

@@ -300,7 +300,7 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
         BackfillRun.RollupPath.OWN,
         version.name,
         installed.fingerprint,
-        f"the tool's own aggregate-first recompute, for {found}, proven equal to the "
-        "function on the run's first keys",
+        f"the tool's own aggregate-first recompute (fingerprint {shown}), proven equal to "
+        "the function on the run's first keys",
         version,
     )
