@@ -10,7 +10,7 @@ Every connection gets a connect timeout and server-side limits (``CODEX_CONNECT_
 ``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``). The secret key comes
 from ``DJANGO_SECRET_KEY``, or on the sandbox from a key kept with the sandbox's data; off the
 sandbox without it the admin refuses to be served (``usage.serving``). The values are read
-and checked in ``repair_project.environment``.
+and checked in ``usage.environment``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from repair_project import environment
+from usage import environment
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 

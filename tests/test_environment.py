@@ -28,7 +28,6 @@ from django.db import connection
 from django.test import Client, RequestFactory, override_settings
 from django.utils.safestring import mark_safe
 
-from repair_project.environment import ConnectionLimits
 from tests.processes import (
     PROJECT_DIR,
     error_lines,
@@ -38,6 +37,7 @@ from tests.processes import (
     start_manage,
 )
 from tests.support import CUTOFF_ARG, wait_until
+from usage.environment import ConnectionLimits
 from usage.preflight import connect_target
 
 PASSWORD = "s3cr3t-pw"

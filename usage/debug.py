@@ -16,7 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
-from repair_project.environment import url_secrets
+from usage.environment import url_secrets
 
 
 def known_secrets() -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from repair_project.environment import SECRET_KEY_MIN_LENGTH, key_problem
+from usage.environment import SECRET_KEY_MIN_LENGTH, key_problem
 
 KEY_EXAMPLE = (
     "DJANGO_SECRET_KEY=\"$(python -c 'import secrets; "
