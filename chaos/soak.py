@@ -1,6 +1,9 @@
 """The chaos soak: random schedules of commands, faults and neighbours on a real PostgreSQL,
 each checked against the invariants a repair promises.
 
+Every look at sessions and locks is confined to the soak's own database, so that soaks (or
+test runs) on the same server never see or stop each other's sessions.
+
 A schedule (``chaos.schedule``) runs on a database of its own, emptied and seeded anew for
 each schedule: the repair, revert and verify commands run as real processes (``manage.py``,
 ``--log-format json``), a fault fires on one of their log events or after a delay, and the
@@ -72,7 +75,7 @@ WHERE (r.status IN ('running', 'interrupted', 'failed') OR r.rollup_state = 'pen
 LOCK_HOLDERS_SQL = """
 SELECT l.pid, a.xact_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246 AND l.granted
-  AND a.application_name = %s"""
+  AND a.application_name = %s AND a.datname = current_database()"""
 
 
 @dataclass
@@ -367,7 +370,8 @@ def run_with_fault(soak: Soak, args: list[str], step: Step) -> str:
             with soak.connect() as conn:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    " WHERE application_name = %s AND pid <> pg_backend_pid()"
+                    " AND datname = current_database()",
                     [APPLICATION],
                 )
         return f"{step.command}: {fault.describe()}"
@@ -596,7 +600,9 @@ def wait_for_sessions(conn: psycopg.Connection, seconds: float = 15.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         left = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [APPLICATION]
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            [APPLICATION],
         ).fetchone()[0]
         if not left:
             return
@@ -666,15 +672,20 @@ def check_runs(conn: psycopg.Connection) -> list[str]:
 def check_leftovers(conn: psycopg.Connection) -> list[str]:
     problems = []
     sessions = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [APPLICATION]
-    ).fetchone()[0]
+        "SELECT state, left(query, 120), now() - backend_start FROM pg_stat_activity"
+        " WHERE application_name = %s AND datname = current_database()",
+        [APPLICATION],
+    ).fetchall()
     if sessions:
-        problems.append(f"{sessions} sessions of the tool left")
+        problems.append(f"{len(sessions)} sessions of the tool left: {sessions}")
     locks = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
-    ).fetchone()[0]
+        "SELECT l.objid, l.granted, a.application_name FROM pg_locks l"
+        " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.pid <> pg_backend_pid()"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchall()
     if locks:
-        problems.append(f"{locks} advisory locks left held")
+        problems.append(f"{len(locks)} advisory locks left held: {locks}")
     temps = conn.execute(
         "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.relpersistence = 't' AND n.nspname NOT LIKE 'pg_toast%%'"
