@@ -132,6 +132,10 @@ def test_a_rollup_error_inside_plpgsql_is_one_line_without_its_context(replace_r
     assert (run.rows_updated, run.rows_remaining) == (3, 0)
     assert run.rollup_state == BackfillRun.RollupState.PENDING
     assert "rows changed    3 of 3 planned; 0 still eligible" in out.getvalue()
+    # Its keys are pending, not absent (issue 26: it said "none to rebuild").
+    assert "rollup keys     none rebuilt yet: pending (re-running the same command" in (
+        out.getvalue()
+    )
 
 
 @pytest.mark.slow

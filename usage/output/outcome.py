@@ -145,6 +145,9 @@ def _rollup(d: dict[str, Any]) -> str:
     if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
         return "not rebuilt (--no-rebuild-rollup): the platform's cron tick rebuilds them"
     if not d["rollup_slices"] and not d["recovered_runs"]:
+        if d["rollup_state"] == BackfillRun.RollupState.PENDING and d["rows_updated"]:
+            # The run stopped before its rollup: its keys wait for the next run, not the tick.
+            return "none rebuilt yet: pending (re-running the same command rebuilds them)"
         return "none to rebuild"
     done = "rebuilt" if d["rollup_state"] == BackfillRun.RollupState.DONE else "rebuilt so far"
     recovered = (
