@@ -124,6 +124,11 @@ def test_json_logs_are_one_object_per_event(rows: None) -> None:
     assert kinds.count("batch") == 3
     assert kinds[0] == "context" and "rollup_slice" in kinds
     assert kinds[-2:] == ["end", "outcome"]
+    # Each event of a run once (the rollup's path was written twice, issue 26).
+    for once in ("context", "start", "stamp", "rollup_path", "planned", "stamped", "end"):
+        assert kinds.count(once) == 1, (once, kinds)
+    path = next(e for e in events if e["event"] == "rollup_path")
+    assert {"path", "function", "fingerprint"} <= path.keys()
     batch = next(e for e in events if e["event"] == "batch")
     assert {"run_id", "rows", "input_tokens_removed", "seconds", "batch_size"} <= batch.keys()
     assert events[-2]["status"] == "succeeded"

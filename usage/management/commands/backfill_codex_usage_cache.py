@@ -501,6 +501,8 @@ class Command(ToolCommand):
 
     def _rollup_path(self, **details: Any) -> None:
         """The rollup's path (the tool's recompute or the platform's function), and why."""
+        if self.report.json_logs:
+            return  # the JSON log has the library's own ``rollup_path`` event
         function = f" ({details['function']})" if details.get("function") else ""
         reason = f": {details['reason']}" if details.get("reason") else ""
         self.report.context(
