@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from tests.processes import PROJECT_DIR, on_terminal
 from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from usage.models import BackfillRun
+from usage.output.progress import ProgressBar
 
 pytestmark = COMMITS
 
@@ -217,3 +219,21 @@ def test_execute_with_verify_says_what_is_next_after_the_verification() -> None:
     verdict = lines.index("Verification passed.")
     assert lines[verdict + 1].startswith("Nothing else to do. To undo the run:")
     assert not any(line.startswith("Nothing else to do") for line in lines[:verdict])
+
+
+def test_off_a_terminal_each_phase_ends_on_where_it_ended() -> None:
+    """A line every few seconds could leave a log at "update: 0/3 rows" (issue 26)."""
+    stream = io.StringIO()
+    bar = ProgressBar(stream, terminal=False)
+    bar.phase("update", "update", 3, "rows")
+    bar.update("update", 1)  # shown: a phase's first update
+    bar.update("update", 3)  # within the interval: not shown yet
+    bar.phase("rollup", "rollup", 2, "keys", started_now=False)
+    bar.update("rollup", 2)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "update: 0/3 rows"
+    ended = [n for n, line in enumerate(lines) if line.startswith("update: 3/3 rows (100%)")]
+    started = [n for n, line in enumerate(lines) if line.startswith("rollup: ")]
+    assert ended and started and ended[0] < started[0]  # the update's end before the rollup
+    assert lines[-1].startswith("rollup: 2/2 keys (100%)")

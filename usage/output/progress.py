@@ -164,6 +164,8 @@ class ProgressBar:
         self.terminal = terminal and enabled
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
+        # Off a terminal: the done count each phase's last line showed.
+        self.shown: dict[str, int] = {}
         self.live: _Lines | None = None
         if self.terminal:
             self.live = _Lines(self, Console(file=stream, force_terminal=True))
@@ -186,6 +188,7 @@ class ProgressBar:
         if key in self.phases:
             self.phases[key].total = total
             return
+        self._show_where_phases_ended()
         self.phases[key] = Phase(label, unit, total, status=status)
         if started_now:
             self.phases[key].update(0)
@@ -195,6 +198,7 @@ class ProgressBar:
             self.live.refresh()
         elif self.enabled and started_now:
             self._line(f"{label}: 0/{total:,} {unit}", force=True)
+            self.shown[key] = 0
 
     def update(
         self, key: str, done: int, *, total: int | None = None, status: str | None = None
@@ -207,7 +211,8 @@ class ProgressBar:
             phase.status = status
         if self.live is None and self.enabled:
             # A phase's first line is shown at once; then one every few seconds.
-            self._line(plain(phase), force=len(phase.samples) == 1)
+            if self._line(plain(phase), force=len(phase.samples) == 1):
+                self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
         """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it
@@ -223,13 +228,27 @@ class ProgressBar:
         if self.live is not None and self.phases:
             self.live.refresh()
             self.live.stop()
+        else:
+            self._show_where_phases_ended()
 
-    def _line(self, text: str, *, force: bool = False) -> None:
+    def _show_where_phases_ended(self) -> None:
+        """Off a terminal, each phase's last line says where it ended (a line every few
+        seconds may have left it at its start)."""
+        if not self.enabled or self.live is not None:
+            return
+        for key, phase in self.phases.items():
+            if self.shown.get(key) != phase.done:
+                self._line(plain(phase), force=True)
+                self.shown[key] = phase.done
+
+    def _line(self, text: str, *, force: bool = False) -> bool:
         now = time.monotonic()
         if force or now - self.last_line >= LINE_INTERVAL_SECONDS:
             self.last_line = now
             self.stream.write(text + "\n")
             self.stream.flush()
+            return True
+        return False
 
 
 def plain(phase: Phase) -> str:
