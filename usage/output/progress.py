@@ -209,10 +209,10 @@ class ProgressBar:
         phase.update(done, total)
         if status is not None:
             phase.status = status
-        if self.live is None and self.enabled:
-            # A phase's first line is shown at once; then one every few seconds.
-            if self._line(plain(phase), force=len(phase.samples) == 1):
-                self.shown[key] = phase.done
+        # Off a terminal, a phase's first line is shown at once; then one every few seconds.
+        first = len(phase.samples) == 1
+        if self.live is None and self.enabled and self._line(plain(phase), force=first):
+            self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
         """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it
