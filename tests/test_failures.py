@@ -245,7 +245,7 @@ def test_a_revert_stopped_by_sigterm_prints_its_own_outcome(
     assert "rows restored  5 of 6; 1 still to restore" in stdout
     assert f"Run {run.pk} succeeded." not in stdout
     assert error_lines(stderr)[-1] == (
-        "CommandError: stopped by SIGTERM after 5 rows; run the same revert again to finish"
+        "CommandError: stopped by SIGTERM after 5 rows restored (see the outcome)"
     )
     run.refresh_from_db()
     assert run.status == BackfillRun.Status.SUCCEEDED  # not reverted until every row is

@@ -15,7 +15,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
-from tests.processes import start_manage
+from tests.processes import error_lines, start_manage
 from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
@@ -154,9 +154,14 @@ def test_sigterm_stops_between_batches_rebuilds_rollup_and_rerun_resumes(subproc
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "SIGTERM received" in stderr
-    assert "re-run the same command to continue" in stderr
     assert "Traceback" not in stderr
     run = BackfillRun.objects.get()
+    # What next is said once, in the outcome; the last line is the exit's reason alone.
+    assert f"Next: re-run the same command; the new run continues run {run.pk}" in stdout
+    assert error_lines(stderr)[-1] == (
+        f"CommandError: stopped by SIGTERM: run {run.pk} interrupted after "
+        f"{run.rows_updated} rows (see the outcome)"
+    )
     assert run.status == BackfillRun.Status.INTERRUPTED
     assert 0 < run.rows_updated < 24
     assert run.rows_updated == _journaled() == repaired_count()

@@ -584,10 +584,11 @@ class Command(ToolCommand):
             return CommandError(self.failure)
         signum = self.signals[0] if self.signals else None
         if signum:
+            # The outcome says what next; this line is the exit's reason, for the log.
             return CommandError(
-                f"stopped by {signal.Signals(signum).name} after "
-                f"{render.number(document['rows_updated'])} rows; re-run the same command to "
-                "continue (the new run continues this one)",
+                f"stopped by {signal.Signals(signum).name}: run {document['run_id']} "
+                f"interrupted after {render.number(document['rows_updated'])} rows "
+                "(see the outcome)",
                 returncode=128 + signum,
             )
         if document.get("rows_remaining"):

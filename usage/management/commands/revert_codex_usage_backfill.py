@@ -189,8 +189,9 @@ class Command(ToolCommand):
         also = f"; also, {self.write_error}" if self.write_error else ""
         if done.stopped:
             raise CommandError(
-                f"stopped by {name} after {render.number(done.rows_restored)} rows; run the "
-                f"same revert again to finish{also}",
+                # The outcome says what next; this line is the exit's reason, for the log.
+                f"stopped by {name} after {render.number(done.rows_restored)} rows "
+                f"restored (see the outcome){also}",
                 returncode=128 + signum,
             )
         if done.rows_remaining:
