@@ -329,6 +329,9 @@ def test_a_signal_during_the_rollup_stops_it_and_the_run_is_interrupted(
     assert "during the rollup rebuild" in run.error
     assert "succeeded" not in stdout
     assert f"Run {run.pk} interrupted by SIGTERM." in stdout
+    # Said as it is: the rollup stops, it does not finish (issue 26).
+    assert "SIGTERM received: stopping the rollup after its current slice" in stderr
+    assert "finishing the current batch" not in stderr
 
     call_command(
         "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=io.StringIO()

@@ -358,12 +358,13 @@ class ToolCommand(BaseCommand):
     def stopping_on_signals(
         self,
         stop: threading.Event,
-        what_next: str,
+        what_next: str | Callable[[], str],
         *,
         new_line: bool = False,
         say: Callable[[str], None] | None = None,
     ) -> Iterator[list[int]]:
-        """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next``.
+        """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
+        what it returns then: what happens next depends on the phase the signal arrives in).
 
         Yields the signals received, in order; the previous handlers are back afterwards.
         ``new_line`` starts the message on a line of its own (after a progress bar); ``say``
@@ -375,11 +376,12 @@ class ToolCommand(BaseCommand):
             received.append(signum)
             stop.set()
             name = signal.Signals(signum).name
+            then = what_next() if callable(what_next) else what_next
             if say is not None:
-                say(f"{name} received: {what_next}")
+                say(f"{name} received: {then}")
                 return
             start = "\n" if new_line else ""
-            self.stderr.write(self.style.WARNING(f"{start}{name} received: {what_next}"))
+            self.stderr.write(self.style.WARNING(f"{start}{name} received: {then}"))
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

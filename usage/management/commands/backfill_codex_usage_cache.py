@@ -446,8 +446,11 @@ class Command(ToolCommand):
             enabled=verbosity >= 1 and log_format == "text",
         )
         show = repair_events(bar)
+        phase = ["update"]
 
         def progress(event: str, /, **details: Any) -> None:
+            if event == "stamped":
+                phase[0] = "rollup"  # the batches are done; the rollup comes next
             if event == "started":
                 self._started(details["run"])
             elif event == "stamping" and not self.report.json_logs:
@@ -457,9 +460,17 @@ class Command(ToolCommand):
                 self._rollup_path(**details)
             show(event, **details)
 
+        def what_next() -> str:
+            if phase[0] == "rollup":
+                return (
+                    "stopping the rollup after its current slice; the keys not rebuilt stay "
+                    "pending until the same command is run again."
+                )
+            return "finishing the current batch, then rebuilding the rollup for what was done."
+
         with self.stopping_on_signals(
             stop,
-            "finishing the current batch, then rebuilding the rollup for what was done.",
+            what_next,
             new_line=True,
             say=self.signal_said(self.report),
         ) as self.signals:
