@@ -113,6 +113,15 @@ def test_the_revert_has_the_repairs_look_and_options(rows: None, tmp_path: Path)
     out, _ = command("revert_codex_usage_backfill", str(run.pk))
     assert f"Mode: revert run {run.pk} (dry run)" in out
     assert "rows to restore  6\n" in out
+    # At -v 0 the dry run's block still names its run; its JSON outcome says what it is.
+    brief, _ = command("revert_codex_usage_backfill", str(run.pk), "-v", "0")
+    assert brief.startswith(f"Revert of run {run.pk} (dry run):\n  rows to restore  6\n")
+    _, logged = command("revert_codex_usage_backfill", str(run.pk), "--log-format", "json")
+    last = json.loads(logged.splitlines()[-1])
+    assert last["event"] == "outcome" and last["status"] == "would_revert"
+    assert last["message"] == (
+        f"Dry run of the revert of run {run.pk}: 6 rows to restore; nothing was written."
+    )
     target = tmp_path / "revert.json"
     out, err = command(
         "revert_codex_usage_backfill",

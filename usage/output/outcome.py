@@ -274,6 +274,8 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
             ("rollup keys", f"{number(d['rollup_keys'])} hourly keys to rebuild"),
         ]
         return [
+            # The block names its run (at -v 0 it is all there is).
+            *wrap(f"Revert of run {run_id} (dry run):", width),
             *labelled(rows, width, indent="  "),
             style.SUCCESS("Dry run complete: nothing was written."),
             *next_step("Next: revert it", f"{REVERT} {run_id} --execute", width),

@@ -259,10 +259,20 @@ class Command(ToolCommand):
             document, self.format, self.output, lambda kind: self._readable(document, kind)
         )
         ok = document["status"] in ("reverted", "would_revert")
+        if document["status"] == "would_revert":
+            said = (
+                f"Dry run of the revert of run {document['run_id']}: "
+                f"{render.number(document['rows_restorable'])} rows to restore; nothing was "
+                "written."
+            )
+        else:
+            said = (
+                f"Revert of run {document['run_id']}: {document['status']}, "
+                f"{render.number(document['rows_restored'])} rows restored, "
+                f"{render.number(document['rows_remaining'])} still to restore."
+            )
         self.report.outcome(
-            f"Revert of run {document['run_id']}: {document['status']}, "
-            f"{render.number(document['rows_restored'])} rows restored, "
-            f"{render.number(document['rows_remaining'])} still to restore.",
+            said,
             ok=ok,
             run_id=document["run_id"],
             status=document["status"],
