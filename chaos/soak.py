@@ -65,13 +65,19 @@ WHERE q.runtime_id IS NOT NULL
 ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
 DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at);
 SELECT rollup_task_usage_hourly_window(clock_timestamp(), clock_timestamp() + interval '1s')"""
-# Runs whose chain did not finish: not continued by a later run, not reverted, and stopped
-# before the end (or with their rollup still pending).
+# What an operator re-runs the repair for: a chain that did not finish (its last run stopped
+# before the end, not reverted), or a run whose rollup is still pending, whatever became of
+# its chain (a run that continued it may have been reverted since: the pre-flight's
+# pending_rollups says so, and the next repair rebuilds those keys).
 UNFINISHED_SQL = """
 SELECT count(*) FROM codex_repair.backfill_run r
-WHERE (r.status IN ('running', 'interrupted', 'failed') OR r.rollup_state = 'pending')
-  AND r.status <> 'reverted'
-  AND NOT EXISTS (SELECT 1 FROM codex_repair.backfill_run c WHERE c.continues_id = r.id)"""
+WHERE r.status <> 'reverted' AND (
+    r.rollup_state = 'pending'
+    OR (r.status IN ('running', 'interrupted', 'failed')
+        AND NOT EXISTS (SELECT 1 FROM codex_repair.backfill_run c WHERE c.continues_id = r.id)))"""
+RUNS_SQL = """
+SELECT id, status, rollup_state, rows_updated, continues_id, left(error, 120)
+FROM codex_repair.backfill_run ORDER BY id"""
 LOCK_HOLDERS_SQL = """
 SELECT l.pid, a.xact_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246 AND l.granted
@@ -576,8 +582,14 @@ def check(soak: Soak, rows: dict[str, Row]) -> list[str]:
             conn.execute(RECOMPUTE_EVERY_KEY_SQL)
             recomputed = conn.execute(HOURLY_SQL).fetchall()
         if hourly != recomputed:
-            wrong = len(set(hourly) ^ set(recomputed))
-            violations.append(f"hourly table differs from a recompute ({wrong} rows differ)")
+            extra, missing = set(hourly) - set(recomputed), set(recomputed) - set(hourly)
+            violations.append(
+                f"hourly table differs from a recompute ({len(extra)} rows not as recomputed, "
+                f"{len(missing)} recomputed rows absent); first of each: "
+                f"{sorted(extra, key=str)[:1]} {sorted(missing, key=str)[:1]}"
+            )
+        if violations:
+            violations.append(f"runs: {conn.execute(RUNS_SQL).fetchall()}")
         violations += check_leftovers(conn)
         heads = [
             run_id
