@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from tests.support import CUTOFF_ARG, backfill, command
@@ -177,3 +178,36 @@ def test_the_preflight_refuses_bad_input_before_the_database(
 ) -> None:
     with pytest.raises(CommandError, match=expected):
         command("preflight_codex_usage_backfill", *args)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.5, "500ms"),
+        (5, "5s"),
+        (60, "1m"),
+        (300, "5m"),
+        (5400, "1h30m"),
+        (2.5, "2.5s"),
+    ],
+)
+def test_defaults_read_as_durations_the_options_take(seconds: float, text: str) -> None:
+    assert options.duration_text(seconds) == text
+    assert options.parse_seconds(text, flag="--x", minimum=0, maximum=86400) == seconds
+
+
+def test_the_help_gives_every_default_as_a_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        call_command("backfill_codex_usage_cache", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for default in (
+        "(default 0s)",
+        "(default 5s)",
+        "(default 1m)",
+        "(default 5m)",
+        "(default 24h",
+    ):
+        assert default in text, default
+    assert "nothing changed by it" not in text
+    assert "a run that failed keeps what it did" in text

@@ -163,6 +163,19 @@ def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-bat
     return seconds
 
 
+def duration_text(seconds: float) -> str:
+    """Seconds as the options take them, largest unit first: ``500ms``, ``5s``, ``1m``,
+    ``1h30m`` (so every default in the help reads the same way)."""
+    if 0 < seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    return text + (f"{secs}s" if secs or not text else "")
+
+
 def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: float) -> float:
     """Parse a positive number of seconds (a bare number or a duration such as ``5s``)."""
     seconds = duration_seconds(value, flag=flag, minimum=minimum)

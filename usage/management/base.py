@@ -32,6 +32,7 @@ from django.db import DatabaseError
 from usage.cron import DEFAULT_TICK_INTERVAL_SECONDS
 from usage.db import database_failure
 from usage.events import JsonFormatter, event_line
+from usage.options import duration_text
 from usage.output import document as result
 from usage.output.files import OutputError, OutputFile
 from usage.output.report import Reporter
@@ -163,26 +164,27 @@ class ToolCommand(BaseCommand):
         """
         parser.add_argument(
             "--lock-timeout",
-            default=f"{DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
-            help=f"server-side lock_timeout {lock} (default {DEFAULT_LOCK_TIMEOUT_SECONDS:g}s)",
+            default=duration_text(DEFAULT_LOCK_TIMEOUT_SECONDS),
+            help=f"server-side lock_timeout {lock} "
+            f"(default {duration_text(DEFAULT_LOCK_TIMEOUT_SECONDS)})",
         )
         parser.add_argument(
             "--statement-timeout",
-            default=f"{DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s",
+            default=duration_text(DEFAULT_STATEMENT_TIMEOUT_SECONDS),
             help=f"server-side statement_timeout {statement} "
-            f"(default {DEFAULT_STATEMENT_TIMEOUT_SECONDS:g}s)",
+            f"(default {duration_text(DEFAULT_STATEMENT_TIMEOUT_SECONDS)})",
         )
         parser.add_argument(
             "--max-rollup-lock-seconds",
-            default=f"{DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g}",
-            help=f"{rollup} (default {DEFAULT_MAX_ROLLUP_LOCK_SECONDS:g})",
+            default=duration_text(DEFAULT_MAX_ROLLUP_LOCK_SECONDS),
+            help=f"{rollup} (default {duration_text(DEFAULT_MAX_ROLLUP_LOCK_SECONDS)})",
         )
         parser.add_argument(
             "--cron-tick-interval",
-            default=f"{DEFAULT_TICK_INTERVAL_SECONDS:g}s",
+            default=duration_text(DEFAULT_TICK_INTERVAL_SECONDS),
             help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
             "rollup leaves lock 4246 free while a tick is due "
-            f"(default {DEFAULT_TICK_INTERVAL_SECONDS:g}s)",
+            f"(default {duration_text(DEFAULT_TICK_INTERVAL_SECONDS)})",
         )
         parser.add_argument(
             "--rollup-path",
@@ -205,8 +207,8 @@ class ToolCommand(BaseCommand):
         )
         parser.add_argument(
             "--output",
-            help="write the result to this file instead of stdout (stdout then shows only "
-            "the outcome)",
+            help="write the result to this file instead of stdout (stdout then shows the "
+            "header lines and the outcome)",
         )
         parser.add_argument(
             "--log-format",

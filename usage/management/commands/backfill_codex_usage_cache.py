@@ -78,9 +78,10 @@ cutoff and workspace: --cutoff (and --workspace-id) for a dry run and for --exec
 a plan; --execute --plan FILE takes both from the plan; --verify --run-id N takes them from
 the run.
 
-exit status: 0 done (also: verify of a reverted run whose hourly keys are right); 1 error or
-bad input (nothing changed by it); 3 eligible rows left locked by other writers; 4
-verification failed; 130/143 stopped by SIGINT/SIGTERM.
+exit status: 0 done (also: verify of a reverted run whose hourly keys are right); 1 bad
+input (nothing changed) or an error (a run that failed keeps what it did, and its outcome
+says so); 3 eligible rows left locked by other writers; 4 verification failed; 130/143
+stopped by SIGINT/SIGTERM.
 """
 
 
@@ -111,7 +112,7 @@ class Command(ToolCommand):
         parser.add_argument(
             "--sleep-between-batches",
             default="0",
-            help="pause between batches, e.g. 500ms, 2s, 1m (default 0)",
+            help="pause between batches, e.g. 500ms, 2s, 1m (default 0s)",
         )
         parser.add_argument(
             "--execute",

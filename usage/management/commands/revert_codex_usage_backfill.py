@@ -51,8 +51,9 @@ examples:
   python manage.py revert_codex_usage_backfill 12 --execute --format json \\
       --output revert-12.json --log-format json
 
-exit status: 0 done; 1 error or bad input (nothing changed by it); 3 rows stayed locked by
-other writers (run the same revert again); 130/143 stopped by SIGINT/SIGTERM (run it again).
+exit status: 0 done; 1 bad input (nothing changed) or an error (the rows restored so far
+stay restored: run it again); 3 rows stayed locked by other writers (run the same revert
+again); 130/143 stopped by SIGINT/SIGTERM (run it again).
 """
 
 CHANGED_COLUMNS = (
