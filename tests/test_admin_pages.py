@@ -202,6 +202,36 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
         assert label not in text, label
 
 
+def test_a_runs_page_shows_its_latest_revert_when_there_was_one(
+    admin_client: Client, repaired: BackfillRun
+) -> None:
+    """Issue 26, point 5: a half-done revert was nowhere on the run's page."""
+    run = repaired
+    text = record_text(run_page(admin_client, run), "backfillrun")
+    assert "Revert" not in text and "rows restored" not in text  # never reverted
+    started = WATERMARK + timedelta(minutes=3)
+    BackfillRun.objects.filter(pk=run.pk).update(
+        revert_state=BackfillRun.RevertState.FAILED,
+        revert_started_at=started,
+        revert_finished_at=started + timedelta(seconds=554),
+        rows_restored=1,
+        revert_error="revert of run 1 stopped: database error: hourly rollup unavailable",
+    )
+    text = record_text(run_page(admin_client, run), "backfillrun")
+    assert "State of its latest revert: Failed" in text
+    assert f"Revert started at: {clock(started)}" in text
+    assert f"Revert ended at: {clock(started + timedelta(seconds=554))}" in text
+    assert "Rows restored: 1 of 2" in text
+    assert "Why the revert did not finish: revert of run 1 stopped: database error" in text
+    # A revert that is running (or died without a trace) says both.
+    BackfillRun.objects.filter(pk=run.pk).update(
+        revert_state=BackfillRun.RevertState.RUNNING, revert_finished_at=None, revert_error=""
+    )
+    text = record_text(run_page(admin_client, run), "backfillrun")
+    assert "State of its latest revert: Running (or stopped without a trace" in text
+    assert "Revert ended at" not in text and "Why the revert did not finish" not in text
+
+
 def test_a_runs_page_shows_the_fields_of_migration_0006_when_set(
     admin_client: Client, repaired: BackfillRun
 ) -> None:

@@ -279,3 +279,47 @@ def test_a_run_lock_held_in_another_database_does_not_make_a_dead_run_look_alive
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert plan.owner_gone
     assert plan.rows_restorable == 2
+
+
+# -- a revert that fails leaves its trace ---------------------------------------------------
+
+
+def test_a_revert_that_fails_midway_says_so_in_its_record(replace_rollup) -> None:
+    """Issue 26, point 5: the record said ``succeeded`` with an empty error (the admin shows
+    these fields: tests/test_admin_pages.py)."""
+    make_rows(6)
+    call_command(
+        "backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=io.StringIO()
+    )
+    run = BackfillRun.objects.get()
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE SEQUENCE pg_temp.rollup_calls")
+    # The hourly rollup answers its first call, then fails (a platform outage, say).
+    replace_rollup(
+        "IF nextval('pg_temp.rollup_calls') > 1 THEN "
+        "RAISE EXCEPTION 'hourly rollup unavailable'; END IF;"
+    )
+    with pytest.raises(CommandError, match="hourly rollup unavailable"):
+        call_command(
+            "revert_codex_usage_backfill",
+            str(run.pk),
+            "--execute",
+            "--batch-size",
+            "2",
+            stdout=io.StringIO(),
+        )
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.SUCCEEDED  # not reverted: not every row is
+    assert run.revert_state == BackfillRun.RevertState.FAILED
+    restored = BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).count()
+    assert 0 < run.rows_restored == restored < 6
+    assert "hourly rollup unavailable" in run.revert_error
+    assert run.revert_started_at is not None and run.revert_finished_at is not None
+
+    # Run again, with the rollup back: it finishes, and the record says so.
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER SEQUENCE pg_temp.rollup_calls MINVALUE -1000000 RESTART -1000000")
+    call_command("revert_codex_usage_backfill", str(run.pk), "--execute", stdout=io.StringIO())
+    run.refresh_from_db()
+    assert run.status == BackfillRun.Status.REVERTED
+    assert (run.revert_state, run.rows_restored, run.revert_error) == ("done", 6, "")

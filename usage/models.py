@@ -120,6 +120,15 @@ class BackfillRun(models.Model):
         BELOW_WATERMARK = "below_watermark"
         REPAIR_TIME = "repair_time"
 
+    class RevertState(models.TextChoices):
+        """How the latest revert of the run went (``usage.repair.revert``); "" before any."""
+
+        RUNNING = "running"
+        STOPPED = "stopped"  # by a signal: the rows restored so far stay restored
+        INCOMPLETE = "incomplete"  # rows stayed locked by writers
+        FAILED = "failed"
+        DONE = "done"
+
     class RollupPath(models.TextChoices):
         """How the run rebuilds its hourly keys (see ``usage.repair.rollup.recompute``)."""
 
@@ -172,6 +181,13 @@ class BackfillRun(models.Model):
     rollup_fingerprint = models.CharField(max_length=80, blank=True)
     rollup_path_reason = models.TextField(blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
+    # The latest revert of this run, as it goes: its state, when it started and ended, the
+    # rows restored so far (by every revert of the run) and why it did not finish.
+    revert_state = models.CharField(max_length=16, choices=RevertState.choices, blank=True)
+    revert_started_at = models.DateTimeField(null=True, blank=True)
+    revert_finished_at = models.DateTimeField(null=True, blank=True)
+    rows_restored = models.BigIntegerField(default=0)
+    revert_error = models.TextField(blank=True)
     error = models.TextField(blank=True)
     # The saved plan the run executed (``--plan``; see ``usage.plan``): its fingerprint of the
     # candidate set, the database time it was made, and how many rows it planned.

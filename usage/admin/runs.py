@@ -193,6 +193,18 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             },
         ),
         (
+            "Revert",
+            {
+                "fields": (
+                    "revert_state_shown",
+                    "revert_started",
+                    "revert_finished",
+                    "rows_restored_shown",
+                    "revert_error_shown",
+                )
+            },
+        ),
+        (
             "Hourly rollup",
             {
                 "fields": (
@@ -213,6 +225,11 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     )
     # Shown only when the run has them.
     optional_fields: dict[str, Callable[[BackfillRun], Any]] = {
+        "revert_state_shown": lambda run: run.revert_state,
+        "revert_started": lambda run: run.revert_started_at,
+        "revert_finished": lambda run: run.revert_finished_at,
+        "rows_restored_shown": lambda run: run.revert_state,
+        "revert_error_shown": lambda run: run.revert_error,
         "error_shown": lambda run: run.error,
         "reverted": lambda run: run.reverted_at,
         "continues_link": lambda run: run.continues_id,
@@ -236,6 +253,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
                 for name in options["fields"]
                 if name not in self.optional_fields or self.optional_fields[name](obj)
             )
+            if not fields:
+                continue  # a section with nothing to show (a run never reverted)
             options = {**options, "fields": fields}
             if title.startswith("Stamp") and obj.stamp in STAMP_HELP:
                 options["description"] = STAMP_HELP[obj.stamp]
@@ -316,6 +335,29 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     @admin.display(description="reverted at")
     def reverted(self, obj: BackfillRun) -> str:
         return clock(obj.reverted_at)
+
+    @admin.display(description="state of its latest revert")
+    def revert_state_shown(self, obj: BackfillRun) -> str:
+        state = obj.get_revert_state_display()
+        if obj.revert_state == BackfillRun.RevertState.RUNNING and obj.revert_finished_at is None:
+            return f"{state} (or stopped without a trace: kill -9, a lost connection)"
+        return state
+
+    @admin.display(description="revert started at")
+    def revert_started(self, obj: BackfillRun) -> str:
+        return clock(obj.revert_started_at)
+
+    @admin.display(description="revert ended at")
+    def revert_finished(self, obj: BackfillRun) -> str:
+        return clock(obj.revert_finished_at)
+
+    @admin.display(description="rows restored")
+    def rows_restored_shown(self, obj: BackfillRun) -> str:
+        return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
+
+    @admin.display(description="why the revert did not finish")
+    def revert_error_shown(self, obj: BackfillRun) -> str:
+        return obj.revert_error
 
     @admin.display(description="continues")
     def continues_link(self, obj: BackfillRun) -> str:

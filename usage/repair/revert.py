@@ -331,6 +331,7 @@ class _Revert:
         self.progress = progress
         self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
         self.result: RevertResult | None = None
+        self.restored_before = 0  # rows earlier reverts of the run restored
         self.drains: rollup.RevertDrains | None = None
         self.path: rollup.PathChoice | None = None
 
@@ -354,6 +355,16 @@ class _Revert:
                 result.rows_changed,
             )
             self.progress("started", result=result)
+            self.restored_before = BackfillJournal.objects.filter(
+                run=run, reverted_at__isnull=False
+            ).count()
+            self._record(
+                revert_state=BackfillRun.RevertState.RUNNING,
+                revert_started_at=Now(),
+                revert_finished_at=None,
+                revert_error="",
+                rows_restored=self.restored_before,
+            )
             try:
                 self._prepare()
                 if BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).exists():
@@ -362,16 +373,19 @@ class _Revert:
                 self._restore_phase()
             except batching.BatchTimeoutError as exc:
                 self._drain_quietly()
+                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
                 raise RevertError(str(exc), result) from None
-            except RevertError:
+            except RevertError as exc:
+                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
                 raise
             except BaseException as exc:
                 self._drain_quietly()
-                raise RevertError(
+                message = (
                     f"revert of run {run.pk} stopped: {batching.describe_failure(exc)}; the rows "
-                    "restored so far stay restored: run the same revert again to finish",
-                    result,
-                ) from exc
+                    "restored so far stay restored: run the same revert again to finish"
+                )
+                self._record_end(BackfillRun.RevertState.FAILED, message)
+                raise RevertError(message, result) from exc
             finally:
                 self._drop_agent_tasks()
                 if self.drains is not None:
@@ -470,6 +484,8 @@ class _Revert:
         )
         self.result.batches += 1
         self.result.rows_restored += restored
+        if restored:
+            self._record(rows_restored=self.restored_before + self.result.rows_restored)
         logger.info(
             "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
             "%d locked, %.3fs",
@@ -555,6 +571,32 @@ class _Revert:
 
     # -- the end ---------------------------------------------------------------------------
 
+    def _record(self, **fields: object) -> None:
+        """The revert's progress in its run's record, as it goes (the admin shows it)."""
+        assert self.result is not None
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+
+    def _record_end(self, state: str, error: str) -> None:
+        """How the revert ended, when it did not finish; never masks the revert's own error
+        (the connection may be the thing that failed: then a fresh one records it)."""
+        assert self.result is not None
+        fields = {
+            "revert_state": state,
+            "revert_finished_at": Now(),
+            "revert_error": error,
+            "rows_restored": self.restored_before + self.result.rows_restored,
+        }
+        try:
+            self._record(**fields)
+        except Exception:  # noqa: BLE001 - the revert's own error is the one reported
+            try:
+                connection.close()
+                self._record(**fields)
+            except Exception:  # noqa: BLE001
+                logger.warning(
+                    "could not record how the revert of run %d ended", self.result.run.pk
+                )
+
     def _finish(self) -> None:
         """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
         assert self.result is not None
@@ -565,6 +607,14 @@ class _Revert:
         result.rows_restorable = restored + result.rows_remaining
         result.rows_restored = restored
         if result.stopped or result.rows_remaining:
+            self._record_end(
+                BackfillRun.RevertState.STOPPED
+                if result.stopped
+                else BackfillRun.RevertState.INCOMPLETE,
+                f"stopped by a signal after {restored} rows restored"
+                if result.stopped
+                else f"{result.rows_remaining} rows stayed locked by other writers",
+            )
             # The command shows the outcome; as a log line it is a detail.
             logger.info(
                 "revert of run %d incomplete: %d rows restored, %d remaining%s",
@@ -575,10 +625,16 @@ class _Revert:
             )
             return
         if not self._rebuild_pending_rollup():
+            self._record_end(
+                BackfillRun.RevertState.STOPPED, "stopped before the rollup was rebuilt"
+            )
             return
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
+            "revert_state": BackfillRun.RevertState.DONE,
+            "revert_finished_at": Now(),
+            "rows_restored": self.restored_before + restored,
             "rollup_state": (
                 BackfillRun.RollupState.SKIPPED
                 if result.run.rollup_state == BackfillRun.RollupState.SKIPPED
@@ -624,12 +680,13 @@ class _Revert:
                 progress=self.progress,
             )
         except (rollup.RollupError, DatabaseError) as exc:
-            raise RevertError(
+            message = (
                 f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
                 f"since it (its own rollup never finished) could not be rebuilt: "
-                f"{batching.describe_failure(exc)}; run the same revert again to finish",
-                self.result,
-            ) from exc
+                f"{batching.describe_failure(exc)}; run the same revert again to finish"
+            )
+            self._record_end(BackfillRun.RevertState.FAILED, message)
+            raise RevertError(message, self.result) from exc
         self.result.rollup.slices.extend(rebuilt.slices)
         self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
         if rebuilt.stopped:
