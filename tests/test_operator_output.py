@@ -20,6 +20,7 @@ from tests.processes import PROJECT_DIR, on_terminal
 from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from usage.models import BackfillRun
+from usage.output.lines import wrap
 from usage.output.progress import ProgressBar
 
 pytestmark = COMMITS
@@ -237,3 +238,14 @@ def test_off_a_terminal_each_phase_ends_on_where_it_ended() -> None:
     started = [n for n, line in enumerate(lines) if line.startswith("rollup: ")]
     assert ended and started and ended[0] < started[0]  # the update's end before the rollup
     assert lines[-1].startswith("rollup: 2/2 keys (100%)")
+
+
+def test_a_unit_is_never_wrapped_away_from_its_number() -> None:
+    text = "6 keys rebuilt in 1 slice in 0.3 s; lock 4246 held at most 0.020 s, 50 % done"
+    for width in range(20, len(text) + 2):
+        lines = wrap(text, width)
+        assert " ".join(line.strip() for line in lines) == text
+        assert not any(re.match(r"(s|%)[;,]?$|(s|%)[;,]? ", line.strip()) for line in lines), (
+            width,
+            lines,
+        )

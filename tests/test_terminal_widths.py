@@ -116,3 +116,5 @@ def test_the_bars_and_the_outcome_fit_and_keep_what_matters(
     assert f"Run {run.pk} succeeded." in received
     assert "rows changed" in received and "6 of 6 planned" in received
     assert f"--verify --run-id {run.pk}" in received
+    # A unit stays with its number ("in 0.3 s;", never "in 0.3" then "s;": issue 26).
+    assert not any(re.match(r"\s*(s|ms)[;,.)]?(\s|$)", line) for line in lines), lines

@@ -8,6 +8,7 @@ always on one line.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Sequence
 
@@ -19,14 +20,20 @@ def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ")
     """
     if width is None:
         return [indent + text]
-    return textwrap.wrap(
-        text,
+    lines = textwrap.wrap(
+        _UNIT_AFTER_NUMBER.sub("\\1\0\\2", text),
         width=max(width, 20),
         initial_indent=indent,
         subsequent_indent=hanging,
         break_long_words=False,
         break_on_hyphens=False,
     ) or [indent]
+    return [line.replace("\0", " ") for line in lines]
+
+
+# A unit stays on the line of its number ("0.3 s", not "0.3" then "s;"): the space between
+# them is held by a placeholder while the text is wrapped.
+_UNIT_AFTER_NUMBER = re.compile(r"(\d) (ms|s|min|h|%|MB|GB)(?=$|[\s;,.:)])")
 
 
 def labelled(
