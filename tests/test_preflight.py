@@ -96,6 +96,10 @@ def test_a_cron_tick_that_stopped_long_ago_is_a_warning(usage_rows: None) -> Non
     assert found.status == "warn"
     assert re.search(r"last cron tick started 16[56] days ago", found.detail), found.detail
     assert "scheduler looks stopped" in found.fix
+    # Said first, once, and in words (issue 26: it came last, after 604,799,999,999 µs).
+    assert found.detail.startswith("the platform's scheduler looks stopped: its last cron tick")
+    assert found.detail.count("last cron tick started") == 1
+    assert "microseconds" not in found.detail and len(found.detail) < 260, found.detail
 
 
 @pytest.mark.django_db
@@ -104,6 +108,7 @@ def test_a_cron_tick_that_never_ran_is_said_once(usage_rows: None) -> None:
     found = results()["rollup_cron"]
     assert found.status == "warn"
     assert found.detail.count("never ran") == 1, found.detail
+    assert "microseconds" not in found.detail and len(found.detail) < 260, found.detail
 
 
 @pytest.mark.django_db

@@ -117,13 +117,14 @@ def _microseconds(later: datetime, earlier: datetime) -> int:
     return (later - earlier) // MICROSECOND
 
 
+def _spanned(policy_top: datetime, slots: int, keys: int | None) -> str:
+    span = _span(policy_top, slots, keys)
+    return f": {span}" if span else ""
+
+
 def _span(policy_top: datetime, slots: int, keys: int | None) -> str:
-    if keys is None:  # the pre-flight: the keys are not counted yet
-        return (
-            f"{slots:,} microseconds up to {_clock(policy_top, microseconds=True)} for the "
-            f"run's hourly keys (one a stamp, or up to {MAX_KEYS_PER_STAMP} a stamp beyond "
-            f"{slots:,} keys)"
-        )
+    if keys is None:  # the pre-flight: the keys are not counted yet, nor the stamps
+        return ""
     first = policy_top - (slots - 1) * MICROSECOND
     shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
     return (
@@ -152,7 +153,7 @@ def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampP
                 keys or 0,
                 f"repaired rows are stamped just below the platform rollup's watermark "
                 f"({_clock(watermark, microseconds=True)}), so its cron tick never re-rolls "
-                f"them: {_span(top, slots, keys)}",
+                f"them{_spanned(top, slots, keys)}",
             )
         why = (
             f"the platform rollup's watermark ({_clock(watermark, microseconds=True)}) is only "
@@ -188,7 +189,7 @@ def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str)
         top,
         slots,
         keys or 0,
-        f"{why}: {_span(top, slots, keys)}",
+        f"{why}{_spanned(top, slots, keys)}",
     )
 
 

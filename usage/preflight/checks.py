@@ -620,10 +620,13 @@ def check_after_cutoff(ctx: Context) -> CheckResult:
     before, before_unfixed, after, after_unfixed = ctx.one(
         compose(CUTOFF_NEIGHBOURHOOD_SQL), params
     )
+    # Is the cutoff the fix's deployment? Before it most rows should still count the cache
+    # in their input; after it, few.
     detail = (
-        f"rows with input_tokens >= cache_read_tokens (un-normalized look) among Codex rows "
-        f"with cached input last written within {NEIGHBOURHOOD.days} days: before the cutoff "
-        f"{_share(before_unfixed, before)}, after it {_share(after_unfixed, after)}"
+        f"Codex rows with cached input, last written within {NEIGHBOURHOOD.days} days of the "
+        f"cutoff, whose input still includes the cache (input_tokens >= cache_read_tokens): "
+        f"before the cutoff {_share(before_unfixed, before)}, after it "
+        f"{_share(after_unfixed, after)}"
     )
     if after >= MIN_SAMPLE_ROWS and after_unfixed >= AFTER_UNNORMALIZED_WARN_SHARE * after:
         return warned(
@@ -696,10 +699,11 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
     stopped = False
     if last_started is not None:
         age = now - last_started
-        notes.append(f"last cron tick started {_describe_age(age)} ago")
         # As the repair judges it (usage.cron): a tick this late means a stopped scheduler.
         limit = cron.STALE_AFTER_INTERVALS * cron.DEFAULT_TICK_INTERVAL_SECONDS
         stopped = age.total_seconds() > limit
+        if not stopped:
+            notes.append(f"last cron tick started {_describe_age(age)} ago")
     elif "never ran" not in policy.reason:
         notes.append("the cron tick never ran")
     if last_error:
@@ -708,6 +712,11 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
         notes.append("rollup_task_usage_hourly() not found")
     detail = policy.reason + (f" ({'; '.join(notes)})" if notes else "")
     if stopped:
+        # What matters first: the scheduler looks stopped.
+        detail = (
+            f"the platform's scheduler looks stopped: its last cron tick started "
+            f"{_describe_age(now - last_started)} ago; {detail}"
+        )
         return warned(
             detail,
             "the platform's scheduler looks stopped (no tick for more than "
