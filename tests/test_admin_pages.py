@@ -202,6 +202,16 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
         assert label not in text, label
 
 
+def test_a_record_has_no_history_button_and_no_history_page(
+    admin_client: Client, repaired: BackfillRun
+) -> None:
+    """Issue 26: the HISTORY button led to an empty history (nothing is ever edited)."""
+    page = run_page(admin_client, repaired).content.decode()
+    history = reverse("admin:usage_backfillrun_history", args=[repaired.pk])
+    assert history not in page and "historylink" not in page
+    assert admin_client.get(history).status_code == 404
+
+
 def test_a_runs_page_shows_its_latest_revert_when_there_was_one(
     admin_client: Client, repaired: BackfillRun
 ) -> None:
@@ -331,7 +341,8 @@ def test_a_journal_entry_shows_its_repair_time_and_the_stamp_apart(
     assert not DJANGO_TIME.search(whole) and "New updated at" not in whole
 
     listing = page_text(admin_client.get(reverse("admin:usage_backfilljournal_changelist")))
-    assert repaired_at in listing and clock(entry.new_updated_at) in listing
+    # The list shows the stamp to the microsecond too, as the README promises (issue 26).
+    assert repaired_at in listing and clock(entry.new_updated_at, micro=True) in listing
     assert not DJANGO_TIME.search(listing)
 
 

@@ -32,11 +32,12 @@ def clock(value: datetime | None, *, micro: bool = False) -> str:
     return f"{text} UTC"
 
 
-def clock_cell(value: datetime | None) -> str:
-    """A time for a list column: it may break between the date and the time, nowhere else."""
+def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
+    """A time for a list column: it may break between the date and the time, nowhere else
+    (``micro``: to the microsecond, as the ``updated_at`` stamps are shown everywhere)."""
     if value is None:
         return DASH
-    day, time = clock(value).split(" ", 1)
+    day, time = clock(value, micro=micro).split(" ", 1)
     return format_html('<span class="nowrap">{}</span> <span class="nowrap">{}</span>', day, time)
 
 

@@ -164,4 +164,4 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
 
     @admin.display(description="stamp written", ordering="new_updated_at")
     def stamp_cell(self, obj: BackfillJournal) -> str:
-        return clock_cell(obj.new_updated_at)
+        return clock_cell(obj.new_updated_at, micro=True)
