@@ -100,8 +100,15 @@ def test_a_cutoff_out_of_range_is_a_message_on_the_page(
     assert response.status_code == 200
     content = response.content.decode()
     assert message in content
+    shown = " ".join(str(m) for m in response.context["messages"])
+    assert "--cutoff" not in shown, shown  # the page's words, not the command line's
+    if source == "page" and "RFC" in message:
+        assert shown.startswith("The cutoff "), shown
     if source == "CODEX_BACKFILL_CUTOFF" and "RFC" in message:
-        assert "CODEX_BACKFILL_CUTOFF: --cutoff" in content
+        assert (
+            "CODEX_BACKFILL_CUTOFF &#x27;" in content
+            and "CODEX_BACKFILL_CUTOFF: --cutoff" not in content
+        )
 
 
 def test_year_one_is_shown_with_four_digits(client: Client, operator: User) -> None:

@@ -47,17 +47,20 @@ def shown(value: Any) -> str:
     return repr(text)
 
 
-def parse_cutoff(value: str | None) -> datetime:
-    """Parse an RFC 3339 timestamp with an explicit offset and normalize it to UTC."""
+def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
+    """Parse an RFC 3339 timestamp with an explicit offset and normalize it to UTC.
+
+    ``name`` is what the messages call it (the admin's page says "the cutoff").
+    """
     if not value or not str(value).strip():
         raise ValueError(
-            "--cutoff is required: give the hosted deployment time of the Codex usage fix, "
-            "e.g. --cutoff 2026-06-13T08:00:00Z"
+            f"{name} is required: give the hosted deployment time of the Codex usage fix, "
+            "e.g. 2026-06-13T08:00:00Z"
         )
     text = str(value).strip()
     if not _RFC3339.fullmatch(text):
         raise ValueError(
-            f"--cutoff {shown(value)} is not an RFC 3339 timestamp with an offset; "
+            f"{name} {shown(value)} is not an RFC 3339 timestamp with an offset; "
             "use e.g. 2026-06-13T08:00:00Z or 2026-06-13T10:00:00+02:00"
         )
     # Python's parser accepts at most microseconds; extra fractional digits are truncated.
@@ -65,15 +68,17 @@ def parse_cutoff(value: str | None) -> datetime:
     try:
         return datetime.fromisoformat(text).astimezone(UTC)
     except ValueError as exc:
-        raise ValueError(f"--cutoff {shown(value)} is not a valid date and time: {exc}") from exc
+        raise ValueError(f"{name} {shown(value)} is not a valid date and time: {exc}") from exc
     except OverflowError:
         raise ValueError(
-            f"--cutoff {shown(value)} is out of range: in UTC it falls before year 1 or after "
+            f"{name} {shown(value)} is out of range: in UTC it falls before year 1 or after "
             "year 9999; use the hosted deployment time of the fix, e.g. 2026-06-13T08:00:00Z"
         ) from None
 
 
-def parse_workspace_id(value: str | None, *, allow_empty: bool = True) -> uuid.UUID | None:
+def parse_workspace_id(
+    value: str | None, *, allow_empty: bool = True, name: str = "--workspace-id"
+) -> uuid.UUID | None:
     """Validate the workspace filter here, so a typo never reaches the database as a cast.
 
     On the command line an empty value is refused (``--workspace-id "$WS"`` with ``WS``
@@ -84,8 +89,7 @@ def parse_workspace_id(value: str | None, *, allow_empty: bool = True) -> uuid.U
     text = str(value).strip()
     if not text:
         raise ValueError(
-            "--workspace-id is empty; give a workspace UUID, or leave the option out to "
-            "work on every workspace"
+            f"{name} is empty; give a workspace UUID, or leave it out to work on every workspace"
         )
     try:
         if not text.isascii():
@@ -93,7 +97,7 @@ def parse_workspace_id(value: str | None, *, allow_empty: bool = True) -> uuid.U
         return uuid.UUID(text)
     except ValueError:
         raise ValueError(
-            f"--workspace-id {shown(value)} is not a UUID; "
+            f"{name} {shown(value)} is not a UUID; "
             "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
         ) from None
 

@@ -301,7 +301,7 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         workspace_text=(params.get(WORKSPACE_PARAM) or "").strip(),
     )
     try:
-        page.workspace_id = options.parse_workspace_id(page.workspace_text)
+        page.workspace_id = options.parse_workspace_id(page.workspace_text, name="The workspace")
     except ValueError as exc:
         page.error = str(exc)
         return page
@@ -320,12 +320,13 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.cutoff_source = f"the latest run (#{run.pk})"
         page.source_run_id = run.pk
         value = ""
+    # The page's own words, not the command line's flags.
+    name = "The cutoff" if page.cutoff_text else page.cutoff_source
     if value:
         try:
-            page.cutoff = options.parse_cutoff(value)
+            page.cutoff = options.parse_cutoff(value, name=name)
         except ValueError as exc:
-            prefix = "" if page.cutoff_text else "CODEX_BACKFILL_CUTOFF: "
-            page.error = prefix + str(exc)
+            page.error = str(exc)
             return page
     if not page.cutoff_text:
         page.cutoff_text = cutoff_param(page.cutoff)
@@ -333,7 +334,7 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     try:
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:
-        page.error = str(exc)
+        page.error = exc.named(name)
         return page
     if page.workspace_id and page.result.totals.rows == 0:
         page.workspace_known = workspace_has_agents(page.workspace_id)

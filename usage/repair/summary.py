@@ -80,7 +80,18 @@ WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace
 
 
 class CutoffError(ValueError):
-    """The cutoff is not in the database's past."""
+    """The cutoff is not in the database's past (said as the command line says it; ``named``
+    says it in another's words, the admin page's)."""
+
+    def __init__(self, cutoff: datetime, database_now: datetime) -> None:
+        self.cutoff, self.database_now = cutoff, database_now
+        super().__init__(self.named("--cutoff"))
+
+    def named(self, name: str) -> str:
+        return (
+            f"{name} {json_default(self.cutoff)} is not before the database's clock "
+            f"({json_default(self.database_now)}): use the actual deployment time of the fix"
+        )
 
 
 @dataclass(frozen=True)
@@ -127,10 +138,7 @@ def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
     future they would still match ``< cutoff`` and be subtracted again.
     """
     if cutoff >= database_now:
-        raise CutoffError(
-            f"--cutoff {json_default(cutoff)} is not before the database's clock "
-            f"({json_default(database_now)}): use the actual deployment time of the fix"
-        )
+        raise CutoffError(cutoff, database_now)
 
 
 def workspace_has_agents(workspace_id: uuid.UUID | None) -> bool:
