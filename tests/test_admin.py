@@ -533,3 +533,16 @@ def test_forged_writes_are_refused(
     listing = admin_client.get(f"{changelist}?cutoff={CUTOFF_ARG}").content.decode()
     assert add not in listing
     assert 'name="_selected_action"' not in listing and 'name="action"' not in listing
+
+
+def test_the_workspace_filter_shows_ids_that_do_not_wrap(
+    admin_client: Client, scenario: dict[str, Any]
+) -> None:
+    """Issue 26: a 36-character id wrapped mid-id in the sidebar."""
+    html = admin_client.get(candidates(cutoff=CUTOFF_ARG)).content.decode()
+    sidebar = html[html.index('id="changelist-filter"') :]
+    links = re.findall(r'href="\?[^"]*workspace=([0-9a-f-]{36})[^"]*"[^>]*>([^<]+)<', sidebar)
+    assert len(links) == 2, links
+    for workspace, label in links:
+        prefix = label.split("…")[0].strip()
+        assert workspace.startswith(prefix) and 4 <= len(prefix) < 36, (workspace, label)

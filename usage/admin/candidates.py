@@ -39,7 +39,7 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
-from usage.admin.formats import clock, clock_cell, number
+from usage.admin.formats import clock, clock_cell, number, unique_prefix_length
 from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
@@ -61,11 +61,15 @@ class WorkspaceFilter(admin.SimpleListFilter):
         if page is None or page.result is None:
             return []
         if page.workspace_id:
-            return [(str(page.workspace_id), f"{page.workspace_id} ({page.totals.rows:,})")]
-        top = page.result.workspaces[:WORKSPACE_CHOICES]
-        if len(page.result.workspaces) > WORKSPACE_CHOICES:
-            self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
-        return [(str(ws), f"{ws} ({rows:,})") for ws, rows in top]
+            chosen = [(page.workspace_id, page.totals.rows)]
+        else:
+            chosen = page.result.workspaces[:WORKSPACE_CHOICES]
+            if len(page.result.workspaces) > WORKSPACE_CHOICES:
+                self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
+        # A 36-character id wrapped mid-id in the narrow sidebar: each is shown as the
+        # shortest prefix that tells the choices apart (the chosen one is whole in the form).
+        length = unique_prefix_length(ws for ws, _ in chosen)
+        return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         return queryset  # Applied with the cutoff: the totals depend on it too.
