@@ -473,3 +473,70 @@ def test_verify_catches_a_wrong_uncosted_input_tokens() -> None:
     sql("UPDATE {task_usage_hourly} SET uncosted_input_tokens = NULL WHERE model = 'm1'")
     [mismatch] = verify_run_in_context(result.run.pk).mismatches
     assert [(c.column, c.actual) for c in mismatch.columns] == [("uncosted_input_tokens", None)]
+
+
+# -- each verdict names its real cause (issue 26, point 4) --------------------------------
+
+
+def test_keys_rewritten_since_by_ingestion_wait_for_the_tick_and_verify_says_so() -> None:
+    make_keys(2, 3)
+    live_watermark()
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    # Ingestion rewrites two repaired rows (now(): after the tick's watermark).
+    sql(
+        "UPDATE {task_usage} SET input_tokens = input_tokens + 5, updated_at = now()"
+        " WHERE id IN (SELECT usage_id FROM {journal} ORDER BY id LIMIT 2)"
+    )
+    verdict = verify_run_in_context(result.run.pk)
+    assert verdict.mismatched_keys == verdict.awaiting_tick_keys == 2
+    assert verdict.ok and all(m.awaiting_tick for m in verdict.mismatches)
+    out = io.StringIO()
+    call_command(
+        "backfill_codex_usage_cache", "--verify", "--run-id", str(result.run.pk), stdout=out
+    )
+    text = " ".join(out.getvalue().split())
+    assert "2 of the 2 differing keys wait for the platform's cron tick" in text
+    assert "(waits for the platform's cron tick)" in text and "Verification passed." in text
+    # Once the tick has rolled them up, nothing differs.
+    sql(
+        "SELECT {rollup_task_usage_hourly_window}(watermark_at, clock_timestamp())"
+        " FROM {task_usage_hourly_rollup_state}"
+    )
+    verdict = verify_run_in_context(result.run.pk)
+    assert (verdict.mismatched_keys, verdict.awaiting_tick_keys) == (0, 0)
+
+
+def test_a_key_wrong_for_no_such_reason_still_fails() -> None:
+    make_keys(2, 3)
+    live_watermark()
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    sql(
+        "UPDATE {task_usage_hourly} SET event_count = event_count + 1 WHERE ctid ="
+        " (SELECT ctid FROM {task_usage_hourly} LIMIT 1)"
+    )
+    verdict = verify_run_in_context(result.run.pk)
+    assert (verdict.mismatched_keys, verdict.awaiting_tick_keys) == (1, 0) and not verdict.ok
+
+
+def test_verify_on_an_unknown_definition_names_it_as_the_likely_cause(
+    restored_function: None,
+) -> None:
+    make_keys(3, 4)  # every row has a cost: its uncosted input is 0
+    live_watermark()
+    install_body(
+        (
+            "coalesce(sum(tu.input_tokens) FILTER (WHERE tu.cost_usd_ticks IS NULL),",
+            "coalesce(sum(tu.input_tokens),",
+        )
+    )
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert result.rollup is not None and result.rollup.path == "function"
+    out = io.StringIO()
+    with pytest.raises(CommandError) as failed:
+        call_command(
+            "backfill_codex_usage_cache", "--verify", "--run-id", str(result.run.pk), stdout=out
+        )
+    assert failed.value.returncode == 4
+    assert "the installed rollup function is one this tool does not know" in str(failed.value)
+    text = " ".join(out.getvalue().split())
+    assert "The installed rollup function is not a definition this tool knows" in text

@@ -66,6 +66,7 @@ VERIFY_FIELDS = (
     "eligible_rows_left",
     "eligible_rows_expected",
     "mismatched_keys",
+    "awaiting_tick_keys",
     "continues",
     "continued_by",
 )
@@ -165,6 +166,8 @@ def _add_verify(document: dict[str, Any], result: RunVerification) -> None:
         "eligible_rows_left": result.eligible_rows_left,
         "eligible_rows_expected": result.eligible_rows_expected,
         "mismatched_keys": result.mismatched_keys,
+        "awaiting_tick_keys": result.awaiting_tick_keys,
+        "rollup_function": result.rollup_function,
         "columns": list(result.columns),
         "mismatches": [asdict(m) for m in result.mismatches],
     }

@@ -355,12 +355,35 @@ def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> l
     )
     for m in v["mismatches"][:VERIFY_LISTED]:
         lines.append(f"  {describe_mismatch(m)}")
+    for text in _why_keys_differ(v):
+        lines.extend(wrap(text, width, hanging="  "))
     shown = style.SUCCESS if v["ok"] else style.ERROR
     lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
     following = outcome.verify_next(v)
     if following:
         lines.extend(wrap(following, width, hanging="  "))
     return lines
+
+
+def _why_keys_differ(v: dict[str, Any]) -> list[str]:
+    """What the differing keys are due to: the platform's tick still to come, or a rollup
+    function the tool does not know (its sums may be its own)."""
+    said = []
+    waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
+    if waiting:
+        said.append(
+            f"{number(waiting)} of the {number(differing)} differing keys wait for the "
+            "platform's cron tick (others wrote their rows since its watermark, or the key is "
+            "queued): the tick rebuilds them from scratch, so they are not the run's; verify "
+            "again after it to see them equal."
+        )
+    if differing > waiting and v.get("rollup_function") == "unknown":
+        said.append(
+            "The installed rollup function is not a definition this tool knows: it may "
+            "compute the hourly sums otherwise than the documented ones verify compares with "
+            "(see the pre-flight's rollup_function and rollup_path)."
+        )
+    return said
 
 
 def _listed(run_ids: list[int]) -> str:

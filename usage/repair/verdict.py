@@ -24,6 +24,7 @@ from django.db import connection, transaction
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair import runs
+from usage.repair.rollup.versions import read_installed_function
 from usage.repair.verify import Mismatch, compared_columns, find_mismatches
 
 # The eligible rows left, and how many of them a revert (of any run) restored exactly: those
@@ -49,10 +50,17 @@ class RunVerification:
     eligible_rows_left: int
     mismatched_keys: int
     mismatches: list[Mismatch]
-    # The rows left are eligible by design: a run of the chain was reverted.
+    # The rows left are eligible by design: a run of the chain was reverted, or a revert
+    # restored them after the run.
     eligible_rows_expected: bool
     # The hourly columns compared (the platform's version decides which exist).
     columns: tuple[str, ...] = ()
+    # Of the differing keys, those the platform's next cron tick rebuilds from scratch (rows
+    # others wrote since its watermark, or queued): not the run's to answer for.
+    awaiting_tick_keys: int = 0
+    # The installed rollup function as recognised ("unknown" when the tool does not know it:
+    # it may compute the keys otherwise than the documented sums verify compares with).
+    rollup_function: str = ""
 
     @property
     def last_run(self) -> int:
@@ -60,7 +68,8 @@ class RunVerification:
 
     @property
     def keys_ok(self) -> bool:
-        return not self.mismatched_keys and not self.mismatches
+        """Every key equal to a recompute, or waiting for the tick that recomputes it."""
+        return self.mismatched_keys == self.awaiting_tick_keys
 
     @property
     def ok(self) -> bool:
@@ -81,7 +90,8 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
         cursor.execute(compose(COUNT_LEFT_SQL), eligible_params(run.cutoff, run.workspace_id))
         left, restored = cursor.fetchone()
         columns = compared_columns(cursor)
-        count, mismatches = find_mismatches(run_ids=[r.pk for r in members], limit=limit)
+        found = find_mismatches(run_ids=[r.pk for r in members], limit=limit)
+        installed = read_installed_function(cursor)
     return RunVerification(
         run_id=run.pk,
         run_status=run.status,
@@ -90,9 +100,11 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
         continues=run.continues_id,
         continued_by=later.pk if later is not None else None,
         eligible_rows_left=left,
-        mismatched_keys=count,
-        mismatches=mismatches,
+        mismatched_keys=found.count,
+        mismatches=found.listed,
         eligible_rows_expected=any(r.status == BackfillRun.Status.REVERTED for r in members)
         or (left > 0 and left == restored),
         columns=tuple(columns),
+        awaiting_tick_keys=found.awaiting_tick,
+        rollup_function=installed.described if installed is not None else "missing",
     )

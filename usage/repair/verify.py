@@ -53,7 +53,11 @@ WHERE table_schema = %s AND table_name = 'task_usage_hourly'"""
 # expected row of a key is absent (``e.present`` NULL) when it has no rows left, and its
 # hourly row is absent when the rollup has none.
 MISMATCHES_SQL = """
-WITH scoped AS (
+WITH watermark AS (
+    SELECT coalesce(max(watermark_at), '-infinity') AS watermark_at
+    FROM {task_usage_hourly_rollup_state}
+),
+scoped AS (
     SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
            q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
     FROM {task_usage} tu
@@ -64,11 +68,20 @@ WITH scoped AS (
 ),
 expected AS (
     SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
-           q.agent_id, i.project_id, tu.provider, tu.model, true AS present, {expected}
+           q.agent_id, i.project_id, tu.provider, tu.model, true AS present,
+           bool_or((tu.updated_at >= w.watermark_at
+                    OR (tu.updated_at IS NULL AND tu.created_at >= w.watermark_at))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM {journal} j
+                       WHERE j.usage_id = tu.id AND j.new_updated_at = tu.updated_at
+                         AND j.run_id = ANY(%(run_ids)s)))
+               AS written_since_watermark,
+           {expected}
     FROM {task_usage} tu
     JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id
     LEFT JOIN {issue} i ON i.id = q.issue_id
+    CROSS JOIN watermark w
     WHERE q.runtime_id IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 ),
@@ -81,7 +94,9 @@ SELECT coalesce(e.bucket_hour, h.bucket_hour), coalesce(e.workspace_id, h.worksp
        coalesce(e.project_id, h.project_id), coalesce(e.provider, h.provider),
        coalesce(e.model, h.model),
        e.present IS NOT NULL, h.bucket_hour IS NOT NULL, {pairs},
-       count(*) OVER () AS mismatched_keys
+       m.awaiting_tick,
+       count(*) OVER () AS mismatched_keys,
+       count(*) FILTER (WHERE m.awaiting_tick) OVER () AS awaiting_tick_keys
 FROM (SELECT e.* FROM expected e JOIN scoped s USING (bucket_hour, workspace_id, agent_id,
                                                      provider, model)
       WHERE s.runtime_id IS NOT DISTINCT FROM e.runtime_id
@@ -91,6 +106,21 @@ FULL JOIN actual h
  AND h.runtime_id = e.runtime_id AND h.agent_id = e.agent_id
  AND h.project_id IS NOT DISTINCT FROM e.project_id
  AND h.provider = e.provider AND h.model = e.model
+-- The platform's next cron tick rebuilds a key whose rows someone else (not the runs
+-- verified: their own stamps do not count) wrote since its watermark, or that is queued:
+-- such a key may differ now without the runs having done anything wrong.
+CROSS JOIN LATERAL (
+    SELECT coalesce(e.written_since_watermark, false) OR EXISTS (
+        SELECT 1 FROM {task_usage_hourly_dirty} d
+        WHERE d.bucket_hour = coalesce(e.bucket_hour, h.bucket_hour)
+          AND d.workspace_id = coalesce(e.workspace_id, h.workspace_id)
+          AND d.runtime_id = coalesce(e.runtime_id, h.runtime_id)
+          AND d.agent_id = coalesce(e.agent_id, h.agent_id)
+          AND d.project_id IS NOT DISTINCT FROM coalesce(e.project_id, h.project_id)
+          AND d.provider = coalesce(e.provider, h.provider)
+          AND d.model = coalesce(e.model, h.model)
+    ) AS awaiting_tick
+) m
 WHERE e.present IS NULL OR h.bucket_hour IS NULL
    OR ({e_columns}) IS DISTINCT FROM ({h_columns})
 ORDER BY 1, 2, 4, 6, 7
@@ -126,6 +156,9 @@ class Mismatch:
     missing: bool
     stale: bool
     columns: tuple[ColumnMismatch, ...]
+    # Rows written since the cron tick's watermark, or the key queued: its next tick
+    # rebuilds it (ingestion, a task moved, rows deleted), so the difference is not the run's.
+    awaiting_tick: bool = False
 
 
 def compared_columns(cursor: Any) -> list[str]:
@@ -148,9 +181,17 @@ def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
     )
 
 
-def find_mismatches(
-    run_ids: list[int] | None = None, limit: int = 1000
-) -> tuple[int, list[Mismatch]]:
+@dataclass(frozen=True)
+class Mismatches:
+    """The keys that differ: how many, how many of them wait for the platform's cron tick,
+    and the first of them."""
+
+    count: int
+    awaiting_tick: int
+    listed: list[Mismatch]
+
+
+def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mismatches:
     """How many hourly keys differ from the recompute, and the first ``limit`` of them.
 
     The count covers every differing key (all keys, or those of some runs); only the list
@@ -161,12 +202,12 @@ def find_mismatches(
         columns = compared_columns(cursor)
         cursor.execute(mismatches_sql(columns, scope), {"run_ids": run_ids or [], "limit": limit})
         rows = cursor.fetchall()
-    count = rows[0][-1] if rows else 0
+    count, awaiting = (rows[0][-2], rows[0][-1]) if rows else (0, 0)
     found = []
     width = len(KEY)
     for row in rows:
         expected_row, actual_row = row[width], row[width + 1]
-        values = row[width + 2 : -1]
+        values = row[width + 2 : -3]
         differing = tuple(
             ColumnMismatch(name, expected, actual)
             for name, expected, actual in zip(columns, values[0::2], values[1::2], strict=True)
@@ -178,14 +219,15 @@ def find_mismatches(
                 missing=expected_row and not actual_row,
                 stale=actual_row and not expected_row,
                 columns=differing if expected_row and actual_row else (),
+                awaiting_tick=bool(row[-3]),
             )
         )
-    return count, found
+    return Mismatches(count, awaiting, found)
 
 
 def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
     """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
-    return find_mismatches(run_ids, limit)[1]
+    return find_mismatches(run_ids, limit).listed
 
 
 def describe(mismatch: dict[str, Any]) -> str:
@@ -197,15 +239,16 @@ def describe(mismatch: dict[str, Any]) -> str:
         f"{when} workspace {workspace} runtime {runtime} agent {agent} project "
         f"{project or '-'} {provider or '(no provider)'}/{model}"
     )
+    waiting = " (waits for the platform's cron tick)" if mismatch.get("awaiting_tick") else ""
     if mismatch["missing"]:
-        return f"{key}: no hourly row, but usage rows exist"
+        return f"{key}: no hourly row, but usage rows exist{waiting}"
     if mismatch["stale"]:
-        return f"{key}: an hourly row, but no usage rows are left"
+        return f"{key}: an hourly row, but no usage rows are left{waiting}"
     differing = "; ".join(
         f"{c['column']} expected {_number(c['expected'])} got {_number(c['actual'])}"
         for c in mismatch["columns"]
     )
-    return f"{key}: {differing}"
+    return f"{key}: {differing}{waiting}"
 
 
 def _number(value: int | None) -> str:

@@ -615,10 +615,16 @@ class Command(ToolCommand):
             listed = (
                 "; the first of them are listed with the result" if verify["mismatches"] else ""
             )
+            wrong = verify["mismatched_keys"] - verify.get("awaiting_tick_keys", 0)
+            unknown = (
+                " (the installed rollup function is one this tool does not know)"
+                if wrong and verify.get("rollup_function") == "unknown"
+                else ""
+            )
             return CommandError(
                 f"verification of run {verify['run_id']} failed: "
                 f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
-                f"{render.number(verify['mismatched_keys'])} hourly keys wrong{listed}",
+                f"{render.number(wrong)} hourly keys wrong{unknown}{listed}",
                 returncode=EXIT_VERIFY_FAILED,
             )
         return None
