@@ -8,6 +8,8 @@ progress keeps done/total, rate and ETA at 80 columns.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -118,3 +120,37 @@ def test_the_bars_and_the_outcome_fit_and_keep_what_matters(
     assert f"--verify --run-id {run.pk}" in received
     # A unit stays with its number ("in 0.3 s;", never "in 0.3" then "s;": issue 26).
     assert not any(re.match(r"\s*(s|ms)[;,.)]?(\s|$)", line) for line in lines), lines
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_the_plans_next_command_is_kept_whole(
+    rows: None, subprocess_env: dict[str, str], width: int
+) -> None:
+    """Issue 26: the command was split between words even at 160 columns."""
+    # A short path, as an operator types it (pytest's own would not fit 80 columns alone).
+    folder = tempfile.mkdtemp(prefix="plan", dir="/tmp")
+    plan_file = f"{folder}/plan-for-review.json"
+    status, received = on_terminal(
+        "backfill_codex_usage_cache",
+        "--cutoff",
+        CUTOFF_ARG,
+        "--plan-out",
+        plan_file,
+        env=subprocess_env,
+        columns=width,
+    )
+    shutil.rmtree(folder)
+    assert status == 0, received
+    lines = screen_lines(received)
+    fits(lines, width)
+    start = next(n for n, line in enumerate(lines) if line.startswith("Plan written to"))
+    block = lines[start : start + 4]
+    command = f"python manage.py backfill_codex_usage_cache --execute --plan {plan_file}"
+    joined = " ".join(line.strip().removesuffix("\\").strip() for line in block)
+    assert command in " ".join(joined.split()), block
+    # Broken, if at all, only before an option and with a shell continuation.
+    assert any("python manage.py backfill_codex_usage_cache" in line for line in block), block
+    for line in block:
+        assert not line.rstrip().endswith(("python", "manage.py", "--plan")), block
+        if "python manage.py" in line or line.strip().startswith("--"):
+            assert line.rstrip().endswith("\\") or line.rstrip().endswith(plan_file), block

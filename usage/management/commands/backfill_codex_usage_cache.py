@@ -6,6 +6,7 @@ import argparse
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,6 @@ from usage.models import BackfillRun
 from usage.output import document as result
 from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.lines import wrap
 from usage.output.progress import OutputStream, ProgressBar, repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.repair.backfill import (
@@ -416,23 +416,28 @@ class Command(ToolCommand):
         except OutputError as exc:
             self.write_error = f"{self.write_error}; also, {exc}" if self.write_error else str(exc)
             return
-        message = (
+        prose = (
             f"Plan written to {given}: {render.number(saved['totals']['rows'])} rows, "
             f"fingerprint {plan.short(saved['fingerprint'])}. Next: have it reviewed, then "
-            f"apply exactly it: {outcome.REPAIR} --execute --plan {given}"
+            "apply exactly it"
         )
+        command = f"{outcome.REPAIR} --execute --plan {given}"
         if self.report.json_logs:
             self.report.event(
-                "plan_written", message, file=given, fingerprint=saved["fingerprint"]
+                "plan_written",
+                f"{prose}: {command}",
+                file=given,
+                fingerprint=saved["fingerprint"],
             )
         else:
-            self._readable_line(message)
+            self._readable_lines(lambda width: outcome.next_step(prose, command, width))
 
-    def _readable_line(self, message: str) -> None:
-        """A line of the readable outcome: with the result, or on stderr beside a document."""
+    def _readable_lines(self, lines: Callable[[int | None], list[str]]) -> None:
+        """Lines of the readable outcome, fitted to where they go: with the result, or on
+        stderr beside a document."""
         target = self.stderr if self.report.document_on_stdout else self.stdout
         width = self.terminal_width() if target is self.stdout else None
-        for line in wrap(message, width, hanging="  "):
+        for line in lines(width):
             target.write(line, style_func=lambda text: text)
 
     # -- modes ---------------------------------------------------------------------------
