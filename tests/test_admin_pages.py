@@ -202,6 +202,26 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
         assert label not in text, label
 
 
+def test_a_running_runs_page_shows_its_progress(
+    admin_client: Client, repaired: BackfillRun
+) -> None:
+    """Issue 26: a running run's page showed no live progress."""
+    run = repaired
+    assert "Progress:" not in record_text(run_page(admin_client, run), "backfillrun")
+    BackfillRun.objects.filter(pk=run.pk).update(
+        status=BackfillRun.Status.RUNNING,
+        started_at=timezone.now() - timedelta(seconds=100),
+        rows_planned=4_000,
+        rows_updated=1_000,
+    )
+    text = record_text(run_page(admin_client, run), "backfillrun")
+    found = re.search(r"Progress: 1,000 of 4,000 rows \(25%\), (\d+) rows/s since it started, "
+                      r"ETA (.+?) \(as of its last batch", text)  # fmt: skip
+    assert found, text
+    assert 9 <= int(found.group(1)) <= 10  # 1,000 rows in about 100 s
+    assert found.group(2).startswith(("5 min", "4 min"))  # 3,000 rows left at about 10/s
+
+
 def test_a_record_has_no_history_button_and_no_history_page(
     admin_client: Client, repaired: BackfillRun
 ) -> None:

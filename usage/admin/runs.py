@@ -13,6 +13,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
@@ -132,6 +133,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             {
                 "fields": (
                     "status_shown",
+                    "progress_shown",
                     "error_shown",
                     "started",
                     "finished",
@@ -225,6 +227,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     )
     # Shown only when the run has them.
     optional_fields: dict[str, Callable[[BackfillRun], Any]] = {
+        "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
         "revert_started": lambda run: run.revert_started_at,
         "revert_finished": lambda run: run.revert_finished_at,
@@ -319,6 +322,21 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     @admin.display(description="status")
     def status_shown(self, obj: BackfillRun) -> str:
         return obj.get_status_display()
+
+    @admin.display(description="progress")
+    def progress_shown(self, obj: BackfillRun) -> str:
+        """A running run's progress from its record, as the terminal shows it: rows done of
+        planned, the rate since it started and the ETA (as of its last batch)."""
+        done, planned = obj.rows_updated, obj.rows_planned
+        share = f" ({100 * done / planned:.0f}%)" if planned else ""
+        running_for = (timezone.now() - obj.started_at).total_seconds()
+        rate = done / running_for if running_for > 0 else 0.0
+        left = max(planned - done, 0)
+        eta = f"ETA {seconds(left / rate)}" if rate else "ETA not known yet"
+        return (
+            f"{number(done)} of {number(planned)} rows{share}, {number(round(rate))} rows/s "
+            f"since it started, {eta} (as of its last batch: reload to follow it)"
+        )
 
     @admin.display(description="error")
     def error_shown(self, obj: BackfillRun) -> str:
