@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,7 +17,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
-from tests.processes import error_lines, start_manage
+from tests.processes import PROJECT_DIR, error_lines, start_manage
 from tests.support import COMMITS, CUTOFF_ARG, wait_until
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
@@ -362,3 +364,36 @@ def test_concurrent_ingestion_loses_nothing_and_repairs_exactly_once(test_databa
             "SELECT rollup_task_usage_hourly_window(%s, now())", [result.run.started_at]
         )
     assert rollup_mismatches() == []
+
+
+# The main thread, interrupted while it holds the stop event's lock (as Event.wait does as it
+# returns): the handler must not wait for that lock. Found by the chaos soak (schedule 110: a
+# SIGTERM during --sleep-between-batches hung the run for ever).
+SIGNAL_WHILE_WAITING = """
+import os, signal, threading, django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "repair_project.settings")
+django.setup()
+from usage.management.commands.backfill_codex_usage_cache import Command
+
+stop = threading.Event()
+with Command().stopping_on_signals(stop, "stopping.") as received:
+    with stop._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        received = list(received)  # the handler has run by now, in this thread
+    print("stop set" if stop.wait(10) else "stop not set", received, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_that_lands_while_the_stop_event_is_locked_does_not_hang() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_WAITING],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"stop set [{int(signal.SIGTERM)}]", done.stdout
+    assert "SIGTERM received: stopping." in done.stderr

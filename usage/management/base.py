@@ -374,8 +374,7 @@ class ToolCommand(BaseCommand):
         """
         received: list[int] = []
 
-        def on_signal(signum: int, frame: Any) -> None:
-            received.append(signum)
+        def act(signum: int) -> None:
             stop.set()
             name = signal.Signals(signum).name
             then = what_next() if callable(what_next) else what_next
@@ -384,6 +383,16 @@ class ToolCommand(BaseCommand):
                 return
             start = "\n" if new_line else ""
             self.stderr.write(self.style.WARNING(f"{start}{name} received: {then}"))
+
+        def on_signal(signum: int, frame: Any) -> None:
+            # A handler runs between two bytecodes of the main thread, which may then hold a
+            # lock the handler needs: the lock of the stop event it waits on (Event.wait,
+            # between batches), or of the stream it writes to. Setting the event here waited
+            # for that lock for ever (seen in the chaos soak, schedule 110: SIGTERM during
+            # --sleep-between-batches). The handler only notes the signal; a thread of its own
+            # sets the event and says what happens next.
+            received.append(signum)
+            threading.Thread(target=act, args=(signum,), name="stop-request").start()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
