@@ -120,6 +120,8 @@ class Soak:
         self.url = url
         self.env = dict(os.environ, DATABASE_URL=url, PYTHONUNBUFFERED="1")
         self.env.pop("CODEX_ROLLUP_DECLARE", None)
+        # What the neighbours of the current schedule saw go wrong (a command that hung).
+        self.problems: list[str] = []
 
     # -- the database -------------------------------------------------------------------
 
@@ -149,15 +151,21 @@ class Soak:
         return psycopg.connect(self.url, autocommit=True)
 
     def manage(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=PROJECT_DIR,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-        )
+        """A command run to its end; one still running after COMMAND_TIMEOUT_SECONDS is
+        killed and reported with exit status -9 ("hung")."""
+        try:
+            done = subprocess.run(
+                [sys.executable, "manage.py", *args],
+                cwd=PROJECT_DIR,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            hung = f"hung: still running after {COMMAND_TIMEOUT_SECONDS:g}s, killed"
+            return subprocess.CompletedProcess(args, -9, "", hung)
         if check and done.returncode:
             raise RuntimeError(f"manage.py {' '.join(args)}: {done.stderr.strip()[-500:]}")
         return done
@@ -167,6 +175,7 @@ class Soak:
     def run(self, schedule: Schedule) -> Outcome:
         started = time.monotonic()
         outcome = Outcome(schedule)
+        self.problems = []
         rng = random.Random(schedule.seed * 7919 + 1)
         with self.connect() as conn:
             conn.execute(TRUNCATE_SQL)
@@ -185,6 +194,7 @@ class Soak:
             outcome.violations.append(
                 f"lock 4246 held {sampler.longest:.2f}s by the tool (budget {budget:g}s)"
             )
+        outcome.violations.extend(self.problems)
         outcome.violations.extend(check(self, rows))
         outcome.seconds = time.monotonic() - started
         return outcome
@@ -204,9 +214,14 @@ class Soak:
             thread.start()
         try:
             outcome.commands += 1
-            fired = run_with_fault(self, args, step)
+            fired, hung = run_with_fault(self, args, step)
             if fired:
                 outcome.faults.append(fired)
+            if hung:
+                outcome.violations.append(
+                    f"{step.describe()}: still running after {COMMAND_TIMEOUT_SECONDS:g}s "
+                    f"(killed){', after ' + fired if fired else ''}"
+                )
         finally:
             stop.set()
             for thread in threads:
@@ -347,8 +362,9 @@ def seed(conn: psycopg.Connection, schedule: Schedule, rng: random.Random) -> tu
 # -- faults ---------------------------------------------------------------------------------
 
 
-def run_with_fault(soak: Soak, args: list[str], step: Step) -> str:
-    """Run one command; fire the step's fault when its moment comes. What fired, or ""."""
+def run_with_fault(soak: Soak, args: list[str], step: Step) -> tuple[str, bool]:
+    """Run one command; fire the step's fault when its moment comes. What fired (or ""),
+    and whether the command hung (still running after COMMAND_TIMEOUT_SECONDS: killed)."""
     proc = subprocess.Popen(
         [sys.executable, "manage.py", *args, "--log-format", "json"]
         if "--verify" not in args
@@ -362,7 +378,6 @@ def run_with_fault(soak: Soak, args: list[str], step: Step) -> str:
     fault = step.fault
     fired = ""
     seen: dict[str, int] = {}
-    started = time.monotonic()
 
     def fire() -> str:
         assert fault is not None
@@ -392,6 +407,15 @@ def run_with_fault(soak: Soak, args: list[str], step: Step) -> str:
 
         timer = threading.Timer(fault.delay, delayed)
         timer.start()
+    hung = threading.Event()
+
+    def watchdog() -> None:
+        if proc.poll() is None:
+            hung.set()
+            proc.kill()
+
+    deadline = threading.Timer(COMMAND_TIMEOUT_SECONDS, watchdog)
+    deadline.start()
     assert proc.stderr is not None
     for line in proc.stderr:
         if fault is None or fired or not fault.event:
@@ -401,14 +425,11 @@ def run_with_fault(soak: Soak, args: list[str], step: Step) -> str:
             seen[event] = seen.get(event, 0) + 1
             if event == fault.event and seen[event] == fault.nth:
                 fired = fire()
-    try:
-        proc.wait(timeout=max(1.0, COMMAND_TIMEOUT_SECONDS - (time.monotonic() - started)))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    proc.wait()
+    deadline.cancel()
     if timer is not None:
         timer.cancel()
-    return fired
+    return fired, hung.is_set()
 
 
 # -- neighbours -----------------------------------------------------------------------------
@@ -522,7 +543,9 @@ def second_run(
     """A second operator starting the same repair meanwhile."""
     rng = random.Random(seed)
     if not stop.wait(rng.uniform(0.0, 1.5)):
-        soak.manage("backfill_codex_usage_cache", "--cutoff", cutoff, "--execute")
+        done = soak.manage("backfill_codex_usage_cache", "--cutoff", cutoff, "--execute")
+        if done.returncode == -9:
+            soak.problems.append(f"the second operator's execute {done.stderr}")
 
 
 NEIGHBOUR: dict[str, Neighbour] = {
