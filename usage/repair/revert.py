@@ -367,7 +367,7 @@ class _Revert:
             )
             try:
                 self._prepare()
-                if BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).exists():
+                if self.restored_before:
                     # An earlier revert of this run stopped; drain whatever it left queued.
                     self._drain_queued()
                 self._restore_phase()
@@ -580,22 +580,20 @@ class _Revert:
         """How the revert ended, when it did not finish; never masks the revert's own error
         (the connection may be the thing that failed: then a fresh one records it)."""
         assert self.result is not None
-        fields = {
-            "revert_state": state,
-            "revert_finished_at": Now(),
-            "revert_error": error,
-            "rows_restored": self.restored_before + self.result.rows_restored,
-        }
         try:
-            self._record(**fields)
-        except Exception:  # noqa: BLE001 - the revert's own error is the one reported
-            try:
-                connection.close()
-                self._record(**fields)
-            except Exception:  # noqa: BLE001
-                logger.warning(
-                    "could not record how the revert of run %d ended", self.result.run.pk
-                )
+            reconnect_if_dead()
+            self._record(
+                revert_state=state,
+                revert_finished_at=Now(),
+                revert_error=error,
+                rows_restored=self.restored_before + self.result.rows_restored,
+            )
+        except Exception as exc:  # noqa: BLE001 - the revert's own error is the one reported
+            logger.warning(
+                "could not record how the revert of run %d ended: %s",
+                self.result.run.pk,
+                error_text(exc),
+            )
 
     def _finish(self) -> None:
         """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
