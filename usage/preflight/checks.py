@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from usage import cron, privileges, replication
@@ -51,7 +52,7 @@ from usage.eligibility import (
 from usage.events import json_default
 from usage.render import short_hash
 from usage.repair.rollup import choose_path
-from usage.repair.rollup.versions import DECLARE_SETTING, read_installed_function
+from usage.repair.rollup.versions import DECLARE_SETTING, PathChoice
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.preflight")
@@ -318,6 +319,12 @@ class Context:
         self.cursor.execute(query, params)
         return self.cursor.fetchall()
 
+    @cached_property
+    def path(self) -> PathChoice:
+        """The rollup's path and the definition it recognised, read once for the checks
+        that name them (the function, the path, the privileges)."""
+        return choose_path(cursor=self.cursor)
+
 
 @dataclass(frozen=True)
 class Check:
@@ -434,11 +441,9 @@ def check_rollup_function(ctx: Context) -> CheckResult:
     if returns != "bigint":
         return failed(f"{signature} returns {returns}, expected bigint", fix)
     mode = "security definer" if security_definer else "runs with the caller's privileges"
-    installed = read_installed_function(ctx.cursor)
-    assert installed is not None
     return passed(
-        f"{signature} returns bigint ({mode}); its definition: {installed.described} "
-        f"(fingerprint {short_hash(installed.fingerprint)})"
+        f"{signature} returns bigint ({mode}); its definition: {ctx.path.function} "
+        f"(fingerprint {short_hash(ctx.path.fingerprint)})"
     )
 
 
@@ -485,7 +490,7 @@ def check_indexes(ctx: Context) -> CheckResult:
 
 def check_rollup_path(ctx: Context) -> CheckResult:
     """How the repair will rebuild the hourly rollup: its own recompute, or the function."""
-    choice = choose_path(cursor=ctx.cursor)
+    choice = ctx.path
     if choice.own:
         return passed(f"{choice.function}: {choice.reason}")
     fix = (
@@ -503,7 +508,7 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 
 
 def check_privileges(ctx: Context) -> CheckResult:
-    choice = choose_path(cursor=ctx.cursor)
+    choice = ctx.path
     needs = privileges.requirements(
         security_definer=privileges.function_runs_as_owner(ctx.cursor), own_path=choice.own
     )
