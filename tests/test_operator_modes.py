@@ -27,11 +27,11 @@ from usage.repair.backfill import ExecuteOptions, execute_backfill
 
 pytestmark = COMMITS
 
-README = (PROJECT_DIR / "README.md").read_text()
+REFERENCE = (PROJECT_DIR / "docs" / "reference.md").read_text()
 
 
 def documented_events() -> set[str]:
-    block = README.split("<!-- log-events:start -->")[1].split("<!-- log-events:end -->")[0]
+    block = REFERENCE.split("<!-- log-events:start -->")[1].split("<!-- log-events:end -->")[0]
     return {
         cells[1].strip().strip("`")
         for cells in (line.split("|") for line in block.splitlines())

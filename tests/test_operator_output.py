@@ -25,7 +25,7 @@ from usage.output.progress import ProgressBar
 
 pytestmark = COMMITS
 
-README = PROJECT_DIR / "README.md"
+REFERENCE = PROJECT_DIR / "docs" / "reference.md"
 TYPES = {
     "string": str,
     "integer": int,
@@ -37,9 +37,9 @@ TYPES = {
 
 
 def documented_fields(marker: str = "json-fields") -> list[tuple[str, str, str]]:
-    """(path, type, modes) rows of the README's JSON field table (or another table of its
-    fields between ``<!-- marker:start -->`` and ``<!-- marker:end -->``)."""
-    text = README.read_text()
+    """(path, type, modes) rows of the documented JSON field table (or another table of its
+    fields between ``<!-- marker:start -->`` and ``<!-- marker:end -->``) in docs/reference.md."""
+    text = REFERENCE.read_text()
     block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
     rows = []
     for line in block.splitlines():

@@ -714,7 +714,7 @@ def test_the_plan_file_matches_the_readme_description(
     present |= {f"database.{key}" for key in document["database"]}
     present |= {f"totals.{key}" for key in document["totals"]}
     present |= {f"groups[].{key}" for group in document["groups"] for key in group}
-    assert present == paths, "the README's plan table and the plan file differ"
+    assert present == paths, "the documented plan table and the plan file differ"
 
 
 def test_the_execute_json_with_a_plan_matches_the_readme_description(
