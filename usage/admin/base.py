@@ -58,8 +58,9 @@ def shown(
     none: str | None = None,
     boolean: bool = False,
 ) -> Display:
-    """A list column or detail field showing one attribute (dotted for a relation), formatted;
-    ``none`` is shown for a missing value, ``sort`` orders the list by the attribute."""
+    """A list column or detail field showing one attribute (dotted for a relation; a method is
+    called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
+    list by the attribute."""
     get = attrgetter(attribute)
 
     @admin.display(
@@ -69,7 +70,8 @@ def shown(
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
         value = get(obj)
-        return none if value is None and none is not None else fmt(value)
+        value = value() if callable(value) else value
+        return none if none is not None and value in (None, "") else fmt(value)
 
     return show
 
@@ -182,20 +184,11 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return None
 
     def get_paginator(
-        self,
-        request: HttpRequest,
-        queryset: QuerySet,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
+        self, request: HttpRequest, queryset: QuerySet, per_page: int, *args: Any, **kwargs: Any
     ) -> BoundedPaginator:
+        known = self.known_count(request)
         return BoundedPaginator(
-            queryset,
-            per_page,
-            orphans,
-            allow_empty_first_page,
-            known_count=self.known_count(request),
-            cap=self.count_cap,
+            queryset, per_page, *args, known_count=known, cap=self.count_cap, **kwargs
         )
 
 
@@ -204,16 +197,9 @@ class BoundedPaginator(Paginator):
     and then reporting "more than ``cap``"."""
 
     def __init__(
-        self,
-        object_list: Any,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
-        *,
-        known_count: int | None = None,
-        cap: int = COUNT_CAP,
+        self, *args: Any, known_count: int | None = None, cap: int = COUNT_CAP, **kwargs: Any
     ) -> None:
-        super().__init__(object_list, per_page, orphans, allow_empty_first_page)
+        super().__init__(*args, **kwargs)
         self.known_count = known_count
         self.cap = cap
         self.capped = False

@@ -198,6 +198,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     # -- the run -------------------------------------------------------------------------
 
+    status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error")
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
@@ -205,10 +206,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     revert_started = shown("revert started at", "revert_started_at", clock)
     revert_finished = shown("revert ended at", "revert_finished_at", clock)
     revert_error_shown = shown("why the revert did not finish", "revert_error")
-
-    @admin.display(description="status")
-    def status_shown(self, obj: BackfillRun) -> str:
-        return obj.get_status_display()
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -254,10 +251,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     backend_pid_shown = shown("backend PID", "backend_pid")
     cutoff_shown = shown("cutoff", "cutoff", clock)
     batch_size_shown = shown("batch size", "batch_size", number)
-
-    @admin.display(description="workspace")
-    def workspace_shown(self, obj: BackfillRun) -> str:
-        return str(obj.workspace_id) if obj.workspace_id else "every workspace"
+    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
 
     @admin.display(description="arguments")
     def arguments_shown(self, obj: BackfillRun) -> str:
@@ -282,16 +276,15 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     # -- plan and result -----------------------------------------------------------------
 
+    plan_fingerprint_shown = shown(
+        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
+    )
     plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
     rows_planned_shown = shown("rows planned", "rows_planned", number)
     rows_updated_shown = shown("rows updated", "rows_updated", number)
     removed_shown = shown("input tokens removed", "input_tokens_removed", number)
     clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
     remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
-
-    @admin.display(description="plan fingerprint")
-    def plan_fingerprint_shown(self, obj: BackfillRun) -> str:
-        return obj.plan_fingerprint or "none: executed without --plan"
 
     @admin.display(description="rows in the plan")
     def plan_rows_shown(self, obj: BackfillRun) -> str:
@@ -319,11 +312,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     # -- stamp ---------------------------------------------------------------------------
 
+    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
     stamp_base_shown = shown("top stamp", "stamp_base", stamp)
-
-    @admin.display(description="stamp")
-    def stamp_kind(self, obj: BackfillRun) -> str:
-        return STAMP_KINDS.get(obj.stamp, obj.stamp or DASH)
 
     @admin.display(description="rollup watermark at the start")
     def watermark_shown(self, obj: BackfillRun) -> str:
@@ -340,6 +330,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     # -- rollup --------------------------------------------------------------------------
 
+    rollup_state_shown = shown("state", "get_rollup_state_display")
+    rollup_path_shown = shown("path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path))
     rollup_function_shown = shown("rollup function recognised", "rollup_function")
     rollup_fingerprint_shown = shown("its definition's fingerprint", "rollup_fingerprint")
     rollup_path_reason_shown = shown("why this path", "rollup_path_reason")
@@ -347,14 +339,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
     rollup_time = shown("time", "rollup_seconds", seconds)
     rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
-
-    @admin.display(description="state")
-    def rollup_state_shown(self, obj: BackfillRun) -> str:
-        return obj.get_rollup_state_display()
-
-    @admin.display(description="path")
-    def rollup_path_shown(self, obj: BackfillRun) -> str:
-        return ROLLUP_PATHS.get(obj.rollup_path, obj.rollup_path)
 
     @admin.display(description="slices")
     def rollup_slices_shown(self, obj: BackfillRun) -> str:
