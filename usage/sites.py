@@ -33,6 +33,11 @@ SERVED_APP_LABELS = frozenset({"usage"})
 class ReviewAdminSite(AdminSite):
     """Django's admin site for the tool's models only, reading only, less the password form."""
 
+    site_header = site_title = "Codex usage repair"
+    index_title = "Review (read-only)"
+    site_url = None  # The tool has no site besides this admin.
+    enable_nav_sidebar = False  # Room for the wide lists.
+
     def register(
         self,
         model_or_iterable: type[Model] | Iterable[type[Model]],

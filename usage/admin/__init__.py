@@ -6,13 +6,5 @@ run's) and what it did (runs and journal entries, linked to each other and to th
 
 from __future__ import annotations
 
-from django.contrib import admin
-
 # Registers the pages: Django's admin imports this package, and the pages are these modules.
 from usage.admin import candidates, journal, runs  # noqa: F401
-
-admin.site.site_header = "Codex usage repair"
-admin.site.site_title = "Codex usage repair"
-admin.site.index_title = "Review (read-only)"
-admin.site.site_url = None  # The tool has no site besides this admin.
-admin.site.enable_nav_sidebar = False  # Room for the wide lists.

@@ -179,6 +179,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):
                 row.id_prefix_lengths = lengths
         return changelist
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet, search_term: str
+    ) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        return (self.search(request, queryset, term) if term else queryset), False
+
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
+        """The rows a search finds (``term`` is never empty): none of a list without search."""
+        return queryset
+
     def known_count(self, request: HttpRequest) -> int | None:
         """The list's row count when it is known without counting."""
         return None

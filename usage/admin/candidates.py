@@ -238,17 +238,12 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         page = _page(request)
         return page.known_count(request.GET) if page is not None else None
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet, search_term: str
-    ) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
             wanted = uuid.UUID(term)
         except ValueError:
-            return queryset.filter(task__agent__name__icontains=term), False
-        return queryset.filter(Q(task_id=wanted) | Q(id=wanted)), False
+            return queryset.filter(task__agent__name__icontains=term)
+        return queryset.filter(Q(task_id=wanted) | Q(id=wanted))
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None

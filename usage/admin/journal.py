@@ -102,17 +102,12 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
             )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet, search_term: str
-    ) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
-            return queryset.filter(usage_id=uuid.UUID(term)), False
+            return queryset.filter(usage_id=uuid.UUID(term))
         except ValueError:
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
-            return queryset.none(), False
+            return queryset.none()
 
     @admin.display(description="repaired at (database clock)")
     def repaired(self, obj: BackfillJournal) -> str:
