@@ -1,16 +1,8 @@
-"""Settings for the codex-usage-repair operator tool.
+"""Settings for the codex-usage-repair operator tool, read from the environment.
 
-The target database comes from ``DATABASE_URL``. Without it the tool runs on an embedded
-sandbox PostgreSQL (see ``sandbox.server``) so that a fresh clone works with no other step.
-The tool's own tables live in a dedicated schema (``CODEX_REPAIR_SCHEMA``, default
-``codex_repair``) placed first on the search path; the application's tables are found in
-``CODEX_TARGET_SCHEMA`` (default ``public``), where the tool never creates anything.
-
-Every connection gets a connect timeout and server-side limits (``CODEX_CONNECT_TIMEOUT``,
-``CODEX_STATEMENT_TIMEOUT``, ``CODEX_IDLE_IN_TRANSACTION_TIMEOUT``). The secret key comes
-from ``DJANGO_SECRET_KEY``, or on the sandbox from a key kept with the sandbox's data; off the
-sandbox without it the admin refuses to be served (``usage.serving``). The values are read
-and checked in ``usage.environment``.
+The target database is ``DATABASE_URL`` (without it, an embedded sandbox PostgreSQL); the
+tool's tables live in ``CODEX_REPAIR_SCHEMA``, first on the search path, the application's in
+``CODEX_TARGET_SCHEMA``. Values are read and checked in ``usage.environment``.
 """
 
 from __future__ import annotations
@@ -63,16 +55,11 @@ if USING_SANDBOX:
         "ENGINE": "sandbox.backend",
         "NAME": SANDBOX_DATABASE_NAME,
         "USER": "postgres",
-        "PASSWORD": "",
-        "HOST": "",
-        "PORT": "",
     }
 else:
     _default_db = environment.database_settings(DATABASE_URL)
 
-# Limits on every connection: how long connecting may take, how long one statement may run
-# on the server (commands set tighter limits per batch), how long a session may sit idle
-# inside a transaction (holding locks) before the server ends it.
+# Limits on every connection: connecting, one statement, idling inside a transaction.
 CODEX_CONNECTION_LIMITS = environment.connection_limits(os.environ)
 _default_db.setdefault("OPTIONS", {})
 _default_db["OPTIONS"].update(CODEX_CONNECTION_LIMITS.libpq_params())
@@ -83,8 +70,8 @@ _default_db["OPTIONS"]["options"] = (
 _default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
 DATABASES = {"default": _default_db}
 
-# Never a committed value: see ``environment.secret_key``. CODEX_SECRET_KEY_SOURCE is
-# "DJANGO_SECRET_KEY", "sandbox", or "" (a key for this process only: nothing is served).
+# Never a committed value. CODEX_SECRET_KEY_SOURCE is "DJANGO_SECRET_KEY", "sandbox", or ""
+# (a key for this process only: nothing is served).
 SECRET_KEY, CODEX_SECRET_KEY_SOURCE = environment.secret_key(
     os.environ, SANDBOX_DIR if USING_SANDBOX else None
 )
@@ -93,9 +80,8 @@ ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 ]
 
-# DJANGO_HTTPS=1 when the admin is served over HTTPS by the WSGI server itself, "proxy" when
-# a proxy in front terminates TLS and sets X-Forwarded-Proto. Unset for runserver on a
-# workstation (plain HTTP on localhost). See the README's "Serving the admin for real".
+# DJANGO_HTTPS=1 when the WSGI server itself serves HTTPS, "proxy" when a proxy in front
+# terminates TLS and sets X-Forwarded-Proto; unset for runserver on a workstation.
 _HTTPS = os.environ.get("DJANGO_HTTPS", "").strip().lower()
 if _HTTPS not in ("", "0", "1", "proxy"):
     raise ImproperlyConfigured(f"DJANGO_HTTPS={_HTTPS[:20]!r} must be 1, proxy or unset")
@@ -111,8 +97,7 @@ if _HTTPS in ("1", "proxy"):
 # An internal tool's admin is never submitted to the browsers' HSTS preload list.
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
-# Messages live in the session (stored in the database), never in a cookie the browser
-# could hand back with markup in it.
+# Messages live in the session, never in a cookie the browser could hand back with markup.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 # Django's error pages (DJANGO_DEBUG=1) never show DATABASE_URL, a password or the key.
@@ -120,8 +105,7 @@ DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
 DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
 
 INSTALLED_APPS = [
-    # First: its runserver (which refuses to serve without a secret key) and its admin
-    # templates take precedence over Django's.
+    # First: its runserver and admin templates take precedence over Django's.
     "usage",
     # The admin without a password form: logins are managed with manage.py only.
     "usage.sites.ReviewAdminConfig",
@@ -149,7 +133,6 @@ WSGI_APPLICATION = "repair_project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -165,10 +148,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 
-LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = False
-USE_TZ = True
 
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -176,8 +157,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The admin's candidates page defaults to this cutoff when set (RFC 3339).
 CODEX_BACKFILL_CUTOFF = os.environ.get("CODEX_BACKFILL_CUTOFF", "").strip()
 
-# Definitions of the rollup function the operator declares equal to a platform version
-# (``CODEX_ROLLUP_DECLARE=FINGERPRINT=MIGRATION[,...]``; README, "The rollup's two paths").
+# CODEX_ROLLUP_DECLARE=FINGERPRINT=MIGRATION[,...]: rollup definitions declared equal to a
+# platform version (README, "The rollup's two paths").
 CODEX_ROLLUP_DECLARED = environment.rollup_declarations(os.environ)
 
 LOGGING = {

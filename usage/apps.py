@@ -14,21 +14,16 @@ logger = logging.getLogger("usage.apps")
 
 
 def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
-    """Create the tool's own schema first, so Django's tables never land in the app's schema.
-
-    With the tool schema first on the search path, PostgreSQL would silently fall back to the
-    next schema when the first one does not exist; creating it before any migration runs
-    rules that out.
-    """
+    """Create the tool's schema before any migration: first on the search path, a missing
+    schema would silently send Django's tables to the next one, the application's."""
     from django.db import connections
     from psycopg import sql
 
+    statement = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+        sql.Identifier(settings.CODEX_REPAIR_SCHEMA)
+    )
     with connections[using].cursor() as cursor:
-        cursor.execute(
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
-            .format(sql.Identifier(settings.CODEX_REPAIR_SCHEMA))
-            .as_string()
-        )
+        cursor.execute(statement.as_string())
 
 
 _sandbox_migrated = False
@@ -42,12 +37,11 @@ def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
     if connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
         return
     _sandbox_migrated = True
+    from django.core.management import call_command
     from django.db.migrations.executor import MigrationExecutor
 
     executor = MigrationExecutor(connection)
     if executor.migration_plan(executor.loader.graph.leaf_nodes()):
-        from django.core.management import call_command
-
         logger.info("migrating the sandbox database")
         call_command("migrate", verbosity=0, interactive=False)
 
@@ -58,7 +52,7 @@ class UsageConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from usage import checks  # noqa: F401 - registers the deploy check
+        from usage import serving  # noqa: F401 - registers the deploy check
 
         pre_migrate.connect(create_tool_schema, sender=self)
         connection_created.connect(migrate_sandbox)

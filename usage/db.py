@@ -116,25 +116,21 @@ def error_text(exc: BaseException) -> str:
 
 def database_failure(exc: BaseException) -> str:
     """The one line a command prints for a database error, with what to do about it."""
-    state = sqlstate(exc)
-    if state == SQLSTATE_QUERY_CANCELED:
-        advice = (
+    role = connection.settings_dict.get("USER") or "the role"
+    advice = {
+        SQLSTATE_QUERY_CANCELED: (
             "a statement ran longer than the server-side statement timeout; raise "
             "CODEX_STATEMENT_TIMEOUT (or the command's --statement-timeout) and re-run"
-        )
-    elif state == SQLSTATE_INSUFFICIENT_PRIVILEGE:
-        role = connection.settings_dict.get("USER") or "the role"
-        advice = (
+        ),
+        SQLSTATE_INSUFFICIENT_PRIVILEGE: (
             f"{role} lacks that privilege: grant it, or connect as a role that has it "
             "(preflight_codex_usage_backfill lists every privilege the repair needs)"
-        )
-    elif state == SQLSTATE_READ_ONLY:
-        advice = (
+        ),
+        SQLSTATE_READ_ONLY: (
             "the server only reads (a standby, or default_transaction_read_only): point "
             "DATABASE_URL at the primary"
-        )
-    else:
-        advice = "check DATABASE_URL and that the server is reachable"
+        ),
+    }.get(sqlstate(exc), "check DATABASE_URL and that the server is reachable")
     return f"database error on {describe_database()}: {error_text(exc)}; {advice}"
 
 
@@ -149,61 +145,47 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def check_target() -> None:
     """Refuse to start when the target or the tool's own tables are not what the tool needs."""
+    target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     with connection.cursor() as cursor:
-        cursor.execute(
-            MISSING_OBJECTS_SQL,
-            {"tables": list(REQUIRED_TARGET_TABLES), "schema": settings.CODEX_TARGET_SCHEMA},
-        )
-        missing = [row[0] for row in cursor.fetchall()]
+
+        def column(statement: Any, params: Any = None) -> list[Any]:
+            cursor.execute(statement, params)
+            return [row[0] for row in cursor.fetchall()]
+
+        tables = {"tables": list(REQUIRED_TARGET_TABLES), "schema": target}
+        missing = column(MISSING_OBJECTS_SQL, tables)
         if missing:
             raise TargetError(
-                f"table {', '.join(missing)} not found in schema "
-                f"{settings.CODEX_TARGET_SCHEMA!r}: point DATABASE_URL at the application "
-                "database (or set CODEX_TARGET_SCHEMA)"
+                f"table {', '.join(missing)} not found in schema {target!r}: point DATABASE_URL "
+                "at the application database (or set CODEX_TARGET_SCHEMA)"
             )
-        cursor.execute(
-            ROLLUP_FUNCTION_SQL,
-            {"signature": f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"},
-        )
-        if not cursor.fetchone()[0]:
+        signature = f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"
+        if not column(ROLLUP_FUNCTION_SQL, {"signature": signature})[0]:
             raise TargetError(
-                f"function {ROLLUP_FUNCTION_SIGNATURE} not found in schema "
-                f"{settings.CODEX_TARGET_SCHEMA!r}: this database does not have the hourly "
-                "rollup the repair must call; check DATABASE_URL"
+                f"function {ROLLUP_FUNCTION_SIGNATURE} not found in schema {target!r}: this "
+                "database does not have the hourly rollup the repair must call; check DATABASE_URL"
             )
-        cursor.execute(
-            QUEUE_CONSTRAINT_EXISTS_SQL,
-            {
-                "table": f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly_dirty",
-                "name": QUEUE_CONSTRAINT,
-            },
-        )
-        if not cursor.fetchone()[0]:
+        queue = {"table": f"{target}.task_usage_hourly_dirty", "name": QUEUE_CONSTRAINT}
+        if not column(QUEUE_CONSTRAINT_EXISTS_SQL, queue)[0]:
             raise TargetError(
                 f"task_usage_hourly_dirty has no unique constraint {QUEUE_CONSTRAINT}: the "
                 "repair queues hourly keys with ON CONFLICT ON CONSTRAINT, as the platform "
                 "does; run preflight_codex_usage_backfill for the details"
             )
-        cursor.execute(
-            MISSING_OBJECTS_SQL,
-            {"tables": list(REQUIRED_TOOL_TABLES), "schema": settings.CODEX_REPAIR_SCHEMA},
-        )
-        if cursor.fetchall():
+        if column(MISSING_OBJECTS_SQL, {"tables": list(REQUIRED_TOOL_TABLES), "schema": tool}):
             raise TargetError(
-                f"the tool's own tables are missing from schema {settings.CODEX_REPAIR_SCHEMA!r}:"
+                f"the tool's own tables are missing from schema {tool!r}:"
                 " run `python manage.py migrate` first (it creates only that schema)"
             )
-        cursor.execute(
-            sql.SQL(APPLIED_TOOL_MIGRATIONS_SQL)
-            .format(sql.Identifier(settings.CODEX_REPAIR_SCHEMA, "django_migrations"))
-            .as_string()
+        applied = sql.SQL(APPLIED_TOOL_MIGRATIONS_SQL).format(
+            sql.Identifier(tool, "django_migrations")
         )
-        missing_migrations = sorted(tool_migrations() - {row[0] for row in cursor.fetchall()})
-        if missing_migrations:
+        missing = sorted(tool_migrations() - set(column(applied.as_string())))
+        if missing:
             raise TargetError(
-                f"the tool's schema {settings.CODEX_REPAIR_SCHEMA!r} is not migrated to this "
-                f"version (missing {', '.join(missing_migrations)}): run `python manage.py "
-                "migrate` first (it changes only that schema)"
+                f"the tool's schema {tool!r} is not migrated to this version (missing "
+                f"{', '.join(missing)}): run `python manage.py migrate` first (it changes "
+                "only that schema)"
             )
 
 

@@ -1,10 +1,7 @@
-"""Django's error pages without secrets: no DATABASE_URL, no password, no key.
+"""Django's error pages (``DJANGO_DEBUG=1``) without secrets: no DATABASE_URL, password or key.
 
-With ``DJANGO_DEBUG=1`` an error page lists the settings, the request's environment (which
-under ``runserver`` includes the process's, ``DATABASE_URL`` among it) and every frame's
-local variables (psycopg's connection string, Django's connection parameters). The filter
-hides any setting or variable that holds a secret, whatever its name; the reporter then
-removes any secret still left in the page's text, as a last resort.
+The filter hides any setting or frame variable that holds a secret, whatever its name; the
+reporter then removes any secret still left in the page's text, as a last resort.
 """
 
 from __future__ import annotations
@@ -18,13 +15,13 @@ from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
 from usage.environment import url_secrets
 
+HIDDEN = SafeExceptionReporterFilter.cleansed_substitute
+
 
 def known_secrets() -> list[str]:
     """Every value that must never be shown: passwords, the database URL, the key."""
     found = url_secrets(getattr(settings, "DATABASE_URL", ""))
-    for database in settings.DATABASES.values():
-        if database.get("PASSWORD"):
-            found.append(str(database["PASSWORD"]))
+    found += [str(db["PASSWORD"]) for db in settings.DATABASES.values() if db.get("PASSWORD")]
     found.append(settings.SECRET_KEY)
     # Longest first, so that a password inside the URL goes with the URL.
     return sorted({s for s in found if s}, key=len, reverse=True)
@@ -71,9 +68,7 @@ class SecretHidingReporter(ExceptionReporter):
 
 def _without_secrets(text: str, *, escaped: bool) -> str:
     for secret in known_secrets():
-        text = text.replace(secret, SafeExceptionReporterFilter.cleansed_substitute)
+        text = text.replace(secret, HIDDEN)
         if escaped:
-            text = text.replace(
-                html.escape(secret), SafeExceptionReporterFilter.cleansed_substitute
-            )
+            text = text.replace(html.escape(secret), HIDDEN)
     return text

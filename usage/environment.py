@@ -1,8 +1,7 @@
 """Reading the settings from the environment: the database URL, connection limits, the key.
 
-Settings are read once per process, before Django is set up. Every bad value becomes an
-``ImproperlyConfigured`` whose message is one line saying what to set; ``manage.py`` prints
-it as such, without a traceback. No message here ever contains a password.
+Read once per process, before Django is set up; a bad value is an ``ImproperlyConfigured``
+of one line saying what to set, never containing a password.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from usage.options import parse_rollup_declarations, parse_seconds
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
 
-# Defaults of the connection limits (see ``connection_limits``).
 DEFAULT_CONNECT_TIMEOUT = "10s"
 DEFAULT_STATEMENT_TIMEOUT = "1h"
 DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = "10m"
@@ -110,8 +108,6 @@ class ConnectionLimits:
 
 
 def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionLimits:
-    """Read ``CODEX_CONNECT_TIMEOUT``, ``CODEX_STATEMENT_TIMEOUT`` and the idle timeout."""
-
     def seconds(name: str, default: str, minimum: float, maximum: float) -> float:
         value = environ.get(name, "") or default
         try:
@@ -138,8 +134,7 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
 
 
 def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str, int]:
-    """``CODEX_ROLLUP_DECLARE``: definitions of the rollup function the operator declares equal
-    to a platform version (fingerprint to migration); each run still proves it."""
+    """``CODEX_ROLLUP_DECLARE``: rollup definitions declared equal to a platform version."""
     try:
         return parse_rollup_declarations(environ.get("CODEX_ROLLUP_DECLARE", ""))
     except ValueError as exc:
@@ -155,10 +150,8 @@ def secret_key(
 ) -> tuple[str, str]:
     """The key that signs sessions and messages, and where it came from.
 
-    ``DJANGO_SECRET_KEY`` when set. On the sandbox, a key generated once and kept with the
-    sandbox's data (``SANDBOX_DIR/secret_key``, mode 0600, never in the repository). Off the
-    sandbox without ``DJANGO_SECRET_KEY``: a random key for this process only, source "",
-    and the admin refuses to be served (``usage.serving``).
+    ``DJANGO_SECRET_KEY`` when set; on the sandbox, a key kept with its data (mode 0600);
+    otherwise a key for this process only, source "", and the admin is not served.
     """
     given = environ.get("DJANGO_SECRET_KEY", "")
     if given:

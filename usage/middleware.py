@@ -13,19 +13,14 @@ NUL_REFUSED = (
 
 
 class RejectNulBytes:
-    """A NUL byte in the path or a query parameter gets a 400 page, never a server error.
-
-    PostgreSQL text cannot hold NUL, so the driver refuses such a value wherever a filter,
-    a search or an id would pass it on; one check here covers every page.
-    """
+    """A NUL byte in the path or a query parameter gets a 400 page, never a server error
+    (PostgreSQL text cannot hold one): one check here covers every filter, search and id."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if "\x00" in request.path or any(
-            "\x00" in key or any("\x00" in value for value in values)
-            for key, values in request.GET.lists()
-        ):
+        values = (value for _key, given in request.GET.lists() for value in given)
+        if any("\x00" in text for text in (request.path, *request.GET, *values)):
             return HttpResponseBadRequest(NUL_REFUSED, content_type="text/plain; charset=utf-8")
         return self.get_response(request)

@@ -1,10 +1,8 @@
 """Models: the application's tables (unmanaged) and the tool's own run record and journal.
 
-The unmanaged models map the target tables the repair reads and writes; Django never creates
-or alters them. ``BackfillRun`` and ``BackfillJournal`` are the tool's own, created by
-``migrate`` in the tool's schema (``CODEX_REPAIR_SCHEMA``), never in the application's.
-``CandidateUsage`` is a ``task_usage`` row as the admin's candidates page lists it; its
-QuerySet selects rows by the shared eligibility definition and adds the repair's own values.
+Django never creates or alters the unmanaged target tables; ``BackfillRun`` and
+``BackfillJournal`` live in the tool's schema. ``CandidateUsage`` is a ``task_usage`` row as
+the admin's candidates page lists it, selected by the shared eligibility definition.
 """
 
 from __future__ import annotations
@@ -217,12 +215,9 @@ class BackfillRun(models.Model):
 class BackfillJournal(models.Model):
     """A row the repair changed, with what it was before: the proof and the undo record.
 
-    Written in the same statement as the update it describes. The partial unique constraint
-    makes "repaired at most once" a database fact, not only a query filter.
-
-    Every repaired row writes an entry, so each index here is paid once per row. Entries are
-    appended one run at a time, so a BRIN index on the run serves the per-run reads (rollup
-    keys, revert, verify) at almost no write cost; the foreign key gets no index of its own.
+    Written in the same statement as the update it describes; the partial unique constraint
+    makes "repaired at most once" a database fact. Entries are appended run by run, so a BRIN
+    index on the run serves the per-run reads at almost no write cost.
     """
 
     run = models.ForeignKey(
@@ -262,10 +257,7 @@ _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """Turn ``%(name)s`` placeholders into ``%s`` with a parameter list, for ``RawSQL``.
-
-    The ORM joins a raw fragment's parameters into one positional list for the whole query.
-    """
+    """Turn ``%(name)s`` placeholders into ``%s`` and a list: ``RawSQL`` takes positions."""
     values: list[Any] = []
 
     def take(match: re.Match[str]) -> str:

@@ -1,13 +1,15 @@
 """Whether the admin may be served: never with a key anyone could know.
 
-``runserver`` (``usage/management/commands/runserver.py``) and the WSGI entry point
-(``repair_project/wsgi.py``) ask ``serving_refusal`` before they serve anything, and
-``check --deploy`` reports the same problem (``usage.checks``).
+``runserver`` and the WSGI entry point ask ``serving_refusal`` before they serve anything,
+and ``check --deploy`` reports the same problem.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
+from django.core import checks
 
 from usage.environment import SECRET_KEY_MIN_LENGTH, key_problem
 
@@ -29,3 +31,9 @@ def serving_refusal() -> str:
     if problem:
         return f"{source} {problem}: the admin is not served with a weak key; e.g. {KEY_EXAMPLE}"
     return ""
+
+
+@checks.register(checks.Tags.security, deploy=True)
+def check_secret_key_source(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    refusal = serving_refusal()
+    return [checks.Error(refusal, id="usage.E001")] if refusal else []

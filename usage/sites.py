@@ -1,18 +1,9 @@
-"""The admin site of the tool: the tool's own pages only, for reading, without a password form.
+"""The admin site of the tool: its own pages only, for reading, without a password form.
 
-Logins are created and changed with ``manage.py`` (``createsuperuser``, ``changepassword``),
-never through the browser, so that nothing can be written through the admin. The site makes
-that true by itself, whatever the order of ``INSTALLED_APPS`` and whatever other admin modules
-are imported:
-
-* it serves only the tool's own models: ``django.contrib.auth``'s admin module registers User
-  and Group (with add, change and password pages) on whatever site is the default one, and
-  autodiscovery imports it after ours, so unregistering them from our module cannot work;
-  ``register`` here simply does not take a model of another app;
-* every view it serves answers only GET and HEAD (a POST, forged or not, is refused with 403
-  before any form sees it), except logging out;
-* Django's ``/admin/password_change/`` answers 404, and its pages show no link to it
-  (``templates/admin/base_site.html``).
+Logins are made and changed with ``manage.py`` (``createsuperuser``, ``changepassword``),
+never in the browser. The site makes that true whatever the order of ``INSTALLED_APPS``:
+it takes no model of another app (auth's User and Group), every view but logging out answers
+only GET and HEAD, and the password pages answer 404.
 """
 
 from __future__ import annotations
@@ -35,14 +26,17 @@ PASSWORD_FORM_GONE = (
     "This admin changes no password: run `python manage.py changepassword USERNAME` "
     "against the same database instead."
 )
-READ_ONLY = "this admin is read-only"
 # The apps whose models the site serves: the tool's own, and nothing else.
 SERVED_APP_LABELS = frozenset({"usage"})
-READING_METHODS = ("GET", "HEAD")
 
 
 class ReviewAdminSite(AdminSite):
     """Django's admin site for the tool's models only, reading only, less the password form."""
+
+    site_header = site_title = "Codex usage repair"
+    index_title = "Review (read-only)"
+    site_url = None  # The tool has no site besides this admin.
+    enable_nav_sidebar = False  # Room for the wide lists.
 
     def register(
         self,
@@ -51,26 +45,26 @@ class ReviewAdminSite(AdminSite):
         **options: Any,
     ) -> None:
         """Register the tool's models; a model of another app (User, Group) is not served."""
-        models = (
-            [model_or_iterable]
-            if isinstance(model_or_iterable, ModelBase)
-            else list(model_or_iterable)
-        )
-        served = [m for m in models if m._meta.app_label in SERVED_APP_LABELS]
-        for model in models:
-            if model not in served:
+        if isinstance(model_or_iterable, ModelBase):
+            model_or_iterable = [model_or_iterable]
+        served = []
+        for model in model_or_iterable:
+            if model._meta.app_label in SERVED_APP_LABELS:
+                served.append(model)
+            else:
                 logger.debug("the admin does not serve %s", model._meta.label)
         if served:
             super().register(served, admin_class, **options)
 
     def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
-        """Every view of the site, wrapped so that only reading methods reach it."""
+        """Every view of the site, wrapped so that a write (a POST, forged or not) never
+        reaches it, except logging out."""
         if view == self.logout:
             return super().admin_view(view, cacheable)
 
         def reading_only(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            if request.method not in READING_METHODS:
-                raise PermissionDenied(READ_ONLY)
+            if request.method not in ("GET", "HEAD"):
+                raise PermissionDenied("this admin is read-only")
             return view(request, *args, **kwargs)
 
         return super().admin_view(update_wrapper(reading_only, view), cacheable)
@@ -80,10 +74,7 @@ class ReviewAdminSite(AdminSite):
     ) -> HttpResponse:
         raise Http404(PASSWORD_FORM_GONE)
 
-    def password_change_done(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        raise Http404(PASSWORD_FORM_GONE)
+    password_change_done = password_change
 
 
 class ReviewAdminConfig(AdminConfig):

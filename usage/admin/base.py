@@ -1,31 +1,34 @@
-"""The read-only base of the admin: no add, change or delete, no actions, no POST.
+"""The read-only base of every admin page: no add, change or delete, no actions, no history.
 
-Every page of the tool's admin derives from ``ReadOnlyAdmin``. Lists never count a big table:
-``BoundedPaginator`` is told the count or counts at most ``COUNT_CAP`` + 1 rows.
+Fields are declared as data (``shown``, ``id_column``, ``sections``) and formatted by
+``usage.admin.formats``; lists never count a big table (``BoundedPaginator``). The site
+(``usage.sites``) refuses every write before a view sees it.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
-from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest
 from django.urls import reverse
 from django.utils.functional import cached_property
-from django.utils.safestring import SafeString
+from django.utils.html import format_html
 
-from usage.admin.formats import SHORT_ID_DEFAULT, short_id, unique_prefix_length
+from usage.admin.formats import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
+
+Display = Callable[[Any, Any], Any]
 
 
 def run_url(run_id: int) -> str:
@@ -46,10 +49,59 @@ def candidates_url(**params: Any) -> str:
     return f"{url}?{urlencode({k: v for k, v in params.items() if v})}"
 
 
-def refuse_writes(request: HttpRequest) -> None:
-    """Only reading methods reach a view: a POST, forged or not, never gets to Django's forms."""
-    if request.method not in ("GET", "HEAD"):
-        raise PermissionDenied("this admin is read-only")
+def shown(
+    description: str,
+    attribute: str,
+    fmt: Callable[[Any], Any] = text,
+    *,
+    sort: bool = False,
+    none: str | None = None,
+    boolean: bool = False,
+) -> Display:
+    """A list column or detail field showing one attribute (dotted for a relation; a method is
+    called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
+    list by the attribute."""
+    get = attrgetter(attribute)
+
+    @admin.display(
+        description=description,
+        ordering=attribute.replace(".", "__") if sort else None,
+        boolean=boolean or None,
+    )
+    def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
+        value = get(obj)
+        value = value() if callable(value) else value
+        return none if none is not None and value in (None, "") else fmt(value)
+
+    return show
+
+
+def id_column(
+    description: str,
+    attribute: str,
+    *,
+    empty: str = DASH,
+    link: Callable[[Any], str] | None = None,
+) -> Display:
+    """A sortable list column showing an id as its shortest prefix unique on the page."""
+    get = attrgetter(attribute)
+
+    @admin.display(description=description, ordering=attribute.replace(".", "__"))
+    def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
+        value = get(obj)
+        if not value:
+            return empty
+        lengths = getattr(obj, "id_prefix_lengths", {})
+        shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
+        return format_html('<a href="{}">{}</a>', link(value), shown_id) if link else shown_id
+
+    show.id_attribute = attribute  # type: ignore[attr-defined]
+    return show
+
+
+def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Fieldsets written as ``{title: "field field ..."}``."""
+    return tuple((title, {"fields": tuple(names.split())}) for title, names in layout.items())
 
 
 class ReadOnlyChangeList(ChangeList):
@@ -59,37 +111,25 @@ class ReadOnlyChangeList(ChangeList):
 
     @property
     def reset_query(self) -> str:
-        kept = {k: v for k, v in self.params.items() if k in self.kept_params}
-        return "?" + urlencode(kept)
+        return "?" + urlencode({k: v for k, v in self.params.items() if k in self.kept_params})
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only pages: no add, change or delete, no actions, no POST to the list.
-
-    Viewing needs a staff login with the model's view permission (superusers have it).
-    A list shows the ids of ``id_columns`` as their shortest prefix unique on the page
-    (``short_id_of``).
-    """
-
-    # A list column that shows an id, and how to get the id from a row.
-    id_columns: dict[str, Callable[[Any], Any]] = {}
+    """View-only pages (a staff login with the view permission): nothing to add, change or
+    delete, no bulk actions, no history."""
 
     actions = None
     show_facets = admin.ShowFacets.NEVER
     show_full_result_count = False
     list_per_page = 100
     view_on_site = False
-    # Lists count at most this many rows; past it the page says "more than".
-    count_cap = COUNT_CAP
+    changelist_class: type[ChangeList] = ReadOnlyChangeList
+    count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
+    # Detail fields shown only when the record has them: name -> test of the record.
+    optional_fields: dict[str, Callable[[Any], Any]] = {}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        """Every shown field: the detail pages render values, never inputs."""
-        if self.fieldsets:
-            return flatten_fieldsets(self.fieldsets)
-        return self.fields or ()
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -97,86 +137,79 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """Every shown field: the detail pages render values, never inputs."""
+        return flatten_fieldsets(self.fieldsets) if self.fieldsets else self.fields or ()
+
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
-        """No history page: nothing is ever edited here, so it could only be empty."""
         raise Http404("the tool's records are never edited: they have no history")
 
+    def fieldset_notes(self, obj: Any) -> dict[str, str]:
+        """A description for some fieldsets of this record, by title."""
+        return {}
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return self.fieldsets
+        notes = self.fieldset_notes(obj)
+        shown_sets = []
+        for title, options in self.fieldsets:
+            fields = tuple(
+                name
+                for name in options["fields"]
+                if name not in self.optional_fields or self.optional_fields[name](obj)
+            )
+            if fields:  # a section with nothing to show (a run never reverted) is left out
+                note = {"description": notes[title]} if title in notes else {}
+                shown_sets.append((title, {**options, "fields": fields, **note}))
+        return shown_sets
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
-        return ReadOnlyChangeList
+        return self.changelist_class
 
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
-        """The list, each of its rows told how long a prefix tells its ids apart on the page.
-
-        The page's rows are read here once; the template then shows these same objects.
-        """
+        """The list, each row told how long a prefix tells its ids apart on the page."""
         changelist = super().get_changelist_instance(request)
-        if self.id_columns:
-            rows = list(changelist.result_list)
-            lengths = {
-                name: unique_prefix_length(get(row) for row in rows)
-                for name, get in self.id_columns.items()
-            }
+        columns = (getattr(self, name, None) for name in self.list_display)
+        attributes = {getattr(c, "id_attribute", None) for c in columns} - {None}
+        if attributes:
+            rows = list(changelist.result_list)  # read once; the template shows these rows
+            lengths = {a: unique_prefix_length(attrgetter(a)(r) for r in rows) for a in attributes}
             for row in rows:
                 row.id_prefix_lengths = lengths
         return changelist
 
-    def short_id_of(self, obj: Any, column: str) -> SafeString | str:
-        """The id of ``column`` as the list shows it: a prefix, the full id in its tooltip."""
-        lengths = getattr(obj, "id_prefix_lengths", {})
-        return short_id(self.id_columns[column](obj), lengths.get(column, SHORT_ID_DEFAULT))
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet, search_term: str
+    ) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        return (self.search(request, queryset, term) if term else queryset), False
+
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
+        """The rows a search finds (``term`` is never empty): none of a list without search."""
+        return queryset
+
+    def known_count(self, request: HttpRequest) -> int | None:
+        """The list's row count when it is known without counting."""
+        return None
 
     def get_paginator(
-        self,
-        request: HttpRequest,
-        queryset: QuerySet,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
+        self, request: HttpRequest, queryset: QuerySet, per_page: int, *args: Any, **kwargs: Any
     ) -> BoundedPaginator:
+        known = self.known_count(request)
         return BoundedPaginator(
-            queryset, per_page, orphans, allow_empty_first_page, cap=self.count_cap
+            queryset, per_page, *args, known_count=known, cap=self.count_cap, **kwargs
         )
-
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        refuse_writes(request)
-        return super().changelist_view(request, extra_context)
-
-    def changeform_view(
-        self,
-        request: HttpRequest,
-        object_id: str | None = None,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        refuse_writes(request)
-        return super().changeform_view(request, object_id, form_url, extra_context)
-
-    def delete_view(
-        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        raise PermissionDenied("this admin is read-only")
 
 
 class BoundedPaginator(Paginator):
-    """A paginator that never counts a big list: it is told the count, or counts a few.
-
-    With ``known_count`` (the totals pass already counted these rows) it runs no count at
-    all; otherwise it counts at most ``cap`` + 1 rows and reports "more than ``cap``".
-    """
+    """A paginator told the count (``known_count``), or counting at most ``cap`` + 1 rows
+    and then reporting "more than ``cap``"."""
 
     def __init__(
-        self,
-        object_list: Any,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
-        *,
-        known_count: int | None = None,
-        cap: int = COUNT_CAP,
+        self, *args: Any, known_count: int | None = None, cap: int = COUNT_CAP, **kwargs: Any
     ) -> None:
-        super().__init__(object_list, per_page, orphans, allow_empty_first_page)
+        super().__init__(*args, **kwargs)
         self.known_count = known_count
         self.cap = cap
         self.capped = False
@@ -186,10 +219,8 @@ class BoundedPaginator(Paginator):
         if self.known_count is not None:
             return self.known_count
         counted = self.object_list[: self.cap + 1].count()
-        if counted > self.cap:
-            self.capped = True
-            return self.cap
-        return counted
+        self.capped = counted > self.cap
+        return min(counted, self.cap)
 
     @property
     def count_label(self) -> str:

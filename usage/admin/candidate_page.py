@@ -1,15 +1,8 @@
 """The admin's candidates page as data: its cutoff and workspace, its totals, its counts.
 
-Everything here is built on ``usage.eligibility``: the page's rows are the ids
-``CANDIDATE_IDS_SQL`` selects (``CandidateUsage.objects.eligible()``), its totals come from
-one aggregate over the same ``ELIGIBLE_FROM``/``ELIGIBLE_WHERE`` fragments, and the corrected
-input, tokens removed and clamped flag shown per row are the repair's own expressions. The
-page therefore cannot disagree with the command's dry run about a row or a total.
-
-The page must stay fast on a table with hundreds of millions of rows, so it never asks the
-database for a ``COUNT(*)`` of the list: one grouped aggregate gives the totals together with
-the row counts for every workspace, created month and clamped choice of the sidebar, and the
-paginator uses those counts (or a count capped at ``base.COUNT_CAP`` rows while searching).
+Built on ``usage.eligibility``, so it cannot disagree with the dry run about a row or a
+total: one grouped aggregate gives the totals with the sidebar's counts, which the paginator
+uses too, so the page never counts the list (``base.COUNT_CAP`` rows at most while searching).
 """
 
 from __future__ import annotations
@@ -17,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -26,11 +19,11 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
 
-from usage import options, render
-from usage.admin.formats import clock
+from usage import options
+from usage.admin.formats import clock, number
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
-from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past
+from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
 
@@ -43,8 +36,6 @@ SEARCH_PARAM = "q"
 
 # The workspace filter lists the workspaces with the most candidates, at most this many.
 WORKSPACE_CHOICES = 20
-
-DATABASE_NOW_SQL = "SELECT now()"
 
 # Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
 # is the dry run's totals; the others count rows per workspace, created month and clamped.
@@ -76,10 +67,8 @@ GROUP BY GROUPING SETS (
     (), (c.workspace_id), (c.created_month), (c.clamped), (c.created_month, c.clamped)
 )"""
 
-WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
-
-# A fingerprint of the run records: it changes whenever a run starts, finishes a batch, ends
-# or is reverted, i.e. whenever the tool itself changed which rows are eligible.
+# Changes whenever a run starts, finishes a batch, ends or is reverted: whenever the tool
+# itself changed which rows are eligible.
 RUNS_FINGERPRINT_SQL = """
 SELECT md5(coalesce(string_agg(
     concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
@@ -112,10 +101,7 @@ def parse_clamped(value: str | None) -> bool | None:
 
 
 def month_range(month: date) -> tuple[datetime, datetime | None]:
-    """The UTC bounds of a calendar month, as the totals group ``created_at``.
-
-    December 9999 has no end Python can write; ``None`` then means "no upper bound".
-    """
+    """The UTC bounds of a calendar month; no upper bound (None) after December 9999."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
     if month.month < 12:
         return start, datetime(month.year, month.month + 1, 1, tzinfo=UTC)
@@ -141,14 +127,11 @@ class CandidateTotals:
 
 
 def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateTotals:
-    """One read-only pass: the dry run's totals plus the sidebar's counts.
-
-    Like the dry run, it refuses a cutoff that is not in the database's past, judged in the
-    same read-only transaction that reads the rows.
-    """
+    """One read-only pass: the dry run's totals plus the sidebar's counts, refusing a cutoff
+    not in the database's past as the dry run does."""
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
-        cursor.execute(DATABASE_NOW_SQL)
+        cursor.execute("SELECT now()")
         database_now = cursor.fetchone()[0]
         ensure_cutoff_in_past(cutoff, database_now)
         cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
@@ -161,8 +144,10 @@ def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> C
         count = int(count)
         if not all_ws:
             workspaces.append((ws, count))
-        elif all_months and all_clamped:
-            before, after, removed, clamped_rows = (int(v) for v in sums)
+            continue
+        counts[(None if all_months else month, None if all_clamped else clamped)] = count
+        if all_months and all_clamped:
+            before, after, removed, clamped_rows = (int(value) for value in sums)
             totals = Totals(
                 rows=count,
                 input_before=before,
@@ -170,33 +155,25 @@ def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> C
                 input_tokens_removed=removed,
                 clamped_rows=clamped_rows,
             )
-            counts[(None, None)] = count
-        else:
-            key = (None if all_months else month, None if all_clamped else clamped)
-            counts[key] = count
-            if not all_months and all_clamped:
-                months.append((month, count))
+        elif all_clamped:
+            months.append((month, count))
     workspaces.sort(key=lambda item: (-item[1], str(item[0])))
     months.sort()
     return CandidateTotals(database_now, totals, workspaces, months, counts)
 
 
-def runs_fingerprint() -> str:
-    with connection.cursor() as cursor:
-        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
-        return cursor.fetchone()[0]
-
-
 def cached_candidate_totals(
     cutoff: datetime, workspace_id: uuid.UUID | None
 ) -> tuple[CandidateTotals, bool]:
-    """The totals for the page, from the last pass while no run changed anything.
+    """The totals, from the last pass while no run changed anything, and whether reused.
 
-    Only the tool's own runs make rows eligible again or not; ingestion can only take rows
-    out (its writes stamp ``updated_at`` after the cutoff), so a short reuse is safe to show
-    with the time it was computed. Returns the totals and whether they were reused.
+    Only the tool's own runs make rows eligible again; ingestion can only take rows out
+    (it stamps ``updated_at`` after the cutoff), so a short reuse is safe to show.
     """
-    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs_fingerprint()}"
+    with connection.cursor() as cursor:
+        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
+        runs = cursor.fetchone()[0]
+    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs}"
     result = cache.get(key)
     if result is not None:
         return result, True
@@ -205,10 +182,11 @@ def cached_candidate_totals(
     return result, False
 
 
-def workspace_has_agents(workspace_id: uuid.UUID) -> bool:
-    with connection.cursor() as cursor:
-        cursor.execute(compose(WORKSPACE_HAS_AGENTS_SQL), [str(workspace_id)])
-        return bool(cursor.fetchone()[0])
+def parsed_or_none(parse: Callable[[str | None], Any], value: str | None) -> Any:
+    try:
+        return parse(value)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -248,7 +226,7 @@ class CandidatePage:
             ("total-clamped", "clamped", t.clamped_rows),
         )
         return [
-            {"id": id_, "label": label, "value": value, "text": render.number(value)}
+            {"id": id_, "label": label, "value": value, "text": number(value)}
             for id_, label, value in cells
         ]
 
@@ -257,13 +235,9 @@ class CandidatePage:
         """The dry run that prints the same totals."""
         if self.cutoff is None:
             return ""
-        parts = [
-            "python manage.py backfill_codex_usage_cache",
-            f"--cutoff {cutoff_param(self.cutoff)}",
-        ]
-        if self.workspace_id:
-            parts.append(f"--workspace-id {self.workspace_id}")
-        return " ".join(parts)
+        cutoff = cutoff_param(self.cutoff)
+        command = f"python manage.py backfill_codex_usage_cache --cutoff {cutoff}"
+        return f"{command} --workspace-id {self.workspace_id}" if self.workspace_id else command
 
     @property
     def cutoff_display(self) -> str:
@@ -279,14 +253,8 @@ class CandidatePage:
             return 0
         if (params.get(SEARCH_PARAM) or "").strip():
             return None
-        try:
-            month = parse_month(params.get(CREATED_PARAM))
-        except ValueError:
-            month = None
-        try:
-            clamped = parse_clamped(params.get(CLAMPED_PARAM))
-        except ValueError:
-            clamped = None
+        month = parsed_or_none(parse_month, params.get(CREATED_PARAM))
+        clamped = parsed_or_none(parse_clamped, params.get(CLAMPED_PARAM))
         return self.result.counts.get((month, clamped), 0)
 
 
@@ -306,12 +274,11 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.error = str(exc)
         return page
 
+    value = page.cutoff_text or settings.CODEX_BACKFILL_CUTOFF
     if page.cutoff_text:
         page.cutoff_source = "chosen on this page"
-        value = page.cutoff_text
-    elif settings.CODEX_BACKFILL_CUTOFF:
+    elif value:
         page.cutoff_source = "CODEX_BACKFILL_CUTOFF"
-        value = settings.CODEX_BACKFILL_CUTOFF
     else:
         run = BackfillRun.objects.order_by("-started_at", "-id").only("id", "cutoff").first()
         if run is None:
@@ -319,22 +286,18 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.cutoff = run.cutoff
         page.cutoff_source = f"the latest run (#{run.pk})"
         page.source_run_id = run.pk
-        value = ""
     # The page's own words, not the command line's flags.
     name = "The cutoff" if page.cutoff_text else page.cutoff_source
-    if value:
-        try:
-            page.cutoff = options.parse_cutoff(value, name=name)
-        except ValueError as exc:
-            page.error = str(exc)
-            return page
-    if not page.cutoff_text:
-        page.cutoff_text = cutoff_param(page.cutoff)
-
     try:
+        if value:
+            page.cutoff = options.parse_cutoff(value, name=name)
+        page.cutoff_text = page.cutoff_text or cutoff_param(page.cutoff)
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
-    except CutoffError as exc:
+    except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)
+        return page
+    except ValueError as exc:
+        page.error = str(exc)
         return page
     if page.workspace_id and page.result.totals.rows == 0:
         page.workspace_known = workspace_has_agents(page.workspace_id)

@@ -7,10 +7,10 @@ sidebar filters, its search and its columns.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -18,13 +18,14 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from usage.admin.base import (
-    BoundedPaginator,
     ReadOnlyAdmin,
     ReadOnlyChangeList,
     candidates_url,
+    id_column,
     journal_url,
-    refuse_writes,
     run_url,
+    sections,
+    shown,
 )
 from usage.admin.candidate_page import (
     CLAMPED_PARAM,
@@ -39,89 +40,110 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
-from usage.admin.formats import clock, clock_cell, number, unique_prefix_length
+from usage.admin.formats import clock, clock_cell, number, stamp, unique_prefix_length
 from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
 PAGE_ATTRIBUTE = "codex_candidate_page"
+REPAIR_HELP = (
+    "What the repair computes for this row as it is now. It changes the row only if the row "
+    "is a candidate for the cutoff and workspace it is run with, and never a row it has "
+    "already repaired."
+)
 
 
 def _page(request: HttpRequest) -> CandidatePage | None:
     return getattr(request, PAGE_ATTRIBUTE, None)
 
 
-class WorkspaceFilter(admin.SimpleListFilter):
-    """The command's --workspace-id: the workspaces with the most candidates, by count."""
+def repair_entry(row: CandidateUsage) -> BackfillJournal | None:
+    """The journal entry of the repair that holds for this row (not reverted), if any."""
+    if not hasattr(row, "repair_entry"):
+        entries = BackfillJournal.objects.filter(usage_id=row.id, reverted_at__isnull=True)
+        row.repair_entry = entries.first()
+    return row.repair_entry
+
+
+class PageFilter(admin.SimpleListFilter):
+    """A sidebar filter whose choices and counts come from the page's totals pass."""
+
+    parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
+    otherwise = ""  # what the list shows when the value cannot be parsed
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        page = _page(request)
+        return [] if page is None or page.result is None else self.choices_of(page)
+
+    def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        try:
+            value = self.parse(self.value())
+        except ValueError as exc:
+            messages.warning(request, f"{exc}; {self.otherwise}")
+            return queryset
+        return queryset if value is None else self.narrow(queryset, value)
+
+    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
+        return queryset
+
+
+class WorkspaceFilter(PageFilter):
+    """The command's --workspace-id: the workspaces with the most candidates, by count.
+
+    Applied with the cutoff, not here: the totals depend on it too.
+    """
 
     title = "workspace"
     parameter_name = WORKSPACE_PARAM
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        page = _page(request)
-        if page is None or page.result is None:
-            return []
+    def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         if page.workspace_id:
             chosen = [(page.workspace_id, page.totals.rows)]
         else:
             chosen = page.result.workspaces[:WORKSPACE_CHOICES]
             if len(page.result.workspaces) > WORKSPACE_CHOICES:
                 self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
-        # A 36-character id wrapped mid-id in the narrow sidebar: each is shown as the
-        # shortest prefix that tells the choices apart (the chosen one is whole in the form).
+        # A whole id wraps mid-id in the narrow sidebar: the shortest prefix that tells the
+        # choices apart (the chosen one is whole in the form).
         length = unique_prefix_length(ws for ws, _ in chosen)
         return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        return queryset  # Applied with the cutoff: the totals depend on it too.
 
-
-class CreatedMonthFilter(admin.SimpleListFilter):
+class CreatedMonthFilter(PageFilter):
     title = "created date (UTC month)"
     parameter_name = CREATED_PARAM
+    parse = staticmethod(parse_month)
+    otherwise = "showing every month"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        page = _page(request)
-        if page is None or page.result is None:
-            return []
+    def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         return [
             (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({rows:,})")
             for m, rows in page.result.months
         ]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        try:
-            month = parse_month(self.value())
-        except ValueError as exc:
-            messages.warning(request, f"{exc}; showing every month")
-            return queryset
-        if month is None:
-            return queryset
-        start, end = month_range(month)
+    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
+        start, end = month_range(value)
         queryset = queryset.filter(created_at__gte=start)
         return queryset if end is None else queryset.filter(created_at__lt=end)
 
 
-class ClampedFilter(admin.SimpleListFilter):
+class ClampedFilter(PageFilter):
     title = "clamped (input below cached tokens)"
     parameter_name = CLAMPED_PARAM
+    parse = staticmethod(parse_clamped)
+    otherwise = "showing all rows"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        page = _page(request)
-        if page is None or page.result is None:
-            return []
+    def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         counts = page.result.counts
         return [
             ("yes", f"Yes ({counts.get((None, True), 0):,})"),
             ("no", f"No ({counts.get((None, False), 0):,})"),
         ]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        try:
-            clamped = parse_clamped(self.value())
-        except ValueError as exc:
-            messages.warning(request, f"{exc}; showing all rows")
-            return queryset
-        return queryset if clamped is None else queryset.filter(clamped=clamped)
+    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
+        return queryset.filter(clamped=value)
 
 
 class CandidateChangeList(ReadOnlyChangeList):
@@ -155,10 +177,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "removed",
     )
     list_display_links = ("usage_id",)
-    id_columns = {
-        "usage_id": lambda row: row.id,
-        "workspace": lambda row: row.task.agent.workspace_id,
-    }
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
     list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just
@@ -167,58 +185,42 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     sortable_by = ("usage_id", "created", "updated")
     search_fields = ("task__agent__name",)
     search_help_text = "Search by task id, usage row id (a UUID) or agent name (any part)."
-    fieldsets = (
-        (
-            "Usage row",
-            {
-                "fields": (
-                    "row_id",
-                    "workspace_id",
-                    "agent_name",
-                    "task",
-                    "provider",
-                    "model",
-                    "created_shown",
-                    "updated_shown",
-                )
-            },
-        ),
-        (
-            "Tokens now",
-            {
-                "fields": (
-                    "input_shown",
-                    "cached_shown",
-                    "output_shown",
-                    "cache_write_shown",
-                    "cost_shown",
-                )
-            },
-        ),
-        (
-            "Repair",
-            {
-                "fields": ("corrected_shown", "removed_shown", "is_clamped", "repair_status"),
-                "description": (
-                    "What the repair computes for this row as it is now. It changes the row "
-                    "only if the row is a candidate for the cutoff and workspace it is run "
-                    "with, and never a row it has already repaired."
-                ),
-            },
-        ),
+    changelist_class = CandidateChangeList
+    fieldsets = sections(
+        {
+            "Usage row": "row_id workspace_id agent_name task provider model created_shown "
+            "updated_shown",
+            "Tokens now": "input_shown cached_shown output_shown cache_write_shown cost_shown",
+            "Repair": "corrected_shown removed_shown is_clamped repair_status",
+        }
     )
+    # A row already repaired shows its journal entry, not what a repair would compute.
+    optional_fields = {
+        name: lambda row: repair_entry(row) is None
+        for name in ("corrected_shown", "removed_shown", "is_clamped")
+    }
 
-    def get_fieldsets(self, request: HttpRequest, obj: CandidateUsage | None = None) -> Any:
-        """A row already repaired shows its journal entry, not what a repair would compute."""
-        if obj is None or self.active_entry(obj) is None:
-            return self.fieldsets
-        *rest, (title, _options) = self.fieldsets
-        return [*rest, (title, {"fields": ("repair_status",)})]
+    usage_id = id_column("id", "id")
+    workspace = id_column("workspace", "task.agent.workspace_id")
+    created = shown("created", "created_at", clock_cell, sort=True)
+    updated = shown("updated", "updated_at", clock_cell, sort=True)
+    input = shown("input", "input_tokens", number, sort=True)
+    cached = shown("cached", "cache_read_tokens", number, sort=True)
+    removed = shown("removed", "tokens_removed", number, sort=True)
+    row_id = shown("ID", "id")
+    created_shown = shown("created at", "created_at", stamp)
+    updated_shown = shown("updated at", "updated_at", stamp, none="none")
+    corrected_shown = shown("input after the repair", "corrected_input", number)
+    removed_shown = shown("tokens removed", "tokens_removed", number)
+    input_shown = shown("input tokens", "input_tokens", number)
+    cached_shown = shown("cached input tokens (cache read)", "cache_read_tokens", number)
+    output_shown = shown("output tokens", "output_tokens", number)
+    cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
+    cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
+    is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
-    @staticmethod
-    def active_entry(obj: CandidateUsage) -> BackfillJournal | None:
-        """The journal entry of the repair that holds for this row (not reverted), if any."""
-        return BackfillJournal.objects.filter(usage_id=obj.id, reverted_at__isnull=True).first()
+    def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
+        return {"Repair": REPAIR_HELP} if repair_entry(obj) is None else {}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -229,47 +231,23 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
             return queryset.none()
         return queryset.eligible(page.cutoff, page.workspace_id)
 
-    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
-        return CandidateChangeList
-
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         return lookup in (WORKSPACE_PARAM, CREATED_PARAM, CLAMPED_PARAM)
 
-    def get_paginator(
-        self,
-        request: HttpRequest,
-        queryset: QuerySet,
-        per_page: int,
-        orphans: int = 0,
-        allow_empty_first_page: bool = True,
-    ) -> BoundedPaginator:
+    def known_count(self, request: HttpRequest) -> int | None:
         page = _page(request)
-        known = page.known_count(request.GET) if page is not None else None
-        return BoundedPaginator(
-            queryset,
-            per_page,
-            orphans,
-            allow_empty_first_page,
-            known_count=known,
-            cap=self.count_cap,
-        )
+        return page.known_count(request.GET) if page is not None else None
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet, search_term: str
-    ) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
             wanted = uuid.UUID(term)
         except ValueError:
-            return queryset.filter(task__agent__name__icontains=term), False
-        return queryset.filter(Q(task_id=wanted) | Q(id=wanted)), False
+            return queryset.filter(task__agent__name__icontains=term)
+        return queryset.filter(Q(task_id=wanted) | Q(id=wanted))
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        refuse_writes(request)
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         page = load_candidate_page(request.GET)
@@ -297,14 +275,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {"title": f"Usage row {object_id}", **(extra_context or {})}
         return super().changeform_view(request, object_id, form_url, context)
 
-    @admin.display(description="id", ordering="id")
-    def usage_id(self, obj: CandidateUsage) -> str:
-        return self.short_id_of(obj, "usage_id")
-
-    @admin.display(description="workspace", ordering="task__agent__workspace_id")
-    def workspace(self, obj: CandidateUsage) -> str:
-        return self.short_id_of(obj, "workspace")
-
     @admin.display(description="workspace")
     def workspace_id(self, obj: CandidateUsage) -> str:
         ws = obj.task.agent.workspace_id
@@ -314,30 +284,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     def agent_name(self, obj: CandidateUsage) -> str:
         name = obj.task.agent.name
         return format_html('<span class="agent-name" title="{}">{}</span>', name, name)
-
-    @admin.display(description="created", ordering="created_at")
-    def created(self, obj: CandidateUsage) -> str:
-        return clock_cell(obj.created_at)
-
-    @admin.display(description="updated", ordering="updated_at")
-    def updated(self, obj: CandidateUsage) -> str:
-        return clock_cell(obj.updated_at)
-
-    @admin.display(description="created at")
-    def created_shown(self, obj: CandidateUsage) -> str:
-        return clock(obj.created_at, micro=True)
-
-    @admin.display(description="updated at")
-    def updated_shown(self, obj: CandidateUsage) -> str:
-        return clock(obj.updated_at, micro=True) if obj.updated_at else "none"
-
-    @admin.display(description="input", ordering="input_tokens")
-    def input(self, obj: CandidateUsage) -> str:
-        return number(obj.input_tokens)
-
-    @admin.display(description="cached", ordering="cache_read_tokens")
-    def cached(self, obj: CandidateUsage) -> str:
-        return number(obj.cache_read_tokens)
 
     @admin.display(description="input after", ordering="corrected_input")
     def corrected(self, obj: CandidateUsage) -> str:
@@ -349,49 +295,9 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
             )
         return number(obj.corrected_input)
 
-    @admin.display(description="removed", ordering="tokens_removed")
-    def removed(self, obj: CandidateUsage) -> str:
-        return number(obj.tokens_removed)
-
-    @admin.display(description="ID")
-    def row_id(self, obj: CandidateUsage) -> str:
-        return str(obj.id)
-
-    @admin.display(description="input after the repair")
-    def corrected_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.corrected_input)
-
-    @admin.display(description="tokens removed")
-    def removed_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.tokens_removed)
-
-    @admin.display(description="input tokens")
-    def input_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.input_tokens)
-
-    @admin.display(description="cached input tokens (cache read)")
-    def cached_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.cache_read_tokens)
-
-    @admin.display(description="output tokens")
-    def output_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.output_tokens)
-
-    @admin.display(description="cache write tokens")
-    def cache_write_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.cache_write_tokens)
-
-    @admin.display(description="cost (USD ticks)")
-    def cost_shown(self, obj: CandidateUsage) -> str:
-        return number(obj.cost_usd_ticks)
-
-    @admin.display(description="clamped", boolean=True, ordering="clamped")
-    def is_clamped(self, obj: CandidateUsage) -> bool:
-        return obj.clamped
-
     @admin.display(description="repaired by")
     def repair_status(self, obj: CandidateUsage) -> str:
-        entry = self.active_entry(obj)
+        entry = repair_entry(obj)
         history = journal_url(q=obj.id)
         if entry is None:
             return format_html(
@@ -409,6 +315,3 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
             number(entry.new_input_tokens),
             history,
         )
-
-
-# -- runs ----------------------------------------------------------------------------------

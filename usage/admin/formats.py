@@ -1,8 +1,7 @@
 """Values as every page of the admin shows them, the same in lists and on detail pages.
 
-Numbers have thousands separators; seconds a sensible precision and a unit; every time is in
-UTC, to the second, with the zone (``2026-12-03 08:11:02 UTC``), and stamps, which differ by
-microseconds, to the microsecond; in lists, long ids are the shortest prefix that tells
+Numbers have thousands separators, seconds a unit, times are UTC to the second with the zone
+(stamps to the microsecond), and a list shows long ids as the shortest prefix that tells
 apart those on the page, with the full value in a tooltip.
 """
 
@@ -16,6 +15,10 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 DASH = "-"
+# A list's ids are at least this long a prefix (as git abbreviates commits); this long
+# until the page has computed it.
+SHORT_ID_MINIMUM = 4
+SHORT_ID_DEFAULT = 8
 
 
 def clock(value: datetime | None, *, micro: bool = False) -> str:
@@ -27,22 +30,32 @@ def clock(value: datetime | None, *, micro: bool = False) -> str:
         f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
         f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
     )
-    if micro:
-        text += f".{value.microsecond:06d}"
-    return f"{text} UTC"
+    return f"{text}.{value.microsecond:06d} UTC" if micro else f"{text} UTC"
+
+
+def stamp(value: datetime | None) -> str:
+    """An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one."""
+    return clock(value, micro=True)
 
 
 def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
-    """A time for a list column: it may break between the date and the time, nowhere else
-    (``micro``: to the microsecond, as the ``updated_at`` stamps are shown everywhere)."""
+    """A time for a list column: it may break between the date and the time, nowhere else."""
     if value is None:
         return DASH
     day, time = clock(value, micro=micro).split(" ", 1)
     return format_html('<span class="nowrap">{}</span> <span class="nowrap">{}</span>', day, time)
 
 
+def stamp_cell(value: datetime | None) -> str:
+    return clock_cell(value, micro=True)
+
+
 def number(value: int | None) -> str:
     return DASH if value is None else f"{value:,}"
+
+
+def text(value: Any) -> str:
+    return DASH if value is None or value == "" else str(value)
 
 
 def seconds(value: float | None) -> str:
@@ -65,18 +78,12 @@ def elapsed(start: datetime | None, end: datetime | None) -> str:
     return seconds(max((end - start).total_seconds(), 0.0))
 
 
-# A list shows ids as the shortest prefix that tells apart those on the page, at least this
-# long (as git abbreviates commits); until the page has computed it, this long.
-SHORT_ID_MINIMUM = 4
-SHORT_ID_DEFAULT = 8
-
-
 def unique_prefix_length(values: Iterable[Any], minimum: int = SHORT_ID_MINIMUM) -> int:
     """The shortest length, at least ``minimum``, whose prefixes tell the values apart."""
     texts = {str(value) for value in values if value is not None}
-    longest = max((len(text) for text in texts), default=minimum)
+    longest = max((len(each) for each in texts), default=minimum)
     for length in range(minimum, longest):
-        if len({text[:length] for text in texts}) == len(texts):
+        if len({each[:length] for each in texts}) == len(texts):
             return length
     return longest
 
@@ -85,7 +92,7 @@ def short_id(value: Any, length: int = SHORT_ID_DEFAULT) -> SafeString | str:
     """An id short enough for a list column; the full value is in the tooltip."""
     if value is None:
         return DASH
-    text = str(value)
-    if length >= len(text):
-        return text
-    return format_html('<span class="short-id" title="{}">{}…</span>', text, text[:length])
+    full = str(value)
+    if length >= len(full):
+        return full
+    return format_html('<span class="short-id" title="{}">{}…</span>', full, full[:length])

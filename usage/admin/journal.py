@@ -1,8 +1,7 @@
 """The journal, read-only: every row a run changed, with what it was before.
 
-A journal entry's page leads with the time of the repair (``repaired_at``) and shows, apart
-from it, the ``updated_at`` the repair wrote into the row: a stamp, below the platform
-rollup's watermark on purpose, not the time of the repair.
+An entry's page leads with the time of the repair (``repaired_at``) and shows apart from it
+the ``updated_at`` the repair wrote into the row: a stamp, not the time of the repair.
 """
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from usage.admin.base import ReadOnlyAdmin, run_url, usage_url
-from usage.admin.formats import clock, clock_cell, number
+from usage.admin.base import ReadOnlyAdmin, id_column, run_url, sections, shown, usage_url
+from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
 from usage.admin.runs import README_SECTION
 from usage.models import BackfillJournal, BackfillRun
 
+STAMP_TITLE = "The row's updated_at"
 JOURNAL_STAMP_HELP = (
     "The repair does not write its own time into <code>updated_at</code> but a stamp: {how} "
     "The true time of the repair is <em>repaired at</em>, above. A revert restores the "
@@ -54,27 +54,37 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         "reverted_cell",
     )
     list_display_links = ("id",)
-    id_columns = {"usage_cell": lambda entry: entry.usage_id}
     list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
     ordering = ("-id",)
     search_fields = ("usage_id",)
     search_help_text = "Search by usage row id (a UUID)."
-    fieldsets = (
-        ("Repair", {"fields": ("repaired", "run_link", "usage_link", "reverted")}),
-        ("Input tokens", {"fields": ("old_input", "new_input", "removed", "cached")}),
-        ("The row's updated_at", {"fields": ("old_updated_at_shown", "stamp")}),
+    fieldsets = sections(
+        {
+            "Repair": "repaired run_link usage_link reverted",
+            "Input tokens": "old_input new_input removed cached",
+            STAMP_TITLE: "old_updated_at_shown stamp_shown",
+        }
     )
 
-    def get_fieldsets(self, request: HttpRequest, obj: BackfillJournal | None = None) -> Any:
-        if obj is None:
-            return self.fieldsets
+    usage_cell = id_column("usage row", "usage_id", link=usage_url)
+    repaired_cell = shown("repaired at", "repaired_at", clock_cell, sort=True)
+    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
+    reverted_cell = shown("reverted", "reverted_at", clock_cell, sort=True)
+    old_input = shown("input before", "old_input_tokens", number, sort=True)
+    new_input = shown("input after", "new_input_tokens", number, sort=True)
+    cached = shown("cached", "cache_read_tokens", number, sort=True)
+    old_updated_at_shown = shown(
+        "old updated_at (a revert restores it)",
+        "old_updated_at",
+        stamp,
+        none="none (the row had no updated_at)",
+    )
+    stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
+    stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
+
+    def fieldset_notes(self, obj: BackfillJournal) -> dict[str, str]:
         how = JOURNAL_STAMP_HOW.get(obj.run.stamp)
-        shown = []
-        for title, options in self.fieldsets:
-            if title.endswith("updated_at") and how:
-                options = {**options, "description": JOURNAL_STAMP_HELP.format(how=how)}
-            shown.append((title, options))
-        return shown
+        return {STAMP_TITLE: JOURNAL_STAMP_HELP.format(how=how)} if how else {}
 
     def render_change_form(
         self,
@@ -92,27 +102,18 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
             )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet, search_term: str
-    ) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
-            return queryset.filter(usage_id=uuid.UUID(term)), False
+            return queryset.filter(usage_id=uuid.UUID(term))
         except ValueError:
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
-            return queryset.none(), False
+            return queryset.none()
 
     @admin.display(description="repaired at (database clock)")
     def repaired(self, obj: BackfillJournal) -> str:
         if obj.repaired_at is None:
             return "not recorded (journaled before the repair time was)"
         return format_html("<strong>{}</strong>", clock(obj.repaired_at))
-
-    @admin.display(description="repaired at", ordering="repaired_at")
-    def repaired_cell(self, obj: BackfillJournal) -> str:
-        return clock_cell(obj.repaired_at)
 
     @admin.display(description="run", ordering="run_id")
     def run_link(self, obj: BackfillJournal) -> str:
@@ -122,46 +123,6 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     def usage_link(self, obj: BackfillJournal) -> str:
         return format_html('<a href="{}">{}</a>', usage_url(obj.usage_id), obj.usage_id)
 
-    @admin.display(description="usage row", ordering="usage_id")
-    def usage_cell(self, obj: BackfillJournal) -> str:
-        return format_html(
-            '<a href="{}">{}</a>', usage_url(obj.usage_id), self.short_id_of(obj, "usage_cell")
-        )
-
-    @admin.display(description="reverted at")
-    def reverted(self, obj: BackfillJournal) -> str:
-        return clock(obj.reverted_at) if obj.reverted_at else "not reverted"
-
-    @admin.display(description="reverted", ordering="reverted_at")
-    def reverted_cell(self, obj: BackfillJournal) -> str:
-        return clock_cell(obj.reverted_at)
-
-    @admin.display(description="input before", ordering="old_input_tokens")
-    def old_input(self, obj: BackfillJournal) -> str:
-        return number(obj.old_input_tokens)
-
-    @admin.display(description="input after", ordering="new_input_tokens")
-    def new_input(self, obj: BackfillJournal) -> str:
-        return number(obj.new_input_tokens)
-
     @admin.display(description="removed")
     def removed(self, obj: BackfillJournal) -> str:
         return number(obj.old_input_tokens - obj.new_input_tokens)
-
-    @admin.display(description="cached", ordering="cache_read_tokens")
-    def cached(self, obj: BackfillJournal) -> str:
-        return number(obj.cache_read_tokens)
-
-    @admin.display(description="old updated_at (a revert restores it)")
-    def old_updated_at_shown(self, obj: BackfillJournal) -> str:
-        if obj.old_updated_at is None:
-            return "none (the row had no updated_at)"
-        return clock(obj.old_updated_at, micro=True)
-
-    @admin.display(description="stamp written to updated_at")
-    def stamp(self, obj: BackfillJournal) -> str:
-        return clock(obj.new_updated_at, micro=True)
-
-    @admin.display(description="stamp written", ordering="new_updated_at")
-    def stamp_cell(self, obj: BackfillJournal) -> str:
-        return clock_cell(obj.new_updated_at, micro=True)

@@ -2,34 +2,33 @@
 
 A run's page says who ran it, with which arguments, what it changed, the ``updated_at`` stamp
 it wrote and why, and how it rebuilt the hourly rollup. Fields a run does not have (no error,
-never reverted, no run it continues, none of the rollup path's details) are left out rather
-than shown empty.
+never reverted, none of the rollup path's details) are left out rather than shown empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from usage.admin.base import ReadOnlyAdmin, candidates_url, journal_url, run_url
-from usage.admin.candidate_page import cutoff_param
-from usage.admin.formats import (
-    DASH,
-    clock,
-    clock_cell,
-    elapsed,
-    number,
-    seconds,
+from usage.admin.base import (
+    ReadOnlyAdmin,
+    candidates_url,
+    id_column,
+    journal_url,
+    run_url,
+    sections,
+    shown,
 )
+from usage.admin.candidate_page import cutoff_param
+from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillRun
 
 README_SECTION = "the README, “The platform's cron tick and lock 4246”"
+STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
@@ -85,15 +84,13 @@ def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
     rest = sorted(key for key in arguments if key not in ARGUMENT_ORDER)
     rows = []
     for key in [*known, *rest]:
-        value = arguments[key]
-        text = "" if value is None else str(value).strip()
+        value = "" if arguments[key] is None else str(arguments[key]).strip()
         if key in NEGATED_FLAGS:
-            given = text.lower() in ("false", "0", "no")
+            given = value.lower() in ("false", "0", "no")
             rows.append((NEGATED_FLAGS[key], "given" if given else NOT_GIVEN))
-            continue
-        if text in ("", "None", "null"):
-            text = NOT_GIVEN
-        rows.append(("--" + key.replace("_", "-"), text))
+        else:
+            given = value not in ("", "None", "null")
+            rows.append(("--" + key.replace("_", "-"), value if given else NOT_GIVEN))
     return rows
 
 
@@ -101,9 +98,6 @@ def run_link(run: BackfillRun) -> SafeString:
     return format_html(
         '<a href="{}">run #{}</a> ({})', run_url(run.pk), run.pk, run.get_status_display()
     )
-
-
-# -- runs ----------------------------------------------------------------------------------
 
 
 @admin.register(BackfillRun)
@@ -124,109 +118,29 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "os_user_cell",
     )
     list_display_links = ("id",)
-    id_columns = {"workspace": lambda run: run.workspace_id}
     list_filter = ("status", "rollup_state")
     ordering = ("-id",)
-    fieldsets = (
-        (
-            "Run",
-            {
-                "fields": (
-                    "status_shown",
-                    "progress_shown",
-                    "error_shown",
-                    "started",
-                    "finished",
-                    "took",
-                    "reverted",
-                    "continues_link",
-                    "continued_by_links",
-                )
-            },
-        ),
-        (
-            "Who ran it",
-            {
-                "fields": (
-                    "os_user_shown",
-                    "db_role_shown",
-                    "client_host_shown",
-                    "pid_shown",
-                    "backend_pid_shown",
-                )
-            },
-        ),
-        (
-            "What it was asked",
-            {
-                "fields": (
-                    "cutoff_shown",
-                    "workspace_shown",
-                    "batch_size_shown",
-                    "arguments_shown",
-                    "candidates_link",
-                )
-            },
-        ),
-        ("Saved plan", {"fields": ("plan_fingerprint_shown", "plan_made", "plan_rows_shown")}),
-        (
-            "Result",
-            {
-                "fields": (
-                    "rows_planned_shown",
-                    "rows_updated_shown",
-                    "removed_shown",
-                    "clamped_shown",
-                    "remaining_shown",
-                    "journal_link",
-                    "batches",
-                )
-            },
-        ),
-        (
-            "Stamp: the updated_at written into the repaired rows",
-            {
-                "fields": (
-                    "stamp_kind",
-                    "stamp_base_shown",
-                    "watermark_shown",
-                    "stamps_written",
-                )
-            },
-        ),
-        (
-            "Revert",
-            {
-                "fields": (
-                    "revert_state_shown",
-                    "revert_started",
-                    "revert_finished",
-                    "rows_restored_shown",
-                    "revert_error_shown",
-                )
-            },
-        ),
-        (
-            "Hourly rollup",
-            {
-                "fields": (
-                    "rollup_state_shown",
-                    "rollup_path_shown",
-                    "rollup_function_shown",
-                    "rollup_fingerprint_shown",
-                    "rollup_path_reason_shown",
-                    "rollup_keys_shown",
-                    "rollup_slices_shown",
-                    "rollup_rows_shown",
-                    "rollup_time",
-                    "rollup_hold",
-                    "rollup_cron_waits_shown",
-                )
-            },
-        ),
+    fieldsets = sections(
+        {
+            "Run": "status_shown progress_shown error_shown started finished took reverted "
+            "continues_link continued_by_links",
+            "Who ran it": "os_user_shown db_role_shown client_host_shown pid_shown "
+            "backend_pid_shown",
+            "What it was asked": "cutoff_shown workspace_shown batch_size_shown arguments_shown "
+            "candidates_link",
+            "Saved plan": "plan_fingerprint_shown plan_made plan_rows_shown",
+            "Result": "rows_planned_shown rows_updated_shown removed_shown clamped_shown "
+            "remaining_shown journal_link batches",
+            STAMP_TITLE: "stamp_kind stamp_base_shown watermark_shown stamps_written",
+            "Revert": "revert_state_shown revert_started revert_finished rows_restored_shown "
+            "revert_error_shown",
+            "Hourly rollup": "rollup_state_shown rollup_path_shown rollup_function_shown "
+            "rollup_fingerprint_shown rollup_path_reason_shown rollup_keys_shown "
+            "rollup_slices_shown rollup_rows_shown rollup_time rollup_hold "
+            "rollup_cron_waits_shown",
+        }
     )
-    # Shown only when the run has them.
-    optional_fields: dict[str, Callable[[BackfillRun], Any]] = {
+    optional_fields = {
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
         "revert_started": lambda run: run.revert_started_at,
@@ -246,25 +160,18 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "plan_rows_shown": lambda run: run.plan_fingerprint,
     }
 
-    def get_fieldsets(self, request: HttpRequest, obj: BackfillRun | None = None) -> Any:
-        if obj is None:
-            return self.fieldsets
-        shown = []
-        for title, options in self.fieldsets:
-            fields = tuple(
-                name
-                for name in options["fields"]
-                if name not in self.optional_fields or self.optional_fields[name](obj)
-            )
-            if not fields:
-                continue  # a section with nothing to show (a run never reverted)
-            options = {**options, "fields": fields}
-            if title.startswith("Stamp") and obj.stamp in STAMP_HELP:
-                options["description"] = STAMP_HELP[obj.stamp]
-            shown.append((title, options))
-        return shown
+    def fieldset_notes(self, obj: BackfillRun) -> dict[str, str]:
+        return {STAMP_TITLE: STAMP_HELP[obj.stamp]} if obj.stamp in STAMP_HELP else {}
 
-    # -- list columns (some are detail fields too) -------------------------------------
+    # -- list columns --------------------------------------------------------------------
+
+    started_cell = shown("started", "started_at", clock_cell, sort=True)
+    cutoff_cell = shown("cutoff", "cutoff", clock_cell, sort=True)
+    workspace = id_column("workspace", "workspace_id", empty="all")
+    removed = shown("removed", "input_tokens_removed", number, sort=True)
+    clamped = shown("clamped", "clamped_rows", number, sort=True)
+    remaining = shown("left", "rows_remaining", number, sort=True)
+    os_user_cell = shown("OS user", "os_user", sort=True)
 
     @admin.display(description="status", ordering="status")
     def status_cell(self, obj: BackfillRun) -> str:
@@ -276,21 +183,9 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             obj.rollup_state,
         )
 
-    @admin.display(description="started", ordering="started_at")
-    def started_cell(self, obj: BackfillRun) -> str:
-        return clock_cell(obj.started_at)
-
     @admin.display(description="took")
     def took(self, obj: BackfillRun) -> str:
         return elapsed(obj.started_at, obj.finished_at)
-
-    @admin.display(description="cutoff", ordering="cutoff")
-    def cutoff_cell(self, obj: BackfillRun) -> str:
-        return clock_cell(obj.cutoff)
-
-    @admin.display(description="workspace", ordering="workspace_id")
-    def workspace(self, obj: BackfillRun) -> str:
-        return self.short_id_of(obj, "workspace") if obj.workspace_id else "all"
 
     @admin.display(description="updated", ordering="rows_updated")
     def updated(self, obj: BackfillRun) -> str:
@@ -301,27 +196,16 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             number(obj.rows_updated),
         )
 
-    @admin.display(description="removed", ordering="input_tokens_removed")
-    def removed(self, obj: BackfillRun) -> str:
-        return number(obj.input_tokens_removed)
+    # -- the run -------------------------------------------------------------------------
 
-    @admin.display(description="clamped", ordering="clamped_rows")
-    def clamped(self, obj: BackfillRun) -> str:
-        return number(obj.clamped_rows)
-
-    @admin.display(description="left", ordering="rows_remaining")
-    def remaining(self, obj: BackfillRun) -> str:
-        return number(obj.rows_remaining)
-
-    @admin.display(description="OS user", ordering="os_user")
-    def os_user_cell(self, obj: BackfillRun) -> str:
-        return obj.os_user or DASH
-
-    # -- the run -----------------------------------------------------------------------
-
-    @admin.display(description="status")
-    def status_shown(self, obj: BackfillRun) -> str:
-        return obj.get_status_display()
+    status_shown = shown("status", "get_status_display")
+    error_shown = shown("error", "error")
+    started = shown("started at", "started_at", clock)
+    finished = shown("finished at", "finished_at", clock, none="not finished")
+    reverted = shown("reverted at", "reverted_at", clock)
+    revert_started = shown("revert started at", "revert_started_at", clock)
+    revert_finished = shown("revert ended at", "revert_finished_at", clock)
+    revert_error_shown = shown("why the revert did not finish", "revert_error")
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -338,22 +222,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"since it started, {eta} (as of its last batch: reload to follow it)"
         )
 
-    @admin.display(description="error")
-    def error_shown(self, obj: BackfillRun) -> str:
-        return obj.error
-
-    @admin.display(description="started at")
-    def started(self, obj: BackfillRun) -> str:
-        return clock(obj.started_at)
-
-    @admin.display(description="finished at")
-    def finished(self, obj: BackfillRun) -> str:
-        return clock(obj.finished_at) if obj.finished_at else "not finished"
-
-    @admin.display(description="reverted at")
-    def reverted(self, obj: BackfillRun) -> str:
-        return clock(obj.reverted_at)
-
     @admin.display(description="state of its latest revert")
     def revert_state_shown(self, obj: BackfillRun) -> str:
         state = obj.get_revert_state_display()
@@ -361,21 +229,9 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             return f"{state} (or stopped without a trace: kill -9, a lost connection)"
         return state
 
-    @admin.display(description="revert started at")
-    def revert_started(self, obj: BackfillRun) -> str:
-        return clock(obj.revert_started_at)
-
-    @admin.display(description="revert ended at")
-    def revert_finished(self, obj: BackfillRun) -> str:
-        return clock(obj.revert_finished_at)
-
     @admin.display(description="rows restored")
     def rows_restored_shown(self, obj: BackfillRun) -> str:
         return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
-
-    @admin.display(description="why the revert did not finish")
-    def revert_error_shown(self, obj: BackfillRun) -> str:
-        return obj.revert_error
 
     @admin.display(description="continues")
     def continues_link(self, obj: BackfillRun) -> str:
@@ -386,41 +242,16 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         runs = obj.continued_by.order_by("id")
         return format_html_join(", ", "{}", ((run_link(run),) for run in runs)) or DASH
 
-    # -- who ---------------------------------------------------------------------------
+    # -- who and what --------------------------------------------------------------------
 
-    @admin.display(description="OS user")
-    def os_user_shown(self, obj: BackfillRun) -> str:
-        return obj.os_user or DASH
-
-    @admin.display(description="database role")
-    def db_role_shown(self, obj: BackfillRun) -> str:
-        return obj.db_role or DASH
-
-    @admin.display(description="client host")
-    def client_host_shown(self, obj: BackfillRun) -> str:
-        return obj.client_host or DASH
-
-    @admin.display(description="PID")
-    def pid_shown(self, obj: BackfillRun) -> str:
-        return DASH if obj.pid is None else str(obj.pid)
-
-    @admin.display(description="backend PID")
-    def backend_pid_shown(self, obj: BackfillRun) -> str:
-        return DASH if obj.backend_pid is None else str(obj.backend_pid)
-
-    # -- what --------------------------------------------------------------------------
-
-    @admin.display(description="cutoff")
-    def cutoff_shown(self, obj: BackfillRun) -> str:
-        return clock(obj.cutoff)
-
-    @admin.display(description="workspace")
-    def workspace_shown(self, obj: BackfillRun) -> str:
-        return str(obj.workspace_id) if obj.workspace_id else "every workspace"
-
-    @admin.display(description="batch size")
-    def batch_size_shown(self, obj: BackfillRun) -> str:
-        return number(obj.batch_size)
+    os_user_shown = shown("OS user", "os_user")
+    db_role_shown = shown("database role", "db_role")
+    client_host_shown = shown("client host", "client_host")
+    pid_shown = shown("PID", "pid")
+    backend_pid_shown = shown("backend PID", "backend_pid")
+    cutoff_shown = shown("cutoff", "cutoff", clock)
+    batch_size_shown = shown("batch size", "batch_size", number)
+    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
 
     @admin.display(description="arguments")
     def arguments_shown(self, obj: BackfillRun) -> str:
@@ -443,15 +274,17 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             candidates_url(cutoff=cutoff_param(obj.cutoff), workspace=obj.workspace_id or ""),
         )
 
-    # -- plan --------------------------------------------------------------------------
+    # -- plan and result -----------------------------------------------------------------
 
-    @admin.display(description="plan fingerprint")
-    def plan_fingerprint_shown(self, obj: BackfillRun) -> str:
-        return obj.plan_fingerprint or "none: executed without --plan"
-
-    @admin.display(description="plan made at (database clock)")
-    def plan_made(self, obj: BackfillRun) -> str:
-        return clock(obj.plan_created_at)
+    plan_fingerprint_shown = shown(
+        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
+    )
+    plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
+    rows_planned_shown = shown("rows planned", "rows_planned", number)
+    rows_updated_shown = shown("rows updated", "rows_updated", number)
+    removed_shown = shown("input tokens removed", "input_tokens_removed", number)
+    clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
+    remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
 
     @admin.display(description="rows in the plan")
     def plan_rows_shown(self, obj: BackfillRun) -> str:
@@ -461,35 +294,10 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"{number(obj.plan_rows)} ({number(obj.rows_planned)} still candidates at the execute)"
         )
 
-    # -- result ------------------------------------------------------------------------
-
-    @admin.display(description="rows planned")
-    def rows_planned_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rows_planned)
-
-    @admin.display(description="rows updated")
-    def rows_updated_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rows_updated)
-
-    @admin.display(description="input tokens removed")
-    def removed_shown(self, obj: BackfillRun) -> str:
-        return number(obj.input_tokens_removed)
-
-    @admin.display(description="clamped rows (input set to 0)")
-    def clamped_shown(self, obj: BackfillRun) -> str:
-        return number(obj.clamped_rows)
-
-    @admin.display(description="rows remaining (still eligible)")
-    def remaining_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rows_remaining)
-
     @admin.display(description="journal")
     def journal_link(self, obj: BackfillRun) -> str:
-        return format_html(
-            '<a href="{}">{} entries</a>',
-            journal_url(run__id__exact=obj.pk),
-            number(obj.rows_updated),
-        )
+        url = journal_url(run__id__exact=obj.pk)
+        return format_html('<a href="{}">{} entries</a>', url, number(obj.rows_updated))
 
     @admin.display(description="batches (database clock)")
     def batches(self, obj: BackfillRun) -> str:
@@ -502,81 +310,49 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"({elapsed(obj.rollup_from, obj.rollup_to)})"
         )
 
-    # -- stamp -------------------------------------------------------------------------
+    # -- stamp ---------------------------------------------------------------------------
 
-    @admin.display(description="stamp")
-    def stamp_kind(self, obj: BackfillRun) -> str:
-        return STAMP_KINDS.get(obj.stamp, obj.stamp or DASH)
-
-    @admin.display(description="top stamp")
-    def stamp_base_shown(self, obj: BackfillRun) -> str:
-        return clock(obj.stamp_base, micro=True)
+    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
+    stamp_base_shown = shown("top stamp", "stamp_base", stamp)
 
     @admin.display(description="rollup watermark at the start")
     def watermark_shown(self, obj: BackfillRun) -> str:
         if obj.watermark_at_start is None and obj.stamp:
             return "none (task_usage_hourly_rollup_state had no row)"
-        return clock(obj.watermark_at_start, micro=True)
+        return stamp(obj.watermark_at_start)
 
     @admin.display(description="stamps written")
     def stamps_written(self, obj: BackfillRun) -> str:
         first, last = obj.stamp_first, obj.stamp_last
         if first is None or last is None or first == last:
-            return clock(first or last, micro=True)
-        return f"from {clock(first, micro=True)} to {clock(last, micro=True)}"
+            return stamp(first or last)
+        return f"from {stamp(first)} to {stamp(last)}"
 
-    # -- rollup ------------------------------------------------------------------------
+    # -- rollup --------------------------------------------------------------------------
 
-    @admin.display(description="state")
-    def rollup_state_shown(self, obj: BackfillRun) -> str:
-        return obj.get_rollup_state_display()
-
-    @admin.display(description="path")
-    def rollup_path_shown(self, obj: BackfillRun) -> str:
-        return ROLLUP_PATHS.get(obj.rollup_path, obj.rollup_path)
-
-    @admin.display(description="rollup function recognised")
-    def rollup_function_shown(self, obj: BackfillRun) -> str:
-        return obj.rollup_function
-
-    @admin.display(description="its definition's fingerprint")
-    def rollup_fingerprint_shown(self, obj: BackfillRun) -> str:
-        return obj.rollup_fingerprint
-
-    @admin.display(description="why this path")
-    def rollup_path_reason_shown(self, obj: BackfillRun) -> str:
-        return obj.rollup_path_reason
-
-    @admin.display(description="hourly keys rebuilt")
-    def rollup_keys_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rollup_keys)
+    rollup_state_shown = shown("state", "get_rollup_state_display")
+    rollup_path_shown = shown("path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path))
+    rollup_function_shown = shown("rollup function recognised", "rollup_function")
+    rollup_fingerprint_shown = shown("its definition's fingerprint", "rollup_fingerprint")
+    rollup_path_reason_shown = shown("why this path", "rollup_path_reason")
+    rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
+    rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
+    rollup_time = shown("time", "rollup_seconds", seconds)
+    rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
 
     @admin.display(description="slices")
     def rollup_slices_shown(self, obj: BackfillRun) -> str:
+        slices = number(obj.rollup_slices)
         if not obj.rollup_slices:
-            return number(obj.rollup_slices)
+            return slices
         if obj.rollup_path == BackfillRun.RollupPath.OWN:
-            return f"{number(obj.rollup_slices)} (the first a proof against the function)"
+            return f"{slices} (the first a proof against the function)"
         nested = obj.rollup_slices - obj.rollup_hash_slices
-        return (
-            f"{number(obj.rollup_slices)} ({number(obj.rollup_hash_slices)} hashed, "
-            f"{number(nested)} nested-loop)"
-        )
-
-    @admin.display(description="hourly rows written")
-    def rollup_rows_shown(self, obj: BackfillRun) -> str:
-        return number(obj.rollup_rows)
-
-    @admin.display(description="time")
-    def rollup_time(self, obj: BackfillRun) -> str:
-        return seconds(obj.rollup_seconds)
-
-    @admin.display(description="longest hold of lock 4246")
-    def rollup_hold(self, obj: BackfillRun) -> str:
-        return seconds(obj.rollup_max_lock_seconds)
+        return f"{slices} ({number(obj.rollup_hash_slices)} hashed, {number(nested)} nested-loop)"
 
     @admin.display(description="waits for the cron tick")
     def rollup_cron_waits_shown(self, obj: BackfillRun) -> str:
+        waits = number(obj.rollup_cron_waits)
         if not obj.rollup_cron_waits:
-            return number(obj.rollup_cron_waits)
-        return f"{number(obj.rollup_cron_waits)} ({seconds(obj.rollup_cron_wait_seconds)} in all)"
+            return waits
+        return f"{waits} ({seconds(obj.rollup_cron_wait_seconds)} in all)"
