@@ -1,34 +1,8 @@
-"""Undoing one execute run from its journal: rows back as they were, rollup rebuilt for them.
+"""Undoing one execute run from its journal: rows back as they were, their keys rebuilt.
 
-A journal entry says what the run changed: ``old_input_tokens``/``old_updated_at`` (what the
-row was) and ``new_input_tokens``/``new_updated_at`` (what the run wrote). A row is restored
-only while it is still exactly what the run left (same ``input_tokens`` and ``updated_at``);
-a row that someone else rewrote (ingestion's UPSERT sets ``updated_at = now()``) or deleted
-since is left alone, listed, and its journal entry stays active, so the repair never touches
-it again either.
-
-How it stays safe on a live database, like the repair itself:
-
-* The run's journal is walked by ``id`` range (a keyset: its entries were written in one
-  sequence, one run at a time), each batch one short transaction with ``lock_timeout`` and
-  ``statement_timeout`` set locally. One statement locks the rows (``SKIP LOCKED``),
-  re-checks them under the lock, restores them, stamps their journal entries
-  ``reverted_at = now()`` and queues their hourly keys in ``task_usage_hourly_dirty``: a row
-  is never restored without its journal entry saying so, nor without its key queued.
-* Restored rows get their *old* ``updated_at`` back, so no time window of the rollup would
-  find them; the platform's own invalidation queue does. After each batch the queue is
-  drained by one ``rollup_task_usage_hourly_window`` call under lock 4246 (transaction-level,
-  only around that call) over a one-microsecond window just after the batch's enqueue time:
-  it rebuilds the queued keys and hardly anything else. The cron tick only drains keys queued
-  more than five minutes ago, so it never meets a large backlog of ours. Batches start at
-  ``INITIAL_BATCH_SIZE`` entries and are then sized from the measured rollup cost, so that a
-  drain holds the lock for about half of ``max_rollup_lock_seconds`` (the journal is in
-  hourly-key order, so neighbouring entries share keys).
-* Rows skipped because a writer held their lock are retried after the pass; rows still locked
-  at the end are reported and the run is not marked reverted (re-running finishes it).
-* The run is marked ``reverted`` once every entry was either restored or found changed by
-  someone else; those are listed, and noted in the run record. Reverted entries no longer
-  count in the eligibility definition, so the restored rows are eligible again.
+``Revert`` is the chunk engine's backward strategy (``batching.Chunks``): it walks the run's
+journal by id, restores a row only while it is still exactly what the run left, and has the
+keys each batch queued rebuilt right after it (``usage.repair.rollup.RevertDrains``).
 """
 
 from __future__ import annotations
@@ -40,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
@@ -47,32 +22,36 @@ from django.db.models import Max, Min
 from django.db.models.functions import Now
 
 from usage import privileges
-from usage.db import (
-    check_target,
-    drop_temp_table,
-    error_text,
-    reconnect_if_dead,
-    set_local_timeouts,
-)
+from usage.db import check_target, drop_temp_table, error_text, reconnect_if_dead
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
-from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress
+from usage.repair import rollup, runs
+from usage.repair.batching import (
+    Batch,
+    BatchWords,
+    Chunks,
+    RunError,
+    RunLimits,
+    RunResult,
+    describe_failure,
+)
+from usage.repair.progress import Events, Progress, no_progress
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-# The first batch is this small (or the operator's --batch-size, if smaller); later ones are
-# sized from the measured rollup cost.
+# The first batch is this small (or --batch-size, if smaller); later ones are sized from the
+# measured rollup cost.
 INITIAL_BATCH_SIZE = 100
-# How the revert's messages name its batches.
-WORDS = batching.BatchWords(
+WORDS = BatchWords(
     batch="a revert batch",
     unit="entries",
     kept="the rows restored so far stay restored: run the same revert again later",
     retrying="revert batch timed out; retrying with %(size)d entries",
 )
+# The events the progress callback is given (the others are the log's alone).
+SHOWN = frozenset({"started", "batch", "rollup_slice"})
 REVERTABLE_STATUSES = (
     BackfillRun.Status.SUCCEEDED,
     BackfillRun.Status.FAILED,
@@ -214,14 +193,14 @@ WHERE locktype = 'advisory' AND granted
 LIMIT 1"""
 
 
-class RevertError(batching.RunError):
+class RevertError(RunError):
     """The revert cannot start or stopped; the message says what to do."""
 
     result: RevertResult | None
 
 
 @dataclass(frozen=True)
-class RevertOptions(batching.RunLimits):
+class RevertOptions(RunLimits):
     run_id: int
     show_changed: int = DEFAULT_SHOW_CHANGED
 
@@ -239,50 +218,33 @@ class ChangedRow:
     deleted: bool
 
 
-@dataclass(frozen=True)
-class RevertBatch:
-    number: int
-    entries: int
-    rows_restored: int
-    keys_enqueued: int
-    rows_skipped_locked: int
-    batch_size: int
-    seconds: float
-    stamp: datetime
-    retry: bool = False
-
-
-@dataclass
-class RevertResult:
-    """What a revert found (dry run) or did (execute).
-
-    Counts of the run's journal entries that were active (not reverted) when it started:
-    ``rows_restorable`` could be restored (dry run: would be), ``rows_restored`` were,
-    ``rows_changed`` were changed or deleted by someone else and are left alone
-    (``changed`` lists the first of them), ``rows_remaining`` could be restored but were not
-    (locked by writers through every retry, or not reached because the revert was stopped).
+@dataclass(kw_only=True)
+class RevertResult(RunResult):
+    """What a revert found (dry run) or did (``executed``), in the run's journal entries that
+    were active when it started: ``rows_restorable`` could be (dry run: would be) restored,
+    ``rows_restored`` were, ``rows_changed`` were changed or deleted by someone else and are
+    left alone (``changed`` lists the first), ``rows_remaining`` could be restored but were
+    not (locked by writers through every retry, or not reached before a stop).
     """
 
-    run: BackfillRun
-    executed: bool
+    executed: bool = True
     entries: int = 0
     rows_restorable: int = 0
     rows_restored: int = 0
     rows_changed: int = 0
-    rows_remaining: int = 0
     rollup_keys: int = 0
     changed: list[ChangedRow] = field(default_factory=list)
-    batches: int = 0
-    stopped: bool = False
-    stale_runs: list[int] = field(default_factory=list)
     owner_gone: bool = False
     rollup: rollup.RollupResult = field(default_factory=rollup.RollupResult)
-    path: rollup.PathChoice | None = None
     seconds: float = 0.0
 
     @property
     def reverted(self) -> bool:
         return self.run.status == BackfillRun.Status.REVERTED
+
+    def add(self, batch: Batch) -> None:
+        super().add(batch)
+        self.rows_restored += batch.rows
 
 
 def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
@@ -312,49 +274,47 @@ def execute_revert(
     stop: threading.Event | None = None,
     progress: Progress = no_progress,
 ) -> RevertResult:
-    """Restore the run's unchanged rows and rebuild their rollup; see the module docstring.
-
-    Holds the run lock throughout (``runs.RunLockError`` when another run or revert has it).
-    Returns the result; ``result.rows_remaining`` or ``result.stopped`` mean the run is not
-    reverted yet and running the same revert again finishes it. ``progress`` is called with
-    ``started`` (``result``: what is to restore) and each ``batch`` (``batch``, ``result``).
+    """Restore the run's unchanged rows and rebuild their rollup, under the run lock
+    (``runs.RunLockError`` when another run has it). ``result.rows_remaining`` or
+    ``result.stopped`` mean the run is not reverted yet: the same revert again finishes it.
     """
-    return _Revert(options, stop or threading.Event(), progress).run()
+    return Revert(options, stop or threading.Event(), progress).run()
 
 
-class _Revert:
-    """One execute revert. Use ``execute_revert``; this class only keeps its state together."""
+class Revert(Chunks):
+    """One execute revert, the engine's backward strategy. Use ``execute_revert``."""
+
+    words = WORDS
+    logger = logger
+    error = RevertError
+    result: RevertResult
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
+        super().__init__(options, stop, Events(progress, SHOWN, self._log))
         self.options = options
-        self.stop = stop
-        self.progress = progress
-        self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
-        self.result: RevertResult | None = None
+        self.size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.restored_before = 0  # rows earlier reverts of the run restored
+        self.skipped: list[int] = []  # journal entries a writer held
         self.drains: rollup.RevertDrains | None = None
-        self.path: rollup.PathChoice | None = None
 
     def run(self) -> RevertResult:
         check_target()
         started = time.monotonic()
-        self._check_privileges()
+        self.path = rollup.choose_path(self.options.rollup_path)
+        with connection.cursor() as cursor:
+            needs = privileges.requirements(
+                security_definer=privileges.function_runs_as_owner(cursor),
+                revert=True,
+                own_path=self.path.own,
+            )
+            privileges.refuse_missing(cursor, needs, "the revert")
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _load_run(self.options.run_id)
             _ensure_revertable(run)
-            self.result = result = RevertResult(
-                run=run, executed=True, stale_runs=stale, path=self.path
-            )
+            self.result = result = RevertResult(run=run, stale_runs=stale, path=self.path)
             _classify(result, 0)
-            logger.info(
-                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
-                run.pk,
-                result.entries,
-                result.rows_restorable,
-                result.rows_changed,
-            )
-            self.progress("started", result=result)
+            self.events("started", result=result)
             self.restored_before = BackfillJournal.objects.filter(
                 run=run, reverted_at__isnull=False
             ).count()
@@ -365,221 +325,149 @@ class _Revert:
                 revert_error="",
                 rows_restored=self.restored_before,
             )
-            try:
-                self._prepare()
-                if self.restored_before:
-                    # An earlier revert of this run stopped; drain whatever it left queued.
-                    self._drain_queued()
-                self._restore_phase()
-            except batching.BatchTimeoutError as exc:
-                self._drain_quietly()
-                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
-                raise RevertError(str(exc), result) from None
-            except RevertError as exc:
-                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
-                raise
-            except BaseException as exc:
-                self._drain_quietly()
-                message = (
-                    f"revert of run {run.pk} stopped: {batching.describe_failure(exc)}; the rows "
-                    "restored so far stay restored: run the same revert again to finish"
-                )
-                self._record_end(BackfillRun.RevertState.FAILED, message)
-                raise RevertError(message, result) from exc
-            finally:
-                self._drop_agent_tasks()
-                if self.drains is not None:
-                    self.drains.close()
+            self.guard(self._restore_phase, self._cleanup)
             self._finish()
         result.seconds = time.monotonic() - started
         return result
 
-    def _check_privileges(self) -> None:
-        """The rollup's path, and every privilege the revert needs to finish, before it writes."""
-        self.path = rollup.choose_path(self.options.rollup_path)
-        with connection.cursor() as cursor:
-            needs = privileges.requirements(
-                security_definer=privileges.function_runs_as_owner(cursor),
-                revert=True,
-                own_path=self.path.own,
+    def _log(self, event: str, /, **d: Any) -> None:
+        """The log's view of each event (plain lines: the command shows the events)."""
+        r = self.result
+        if event == "started":
+            logger.info(
+                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
+                *(r.run.pk, r.entries, r.rows_restorable, r.rows_changed),
             )
-            privileges.refuse_missing(cursor, needs, "the revert")
+        elif event == "batch":
+            b = d["batch"]
+            logger.info(
+                "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
+                "%d locked, %.3fs",
+                *(b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds),
+            )
+        elif event == "end" and d["reverted"]:
+            logger.info(
+                "run %d reverted: %d rows restored, %d left as changed since",
+                *(r.run.pk, r.rows_restored, r.rows_changed),
+            )
+        elif event == "end":
+            logger.info(
+                "revert of run %d incomplete: %d rows restored, %d remaining%s",
+                *(r.run.pk, r.rows_restored, r.rows_remaining),
+                ", stopped by a signal" if r.stopped else "",
+            )
 
-    def _limits(self) -> rollup.SliceLimits:
-        return rollup.SliceLimits(
-            self.options.max_rollup_lock_seconds,
-            self.options.lock_timeout,
-            max(self.options.statement_timeout, 0),
-        )
-
-    def _neighbours(self) -> rollup.NeighbourOptions:
-        return rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval)
-
-    def _prepare(self) -> None:
-        """The agents' task counts (the function path's cost model) and the drains."""
-        assert self.result is not None and self.path is not None
+    def _restore_phase(self) -> None:
+        options = self.options
         with connection.cursor() as cursor:
             cursor.execute(DROP_AGENT_TASKS_SQL)
             cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
-        self.drains = rollup.RevertDrains(self.path, self._limits(), self._neighbours())
+        limits = rollup.SliceLimits(
+            options.max_rollup_lock_seconds,
+            options.lock_timeout,
+            max(options.statement_timeout, 0),
+        )
+        self.drains = rollup.RevertDrains(self.path, limits, options.neighbours())
         self.result.rollup = self.drains.result
-
-    # -- restoring -------------------------------------------------------------------------
-
-    def _restore_phase(self) -> None:
-        assert self.result is not None
+        if self.restored_before:  # an earlier revert of the run stopped: drain what it queued
+            with connection.cursor() as cursor:
+                cursor.execute(compose(QUEUED_SQL))
+                keys, tasks, latest = cursor.fetchone()
+            if keys:
+                self.drains.drain_queue(latest, keys, tasks)
         bounds = BackfillJournal.objects.filter(
             run=self.result.run, reverted_at__isnull=True
         ).aggregate(first=Min("id"), last=Max("id"))
-        if bounds["first"] is None:
-            return
-        after, last = bounds["first"] - 1, bounds["last"]
-        skipped: list[int] = []
-        while after < last and not self.stop.is_set():
-            upto = min(after + self.halving.size, last)
-            batch = self._batch(RANGE_BATCH, {"after": after, "upto": upto}, retry=False)
-            if batch is None:
-                continue  # timed out: same range, smaller
-            skipped.extend(batch[1])
-            after = upto
+        if bounds["first"] is not None:
+            self.walk(bounds["first"] - 1, bounds["last"])
+            self.result.stopped = self.stop.is_set()
 
-        def retry_pass() -> None:
-            pending = skipped[:]
-            skipped.clear()
-            while pending and not self.stop.is_set():
-                chunk = pending[: self.halving.size]
-                batch = self._batch(RETRY_BATCH, {"ids": chunk}, retry=True)
-                if batch is None:
-                    continue
-                skipped.extend(batch[1])
+    # -- the batches (the engine's strategy) ------------------------------------------------
+
+    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
+        params = dict(selector, run_id=self.result.run.pk)
+        cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
+        entries, restored, marked, enqueued, tasks, skipped, stamp = cursor.fetchone()
+        if marked != restored:
+            raise RuntimeError(
+                f"marked {marked} journal entries for {restored} restored rows; batch rolled back"
+            )
+        return {
+            "entries": entries,
+            "rows": restored,
+            "keys_enqueued": enqueued,
+            "tasks": tasks,
+            "stamp": stamp,
+            "skipped": tuple(skipped),
+        }
+
+    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
+        """Record the rows restored, rebuild the batch's keys in one slice, and size the next
+        batch so that its keys' rebuild fits the slice the planner allows."""
+        assert self.drains is not None
+        self.skipped.extend(batch.skipped)
+        if batch.rows:
+            self._record(rows_restored=self.restored_before + self.result.rows_restored)
+        wanted = batch.batch_size * 4
+        if batch.keys_enqueued:
+            keys, tasks = batch.keys_enqueued, batch.tasks
+            piece = self.drains.drain(batch.stamp, keys, tasks)
+            done, total = self.drains.result.keys_done, self.result.rollup_keys
+            self.events("rollup_slice", piece=piece, done=done, total=total)
+            wanted = self.drains.next_entries(batch.entries, keys, tasks, self.size)
+        self.size = max(1, min(self.options.batch_size, wanted))
+
+    def locked(self) -> int:
+        return len(self.skipped)
+
+    def retry_pass(self) -> None:
+        pending, self.skipped = self.skipped, []
+        while pending and not self.stop.is_set():
+            chunk = pending[: self.size]
+            if self.batch({"ids": chunk}, retry=True) is not None:
                 pending = pending[len(chunk) :]
 
-        batching.retry_locked(
-            self.options.lock_retry_delays, self.stop, lambda: len(skipped), retry_pass, logger
-        )
-        self.result.stopped = self.stop.is_set()
-
-    def _batch(
-        self, kind: dict[str, str], selector: dict[str, object], *, retry: bool
-    ) -> tuple[RevertBatch, list[int]] | None:
-        """One batch and its drain; None when it timed out and was rolled back (size halved)."""
-        assert self.result is not None
-        started = time.monotonic()
-        params = dict(selector, run_id=self.result.run.pk)
-        size = self.halving.size
-        done = self.halving.attempt(lambda _size: self._batch_statement(kind, params))
-        if done is None:
-            return None
-        entries, restored, marked, enqueued, tasks, skipped, stamp = done
-        batch = RevertBatch(
-            number=self.result.batches + 1,
-            entries=entries,
-            rows_restored=restored,
-            keys_enqueued=enqueued,
-            rows_skipped_locked=len(skipped),
-            batch_size=size,
-            seconds=time.monotonic() - started,
-            stamp=stamp,
-            retry=retry,
-        )
-        self.result.batches += 1
-        self.result.rows_restored += restored
-        if restored:
-            self._record(rows_restored=self.restored_before + self.result.rows_restored)
-        logger.info(
-            "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
-            "%d locked, %.3fs",
-            batch.number,
-            entries,
-            restored,
-            enqueued,
-            len(skipped),
-            batch.seconds,
-        )
-        if enqueued:
-            self._drain(stamp, enqueued, tasks)
-            self._adapt(entries, enqueued, tasks)
-        else:
-            self.halving.size = max(1, min(self.options.batch_size, size * 4))
-        self.progress("batch", batch=batch, result=self.result)
-        return batch, list(skipped)
-
-    def _batch_statement(self, kind: dict[str, str], params: dict[str, object]) -> tuple:
-        """One batch's statement, in its own transaction: what it restored, queued, skipped."""
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
-            cursor.execute(compose(BATCH_SQL, **kind), params)
-            done = cursor.fetchone()
-            entries, restored, marked, *_ = done
-            if marked != restored:
-                raise RuntimeError(
-                    f"marked {marked} journal entries for {restored} restored rows; "
-                    "batch rolled back"
-                )
-        return done
-
-    # -- the rollup ------------------------------------------------------------------------
-
-    def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
-        """Rebuild the keys queued up to ``enqueued_until`` in one lock-4246 slice."""
-        assert self.result is not None and self.drains is not None
-        try:
-            piece = self.drains.drain(enqueued_until, keys, tasks)
-        except rollup.RollupError as exc:
-            raise RevertError(str(exc), self.result) from exc
-        rebuilt = self.drains.result
-        self.progress(
-            "rollup_slice", piece=piece, done=rebuilt.keys_done, total=self.result.rollup_keys
-        )
-
-    def _drain_queued(self) -> None:
-        """Drain whatever is queued now: what an earlier, stopped revert of the run left."""
-        assert self.result is not None and self.drains is not None
-        with connection.cursor() as cursor:
-            cursor.execute(compose(QUEUED_SQL))
-            keys, tasks, latest = cursor.fetchone()
-        if keys:
-            try:
-                self.drains.drain_queue(latest, keys, tasks)
-            except rollup.RollupError as exc:
-                raise RevertError(str(exc), self.result) from exc
-
-    def _adapt(self, entries: int, keys: int, tasks: int) -> None:
-        """Size the next batch so its keys' rebuild fits the slice the planner allows.
-
-        Grows at most ``MAX_SLICE_GROWTH``-fold per batch and never above the operator's
-        ``--batch-size``: the journal is in the repair's walking order (physical, so time
-        order), so neighbouring entries share hours and keys, and the ratios carry over.
-        """
-        assert self.drains is not None
-        wanted = self.drains.next_entries(entries, keys, tasks, self.halving.size)
-        self.halving.size = max(1, min(self.options.batch_size, wanted))
+    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
+        if salvage:
+            self._drain_quietly()
+        if salvage and not timed_out:
+            message = (
+                f"revert of run {self.result.run.pk} stopped: {message}; the rows restored so "
+                "far stay restored: run the same revert again to finish"
+            )
+        self._record_end(BackfillRun.RevertState.FAILED, message)
+        return message
 
     def _drain_quietly(self) -> None:
+        """Whatever the batches queued, rebuilt on the way out if the connection allows."""
         try:
             reconnect_if_dead()
             if self.drains is not None:
-                self._drain_queued()
+                with connection.cursor() as cursor:
+                    cursor.execute(compose(QUEUED_SQL))
+                    keys, tasks, latest = cursor.fetchone()
+                if keys:
+                    self.drains.drain_queue(latest, keys, tasks)
         except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
             logger.warning(
                 "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
                 error_text(exc),
             )
 
-    def _drop_agent_tasks(self) -> None:
+    def _cleanup(self) -> None:
         drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
+        if self.drains is not None:
+            self.drains.close()
 
     # -- the end ---------------------------------------------------------------------------
 
     def _record(self, **fields: object) -> None:
         """The revert's progress in its run's record, as it goes (the admin shows it)."""
-        assert self.result is not None
         BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
 
     def _record_end(self, state: str, error: str) -> None:
         """How the revert ended, when it did not finish; never masks the revert's own error
         (the connection may be the thing that failed: then a fresh one records it)."""
-        assert self.result is not None
         try:
             reconnect_if_dead()
             self._record(
@@ -597,13 +485,11 @@ class _Revert:
 
     def _finish(self) -> None:
         """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
-        assert self.result is not None
         result = self.result
         restored = result.rows_restored
         _classify(result, self.options.show_changed)
         result.rows_remaining = result.rows_restorable
         result.rows_restorable = restored + result.rows_remaining
-        result.rows_restored = restored
         if result.stopped or result.rows_remaining:
             self._record_end(
                 BackfillRun.RevertState.STOPPED
@@ -613,14 +499,7 @@ class _Revert:
                 if result.stopped
                 else f"{result.rows_remaining} rows stayed locked by other writers",
             )
-            # The command shows the outcome; as a log line it is a detail.
-            logger.info(
-                "revert of run %d incomplete: %d rows restored, %d remaining%s",
-                result.run.pk,
-                restored,
-                result.rows_remaining,
-                ", stopped by a signal" if result.stopped else "",
-            )
+            self.events("end", reverted=False)
             return
         if not self._rebuild_pending_rollup():
             self._record_end(
@@ -645,52 +524,40 @@ class _Revert:
                 "left as they are (their journal entries stay active)"
             )
             fields["error"] = f"{note}; {result.run.error}" if result.run.error else note
-        BackfillRun.objects.filter(pk=result.run.pk).update(**fields)
+        self._record(**fields)
         result.run.refresh_from_db()
-        logger.info(
-            "run %d reverted: %d rows restored, %d left as changed since",
-            result.run.pk,
-            restored,
-            result.rows_changed,
-        )
+        self.events("end", reverted=True)
 
     def _rebuild_pending_rollup(self) -> bool:
-        """A run whose own rollup never finished (killed, stopped): rebuild the keys of its
-        rows the revert leaves (changed by others since), which nobody rebuilt yet.
-
-        The restored rows' keys were rebuilt by the drains; these are the rest, so that every
-        key of the run is right once it is reverted. False when a stop came first (the run
-        stays as it is, and the same revert finishes it).
-        """
-        assert self.result is not None and self.path is not None
-        run = self.result.run
+        """A run whose own rollup never finished: rebuild the keys of the rows the revert
+        leaves (changed by others since), so that every key of the run is right once it is
+        reverted. False when a stop came first (the same revert finishes it)."""
+        run, options = self.result.run, self.options
         if run.rollup_state != BackfillRun.RollupState.PENDING:
             return True
         try:
             rebuilt = rollup.rebuild_keys(
                 [run.pk],
                 choice=self.path,
-                max_lock_seconds=self.options.max_rollup_lock_seconds,
-                lock_timeout=self.options.lock_timeout,
-                statement_timeout=max(self.options.statement_timeout, 0),
-                neighbours=self._neighbours(),
+                max_lock_seconds=options.max_rollup_lock_seconds,
+                lock_timeout=options.lock_timeout,
+                statement_timeout=max(options.statement_timeout, 0),
+                neighbours=options.neighbours(),
                 should_stop=self.stop.is_set,
-                progress=self.progress,
+                progress=self.events.progress,
             )
         except (rollup.RollupError, DatabaseError) as exc:
             message = (
                 f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
                 f"since it (its own rollup never finished) could not be rebuilt: "
-                f"{batching.describe_failure(exc)}; run the same revert again to finish"
+                f"{describe_failure(exc)}; run the same revert again to finish"
             )
             self._record_end(BackfillRun.RevertState.FAILED, message)
             raise RevertError(message, self.result) from exc
         self.result.rollup.slices.extend(rebuilt.slices)
         self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
-        if rebuilt.stopped:
-            self.result.stopped = True
-            return False
-        return True
+        self.result.stopped = rebuilt.stopped
+        return not rebuilt.stopped
 
 
 def _load_run(run_id: int) -> BackfillRun:
