@@ -20,35 +20,18 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
-from usage import cron, privileges, render
-from usage.db import (
-    check_target,
-    database_now,
-    drop_temp_table,
-    error_text,
-    reconnect_if_dead,
-    set_local_timeouts,
-)
+from usage import cron, db, render
+from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.events import log_event
 from usage.models import BackfillRun
-from usage.repair import rollup, runs
-from usage.repair.batching import (
-    Batch,
-    BatchWords,
-    Chunks,
-    RunError,
-    RunLimits,
-    RunResult,
-    StopRequests,
-    describe_failure,
-)
+from usage.repair import batching, rollup, runs
 from usage.repair.progress import Events, Progress, no_progress
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
 
-WORDS = BatchWords(
+WORDS = batching.BatchWords(
     batch="a batch",
     unit="rows",
     kept="the work done so far is kept: re-run later",
@@ -56,6 +39,13 @@ WORDS = BatchWords(
 )
 # The events the progress callback is given (the others are the log's alone).
 SHOWN = frozenset({"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"})
+# The run record's fields for the rollup's path.
+RECORD_PATH = {
+    "path": "rollup_path",
+    "function": "rollup_function",
+    "fingerprint": "rollup_fingerprint",
+    "reason": "rollup_path_reason",
+}
 # After a failure or a stop, counting the rows still eligible may take this long at most.
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0
 
@@ -146,14 +136,14 @@ JOIN {{task_usage}} tu ON tu.id = w.id
 WHERE {{row_eligible_where}}"""
 
 
-class BackfillError(RunError):
+class BackfillError(batching.RunError):
     """The repair stopped; the message says what to do. The run record says what was done."""
 
     result: ExecuteResult | None
 
 
 @dataclass(frozen=True)
-class ExecuteOptions(RunLimits):
+class ExecuteOptions(batching.RunLimits):
     cutoff: datetime
     workspace_id: uuid.UUID | None = None
     sleep_between_batches: float = 0.0
@@ -167,7 +157,7 @@ class ExecuteOptions(RunLimits):
 
 
 @dataclass(kw_only=True)
-class ExecuteResult(RunResult):
+class ExecuteResult(batching.RunResult):
     rows_planned: int = 0
     rows_updated: int = 0
     input_tokens_removed: int = 0
@@ -180,7 +170,7 @@ class ExecuteResult(RunResult):
     stamp_first: datetime | None = None
     stamp_last: datetime | None = None
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: batching.Batch) -> None:
         super().add(batch)
         self.rows_updated += batch.rows
         self.input_tokens_removed += batch.input_tokens_removed
@@ -191,7 +181,7 @@ class ExecuteResult(RunResult):
             self.stamp_last = max(filter(None, (self.stamp_last, batch.last_stamp)))
 
 
-class Repair(Chunks):
+class Repair(batching.Chunks):
     """One execute run, the engine's forward strategy. Use ``execute_backfill``."""
 
     words = WORDS
@@ -202,7 +192,6 @@ class Repair(Chunks):
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, Events(progress, SHOWN, self._log))
         self.options = options
-        self.progress = progress
         self.params = eligible_params(options.cutoff, options.workspace_id)
         # Snapshot rows a range batch did not update (locked, or no longer eligible): while
         # it is 0, counting what is left of the snapshot can be skipped.
@@ -212,7 +201,13 @@ class Repair(Chunks):
         check_target()
         options = self.options
         ensure_cutoff_in_past(options.cutoff, database_now())
-        path = self._check_privileges()
+        # The path, and every privilege the run needs to finish, before it writes: a role
+        # that could repair rows but not rebuild their keys would leave keys wrong.
+        path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
+        own = path is not None and path.own
+        self.refuse_missing_privileges(
+            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=own
+        )
         with runs.run_lock():
             try:
                 planned, keys = self._snapshot()
@@ -224,53 +219,42 @@ class Repair(Chunks):
             choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
             policy = choose(options.cutoff, cron.read_state(), keys)
             self.params.update(policy.params())
+            State = BackfillRun.RollupState
             run = runs.start_run(
                 arguments=options.arguments,
                 cutoff=options.cutoff,
                 workspace_id=options.workspace_id,
                 batch_size=options.batch_size,
-                rollup_state=(
-                    BackfillRun.RollupState.PENDING
-                    if options.rebuild_rollup
-                    else BackfillRun.RollupState.SKIPPED
-                ),
+                rollup_state=State.PENDING if options.rebuild_rollup else State.SKIPPED,
                 stamp=policy.stamp,
                 stamp_base=policy.top,
                 watermark_at_start=policy.watermark_at,
                 rows_planned=planned,
-                **_path_fields(path),
+                **{RECORD_PATH[name]: value for name, value in _path_details(path).items()},
                 **checked,
             )
             self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy, path=path)
             self.events("started", run=run)
             self.events("stamping", policy=policy)
             if path is not None:
-                self.events(
-                    "rollup_path",
-                    path=path.path,
-                    function=path.function,
-                    fingerprint=path.fingerprint,
-                    reason=path.reason,
-                )
+                self.events("rollup_path", **_path_details(path))
             self.guard(functools.partial(self._update_phase, planned), self._drop_work_table)
             return self._finish_normally()
 
     def _log(self, event: str, /, **d: Any) -> None:
         """The log's view of each event (its JSON lines' names and fields)."""
-        result = self.result
+        result, run_id = self.result, self.result.run.pk
         line = functools.partial(log_event, logger)
-        run_id = result.run.pk
         if event == "started":
             line(logging.INFO, "start", f"run {run_id} started", run_id=run_id)
         elif event == "stamping":
             p = d["policy"]
-            fields = {"stamp": p.stamp, "watermark_at": p.watermark_at, "first": p.first}
-            line(logging.INFO, "stamp", p.reason, run_id=run_id, **fields, top=p.top, keys=p.keys)
-        elif event == "rollup_path":
-            fields = {"function": d["function"], "fingerprint": d["fingerprint"]}
-            line(logging.INFO, "rollup_path", d["reason"], run_id=run_id, path=d["path"], **fields)
-        elif event == "path_changed":
-            line(logging.WARNING, "rollup_path", d["reason"], run_id=run_id, path=d["path"])
+            fields = _pick(p, "stamp", "watermark_at", "first", "top", "keys")
+            line(logging.INFO, "stamp", p.reason, run_id=run_id, **fields)
+        elif event in ("rollup_path", "path_changed"):
+            level = logging.INFO if event == "rollup_path" else logging.WARNING
+            fields = {k: v for k, v in d.items() if k != "reason"}
+            line(level, "rollup_path", d["reason"], run_id=run_id, **fields)
         elif event == "planned":
             message = f"run {run_id}: {d['rows']} candidate rows"
             line(logging.INFO, "planned", message, run_id=run_id, rows_planned=d["rows"])
@@ -283,10 +267,7 @@ class Repair(Chunks):
                 f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s",
                 run_id=run_id,
                 batch=b.number,
-                rows=b.rows,
-                input_tokens_removed=b.input_tokens_removed,
-                clamped_rows=b.clamped_rows,
-                batch_size=b.batch_size,
+                **_pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size"),
                 seconds=round(b.seconds, 6),
                 rows_done=result.rows_updated,
                 rows_planned=result.rows_planned,
@@ -303,37 +284,17 @@ class Repair(Chunks):
         elif event == "stamped":
             first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
             message = f"run {run_id} wrote stamps from {first} to {last}"
-            line(logging.INFO, "stamped", message, run_id=run_id, first=d["first"], last=d["last"])
+            line(logging.INFO, "stamped", message, run_id=run_id, **d)
         elif event == "end":
-            status, r = d["status"], result
-            line(
-                logging.INFO if status == BackfillRun.Status.SUCCEEDED else logging.WARNING,
-                "end",
-                f"run {run_id} {status}: {r.rows_updated} rows updated, "
-                f"{r.rows_remaining} remaining",
-                run_id=run_id,
-                status=status,
-                rows_planned=r.rows_planned,
-                rows_updated=r.rows_updated,
-                rows_remaining=r.rows_remaining,
-                input_tokens_removed=r.input_tokens_removed,
-                clamped_rows=r.clamped_rows,
-                error=d["error"],
+            status, error = d["status"], d["error"]
+            level = logging.INFO if status == BackfillRun.Status.SUCCEEDED else logging.WARNING
+            message = (
+                f"run {run_id} {status}: {result.rows_updated} rows updated, "
+                f"{result.rows_remaining} remaining"
             )
-
-    def _check_privileges(self) -> rollup.PathChoice | None:
-        """The rollup's path, and every privilege the run needs to finish, before it writes
-        (a role that could repair rows but not rebuild their keys would leave keys wrong)."""
-        rebuild = self.options.rebuild_rollup
-        path = rollup.choose_path(self.options.rollup_path) if rebuild else None
-        with connection.cursor() as cursor:
-            needs = privileges.requirements(
-                rebuild_rollup=rebuild,
-                security_definer=privileges.function_runs_as_owner(cursor),
-                own_path=path is not None and path.own,
-            )
-            privileges.refuse_missing(cursor, needs, "the repair")
-        return path
+            counts = ("rows_planned", "rows_updated", "rows_remaining")
+            figures = _pick(result, *counts, "input_tokens_removed", "clamped_rows")
+            line(level, "end", message, run_id=run_id, status=status, **figures, error=error)
 
     def _snapshot(self) -> tuple[int, int]:
         """Number the candidates into the session's work table; its rows and hourly keys."""
@@ -346,11 +307,7 @@ class Repair(Chunks):
                 cursor.execute(INDEX_WORK_TABLE_SQL)
             cursor.execute(ANALYZE_WORK_TABLE_SQL)
             cursor.execute(WORK_TABLE_KEYS_SQL)
-            keys = int(cursor.fetchone()[0])
-        return planned, keys
-
-    def _record(self, **fields: Any) -> None:
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+            return planned, int(cursor.fetchone()[0])
 
     # -- the batches (the engine's strategy) ------------------------------------------------
 
@@ -358,18 +315,14 @@ class Repair(Chunks):
         started = time.monotonic()
         result = self.result
         result.rows_planned = planned
-        self._record(rollup_from=database_now())
+        self.record(rollup_from=database_now())
         self.events("planned", rows=planned)
         result.rows_remaining = self.walk(0, planned)
         if self.stop.is_set():
             result.stopped = True
             self._count_remaining()
-        self._record(
-            rollup_to=database_now(),
-            rows_remaining=result.rows_remaining,
-            stamp_first=result.stamp_first,
-            stamp_last=result.stamp_last,
-        )
+        stamps = _pick(result, "rows_remaining", "stamp_first", "stamp_last")
+        self.record(rollup_to=database_now(), **stamps)
         if result.stamp_first is not None:
             self.events("stamped", first=result.stamp_first, last=result.stamp_last)
         result.update_seconds = time.monotonic() - started
@@ -383,11 +336,12 @@ class Repair(Chunks):
                 f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
             )
         if rows:
-            self._record(
-                rows_updated=F("rows_updated") + rows,
-                input_tokens_removed=F("input_tokens_removed") + removed,
-                clamped_rows=F("clamped_rows") + clamped,
-            )
+            counts = {
+                "rows_updated": rows,
+                "input_tokens_removed": removed,
+                "clamped_rows": clamped,
+            }
+            self.record(**{name: F(name) + value for name, value in counts.items()})
         return {
             "rows": rows,
             "input_tokens_removed": removed,
@@ -396,7 +350,7 @@ class Repair(Chunks):
             "last_stamp": last_stamp,
         }
 
-    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
+    def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         if not batch.retry:
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
 
@@ -437,16 +391,6 @@ class Repair(Chunks):
             self._finish_after_error(message)
         return message
 
-    def _finish_after_error(self, message: str) -> None:
-        stopped = self.stop.is_set()
-        status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
-        try:
-            self._finish(status, message)
-        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
-            logger.warning(
-                "could not record the end of run %d: %s", self.result.run.pk, error_text(exc)
-            )
-
     # -- the rollup and the end of the run ---------------------------------------------------
 
     def _rebuild_rollup(self) -> None:
@@ -461,20 +405,11 @@ class Repair(Chunks):
         )
         run_ids = [*pending, run.pk] if result.rows_updated else pending
         if not run_ids:
-            self._record(rollup_state=BackfillRun.RollupState.DONE)
+            self.record(rollup_state=BackfillRun.RollupState.DONE)
             result.rollup = rollup.RollupResult()
             return
         try:
-            result.rollup = rollup.rebuild_keys(
-                run_ids,
-                choice=result.path,
-                max_lock_seconds=self.options.max_rollup_lock_seconds,
-                lock_timeout=self.options.lock_timeout,
-                statement_timeout=self.options.statement_timeout,
-                neighbours=self.options.neighbours(),
-                should_stop=self._rollup_stop_check(),
-                progress=self.progress,
-            )
+            result.rollup = self.rebuild_keys(run_ids, self._rollup_stop_check())
         except rollup.RollupError as exc:
             if exc.result is not None:  # what it did, its longest hold included, is recorded
                 result.rollup = exc.result
@@ -493,7 +428,7 @@ class Repair(Chunks):
         if self.result.path is not None and done.path != self.result.path.path:
             fields = {"rollup_path": done.path, "rollup_path_reason": done.path_reason}
             self.events("path_changed", path=done.path, reason=done.path_reason)
-        self._record(
+        self.record(
             rollup_slices=len(done.slices),
             rollup_rows=done.rollup_rows,
             rollup_max_lock_seconds=done.max_lock_held_seconds,
@@ -506,13 +441,11 @@ class Repair(Chunks):
         )
 
     def _rollup_stop_check(self) -> Callable[[], bool]:
-        """Whether a stop request arrived after the rollup began (see ``StopRequests``)."""
+        """Whether a stop request arrived after the rollup began (``batching.StopRequests``)."""
         count = getattr(self.stop, "count", None)
         if count is not None:
             return lambda: self.stop.count > count  # type: ignore[attr-defined]
-        if self.stop.is_set():
-            return lambda: False
-        return self.stop.is_set
+        return (lambda: False) if self.stop.is_set() else self.stop.is_set
 
     def _rebuild_rollup_quietly(self) -> None:
         if not self.options.rebuild_rollup:
@@ -528,28 +461,25 @@ class Repair(Chunks):
             try:
                 self._rebuild_rollup()
             except (rollup.RollupError, DatabaseError) as exc:
-                message = f"rows repaired, but the rollup rebuild failed: {describe_failure(exc)}"
+                failure = batching.describe_failure(exc)
+                message = f"rows repaired, but the rollup rebuild failed: {failure}"
                 self._finish_after_error(message)
                 raise BackfillError(message, result) from exc
-        Status = BackfillRun.Status
+        status, error = BackfillRun.Status.INTERRUPTED, ""
         if result.rollup is not None and result.rollup.stopped:
-            self._finish(
-                Status.INTERRUPTED,
+            error = (
                 f"stopped by a signal during the rollup rebuild ({result.rollup.keys_done} of "
                 f"{result.rollup.keys_total} hourly keys rebuilt); re-running the same command "
-                "rebuilds the rest",
+                "rebuilds the rest"
             )
         elif result.stopped:
-            self._finish(
-                Status.INTERRUPTED, "stopped by a signal; re-running the same command resumes"
-            )
+            error = "stopped by a signal; re-running the same command resumes"
         elif result.rows_remaining:
-            self._finish(
-                Status.FAILED,
-                f"{result.rows_remaining} eligible rows stayed locked by other writers",
-            )
+            status = BackfillRun.Status.FAILED
+            error = f"{result.rows_remaining} eligible rows stayed locked by other writers"
         else:
-            self._finish(Status.SUCCEEDED, "")
+            status = BackfillRun.Status.SUCCEEDED
+        self._finish(status, error)
         return result
 
     def _count_remaining(self) -> str:
@@ -557,7 +487,7 @@ class Repair(Chunks):
         the run's died); "" once counted, else a note for the error (and an upper bound)."""
         result = self.result
         try:
-            reconnect_if_dead()
+            db.reconnect_if_dead()
             with transaction.atomic(), connection.cursor() as cursor:
                 timeout = REMAINING_COUNT_TIMEOUT_SECONDS
                 set_local_timeouts(cursor, self.options.lock_timeout, timeout)
@@ -570,25 +500,31 @@ class Repair(Chunks):
             return f"; rows remaining not counted ({error_text(exc)}): at most {bound}"
 
     def _finish(self, status: str, error: str) -> None:
-        runs.finish_run(
-            self.result.run, status, error=error, rows_remaining=self.result.rows_remaining
-        )
+        result = self.result
+        runs.finish_run(result.run, status, error=error, rows_remaining=result.rows_remaining)
         self.events("end", status=status, error=error)
+
+    def _finish_after_error(self, message: str) -> None:
+        stopped = self.stop.is_set()
+        status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
+        try:
+            self._finish(status, message)
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            run_id = self.result.run.pk
+            logger.warning("could not record the end of run %d: %s", run_id, error_text(exc))
 
     def _drop_work_table(self) -> None:
         drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
 
 
-def _path_fields(path: rollup.PathChoice | None) -> dict[str, str]:
-    """The run record's fields for the rollup's path (none with --no-rebuild-rollup)."""
-    if path is None:
-        return {}
-    return {
-        "rollup_path": path.path,
-        "rollup_function": path.function,
-        "rollup_fingerprint": path.fingerprint,
-        "rollup_path_reason": path.reason,
-    }
+def _pick(source: Any, *names: str) -> dict[str, Any]:
+    """Some attributes of ``source``, by name, in this order."""
+    return {name: getattr(source, name) for name in names}
+
+
+def _path_details(path: rollup.PathChoice | None) -> dict[str, str]:
+    """The rollup's path, as its event has it (none with --no-rebuild-rollup)."""
+    return {} if path is None else _pick(path, "path", "function", "fingerprint", "reason")
 
 
 def execute_backfill(
@@ -598,4 +534,4 @@ def execute_backfill(
     progress: Progress = no_progress,
 ) -> ExecuteResult:
     """Repair the eligible rows and rebuild their rollup, reporting each event to ``progress``."""
-    return Repair(options, stop or StopRequests(), progress).run()
+    return Repair(options, stop or batching.StopRequests(), progress).run()

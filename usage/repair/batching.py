@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from django.db import DatabaseError, connection, transaction
 
-from usage import cron
+from usage import cron, privileges
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
@@ -28,20 +28,19 @@ from usage.db import (
 )
 from usage.models import BackfillRun
 from usage.repair import rollup
-from usage.repair.progress import Progress
+from usage.repair.progress import Events
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 # A batch that times out is retried with half the rows, at most this many times in a row.
 MAX_TIMEOUT_RETRIES = 3
-# Pauses before re-trying rows another writer held (read when a run's options are made, so
-# the tests can set them short).
+# Pauses before re-trying rows another writer held.
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
 
 
 def default_lock_retry_delays() -> tuple[float, ...]:
-    return LOCK_RETRY_DELAYS_SECONDS
+    return LOCK_RETRY_DELAYS_SECONDS  # read when called: the tests set it short
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +64,7 @@ class RunLimits:
 
 class RunError(Exception):
     """A run could not start, or stopped; the message says what to do. ``result`` is what
-    the run did, when it did anything (its record says the same)."""
+    the run did, when it did anything."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
@@ -94,16 +93,19 @@ class Batch:
     batch_size: int
     seconds: float
     retry: bool = False
-    rows: int = 0  # rows repaired, or restored
-    entries: int = 0  # journal entries walked (the revert)
+    rows: int = 0  # repaired, or restored
+    # The repair's: its figures and the first and last updated_at it wrote.
     input_tokens_removed: int = 0
     clamped_rows: int = 0
-    first_stamp: datetime | None = None  # the updated_at stamps the repair wrote
+    first_stamp: datetime | None = None
     last_stamp: datetime | None = None
-    keys_enqueued: int = 0  # the revert's queued hourly keys, their agents' tasks, their time
+    # The revert's: journal entries read, hourly keys queued (with their agents' tasks, when),
+    # and the entries a writer held.
+    entries: int = 0
+    keys_enqueued: int = 0
     tasks: int = 0
     stamp: datetime | None = None
-    skipped: tuple[int, ...] = ()  # journal entries a writer held (the revert)
+    skipped: tuple[int, ...] = ()
 
     @property
     def rows_restored(self) -> int:
@@ -143,19 +145,16 @@ class StopRequests(threading.Event):
 
 
 class Chunks:
-    """The keyset batch loop; a subclass is one direction's strategy.
-
-    A strategy sets ``result`` and ``size`` and implements ``move`` (one batch's statement),
-    ``locked`` and ``retry_pass`` (rows a writer held), and may ``settle`` a batch or
-    ``pause`` between batches. ``guard`` is the one way a run ends on an error.
-    """
+    """The keyset batch loop; a subclass is one direction's strategy: it sets ``result`` and
+    implements ``move`` (one batch's statement), ``locked`` and ``retry_pass`` (rows a writer
+    held) and ``ended`` (how a failed run ends), and may ``settle`` a batch or ``pause``."""
 
     words: ClassVar[BatchWords]
     logger: ClassVar[logging.Logger]
     error: ClassVar[type[RunError]] = RunError
     result: Any
 
-    def __init__(self, limits: RunLimits, stop: threading.Event, events: Progress) -> None:
+    def __init__(self, limits: RunLimits, stop: threading.Event, events: Events) -> None:
         self.limits, self.stop, self.events = limits, stop, events
         self.size = limits.batch_size
         self.timeouts = 0
@@ -165,22 +164,47 @@ class Chunks:
         raise NotImplementedError
 
     def locked(self) -> int:
-        """How many rows walked so far a writer still holds."""
         raise NotImplementedError
 
     def retry_pass(self) -> None:
-        """One more try at the rows a writer held."""
+        raise NotImplementedError
+
+    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
+        """Record how a run that failed ended; return the message its error carries."""
         raise NotImplementedError
 
     def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
-        """What a direction does after each batch, before it is reported."""
+        """After each batch, before it is reported."""
 
     def pause(self) -> None:
         """Between two range batches."""
 
-    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
-        """Record how a run that failed ended; the message its error carries."""
-        raise NotImplementedError
+    def record(self, **fields: Any) -> None:
+        """The run's progress on its record, as it goes (the admin shows it)."""
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+
+    def refuse_missing_privileges(self, what: str, **needs: bool) -> None:
+        """Every privilege the run needs to finish, checked before it writes."""
+        with connection.cursor() as cursor:
+            owner = privileges.function_runs_as_owner(cursor)
+            needed = privileges.requirements(security_definer=owner, **needs)
+            privileges.refuse_missing(cursor, needed, what)
+
+    def rebuild_keys(
+        self, run_ids: list[int], should_stop: Callable[[], bool]
+    ) -> rollup.RollupResult:
+        """Rebuild every hourly key of the runs' rows on the run's path, in lock slices."""
+        limits = self.limits
+        return rollup.rebuild_keys(
+            run_ids,
+            choice=self.result.path,
+            max_lock_seconds=limits.max_rollup_lock_seconds,
+            lock_timeout=limits.lock_timeout,
+            statement_timeout=max(limits.statement_timeout, 0),
+            neighbours=limits.neighbours(),
+            should_stop=should_stop,
+            progress=self.events.progress,
+        )
 
     def walk(self, after: int, last: int) -> int:
         """Move the keyset range (``after``, ``last``] in batches, then retry the rows a writer

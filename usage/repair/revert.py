@@ -21,20 +21,10 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage import privileges
 from usage.db import check_target, drop_temp_table, error_text, reconnect_if_dead
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
-from usage.repair import rollup, runs
-from usage.repair.batching import (
-    Batch,
-    BatchWords,
-    Chunks,
-    RunError,
-    RunLimits,
-    RunResult,
-    describe_failure,
-)
+from usage.repair import batching, rollup, runs
 from usage.repair.progress import Events, Progress, no_progress
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
 
@@ -44,7 +34,7 @@ DEFAULT_SHOW_CHANGED = 20
 # The first batch is this small (or --batch-size, if smaller); later ones are sized from the
 # measured rollup cost.
 INITIAL_BATCH_SIZE = 100
-WORDS = BatchWords(
+WORDS = batching.BatchWords(
     batch="a revert batch",
     unit="entries",
     kept="the rows restored so far stay restored: run the same revert again later",
@@ -193,14 +183,14 @@ WHERE locktype = 'advisory' AND granted
 LIMIT 1"""
 
 
-class RevertError(RunError):
+class RevertError(batching.RunError):
     """The revert cannot start or stopped; the message says what to do."""
 
     result: RevertResult | None
 
 
 @dataclass(frozen=True)
-class RevertOptions(RunLimits):
+class RevertOptions(batching.RunLimits):
     run_id: int
     show_changed: int = DEFAULT_SHOW_CHANGED
 
@@ -219,7 +209,7 @@ class ChangedRow:
 
 
 @dataclass(kw_only=True)
-class RevertResult(RunResult):
+class RevertResult(batching.RunResult):
     """What a revert found (dry run) or did (``executed``), in the run's journal entries that
     were active when it started: ``rows_restorable`` could be (dry run: would be) restored,
     ``rows_restored`` were, ``rows_changed`` were changed or deleted by someone else and are
@@ -242,7 +232,7 @@ class RevertResult(RunResult):
     def reverted(self) -> bool:
         return self.run.status == BackfillRun.Status.REVERTED
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: batching.Batch) -> None:
         super().add(batch)
         self.rows_restored += batch.rows
 
@@ -281,7 +271,7 @@ def execute_revert(
     return Revert(options, stop or threading.Event(), progress).run()
 
 
-class Revert(Chunks):
+class Revert(batching.Chunks):
     """One execute revert, the engine's backward strategy. Use ``execute_revert``."""
 
     words = WORDS
@@ -300,25 +290,19 @@ class Revert(Chunks):
     def run(self) -> RevertResult:
         check_target()
         started = time.monotonic()
-        self.path = rollup.choose_path(self.options.rollup_path)
-        with connection.cursor() as cursor:
-            needs = privileges.requirements(
-                security_definer=privileges.function_runs_as_owner(cursor),
-                revert=True,
-                own_path=self.path.own,
-            )
-            privileges.refuse_missing(cursor, needs, "the revert")
+        path = rollup.choose_path(self.options.rollup_path)
+        self.refuse_missing_privileges("the revert", revert=True, own_path=path.own)
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _load_run(self.options.run_id)
             _ensure_revertable(run)
-            self.result = result = RevertResult(run=run, stale_runs=stale, path=self.path)
+            self.result = result = RevertResult(run=run, stale_runs=stale, path=path)
             _classify(result, 0)
             self.events("started", result=result)
             self.restored_before = BackfillJournal.objects.filter(
                 run=run, reverted_at__isnull=False
             ).count()
-            self._record(
+            self.record(
                 revert_state=BackfillRun.RevertState.RUNNING,
                 revert_started_at=Now(),
                 revert_finished_at=None,
@@ -367,14 +351,10 @@ class Revert(Chunks):
             options.lock_timeout,
             max(options.statement_timeout, 0),
         )
-        self.drains = rollup.RevertDrains(self.path, limits, options.neighbours())
+        self.drains = rollup.RevertDrains(self.result.path, limits, options.neighbours())
         self.result.rollup = self.drains.result
         if self.restored_before:  # an earlier revert of the run stopped: drain what it queued
-            with connection.cursor() as cursor:
-                cursor.execute(compose(QUEUED_SQL))
-                keys, tasks, latest = cursor.fetchone()
-            if keys:
-                self.drains.drain_queue(latest, keys, tasks)
+            self._drain_queued()
         bounds = BackfillJournal.objects.filter(
             run=self.result.run, reverted_at__isnull=True
         ).aggregate(first=Min("id"), last=Max("id"))
@@ -401,13 +381,13 @@ class Revert(Chunks):
             "skipped": tuple(skipped),
         }
 
-    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
+    def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Record the rows restored, rebuild the batch's keys in one slice, and size the next
         batch so that its keys' rebuild fits the slice the planner allows."""
         assert self.drains is not None
         self.skipped.extend(batch.skipped)
         if batch.rows:
-            self._record(rows_restored=self.restored_before + self.result.rows_restored)
+            self.record(rows_restored=self.restored_before + self.result.rows_restored)
         wanted = batch.batch_size * 4
         if batch.keys_enqueued:
             keys, tasks = batch.keys_enqueued, batch.tasks
@@ -438,16 +418,20 @@ class Revert(Chunks):
         self._record_end(BackfillRun.RevertState.FAILED, message)
         return message
 
+    def _drain_queued(self) -> None:
+        """Rebuild whatever is queued now (through the function: its keys are not known)."""
+        assert self.drains is not None
+        with connection.cursor() as cursor:
+            cursor.execute(compose(QUEUED_SQL))
+            keys, tasks, latest = cursor.fetchone()
+        if keys:
+            self.drains.drain_queue(latest, keys, tasks)
+
     def _drain_quietly(self) -> None:
-        """Whatever the batches queued, rebuilt on the way out if the connection allows."""
         try:
             reconnect_if_dead()
             if self.drains is not None:
-                with connection.cursor() as cursor:
-                    cursor.execute(compose(QUEUED_SQL))
-                    keys, tasks, latest = cursor.fetchone()
-                if keys:
-                    self.drains.drain_queue(latest, keys, tasks)
+                self._drain_queued()
         except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
             logger.warning(
                 "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
@@ -461,16 +445,12 @@ class Revert(Chunks):
 
     # -- the end ---------------------------------------------------------------------------
 
-    def _record(self, **fields: object) -> None:
-        """The revert's progress in its run's record, as it goes (the admin shows it)."""
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
-
     def _record_end(self, state: str, error: str) -> None:
         """How the revert ended, when it did not finish; never masks the revert's own error
         (the connection may be the thing that failed: then a fresh one records it)."""
         try:
             reconnect_if_dead()
-            self._record(
+            self.record(
                 revert_state=state,
                 revert_finished_at=Now(),
                 revert_error=error,
@@ -524,7 +504,7 @@ class Revert(Chunks):
                 "left as they are (their journal entries stay active)"
             )
             fields["error"] = f"{note}; {result.run.error}" if result.run.error else note
-        self._record(**fields)
+        self.record(**fields)
         result.run.refresh_from_db()
         self.events("end", reverted=True)
 
@@ -532,25 +512,16 @@ class Revert(Chunks):
         """A run whose own rollup never finished: rebuild the keys of the rows the revert
         leaves (changed by others since), so that every key of the run is right once it is
         reverted. False when a stop came first (the same revert finishes it)."""
-        run, options = self.result.run, self.options
+        run = self.result.run
         if run.rollup_state != BackfillRun.RollupState.PENDING:
             return True
         try:
-            rebuilt = rollup.rebuild_keys(
-                [run.pk],
-                choice=self.path,
-                max_lock_seconds=options.max_rollup_lock_seconds,
-                lock_timeout=options.lock_timeout,
-                statement_timeout=max(options.statement_timeout, 0),
-                neighbours=options.neighbours(),
-                should_stop=self.stop.is_set,
-                progress=self.events.progress,
-            )
+            rebuilt = self.rebuild_keys([run.pk], self.stop.is_set)
         except (rollup.RollupError, DatabaseError) as exc:
             message = (
                 f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
                 f"since it (its own rollup never finished) could not be rebuilt: "
-                f"{describe_failure(exc)}; run the same revert again to finish"
+                f"{batching.describe_failure(exc)}; run the same revert again to finish"
             )
             self._record_end(BackfillRun.RevertState.FAILED, message)
             raise RevertError(message, self.result) from exc
