@@ -385,7 +385,9 @@ class Repair(batching.Chunks):
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
         message += self._count_remaining()
         if timed_out:  # the rows repaired so far get their keys rebuilt
-            self._rebuild_rollup_quietly()
+            if self.options.rebuild_rollup:
+                warning = "rollup rebuild failed (%s); the next run rebuilds it"
+                self.quietly(self._rebuild_rollup, warning)
             self._finish(BackfillRun.Status.FAILED, message)
         else:
             self._finish_after_error(message)
@@ -447,14 +449,6 @@ class Repair(batching.Chunks):
             return lambda: self.stop.count > count  # type: ignore[attr-defined]
         return (lambda: False) if self.stop.is_set() else self.stop.is_set
 
-    def _rebuild_rollup_quietly(self) -> None:
-        if not self.options.rebuild_rollup:
-            return
-        try:
-            self._rebuild_rollup()
-        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
-            logger.warning("rollup rebuild failed (%s); the next run rebuilds it", error_text(exc))
-
     def _finish_normally(self) -> ExecuteResult:
         result = self.result
         if self.options.rebuild_rollup:
@@ -507,11 +501,8 @@ class Repair(batching.Chunks):
     def _finish_after_error(self, message: str) -> None:
         stopped = self.stop.is_set()
         status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
-        try:
-            self._finish(status, message)
-        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
-            run_id = self.result.run.pk
-            logger.warning("could not record the end of run %d: %s", run_id, error_text(exc))
+        finish = functools.partial(self._finish, status, message)
+        self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
 
     def _drop_work_table(self) -> None:
         drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)

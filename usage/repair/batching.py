@@ -22,6 +22,7 @@ from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
     error_text,
+    reconnect_if_dead,
     scrub,
     set_local_timeouts,
     sqlstate,
@@ -182,6 +183,15 @@ class Chunks:
     def record(self, **fields: Any) -> None:
         """The run's progress on its record, as it goes (the admin shows it)."""
         BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+
+    def quietly(self, action: Callable[[], Any], warning: str, *args: Any) -> None:
+        """``action`` on the way out of a failed run (on a fresh connection if the run's own
+        died); its failure is a warning, never a mask on the run's own error."""
+        try:
+            reconnect_if_dead()
+            action()
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            self.logger.warning(warning, *args, error_text(exc))
 
     def refuse_missing_privileges(self, what: str, **needs: bool) -> None:
         """Every privilege the run needs to finish, checked before it writes."""

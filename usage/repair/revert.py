@@ -7,6 +7,7 @@ keys each batch queued rebuilt right after it (``usage.repair.rollup.RevertDrain
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage.db import check_target, drop_temp_table, error_text, reconnect_if_dead
+from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
@@ -173,15 +174,6 @@ WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL AND NOT {UNCHANGED}
 ORDER BY j.id
 LIMIT %(limit)s"""
 
-# Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half).
-# Advisory locks belong to one database; pg_locks lists every database of the server.
-RUN_LOCK_HOLDER_SQL = """
-SELECT pid FROM pg_locks
-WHERE locktype = 'advisory' AND granted
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
-LIMIT 1"""
-
 
 class RevertError(batching.RunError):
     """The revert cannot start or stopped; the message says what to do."""
@@ -246,7 +238,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
         run = _load_run(run_id)
         owner_gone = False
         if run.status == BackfillRun.Status.RUNNING:
-            holder = _run_lock_holder()
+            holder = runs.run_lock_holder()
             if holder is not None:
                 raise RevertError(_still_running(run, holder))
             owner_gone = True
@@ -329,29 +321,24 @@ class Revert(batching.Chunks):
                 "%d locked, %.3fs",
                 *(b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds),
             )
-        elif event == "end" and d["reverted"]:
-            logger.info(
-                "run %d reverted: %d rows restored, %d left as changed since",
-                *(r.run.pk, r.rows_restored, r.rows_changed),
-            )
+        elif event == "end" and r.reverted:
+            message = "run %d reverted: %d rows restored, %d left as changed since"
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)
         elif event == "end":
-            logger.info(
-                "revert of run %d incomplete: %d rows restored, %d remaining%s",
-                *(r.run.pk, r.rows_restored, r.rows_remaining),
-                ", stopped by a signal" if r.stopped else "",
-            )
+            message = "revert of run %d incomplete: %d rows restored, %d remaining%s"
+            signal = ", stopped by a signal" if r.stopped else ""
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_remaining, signal)
 
     def _restore_phase(self) -> None:
-        options = self.options
+        """The agents' task counts (the function path's cost model), the drains, the batches."""
+        o = self.options
         with connection.cursor() as cursor:
             cursor.execute(DROP_AGENT_TASKS_SQL)
             cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
         limits = rollup.SliceLimits(
-            options.max_rollup_lock_seconds,
-            options.lock_timeout,
-            max(options.statement_timeout, 0),
+            o.max_rollup_lock_seconds, o.lock_timeout, max(o.statement_timeout, 0)
         )
-        self.drains = rollup.RevertDrains(self.result.path, limits, options.neighbours())
+        self.drains = rollup.RevertDrains(self.result.path, limits, o.neighbours())
         self.result.rollup = self.drains.result
         if self.restored_before:  # an earlier revert of the run stopped: drain what it queued
             self._drain_queued()
@@ -408,8 +395,9 @@ class Revert(batching.Chunks):
                 pending = pending[len(chunk) :]
 
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
-        if salvage:
-            self._drain_quietly()
+        if salvage and self.drains is not None:
+            warning = "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty"
+            self.quietly(self._drain_queued, warning)
         if salvage and not timed_out:
             message = (
                 f"revert of run {self.result.run.pk} stopped: {message}; the rows restored so "
@@ -427,17 +415,6 @@ class Revert(batching.Chunks):
         if keys:
             self.drains.drain_queue(latest, keys, tasks)
 
-    def _drain_quietly(self) -> None:
-        try:
-            reconnect_if_dead()
-            if self.drains is not None:
-                self._drain_queued()
-        except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
-            logger.warning(
-                "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
-                error_text(exc),
-            )
-
     def _cleanup(self) -> None:
         drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
         if self.drains is not None:
@@ -446,22 +423,12 @@ class Revert(batching.Chunks):
     # -- the end ---------------------------------------------------------------------------
 
     def _record_end(self, state: str, error: str) -> None:
-        """How the revert ended, when it did not finish; never masks the revert's own error
-        (the connection may be the thing that failed: then a fresh one records it)."""
-        try:
-            reconnect_if_dead()
-            self.record(
-                revert_state=state,
-                revert_finished_at=Now(),
-                revert_error=error,
-                rows_restored=self.restored_before + self.result.rows_restored,
-            )
-        except Exception as exc:  # noqa: BLE001 - the revert's own error is the one reported
-            logger.warning(
-                "could not record how the revert of run %d ended: %s",
-                self.result.run.pk,
-                error_text(exc),
-            )
+        """How the revert ended, when it did not finish."""
+        restored = self.restored_before + self.result.rows_restored
+        fields = {"revert_finished_at": Now(), "revert_error": error, "rows_restored": restored}
+        record = functools.partial(self.record, revert_state=state, **fields)
+        warning = "could not record how the revert of run %d ended: %s"
+        self.quietly(record, warning, self.result.run.pk)
 
     def _finish(self) -> None:
         """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
@@ -470,26 +437,22 @@ class Revert(batching.Chunks):
         _classify(result, self.options.show_changed)
         result.rows_remaining = result.rows_restorable
         result.rows_restorable = restored + result.rows_remaining
+        State = BackfillRun.RevertState
+        if result.stopped:
+            self._record_end(State.STOPPED, f"stopped by a signal after {restored} rows restored")
+        elif result.rows_remaining:
+            locked = f"{result.rows_remaining} rows stayed locked by other writers"
+            self._record_end(State.INCOMPLETE, locked)
         if result.stopped or result.rows_remaining:
-            self._record_end(
-                BackfillRun.RevertState.STOPPED
-                if result.stopped
-                else BackfillRun.RevertState.INCOMPLETE,
-                f"stopped by a signal after {restored} rows restored"
-                if result.stopped
-                else f"{result.rows_remaining} rows stayed locked by other writers",
-            )
-            self.events("end", reverted=False)
+            self.events("end")
             return
         if not self._rebuild_pending_rollup():
-            self._record_end(
-                BackfillRun.RevertState.STOPPED, "stopped before the rollup was rebuilt"
-            )
+            self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
             return
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
-            "revert_state": BackfillRun.RevertState.DONE,
+            "revert_state": State.DONE,
             "revert_finished_at": Now(),
             "rows_restored": self.restored_before + restored,
             "rollup_state": (
@@ -506,7 +469,7 @@ class Revert(batching.Chunks):
             fields["error"] = f"{note}; {result.run.error}" if result.run.error else note
         self.record(**fields)
         result.run.refresh_from_db()
-        self.events("end", reverted=True)
+        self.events("end")
 
     def _rebuild_pending_rollup(self) -> bool:
         """A run whose own rollup never finished: rebuild the keys of the rows the revert
@@ -560,17 +523,6 @@ def _still_running(run: BackfillRun, backend_pid: int | None) -> str:
         f"{run.os_user}@{run.client_host}, database backend pid {backend_pid}); wait for it "
         "to finish, or stop it, before reverting it"
     )
-
-
-def _run_lock_holder() -> int | None:
-    """The backend holding the run lock, if any: read from pg_locks, never by taking it."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            RUN_LOCK_HOLDER_SQL,
-            {"high": runs.RUN_LOCK_ID >> 32, "low": runs.RUN_LOCK_ID & 0xFFFFFFFF},
-        )
-        row = cursor.fetchone()
-    return row[0] if row else None
 
 
 def _classify(result: RevertResult, show_changed: int) -> None:

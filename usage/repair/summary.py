@@ -1,8 +1,5 @@
-"""The dry run: what the repair would change, per workspace and UTC day, read-only.
-
-It runs in a ``READ ONLY`` transaction, so it is safe for a read-only role and can never
-write, and it judges the cutoff against the database's clock in that same transaction.
-"""
+"""The dry run: what the repair would change, per workspace and UTC day, in one ``READ
+ONLY`` transaction that also judges the cutoff against the database's clock."""
 
 from __future__ import annotations
 
