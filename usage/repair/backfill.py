@@ -20,13 +20,12 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 
-from usage import cron, db, render
+from usage import cron, db
 from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.events import log_event
 from usage.models import BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Events, Progress, no_progress
+from usage.repair.progress import Events, Progress, no_progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -119,6 +118,8 @@ SELECT (SELECT count(*) FROM journaled),
        max(stamp)
 FROM updated"""
 
+# What BATCH_SQL returns: the journal entries written, then the figures of its Batch.
+FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
 # A range of the snapshot's numbering, found where the snapshot saw it (``ctid``, the id
 # checked: a row written since has moved and is left to the retry), or (a retry) the next
 # rows of the snapshot still eligible, found by id.
@@ -190,7 +191,9 @@ class Repair(batching.Chunks):
     result: ExecuteResult
 
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(options, stop, Events(progress, SHOWN, self._log))
+        super().__init__(
+            options, stop, Events(progress, SHOWN, repair_log(logger, lambda: self.result))
+        )
         self.options = options
         self.params = eligible_params(options.cutoff, options.workspace_id)
         # Snapshot rows a range batch did not update (locked, or no longer eligible): while
@@ -241,61 +244,6 @@ class Repair(batching.Chunks):
             self.guard(functools.partial(self._update_phase, planned), self._drop_work_table)
             return self._finish_normally()
 
-    def _log(self, event: str, /, **d: Any) -> None:
-        """The log's view of each event (its JSON lines' names and fields)."""
-        result, run_id = self.result, self.result.run.pk
-        line = functools.partial(log_event, logger)
-        if event == "started":
-            line(logging.INFO, "start", f"run {run_id} started", run_id=run_id)
-        elif event == "stamping":
-            p = d["policy"]
-            fields = _pick(p, "stamp", "watermark_at", "first", "top", "keys")
-            line(logging.INFO, "stamp", p.reason, run_id=run_id, **fields)
-        elif event in ("rollup_path", "path_changed"):
-            level = logging.INFO if event == "rollup_path" else logging.WARNING
-            fields = {k: v for k, v in d.items() if k != "reason"}
-            line(level, "rollup_path", d["reason"], run_id=run_id, **fields)
-        elif event == "planned":
-            message = f"run {run_id}: {d['rows']} candidate rows"
-            line(logging.INFO, "planned", message, run_id=run_id, rows_planned=d["rows"])
-        elif event == "batch":
-            b = d["batch"]
-            line(
-                logging.DEBUG,
-                "batch",
-                f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
-                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s",
-                run_id=run_id,
-                batch=b.number,
-                **_pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size"),
-                seconds=round(b.seconds, 6),
-                rows_done=result.rows_updated,
-                rows_planned=result.rows_planned,
-                retry=b.retry,
-            )
-        elif event == "paused" and d["seconds"] is not None:
-            seconds = d["seconds"]
-            line(logging.DEBUG, "pause", f"pause {seconds:.3f}s", reason="sleep", seconds=seconds)
-        elif event == "paused":
-            reason = d["reason"]
-            line(
-                logging.INFO, "pause", f"paused: {reason}", reason="replication_lag", detail=reason
-            )
-        elif event == "stamped":
-            first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
-            message = f"run {run_id} wrote stamps from {first} to {last}"
-            line(logging.INFO, "stamped", message, run_id=run_id, **d)
-        elif event == "end":
-            status, error = d["status"], d["error"]
-            level = logging.INFO if status == BackfillRun.Status.SUCCEEDED else logging.WARNING
-            message = (
-                f"run {run_id} {status}: {result.rows_updated} rows updated, "
-                f"{result.rows_remaining} remaining"
-            )
-            counts = ("rows_planned", "rows_updated", "rows_remaining")
-            figures = _pick(result, *counts, "input_tokens_removed", "clamped_rows")
-            line(level, "end", message, run_id=run_id, status=status, **figures, error=error)
-
     def _snapshot(self) -> tuple[int, int]:
         """Number the candidates into the session's work table; its rows and hourly keys."""
         with connection.cursor() as cursor:
@@ -321,7 +269,7 @@ class Repair(batching.Chunks):
         if self.stop.is_set():
             result.stopped = True
             self._count_remaining()
-        stamps = _pick(result, "rows_remaining", "stamp_first", "stamp_last")
+        stamps = pick(result, "rows_remaining", "stamp_first", "stamp_last")
         self.record(rollup_to=database_now(), **stamps)
         if result.stamp_first is not None:
             self.events("stamped", first=result.stamp_first, last=result.stamp_last)
@@ -330,25 +278,19 @@ class Repair(batching.Chunks):
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
         params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
         cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
-        journaled, rows, removed, clamped, first_stamp, last_stamp = cursor.fetchone()
+        figures = dict(zip(FIGURES, cursor.fetchone(), strict=True))
+        journaled, rows = figures.pop("journal"), figures["rows"]
         if journaled != rows:
             raise RuntimeError(
                 f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
             )
-        if rows:
-            counts = {
-                "rows_updated": rows,
-                "input_tokens_removed": removed,
-                "clamped_rows": clamped,
-            }
-            self.record(**{name: F(name) + value for name, value in counts.items()})
-        return {
-            "rows": rows,
-            "input_tokens_removed": removed,
-            "clamped_rows": clamped,
-            "first_stamp": first_stamp,
-            "last_stamp": last_stamp,
-        }
+        if rows:  # the run record's counts, in the batch's transaction
+            self.record(
+                rows_updated=F("rows_updated") + rows,
+                input_tokens_removed=F("input_tokens_removed") + figures["input_tokens_removed"],
+                clamped_rows=F("clamped_rows") + figures["clamped_rows"],
+            )
+        return figures
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         if not batch.retry:
@@ -508,14 +450,9 @@ class Repair(batching.Chunks):
         drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
 
 
-def _pick(source: Any, *names: str) -> dict[str, Any]:
-    """Some attributes of ``source``, by name, in this order."""
-    return {name: getattr(source, name) for name in names}
-
-
 def _path_details(path: rollup.PathChoice | None) -> dict[str, str]:
     """The rollup's path, as its event has it (none with --no-rebuild-rollup)."""
-    return {} if path is None else _pick(path, "path", "function", "fingerprint", "reason")
+    return {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
 
 
 def execute_backfill(

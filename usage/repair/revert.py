@@ -26,14 +26,13 @@ from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Events, Progress, no_progress
+from usage.repair.progress import Events, Progress, no_progress, revert_log
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-# The first batch is this small (or --batch-size, if smaller); later ones are sized from the
-# measured rollup cost.
+# The first batch's size at most; later ones are sized from the measured rollup cost.
 INITIAL_BATCH_SIZE = 100
 WORDS = batching.BatchWords(
     batch="a revert batch",
@@ -150,6 +149,8 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
        coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
+# What BATCH_SQL returns, as the figures of its ``batching.Batch``.
+FIGURES = ("entries", "rows", "marked", "keys_enqueued", "tasks", "skipped", "stamp")
 # The two kinds of batch: an id range of the run's journal, or the ids a writer held.
 RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
 RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
@@ -202,12 +203,9 @@ class ChangedRow:
 
 @dataclass(kw_only=True)
 class RevertResult(batching.RunResult):
-    """What a revert found (dry run) or did (``executed``), in the run's journal entries that
-    were active when it started: ``rows_restorable`` could be (dry run: would be) restored,
-    ``rows_restored`` were, ``rows_changed`` were changed or deleted by someone else and are
-    left alone (``changed`` lists the first), ``rows_remaining`` could be restored but were
-    not (locked by writers through every retry, or not reached before a stop).
-    """
+    """What a revert found (dry run) or did (``executed``) with the run's active journal
+    entries: restorable, restored, changed by others since (left alone; ``changed`` lists the
+    first), and remaining (locked by writers through every retry, or not reached)."""
 
     executed: bool = True
     entries: int = 0
@@ -272,7 +270,9 @@ class Revert(batching.Chunks):
     result: RevertResult
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(options, stop, Events(progress, SHOWN, self._log))
+        super().__init__(
+            options, stop, Events(progress, SHOWN, revert_log(logger, lambda: self.result))
+        )
         self.options = options
         self.size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.restored_before = 0  # rows earlier reverts of the run restored
@@ -306,29 +306,6 @@ class Revert(batching.Chunks):
         result.seconds = time.monotonic() - started
         return result
 
-    def _log(self, event: str, /, **d: Any) -> None:
-        """The log's view of each event (plain lines: the command shows the events)."""
-        r = self.result
-        if event == "started":
-            logger.info(
-                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
-                *(r.run.pk, r.entries, r.rows_restorable, r.rows_changed),
-            )
-        elif event == "batch":
-            b = d["batch"]
-            logger.info(
-                "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
-                "%d locked, %.3fs",
-                *(b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds),
-            )
-        elif event == "end" and r.reverted:
-            message = "run %d reverted: %d rows restored, %d left as changed since"
-            logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)
-        elif event == "end":
-            message = "revert of run %d incomplete: %d rows restored, %d remaining%s"
-            signal = ", stopped by a signal" if r.stopped else ""
-            logger.info(message, r.run.pk, r.rows_restored, r.rows_remaining, signal)
-
     def _restore_phase(self) -> None:
         """The agents' task counts (the function path's cost model), the drains, the batches."""
         o = self.options
@@ -354,19 +331,13 @@ class Revert(batching.Chunks):
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
         params = dict(selector, run_id=self.result.run.pk)
         cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
-        entries, restored, marked, enqueued, tasks, skipped, stamp = cursor.fetchone()
+        figures = dict(zip(FIGURES, cursor.fetchone(), strict=True))
+        marked, restored = figures.pop("marked"), figures["rows"]
         if marked != restored:
             raise RuntimeError(
                 f"marked {marked} journal entries for {restored} restored rows; batch rolled back"
             )
-        return {
-            "entries": entries,
-            "rows": restored,
-            "keys_enqueued": enqueued,
-            "tasks": tasks,
-            "stamp": stamp,
-            "skipped": tuple(skipped),
-        }
+        return dict(figures, skipped=tuple(figures["skipped"]))
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Record the rows restored, rebuild the batch's keys in one slice, and size the next
@@ -437,7 +408,7 @@ class Revert(batching.Chunks):
         _classify(result, self.options.show_changed)
         result.rows_remaining = result.rows_restorable
         result.rows_restorable = restored + result.rows_remaining
-        State = BackfillRun.RevertState
+        State, Rollup = BackfillRun.RevertState, BackfillRun.RollupState
         if result.stopped:
             self._record_end(State.STOPPED, f"stopped by a signal after {restored} rows restored")
         elif result.rows_remaining:
@@ -449,17 +420,14 @@ class Revert(batching.Chunks):
         if not self._rebuild_pending_rollup():
             self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
             return
+        rollup_skipped = result.run.rollup_state == Rollup.SKIPPED
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
             "revert_state": State.DONE,
             "revert_finished_at": Now(),
             "rows_restored": self.restored_before + restored,
-            "rollup_state": (
-                BackfillRun.RollupState.SKIPPED
-                if result.run.rollup_state == BackfillRun.RollupState.SKIPPED
-                else BackfillRun.RollupState.DONE
-            ),
+            "rollup_state": Rollup.SKIPPED if rollup_skipped else Rollup.DONE,
         }
         if result.rows_changed:
             note = (

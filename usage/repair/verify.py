@@ -174,11 +174,8 @@ class Mismatches:
 
 
 def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mismatches:
-    """How many hourly keys differ from the recompute, and the first ``limit`` of them.
-
-    The count covers every differing key (all keys, or those of some runs); only the list
-    is capped. Every column of ``compared_columns`` is compared.
-    """
+    """How many hourly keys differ from the recompute (all keys, or those of some runs), in
+    every column of ``compared_columns``, and the first ``limit`` of them."""
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
         columns = compared_columns(cursor)
