@@ -118,7 +118,6 @@ SELECT (SELECT count(*) FROM journaled),
        max(stamp)
 FROM updated"""
 
-# What BATCH_SQL returns: the journal entries written, then the figures of its Batch.
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
 # A range of the snapshot's numbering, found where the snapshot saw it (``ctid``, the id
 # checked: a row written since has moved and is left to the retry), or (a retry) the next

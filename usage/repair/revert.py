@@ -42,11 +42,7 @@ WORDS = batching.BatchWords(
 )
 # The events the progress callback is given (the others are the log's alone).
 SHOWN = frozenset({"started", "batch", "rollup_slice"})
-REVERTABLE_STATUSES = (
-    BackfillRun.Status.SUCCEEDED,
-    BackfillRun.Status.FAILED,
-    BackfillRun.Status.INTERRUPTED,
-)
+REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
 
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
@@ -74,8 +70,7 @@ QUEUED_SQL = f"""
 SELECT count(*), coalesce(sum(t.tasks), 0)::bigint, max(d.enqueued_at)
 FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = d.agent_id"""
 
-# One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
-# skipped for a writer's lock on an earlier try).
+# One batch: lock, re-check, restore, mark the journal and queue the keys in one statement.
 BATCH_SQL = f"""
 WITH batch AS MATERIALIZED (
     SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
@@ -120,8 +115,7 @@ noted AS (
     INSERT INTO {REVERT_KEYS_TABLE} SELECT * FROM restored_keys RETURNING 1
 ),
 enqueued AS (
-    -- An upsert, as every platform writer queues keys: a key the platform queued already is
-    -- no conflict, and keeps the later of the two times.
+    -- An upsert, as every platform writer queues keys (the later of the two times).
     INSERT INTO {{task_usage_hourly_dirty}} AS d (
         bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
         enqueued_at
@@ -149,7 +143,6 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
        coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
-# What BATCH_SQL returns, as the figures of its ``batching.Batch``.
 FIGURES = ("entries", "rows", "marked", "keys_enqueued", "tasks", "skipped", "stamp")
 # The two kinds of batch: an id range of the run's journal, or the ids a writer held.
 RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
@@ -326,8 +319,6 @@ class Revert(batching.Chunks):
             self.walk(bounds["first"] - 1, bounds["last"])
             self.result.stopped = self.stop.is_set()
 
-    # -- the batches (the engine's strategy) ------------------------------------------------
-
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
         params = dict(selector, run_id=self.result.run.pk)
         cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
@@ -390,8 +381,6 @@ class Revert(batching.Chunks):
         drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
         if self.drains is not None:
             self.drains.close()
-
-    # -- the end ---------------------------------------------------------------------------
 
     def _record_end(self, state: str, error: str) -> None:
         """How the revert ended, when it did not finish."""
