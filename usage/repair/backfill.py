@@ -150,9 +150,8 @@ class ExecuteOptions(batching.RunLimits):
     rebuild_rollup: bool = True
     max_replication_lag: float | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
-    # A saved plan's check (``usage.plan``): called under the run lock once the snapshot is
-    # taken, before the run record exists; it raises to refuse the run and returns fields
-    # for the run record.
+    # A saved plan's check (``usage.plan``), once the snapshot is taken and before the run
+    # record exists: it raises to refuse the run, or returns fields for the record.
     check_snapshot: Callable[[], dict[str, Any]] | None = None
 
 

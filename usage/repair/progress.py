@@ -121,17 +121,15 @@ def revert_log(logger: logging.Logger, current: Callable[[], Any]) -> Progress:
     def log(event: str, /, **d: Any) -> None:
         r = current()
         if event == "started":
-            logger.info(
-                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
-                *(r.run.pk, r.entries, r.rows_restorable, r.rows_changed),
+            message = (
+                "revert of run %d: %d active journal entries, %d restorable, %d changed since"
             )
+            logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
         elif event == "batch":
             b = d["batch"]
-            logger.info(
-                "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
-                "%d locked, %.3fs",
-                *(b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds),
-            )
+            message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
+            figures = (b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds)
+            logger.info(message + "%d locked, %.3fs", *figures)
         elif event == "end" and r.reverted:
             message = "run %d reverted: %d rows restored, %d left as changed since"
             logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)
