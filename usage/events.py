@@ -1,10 +1,5 @@
-"""Events of a run, for progress displays and structured logs.
-
-The library reports what happens (a batch, a pause, a rollup slice, the end) to the run's
-progress callback (``usage.repair.progress``) and to the ``usage`` loggers with the event's
-fields attached, so a command can show a progress bar on a terminal, throttled lines
-elsewhere, or one JSON object per event, without the library knowing which.
-"""
+"""A run's events as log records with their fields attached, and as one line of JSON each
+(``--log-format json``): a command shows them as text or JSON without the library knowing."""
 
 from __future__ import annotations
 
@@ -23,12 +18,8 @@ def log_event(logger: logging.Logger, level: int, event: str, message: str, **fi
 def event_line(
     level: str, event: str, message: str, fields: dict[str, Any], created: float | None = None
 ) -> str:
-    """One event as one line of JSON: time, level, event, message, then the event's fields.
-
-    The library's log records (``JsonFormatter``) and the commands' own lines (context,
-    warnings, the outcome) share this shape, so a ``--log-format json`` reader sees one kind
-    of line.
-    """
+    """One event as one line of JSON: time, level, event, message, then the event's fields
+    (the library's log records and the commands' own lines alike)."""
     when = datetime.now() if created is None else datetime.fromtimestamp(created)
     document: dict[str, Any] = {
         "time": when.astimezone().isoformat(),

@@ -1,76 +1,71 @@
-"""The batching core the repair and the revert share.
+"""The chunk engine the repair and the revert share, in the manner of Zulip's retention.py.
 
-Both walk their rows in short batches, each one transaction with ``lock_timeout`` and
-``statement_timeout`` set locally, on a database that keeps being written:
-
-* A batch that times out rolls back whole and is retried with half the rows, at most
-  ``MAX_TIMEOUT_RETRIES`` times in a row; then the run stops cleanly with
-  ``BatchTimeoutError`` (``Halving``). The halved size stays for the batches after it.
-* Rows a writer held (skipped with ``SKIP LOCKED``) are retried after the pass, once after
-  each of the ``LOCK_RETRY_DELAYS_SECONDS`` (``retry_locked``); those still locked are counted.
-* A failure is one line (``describe_failure``).
-* What happens is reported through one callback (``usage.repair.progress.Progress``).
-
-``RunLimits`` are the options both take (batch size, timeouts, the rollup's lock budget, the
-platform's cron tick) and ``RunError`` the error both end with.
+``Chunks`` walks a keyset in short batches, each one transaction with local timeouts; a
+direction's strategy (``backfill.Repair``, ``revert.Revert``) says what a batch moves. One
+batch type, one result, one error, one place for timeouts, halving and retries.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, ClassVar
 
-from django.db import DatabaseError
+from django.db import DatabaseError, connection, transaction
 
-from usage import cron
+from usage import cron, privileges
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
     error_text,
+    reconnect_if_dead,
     scrub,
+    set_local_timeouts,
     sqlstate,
 )
-from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+from usage.models import BackfillRun
+from usage.repair import rollup
+from usage.repair.progress import Events
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 # A batch that times out is retried with half the rows, at most this many times in a row.
 MAX_TIMEOUT_RETRIES = 3
-# Pauses before re-trying rows that were skipped because another writer held their lock
-# (read when a run's options are made, so the tests can set them short).
+# Pauses before re-trying rows another writer held.
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
-
-T = TypeVar("T")
 
 
 def default_lock_retry_delays() -> tuple[float, ...]:
-    """The pauses before each retry of rows a writer held: ``LOCK_RETRY_DELAYS_SECONDS``."""
-    return LOCK_RETRY_DELAYS_SECONDS
+    return LOCK_RETRY_DELAYS_SECONDS  # read when called: the tests set it short
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunLimits:
-    """How a run (the repair or the revert) may use the database: its batches, their
-    server-side timeouts, the rollup's hold of lock 4246 and the platform's cron tick."""
+    """How a run may use the database: its batches, their server-side timeouts, the rollup's
+    hold of lock 4246 and the platform's cron tick."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
-    max_rollup_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
+    max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
-    # How the rollup is rebuilt: "auto" (the own recompute for a function definition the tool
-    # knows, proven by each run; the platform's function otherwise) or "function".
+    # "auto" (the own recompute for a function definition the tool knows, proven by each
+    # run; the platform's function otherwise) or "function".
     rollup_path: str = "auto"
+
+    def neighbours(self) -> rollup.NeighbourOptions:
+        return rollup.NeighbourOptions(tick_interval=self.cron_tick_interval)
 
 
 class RunError(Exception):
     """A run could not start, or stopped; the message says what to do. ``result`` is what
-    the run did, when it did anything (its record says the same)."""
+    the run did, when it did anything."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
@@ -83,69 +78,225 @@ class BatchTimeoutError(Exception):
 
 @dataclass(frozen=True)
 class BatchWords:
-    """How a run names its batches in its messages: the repair's and the revert's differ."""
+    """How a direction names its batches in its messages."""
 
     batch: str  # "a batch"
     unit: str  # what a batch is made of: "rows"
-    kept: str  # what a stop keeps, and what to do: "the work done so far is kept: re-run later"
+    kept: str  # what a stop keeps, and what to do
     retrying: str  # the warning logged with %(kind)s (lock or statement) and %(size)d
 
 
-@dataclass
-class Halving:
-    """The batch size of a run: halved on each timeout, up to ``MAX_TIMEOUT_RETRIES`` in a row."""
+@dataclass(frozen=True, kw_only=True)
+class Batch:
+    """One batch, either way: its number and size, how long it took, what it moved."""
 
-    size: int
-    words: BatchWords
-    logger: logging.Logger
-    timeouts: int = 0
+    number: int
+    batch_size: int
+    seconds: float
+    retry: bool = False
+    rows: int = 0  # repaired, or restored
+    # The repair's: its figures and the first and last updated_at it wrote.
+    input_tokens_removed: int = 0
+    clamped_rows: int = 0
+    first_stamp: datetime | None = None
+    last_stamp: datetime | None = None
+    # The revert's: journal entries read, hourly keys queued (with their agents' tasks, when),
+    # and the entries a writer held.
+    entries: int = 0
+    keys_enqueued: int = 0
+    tasks: int = 0
+    stamp: datetime | None = None
+    skipped: tuple[int, ...] = ()
 
-    def attempt(self, batch: Callable[[int], T]) -> T | None:
-        """One try of ``batch(size)``: its result, or None when it timed out and the size was
-        halved (the batch rolled back whole: try again). Raises ``BatchTimeoutError`` when
-        it timed out once too often, or at one row."""
-        size = self.size
+    @property
+    def rows_restored(self) -> int:
+        return self.rows
+
+    @property
+    def rows_skipped_locked(self) -> int:
+        return len(self.skipped)
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    """What a run did, either way; each direction's result adds its own figures."""
+
+    run: BackfillRun
+    batches: int = 0
+    rows_remaining: int = 0
+    stopped: bool = False
+    stale_runs: list[int] = field(default_factory=list)
+    path: rollup.PathChoice | None = None
+
+    def add(self, batch: Batch) -> None:
+        self.batches += 1
+
+
+class StopRequests(threading.Event):
+    """A stop flag that counts its requests (signals): the first stops the batches, a later
+    one (once the rollup has begun) stops the rollup between slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+        super().set()
+
+
+class Chunks:
+    """The keyset batch loop; a subclass is one direction's strategy: it sets ``result`` and
+    implements ``move`` (one batch's statement), ``locked`` and ``retry_pass`` (rows a writer
+    held) and ``ended`` (how a failed run ends), and may ``settle`` a batch or ``pause``."""
+
+    words: ClassVar[BatchWords]
+    logger: ClassVar[logging.Logger]
+    error: ClassVar[type[RunError]] = RunError
+    result: Any
+
+    def __init__(self, limits: RunLimits, stop: threading.Event, events: Events) -> None:
+        self.limits, self.stop, self.events = limits, stop, events
+        self.size = limits.batch_size
+        self.timeouts = 0
+
+    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
+        """One batch's statement; the figures of its ``Batch``."""
+        raise NotImplementedError
+
+    def locked(self) -> int:
+        raise NotImplementedError
+
+    def retry_pass(self) -> None:
+        raise NotImplementedError
+
+    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
+        """Record how a run that failed ended; return the message its error carries."""
+        raise NotImplementedError
+
+    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
+        """After each batch, before it is reported."""
+
+    def pause(self) -> None:
+        """Between two range batches."""
+
+    def record(self, **fields: Any) -> None:
+        """The run's progress on its record, as it goes (the admin shows it)."""
+        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+
+    def quietly(self, action: Callable[[], Any], warning: str, *args: Any) -> None:
+        """``action`` on the way out of a failed run (on a fresh connection if the run's own
+        died); its failure is a warning, never a mask on the run's own error."""
         try:
-            result = batch(size)
+            reconnect_if_dead()
+            action()
+        except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
+            self.logger.warning(warning, *args, error_text(exc))
+
+    def refuse_missing_privileges(self, what: str, **needs: bool) -> None:
+        """Every privilege the run needs to finish, checked before it writes."""
+        with connection.cursor() as cursor:
+            owner = privileges.function_runs_as_owner(cursor)
+            needed = privileges.requirements(security_definer=owner, **needs)
+            privileges.refuse_missing(cursor, needed, what)
+
+    def rebuild_keys(
+        self, run_ids: list[int], should_stop: Callable[[], bool]
+    ) -> rollup.RollupResult:
+        """Rebuild every hourly key of the runs' rows on the run's path, in lock slices."""
+        limits = self.limits
+        return rollup.rebuild_keys(
+            run_ids,
+            choice=self.result.path,
+            max_lock_seconds=limits.max_rollup_lock_seconds,
+            lock_timeout=limits.lock_timeout,
+            statement_timeout=max(limits.statement_timeout, 0),
+            neighbours=limits.neighbours(),
+            should_stop=should_stop,
+            progress=self.events.progress,
+        )
+
+    def walk(self, after: int, last: int) -> int:
+        """Move the keyset range (``after``, ``last``] in batches, then retry the rows a writer
+        held; return how many stay locked (0 after a stop, which the direction counts)."""
+        while after < last and not self.stop.is_set():
+            upto = min(after + self.size, last)
+            if self.batch({"after": after, "upto": upto}) is None:
+                continue  # timed out and rolled back: the same rows, fewer at a time
+            after = upto
+            if after < last:
+                self.pause()
+        return 0 if self.stop.is_set() else self.retry_locked()
+
+    def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
+        """One batch in its own transaction, reported once; None when it timed out (it rolled
+        back whole and the size was halved: try again)."""
+        size, started = self.size, time.monotonic()
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                set_local_timeouts(cursor, self.limits.lock_timeout, self.limits.statement_timeout)
+                figures = self.move(cursor, selector, retry)
         except DatabaseError as exc:
-            state = sqlstate(exc)
-            if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
+            if not self._halved(exc, size):
                 raise
-            self.timeouts += 1
-            if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-                raise BatchTimeoutError(
-                    f"{self.words.batch} timed out {self.timeouts} times, down to {size} "
-                    f"{self.words.unit} ({error_text(exc)}); {self.words.kept}, or with a "
-                    "larger --lock-timeout/--statement-timeout"
-                ) from exc
-            self.size = max(1, size // 2)
-            kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
-            self.logger.warning(self.words.retrying, {"kind": kind, "size": self.size})
             return None
         self.timeouts = 0
-        return result
+        number = self.result.batches + 1
+        seconds = time.monotonic() - started
+        batch = Batch(number=number, batch_size=size, seconds=seconds, retry=retry, **figures)
+        self.result.add(batch)
+        self.settle(batch, selector)
+        self.events("batch", batch=batch, result=self.result)
+        return batch
 
+    def _halved(self, exc: DatabaseError, size: int) -> bool:
+        """Halve the size after a timeout (False for any other error); a timeout once too
+        often, or at one row, raises ``BatchTimeoutError``."""
+        state = sqlstate(exc)
+        if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
+            return False
+        self.timeouts += 1
+        if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
+            words = self.words
+            raise BatchTimeoutError(
+                f"{words.batch} timed out {self.timeouts} times, down to {size} {words.unit} "
+                f"({error_text(exc)}); {words.kept}, or with a larger "
+                "--lock-timeout/--statement-timeout"
+            ) from exc
+        self.size = max(1, size // 2)
+        kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
+        self.logger.warning(self.words.retrying, {"kind": kind, "size": self.size})
+        return True
 
-def retry_locked(
-    delays: Sequence[float],
-    stop: threading.Event,
-    count_locked: Callable[[], int],
-    retry_pass: Callable[[], None],
-    logger: logging.Logger,
-) -> int:
-    """Give rows a writer held a few more chances once it lets go; return how many stay locked.
+    def retry_locked(self) -> int:
+        """Give rows a writer held a few more chances once it lets go; return how many stay
+        locked. Before each pause the rows still locked are counted: none, or a stop, ends it."""
+        for delay in self.limits.lock_retry_delays:
+            locked = self.locked()
+            if locked == 0 or self.stop.is_set():
+                return locked
+            self.logger.info("%d rows locked by other writers; retrying in %.1fs", locked, delay)
+            if self.stop.wait(delay):
+                return locked
+            self.retry_pass()
+        return self.locked()
 
-    Before each pause the rows still locked are counted; none left, or a stop, ends it.
-    """
-    for delay in delays:
-        locked = count_locked()
-        if locked == 0 or stop.is_set():
-            return locked
-        logger.info("%d rows locked by other writers; retrying in %.1fs", locked, delay)
-        if stop.wait(delay):
-            return locked
-        retry_pass()
-    return count_locked()
+    def guard(self, phase: Callable[[], None], cleanup: Callable[[], None]) -> None:
+        """Run ``phase``; on an error the direction salvages what it can and records the end
+        (``ended``), and the run's error is raised with its result."""
+        try:
+            phase()
+        except BatchTimeoutError as exc:
+            message = self.ended(str(exc), salvage=True, timed_out=True)
+            raise self.error(message, self.result) from None
+        except rollup.RollupError as exc:
+            message = self.ended(str(exc), salvage=False, timed_out=False)
+            raise self.error(message, self.result) from exc
+        except BaseException as exc:
+            message = self.ended(describe_failure(exc), salvage=True, timed_out=False)
+            raise self.error(message, self.result) from exc
+        finally:
+            cleanup()
 
 
 def describe_failure(exc: BaseException) -> str:

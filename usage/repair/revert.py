@@ -1,38 +1,13 @@
-"""Undoing one execute run from its journal: rows back as they were, rollup rebuilt for them.
+"""Undoing one execute run from its journal: rows back as they were, their keys rebuilt.
 
-A journal entry says what the run changed: ``old_input_tokens``/``old_updated_at`` (what the
-row was) and ``new_input_tokens``/``new_updated_at`` (what the run wrote). A row is restored
-only while it is still exactly what the run left (same ``input_tokens`` and ``updated_at``);
-a row that someone else rewrote (ingestion's UPSERT sets ``updated_at = now()``) or deleted
-since is left alone, listed, and its journal entry stays active, so the repair never touches
-it again either.
-
-How it stays safe on a live database, like the repair itself:
-
-* The run's journal is walked by ``id`` range (a keyset: its entries were written in one
-  sequence, one run at a time), each batch one short transaction with ``lock_timeout`` and
-  ``statement_timeout`` set locally. One statement locks the rows (``SKIP LOCKED``),
-  re-checks them under the lock, restores them, stamps their journal entries
-  ``reverted_at = now()`` and queues their hourly keys in ``task_usage_hourly_dirty``: a row
-  is never restored without its journal entry saying so, nor without its key queued.
-* Restored rows get their *old* ``updated_at`` back, so no time window of the rollup would
-  find them; the platform's own invalidation queue does. After each batch the queue is
-  drained by one ``rollup_task_usage_hourly_window`` call under lock 4246 (transaction-level,
-  only around that call) over a one-microsecond window just after the batch's enqueue time:
-  it rebuilds the queued keys and hardly anything else. The cron tick only drains keys queued
-  more than five minutes ago, so it never meets a large backlog of ours. Batches start at
-  ``INITIAL_BATCH_SIZE`` entries and are then sized from the measured rollup cost, so that a
-  drain holds the lock for about half of ``max_rollup_lock_seconds`` (the journal is in
-  hourly-key order, so neighbouring entries share keys).
-* Rows skipped because a writer held their lock are retried after the pass; rows still locked
-  at the end are reported and the run is not marked reverted (re-running finishes it).
-* The run is marked ``reverted`` once every entry was either restored or found changed by
-  someone else; those are listed, and noted in the run record. Reverted entries no longer
-  count in the eligibility definition, so the restored rows are eligible again.
+``Revert`` is the chunk engine's backward strategy (``batching.Chunks``): it walks the run's
+journal by id, restores a row only while it is still exactly what the run left, and has the
+keys each batch queued rebuilt right after it (``usage.repair.rollup.RevertDrains``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -40,44 +15,34 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage import privileges
-from usage.db import (
-    check_target,
-    drop_temp_table,
-    error_text,
-    reconnect_if_dead,
-    set_local_timeouts,
-)
+from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress
+from usage.repair.progress import Events, Progress, no_progress, revert_log
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-# The first batch is this small (or the operator's --batch-size, if smaller); later ones are
-# sized from the measured rollup cost.
+# The first batch's size at most; later ones are sized from the measured rollup cost.
 INITIAL_BATCH_SIZE = 100
-# How the revert's messages name its batches.
 WORDS = batching.BatchWords(
     batch="a revert batch",
     unit="entries",
     kept="the rows restored so far stay restored: run the same revert again later",
     retrying="revert batch timed out; retrying with %(size)d entries",
 )
-REVERTABLE_STATUSES = (
-    BackfillRun.Status.SUCCEEDED,
-    BackfillRun.Status.FAILED,
-    BackfillRun.Status.INTERRUPTED,
-)
+# The events the progress callback is given (the others are the log's alone).
+SHOWN = frozenset({"started", "batch", "rollup_slice"})
+REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
 
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
@@ -105,8 +70,7 @@ QUEUED_SQL = f"""
 SELECT count(*), coalesce(sum(t.tasks), 0)::bigint, max(d.enqueued_at)
 FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = d.agent_id"""
 
-# One batch. ``{selector}`` picks the run's active journal entries (an id range, or the ids
-# skipped for a writer's lock on an earlier try).
+# One batch: lock, re-check, restore, mark the journal and queue the keys in one statement.
 BATCH_SQL = f"""
 WITH batch AS MATERIALIZED (
     SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
@@ -151,8 +115,7 @@ noted AS (
     INSERT INTO {REVERT_KEYS_TABLE} SELECT * FROM restored_keys RETURNING 1
 ),
 enqueued AS (
-    -- An upsert, as every platform writer queues keys: a key the platform queued already is
-    -- no conflict, and keeps the later of the two times.
+    -- An upsert, as every platform writer queues keys (the later of the two times).
     INSERT INTO {{task_usage_hourly_dirty}} AS d (
         bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
         enqueued_at
@@ -180,6 +143,7 @@ SELECT (SELECT count(*) FROM batch),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
        coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
 
+FIGURES = ("entries", "rows", "marked", "keys_enqueued", "tasks", "skipped", "stamp")
 # The two kinds of batch: an id range of the run's journal, or the ids a writer held.
 RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
 RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
@@ -203,15 +167,6 @@ LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
 WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL AND NOT {UNCHANGED}
 ORDER BY j.id
 LIMIT %(limit)s"""
-
-# Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half).
-# Advisory locks belong to one database; pg_locks lists every database of the server.
-RUN_LOCK_HOLDER_SQL = """
-SELECT pid FROM pg_locks
-WHERE locktype = 'advisory' AND granted
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
-LIMIT 1"""
 
 
 class RevertError(batching.RunError):
@@ -239,50 +194,30 @@ class ChangedRow:
     deleted: bool
 
 
-@dataclass(frozen=True)
-class RevertBatch:
-    number: int
-    entries: int
-    rows_restored: int
-    keys_enqueued: int
-    rows_skipped_locked: int
-    batch_size: int
-    seconds: float
-    stamp: datetime
-    retry: bool = False
+@dataclass(kw_only=True)
+class RevertResult(batching.RunResult):
+    """What a revert found (dry run) or did (``executed``) with the run's active journal
+    entries: restorable, restored, changed by others since (left alone; ``changed`` lists the
+    first), and remaining (locked by writers through every retry, or not reached)."""
 
-
-@dataclass
-class RevertResult:
-    """What a revert found (dry run) or did (execute).
-
-    Counts of the run's journal entries that were active (not reverted) when it started:
-    ``rows_restorable`` could be restored (dry run: would be), ``rows_restored`` were,
-    ``rows_changed`` were changed or deleted by someone else and are left alone
-    (``changed`` lists the first of them), ``rows_remaining`` could be restored but were not
-    (locked by writers through every retry, or not reached because the revert was stopped).
-    """
-
-    run: BackfillRun
-    executed: bool
+    executed: bool = True
     entries: int = 0
     rows_restorable: int = 0
     rows_restored: int = 0
     rows_changed: int = 0
-    rows_remaining: int = 0
     rollup_keys: int = 0
     changed: list[ChangedRow] = field(default_factory=list)
-    batches: int = 0
-    stopped: bool = False
-    stale_runs: list[int] = field(default_factory=list)
     owner_gone: bool = False
     rollup: rollup.RollupResult = field(default_factory=rollup.RollupResult)
-    path: rollup.PathChoice | None = None
     seconds: float = 0.0
 
     @property
     def reverted(self) -> bool:
         return self.run.status == BackfillRun.Status.REVERTED
+
+    def add(self, batch: batching.Batch) -> None:
+        super().add(batch)
+        self.rows_restored += batch.rows
 
 
 def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> RevertResult:
@@ -294,7 +229,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
         run = _load_run(run_id)
         owner_gone = False
         if run.status == BackfillRun.Status.RUNNING:
-            holder = _run_lock_holder()
+            holder = runs.run_lock_holder()
             if holder is not None:
                 raise RevertError(_still_running(run, holder))
             owner_gone = True
@@ -312,332 +247,176 @@ def execute_revert(
     stop: threading.Event | None = None,
     progress: Progress = no_progress,
 ) -> RevertResult:
-    """Restore the run's unchanged rows and rebuild their rollup; see the module docstring.
-
-    Holds the run lock throughout (``runs.RunLockError`` when another run or revert has it).
-    Returns the result; ``result.rows_remaining`` or ``result.stopped`` mean the run is not
-    reverted yet and running the same revert again finishes it. ``progress`` is called with
-    ``started`` (``result``: what is to restore) and each ``batch`` (``batch``, ``result``).
+    """Restore the run's unchanged rows and rebuild their rollup, under the run lock
+    (``runs.RunLockError`` when another run has it). ``result.rows_remaining`` or
+    ``result.stopped`` mean the run is not reverted yet: the same revert again finishes it.
     """
-    return _Revert(options, stop or threading.Event(), progress).run()
+    return Revert(options, stop or threading.Event(), progress).run()
 
 
-class _Revert:
-    """One execute revert. Use ``execute_revert``; this class only keeps its state together."""
+class Revert(batching.Chunks):
+    """One execute revert, the engine's backward strategy. Use ``execute_revert``."""
+
+    words = WORDS
+    logger = logger
+    error = RevertError
+    result: RevertResult
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
+        super().__init__(
+            options, stop, Events(progress, SHOWN, revert_log(logger, lambda: self.result))
+        )
         self.options = options
-        self.stop = stop
-        self.progress = progress
-        self.halving = batching.Halving(min(options.batch_size, INITIAL_BATCH_SIZE), WORDS, logger)
-        self.result: RevertResult | None = None
+        self.size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.restored_before = 0  # rows earlier reverts of the run restored
+        self.skipped: list[int] = []  # journal entries a writer held
         self.drains: rollup.RevertDrains | None = None
-        self.path: rollup.PathChoice | None = None
 
     def run(self) -> RevertResult:
         check_target()
         started = time.monotonic()
-        self._check_privileges()
+        path = rollup.choose_path(self.options.rollup_path)
+        self.refuse_missing_privileges("the revert", revert=True, own_path=path.own)
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _load_run(self.options.run_id)
             _ensure_revertable(run)
-            self.result = result = RevertResult(
-                run=run, executed=True, stale_runs=stale, path=self.path
-            )
+            self.result = result = RevertResult(run=run, stale_runs=stale, path=path)
             _classify(result, 0)
-            logger.info(
-                "revert of run %d: %d active journal entries, %d restorable, %d changed since",
-                run.pk,
-                result.entries,
-                result.rows_restorable,
-                result.rows_changed,
-            )
-            self.progress("started", result=result)
+            self.events("started", result=result)
             self.restored_before = BackfillJournal.objects.filter(
                 run=run, reverted_at__isnull=False
             ).count()
-            self._record(
+            self.record(
                 revert_state=BackfillRun.RevertState.RUNNING,
                 revert_started_at=Now(),
                 revert_finished_at=None,
                 revert_error="",
                 rows_restored=self.restored_before,
             )
-            try:
-                self._prepare()
-                if self.restored_before:
-                    # An earlier revert of this run stopped; drain whatever it left queued.
-                    self._drain_queued()
-                self._restore_phase()
-            except batching.BatchTimeoutError as exc:
-                self._drain_quietly()
-                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
-                raise RevertError(str(exc), result) from None
-            except RevertError as exc:
-                self._record_end(BackfillRun.RevertState.FAILED, str(exc))
-                raise
-            except BaseException as exc:
-                self._drain_quietly()
-                message = (
-                    f"revert of run {run.pk} stopped: {batching.describe_failure(exc)}; the rows "
-                    "restored so far stay restored: run the same revert again to finish"
-                )
-                self._record_end(BackfillRun.RevertState.FAILED, message)
-                raise RevertError(message, result) from exc
-            finally:
-                self._drop_agent_tasks()
-                if self.drains is not None:
-                    self.drains.close()
+            self.guard(self._restore_phase, self._cleanup)
             self._finish()
         result.seconds = time.monotonic() - started
         return result
 
-    def _check_privileges(self) -> None:
-        """The rollup's path, and every privilege the revert needs to finish, before it writes."""
-        self.path = rollup.choose_path(self.options.rollup_path)
-        with connection.cursor() as cursor:
-            needs = privileges.requirements(
-                security_definer=privileges.function_runs_as_owner(cursor),
-                revert=True,
-                own_path=self.path.own,
-            )
-            privileges.refuse_missing(cursor, needs, "the revert")
-
-    def _limits(self) -> rollup.SliceLimits:
-        return rollup.SliceLimits(
-            self.options.max_rollup_lock_seconds,
-            self.options.lock_timeout,
-            max(self.options.statement_timeout, 0),
-        )
-
-    def _neighbours(self) -> rollup.NeighbourOptions:
-        return rollup.NeighbourOptions(tick_interval=self.options.cron_tick_interval)
-
-    def _prepare(self) -> None:
-        """The agents' task counts (the function path's cost model) and the drains."""
-        assert self.result is not None and self.path is not None
+    def _restore_phase(self) -> None:
+        """The agents' task counts (the function path's cost model), the drains, the batches."""
+        o = self.options
         with connection.cursor() as cursor:
             cursor.execute(DROP_AGENT_TASKS_SQL)
             cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
-        self.drains = rollup.RevertDrains(self.path, self._limits(), self._neighbours())
+        limits = rollup.SliceLimits(
+            o.max_rollup_lock_seconds, o.lock_timeout, max(o.statement_timeout, 0)
+        )
+        self.drains = rollup.RevertDrains(self.result.path, limits, o.neighbours())
         self.result.rollup = self.drains.result
-
-    # -- restoring -------------------------------------------------------------------------
-
-    def _restore_phase(self) -> None:
-        assert self.result is not None
+        if self.restored_before:  # an earlier revert of the run stopped: drain what it queued
+            self._drain_queued()
         bounds = BackfillJournal.objects.filter(
             run=self.result.run, reverted_at__isnull=True
         ).aggregate(first=Min("id"), last=Max("id"))
-        if bounds["first"] is None:
-            return
-        after, last = bounds["first"] - 1, bounds["last"]
-        skipped: list[int] = []
-        while after < last and not self.stop.is_set():
-            upto = min(after + self.halving.size, last)
-            batch = self._batch(RANGE_BATCH, {"after": after, "upto": upto}, retry=False)
-            if batch is None:
-                continue  # timed out: same range, smaller
-            skipped.extend(batch[1])
-            after = upto
+        if bounds["first"] is not None:
+            self.walk(bounds["first"] - 1, bounds["last"])
+            self.result.stopped = self.stop.is_set()
 
-        def retry_pass() -> None:
-            pending = skipped[:]
-            skipped.clear()
-            while pending and not self.stop.is_set():
-                chunk = pending[: self.halving.size]
-                batch = self._batch(RETRY_BATCH, {"ids": chunk}, retry=True)
-                if batch is None:
-                    continue
-                skipped.extend(batch[1])
+    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
+        params = dict(selector, run_id=self.result.run.pk)
+        cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
+        figures = dict(zip(FIGURES, cursor.fetchone(), strict=True))
+        marked, restored = figures.pop("marked"), figures["rows"]
+        if marked != restored:
+            raise RuntimeError(
+                f"marked {marked} journal entries for {restored} restored rows; batch rolled back"
+            )
+        return dict(figures, skipped=tuple(figures["skipped"]))
+
+    def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
+        """Record the rows restored, rebuild the batch's keys in one slice, and size the next
+        batch so that its keys' rebuild fits the slice the planner allows."""
+        assert self.drains is not None
+        self.skipped.extend(batch.skipped)
+        if batch.rows:
+            self.record(rows_restored=self.restored_before + self.result.rows_restored)
+        wanted = batch.batch_size * 4
+        if batch.keys_enqueued:
+            keys, tasks = batch.keys_enqueued, batch.tasks
+            piece = self.drains.drain(batch.stamp, keys, tasks)
+            done, total = self.drains.result.keys_done, self.result.rollup_keys
+            self.events("rollup_slice", piece=piece, done=done, total=total)
+            wanted = self.drains.next_entries(batch.entries, keys, tasks, self.size)
+        self.size = max(1, min(self.options.batch_size, wanted))
+
+    def locked(self) -> int:
+        return len(self.skipped)
+
+    def retry_pass(self) -> None:
+        pending, self.skipped = self.skipped, []
+        while pending and not self.stop.is_set():
+            chunk = pending[: self.size]
+            if self.batch({"ids": chunk}, retry=True) is not None:
                 pending = pending[len(chunk) :]
 
-        batching.retry_locked(
-            self.options.lock_retry_delays, self.stop, lambda: len(skipped), retry_pass, logger
-        )
-        self.result.stopped = self.stop.is_set()
-
-    def _batch(
-        self, kind: dict[str, str], selector: dict[str, object], *, retry: bool
-    ) -> tuple[RevertBatch, list[int]] | None:
-        """One batch and its drain; None when it timed out and was rolled back (size halved)."""
-        assert self.result is not None
-        started = time.monotonic()
-        params = dict(selector, run_id=self.result.run.pk)
-        size = self.halving.size
-        done = self.halving.attempt(lambda _size: self._batch_statement(kind, params))
-        if done is None:
-            return None
-        entries, restored, marked, enqueued, tasks, skipped, stamp = done
-        batch = RevertBatch(
-            number=self.result.batches + 1,
-            entries=entries,
-            rows_restored=restored,
-            keys_enqueued=enqueued,
-            rows_skipped_locked=len(skipped),
-            batch_size=size,
-            seconds=time.monotonic() - started,
-            stamp=stamp,
-            retry=retry,
-        )
-        self.result.batches += 1
-        self.result.rows_restored += restored
-        if restored:
-            self._record(rows_restored=self.restored_before + self.result.rows_restored)
-        logger.info(
-            "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
-            "%d locked, %.3fs",
-            batch.number,
-            entries,
-            restored,
-            enqueued,
-            len(skipped),
-            batch.seconds,
-        )
-        if enqueued:
-            self._drain(stamp, enqueued, tasks)
-            self._adapt(entries, enqueued, tasks)
-        else:
-            self.halving.size = max(1, min(self.options.batch_size, size * 4))
-        self.progress("batch", batch=batch, result=self.result)
-        return batch, list(skipped)
-
-    def _batch_statement(self, kind: dict[str, str], params: dict[str, object]) -> tuple:
-        """One batch's statement, in its own transaction: what it restored, queued, skipped."""
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.options.lock_timeout, self.options.statement_timeout)
-            cursor.execute(compose(BATCH_SQL, **kind), params)
-            done = cursor.fetchone()
-            entries, restored, marked, *_ = done
-            if marked != restored:
-                raise RuntimeError(
-                    f"marked {marked} journal entries for {restored} restored rows; "
-                    "batch rolled back"
-                )
-        return done
-
-    # -- the rollup ------------------------------------------------------------------------
-
-    def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
-        """Rebuild the keys queued up to ``enqueued_until`` in one lock-4246 slice."""
-        assert self.result is not None and self.drains is not None
-        try:
-            piece = self.drains.drain(enqueued_until, keys, tasks)
-        except rollup.RollupError as exc:
-            raise RevertError(str(exc), self.result) from exc
-        rebuilt = self.drains.result
-        self.progress(
-            "rollup_slice", piece=piece, done=rebuilt.keys_done, total=self.result.rollup_keys
-        )
+    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
+        if salvage and self.drains is not None:
+            warning = "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty"
+            self.quietly(self._drain_queued, warning)
+        if salvage and not timed_out:
+            message = (
+                f"revert of run {self.result.run.pk} stopped: {message}; the rows restored so "
+                "far stay restored: run the same revert again to finish"
+            )
+        self._record_end(BackfillRun.RevertState.FAILED, message)
+        return message
 
     def _drain_queued(self) -> None:
-        """Drain whatever is queued now: what an earlier, stopped revert of the run left."""
-        assert self.result is not None and self.drains is not None
+        """Rebuild whatever is queued now (through the function: its keys are not known)."""
+        assert self.drains is not None
         with connection.cursor() as cursor:
             cursor.execute(compose(QUEUED_SQL))
             keys, tasks, latest = cursor.fetchone()
         if keys:
-            try:
-                self.drains.drain_queue(latest, keys, tasks)
-            except rollup.RollupError as exc:
-                raise RevertError(str(exc), self.result) from exc
+            self.drains.drain_queue(latest, keys, tasks)
 
-    def _adapt(self, entries: int, keys: int, tasks: int) -> None:
-        """Size the next batch so its keys' rebuild fits the slice the planner allows.
-
-        Grows at most ``MAX_SLICE_GROWTH``-fold per batch and never above the operator's
-        ``--batch-size``: the journal is in the repair's walking order (physical, so time
-        order), so neighbouring entries share hours and keys, and the ratios carry over.
-        """
-        assert self.drains is not None
-        wanted = self.drains.next_entries(entries, keys, tasks, self.halving.size)
-        self.halving.size = max(1, min(self.options.batch_size, wanted))
-
-    def _drain_quietly(self) -> None:
-        try:
-            reconnect_if_dead()
-            if self.drains is not None:
-                self._drain_queued()
-        except Exception as exc:  # noqa: BLE001 - the revert's own failure is what is reported
-            logger.warning(
-                "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty",
-                error_text(exc),
-            )
-
-    def _drop_agent_tasks(self) -> None:
+    def _cleanup(self) -> None:
         drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
-
-    # -- the end ---------------------------------------------------------------------------
-
-    def _record(self, **fields: object) -> None:
-        """The revert's progress in its run's record, as it goes (the admin shows it)."""
-        assert self.result is not None
-        BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
+        if self.drains is not None:
+            self.drains.close()
 
     def _record_end(self, state: str, error: str) -> None:
-        """How the revert ended, when it did not finish; never masks the revert's own error
-        (the connection may be the thing that failed: then a fresh one records it)."""
-        assert self.result is not None
-        try:
-            reconnect_if_dead()
-            self._record(
-                revert_state=state,
-                revert_finished_at=Now(),
-                revert_error=error,
-                rows_restored=self.restored_before + self.result.rows_restored,
-            )
-        except Exception as exc:  # noqa: BLE001 - the revert's own error is the one reported
-            logger.warning(
-                "could not record how the revert of run %d ended: %s",
-                self.result.run.pk,
-                error_text(exc),
-            )
+        """How the revert ended, when it did not finish."""
+        restored = self.restored_before + self.result.rows_restored
+        fields = {"revert_finished_at": Now(), "revert_error": error, "rows_restored": restored}
+        record = functools.partial(self.record, revert_state=state, **fields)
+        warning = "could not record how the revert of run %d ended: %s"
+        self.quietly(record, warning, self.result.run.pk)
 
     def _finish(self) -> None:
         """Count what is left; mark the run reverted unless rows stayed locked or we stopped."""
-        assert self.result is not None
         result = self.result
         restored = result.rows_restored
         _classify(result, self.options.show_changed)
         result.rows_remaining = result.rows_restorable
         result.rows_restorable = restored + result.rows_remaining
-        result.rows_restored = restored
+        State, Rollup = BackfillRun.RevertState, BackfillRun.RollupState
+        if result.stopped:
+            self._record_end(State.STOPPED, f"stopped by a signal after {restored} rows restored")
+        elif result.rows_remaining:
+            locked = f"{result.rows_remaining} rows stayed locked by other writers"
+            self._record_end(State.INCOMPLETE, locked)
         if result.stopped or result.rows_remaining:
-            self._record_end(
-                BackfillRun.RevertState.STOPPED
-                if result.stopped
-                else BackfillRun.RevertState.INCOMPLETE,
-                f"stopped by a signal after {restored} rows restored"
-                if result.stopped
-                else f"{result.rows_remaining} rows stayed locked by other writers",
-            )
-            # The command shows the outcome; as a log line it is a detail.
-            logger.info(
-                "revert of run %d incomplete: %d rows restored, %d remaining%s",
-                result.run.pk,
-                restored,
-                result.rows_remaining,
-                ", stopped by a signal" if result.stopped else "",
-            )
+            self.events("end")
             return
         if not self._rebuild_pending_rollup():
-            self._record_end(
-                BackfillRun.RevertState.STOPPED, "stopped before the rollup was rebuilt"
-            )
+            self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
             return
+        rollup_skipped = result.run.rollup_state == Rollup.SKIPPED
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
-            "revert_state": BackfillRun.RevertState.DONE,
+            "revert_state": State.DONE,
             "revert_finished_at": Now(),
             "rows_restored": self.restored_before + restored,
-            "rollup_state": (
-                BackfillRun.RollupState.SKIPPED
-                if result.run.rollup_state == BackfillRun.RollupState.SKIPPED
-                else BackfillRun.RollupState.DONE
-            ),
+            "rollup_state": Rollup.SKIPPED if rollup_skipped else Rollup.DONE,
         }
         if result.rows_changed:
             note = (
@@ -645,38 +424,19 @@ class _Revert:
                 "left as they are (their journal entries stay active)"
             )
             fields["error"] = f"{note}; {result.run.error}" if result.run.error else note
-        BackfillRun.objects.filter(pk=result.run.pk).update(**fields)
+        self.record(**fields)
         result.run.refresh_from_db()
-        logger.info(
-            "run %d reverted: %d rows restored, %d left as changed since",
-            result.run.pk,
-            restored,
-            result.rows_changed,
-        )
+        self.events("end")
 
     def _rebuild_pending_rollup(self) -> bool:
-        """A run whose own rollup never finished (killed, stopped): rebuild the keys of its
-        rows the revert leaves (changed by others since), which nobody rebuilt yet.
-
-        The restored rows' keys were rebuilt by the drains; these are the rest, so that every
-        key of the run is right once it is reverted. False when a stop came first (the run
-        stays as it is, and the same revert finishes it).
-        """
-        assert self.result is not None and self.path is not None
+        """A run whose own rollup never finished: rebuild the keys of the rows the revert
+        leaves (changed by others since), so that every key of the run is right once it is
+        reverted. False when a stop came first (the same revert finishes it)."""
         run = self.result.run
         if run.rollup_state != BackfillRun.RollupState.PENDING:
             return True
         try:
-            rebuilt = rollup.rebuild_keys(
-                [run.pk],
-                choice=self.path,
-                max_lock_seconds=self.options.max_rollup_lock_seconds,
-                lock_timeout=self.options.lock_timeout,
-                statement_timeout=max(self.options.statement_timeout, 0),
-                neighbours=self._neighbours(),
-                should_stop=self.stop.is_set,
-                progress=self.progress,
-            )
+            rebuilt = self.rebuild_keys([run.pk], self.stop.is_set)
         except (rollup.RollupError, DatabaseError) as exc:
             message = (
                 f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
@@ -687,10 +447,8 @@ class _Revert:
             raise RevertError(message, self.result) from exc
         self.result.rollup.slices.extend(rebuilt.slices)
         self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
-        if rebuilt.stopped:
-            self.result.stopped = True
-            return False
-        return True
+        self.result.stopped = rebuilt.stopped
+        return not rebuilt.stopped
 
 
 def _load_run(run_id: int) -> BackfillRun:
@@ -722,17 +480,6 @@ def _still_running(run: BackfillRun, backend_pid: int | None) -> str:
         f"{run.os_user}@{run.client_host}, database backend pid {backend_pid}); wait for it "
         "to finish, or stop it, before reverting it"
     )
-
-
-def _run_lock_holder() -> int | None:
-    """The backend holding the run lock, if any: read from pg_locks, never by taking it."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            RUN_LOCK_HOLDER_SQL,
-            {"high": runs.RUN_LOCK_ID >> 32, "low": runs.RUN_LOCK_ID & 0xFFFFFFFF},
-        )
-        row = cursor.fetchone()
-    return row[0] if row else None
 
 
 def _classify(result: RevertResult, show_changed: int) -> None:

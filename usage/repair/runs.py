@@ -1,13 +1,5 @@
-"""The run record's life cycle and the run-level lock.
-
-Only one ``--execute`` (or revert) may work on a database at a time. The owner holds a
-session-level advisory lock of its own (never 4246, which belongs to the rollup writers) for
-its whole life; a run left ``running`` while nobody holds that lock lost its process (kill -9,
-a lost machine) and is marked interrupted by the next invocation.
-
-A run that did not finish is continued by the next one of the same scope: ``start_run``
-records that link (``continues``), and ``chain`` follows it both ways, so that a re-run after
-an interruption and the run it finished are read, shown and verified as one repair.
+"""The run record's life cycle, the chain of runs that continue each other, and the run
+lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +26,14 @@ logger = logging.getLogger("usage.runs")
 RUN_LOCK_ID = 0x636F646578
 
 WHO_SQL = "SELECT current_user, pg_backend_pid()"
+# Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half),
+# in this database (pg_locks lists every database of the server).
+RUN_LOCK_HOLDER_SQL = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = %(high)s::bigint::oid AND objid = %(low)s::bigint::oid AND objsubid = 1
+LIMIT 1"""
 
 
 class RunLockError(Exception):
@@ -68,6 +68,16 @@ def run_lock() -> Iterator[None]:
             logger.debug("run lock released with the session", exc_info=True)
 
 
+def run_lock_holder() -> int | None:
+    """The backend holding the run lock, if any: read from pg_locks, never by taking it."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            RUN_LOCK_HOLDER_SQL, {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
 def mark_stale_runs() -> list[int]:
     """Mark runs left ``running`` by a dead process as interrupted. Call with the lock held."""
     stale = list(
@@ -89,14 +99,8 @@ UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
 
 def run_to_continue(cutoff: datetime, workspace_id: uuid.UUID | None) -> BackfillRun | None:
-    """The run a new run of this scope continues, if any. Call with the run lock held.
-
-    It is the latest earlier run with the same cutoff and workspace, when that run did not
-    finish (interrupted or failed; a run a dead process left ``running`` is marked
-    interrupted first) and was not reverted. A run that finished, or was reverted, ends its
-    chain: the next run of the scope starts a new one. Each run is continued at most once,
-    since the run that continues it is then the latest of the scope.
-    """
+    """The run a new run of this scope continues (call with the run lock held): the latest
+    run of the same cutoff and workspace, when it did not finish and was not reverted."""
     latest = (
         BackfillRun.objects.filter(cutoff=cutoff, workspace_id=workspace_id)
         .order_by("-pk")
@@ -116,11 +120,8 @@ def chain(run: BackfillRun) -> list[BackfillRun]:
 
 
 def start_run(**fields: Any) -> BackfillRun:
-    """Create the run record, stamped with who runs it and the database's clock.
-
-    The record says which run it continues (``run_to_continue`` of its cutoff and
-    workspace), unless ``fields`` says it already.
-    """
+    """Create the run record, stamped with who runs it, the database's clock and the run it
+    continues (``run_to_continue``, unless ``fields`` says)."""
     with connection.cursor() as cursor:
         cursor.execute(WHO_SQL)
         db_role, backend_pid = cursor.fetchone()

@@ -1,8 +1,5 @@
-"""The dry run: what the repair would change, per workspace and UTC day, read-only.
-
-It runs in a ``READ ONLY`` transaction, so it is safe for a read-only role and can never
-write, and it judges the cutoff against the database's clock in that same transaction.
-"""
+"""The dry run: what the repair would change, per workspace and UTC day, in one ``READ
+ONLY`` transaction that also judges the cutoff against the database's clock."""
 
 from __future__ import annotations
 
@@ -15,14 +12,9 @@ from django.db import connection, transaction
 from usage.eligibility import compose, eligible_params
 from usage.events import json_default
 
-# Two aggregation levels instead of ``count(DISTINCT key)``: the eligible rows are first
-# summed per hourly rollup key (a key lies in one workspace and one UTC day), which parallel
-# workers can do in parts, then the keys per workspace and day, which also counts them. A
-# DISTINCT aggregate cannot be split across workers and sorts inside every group. The totals
-# over all groups come with each group (window sums), so a caller that shows only the first
-# groups fetches only those. ``ids_digest`` is the XOR of a 64-bit hash of each row's id: two
-# groups with the same rows have the same digest (a saved plan compares them, see
-# ``usage.plan``); XOR is associative, so the per-key digests combine into the day's.
+# Sums per hourly key (parallel workers can split them, unlike a DISTINCT), then per workspace
+# and day, with the totals over all groups on each group (window sums). ``ids_digest`` XORs a
+# 64-bit hash of each row's id: the same rows, the same digest (``usage.plan`` compares them).
 SUMMARY_SQL = """
 WITH per_key AS (
     SELECT
@@ -132,11 +124,8 @@ class DryRunSummary:
 
 
 def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
-    """Refuse a cutoff at or after the database's now().
-
-    Rows the repair rewrites get ``updated_at = now()``; with a cutoff in the database's
-    future they would still match ``< cutoff`` and be subtracted again.
-    """
+    """Refuse a cutoff at or after the database's now(): rows the repair rewrites would still
+    match ``< cutoff`` and be subtracted again."""
     if cutoff >= database_now:
         raise CutoffError(cutoff, database_now)
 
@@ -153,11 +142,8 @@ def workspace_has_agents(workspace_id: uuid.UUID | None) -> bool:
 def load_summary(
     cutoff: datetime, workspace_id: uuid.UUID | None, max_groups: int | None = None
 ) -> DryRunSummary:
-    """Aggregate the eligible rows in one read-only pass.
-
-    At most ``max_groups`` groups are kept (the totals cover all of them), so a table view
-    of a huge database needs little memory.
-    """
+    """Aggregate the eligible rows in one read-only pass, keeping at most ``max_groups``
+    groups (the totals cover all of them)."""
     groups: list[SummaryGroup] = []
     totals = Totals()
     count = 0

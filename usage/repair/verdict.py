@@ -1,18 +1,6 @@
-"""What ``--verify --run-id N`` judges: the run as part of its repair, not a row count alone.
-
-A run is verified when nothing eligible is left and its hourly keys equal a recompute
-(``verify.find_mismatches``, every column the installed function writes). Two kinds of run
-need more than that to be judged fairly:
-
-* **A reverted run.** The revert restored its rows, so they are eligible again by design:
-  counting them as "left" would call the revert a failed repair. What is still checked is
-  that the run's hourly keys equal a recompute (the revert rebuilt them); the rows left are
-  reported, and are not a failure.
-* **A run in a chain** (one that continues an unfinished run, or was continued by a later
-  one, see ``runs.chain``). The runs of a chain are one repair of one scope, done in several
-  goes: the hourly keys of every run of the chain are checked, and the rows left are judged
-  by its last run. When that run did not finish either, the rows left are a failure, with
-  what to do next.
+"""What ``--verify --run-id N`` judges: nothing eligible left and the hourly keys of the
+run's whole chain (``runs.chain``) equal to a recompute. Rows a revert restored are eligible
+again by design, so they are reported, not counted as a failure.
 """
 
 from __future__ import annotations

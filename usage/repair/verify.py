@@ -1,15 +1,6 @@
-"""Proof that the hourly rollup is right: compare it with a from-scratch recompute.
-
-The recompute follows the documented rollup semantics (sums over all ``task_usage`` rows of a
-key, rows of tasks without a runtime excluded) and compares every column the platform's
-function writes that the hourly table has: the four token sums, ``task_count`` and
-``event_count``, and since the platform's migration 213 ``cost_usd_ticks`` and the four
-``uncosted_*`` sums (the tokens of rows without a cost, which the dashboards price Codex
-input by). The columns come from the catalog, not from the rollup's version table, and the
-sums are written here on their own (``CASE`` rather than ``FILTER``): a mistake in the
-rollup's SQL (``usage.repair.rollup``) cannot pass both. A mismatch is a key the rollup
-missed, a stale hourly row, or a column that differs; each is listed with the columns that
-differ and both values.
+"""Proof that the hourly rollup is right: every column the platform's function writes,
+compared with a from-scratch recompute written here on its own (``CASE``, not the rollup's
+``FILTER``), so that a mistake in ``usage.repair.rollup`` cannot pass both.
 """
 
 from __future__ import annotations
@@ -22,24 +13,15 @@ from django.db import connection
 from usage.eligibility import compose
 
 # Every aggregate column the platform's function writes, as this module recomputes it.
+TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 EXPECTED_SUMS = {
-    "input_tokens": "sum(tu.input_tokens)",
-    "output_tokens": "sum(tu.output_tokens)",
-    "cache_read_tokens": "sum(tu.cache_read_tokens)",
-    "cache_write_tokens": "sum(tu.cache_write_tokens)",
+    **{name: f"sum(tu.{name})" for name in TOKENS},
     "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)",
-    "uncosted_input_tokens": (
-        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.input_tokens ELSE 0 END)"
-    ),
-    "uncosted_output_tokens": (
-        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.output_tokens ELSE 0 END)"
-    ),
-    "uncosted_cache_read_tokens": (
-        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.cache_read_tokens ELSE 0 END)"
-    ),
-    "uncosted_cache_write_tokens": (
-        "sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.cache_write_tokens ELSE 0 END)"
-    ),
+    # The tokens of rows without a cost (the dashboards price Codex input by them).
+    **{
+        f"uncosted_{name}": f"sum(CASE WHEN tu.cost_usd_ticks IS NULL THEN tu.{name} ELSE 0 END)"
+        for name in TOKENS
+    },
     "task_count": "count(DISTINCT tu.task_id)",
     "event_count": "count(*)",
 }
@@ -192,11 +174,8 @@ class Mismatches:
 
 
 def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mismatches:
-    """How many hourly keys differ from the recompute, and the first ``limit`` of them.
-
-    The count covers every differing key (all keys, or those of some runs); only the list
-    is capped. Every column of ``compared_columns`` is compared.
-    """
+    """How many hourly keys differ from the recompute (all keys, or those of some runs), in
+    every column of ``compared_columns``, and the first ``limit`` of them."""
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
         columns = compared_columns(cursor)
