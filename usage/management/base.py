@@ -81,18 +81,11 @@ class ToolParser(CommandParser):
         attached: list[str] = []
         position = 0
         while position < len(args):
-            token = args[position]
+            token, value = args[position], "".join(args[position + 1 : position + 2])
             if token == "--":
-                attached.extend(args[position:])
-                break
-            following = args[position + 1] if position + 1 < len(args) else None
-            if (
-                token in takes_value
-                and following is not None
-                and following.startswith("-")
-                and following not in known
-            ):
-                attached.append(f"{token}={following}")
+                return attached + args[position:]
+            if token in takes_value and value.startswith("-") and value not in known:
+                attached.append(f"{token}={value}")
                 position += 2
                 continue
             attached.append(token)

@@ -5,38 +5,15 @@ against the database, ``handling`` is what the repair command does with its plan
 
 from __future__ import annotations
 
-from usage.plan.check import (
-    DEFAULT_MAX_AGE,
-    PlanOutcome,
-    SnapshotCheck,
-    read_identity,
-    short,
-)
-from usage.plan.document import (
-    Plan,
-    PlanError,
-    checksum,
-    fingerprint,
-    plan_document,
-    plan_text,
-    read_plan,
-    timestamp,
-)
-from usage.plan.handling import PlanOptions
+from usage.plan.check import DEFAULT_MAX_AGE, SnapshotCheck, read_identity
+from usage.plan.document import PlanError, checksum, read_plan, timestamp
 
 __all__ = [
     "DEFAULT_MAX_AGE",
-    "Plan",
     "PlanError",
-    "PlanOptions",
-    "PlanOutcome",
     "SnapshotCheck",
     "checksum",
-    "fingerprint",
-    "plan_document",
-    "plan_text",
     "read_identity",
     "read_plan",
-    "short",
     "timestamp",
 ]

@@ -266,14 +266,14 @@ def _beyond(group: GroupFigures, planned: GroupFigures | None) -> str:
     return ""
 
 
+@dataclass(eq=False)
 class SnapshotCheck:
     """``ExecuteOptions.check_snapshot`` for a plan: judge the snapshot, keep the outcome."""
 
-    def __init__(self, plan: Plan, *, max_age_seconds: float, lock_timeout: float) -> None:
-        self.plan = plan
-        self.max_age_seconds = max_age_seconds
-        self.lock_timeout = lock_timeout
-        self.outcome: PlanOutcome | None = None
+    plan: Plan
+    max_age_seconds: float
+    lock_timeout: float
+    outcome: PlanOutcome | None = None
 
     def __call__(self) -> dict[str, Any]:
         age = check_database(self.plan, self.max_age_seconds)

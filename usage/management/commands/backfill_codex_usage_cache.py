@@ -36,6 +36,8 @@ from usage.repair.verdict import verify_run_in_context
 EXIT_ROWS_REMAINING = 3
 EXIT_VERIFY_FAILED = 4
 
+# The run's figures the outcome line names (besides the verify's).
+OUTCOME_FIELDS = ("run_id", "status", "rows_updated", "rows_remaining")
 RECORDED_OPTIONS = (
     "cutoff",
     "workspace_id",
@@ -406,10 +408,7 @@ class Command(ToolCommand):
         self.report.context(
             "rollup_path",
             f"Rollup: {details.get('path')}{function}{reason}.",
-            path=details.get("path"),
-            function=details.get("function"),
-            fingerprint=details.get("fingerprint"),
-            reason=details.get("reason"),
+            **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
         )
 
     # -- output --------------------------------------------------------------------------
@@ -452,18 +451,13 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_updated'])} rows changed, "
                 f"{render.number(document['rows_remaining'])} still eligible"
             )
-            fields: dict[str, Any] = {
-                "run_id": document["run_id"],
-                "status": document["status"],
-                "rows_updated": document["rows_updated"],
-                "rows_remaining": document["rows_remaining"],
-            }
+            fields = {key: document[key] for key in OUTCOME_FIELDS}
         elif document["mode"] == "verify":
             verify = document["verify"]
             message = f"Verification of run {verify['run_id']} " + (
                 "passed" if verify["ok"] else "FAILED"
             )
-            fields = {"run_id": verify["run_id"], "verified": verify["ok"]}
+            fields: dict[str, Any] = {"run_id": verify["run_id"], "verified": verify["ok"]}
         else:
             rows = document["totals"]["rows"]
             message = (

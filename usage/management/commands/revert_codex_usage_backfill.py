@@ -1,8 +1,6 @@
 """``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first).
 
-It looks and behaves like the repair: the same header, progress bar, outcome block, output
-options (``--format``, ``--output``, ``--log-format``) and number format, from the same
-command base and output helpers.
+It looks and behaves like the repair, from the same command base and output helpers.
 """
 
 from __future__ import annotations
@@ -243,14 +241,8 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_restored'])} rows restored, "
                 f"{render.number(document['rows_remaining'])} still to restore."
             )
-        self.report.outcome(
-            said,
-            ok=ok,
-            run_id=document["run_id"],
-            status=document["status"],
-            rows_restored=document["rows_restored"],
-            rows_remaining=document["rows_remaining"],
-        )
+        fields = ("run_id", "status", "rows_restored", "rows_remaining")
+        self.report.outcome(said, ok=ok, **{key: document[key] for key in fields})
         return document
 
     def _readable(self, document: dict[str, Any], kind: str) -> str:
@@ -280,17 +272,13 @@ class Command(ToolCommand):
                 table = render.render_table(CHANGED_COLUMNS, rows)
                 if width is not None and max(map(len, table.splitlines())) > width:
                     # Too wide for the terminal: one block per row, each value whole.
-                    for row in rows:
-                        lines.extend(
-                            fit_items(
-                                [
-                                    row[0],
-                                    f"input {row[1]} -> now {row[2]}",
-                                    f"updated_at {row[3]} -> now {row[4]}",
-                                ],
-                                width,
-                            )
-                        )
+                    for usage, was, now, was_at, now_at in rows:
+                        items = [
+                            usage,
+                            f"input {was} -> now {now}",
+                            f"updated_at {was_at} -> now {now_at}",
+                        ]
+                        lines.extend(fit_items(items, width))
                 else:
                     lines.append(table)
         lines.extend(revert_lines(document, self.style, width))
