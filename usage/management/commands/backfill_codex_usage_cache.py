@@ -27,7 +27,12 @@ from usage.plan.handling import checked
 from usage.repair.backfill import BackfillError, ExecuteResult, execute_backfill
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
-from usage.repair.summary import CutoffError, load_summary, workspace_has_agents
+from usage.repair.summary import (
+    CutoffError,
+    DryRunSummary,
+    load_summary,
+    workspace_has_agents,
+)
 from usage.repair.verdict import verify_run_in_context
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
@@ -165,8 +170,10 @@ class Command(ToolCommand):
                 check_target()
                 if settings.run_id is not None:
                     document = self._verify(database, settings.run_id)
+                elif settings.execute:
+                    document = self._execute(database, self._summary())
                 else:
-                    document = self._repair(database)
+                    document = self._dry_run(database)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
         error = self.ending(self._exit_status(document), _done(document))
@@ -209,39 +216,46 @@ class Command(ToolCommand):
             )
         return self._show(result.build("verify", database, verify=verify_run_in_context(run_id)))
 
-    def _repair(self, database: str) -> dict[str, Any]:
-        """A dry run (and the plan it writes), or a run (and its verify)."""
-        settings, planning = self.settings, self.settings.plan
+    def _summary(self) -> DryRunSummary | None:
+        """What the dry run shows, or the plan it writes; none when a run shows its outcome
+        alone (a pass over every candidate before the run's own: its record has the figures).
+        """
+        settings = self.settings
         cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
-        planning.check_database()
-        identity = planning.identity()
+        settings.plan.check_database()
         table = settings.out.format == "table"
-        # A table shows a bounded number of groups: keep no more in memory than that. A plan
-        # keeps them all. An execute shown as its outcome alone needs no summary (a pass over
-        # every candidate before the run's own): its record has the run's figures.
-        keep = TABLE_GROUP_LIMIT if table and planning.out is None else None
+        # A table shows a bounded number of groups: keep no more in memory than that.
+        keep = TABLE_GROUP_LIMIT if table and settings.plan.out is None else None
         outcome_only = settings.execute and table and settings.out.file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
             self.report.warning(f"No agent belongs to workspace {workspace_id}.")
-        saved = planning.document(summary, identity, self.report)
-        if not settings.execute:
-            document = self._show(result.build("dry_run", database, summary=summary))
-            failed = planning.write(saved, self.report, self._lines) if saved else None
-            if failed:
-                self.write_error = (
-                    f"{self.write_error}; also, {failed}" if self.write_error else failed
-                )
-            return document
+        return summary
 
+    def _dry_run(self, database: str) -> dict[str, Any]:
+        """The dry run's result, then the plan it writes (``--plan-out``)."""
+        planning = self.settings.plan
+        identity = planning.identity()
+        summary = self._summary()
+        saved = planning.document(summary, identity, self.report)
+        document = self._show(result.build("dry_run", database, summary=summary))
+        failed = planning.write(saved, self.report, self._lines) if saved else None
+        if failed:
+            self.write_error = (
+                f"{self.write_error}; also, {failed}" if self.write_error else failed
+            )
+        return document
+
+    def _execute(self, database: str, summary: DryRunSummary | None) -> dict[str, Any]:
+        """The run, then its verify (``--verify``); a failed run still shows its outcome."""
         try:
-            executed = self._execute()
+            executed = self._run()
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
         verified = None
-        if settings.verify and self.failure is None:
+        if self.settings.verify and self.failure is None:
             try:
                 verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
@@ -252,7 +266,7 @@ class Command(ToolCommand):
                     f"{executed.run.pk}"
                 )
         executed.run.refresh_from_db()
-        compared = checked(settings.run.check_snapshot)
+        compared = checked(self.settings.run.check_snapshot)
         return self._show(
             result.build(
                 "execute",
@@ -264,7 +278,7 @@ class Command(ToolCommand):
             )
         )
 
-    def _execute(self) -> ExecuteResult:
+    def _run(self) -> ExecuteResult:
         phase = ["update"]
 
         def what_next() -> str:
