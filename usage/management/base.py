@@ -242,12 +242,8 @@ class ToolCommand(BaseCommand):
         is kept in ``write_error``, after the outcome is shown.
         """
         fmt, output = self.out.format, self.out.file
-        if fmt == "json":
-            text = result.to_json(document)
-        elif fmt == "csv":
-            text = result.to_csv(document)
-        else:
-            text = readable("file" if output is not None else "screen")
+        as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
+        text = as_data(document) if as_data else readable("screen" if output is None else "file")
         self.write_error = None
         if output is None:
             self.stdout.write(text)

@@ -16,6 +16,7 @@ from usage.db import database_now, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import log_event
 from usage.options import duration_seconds
+from usage.output.outcome import count
 from usage.plan.document import (
     CHECKED_FIGURES,
     NEW_PLAN_ADVICE,
@@ -246,7 +247,7 @@ def compare(plan: Plan, now: list[GroupFigures], age_seconds: float) -> PlanOutc
 def _beyond(group: GroupFigures, planned: GroupFigures | None) -> str:
     """How ``group`` goes beyond its planned figures, or "" when it does not."""
     where = f"workspace {group.workspace_id} on {group.date_utc}"
-    rows = f"{render.number(group.rows)} candidate row{'' if group.rows == 1 else 's'}"
+    rows = count(group.rows, "candidate row")
     if planned is None:
         return (
             f"{where} has {rows} ({render.number(group.input_tokens_removed)} input tokens to "
