@@ -41,12 +41,8 @@ LONGEST_MESSAGE = 400
 def wants_json_logs(argv: Sequence[str]) -> bool:
     """Whether a command line asks for ``--log-format json`` (read before it is parsed, so
     that even an argument error is a JSON line)."""
-    for position, token in enumerate(argv):
-        if token == "--log-format=json":
-            return True
-        if token == "--log-format" and argv[position + 1 : position + 2] == ["json"]:
-            return True
-    return False
+    pairs = zip(argv, argv[1:], strict=False)
+    return "--log-format=json" in argv or ("--log-format", "json") in pairs
 
 
 def error_line(message: str, returncode: int) -> str:

@@ -5,8 +5,9 @@ against the database, ``handling`` is what the repair command does with its plan
 
 from __future__ import annotations
 
-from usage.plan.check import DEFAULT_MAX_AGE, SnapshotCheck, read_identity
+from usage.plan.check import SnapshotCheck, read_identity
 from usage.plan.document import PlanError, checksum, read_plan, timestamp
+from usage.plan.handling import DEFAULT_MAX_AGE
 
 __all__ = [
     "DEFAULT_MAX_AGE",

@@ -4,7 +4,6 @@ snapshot within the plan's groups (never more rows or tokens, nor a group not re
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +14,6 @@ from usage import render
 from usage.db import database_now, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import log_event
-from usage.options import duration_seconds
 from usage.output.outcome import count
 from usage.plan.document import (
     CHECKED_FIGURES,
@@ -26,16 +24,11 @@ from usage.plan.document import (
     PlanError,
     digest_hex,
     fingerprint,
-    timestamp,
 )
 from usage.repair.backfill import WORK_TABLE
 
 logger = logging.getLogger("usage.plan")
 
-# How old a plan may be, by the database's clock, when it is executed.
-DEFAULT_MAX_AGE_SECONDS = 24 * 3600.0
-DEFAULT_MAX_AGE = "24h"
-MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 FIGURE_WORDS = {
     "rows": "candidate rows",
     "input_before": "input tokens before the repair",
@@ -76,48 +69,42 @@ GROUP BY 1, 2"""
 class PlanOutcome:
     """How the candidates at the execute compare with the plan (they are within it)."""
 
-    given: str
-    fingerprint: str
-    created_at: datetime
+    plan: Plan
     age_seconds: float
-    rows: int
     rows_now: int
-    input_tokens_removed: int
     input_tokens_removed_now: int
     identical: bool
 
-    @property
-    def rows_gone(self) -> int:
-        return self.rows - self.rows_now
-
     def document(self) -> dict[str, Any]:
+        plan = self.plan
         return {
-            "file": self.given,
-            "fingerprint": self.fingerprint,
-            "created_at": self.created_at,
+            "file": plan.given,
+            "fingerprint": plan.fingerprint,
+            "created_at": plan.created_at,
             "age_seconds": round(self.age_seconds, 3),
-            "rows": self.rows,
+            "rows": plan.rows,
             "rows_now": self.rows_now,
-            "rows_gone": self.rows_gone,
-            "input_tokens_removed": self.input_tokens_removed,
+            "rows_gone": plan.rows - self.rows_now,
+            "input_tokens_removed": plan.input_tokens_removed,
             "input_tokens_removed_now": self.input_tokens_removed_now,
             "identical": self.identical,
         }
 
     def summary(self) -> str:
         """One line for the operator: exactly the plan, or what is no longer there."""
+        rows, gone = self.plan.rows, self.plan.rows - self.rows_now
         if self.identical:
             return (
-                f"Plan check: the candidates are exactly the planned "
-                f"{render.number(self.rows)} rows (fingerprint {short(self.fingerprint)})."
+                f"Plan check: the candidates are exactly the planned {render.number(rows)} "
+                f"rows (fingerprint {short(self.plan.fingerprint)})."
             )
-        row_is, left = ("row is", "is") if self.rows_gone == 1 else ("rows are", "are")
+        row_is, left = ("row is", "is") if gone == 1 else ("rows are", "are")
         return (
-            f"Plan check: {render.number(self.rows_now)} of the {render.number(self.rows)} "
+            f"Plan check: {render.number(self.rows_now)} of the {render.number(rows)} "
             f"planned rows are candidates now ({render.number(self.input_tokens_removed_now)} "
-            f"of {render.number(self.input_tokens_removed)} input tokens to remove); "
-            f"{render.number(self.rows_gone)} planned {row_is} no longer eligible (rewritten "
-            f"by ingestion or repaired since the plan) and {left} left alone."
+            f"of {render.number(self.plan.input_tokens_removed)} input tokens to remove); "
+            f"{render.number(gone)} planned {row_is} no longer eligible (rewritten by "
+            f"ingestion or repaired since the plan) and {left} left alone."
         )
 
 
@@ -148,31 +135,6 @@ def read_identity() -> DatabaseIdentity:
         oid=int(oid),
         system_identifier=system_identifier,
     )
-
-
-def bind_options(plan: Plan, cutoff: datetime | None, workspace_id: uuid.UUID | None) -> None:
-    """A cutoff or workspace given besides the plan must be the plan's own."""
-    if cutoff is not None and cutoff != plan.cutoff:
-        raise PlanError(
-            f"--cutoff {timestamp(cutoff)} is not the cutoff of {plan.name} "
-            f"({timestamp(plan.cutoff)}): leave --cutoff out (the plan gives it), or make a "
-            "new plan for the other cutoff and have it reviewed"
-        )
-    if workspace_id is not None and workspace_id != plan.workspace_id:
-        planned = plan.workspace_id or "every workspace"
-        raise PlanError(
-            f"--workspace-id {workspace_id} is not the workspace of {plan.name} ({planned}): "
-            "leave --workspace-id out (the plan gives it), or make a new plan for that "
-            "workspace and have it reviewed"
-        )
-
-
-def parse_max_age(value: str | None) -> float:
-    """``--plan-max-age``: a duration from 1 second to 30 days (720h)."""
-    seconds = duration_seconds(DEFAULT_MAX_AGE if value is None else value, flag="--plan-max-age")
-    if not 1 <= seconds <= MAX_AGE_LIMIT_SECONDS:
-        raise PlanError("--plan-max-age must be between 1s and 720h (30 days)")
-    return seconds
 
 
 def check_database(plan: Plan, max_age_seconds: float) -> float:
@@ -232,13 +194,9 @@ def compare(plan: Plan, now: list[GroupFigures], age_seconds: float) -> PlanOutc
             f"was changed: {NEW_PLAN_ADVICE}"
         )
     return PlanOutcome(
-        given=plan.given,
-        fingerprint=plan.fingerprint,
-        created_at=plan.created_at,
+        plan=plan,
         age_seconds=age_seconds,
-        rows=plan.rows,
         rows_now=sum(group.rows for group in now),
-        input_tokens_removed=plan.input_tokens_removed,
         input_tokens_removed_now=sum(group.input_tokens_removed for group in now),
         identical=fingerprint(plan.cutoff, plan.workspace_id, now) == plan.fingerprint,
     )

@@ -10,22 +10,26 @@ from datetime import datetime
 from typing import Any
 
 from usage import render
-from usage.options import parse_cutoff, parse_workspace_id, shown
+from usage.options import duration_seconds, parse_cutoff, parse_workspace_id, shown
 from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.report import Reporter
-from usage.plan.check import (
-    DEFAULT_MAX_AGE_SECONDS,
-    PlanOutcome,
-    SnapshotCheck,
-    bind_options,
-    check_database,
-    parse_max_age,
-    read_identity,
-    short,
+from usage.plan.check import PlanOutcome, SnapshotCheck, check_database, read_identity, short
+from usage.plan.document import (
+    DatabaseIdentity,
+    Plan,
+    PlanError,
+    plan_document,
+    plan_text,
+    read_plan,
+    timestamp,
 )
-from usage.plan.document import DatabaseIdentity, Plan, plan_document, plan_text, read_plan
 from usage.repair.summary import DryRunSummary
+
+# How old a plan may be, by the database's clock, when it is executed.
+DEFAULT_MAX_AGE_SECONDS = 24 * 3600.0
+DEFAULT_MAX_AGE = "24h"
+MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 
 # Lines fitted to where they go, given the width (see the repair command).
 LinesShower = Callable[[Callable[[int | None], list[str]]], None]
@@ -74,12 +78,22 @@ class PlanOptions:
         assert self.given is not None
         if cutoff is not None and not str(cutoff).strip():
             raise ValueError("--cutoff is empty; leave it out, the plan gives the cutoff")
-        bind_options(
-            self.given,
-            None if cutoff is None else parse_cutoff(cutoff),
-            parse_workspace_id(workspace_id, allow_empty=False),
-        )
-        return self.given.cutoff, self.given.workspace_id
+        plan = self.given
+        given = None if cutoff is None else parse_cutoff(cutoff)
+        workspace = parse_workspace_id(workspace_id, allow_empty=False)
+        if given is not None and given != plan.cutoff:
+            raise PlanError(
+                f"--cutoff {timestamp(given)} is not the cutoff of {plan.name} "
+                f"({timestamp(plan.cutoff)}): leave --cutoff out (the plan gives it), or make a "
+                "new plan for the other cutoff and have it reviewed"
+            )
+        if workspace is not None and workspace != plan.workspace_id:
+            raise PlanError(
+                f"--workspace-id {workspace} is not the workspace of {plan.name} "
+                f"({plan.workspace_id or 'every workspace'}): leave --workspace-id out (the "
+                "plan gives it), or make a new plan for that workspace and have it reviewed"
+            )
+        return plan.cutoff, plan.workspace_id
 
     def snapshot_check(self, lock_timeout: float) -> SnapshotCheck | None:
         if self.given is None:
@@ -150,6 +164,14 @@ class PlanOptions:
         else:
             show(lambda width: outcome.next_step(prose, command, width))
         return None
+
+
+def parse_max_age(value: str | None) -> float:
+    """``--plan-max-age``: a duration from 1 second to 30 days (720h)."""
+    seconds = duration_seconds(DEFAULT_MAX_AGE if value is None else value, flag="--plan-max-age")
+    if not 1 <= seconds <= MAX_AGE_LIMIT_SECONDS:
+        raise PlanError("--plan-max-age must be between 1s and 720h (30 days)")
+    return seconds
 
 
 def checked(check: SnapshotCheck | None) -> PlanOutcome | None:
