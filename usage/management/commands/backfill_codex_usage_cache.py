@@ -27,12 +27,7 @@ from usage.plan.handling import checked
 from usage.repair.backfill import BackfillError, ExecuteResult, execute_backfill
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
-from usage.repair.summary import (
-    CutoffError,
-    DryRunSummary,
-    load_summary,
-    workspace_has_agents,
-)
+from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
