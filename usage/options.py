@@ -1,12 +1,8 @@
-"""Parsing and validation of the operator's values: command-line options and environment.
+"""The operator's values (options and environment), parsed and checked before the database.
 
 Each parser raises ``ValueError`` with a one-line message that says what is wrong and what to
-type instead; the commands turn it into a ``CommandError`` (exit status 1). Nothing here
-touches the database.
-
-Only ASCII digits are digits here. Python's ``int()`` and ``float()`` also read Arabic-Indic,
-full-width and superscript digits, underscores, ``nan`` and ``inf``, none of which an
-operator means as a batch size, a run id or a number of seconds.
+type instead. Only ASCII digits are digits (``int()`` also reads full-width digits, ``_``,
+``nan`` and ``inf``, none of which an operator means).
 """
 
 from __future__ import annotations
@@ -188,24 +184,22 @@ def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: flo
     return seconds
 
 
+# The server-side limits shared by the repair and the revert, in seconds: least, most.
+TIMEOUT_LIMITS = {
+    "lock_timeout": (0.001, 600),
+    "statement_timeout": (0.001, 86400),
+    "max_rollup_lock_seconds": (0.05, 60),
+    "cron_tick_interval": (1, 86400),
+}
+
+
 def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
-    """The server-side limits shared by the repair and the revert, validated once."""
+    """The server-side limits (``TIMEOUT_LIMITS``) of a command's options, validated once."""
     return {
-        "lock_timeout": parse_seconds(
-            options["lock_timeout"], flag="--lock-timeout", minimum=0.001, maximum=600
-        ),
-        "statement_timeout": parse_seconds(
-            options["statement_timeout"], flag="--statement-timeout", minimum=0.001, maximum=86400
-        ),
-        "max_rollup_lock_seconds": parse_seconds(
-            options["max_rollup_lock_seconds"],
-            flag="--max-rollup-lock-seconds",
-            minimum=0.05,
-            maximum=60,
-        ),
-        "cron_tick_interval": parse_seconds(
-            options["cron_tick_interval"], flag="--cron-tick-interval", minimum=1, maximum=86400
-        ),
+        key: parse_seconds(
+            options[key], flag=f"--{key.replace('_', '-')}", minimum=least, maximum=most
+        )
+        for key, (least, most) in TIMEOUT_LIMITS.items()
     }
 
 

@@ -1,16 +1,7 @@
-"""The one base of the tool's commands (``ToolCommand``) and the surface they share.
-
-Argument errors are bad input like any other: one line and exit status 1. Plain argparse
-prints its usage and exits 2, and it reads a value that starts with ``-`` (``--sleep-between-
-batches -1s``) as an unknown option; here such a value goes to its option, whose own parser
-then says what is wrong with it.
-
-Besides its parser and the examples in ``--help``, the base gives the commands what they
-share: the server-side timeout options of the repair and the revert, the output options
-(``--format``, ``--output``, ``--log-format``) and the showing of a result, bad input and
-database errors turned into a one-line ``CommandError`` (a JSON event under ``--log-format
-json``, like every other stderr line then), the library's log lines on a command's stream,
-and SIGINT/SIGTERM turned into a stop request while a run lasts.
+"""``ToolCommand``, the one base of the tool's commands, and what they share: the parser's
+rules (an argument error is one line and exit status 1, and ``--flag -1s`` gives ``-1s`` to
+the flag), the timeout and output options, the showing of a result, the library's log lines,
+a run's progress bar and SIGINT/SIGTERM as a stop request.
 """
 
 from __future__ import annotations
@@ -24,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -34,7 +26,8 @@ from usage.db import database_failure
 from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
-from usage.output.files import OutputError, OutputFile
+from usage.output.files import OutputError, OutputFile, check_output
+from usage.output.progress import OutputStream, ProgressBar
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -48,12 +41,8 @@ LONGEST_MESSAGE = 400
 def wants_json_logs(argv: Sequence[str]) -> bool:
     """Whether a command line asks for ``--log-format json`` (read before it is parsed, so
     that even an argument error is a JSON line)."""
-    for position, token in enumerate(argv):
-        if token == "--log-format=json":
-            return True
-        if token == "--log-format" and argv[position + 1 : position + 2] == ["json"]:
-            return True
-    return False
+    pairs = zip(argv, argv[1:], strict=False)
+    return "--log-format=json" in argv or ("--log-format", "json") in pairs
 
 
 def error_line(message: str, returncode: int) -> str:
@@ -88,18 +77,11 @@ class ToolParser(CommandParser):
         attached: list[str] = []
         position = 0
         while position < len(args):
-            token = args[position]
+            token, value = args[position], "".join(args[position + 1 : position + 2])
             if token == "--":
-                attached.extend(args[position:])
-                break
-            following = args[position + 1] if position + 1 < len(args) else None
-            if (
-                token in takes_value
-                and following is not None
-                and following.startswith("-")
-                and following not in known
-            ):
-                attached.append(f"{token}={following}")
+                return attached + args[position:]
+            if token in takes_value and value.startswith("-") and value not in known:
+                attached.append(f"{token}={value}")
                 position += 2
                 continue
             attached.append(token)
@@ -119,11 +101,32 @@ class ToolParser(CommandParser):
         raise CommandError(f"Error: {text}")
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """``--format``, ``--output``, ``--log-format`` and ``--verbosity``, read once."""
+
+    format: str
+    file: OutputFile | None
+    json_logs: bool
+    verbosity: int
+
+    @classmethod
+    def read(cls, options: dict[str, Any]) -> OutputOptions:
+        given = options["output"]
+        return cls(
+            format=options["format"],
+            file=None if given is None else check_output(given),
+            json_logs=options["log_format"] == "json",
+            verbosity=options["verbosity"],
+        )
+
+
 class ToolCommand(BaseCommand):
     """A command of the tool: its parser, its help epilog (``examples()``, laid out verbatim)
     and the surface the commands share (see the module)."""
 
     json_errors = False
+    write_error: str | None = None
 
     def examples(self) -> str:
         return ""
@@ -158,34 +161,24 @@ class ToolCommand(BaseCommand):
     def add_timeout_arguments(
         self, parser: CommandParser, *, lock: str, statement: str, rollup: str
     ) -> None:
-        """The server-side limits of a run (``options.parse_timeouts`` reads them).
-
-        ``lock``, ``statement`` and ``rollup`` say what each limit applies to in this command.
-        """
-        parser.add_argument(
-            "--lock-timeout",
-            default=duration_text(DEFAULT_LOCK_TIMEOUT_SECONDS),
-            help=f"server-side lock_timeout {lock} "
-            f"(default {duration_text(DEFAULT_LOCK_TIMEOUT_SECONDS)})",
-        )
-        parser.add_argument(
-            "--statement-timeout",
-            default=duration_text(DEFAULT_STATEMENT_TIMEOUT_SECONDS),
-            help=f"server-side statement_timeout {statement} "
-            f"(default {duration_text(DEFAULT_STATEMENT_TIMEOUT_SECONDS)})",
-        )
-        parser.add_argument(
-            "--max-rollup-lock-seconds",
-            default=duration_text(DEFAULT_MAX_ROLLUP_LOCK_SECONDS),
-            help=f"{rollup} (default {duration_text(DEFAULT_MAX_ROLLUP_LOCK_SECONDS)})",
-        )
-        parser.add_argument(
-            "--cron-tick-interval",
-            default=duration_text(DEFAULT_TICK_INTERVAL_SECONDS),
-            help="how often the platform's scheduler runs rollup_task_usage_hourly(); the "
-            "rollup leaves lock 4246 free while a tick is due "
-            f"(default {duration_text(DEFAULT_TICK_INTERVAL_SECONDS)})",
-        )
+        """The server-side limits of a run (``options.parse_limits`` reads them); ``lock``,
+        ``statement`` and ``rollup`` say what each applies to in this command."""
+        limits = {
+            "--lock-timeout": (DEFAULT_LOCK_TIMEOUT_SECONDS, f"server-side lock_timeout {lock}"),
+            "--statement-timeout": (
+                DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+                f"server-side statement_timeout {statement}",
+            ),
+            "--max-rollup-lock-seconds": (DEFAULT_MAX_ROLLUP_LOCK_SECONDS, rollup),
+            "--cron-tick-interval": (
+                DEFAULT_TICK_INTERVAL_SECONDS,
+                "how often the platform's scheduler runs rollup_task_usage_hourly(); the "
+                "rollup leaves lock 4246 free while a tick is due",
+            ),
+        }
+        for flag, (seconds, text) in limits.items():
+            default = duration_text(seconds)
+            parser.add_argument(flag, default=default, help=f"{text} (default {default})")
         parser.add_argument(
             "--rollup-path",
             choices=ROLLUP_PATHS,
@@ -197,8 +190,7 @@ class ToolCommand(BaseCommand):
         )
 
     def add_output_arguments(self, parser: CommandParser) -> None:
-        """``--format``, ``--output`` and ``--log-format``: the same in every command that
-        has a result."""
+        """``--format``, ``--output`` and ``--log-format`` (read by ``OutputOptions``)."""
         parser.add_argument(
             "--format",
             choices=result.FORMATS,
@@ -218,90 +210,59 @@ class ToolCommand(BaseCommand):
             "line, every line",
         )
 
-    # -- showing the result ------------------------------------------------------------------
+    # -- output ----------------------------------------------------------------------------
 
-    def reporter(self, options: dict[str, Any]) -> Reporter:
-        """Where this command's lines go, for its output options (``usage.output.report``)."""
-        return Reporter(
+    def start_output(self, out: OutputOptions) -> None:
+        """Where this command's lines go from now on (``self.report``, ``usage.output``)."""
+        self.out = out
+        self.err = OutputStream(self.stderr)
+        self.write_error = None
+        self.report = Reporter(
             self.stdout,
             self.stderr,
             self.style,
-            json_logs=options["log_format"] == "json",
-            document_on_stdout=options["format"] != "table" and not options["output"],
-            verbosity=options["verbosity"],
+            json_logs=out.json_logs,
+            document_on_stdout=out.format != "table" and out.file is None,
+            verbosity=out.verbosity,
         )
-
-    @contextmanager
-    def run_logging(self, stream: TextIO, report: Reporter) -> Iterator[None]:
-        """The library's log lines as the output mode wants them.
-
-        As text: warnings, and at ``--verbosity 2`` everything (the events too, which the bar
-        and the outcome show otherwise). As JSON: the events (at ``--verbosity 0`` only
-        warnings), and the library's other messages from warnings up (all at 2).
-        """
-        verbosity = report.verbosity
-        if report.json_logs:
-            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
-        else:
-            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
-        with self.logging_to(
-            stream,
-            level,
-            json=report.json_logs,
-            plain_level=logging.WARNING if verbosity <= 1 else None,
-            events=report.json_logs or verbosity >= 2,
-        ):
-            yield
-
-    def signal_said(self, report: Reporter) -> Callable[[str], None]:
-        """How a signal's message is said: a ``signal`` event, or a line after the bar."""
-
-        def say(message: str) -> None:
-            if report.json_logs:
-                report.warning(message, event="signal")
-            else:
-                self.stderr.write(self.style.WARNING(f"\n{message}"))
-
-        return say
 
     def terminal_width(self) -> int | None:
         """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
         return shutil.get_terminal_size().columns if self.stdout.isatty() else None
 
-    def show_result(
-        self,
-        document: dict[str, Any],
-        fmt: str,
-        output: OutputFile | None,
-        readable: Callable[[str], str],
-    ) -> str | None:
-        """Show the result: on stdout, or in ``output`` with only the outcome on stdout.
+    def show_result(self, document: dict[str, Any], readable: Callable[[str], str]) -> None:
+        """Show the result: on stdout, or in ``--output`` with only the outcome on stdout.
 
-        ``readable(kind)`` renders the document as text: ``file`` (whole, for a file),
-        ``screen`` (the result on stdout) or ``brief`` (the outcome, when the result went to
-        the file). Returns the error text when ``output`` could not be written (the outcome
-        is shown on stdout first).
+        ``readable(kind)`` renders it as text: ``file`` (whole), ``screen`` (the result on
+        stdout) or ``brief`` (the outcome, when the result went to the file). A failed write
+        is kept in ``write_error``, after the outcome is shown.
         """
-        if fmt == "json":
-            text = result.to_json(document)
-        elif fmt == "csv":
-            text = result.to_csv(document)
-        else:
-            text = readable("file" if output is not None else "screen")
+        fmt, output = self.out.format, self.out.file
+        as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
+        text = as_data(document) if as_data else readable("screen" if output is None else "file")
+        self.write_error = None
         if output is None:
             self.stdout.write(text)
-            return None
+            return
         try:
             output.write(text)
         except OutputError as exc:
-            # Whatever happened to the file, the outcome is shown; the error follows it.
             self.stdout.write(readable("brief"))
-            return str(exc)
+            self.write_error = str(exc)
+            return
         self.stdout.write(f"Result written to {output.given} ({fmt}).")
         brief = readable("brief")
         if brief:
             self.stdout.write(brief)
-        return None
+
+    def ending(self, error: CommandError | None, done: str) -> CommandError | None:
+        """The command's error with a failed write added; alone, that is exit status 1 and
+        ``done`` says what happened all the same."""
+        if self.write_error is None:
+            return error
+        if error is None:
+            return CommandError(f"{self.write_error}; {done}")
+        return CommandError(f"{error}; also, {self.write_error}", returncode=error.returncode)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -323,6 +284,26 @@ class ToolCommand(BaseCommand):
         except DatabaseError as exc:
             raise CommandError(describe(exc)) from exc
 
+    def run_logging(self) -> Any:
+        """The library's log lines as the output mode wants them.
+
+        As text: warnings, and at ``--verbosity 2`` everything (the events too, which the bar
+        and the outcome show otherwise). As JSON: the events (at ``--verbosity 0`` only
+        warnings), and the library's other messages from warnings up (all at 2).
+        """
+        verbosity, json_logs = self.report.verbosity, self.report.json_logs
+        if json_logs:
+            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        else:
+            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
+        return self.logging_to(
+            self.err,
+            level,
+            json=json_logs,
+            plain_level=logging.WARNING if verbosity <= 1 else None,
+            events=json_logs or verbosity >= 2,
+        )
+
     @contextmanager
     def logging_to(
         self,
@@ -335,10 +316,8 @@ class ToolCommand(BaseCommand):
     ) -> Iterator[None]:
         """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up.
 
-        ``plain_level``: messages without an event of their own (``log`` events) only from
-        this level up (the events are what a JSON reader follows; the rest is detail).
-        ``events``: whether records of an event are shown (as text, the bar and the outcome
-        already show them).
+        ``plain_level``: messages without an event of their own only from this level up;
+        ``events``: whether records of an event are shown.
         """
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
@@ -357,40 +336,59 @@ class ToolCommand(BaseCommand):
             logger.removeHandler(handler)
 
     @contextmanager
+    def live_run(
+        self, what_next: str | Callable[[], str], events: Callable[[ProgressBar], Any]
+    ) -> Iterator[tuple[threading.Event, Callable[..., None], list[int]]]:
+        """A run with its progress bar, stopped by SIGINT or SIGTERM: yields the stop event,
+        the bar's event handler (``events(bar)``) and the signals received."""
+        stop = threading.Event()
+        report = self.report
+        bar = ProgressBar(
+            self.err,
+            terminal=self.err.isatty(),
+            enabled=report.verbosity >= 1 and not report.json_logs,
+        )
+
+        def say(message: str) -> None:
+            if report.json_logs:
+                report.warning(message, event="signal")
+            else:
+                self.stderr.write(self.style.WARNING(f"\n{message}"))
+
+        with self.stopping_on_signals(stop, what_next, say=say) as received:
+            try:
+                yield stop, events(bar), received
+            finally:
+                bar.close()
+
+    @contextmanager
     def stopping_on_signals(
         self,
         stop: threading.Event,
         what_next: str | Callable[[], str],
         *,
-        new_line: bool = False,
         say: Callable[[str], None] | None = None,
     ) -> Iterator[list[int]]:
         """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
-        what it returns then: what happens next depends on the phase the signal arrives in).
+        what it returns then), through ``say`` or as a warning on stderr.
 
         Yields the signals received, in order; the previous handlers are back afterwards.
-        ``new_line`` starts the message on a line of its own (after a progress bar); ``say``
-        writes it instead of a warning on stderr.
         """
         received: list[int] = []
 
         def act(signum: int) -> None:
             stop.set()
-            name = signal.Signals(signum).name
             then = what_next() if callable(what_next) else what_next
+            message = f"{signal.Signals(signum).name} received: {then}"
             if say is not None:
-                say(f"{name} received: {then}")
-                return
-            start = "\n" if new_line else ""
-            self.stderr.write(self.style.WARNING(f"{start}{name} received: {then}"))
+                say(message)
+            else:
+                self.stderr.write(self.style.WARNING(message))
 
         def on_signal(signum: int, frame: Any) -> None:
-            # A handler runs between two bytecodes of the main thread, which may then hold a
-            # lock the handler needs: the lock of the stop event it waits on (Event.wait,
-            # between batches), or of the stream it writes to. Setting the event here waited
-            # for that lock for ever (seen in the chaos soak, schedule 110: SIGTERM during
-            # --sleep-between-batches). The handler only notes the signal; a thread of its own
-            # sets the event and says what happens next.
+            # The handler runs between two bytecodes of the main thread, which may hold the
+            # lock of the stop event or of the stream (a hang found by the chaos soak,
+            # schedule 110): it only notes the signal, and a thread of its own acts on it.
             received.append(signum)
             threading.Thread(target=act, args=(signum,), name="stop-request").start()
 

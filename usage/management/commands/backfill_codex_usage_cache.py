@@ -1,13 +1,14 @@
-"""``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows."""
+"""``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows.
+
+Its options are read once (``repair_settings``); ``handle()`` follows the runbook.
+"""
 
 from __future__ import annotations
 
 import argparse
 import signal
-import threading
-import uuid
 from collections.abc import Callable
-from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -17,42 +18,24 @@ from usage import options as opts
 from usage import plan, render
 from usage.db import TargetError, check_target, database_failure, describe_database
 from usage.management.base import ToolCommand
+from usage.management.repair_settings import read_settings
 from usage.models import BackfillRun
 from usage.output import document as result
-from usage.output import outcome
-from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.progress import OutputStream, ProgressBar, repair_events
+from usage.output.progress import repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
-from usage.repair.backfill import (
-    BackfillError,
-    ExecuteOptions,
-    ExecuteResult,
-    execute_backfill,
-)
+from usage.plan.handling import checked
+from usage.repair.backfill import BackfillError, ExecuteResult, execute_backfill
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
-from usage.repair.summary import CutoffError, load_summary, workspace_has_agents
+from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
 
 # Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
 EXIT_ROWS_REMAINING = 3
 EXIT_VERIFY_FAILED = 4
 
-RECORDED_OPTIONS = (
-    "cutoff",
-    "workspace_id",
-    "batch_size",
-    "sleep_between_batches",
-    "rebuild_rollup",
-    "lock_timeout",
-    "statement_timeout",
-    "max_rollup_lock_seconds",
-    "max_replication_lag",
-    "cron_tick_interval",
-    "rollup_path",
-    "plan",
-    "plan_max_age",
-)
+# The run's figures the outcome line names (besides the verify's).
+OUTCOME_FIELDS = ("run_id", "status", "rows_updated", "rows_remaining")
 
 EXAMPLES = """
 examples:
@@ -83,6 +66,15 @@ input (nothing changed) or an error (a run that failed keeps what it did, and it
 says so); 3 eligible rows left locked by other writers; 4 verification failed; 130/143
 stopped by SIGINT/SIGTERM.
 """
+
+
+def _done(document: dict[str, Any]) -> str:
+    """What happened, for the error of a failed ``--output`` write."""
+    if "run_id" in document:
+        return f"run {document['run_id']} {document['status']} (its outcome is shown above)"
+    if "verify" in document:
+        return "the verification's outcome is shown above"
+    return "the dry run changed nothing (its summary is shown above)"
 
 
 class Command(ToolCommand):
@@ -160,205 +152,105 @@ class Command(ToolCommand):
         )
         self.add_output_arguments(parser)
 
-    # -- entry point ---------------------------------------------------------------------
-
     def handle(self, *args: Any, **options: Any) -> None:
         with self.bad_input():
-            settings = self._parse(options)
-
-        self.verbosity = verbosity = options["verbosity"]
-        stderr = OutputStream(self.stderr)
-        self.report = self.reporter(options)
-        self.write_error: str | None = None
+            self.settings = settings = read_settings(options)
+        self.start_output(settings.out)
         self.signals: list[int] = []
         self.failure: str | None = None
-        self.plan_line: str | None = None
         try:
-            with self.run_logging(stderr, self.report), self.database_errors():
-                document = self._run(settings, options, verbosity, stderr)
+            with self.run_logging(), self.database_errors():
+                database = describe_database()
+                self._context(database)
+                check_target()
+                if settings.run_id is not None:
+                    document = self._verify(database, settings.run_id)
+                elif settings.execute:
+                    document = self._execute(database, self._summary())
+                else:
+                    document = self._dry_run(database)
         except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
             raise CommandError(str(exc)) from exc
-        error = self._exit_status(document)
-        if self.write_error:
-            error = self._with_write_error(document, error)
+        error = self.ending(self._exit_status(document), _done(document))
         self._final_line(document, error)
         if error is not None:
             raise error
 
-    def _parse(self, options: dict[str, Any]) -> ExecuteOptions:
-        run_id = options["run_id"]
-        if run_id is not None:
-            options["run_id"] = opts.parse_run_id(run_id)
-            if not options["verify"] or options["execute"]:
-                raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
-        elif options["verify"] and not options["execute"]:
-            raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
-        self.output = check_output(options["output"]) if options["output"] is not None else None
-        self.plan_out = self._check_plan_out(options)
-        self.plan = self._read_plan(options)
-        cutoff, workspace_id = self._scope(options)
-        timeouts = opts.parse_limits(options)
-        self.plan_check = (
-            plan.SnapshotCheck(
-                self.plan,
-                max_age_seconds=self.plan_max_age,
-                lock_timeout=timeouts["lock_timeout"],
+    def _context(self, database: str) -> None:
+        """The first lines: the database, the mode and the scope (one event in JSON)."""
+        settings = self.settings
+        mode, given = settings.mode, settings.plan.given
+        scope: dict[str, Any] = (
+            {"run_id": settings.run_id}
+            if settings.run_id is not None
+            else {"cutoff": settings.run.cutoff, "workspace_id": settings.run.workspace_id}
+        )
+        if self.report.json_logs:
+            if given is not None:
+                scope["plan"] = settings.plan.context()
+            self.report.context(
+                "context", f"{mode} on {database}", database=database, mode=mode, **scope
             )
-            if self.plan is not None
-            else None
-        )
-        lag = options["max_replication_lag"]
-        return ExecuteOptions(
-            cutoff=cutoff,  # type: ignore[arg-type]
-            workspace_id=workspace_id,
-            batch_size=opts.parse_batch_size(options["batch_size"]),
-            sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
-            rebuild_rollup=options["rebuild_rollup"],
-            **timeouts,
-            max_replication_lag=(
-                None
-                if lag is None
-                else opts.parse_seconds(
-                    lag, flag="--max-replication-lag", minimum=0.1, maximum=86400
-                )
-            ),
-            arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
-            check_snapshot=self.plan_check,
-        )
+            return
+        lines = [f"Database: {database}", f"Mode: {mode}"]
+        if "cutoff" in scope:
+            lines.append(f"Cutoff: {render.timestamp(scope['cutoff'])}")
+            lines.append(f"Workspace: {scope['workspace_id'] or 'all'}")
+        if given is not None:
+            lines.append(settings.plan.context_line())
+        for line in lines:
+            self.report.context("context", line)
 
-    def _check_plan_out(self, options: dict[str, Any]) -> OutputFile | None:
-        """``--plan-out``: a dry run's, checked like ``--output`` before anything is touched."""
-        value = options["plan_out"]
-        if value is None:
-            return None
-        if options["execute"] or options["verify"]:
-            raise ValueError(
-                "--plan-out goes with the dry run (without --execute or --verify): write the "
-                "plan, have it reviewed, then run --execute --plan FILE"
+    # -- modes ---------------------------------------------------------------------------
+
+    def _verify(self, database: str, run_id: int) -> dict[str, Any]:
+        if not BackfillRun.objects.filter(pk=run_id).exists():
+            raise CommandError(
+                f"run {run_id} does not exist; give the number printed as 'Run N' by "
+                "--execute (the admin lists the runs)"
             )
-        target = check_output(value, flag="--plan-out")
-        if self.output is not None and not target.stream and self.output.path == target.path:
-            raise ValueError(
-                f"--plan-out and --output both name {opts.shown(value)}; give each its own file"
+        return self._show(result.build("verify", database, verify=verify_run_in_context(run_id)))
+
+    def _summary(self) -> DryRunSummary | None:
+        """What the dry run shows, or the plan it writes; none when a run shows its outcome
+        alone (a pass over every candidate before the run's own: its record has the figures).
+        """
+        settings = self.settings
+        cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
+        settings.plan.check_database()
+        table = settings.out.format == "table"
+        # A table shows a bounded number of groups: keep no more in memory than that.
+        keep = TABLE_GROUP_LIMIT if table and settings.plan.out is None else None
+        outcome_only = settings.execute and table and settings.out.file is None
+        summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
+        if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
+            self.report.warning(f"No agent belongs to workspace {workspace_id}.")
+        return summary
+
+    def _dry_run(self, database: str) -> dict[str, Any]:
+        """The dry run's result, then the plan it writes (``--plan-out``)."""
+        planning = self.settings.plan
+        identity = planning.identity()
+        summary = self._summary()
+        saved = planning.document(summary, identity, self.report)
+        document = self._show(result.build("dry_run", database, summary=summary))
+        failed = planning.write(saved, self.report, self._lines) if saved else None
+        if failed:
+            self.write_error = (
+                f"{self.write_error}; also, {failed}" if self.write_error else failed
             )
-        return target
+        return document
 
-    def _read_plan(self, options: dict[str, Any]) -> plan.Plan | None:
-        """``--plan``: read and checked (checksum, version, fields) before the database."""
-        value = options["plan"]
-        self.plan_max_age = plan.DEFAULT_MAX_AGE_SECONDS
-        if value is None:
-            if options["plan_max_age"] is not None:
-                raise ValueError("--plan-max-age goes with --execute --plan FILE")
-            return None
-        if not options["execute"]:
-            raise ValueError(
-                "--plan goes with --execute (it applies a reviewed plan); a dry run writes "
-                "one with --plan-out FILE"
-            )
-        self.plan_max_age = plan.parse_max_age(options["plan_max_age"])
-        self.plan_file = value
-        return plan.read_plan(value)
-
-    def _scope(self, options: dict[str, Any]) -> tuple[datetime | None, uuid.UUID | None]:
-        """The cutoff and workspace: the plan's (given again, they must be equal), or given."""
-        given = options["cutoff"]
-        if self.plan is None:
-            if options["execute"] and (given is None or not str(given).strip()):
-                raise ValueError(
-                    "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
-                    "--plan-out FILE writes it); or give --cutoff to execute without a plan"
-                )
-            standalone_verify = options["run_id"] is not None and not given
-            cutoff = None if standalone_verify else opts.parse_cutoff(given)
-            return cutoff, opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
-        if given is not None and not str(given).strip():
-            raise ValueError("--cutoff is empty; leave it out, the plan gives the cutoff")
-        plan.bind_options(
-            self.plan,
-            None if given is None else opts.parse_cutoff(given),
-            opts.parse_workspace_id(options["workspace_id"], allow_empty=False),
-        )
-        return self.plan.cutoff, self.plan.workspace_id
-
-    def _run(
-        self,
-        settings: ExecuteOptions,
-        options: dict[str, Any],
-        verbosity: int,
-        stderr: OutputStream,
-    ) -> dict[str, Any]:
-        """Do what the options ask, show its result, and return the result document."""
-        database = describe_database()
-        if options["run_id"] is not None:
-            run_id = options["run_id"]
-            self._context(database, f"verify run {run_id}", run_id=run_id)
-            check_target()
-            if not BackfillRun.objects.filter(pk=run_id).exists():
-                raise CommandError(
-                    f"run {run_id} does not exist; give the number printed as 'Run N' by "
-                    "--execute (the admin lists the runs)"
-                )
-            document = result.build("verify", database, verify=verify_run_in_context(run_id))
-            self._emit(document, options)
-            return document
-
-        execute = options["execute"]
-        self._context(
-            database,
-            "execute" if execute else "dry run",
-            cutoff=settings.cutoff,
-            workspace_id=settings.workspace_id,
-        )
-        check_target()
-        if self.plan is not None:
-            # Another database or too old: refused before the summary's pass over the rows.
-            plan.check_database(self.plan, self.plan_max_age)
-        identity = plan.read_identity() if self.plan_out is not None else None
-        # A table shows a bounded number of groups: keep no more in memory than that. A plan
-        # keeps them all.
-        keep = (
-            TABLE_GROUP_LIMIT if options["format"] == "table" and self.plan_out is None else None
-        )
-        # An execute shown as its outcome alone needs no summary, a pass over every candidate
-        # (grouped, their hourly keys counted) before the run's own: its record has the run's
-        # figures. JSON, CSV and --output carry the groups, so they take it.
-        outcome_only = execute and options["format"] == "table" and self.output is None
-        summary = (
-            None
-            if outcome_only
-            else load_summary(settings.cutoff, settings.workspace_id, max_groups=keep)
-        )
-        if not (
-            summary.workspace_known if summary else workspace_has_agents(settings.workspace_id)
-        ):
-            self.report.warning(f"No agent belongs to workspace {settings.workspace_id}.")
-        saved_plan = None
-        if identity is not None:
-            saved_plan = plan.plan_document(summary, identity)
-            if identity.system_identifier is None:
-                self.report.warning(
-                    "The server's system identifier is not readable by this role (no "
-                    "EXECUTE on pg_control_system()): the plan names its database by "
-                    "host, port, name and oid."
-                )
-        if not execute:
-            document = result.build("dry_run", database, summary=summary)
-            self._emit(document, options)
-            if saved_plan is not None:
-                self._write_plan(saved_plan, options["plan_out"])
-            return document
-
+    def _execute(self, database: str, summary: DryRunSummary | None) -> dict[str, Any]:
+        """The run, then its verify (``--verify``); a failed run still shows its outcome."""
         try:
-            executed = self._execute(settings, verbosity, options["log_format"], stderr)
+            executed = self._run()
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
-        checked = self.plan_check.outcome if self.plan_check is not None else None
-        self.plan_line = checked.summary() if checked is not None else None
         verified = None
-        if options["verify"] and self.failure is None:
+        if self.settings.verify and self.failure is None:
             try:
                 verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
@@ -369,102 +261,20 @@ class Command(ToolCommand):
                     f"{executed.run.pk}"
                 )
         executed.run.refresh_from_db()
-        document = result.build(
-            "execute",
-            database,
-            summary=summary,
-            execute=executed,
-            plan=checked.document() if checked is not None else None,
-            verify=verified,
-        )
-        self._emit(document, options)
-        return document
-
-    def _context(self, database: str, mode: str, **scope: Any) -> None:
-        """The first lines: the database, the mode and the scope (one event in JSON)."""
-        given = self.plan
-        if self.report.json_logs:
-            if given is not None:
-                scope["plan"] = {
-                    "file": self.plan_file,
-                    "created_at": given.created_at,
-                    "rows": given.rows,
-                    "fingerprint": given.fingerprint,
-                }
-            self.report.context(
-                "context", f"{mode} on {database}", database=database, mode=mode, **scope
+        compared = checked(self.settings.run.check_snapshot)
+        return self._show(
+            result.build(
+                "execute",
+                database,
+                summary=summary,
+                execute=executed,
+                plan=compared.document() if compared is not None else None,
+                verify=verified,
             )
-            return
-        self.report.context("context", f"Database: {database}")
-        self.report.context("context", f"Mode: {mode}")
-        if "cutoff" in scope:
-            self.report.context("context", f"Cutoff: {render.timestamp(scope['cutoff'])}")
-            self.report.context("context", f"Workspace: {scope['workspace_id'] or 'all'}")
-        if given is not None:
-            self.report.context(
-                "context",
-                f"Plan: {self.plan_file}, made {render.timestamp(given.created_at)} by the "
-                f"database's clock, {render.number(given.rows)} rows, fingerprint "
-                f"{plan.short(given.fingerprint)}",
-            )
-
-    def _write_plan(self, saved: dict[str, Any], given: str) -> None:
-        """Write the plan file after the summary is shown; a failure is said after it."""
-        assert self.plan_out is not None
-        try:
-            self.plan_out.write(plan.plan_text(saved))
-        except OutputError as exc:
-            self.write_error = f"{self.write_error}; also, {exc}" if self.write_error else str(exc)
-            return
-        prose = (
-            f"Plan written to {given}: {render.number(saved['totals']['rows'])} rows, "
-            f"fingerprint {plan.short(saved['fingerprint'])}. Next: have it reviewed, then "
-            "apply exactly it"
         )
-        command = f"{outcome.REPAIR} --execute --plan {given}"
-        if self.report.json_logs:
-            self.report.event(
-                "plan_written",
-                f"{prose}: {command}",
-                file=given,
-                fingerprint=saved["fingerprint"],
-            )
-        else:
-            self._readable_lines(lambda width: outcome.next_step(prose, command, width))
 
-    def _readable_lines(self, lines: Callable[[int | None], list[str]]) -> None:
-        """Lines of the readable outcome, fitted to where they go: with the result, or on
-        stderr beside a document."""
-        target = self.stderr if self.report.document_on_stdout else self.stdout
-        width = self.terminal_width() if target is self.stdout else None
-        for line in lines(width):
-            target.write(line, style_func=lambda text: text)
-
-    # -- modes ---------------------------------------------------------------------------
-
-    def _execute(
-        self, settings: ExecuteOptions, verbosity: int, log_format: str, stderr: OutputStream
-    ) -> ExecuteResult:
-        stop = threading.Event()
-        bar = ProgressBar(
-            stderr,
-            terminal=stderr.isatty(),
-            enabled=verbosity >= 1 and log_format == "text",
-        )
-        show = repair_events(bar)
+    def _run(self) -> ExecuteResult:
         phase = ["update"]
-
-        def progress(event: str, /, **details: Any) -> None:
-            if event == "stamped":
-                phase[0] = "rollup"  # the batches are done; the rollup comes next
-            if event == "started":
-                self._started(details["run"])
-            elif event == "stamping" and not self.report.json_logs:
-                # The JSON log has the library's own ``stamp`` event.
-                self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
-            elif event == "rollup_path":
-                self._rollup_path(**details)
-            show(event, **details)
 
         def what_next() -> str:
             if phase[0] == "rollup":
@@ -474,20 +284,24 @@ class Command(ToolCommand):
                 )
             return "finishing the current batch, then rebuilding the rollup for what was done."
 
-        with self.stopping_on_signals(
-            stop,
-            what_next,
-            new_line=True,
-            say=self.signal_said(self.report),
-        ) as self.signals:
-            try:
-                return execute_backfill(settings, stop=stop, progress=progress)
-            finally:
-                bar.close()
+        with self.live_run(what_next, repair_events) as (stop, show, self.signals):
+
+            def progress(event: str, /, **details: Any) -> None:
+                if event == "stamped":
+                    phase[0] = "rollup"  # the batches are done; the rollup comes next
+                # In JSON the library's own events say started, stamping and rollup_path.
+                if event == "started":
+                    self._started(details["run"])
+                elif event == "stamping" and not self.report.json_logs:
+                    self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
+                elif event == "rollup_path" and not self.report.json_logs:
+                    self._rollup_path(**details)
+                show(event, **details)
+
+            return execute_backfill(self.settings.run, stop=stop, progress=progress)
 
     def _started(self, run: BackfillRun) -> None:
         if not self.report.json_logs:
-            # The JSON log has the library's own ``start`` event.
             self.report.context(
                 "start",
                 f"Run {run.pk} started at {render.timestamp(run.started_at)} "
@@ -495,72 +309,62 @@ class Command(ToolCommand):
             )
         earlier = run.continues
         if earlier is not None:
+            first = earlier.error.split(";")[0].strip() if earlier.error else ""
             self.report.context(
                 "continues",
                 f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
                 f"{render.number(earlier.rows_updated)} rows repaired, "
-                f"{render.number(earlier.rows_remaining)} left{self._error_note(earlier)}).",
+                f"{render.number(earlier.rows_remaining)} left{f'; {first}' if first else ''}).",
                 run_id=run.pk,
                 continues=earlier.pk,
                 continues_status=earlier.status,
                 continues_rows_updated=earlier.rows_updated,
                 continues_rows_remaining=earlier.rows_remaining,
             )
-        checked = self.plan_check.outcome if self.plan_check is not None else None
-        if checked is not None and not self.report.json_logs:
-            # The JSON log has the library's own ``plan`` event.
-            self.report.context("plan", checked.summary())
-
-    @staticmethod
-    def _error_note(run: BackfillRun) -> str:
-        first = run.error.split(";")[0].strip() if run.error else ""
-        return f"; {first}" if first else ""
+        compared = checked(self.settings.run.check_snapshot)
+        if compared is not None and not self.report.json_logs:
+            self.report.context("plan", compared.summary())
 
     def _rollup_path(self, **details: Any) -> None:
         """The rollup's path (the tool's recompute or the platform's function), and why."""
-        if self.report.json_logs:
-            return  # the JSON log has the library's own ``rollup_path`` event
         function = f" ({details['function']})" if details.get("function") else ""
         reason = f": {details['reason']}" if details.get("reason") else ""
         self.report.context(
             "rollup_path",
             f"Rollup: {details.get('path')}{function}{reason}.",
-            path=details.get("path"),
-            function=details.get("function"),
-            fingerprint=details.get("fingerprint"),
-            reason=details.get("reason"),
+            **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
         )
 
     # -- output --------------------------------------------------------------------------
 
-    def _emit(self, document: dict[str, Any], options: dict[str, Any]) -> None:
-        """Show the result (see ``ToolCommand.show_result``)."""
-        self.write_error = self.show_result(
-            document,
-            options["format"],
-            self.output,
-            lambda kind: self._readable(document, kind),
-        )
+    def _show(self, document: dict[str, Any]) -> dict[str, Any]:
+        self.show_result(document, partial(self._readable, document))
+        return document
 
     def _readable(self, document: dict[str, Any], kind: str) -> str:
         """The result as text: whole for a file; for stdout, the groups of a dry run (not at
         --verbosity 0), and for a run its outcome."""
-        width = None if kind == "file" else self.terminal_width()
+        compared = checked(self.settings.run.check_snapshot)
         groups = kind == "file" or (
-            kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
+            kind == "screen" and document["mode"] == "dry_run" and self.out.verbosity >= 1
         )
         return result_table(
             document,
             self.style,
             groups=groups,
-            plan_out=self.plan_out is not None,
-            plan_line=self.plan_line,
-            signal_name=self._signal_name(),
-            width=width,
+            plan_out=self.settings.plan.out is not None,
+            plan_line=compared.summary() if compared is not None else None,
+            signal_name=signal.Signals(self.signals[0]).name if self.signals else None,
+            width=None if kind == "file" else self.terminal_width(),
         )
 
-    def _signal_name(self) -> str | None:
-        return signal.Signals(self.signals[0]).name if self.signals else None
+    def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
+        """Lines of the readable outcome, fitted to where they go: with the result, or on
+        stderr beside a document."""
+        target = self.stderr if self.report.document_on_stdout else self.stdout
+        width = self.terminal_width() if target is self.stdout else None
+        for line in lines(width):
+            target.write(line, style_func=lambda text: text)
 
     def _final_line(self, document: dict[str, Any], error: CommandError | None) -> None:
         """The outcome as the last stderr line when stdout carries a document (or JSON)."""
@@ -571,18 +375,13 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_updated'])} rows changed, "
                 f"{render.number(document['rows_remaining'])} still eligible"
             )
-            fields: dict[str, Any] = {
-                "run_id": document["run_id"],
-                "status": document["status"],
-                "rows_updated": document["rows_updated"],
-                "rows_remaining": document["rows_remaining"],
-            }
+            fields = {key: document[key] for key in OUTCOME_FIELDS}
         elif document["mode"] == "verify":
             verify = document["verify"]
             message = f"Verification of run {verify['run_id']} " + (
                 "passed" if verify["ok"] else "FAILED"
             )
-            fields = {"run_id": verify["run_id"], "verified": verify["ok"]}
+            fields: dict[str, Any] = {"run_id": verify["run_id"], "verified": verify["ok"]}
         else:
             rows = document["totals"]["rows"]
             message = (
@@ -633,17 +432,3 @@ class Command(ToolCommand):
                 returncode=EXIT_VERIFY_FAILED,
             )
         return None
-
-    def _with_write_error(
-        self, document: dict[str, Any], error: CommandError | None
-    ) -> CommandError:
-        """Add the --output failure to the command's error; exit 1 when there is none."""
-        if error is not None:
-            return CommandError(f"{error}; also, {self.write_error}", returncode=error.returncode)
-        if "run_id" in document:
-            done = f"run {document['run_id']} {document['status']} (its outcome is shown above)"
-        elif "verify" in document:
-            done = "the verification's outcome is shown above"
-        else:
-            done = "the dry run changed nothing (its summary is shown above)"
-        return CommandError(f"{self.write_error}; {done}")

@@ -14,12 +14,7 @@ from usage import render
 from usage.db import describe_database, error_text
 from usage.management.base import ToolCommand
 from usage.output.lines import wrap
-from usage.preflight import (
-    CHECKS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    CheckResult,
-    run_preflight,
-)
+from usage.preflight import CHECKS, DEFAULT_STATEMENT_TIMEOUT_SECONDS, CheckResult, run_preflight
 
 EXAMPLES = """
 examples:
@@ -47,6 +42,7 @@ looked at and its time, 3 adds every SQL statement (on stderr).
 MAX_STATEMENT_TIMEOUT_SECONDS = 3600.0
 TITLES = {check.name: check.title for check in CHECKS}
 MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+STYLES = {"ok": "SUCCESS", "warn": "WARNING", "fail": "ERROR", "skip": "NOTICE"}
 
 
 class Command(ToolCommand):
@@ -108,36 +104,29 @@ class Command(ToolCommand):
                     self.stdout.write(line)
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
-        for result in results:
-            self._write_result(result, verbosity)
         counts = {status: 0 for status in MARKS}
         for result in results:
+            self._write_result(result, verbosity)
             counts[result.status] += 1
         summary = (
             f"{len(results)} checks: {counts['ok']} passed, {counts['warn']} with warnings, "
             f"{counts['fail']} failed, {counts['skip']} not checked."
         )
         failures = [r.name for r in results if r.status == "fail"]
-        warnings = [r.name for r in results if r.status == "warn"]
         if failures or counts["skip"]:
             self.stdout.write(self.style.ERROR(summary))
             raise CommandError(
                 f"pre-flight failed: {', '.join(failures)}; do what each failed check says, "
                 "then run the pre-flight again before the repair"
             )
-        if verbosity >= 1 or warnings:
-            style = self.style.WARNING if warnings else self.style.SUCCESS
+        if verbosity >= 1 or counts["warn"]:
+            style = self.style.WARNING if counts["warn"] else self.style.SUCCESS
             self.stdout.write(style(summary))
 
     def _write_result(self, result: CheckResult, verbosity: int) -> None:
         if result.status == "ok" and verbosity < 1:
             return
-        style = {
-            "ok": self.style.SUCCESS,
-            "warn": self.style.WARNING,
-            "fail": self.style.ERROR,
-            "skip": self.style.NOTICE,
-        }[result.status]
+        style = getattr(self.style, STYLES[result.status])
         timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
         width = self.terminal_width()
         mark = MARKS[result.status]

@@ -1,16 +1,14 @@
 """``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first).
 
-It looks and behaves like the repair: the same header, progress bar, outcome block, output
-options (``--format``, ``--output``, ``--log-format``) and number format, from the same
-command base and output helpers.
+It looks and behaves like the repair, from the same command base and output helpers.
 """
 
 from __future__ import annotations
 
 import re
 import signal
-import threading
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -18,12 +16,11 @@ from django.core.management.base import CommandError, CommandParser
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
-from usage.management.base import ToolCommand
+from usage.management.base import OutputOptions, ToolCommand
 from usage.output import document as result
-from usage.output.files import check_output
 from usage.output.lines import fit_items
 from usage.output.outcome import revert_lines
-from usage.output.progress import OutputStream, ProgressBar, revert_events
+from usage.output.progress import revert_events
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
@@ -103,54 +100,44 @@ class Command(ToolCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         with self.bad_input():
             run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
-            show = _parse_show(options["show"])
-            revert_options = RevertOptions(
+            show_changed = _parse_show(options["show"])
+            settings = RevertOptions(
                 run_id=run_id,
                 batch_size=opts.parse_batch_size(options["batch_size"]),
                 **opts.parse_limits(options),
-                show_changed=show,
+                show_changed=show_changed,
             )
-            self.output = (
-                check_output(options["output"]) if options["output"] is not None else None
-            )
-
-        self.verbosity = options["verbosity"]
-        self.format = options["format"]
-        self.report = self.reporter(options)
-        json_logs = self.report.json_logs
+            self.start_output(OutputOptions.read(options))
         self.database = describe_database()
-        mode = f"revert run {run_id} ({'execute' if options['execute'] else 'dry run'})"
-        if json_logs:
+        execute = options["execute"]
+        mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
+        if self.report.json_logs:
             self.report.context(
                 "context",
                 mode,
                 database=self.database,
                 mode="revert",
                 run_id=run_id,
-                execute=options["execute"],
+                execute=execute,
             )
         else:
             self.report.context("context", f"Database: {self.database}")
             self.report.context("context", f"Mode: {mode}")
-        stderr = OutputStream(self.stderr)
         try:
-            with self.run_logging(stderr, self.report), self.database_errors():
-                if options["execute"]:
-                    self._execute(revert_options, stderr)
-                else:
-                    self._dry_run(revert_options)
-                    if self.write_error:
-                        raise CommandError(f"{self.write_error}; the dry run changed nothing")
+            with self.run_logging(), self.database_errors():
+                error = self._execute(settings) if execute else self._dry_run(settings)
         except (TargetError, RevertError, RunLockError) as exc:
             found = getattr(exc, "result", None)
             if found is not None:
                 self._show(found, error=str(exc))
             raise CommandError(str(exc)) from exc
+        if error is not None:
+            raise error
 
     # -- modes ---------------------------------------------------------------------------
 
-    def _dry_run(self, options: RevertOptions) -> None:
-        found = plan_revert(options.run_id, show_changed=options.show_changed)
+    def _dry_run(self, settings: RevertOptions) -> CommandError | None:
+        found = plan_revert(settings.run_id, show_changed=settings.show_changed)
         self._describe_run(found)
         if found.owner_gone:
             self.report.warning(
@@ -158,16 +145,9 @@ class Command(ToolCommand):
                 "--execute will mark it interrupted first."
             )
         self._show(found)
+        return self.ending(None, "the dry run changed nothing")
 
-    def _execute(self, options: RevertOptions, stderr: OutputStream) -> None:
-        stop = threading.Event()
-        bar = ProgressBar(
-            stderr,
-            terminal=stderr.isatty(),
-            enabled=self.verbosity >= 1 and not self.report.json_logs,
-        )
-        show = revert_events(bar)
-
+    def _execute(self, settings: RevertOptions) -> CommandError | None:
         def progress(event: str, /, **details: Any) -> None:
             if event == "started":
                 self._describe_run(details["result"])
@@ -175,37 +155,28 @@ class Command(ToolCommand):
                 self._batch_event(details["batch"], details["result"])
             show(event, **details)
 
-        with self.stopping_on_signals(
-            stop,
-            "finishing the current batch and its rollup, then stopping.",
-            say=self.signal_said(self.report),
-        ) as received:
-            try:
-                done = execute_revert(options, stop=stop, progress=progress)
-            finally:
-                bar.close()
+        what_next = "finishing the current batch and its rollup, then stopping."
+        with self.live_run(what_next, revert_events) as (stop, show, received):
+            done = execute_revert(settings, stop=stop, progress=progress)
         signum = received[0] if received else signal.SIGTERM
         name = signal.Signals(signum).name
         document = self._show(done, signal_name=name if done.stopped else None)
-        also = f"; also, {self.write_error}" if self.write_error else ""
+        error = None
         if done.stopped:
-            raise CommandError(
-                # The outcome says what next; this line is the exit's reason, for the log.
+            # The outcome says what next; this line is the exit's reason, for the log.
+            error = CommandError(
                 f"stopped by {name} after {render.number(done.rows_restored)} rows "
-                f"restored (see the outcome){also}",
+                "restored (see the outcome)",
                 returncode=128 + signum,
             )
-        if done.rows_remaining:
-            raise CommandError(
+        elif done.rows_remaining:
+            error = CommandError(
                 f"{render.number(done.rows_remaining)} rows of run {done.run.pk} stayed locked "
                 "by other writers and were not restored; the run is not marked reverted: run "
-                f"the same revert again to finish{also}",
+                "the same revert again to finish",
                 returncode=EXIT_ROWS_REMAINING,
             )
-        if self.write_error:
-            raise CommandError(
-                f"{self.write_error}; the revert's outcome is shown above ({document['status']})"
-            )
+        return self.ending(error, f"the revert's outcome is shown above ({document['status']})")
 
     # -- output --------------------------------------------------------------------------
 
@@ -256,9 +227,7 @@ class Command(ToolCommand):
         the last stderr line when stdout carries a document."""
         found.run.refresh_from_db()
         document = result.build_revert(self.database, found, signal=signal_name, error=error)
-        self.write_error = self.show_result(
-            document, self.format, self.output, lambda kind: self._readable(document, kind)
-        )
+        self.show_result(document, partial(self._readable, document))
         ok = document["status"] in ("reverted", "would_revert")
         if document["status"] == "would_revert":
             said = (
@@ -272,14 +241,8 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_restored'])} rows restored, "
                 f"{render.number(document['rows_remaining'])} still to restore."
             )
-        self.report.outcome(
-            said,
-            ok=ok,
-            run_id=document["run_id"],
-            status=document["status"],
-            rows_restored=document["rows_restored"],
-            rows_remaining=document["rows_remaining"],
-        )
+        fields = ("run_id", "status", "rows_restored", "rows_remaining")
+        self.report.outcome(said, ok=ok, **{key: document[key] for key in fields})
         return document
 
     def _readable(self, document: dict[str, Any], kind: str) -> str:
@@ -309,17 +272,13 @@ class Command(ToolCommand):
                 table = render.render_table(CHANGED_COLUMNS, rows)
                 if width is not None and max(map(len, table.splitlines())) > width:
                     # Too wide for the terminal: one block per row, each value whole.
-                    for row in rows:
-                        lines.extend(
-                            fit_items(
-                                [
-                                    row[0],
-                                    f"input {row[1]} -> now {row[2]}",
-                                    f"updated_at {row[3]} -> now {row[4]}",
-                                ],
-                                width,
-                            )
-                        )
+                    for usage, was, now, was_at, now_at in rows:
+                        items = [
+                            usage,
+                            f"input {was} -> now {now}",
+                            f"updated_at {was_at} -> now {now_at}",
+                        ]
+                        lines.extend(fit_items(items, width))
                 else:
                     lines.append(table)
         lines.extend(revert_lines(document, self.style, width))

@@ -1,9 +1,6 @@
-"""``runserver``: Django's development server, refusing to serve what it should not.
-
-It does not start without a secret key of its own (``usage.serving``), nor when the
-database cannot be reached: that is one line (within ``CODEX_CONNECT_TIMEOUT``) instead of
-a traceback from the server's start-up checks.
-"""
+"""``runserver``: Django's development server, refusing to start without a secret key of
+its own (``usage.serving``) or when the database cannot be reached (one line, not a
+traceback)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,393 @@
+"""A saved plan's document: written by the dry run (``--plan-out``), read back checked.
+
+The fingerprint covers the scope and each workspace/day group's figures and ids digest; the
+checksum, a SHA-256 over the canonical JSON, detects editing (re-indenting is harmless).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from usage.events import json_default
+from usage.options import shown
+from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS
+from usage.repair.summary import DryRunSummary
+
+PLAN_KIND = "codex_usage_backfill_plan"
+PLAN_VERSION = 1
+# A plan file larger than this is not one this tool wrote (or not one worth reading).
+MAX_PLAN_BYTES = 1 << 30
+# The group figures a plan's fingerprint covers; "more than planned" is judged on these.
+CHECKED_FIGURES = ("rows", "input_before", "input_tokens_removed", "clamped_rows")
+FIGURE_KEYS = ("workspace_id", "date_utc", *CHECKED_FIGURES, "ids_digest")
+DIGEST_MASK = (1 << 64) - 1
+# A plan's string fields (host, names, times, ids) are at most this long.
+MAX_TEXT_FIELD = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+NEW_PLAN_ADVICE = "make a new plan with --plan-out and have it reviewed again"
+GIVE_THE_DRY_RUNS = "give the file the dry run wrote with --plan-out"
+
+
+class PlanError(ValueError):
+    """A plan cannot be written, read or executed here; the message is one line."""
+
+
+@dataclass(frozen=True)
+class DatabaseIdentity:
+    """Which database this is: where the tool connects, and what the server says it is."""
+
+    host: str
+    port: int | None
+    name: str
+    oid: int
+    # None when the role may not call pg_control_system() (see ``check.read_identity``).
+    system_identifier: str | None
+
+    def describe(self) -> str:
+        system = self.system_identifier or "unknown"
+        return f"{self.host}:{self.port}/{self.name} (oid {self.oid}, system {system})"
+
+    def differences(self, other: DatabaseIdentity) -> list[str]:
+        """What tells ``other`` apart from this one; the system identifier if both know it."""
+        named = [
+            ("host", self.host, other.host),
+            ("port", self.port, other.port),
+            ("database name", self.name, other.name),
+            ("database oid", self.oid, other.oid),
+        ]
+        if self.system_identifier is not None and other.system_identifier is not None:
+            named.append(("system identifier", self.system_identifier, other.system_identifier))
+        return [name for name, mine, theirs in named if mine != theirs]
+
+
+@dataclass(frozen=True)
+class GroupFigures:
+    """What the fingerprint says about one workspace/day group of candidates."""
+
+    workspace_id: str
+    date_utc: str
+    rows: int
+    input_before: int
+    input_tokens_removed: int
+    clamped_rows: int
+    ids_digest: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.workspace_id, self.date_utc)
+
+    def line(self) -> str:
+        figures = [str(getattr(self, figure)) for figure in CHECKED_FIGURES]
+        return "|".join([self.workspace_id, self.date_utc, *figures, self.ids_digest])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan read back from its file, checked and ready to be compared with the database."""
+
+    given: str
+    created_at: datetime
+    cutoff: datetime
+    workspace_id: uuid.UUID | None
+    database: DatabaseIdentity
+    groups: tuple[GroupFigures, ...]
+    rows: int
+    input_tokens_removed: int
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"--plan {shown(self.given)}"
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def digest_hex(value: int | None) -> str:
+    """A signed 64-bit digest as 16 hex digits (a JSON number would lose digits in JS)."""
+    return f"{(value or 0) & DIGEST_MASK:016x}"
+
+
+def fingerprint(
+    cutoff: datetime, workspace_id: uuid.UUID | None, groups: Iterable[GroupFigures]
+) -> str:
+    """SHA-256 over the candidate set's description: scope, then each group's figures."""
+    digest = hashlib.sha256(
+        f"{PLAN_KIND}/{PLAN_VERSION}|{timestamp(cutoff)}|{workspace_id or ''}\n".encode()
+    )
+    for group in sorted(groups, key=lambda g: g.key):
+        digest.update(f"{group.line()}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def checksum(document: dict[str, Any]) -> str:
+    """SHA-256 over the document's canonical JSON, without its own checksum field."""
+    body = {key: value for key, value in document.items() if key != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def timestamp(value: datetime) -> str:
+    """A time as the plan writes it: RFC 3339 in UTC, to the microsecond."""
+    return json_default(value.astimezone(UTC))
+
+
+def plan_document(summary: DryRunSummary, identity: DatabaseIdentity) -> dict[str, Any]:
+    """The plan of a dry run that kept every group (``load_summary(max_groups=None)``)."""
+    if summary.group_count != len(summary.groups):
+        raise ValueError("a plan needs every group of the summary")
+    totals = vars(summary.totals)
+    groups = [
+        {
+            # As JSON holds them, so that the checksum is computed on what the file says.
+            **{key: _plain(getattr(group, key)) for key in GROUP_FIELDS},
+            "ids_digest": digest_hex(group.ids_digest),
+        }
+        for group in summary.groups
+    ]
+    document: dict[str, Any] = {
+        "kind": PLAN_KIND,
+        "plan_version": PLAN_VERSION,
+        "created_at": timestamp(summary.database_now),
+        "cutoff": timestamp(summary.cutoff),
+        "workspace_id": str(summary.workspace_id) if summary.workspace_id else None,
+        "database": asdict(identity),
+        "totals": {key: totals[key] for key in TOTAL_FIELDS},
+        "expected_rollup_keys": summary.totals.rollup_keys,
+        "group_count": summary.group_count,
+        "groups": groups,
+        "fingerprint": fingerprint(
+            summary.cutoff,
+            summary.workspace_id,
+            (GroupFigures(**{key: g[key] for key in FIGURE_KEYS}) for g in groups),
+        ),
+    }
+    document["checksum"] = checksum(document)
+    return document
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, int | str) else json_default(value)
+
+
+def plan_text(document: dict[str, Any]) -> str:
+    """The file's text: indented for the reviewer, one line per group (a table to read, and
+    less than half the size of an indented list). The checksum ignores the layout.
+    """
+    placeholder = f"groups-{uuid.uuid4().hex}"
+    text = json.dumps({**document, "groups": placeholder}, indent=2, ensure_ascii=False)
+    lines = ",\n".join(
+        f"    {json.dumps(group, ensure_ascii=False)}" for group in document["groups"]
+    )
+    return text.replace(json.dumps(placeholder), f"[\n{lines}\n  ]" if lines else "[]", 1)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
+    """Read, check and parse a plan file; every problem is a one-line ``PlanError``."""
+    value = "" if given is None else str(given)
+    name = f"{flag} {shown(value)}"
+    document = _load_json(_read_bytes(value, flag), name)
+    if not isinstance(document, dict) or document.get("kind") != PLAN_KIND:
+        if isinstance(document, dict) and document.get("mode") in ("dry_run", "execute"):
+            raise PlanError(
+                f"{name} is a result of --format json, not a plan: write the plan with "
+                "--plan-out plan.json in the dry run"
+            )
+        raise PlanError(
+            f'{name} is not a plan written by --plan-out (no "kind": "{PLAN_KIND}"); '
+            "give the file the dry run wrote"
+        )
+    version = document.get("plan_version")
+    if type(version) is not int or version != PLAN_VERSION:
+        found = version if type(version) is int else shown(version)
+        raise PlanError(
+            f"{name} is plan version {found}; this tool reads version {PLAN_VERSION}: "
+            f"{NEW_PLAN_ADVICE}"
+        )
+    if "checksum" not in document:
+        raise PlanError(
+            f"{name} has no checksum (--plan-out always writes one); {NEW_PLAN_ADVICE}"
+        )
+    if document["checksum"] != checksum(document):
+        raise PlanError(
+            f"{name} was changed since --plan-out wrote it (its checksum does not match its "
+            f"content); {NEW_PLAN_ADVICE}"
+        )
+    try:
+        plan = _parse_plan(document, value)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        problem = (
+            f"it has no field {exc.args[0]}"
+            if isinstance(exc, KeyError)
+            else shown(str(exc)).strip("'\"")
+        )
+        raise PlanError(f"{name} is not a valid plan ({problem}); {NEW_PLAN_ADVICE}") from None
+    if fingerprint(plan.cutoff, plan.workspace_id, plan.groups) != plan.fingerprint:
+        raise PlanError(
+            f"{name} is not a valid plan (its fingerprint does not match its "
+            f"groups); {NEW_PLAN_ADVICE}"
+        )
+    return plan
+
+
+def _read_bytes(value: str, flag: str) -> bytes:
+    """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
+
+    def refuse(why: str) -> PlanError:
+        return PlanError(f"{flag} {shown(value)} {why}")
+
+    if not value.strip():
+        raise PlanError(f"{flag} needs a file name, e.g. {flag} plan.json")
+    if "\x00" in value:
+        raise refuse("contains a NUL byte; give the plan's file name")
+    if value == "-":
+        raise refuse(f"is not a file; {GIVE_THE_DRY_RUNS}")
+    path = Path(os.path.abspath(value))
+    not_a_directory = "is a directory; give the plan's file, e.g. plan.json"
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise refuse("is a symbolic link to a file that does not exist") from None
+        raise refuse(f"does not exist; {GIVE_THE_DRY_RUNS}") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(handle).st_mode
+        if stat.S_ISDIR(mode):
+            raise refuse(not_a_directory)
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+            raise refuse(f"is {kind}; give the plan's file, e.g. plan.json")
+        # Non-blocking only to open a pipe without a writer (then it reads as empty).
+        os.set_blocking(handle, True)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(handle, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_PLAN_BYTES:
+                raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
+    except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise refuse(not_a_directory) from None
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(handle)
+    if size == 0:
+        raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
+    return b"".join(chunks)
+
+
+def _load_json(data: bytes, name: str) -> Any:
+    def no_constants(word: str) -> Any:
+        raise ValueError(f"{word} is not a JSON number")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise PlanError(f"{name} is not UTF-8 text; {GIVE_THE_DRY_RUNS}") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(
+            f"{name} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            f"{GIVE_THE_DRY_RUNS}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise PlanError(
+            f"{name} is not JSON ({shown(reason.split(';')[0])}); {GIVE_THE_DRY_RUNS}"
+        ) from None
+
+
+def _parse_plan(document: dict[str, Any], given: str) -> Plan:
+    database = _field(document, "database", dict)
+    groups = tuple(_group(entry) for entry in _field(document, "groups", list))
+    if _integer(document, "group_count") != len(groups):
+        raise ValueError("group_count is not the number of groups")
+    if len({group.key for group in groups}) != len(groups):
+        raise ValueError("a workspace and day appears twice in groups")
+    totals = _field(document, "totals", dict)
+    rows = _integer(totals, "rows")
+    if rows != sum(group.rows for group in groups):
+        raise ValueError("totals.rows is not the sum of the groups' rows")
+    workspace = document["workspace_id"]
+    return Plan(
+        given=given,
+        created_at=_time(document, "created_at"),
+        cutoff=_time(document, "cutoff"),
+        workspace_id=None if workspace is None else uuid.UUID(_text(document, "workspace_id")),
+        database=DatabaseIdentity(
+            host=_text(database, "host"),
+            port=None if database["port"] is None else _integer(database, "port"),
+            name=_text(database, "name"),
+            oid=_integer(database, "oid"),
+            system_identifier=(
+                None
+                if database["system_identifier"] is None
+                else _text(database, "system_identifier")
+            ),
+        ),
+        groups=groups,
+        rows=rows,
+        input_tokens_removed=_integer(totals, "input_tokens_removed"),
+        fingerprint=_text(document, "fingerprint"),
+    )
+
+
+def _group(entry: Any) -> GroupFigures:
+    if not isinstance(entry, dict):
+        raise TypeError("groups[] holds something that is not an object")
+    workspace = str(uuid.UUID(_text(entry, "workspace_id")))
+    day = date.fromisoformat(_text(entry, "date_utc")).isoformat()
+    digest = _text(entry, "ids_digest")
+    if not _HEX16.fullmatch(digest):
+        raise ValueError("groups[].ids_digest is not 16 hex digits")
+    figures = {figure: _integer(entry, figure) for figure in CHECKED_FIGURES}
+    return GroupFigures(workspace_id=workspace, date_utc=day, ids_digest=digest, **figures)
+
+
+def _field(document: dict[str, Any], key: str, kind: type) -> Any:
+    value = document[key]
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} is not {'an object' if kind is dict else 'a list'}")
+    return value
+
+
+def _integer(document: dict[str, Any], key: str) -> int:
+    value = document[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{key} is not a whole number")
+    return value
+
+
+def _text(document: dict[str, Any], key: str) -> str:
+    """A string field: short and printable, since messages quote it on one line."""
+    value = document[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    if len(value) > MAX_TEXT_FIELD or _CONTROL.search(value):
+        raise ValueError(f"{key} is not a short printable string")
+    return value
+
+
+def _time(document: dict[str, Any], key: str) -> datetime:
+    value = datetime.fromisoformat(_text(document, key))
+    if value.tzinfo is None:
+        raise ValueError(f"{key} has no UTC offset")
+    return value.astimezone(UTC)
