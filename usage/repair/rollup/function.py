@@ -1,33 +1,6 @@
-"""The function path: hourly keys rebuilt by the platform's ``rollup_task_usage_hourly_window``.
-
-Taken for a function definition the tool does not know (``recompute.choose_path``), when the
-role may not write ``task_usage_hourly`` itself, when the own path's proof fails, or when the
-operator asks for it. What the tool chooses is how each call is planned and how many keys it
-takes, from a cost model it measures as it goes:
-
-* **Two plans.** The function's recompute joins each dirty key to every task of its agent and
-  runtime, then looks up each task's usage rows. Left to its default settings the planner
-  runs that as a nested loop per key: the cost grows with keys x tasks per agent (about 10 to
-  30 ms a key for an agent of 3,300 tasks). With ``enable_nestloop = off`` it scans the joined
-  tables whole and hashes them: a fixed cost that grows with the table, plus a small one per
-  key. The settings are ``SET LOCAL`` in the slice's transaction, with
-  ``plan_cache_mode = force_custom_plan``: a PL/pgSQL function caches its statements' plans
-  per session (a generic plan is reused whatever the settings say), so only a fresh plan sees
-  them. Each slice checks, from the transaction's own table statistics, that the plan it
-  asked for is the plan that ran (a whole scan of ``task_usage`` or not).
-* **The cost model** (``SlicePlanner``): a nested-loop slice costs ``(tasks + 60 x keys) /
-  rate``; a hash slice ``fixed + (tasks + 5000 x keys) / rate``, where ``tasks`` sums the task
-  counts of the keys' agents. Rates and the fixed part are learned from every slice (a
-  slowdown believed at once, a speed-up gradually, slices grow at most fourfold); the fixed
-  part is first predicted from the size of the scanned tables, and a hash slice is never
-  tried when that alone would not fit the lock budget. Each slice takes the plan that
-  rebuilds the most keys per second of wall time. A slice cancelled at the cap is retried
-  smaller; one that cannot be smaller (one stamp) drops its plan.
-* **Slices of stamps.** The repair stamps the rows of one hourly key with one ``updated_at``
-  (``usage.repair.backfill``), so a range of keys is a range of time: a call over the window
-  from a slice's first stamp to just after its last rebuilds exactly those keys. Keys of rows
-  rewritten since (ingestion stamps ``now()``) are queued as the platform queues keys and
-  drained the same way (``QueueDrainer``, which the revert uses for its batches too).
+"""The function path: hourly keys rebuilt by the platform's ``rollup_task_usage_hourly_window``,
+in slices of the repair's stamps or as drains of queued keys, each call planned (nested loops
+or hashed) by a cost model measured as it goes (``SlicePlanner``).
 """
 
 from __future__ import annotations
@@ -43,21 +16,20 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
-from usage.cron import ROLLUP_LOCK_ID
 from usage.db import drop_temp_table, set_local_timeouts
 from usage.eligibility import compose
-from usage.events import log_event
 from usage.repair.rollup.slices import (
-    MAX_SLICE_GROWTH,
     SLICE_GAP_SECONDS,
     Bound,
     NeighbourOptions,
+    Rate,
     RollupError,
     RollupResult,
     RollupSlice,
     SliceCancelled,
     SliceLimits,
     Slicer,
+    log_slice,
     run_locked,
 )
 
@@ -75,9 +47,6 @@ KEY_BASE_COST = {"nestloop": 60, "hash": 5000}
 # whole scan per 8 kB page of task_usage and agent_task_queue.
 PRIOR_RATE = {"nestloop": 150_000.0, "hash": 20_000_000.0}
 PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
-# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
-RATE_SLOWER_WEIGHT = 1.0
-RATE_FASTER_WEIGHT = 0.3
 # The planner's queue backlog is counted up to this many keys.
 BACKLOG_COUNT_CAP = 100_000
 
@@ -115,128 +84,67 @@ SELECT count(*) FROM (
 
 
 @dataclass
-class _HashFit:
-    """A hash slice's cost: a fixed part (the whole scans) plus task units over a rate.
-
-    The fixed part is the shortest hash slice seen (every one pays the scans; the first, a
-    small probe, is nearly all scan), or the prediction from the tables' size before one ran.
-    The rate is learned from what each slice took beyond it, a slowdown believed at once and
-    a speed-up gradually. A fit that cannot tell the two apart (slices of nearly the same size
-    and nearly the same time) leaves them as they are.
-    """
-
-    fixed: float
-    rate: float
-    measured: bool = False
-
-    def add(self, units: float, held: float) -> None:
-        self.fixed = min(self.fixed, held) if self.measured else held
-        self.measured = True
-        beyond = held - self.fixed
-        if beyond <= 0.1 * held:
-            return
-        rate = units / beyond
-        weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
-        self.rate += weight * (rate - self.rate)
-
-    def seconds(self, units: float) -> float:
-        return self.fixed + units / self.rate
-
-
-@dataclass
 class SlicePlanner:
     """Chooses each slice's plan and size so it holds the lock about ``target`` seconds.
 
-    Costs are in "task units": for a slice, the task counts of its keys' agents plus a per-key
-    part (``KEY_BASE_COST``). ``scan_seconds`` predicts a hash slice's fixed part before one
-    ran; a plan is dropped when it cannot work (a hash scan that alone passes the target, a
-    cancelled slice that could not be smaller, or settings that do not reach the function).
+    Costs are in "task units": the task counts of a slice's keys' agents plus a per-key part
+    (``KEY_BASE_COST``). A hash slice also pays its whole scans (``scan_seconds`` predicts
+    them before one ran). A plan is dropped when it cannot work (a hash scan that alone passes
+    the target, a cancelled slice that could not be smaller, settings that do not reach the
+    function).
     """
 
     target: float
     scan_seconds: float
     gap: float = SLICE_GAP_SECONDS
-    nestloop_rate: float = PRIOR_RATE[Plan.NESTLOOP]
-    hash_fit: _HashFit | None = None
-    measured_plans: set[Plan] = field(default_factory=set)
     usable: set[Plan] = field(default_factory=lambda: {Plan.NESTLOOP, Plan.HASH})
-    largest: dict[Plan, float] = field(default_factory=dict)
-    ceiling: dict[Plan, float] = field(default_factory=dict)
+    rates: dict[Plan, Rate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.hash_fit is None:
-            self.hash_fit = _HashFit(fixed=self.scan_seconds, rate=PRIOR_RATE[Plan.HASH])
+        self.rates = {
+            Plan.NESTLOOP: Rate(self.target, PRIOR_RATE[Plan.NESTLOOP]),
+            Plan.HASH: Rate(self.target, PRIOR_RATE[Plan.HASH], self.scan_seconds, scans=True),
+        }
         if self.scan_seconds > self.target:
             self.usable.discard(Plan.HASH)
 
+    @property
+    def nestloop_rate(self) -> float:
+        return self.rates[Plan.NESTLOOP].rate
+
     def seconds(self, plan: Plan, units: float) -> float:
-        assert self.hash_fit is not None
-        if plan == Plan.HASH:
-            return self.hash_fit.seconds(units)
-        return units / self.nestloop_rate
+        return self.rates[plan].seconds(units)
 
     def limit(
         self, plan: Plan, probe_units: float, backlog_units: float, *, grow: bool = True
     ) -> float:
-        """The task units of our keys the next slice of ``plan`` may take (at least 1).
-
-        With ``grow`` (the slice that will run) a slice is at most ``MAX_SLICE_GROWTH`` times
-        the largest of its plan so far; without it (comparing the plans) it is what the
-        measured rate allows, so a plan that has not run big slices yet is not judged by its
-        small first one.
-        """
-        assert self.hash_fit is not None
-        if plan not in self.measured_plans:
-            wanted = probe_units
-        elif plan == Plan.HASH:
-            wanted = (self.target - self.hash_fit.fixed) * self.hash_fit.rate
-        else:
-            wanted = self.target * self.nestloop_rate
-        wanted -= backlog_units
-        if grow and plan in self.largest:
-            wanted = min(wanted, self.largest[plan] * MAX_SLICE_GROWTH)
-        if plan in self.ceiling:
-            wanted = min(wanted, self.ceiling[plan])
-        return max(1.0, wanted)
+        """The task units of our keys the next slice of ``plan`` may take (at least 1)."""
+        return self.rates[plan].limit(probe_units, backlog_units, grow=grow)
 
     def next_to_probe(self) -> Plan | None:
         """A usable plan not measured yet: each is tried once on a small slice first."""
         for plan in (Plan.NESTLOOP, Plan.HASH):
-            if plan in self.usable and plan not in self.measured_plans:
+            if plan in self.usable and not self.rates[plan].measured:
                 return plan
         return None
 
     def measured(self, plan: Plan, units: float, held: float) -> None:
-        assert self.hash_fit is not None
-        self.largest[plan] = max(self.largest.get(plan, 0.0), units)
-        if plan == Plan.HASH:
-            self.hash_fit.add(units, held)
-        else:
-            rate = units / max(held, 1e-3)
-            if plan not in self.measured_plans:
-                self.nestloop_rate = rate
-            else:
-                weight = RATE_SLOWER_WEIGHT if rate < self.nestloop_rate else RATE_FASTER_WEIGHT
-                self.nestloop_rate += weight * (rate - self.nestloop_rate)
-        self.measured_plans.add(plan)
+        self.rates[plan].add(units, held)
 
     def cancelled(self, plan: Plan, units: float, keys: int, *, smallest: bool = False) -> None:
-        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan.
-
-        A plan is dropped when the slice could not have been smaller (one key, or one stamp
-        that many keys share), and a hash plan when its first (small) slice did not fit: its
-        whole scans alone pass the cap.
-        """
-        if smallest or keys <= 1 or (plan == Plan.HASH and plan not in self.measured_plans):
+        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan when the
+        slice could not have been smaller, or was a hash plan's first (its scans alone do not
+        fit)."""
+        if smallest or keys <= 1 or (plan == Plan.HASH and not self.rates[plan].measured):
             self.usable.discard(plan)
             return
-        self.ceiling[plan] = max(1.0, units / 2)
-        if plan == Plan.NESTLOOP:
-            self.nestloop_rate = min(self.nestloop_rate, units / 2 / self.target)
-        self.measured_plans.add(plan)
+        self.rates[plan].cancelled(units)
 
-    def plan_did_not_apply(self, plan: Plan) -> None:
-        self.usable.discard(plan)
+    def best(self, speed: Callable[[Plan], float]) -> Plan:
+        """The plan to run next: one not measured yet, else the one of most keys per second
+        of wall time (``speed(plan)``)."""
+        probe = self.next_to_probe()
+        return probe or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
 
 
 def slice_units(
@@ -322,33 +230,12 @@ def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     """
     if plan_applied(piece):
         return piece
-    planner.plan_did_not_apply(Plan(piece.plan))
+    planner.usable.discard(Plan(piece.plan))
     logger.warning(
         "enable_nestloop = off did not reach the rollup function's statements (no whole "
         "scan of task_usage); using its default plan from now on"
     )
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
-
-
-def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
-    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
-    log_event(
-        logger,
-        logging.DEBUG,
-        "rollup_slice",
-        f"{what}, {piece.plan} plan: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} "
-        f"held {piece.lock_held_seconds:.3f}s",
-        keys=piece.keys,
-        keys_done=done,
-        keys_total=total,
-        plan=str(piece.plan),
-        tasks=piece.tasks,
-        backlog=piece.backlog,
-        rows=piece.rows,
-        rollup_rows=piece.rollup_rows,
-        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
-        lock_held_seconds=round(piece.lock_held_seconds, 6),
-    )
 
 
 class _PlannedSlicer(Slicer):
@@ -428,31 +315,33 @@ DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 # taking them for a handful (nested loops over every entry).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The hourly keys of the rows some runs changed that still carry the run's stamp (a row written
-# since is found by the platform's own window), one row per (stamp, key). A table of its own,
-# analyzed before the next statement joins it: the estimate of the join that finds the rows
-# (on id and stamp, two correlated conditions) is a single row, and a plan built on that
-# walks every task of every key's agent once per key.
+# The rows some runs changed and did not revert, joined to their hourly key; ``{match}`` says
+# which (those still carrying the run's stamp, or those rewritten since), ``{only_hour}`` may
+# keep one bucket hour's (the own path's fallback for an hour too big for its slices).
+RUN_ROWS = """{journal} j
+JOIN {task_usage} tu ON tu.id = j.usage_id {match}
+{key_joins}
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND {has_key} {only_hour}"""
+STAMPED = "AND tu.updated_at = j.new_updated_at"
+REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
+ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
+
+
+def from_run_rows(template: str, match: str, hour: datetime | None = None) -> str:
+    """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
+    return compose(template, match=match, only_hour=ONLY_HOUR[hour is not None], run_rows=RUN_ROWS)
+
+
+# One row per (stamp, key) of the rows still carrying a run's stamp (a row written since is
+# found by the platform's own window). A table of its own, analyzed before the next statement
+# joins it: the estimate of the join that finds the rows (on id and stamp, two correlated
+# conditions) is a single row, and a plan built on that walks every task of every key's agent
+# once per key.
 STAMPED_KEYS_TABLE = "pg_temp.codex_rollup_stamped_keys"
 CREATE_STAMPED_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
-SELECT DISTINCT j.new_updated_at AS stamp,
-       {bucket_hour} AS bucket_hour, a.workspace_id, q.runtime_id, q.agent_id,
-       i.project_id, tu.provider, tu.model
-FROM {journal} j
-JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
-JOIN {agent_task_queue} q ON q.id = tu.task_id
-JOIN {agent} a ON a.id = q.agent_id
-LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-  {only_hour}"""
+SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
 ANALYZE_STAMPED_KEYS_SQL = f"ANALYZE {STAMPED_KEYS_TABLE}"
-
-# Every key of the runs, or (the own path's fallback) those of one bucket hour.
-ONLY_HOUR = {
-    False: "",
-    True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s",
-}
 
 # The task count of each agent of some keys: a key's rollup cost grows with it.
 AGENT_TASKS_SQL = """
@@ -589,26 +478,21 @@ class StampSlices(_PlannedSlicer):
             return int(cursor.fetchone()[0])
 
     def _choose(self, backlog: int) -> tuple[Plan, _Span]:
-        """The plan and the stamps of the next slice: the most keys per second of wall time."""
-        probe = self.planner.next_to_probe()
-        plans = [probe] if probe is not None else sorted(self.planner.usable)
-        best: tuple[float, Plan, float, float] | None = None
-        for plan in plans:
-            base = KEY_BASE_COST[plan]
+        """The plan and the stamps of the next slice: each plan judged at the size its
+        measured rate allows, the chosen one run at the size growth allows."""
+
+        def limit(plan: Plan, grow: bool) -> float:
+            probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + KEY_BASE_COST[plan])
             backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
-            probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + base)
-            # Judged at the size its measured rate allows, run at the size growth allows.
-            judged = self._span(
-                base, self.planner.limit(plan, probe_units, backlog_units, grow=False)
-            )
+            return self.planner.limit(plan, probe_units, backlog_units, grow=grow)
+
+        def speed(plan: Plan) -> float:
+            judged = self._span(KEY_BASE_COST[plan], limit(plan, False))
             units = slice_units(plan, judged.keys, judged.tasks, backlog, self.mean_tasks)
-            speed = judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
-            if best is None or speed > best[0]:
-                best = (speed, plan, probe_units, backlog_units)
-        assert best is not None
-        _, plan, probe_units, backlog_units = best
-        limit = self.planner.limit(plan, probe_units, backlog_units)
-        return plan, self._span(KEY_BASE_COST[plan], limit)
+            return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        plan = self.planner.best(speed)
+        return plan, self._span(KEY_BASE_COST[plan], limit(plan, True))
 
     def _span(self, base: int, limit: float) -> _Span:
         with connection.cursor() as cursor:
@@ -638,22 +522,12 @@ class StampSlices(_PlannedSlicer):
 
 # Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
 # no window of stamps finds them, so they are queued and drained like the revert's, in chunks
-# the planner sizes. Usually few: the platform's next tick would reach them too, but the run's
-# keys are right when it ends, and --verify can say so at once.
+# the planner sizes. Usually few, but the run's keys are right when it ends.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
-KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
 REWRITTEN_KEYS_TABLE = "pg_temp.codex_rollup_rewritten_keys"
 CREATE_REWRITTEN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
-SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-       q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
-FROM {journal} j
-JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.new_updated_at
-JOIN {agent_task_queue} q ON q.id = tu.task_id
-JOIN {agent} a ON a.id = q.agent_id
-LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-  {only_hour}"""
+SELECT DISTINCT {row_key} FROM {run_rows}"""
 ANALYZE_REWRITTEN_KEYS_SQL = f"ANALYZE {REWRITTEN_KEYS_TABLE}"
 CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
@@ -666,8 +540,8 @@ REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {R
 # and their agents' tasks.
 ENQUEUE_REWRITTEN_SQL = f"""
 WITH queued AS (
-    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_COLUMNS}, enqueued_at)
-    SELECT {KEY_COLUMNS}, clock_timestamp() FROM {REWRITTEN_TABLE}
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({{key_columns}}, enqueued_at)
+    SELECT {{key_columns}}, clock_timestamp() FROM {REWRITTEN_TABLE}
     WHERE seq > %(after)s AND seq <= %(upto)s
     ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
     DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
@@ -679,7 +553,8 @@ SELECT (SELECT max(enqueued_at) FROM queued),
 
 
 class QueueDrainer(_PlannedSlicer):
-    """Rebuilds keys another statement queued, one slice per call.
+    """The function path: rebuilds keys another statement queued, one slice per ``drain``,
+    or every key of some runs (``rebuild``).
 
     The caller queued keys up to ``enqueued_until`` and tells their count and task units; the
     planner picks the plan, and says how much the next batch of keys may cost. ``label`` names
@@ -699,21 +574,33 @@ class QueueDrainer(_PlannedSlicer):
 
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
-        plan = self.planner.next_to_probe() or self._best_plan(mean_tasks)
+        plan = self._best_plan(mean_tasks)
         per_key = mean_tasks + KEY_BASE_COST[plan]
-        limit = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0)
-        return max(1, int(limit / per_key))
+        return max(1, int(self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0) / per_key))
+
+    def batch_entries(self, entries: int, keys: int, tasks: int) -> float:
+        """How many journal entries the revert's next batch may take (before its caps)."""
+        return self.next_keys(tasks / keys) * entries / keys
+
+    def rebuild(
+        self,
+        run_ids: Sequence[int],
+        should_stop: Callable[[], bool],
+        on_slice: Callable[[RollupSlice, int, int], None] | None,
+        on_wait: Callable[[str, float], None] | None,
+        hour: datetime | None = None,
+    ) -> bool:
+        """Every key of the runs (see ``rebuild_by_function``); always True."""
+        rebuild_by_function(run_ids, self, should_stop, on_slice, on_wait, hour)
+        return True
 
     def _best_plan(self, mean_tasks: float) -> Plan:
-        best: tuple[float, Plan] | None = None
-        for plan in sorted(self.planner.usable):
+        def speed(plan: Plan) -> float:
             per_key = mean_tasks + KEY_BASE_COST[plan]
             units = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0, grow=False)
-            keys = units / per_key
-            speed = keys / (self.planner.seconds(plan, units) + self.planner.gap)
-            if best is None or speed > best[0]:
-                best = (speed, plan)
-        return best[1] if best else Plan.NESTLOOP
+            return units / per_key / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        return self.planner.best(speed)
 
     def drain(
         self,
@@ -732,7 +619,7 @@ class QueueDrainer(_PlannedSlicer):
         self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
         mean_tasks = tasks / keys if keys else 0.0
         window = (enqueued_until, enqueued_until + timedelta(microseconds=1))
-        plans = [self.planner.next_to_probe() or self._best_plan(mean_tasks)]
+        plans = [self._best_plan(mean_tasks)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
         for plan in plans:
             try:
@@ -755,32 +642,27 @@ class QueueDrainer(_PlannedSlicer):
 
 def _rebuild_rewritten(
     run_ids: Sequence[int],
-    limits: SliceLimits,
-    neighbours: NeighbourOptions,
-    result: RollupResult,
+    drainer: QueueDrainer,
     should_stop: Callable[[], bool],
     on_wait: Callable[[str, float], None] | None,
     hour: datetime | None = None,
 ) -> None:
     with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, limits.lock_timeout, 0)
+        set_local_timeouts(cursor, drainer.limits.lock_timeout, 0)
         cursor.execute(DROP_REWRITTEN_TABLE_SQL)
         cursor.execute(
-            compose(CREATE_REWRITTEN_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
+            from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, hour),
             {"run_ids": list(run_ids), "hour": hour},
         )
         cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
         cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
         cursor.execute(REWRITTEN_TOTAL_SQL)
         total, tasks = cursor.fetchone()
-    if not total:
-        return
-    result.keys_total += total
-    drainer = QueueDrainer(limits, neighbours, label="rewritten keys drain", result=result)
+    drainer.result.keys_total += total
     done = 0
     while done < total:
         if should_stop():
-            result.stopped = True
+            drainer.result.stopped = True
             return
         upto = min(total, done + drainer.next_keys(tasks / total))
         with transaction.atomic(), connection.cursor() as cursor:
@@ -788,14 +670,11 @@ def _rebuild_rewritten(
             latest, chunk_tasks = cursor.fetchone()
         drainer.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
         done = upto
-    drainer.finish()
 
 
 def rebuild_by_function(
     run_ids: Sequence[int],
-    limits: SliceLimits,
-    neighbours: NeighbourOptions,
-    result: RollupResult,
+    drainer: QueueDrainer,
     should_stop: Callable[[], bool],
     on_slice: Callable[[RollupSlice, int, int], None] | None,
     on_wait: Callable[[str, float], None] | None,
@@ -803,10 +682,11 @@ def rebuild_by_function(
 ) -> None:
     """Rebuild every hourly key of the rows the runs changed through the platform's function.
 
-    Slices of stamps first, then the keys of rows rewritten since; stops between slices when
-    ``should_stop()`` says so (``result.stopped``). With ``hour``, only that bucket hour's
-    keys (the own path's fallback for an hour too big for one of its slices).
+    Slices of stamps first, then the keys of rows rewritten since (``drainer`` drains them);
+    stops between slices when ``should_stop()`` says so (``result.stopped``). With ``hour``,
+    only that bucket hour's keys (the own path's fallback for an hour too big for a slice).
     """
+    limits, result = drainer.limits, drainer.result
     # One pass over the runs' journal, as long as it takes (it holds no lock another writer
     # waits for): the session's statement_timeout would end it at scale.
     with transaction.atomic(), connection.cursor() as cursor:
@@ -815,7 +695,7 @@ def rebuild_by_function(
         cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
         cursor.execute(compose(ANALYZE_JOURNAL_SQL))
         cursor.execute(
-            compose(CREATE_STAMPED_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
+            from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour),
             {"run_ids": list(run_ids), "hour": hour},
         )
         cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
@@ -825,11 +705,11 @@ def rebuild_by_function(
     result.keys_total += keys
     try:
         if stamps:
-            StampSlices(limits, neighbours, result, stamps, tasks / keys).run(
+            StampSlices(limits, drainer.neighbours, result, stamps, tasks / keys).run(
                 should_stop, on_slice, on_wait
             )
         if not result.stopped:
-            _rebuild_rewritten(run_ids, limits, neighbours, result, should_stop, on_wait, hour)
+            _rebuild_rewritten(run_ids, drainer, should_stop, on_wait, hour)
     finally:
         drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
         drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)

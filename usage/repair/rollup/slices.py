@@ -1,20 +1,6 @@
-"""One rollup slice: a short transaction holding lock 4246, and the room left to neighbours.
-
-Every writer of ``task_usage_hourly`` on the platform serializes on advisory lock 4246: the
-cron tick (a try-lock: it silently skips a tick when the lock is taken), workspace deletion
-(waits 10 s, then fails) and the repair. Both of the repair's paths (``recompute``, the
-tool's own, and ``function``, the platform's) therefore rebuild keys in slices:
-
-* **A slice is one transaction** that takes ``pg_advisory_xact_lock(4246)`` (transaction
-  level: it can never leak) and does its work; the server-side ``statement_timeout`` of each
-  statement is what is left of ``--max-rollup-lock-seconds`` + ``LOCK_CAP_SLACK_SECONDS``
-  since the lock was taken, less room for the commit, so no hold passes that cap, whatever
-  the planner does. A slice the server cancels is ``SliceCancelled`` (its hold is timed).
-* **Room for neighbours** (``Slicer``): the lock stays free for ``SLICE_GAP_SECONDS`` after
-  every slice, so a try-lock caller gets it; while the platform's cron tick is due no slice
-  starts (``usage.cron.TickWatcher``); a stop request ends the rebuild between slices.
-* **Progress or stop**: a slice cancelled ``MAX_CANCELLED_IN_A_ROW`` times in a row ends the
-  rebuild with ``RollupError`` (the run's rollup stays pending), never an endless retry.
+"""One rollup slice: a short transaction holding lock 4246, the budget that bounds it, the room
+left to the lock's other users (the cron tick, try-lock callers, a stop request), and the rate
+learner that sizes the next slice.
 """
 
 from __future__ import annotations
@@ -37,6 +23,7 @@ from usage.db import (
     set_local_timeouts,
     sqlstate,
 )
+from usage.events import log_event
 
 logger = logging.getLogger("usage.rollup")
 
@@ -304,3 +291,85 @@ class Slicer:
     def finish(self) -> None:
         self.result.cron_waits += self.ticks.waits
         self.result.cron_wait_seconds += self.ticks.waited_seconds
+
+
+# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
+RATE_SLOWER_WEIGHT = 1.0
+RATE_FASTER_WEIGHT = 0.3
+
+
+@dataclass
+class Rate:
+    """One kind of slice's measured speed, in units of work per second of hold, and its size.
+
+    A slowdown is believed at once, a speed-up gradually; a slice grows at most
+    ``MAX_SLICE_GROWTH``-fold, and a cancelled one halves the ceiling. With ``scans`` a slice
+    also pays a fixed part (whole scans): the shortest slice seen, or ``fixed`` before one ran.
+    """
+
+    target: float
+    rate: float
+    fixed: float = 0.0
+    scans: bool = False
+    measured: bool = False
+    largest: float = 0.0
+    ceiling: float | None = None
+
+    def seconds(self, units: float) -> float:
+        return self.fixed + units / self.rate
+
+    def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
+        """The units the next slice may take: ``first`` until one was measured, less
+        ``less``. Without ``grow`` (comparing kinds) a slice is what the rate allows."""
+        wanted = (self.target - self.fixed) * self.rate if self.measured else first
+        wanted -= less
+        if grow and self.largest:
+            wanted = min(wanted, self.largest * MAX_SLICE_GROWTH)
+        if self.ceiling is not None:
+            wanted = min(wanted, self.ceiling)
+        return max(1.0, wanted)
+
+    def add(self, units: float, held: float) -> None:
+        """A slice of ``units`` held the lock ``held`` seconds."""
+        first = not self.measured
+        self.measured = True
+        self.largest = max(self.largest, units)
+        if self.scans:
+            self.fixed = held if first else min(self.fixed, held)
+            if held - self.fixed <= 0.1 * held:
+                return  # nearly all fixed: says nothing of the rate
+            held -= self.fixed
+        rate = units / max(held, 1e-3)
+        if first:
+            self.rate = rate
+        else:
+            weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
+            self.rate += weight * (rate - self.rate)
+
+    def cancelled(self, units: float) -> None:
+        """A slice of ``units`` hit the cap: believe half of it fits."""
+        self.ceiling = max(1.0, units / 2)
+        if not self.scans:
+            self.rate = min(self.rate, units / 2 / self.target)
+            self.measured = True
+
+
+def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
+    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
+    log_event(
+        logger,
+        logging.DEBUG,
+        "rollup_slice",
+        f"{what}, {piece.plan} plan: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} "
+        f"held {piece.lock_held_seconds:.3f}s",
+        keys=piece.keys,
+        keys_done=done,
+        keys_total=total,
+        plan=str(piece.plan),
+        tasks=piece.tasks,
+        backlog=piece.backlog,
+        rows=piece.rows,
+        rollup_rows=piece.rollup_rows,
+        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+        lock_held_seconds=round(piece.lock_held_seconds, 6),
+    )
