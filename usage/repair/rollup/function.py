@@ -238,67 +238,15 @@ def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
 
 
-class _PlannedSlicer(Slicer):
-    """A slicer whose slices are calls of the function, planned by a ``SlicePlanner``."""
-
-    def __init__(
-        self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
-    ) -> None:
-        super().__init__(limits, neighbours, result)
-        self.planner = SlicePlanner(
-            target=limits.target, scan_seconds=predict_scan_seconds(), gap=neighbours.gap
-        )
-
-    def _cancelled(
-        self,
-        exc: SliceCancelled,
-        plan: Plan,
-        units: float,
-        keys: int,
-        *,
-        smallest: bool,
-        what: str,
-    ) -> None:
-        """The planner learns from a cancelled slice; the slicer counts it (and may stop)."""
-        self.planner.cancelled(plan, units, keys, smallest=smallest)
-        if not self.planner.usable:
-            self.result.cancelled_holds.append(exc.held)
-            raise RollupError(
-                f"{what} could not be rebuilt within the lock budget ({self.limits.cap:g}s) "
-                "with either plan; the run's rollup stays pending: re-run the same command "
-                "with a larger --max-rollup-lock-seconds to rebuild the rest"
-            ) from exc
-        self.cancelled(exc, what)
-
-    def _settled(
-        self,
-        piece: RollupSlice,
-        keys: int,
-        tasks: int,
-        backlog: int = 0,
-        mean_tasks: float = 0.0,
-    ) -> RollupSlice:
-        """The slice as it ran, measured by the planner and added to the result."""
-        piece = _checked(
-            dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog), self.planner
-        )
-        ran = Plan(piece.plan)
-        units = slice_units(ran, keys, tasks, backlog, mean_tasks)
-        self.planner.measured(ran, units, piece.lock_held_seconds)
-        self.settled(piece)
-        return piece
-
-
-# -- the repair's slices of stamps ------------------------------------------------------------
+# -- the repair's slices of stamps, the rewritten keys, the drains ---------------------------
 
 # The repair stamps every row of one hourly key with the same updated_at, one microsecond per
-# key (see usage.repair.backfill): a range of stamps is a range of keys, and a rollup call over
-# the window from the first stamp to just after the last rebuilds exactly them (plus any row
-# someone else wrote in that window: more work, never less). The queue is not written.
+# key (usage.repair.backfill): a call over the window from a slice's first stamp to just after
+# its last rebuilds exactly those keys (plus any row someone else wrote in that window).
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
-# A slice's window never spans a gap wider than this between two stamps: between runs, or
-# the batches of a run of an earlier version, other writers' rows would fill it.
+# A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
+MICROSECOND = timedelta(microseconds=1)
 
 CREATE_STAMPS_TABLE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
@@ -310,14 +258,13 @@ CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
 ) ON COMMIT PRESERVE ROWS"""
 TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
 DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
-
 # The run just added its rows to the journal: fresh statistics keep the plans below from
 # taking them for a handful (nested loops over every entry).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The rows some runs changed and did not revert, joined to their hourly key; ``{match}`` says
-# which (those still carrying the run's stamp, or those rewritten since), ``{only_hour}`` may
-# keep one bucket hour's (the own path's fallback for an hour too big for its slices).
+# The rows some runs changed and did not revert, joined to their hourly key: ``{match}`` keeps
+# those still carrying the run's stamp or those rewritten since; ``{only_hour}`` one bucket
+# hour's (the own path's fallback for an hour too big for its slices).
 RUN_ROWS = """{journal} j
 JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 {key_joins}
@@ -326,38 +273,26 @@ STAMPED = "AND tu.updated_at = j.new_updated_at"
 REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
 ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
 
-
-def from_run_rows(template: str, match: str, hour: datetime | None = None) -> str:
-    """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
-    return compose(template, match=match, only_hour=ONLY_HOUR[hour is not None], run_rows=RUN_ROWS)
-
-
-# One row per (stamp, key) of the rows still carrying a run's stamp (a row written since is
-# found by the platform's own window). A table of its own, analyzed before the next statement
-# joins it: the estimate of the join that finds the rows (on id and stamp, two correlated
-# conditions) is a single row, and a plan built on that walks every task of every key's agent
-# once per key.
-STAMPED_KEYS_TABLE = "pg_temp.codex_rollup_stamped_keys"
+# One row per (stamp, key), in a table analyzed before the next statement joins it: the
+# estimate of the join on id and stamp (two correlated conditions) is a single row, and a plan
+# built on that walks every task of every key's agent once per key.
 CREATE_STAMPED_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
 SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
-ANALYZE_STAMPED_KEYS_SQL = f"ANALYZE {STAMPED_KEYS_TABLE}"
-
 # The task count of each agent of some keys: a key's rollup cost grows with it.
-AGENT_TASKS_SQL = """
-SELECT t.agent_id, count(*) AS tasks
-FROM {{agent_task_queue}} t
-WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys})
-GROUP BY t.agent_id"""
-
-# The stamps in time order, each with its keys and their agents' task counts as running
-# totals, and a segment number that grows at every gap wider than MAX_WINDOW_GAP.
+AGENT_TASKS = """agent_tasks AS MATERIALIZED (
+    SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
+    WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
+)"""
+# The stamps in time order, with their keys and their agents' tasks as running totals, and a
+# segment number that grows at every gap wider than MAX_WINDOW_GAP.
+ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
 FILL_STAMPS_TABLE_SQL = f"""
-WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=STAMPED_KEYS_TABLE)}),
+WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
 stamps AS (
     SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
            k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
-    FROM {STAMPED_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)
+    FROM pg_temp.codex_rollup_stamped_keys k JOIN agent_tasks t USING (agent_id)
     GROUP BY k.stamp
 )
 INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
@@ -367,15 +302,12 @@ SELECT row_number() OVER w, stamp,
        sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
 FROM stamps
 WINDOW w AS (ORDER BY stamp)"""
-
-NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
 STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
-
+NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
 # The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
 # ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
-# The keyset scan stops at the first stamp over the limit or past the segment.
 NEXT_SLICE_SQL = f"""
 WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
 SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
@@ -392,152 +324,21 @@ WHERE s.seq = greatest(
     )
 )"""
 
-
-@dataclass(frozen=True)
-class _Span:
-    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
-
-    after: int
-    upto: int
-    keys: int
-    tasks: int
-    window_from: datetime
-    window_to: datetime
-
-
-class StampSlices(_PlannedSlicer):
-    """The function path's slice loop over the runs' stamps: plan, wait, run, learn."""
-
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions,
-        result: RollupResult,
-        total: int,
-        mean_tasks: float,
-    ) -> None:
-        super().__init__(limits, neighbours, result)
-        self.total = total
-        self.mean_tasks = mean_tasks
-        self.done = self.done_keys = self.done_tasks = 0
-
-    def run(
-        self,
-        should_stop: Callable[[], bool],
-        on_slice: Callable[[RollupSlice, int, int], None] | None,
-        on_wait: Callable[[str, float], None] | None,
-    ) -> None:
-        keys_total = self.result.keys_total
-        while self.done < self.total:
-            if not self.may_start(should_stop, on_wait):
-                break
-            backlog = self._backlog()
-            plan, span = self._choose(backlog)
-            try:
-                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
-            except SliceCancelled as exc:
-                units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
-                what = (
-                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
-                    f"({plan} plan"
-                    + (f", {backlog} queued keys drained with it" if backlog else "")
-                    + ")"
-                )
-                self._cancelled(
-                    exc, plan, units, span.keys, smallest=span.upto == span.after + 1, what=what
-                )
-                continue
-            piece = self._settled(piece, span.keys, span.tasks, backlog, self.mean_tasks)
-            self.done = span.upto
-            self.done_keys += span.keys
-            self.done_tasks += span.tasks
-            if on_slice is not None:
-                on_slice(piece, self.done_keys, keys_total)
-            log_slice(
-                piece,
-                f"rollup slice: {span.keys} keys ({self.done_keys}/{keys_total})",
-                self.done_keys,
-                keys_total,
-            )
-            if self.done < self.total:
-                self.leave_a_gap()
-        self.finish()
-
-    def _backlog(self) -> int:
-        """Keys others queued before the next window ends: its call rebuilds them too.
-
-        Normally none: the repair's stamps are below the cron's watermark, and the cron tick
-        drains what was queued before its own window's end.
-        """
-        with connection.cursor() as cursor:
-            cursor.execute(NEXT_STAMP_SQL, [self.done + 1])
-            (first,) = cursor.fetchone()
-            cursor.execute(
-                compose(BACKLOG_SQL), {"before": first + MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
-            )
-            return int(cursor.fetchone()[0])
-
-    def _choose(self, backlog: int) -> tuple[Plan, _Span]:
-        """The plan and the stamps of the next slice: each plan judged at the size its
-        measured rate allows, the chosen one run at the size growth allows."""
-
-        def limit(plan: Plan, grow: bool) -> float:
-            probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + KEY_BASE_COST[plan])
-            backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
-            return self.planner.limit(plan, probe_units, backlog_units, grow=grow)
-
-        def speed(plan: Plan) -> float:
-            judged = self._span(KEY_BASE_COST[plan], limit(plan, False))
-            units = slice_units(plan, judged.keys, judged.tasks, backlog, self.mean_tasks)
-            return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
-
-        plan = self.planner.best(speed)
-        return plan, self._span(KEY_BASE_COST[plan], limit(plan, True))
-
-    def _span(self, base: int, limit: float) -> _Span:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                NEXT_SLICE_SQL,
-                {
-                    "after": self.done,
-                    "done_keys": self.done_keys,
-                    "done_tasks": self.done_tasks,
-                    "base": base,
-                    "limit": int(limit),
-                    "total": self.total,
-                },
-            )
-            upto, keys_to, tasks_to, first, last = cursor.fetchone()
-        return _Span(
-            after=self.done,
-            upto=int(upto),
-            keys=int(keys_to) - self.done_keys,
-            tasks=int(tasks_to) - self.done_tasks,
-            window_from=first,
-            window_to=last + timedelta(microseconds=1),
-        )
-
-
-# -- keys rewritten since, and the revert's drains ----------------------------------------
-
 # Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
-# no window of stamps finds them, so they are queued and drained like the revert's, in chunks
-# the planner sizes. Usually few, but the run's keys are right when it ends.
+# no window of stamps finds them, so they are queued and drained like the revert's.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
-REWRITTEN_KEYS_TABLE = "pg_temp.codex_rollup_rewritten_keys"
 CREATE_REWRITTEN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
 SELECT DISTINCT {row_key} FROM {run_rows}"""
-ANALYZE_REWRITTEN_KEYS_SQL = f"ANALYZE {REWRITTEN_KEYS_TABLE}"
+ANALYZE_REWRITTEN_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_rewritten_keys"
 CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
-WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=REWRITTEN_KEYS_TABLE)})
+WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_rewritten_keys")}
 SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
-FROM {REWRITTEN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)"""
+FROM pg_temp.codex_rollup_rewritten_keys k JOIN agent_tasks t USING (agent_id)"""
 DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
 REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
-# Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got
-# and their agents' tasks.
+# Queue keys (after, upto] as the platform does; the latest enqueued_at and their tasks.
 ENQUEUE_REWRITTEN_SQL = f"""
 WITH queued AS (
     INSERT INTO {{task_usage_hourly_dirty}} AS d ({{key_columns}}, enqueued_at)
@@ -552,13 +353,29 @@ SELECT (SELECT max(enqueued_at) FROM queued),
         WHERE seq > %(after)s AND seq <= %(upto)s)"""
 
 
-class QueueDrainer(_PlannedSlicer):
-    """The function path: rebuilds keys another statement queued, one slice per ``drain``,
-    or every key of some runs (``rebuild``).
+def from_run_rows(template: str, match: str, hour: datetime | None = None) -> str:
+    """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
+    only_hour = ONLY_HOUR[hour is not None]
+    return compose(template, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
 
-    The caller queued keys up to ``enqueued_until`` and tells their count and task units; the
-    planner picks the plan, and says how much the next batch of keys may cost. ``label`` names
-    the drains in the log ("revert drain", "rewritten keys drain").
+
+@dataclass(frozen=True)
+class _Span:
+    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
+
+    after: int
+    upto: int
+    keys: int
+    tasks: int
+    window_from: datetime
+    window_to: datetime
+
+
+class QueueDrainer(Slicer):
+    """The function path: keys another statement queued, one slice per ``drain``, or every
+    key of some runs (``rebuild``), each call planned by one ``SlicePlanner``.
+
+    ``label`` names the drains in the log ("revert drain", "rewritten keys drain").
     """
 
     def __init__(
@@ -569,8 +386,12 @@ class QueueDrainer(_PlannedSlicer):
         label: str = "revert drain",
         result: RollupResult | None = None,
     ) -> None:
-        super().__init__(limits, neighbours or NeighbourOptions(), result or RollupResult())
+        neighbours = neighbours or NeighbourOptions()
+        super().__init__(limits, neighbours, result or RollupResult())
         self.label = label
+        self.planner = SlicePlanner(limits.target, predict_scan_seconds(), neighbours.gap)
+
+    # -- the revert's drains, and the rewritten keys' --------------------------------------
 
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
@@ -581,18 +402,6 @@ class QueueDrainer(_PlannedSlicer):
     def batch_entries(self, entries: int, keys: int, tasks: int) -> float:
         """How many journal entries the revert's next batch may take (before its caps)."""
         return self.next_keys(tasks / keys) * entries / keys
-
-    def rebuild(
-        self,
-        run_ids: Sequence[int],
-        should_stop: Callable[[], bool],
-        on_slice: Callable[[RollupSlice, int, int], None] | None,
-        on_wait: Callable[[str, float], None] | None,
-        hour: datetime | None = None,
-    ) -> bool:
-        """Every key of the runs (see ``rebuild_by_function``); always True."""
-        rebuild_by_function(run_ids, self, should_stop, on_slice, on_wait, hour)
-        return True
 
     def _best_plan(self, mean_tasks: float) -> Plan:
         def speed(plan: Plan) -> float:
@@ -617,13 +426,11 @@ class QueueDrainer(_PlannedSlicer):
         says what to do.
         """
         self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
-        mean_tasks = tasks / keys if keys else 0.0
-        window = (enqueued_until, enqueued_until + timedelta(microseconds=1))
-        plans = [self._best_plan(mean_tasks)]
+        plans = [self._best_plan(tasks / keys if keys else 0.0)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
         for plan in plans:
             try:
-                piece = run_slice(plan, self.limits, *window)
+                piece = run_slice(plan, self.limits, enqueued_until, enqueued_until + MICROSECOND)
             except SliceCancelled as exc:
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 self.cancelled(exc, f"{self.label} of {keys} keys ({plan} plan)")
@@ -639,77 +446,167 @@ class QueueDrainer(_PlannedSlicer):
             "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
         )
 
+    def _settled(
+        self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
+    ) -> RollupSlice:
+        """The slice as it ran, measured by the planner and added to the result."""
+        piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
+        piece = _checked(piece, self.planner)
+        units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)
+        self.planner.measured(Plan(piece.plan), units, piece.lock_held_seconds)
+        self.settled(piece)
+        return piece
 
-def _rebuild_rewritten(
-    run_ids: Sequence[int],
-    drainer: QueueDrainer,
-    should_stop: Callable[[], bool],
-    on_wait: Callable[[str, float], None] | None,
-    hour: datetime | None = None,
-) -> None:
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, drainer.limits.lock_timeout, 0)
-        cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-        cursor.execute(
-            from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, hour),
-            {"run_ids": list(run_ids), "hour": hour},
-        )
-        cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
-        cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
-        cursor.execute(REWRITTEN_TOTAL_SQL)
-        total, tasks = cursor.fetchone()
-    drainer.result.keys_total += total
-    done = 0
-    while done < total:
-        if should_stop():
-            drainer.result.stopped = True
-            return
-        upto = min(total, done + drainer.next_keys(tasks / total))
+    # -- the repair's rebuild --------------------------------------------------------------
+
+    def rebuild(
+        self,
+        run_ids: Sequence[int],
+        should_stop: Callable[[], bool],
+        on_slice: Callable[[RollupSlice, int, int], None] | None,
+        on_wait: Callable[[str, float], None] | None,
+        hour: datetime | None = None,
+    ) -> bool:
+        """Every hourly key of the rows the runs changed: slices of stamps, then the keys of
+        rows rewritten since; stops between slices when ``should_stop()`` says so
+        (``result.stopped``). With ``hour``, only that bucket hour's keys. Always True."""
+        params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
+        # One pass over the runs' journal, as long as it takes (it holds no lock another
+        # writer waits for): the session's statement_timeout would end it at scale.
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
-            latest, chunk_tasks = cursor.fetchone()
-        drainer.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
-        done = upto
+            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
+            cursor.execute(CREATE_STAMPS_TABLE_SQL)
+            cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
+            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
+            cursor.execute(from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params)
+            cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
+            cursor.execute(compose(FILL_STAMPS_TABLE_SQL), params)
+            cursor.execute(STAMPS_TOTAL_SQL)
+            stamps, keys, tasks = cursor.fetchone()
+        self.result.keys_total += keys
+        try:
+            if stamps:
+                self._stamp_slices(stamps, tasks / keys, should_stop, on_slice, on_wait)
+            if not self.result.stopped:
+                self._rewritten(params, should_stop, on_wait)
+        finally:
+            drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
+            drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
+        return True
 
+    def _stamp_slices(
+        self,
+        total: int,
+        mean: float,
+        should_stop: Callable[[], bool],
+        on_slice: Callable[[RollupSlice, int, int], None] | None,
+        on_wait: Callable[[str, float], None] | None,
+    ) -> None:
+        """Slices of stamps: plan, wait, run, learn."""
+        keys_total = self.result.keys_total
+        after = keys_done = tasks_done = 0
+        while after < total:
+            if not self.may_start(should_stop, on_wait):
+                return
+            backlog = self._backlog(after + 1)
+            plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
+            try:
+                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
+            except SliceCancelled as exc:
+                drained = f", {backlog} queued keys drained with it" if backlog else ""
+                what = (
+                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
+                    f"({plan} plan{drained})"
+                )
+                units = slice_units(plan, span.keys, span.tasks, backlog, mean)
+                smallest = span.upto == span.after + 1
+                self.planner.cancelled(plan, units, span.keys, smallest=smallest)
+                if not self.planner.usable:
+                    self.result.cancelled_holds.append(exc.held)
+                    raise RollupError(
+                        f"{what} could not be rebuilt within the lock budget "
+                        f"({self.limits.cap:g}s) with either plan; the run's rollup stays "
+                        "pending: re-run the same command with a larger "
+                        "--max-rollup-lock-seconds to rebuild the rest"
+                    ) from exc
+                self.cancelled(exc, what)
+                continue
+            piece = self._settled(piece, span.keys, span.tasks, backlog, mean)
+            after = span.upto
+            keys_done += span.keys
+            tasks_done += span.tasks
+            if on_slice is not None:
+                on_slice(piece, keys_done, keys_total)
+            what = f"rollup slice: {span.keys} keys ({keys_done}/{keys_total})"
+            log_slice(piece, what, keys_done, keys_total)
+            if after < total:
+                self.leave_a_gap()
 
-def rebuild_by_function(
-    run_ids: Sequence[int],
-    drainer: QueueDrainer,
-    should_stop: Callable[[], bool],
-    on_slice: Callable[[RollupSlice, int, int], None] | None,
-    on_wait: Callable[[str, float], None] | None,
-    hour: datetime | None = None,
-) -> None:
-    """Rebuild every hourly key of the rows the runs changed through the platform's function.
+    def _backlog(self, seq: int) -> int:
+        """Keys others queued before the window from stamp ``seq`` ends: its call rebuilds
+        them too. Normally none: the stamps are below the cron's watermark, and the cron tick
+        drains what was queued before its own window's end."""
+        with connection.cursor() as cursor:
+            cursor.execute(NEXT_STAMP_SQL, [seq])
+            before = cursor.fetchone()[0] + MAX_WINDOW_GAP
+            cursor.execute(compose(BACKLOG_SQL), {"before": before, "cap": BACKLOG_COUNT_CAP})
+            return int(cursor.fetchone()[0])
 
-    Slices of stamps first, then the keys of rows rewritten since (``drainer`` drains them);
-    stops between slices when ``should_stop()`` says so (``result.stopped``). With ``hour``,
-    only that bucket hour's keys (the own path's fallback for an hour too big for a slice).
-    """
-    limits, result = drainer.limits, drainer.result
-    # One pass over the runs' journal, as long as it takes (it holds no lock another writer
-    # waits for): the session's statement_timeout would end it at scale.
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, limits.lock_timeout, 0)
-        cursor.execute(CREATE_STAMPS_TABLE_SQL)
-        cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
-        cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(
-            from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour),
-            {"run_ids": list(run_ids), "hour": hour},
-        )
-        cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
-        cursor.execute(compose(FILL_STAMPS_TABLE_SQL), {"max_gap": MAX_WINDOW_GAP})
-        cursor.execute(STAMPS_TOTAL_SQL)
-        stamps, keys, tasks = cursor.fetchone()
-    result.keys_total += keys
-    try:
-        if stamps:
-            StampSlices(limits, drainer.neighbours, result, stamps, tasks / keys).run(
-                should_stop, on_slice, on_wait
-            )
-        if not result.stopped:
-            _rebuild_rewritten(run_ids, drainer, should_stop, on_wait, hour)
-    finally:
-        drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
-        drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
+    def _choose(
+        self, done: tuple[int, int, int], total: int, mean: float, backlog: int
+    ) -> tuple[Plan, _Span]:
+        """The plan and the stamps after ``done`` (stamps, keys, tasks) of the next slice:
+        each plan judged at the size its measured rate allows, run at the size growth allows."""
+        after, keys_done, tasks_done = done
+
+        def limit(plan: Plan, grow: bool) -> float:
+            probe_units = FIRST_SLICE_KEYS * (mean + KEY_BASE_COST[plan])
+            backlog_units = slice_units(plan, 0, 0, backlog, mean)
+            return self.planner.limit(plan, probe_units, backlog_units, grow=grow)
+
+        def span(plan: Plan, limit: float) -> _Span:
+            with connection.cursor() as cursor:
+                params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
+                params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
+                cursor.execute(NEXT_SLICE_SQL, params)
+                upto, keys_to, tasks_to, first, last = cursor.fetchone()
+            keys, tasks = int(keys_to) - keys_done, int(tasks_to) - tasks_done
+            return _Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
+
+        def speed(plan: Plan) -> float:
+            judged = span(plan, limit(plan, False))
+            units = slice_units(plan, judged.keys, judged.tasks, backlog, mean)
+            return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        plan = self.planner.best(speed)
+        return plan, span(plan, limit(plan, True))
+
+    def _rewritten(
+        self,
+        params: dict[str, Any],
+        should_stop: Callable[[], bool],
+        on_wait: Callable[[str, float], None] | None,
+    ) -> None:
+        """The keys of rows rewritten since the run: queued and drained, in chunks the
+        planner sizes (usually few, but the run's keys are right when it ends)."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
+            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
+            rewritten = from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"])
+            cursor.execute(rewritten, params)
+            cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
+            cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
+            cursor.execute(REWRITTEN_TOTAL_SQL)
+            total, tasks = cursor.fetchone()
+        self.result.keys_total += total
+        done = 0
+        while done < total:
+            if should_stop():
+                self.result.stopped = True
+                return
+            upto = min(total, done + self.next_keys(tasks / total))
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+                latest, chunk_tasks = cursor.fetchone()
+            self.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
+            done = upto

@@ -438,7 +438,7 @@ class OwnRebuild:
             f"{span.rows:,}",
         )
         counted = self.result.keys_total
-        self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, hour=span.start)
+        self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, span.start)
         self.result.keys_total = counted  # its keys were counted with the run's
         self.function.cancelled_in_a_row = 0
         if not self.result.stopped:
