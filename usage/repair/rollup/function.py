@@ -22,10 +22,13 @@ from usage.repair.rollup.slices import (
     SLICE_GAP_SECONDS,
     Bound,
     NeighbourOptions,
+    OnSlice,
+    OnWait,
     Rate,
     RollupError,
     RollupResult,
     RollupSlice,
+    ShouldStop,
     SliceCancelled,
     SliceLimits,
     Slicer,
@@ -205,12 +208,10 @@ def run_slice(
 
     done = run_locked(limits, work)
     rollup_rows, seq_scans, index_scans = done.value
-    return RollupSlice(
-        window_from=window_from,
-        window_to=window_to,
-        rollup_rows=rollup_rows,
-        lock_wait_seconds=done.waited,
-        lock_held_seconds=done.held,
+    return done.piece(
+        window_from,
+        window_to,
+        rollup_rows,
         plan=plan,
         seq_scans=seq_scans,
         index_scans=index_scans,
@@ -416,8 +417,8 @@ class QueueDrainer(Slicer):
         enqueued_until: datetime,
         keys: int,
         tasks: int,
-        should_stop: Callable[[], bool] | None = None,
-        on_wait: Callable[[str, float], None] | None = None,
+        should_stop: ShouldStop | None = None,
+        on_wait: OnWait = None,
     ) -> RollupSlice:
         """Rebuild everything queued up to ``enqueued_until`` in one slice transaction.
 
@@ -462,9 +463,9 @@ class QueueDrainer(Slicer):
     def rebuild(
         self,
         run_ids: Sequence[int],
-        should_stop: Callable[[], bool],
-        on_slice: Callable[[RollupSlice, int, int], None] | None,
-        on_wait: Callable[[str, float], None] | None,
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
         hour: datetime | None = None,
     ) -> bool:
         """Every hourly key of the rows the runs changed: slices of stamps, then the keys of
@@ -498,9 +499,9 @@ class QueueDrainer(Slicer):
         self,
         total: int,
         mean: float,
-        should_stop: Callable[[], bool],
-        on_slice: Callable[[RollupSlice, int, int], None] | None,
-        on_wait: Callable[[str, float], None] | None,
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
     ) -> None:
         """Slices of stamps: plan, wait, run, learn."""
         keys_total = self.result.keys_total
@@ -584,8 +585,8 @@ class QueueDrainer(Slicer):
     def _rewritten(
         self,
         params: dict[str, Any],
-        should_stop: Callable[[], bool],
-        on_wait: Callable[[str, float], None] | None,
+        should_stop: ShouldStop,
+        on_wait: OnWait,
     ) -> None:
         """The keys of rows rewritten since the run: queued and drained, in chunks the
         planner sizes (usually few, but the run's keys are right when it ends)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 from django.db import connection
@@ -28,9 +28,11 @@ from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     MAX_SLICE_GROWTH,
     NeighbourOptions,
+    OnWait,
     RollupError,
     RollupResult,
     RollupSlice,
+    ShouldStop,
     SliceLimits,
 )
 from usage.repair.rollup.versions import PathChoice, choose_path
@@ -50,7 +52,7 @@ def rebuild_keys(
     lock_timeout: float = 5.0,
     statement_timeout: float = 600.0,
     neighbours: NeighbourOptions | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     progress: Progress = no_progress,
 ) -> RollupResult:
     """Rebuild every hourly key of the rows the given runs changed, each key once.
@@ -117,8 +119,8 @@ class RevertDrains:
         enqueued_until: datetime,
         keys: int,
         tasks: int,
-        should_stop: Callable[[], bool] | None = None,
-        on_wait: Callable[[str, float], None] | None = None,
+        should_stop: ShouldStop | None = None,
+        on_wait: OnWait = None,
     ) -> RollupSlice:
         """Rebuild the keys the batches queued up to ``enqueued_until``."""
         return self._cleared(self.path.drain(enqueued_until, keys, tasks, should_stop, on_wait))

@@ -36,8 +36,11 @@ from usage.repair.rollup.proof import (
 )
 from usage.repair.rollup.slices import (
     Bound,
+    OnSlice,
+    OnWait,
     Rate,
     RollupSlice,
+    ShouldStop,
     SliceCancelled,
     log_slice,
     run_locked,
@@ -183,8 +186,6 @@ FIRST_SLICE_ROWS = 20_000
 PRIOR_ROWS_PER_SECOND = 200_000.0
 MICROSECOND = timedelta(microseconds=1)
 
-Callback = Callable[..., None] | None
-
 
 @dataclass(frozen=True)
 class _Hours:
@@ -258,12 +259,9 @@ class OwnRebuild:
 
         done = run_locked(self.limits, work, repeatable_read=True)
         proof, (rollup_rows, seq_scans, index_scans) = done.value
-        piece = RollupSlice(
-            window_from=window[0],
-            window_to=window[1],
-            rollup_rows=rollup_rows,
-            lock_wait_seconds=done.waited,
-            lock_held_seconds=done.held,
+        piece = done.piece(
+            *window,
+            rollup_rows,
             keys=proof.keys if keys is None else keys,
             plan=Plan.NESTLOOP,
             seq_scans=seq_scans,
@@ -284,9 +282,9 @@ class OwnRebuild:
     def rebuild(
         self,
         run_ids: Sequence[int],
-        should_stop: Callable[[], bool],
-        on_slice: Callback,
-        on_wait: Callback,
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
     ) -> bool:
         """Every key of the runs; False when the proof failed (the function then rebuilds
         every key; ``result.path_reason`` says why)."""
@@ -339,13 +337,13 @@ class OwnRebuild:
             cursor.execute(HOURS_TOTAL_SQL)
             return int(cursor.fetchone()[0])
 
-    def _report(self, piece: RollupSlice, what: str, on_slice: Callback) -> None:
+    def _report(self, piece: RollupSlice, what: str, on_slice: OnSlice) -> None:
         if on_slice is not None:
             on_slice(piece, self.keys_done, self.result.keys_total)
         log_slice(piece, what, self.keys_done, self.result.keys_total)
 
     def _prove_first_keys(
-        self, should_stop: Callable[[], bool], on_slice: Callback, on_wait: Callback
+        self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> bool:
         """The keys of the first stamps both ways, in one slice (a call of the function over
         their window of stamps rebuilds exactly them); a cancelled proof is tried on fewer
@@ -378,9 +376,7 @@ class OwnRebuild:
             self.function.leave_a_gap()
             return proof.ok
 
-    def _slices(
-        self, should_stop: Callable[[], bool], on_slice: Callback, on_wait: Callback
-    ) -> None:
+    def _slices(self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait) -> None:
         """Slices of hours, each sized by the measured rate to hold the lock ``target``."""
         while self.done < self.hours:
             if not self.function.may_start(should_stop, on_wait):
@@ -403,15 +399,8 @@ class OwnRebuild:
                 )
                 continue
             rollup_rows, keys = (int(value) for value in done.value)
-            piece = RollupSlice(
-                window_from=span.start,
-                window_to=span.end,
-                rollup_rows=rollup_rows,
-                lock_wait_seconds=done.waited,
-                lock_held_seconds=done.held,
-                keys=keys,
-                plan="own",
-                rows=span.rows,
+            piece = done.piece(
+                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.rows
             )
             self.rate.add(span.rows, done.held)
             self.function.settled(piece)
@@ -426,9 +415,9 @@ class OwnRebuild:
     def _hour_by_function(
         self,
         span: _Hours,
-        should_stop: Callable[[], bool],
-        on_slice: Callback,
-        on_wait: Callback,
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
     ) -> None:
         """The own path's fallback for an hour too big for one of its slices."""
         logger.warning(
@@ -464,8 +453,8 @@ class OwnRebuild:
         enqueued_until: datetime,
         keys: int,
         tasks: int,
-        should_stop: Callable[[], bool] | None = None,
-        on_wait: Callback = None,
+        should_stop: ShouldStop | None = None,
+        on_wait: OnWait = None,
     ) -> RollupSlice:
         """Rebuild the keys the revert's batches queued up to ``enqueued_until`` (and noted
         in ``REVERT_KEYS_TABLE``): the first drain is the proof, later ones the own
@@ -498,15 +487,8 @@ class OwnRebuild:
         statement = self.recompute.statement(DRAIN_SQL, REVERT_KEYS, len(spans))
         done = run_locked(self.limits, _write(statement, span_params(spans)))
         rollup_rows, recomputed, drained = done.value
-        piece = RollupSlice(
-            window_from=spans[0][0] if spans else None,
-            window_to=spans[-1][1] if spans else None,
-            rollup_rows=int(rollup_rows),
-            lock_wait_seconds=done.waited,
-            lock_held_seconds=done.held,
-            keys=int(recomputed),
-            plan="own",
-        )
+        window = (spans[0][0], spans[-1][1]) if spans else (None, None)
+        piece = done.piece(*window, rollup_rows, keys=int(recomputed), plan="own")
         self.function.settled(piece)
         log_slice(piece, f"revert drain: {recomputed} keys, {drained} queue rows", keys, keys)
         return piece

@@ -162,6 +162,12 @@ class RollupResult:
         self.slices.append(piece)
 
 
+# What a rebuild is told: whether to stop, each slice it made, each wait for the cron tick.
+ShouldStop = Callable[[], bool]
+OnSlice = Callable[[RollupSlice, int, int], None] | None
+OnWait = Callable[[str, float], None] | None
+
+
 @dataclass(frozen=True)
 class Locked(Generic[T]):
     """What a slice's work returned, how long it waited for lock 4246 and held it."""
@@ -169,6 +175,12 @@ class Locked(Generic[T]):
     value: T
     waited: float
     held: float
+
+    def piece(
+        self, window_from: datetime | None, window_to: datetime | None, written: int, **more: Any
+    ) -> RollupSlice:
+        """The slice as the result records it: ``written`` hourly rows, and ``more``."""
+        return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
 
 
 class Bound:
@@ -251,9 +263,7 @@ class Slicer:
         self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
         self.cancelled_in_a_row = 0
 
-    def may_start(
-        self, should_stop: Callable[[], bool], on_wait: Callable[[str, float], None] | None
-    ) -> bool:
+    def may_start(self, should_stop: ShouldStop, on_wait: OnWait) -> bool:
         """Wait while the cron tick is due; False when a stop was asked for (noted)."""
         if not should_stop():
             self.ticks.wait_if_due(should_stop, on_wait)
