@@ -173,49 +173,33 @@ def predict_scan_seconds() -> float:
 # -- one call of the function ------------------------------------------------------------
 
 
-def set_plan(cursor: Any, plan: Plan) -> None:
-    """The slice transaction's planner settings for ``plan`` (see ``SET_PLAN_SQL``)."""
-    cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
-
-
 def call_function(
-    cursor: Any, bound: Bound, window_from: datetime, window_to: datetime
-) -> tuple[int, int, int]:
-    """One call over ``[from, to)`` in the caller's slice: its result, and the scans of
-    ``task_usage`` it made (sequential, index)."""
+    cursor: Any, bound: Bound, plan: Plan, window: tuple[datetime, datetime]
+) -> tuple[int, dict[str, int]]:
+    """One call over ``window`` ``[from, to)`` with ``plan``'s settings, in the caller's
+    slice: the hourly rows it wrote, and the scans of ``task_usage`` it made."""
+    cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_before, idx_before = cursor.fetchone()
     bound()
-    cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window_from, "to": window_to})
+    cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window[0], "to": window[1]})
     rollup_rows = cursor.fetchone()[0] or 0
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_after, idx_after = cursor.fetchone()
-    return rollup_rows, int(seq_after - seq_before), int(idx_after - idx_before)
+    scans = {"seq_scans": int(seq_after - seq_before), "index_scans": int(idx_after - idx_before)}
+    return rollup_rows, scans
 
 
 def run_slice(
     plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
 ) -> RollupSlice:
-    """One transaction holding lock 4246 around one rollup call over ``[from, to)``.
-
-    The call rebuilds the keys of the rows last written in the window, and every key queued
-    before its end.
-    """
-
-    def work(cursor: Any, bound: Bound) -> tuple[int, int, int]:
-        set_plan(cursor, plan)
-        return call_function(cursor, bound, window_from, window_to)
-
-    done = run_locked(limits, work)
-    rollup_rows, seq_scans, index_scans = done.value
-    return done.piece(
-        window_from,
-        window_to,
-        rollup_rows,
-        plan=plan,
-        seq_scans=seq_scans,
-        index_scans=index_scans,
-    )
+    """One transaction holding lock 4246 around one rollup call over ``[from, to)``: it
+    rebuilds the keys of the rows last written in the window, and every key queued before
+    its end."""
+    window = (window_from, window_to)
+    done = run_locked(limits, lambda cursor, bound: call_function(cursor, bound, plan, window))
+    rollup_rows, scans = done.value
+    return done.piece(window_from, window_to, rollup_rows, plan=plan, **scans)
 
 
 def plan_applied(piece: RollupSlice) -> bool:

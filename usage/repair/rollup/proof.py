@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg import sql
 
@@ -16,6 +16,7 @@ from usage.repair.rollup.slices import Bound
 from usage.repair.rollup.versions import FunctionVersion
 
 HOUR = timedelta(hours=1)
+T = TypeVar("T")
 
 # Each column's sum, as the known definitions compute it (never shared with usage.repair.verify,
 # which checks the result with SQL of its own).
@@ -214,8 +215,8 @@ def prove(
     keys_sql: str,
     params: dict[str, Any],
     spans: Sequence[tuple[datetime, datetime]],
-    call: Callable[[Any, Bound], tuple[int, int, int]],
-) -> tuple[Proof, tuple[int, int, int]]:
+    call: Callable[[Any, Bound], T],
+) -> tuple[Proof, T]:
     """In the caller's REPEATABLE READ slice: the own sums of ``keys_sql``'s keys (from the
     rows of ``spans``) set aside, then ``call`` (the function, which writes them), then the
     two compared column by column."""

@@ -22,7 +22,6 @@ from usage.repair.rollup.function import (
     QueueDrainer,
     call_function,
     from_run_rows,
-    set_plan,
 )
 from usage.repair.rollup.proof import (
     CREATE_PROOF_SQL,
@@ -250,23 +249,16 @@ class OwnRebuild:
         function called over ``window`` (with its default plan), the two compared. Raises
         ``SliceCancelled``; a failed proof puts the rest on the function path."""
 
-        def call(cursor: Any, bound: Bound) -> tuple[int, int, int]:
-            set_plan(cursor, Plan.NESTLOOP)
-            return call_function(cursor, bound, *window)
+        def call(cursor: Any, bound: Bound) -> tuple[int, dict[str, int]]:
+            return call_function(cursor, bound, Plan.NESTLOOP, window)
 
-        def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, int, int]]:
+        def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
             return prove(self.recompute, cursor, bound, keys_sql, params, spans, call)
 
         done = run_locked(self.limits, work, repeatable_read=True)
-        proof, (rollup_rows, seq_scans, index_scans) = done.value
-        piece = done.piece(
-            *window,
-            rollup_rows,
-            keys=proof.keys if keys is None else keys,
-            plan=Plan.NESTLOOP,
-            seq_scans=seq_scans,
-            index_scans=index_scans,
-        )
+        proof, (rollup_rows, scans) = done.value
+        keys = proof.keys if keys is None else keys
+        piece = done.piece(*window, rollup_rows, keys=keys, plan=Plan.NESTLOOP, **scans)
         self.function.settled(piece)
         self.proven = proof.ok
         if proof.ok:
