@@ -1,6 +1,6 @@
 """The rollup's entry points: the repair's ``rebuild_keys`` and the revert's ``RevertDrains``.
 Both take the run's path (``versions.choose_path``): the own recompute (``OwnRebuild``) or the
-platform's function (``QueueDrainer``), two strategies with one interface; a failed proof puts
+platform's function (``FunctionPath``), two strategies with one interface; a failed proof puts
 the rest of the work on the function (``result.path`` and ``result.path_reason`` say so).
 """
 
@@ -17,7 +17,6 @@ from django.db import connection
 from usage.db import drop_temp_table
 from usage.models import BackfillRun
 from usage.repair.progress import Progress, no_progress
-from usage.repair.rollup.function import QueueDrainer
 from usage.repair.rollup.recompute import (
     CLEAR_REVERT_KEYS_SQL,
     CREATE_REVERT_KEYS,
@@ -35,12 +34,13 @@ from usage.repair.rollup.slices import (
     ShouldStop,
     SliceLimits,
 )
+from usage.repair.rollup.stamps import FunctionPath
 from usage.repair.rollup.versions import PathChoice, choose_path
 
 logger = logging.getLogger("usage.rollup")
 
 
-def _strategy(choice: PathChoice, function: QueueDrainer) -> OwnRebuild | QueueDrainer:
+def _strategy(choice: PathChoice, function: FunctionPath) -> OwnRebuild | FunctionPath:
     return OwnRebuild(choice, function) if choice.own and choice.version else function
 
 
@@ -75,7 +75,7 @@ def rebuild_keys(
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     stop = should_stop or (lambda: False)
     result = RollupResult(path=choice.path)
-    function = QueueDrainer(limits, neighbours, label="rewritten keys drain", result=result)
+    function = FunctionPath(limits, neighbours, label="rewritten keys drain", result=result)
     try:
         path = _strategy(choice, function)
         if not path.rebuild(run_ids, stop, on_slice, on_wait) and not result.stopped:
@@ -108,7 +108,7 @@ class RevertDrains:
     ) -> None:
         self.result = RollupResult(path=choice.path)
         self.limits = limits
-        self.function = QueueDrainer(limits, neighbours, label="revert drain", result=self.result)
+        self.function = FunctionPath(limits, neighbours, label="revert drain", result=self.result)
         self.path = _strategy(choice, self.function)
         with connection.cursor() as cursor:
             cursor.execute(CREATE_REVERT_KEYS)

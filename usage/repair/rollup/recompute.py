@@ -17,12 +17,7 @@ from django.db import connection, transaction
 from usage.db import drop_temp_table, set_local_timeouts
 from usage.eligibility import compose, key_table
 from usage.models import BackfillRun
-from usage.repair.rollup.function import (
-    Plan,
-    QueueDrainer,
-    call_function,
-    from_run_rows,
-)
+from usage.repair.rollup.function import Plan, call_function
 from usage.repair.rollup.proof import (
     CREATE_PROOF_SQL,
     WRITE_SQL,
@@ -44,6 +39,7 @@ from usage.repair.rollup.slices import (
     log_slice,
     run_locked,
 )
+from usage.repair.rollup.stamps import FunctionPath, from_run_rows
 from usage.repair.rollup.versions import PathChoice
 
 __all__ = ["CREATE_PROOF_SQL", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
@@ -222,7 +218,7 @@ class OwnRebuild:
     slice, a drain too scattered) and keeps the slices' count and the room left to neighbours.
     """
 
-    def __init__(self, choice: PathChoice, function: QueueDrainer) -> None:
+    def __init__(self, choice: PathChoice, function: FunctionPath) -> None:
         assert choice.version is not None
         self.function = function
         self.limits = function.limits
