@@ -1,7 +1,7 @@
-"""Rebuilding the hourly rollup for the rows a run changed, fast and in short lock slices: the
-platform function's versions and the path (``versions``), the key-by-key proof and own
-statements (``proof``), the own path (``recompute``), the function path (``function``), the
-slices under lock 4246 (``slices``) and the entry points (``rebuild``).
+"""Rebuilding the hourly rollup for the rows a run changed, in short slices under lock 4246
+(``slices``): the path from the function's version (``versions``), the own recompute and its
+proof (``proof``, ``recompute``), the platform's function (``function``, ``stamps``), and the
+entry points (``rebuild``).
 """
 
 from __future__ import annotations
