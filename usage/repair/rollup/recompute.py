@@ -19,7 +19,6 @@ from usage.eligibility import compose, key_table
 from usage.models import BackfillRun
 from usage.repair.rollup.function import Plan, call_function
 from usage.repair.rollup.proof import (
-    CREATE_PROOF_SQL,
     WRITE_SQL,
     Proof,
     Recompute,
@@ -42,7 +41,7 @@ from usage.repair.rollup.slices import (
 from usage.repair.rollup.stamps import FunctionPath, from_run_rows
 from usage.repair.rollup.versions import PathChoice
 
-__all__ = ["CREATE_PROOF_SQL", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
+__all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
 
 logger = logging.getLogger("usage.rollup")
 

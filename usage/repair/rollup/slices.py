@@ -59,9 +59,7 @@ REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 class RollupError(Exception):
     """The rollup could not be rebuilt; the run's rollup stays pending for the next run.
-
-    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it.
-    """
+    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it."""
 
     result: RollupResult | None = None
 
@@ -102,12 +100,8 @@ class NeighbourOptions:
 
 @dataclass(frozen=True)
 class RollupSlice:
-    """One slice transaction: what it rebuilt, how, and how long it held 4246.
-
-    ``plan`` is ``own`` for the tool's recompute, else the planner setting the platform's
-    function ran with; ``window_from``/``window_to`` are the stamps (function) or the bucket
-    hours (own) it covered; ``rows`` the usage rows an own slice read.
-    """
+    """One slice transaction: what it rebuilt, how (``own``, or the function's plan), over
+    which stamps or bucket hours, and how long it held 4246; ``rows``: usage rows it read."""
 
     window_from: datetime | None
     window_to: datetime | None
@@ -158,10 +152,9 @@ class RollupResult:
     def hash_slices(self) -> int:
         return sum(1 for s in self.slices if s.plan == "hash")
 
-    def add(self, piece: RollupSlice) -> None:
-        self.slices.append(piece)
 
-
+# Sets the next statement's timeout to what is left of the cap since the lock was taken.
+Bound = Callable[[], None]
 # What a rebuild is told: whether to stop, each slice it made, each wait for the cron tick.
 ShouldStop = Callable[[], bool]
 OnSlice = Callable[[RollupSlice, int, int], None] | None
@@ -183,34 +176,21 @@ class Locked(Generic[T]):
         return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
 
 
-class Bound:
-    """Gives the next statement what is left of the cap since the lock was taken."""
+def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
+    def bound() -> None:
+        left = cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - locked_at)
+        cursor.execute(SET_STATEMENT_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"])
 
-    def __init__(self, cursor: Any, cap: float, locked_at: float) -> None:
-        self.cursor = cursor
-        self.cap = cap
-        self.locked_at = locked_at
-
-    def __call__(self) -> None:
-        left = self.cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - self.locked_at)
-        self.cursor.execute(
-            SET_STATEMENT_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"]
-        )
+    return bound
 
 
 def run_locked(
-    limits: SliceLimits,
-    work: Callable[[Any, Bound], T],
-    *,
-    repeatable_read: bool = False,
+    limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
 ) -> Locked[T]:
-    """Run ``work(cursor, bound)`` in one transaction holding lock 4246.
-
-    ``work`` calls ``bound()`` before each statement that may run long. Waits for the lock
-    up to ``limits.lock_timeout``, ``LOCK_WAIT_ATTEMPTS`` times. With ``repeatable_read``
-    every statement sees one snapshot (a proof compares two computations); a serialization
-    failure (a writer of the same rows committed first) is retried like a busy lock. Inside
-    a caller's transaction (a savepoint) the caller's isolation stands.
+    """Run ``work(cursor, bound)`` in one transaction holding lock 4246; ``work`` calls
+    ``bound()`` before each statement that may run long. With ``repeatable_read`` every
+    statement sees one snapshot (a proof compares two computations; inside a caller's
+    transaction its isolation stands); a serialization failure is retried like a busy lock.
     """
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
@@ -223,7 +203,7 @@ def run_locked(
                 set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-                value = work(cursor, Bound(cursor, limits.cap, locked_at))
+                value = work(cursor, _bound(cursor, limits.cap, locked_at))
             released_at = time.monotonic()
         except DatabaseError as exc:
             state = sqlstate(exc)
@@ -277,10 +257,8 @@ class Slicer:
             time.sleep(self.neighbours.gap)
 
     def cancelled(self, exc: SliceCancelled, what: str) -> None:
-        """The server ended a slice at the cap: its hold counts; too many in a row stop it.
-
-        ``what`` names the slice in the error ("a slice of 6,000 keys ...").
-        """
+        """The server ended the slice ``what`` at the cap: its hold counts; too many in a
+        row stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
         self.cancelled_in_a_row += 1
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
@@ -296,7 +274,7 @@ class Slicer:
     def settled(self, piece: RollupSlice) -> None:
         """A slice that ran: it counts, and the run of cancellations is over."""
         self.cancelled_in_a_row = 0
-        self.result.add(piece)
+        self.result.slices.append(piece)
 
     def finish(self) -> None:
         self.result.cron_waits += self.ticks.waits
