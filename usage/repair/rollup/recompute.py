@@ -38,7 +38,7 @@ from usage.repair.rollup.slices import (
     log_slice,
     run_locked,
 )
-from usage.repair.rollup.stamps import FunctionPath, from_run_rows
+from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
 from usage.repair.rollup.versions import PathChoice
 
 __all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
@@ -304,7 +304,7 @@ class OwnRebuild:
             set_local_timeouts(cursor, self.limits.lock_timeout, 0)
             cursor.execute(DROP_KEYS_SQL)
             cursor.execute(DROP_HOURS_SQL)
-            cursor.execute(compose("ANALYZE {journal}"))
+            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
             cursor.execute(from_run_rows(CREATE_KEYS_SQL, ""), {"run_ids": list(run_ids)})
             cursor.execute(ANALYZE_KEYS_SQL)
             cursor.execute(KEYS_TOTAL_SQL)

@@ -89,9 +89,9 @@ AGENT_TASKS = """agent_tasks AS MATERIALIZED (
     SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
     WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
 )"""
+ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
 # The stamps in time order, with their keys and their agents' tasks as running totals, and a
 # segment number that grows at every gap wider than MAX_WINDOW_GAP.
-ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
 FILL_STAMPS_TABLE_SQL = f"""
 WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
 stamps AS (
