@@ -324,11 +324,6 @@ class OwnRebuild:
             cursor.execute(HOURS_TOTAL_SQL)
             return int(cursor.fetchone()[0])
 
-    def _report(self, piece: RollupSlice, what: str, on_slice: OnSlice) -> None:
-        if on_slice is not None:
-            on_slice(piece, self.keys_done, self.result.keys_total)
-        log_slice(piece, what, self.keys_done, self.result.keys_total)
-
     def _prove_first_keys(
         self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> bool:
@@ -359,7 +354,8 @@ class OwnRebuild:
                 cursor.execute(MARK_PROOF_DONE_SQL, {"last": last})
             self.keys_done += proof.keys
             outcome = "equal" if proof.ok else "different"
-            self._report(piece, f"rollup proof: {proof.keys} keys both ways, {outcome}", on_slice)
+            what = f"rollup proof: {proof.keys} keys both ways, {outcome}"
+            self.function.report(piece, what, self.keys_done, on_slice)
             self.function.leave_a_gap()
             return proof.ok
 
@@ -395,7 +391,7 @@ class OwnRebuild:
             self.keys_done += keys
             total = self.result.keys_total
             what = f"rollup slice: {span.hours} hours, {keys} keys ({self.keys_done}/{total})"
-            self._report(piece, what, on_slice)
+            self.function.report(piece, what, self.keys_done, on_slice)
             if self.done < self.hours:
                 self.function.leave_a_gap()
 

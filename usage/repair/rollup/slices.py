@@ -271,6 +271,12 @@ class Slicer:
             ) from exc
         self.leave_a_gap()  # the cancelled slice held the lock up to the cap
 
+    def report(self, piece: RollupSlice, what: str, done: int, on_slice: OnSlice) -> None:
+        """A slice made, ``done`` keys of the result's so far: to the caller and the log."""
+        if on_slice is not None:
+            on_slice(piece, done, self.result.keys_total)
+        log_slice(piece, what, done, self.result.keys_total)
+
     def settled(self, piece: RollupSlice) -> None:
         """A slice that ran: it counts, and the run of cancellations is over."""
         self.cancelled_in_a_row = 0

@@ -30,7 +30,6 @@ from usage.repair.rollup.slices import (
     RollupError,
     ShouldStop,
     SliceCancelled,
-    log_slice,
 )
 
 logger = logging.getLogger("usage.rollup")
@@ -224,7 +223,6 @@ class FunctionPath(QueueDrainer):
         on_wait: OnWait,
     ) -> None:
         """Slices of stamps: plan, wait, run, learn."""
-        keys_total = self.result.keys_total
         after = keys_done = tasks_done = 0
         while after < total:
             if not self.may_start(should_stop, on_wait):
@@ -256,10 +254,8 @@ class FunctionPath(QueueDrainer):
             after = span.upto
             keys_done += span.keys
             tasks_done += span.tasks
-            if on_slice is not None:
-                on_slice(piece, keys_done, keys_total)
-            what = f"rollup slice: {span.keys} keys ({keys_done}/{keys_total})"
-            log_slice(piece, what, keys_done, keys_total)
+            what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
+            self.report(piece, what, keys_done, on_slice)
             if after < total:
                 self.leave_a_gap()
 
