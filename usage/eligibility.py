@@ -27,9 +27,11 @@ TARGET_NAMES = (
 # The tool's own tables, qualified with the tool's schema.
 TOOL_NAMES = {"journal": "backfill_journal", "run": "backfill_run"}
 
-ELIGIBLE_FROM = """{task_usage} tu
-    JOIN {agent_task_queue} q ON q.id = tu.task_id
+# A usage row ``tu`` joined to its task and agent (its scope), and to its issue (its key).
+TASK_JOINS = """JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id"""
+ELIGIBLE_FROM = f"""{{task_usage}} tu
+    {TASK_JOINS}"""
 
 # The parts of a row's own eligibility. A Codex row whose input still counts cached input:
 CODEX_WITH_CACHED_INPUT = """tu.provider = 'codex'
@@ -74,9 +76,8 @@ KEY_TYPES = (
 KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
 # A usage row ``tu`` joined to what its key needs (``{key_joins}``), and its key as the seven
 # columns (``{row_key}``). A row of a task with no runtime has no key: add ``{has_key}``.
-KEY_JOINS = """JOIN {agent_task_queue} q ON q.id = tu.task_id
-    JOIN {agent} a ON a.id = q.agent_id
-    LEFT JOIN {issue} i ON i.id = q.issue_id"""
+KEY_JOINS = f"""{TASK_JOINS}
+    LEFT JOIN {{issue}} i ON i.id = q.issue_id"""
 ROW_KEY = f"""{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
     q.agent_id, i.project_id, tu.provider, tu.model"""
 HAS_KEY = "q.runtime_id IS NOT NULL"
