@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Protocol
 
 from django.db import connection
 
@@ -27,6 +28,7 @@ from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     MAX_SLICE_GROWTH,
     NeighbourOptions,
+    OnSlice,
     OnWait,
     RollupError,
     RollupResult,
@@ -40,7 +42,28 @@ from usage.repair.rollup.versions import PathChoice, choose_path
 logger = logging.getLogger("usage.rollup")
 
 
-def _strategy(choice: PathChoice, function: FunctionPath) -> OwnRebuild | FunctionPath:
+class RollupPath(Protocol):
+    """A path's strategy (``OwnRebuild`` or ``FunctionPath``): the repair's rebuild of some
+    runs' keys (False: its proof failed), the revert's drains and the size of its batches."""
+
+    def rebuild(
+        self, run_ids: Sequence[int], should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
+    ) -> bool: ...
+
+    def drain(
+        self,
+        enqueued_until: datetime,
+        keys: int,
+        tasks: int,
+        should_stop: ShouldStop | None = None,
+        on_wait: OnWait = None,
+    ) -> RollupSlice: ...
+
+    def batch_entries(self, entries: int, keys: int, tasks: int) -> float: ...
+
+
+def _strategy(choice: PathChoice, function: FunctionPath) -> RollupPath:
+    """The run's path; ``function`` is the function path, and the own path's fallback."""
     return OwnRebuild(choice, function) if choice.own and choice.version else function
 
 
