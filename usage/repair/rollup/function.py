@@ -80,10 +80,8 @@ class SlicePlanner:
     """Chooses each slice's plan and size so it holds the lock about ``target`` seconds.
 
     Costs are in "task units": the task counts of a slice's keys' agents plus a per-key part
-    (``KEY_BASE_COST``). A hash slice also pays its whole scans (``scan_seconds`` predicts
-    them before one ran). A plan is dropped when it cannot work (a hash scan that alone passes
-    the target, a cancelled slice that could not be smaller, settings that do not reach the
-    function).
+    (``KEY_BASE_COST``); a hash slice also pays its whole scans (``scan_seconds`` before one
+    ran). A plan is dropped when it cannot work.
     """
 
     target: float
@@ -202,11 +200,8 @@ def plan_applied(piece: RollupSlice) -> bool:
 
 
 def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
-    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops.
-
-    The planner then drops the hash plan (something, such as a ``SET`` clause on the
-    function, keeps the slice's settings from its statements).
-    """
+    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops,
+    and the planner drops it (a ``SET`` clause on the function, say, keeps the settings out)."""
     if plan_applied(piece):
         return piece
     planner.usable.discard(Plan(piece.plan))
@@ -222,10 +217,7 @@ MICROSECOND = timedelta(microseconds=1)
 
 class QueueDrainer(Slicer):
     """The function path's drains: keys another statement queued, one slice per ``drain``,
-    each call planned by one ``SlicePlanner``.
-
-    ``label`` names the drains in the log ("revert drain", "rewritten keys drain").
-    """
+    planned by one ``SlicePlanner``; ``label`` names them in the log ("revert drain")."""
 
     def __init__(
         self,
@@ -268,12 +260,8 @@ class QueueDrainer(Slicer):
         should_stop: ShouldStop | None = None,
         on_wait: OnWait = None,
     ) -> RollupSlice:
-        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction.
-
-        A drain the server cancels is tried once with each usable plan (the planner makes
-        the next batches smaller); when none fits, the keys stay queued and ``RollupError``
-        says what to do.
-        """
+        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction; one
+        the server cancels is tried once with each usable plan, then ``RollupError``."""
         self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
         plans = [self._best_plan(tasks / keys if keys else 0.0)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]

@@ -215,17 +215,12 @@ class FunctionPath(QueueDrainer):
         return True
 
     def _stamp_slices(
-        self,
-        total: int,
-        mean: float,
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, total: int, mean: float, stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> None:
         """Slices of stamps: plan, wait, run, learn."""
         after = keys_done = tasks_done = 0
         while after < total:
-            if not self.may_start(should_stop, on_wait):
+            if not self.may_start(stop, on_wait):
                 return
             backlog = self._backlog(after + 1)
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
