@@ -1,10 +1,5 @@
-"""The one definition of an "eligible row", and the SQL naming it uses.
-
-A ``task_usage`` row is eligible for the repair when it is a Codex row with cached input
-counted inside ``input_tokens``, was last written before the cutoff (the deployment of the
-ingestion fix), optionally belongs to one workspace, and has not been repaired already by a
-run that was not reverted (the journal says so, whatever the clocks say). The command, the
-admin and the tests all use these fragments, so they can never disagree about a row.
+"""The one definition of an "eligible row", of a row's hourly rollup key, and the SQL naming
+them, so the command, the admin, the rollup and the tests never disagree about a row or a key.
 """
 
 from __future__ import annotations
@@ -32,9 +27,11 @@ TARGET_NAMES = (
 # The tool's own tables, qualified with the tool's schema.
 TOOL_NAMES = {"journal": "backfill_journal", "run": "backfill_run"}
 
-ELIGIBLE_FROM = """{task_usage} tu
-    JOIN {agent_task_queue} q ON q.id = tu.task_id
+# A usage row ``tu`` joined to its task and agent (its scope), and to its issue (its key).
+TASK_JOINS = """JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id"""
+ELIGIBLE_FROM = f"""{{task_usage}} tu
+    {TASK_JOINS}"""
 
 # The parts of a row's own eligibility. A Codex row whose input still counts cached input:
 CODEX_WITH_CACHED_INPUT = """tu.provider = 'codex'
@@ -66,6 +63,53 @@ IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
 BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
 ROLLUP_KEY = f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model)"
 
+# The seven columns of an hourly key (task_usage_hourly's and its queue's), with their types.
+KEY_TYPES = (
+    ("bucket_hour", "timestamptz NOT NULL"),
+    ("workspace_id", "uuid NOT NULL"),
+    ("runtime_id", "uuid NOT NULL"),
+    ("agent_id", "uuid NOT NULL"),
+    ("project_id", "uuid"),
+    ("provider", "text NOT NULL"),
+    ("model", "text NOT NULL"),
+)
+KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
+# A usage row ``tu`` joined to what its key needs (``{key_joins}``), and its key as the seven
+# columns (``{row_key}``). A row of a task with no runtime has no key: add ``{has_key}``.
+KEY_JOINS = f"""{TASK_JOINS}
+    LEFT JOIN {{issue}} i ON i.id = q.issue_id"""
+ROW_KEY = f"""{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
+    q.agent_id, i.project_id, tu.provider, tu.model"""
+HAS_KEY = "q.runtime_id IS NOT NULL"
+
+
+def key_columns(alias: str = "") -> sql.Composed:
+    """The key's columns, of relation ``alias`` when given: ``"k"."bucket_hour", ...``."""
+    return sql.SQL(", ").join(
+        sql.Identifier(alias, name) if alias else sql.Identifier(name) for name in KEY_COLUMNS
+    )
+
+
+def key_table(table: str) -> sql.Composed:
+    """``CREATE TEMP TABLE IF NOT EXISTS table`` of the key's columns (kept across commits)."""
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in KEY_TYPES
+    )
+    return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS").format(
+        sql.Identifier(table), columns
+    )
+
+
+def same_key(a: str, b: str) -> sql.Composed:
+    """The keys of relations ``a`` and ``b`` are equal (project_id may be NULL on both)."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT DISTINCT FROM {}" if name == "project_id" else "{} = {}").format(
+            sql.Identifier(a, name), sql.Identifier(b, name)
+        )
+        for name in KEY_COLUMNS
+    )
+
+
 CANDIDATE_IDS_SQL = """
 SELECT tu.id FROM {eligible_from} WHERE {eligible_where}"""
 
@@ -74,21 +118,17 @@ SELECT count(*) FROM {eligible_from} WHERE {eligible_where}"""
 
 
 @cache
-def compose(template: str, **parts: str) -> str:
-    """Render a SQL template: schema-qualified identifiers and the shared fragments.
-
-    ``parts`` name the statement's own fragments (``compose(BATCH_SQL, selector=...)`` fills
-    ``{selector}``); they may use the shared names too. Placeholders for values
-    (``%(name)s``) are left for the driver to bind.
-    """
+def names() -> dict[str, sql.Composable]:
+    """Every shared name: schema-qualified identifiers, and the shared fragments composed."""
     target_schema = settings.CODEX_TARGET_SCHEMA
     tool_schema = settings.CODEX_REPAIR_SCHEMA
-    names: dict[str, sql.Composable] = {
+    found: dict[str, sql.Composable] = {
         name: sql.Identifier(target_schema, name) for name in TARGET_NAMES
     }
-    names.update({key: sql.Identifier(tool_schema, table) for key, table in TOOL_NAMES.items()})
-    names["tool_schema"] = sql.Identifier(tool_schema)
-    names["target_schema"] = sql.Identifier(target_schema)
+    found.update({key: sql.Identifier(tool_schema, table) for key, table in TOOL_NAMES.items()})
+    found["tool_schema"] = sql.Identifier(tool_schema)
+    found["target_schema"] = sql.Identifier(target_schema)
+    found["key_columns"] = key_columns()
     fragments = {
         "eligible_from": ELIGIBLE_FROM,
         "eligible_where": ELIGIBLE_WHERE,
@@ -98,13 +138,34 @@ def compose(template: str, **parts: str) -> str:
         "is_clamped": IS_CLAMPED,
         "bucket_hour": BUCKET_HOUR,
         "rollup_key": ROLLUP_KEY,
+        "key_joins": KEY_JOINS,
+        "row_key": ROW_KEY,
+        "has_key": HAS_KEY,
     }
     for key, fragment in fragments.items():
-        names[key] = sql.SQL(fragment).format(**{k: v for k, v in names.items() if k != key})
+        found[key] = sql.SQL(fragment).format(**{k: v for k, v in found.items() if k != key})
+    return found
+
+
+def format_sql(template: str, **parts: sql.Composable) -> sql.Composed:
+    """``template`` with the shared names and ``parts`` (composed already) filled in."""
+    every = dict(names(), **parts)
+    used = {k: v for k, v in every.items() if "{" + k + "}" in template}
+    return sql.SQL(template).format(**used)
+
+
+@cache
+def compose(template: str, **parts: str) -> str:
+    """Render a SQL template: schema-qualified identifiers and the shared fragments.
+
+    ``parts`` name the statement's own fragments (``compose(BATCH_SQL, selector=...)`` fills
+    ``{selector}``); they may use the shared names, and the parts named before them.
+    Placeholders for values (``%(name)s``) are left for the driver to bind.
+    """
+    own: dict[str, sql.Composable] = {}
     for key, fragment in parts.items():
-        names[key] = sql.SQL(fragment).format(**names)
-    used = {k: v for k, v in names.items() if "{" + k + "}" in template}
-    return sql.SQL(template).format(**used).as_string()
+        own[key] = sql.SQL(fragment).format(**{**names(), **own})
+    return format_sql(template, **own).as_string()
 
 
 def eligible_params(cutoff: datetime, workspace_id: uuid.UUID | None) -> dict[str, Any]:

@@ -1,33 +1,6 @@
-"""The function path: hourly keys rebuilt by the platform's ``rollup_task_usage_hourly_window``.
-
-Taken for a function definition the tool does not know (``recompute.choose_path``), when the
-role may not write ``task_usage_hourly`` itself, when the own path's proof fails, or when the
-operator asks for it. What the tool chooses is how each call is planned and how many keys it
-takes, from a cost model it measures as it goes:
-
-* **Two plans.** The function's recompute joins each dirty key to every task of its agent and
-  runtime, then looks up each task's usage rows. Left to its default settings the planner
-  runs that as a nested loop per key: the cost grows with keys x tasks per agent (about 10 to
-  30 ms a key for an agent of 3,300 tasks). With ``enable_nestloop = off`` it scans the joined
-  tables whole and hashes them: a fixed cost that grows with the table, plus a small one per
-  key. The settings are ``SET LOCAL`` in the slice's transaction, with
-  ``plan_cache_mode = force_custom_plan``: a PL/pgSQL function caches its statements' plans
-  per session (a generic plan is reused whatever the settings say), so only a fresh plan sees
-  them. Each slice checks, from the transaction's own table statistics, that the plan it
-  asked for is the plan that ran (a whole scan of ``task_usage`` or not).
-* **The cost model** (``SlicePlanner``): a nested-loop slice costs ``(tasks + 60 x keys) /
-  rate``; a hash slice ``fixed + (tasks + 5000 x keys) / rate``, where ``tasks`` sums the task
-  counts of the keys' agents. Rates and the fixed part are learned from every slice (a
-  slowdown believed at once, a speed-up gradually, slices grow at most fourfold); the fixed
-  part is first predicted from the size of the scanned tables, and a hash slice is never
-  tried when that alone would not fit the lock budget. Each slice takes the plan that
-  rebuilds the most keys per second of wall time. A slice cancelled at the cap is retried
-  smaller; one that cannot be smaller (one stamp) drops its plan.
-* **Slices of stamps.** The repair stamps the rows of one hourly key with one ``updated_at``
-  (``usage.repair.backfill``), so a range of keys is a range of time: a call over the window
-  from a slice's first stamp to just after its last rebuilds exactly those keys. Keys of rows
-  rewritten since (ingestion stamps ``now()``) are queued as the platform queues keys and
-  drained the same way (``QueueDrainer``, which the revert uses for its batches too).
+"""The function path: hourly keys rebuilt by the platform's ``rollup_task_usage_hourly_window``,
+in slices of the repair's stamps or as drains of queued keys, each call planned (nested loops
+or hashed) by a cost model measured as it goes (``SlicePlanner``).
 """
 
 from __future__ import annotations
@@ -35,29 +8,29 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
-from usage.cron import ROLLUP_LOCK_ID
-from usage.db import drop_temp_table, set_local_timeouts
 from usage.eligibility import compose
-from usage.events import log_event
 from usage.repair.rollup.slices import (
-    MAX_SLICE_GROWTH,
     SLICE_GAP_SECONDS,
     Bound,
     NeighbourOptions,
+    OnWait,
+    Rate,
     RollupError,
     RollupResult,
     RollupSlice,
+    ShouldStop,
     SliceCancelled,
     SliceLimits,
     Slicer,
+    log_slice,
     run_locked,
 )
 
@@ -75,11 +48,6 @@ KEY_BASE_COST = {"nestloop": 60, "hash": 5000}
 # whole scan per 8 kB page of task_usage and agent_task_queue.
 PRIOR_RATE = {"nestloop": 150_000.0, "hash": 20_000_000.0}
 PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
-# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
-RATE_SLOWER_WEIGHT = 1.0
-RATE_FASTER_WEIGHT = 0.3
-# The planner's queue backlog is counted up to this many keys.
-BACKLOG_COUNT_CAP = 100_000
 
 
 class Plan(enum.StrEnum):
@@ -104,139 +72,74 @@ SELECT (pg_relation_size(%(task_usage)s::regclass)
         + pg_relation_size(%(agent_task_queue)s::regclass)) / 8192"""
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
-# Keys queued by others before a moment: a call whose window ends then drains them too.
-BACKLOG_SQL = """
-SELECT count(*) FROM (
-    SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
-) queued"""
-
-
 # -- the cost model ----------------------------------------------------------------------
-
-
-@dataclass
-class _HashFit:
-    """A hash slice's cost: a fixed part (the whole scans) plus task units over a rate.
-
-    The fixed part is the shortest hash slice seen (every one pays the scans; the first, a
-    small probe, is nearly all scan), or the prediction from the tables' size before one ran.
-    The rate is learned from what each slice took beyond it, a slowdown believed at once and
-    a speed-up gradually. A fit that cannot tell the two apart (slices of nearly the same size
-    and nearly the same time) leaves them as they are.
-    """
-
-    fixed: float
-    rate: float
-    measured: bool = False
-
-    def add(self, units: float, held: float) -> None:
-        self.fixed = min(self.fixed, held) if self.measured else held
-        self.measured = True
-        beyond = held - self.fixed
-        if beyond <= 0.1 * held:
-            return
-        rate = units / beyond
-        weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
-        self.rate += weight * (rate - self.rate)
-
-    def seconds(self, units: float) -> float:
-        return self.fixed + units / self.rate
 
 
 @dataclass
 class SlicePlanner:
     """Chooses each slice's plan and size so it holds the lock about ``target`` seconds.
 
-    Costs are in "task units": for a slice, the task counts of its keys' agents plus a per-key
-    part (``KEY_BASE_COST``). ``scan_seconds`` predicts a hash slice's fixed part before one
-    ran; a plan is dropped when it cannot work (a hash scan that alone passes the target, a
-    cancelled slice that could not be smaller, or settings that do not reach the function).
+    Costs are in "task units": the task counts of a slice's keys' agents plus a per-key part
+    (``KEY_BASE_COST``); a hash slice also pays its whole scans (``scan_seconds`` before one
+    ran). A plan is dropped when it cannot work.
     """
 
     target: float
     scan_seconds: float
     gap: float = SLICE_GAP_SECONDS
-    nestloop_rate: float = PRIOR_RATE[Plan.NESTLOOP]
-    hash_fit: _HashFit | None = None
-    measured_plans: set[Plan] = field(default_factory=set)
     usable: set[Plan] = field(default_factory=lambda: {Plan.NESTLOOP, Plan.HASH})
-    largest: dict[Plan, float] = field(default_factory=dict)
-    ceiling: dict[Plan, float] = field(default_factory=dict)
+    rates: dict[Plan, Rate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.hash_fit is None:
-            self.hash_fit = _HashFit(fixed=self.scan_seconds, rate=PRIOR_RATE[Plan.HASH])
+        self.rates = {
+            Plan.NESTLOOP: Rate(self.target, PRIOR_RATE[Plan.NESTLOOP]),
+            Plan.HASH: Rate(self.target, PRIOR_RATE[Plan.HASH], self.scan_seconds, scans=True),
+        }
         if self.scan_seconds > self.target:
             self.usable.discard(Plan.HASH)
 
+    @property
+    def nestloop_rate(self) -> float:
+        return self.rates[Plan.NESTLOOP].rate
+
     def seconds(self, plan: Plan, units: float) -> float:
-        assert self.hash_fit is not None
-        if plan == Plan.HASH:
-            return self.hash_fit.seconds(units)
-        return units / self.nestloop_rate
+        return self.rates[plan].seconds(units)
 
     def limit(
         self, plan: Plan, probe_units: float, backlog_units: float, *, grow: bool = True
     ) -> float:
-        """The task units of our keys the next slice of ``plan`` may take (at least 1).
-
-        With ``grow`` (the slice that will run) a slice is at most ``MAX_SLICE_GROWTH`` times
-        the largest of its plan so far; without it (comparing the plans) it is what the
-        measured rate allows, so a plan that has not run big slices yet is not judged by its
-        small first one.
-        """
-        assert self.hash_fit is not None
-        if plan not in self.measured_plans:
-            wanted = probe_units
-        elif plan == Plan.HASH:
-            wanted = (self.target - self.hash_fit.fixed) * self.hash_fit.rate
-        else:
-            wanted = self.target * self.nestloop_rate
-        wanted -= backlog_units
-        if grow and plan in self.largest:
-            wanted = min(wanted, self.largest[plan] * MAX_SLICE_GROWTH)
-        if plan in self.ceiling:
-            wanted = min(wanted, self.ceiling[plan])
-        return max(1.0, wanted)
+        """The task units of our keys the next slice of ``plan`` may take (at least 1)."""
+        return self.rates[plan].limit(probe_units, backlog_units, grow=grow)
 
     def next_to_probe(self) -> Plan | None:
         """A usable plan not measured yet: each is tried once on a small slice first."""
         for plan in (Plan.NESTLOOP, Plan.HASH):
-            if plan in self.usable and plan not in self.measured_plans:
+            if plan in self.usable and not self.rates[plan].measured:
                 return plan
         return None
 
     def measured(self, plan: Plan, units: float, held: float) -> None:
-        assert self.hash_fit is not None
-        self.largest[plan] = max(self.largest.get(plan, 0.0), units)
-        if plan == Plan.HASH:
-            self.hash_fit.add(units, held)
-        else:
-            rate = units / max(held, 1e-3)
-            if plan not in self.measured_plans:
-                self.nestloop_rate = rate
-            else:
-                weight = RATE_SLOWER_WEIGHT if rate < self.nestloop_rate else RATE_FASTER_WEIGHT
-                self.nestloop_rate += weight * (rate - self.nestloop_rate)
-        self.measured_plans.add(plan)
+        self.rates[plan].add(units, held)
 
     def cancelled(self, plan: Plan, units: float, keys: int, *, smallest: bool = False) -> None:
-        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan.
-
-        A plan is dropped when the slice could not have been smaller (one key, or one stamp
-        that many keys share), and a hash plan when its first (small) slice did not fit: its
-        whole scans alone pass the cap.
-        """
-        if smallest or keys <= 1 or (plan == Plan.HASH and plan not in self.measured_plans):
+        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan when the
+        slice could not have been smaller, or was a hash plan's first (its scans alone do not
+        fit)."""
+        if smallest or keys <= 1 or (plan == Plan.HASH and not self.rates[plan].measured):
             self.usable.discard(plan)
             return
-        self.ceiling[plan] = max(1.0, units / 2)
-        if plan == Plan.NESTLOOP:
-            self.nestloop_rate = min(self.nestloop_rate, units / 2 / self.target)
-        self.measured_plans.add(plan)
+        self.rates[plan].cancelled(units)
 
-    def plan_did_not_apply(self, plan: Plan) -> None:
-        self.usable.discard(plan)
+    def best(self, speed: Callable[[Plan], float]) -> Plan:
+        """The plan to run next: one not measured yet, else the one of most keys per second
+        of wall time (``speed(plan)``)."""
+        probe = self.next_to_probe()
+        return probe or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
+
+
+def probe_units(plan: Plan, mean_tasks: float) -> float:
+    """The cost of the first slice of ``plan``, the one that measures it."""
+    return FIRST_SLICE_KEYS * (mean_tasks + KEY_BASE_COST[plan])
 
 
 def slice_units(
@@ -262,51 +165,33 @@ def predict_scan_seconds() -> float:
 # -- one call of the function ------------------------------------------------------------
 
 
-def set_plan(cursor: Any, plan: Plan) -> None:
-    """The slice transaction's planner settings for ``plan`` (see ``SET_PLAN_SQL``)."""
-    cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
-
-
 def call_function(
-    cursor: Any, bound: Bound, window_from: datetime, window_to: datetime
-) -> tuple[int, int, int]:
-    """One call over ``[from, to)`` in the caller's slice: its result, and the scans of
-    ``task_usage`` it made (sequential, index)."""
+    cursor: Any, bound: Bound, plan: Plan, window: tuple[datetime, datetime]
+) -> tuple[int, dict[str, int]]:
+    """One call over ``window`` ``[from, to)`` with ``plan``'s settings, in the caller's
+    slice: the hourly rows it wrote, and the scans of ``task_usage`` it made."""
+    cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_before, idx_before = cursor.fetchone()
     bound()
-    cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window_from, "to": window_to})
+    cursor.execute(compose(ROLLUP_CALL_SQL), {"from": window[0], "to": window[1]})
     rollup_rows = cursor.fetchone()[0] or 0
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_after, idx_after = cursor.fetchone()
-    return rollup_rows, int(seq_after - seq_before), int(idx_after - idx_before)
+    scans = {"seq_scans": int(seq_after - seq_before), "index_scans": int(idx_after - idx_before)}
+    return rollup_rows, scans
 
 
 def run_slice(
     plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
 ) -> RollupSlice:
-    """One transaction holding lock 4246 around one rollup call over ``[from, to)``.
-
-    The call rebuilds the keys of the rows last written in the window, and every key queued
-    before its end.
-    """
-
-    def work(cursor: Any, bound: Bound) -> tuple[int, int, int]:
-        set_plan(cursor, plan)
-        return call_function(cursor, bound, window_from, window_to)
-
-    done = run_locked(limits, work)
-    rollup_rows, seq_scans, index_scans = done.value
-    return RollupSlice(
-        window_from=window_from,
-        window_to=window_to,
-        rollup_rows=rollup_rows,
-        lock_wait_seconds=done.waited,
-        lock_held_seconds=done.held,
-        plan=plan,
-        seq_scans=seq_scans,
-        index_scans=index_scans,
-    )
+    """One transaction holding lock 4246 around one rollup call over ``[from, to)``: it
+    rebuilds the keys of the rows last written in the window, and every key queued before
+    its end."""
+    window = (window_from, window_to)
+    done = run_locked(limits, lambda cursor, bound: call_function(cursor, bound, plan, window))
+    rollup_rows, scans = done.value
+    return done.piece(window_from, window_to, rollup_rows, plan=plan, **scans)
 
 
 def plan_applied(piece: RollupSlice) -> bool:
@@ -315,14 +200,11 @@ def plan_applied(piece: RollupSlice) -> bool:
 
 
 def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
-    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops.
-
-    The planner then drops the hash plan (something, such as a ``SET`` clause on the
-    function, keeps the slice's settings from its statements).
-    """
+    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops,
+    and the planner drops it (a ``SET`` clause on the function, say, keeps the settings out)."""
     if plan_applied(piece):
         return piece
-    planner.plan_did_not_apply(Plan(piece.plan))
+    planner.usable.discard(Plan(piece.plan))
     logger.warning(
         "enable_nestloop = off did not reach the rollup function's statements (no whole "
         "scan of task_usage); using its default plan from now on"
@@ -330,361 +212,12 @@ def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
 
 
-def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
-    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
-    log_event(
-        logger,
-        logging.DEBUG,
-        "rollup_slice",
-        f"{what}, {piece.plan} plan: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} "
-        f"held {piece.lock_held_seconds:.3f}s",
-        keys=piece.keys,
-        keys_done=done,
-        keys_total=total,
-        plan=str(piece.plan),
-        tasks=piece.tasks,
-        backlog=piece.backlog,
-        rows=piece.rows,
-        rollup_rows=piece.rollup_rows,
-        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
-        lock_held_seconds=round(piece.lock_held_seconds, 6),
-    )
+MICROSECOND = timedelta(microseconds=1)
 
 
-class _PlannedSlicer(Slicer):
-    """A slicer whose slices are calls of the function, planned by a ``SlicePlanner``."""
-
-    def __init__(
-        self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
-    ) -> None:
-        super().__init__(limits, neighbours, result)
-        self.planner = SlicePlanner(
-            target=limits.target, scan_seconds=predict_scan_seconds(), gap=neighbours.gap
-        )
-
-    def _cancelled(
-        self,
-        exc: SliceCancelled,
-        plan: Plan,
-        units: float,
-        keys: int,
-        *,
-        smallest: bool,
-        what: str,
-    ) -> None:
-        """The planner learns from a cancelled slice; the slicer counts it (and may stop)."""
-        self.planner.cancelled(plan, units, keys, smallest=smallest)
-        if not self.planner.usable:
-            self.result.cancelled_holds.append(exc.held)
-            raise RollupError(
-                f"{what} could not be rebuilt within the lock budget ({self.limits.cap:g}s) "
-                "with either plan; the run's rollup stays pending: re-run the same command "
-                "with a larger --max-rollup-lock-seconds to rebuild the rest"
-            ) from exc
-        self.cancelled(exc, what)
-
-    def _settled(
-        self,
-        piece: RollupSlice,
-        keys: int,
-        tasks: int,
-        backlog: int = 0,
-        mean_tasks: float = 0.0,
-    ) -> RollupSlice:
-        """The slice as it ran, measured by the planner and added to the result."""
-        piece = _checked(
-            dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog), self.planner
-        )
-        ran = Plan(piece.plan)
-        units = slice_units(ran, keys, tasks, backlog, mean_tasks)
-        self.planner.measured(ran, units, piece.lock_held_seconds)
-        self.settled(piece)
-        return piece
-
-
-# -- the repair's slices of stamps ------------------------------------------------------------
-
-# The repair stamps every row of one hourly key with the same updated_at, one microsecond per
-# key (see usage.repair.backfill): a range of stamps is a range of keys, and a rollup call over
-# the window from the first stamp to just after the last rebuilds exactly them (plus any row
-# someone else wrote in that window: more work, never less). The queue is not written.
-STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
-# A slice's window never spans a gap wider than this between two stamps: between runs, or
-# the batches of a run of an earlier version, other writers' rows would fill it.
-MAX_WINDOW_GAP = timedelta(seconds=1)
-
-CREATE_STAMPS_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
-    seq bigint PRIMARY KEY,
-    stamp timestamptz NOT NULL,
-    segment bigint NOT NULL,
-    keys_to bigint NOT NULL,
-    tasks_to bigint NOT NULL
-) ON COMMIT PRESERVE ROWS"""
-TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
-DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
-
-# The run just added its rows to the journal: fresh statistics keep the plans below from
-# taking them for a handful (nested loops over every entry).
-ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
-
-# The hourly keys of the rows some runs changed that still carry the run's stamp (a row written
-# since is found by the platform's own window), one row per (stamp, key). A table of its own,
-# analyzed before the next statement joins it: the estimate of the join that finds the rows
-# (on id and stamp, two correlated conditions) is a single row, and a plan built on that
-# walks every task of every key's agent once per key.
-STAMPED_KEYS_TABLE = "pg_temp.codex_rollup_stamped_keys"
-CREATE_STAMPED_KEYS_SQL = """
-CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
-SELECT DISTINCT j.new_updated_at AS stamp,
-       {bucket_hour} AS bucket_hour, a.workspace_id, q.runtime_id, q.agent_id,
-       i.project_id, tu.provider, tu.model
-FROM {journal} j
-JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at = j.new_updated_at
-JOIN {agent_task_queue} q ON q.id = tu.task_id
-JOIN {agent} a ON a.id = q.agent_id
-LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-  {only_hour}"""
-ANALYZE_STAMPED_KEYS_SQL = f"ANALYZE {STAMPED_KEYS_TABLE}"
-
-# Every key of the runs, or (the own path's fallback) those of one bucket hour.
-ONLY_HOUR = {
-    False: "",
-    True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s",
-}
-
-# The task count of each agent of some keys: a key's rollup cost grows with it.
-AGENT_TASKS_SQL = """
-SELECT t.agent_id, count(*) AS tasks
-FROM {{agent_task_queue}} t
-WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys})
-GROUP BY t.agent_id"""
-
-# The stamps in time order, each with its keys and their agents' task counts as running
-# totals, and a segment number that grows at every gap wider than MAX_WINDOW_GAP.
-FILL_STAMPS_TABLE_SQL = f"""
-WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=STAMPED_KEYS_TABLE)}),
-stamps AS (
-    SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
-           k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
-    FROM {STAMPED_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)
-    GROUP BY k.stamp
-)
-INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
-SELECT row_number() OVER w, stamp,
-       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
-FROM stamps
-WINDOW w AS (ORDER BY stamp)"""
-
-NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
-STAMPS_TOTAL_SQL = (
-    f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
-)
-
-# The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
-# ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
-# The keyset scan stops at the first stamp over the limit or past the segment.
-NEXT_SLICE_SQL = f"""
-WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
-SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
-FROM {STAMPS_TABLE} s, first
-WHERE s.seq = greatest(
-    %(after)s + 1,
-    coalesce(
-        (SELECT n.seq - 1 FROM {STAMPS_TABLE} n
-         WHERE n.seq > %(after)s
-           AND (n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s
-                OR n.segment <> first.segment)
-         ORDER BY n.seq LIMIT 1),
-        %(total)s
-    )
-)"""
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
-
-    after: int
-    upto: int
-    keys: int
-    tasks: int
-    window_from: datetime
-    window_to: datetime
-
-
-class StampSlices(_PlannedSlicer):
-    """The function path's slice loop over the runs' stamps: plan, wait, run, learn."""
-
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions,
-        result: RollupResult,
-        total: int,
-        mean_tasks: float,
-    ) -> None:
-        super().__init__(limits, neighbours, result)
-        self.total = total
-        self.mean_tasks = mean_tasks
-        self.done = self.done_keys = self.done_tasks = 0
-
-    def run(
-        self,
-        should_stop: Callable[[], bool],
-        on_slice: Callable[[RollupSlice, int, int], None] | None,
-        on_wait: Callable[[str, float], None] | None,
-    ) -> None:
-        keys_total = self.result.keys_total
-        while self.done < self.total:
-            if not self.may_start(should_stop, on_wait):
-                break
-            backlog = self._backlog()
-            plan, span = self._choose(backlog)
-            try:
-                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
-            except SliceCancelled as exc:
-                units = slice_units(plan, span.keys, span.tasks, backlog, self.mean_tasks)
-                what = (
-                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
-                    f"({plan} plan"
-                    + (f", {backlog} queued keys drained with it" if backlog else "")
-                    + ")"
-                )
-                self._cancelled(
-                    exc, plan, units, span.keys, smallest=span.upto == span.after + 1, what=what
-                )
-                continue
-            piece = self._settled(piece, span.keys, span.tasks, backlog, self.mean_tasks)
-            self.done = span.upto
-            self.done_keys += span.keys
-            self.done_tasks += span.tasks
-            if on_slice is not None:
-                on_slice(piece, self.done_keys, keys_total)
-            log_slice(
-                piece,
-                f"rollup slice: {span.keys} keys ({self.done_keys}/{keys_total})",
-                self.done_keys,
-                keys_total,
-            )
-            if self.done < self.total:
-                self.leave_a_gap()
-        self.finish()
-
-    def _backlog(self) -> int:
-        """Keys others queued before the next window ends: its call rebuilds them too.
-
-        Normally none: the repair's stamps are below the cron's watermark, and the cron tick
-        drains what was queued before its own window's end.
-        """
-        with connection.cursor() as cursor:
-            cursor.execute(NEXT_STAMP_SQL, [self.done + 1])
-            (first,) = cursor.fetchone()
-            cursor.execute(
-                compose(BACKLOG_SQL), {"before": first + MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
-            )
-            return int(cursor.fetchone()[0])
-
-    def _choose(self, backlog: int) -> tuple[Plan, _Span]:
-        """The plan and the stamps of the next slice: the most keys per second of wall time."""
-        probe = self.planner.next_to_probe()
-        plans = [probe] if probe is not None else sorted(self.planner.usable)
-        best: tuple[float, Plan, float, float] | None = None
-        for plan in plans:
-            base = KEY_BASE_COST[plan]
-            backlog_units = slice_units(plan, 0, 0, backlog, self.mean_tasks)
-            probe_units = FIRST_SLICE_KEYS * (self.mean_tasks + base)
-            # Judged at the size its measured rate allows, run at the size growth allows.
-            judged = self._span(
-                base, self.planner.limit(plan, probe_units, backlog_units, grow=False)
-            )
-            units = slice_units(plan, judged.keys, judged.tasks, backlog, self.mean_tasks)
-            speed = judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
-            if best is None or speed > best[0]:
-                best = (speed, plan, probe_units, backlog_units)
-        assert best is not None
-        _, plan, probe_units, backlog_units = best
-        limit = self.planner.limit(plan, probe_units, backlog_units)
-        return plan, self._span(KEY_BASE_COST[plan], limit)
-
-    def _span(self, base: int, limit: float) -> _Span:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                NEXT_SLICE_SQL,
-                {
-                    "after": self.done,
-                    "done_keys": self.done_keys,
-                    "done_tasks": self.done_tasks,
-                    "base": base,
-                    "limit": int(limit),
-                    "total": self.total,
-                },
-            )
-            upto, keys_to, tasks_to, first, last = cursor.fetchone()
-        return _Span(
-            after=self.done,
-            upto=int(upto),
-            keys=int(keys_to) - self.done_keys,
-            tasks=int(tasks_to) - self.done_tasks,
-            window_from=first,
-            window_to=last + timedelta(microseconds=1),
-        )
-
-
-# -- keys rewritten since, and the revert's drains ----------------------------------------
-
-# Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
-# no window of stamps finds them, so they are queued and drained like the revert's, in chunks
-# the planner sizes. Usually few: the platform's next tick would reach them too, but the run's
-# keys are right when it ends, and --verify can say so at once.
-REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
-KEY_COLUMNS = "bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model"
-REWRITTEN_KEYS_TABLE = "pg_temp.codex_rollup_rewritten_keys"
-CREATE_REWRITTEN_KEYS_SQL = """
-CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
-SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-       q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
-FROM {journal} j
-JOIN {task_usage} tu ON tu.id = j.usage_id AND tu.updated_at IS DISTINCT FROM j.new_updated_at
-JOIN {agent_task_queue} q ON q.id = tu.task_id
-JOIN {agent} a ON a.id = q.agent_id
-LEFT JOIN {issue} i ON i.id = q.issue_id
-WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND q.runtime_id IS NOT NULL
-  {only_hour}"""
-ANALYZE_REWRITTEN_KEYS_SQL = f"ANALYZE {REWRITTEN_KEYS_TABLE}"
-CREATE_REWRITTEN_TABLE_SQL = f"""
-CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
-WITH agent_tasks AS MATERIALIZED ({AGENT_TASKS_SQL.format(keys=REWRITTEN_KEYS_TABLE)})
-SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
-FROM {REWRITTEN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)"""
-DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
-REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
-# Queue keys (after, upto], upserting as the platform does; the latest enqueued_at they got
-# and their agents' tasks.
-ENQUEUE_REWRITTEN_SQL = f"""
-WITH queued AS (
-    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_COLUMNS}, enqueued_at)
-    SELECT {KEY_COLUMNS}, clock_timestamp() FROM {REWRITTEN_TABLE}
-    WHERE seq > %(after)s AND seq <= %(upto)s
-    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
-    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
-    RETURNING d.enqueued_at
-)
-SELECT (SELECT max(enqueued_at) FROM queued),
-       (SELECT coalesce(sum(tasks), 0) FROM {REWRITTEN_TABLE}
-        WHERE seq > %(after)s AND seq <= %(upto)s)"""
-
-
-class QueueDrainer(_PlannedSlicer):
-    """Rebuilds keys another statement queued, one slice per call.
-
-    The caller queued keys up to ``enqueued_until`` and tells their count and task units; the
-    planner picks the plan, and says how much the next batch of keys may cost. ``label`` names
-    the drains in the log ("revert drain", "rewritten keys drain").
-    """
+class QueueDrainer(Slicer):
+    """The function path's drains: keys another statement queued, one slice per ``drain``,
+    planned by one ``SlicePlanner``; ``label`` names them in the log ("revert drain")."""
 
     def __init__(
         self,
@@ -694,49 +227,47 @@ class QueueDrainer(_PlannedSlicer):
         label: str = "revert drain",
         result: RollupResult | None = None,
     ) -> None:
-        super().__init__(limits, neighbours or NeighbourOptions(), result or RollupResult())
+        neighbours = neighbours or NeighbourOptions()
+        super().__init__(limits, neighbours, result or RollupResult())
         self.label = label
+        self.planner = SlicePlanner(limits.target, predict_scan_seconds(), neighbours.gap)
+
+    # -- the revert's drains, and the rewritten keys' --------------------------------------
 
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
-        plan = self.planner.next_to_probe() or self._best_plan(mean_tasks)
+        plan = self._best_plan(mean_tasks)
         per_key = mean_tasks + KEY_BASE_COST[plan]
-        limit = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0)
-        return max(1, int(limit / per_key))
+        return max(1, int(self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0) / per_key))
+
+    def batch_entries(self, entries: int, keys: int, tasks: int) -> float:
+        """How many journal entries the revert's next batch may take (before its caps)."""
+        return self.next_keys(tasks / keys) * entries / keys
 
     def _best_plan(self, mean_tasks: float) -> Plan:
-        best: tuple[float, Plan] | None = None
-        for plan in sorted(self.planner.usable):
+        def speed(plan: Plan) -> float:
             per_key = mean_tasks + KEY_BASE_COST[plan]
-            units = self.planner.limit(plan, FIRST_SLICE_KEYS * per_key, 0.0, grow=False)
-            keys = units / per_key
-            speed = keys / (self.planner.seconds(plan, units) + self.planner.gap)
-            if best is None or speed > best[0]:
-                best = (speed, plan)
-        return best[1] if best else Plan.NESTLOOP
+            units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0, grow=False)
+            return units / per_key / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        return self.planner.best(speed)
 
     def drain(
         self,
         enqueued_until: datetime,
         keys: int,
         tasks: int,
-        should_stop: Callable[[], bool] | None = None,
-        on_wait: Callable[[str, float], None] | None = None,
+        should_stop: ShouldStop | None = None,
+        on_wait: OnWait = None,
     ) -> RollupSlice:
-        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction.
-
-        A drain the server cancels is tried once with each usable plan (the planner makes
-        the next batches smaller); when none fits, the keys stay queued and ``RollupError``
-        says what to do.
-        """
+        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction; one
+        the server cancels is tried once with each usable plan, then ``RollupError``."""
         self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
-        mean_tasks = tasks / keys if keys else 0.0
-        window = (enqueued_until, enqueued_until + timedelta(microseconds=1))
-        plans = [self.planner.next_to_probe() or self._best_plan(mean_tasks)]
+        plans = [self._best_plan(tasks / keys if keys else 0.0)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
         for plan in plans:
             try:
-                piece = run_slice(plan, self.limits, *window)
+                piece = run_slice(plan, self.limits, enqueued_until, enqueued_until + MICROSECOND)
             except SliceCancelled as exc:
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 self.cancelled(exc, f"{self.label} of {keys} keys ({plan} plan)")
@@ -752,84 +283,13 @@ class QueueDrainer(_PlannedSlicer):
             "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
         )
 
-
-def _rebuild_rewritten(
-    run_ids: Sequence[int],
-    limits: SliceLimits,
-    neighbours: NeighbourOptions,
-    result: RollupResult,
-    should_stop: Callable[[], bool],
-    on_wait: Callable[[str, float], None] | None,
-    hour: datetime | None = None,
-) -> None:
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, limits.lock_timeout, 0)
-        cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-        cursor.execute(
-            compose(CREATE_REWRITTEN_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
-            {"run_ids": list(run_ids), "hour": hour},
-        )
-        cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
-        cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
-        cursor.execute(REWRITTEN_TOTAL_SQL)
-        total, tasks = cursor.fetchone()
-    if not total:
-        return
-    result.keys_total += total
-    drainer = QueueDrainer(limits, neighbours, label="rewritten keys drain", result=result)
-    done = 0
-    while done < total:
-        if should_stop():
-            result.stopped = True
-            return
-        upto = min(total, done + drainer.next_keys(tasks / total))
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
-            latest, chunk_tasks = cursor.fetchone()
-        drainer.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
-        done = upto
-    drainer.finish()
-
-
-def rebuild_by_function(
-    run_ids: Sequence[int],
-    limits: SliceLimits,
-    neighbours: NeighbourOptions,
-    result: RollupResult,
-    should_stop: Callable[[], bool],
-    on_slice: Callable[[RollupSlice, int, int], None] | None,
-    on_wait: Callable[[str, float], None] | None,
-    hour: datetime | None = None,
-) -> None:
-    """Rebuild every hourly key of the rows the runs changed through the platform's function.
-
-    Slices of stamps first, then the keys of rows rewritten since; stops between slices when
-    ``should_stop()`` says so (``result.stopped``). With ``hour``, only that bucket hour's
-    keys (the own path's fallback for an hour too big for one of its slices).
-    """
-    # One pass over the runs' journal, as long as it takes (it holds no lock another writer
-    # waits for): the session's statement_timeout would end it at scale.
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, limits.lock_timeout, 0)
-        cursor.execute(CREATE_STAMPS_TABLE_SQL)
-        cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
-        cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-        cursor.execute(
-            compose(CREATE_STAMPED_KEYS_SQL, only_hour=ONLY_HOUR[hour is not None]),
-            {"run_ids": list(run_ids), "hour": hour},
-        )
-        cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
-        cursor.execute(compose(FILL_STAMPS_TABLE_SQL), {"max_gap": MAX_WINDOW_GAP})
-        cursor.execute(STAMPS_TOTAL_SQL)
-        stamps, keys, tasks = cursor.fetchone()
-    result.keys_total += keys
-    try:
-        if stamps:
-            StampSlices(limits, neighbours, result, stamps, tasks / keys).run(
-                should_stop, on_slice, on_wait
-            )
-        if not result.stopped:
-            _rebuild_rewritten(run_ids, limits, neighbours, result, should_stop, on_wait, hour)
-    finally:
-        drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
-        drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
+    def _settled(
+        self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
+    ) -> RollupSlice:
+        """The slice as it ran, measured by the planner and added to the result."""
+        piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
+        piece = _checked(piece, self.planner)
+        units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)
+        self.planner.measured(Plan(piece.plan), units, piece.lock_held_seconds)
+        self.settled(piece)
+        return piece

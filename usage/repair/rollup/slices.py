@@ -1,20 +1,6 @@
-"""One rollup slice: a short transaction holding lock 4246, and the room left to neighbours.
-
-Every writer of ``task_usage_hourly`` on the platform serializes on advisory lock 4246: the
-cron tick (a try-lock: it silently skips a tick when the lock is taken), workspace deletion
-(waits 10 s, then fails) and the repair. Both of the repair's paths (``recompute``, the
-tool's own, and ``function``, the platform's) therefore rebuild keys in slices:
-
-* **A slice is one transaction** that takes ``pg_advisory_xact_lock(4246)`` (transaction
-  level: it can never leak) and does its work; the server-side ``statement_timeout`` of each
-  statement is what is left of ``--max-rollup-lock-seconds`` + ``LOCK_CAP_SLACK_SECONDS``
-  since the lock was taken, less room for the commit, so no hold passes that cap, whatever
-  the planner does. A slice the server cancels is ``SliceCancelled`` (its hold is timed).
-* **Room for neighbours** (``Slicer``): the lock stays free for ``SLICE_GAP_SECONDS`` after
-  every slice, so a try-lock caller gets it; while the platform's cron tick is due no slice
-  starts (``usage.cron.TickWatcher``); a stop request ends the rebuild between slices.
-* **Progress or stop**: a slice cancelled ``MAX_CANCELLED_IN_A_ROW`` times in a row ends the
-  rebuild with ``RollupError`` (the run's rollup stays pending), never an endless retry.
+"""One rollup slice: a short transaction holding lock 4246, the budget that bounds it, the room
+left to the lock's other users (the cron tick, try-lock callers, a stop request), and the rate
+learner that sizes the next slice.
 """
 
 from __future__ import annotations
@@ -37,6 +23,7 @@ from usage.db import (
     set_local_timeouts,
     sqlstate,
 )
+from usage.events import log_event
 
 logger = logging.getLogger("usage.rollup")
 
@@ -72,9 +59,7 @@ REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 class RollupError(Exception):
     """The rollup could not be rebuilt; the run's rollup stays pending for the next run.
-
-    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it.
-    """
+    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it."""
 
     result: RollupResult | None = None
 
@@ -115,12 +100,8 @@ class NeighbourOptions:
 
 @dataclass(frozen=True)
 class RollupSlice:
-    """One slice transaction: what it rebuilt, how, and how long it held 4246.
-
-    ``plan`` is ``own`` for the tool's recompute, else the planner setting the platform's
-    function ran with; ``window_from``/``window_to`` are the stamps (function) or the bucket
-    hours (own) it covered; ``rows`` the usage rows an own slice read.
-    """
+    """One slice transaction: what it rebuilt, how (``own``, or the function's plan), over
+    which stamps or bucket hours, and how long it held 4246; ``rows``: usage rows it read."""
 
     window_from: datetime | None
     window_to: datetime | None
@@ -171,8 +152,13 @@ class RollupResult:
     def hash_slices(self) -> int:
         return sum(1 for s in self.slices if s.plan == "hash")
 
-    def add(self, piece: RollupSlice) -> None:
-        self.slices.append(piece)
+
+# Sets the next statement's timeout to what is left of the cap since the lock was taken.
+Bound = Callable[[], None]
+# What a rebuild is told: whether to stop, each slice it made, each wait for the cron tick.
+ShouldStop = Callable[[], bool]
+OnSlice = Callable[[RollupSlice, int, int], None] | None
+OnWait = Callable[[str, float], None] | None
 
 
 @dataclass(frozen=True)
@@ -183,35 +169,28 @@ class Locked(Generic[T]):
     waited: float
     held: float
 
+    def piece(
+        self, window_from: datetime | None, window_to: datetime | None, written: int, **more: Any
+    ) -> RollupSlice:
+        """The slice as the result records it: ``written`` hourly rows, and ``more``."""
+        return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
 
-class Bound:
-    """Gives the next statement what is left of the cap since the lock was taken."""
 
-    def __init__(self, cursor: Any, cap: float, locked_at: float) -> None:
-        self.cursor = cursor
-        self.cap = cap
-        self.locked_at = locked_at
+def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
+    def bound() -> None:
+        left = cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - locked_at)
+        cursor.execute(SET_STATEMENT_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"])
 
-    def __call__(self) -> None:
-        left = self.cap - COMMIT_ALLOWANCE_SECONDS - (time.monotonic() - self.locked_at)
-        self.cursor.execute(
-            SET_STATEMENT_TIMEOUT_SQL, [f"{max(left, MIN_CALL_SECONDS) * 1000:.0f}ms"]
-        )
+    return bound
 
 
 def run_locked(
-    limits: SliceLimits,
-    work: Callable[[Any, Bound], T],
-    *,
-    repeatable_read: bool = False,
+    limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
 ) -> Locked[T]:
-    """Run ``work(cursor, bound)`` in one transaction holding lock 4246.
-
-    ``work`` calls ``bound()`` before each statement that may run long. Waits for the lock
-    up to ``limits.lock_timeout``, ``LOCK_WAIT_ATTEMPTS`` times. With ``repeatable_read``
-    every statement sees one snapshot (a proof compares two computations); a serialization
-    failure (a writer of the same rows committed first) is retried like a busy lock. Inside
-    a caller's transaction (a savepoint) the caller's isolation stands.
+    """Run ``work(cursor, bound)`` in one transaction holding lock 4246; ``work`` calls
+    ``bound()`` before each statement that may run long. With ``repeatable_read`` every
+    statement sees one snapshot (a proof compares two computations; inside a caller's
+    transaction its isolation stands); a serialization failure is retried like a busy lock.
     """
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
@@ -224,7 +203,7 @@ def run_locked(
                 set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
                 cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
-                value = work(cursor, Bound(cursor, limits.cap, locked_at))
+                value = work(cursor, _bound(cursor, limits.cap, locked_at))
             released_at = time.monotonic()
         except DatabaseError as exc:
             state = sqlstate(exc)
@@ -264,9 +243,7 @@ class Slicer:
         self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
         self.cancelled_in_a_row = 0
 
-    def may_start(
-        self, should_stop: Callable[[], bool], on_wait: Callable[[str, float], None] | None
-    ) -> bool:
+    def may_start(self, should_stop: ShouldStop, on_wait: OnWait) -> bool:
         """Wait while the cron tick is due; False when a stop was asked for (noted)."""
         if not should_stop():
             self.ticks.wait_if_due(should_stop, on_wait)
@@ -280,10 +257,8 @@ class Slicer:
             time.sleep(self.neighbours.gap)
 
     def cancelled(self, exc: SliceCancelled, what: str) -> None:
-        """The server ended a slice at the cap: its hold counts; too many in a row stop it.
-
-        ``what`` names the slice in the error ("a slice of 6,000 keys ...").
-        """
+        """The server ended the slice ``what`` at the cap: its hold counts; too many in a
+        row stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
         self.cancelled_in_a_row += 1
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
@@ -296,11 +271,99 @@ class Slicer:
             ) from exc
         self.leave_a_gap()  # the cancelled slice held the lock up to the cap
 
+    def report(self, piece: RollupSlice, what: str, done: int, on_slice: OnSlice) -> None:
+        """A slice made, ``done`` keys of the result's so far: to the caller and the log."""
+        if on_slice is not None:
+            on_slice(piece, done, self.result.keys_total)
+        log_slice(piece, what, done, self.result.keys_total)
+
     def settled(self, piece: RollupSlice) -> None:
         """A slice that ran: it counts, and the run of cancellations is over."""
         self.cancelled_in_a_row = 0
-        self.result.add(piece)
+        self.result.slices.append(piece)
 
     def finish(self) -> None:
         self.result.cron_waits += self.ticks.waits
         self.result.cron_wait_seconds += self.ticks.waited_seconds
+
+
+# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
+RATE_SLOWER_WEIGHT = 1.0
+RATE_FASTER_WEIGHT = 0.3
+
+
+@dataclass
+class Rate:
+    """One kind of slice's measured speed, in units of work per second of hold, and its size.
+
+    A slowdown is believed at once, a speed-up gradually; a slice grows at most
+    ``MAX_SLICE_GROWTH``-fold, and a cancelled one halves the ceiling. With ``scans`` a slice
+    also pays a fixed part (whole scans): the shortest slice seen, or ``fixed`` before one ran.
+    """
+
+    target: float
+    rate: float
+    fixed: float = 0.0
+    scans: bool = False
+    measured: bool = False
+    largest: float = 0.0
+    ceiling: float | None = None
+
+    def seconds(self, units: float) -> float:
+        return self.fixed + units / self.rate
+
+    def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
+        """The units the next slice may take: ``first`` until one was measured, less
+        ``less``. Without ``grow`` (comparing kinds) a slice is what the rate allows."""
+        wanted = (self.target - self.fixed) * self.rate if self.measured else first
+        wanted -= less
+        if grow and self.largest:
+            wanted = min(wanted, self.largest * MAX_SLICE_GROWTH)
+        if self.ceiling is not None:
+            wanted = min(wanted, self.ceiling)
+        return max(1.0, wanted)
+
+    def add(self, units: float, held: float) -> None:
+        """A slice of ``units`` held the lock ``held`` seconds."""
+        first = not self.measured
+        self.measured = True
+        self.largest = max(self.largest, units)
+        if self.scans:
+            self.fixed = held if first else min(self.fixed, held)
+            if held - self.fixed <= 0.1 * held:
+                return  # nearly all fixed: says nothing of the rate
+            held -= self.fixed
+        rate = units / max(held, 1e-3)
+        if first:
+            self.rate = rate
+        else:
+            weight = RATE_SLOWER_WEIGHT if rate < self.rate else RATE_FASTER_WEIGHT
+            self.rate += weight * (rate - self.rate)
+
+    def cancelled(self, units: float) -> None:
+        """A slice of ``units`` hit the cap: believe half of it fits."""
+        self.ceiling = max(1.0, units / 2)
+        if not self.scans:
+            self.rate = min(self.rate, units / 2 / self.target)
+            self.measured = True
+
+
+def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
+    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
+    log_event(
+        logger,
+        logging.DEBUG,
+        "rollup_slice",
+        f"{what}, {piece.plan} plan: {piece.rollup_rows} hourly rows, lock {ROLLUP_LOCK_ID} "
+        f"held {piece.lock_held_seconds:.3f}s",
+        keys=piece.keys,
+        keys_done=done,
+        keys_total=total,
+        plan=str(piece.plan),
+        tasks=piece.tasks,
+        backlog=piece.backlog,
+        rows=piece.rows,
+        rollup_rows=piece.rollup_rows,
+        lock_wait_seconds=round(piece.lock_wait_seconds, 6),
+        lock_held_seconds=round(piece.lock_held_seconds, 6),
+    )

@@ -1,12 +1,6 @@
-"""The rollup function's definitions the tool knows, how it recognises the installed one, and
-the path a run takes because of it.
-
-A definition is recognised by a fingerprint of what it does, not of how it is written: its
-language, its ``SET`` clauses and its body as SQL tokens (comments and layout dropped,
-unquoted words in lower case). Three kinds of definition take the own path: the platform's
-own (its migrations 102 and 213), this project's fixture (a rendition used by the tests), and
-one the operator declares equal to a platform version (``CODEX_ROLLUP_DECLARE``). Every run
-proves its own recompute against the installed function before relying on it, whichever kind.
+"""The rollup function's definitions the tool knows (by a fingerprint of their tokens), how it
+recognises the installed one, and the path a run takes because of it: the own path for a
+recognised definition the role can stand in for, else the platform's function.
 """
 
 from __future__ import annotations
@@ -26,13 +20,7 @@ from usage.render import short_hash
 from usage.repair.rollup.slices import RollupError
 
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-COST_COLUMNS = (
-    "cost_usd_ticks",
-    "uncosted_input_tokens",
-    "uncosted_output_tokens",
-    "uncosted_cache_read_tokens",
-    "uncosted_cache_write_tokens",
-)
+COST_COLUMNS = ("cost_usd_ticks",) + tuple(f"uncosted_{name}" for name in TOKEN_COLUMNS)
 COUNT_COLUMNS = ("task_count", "event_count")
 
 # The hourly columns each platform version's function writes (besides the key and updated_at).
@@ -70,34 +58,16 @@ class FunctionVersion:
         return f"declared as the platform's migration {self.migration} ({DECLARE_SETTING})"
 
 
-# The platform's definitions, as the catalog of a database built from its own migration files
-# holds them (multica-ai/multica, server/migrations/102_task_usage_hourly_pipeline.up.sql and
-# 213_task_usage_authoritative_cost.up.sql; no later migration redefines the function). How
-# to check them: README, "The rollup's two paths". The fixture's (sandbox/rollup_window_*.sql)
-# compute the same sums, written differently.
+# The platform's definitions as the catalog of a database built from its migrations holds them
+# (multica-ai/multica, server/migrations/102 and 213; README, "The rollup's two paths"), and
+# the fixture's (sandbox/rollup_window_*.sql: the same sums, written differently).
 KNOWN_FUNCTIONS = {
-    version.fingerprint: version
-    for version in (
-        FunctionVersion(
-            102,
-            PLATFORM,
-            "sha256:6d1db7180295ad57298900e2bfa7066f1516e47fa2fa909fd79c81b3602f3b1e",
-        ),
-        FunctionVersion(
-            213,
-            PLATFORM,
-            "sha256:894f2246ef809a93a20791e3e3f6b8a67fc886e54881bb26555b0d96f02e8ed1",
-        ),
-        FunctionVersion(
-            102,
-            FIXTURE,
-            "sha256:638adb09e7732f938c42933a004cce23bdcab4ca9861252ff04b8ba7ac84d5fd",
-        ),
-        FunctionVersion(
-            213,
-            FIXTURE,
-            "sha256:578f469961c8ec04d8c6bdd459b10b47ef0147cb326c606783054b946a55c1be",
-        ),
+    print_: FunctionVersion(migration, source, print_)
+    for migration, source, print_ in (
+        (102, PLATFORM, "sha256:6d1db7180295ad57298900e2bfa7066f1516e47fa2fa909fd79c81b3602f3b1e"),
+        (213, PLATFORM, "sha256:894f2246ef809a93a20791e3e3f6b8a67fc886e54881bb26555b0d96f02e8ed1"),
+        (102, FIXTURE, "sha256:638adb09e7732f938c42933a004cce23bdcab4ca9861252ff04b8ba7ac84d5fd"),
+        (213, FIXTURE, "sha256:578f469961c8ec04d8c6bdd459b10b47ef0147cb326c606783054b946a55c1be"),
     )
 }
 

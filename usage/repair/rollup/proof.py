@@ -1,0 +1,253 @@
+"""The own recompute's statements for a known version of the platform's function, and the proof
+that they write what the function writes (some keys computed both ways in one snapshot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from psycopg import sql
+
+from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
+from usage.repair.rollup.slices import Bound
+from usage.repair.rollup.versions import FunctionVersion
+
+HOUR = timedelta(hours=1)
+T = TypeVar("T")
+
+# Each column's sum, as the known definitions compute it (never shared with usage.repair.verify,
+# which checks the result with SQL of its own).
+UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
+OWN_SUMS = {
+    "input_tokens": "sum(tu.input_tokens)::bigint",
+    "output_tokens": "sum(tu.output_tokens)::bigint",
+    "cache_read_tokens": "sum(tu.cache_read_tokens)::bigint",
+    "cache_write_tokens": "sum(tu.cache_write_tokens)::bigint",
+    "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)::bigint",
+    "uncosted_input_tokens": UNCOSTED.format("input_tokens"),
+    "uncosted_output_tokens": UNCOSTED.format("output_tokens"),
+    "uncosted_cache_read_tokens": UNCOSTED.format("cache_read_tokens"),
+    "uncosted_cache_write_tokens": UNCOSTED.format("cache_write_tokens"),
+    "task_count": "count(DISTINCT tu.task_id)",
+    "event_count": "count(*)",
+}
+
+# The recompute of the keys of ``keys``: every usage row created in some spans of time (bound
+# ranges of created_at, read through its index) grouped by its key, then kept for the keys
+# asked for (``found`` is false for a key with no rows left).
+RECOMPUTE_CTES = """
+sums AS (
+    SELECT {row_key}, {sums}
+    FROM {task_usage} tu
+    {key_joins}
+    WHERE ({spans}) AND {has_key}
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+),
+recomputed AS (
+    SELECT {k_keys}, s.bucket_hour IS NOT NULL AS found, {s_columns}
+    FROM keys k LEFT JOIN sums s ON {same_k_s}
+)"""
+# ... written as the function writes it: upserted, or deleted when no row is left.
+WRITE_CTES = """
+upserted AS (
+    INSERT INTO {task_usage_hourly} AS h ({keys}, {columns}, updated_at)
+    SELECT {r_keys}, {r_columns}, now() FROM recomputed r WHERE r.found
+    ON CONFLICT ({keys}) DO UPDATE SET {set_columns}, updated_at = EXCLUDED.updated_at
+    RETURNING 1
+),
+deleted AS (
+    DELETE FROM {task_usage_hourly} h USING recomputed r
+    WHERE NOT r.found AND {same_h_r}
+    RETURNING 1
+)"""
+WRITE_SQL = """
+WITH keys AS MATERIALIZED ({keys_sql}),
+{recompute},
+{write}
+SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
+       (SELECT count(*) FROM keys)"""
+# An own slice's statements are short: JIT compilation would cost more than it saves (seen:
+# 1.4 s of a 2.3 s slice), and the sorts and hashes of tens of thousands of rows fit memory.
+OWN_SETTINGS_SQL = (
+    "SELECT set_config('jit', 'off', true), set_config('work_mem', %(work_mem)s, true)"
+)
+OWN_WORK_MEM = "64MB"
+
+# The proof: the own recompute of some keys kept aside (the function writes them next), then
+# compared with what the function wrote, column by column.
+CREATE_PROOF_SQL = """
+CREATE TEMP TABLE codex_rollup_proof ON COMMIT DROP AS
+WITH keys AS MATERIALIZED ({keys_sql}),
+{recompute}
+SELECT * FROM recomputed"""
+COMPARE_PROOF_SQL = """
+SELECT {p_keys}, p.found, h.bucket_hour IS NOT NULL, {pairs}
+FROM pg_temp.codex_rollup_proof p
+LEFT JOIN {task_usage_hourly} h ON {same_h_p}
+WHERE p.found IS DISTINCT FROM (h.bucket_hour IS NOT NULL)
+   OR (p.found AND ({p_columns}) IS DISTINCT FROM ({h_columns}))"""
+PROOF_COUNT_SQL = "SELECT count(*) FROM pg_temp.codex_rollup_proof"
+DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
+
+
+def spans_of(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
+    """Bucket hours (sorted) as the fewest ranges ``[from, to)`` that cover them."""
+    spans: list[tuple[datetime, datetime]] = []
+    for hour in hours:
+        if spans and spans[-1][1] == hour:
+            spans[-1] = (spans[-1][0], hour + HOUR)
+        else:
+            spans.append((hour, hour + HOUR))
+    return spans
+
+
+def span_params(spans: Sequence[tuple[datetime, datetime]]) -> dict[str, datetime]:
+    params: dict[str, datetime] = {}
+    for n, (start, end) in enumerate(spans):
+        params[f"span_from_{n}"], params[f"span_to_{n}"] = start, end
+    return params
+
+
+def _joined(template: str, names: Sequence[str]) -> sql.Composed:
+    """``template`` filled with each of ``names`` as an identifier, comma-separated."""
+    return sql.SQL(", ").join(
+        sql.SQL(template).format(*[sql.Identifier(name)] * template.count("{}")) for name in names
+    )
+
+
+class Recompute:
+    """The own recompute's statements for one known version of the function."""
+
+    def __init__(self, version: FunctionVersion) -> None:
+        self.version = version
+        columns = version.columns
+        self.parts: dict[str, sql.Composable] = {
+            "sums": sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(sql.SQL(OWN_SUMS[name]), sql.Identifier(name))
+                for name in columns
+            ),
+            "columns": _joined("{}", columns),
+            "set_columns": _joined("{} = EXCLUDED.{}", columns),
+            "pairs": _joined("p.{}, h.{}", columns),
+            "keys": key_columns(),
+        }
+        for alias in "srph":
+            self.parts[f"{alias}_columns"] = _joined(alias + ".{}", columns)
+        for alias in "krp":
+            self.parts[f"{alias}_keys"] = key_columns(alias)
+        for a, b in ("ks", "hr", "hp", "dk"):
+            self.parts[f"same_{a}_{b}"] = same_key(a, b)
+
+    def statement(self, template: str, keys_sql: str, spans: int = 1) -> str:
+        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans."""
+        parts = dict(self.parts)
+        parts["spans"] = sql.SQL(" OR ").join(
+            sql.SQL("(tu.created_at >= {} AND tu.created_at < {})").format(
+                sql.Placeholder(f"span_from_{n}"), sql.Placeholder(f"span_to_{n}")
+            )
+            for n in range(spans)
+        )
+        parts["keys_sql"] = format_sql(keys_sql, **parts)
+        parts["recompute"] = format_sql(RECOMPUTE_CTES, **parts)
+        parts["write"] = format_sql(WRITE_CTES, **parts)
+        return format_sql(template, **parts).as_string()
+
+    def compare_sql(self) -> str:
+        return format_sql(COMPARE_PROOF_SQL, **self.parts).as_string()
+
+
+def own_settings(cursor: Any) -> None:
+    cursor.execute(OWN_SETTINGS_SQL, {"work_mem": OWN_WORK_MEM})
+
+
+@dataclass(frozen=True)
+class ColumnDifference:
+    column: str
+    own: Any
+    function: Any
+
+
+@dataclass(frozen=True)
+class KeyDifference:
+    key: tuple[Any, ...]
+    columns: tuple[ColumnDifference, ...]
+
+
+@dataclass
+class Proof:
+    """Some keys computed both ways in one snapshot: equal, or how they differ."""
+
+    keys: int = 0
+    differences: list[KeyDifference] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def describe(self) -> str:
+        """One line: what differed (the first key and its columns), or that nothing did."""
+        if self.ok:
+            return f"the own recompute equals the function on the first {self.keys} keys"
+        first = self.differences[0]
+        columns = "; ".join(
+            f"{c.column}: function {_shown(c.function)}, own {_shown(c.own)}"
+            for c in first.columns
+        )
+        hour = first.key[0].strftime("%Y-%m-%dT%H:%MZ")
+        return (
+            f"the own recompute differs from the function on {len(self.differences)} of "
+            f"the first {self.keys} keys (first: {hour}, agent {first.key[3]}, "
+            f"{first.key[5]}/{first.key[6]}: {columns})"
+        )
+
+
+def _shown(value: Any) -> str:
+    return "no row" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def prove(
+    recompute: Recompute,
+    cursor: Any,
+    bound: Bound,
+    keys_sql: str,
+    params: dict[str, Any],
+    spans: Sequence[tuple[datetime, datetime]],
+    call: Callable[[Any, Bound], T],
+) -> tuple[Proof, T]:
+    """In the caller's REPEATABLE READ slice: the own sums of ``keys_sql``'s keys (from the
+    rows of ``spans``) set aside, then ``call`` (the function, which writes them), then the
+    two compared column by column."""
+    cursor.execute(DROP_PROOF_SQL)
+    own_settings(cursor)
+    bound()
+    cursor.execute(
+        recompute.statement(CREATE_PROOF_SQL, keys_sql, len(spans)),
+        dict(params, **span_params(spans)),
+    )
+    called = call(cursor, bound)
+    bound()
+    cursor.execute(recompute.compare_sql())
+    rows = cursor.fetchall()
+    cursor.execute(PROOF_COUNT_SQL)
+    proof = Proof(keys=int(cursor.fetchone()[0]))
+    width = len(KEY_COLUMNS)
+    for row in rows:
+        key, own_found, function_found = tuple(row[:width]), row[width], row[width + 1]
+        values = row[width + 2 :]
+        if own_found != function_found:
+            shown = ("present" if own_found else None, "present" if function_found else None)
+            columns = (ColumnDifference("row", *shown),)
+        else:
+            columns = tuple(
+                ColumnDifference(name, own, function)
+                for name, own, function in zip(
+                    recompute.version.columns, values[0::2], values[1::2], strict=True
+                )
+                if own != function
+            )
+        proof.differences.append(KeyDifference(key, columns))
+    cursor.execute(DROP_PROOF_SQL)
+    return proof, called

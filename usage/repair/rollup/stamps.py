@@ -1,0 +1,323 @@
+"""The repair's rebuild through the platform's function: slices of the runs' stamps (a call
+over a window of stamps rebuilds exactly their keys), then the keys of rows rewritten since,
+queued and drained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+
+from usage.db import drop_temp_table, set_local_timeouts
+from usage.eligibility import compose
+from usage.repair.rollup.function import (
+    KEY_BASE_COST,
+    MICROSECOND,
+    Plan,
+    QueueDrainer,
+    probe_units,
+    run_slice,
+    slice_units,
+)
+from usage.repair.rollup.slices import (
+    OnSlice,
+    OnWait,
+    RollupError,
+    ShouldStop,
+    SliceCancelled,
+)
+
+logger = logging.getLogger("usage.rollup")
+
+# The planner's queue backlog is counted up to this many keys.
+BACKLOG_COUNT_CAP = 100_000
+# Keys queued by others before a moment: a call whose window ends then drains them too.
+BACKLOG_SQL = """
+SELECT count(*) FROM (
+    SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
+) queued"""
+
+
+# -- the repair's slices of stamps, the rewritten keys, the drains ---------------------------
+
+# The repair stamps every row of one hourly key with the same updated_at, one microsecond per
+# key (usage.repair.backfill): a call over the window from a slice's first stamp to just after
+# its last rebuilds exactly those keys (plus any row someone else wrote in that window).
+STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
+# A window never spans a gap wider than this between two stamps (other writers' rows fill it).
+MAX_WINDOW_GAP = timedelta(seconds=1)
+
+CREATE_STAMPS_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
+    seq bigint PRIMARY KEY,
+    stamp timestamptz NOT NULL,
+    segment bigint NOT NULL,
+    keys_to bigint NOT NULL,
+    tasks_to bigint NOT NULL
+) ON COMMIT PRESERVE ROWS"""
+TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
+DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
+# The run just added its rows to the journal: fresh statistics keep the plans below from
+# taking them for a handful (nested loops over every entry).
+ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
+
+# The rows some runs changed and did not revert, joined to their hourly key: ``{match}`` keeps
+# those still carrying the run's stamp or those rewritten since; ``{only_hour}`` one bucket
+# hour's (the own path's fallback for an hour too big for its slices).
+RUN_ROWS = """{journal} j
+JOIN {task_usage} tu ON tu.id = j.usage_id {match}
+{key_joins}
+WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND {has_key} {only_hour}"""
+STAMPED = "AND tu.updated_at = j.new_updated_at"
+REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
+ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
+
+# One row per (stamp, key), in a table analyzed before the next statement joins it: the
+# estimate of the join on id and stamp (two correlated conditions) is a single row, and a plan
+# built on that walks every task of every key's agent once per key.
+CREATE_STAMPED_KEYS_SQL = """
+CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
+SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
+# The task count of each agent of some keys: a key's rollup cost grows with it.
+AGENT_TASKS = """agent_tasks AS MATERIALIZED (
+    SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
+    WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
+)"""
+ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
+# The stamps in time order, with their keys and their agents' tasks as running totals, and a
+# segment number that grows at every gap wider than MAX_WINDOW_GAP.
+FILL_STAMPS_TABLE_SQL = f"""
+WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
+stamps AS (
+    SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
+           k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
+    FROM pg_temp.codex_rollup_stamped_keys k JOIN agent_tasks t USING (agent_id)
+    GROUP BY k.stamp
+)
+INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
+SELECT row_number() OVER w, stamp,
+       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING),
+       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING),
+       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
+FROM stamps
+WINDOW w AS (ORDER BY stamp)"""
+STAMPS_TOTAL_SQL = (
+    f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
+)
+NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
+# The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
+# ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
+NEXT_SLICE_SQL = f"""
+WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
+SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
+FROM {STAMPS_TABLE} s, first
+WHERE s.seq = greatest(
+    %(after)s + 1,
+    coalesce(
+        (SELECT n.seq - 1 FROM {STAMPS_TABLE} n
+         WHERE n.seq > %(after)s
+           AND (n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s
+                OR n.segment <> first.segment)
+         ORDER BY n.seq LIMIT 1),
+        %(total)s
+    )
+)"""
+
+# Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
+# no window of stamps finds them, so they are queued and drained like the revert's.
+REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
+CREATE_REWRITTEN_KEYS_SQL = """
+CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
+SELECT DISTINCT {row_key} FROM {run_rows}"""
+ANALYZE_REWRITTEN_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_rewritten_keys"
+CREATE_REWRITTEN_TABLE_SQL = f"""
+CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
+WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_rewritten_keys")}
+SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
+FROM pg_temp.codex_rollup_rewritten_keys k JOIN agent_tasks t USING (agent_id)"""
+DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
+REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
+# Queue keys (after, upto] as the platform does; the latest enqueued_at and their tasks.
+ENQUEUE_REWRITTEN_SQL = f"""
+WITH queued AS (
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({{key_columns}}, enqueued_at)
+    SELECT {{key_columns}}, clock_timestamp() FROM {REWRITTEN_TABLE}
+    WHERE seq > %(after)s AND seq <= %(upto)s
+    ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+    DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
+    RETURNING d.enqueued_at
+)
+SELECT (SELECT max(enqueued_at) FROM queued),
+       (SELECT coalesce(sum(tasks), 0) FROM {REWRITTEN_TABLE}
+        WHERE seq > %(after)s AND seq <= %(upto)s)"""
+
+
+def from_run_rows(template: str, match: str, hour: datetime | None = None) -> str:
+    """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
+    only_hour = ONLY_HOUR[hour is not None]
+    return compose(template, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
+
+    after: int
+    upto: int
+    keys: int
+    tasks: int
+    window_from: datetime
+    window_to: datetime
+
+
+class FunctionPath(QueueDrainer):
+    """The function path as a strategy: the revert's drains (``QueueDrainer``), and the
+    repair's rebuild of every key of some runs (``rebuild``), sharing one planner."""
+
+    def rebuild(
+        self,
+        run_ids: Sequence[int],
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
+        hour: datetime | None = None,
+    ) -> bool:
+        """Every hourly key of the rows the runs changed: slices of stamps, then the keys of
+        rows rewritten since; stops between slices when ``should_stop()`` says so
+        (``result.stopped``). With ``hour``, only that bucket hour's keys. Always True."""
+        params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
+        # One pass over the runs' journal, as long as it takes (it holds no lock another
+        # writer waits for): the session's statement_timeout would end it at scale.
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
+            cursor.execute(CREATE_STAMPS_TABLE_SQL)
+            cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
+            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
+            cursor.execute(from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params)
+            cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
+            cursor.execute(compose(FILL_STAMPS_TABLE_SQL), params)
+            cursor.execute(STAMPS_TOTAL_SQL)
+            stamps, keys, tasks = cursor.fetchone()
+        self.result.keys_total += keys
+        try:
+            if stamps:
+                self._stamp_slices(stamps, tasks / keys, should_stop, on_slice, on_wait)
+            if not self.result.stopped:
+                self._rewritten(params, should_stop, on_wait)
+        finally:
+            drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
+            drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
+        return True
+
+    def _stamp_slices(
+        self, total: int, mean: float, stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
+    ) -> None:
+        """Slices of stamps: plan, wait, run, learn."""
+        after = keys_done = tasks_done = 0
+        while after < total:
+            if not self.may_start(stop, on_wait):
+                return
+            backlog = self._backlog(after + 1)
+            plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
+            try:
+                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
+            except SliceCancelled as exc:
+                drained = f", {backlog} queued keys drained with it" if backlog else ""
+                what = (
+                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
+                    f"({plan} plan{drained})"
+                )
+                units = slice_units(plan, span.keys, span.tasks, backlog, mean)
+                smallest = span.upto == span.after + 1
+                self.planner.cancelled(plan, units, span.keys, smallest=smallest)
+                if not self.planner.usable:
+                    self.result.cancelled_holds.append(exc.held)
+                    raise RollupError(
+                        f"{what} could not be rebuilt within the lock budget "
+                        f"({self.limits.cap:g}s) with either plan; the run's rollup stays "
+                        "pending: re-run the same command with a larger "
+                        "--max-rollup-lock-seconds to rebuild the rest"
+                    ) from exc
+                self.cancelled(exc, what)
+                continue
+            piece = self._settled(piece, span.keys, span.tasks, backlog, mean)
+            after = span.upto
+            keys_done += span.keys
+            tasks_done += span.tasks
+            what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
+            self.report(piece, what, keys_done, on_slice)
+            if after < total:
+                self.leave_a_gap()
+
+    def _backlog(self, seq: int) -> int:
+        """Keys others queued before the window from stamp ``seq`` ends: its call rebuilds
+        them too. Normally none: the stamps are below the cron's watermark, and the cron tick
+        drains what was queued before its own window's end."""
+        with connection.cursor() as cursor:
+            cursor.execute(NEXT_STAMP_SQL, [seq])
+            before = cursor.fetchone()[0] + MAX_WINDOW_GAP
+            cursor.execute(compose(BACKLOG_SQL), {"before": before, "cap": BACKLOG_COUNT_CAP})
+            return int(cursor.fetchone()[0])
+
+    def _choose(
+        self, done: tuple[int, int, int], total: int, mean: float, backlog: int
+    ) -> tuple[Plan, _Span]:
+        """The plan and the stamps after ``done`` (stamps, keys, tasks) of the next slice:
+        each plan judged at the size its measured rate allows, run at the size growth allows."""
+        after, keys_done, tasks_done = done
+
+        def limit(plan: Plan, grow: bool) -> float:
+            backlog_units = slice_units(plan, 0, 0, backlog, mean)
+            return self.planner.limit(plan, probe_units(plan, mean), backlog_units, grow=grow)
+
+        def span(plan: Plan, limit: float) -> _Span:
+            with connection.cursor() as cursor:
+                params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
+                params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
+                cursor.execute(NEXT_SLICE_SQL, params)
+                upto, keys_to, tasks_to, first, last = cursor.fetchone()
+            keys, tasks = int(keys_to) - keys_done, int(tasks_to) - tasks_done
+            return _Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
+
+        def speed(plan: Plan) -> float:
+            judged = span(plan, limit(plan, False))
+            units = slice_units(plan, judged.keys, judged.tasks, backlog, mean)
+            return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        plan = self.planner.best(speed)
+        return plan, span(plan, limit(plan, True))
+
+    def _rewritten(
+        self,
+        params: dict[str, Any],
+        should_stop: ShouldStop,
+        on_wait: OnWait,
+    ) -> None:
+        """The keys of rows rewritten since the run: queued and drained, in chunks the
+        planner sizes (usually few, but the run's keys are right when it ends)."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
+            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
+            rewritten = from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"])
+            cursor.execute(rewritten, params)
+            cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
+            cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
+            cursor.execute(REWRITTEN_TOTAL_SQL)
+            total, tasks = cursor.fetchone()
+        self.result.keys_total += total
+        done = 0
+        while done < total:
+            if should_stop():
+                self.result.stopped = True
+                return
+            upto = min(total, done + self.next_keys(tasks / total))
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+                latest, chunk_tasks = cursor.fetchone()
+            self.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
+            done = upto
