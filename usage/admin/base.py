@@ -19,6 +19,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -49,6 +50,11 @@ def candidates_url(**params: Any) -> str:
     return f"{url}?{urlencode({k: v for k, v in params.items() if v})}"
 
 
+def note(name: str, **context: Any) -> str:
+    """A fieldset's description, from ``admin/usage/notes/<name>.html``."""
+    return render_to_string(f"admin/usage/notes/{name}.html", context).strip()
+
+
 def shown(
     description: str,
     attribute: str,
@@ -57,10 +63,11 @@ def shown(
     sort: bool = False,
     none: str | None = None,
     boolean: bool = False,
+    optional: bool = False,
 ) -> Display:
     """A list column or detail field showing one attribute (dotted for a relation; a method is
     called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
-    list by the attribute."""
+    list by the attribute, and an ``optional`` field is left out of a record without it."""
     get = attrgetter(attribute)
 
     @admin.display(
@@ -73,6 +80,8 @@ def shown(
         value = value() if callable(value) else value
         return none if none is not None and value in (None, "") else fmt(value)
 
+    if optional:
+        show.shown_if = get  # type: ignore[attr-defined]
     return show
 
 
@@ -99,9 +108,14 @@ def id_column(
     return show
 
 
+def names(text: str) -> tuple[str, ...]:
+    """Field names written as ``"field field ..."``."""
+    return tuple(text.split())
+
+
 def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
     """Fieldsets written as ``{title: "field field ..."}``."""
-    return tuple((title, {"fields": tuple(names.split())}) for title, names in layout.items())
+    return tuple((title, {"fields": names(fields)}) for title, fields in layout.items())
 
 
 class ReadOnlyChangeList(ChangeList):
@@ -125,7 +139,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     view_on_site = False
     changelist_class: type[ChangeList] = ReadOnlyChangeList
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
-    # Detail fields shown only when the record has them: name -> test of the record.
+    # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -154,15 +168,15 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         notes = self.fieldset_notes(obj)
         shown_sets = []
         for title, options in self.fieldsets:
-            fields = tuple(
-                name
-                for name in options["fields"]
-                if name not in self.optional_fields or self.optional_fields[name](obj)
-            )
+            fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
             if fields:  # a section with nothing to show (a run never reverted) is left out
                 note = {"description": notes[title]} if title in notes else {}
                 shown_sets.append((title, {**options, "fields": fields, **note}))
         return shown_sets
+
+    def has_field(self, name: str, obj: Any) -> bool:
+        test = self.optional_fields.get(name) or getattr(getattr(self, name, None), "shown_if", 0)
+        return not test or bool(test(obj))
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return self.changelist_class

@@ -23,6 +23,8 @@ from usage.admin.base import (
     candidates_url,
     id_column,
     journal_url,
+    names,
+    note,
     run_url,
     sections,
     shown,
@@ -45,11 +47,6 @@ from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
 PAGE_ATTRIBUTE = "codex_candidate_page"
-REPAIR_HELP = (
-    "What the repair computes for this row as it is now. It changes the row only if the row "
-    "is a candidate for the cutoff and workspace it is run with, and never a row it has "
-    "already repaired."
-)
 
 
 def _page(request: HttpRequest) -> CandidatePage | None:
@@ -164,17 +161,8 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     # Fits the list's 1,050 px at a 1,400 px window: ids are a prefix (the full id in the
     # tooltip), times may wrap between date and time, a clamped row says so by its input
     # after; the task is on the row's page (and the search finds it).
-    list_display = (
-        "usage_id",
-        "workspace",
-        "agent_name",
-        "model",
-        "created",
-        "updated",
-        "input",
-        "cached",
-        "corrected",
-        "removed",
+    list_display = names(
+        "usage_id workspace agent_name model created updated input cached corrected removed"
     )
     list_display_links = ("usage_id",)
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
@@ -220,7 +208,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
     def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
-        return {"Repair": REPAIR_HELP} if repair_entry(obj) is None else {}
+        return {"Repair": note("candidate_repair")} if repair_entry(obj) is None else {}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()

@@ -14,44 +14,28 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from usage.admin.base import ReadOnlyAdmin, id_column, run_url, sections, shown, usage_url
+from usage.admin.base import (
+    ReadOnlyAdmin,
+    id_column,
+    names,
+    note,
+    run_url,
+    sections,
+    shown,
+    usage_url,
+)
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
-from usage.admin.runs import README_SECTION
-from usage.models import BackfillJournal, BackfillRun
+from usage.admin.runs import STAMP_KINDS
+from usage.models import BackfillJournal
 
 STAMP_TITLE = "The row's updated_at"
-JOURNAL_STAMP_HELP = (
-    "The repair does not write its own time into <code>updated_at</code> but a stamp: {how} "
-    "The true time of the repair is <em>repaired at</em>, above. A revert restores the "
-    f"<code>updated_at</code> before the repair exactly. See {README_SECTION}."
-)
-JOURNAL_STAMP_HOW = {
-    BackfillRun.Stamp.BELOW_WATERMARK: (
-        "just below the platform rollup's watermark, on purpose, so that the platform's cron "
-        "tick never re-rolls the hourly key the repair already rebuilt, and still after the "
-        "cutoff, so the row is never eligible again."
-    ),
-    BackfillRun.Stamp.REPAIR_TIME: (
-        "here the time the run started (the platform rollup's watermark was not usable, or "
-        "the run left the rollup to its cron tick), so the platform's rollup re-rolls the "
-        "row's hourly key once its watermark passes it."
-    ),
-}
 
 
 @admin.register(BackfillJournal)
 class BackfillJournalAdmin(ReadOnlyAdmin):
-    list_display = (
-        "id",
-        "run_link",
-        "usage_cell",
-        "repaired_cell",
-        "old_input",
-        "new_input",
-        "removed",
-        "cached",
-        "stamp_cell",
-        "reverted_cell",
+    list_display = names(
+        "id run_link usage_cell repaired_cell old_input new_input removed cached stamp_cell "
+        "reverted_cell"
     )
     list_display_links = ("id",)
     list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
@@ -83,8 +67,8 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
 
     def fieldset_notes(self, obj: BackfillJournal) -> dict[str, str]:
-        how = JOURNAL_STAMP_HOW.get(obj.run.stamp)
-        return {STAMP_TITLE: JOURNAL_STAMP_HELP.format(how=how)} if how else {}
+        stamp = obj.run.stamp
+        return {STAMP_TITLE: note("journal_stamp", stamp=stamp)} if stamp in STAMP_KINDS else {}
 
     def render_change_form(
         self,

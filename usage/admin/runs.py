@@ -19,6 +19,8 @@ from usage.admin.base import (
     candidates_url,
     id_column,
     journal_url,
+    names,
+    note,
     run_url,
     sections,
     shown,
@@ -27,30 +29,11 @@ from usage.admin.candidate_page import cutoff_param
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillRun
 
-README_SECTION = "the README, “The platform's cron tick and lock 4246”"
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started",
-}
-STAMP_HELP = {
-    BackfillRun.Stamp.BELOW_WATERMARK: (
-        "Each repaired row's <code>updated_at</code> is a stamp of its hourly key, from the "
-        "top stamp down, a microsecond a key (neighbouring keys share one where there is less "
-        "room): strictly below the platform rollup's watermark read at the start, and "
-        "strictly after the cutoff. This is on purpose: the platform's cron tick never covers "
-        "that time again, so it never re-rolls the keys this run rebuilt, and the row is never "
-        "eligible again. When each row was repaired is in its journal entry "
-        f"(<em>repaired at</em>). See {README_SECTION}."
-    ),
-    BackfillRun.Stamp.REPAIR_TIME: (
-        "The rows were stamped with the time the run started: the platform rollup's watermark "
-        "was not usable (its cron tick never ran, or its watermark was not after the cutoff), "
-        "or the run left the rollup to the cron tick (<code>--no-rebuild-rollup</code>). The "
-        "platform's rollup re-rolls these rows' hourly keys once its watermark passes that "
-        f"time. See {README_SECTION}."
-    ),
 }
 ROLLUP_PATHS = {
     BackfillRun.RollupPath.OWN: "the tool's own recompute (for a rollup function it recognised)",
@@ -60,19 +43,10 @@ ROLLUP_PATHS = {
 # The command's recorded options in reading order (what, which plan, how fast, the rollup);
 # a flag is recorded as the setting it turns off ("rebuild_rollup": "False" for
 # --no-rebuild-rollup). Options recorded later by a newer version follow, by name.
-ARGUMENT_ORDER = (
-    "cutoff",
-    "workspace_id",
-    "plan",
-    "plan_max_age",
-    "batch_size",
-    "sleep_between_batches",
-    "lock_timeout",
-    "statement_timeout",
-    "max_replication_lag",
-    "rebuild_rollup",
-    "max_rollup_lock_seconds",
-    "cron_tick_interval",
+ARGUMENT_ORDER = names(
+    "cutoff workspace_id plan plan_max_age batch_size sleep_between_batches lock_timeout "
+    "statement_timeout max_replication_lag rebuild_rollup max_rollup_lock_seconds "
+    "cron_tick_interval"
 )
 NEGATED_FLAGS = {"rebuild_rollup": "--no-rebuild-rollup"}
 NOT_GIVEN = "not given"
@@ -104,18 +78,9 @@ def run_link(run: BackfillRun) -> SafeString:
 class BackfillRunAdmin(ReadOnlyAdmin):
     # Fits the list's 1,050 px at a 1,400 px window: times may wrap between date and time,
     # rows updated link to the journal, the rollup state shows under the status when not done.
-    list_display = (
-        "id",
-        "status_cell",
-        "started_cell",
-        "took",
-        "cutoff_cell",
-        "workspace",
-        "updated",
-        "removed",
-        "clamped",
-        "remaining",
-        "os_user_cell",
+    list_display = names(
+        "id status_cell started_cell took cutoff_cell workspace updated removed clamped "
+        "remaining os_user_cell"
     )
     list_display_links = ("id",)
     list_filter = ("status", "rollup_state")
@@ -143,25 +108,16 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     optional_fields = {
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
-        "revert_started": lambda run: run.revert_started_at,
-        "revert_finished": lambda run: run.revert_finished_at,
         "rows_restored_shown": lambda run: run.revert_state,
-        "revert_error_shown": lambda run: run.revert_error,
-        "error_shown": lambda run: run.error,
-        "reverted": lambda run: run.reverted_at,
         "continues_link": lambda run: run.continues_id,
         "continued_by_links": lambda run: run.continued_by.exists(),
         "stamps_written": lambda run: run.stamp_first or run.stamp_last,
-        "rollup_path_shown": lambda run: run.rollup_path,
-        "rollup_function_shown": lambda run: run.rollup_function,
-        "rollup_fingerprint_shown": lambda run: run.rollup_fingerprint,
-        "rollup_path_reason_shown": lambda run: run.rollup_path_reason,
         "plan_made": lambda run: run.plan_fingerprint,
         "plan_rows_shown": lambda run: run.plan_fingerprint,
     }
 
     def fieldset_notes(self, obj: BackfillRun) -> dict[str, str]:
-        return {STAMP_TITLE: STAMP_HELP[obj.stamp]} if obj.stamp in STAMP_HELP else {}
+        return {STAMP_TITLE: note(f"run_stamp_{obj.stamp}")} if obj.stamp in STAMP_KINDS else {}
 
     # -- list columns --------------------------------------------------------------------
 
@@ -199,13 +155,13 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     # -- the run -------------------------------------------------------------------------
 
     status_shown = shown("status", "get_status_display")
-    error_shown = shown("error", "error")
+    error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
-    reverted = shown("reverted at", "reverted_at", clock)
-    revert_started = shown("revert started at", "revert_started_at", clock)
-    revert_finished = shown("revert ended at", "revert_finished_at", clock)
-    revert_error_shown = shown("why the revert did not finish", "revert_error")
+    reverted = shown("reverted at", "reverted_at", clock, optional=True)
+    revert_started = shown("revert started at", "revert_started_at", clock, optional=True)
+    revert_finished = shown("revert ended at", "revert_finished_at", clock, optional=True)
+    revert_error_shown = shown("why the revert did not finish", "revert_error", optional=True)
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -331,10 +287,14 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     # -- rollup --------------------------------------------------------------------------
 
     rollup_state_shown = shown("state", "get_rollup_state_display")
-    rollup_path_shown = shown("path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path))
-    rollup_function_shown = shown("rollup function recognised", "rollup_function")
-    rollup_fingerprint_shown = shown("its definition's fingerprint", "rollup_fingerprint")
-    rollup_path_reason_shown = shown("why this path", "rollup_path_reason")
+    rollup_path_shown = shown(
+        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
+    )
+    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
+    rollup_fingerprint_shown = shown(
+        "its definition's fingerprint", "rollup_fingerprint", optional=True
+    )
+    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
     rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
     rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
     rollup_time = shown("time", "rollup_seconds", seconds)
