@@ -23,6 +23,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
+from django.utils.safestring import SafeString, mark_safe
 
 from usage.admin.formats import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
@@ -50,9 +51,9 @@ def candidates_url(**params: Any) -> str:
     return f"{url}?{urlencode({k: v for k, v in params.items() if v})}"
 
 
-def note(name: str, **context: Any) -> str:
-    """A fieldset's description, from ``admin/usage/notes/<name>.html``."""
-    return render_to_string(f"admin/usage/notes/{name}.html", context).strip()
+def html(name: str, **context: Any) -> SafeString:
+    """A fragment of a page (a field, a fieldset's note) from ``admin/usage/<name>.html``."""
+    return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
 
 
 def shown(
@@ -159,7 +160,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         raise Http404("the tool's records are never edited: they have no history")
 
     def fieldset_notes(self, obj: Any) -> dict[str, str]:
-        """A description for some fieldsets of this record, by title."""
+        """A description for some fieldsets of this record, by title ("" for none)."""
         return {}
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
@@ -170,7 +171,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         for title, options in self.fieldsets:
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
             if fields:  # a section with nothing to show (a run never reverted) is left out
-                note = {"description": notes[title]} if title in notes else {}
+                note = {"description": notes[title]} if notes.get(title) else {}
                 shown_sets.append((title, {**options, "fields": fields, **note}))
         return shown_sets
 

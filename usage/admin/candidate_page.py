@@ -147,14 +147,8 @@ def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> C
             continue
         counts[(None if all_months else month, None if all_clamped else clamped)] = count
         if all_months and all_clamped:
-            before, after, removed, clamped_rows = (int(value) for value in sums)
-            totals = Totals(
-                rows=count,
-                input_before=before,
-                input_after=after,
-                input_tokens_removed=removed,
-                clamped_rows=clamped_rows,
-            )
+            # input_before, input_after, input_tokens_removed, clamped_rows, in Totals' order
+            totals = Totals(count, *(int(value) for value in sums))
         elif all_clamped:
             months.append((month, count))
     workspaces.sort(key=lambda item: (-item[1], str(item[0])))

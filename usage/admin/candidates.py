@@ -14,17 +14,16 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.urls import reverse
 from django.utils.html import format_html
 
 from usage.admin.base import (
     ReadOnlyAdmin,
     ReadOnlyChangeList,
     candidates_url,
+    html,
     id_column,
     journal_url,
     names,
-    note,
     run_url,
     sections,
     shown,
@@ -42,7 +41,7 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
-from usage.admin.formats import clock, clock_cell, number, stamp, unique_prefix_length
+from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
 from usage.models import BackfillJournal, CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
@@ -208,7 +207,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
     def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
-        return {"Repair": note("candidate_repair")} if repair_entry(obj) is None else {}
+        return {"Repair": html("notes/candidate_repair")} if repair_entry(obj) is None else {}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -285,21 +284,4 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     @admin.display(description="repaired by")
     def repair_status(self, obj: CandidateUsage) -> str:
-        entry = repair_entry(obj)
-        history = journal_url(q=obj.id)
-        if entry is None:
-            return format_html(
-                'not repaired (<a href="{}">journal entries for this row</a>)', history
-            )
-        return format_html(
-            '<a href="{}">journal entry #{}</a> of <a href="{}">run #{}</a>, repaired at {}: '
-            "input {} → {} (<a href='{}'>all journal entries for this row</a>)",
-            reverse("admin:usage_backfilljournal_change", args=[entry.pk]),
-            entry.pk,
-            run_url(entry.run_id),
-            entry.run_id,
-            clock(entry.repaired_at),
-            number(entry.old_input_tokens),
-            number(entry.new_input_tokens),
-            history,
-        )
+        return html("repair_status", entry=repair_entry(obj), history=journal_url(q=obj.id))

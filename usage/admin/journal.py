@@ -16,16 +16,15 @@ from django.utils.html import format_html
 
 from usage.admin.base import (
     ReadOnlyAdmin,
+    html,
     id_column,
     names,
-    note,
     run_url,
     sections,
     shown,
     usage_url,
 )
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
-from usage.admin.runs import STAMP_KINDS
 from usage.models import BackfillJournal
 
 STAMP_TITLE = "The row's updated_at"
@@ -67,8 +66,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
 
     def fieldset_notes(self, obj: BackfillJournal) -> dict[str, str]:
-        stamp = obj.run.stamp
-        return {STAMP_TITLE: note("journal_stamp", stamp=stamp)} if stamp in STAMP_KINDS else {}
+        return {STAMP_TITLE: html("notes/journal_stamp", stamp=obj.run.stamp)}
 
     def render_change_form(
         self,

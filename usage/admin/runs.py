@@ -17,10 +17,10 @@ from django.utils.safestring import SafeString
 from usage.admin.base import (
     ReadOnlyAdmin,
     candidates_url,
+    html,
     id_column,
     journal_url,
     names,
-    note,
     run_url,
     sections,
     shown,
@@ -117,7 +117,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     }
 
     def fieldset_notes(self, obj: BackfillRun) -> dict[str, str]:
-        return {STAMP_TITLE: note(f"run_stamp_{obj.stamp}")} if obj.stamp in STAMP_KINDS else {}
+        return {STAMP_TITLE: html("notes/run_stamp", stamp=obj.stamp)}
 
     # -- list columns --------------------------------------------------------------------
 
