@@ -20,7 +20,6 @@ from django.core.cache import cache
 from django.db import connection, transaction
 
 from usage import options
-from usage.admin.formats import clock, number
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
@@ -103,11 +102,9 @@ def parse_clamped(value: str | None) -> bool | None:
 def month_range(month: date) -> tuple[datetime, datetime | None]:
     """The UTC bounds of a calendar month; no upper bound (None) after December 9999."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
-    if month.month < 12:
-        return start, datetime(month.year, month.month + 1, 1, tzinfo=UTC)
-    if month.year < 9999:
-        return start, datetime(month.year + 1, 1, 1, tzinfo=UTC)
-    return start, None
+    if (month.year, month.month) == (9999, 12):
+        return start, None
+    return start, datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
 
 
 def cutoff_param(cutoff: datetime) -> str:
@@ -205,41 +202,6 @@ class CandidatePage:
     @property
     def totals(self) -> Totals | None:
         return self.result.totals if self.result else None
-
-    @property
-    def total_cells(self) -> list[dict[str, Any]]:
-        """The totals row above the list, in the dry run's words."""
-        t = self.totals
-        if t is None:
-            return []
-        cells = (
-            ("total-rows", "rows", t.rows),
-            ("total-input-before", "input before", t.input_before),
-            ("total-input-after", "input after", t.input_after),
-            ("total-removed", "tokens removed", t.input_tokens_removed),
-            ("total-clamped", "clamped", t.clamped_rows),
-        )
-        return [
-            {"id": id_, "label": label, "value": value, "text": number(value)}
-            for id_, label, value in cells
-        ]
-
-    @property
-    def command(self) -> str:
-        """The dry run that prints the same totals."""
-        if self.cutoff is None:
-            return ""
-        cutoff = cutoff_param(self.cutoff)
-        command = f"python manage.py backfill_codex_usage_cache --cutoff {cutoff}"
-        return f"{command} --workspace-id {self.workspace_id}" if self.workspace_id else command
-
-    @property
-    def cutoff_display(self) -> str:
-        return clock(self.cutoff) if self.cutoff else ""
-
-    @property
-    def computed_at(self) -> str:
-        return clock(self.result.database_now) if self.result else ""
 
     def known_count(self, params: Mapping[str, str]) -> int | None:
         """The list's row count for these sidebar choices, if the totals pass counted it."""
