@@ -51,11 +51,7 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
 USING_SANDBOX = not DATABASE_URL
 
 if USING_SANDBOX:
-    _default_db: dict = {
-        "ENGINE": "sandbox.backend",
-        "NAME": SANDBOX_DATABASE_NAME,
-        "USER": "postgres",
-    }
+    _default_db: dict = dict(ENGINE="sandbox.backend", NAME=SANDBOX_DATABASE_NAME, USER="postgres")
 else:
     _default_db = environment.database_settings(DATABASE_URL)
 

@@ -56,6 +56,16 @@ def html(name: str, **context: Any) -> SafeString:
     return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
 
 
+def templated(description: str, name: str, **display: Any) -> Display:
+    """A list column or detail field rendered from ``admin/usage/fields/<name>.html``."""
+
+    @admin.display(description=description, **display)
+    def show(model_admin: ReadOnlyAdmin, obj: Any) -> SafeString:
+        return html(f"fields/{name}", obj=obj)
+
+    return show
+
+
 def shown(
     description: str,
     attribute: str,

@@ -215,11 +215,8 @@ class CandidatePage:
 
 
 def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
-    """Resolve the page's cutoff and workspace, then load the totals for them.
-
-    The cutoff is the one chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
-    cutoff of the latest run; with none of them the page lists nothing and says why.
-    """
+    """Resolve the page's cutoff (chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
+    latest run's; with none the page lists nothing) and workspace, then load their totals."""
     page = CandidatePage(
         cutoff_text=(params.get(CUTOFF_PARAM) or "").strip(),
         workspace_text=(params.get(WORKSPACE_PARAM) or "").strip(),
@@ -251,16 +248,13 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)
-        return page
     except ValueError as exc:
         page.error = str(exc)
-        return page
-    if page.workspace_id and page.result.totals.rows == 0:
-        page.workspace_known = workspace_has_agents(page.workspace_id)
-    logger.debug(
-        "candidates for cutoff %s, workspace %s: %s rows",
-        page.cutoff_text,
-        page.workspace_id or "all",
-        page.result.totals.rows,
-    )
+    else:
+        rows, ws = page.result.totals.rows, page.workspace_id
+        if ws and rows == 0:
+            page.workspace_known = workspace_has_agents(ws)
+        logger.debug(
+            "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
+        )
     return page

@@ -14,12 +14,10 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.utils.html import format_html
 
 from usage.admin.base import (
     ReadOnlyAdmin,
     ReadOnlyChangeList,
-    candidates_url,
     html,
     id_column,
     journal_url,
@@ -27,6 +25,7 @@ from usage.admin.base import (
     run_url,
     sections,
     shown,
+    templated,
 )
 from usage.admin.candidate_page import (
     CLAMPED_PARAM,
@@ -262,25 +261,9 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {"title": f"Usage row {object_id}", **(extra_context or {})}
         return super().changeform_view(request, object_id, form_url, context)
 
-    @admin.display(description="workspace")
-    def workspace_id(self, obj: CandidateUsage) -> str:
-        ws = obj.task.agent.workspace_id
-        return format_html('{} (<a href="{}">candidates</a>)', ws, candidates_url(workspace=ws))
-
-    @admin.display(description="agent", ordering="task__agent__name")
-    def agent_name(self, obj: CandidateUsage) -> str:
-        name = obj.task.agent.name
-        return format_html('<span class="agent-name" title="{}">{}</span>', name, name)
-
-    @admin.display(description="input after", ordering="corrected_input")
-    def corrected(self, obj: CandidateUsage) -> str:
-        if obj.clamped:
-            return format_html(
-                '{} <span class="clamped" title="{}">clamped</span>',
-                number(obj.corrected_input),
-                "input was below the cached tokens: the repair sets it to 0",
-            )
-        return number(obj.corrected_input)
+    workspace_id = templated("workspace", "usage_workspace")
+    agent_name = templated("agent", "usage_agent", ordering="task__agent__name")
+    corrected = templated("input after", "usage_corrected", ordering="corrected_input")
 
     @admin.display(description="repaired by")
     def repair_status(self, obj: CandidateUsage) -> str:

@@ -12,16 +12,15 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
 
 from usage.admin.base import (
     ReadOnlyAdmin,
     html,
     id_column,
     names,
-    run_url,
     sections,
     shown,
+    templated,
     usage_url,
 )
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
@@ -91,19 +90,9 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
             return queryset.none()
 
-    @admin.display(description="repaired at (database clock)")
-    def repaired(self, obj: BackfillJournal) -> str:
-        if obj.repaired_at is None:
-            return "not recorded (journaled before the repair time was)"
-        return format_html("<strong>{}</strong>", clock(obj.repaired_at))
-
-    @admin.display(description="run", ordering="run_id")
-    def run_link(self, obj: BackfillJournal) -> str:
-        return format_html('<a href="{}">run #{}</a>', run_url(obj.run_id), obj.run_id)
-
-    @admin.display(description="usage row")
-    def usage_link(self, obj: BackfillJournal) -> str:
-        return format_html('<a href="{}">{}</a>', usage_url(obj.usage_id), obj.usage_id)
+    repaired = templated("repaired at (database clock)", "journal_repaired")
+    run_link = templated("run", "journal_run", ordering="run_id")
+    usage_link = templated("usage row", "journal_usage")
 
     @admin.display(description="removed")
     def removed(self, obj: BackfillJournal) -> str:

@@ -19,11 +19,11 @@ from usage.admin.base import (
     candidates_url,
     html,
     id_column,
-    journal_url,
     names,
     run_url,
     sections,
     shown,
+    templated,
 )
 from usage.admin.candidate_page import cutoff_param
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
@@ -129,28 +129,13 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     remaining = shown("left", "rows_remaining", number, sort=True)
     os_user_cell = shown("OS user", "os_user", sort=True)
 
-    @admin.display(description="status", ordering="status")
-    def status_cell(self, obj: BackfillRun) -> str:
-        if obj.rollup_state == BackfillRun.RollupState.DONE:
-            return obj.get_status_display()
-        return format_html(
-            '{}<br><span class="quiet nowrap">rollup {}</span>',
-            obj.get_status_display(),
-            obj.rollup_state,
-        )
+    status_cell = templated("status", "run_status", ordering="status")
 
     @admin.display(description="took")
     def took(self, obj: BackfillRun) -> str:
         return elapsed(obj.started_at, obj.finished_at)
 
-    @admin.display(description="updated", ordering="rows_updated")
-    def updated(self, obj: BackfillRun) -> str:
-        return format_html(
-            '<a href="{}" title="the journal entries of run #{}">{}</a>',
-            journal_url(run__id__exact=obj.pk),
-            obj.pk,
-            number(obj.rows_updated),
-        )
+    updated = templated("updated", "run_updated", ordering="rows_updated")
 
     # -- the run -------------------------------------------------------------------------
 
@@ -250,10 +235,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"{number(obj.plan_rows)} ({number(obj.rows_planned)} still candidates at the execute)"
         )
 
-    @admin.display(description="journal")
-    def journal_link(self, obj: BackfillRun) -> str:
-        url = journal_url(run__id__exact=obj.pk)
-        return format_html('<a href="{}">{} entries</a>', url, number(obj.rows_updated))
+    journal_link = templated("journal", "run_journal")
 
     @admin.display(description="batches (database clock)")
     def batches(self, obj: BackfillRun) -> str:
