@@ -14,6 +14,7 @@ from typing import Any
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import connection, models
 from django.db.models.expressions import RawSQL
+from django.utils.functional import cached_property
 
 from usage.eligibility import (
     CANDIDATE_IDS_SQL,
@@ -286,6 +287,11 @@ class CandidateUsage(TaskUsage):
     """A ``task_usage`` row as the admin's candidates page shows it (no table of its own)."""
 
     objects = CandidateUsageQuerySet.as_manager()
+
+    @cached_property
+    def repair_entry(self) -> BackfillJournal | None:
+        """The journal entry of the repair that holds for this row (not reverted), if any."""
+        return BackfillJournal.objects.filter(usage_id=self.id, reverted_at__isnull=True).first()
 
     class Meta:
         proxy = True

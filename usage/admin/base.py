@@ -41,16 +41,6 @@ def usage_url(usage_id: uuid.UUID) -> str:
     return reverse("admin:usage_candidateusage_change", args=[usage_id])
 
 
-def journal_url(**params: Any) -> str:
-    url = reverse("admin:usage_backfilljournal_changelist")
-    return f"{url}?{urlencode(params)}" if params else url
-
-
-def candidates_url(**params: Any) -> str:
-    url = reverse("admin:usage_candidateusage_changelist")
-    return f"{url}?{urlencode({k: v for k, v in params.items() if v})}"
-
-
 def html(name: str, **context: Any) -> SafeString:
     """A fragment of a page (a field, a fieldset's note) from ``admin/usage/<name>.html``."""
     return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())

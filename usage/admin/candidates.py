@@ -20,9 +20,7 @@ from usage.admin.base import (
     ReadOnlyChangeList,
     html,
     id_column,
-    journal_url,
     names,
-    run_url,
     sections,
     shown,
     templated,
@@ -41,7 +39,7 @@ from usage.admin.candidate_page import (
     parse_month,
 )
 from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
-from usage.models import BackfillJournal, CandidateUsage
+from usage.models import CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
 PAGE_ATTRIBUTE = "codex_candidate_page"
@@ -49,14 +47,6 @@ PAGE_ATTRIBUTE = "codex_candidate_page"
 
 def _page(request: HttpRequest) -> CandidatePage | None:
     return getattr(request, PAGE_ATTRIBUTE, None)
-
-
-def repair_entry(row: CandidateUsage) -> BackfillJournal | None:
-    """The journal entry of the repair that holds for this row (not reverted), if any."""
-    if not hasattr(row, "repair_entry"):
-        entries = BackfillJournal.objects.filter(usage_id=row.id, reverted_at__isnull=True)
-        row.repair_entry = entries.first()
-    return row.repair_entry
 
 
 class PageFilter(admin.SimpleListFilter):
@@ -182,7 +172,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     )
     # A row already repaired shows its journal entry, not what a repair would compute.
     optional_fields = {
-        name: lambda row: repair_entry(row) is None
+        name: lambda row: row.repair_entry is None
         for name in ("corrected_shown", "removed_shown", "is_clamped")
     }
 
@@ -206,7 +196,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
     def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
-        return {"Repair": html("notes/candidate_repair")} if repair_entry(obj) is None else {}
+        return {"Repair": html("notes/candidate_repair")} if obj.repair_entry is None else {}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -245,7 +235,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {
             "title": "Candidates: the rows the repair would change",
             "candidate_page": page,
-            "latest_run_url": run_url(page.source_run_id) if page.source_run_id else "",
             "totals_cache_seconds": TOTALS_CACHE_SECONDS,
             **(extra_context or {}),
         }
@@ -265,6 +254,4 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     agent_name = templated("agent", "usage_agent", ordering="task__agent__name")
     corrected = templated("input after", "usage_corrected", ordering="corrected_input")
 
-    @admin.display(description="repaired by")
-    def repair_status(self, obj: CandidateUsage) -> str:
-        return html("repair_status", entry=repair_entry(obj), history=journal_url(q=obj.id))
+    repair_status = templated("repaired by", "usage_repair_status")

@@ -16,7 +16,6 @@ from django.utils.safestring import SafeString
 
 from usage.admin.base import (
     ReadOnlyAdmin,
-    candidates_url,
     html,
     id_column,
     names,
@@ -25,7 +24,6 @@ from usage.admin.base import (
     shown,
     templated,
 )
-from usage.admin.candidate_page import cutoff_param
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillRun
 
@@ -208,12 +206,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         )
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
-    @admin.display(description="candidates now")
-    def candidates_link(self, obj: BackfillRun) -> str:
-        return format_html(
-            '<a href="{}">rows still eligible for this cutoff and workspace</a>',
-            candidates_url(cutoff=cutoff_param(obj.cutoff), workspace=obj.workspace_id or ""),
-        )
+    candidates_link = templated("candidates now", "run_candidates")
 
     # -- plan and result -----------------------------------------------------------------
 
