@@ -12,14 +12,12 @@ from typing import Any
 from django.contrib import admin
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
 
 from usage.admin.base import (
     ReadOnlyAdmin,
     html,
     id_column,
     names,
-    run_url,
     sections,
     shown,
     templated,
@@ -64,12 +62,6 @@ def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
             given = value not in ("", "None", "null")
             rows.append(("--" + key.replace("_", "-"), value if given else NOT_GIVEN))
     return rows
-
-
-def run_link(run: BackfillRun) -> SafeString:
-    return format_html(
-        '<a href="{}">run #{}</a> ({})', run_url(run.pk), run.pk, run.get_status_display()
-    )
 
 
 @admin.register(BackfillRun)
@@ -172,14 +164,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     def rows_restored_shown(self, obj: BackfillRun) -> str:
         return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
 
-    @admin.display(description="continues")
-    def continues_link(self, obj: BackfillRun) -> str:
-        return run_link(obj.continues) if obj.continues_id else DASH
-
-    @admin.display(description="continued by")
-    def continued_by_links(self, obj: BackfillRun) -> str:
-        runs = obj.continued_by.order_by("id")
-        return format_html_join(", ", "{}", ((run_link(run),) for run in runs)) or DASH
+    continues_link = templated("continues", "run_continues")
+    continued_by_links = templated("continued by", "run_continued_by")
 
     # -- who and what --------------------------------------------------------------------
 
