@@ -33,10 +33,6 @@ COUNT_CAP = 10_000
 Display = Callable[[Any, Any], Any]
 
 
-def run_url(run_id: int) -> str:
-    return reverse("admin:usage_backfillrun_change", args=[run_id])
-
-
 def usage_url(usage_id: uuid.UUID) -> str:
     return reverse("admin:usage_candidateusage_change", args=[usage_id])
 
@@ -142,6 +138,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
     # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
+    # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
+    notes: dict[str, str] = {}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -159,20 +157,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")
 
-    def fieldset_notes(self, obj: Any) -> dict[str, str]:
-        """A description for some fieldsets of this record, by title ("" for none)."""
-        return {}
-
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
             return self.fieldsets
-        notes = self.fieldset_notes(obj)
         shown_sets = []
         for title, options in self.fieldsets:
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
-            if fields:  # a section with nothing to show (a run never reverted) is left out
-                note = {"description": notes[title]} if notes.get(title) else {}
-                shown_sets.append((title, {**options, "fields": fields, **note}))
+            if not fields:  # a section with nothing to show (a run never reverted) is left out
+                continue
+            note = html(f"notes/{self.notes[title]}", obj=obj) if title in self.notes else ""
+            shown_sets.append(
+                (title, {**options, "fields": fields, **({"description": note} if note else {})})
+            )
         return shown_sets
 
     def has_field(self, name: str, obj: Any) -> bool:

@@ -18,7 +18,6 @@ from django.http import HttpRequest, HttpResponse
 from usage.admin.base import (
     ReadOnlyAdmin,
     ReadOnlyChangeList,
-    html,
     id_column,
     names,
     sections,
@@ -195,8 +194,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
     is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
-    def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
-        return {"Repair": html("notes/candidate_repair")} if obj.repair_entry is None else {}
+    notes = {"Repair": "candidate_repair"}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()

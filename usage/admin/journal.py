@@ -15,7 +15,6 @@ from django.http import HttpRequest
 
 from usage.admin.base import (
     ReadOnlyAdmin,
-    html,
     id_column,
     names,
     sections,
@@ -64,8 +63,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
     stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
 
-    def fieldset_notes(self, obj: BackfillJournal) -> dict[str, str]:
-        return {STAMP_TITLE: html("notes/journal_stamp", stamp=obj.run.stamp)}
+    notes = {STAMP_TITLE: "journal_stamp"}
 
     def render_change_form(
         self,

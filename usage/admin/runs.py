@@ -15,7 +15,6 @@ from django.utils.html import format_html, format_html_join
 
 from usage.admin.base import (
     ReadOnlyAdmin,
-    html,
     id_column,
     names,
     sections,
@@ -106,8 +105,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "plan_rows_shown": lambda run: run.plan_fingerprint,
     }
 
-    def fieldset_notes(self, obj: BackfillRun) -> dict[str, str]:
-        return {STAMP_TITLE: html("notes/run_stamp", stamp=obj.stamp)}
+    notes = {STAMP_TITLE: "run_stamp"}
 
     # -- list columns --------------------------------------------------------------------
 
