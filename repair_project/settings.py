@@ -1,8 +1,5 @@
-"""Settings for the codex-usage-repair operator tool, read from the environment.
-
-The target database is ``DATABASE_URL`` (without it, an embedded sandbox PostgreSQL); the
-tool's tables live in ``CODEX_REPAIR_SCHEMA``, first on the search path, the application's in
-``CODEX_TARGET_SCHEMA``. Values are read and checked in ``usage.environment``.
+"""Settings of the codex-usage-repair tool, read and checked from the environment by
+``usage.environment``; without ``DATABASE_URL``, an embedded sandbox PostgreSQL.
 """
 
 from __future__ import annotations

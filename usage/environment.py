@@ -1,7 +1,5 @@
-"""Reading the settings from the environment: the database URL, connection limits, the key.
-
-Read once per process, before Django is set up; a bad value is an ``ImproperlyConfigured``
-of one line saying what to set, never containing a password.
+"""Reading the settings from the environment (the database URL, connection limits, the key),
+once per process; a bad value is a one-line ``ImproperlyConfigured``, never with a password.
 """
 
 from __future__ import annotations

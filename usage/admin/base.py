@@ -1,8 +1,5 @@
-"""The read-only base of every admin page: no add, change or delete, no actions, no history.
-
-Fields are declared as data (``shown``, ``id_column``, ``sections``) and formatted by
-``usage.admin.formats``; lists never count a big table (``BoundedPaginator``). The site
-(``usage.sites``) refuses every write before a view sees it.
+"""The read-only base of every admin page (no add, change, delete, action or history): fields
+declared as data, lists that never count a big table. ``usage.sites`` refuses every write.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The admin's candidates page as data: its cutoff and workspace, its totals, its counts.
-
-Built on ``usage.eligibility``, so it cannot disagree with the dry run about a row or a
-total: one grouped aggregate gives the totals with the sidebar's counts, which the paginator
-uses too, so the page never counts the list (``base.COUNT_CAP`` rows at most while searching).
+"""The candidates page as data: its cutoff and workspace, and one grouped aggregate on
+``usage.eligibility`` giving the dry run's totals with the sidebar's and paginator's counts.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair, read-only.
-
-What it lists and totals is ``usage.admin.candidate_page``'s; this is the page itself: its
-sidebar filters, its search and its columns.
+"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair, with its sidebar
+filters, search and columns (what it lists and totals is ``candidate_page``'s).
 """
 
 from __future__ import annotations

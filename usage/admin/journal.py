@@ -1,7 +1,5 @@
-"""The journal, read-only: every row a run changed, with what it was before.
-
-An entry's page leads with the time of the repair (``repaired_at``) and shows apart from it
-the ``updated_at`` the repair wrote into the row: a stamp, not the time of the repair.
+"""The journal, read-only: every row a run changed, with what it was before, the time of the
+repair apart from the ``updated_at`` stamp the repair wrote into the row.
 """
 
 from __future__ import annotations

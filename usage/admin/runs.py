@@ -1,8 +1,5 @@
-"""The runs, read-only: what each repair was asked, what it did, and how.
-
-A run's page says who ran it, with which arguments, what it changed, the ``updated_at`` stamp
-it wrote and why, and how it rebuilt the hourly rollup. Fields a run does not have (no error,
-never reverted, none of the rollup path's details) are left out rather than shown empty.
+"""The runs, read-only: who ran each repair, with what, what it changed, the stamp it wrote and
+how it rebuilt the hourly rollup; fields a run does not have are left out, not shown empty.
 """
 
 from __future__ import annotations
