@@ -1,6 +1,5 @@
-"""Small database facts the commands need: where we are, what is there, what went wrong.
-
-Everything here is read-only and safe on a production database.
+"""Small database facts the commands need: where we are, what is there, what went wrong;
+all read-only and safe on a production database.
 """
 
 from __future__ import annotations

@@ -11,15 +11,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from usage.admin.base import (
-    ReadOnlyAdmin,
-    id_column,
-    names,
-    sections,
-    shown,
-    templated,
-    usage_url,
-)
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated, usage_url
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
 from usage.models import BackfillJournal
 

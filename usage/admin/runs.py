@@ -10,14 +10,7 @@ from django.contrib import admin
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from usage.admin.base import (
-    ReadOnlyAdmin,
-    id_column,
-    names,
-    sections,
-    shown,
-    templated,
-)
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillRun
 
