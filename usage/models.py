@@ -190,8 +190,7 @@ class BackfillRun(models.Model):
     plan_fingerprint = models.CharField(max_length=80, blank=True)
     plan_created_at = models.DateTimeField(null=True, blank=True)
     plan_rows = models.BigIntegerField(null=True, blank=True)
-    # The earlier run this one continues (it was interrupted or failed before finishing the
-    # same cutoff and workspace), if any.
+    # The earlier run (interrupted or failed) on the same cutoff and workspace it continues.
     continues = models.ForeignKey(
         "self",
         on_delete=models.PROTECT,
@@ -223,8 +222,7 @@ class BackfillJournal(models.Model):
     new_input_tokens = models.BigIntegerField()
     cache_read_tokens = models.BigIntegerField()
     new_updated_at = models.DateTimeField()
-    # The database time of the repair: ``new_updated_at`` is what was written into the row,
-    # which may be just below the platform's rollup watermark rather than the repair's time.
+    # The database time of the repair (``new_updated_at`` is the stamp written into the row).
     repaired_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
 

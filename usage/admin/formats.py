@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from django.utils.html import format_html
@@ -27,11 +28,6 @@ def clock(value: datetime | None, *, micro: bool = False) -> str:
     return f"{value.year:04d}-{value:%m-%d %H:%M:%S{'.%f' if micro else ''}} UTC"
 
 
-def stamp(value: datetime | None) -> str:
-    """An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one."""
-    return clock(value, micro=True)
-
-
 def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
     """A time for a list column: it may break between the date and the time, nowhere else."""
     if value is None:
@@ -40,8 +36,9 @@ def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
     return format_html('<span class="nowrap">{}</span> <span class="nowrap">{}</span>', day, time)
 
 
-def stamp_cell(value: datetime | None) -> str:
-    return clock_cell(value, micro=True)
+# An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one.
+stamp = partial(clock, micro=True)
+stamp_cell = partial(clock_cell, micro=True)
 
 
 def number(value: int | None) -> str:
