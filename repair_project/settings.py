@@ -1,8 +1,5 @@
-"""Settings for the codex-usage-repair operator tool, read from the environment.
-
-The target database is ``DATABASE_URL`` (without it, an embedded sandbox PostgreSQL); the
-tool's tables live in ``CODEX_REPAIR_SCHEMA``, first on the search path, the application's in
-``CODEX_TARGET_SCHEMA``. Values are read and checked in ``usage.environment``.
+"""Settings of the codex-usage-repair tool, read and checked from the environment by
+``usage.environment``; without ``DATABASE_URL``, an embedded sandbox PostgreSQL.
 """
 
 from __future__ import annotations
@@ -51,11 +48,7 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
 USING_SANDBOX = not DATABASE_URL
 
 if USING_SANDBOX:
-    _default_db: dict = {
-        "ENGINE": "sandbox.backend",
-        "NAME": SANDBOX_DATABASE_NAME,
-        "USER": "postgres",
-    }
+    _default_db: dict = dict(ENGINE="sandbox.backend", NAME=SANDBOX_DATABASE_NAME, USER="postgres")
 else:
     _default_db = environment.database_settings(DATABASE_URL)
 

@@ -1,7 +1,5 @@
-"""WSGI entry point, for serving the read-only admin behind a real web server.
-
-It refuses to load (``ImproperlyConfigured``, one line) without a secret key of its own:
-see ``usage.serving`` and the README's "Serving the admin for real".
+"""WSGI entry point for the read-only admin behind a real web server; it refuses to load
+without a secret key of its own (``usage.serving``).
 """
 
 from __future__ import annotations

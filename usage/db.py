@@ -1,6 +1,5 @@
-"""Small database facts the commands need: where we are, what is there, what went wrong.
-
-Everything here is read-only and safe on a production database.
+"""Small database facts the commands need: where we are, what is there, what went wrong;
+all read-only and safe on a production database.
 """
 
 from __future__ import annotations
@@ -55,10 +54,8 @@ SET_LOCAL_TIMEOUTS_SQL = (
 
 
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
-    """Set ``lock_timeout`` and ``statement_timeout`` for the current transaction only.
-
-    Server-side limits end a stuck statement even if this process is gone; 0 means none.
-    """
+    """Set both timeouts for this transaction only: server-side limits end a stuck statement
+    even if this process is gone (0 means none)."""
     cursor.execute(
         SET_LOCAL_TIMEOUTS_SQL, [timeout_setting(lock_timeout), timeout_setting(statement_timeout)]
     )
@@ -85,11 +82,8 @@ def describe_database() -> str:
 
 
 def scrub(message: str) -> str:
-    """One line fit to show or store: the message's first line, without the password.
-
-    A server error's text is its primary message, then lines of DETAIL, HINT and CONTEXT
-    (for an error inside the rollup function, kilobytes of PL/pgSQL); only the first counts.
-    """
+    """One line fit to show or store: the message's first line (a server error's DETAIL, HINT
+    and CONTEXT lines can be kilobytes of PL/pgSQL), without the password."""
     password = connection.settings_dict.get("PASSWORD") or ""
     lines = [line for line in str(message).splitlines() if line.strip()]
     text = " ".join(lines[0].split()) if lines else ""
@@ -97,11 +91,8 @@ def scrub(message: str) -> str:
 
 
 def error_text(exc: BaseException) -> str:
-    """A database error in one line: the server's primary message when there is one.
-
-    The chain is searched too: Django's wrapper has the driver's error as its cause, and an
-    error raised while cleaning up after a lost connection has the real one as its context.
-    """
+    """A database error in one line: the server's primary message, searched along the chain
+    (Django's wrapper, an error raised while cleaning up after a lost connection)."""
     seen: list[BaseException] = []
     candidate: BaseException | None = exc
     while candidate is not None and candidate not in seen and len(seen) < 8:

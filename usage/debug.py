@@ -1,7 +1,5 @@
-"""Django's error pages (``DJANGO_DEBUG=1``) without secrets: no DATABASE_URL, password or key.
-
-The filter hides any setting or frame variable that holds a secret, whatever its name; the
-reporter then removes any secret still left in the page's text, as a last resort.
+"""Django's error pages (``DJANGO_DEBUG=1``) without secrets: no DATABASE_URL, password or key,
+whatever the name of the setting or variable holding one.
 """
 
 from __future__ import annotations

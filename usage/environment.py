@@ -1,7 +1,5 @@
-"""Reading the settings from the environment: the database URL, connection limits, the key.
-
-Read once per process, before Django is set up; a bad value is an ``ImproperlyConfigured``
-of one line saying what to set, never containing a password.
+"""Reading the settings from the environment (the database URL, connection limits, the key),
+once per process; a bad value is a one-line ``ImproperlyConfigured``, never with a password.
 """
 
 from __future__ import annotations
@@ -22,16 +20,8 @@ from usage.options import parse_rollup_declarations, parse_seconds
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
 
-DEFAULT_CONNECT_TIMEOUT = "10s"
-DEFAULT_STATEMENT_TIMEOUT = "1h"
-DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = "10m"
 # TCP keepalives: a server that vanished mid-statement is noticed within about a minute.
-KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
+KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
 
 # Django's own test of a strong key (``check --deploy``, security.W009).
 SECRET_KEY_MIN_LENGTH = 50
@@ -115,7 +105,7 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
         except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from None
 
-    connect_timeout = seconds("CODEX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 2, 3600)
+    connect_timeout = seconds("CODEX_CONNECT_TIMEOUT", "10s", 2, 3600)
     if connect_timeout != int(connect_timeout):
         # libpq takes whole seconds: a fraction would be rounded, and said nowhere.
         raise ImproperlyConfigured(
@@ -124,12 +114,8 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
         )
     return ConnectionLimits(
         connect_timeout=int(connect_timeout),
-        statement_timeout=seconds(
-            "CODEX_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT, 0, 7 * 86400
-        ),
-        idle_in_transaction_timeout=seconds(
-            "CODEX_IDLE_IN_TRANSACTION_TIMEOUT", DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT, 0, 86400
-        ),
+        statement_timeout=seconds("CODEX_STATEMENT_TIMEOUT", "1h", 0, 7 * 86400),
+        idle_in_transaction_timeout=seconds("CODEX_IDLE_IN_TRANSACTION_TIMEOUT", "10m", 0, 86400),
     )
 
 
@@ -148,11 +134,9 @@ def _milliseconds(seconds: float) -> str:
 def secret_key(
     environ: os._Environ[str] | dict[str, str], sandbox_dir: Path | None
 ) -> tuple[str, str]:
-    """The key that signs sessions and messages, and where it came from.
-
-    ``DJANGO_SECRET_KEY`` when set; on the sandbox, a key kept with its data (mode 0600);
-    otherwise a key for this process only, source "", and the admin is not served.
-    """
+    """The key that signs sessions and messages, and where it came from: ``DJANGO_SECRET_KEY``,
+    else on the sandbox a key kept with its data (mode 0600), else one for this process only
+    (source "": the admin is not served)."""
     given = environ.get("DJANGO_SECRET_KEY", "")
     if given:
         return given, "DJANGO_SECRET_KEY"

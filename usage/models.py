@@ -1,8 +1,5 @@
-"""Models: the application's tables (unmanaged) and the tool's own run record and journal.
-
-Django never creates or alters the unmanaged target tables; ``BackfillRun`` and
-``BackfillJournal`` live in the tool's schema. ``CandidateUsage`` is a ``task_usage`` row as
-the admin's candidates page lists it, selected by the shared eligibility definition.
+"""Models: the application's tables (unmanaged: Django never creates or alters them) and the
+tool's own run record and journal, in the tool's schema.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from typing import Any
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import connection, models
 from django.db.models.expressions import RawSQL
+from django.utils.functional import cached_property
 
 from usage.eligibility import (
     CANDIDATE_IDS_SQL,
@@ -192,8 +190,7 @@ class BackfillRun(models.Model):
     plan_fingerprint = models.CharField(max_length=80, blank=True)
     plan_created_at = models.DateTimeField(null=True, blank=True)
     plan_rows = models.BigIntegerField(null=True, blank=True)
-    # The earlier run this one continues (it was interrupted or failed before finishing the
-    # same cutoff and workspace), if any.
+    # The earlier run (interrupted or failed) on the same cutoff and workspace it continues.
     continues = models.ForeignKey(
         "self",
         on_delete=models.PROTECT,
@@ -213,12 +210,8 @@ class BackfillRun(models.Model):
 
 
 class BackfillJournal(models.Model):
-    """A row the repair changed, with what it was before: the proof and the undo record.
-
-    Written in the same statement as the update it describes; the partial unique constraint
-    makes "repaired at most once" a database fact. Entries are appended run by run, so a BRIN
-    index on the run serves the per-run reads at almost no write cost.
-    """
+    """A row the repair changed, with what it was before: the proof and the undo record,
+    written in the same statement as the update; repaired at most once is a constraint."""
 
     run = models.ForeignKey(
         BackfillRun, on_delete=models.PROTECT, related_name="journal", db_index=False
@@ -229,8 +222,7 @@ class BackfillJournal(models.Model):
     new_input_tokens = models.BigIntegerField()
     cache_read_tokens = models.BigIntegerField()
     new_updated_at = models.DateTimeField()
-    # The database time of the repair: ``new_updated_at`` is what was written into the row,
-    # which may be just below the platform's rollup watermark rather than the repair's time.
+    # The database time of the repair (``new_updated_at`` is the stamp written into the row).
     repaired_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
 
@@ -245,6 +237,7 @@ class BackfillJournal(models.Model):
                 name="backfill_journal_repaired_once",
             )
         ]
+        # Appended run by run: a BRIN index serves the per-run reads at almost no write cost.
         indexes = [BrinIndex(fields=["run", "new_updated_at"], name="backfill_journal_run_brin")]
 
     def __str__(self) -> str:
@@ -258,13 +251,8 @@ _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
     """Turn ``%(name)s`` placeholders into ``%s`` and a list: ``RawSQL`` takes positions."""
-    values: list[Any] = []
-
-    def take(match: re.Match[str]) -> str:
-        values.append(params[match.group(1)])
-        return "%s"
-
-    return _NAMED_PARAM.sub(take, sql_text), values
+    values = [params[name] for name in _NAMED_PARAM.findall(sql_text)]
+    return _NAMED_PARAM.sub("%s", sql_text), values
 
 
 @functools.cache
@@ -297,6 +285,11 @@ class CandidateUsage(TaskUsage):
     """A ``task_usage`` row as the admin's candidates page shows it (no table of its own)."""
 
     objects = CandidateUsageQuerySet.as_manager()
+
+    @cached_property
+    def repair_entry(self) -> BackfillJournal | None:
+        """The journal entry of the repair that holds for this row (not reverted), if any."""
+        return BackfillJournal.objects.filter(usage_id=self.id, reverted_at__isnull=True).first()
 
     class Meta:
         proxy = True

@@ -1,7 +1,5 @@
-"""Whether the admin may be served: never with a key anyone could know.
-
-``runserver`` and the WSGI entry point ask ``serving_refusal`` before they serve anything,
-and ``check --deploy`` reports the same problem.
+"""Whether the admin may be served (never with a key anyone could know): asked by
+``runserver`` and the WSGI entry point, and reported by ``check --deploy``.
 """
 
 from __future__ import annotations

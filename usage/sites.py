@@ -1,9 +1,5 @@
-"""The admin site of the tool: its own pages only, for reading, without a password form.
-
-Logins are made and changed with ``manage.py`` (``createsuperuser``, ``changepassword``),
-never in the browser. The site makes that true whatever the order of ``INSTALLED_APPS``:
-it takes no model of another app (auth's User and Group), every view but logging out answers
-only GET and HEAD, and the password pages answer 404.
+"""The tool's admin site: its own models only (never auth's User and Group), every view but
+logging out answers only GET and HEAD, and no password form (logins are made with manage.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""The read-only admin: the candidates a repair would change, its runs and its journal.
-
-Operators review here what a repair will do (the candidates page, whose totals are the dry
-run's) and what it did (runs and journal entries, linked to each other and to the usage rows).
+"""The read-only admin: what a repair would change (the candidates, with the dry run's
+totals) and what it did (its runs and journal, linked to each other and to the usage rows).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The read-only base of every admin page: no add, change or delete, no actions, no history.
-
-Fields are declared as data (``shown``, ``id_column``, ``sections``) and formatted by
-``usage.admin.formats``; lists never count a big table (``BoundedPaginator``). The site
-(``usage.sites``) refuses every write before a view sees it.
+"""The read-only base of every admin page (no add, change, delete, action or history): fields
+declared as data, lists that never count a big table. ``usage.sites`` refuses every write.
 """
 
 from __future__ import annotations
@@ -19,9 +16,11 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
+from django.utils.safestring import SafeString, mark_safe
 
 from usage.admin.formats import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
@@ -31,22 +30,23 @@ COUNT_CAP = 10_000
 Display = Callable[[Any, Any], Any]
 
 
-def run_url(run_id: int) -> str:
-    return reverse("admin:usage_backfillrun_change", args=[run_id])
-
-
 def usage_url(usage_id: uuid.UUID) -> str:
     return reverse("admin:usage_candidateusage_change", args=[usage_id])
 
 
-def journal_url(**params: Any) -> str:
-    url = reverse("admin:usage_backfilljournal_changelist")
-    return f"{url}?{urlencode(params)}" if params else url
+def html(name: str, **context: Any) -> SafeString:
+    """A fragment of a page (a field, a fieldset's note) from ``admin/usage/<name>.html``."""
+    return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
 
 
-def candidates_url(**params: Any) -> str:
-    url = reverse("admin:usage_candidateusage_changelist")
-    return f"{url}?{urlencode({k: v for k, v in params.items() if v})}"
+def templated(description: str, name: str, **display: Any) -> Display:
+    """A list column or detail field rendered from ``admin/usage/fields/<name>.html``."""
+
+    @admin.display(description=description, **display)
+    def show(model_admin: ReadOnlyAdmin, obj: Any) -> SafeString:
+        return html(f"fields/{name}", obj=obj)
+
+    return show
 
 
 def shown(
@@ -57,10 +57,11 @@ def shown(
     sort: bool = False,
     none: str | None = None,
     boolean: bool = False,
+    optional: bool = False,
 ) -> Display:
     """A list column or detail field showing one attribute (dotted for a relation; a method is
     called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
-    list by the attribute."""
+    list by the attribute, and an ``optional`` field is left out of a record without it."""
     get = attrgetter(attribute)
 
     @admin.display(
@@ -73,6 +74,8 @@ def shown(
         value = value() if callable(value) else value
         return none if none is not None and value in (None, "") else fmt(value)
 
+    if optional:
+        show.shown_if = get  # type: ignore[attr-defined]
     return show
 
 
@@ -99,9 +102,14 @@ def id_column(
     return show
 
 
+def names(text: str) -> tuple[str, ...]:
+    """Field names written as ``"field field ..."``."""
+    return tuple(text.split())
+
+
 def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
     """Fieldsets written as ``{title: "field field ..."}``."""
-    return tuple((title, {"fields": tuple(names.split())}) for title, names in layout.items())
+    return tuple((title, {"fields": names(fields)}) for title, fields in layout.items())
 
 
 class ReadOnlyChangeList(ChangeList):
@@ -125,8 +133,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     view_on_site = False
     changelist_class: type[ChangeList] = ReadOnlyChangeList
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
-    # Detail fields shown only when the record has them: name -> test of the record.
+    # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
+    # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
+    notes: dict[str, str] = {}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -144,25 +154,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")
 
-    def fieldset_notes(self, obj: Any) -> dict[str, str]:
-        """A description for some fieldsets of this record, by title."""
-        return {}
-
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
             return self.fieldsets
-        notes = self.fieldset_notes(obj)
         shown_sets = []
         for title, options in self.fieldsets:
-            fields = tuple(
-                name
-                for name in options["fields"]
-                if name not in self.optional_fields or self.optional_fields[name](obj)
+            fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
+            if not fields:  # a section with nothing to show (a run never reverted) is left out
+                continue
+            note = html(f"notes/{self.notes[title]}", obj=obj) if title in self.notes else ""
+            shown_sets.append(
+                (title, {**options, "fields": fields, **({"description": note} if note else {})})
             )
-            if fields:  # a section with nothing to show (a run never reverted) is left out
-                note = {"description": notes[title]} if title in notes else {}
-                shown_sets.append((title, {**options, "fields": fields, **note}))
         return shown_sets
+
+    def has_field(self, name: str, obj: Any) -> bool:
+        test = self.optional_fields.get(name) or getattr(getattr(self, name, None), "shown_if", 0)
+        return not test or bool(test(obj))
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return self.changelist_class

@@ -1,8 +1,5 @@
-"""The admin's candidates page as data: its cutoff and workspace, its totals, its counts.
-
-Built on ``usage.eligibility``, so it cannot disagree with the dry run about a row or a
-total: one grouped aggregate gives the totals with the sidebar's counts, which the paginator
-uses too, so the page never counts the list (``base.COUNT_CAP`` rows at most while searching).
+"""The candidates page as data: its cutoff and workspace, and one grouped aggregate on
+``usage.eligibility`` giving the dry run's totals with the sidebar's and paginator's counts.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from django.core.cache import cache
 from django.db import connection, transaction
 
 from usage import options
-from usage.admin.formats import clock, number
 from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
@@ -103,11 +99,9 @@ def parse_clamped(value: str | None) -> bool | None:
 def month_range(month: date) -> tuple[datetime, datetime | None]:
     """The UTC bounds of a calendar month; no upper bound (None) after December 9999."""
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
-    if month.month < 12:
-        return start, datetime(month.year, month.month + 1, 1, tzinfo=UTC)
-    if month.year < 9999:
-        return start, datetime(month.year + 1, 1, 1, tzinfo=UTC)
-    return start, None
+    if (month.year, month.month) == (9999, 12):
+        return start, None
+    return start, datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
 
 
 def cutoff_param(cutoff: datetime) -> str:
@@ -147,14 +141,8 @@ def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> C
             continue
         counts[(None if all_months else month, None if all_clamped else clamped)] = count
         if all_months and all_clamped:
-            before, after, removed, clamped_rows = (int(value) for value in sums)
-            totals = Totals(
-                rows=count,
-                input_before=before,
-                input_after=after,
-                input_tokens_removed=removed,
-                clamped_rows=clamped_rows,
-            )
+            # input_before, input_after, input_tokens_removed, clamped_rows, in Totals' order
+            totals = Totals(count, *(int(value) for value in sums))
         elif all_clamped:
             months.append((month, count))
     workspaces.sort(key=lambda item: (-item[1], str(item[0])))
@@ -212,41 +200,6 @@ class CandidatePage:
     def totals(self) -> Totals | None:
         return self.result.totals if self.result else None
 
-    @property
-    def total_cells(self) -> list[dict[str, Any]]:
-        """The totals row above the list, in the dry run's words."""
-        t = self.totals
-        if t is None:
-            return []
-        cells = (
-            ("total-rows", "rows", t.rows),
-            ("total-input-before", "input before", t.input_before),
-            ("total-input-after", "input after", t.input_after),
-            ("total-removed", "tokens removed", t.input_tokens_removed),
-            ("total-clamped", "clamped", t.clamped_rows),
-        )
-        return [
-            {"id": id_, "label": label, "value": value, "text": number(value)}
-            for id_, label, value in cells
-        ]
-
-    @property
-    def command(self) -> str:
-        """The dry run that prints the same totals."""
-        if self.cutoff is None:
-            return ""
-        cutoff = cutoff_param(self.cutoff)
-        command = f"python manage.py backfill_codex_usage_cache --cutoff {cutoff}"
-        return f"{command} --workspace-id {self.workspace_id}" if self.workspace_id else command
-
-    @property
-    def cutoff_display(self) -> str:
-        return clock(self.cutoff) if self.cutoff else ""
-
-    @property
-    def computed_at(self) -> str:
-        return clock(self.result.database_now) if self.result else ""
-
     def known_count(self, params: Mapping[str, str]) -> int | None:
         """The list's row count for these sidebar choices, if the totals pass counted it."""
         if self.result is None:
@@ -259,11 +212,8 @@ class CandidatePage:
 
 
 def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
-    """Resolve the page's cutoff and workspace, then load the totals for them.
-
-    The cutoff is the one chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
-    cutoff of the latest run; with none of them the page lists nothing and says why.
-    """
+    """Resolve the page's cutoff (chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
+    latest run's; with none the page lists nothing) and workspace, then load their totals."""
     page = CandidatePage(
         cutoff_text=(params.get(CUTOFF_PARAM) or "").strip(),
         workspace_text=(params.get(WORKSPACE_PARAM) or "").strip(),
@@ -295,16 +245,13 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)
-        return page
     except ValueError as exc:
         page.error = str(exc)
-        return page
-    if page.workspace_id and page.result.totals.rows == 0:
-        page.workspace_known = workspace_has_agents(page.workspace_id)
-    logger.debug(
-        "candidates for cutoff %s, workspace %s: %s rows",
-        page.cutoff_text,
-        page.workspace_id or "all",
-        page.result.totals.rows,
-    )
+    else:
+        rows, ws = page.result.totals.rows, page.workspace_id
+        if ws and rows == 0:
+            page.workspace_known = workspace_has_agents(ws)
+        logger.debug(
+            "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
+        )
     return page

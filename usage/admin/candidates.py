@@ -1,7 +1,5 @@
-"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair, read-only.
-
-What it lists and totals is ``usage.admin.candidate_page``'s; this is the page itself: its
-sidebar filters, its search and its columns.
+"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair, with its sidebar
+filters, search and columns (what it lists and totals is ``candidate_page``'s).
 """
 
 from __future__ import annotations
@@ -14,18 +12,15 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.urls import reverse
-from django.utils.html import format_html
 
 from usage.admin.base import (
     ReadOnlyAdmin,
     ReadOnlyChangeList,
-    candidates_url,
     id_column,
-    journal_url,
-    run_url,
+    names,
     sections,
     shown,
+    templated,
 )
 from usage.admin.candidate_page import (
     CLAMPED_PARAM,
@@ -40,28 +35,15 @@ from usage.admin.candidate_page import (
     parse_clamped,
     parse_month,
 )
-from usage.admin.formats import clock, clock_cell, number, stamp, unique_prefix_length
-from usage.models import BackfillJournal, CandidateUsage
+from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
+from usage.models import CandidateUsage
 
 # Where the candidates page keeps its state for the request (filters and paginator read it).
 PAGE_ATTRIBUTE = "codex_candidate_page"
-REPAIR_HELP = (
-    "What the repair computes for this row as it is now. It changes the row only if the row "
-    "is a candidate for the cutoff and workspace it is run with, and never a row it has "
-    "already repaired."
-)
 
 
 def _page(request: HttpRequest) -> CandidatePage | None:
     return getattr(request, PAGE_ATTRIBUTE, None)
-
-
-def repair_entry(row: CandidateUsage) -> BackfillJournal | None:
-    """The journal entry of the repair that holds for this row (not reverted), if any."""
-    if not hasattr(row, "repair_entry"):
-        entries = BackfillJournal.objects.filter(usage_id=row.id, reverted_at__isnull=True)
-        row.repair_entry = entries.first()
-    return row.repair_entry
 
 
 class PageFilter(admin.SimpleListFilter):
@@ -164,17 +146,8 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     # Fits the list's 1,050 px at a 1,400 px window: ids are a prefix (the full id in the
     # tooltip), times may wrap between date and time, a clamped row says so by its input
     # after; the task is on the row's page (and the search finds it).
-    list_display = (
-        "usage_id",
-        "workspace",
-        "agent_name",
-        "model",
-        "created",
-        "updated",
-        "input",
-        "cached",
-        "corrected",
-        "removed",
+    list_display = names(
+        "usage_id workspace agent_name model created updated input cached corrected removed"
     )
     list_display_links = ("usage_id",)
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
@@ -196,7 +169,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     )
     # A row already repaired shows its journal entry, not what a repair would compute.
     optional_fields = {
-        name: lambda row: repair_entry(row) is None
+        name: lambda row: row.repair_entry is None
         for name in ("corrected_shown", "removed_shown", "is_clamped")
     }
 
@@ -219,8 +192,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
     is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
 
-    def fieldset_notes(self, obj: CandidateUsage) -> dict[str, str]:
-        return {"Repair": REPAIR_HELP} if repair_entry(obj) is None else {}
+    notes = {"Repair": "candidate_repair"}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -259,7 +231,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {
             "title": "Candidates: the rows the repair would change",
             "candidate_page": page,
-            "latest_run_url": run_url(page.source_run_id) if page.source_run_id else "",
             "totals_cache_seconds": TOTALS_CACHE_SECONDS,
             **(extra_context or {}),
         }
@@ -275,43 +246,8 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         context = {"title": f"Usage row {object_id}", **(extra_context or {})}
         return super().changeform_view(request, object_id, form_url, context)
 
-    @admin.display(description="workspace")
-    def workspace_id(self, obj: CandidateUsage) -> str:
-        ws = obj.task.agent.workspace_id
-        return format_html('{} (<a href="{}">candidates</a>)', ws, candidates_url(workspace=ws))
+    workspace_id = templated("workspace", "usage_workspace")
+    agent_name = templated("agent", "usage_agent", ordering="task__agent__name")
+    corrected = templated("input after", "usage_corrected", ordering="corrected_input")
 
-    @admin.display(description="agent", ordering="task__agent__name")
-    def agent_name(self, obj: CandidateUsage) -> str:
-        name = obj.task.agent.name
-        return format_html('<span class="agent-name" title="{}">{}</span>', name, name)
-
-    @admin.display(description="input after", ordering="corrected_input")
-    def corrected(self, obj: CandidateUsage) -> str:
-        if obj.clamped:
-            return format_html(
-                '{} <span class="clamped" title="{}">clamped</span>',
-                number(obj.corrected_input),
-                "input was below the cached tokens: the repair sets it to 0",
-            )
-        return number(obj.corrected_input)
-
-    @admin.display(description="repaired by")
-    def repair_status(self, obj: CandidateUsage) -> str:
-        entry = repair_entry(obj)
-        history = journal_url(q=obj.id)
-        if entry is None:
-            return format_html(
-                'not repaired (<a href="{}">journal entries for this row</a>)', history
-            )
-        return format_html(
-            '<a href="{}">journal entry #{}</a> of <a href="{}">run #{}</a>, repaired at {}: '
-            "input {} → {} (<a href='{}'>all journal entries for this row</a>)",
-            reverse("admin:usage_backfilljournal_change", args=[entry.pk]),
-            entry.pk,
-            run_url(entry.run_id),
-            entry.run_id,
-            clock(entry.repaired_at),
-            number(entry.old_input_tokens),
-            number(entry.new_input_tokens),
-            history,
-        )
+    repair_status = templated("repaired by", "usage_repair_status")

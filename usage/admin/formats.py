@@ -1,14 +1,12 @@
-"""Values as every page of the admin shows them, the same in lists and on detail pages.
-
-Numbers have thousands separators, seconds a unit, times are UTC to the second with the zone
-(stamps to the microsecond), and a list shows long ids as the shortest prefix that tells
-apart those on the page, with the full value in a tooltip.
+"""Values as every admin page shows them: numbers with separators, seconds with a unit, times
+in UTC with the zone, long ids in lists as their shortest prefix unique on the page.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from django.utils.html import format_html
@@ -26,16 +24,8 @@ def clock(value: datetime | None, *, micro: bool = False) -> str:
     if value is None:
         return DASH
     value = value.astimezone(UTC) if value.utcoffset() else value
-    text = (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
-    )
-    return f"{text}.{value.microsecond:06d} UTC" if micro else f"{text} UTC"
-
-
-def stamp(value: datetime | None) -> str:
-    """An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one."""
-    return clock(value, micro=True)
+    # strftime's %Y does not pad years before 1000.
+    return f"{value.year:04d}-{value:%m-%d %H:%M:%S{'.%f' if micro else ''}} UTC"
 
 
 def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
@@ -46,8 +36,9 @@ def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
     return format_html('<span class="nowrap">{}</span> <span class="nowrap">{}</span>', day, time)
 
 
-def stamp_cell(value: datetime | None) -> str:
-    return clock_cell(value, micro=True)
+# An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one.
+stamp = partial(clock, micro=True)
+stamp_cell = partial(clock_cell, micro=True)
 
 
 def number(value: int | None) -> str:

@@ -1,7 +1,5 @@
-"""The journal, read-only: every row a run changed, with what it was before.
-
-An entry's page leads with the time of the repair (``repaired_at``) and shows apart from it
-the ``updated_at`` the repair wrote into the row: a stamp, not the time of the repair.
+"""The journal, read-only: every row a run changed, with what it was before, the time of the
+repair apart from the ``updated_at`` stamp the repair wrote into the row.
 """
 
 from __future__ import annotations
@@ -12,46 +10,19 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
 
-from usage.admin.base import ReadOnlyAdmin, id_column, run_url, sections, shown, usage_url
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated, usage_url
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
-from usage.admin.runs import README_SECTION
-from usage.models import BackfillJournal, BackfillRun
+from usage.models import BackfillJournal
 
 STAMP_TITLE = "The row's updated_at"
-JOURNAL_STAMP_HELP = (
-    "The repair does not write its own time into <code>updated_at</code> but a stamp: {how} "
-    "The true time of the repair is <em>repaired at</em>, above. A revert restores the "
-    f"<code>updated_at</code> before the repair exactly. See {README_SECTION}."
-)
-JOURNAL_STAMP_HOW = {
-    BackfillRun.Stamp.BELOW_WATERMARK: (
-        "just below the platform rollup's watermark, on purpose, so that the platform's cron "
-        "tick never re-rolls the hourly key the repair already rebuilt, and still after the "
-        "cutoff, so the row is never eligible again."
-    ),
-    BackfillRun.Stamp.REPAIR_TIME: (
-        "here the time the run started (the platform rollup's watermark was not usable, or "
-        "the run left the rollup to its cron tick), so the platform's rollup re-rolls the "
-        "row's hourly key once its watermark passes it."
-    ),
-}
 
 
 @admin.register(BackfillJournal)
 class BackfillJournalAdmin(ReadOnlyAdmin):
-    list_display = (
-        "id",
-        "run_link",
-        "usage_cell",
-        "repaired_cell",
-        "old_input",
-        "new_input",
-        "removed",
-        "cached",
-        "stamp_cell",
-        "reverted_cell",
+    list_display = names(
+        "id run_link usage_cell repaired_cell old_input new_input removed cached stamp_cell "
+        "reverted_cell"
     )
     list_display_links = ("id",)
     list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
@@ -82,9 +53,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
     stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
 
-    def fieldset_notes(self, obj: BackfillJournal) -> dict[str, str]:
-        how = JOURNAL_STAMP_HOW.get(obj.run.stamp)
-        return {STAMP_TITLE: JOURNAL_STAMP_HELP.format(how=how)} if how else {}
+    notes = {STAMP_TITLE: "journal_stamp"}
 
     def render_change_form(
         self,
@@ -109,19 +78,9 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
             return queryset.none()
 
-    @admin.display(description="repaired at (database clock)")
-    def repaired(self, obj: BackfillJournal) -> str:
-        if obj.repaired_at is None:
-            return "not recorded (journaled before the repair time was)"
-        return format_html("<strong>{}</strong>", clock(obj.repaired_at))
-
-    @admin.display(description="run", ordering="run_id")
-    def run_link(self, obj: BackfillJournal) -> str:
-        return format_html('<a href="{}">run #{}</a>', run_url(obj.run_id), obj.run_id)
-
-    @admin.display(description="usage row")
-    def usage_link(self, obj: BackfillJournal) -> str:
-        return format_html('<a href="{}">{}</a>', usage_url(obj.usage_id), obj.usage_id)
+    repaired = templated("repaired at (database clock)", "journal_repaired")
+    run_link = templated("run", "journal_run", ordering="run_id")
+    usage_link = templated("usage row", "journal_usage")
 
     @admin.display(description="removed")
     def removed(self, obj: BackfillJournal) -> str:

@@ -1,8 +1,5 @@
-"""The runs, read-only: what each repair was asked, what it did, and how.
-
-A run's page says who ran it, with which arguments, what it changed, the ``updated_at`` stamp
-it wrote and why, and how it rebuilt the hourly rollup. Fields a run does not have (no error,
-never reverted, none of the rollup path's details) are left out rather than shown empty.
+"""The runs, read-only: who ran each repair, with what, what it changed, the stamp it wrote and
+how it rebuilt the hourly rollup; fields a run does not have are left out, not shown empty.
 """
 
 from __future__ import annotations
@@ -12,45 +9,16 @@ from typing import Any
 from django.contrib import admin
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
 
-from usage.admin.base import (
-    ReadOnlyAdmin,
-    candidates_url,
-    id_column,
-    journal_url,
-    run_url,
-    sections,
-    shown,
-)
-from usage.admin.candidate_page import cutoff_param
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillRun
 
-README_SECTION = "the README, “The platform's cron tick and lock 4246”"
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started",
-}
-STAMP_HELP = {
-    BackfillRun.Stamp.BELOW_WATERMARK: (
-        "Each repaired row's <code>updated_at</code> is a stamp of its hourly key, from the "
-        "top stamp down, a microsecond a key (neighbouring keys share one where there is less "
-        "room): strictly below the platform rollup's watermark read at the start, and "
-        "strictly after the cutoff. This is on purpose: the platform's cron tick never covers "
-        "that time again, so it never re-rolls the keys this run rebuilt, and the row is never "
-        "eligible again. When each row was repaired is in its journal entry "
-        f"(<em>repaired at</em>). See {README_SECTION}."
-    ),
-    BackfillRun.Stamp.REPAIR_TIME: (
-        "The rows were stamped with the time the run started: the platform rollup's watermark "
-        "was not usable (its cron tick never ran, or its watermark was not after the cutoff), "
-        "or the run left the rollup to the cron tick (<code>--no-rebuild-rollup</code>). The "
-        "platform's rollup re-rolls these rows' hourly keys once its watermark passes that "
-        f"time. See {README_SECTION}."
-    ),
 }
 ROLLUP_PATHS = {
     BackfillRun.RollupPath.OWN: "the tool's own recompute (for a rollup function it recognised)",
@@ -60,19 +28,10 @@ ROLLUP_PATHS = {
 # The command's recorded options in reading order (what, which plan, how fast, the rollup);
 # a flag is recorded as the setting it turns off ("rebuild_rollup": "False" for
 # --no-rebuild-rollup). Options recorded later by a newer version follow, by name.
-ARGUMENT_ORDER = (
-    "cutoff",
-    "workspace_id",
-    "plan",
-    "plan_max_age",
-    "batch_size",
-    "sleep_between_batches",
-    "lock_timeout",
-    "statement_timeout",
-    "max_replication_lag",
-    "rebuild_rollup",
-    "max_rollup_lock_seconds",
-    "cron_tick_interval",
+ARGUMENT_ORDER = names(
+    "cutoff workspace_id plan plan_max_age batch_size sleep_between_batches lock_timeout "
+    "statement_timeout max_replication_lag rebuild_rollup max_rollup_lock_seconds "
+    "cron_tick_interval"
 )
 NEGATED_FLAGS = {"rebuild_rollup": "--no-rebuild-rollup"}
 NOT_GIVEN = "not given"
@@ -94,28 +53,13 @@ def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def run_link(run: BackfillRun) -> SafeString:
-    return format_html(
-        '<a href="{}">run #{}</a> ({})', run_url(run.pk), run.pk, run.get_status_display()
-    )
-
-
 @admin.register(BackfillRun)
 class BackfillRunAdmin(ReadOnlyAdmin):
     # Fits the list's 1,050 px at a 1,400 px window: times may wrap between date and time,
     # rows updated link to the journal, the rollup state shows under the status when not done.
-    list_display = (
-        "id",
-        "status_cell",
-        "started_cell",
-        "took",
-        "cutoff_cell",
-        "workspace",
-        "updated",
-        "removed",
-        "clamped",
-        "remaining",
-        "os_user_cell",
+    list_display = names(
+        "id status_cell started_cell took cutoff_cell workspace updated removed clamped "
+        "remaining os_user_cell"
     )
     list_display_links = ("id",)
     list_filter = ("status", "rollup_state")
@@ -143,25 +87,15 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     optional_fields = {
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
-        "revert_started": lambda run: run.revert_started_at,
-        "revert_finished": lambda run: run.revert_finished_at,
         "rows_restored_shown": lambda run: run.revert_state,
-        "revert_error_shown": lambda run: run.revert_error,
-        "error_shown": lambda run: run.error,
-        "reverted": lambda run: run.reverted_at,
         "continues_link": lambda run: run.continues_id,
         "continued_by_links": lambda run: run.continued_by.exists(),
         "stamps_written": lambda run: run.stamp_first or run.stamp_last,
-        "rollup_path_shown": lambda run: run.rollup_path,
-        "rollup_function_shown": lambda run: run.rollup_function,
-        "rollup_fingerprint_shown": lambda run: run.rollup_fingerprint,
-        "rollup_path_reason_shown": lambda run: run.rollup_path_reason,
         "plan_made": lambda run: run.plan_fingerprint,
         "plan_rows_shown": lambda run: run.plan_fingerprint,
     }
 
-    def fieldset_notes(self, obj: BackfillRun) -> dict[str, str]:
-        return {STAMP_TITLE: STAMP_HELP[obj.stamp]} if obj.stamp in STAMP_HELP else {}
+    notes = {STAMP_TITLE: "run_stamp"}
 
     # -- list columns --------------------------------------------------------------------
 
@@ -173,39 +107,24 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     remaining = shown("left", "rows_remaining", number, sort=True)
     os_user_cell = shown("OS user", "os_user", sort=True)
 
-    @admin.display(description="status", ordering="status")
-    def status_cell(self, obj: BackfillRun) -> str:
-        if obj.rollup_state == BackfillRun.RollupState.DONE:
-            return obj.get_status_display()
-        return format_html(
-            '{}<br><span class="quiet nowrap">rollup {}</span>',
-            obj.get_status_display(),
-            obj.rollup_state,
-        )
+    status_cell = templated("status", "run_status", ordering="status")
 
     @admin.display(description="took")
     def took(self, obj: BackfillRun) -> str:
         return elapsed(obj.started_at, obj.finished_at)
 
-    @admin.display(description="updated", ordering="rows_updated")
-    def updated(self, obj: BackfillRun) -> str:
-        return format_html(
-            '<a href="{}" title="the journal entries of run #{}">{}</a>',
-            journal_url(run__id__exact=obj.pk),
-            obj.pk,
-            number(obj.rows_updated),
-        )
+    updated = templated("updated", "run_updated", ordering="rows_updated")
 
     # -- the run -------------------------------------------------------------------------
 
     status_shown = shown("status", "get_status_display")
-    error_shown = shown("error", "error")
+    error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
-    reverted = shown("reverted at", "reverted_at", clock)
-    revert_started = shown("revert started at", "revert_started_at", clock)
-    revert_finished = shown("revert ended at", "revert_finished_at", clock)
-    revert_error_shown = shown("why the revert did not finish", "revert_error")
+    reverted = shown("reverted at", "reverted_at", clock, optional=True)
+    revert_started = shown("revert started at", "revert_started_at", clock, optional=True)
+    revert_finished = shown("revert ended at", "revert_finished_at", clock, optional=True)
+    revert_error_shown = shown("why the revert did not finish", "revert_error", optional=True)
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -233,14 +152,8 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     def rows_restored_shown(self, obj: BackfillRun) -> str:
         return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
 
-    @admin.display(description="continues")
-    def continues_link(self, obj: BackfillRun) -> str:
-        return run_link(obj.continues) if obj.continues_id else DASH
-
-    @admin.display(description="continued by")
-    def continued_by_links(self, obj: BackfillRun) -> str:
-        runs = obj.continued_by.order_by("id")
-        return format_html_join(", ", "{}", ((run_link(run),) for run in runs)) or DASH
+    continues_link = templated("continues", "run_continues")
+    continued_by_links = templated("continued by", "run_continued_by")
 
     # -- who and what --------------------------------------------------------------------
 
@@ -267,12 +180,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         )
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
-    @admin.display(description="candidates now")
-    def candidates_link(self, obj: BackfillRun) -> str:
-        return format_html(
-            '<a href="{}">rows still eligible for this cutoff and workspace</a>',
-            candidates_url(cutoff=cutoff_param(obj.cutoff), workspace=obj.workspace_id or ""),
-        )
+    candidates_link = templated("candidates now", "run_candidates")
 
     # -- plan and result -----------------------------------------------------------------
 
@@ -294,10 +202,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"{number(obj.plan_rows)} ({number(obj.rows_planned)} still candidates at the execute)"
         )
 
-    @admin.display(description="journal")
-    def journal_link(self, obj: BackfillRun) -> str:
-        url = journal_url(run__id__exact=obj.pk)
-        return format_html('<a href="{}">{} entries</a>', url, number(obj.rows_updated))
+    journal_link = templated("journal", "run_journal")
 
     @admin.display(description="batches (database clock)")
     def batches(self, obj: BackfillRun) -> str:
@@ -331,10 +236,14 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     # -- rollup --------------------------------------------------------------------------
 
     rollup_state_shown = shown("state", "get_rollup_state_display")
-    rollup_path_shown = shown("path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path))
-    rollup_function_shown = shown("rollup function recognised", "rollup_function")
-    rollup_fingerprint_shown = shown("its definition's fingerprint", "rollup_fingerprint")
-    rollup_path_reason_shown = shown("why this path", "rollup_path_reason")
+    rollup_path_shown = shown(
+        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
+    )
+    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
+    rollup_fingerprint_shown = shown(
+        "its definition's fingerprint", "rollup_fingerprint", optional=True
+    )
+    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
     rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
     rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
     rollup_time = shown("time", "rollup_seconds", seconds)

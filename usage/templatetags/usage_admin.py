@@ -1,0 +1,14 @@
+"""The admin's value formats (``usage.admin.formats``) and a cutoff as the command spells it,
+as template filters."""
+
+from __future__ import annotations
+
+from django import template
+
+from usage.admin import formats
+from usage.admin.candidate_page import cutoff_param
+
+register = template.Library()
+for name in ("clock", "number"):
+    register.filter(name, getattr(formats, name))
+register.filter("cutoff_param", cutoff_param)
