@@ -190,6 +190,9 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
     assert "<code>--batch-size</code>" in html and "<code>--plan</code>" in html
     assert "--plan not given" in text and "--no-rebuild-rollup not given" in text
     assert '"None"' not in html and "{&quot;" not in html
+    # "not given" is greyed by the stylesheet's class, written as a real attribute.
+    assert '<code>--plan</code></th><td class="quiet">not given</td>' in html
+    assert "&quot;quiet&quot;" not in html
 
     # The stamp: kind, base and the watermark it was read from, and why.
     assert f"Stamp: {STAMP_KINDS[BackfillRun.Stamp.BELOW_WATERMARK]}" in text

@@ -172,9 +172,9 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             return DASH
         rows = format_html_join(
             "",
-            '<tr><th scope="row"><code>{}</code></th><td{}>{}</td></tr>',
+            '<tr><th scope="row"><code>{}</code></th><td class="{}">{}</td></tr>',
             (
-                (option, ' class="quiet"' if value == NOT_GIVEN else "", value)
+                (option, "quiet" if value == NOT_GIVEN else "", value)
                 for option, value in argument_rows(obj.arguments)
             ),
         )
