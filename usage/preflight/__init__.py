@@ -1,9 +1,6 @@
 """Pre-flight: is this database ready for the repair, checked read-only before a run.
 
-``checks`` holds the checks (``CHECKS``), each returning a ``CheckResult`` that says what
-was found and, when it is not fine, what to do; ``run`` runs them all read-only
-(``run_preflight``) on Django's connection or the pre-flight's own (``connect_target``).
-The ``preflight_codex_usage_backfill`` command and ``pytest -m preflight`` use both.
+Used by the ``preflight_codex_usage_backfill`` command and ``pytest -m preflight``.
 """
 
 from __future__ import annotations
