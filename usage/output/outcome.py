@@ -12,7 +12,7 @@ from django.core.management.color import Style
 
 from usage.events import json_default
 from usage.models import BackfillRun
-from usage.output.lines import labelled, wrap
+from usage.output.lines import labelled, paragraphs, wrap
 from usage.render import number
 from usage.repair.verify import describe as describe_mismatch
 
@@ -40,10 +40,6 @@ def moment(value: Any) -> str:
 
 def listed(values: Iterable[Any]) -> str:
     return ", ".join(map(str, values))
-
-
-def paragraphs(texts: Iterable[str], width: int | None) -> list[str]:
-    return [line for text in texts for line in wrap(text, width)]
 
 
 def scope_arguments(document: dict[str, Any]) -> str:
