@@ -245,10 +245,9 @@ def result_table(
 ) -> str:
     """The result document as the readable text; ``width``: the terminal's (None: any).
 
-    ``groups``: show the table of workspace/day groups (a dry run's, or a run's written to a
-    file); an execute on a terminal shows its outcome instead (``usage.output.outcome``).
-    ``plan_out``: the dry run also saved a plan (the line that says so follows).
-    ``plan_line``: the plan check's outcome. ``signal_name``: the signal that stopped the run.
+    ``groups``: show the workspace/day table (an execute on a terminal shows its outcome
+    instead); ``plan_out``: the dry run also saved a plan; ``plan_line``: the plan check's
+    outcome; ``signal_name``: the signal that stopped the run.
     """
     lines: list[str] = []
     totals = document.get("totals")
@@ -258,23 +257,16 @@ def result_table(
             lines.append(style.SUCCESS("No eligible Codex rows: nothing to do."))
         else:
             if groups:
-                lines.append(summary_table(document, width=width))
-                lines.append("")
+                lines += [summary_table(document, width=width), ""]
             what = "rows would change" if dry_run else "rows were candidates before the run"
             removed = "input tokens removed" if dry_run else "input tokens to remove then"
-            lines.extend(
-                wrap(
-                    f"{number(totals['rows'])} {what}; "
-                    f"{number(totals['input_tokens_removed'])} {removed} "
-                    f"({number(totals['input_before'])} -> "
-                    f"{number(totals['input_after'])}); "
-                    f"{number(totals['clamped_rows'])} clamped to 0; "
-                    f"{number(document['expected_rollup_keys'])} hourly rollup keys "
-                    "to rebuild.",
-                    width,
-                    hanging="",
-                )
+            n = {key: number(value) for key, value in totals.items()}
+            sentence = (
+                f"{n['rows']} {what}; {n['input_tokens_removed']} {removed} "
+                f"({n['input_before']} -> {n['input_after']}); {n['clamped_rows']} clamped to 0; "
+                f"{number(document['expected_rollup_keys'])} hourly rollup keys to rebuild."
             )
+            lines.extend(wrap(sentence, width, hanging=""))
     if dry_run and totals and totals["rows"]:
         lines.extend(outcome.dry_run_lines(document, style, width, plan_out=plan_out))
     if "run_id" in document:

@@ -14,21 +14,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from usage import cron, privileges, replication
-from usage.db import (
-    MISSING_OBJECTS_SQL,
-    QUEUE_CONSTRAINT,
-    REQUIRED_TARGET_TABLES,
-    REQUIRED_TOOL_TABLES,
-    ROLLUP_FUNCTION_SIGNATURE,
-)
-from usage.eligibility import (
-    CODEX_WITH_CACHED_INPUT,
-    NOT_REPAIRED,
-    SCOPE_WHERE,
-    compose,
-    eligible_params,
-)
+from usage import cron, db, eligibility, privileges, replication
+from usage.eligibility import compose, eligible_params
 from usage.events import json_default
 from usage.render import short_hash
 from usage.repair.rollup import choose_path
@@ -53,7 +40,7 @@ BEFORE_NORMALIZED_WARN_SHARE = 0.2
 FIX_LANDED_UPSTREAM = datetime.fromisoformat("2026-06-13T00:00:00+00:00")
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
-PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*REQUIRED_TARGET_TABLES, "issue")))
+PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
 
 _TIMESTAMPTZ = "timestamp with time zone"
 _KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
@@ -187,10 +174,10 @@ _AFTER_CUTOFF_TEST = """(
 _BEFORE_WINDOW_TEST = """(
         tu.updated_at >= %(window_start)s
         OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
-WRITTEN_AFTER_CUTOFF_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
+WRITTEN_AFTER_CUTOFF_WHERE = f"""{eligibility.CODEX_WITH_CACHED_INPUT}
     AND {_AFTER_CUTOFF_TEST}
-    AND {NOT_REPAIRED}
-    AND {SCOPE_WHERE}"""
+    AND {eligibility.NOT_REPAIRED}
+    AND {eligibility.SCOPE_WHERE}"""
 CUTOFF_NEIGHBOURHOOD_SQL = f"""
 WITH before_cutoff AS (
     SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
@@ -340,7 +327,7 @@ def check_primary(ctx: Context) -> CheckResult:
 @check("the application's tables")
 def check_tables(ctx: Context) -> CheckResult:
     tables = {"tables": list(PREFLIGHT_TARGET_TABLES), "schema": ctx.target_schema}
-    missing = ctx.column(MISSING_OBJECTS_SQL, tables)
+    missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
     if missing:
         return failed(f"missing in schema {ctx.target_schema!r}: {', '.join(missing)}", TARGET_FIX)
     return passed(f"{len(PREFLIGHT_TARGET_TABLES)} tables found in schema {ctx.target_schema!r}")
@@ -378,15 +365,15 @@ def check_columns(ctx: Context) -> CheckResult:
 
 @check("the hourly rollup function and signature")
 def check_rollup_function(ctx: Context) -> CheckResult:
-    signature = f"{ctx.target_schema}.{ROLLUP_FUNCTION_SIGNATURE}"
+    signature = f"{ctx.target_schema}.{db.ROLLUP_FUNCTION_SIGNATURE}"
     exists, returns, definer = ctx.one(ROLLUP_FUNCTION_DETAILS_SQL, {"signature": signature})
     fix = (
         "deploy the application migration that creates "
-        f"{ROLLUP_FUNCTION_SIGNATURE} returning bigint in schema {ctx.target_schema!r} "
+        f"{db.ROLLUP_FUNCTION_SIGNATURE} returning bigint in schema {ctx.target_schema!r} "
         "(the repair and the platform's cron both call it), or fix CODEX_TARGET_SCHEMA"
     )
     if not exists:
-        name = ROLLUP_FUNCTION_SIGNATURE.split("(")[0]
+        name = db.ROLLUP_FUNCTION_SIGNATURE.split("(")[0]
         others = ctx.column(
             ROLLUP_FUNCTION_OVERLOADS_SQL, {"schema": ctx.target_schema, "name": name}
         )
@@ -428,19 +415,19 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
     key = list(QUEUE_KEY_COLUMNS)
     fix = (
         "the repair queues hourly keys as the platform does (INSERT ... ON CONFLICT ON "
-        f"CONSTRAINT {QUEUE_CONSTRAINT}); deploy the application migration that gives "
+        f"CONSTRAINT {db.QUEUE_CONSTRAINT}); deploy the application migration that gives "
         f"task_usage_hourly_dirty that constraint: UNIQUE NULLS NOT DISTINCT ({', '.join(key)})"
     )
-    row = ctx.one(QUEUE_CONSTRAINT_SQL, {"table": table, "name": QUEUE_CONSTRAINT})
+    row = ctx.one(QUEUE_CONSTRAINT_SQL, {"table": table, "name": db.QUEUE_CONSTRAINT})
     if row is None:
-        return failed(f"task_usage_hourly_dirty has no constraint {QUEUE_CONSTRAINT}", fix)
+        return failed(f"task_usage_hourly_dirty has no constraint {db.QUEUE_CONSTRAINT}", fix)
     kind, nulls_not_distinct, columns = row
     if kind != "u" or not nulls_not_distinct or list(columns) != key:
         shape = (
             f"{'UNIQUE' if kind == 'u' else 'not UNIQUE'}"
             f"{' NULLS NOT DISTINCT' if nulls_not_distinct else ''} ({', '.join(columns)})"
         )
-        return failed(f"{QUEUE_CONSTRAINT} is {shape}", fix)
+        return failed(f"{db.QUEUE_CONSTRAINT} is {shape}", fix)
     params = {"table": table, "columns": [*key, "enqueued_at"]}
     extra = ctx.column(QUEUE_REQUIRED_COLUMNS_SQL, params)
     if extra:
@@ -450,7 +437,7 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
             f"this is not the queue the tool was written for: {WRONG_SCHEMA_FIX}",
         )
     return passed(
-        f"task_usage_hourly_dirty keys are unique NULLS NOT DISTINCT ({QUEUE_CONSTRAINT})"
+        f"task_usage_hourly_dirty keys are unique NULLS NOT DISTINCT ({db.QUEUE_CONSTRAINT})"
     )
 
 
@@ -541,8 +528,8 @@ def check_indexes(ctx: Context) -> CheckResult:
 @check("the tool's own schema is migrated")
 def check_tool_schema(ctx: Context) -> CheckResult:
     fix = MIGRATE_FIX.format(schema=ctx.tool_schema)
-    tables = {"tables": [*REQUIRED_TOOL_TABLES, "django_migrations"], "schema": ctx.tool_schema}
-    missing = ctx.column(MISSING_OBJECTS_SQL, tables)
+    tables = {"tables": [*db.REQUIRED_TOOL_TABLES, "django_migrations"], "schema": ctx.tool_schema}
+    missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
     if missing:
         return failed(
             f"schema {ctx.tool_schema!r} lacks {', '.join(missing)}: the tool is not migrated",
