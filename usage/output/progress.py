@@ -151,14 +151,12 @@ class ProgressBar:
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
         self.enabled = enabled
-        self.terminal = terminal and enabled
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
         # Off a terminal: the done count each phase's last line showed.
         self.shown: dict[str, int] = {}
-        self.live: _Lines | None = None
-        if self.terminal:
-            self.live = _Lines(self, Console(file=stream, force_terminal=True))
+        live = terminal and enabled
+        self.live = _Lines(self, Console(file=stream, force_terminal=True)) if live else None
 
     def phase(
         self,

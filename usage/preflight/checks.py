@@ -7,25 +7,20 @@ not fine, what to do. ``usage.preflight.run`` runs them in one read-only transac
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
-from typing import Any
 
-from usage import cron, db, eligibility, privileges, replication
+from usage import cron, db, privileges, replication
 from usage.eligibility import compose, eligible_params
 from usage.events import json_default
+from usage.preflight import catalog
+from usage.preflight.catalog import IndexNeed
+from usage.preflight.result import Check, CheckResult, Context, failed, passed, warned
 from usage.render import short_hash
-from usage.repair.rollup import choose_path
-from usage.repair.rollup.versions import DECLARE_SETTING, PathChoice
+from usage.repair.rollup.versions import DECLARE_SETTING
 from usage.repair.summary import CutoffError, ensure_cutoff_in_past
 
 MIN_SERVER_VERSION_NUM = 150000
-# Every statement is bounded: the pre-flight may run on a busy production primary.
-DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
-LOCK_TIMEOUT_SECONDS = 5.0
 # Candidate counts stop here; the dry run gives exact numbers.
 CANDIDATE_COUNT_CAP = 10_000
 # The cutoff heuristic samples rows last written this close to the cutoff, on each side.
@@ -39,162 +34,6 @@ BEFORE_NORMALIZED_WARN_SHARE = 0.2
 # The ingestion fix landed upstream on this date; no hosted deployment predates it.
 FIX_LANDED_UPSTREAM = datetime.fromisoformat("2026-06-13T00:00:00+00:00")
 
-# All tables the repair and the rollup function touch; the dirty queue is read by the latter.
-PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
-
-_TIMESTAMPTZ = "timestamp with time zone"
-_KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
-_TOKENS = "input_tokens output_tokens cache_read_tokens cache_write_tokens"
-# The queue's key, in the order of its unique constraint.
-QUEUE_KEY_COLUMNS = tuple(_KEY.split())
-# Table -> the columns the tool (or the rollup it calls) reads or writes; their types follow
-# from their names (``expected_type``).
-EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
-    table: tuple(columns.split())
-    for table, columns in {
-        "task_usage": f"id task_id provider model {_TOKENS} created_at updated_at cost_usd_ticks",
-        "agent_task_queue": "id agent_id runtime_id issue_id",
-        "agent": "id workspace_id",
-        "issue": "id project_id",
-        "task_usage_hourly": f"{_KEY} {_TOKENS} cost_usd_ticks task_count event_count",
-        "task_usage_hourly_dirty": f"{_KEY} enqueued_at",
-        "task_usage_hourly_rollup_state": "id watermark_at last_run_started_at",
-    }.items()
-}
-# Types that behave the same for the tool's queries.
-_EQUIVALENT_TYPES = {"text": ("text", "character varying")}
-
-
-def expected_type(table: str, column: str) -> str:
-    if table == "task_usage_hourly_rollup_state" and column == "id":
-        return "smallint"
-    if column == "id" or column.endswith("_id"):
-        return "uuid"
-    if column == "bucket_hour" or column.endswith("_at"):
-        return _TIMESTAMPTZ
-    return "text" if column in ("provider", "model") else "bigint"
-
-
-@dataclass(frozen=True)
-class IndexNeed:
-    """An index the tool relies on, judged by its leading key column."""
-
-    table: str
-    column: str
-    unique: bool
-    why: str
-
-
-REQUIRED_INDEXES = (
-    IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
-    IndexNeed("task_usage", "task_id", False, "the rollup probes usage rows per task"),
-    IndexNeed("task_usage", "created_at", False, "legacy rows are found by created_at"),
-    IndexNeed("task_usage", "updated_at", False, "the rollup window selects by updated_at"),
-    IndexNeed("agent_task_queue", "id", True, "usage rows join their task"),
-    IndexNeed("agent", "id", True, "tasks join their agent"),
-    IndexNeed("issue", "id", True, "tasks join their issue for the project"),
-)
-
-READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
-# Transaction-local (third argument true): they end with the pre-flight's transaction.
-TIMEOUTS_SQL = """
-SELECT set_config('statement_timeout', %(statement_timeout)s, true),
-       set_config('lock_timeout', %(lock_timeout)s, true)"""
-
-# The queue's unique constraint the tool's upserts name, and its shape.
-QUEUE_CONSTRAINT_SQL = """
-SELECT c.contype, i.indnullsnotdistinct,
-       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             ORDER BY k.n)
-FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
-WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
-# Columns of the queue an insert of the key and enqueued_at alone would leave NULL.
-QUEUE_REQUIRED_COLUMNS_SQL = """
-SELECT a.attname FROM pg_attribute a
-WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-  AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
-  AND a.attname <> ALL(%(columns)s::text[])"""
-PENDING_ROLLUPS_SQL = """
-SELECT id FROM {run}
-WHERE rollup_state = 'pending' AND status NOT IN ('running', 'reverted')
-ORDER BY id"""
-CRON_STATE_SQL = """
-SELECT s.watermark_at, s.last_run_started_at, s.last_error, now(),
-       to_regprocedure(%(cron)s) IS NOT NULL
-FROM (SELECT 1) one LEFT JOIN {task_usage_hourly_rollup_state} s ON s.id = 1"""
-SERVER_VERSION_SQL = (
-    "SELECT current_setting('server_version_num')::int, current_setting('server_version')"
-)
-PRIMARY_SQL = "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
-COLUMNS_SQL = """
-SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute a
-JOIN pg_class c ON c.oid = a.attrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
-  AND a.attnum > 0 AND NOT a.attisdropped"""
-ROLLUP_FUNCTION_DETAILS_SQL = """
-SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
-FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
-LEFT JOIN pg_proc p ON p.oid = f.oid"""
-ROLLUP_FUNCTION_OVERLOADS_SQL = """
-SELECT p.oid::regprocedure::text
-FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = %(schema)s AND p.proname = %(name)s
-ORDER BY 1"""
-# One row per index of the listed tables: its leading key column and whether it is usable.
-INDEXES_SQL = """
-SELECT t.relname, ic.relname, a.attname,
-       i.indisunique, i.indnkeyatts, i.indisvalid AND i.indisready, i.indpred IS NOT NULL,
-       am.amname
-FROM pg_index i
-JOIN pg_class t ON t.oid = i.indrelid
-JOIN pg_namespace n ON n.oid = t.relnamespace
-JOIN pg_class ic ON ic.oid = i.indexrelid
-JOIN pg_am am ON am.oid = ic.relam
-LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
-WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
-APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
-DATABASE_NOW_SQL = "SELECT now()"
-WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
-COUNT_CANDIDATES_SQL = """
-SELECT count(*) FROM (
-    SELECT 1 FROM {eligible_from} WHERE {eligible_where} LIMIT %(cap)s
-) capped"""
-JOURNALED_SQL = "SELECT EXISTS (SELECT 1 FROM {journal} WHERE reverted_at IS NULL)"
-
-# The eligibility definition with its cutoff comparison turned around, from the same named
-# parts: Codex rows with cached input, last written in [cutoff, window end), not repaired by
-# this tool. Written so that the updated_at index and the legacy created_at index serve it.
-_AFTER_CUTOFF_TEST = """(
-        (tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
-        OR (tu.updated_at IS NULL
-            AND tu.created_at >= %(cutoff)s AND tu.created_at < %(window_end)s))"""
-_BEFORE_WINDOW_TEST = """(
-        tu.updated_at >= %(window_start)s
-        OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
-WRITTEN_AFTER_CUTOFF_WHERE = f"""{eligibility.CODEX_WITH_CACHED_INPUT}
-    AND {_AFTER_CUTOFF_TEST}
-    AND {eligibility.NOT_REPAIRED}
-    AND {eligibility.SCOPE_WHERE}"""
-CUTOFF_NEIGHBOURHOOD_SQL = f"""
-WITH before_cutoff AS (
-    SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
-    FROM {{eligible_from}}
-    WHERE {{eligible_where}} AND {_BEFORE_WINDOW_TEST}
-    LIMIT %(sample)s
-), after_cutoff AS (
-    SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
-    FROM {{eligible_from}}
-    WHERE {WRITTEN_AFTER_CUTOFF_WHERE}
-    LIMIT %(sample)s
-)
-SELECT (SELECT count(*) FROM before_cutoff),
-       (SELECT count(*) FROM before_cutoff WHERE looks_unnormalized),
-       (SELECT count(*) FROM after_cutoff),
-       (SELECT count(*) FROM after_cutoff WHERE looks_unnormalized)"""
-
 MIGRATE_FIX = (
     "run `python manage.py migrate` against this database (same DATABASE_URL; unset for the "
     "sandbox): it creates only the tool's schema {schema!r}"
@@ -204,78 +43,6 @@ TARGET_FIX = (
     "schema that holds its tables"
 )
 WRONG_SCHEMA_FIX = "check DATABASE_URL and CODEX_TARGET_SCHEMA"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One line of the checklist: what was found and, unless fine, what to do."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    warning: bool = False
-    skipped: bool = False
-    seconds: float = 0.0
-
-    @property
-    def status(self) -> str:
-        """``ok``, ``warn`` (passes, but read the fix), ``fail``, or ``skip`` (not checked)."""
-        if self.skipped:
-            return "skip"
-        if not self.ok:
-            return "fail"
-        return "warn" if self.warning else "ok"
-
-
-@dataclass(frozen=True)
-class Context:
-    """What every check may use: a cursor inside the read-only transaction and the options."""
-
-    cursor: Any
-    cutoff: datetime
-    workspace_id: uuid.UUID | None
-    target_schema: str
-    tool_schema: str
-
-    def one(self, query: str, params: Any = None) -> Any:
-        self.cursor.execute(query, params)
-        return self.cursor.fetchone()
-
-    def all(self, query: str, params: Any = None) -> list[Any]:
-        self.cursor.execute(query, params)
-        return self.cursor.fetchall()
-
-    def column(self, query: str, params: Any = None) -> list[Any]:
-        """The first value of every row."""
-        return [row[0] for row in self.all(query, params)]
-
-    @cached_property
-    def path(self) -> PathChoice:
-        """The rollup's path and the definition it recognised, read once for the checks."""
-        return choose_path(cursor=self.cursor)
-
-
-@dataclass(frozen=True)
-class Check:
-    """A named check; ``requires`` names checks that must pass before this one can run."""
-
-    name: str
-    title: str
-    run: Callable[[Context], CheckResult]
-    requires: tuple[str, ...] = ()
-
-
-def passed(detail: str) -> CheckResult:
-    return CheckResult("", True, detail)
-
-
-def failed(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", False, detail, fix)
-
-
-def warned(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", True, detail, fix, warning=True)
 
 
 _REGISTERED: list[Check] = []
@@ -297,7 +64,7 @@ def check(title: str, requires: str = "") -> Callable[[Callable], Callable]:
 
 @check("PostgreSQL 15 or newer")
 def check_server_version(ctx: Context) -> CheckResult:
-    number, text = ctx.one(SERVER_VERSION_SQL)
+    number, text = ctx.one(catalog.SERVER_VERSION_SQL)
     if number >= MIN_SERVER_VERSION_NUM:
         return passed(f"PostgreSQL {text}")
     return failed(
@@ -309,7 +76,7 @@ def check_server_version(ctx: Context) -> CheckResult:
 
 @check("a writable primary, not a standby")
 def check_primary(ctx: Context) -> CheckResult:
-    in_recovery, default_read_only = ctx.one(PRIMARY_SQL)
+    in_recovery, default_read_only = ctx.one(catalog.PRIMARY_SQL)
     if in_recovery:
         return failed(
             "the server is a standby (in recovery): the repair cannot write here",
@@ -326,31 +93,29 @@ def check_primary(ctx: Context) -> CheckResult:
 
 @check("the application's tables")
 def check_tables(ctx: Context) -> CheckResult:
-    tables = {"tables": list(PREFLIGHT_TARGET_TABLES), "schema": ctx.target_schema}
+    tables = {"tables": list(catalog.PREFLIGHT_TARGET_TABLES), "schema": ctx.target_schema}
     missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
     if missing:
         return failed(f"missing in schema {ctx.target_schema!r}: {', '.join(missing)}", TARGET_FIX)
-    return passed(f"{len(PREFLIGHT_TARGET_TABLES)} tables found in schema {ctx.target_schema!r}")
-
-
-def _type_matches(actual: str, expected: str) -> bool:
-    return any(
-        actual == name or actual.startswith(name + "(")
-        for name in _EQUIVALENT_TYPES.get(expected, (expected,))
+    return passed(
+        f"{len(catalog.PREFLIGHT_TARGET_TABLES)} tables found in schema {ctx.target_schema!r}"
     )
 
 
 @check("the columns and types the tool uses", requires="tables")
 def check_columns(ctx: Context) -> CheckResult:
-    rows = ctx.all(COLUMNS_SQL, {"schema": ctx.target_schema, "tables": list(EXPECTED_COLUMNS)})
+    rows = ctx.all(
+        catalog.COLUMNS_SQL,
+        {"schema": ctx.target_schema, "tables": list(catalog.EXPECTED_COLUMNS)},
+    )
     found = {(table, column): column_type for table, column, column_type in rows}
     problems = []
-    for table, columns in EXPECTED_COLUMNS.items():
+    for table, columns in catalog.EXPECTED_COLUMNS.items():
         for column in columns:
-            actual, expected = found.get((table, column)), expected_type(table, column)
+            actual, expected = found.get((table, column)), catalog.expected_type(table, column)
             if actual is None:
                 problems.append(f"{table}.{column} is missing")
-            elif not _type_matches(actual, expected):
+            elif not catalog.type_matches(actual, expected):
                 problems.append(f"{table}.{column} is {actual}, expected {expected}")
     if problems:
         return failed(
@@ -359,14 +124,16 @@ def check_columns(ctx: Context) -> CheckResult:
             "application renamed or retyped these columns, the tool must be updated before it "
             "runs",
         )
-    count = sum(len(columns) for columns in EXPECTED_COLUMNS.values())
+    count = sum(len(columns) for columns in catalog.EXPECTED_COLUMNS.values())
     return passed(f"{count} columns with the expected types")
 
 
 @check("the hourly rollup function and signature")
 def check_rollup_function(ctx: Context) -> CheckResult:
     signature = f"{ctx.target_schema}.{db.ROLLUP_FUNCTION_SIGNATURE}"
-    exists, returns, definer = ctx.one(ROLLUP_FUNCTION_DETAILS_SQL, {"signature": signature})
+    exists, returns, definer = ctx.one(
+        catalog.ROLLUP_FUNCTION_DETAILS_SQL, {"signature": signature}
+    )
     fix = (
         "deploy the application migration that creates "
         f"{db.ROLLUP_FUNCTION_SIGNATURE} returning bigint in schema {ctx.target_schema!r} "
@@ -375,7 +142,7 @@ def check_rollup_function(ctx: Context) -> CheckResult:
     if not exists:
         name = db.ROLLUP_FUNCTION_SIGNATURE.split("(")[0]
         others = ctx.column(
-            ROLLUP_FUNCTION_OVERLOADS_SQL, {"schema": ctx.target_schema, "name": name}
+            catalog.ROLLUP_FUNCTION_OVERLOADS_SQL, {"schema": ctx.target_schema, "name": name}
         )
         found = f"; found only {', '.join(others)}" if others else ""
         return failed(f"{signature} not found{found}", fix)
@@ -412,13 +179,13 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 def check_rollup_queue(ctx: Context) -> CheckResult:
     """The queue's key is unique NULLS NOT DISTINCT under the name the upserts use."""
     table = compose("{task_usage_hourly_dirty}")
-    key = list(QUEUE_KEY_COLUMNS)
+    key = list(catalog.QUEUE_KEY_COLUMNS)
     fix = (
         "the repair queues hourly keys as the platform does (INSERT ... ON CONFLICT ON "
         f"CONSTRAINT {db.QUEUE_CONSTRAINT}); deploy the application migration that gives "
         f"task_usage_hourly_dirty that constraint: UNIQUE NULLS NOT DISTINCT ({', '.join(key)})"
     )
-    row = ctx.one(QUEUE_CONSTRAINT_SQL, {"table": table, "name": db.QUEUE_CONSTRAINT})
+    row = ctx.one(catalog.QUEUE_CONSTRAINT_SQL, {"table": table, "name": db.QUEUE_CONSTRAINT})
     if row is None:
         return failed(f"task_usage_hourly_dirty has no constraint {db.QUEUE_CONSTRAINT}", fix)
     kind, nulls_not_distinct, columns = row
@@ -429,7 +196,7 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
         )
         return failed(f"{db.QUEUE_CONSTRAINT} is {shape}", fix)
     params = {"table": table, "columns": [*key, "enqueued_at"]}
-    extra = ctx.column(QUEUE_REQUIRED_COLUMNS_SQL, params)
+    extra = ctx.column(catalog.QUEUE_REQUIRED_COLUMNS_SQL, params)
     if extra:
         return failed(
             f"task_usage_hourly_dirty has NOT NULL column(s) without a default: "
@@ -445,7 +212,8 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
 def check_rollup_cron(ctx: Context) -> CheckResult:
     """Where the platform's cron tick stands: how the repair will stamp its rows."""
     watermark, last_started, last_error, now, has_cron = ctx.one(
-        compose(CRON_STATE_SQL), {"cron": f"{ctx.target_schema}.rollup_task_usage_hourly()"}
+        compose(catalog.CRON_STATE_SQL),
+        {"cron": f"{ctx.target_schema}.rollup_task_usage_hourly()"},
     )
     if watermark is None:
         return failed(
@@ -495,10 +263,10 @@ def _usable(
 
 @check("the indexes the tool relies on", requires="tables")
 def check_indexes(ctx: Context) -> CheckResult:
-    tables = sorted({need.table for need in REQUIRED_INDEXES})
-    rows = ctx.all(INDEXES_SQL, {"schema": ctx.target_schema, "tables": tables})
+    tables = sorted({need.table for need in catalog.REQUIRED_INDEXES})
+    rows = ctx.all(catalog.INDEXES_SQL, {"schema": ctx.target_schema, "tables": tables})
     problems, fixes = [], []
-    for need in REQUIRED_INDEXES:
+    for need in catalog.REQUIRED_INDEXES:
         leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
         if any(_usable(need, *row[3:]) for row in leading):
             continue
@@ -519,8 +287,8 @@ def check_indexes(ctx: Context) -> CheckResult:
             "writers): " + " ".join(fixes),
         )
     return passed(
-        f"{len(REQUIRED_INDEXES)} indexes found by leading column: "
-        + ", ".join(f"{n.table}({n.column})" for n in REQUIRED_INDEXES[:4])
+        f"{len(catalog.REQUIRED_INDEXES)} indexes found by leading column: "
+        + ", ".join(f"{n.table}({n.column})" for n in catalog.REQUIRED_INDEXES[:4])
         + " and the joined tables' primary keys"
     )
 
@@ -535,7 +303,7 @@ def check_tool_schema(ctx: Context) -> CheckResult:
             f"schema {ctx.tool_schema!r} lacks {', '.join(missing)}: the tool is not migrated",
             fix,
         )
-    applied = {tuple(row) for row in ctx.all(compose(APPLIED_MIGRATIONS_SQL))}
+    applied = {tuple(row) for row in ctx.all(compose(catalog.APPLIED_MIGRATIONS_SQL))}
     pending = sorted(f"{app}.{name}" for app, name in expected_migrations() - applied)
     if pending:
         more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
@@ -568,7 +336,7 @@ def check_privileges(ctx: Context) -> CheckResult:
 
 @check("the cutoff is in the database's past")
 def check_cutoff(ctx: Context) -> CheckResult:
-    (database_now,) = ctx.one(DATABASE_NOW_SQL)
+    (database_now,) = ctx.one(catalog.DATABASE_NOW_SQL)
     try:
         ensure_cutoff_in_past(ctx.cutoff, database_now)
     except CutoffError as exc:
@@ -593,20 +361,20 @@ def _describe_age(age: timedelta) -> str:
 @check("eligible rows exist before the cutoff", requires="tables columns tool_schema")
 def check_candidates(ctx: Context) -> CheckResult:
     if ctx.workspace_id is not None:
-        (known,) = ctx.one(compose(WORKSPACE_HAS_AGENTS_SQL), [str(ctx.workspace_id)])
+        (known,) = ctx.one(compose(catalog.WORKSPACE_HAS_AGENTS_SQL), [str(ctx.workspace_id)])
         if not known:
             return failed(
                 f"no agent belongs to workspace {ctx.workspace_id}",
                 "check --workspace-id (a workspace id, not an agent or task id)",
             )
     params = {**eligible_params(ctx.cutoff, ctx.workspace_id), "cap": CANDIDATE_COUNT_CAP}
-    (count,) = ctx.one(compose(COUNT_CANDIDATES_SQL), params)
+    (count,) = ctx.one(compose(catalog.COUNT_CANDIDATES_SQL), params)
     if count:
         shown = f"at least {count:,}" if count >= CANDIDATE_COUNT_CAP else f"{count:,}"
         return passed(
             f"{shown} eligible Codex rows before the cutoff (the dry run gives the exact figures)"
         )
-    if ctx.one(compose(JOURNALED_SQL))[0]:
+    if ctx.one(compose(catalog.JOURNALED_SQL))[0]:
         return passed("no eligible rows left: earlier runs repaired them (see the journal)")
     return failed(
         "no eligible Codex rows before the cutoff and nothing repaired yet",
@@ -638,7 +406,7 @@ def check_after_cutoff(ctx: Context) -> CheckResult:
         "sample": SAMPLE_ROWS,
     }
     before, before_unfixed, after, after_unfixed = ctx.one(
-        compose(CUTOFF_NEIGHBOURHOOD_SQL), params
+        compose(catalog.CUTOFF_NEIGHBOURHOOD_SQL), params
     )
     detail = (
         f"Codex rows with cached input, last written within {NEIGHBOURHOOD.days} days of the "
@@ -667,7 +435,7 @@ def check_after_cutoff(ctx: Context) -> CheckResult:
 @check("no earlier run left its rollup unfinished", requires="tool_schema")
 def check_pending_rollups(ctx: Context) -> CheckResult:
     """Runs whose rollup did not finish: their rows are below the cron's watermark."""
-    pending = ctx.column(compose(PENDING_ROLLUPS_SQL))
+    pending = ctx.column(compose(catalog.PENDING_ROLLUPS_SQL))
     if not pending:
         return passed("no run has its rollup pending")
     return warned(

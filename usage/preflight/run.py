@@ -18,19 +18,15 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from usage.db import SQLSTATE_QUERY_CANCELED, error_text, sqlstate
-from usage.preflight.checks import (
-    CHECKS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    LOCK_TIMEOUT_SECONDS,
-    READ_ONLY_SQL,
-    TIMEOUTS_SQL,
-    Check,
-    CheckResult,
-    Context,
-    failed,
-)
+from usage.preflight.catalog import READ_ONLY_SQL, TIMEOUTS_SQL
+from usage.preflight.checks import CHECKS
+from usage.preflight.result import Check, CheckResult, Context, failed
 
 logger = logging.getLogger("usage.preflight")
+
+# Every statement is bounded: the pre-flight may run on a busy production primary.
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
+LOCK_TIMEOUT_SECONDS = 5.0
 
 
 class _LoggingCursor:
