@@ -1,24 +1,8 @@
 """The platform's own rollup: its cron tick's state, and what the repair does about it.
 
-The platform's scheduler runs ``rollup_task_usage_hourly()`` every few minutes. The tick takes
-lock 4246 with a *try*-lock (it silently skips when the lock is taken), rolls up the window
-``[watermark, least(now() - 5 minutes, watermark + 1 day))`` and advances the watermark; its
-progress is the single row of ``task_usage_hourly_rollup_state``. Two consequences for the
-repair, both handled here:
-
-* **Stamping.** A row the repair rewrites with ``updated_at = now()`` lands in a future tick's
-  window, and that tick re-rolls every such key in one long hold of lock 4246, although the
-  repair already rebuilt them. When the watermark is after the cutoff, the repair stamps its
-  rows with a time just below the watermark instead: no tick ever covers it again, and it is
-  still after the cutoff, so the eligibility rule ``coalesce(updated_at, created_at) < cutoff``
-  never matches the row again. The journal keeps the true time of the repair. When the
-  watermark is not after the cutoff (the tick never ran, or stopped before the fix was
-  deployed), no such time exists: rows are stamped with the repair's time and the command says
-  that the platform's rollup will re-roll their keys once its watermark passes them.
-* **Ticks.** The repair's rollup slices take lock 4246 back to back. Between slices it leaves
-  the lock free, and when the state shows a tick is due (or one was skipped), it leaves the
-  lock free until that tick has run, for a bounded time, so the platform never skips two
-  ticks in a row because of the repair.
+``choose_stamp`` decides how the repair stamps ``updated_at``: just below the tick's watermark
+when there is room after the cutoff (no tick re-rolls the rows), else the repair's own time.
+``TickWatcher`` leaves lock 4246 free around a due tick while the repair's rollup runs.
 """
 
 from __future__ import annotations
@@ -27,7 +11,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.db import connection
@@ -73,10 +57,9 @@ def read_state() -> CronState:
     return CronState(*row)
 
 
-# Where the watermark leaves less than a microsecond per hourly key between the cutoff and
-# itself, keys share stamps, at most this many a stamp: a slice of the function path takes
-# whole stamps, so more keys a stamp could not fit a short lock budget (and the own path's
-# proof would grow with it). Past that, the rows get the repair's time instead.
+# Keys share a stamp, at most this many, where the watermark leaves less than a microsecond
+# a key after the cutoff (a function-path slice takes whole stamps); past that, the rows get
+# the repair's time.
 MAX_KEYS_PER_STAMP = 64
 MICROSECOND = timedelta(microseconds=1)
 
@@ -85,11 +68,8 @@ MICROSECOND = timedelta(microseconds=1)
 class StampPolicy:
     """How the repair stamps ``updated_at``, decided once per run from the cron's watermark.
 
-    The key of rank r (of ``keys``, in the run's key order) gets ``top - (r - 1) x slots /
-    keys`` microseconds (integer division): the rows of one key share a stamp, a range of
-    keys is a range of time, and every stamp lies in ``[first, top]``, strictly after the
-    cutoff and, below the watermark, strictly before it. With fewer ``slots`` than keys,
-    neighbouring keys share a stamp.
+    The key of rank r (of ``keys``) gets ``top - (r - 1) x slots / keys`` microseconds: every
+    stamp lies in ``[first, top]``, after the cutoff and, below the watermark, before it.
     """
 
     stamp: str  # a BackfillRun.Stamp value
@@ -113,47 +93,43 @@ class StampPolicy:
         return {"stamp_top": self.top, "stamp_slots": self.slots, "stamp_keys": max(self.keys, 1)}
 
 
-def _microseconds(later: datetime, earlier: datetime) -> int:
-    return (later - earlier) // MICROSECOND
-
-
-def _spanned(policy_top: datetime, slots: int, keys: int | None) -> str:
-    span = _span(policy_top, slots, keys)
-    return f": {span}" if span else ""
-
-
-def _span(policy_top: datetime, slots: int, keys: int | None) -> str:
-    if keys is None:  # the pre-flight: the keys are not counted yet, nor the stamps
-        return ""
-    first = policy_top - (slots - 1) * MICROSECOND
+def _policy(
+    stamp: str, state: CronState, top: datetime, room: int, keys: int | None, reason: str
+) -> StampPolicy:
+    """Up to ``room`` stamps ending at ``top``; once the keys are counted (not in the
+    pre-flight), the reason names the stamps."""
+    slots = room if keys is None else min(room, max(keys, 1))
+    policy = StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason)
+    if keys is None:
+        return policy
     shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
-    return (
-        f"stamps from {_clock(first, microseconds=True)} to "
-        f"{_clock(policy_top, microseconds=True)}{shared}"
+    return replace(
+        policy,
+        reason=f"{reason}: stamps from {_clock(policy.first, microseconds=True)} to "
+        f"{_clock(top, microseconds=True)}{shared}",
     )
 
 
 def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
     """Below the watermark when there is room after the cutoff; the repair's own time else.
 
-    ``keys`` is the number of hourly keys the run stamps (one stamp each where there is room);
-    None (the pre-flight) describes the room there is.
+    ``keys`` is the number of hourly keys the run stamps; None (the pre-flight) describes the
+    room there is.
     """
     watermark = state.watermark_at
     if watermark is not None and watermark > cutoff:
         top = min(watermark, state.now) - MICROSECOND
-        room = _microseconds(top, cutoff)  # stamps strictly after the cutoff, up to top
+        room = (top - cutoff) // MICROSECOND  # stamps strictly after the cutoff, up to top
         if room >= 1 and (keys is None or room * MAX_KEYS_PER_STAMP >= keys):
-            slots = room if keys is None else min(room, max(keys, 1))
-            return StampPolicy(
+            return _policy(
                 BackfillRun.Stamp.BELOW_WATERMARK,
-                watermark,
+                state,
                 top,
-                slots,
-                keys or 0,
+                room,
+                keys,
                 f"repaired rows are stamped just below the platform rollup's watermark "
                 f"({_clock(watermark, microseconds=True)}), so its cron tick never re-rolls "
-                f"them{_spanned(top, slots, keys)}",
+                "them",
             )
         why = (
             f"the platform rollup's watermark ({_clock(watermark, microseconds=True)}) is only "
@@ -180,17 +156,8 @@ def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampP
 
 def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str) -> StampPolicy:
     """Stamps just up to the run's start (the cutoff is before it, ``ensure_cutoff_in_past``)."""
-    top = state.now
-    room = max(1, _microseconds(top, cutoff))
-    slots = room if keys is None else min(room, max(keys, 1))
-    return StampPolicy(
-        BackfillRun.Stamp.REPAIR_TIME,
-        state.watermark_at,
-        top,
-        slots,
-        keys or 0,
-        f"{why}{_spanned(top, slots, keys)}",
-    )
+    room = max(1, (state.now - cutoff) // MICROSECOND)
+    return _policy(BackfillRun.Stamp.REPAIR_TIME, state, state.now, room, keys, why)
 
 
 def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPolicy:
@@ -208,11 +175,9 @@ def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPo
 class TickWatcher:
     """Keeps lock 4246 free around the platform's cron ticks while the rollup runs.
 
-    A tick is expected every ``interval`` seconds after the last one started. From ``lead``
-    seconds before that moment (the longest a slice may hold the lock, so the lock is free
-    when the tick asks) until the tick has started, or until ``grace`` seconds past the
-    expected moment, the caller does not take the lock. A scheduler whose last tick is older
-    than ``STALE_AFTER_INTERVALS`` intervals is taken for stopped and not waited for.
+    A tick is expected every ``interval`` seconds after the last one started; from ``lead``
+    seconds before it (a slice's longest hold) until it started, or ``grace`` seconds past
+    it, the caller does not take the lock. A scheduler that looks stopped is not waited for.
     """
 
     interval: float

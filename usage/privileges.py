@@ -1,14 +1,8 @@
-"""The privileges a run needs, checked before its first write.
+"""The privileges a run needs, checked before its first write (and listed by the pre-flight).
 
-A role that may rewrite ``task_usage`` but not call the rollup function (or write the tool's
-journal, or queue a key) would repair the rows and then fail to rebuild their hourly keys:
-the rows carry stamps below the cron's watermark, so no tick would ever fix those keys. So
-the execute and the revert check, before they write anything, every privilege they will need
-to finish, and refuse in one line that names what is missing and the ``GRANT`` that gives it.
-The pre-flight lists the same requirements (``usage.preflight.checks``).
-
-Privileges are read with ``has_*_privilege`` for the role actually connected, so grants
-through role membership count.
+A run that could rewrite rows but not rebuild their hourly keys would leave them wrong for
+good, so the execute and the revert refuse first, naming what is missing and the ``GRANT``.
+Privileges are read with ``has_*_privilege`` for the role actually connected.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ from usage.db import REQUIRED_TOOL_TABLES, ROLLUP_FUNCTION_SIGNATURE, TargetErro
 from usage.eligibility import compose
 
 # The tool's own tables: the run record and the journal are read, written and updated.
-TOOL_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
+TOOL_TABLE_PRIVILEGES = "SELECT INSERT UPDATE"
 
 # Each requirement (kind, qualified object, privilege), evaluated for the current role.
 PRIVILEGES_SQL = """
@@ -38,6 +32,10 @@ SELECT r.kind, r.obj, r.priv,
        current_user,
        current_database()
 FROM unnest(%(kinds)s::text[], %(objs)s::text[], %(privs)s::text[]) AS r(kind, obj, priv)"""
+
+RUNS_AS_OWNER_SQL = (
+    "SELECT coalesce((SELECT prosecdef FROM pg_proc WHERE oid = to_regprocedure(%s)), false)"
+)
 
 
 @dataclass(frozen=True)
@@ -81,18 +79,23 @@ def _quote(identifier: str) -> str:
 
 
 def grant_statement(need: Need, role: str, database: str) -> str:
-    role_name = _quote(role)
+    privilege, target = need.privilege, need.obj
     if need.kind == "database":
-        return f"GRANT {need.privilege} ON DATABASE {_quote(database)} TO {role_name};"
-    if need.kind == "function":
-        return f"GRANT EXECUTE ON FUNCTION {need.obj} TO {role_name};"
-    if need.kind == "schema":
-        return f"GRANT {need.privilege} ON SCHEMA {_quote(need.obj)} TO {role_name};"
-    return f"GRANT {need.privilege} ON {need.obj} TO {role_name};"
+        target = f"DATABASE {_quote(database)}"
+    elif need.kind == "schema":
+        target = f"SCHEMA {_quote(need.obj)}"
+    elif need.kind == "function":
+        privilege, target = "EXECUTE", f"FUNCTION {need.obj}"
+    return f"GRANT {privilege} ON {target} TO {_quote(role)};"
 
 
 def _table(name: str) -> str:
     return compose("{" + name + "}")
+
+
+def _needs(obj: str, privileges: str, why: str = "") -> list[Need]:
+    """A table's needs, one per privilege."""
+    return [Need("table", obj, privilege, why) for privilege in privileges.split()]
 
 
 def requirements(
@@ -108,55 +111,38 @@ def requirements(
     with the caller's privileges (not ``security_definer``) or the own path writes the hourly
     table itself (``own_path``), the hourly table and the queue.
     """
-    target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
+    readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
-        Need("schema", target, "USAGE"),
-        Need("table", _table("task_usage"), "SELECT"),
-        Need("table", _table("task_usage"), "UPDATE", "the rows are rewritten"),
-        Need("table", _table("agent_task_queue"), "SELECT"),
-        Need("table", _table("agent"), "SELECT"),
-        Need("table", _table("issue"), "SELECT"),
-        Need("table", _table("task_usage_hourly_rollup_state"), "SELECT"),
-        # The batches keep their work list in a temporary table.
+        Need("schema", settings.CODEX_TARGET_SCHEMA, "USAGE"),
+        *_needs(_table("task_usage"), "SELECT"),
+        *_needs(_table("task_usage"), "UPDATE", "the rows are rewritten"),
+        *(need for table in readable for need in _needs(_table(table), "SELECT")),
         Need("database", "", "TEMPORARY", "the work list is a temporary table"),
-        Need("schema", tool, "USAGE"),
+        Need("schema", settings.CODEX_REPAIR_SCHEMA, "USAGE"),
     ]
     for tool_table in (*REQUIRED_TOOL_TABLES, "django_migrations"):
         qualified = compose("{tool_schema}") + "." + _quote(tool_table)
-        privileges = ("SELECT",) if tool_table == "django_migrations" else TOOL_TABLE_PRIVILEGES
-        needs.extend(Need("table", qualified, privilege) for privilege in privileges)
+        reads_only = tool_table == "django_migrations"
+        needs += _needs(qualified, "SELECT" if reads_only else TOOL_TABLE_PRIVILEGES)
     if not rebuild_rollup:
         return needs
     hourly, queue = _table("task_usage_hourly"), _table("task_usage_hourly_dirty")
-    needs.append(
-        Need(
-            "function",
-            compose("{rollup_task_usage_hourly_window}") + "(timestamptz, timestamptz)",
-            "EXECUTE",
-            "the rollup rebuild",
-        )
-    )
-    needs.append(Need("table", hourly, "SELECT"))
+    function = compose("{rollup_task_usage_hourly_window}") + "(timestamptz, timestamptz)"
+    needs += [
+        Need("function", function, "EXECUTE", "the rollup rebuild"),
+        Need("table", hourly, "SELECT"),
+    ]
     if not security_definer or own_path:
         # The rollup runs with the caller's privileges, or the own path writes the hourly
         # table itself.
-        needs.extend(
-            Need("table", hourly, privilege, "the rollup rebuild")
-            for privilege in ("INSERT", "UPDATE", "DELETE")
-        )
+        needs += _needs(hourly, "INSERT UPDATE DELETE", "the rollup rebuild")
     if not security_definer or (own_path and revert):
         # The function drains the queue as the caller; the revert's own path removes the
         # queue rows of the keys it rebuilt.
-        needs.extend(
-            Need("table", queue, privilege, "draining rebuilt keys")
-            for privilege in ("SELECT", "DELETE")
-        )
+        needs += _needs(queue, "SELECT DELETE", "draining rebuilt keys")
     # Keys of rewritten rows, and the revert's, are queued with the platform's upsert.
-    needs.extend(
-        Need("table", queue, privilege, "queueing keys") for privilege in ("INSERT", "UPDATE")
-    )
-    return needs
+    return needs + _needs(queue, "INSERT UPDATE", "queueing keys")
 
 
 def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
@@ -188,7 +174,6 @@ def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
 def function_runs_as_owner(cursor: Any) -> bool:
     """Whether the rollup function is SECURITY DEFINER (it writes as its owner)."""
     cursor.execute(
-        "SELECT coalesce((SELECT prosecdef FROM pg_proc WHERE oid = to_regprocedure(%s)), false)",
-        [f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"],
+        RUNS_AS_OWNER_SQL, [f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"]
     )
     return bool(cursor.fetchone()[0])

@@ -1,8 +1,4 @@
-"""Human-readable values for the commands and the admin: numbers, times, plain tables.
-
-``render_table`` lays out a small plain table by hand (the revert's list of changed rows);
-the dry run's table is ``usage.output.table``'s.
-"""
+"""Human-readable values for the commands and the admin: numbers, times, a plain table."""
 
 from __future__ import annotations
 

@@ -1,27 +1,7 @@
-"""Replication-lag throttle: pause the repair while a streaming replica falls behind.
-
-Rewriting millions of rows produces WAL faster than a busy replica may replay it, and a
-lagging replica serves stale dashboards (or blocks failover). ``--max-replication-lag``
-makes the repair wait between batches until every replica is back within the limit.
-
-How a replica is judged, from one query on ``pg_stat_replication`` on the primary:
-
-* ``replay_lag`` known: too high when it exceeds the limit. With replay stuck the primary
-  keeps extrapolating it, so a stalled replica shows a growing lag.
-* ``replay_lag`` NULL (unknown): PostgreSQL clears it when a replica has caught up and no
-  WAL is being written. Unknown counts as too high only when the replica is behind by WAL
-  position (``replay_lsn`` is NULL or before ``pg_current_wal_lsn()``); an idle, caught-up
-  replica never pauses the repair.
-* Row details hidden: without ``pg_monitor`` (or ``pg_read_all_stats``, or superuser) a
-  role sees that walsenders exist but not their positions or lags. The lag is then unknown
-  *and* the position cannot be checked, so the throttle refuses to guess: it reports the
-  missing privilege as the reason to pause (fail closed). A safety limit that silently
-  does nothing would be worse; grant ``pg_monitor`` to the repair's role, or drop the
-  option. The pre-flight check warns about this before a run.
-
-Walsenders serving ``pg_basebackup`` (state ``backup``) are not replicas and are ignored;
-logical-replication walsenders are judged like physical ones (their ``replay_lag`` is the
-subscriber's apply lag).
+"""Replication-lag throttle: ``--max-replication-lag`` pauses the repair between batches
+while a streaming replica is behind. A replica whose lag is unknown counts as behind only
+when its replay position is; one whose details this role may not see (no ``pg_monitor``)
+counts as behind (fail closed). ``pg_basebackup`` walsenders are not replicas.
 """
 
 from __future__ import annotations
@@ -95,10 +75,6 @@ def _format_seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
 
 
-def _format_limit(value: float) -> str:
-    return f"{value:g}s"
-
-
 def _format_bytes(value: int) -> str:
     size = float(value)
     for unit in ("B", "kB", "MB"):
@@ -116,7 +92,7 @@ def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
         if replica.replay_lag_seconds > max_lag_seconds:
             return (
                 f"{replica.label} replay lag {_format_seconds(replica.replay_lag_seconds)} "
-                f"> {_format_limit(max_lag_seconds)}"
+                f"> {max_lag_seconds:g}s"
             )
         return None
     if replica.position_unknown:
@@ -148,21 +124,15 @@ def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
     reasons: list[tuple[float, str]] = []
     for replica in replica_states(cursor):
         reason = judge(replica, max_lag_seconds)
+        lag = replica.replay_lag_seconds
         if reason is not None:
             # Worst first: known lags by size; unknown or hidden ones rank above all of them.
-            weight = (
-                replica.replay_lag_seconds
-                if replica.replay_lag_seconds is not None
-                else float("inf")
-            )
-            reasons.append((weight, reason))
+            reasons.append((float("inf") if lag is None else lag, reason))
     if not reasons:
         return None
     reasons.sort(key=lambda item: item[0], reverse=True)
-    worst = reasons[0][1]
-    if len(reasons) > 1:
-        worst += f" (+{len(reasons) - 1} more)"
-    return worst
+    more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+    return reasons[0][1] + more
 
 
 def wait_for_replicas(
@@ -175,11 +145,8 @@ def wait_for_replicas(
 ) -> float:
     """Block while replication lag is too high; return the seconds spent paused.
 
-    Calls ``on_pause(reason)`` on every poll that finds lag too high, so the caller can
-    show it on its progress line. Returns early (without error) when ``stop_event`` is
-    set, so a signal is never held up by a lagging replica. Raises
-    ``ReplicationLagTimeout`` when ``max_wait_seconds`` pass with lag still too high:
-    carrying on would defeat the limit the operator asked for.
+    ``on_pause(reason)`` on every poll that finds it too high; returns early when
+    ``stop_event`` is set; raises ``ReplicationLagTimeout`` after ``max_wait_seconds``.
     """
     started = time.monotonic()
     paused = False

@@ -1,9 +1,5 @@
-"""The result document of the backfill command: one dict, built once, as JSON or CSV.
-
-The JSON layout is part of the tool's interface (documented in the README and checked by a
-test): operators hand it to reviewers and scripts read it. ``usage.output.table`` renders the
-same document as the readable table.
-"""
+"""The result document of the backfill and revert commands: one dict, built once, as JSON
+or CSV. Its JSON layout is part of the tool's interface (the README documents it)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from usage.events import json_default
 from usage.repair.backfill import ExecuteResult
@@ -19,57 +15,51 @@ from usage.repair.revert import RevertResult
 from usage.repair.summary import DryRunSummary, SummaryGroup
 from usage.repair.verdict import RunVerification
 
+if TYPE_CHECKING:
+    from usage.repair.rollup import RollupResult
+
 FORMATS = ("table", "json", "csv")
 
-GROUP_FIELDS = (
-    "workspace_id",
-    "date_utc",
-    "rows",
-    "input_before",
-    "input_after",
-    "input_tokens_removed",
-    "clamped_rows",
-    "rollup_keys",
-    "first_created_at",
-    "last_created_at",
+
+def _fields(names: str) -> tuple[str, ...]:
+    return tuple(names.split())
+
+
+GROUP_FIELDS = _fields(
+    "workspace_id date_utc rows input_before input_after input_tokens_removed clamped_rows "
+    "rollup_keys first_created_at last_created_at"
 )
-TOTAL_FIELDS = ("rows", "input_before", "input_after", "input_tokens_removed", "clamped_rows")
+TOTAL_FIELDS = _fields("rows input_before input_after input_tokens_removed clamped_rows")
+ROLLUP_FIELDS = _fields(
+    "rollup_rows rollup_slices rollup_max_lock_seconds rollup_keys rollup_seconds "
+    "rollup_hash_slices rollup_cron_waits rollup_cron_wait_seconds"
+)
 RUN_FIELDS = (
-    "run_id",
-    "status",
-    "rows_planned",
-    "rows_updated",
-    "rows_remaining",
-    "input_tokens_removed",
-    "clamped_rows",
-    "batches",
-    "rollup_rows",
-    "rollup_slices",
-    "rollup_max_lock_seconds",
-    "rollup_keys",
-    "rollup_seconds",
-    "rollup_hash_slices",
-    "rollup_cron_waits",
-    "rollup_cron_wait_seconds",
-    "stamp",
-    "stamp_first",
-    "stamp_last",
-    "rollup_path",
-    "rollup_function",
-    "rollup_path_reason",
+    *_fields("run_id status rows_planned rows_updated rows_remaining input_tokens_removed"),
+    *_fields("clamped_rows batches"),
+    *ROLLUP_FIELDS,
+    *_fields("stamp stamp_first stamp_last rollup_path rollup_function rollup_path_reason"),
     "continues",
 )
-VERIFY_FIELDS = (
-    "run_id",
-    "run_status",
-    "ok",
-    "eligible_rows_left",
-    "eligible_rows_expected",
-    "mismatched_keys",
-    "awaiting_tick_keys",
-    "continues",
-    "continued_by",
+VERIFY_FIELDS = _fields(
+    "run_id run_status ok eligible_rows_left eligible_rows_expected mismatched_keys "
+    "awaiting_tick_keys continues continued_by"
 )
+REVERT_FIELDS = _fields(
+    "run_id run_status executed status entries rows_restorable rows_restored rows_changed "
+    "rows_remaining rollup_keys batches rollup_calls rollup_rows rollup_max_lock_seconds "
+    "seconds error"
+)
+CHANGED_FIELDS = _fields(
+    "journal_id usage_id expected_input_tokens expected_updated_at current_input_tokens "
+    "current_updated_at deleted"
+)
+# The verification in the JSON document, and the result's names where they differ.
+_VERIFY_KEYS = _fields(
+    "run_id run_status runs continues continued_by last_run_status ok eligible_rows_left "
+    "eligible_rows_expected mismatched_keys awaiting_tick_keys rollup_function"
+)
+_VERIFY_ATTRIBUTES = {"last_run_status": "last_status"}
 
 
 def build(
@@ -84,130 +74,89 @@ def build(
     """The result of one command: its mode and database, then whichever parts it has."""
     document: dict[str, Any] = {"mode": mode, "database": database}
     if summary is not None:
-        _add_summary(document, summary)
+        document.update(_summary(summary))
     if execute is not None:
-        _add_execute(document, execute)
+        document.update(_execute(execute))
     if plan is not None:
         document["plan"] = plan
     if verify is not None:
-        _add_verify(document, verify)
+        document["verify"] = _verify(verify)
     return document
 
 
-def _add_summary(document: dict[str, Any], summary: DryRunSummary) -> None:
+def _summary(summary: DryRunSummary) -> dict[str, Any]:
     totals = asdict(summary.totals)
-    document.update(
-        {
-            "cutoff": summary.cutoff,
-            "workspace_id": summary.workspace_id,
-            "database_now": summary.database_now,
-            "totals": {key: totals[key] for key in TOTAL_FIELDS},
-            "expected_rollup_keys": summary.totals.rollup_keys,
-            "group_count": summary.group_count,
-            # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups. The
-            # ids digest is for saved plans (usage.plan), not for readers of the summary.
-            "groups": [_public_group(group) for group in summary.groups],
-        }
-    )
+    return {
+        "cutoff": summary.cutoff,
+        "workspace_id": summary.workspace_id,
+        "database_now": summary.database_now,
+        "totals": {key: totals[key] for key in TOTAL_FIELDS},
+        "expected_rollup_keys": summary.totals.rollup_keys,
+        "group_count": summary.group_count,
+        # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups.
+        "groups": [_public_group(group) for group in summary.groups],
+    }
 
 
 def _public_group(group: SummaryGroup) -> dict[str, Any]:
     fields = dict(vars(group))
-    del fields["ids_digest"]
+    del fields["ids_digest"]  # for saved plans (usage.plan), not for readers of the summary
     return fields
 
 
-def _add_execute(document: dict[str, Any], result: ExecuteResult) -> None:
+def _rollup(rollup: RollupResult | None) -> dict[str, Any]:
+    """A rebuild's figures, as every document names them (zeros without one)."""
+    if rollup is None:
+        return dict.fromkeys(ROLLUP_FIELDS, 0)
+    return {
+        "rollup_rows": rollup.rollup_rows,
+        "rollup_slices": len(rollup.slices),
+        "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6),
+        "rollup_keys": rollup.keys_done,
+        "rollup_seconds": round(rollup.seconds, 3),
+        "rollup_hash_slices": rollup.hash_slices,
+        "rollup_cron_waits": rollup.cron_waits,
+        "rollup_cron_wait_seconds": round(rollup.cron_wait_seconds, 3),
+    }
+
+
+def _execute(result: ExecuteResult) -> dict[str, Any]:
     run = result.run
-    rollup = result.rollup
-    document.update(
-        {
-            "run_id": run.pk,
-            "status": run.status,
-            "rows_planned": result.rows_planned,
-            "rows_updated": result.rows_updated,
-            "rows_remaining": result.rows_remaining,
-            "input_tokens_removed": result.input_tokens_removed,
-            "clamped_rows": result.clamped_rows,
-            "batches": result.batches,
-            "rollup_rows": rollup.rollup_rows if rollup else 0,
-            "rollup_slices": len(rollup.slices) if rollup else 0,
-            "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6) if rollup else 0,
-            "rollup_keys": rollup.keys_done if rollup else 0,
-            "rollup_seconds": round(rollup.seconds, 3) if rollup else 0,
-            "rollup_hash_slices": rollup.hash_slices if rollup else 0,
-            "rollup_cron_waits": rollup.cron_waits if rollup else 0,
-            "rollup_cron_wait_seconds": round(rollup.cron_wait_seconds, 3) if rollup else 0,
-            "rollup_state": run.rollup_state,
-            "stamp": run.stamp,
-            "stamp_reason": result.stamp.reason if result.stamp else "",
-            "stamp_first": run.stamp_first,
-            "stamp_last": run.stamp_last,
-            "rollup_path": run.rollup_path,
-            "rollup_function": run.rollup_function,
-            "rollup_path_reason": run.rollup_path_reason,
-            "continues": run.continues_id,
-            "recovered_runs": result.recovered_runs,
-            "stale_runs": result.stale_runs,
-            "error": run.error,
-        }
-    )
+    return {
+        "run_id": run.pk,
+        "status": run.status,
+        "rows_planned": result.rows_planned,
+        "rows_updated": result.rows_updated,
+        "rows_remaining": result.rows_remaining,
+        "input_tokens_removed": result.input_tokens_removed,
+        "clamped_rows": result.clamped_rows,
+        "batches": result.batches,
+        **_rollup(result.rollup),
+        "rollup_state": run.rollup_state,
+        "stamp": run.stamp,
+        "stamp_reason": result.stamp.reason if result.stamp else "",
+        "stamp_first": run.stamp_first,
+        "stamp_last": run.stamp_last,
+        "rollup_path": run.rollup_path,
+        "rollup_function": run.rollup_function,
+        "rollup_path_reason": run.rollup_path_reason,
+        "continues": run.continues_id,
+        "recovered_runs": result.recovered_runs,
+        "stale_runs": result.stale_runs,
+        "error": run.error,
+    }
 
 
-def _add_verify(document: dict[str, Any], result: RunVerification) -> None:
-    document["verify"] = {
-        "run_id": result.run_id,
-        "run_status": result.run_status,
-        "runs": result.runs,
-        "continues": result.continues,
-        "continued_by": result.continued_by,
-        "last_run_status": result.last_status,
-        "ok": result.ok,
-        "eligible_rows_left": result.eligible_rows_left,
-        "eligible_rows_expected": result.eligible_rows_expected,
-        "mismatched_keys": result.mismatched_keys,
-        "awaiting_tick_keys": result.awaiting_tick_keys,
-        "rollup_function": result.rollup_function,
+def _verify(result: RunVerification) -> dict[str, Any]:
+    return {
+        **{name: getattr(result, _VERIFY_ATTRIBUTES.get(name, name)) for name in _VERIFY_KEYS},
         "columns": list(result.columns),
         "mismatches": [asdict(m) for m in result.mismatches],
     }
 
 
-REVERT_FIELDS = (
-    "run_id",
-    "run_status",
-    "executed",
-    "status",
-    "entries",
-    "rows_restorable",
-    "rows_restored",
-    "rows_changed",
-    "rows_remaining",
-    "rollup_keys",
-    "batches",
-    "rollup_calls",
-    "rollup_rows",
-    "rollup_max_lock_seconds",
-    "seconds",
-    "error",
-)
-CHANGED_FIELDS = (
-    "journal_id",
-    "usage_id",
-    "expected_input_tokens",
-    "expected_updated_at",
-    "current_input_tokens",
-    "current_updated_at",
-    "deleted",
-)
-
-
 def build_revert(
-    database: str,
-    result: RevertResult,
-    *,
-    signal: str | None = None,
-    error: str | None = None,
+    database: str, result: RevertResult, *, signal: str | None = None, error: str | None = None
 ) -> dict[str, Any]:
     """The result of a revert (``executed``) or of its dry run, for every format.
 
@@ -216,17 +165,15 @@ def build_revert(
     ``failed`` (``error``).
     """
     run = result.run
-    rollup = result.rollup
+    rollup = _rollup(result.rollup)
     if not result.executed:
         status = "would_revert"
     elif error is not None:
         status = "failed"
     elif result.stopped:
         status = "stopped"
-    elif result.rows_remaining:
-        status = "incomplete"
     else:
-        status = "reverted"
+        status = "incomplete" if result.rows_remaining else "reverted"
     return {
         "mode": "revert" if result.executed else "revert_dry_run",
         "database": database,
@@ -243,11 +190,11 @@ def build_revert(
         "rows_changed": result.rows_changed,
         "rows_remaining": result.rows_remaining,
         # Executed: the keys the revert queued and rebuilt; a dry run: the keys it would.
-        "rollup_keys": rollup.keys_done if result.executed else result.rollup_keys,
+        "rollup_keys": rollup["rollup_keys"] if result.executed else result.rollup_keys,
         "batches": result.batches,
-        "rollup_calls": len(rollup.slices),
-        "rollup_rows": rollup.rollup_rows,
-        "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6),
+        "rollup_calls": rollup["rollup_slices"],
+        "rollup_rows": rollup["rollup_rows"],
+        "rollup_max_lock_seconds": rollup["rollup_max_lock_seconds"],
         "seconds": round(result.seconds, 3),
         "stale_runs": result.stale_runs,
         "error": error or "",
@@ -260,25 +207,26 @@ def to_json(document: dict[str, Any]) -> str:
 
 
 def to_csv(document: dict[str, Any]) -> str:
-    """The groups (and a TOTAL row); a run's figures follow as a second block.
-
-    A revert's document: its figures, then the rows changed since the run.
-    """
+    """The groups (and a TOTAL row), then a run's figures and its verification as blocks; a
+    revert's document: its figures, then the rows changed since the run."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    if document["mode"] in ("revert", "revert_dry_run"):
-        writer.writerow(REVERT_FIELDS)
-        writer.writerow([_cell(document[key]) for key in REVERT_FIELDS])
-        if document["changed"]:
+
+    def block(
+        fields: tuple[str, ...], rows: list[dict[str, Any]], prefix: str = "", gap: bool = False
+    ) -> None:
+        if gap or buffer.tell():
             buffer.write("\n")
-            writer.writerow(CHANGED_FIELDS)
-            for changed in document["changed"]:
-                writer.writerow([_cell(changed[key]) for key in CHANGED_FIELDS])
+        writer.writerow([prefix + key for key in fields])
+        writer.writerows([_cell(row[key]) for key in fields] for row in rows)
+
+    if document["mode"] in ("revert", "revert_dry_run"):
+        block(REVERT_FIELDS, [document])
+        if document["changed"]:
+            block(CHANGED_FIELDS, document["changed"])
         return buffer.getvalue()
     if "groups" in document:
-        writer.writerow(GROUP_FIELDS)
-        for group in document["groups"]:
-            writer.writerow([_cell(group[key]) for key in GROUP_FIELDS])
+        block(GROUP_FIELDS, document["groups"])
         totals = document["totals"]
         writer.writerow(
             ["TOTAL", ""]
@@ -286,15 +234,9 @@ def to_csv(document: dict[str, Any]) -> str:
             + [document["expected_rollup_keys"], "", ""]
         )
     if "run_id" in document:
-        if "groups" in document:
-            buffer.write("\n")
-        writer.writerow(RUN_FIELDS)
-        writer.writerow([_cell(document[key]) for key in RUN_FIELDS])
+        block(RUN_FIELDS, [document])
     if "verify" in document:
-        buffer.write("\n")
-        verify = document["verify"]
-        writer.writerow([f"verify_{key}" for key in VERIFY_FIELDS])
-        writer.writerow([_cell(verify[key]) for key in VERIFY_FIELDS])
+        block(VERIFY_FIELDS, [document["verify"]], prefix="verify_", gap=True)
     return buffer.getvalue()
 
 

@@ -1,19 +1,8 @@
 """Writing a result to a file the operator named, checked before any work starts.
 
-``check_output`` is called while the options are parsed, before the command touches the
-database: a path that cannot take the result (a directory, a missing or unwritable parent, a
-block device, a dangling symbolic link) is refused in one line. The ``OutputFile`` it
-returns writes the result once the work is done:
-
-* A regular file (or a new one) is replaced atomically: the text goes into a temporary file
-  next to it, created with mode 0666 so that the umask decides its permissions, and is
-  renamed over it. A reviewer never reads half a file. A symbolic link is followed: the file
-  it points to is replaced and the link stays a link.
-* A character device (``/dev/null``, a terminal) or a FIFO (``--output >(jq .)``) is written
-  into, never replaced. A FIFO nobody reads is refused instead of waiting for a reader.
-
-Every failure is an ``OutputError`` with a one-line message; the caller decides what else
-to say (after a run, the run's outcome comes first).
+``check_output`` refuses, in one line, a path that cannot take the result. ``OutputFile``
+then replaces a regular file atomically (a link is followed and stays a link) and writes
+into a character device or a FIFO; every failure is one-line ``OutputError``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
-"""Lines of prose fitted to a terminal: wrapped between words, never inside a number.
-
-An operator reads the outcome of a run at whatever width their terminal has. A line that the
-terminal wraps by itself splits ``2,075`` into ``2,0`` and ``75``; these helpers wrap at
-spaces only (a word longer than the width stays whole), so a number, a time or a command is
-always on one line.
+"""Lines of prose fitted to a terminal: wrapped at spaces only, so that a number, a time or
+a command is never split across lines.
 """
 
 from __future__ import annotations
 
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ") -> list[str]:
@@ -29,6 +25,11 @@ def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ")
         break_on_hyphens=False,
     ) or [indent]
     return [line.replace("\0", " ") for line in lines]
+
+
+def paragraphs(texts: Iterable[str], width: int | None) -> list[str]:
+    """Each text wrapped (its lines continued two spaces in), one after the other."""
+    return [line for text in texts for line in wrap(text, width)]
 
 
 # A unit stays on the line of its number ("0.3 s", not "0.3" then "s;"): the space between

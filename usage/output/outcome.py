@@ -1,30 +1,31 @@
-"""What a command did, said once, in the same words and number format in every command.
-
-After an execute or a revert the operator needs the outcome, not the plan again: what
-changed, the run's id and status, and the next command to type. A dry run ends with the
-command that comes next in the runbook. Every figure is formatted by ``render.number``, and
-every line is wrapped to the terminal between words (``lines.wrap``), so a number or a
-command is never split.
+"""What a command did, said once in the same words for every command: a run's outcome, a
+verification, a revert, and the next command to type. Lines are wrapped between words
+(``lines.wrap``), so a number or a command is never split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.core.management.color import Style
 
 from usage.events import json_default
 from usage.models import BackfillRun
-from usage.output.lines import labelled, wrap
+from usage.output.lines import labelled, paragraphs, wrap
 from usage.render import number
+from usage.repair.verify import describe as describe_mismatch
 
 REPAIR = "python manage.py backfill_codex_usage_cache"
 REVERT = "python manage.py revert_codex_usage_backfill"
+# The verification lists at most this many mismatched hourly keys (JSON carries verify's cap).
+VERIFY_LISTED = 20
 
 STAMPS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started; the platform's rollup re-rolls them",
 }
+Status = BackfillRun.Status
 
 
 def count(value: int, word: str, plural: str | None = None) -> str:
@@ -35,6 +36,10 @@ def count(value: int, word: str, plural: str | None = None) -> str:
 def moment(value: Any) -> str:
     """A time as the tool prints it everywhere: RFC 3339, UTC, ``Z``, its full precision."""
     return str(json_default(value)) if value is not None else "-"
+
+
+def listed(values: Iterable[Any]) -> str:
+    return ", ".join(map(str, values))
 
 
 def scope_arguments(document: dict[str, Any]) -> str:
@@ -50,22 +55,28 @@ def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
     on lines of its own, broken before an option with a shell continuation (``\\``), so
     that it can be copied as it is. Without a command: the prose, wrapped."""
     if command is None:
-        return wrap(prose + ".", width, hanging="  ")
+        return wrap(prose + ".", width)
     line = f"{prose}: {command}"
     if width is None or len(line) <= width:
         return [line]
-    lines = wrap(prose + ":", width, hanging="  ")
-    pieces = command.split(" --")
-    current = "  " + pieces[0]
-    for piece in pieces[1:]:
-        option = "--" + piece
-        if len(current) + 1 + len(option) + 2 <= width:
-            current += " " + option
+    lines = wrap(prose + ":", width)
+    first, *options = command.split(" --")
+    current = "  " + first
+    for option in options:
+        if len(current) + len(option) + 5 <= width:
+            current += " --" + option
         else:
             lines.append(current + " \\")
-            current = "      " + option
-    lines.append(current)
-    return lines
+            current = "      --" + option
+    return [*lines, current]
+
+
+def _heading(
+    text: str, shown: Callable[[str], str], width: int | None, d: dict[str, Any], style: Style
+) -> list[str]:
+    """The outcome's first line(s), then the runs found without a live owner."""
+    stale = [f"Run {run} had no live owner; marked interrupted." for run in d["stale_runs"]]
+    return [shown(line) for line in wrap(text, width)] + [style.WARNING(s) for s in stale]
 
 
 def dry_run_lines(
@@ -93,16 +104,12 @@ def execute_lines(
     plan_line: str | None = None,
     signal_name: str | None = None,
 ) -> list[str]:
-    """The outcome of an execute: status, what changed, the rollup (``execute_next`` says what
-    to do next, after the verification when there is one)."""
+    """The outcome of an execute: status, what changed, the rollup."""
     status = d["status"]
-    ok = status == BackfillRun.Status.SUCCEEDED
-    heading = f"Run {d['run_id']} {status}"
-    if status == BackfillRun.Status.INTERRUPTED and signal_name:
-        heading += f" by {signal_name}"
-    lines = [(style.SUCCESS if ok else style.ERROR)(line) for line in wrap(heading + ".", width)]
-    for stale in d["stale_runs"]:
-        lines.append(style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
+    ok = status == Status.SUCCEEDED
+    by = f" by {signal_name}" if status == Status.INTERRUPTED and signal_name else ""
+    shown = style.SUCCESS if ok else style.ERROR
+    lines = _heading(f"Run {d['run_id']} {status}{by}.", shown, width, d, style)
     rows = [
         (
             "rows changed",
@@ -117,13 +124,9 @@ def execute_lines(
         ("rollup keys", _rollup(d)),
     ]
     if d.get("stamp_first"):
-        rows.append(
-            (
-                "stamps",
-                f"{moment(d['stamp_first'])} to {moment(d['stamp_last'])} "
-                f"({STAMPS.get(d['stamp'], d['stamp'])})",
-            )
-        )
+        stamp = STAMPS.get(d["stamp"], d["stamp"])
+        span = f"{moment(d['stamp_first'])} to {moment(d['stamp_last'])} ({stamp})"
+        rows.append(("stamps", span))
     if d.get("rollup_path"):
         function = f" ({d['rollup_function']})" if d.get("rollup_function") else ""
         reason = f": {d['rollup_path_reason']}" if d.get("rollup_path_reason") else ""
@@ -132,52 +135,42 @@ def execute_lines(
         rows.append(("continues", f"run {d['continues']}"))
     if plan_line:
         rows.append(("plan", plan_line.removeprefix("Plan check: ")))
-    plain_stop = status == BackfillRun.Status.INTERRUPTED and d.get("error", "").startswith(
-        "stopped by a signal;"
-    )
-    if d.get("error") and not ok and not plain_stop:
-        rows.append(("why", d["error"]))
-    lines.extend(labelled(rows, width))
-    return lines
+    error = d.get("error", "")
+    plain_stop = status == Status.INTERRUPTED and error.startswith("stopped by a signal;")
+    if error and not ok and not plain_stop:
+        rows.append(("why", error))
+    return lines + labelled(rows, width)
 
 
 def _rollup(d: dict[str, Any]) -> str:
-    if d["rollup_state"] == BackfillRun.RollupState.SKIPPED:
+    state, slices = d["rollup_state"], d["rollup_slices"]
+    if state == BackfillRun.RollupState.SKIPPED:
         return "not rebuilt (--no-rebuild-rollup): the platform's cron tick rebuilds them"
-    if not d["rollup_slices"] and not d["recovered_runs"]:
-        if d["rollup_state"] == BackfillRun.RollupState.PENDING and d["rows_updated"]:
+    if not slices and not d["recovered_runs"]:
+        if state == BackfillRun.RollupState.PENDING and d["rows_updated"]:
             # The run stopped before its rollup: its keys wait for the next run, not the tick.
             return "none rebuilt yet: pending (re-running the same command rebuilds them)"
         return "none to rebuild"
-    done = "rebuilt" if d["rollup_state"] == BackfillRun.RollupState.DONE else "rebuilt so far"
-    recovered = (
-        f" (including runs {', '.join(map(str, d['recovered_runs']))})"
-        if d["recovered_runs"]
-        else ""
-    )
+    done = "rebuilt" if state == BackfillRun.RollupState.DONE else "rebuilt so far"
+    recovered = f" (including runs {listed(d['recovered_runs'])})" if d["recovered_runs"] else ""
     if d.get("rollup_path") == BackfillRun.RollupPath.OWN:
-        plans = (
-            "the first proven against the platform's function"
-            if d["rollup_slices"] > 1
-            else "proven against the platform's function"
-        )
+        first = "the first " if slices > 1 else ""
+        plans = f"{first}proven against the platform's function"
     else:
-        plans = (
-            f"{number(d['rollup_hash_slices'])} hashed, "
-            f"{number(d['rollup_slices'] - d['rollup_hash_slices'])} nested-loop"
-        )
+        hashed = d["rollup_hash_slices"]
+        plans = f"{number(hashed)} hashed, {number(slices - hashed)} nested-loop"
     waits = (
         f"; waited {number(d['rollup_cron_waits'])} time(s), "
         f"{d.get('rollup_cron_wait_seconds', 0):.1f} s in all, for the platform's cron tick"
         if d["rollup_cron_waits"]
         else ""
     )
-    text = (
-        f"{number(d['rollup_keys'])} {done}{recovered} in {count(d['rollup_slices'], 'slice')} "
+    return (
+        f"{number(d['rollup_keys'])} {done}{recovered} in {count(slices, 'slice')} "
         f"({plans}) in {d['rollup_seconds']:.1f} s; lock 4246 held at most "
         f"{d['rollup_max_lock_seconds']:.3f} s{waits}"
+        + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
     )
-    return text + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
 
 
 def rows_against_keys(rows: int, keys: int) -> str:
@@ -195,82 +188,111 @@ def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
     """What to do after this run, and the command to type."""
     run_id = d["run_id"]
     verify = f"{REPAIR} --verify --run-id {run_id}"
-    again = None
-    if d["status"] == BackfillRun.Status.SUCCEEDED:
+    if d["status"] == Status.SUCCEEDED:
         checked = d.get("verify")
         if checked is None:
             return "Next: verify it", verify
         if checked["ok"]:
             return "Nothing else to do. To undo the run", f"{REVERT} {run_id}"
         return "Next: look at the keys above, then verify again", verify
-    if d["status"] == BackfillRun.Status.FAILED:
-        if "locked by other writers" in d.get("error", ""):
-            return (
-                "Next: re-run the same command later (writers held those rows); the new run "
-                f"continues run {run_id}",
-                again,
-            )
+    if d["status"] != Status.FAILED:
         return (
-            "Next: fix what the error says, then re-run the same command; the new run "
-            f"continues run {run_id}",
-            again,
+            f"Next: re-run the same command; the new run continues run {run_id} (the rows "
+            "still eligible, and the rollup of what was done)",
+            None,
         )
-    return (
-        f"Next: re-run the same command; the new run continues run {run_id} (the rows still "
-        "eligible, and the rollup of what was done)",
-        again,
-    )
+    if "locked by other writers" in d.get("error", ""):
+        first = "re-run the same command later (writers held those rows)"
+    else:
+        first = "fix what the error says, then re-run the same command"
+    return f"Next: {first}; the new run continues run {run_id}", None
 
 
-def verify_context(v: dict[str, Any]) -> list[str]:
-    """What the verification covers, before its figures: a reverted run, a chain of runs."""
-    lines = []
-    if v["run_status"] == BackfillRun.Status.REVERTED:
-        lines.append(
-            f"Run {v['run_id']} was reverted: its rows were restored and are eligible again by "
+def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
+    """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
+    run_id, runs, differing = v["run_id"], v["runs"], v["mismatched_keys"]
+    context = []
+    if v["run_status"] == Status.REVERTED:
+        context.append(
+            f"Run {run_id} was reverted: its rows were restored and are eligible again by "
             "design, so rows left are not a failure. Checked: the hourly keys of its rows "
             "equal a recompute (the revert rebuilt them)."
         )
     if v.get("continues"):
-        lines.append(f"Run {v['run_id']} continues run {v['continues']}.")
+        context.append(f"Run {run_id} continues run {v['continues']}.")
     if v.get("continued_by"):
-        lines.append(
-            f"Run {v['run_id']} ({v['run_status']}) was continued by run {v['continued_by']}: "
-            f"its rows left are judged by the last run of the chain, run {v['runs'][-1]} "
+        context.append(
+            f"Run {run_id} ({v['run_status']}) was continued by run {v['continued_by']}: "
+            f"its rows left are judged by the last run of the chain, run {runs[-1]} "
             f"({v['last_run_status']})."
         )
-    if len(v["runs"]) > 1:
-        lines.append(
-            f"Runs {', '.join(map(str, v['runs']))} are one repair done in several goes: the "
-            "hourly keys of all of them are checked."
+    if len(runs) > 1:
+        context.append(
+            f"Runs {listed(runs)} are one repair done in several goes: the hourly keys of all "
+            "of them are checked."
         )
-    return lines
+    covered = f" with its chain (runs {listed(runs)})" if len(runs) > 1 else ""
+    left = f"{number(v['eligible_rows_left'])} eligible rows left"
+    if v["eligible_rows_expected"] and v["eligible_rows_left"]:
+        left += " (eligible again by design: restored by a revert)"
+    listing = min(len(v["mismatches"]), VERIFY_LISTED)
+    first = f" (the first {listing} are listed)." if differing > VERIFY_LISTED else "."
+    context.append(
+        f"Verify run {run_id}{covered}: {left}; "
+        f"{number(differing)} hourly keys differ from a recompute{first}"
+    )
+    lines = paragraphs(context, width)
+    lines += [f"  {describe_mismatch(m)}" for m in v["mismatches"][:VERIFY_LISTED]]
+    lines += paragraphs(_why_keys_differ(v), width)
+    shown = style.SUCCESS if v["ok"] else style.ERROR
+    lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
+    return lines + paragraphs(_verify_next(v), width)
 
 
-def verify_next(v: dict[str, Any]) -> str:
-    if v["ok"]:
-        return ""
-    last = v["runs"][-1]
-    if v["eligible_rows_left"] and not v["eligible_rows_expected"]:
-        if v["last_run_status"] in (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED):
-            return (
-                f"Run {last} did not finish ({v['last_run_status']}): re-run its command to "
-                f"continue it, then verify the run that finishes."
-            )
-        return (
-            "Rows became eligible after the run (written before the cutoff since?): run the "
-            "dry run to see them."
+def _why_keys_differ(v: dict[str, Any]) -> list[str]:
+    """What the differing keys are due to: the platform's tick still to come, or a rollup
+    function the tool does not know (its sums may be its own)."""
+    said = []
+    waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
+    if waiting:
+        said.append(
+            f"{number(waiting)} of the {number(differing)} differing keys wait for the "
+            "platform's cron tick (others wrote their rows since its watermark, or the key is "
+            "queued): the tick rebuilds them from scratch, so they are not the run's; verify "
+            "again after it to see them equal."
         )
-    return ""
+    if differing > waiting and v.get("rollup_function") == "unknown":
+        said.append(
+            "The installed rollup function is not a definition this tool knows: it may "
+            "compute the hourly sums otherwise than the documented ones verify compares with "
+            "(see the pre-flight's rollup_function and rollup_path)."
+        )
+    return said
+
+
+def _verify_next(v: dict[str, Any]) -> list[str]:
+    if v["ok"] or not v["eligible_rows_left"] or v["eligible_rows_expected"]:
+        return []
+    if v["last_run_status"] in (Status.INTERRUPTED, Status.FAILED):
+        return [
+            f"Run {v['runs'][-1]} did not finish ({v['last_run_status']}): re-run its command "
+            "to continue it, then verify the run that finishes."
+        ]
+    return [
+        "Rows became eligible after the run (written before the cutoff since?): run the dry "
+        "run to see them."
+    ]
 
 
 def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str]:
     """The outcome of a revert (or what its dry run would do), once."""
     run_id = d["run_id"]
+    again = f"{REVERT} {run_id} --execute"
+    changed = ("changed since", f"{number(d['rows_changed'])} (left alone)")
     if not d["executed"]:
         rows = [
             ("rows to restore", number(d["rows_restorable"])),
-            ("changed since", f"{number(d['rows_changed'])} (left alone)"),
+            changed,
             ("rollup keys", f"{number(d['rollup_keys'])} hourly keys to rebuild"),
         ]
         return [
@@ -278,7 +300,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
             *wrap(f"Revert of run {run_id} (dry run):", width),
             *labelled(rows, width, indent="  "),
             style.SUCCESS("Dry run complete: nothing was written."),
-            *next_step("Next: revert it", f"{REVERT} {run_id} --execute", width),
+            *next_step("Next: revert it", again, width),
         ]
     status = d["status"]
     heading = {
@@ -288,9 +310,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         "failed": f"Revert of run {run_id} failed.",
     }[status]
     shown = style.SUCCESS if status == "reverted" else style.ERROR
-    lines = [shown(line) for line in wrap(heading, width)]
-    for stale in d["stale_runs"]:
-        lines.append(style.WARNING(f"Run {stale} had no live owner; marked interrupted."))
+    lines = _heading(heading, shown, width, d, style)
     rollup = (
         f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
         f"{count(d['rollup_calls'], 'call')}; lock 4246 held at most "
@@ -303,25 +323,17 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
             f"{number(d['rows_restored'])} of {number(d['rows_restorable'])}; "
             f"{number(d['rows_remaining'])} still to restore",
         ),
-        ("changed since", f"{number(d['rows_changed'])} (left alone)"),
+        changed,
         ("rollup keys", rollup),
     ]
     if d.get("error"):
         rows.append(("why", d["error"]))
-    lines.extend(labelled(rows, width))
-    if status == "reverted":
-        scope = {"cutoff": d["cutoff"], "workspace_id": d.get("workspace_id")}
-        lines.extend(
-            next_step(
-                "Next: its rows are candidates again; see them with the dry run",
-                f"{REPAIR} {scope_arguments(scope)}",
-                width,
-            )
-        )
-    else:
-        lines.extend(
-            next_step(
-                "Next: run the same revert again to finish", f"{REVERT} {run_id} --execute", width
-            )
-        )
-    return lines
+    lines += labelled(rows, width)
+    if status != "reverted":
+        return lines + next_step("Next: run the same revert again to finish", again, width)
+    scope = {"cutoff": d["cutoff"], "workspace_id": d.get("workspace_id")}
+    return lines + next_step(
+        "Next: its rows are candidates again; see them with the dry run",
+        f"{REPAIR} {scope_arguments(scope)}",
+        width,
+    )

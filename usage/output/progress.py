@@ -1,27 +1,23 @@
-"""Showing a run's progress: a live bar on a terminal, a line every few seconds elsewhere.
+"""A run's progress: a live bar per phase on a terminal, a line every few seconds elsewhere.
 
-At 3 a.m. an operator needs to see how far a run is, how fast it goes, when it will end and
-why it is waiting; a log collector needs the same without a flood of lines.
-
-Each phase (the repair's update and rollup, the revert's restore) is one line: its name, a
-bar, done/total in its own unit (rows, keys, entries), the rate, the ETA, the time elapsed
-and what it is doing. The line is composed for the terminal's width at every refresh and is
-never wider: the ornaments go first (the status, the elapsed time, then the bar), and
-done/total, the rate and the ETA stay. The ETA follows the rate of the last few seconds of
-the phase, from its second update on: the first update of a phase includes its set-up (the
-rollup's first slices are small probes), so an ETA from it alone misleads.
+Each phase (update, rollup, revert) is one line, composed for the terminal's width at every
+refresh: the ornaments go first, and done/total, the rate and the ETA stay whole. The ETA
+follows the rate of the phase's last few seconds.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rich.console import Console, RenderableType
+from rich.console import Console
 from rich.progress import Progress
 from rich.text import Text
+
+from usage.render import number
 
 # Off a terminal, at most one progress line per this many seconds.
 LINE_INTERVAL_SECONDS = 5.0
@@ -76,7 +72,7 @@ class Phase:
         eta = self.eta()
         return {
             "label": f"{self.label:<6}",
-            "count": f"{self.done:,}/{self.total:,} {self.unit}",
+            "count": f"{number(self.done)}/{number(self.total)} {self.unit}",
             "rate": f"{rate:,.0f} {self.unit}/s" if rate is not None else f"- {self.unit}/s",
             "eta": f"ETA {clock(eta)}" if eta is not None else "ETA -:--:--",
             "elapsed": f"elapsed {clock(time.monotonic() - self.started)}",
@@ -85,13 +81,9 @@ class Phase:
 
 
 def compose(phase: Phase, width: int) -> Text:
-    """The phase's line at most ``width`` wide: ornaments dropped first, values never split.
-
-    In order, until the line fits: the bar shrinks, the elapsed time goes, the bar goes, the
-    status is cut between words (or goes), the label goes. done/total, the rate and the ETA
-    stay, the rate's unit shortened last (a line narrower than those alone, under about 40
-    columns, is cropped).
-    """
+    """The phase's line at most ``width`` wide: until it fits, the bar shrinks, the elapsed
+    time goes, the bar goes, the status is cut between words (or goes), the label goes, the
+    rate's unit is shortened; narrower still, the line is cropped."""
     parts = phase.parts()
     names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
 
@@ -149,9 +141,7 @@ class _Lines(Progress):
         super().__init__(console=console, transient=False, redirect_stdout=False)
 
     def get_renderables(self) -> Any:
-        width = self.shown_on.width
-        group: list[RenderableType] = [compose(p, width) for p in self.bar.phases.values()]
-        yield from group
+        yield from [compose(p, self.shown_on.width) for p in self.bar.phases.values()]
 
 
 class ProgressBar:
@@ -161,14 +151,12 @@ class ProgressBar:
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
         self.enabled = enabled
-        self.terminal = terminal and enabled
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
         # Off a terminal: the done count each phase's last line showed.
         self.shown: dict[str, int] = {}
-        self.live: _Lines | None = None
-        if self.terminal:
-            self.live = _Lines(self, Console(file=stream, force_terminal=True))
+        live = terminal and enabled
+        self.live = _Lines(self, Console(file=stream, force_terminal=True)) if live else None
 
     def phase(
         self,
@@ -180,11 +168,8 @@ class ProgressBar:
         *,
         started_now: bool = True,
     ) -> None:
-        """Start a phase (once; a second call only updates its total).
-
-        ``started_now``: the phase's work starts now (its rate counts from here); else the
-        first update is its first measure (it came after work not shown, such as set-up).
-        """
+        """Start a phase (once; a second call only updates its total). Without
+        ``started_now`` its first update is its first measure (it follows a set-up)."""
         if key in self.phases:
             self.phases[key].total = total
             return
@@ -197,7 +182,7 @@ class ProgressBar:
                 self.live.start()
             self.live.refresh()
         elif self.enabled and started_now:
-            self._line(f"{label}: 0/{total:,} {unit}", force=True)
+            self._line(f"{label}: 0/{number(total)} {unit}", force=True)
             self.shown[key] = 0
 
     def update(
@@ -264,43 +249,44 @@ def plain(phase: Phase) -> str:
 
 def repair_events(bar: ProgressBar) -> Any:
     """The repair's progress events (``usage.repair.progress``) shown on ``bar``."""
-    paused = {"now": False}
 
-    def show(event: str, /, **details: Any) -> None:
-        if event == "planned":
-            bar.phase("update", "update", details["rows"], "rows", status="snapshot taken")
-        elif event == "batch":
-            batch, result = details["batch"], details["result"]
-            paused["now"] = False
-            status = f"batch {batch.batch_size:,}" + (" (retry)" if batch.retry else "")
-            bar.update("update", result.rows_updated, status=status)
-        elif event == "paused":
-            _pause(bar, paused, details["reason"], details.get("seconds"))
-        elif event == "rollup_slice":
-            _rollup_slice(bar, details)
+    def batch(batch: Any, result: Any) -> None:
+        status = f"batch {number(batch.batch_size)}" + (" (retry)" if batch.retry else "")
+        bar.update("update", result.rows_updated, status=status)
 
-    return show
+    def planned(details: dict[str, Any]) -> None:
+        bar.phase("update", "update", details["rows"], "rows", status="snapshot taken")
+
+    return _events(bar, "planned", planned, batch)
 
 
 def revert_events(bar: ProgressBar) -> Any:
     """The revert's progress events shown on ``bar``: its journal entries, then its rollup."""
     done = {"entries": 0}
+
+    def batch(batch: Any, result: Any) -> None:
+        if not batch.retry:
+            done["entries"] += batch.entries
+        bar.update("revert", done["entries"], status=f"restored {number(result.rows_restored)}")
+
+    def started(details: dict[str, Any]) -> None:
+        bar.phase("revert", "revert", details["result"].entries, "entries")
+
+    return _events(bar, "started", started, batch)
+
+
+def _events(
+    bar: ProgressBar, first: str, on_first: Callable[..., None], on_batch: Callable[..., None]
+) -> Callable[..., None]:
+    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices."""
     paused = {"now": False}
 
     def show(event: str, /, **details: Any) -> None:
-        if event == "started":
-            result = details["result"]
-            bar.phase("revert", "revert", result.entries, "entries")
+        if event == first:
+            on_first(details)
         elif event == "batch":
-            batch, result = details["batch"], details["result"]
-            if not batch.retry:
-                done["entries"] += batch.entries
             paused["now"] = False
-            bar.update(
-                "revert",
-                done["entries"],
-                status=f"restored {result.rows_restored:,}",
-            )
+            on_batch(details["batch"], details["result"])
         elif event == "paused":
             _pause(bar, paused, details["reason"], details.get("seconds"))
         elif event == "rollup_slice":
@@ -329,11 +315,8 @@ def _rollup_slice(bar: ProgressBar, details: dict[str, Any]) -> None:
 
 
 class OutputStream:
-    """A file-like view of a command's OutputWrapper that writes text exactly as given.
-
-    Django's wrapper appends newlines and styles whole messages; a progress bar and a log
-    handler need plain, unmodified writes to the same stream.
-    """
+    """A file-like view of a command's OutputWrapper that writes text exactly as given (no
+    newline or style added), for a progress bar and a log handler."""
 
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper

@@ -1,18 +1,14 @@
-"""Where a command's lines go, so that every mode does what it says.
-
-* ``--log-format text``: context lines (database, mode, run, stamp...) go to stdout with the
-  readable result, or to stderr when stdout carries the JSON/CSV document; warnings go to
-  stderr; when stdout carries a document, the command's last stderr line is its outcome.
-* ``--log-format json``: every line on stderr is one JSON object (``events.event_line``):
-  the context lines, warnings and the outcome become events, and so does the command's
-  error (``ToolCommand``); stdout carries the result alone.
-* ``--verbosity 0``: no context lines and no progress; the result and what went wrong only.
+"""Where a command's lines go. ``--log-format text``: context lines on stdout (on stderr when
+stdout carries the document), warnings on stderr, and beside a document the outcome as
+stderr's last line. ``--log-format json``: every stderr line is one JSON event, stdout the
+result alone. ``--verbosity 0``: no context lines.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from django.core.management.base import OutputWrapper
@@ -22,25 +18,17 @@ from usage.events import event_line
 from usage.output.lines import wrap
 
 
+@dataclass
 class Reporter:
     """A command's context lines, warnings, events and outcome line (see the module)."""
 
-    def __init__(
-        self,
-        stdout: OutputWrapper,
-        stderr: OutputWrapper,
-        style: Style,
-        *,
-        json_logs: bool,
-        document_on_stdout: bool,
-        verbosity: int,
-    ) -> None:
-        self.stdout = stdout
-        self.stderr = stderr
-        self.style = style
-        self.json_logs = json_logs
-        self.document_on_stdout = document_on_stdout
-        self.verbosity = verbosity
+    stdout: OutputWrapper
+    stderr: OutputWrapper
+    style: Style
+    _: KW_ONLY
+    json_logs: bool
+    document_on_stdout: bool
+    verbosity: int
 
     def context(self, event: str, message: str, **fields: Any) -> None:
         """A line that says what the command works on or what it decided (not at -v 0)."""
@@ -74,7 +62,7 @@ class Reporter:
     ) -> None:
         """``message`` on ``stream``, wrapped to its terminal between words."""
         width = shutil.get_terminal_size().columns if stream.isatty() else None
-        for line in wrap(message, width, hanging="  "):
+        for line in wrap(message, width):
             stream.write(style(line) if style else line, style_func=lambda text: text)
 
     def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:

@@ -1,14 +1,8 @@
-"""The backfill command's result as the readable table: what an operator reads at 3 a.m.
+"""The backfill command's result as the readable text, and the dry run's groups as a table.
 
-The dry run's workspace/day groups are a table laid out by rich. In a file or a pipe it has
-its natural width; on a terminal it takes the first of a few shapes that fits the width,
-and it never lets the terminal split a number, a time or a header. The shapes, widest
-first: every column; the headers on two lines; the workspace as the shortest prefix of its
-id that is unique in the table and the first/last ``created_at`` as times of day (the
-group's day is in its own column); without those times; without "input after" (before less
-removed, and in the totals line); and, narrower still, one block of lines per group. A
-terminal shows at most ``TABLE_GROUP_LIMIT`` groups; JSON and CSV carry every one of them,
-and every column.
+On a terminal the table takes the first of ``SHAPES`` that fits the width (else one block of
+lines per group) and never lets the terminal split a number, a time or a header; in a file
+or a pipe it has its natural width. JSON and CSV carry every group and every column.
 """
 
 from __future__ import annotations
@@ -26,12 +20,9 @@ from rich.table import Table
 from usage.output import outcome
 from usage.output.lines import fit_items, wrap
 from usage.render import number, timestamp
-from usage.repair.verify import describe as describe_mismatch
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
-# The table lists at most this many mismatched hourly keys (JSON carries up to verify's cap).
-VERIFY_LISTED = 20
 # A shortened workspace id keeps at least this many characters (and more when needed to be
 # unique in the table); with at most this many workspaces their full ids are listed below.
 SHORT_WORKSPACE = 8
@@ -40,25 +31,27 @@ LISTED_WORKSPACES = 10
 
 @dataclass(frozen=True)
 class Column:
+    """A column of the table; ``field``: the group's (and totals') number it shows, if any."""
+
     key: str
     header: str
     two_lines: str
-    right: bool
+    field: str = ""
 
 
 COLUMNS = {
     c.key: c
     for c in (
-        Column("workspace", "workspace", "workspace", False),
-        Column("date", "date (UTC)", "date\n(UTC)", False),
-        Column("rows", "rows", "rows", True),
-        Column("before", "input before", "input\nbefore", True),
-        Column("after", "input after", "input\nafter", True),
-        Column("removed", "tokens removed", "tokens\nremoved", True),
-        Column("clamped", "clamped", "clamped", True),
-        Column("keys", "rollup keys", "rollup\nkeys", True),
-        Column("first", "first created_at", "first\ncreated", False),
-        Column("last", "last created_at", "last\ncreated", False),
+        Column("workspace", "workspace", "workspace"),
+        Column("date", "date (UTC)", "date\n(UTC)"),
+        Column("rows", "rows", "rows", "rows"),
+        Column("before", "input before", "input\nbefore", "input_before"),
+        Column("after", "input after", "input\nafter", "input_after"),
+        Column("removed", "tokens removed", "tokens\nremoved", "input_tokens_removed"),
+        Column("clamped", "clamped", "clamped", "clamped_rows"),
+        Column("keys", "rollup keys", "rollup\nkeys", "rollup_keys"),
+        Column("first", "first created_at", "first\ncreated"),
+        Column("last", "last created_at", "last\ncreated"),
     )
 }
 ALL_COLUMNS = tuple(COLUMNS)
@@ -88,32 +81,30 @@ SHAPES = (
 )
 
 # A rule under the header, and nothing else: the plain layout the table always had.
-HEADER_RULE = box.Box(
-    "    \n    \n -  \n    \n    \n    \n    \n    \n",
-    ascii=True,
-)
+HEADER_RULE = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
 
 
 def summary_table(
     document: dict[str, Any], limit: int = TABLE_GROUP_LIMIT, width: int | None = None
 ) -> str:
-    """The dry-run groups (at most ``limit``) and their total, from a result document.
-
-    With a ``width`` (a terminal's) the first shape of ``SHAPES`` that fits it is used, else
-    one block of lines per group; no line is longer than ``width`` and no value is split.
-    """
+    """The dry-run groups (at most ``limit``) and their total, from a result document; with
+    a ``width`` no line is longer and no value is split."""
     groups = document["groups"][:limit]
     group_count = document.get("group_count", len(document["groups"]))
     short = _short_workspaces([str(g["workspace_id"]) for g in groups])
+
+    def values(shape: Shape) -> list[dict[str, str]]:
+        return [*(_values(g, shape, short) for g in groups), _total_values(document, group_count)]
+
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
-        text = _layout(_rows(document, groups, group_count, shape, short), shape)
+        text = _layout([tuple(v[key] for key in shape.columns) for v in values(shape)], shape)
         if width is None or _widest(text) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
             break
     else:
-        lines.extend(_blocks(document, groups, group_count, short, width))
+        lines.extend(_blocks(values(Shape(short_workspace=True, times_of_day=True)), width))
         lines.extend(_shape_notes(None, short, width))
     if group_count > limit:
         lines.extend(
@@ -136,49 +127,26 @@ def _short_workspaces(ids: list[str]) -> dict[str, str]:
     return {i: i[:length] for i in distinct}
 
 
+def _numbers(figures: dict[str, Any]) -> dict[str, str]:
+    return {c.key: number(figures[c.field]) for c in COLUMNS.values() if c.field}
+
+
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
     workspace = str(group["workspace_id"])
     when: Callable[[Any], str] = _time_of_day if shape.times_of_day else timestamp
     return {
         "workspace": short[workspace] if shape.short_workspace else workspace,
         "date": group["date_utc"].isoformat(),
-        "rows": number(group["rows"]),
-        "before": number(group["input_before"]),
-        "after": number(group["input_after"]),
-        "removed": number(group["input_tokens_removed"]),
-        "clamped": number(group["clamped_rows"]),
-        "keys": number(group["rollup_keys"]),
+        **_numbers(group),
         "first": when(group["first_created_at"]),
         "last": when(group["last_created_at"]),
     }
 
 
 def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
-    t = document["totals"]
-    return {
-        "workspace": "TOTAL",
-        "date": f"{number(group_count)} groups",
-        "rows": number(t["rows"]),
-        "before": number(t["input_before"]),
-        "after": number(t["input_after"]),
-        "removed": number(t["input_tokens_removed"]),
-        "clamped": number(t["clamped_rows"]),
-        "keys": number(document["expected_rollup_keys"]),
-        "first": "",
-        "last": "",
-    }
-
-
-def _rows(
-    document: dict[str, Any],
-    groups: list[dict[str, Any]],
-    group_count: int,
-    shape: Shape,
-    short: dict[str, str],
-) -> list[tuple[str, ...]]:
-    rows = [_values(g, shape, short) for g in groups]
-    rows.append(_total_values(document, group_count))
-    return [tuple(row[key] for key in shape.columns) for row in rows]
+    figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
+    date = f"{number(group_count)} groups"
+    return {"workspace": "TOTAL", "date": date, **_numbers(figures), "first": "", "last": ""}
 
 
 def _time_of_day(value: Any) -> str:
@@ -199,7 +167,7 @@ def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
         column = COLUMNS[key]
         table.add_column(
             column.two_lines if shape.two_line_headers else column.header,
-            justify="right" if column.right else "left",
+            justify="right" if column.field else "left",
             vertical="bottom",
             no_wrap=True,
         )
@@ -219,19 +187,10 @@ def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
-def _blocks(
-    document: dict[str, Any],
-    groups: list[dict[str, Any]],
-    group_count: int,
-    short: dict[str, str],
-    width: int | None,
-) -> list[str]:
+def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
     """One block per group: its workspace and day, then its figures, each kept whole."""
-    shape = Shape(short_workspace=True, times_of_day=True)
     lines: list[str] = []
-    for values in [_values(g, shape, short) for g in groups] + [
-        _total_values(document, group_count)
-    ]:
+    for values in rows:
         items = [
             f"{values['workspace']} {values['date']}",
             f"rows {values['rows']}",
@@ -286,10 +245,9 @@ def result_table(
 ) -> str:
     """The result document as the readable text; ``width``: the terminal's (None: any).
 
-    ``groups``: show the table of workspace/day groups (a dry run's, or a run's written to a
-    file); an execute on a terminal shows its outcome instead (``usage.output.outcome``).
-    ``plan_out``: the dry run also saved a plan (the line that says so follows).
-    ``plan_line``: the plan check's outcome. ``signal_name``: the signal that stopped the run.
+    ``groups``: show the workspace/day table (an execute on a terminal shows its outcome
+    instead); ``plan_out``: the dry run also saved a plan; ``plan_line``: the plan check's
+    outcome; ``signal_name``: the signal that stopped the run.
     """
     lines: list[str] = []
     totals = document.get("totals")
@@ -299,23 +257,16 @@ def result_table(
             lines.append(style.SUCCESS("No eligible Codex rows: nothing to do."))
         else:
             if groups:
-                lines.append(summary_table(document, width=width))
-                lines.append("")
+                lines += [summary_table(document, width=width), ""]
             what = "rows would change" if dry_run else "rows were candidates before the run"
             removed = "input tokens removed" if dry_run else "input tokens to remove then"
-            lines.extend(
-                wrap(
-                    f"{number(totals['rows'])} {what}; "
-                    f"{number(totals['input_tokens_removed'])} {removed} "
-                    f"({number(totals['input_before'])} -> "
-                    f"{number(totals['input_after'])}); "
-                    f"{number(totals['clamped_rows'])} clamped to 0; "
-                    f"{number(document['expected_rollup_keys'])} hourly rollup keys "
-                    "to rebuild.",
-                    width,
-                    hanging="",
-                )
+            n = {key: number(value) for key, value in totals.items()}
+            sentence = (
+                f"{n['rows']} {what}; {n['input_tokens_removed']} {removed} "
+                f"({n['input_before']} -> {n['input_after']}); {n['clamped_rows']} clamped to 0; "
+                f"{number(document['expected_rollup_keys'])} hourly rollup keys to rebuild."
             )
+            lines.extend(wrap(sentence, width, hanging=""))
     if dry_run and totals and totals["rows"]:
         lines.extend(outcome.dry_run_lines(document, style, width, plan_out=plan_out))
     if "run_id" in document:
@@ -325,66 +276,7 @@ def result_table(
             )
         )
     if "verify" in document:
-        lines.extend(verify_lines(document["verify"], style, width))
+        lines.extend(outcome.verify_lines(document["verify"], style, width))
     if "run_id" in document:
         lines.extend(outcome.next_step(*outcome.execute_next(document), width))
     return "\n".join(lines)
-
-
-def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
-    """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
-    lines = [
-        line for text in outcome.verify_context(v) for line in wrap(text, width, hanging="  ")
-    ]
-    covered = f" with its chain (runs {_listed(v['runs'])})" if len(v["runs"]) > 1 else ""
-    left = f"{number(v['eligible_rows_left'])} eligible rows left"
-    if v["eligible_rows_expected"] and v["eligible_rows_left"]:
-        left += " (eligible again by design: restored by a revert)"
-    lines.extend(
-        wrap(
-            f"Verify run {v['run_id']}{covered}: {left}; "
-            f"{number(v['mismatched_keys'])} hourly keys differ from a recompute"
-            + (
-                f" (the first {min(len(v['mismatches']), VERIFY_LISTED)} are listed)."
-                if v["mismatched_keys"] > VERIFY_LISTED
-                else "."
-            ),
-            width,
-            hanging="  ",
-        )
-    )
-    for m in v["mismatches"][:VERIFY_LISTED]:
-        lines.append(f"  {describe_mismatch(m)}")
-    for text in _why_keys_differ(v):
-        lines.extend(wrap(text, width, hanging="  "))
-    shown = style.SUCCESS if v["ok"] else style.ERROR
-    lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
-    following = outcome.verify_next(v)
-    if following:
-        lines.extend(wrap(following, width, hanging="  "))
-    return lines
-
-
-def _why_keys_differ(v: dict[str, Any]) -> list[str]:
-    """What the differing keys are due to: the platform's tick still to come, or a rollup
-    function the tool does not know (its sums may be its own)."""
-    said = []
-    waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
-    if waiting:
-        said.append(
-            f"{number(waiting)} of the {number(differing)} differing keys wait for the "
-            "platform's cron tick (others wrote their rows since its watermark, or the key is "
-            "queued): the tick rebuilds them from scratch, so they are not the run's; verify "
-            "again after it to see them equal."
-        )
-    if differing > waiting and v.get("rollup_function") == "unknown":
-        said.append(
-            "The installed rollup function is not a definition this tool knows: it may "
-            "compute the hourly sums otherwise than the documented ones verify compares with "
-            "(see the pre-flight's rollup_function and rollup_path)."
-        )
-    return said
-
-
-def _listed(run_ids: list[int]) -> str:
-    return ", ".join(map(str, run_ids))

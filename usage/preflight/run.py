@@ -1,8 +1,5 @@
-"""Running the pre-flight: every check, read-only, on Django's connection or the target's.
-
-``run_preflight`` runs each check of ``usage.preflight.checks.CHECKS`` in its own savepoint
-of one ``READ ONLY`` transaction that is always rolled back; ``connect_target`` opens the
-pre-flight's own connection (``pytest -m preflight``) with the same limits as Django's.
+"""Running the pre-flight: every check in its own savepoint of one ``READ ONLY`` transaction
+that is always rolled back, on Django's connection or the target's own (``connect_target``).
 """
 
 from __future__ import annotations
@@ -21,19 +18,15 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from usage.db import SQLSTATE_QUERY_CANCELED, error_text, sqlstate
-from usage.preflight.checks import (
-    CHECKS,
-    DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-    LOCK_TIMEOUT_SECONDS,
-    READ_ONLY_SQL,
-    TIMEOUTS_SQL,
-    Check,
-    CheckResult,
-    Context,
-    failed,
-)
+from usage.preflight.catalog import READ_ONLY_SQL, TIMEOUTS_SQL
+from usage.preflight.checks import CHECKS
+from usage.preflight.result import Check, CheckResult, Context, failed
 
 logger = logging.getLogger("usage.preflight")
+
+# Every statement is bounded: the pre-flight may run on a busy production primary.
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
+LOCK_TIMEOUT_SECONDS = 5.0
 
 
 class _LoggingCursor:
@@ -41,33 +34,26 @@ class _LoggingCursor:
 
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
+        self.fetchone, self.fetchall = cursor.fetchone, cursor.fetchall
 
     def execute(self, query: str, params: Any = None) -> Any:
         logger.debug("SQL: %s", " ".join(str(query).split()))
         return self._cursor.execute(query, params)
 
-    def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
-
 
 @contextmanager
-def _read_only_django() -> Iterator[tuple[Any, Callable[[], Any]]]:
-    """Django's default connection: an atomic block (or a savepoint) rolled back at the end."""
+def _read_only(conn: psycopg.Connection | None) -> Iterator[tuple[Any, Callable[[], Any]]]:
+    """A cursor in a transaction (or savepoint) rolled back at the end, and how to nest one:
+    on ``conn``, or on Django's default connection."""
+    if conn is not None:
+        with conn.transaction(force_rollback=True), conn.cursor() as cursor:
+            yield cursor, conn.transaction
+        return
     with transaction.atomic(), connection.cursor() as cursor:
         try:
             yield cursor, transaction.atomic
         finally:
             transaction.set_rollback(True)
-
-
-@contextmanager
-def _read_only_psycopg(conn: psycopg.Connection) -> Iterator[tuple[Any, Callable[[], Any]]]:
-    """A psycopg connection: a transaction (or savepoint) rolled back at the end."""
-    with conn.transaction(force_rollback=True), conn.cursor() as cursor:
-        yield cursor, conn.transaction
 
 
 def run_preflight(
@@ -80,28 +66,23 @@ def run_preflight(
 ) -> list[CheckResult]:
     """Run ``checks`` in one read-only transaction; never writes, always rolls back.
 
-    ``conn`` is a psycopg connection to inspect instead of Django's default connection
-    (the pytest pre-flight uses it to reach the real target, not the test database).
-    ``statement_timeout`` (seconds) bounds every query: counting candidates scans
-    ``task_usage`` when few rows are eligible.
+    ``conn``: a psycopg connection to inspect instead of Django's (the pytest pre-flight's
+    target). ``statement_timeout`` (seconds) bounds every query.
     """
-    session = _read_only_django() if conn is None else _read_only_psycopg(conn)
     results: dict[str, CheckResult] = {}
-    with session as (raw_cursor, savepoint):
+    with _read_only(conn) as (raw_cursor, savepoint):
         raw_cursor.execute(READ_ONLY_SQL)
-        raw_cursor.execute(
-            TIMEOUTS_SQL,
-            {
-                "statement_timeout": f"{round(statement_timeout * 1000)}ms",
-                "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
-            },
-        )
+        milliseconds = {
+            "statement_timeout": f"{round(statement_timeout * 1000)}ms",
+            "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
+        }
+        raw_cursor.execute(TIMEOUTS_SQL, milliseconds)
         ctx = Context(
-            cursor=_LoggingCursor(raw_cursor),
-            cutoff=cutoff,
-            workspace_id=workspace_id,
-            target_schema=settings.CODEX_TARGET_SCHEMA,
-            tool_schema=settings.CODEX_REPAIR_SCHEMA,
+            _LoggingCursor(raw_cursor),
+            cutoff,
+            workspace_id,
+            settings.CODEX_TARGET_SCHEMA,
+            settings.CODEX_REPAIR_SCHEMA,
         )
         for check in checks:
             results[check.name] = _run_one(check, ctx, savepoint, results, statement_timeout)
@@ -118,13 +99,9 @@ def _run_one(
     blocked = [name for name in check.requires if name in earlier and not earlier[name].ok]
     if blocked:
         # Not checked counts as not passed: the pre-flight proves readiness, never assumes it.
-        return CheckResult(
-            check.name,
-            False,
-            f"not checked: needs {', '.join(blocked)}",
-            f"fix {', '.join(blocked)} first, then run the pre-flight again",
-            skipped=True,
-        )
+        names = ", ".join(blocked)
+        fix = f"fix {names} first, then run the pre-flight again"
+        return CheckResult(check.name, False, f"not checked: needs {names}", fix, skipped=True)
     started = time.monotonic()
     try:
         with savepoint():
@@ -144,13 +121,9 @@ def _run_one(
 
 
 def connect_target() -> psycopg.Connection:
-    """A separate connection to the database the tool targets, for ``pytest -m preflight``.
-
-    ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database,
-    which Django's default connection points at during the tests). ``run_preflight`` keeps
-    everything on it inside a read-only transaction. It has the same limits as Django's
-    connection: ``CODEX_CONNECT_TIMEOUT`` and the server-side timeouts.
-    """
+    """A separate connection to the database the tool targets, for ``pytest -m preflight``:
+    ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database),
+    with the same limits as Django's connection."""
     limits = settings.CODEX_CONNECTION_LIMITS
     options: dict[str, Any] = {
         "autocommit": True,

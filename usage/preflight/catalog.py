@@ -1,0 +1,172 @@
+"""What the pre-flight expects of the database (tables, columns and their types, indexes,
+the queue's key) and the read-only queries that look; values always as bound parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from usage import db, eligibility
+
+# All tables the repair and the rollup function touch; the dirty queue is read by the latter.
+PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
+
+_TIMESTAMPTZ = "timestamp with time zone"
+_KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
+_TOKENS = "input_tokens output_tokens cache_read_tokens cache_write_tokens"
+# The queue's key, in the order of its unique constraint.
+QUEUE_KEY_COLUMNS = tuple(_KEY.split())
+# Table -> the columns the tool (or the rollup it calls) reads or writes; their types follow
+# from their names (``expected_type``).
+EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
+    table: tuple(columns.split())
+    for table, columns in {
+        "task_usage": f"id task_id provider model {_TOKENS} created_at updated_at cost_usd_ticks",
+        "agent_task_queue": "id agent_id runtime_id issue_id",
+        "agent": "id workspace_id",
+        "issue": "id project_id",
+        "task_usage_hourly": f"{_KEY} {_TOKENS} cost_usd_ticks task_count event_count",
+        "task_usage_hourly_dirty": f"{_KEY} enqueued_at",
+        "task_usage_hourly_rollup_state": "id watermark_at last_run_started_at",
+    }.items()
+}
+# Types that behave the same for the tool's queries.
+_EQUIVALENT_TYPES = {"text": ("text", "character varying")}
+
+
+def expected_type(table: str, column: str) -> str:
+    if table == "task_usage_hourly_rollup_state" and column == "id":
+        return "smallint"
+    if column == "id" or column.endswith("_id"):
+        return "uuid"
+    if column == "bucket_hour" or column.endswith("_at"):
+        return _TIMESTAMPTZ
+    return "text" if column in ("provider", "model") else "bigint"
+
+
+def type_matches(actual: str, expected: str) -> bool:
+    return any(
+        actual == name or actual.startswith(name + "(")
+        for name in _EQUIVALENT_TYPES.get(expected, (expected,))
+    )
+
+
+@dataclass(frozen=True)
+class IndexNeed:
+    """An index the tool relies on, judged by its leading key column."""
+
+    table: str
+    column: str
+    unique: bool
+    why: str
+
+
+REQUIRED_INDEXES = (
+    IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
+    IndexNeed("task_usage", "task_id", False, "the rollup probes usage rows per task"),
+    IndexNeed("task_usage", "created_at", False, "legacy rows are found by created_at"),
+    IndexNeed("task_usage", "updated_at", False, "the rollup window selects by updated_at"),
+    IndexNeed("agent_task_queue", "id", True, "usage rows join their task"),
+    IndexNeed("agent", "id", True, "tasks join their agent"),
+    IndexNeed("issue", "id", True, "tasks join their issue for the project"),
+)
+
+READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
+# Transaction-local (third argument true): they end with the pre-flight's transaction.
+TIMEOUTS_SQL = """
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('lock_timeout', %(lock_timeout)s, true)"""
+
+# The queue's unique constraint the tool's upserts name, and its shape.
+QUEUE_CONSTRAINT_SQL = """
+SELECT c.contype, i.indnullsnotdistinct,
+       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             ORDER BY k.n)
+FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
+# Columns of the queue an insert of the key and enqueued_at alone would leave NULL.
+QUEUE_REQUIRED_COLUMNS_SQL = """
+SELECT a.attname FROM pg_attribute a
+WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+  AND a.attname <> ALL(%(columns)s::text[])"""
+PENDING_ROLLUPS_SQL = """
+SELECT id FROM {run}
+WHERE rollup_state = 'pending' AND status NOT IN ('running', 'reverted')
+ORDER BY id"""
+CRON_STATE_SQL = """
+SELECT s.watermark_at, s.last_run_started_at, s.last_error, now(),
+       to_regprocedure(%(cron)s) IS NOT NULL
+FROM (SELECT 1) one LEFT JOIN {task_usage_hourly_rollup_state} s ON s.id = 1"""
+SERVER_VERSION_SQL = (
+    "SELECT current_setting('server_version_num')::int, current_setting('server_version')"
+)
+PRIMARY_SQL = "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
+COLUMNS_SQL = """
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
+  AND a.attnum > 0 AND NOT a.attisdropped"""
+ROLLUP_FUNCTION_DETAILS_SQL = """
+SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
+FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
+LEFT JOIN pg_proc p ON p.oid = f.oid"""
+ROLLUP_FUNCTION_OVERLOADS_SQL = """
+SELECT p.oid::regprocedure::text
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %(schema)s AND p.proname = %(name)s
+ORDER BY 1"""
+# One row per index of the listed tables: its leading key column and whether it is usable.
+INDEXES_SQL = """
+SELECT t.relname, ic.relname, a.attname,
+       i.indisunique, i.indnkeyatts, i.indisvalid AND i.indisready, i.indpred IS NOT NULL,
+       am.amname
+FROM pg_index i
+JOIN pg_class t ON t.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
+WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
+APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
+DATABASE_NOW_SQL = "SELECT now()"
+WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
+COUNT_CANDIDATES_SQL = """
+SELECT count(*) FROM (
+    SELECT 1 FROM {eligible_from} WHERE {eligible_where} LIMIT %(cap)s
+) capped"""
+JOURNALED_SQL = "SELECT EXISTS (SELECT 1 FROM {journal} WHERE reverted_at IS NULL)"
+
+# The eligibility definition with its cutoff comparison turned around, from the same named
+# parts: Codex rows with cached input, last written in [cutoff, window end), not repaired by
+# this tool. Written so that the updated_at index and the legacy created_at index serve it.
+_AFTER_CUTOFF_TEST = """(
+        (tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
+        OR (tu.updated_at IS NULL
+            AND tu.created_at >= %(cutoff)s AND tu.created_at < %(window_end)s))"""
+_BEFORE_WINDOW_TEST = """(
+        tu.updated_at >= %(window_start)s
+        OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
+WRITTEN_AFTER_CUTOFF_WHERE = f"""{eligibility.CODEX_WITH_CACHED_INPUT}
+    AND {_AFTER_CUTOFF_TEST}
+    AND {eligibility.NOT_REPAIRED}
+    AND {eligibility.SCOPE_WHERE}"""
+CUTOFF_NEIGHBOURHOOD_SQL = f"""
+WITH before_cutoff AS (
+    SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
+    FROM {{eligible_from}}
+    WHERE {{eligible_where}} AND {_BEFORE_WINDOW_TEST}
+    LIMIT %(sample)s
+), after_cutoff AS (
+    SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
+    FROM {{eligible_from}}
+    WHERE {WRITTEN_AFTER_CUTOFF_WHERE}
+    LIMIT %(sample)s
+)
+SELECT (SELECT count(*) FROM before_cutoff),
+       (SELECT count(*) FROM before_cutoff WHERE looks_unnormalized),
+       (SELECT count(*) FROM after_cutoff),
+       (SELECT count(*) FROM after_cutoff WHERE looks_unnormalized)"""
