@@ -65,21 +65,15 @@ def repair_log(logger: logging.Logger, current: Callable[[], Any]) -> Progress:
             fields["rows_planned"] = d["rows"]
         elif event == "batch":
             b = d["batch"]
-            level, message = (
-                logging.DEBUG,
-                (
-                    f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
-                    f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s"
-                ),
+            level = logging.DEBUG
+            message = (
+                f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
+                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s"
             )
-            fields.update(
-                batch=b.number,
-                **pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size"),
-                seconds=round(b.seconds, 6),
-                rows_done=result.rows_updated,
-                rows_planned=result.rows_planned,
-                retry=b.retry,
-            )
+            counts = pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size")
+            fields.update(batch=b.number, **counts, seconds=round(b.seconds, 6))
+            fields.update(rows_done=result.rows_updated, rows_planned=result.rows_planned)
+            fields["retry"] = b.retry
         elif event == "paused" and d["seconds"] is not None:
             level, name, message = logging.DEBUG, "pause", f"pause {d['seconds']:.3f}s"
             fields = {"reason": "sleep", "seconds": d["seconds"]}
