@@ -18,8 +18,7 @@ def log_event(logger: logging.Logger, level: int, event: str, message: str, **fi
 def event_line(
     level: str, event: str, message: str, fields: dict[str, Any], created: float | None = None
 ) -> str:
-    """One event as one line of JSON: time, level, event, message, then the event's fields
-    (the library's log records and the commands' own lines alike)."""
+    """One event as one line of JSON: time, level, event, message, then its fields."""
     when = datetime.now() if created is None else datetime.fromtimestamp(created)
     document: dict[str, Any] = {
         "time": when.astimezone().isoformat(),
@@ -32,8 +31,7 @@ def event_line(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log record (``event_line``); a record without an event of its
-    own is a ``log`` event."""
+    """One JSON object per log record (``event_line``); one without an event is a ``log``."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = dict(getattr(record, "fields", {}))

@@ -1,9 +1,6 @@
-"""The repair: rewrite the eligible Codex rows once, in short keyset batches, with a journal.
-
-``Repair`` is the chunk engine's forward strategy (``batching.Chunks``): a snapshot of the
-candidates numbered in a session temp table, batches that lock, re-check, journal and update
-their rows in one statement, then the rebuild of the hourly keys the run touched.
-"""
+"""The repair, the chunk engine's forward strategy: the candidates numbered in a temp table,
+batches that lock, re-check, journal and update their rows in one statement, then the rebuild
+of the hourly keys the run touched."""
 
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from usage.db import check_target, database_now, drop_temp_table, error_text, se
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Events, Progress, no_progress, pick, repair_log
+from usage.repair.progress import Progress, no_progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -36,57 +33,45 @@ WORDS = batching.BatchWords(
     kept="the work done so far is kept: re-run later",
     retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
 )
-# The events the progress callback is given (the others are the log's alone).
-SHOWN = frozenset({"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"})
-# The run record's fields for the rollup's path.
 RECORD_PATH = {
     "path": "rollup_path",
     "function": "rollup_function",
     "fingerprint": "rollup_fingerprint",
     "reason": "rollup_path_reason",
 }
-# After a failure or a stop, counting the rows still eligible may take this long at most.
-REMAINING_COUNT_TIMEOUT_SECONDS = 60.0
+REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
 
-# The snapshot: the candidates numbered in physical order (``ctid``: a batch rewrites a few
-# neighbouring heap pages, 35 s instead of 48 s at 1,000,000 rows), each with its hourly key's
-# rank in the key order, which decides its stamp (STAMP). CREATE TABLE AS may use parallel
-# workers (an INSERT may not); it is indexed once full.
+# The candidates in physical order (``ctid``: a batch rewrites neighbouring heap pages, 35 s
+# instead of 48 s at 1,000,000 rows), with their key's rank, which decides the stamp (STAMP).
+# CREATE TABLE AS may use parallel workers (an INSERT may not).
 SNAPSHOT_KEY_ORDER = "{bucket_hour}, q.agent_id, q.runtime_id, i.project_id, tu.provider, tu.model"
 CREATE_WORK_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_backfill_work (seq, id, tid, rank) ON COMMIT PRESERVE ROWS AS
-SELECT row_number() OVER (ORDER BY tu.ctid),
-       tu.id,
-       tu.ctid,
+SELECT row_number() OVER (ORDER BY tu.ctid), tu.id, tu.ctid,
        dense_rank() OVER (ORDER BY {SNAPSHOT_KEY_ORDER})
 FROM {{eligible_from}}
 LEFT JOIN {{issue}} i ON i.id = q.issue_id
 WHERE {{eligible_where}}"""
 INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
-# The hourly keys of the snapshot (the highest rank): the stamp policy spreads them.
 WORK_TABLE_KEYS_SQL = f"SELECT coalesce(max(rank), 0) FROM {WORK_TABLE}"
 
-# The updated_at a batch writes (usage.cron.StampPolicy): the run's top stamp less the row's
-# key rank spread over the microseconds there are. The journal's repaired_at keeps the time.
+# The updated_at a batch writes (usage.cron.StampPolicy): the run's top stamp less the key's
+# rank spread over the microseconds there are.
 STAMP = (
     "%(stamp_top)s - ((w.rank - 1) * %(stamp_slots)s / %(stamp_keys)s) * interval '1 microsecond'"
 )
 
-# One batch: lock, re-check, journal and update in one statement (an update never exists
-# without its journal entry). ``{selector}`` picks the batch's rows from the snapshot and
-# ``{find}`` finds each in task_usage (RANGE_BATCH, RETRY_BATCH). The re-check is the row's
-# own part of the eligibility; the snapshot applied the workspace scope, which cannot change.
+# One batch: lock, re-check the row's own eligibility, journal and update in one statement
+# (an update never exists without its journal entry).
 BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
-    FROM {WORK_TABLE} w
-    JOIN {{task_usage}} tu ON {{find}}
-    WHERE {{selector}}
-      AND {{row_eligible_where}}
+    FROM {WORK_TABLE} w JOIN {{task_usage}} tu ON {{find}}
+    WHERE {{selector}} AND {{row_eligible_where}}
     ORDER BY w.seq
     {{limit}}
     FOR NO KEY UPDATE OF tu SKIP LOCKED
@@ -98,30 +83,22 @@ journaled AS (
     )
     SELECT %(run_id)s, l.id, l.input_tokens, l.updated_at,
            greatest(l.input_tokens - l.cache_read_tokens, 0), l.cache_read_tokens, l.stamp, now()
-    FROM locked l
-    RETURNING usage_id
+    FROM locked l RETURNING usage_id
 ),
 updated AS (
-    UPDATE {{task_usage}} tu
-    SET input_tokens = {{corrected_input}}, updated_at = l.stamp
-    FROM locked l
-    WHERE tu.id = l.id
+    UPDATE {{task_usage}} tu SET input_tokens = {{corrected_input}}, updated_at = l.stamp
+    FROM locked l WHERE tu.id = l.id
     RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
               l.input_tokens < l.cache_read_tokens AS clamped,
               l.stamp
 )
-SELECT (SELECT count(*) FROM journaled),
-       count(*),
-       coalesce(sum(removed), 0)::bigint,
-       count(*) FILTER (WHERE clamped),
-       min(stamp),
-       max(stamp)
+SELECT (SELECT count(*) FROM journaled), count(*), coalesce(sum(removed), 0)::bigint,
+       count(*) FILTER (WHERE clamped), min(stamp), max(stamp)
 FROM updated"""
 
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
-# A range of the snapshot's numbering, found where the snapshot saw it (``ctid``, the id
-# checked: a row written since has moved and is left to the retry), or (a retry) the next
-# rows of the snapshot still eligible, found by id.
+# A range of the snapshot, found where it saw each row (one written since has moved: the
+# retry finds it), or (a retry) the next rows of the snapshot still eligible, found by id.
 RANGE_BATCH = {
     "selector": "w.seq > %(after)s AND w.seq <= %(upto)s",
     "limit": "",
@@ -130,14 +107,12 @@ RANGE_BATCH = {
 RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s", "find": "tu.id = w.id"}
 
 REMAINING_IN_WORK_SQL = f"""
-SELECT count(*)
-FROM {WORK_TABLE} w
-JOIN {{task_usage}} tu ON tu.id = w.id
+SELECT count(*) FROM {WORK_TABLE} w JOIN {{task_usage}} tu ON tu.id = w.id
 WHERE {{row_eligible_where}}"""
 
 
 class BackfillError(batching.RunError):
-    """The repair stopped; the message says what to do. The run record says what was done."""
+    """The repair stopped; the message says what to do."""
 
     result: ExecuteResult | None
 
@@ -150,8 +125,7 @@ class ExecuteOptions(batching.RunLimits):
     rebuild_rollup: bool = True
     max_replication_lag: float | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
-    # A saved plan's check (``usage.plan``), once the snapshot is taken and before the run
-    # record exists: it raises to refuse the run, or returns fields for the record.
+    # A saved plan's check (``usage.plan``) of the snapshot: it raises, or returns record fields.
     check_snapshot: Callable[[], dict[str, Any]] | None = None
 
 
@@ -165,7 +139,6 @@ class ExecuteResult(batching.RunResult):
     rollup: rollup.RollupResult | None = None
     update_seconds: float = 0.0
     stamp: cron.StampPolicy | None = None
-    # The earliest and the latest updated_at the run wrote.
     stamp_first: datetime | None = None
     stamp_last: datetime | None = None
 
@@ -183,27 +156,21 @@ class ExecuteResult(batching.RunResult):
 class Repair(batching.Chunks):
     """One execute run, the engine's forward strategy. Use ``execute_backfill``."""
 
-    words = WORDS
-    logger = logger
-    error = BackfillError
+    words, logger, error, log_view = WORDS, logger, BackfillError, staticmethod(repair_log)
+    shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     result: ExecuteResult
 
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(
-            options, stop, Events(progress, SHOWN, repair_log(logger, lambda: self.result))
-        )
+        super().__init__(options, stop, progress)
         self.options = options
         self.params = eligible_params(options.cutoff, options.workspace_id)
-        # Snapshot rows a range batch did not update (locked, or no longer eligible): while
-        # it is 0, counting what is left of the snapshot can be skipped.
-        self.range_shortfall = 0
+        self.range_shortfall = 0  # snapshot rows a range batch did not update
 
     def run(self) -> ExecuteResult:
         check_target()
         options = self.options
         ensure_cutoff_in_past(options.cutoff, database_now())
-        # The path, and every privilege the run needs to finish, before it writes: a role
-        # that could repair rows but not rebuild their keys would leave keys wrong.
+        # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
         own = path is not None and path.own
         self.refuse_missing_privileges(
@@ -255,8 +222,6 @@ class Repair(batching.Chunks):
             cursor.execute(WORK_TABLE_KEYS_SQL)
             return planned, int(cursor.fetchone()[0])
 
-    # -- the batches (the engine's strategy) ------------------------------------------------
-
     def _update_phase(self, planned: int) -> None:
         started = time.monotonic()
         result = self.result
@@ -295,7 +260,7 @@ class Repair(batching.Chunks):
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
 
     def locked(self) -> int:
-        """The snapshot's rows still eligible (none to count while every range was whole)."""
+        """The snapshot's rows still eligible (none while every range batch was whole)."""
         if not self.range_shortfall:
             return 0
         with connection.cursor() as cursor:
@@ -332,8 +297,6 @@ class Repair(batching.Chunks):
         else:
             self._finish_after_error(message)
         return message
-
-    # -- the rollup and the end of the run ---------------------------------------------------
 
     def _rebuild_rollup(self) -> None:
         """Rebuild the hourly keys of this run's rows and of earlier runs that died first."""
@@ -417,8 +380,8 @@ class Repair(batching.Chunks):
         return result
 
     def _count_remaining(self) -> str:
-        """Count the rows still eligible after a failure or a stop (on a fresh connection if
-        the run's died); "" once counted, else a note for the error (and an upper bound)."""
+        """Count the rows still eligible after a failure or a stop; "" once counted, else a
+        note for the error (and an upper bound)."""
         result = self.result
         try:
             db.reconnect_if_dead()
@@ -459,5 +422,5 @@ def execute_backfill(
     stop: threading.Event | None = None,
     progress: Progress = no_progress,
 ) -> ExecuteResult:
-    """Repair the eligible rows and rebuild their rollup, reporting each event to ``progress``."""
+    """Repair the eligible rows and rebuild their rollup, reporting to ``progress``."""
     return Repair(options, stop or batching.StopRequests(), progress).run()

@@ -1,16 +1,13 @@
-"""The chunk engine the repair and the revert share, in the manner of Zulip's retention.py.
-
-``Chunks`` walks a keyset in short batches, each one transaction with local timeouts; a
-direction's strategy (``backfill.Repair``, ``revert.Revert``) says what a batch moves. One
-batch type, one result, one error, one place for timeouts, halving and retries.
-"""
+"""The chunk engine the repair and the revert share, in the manner of Zulip's retention.py:
+``Chunks`` walks a keyset in short batches, one transaction each, and a direction's strategy
+(``backfill.Repair``, ``revert.Revert``) says what a batch moves."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -29,7 +26,7 @@ from usage.db import (
 )
 from usage.models import BackfillRun
 from usage.repair import rollup
-from usage.repair.progress import Events
+from usage.repair.progress import Events, Progress
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
@@ -46,8 +43,7 @@ def default_lock_retry_delays() -> tuple[float, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class RunLimits:
-    """How a run may use the database: its batches, their server-side timeouts, the rollup's
-    hold of lock 4246 and the platform's cron tick."""
+    """How a run may use the database: batches, timeouts, the rollup's hold, the cron tick."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
@@ -55,17 +51,14 @@ class RunLimits:
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
-    # "auto" (the own recompute for a function definition the tool knows, proven by each
-    # run; the platform's function otherwise) or "function".
-    rollup_path: str = "auto"
+    rollup_path: str = "auto"  # or "function"
 
     def neighbours(self) -> rollup.NeighbourOptions:
         return rollup.NeighbourOptions(tick_interval=self.cron_tick_interval)
 
 
 class RunError(Exception):
-    """A run could not start, or stopped; the message says what to do. ``result`` is what
-    the run did, when it did anything."""
+    """A run could not start, or stopped; ``result`` is what it did, if anything."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
@@ -95,13 +88,12 @@ class Batch:
     seconds: float
     retry: bool = False
     rows: int = 0  # repaired, or restored
-    # The repair's: its figures and the first and last updated_at it wrote.
+    # The repair's figures, and the first and last updated_at it wrote.
     input_tokens_removed: int = 0
     clamped_rows: int = 0
     first_stamp: datetime | None = None
     last_stamp: datetime | None = None
-    # The revert's: journal entries read, hourly keys queued (with their agents' tasks, when),
-    # and the entries a writer held.
+    # The revert's: journal entries read, keys queued, their agents' tasks, entries held.
     entries: int = 0
     keys_enqueued: int = 0
     tasks: int = 0
@@ -133,8 +125,7 @@ class RunResult:
 
 
 class StopRequests(threading.Event):
-    """A stop flag that counts its requests (signals): the first stops the batches, a later
-    one (once the rollup has begun) stops the rollup between slices."""
+    """A stop flag counting its requests: a second one (in the rollup) stops the rollup."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,17 +137,20 @@ class StopRequests(threading.Event):
 
 
 class Chunks:
-    """The keyset batch loop; a subclass is one direction's strategy: it sets ``result`` and
-    implements ``move`` (one batch's statement), ``locked`` and ``retry_pass`` (rows a writer
-    held) and ``ended`` (how a failed run ends), and may ``settle`` a batch or ``pause``."""
+    """The keyset batch loop; a subclass, one direction's strategy, sets ``result`` and
+    implements the methods that raise ``NotImplementedError`` here."""
 
     words: ClassVar[BatchWords]
     logger: ClassVar[logging.Logger]
     error: ClassVar[type[RunError]] = RunError
+    # The events the progress callback is given (the others are the log view's alone).
+    shown: ClassVar[Collection[str]]
+    log_view: ClassVar[Callable[[logging.Logger, Callable[[], Any]], Progress]]
     result: Any
 
-    def __init__(self, limits: RunLimits, stop: threading.Event, events: Events) -> None:
-        self.limits, self.stop, self.events = limits, stop, events
+    def __init__(self, limits: RunLimits, stop: threading.Event, progress: Progress) -> None:
+        self.limits, self.stop = limits, stop
+        self.events = Events(progress, self.shown, self.log_view(self.logger, lambda: self.result))
         self.size = limits.batch_size
         self.timeouts = 0
 
@@ -171,7 +165,7 @@ class Chunks:
         raise NotImplementedError
 
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
-        """Record how a run that failed ended; return the message its error carries."""
+        """Record how a failed run ended; return the message its error carries."""
         raise NotImplementedError
 
     def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
@@ -181,12 +175,11 @@ class Chunks:
         """Between two range batches."""
 
     def record(self, **fields: Any) -> None:
-        """The run's progress on its record, as it goes (the admin shows it)."""
         BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
 
     def quietly(self, action: Callable[[], Any], warning: str, *args: Any) -> None:
-        """``action`` on the way out of a failed run (on a fresh connection if the run's own
-        died); its failure is a warning, never a mask on the run's own error."""
+        """``action`` on the way out of a failed run (on a fresh connection if need be); its
+        failure is a warning, never a mask on the run's own error."""
         try:
             reconnect_if_dead()
             action()
@@ -229,8 +222,8 @@ class Chunks:
         return 0 if self.stop.is_set() else self.retry_locked()
 
     def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
-        """One batch in its own transaction, reported once; None when it timed out (it rolled
-        back whole and the size was halved: try again)."""
+        """One batch in its own transaction, reported once; None when it timed out (rolled
+        back, the size halved: try again)."""
         size, started = self.size, time.monotonic()
         try:
             with transaction.atomic(), connection.cursor() as cursor:
@@ -269,8 +262,7 @@ class Chunks:
         return True
 
     def retry_locked(self) -> int:
-        """Give rows a writer held a few more chances once it lets go; return how many stay
-        locked. Before each pause the rows still locked are counted: none, or a stop, ends it."""
+        """Give rows a writer held a few more chances; return how many stay locked."""
         for delay in self.limits.lock_retry_delays:
             locked = self.locked()
             if locked == 0 or self.stop.is_set():
@@ -286,15 +278,13 @@ class Chunks:
         (``ended``), and the run's error is raised with its result."""
         try:
             phase()
-        except BatchTimeoutError as exc:
-            message = self.ended(str(exc), salvage=True, timed_out=True)
-            raise self.error(message, self.result) from None
-        except rollup.RollupError as exc:
-            message = self.ended(str(exc), salvage=False, timed_out=False)
-            raise self.error(message, self.result) from exc
-        except BaseException as exc:
-            message = self.ended(describe_failure(exc), salvage=True, timed_out=False)
-            raise self.error(message, self.result) from exc
+        except BaseException as exc:  # noqa: BLE001 - raised again as the run's error
+            timed_out = isinstance(exc, BatchTimeoutError)
+            salvage = not isinstance(exc, rollup.RollupError)
+            known = timed_out or not salvage
+            failure = str(exc) if known else describe_failure(exc)
+            message = self.ended(failure, salvage=salvage, timed_out=timed_out)
+            raise self.error(message, self.result) from (None if timed_out else exc)
         finally:
             cleanup()
 

@@ -1,12 +1,8 @@
-"""How a run reports what happens: one stream of events, each emitted once.
-
-Its subscribers are the run's log (``usage.events``) and the ``Progress`` callback a command
-passes to draw its bars, as Django's ``migrate`` passes one to its executor.
-"""
+"""How a run reports what happens: one stream of events, each emitted once, to the run's log
+view and to the ``Progress`` callback a command passes to draw its bars."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
@@ -17,14 +13,9 @@ from usage.models import BackfillRun
 
 
 class Progress(Protocol):
-    """``progress(event, **details)``; a callback ignores what it does not show.
-
-    The repair's events: ``started`` (``run``), ``stamping`` (``policy``), ``rollup_path``
-    (``path``, ``function``, ``fingerprint``, ``reason``), ``planned`` (``rows``), ``batch``
-    (``batch``, ``result``), ``paused`` (``reason``, ``seconds``), ``stamped`` (``first``,
-    ``last``) and ``rollup_slice`` (``piece``, ``done``, ``total``). The revert's:
-    ``started`` (``result``), ``batch`` and ``rollup_slice``.
-    """
+    """``progress(event, **details)``; a callback ignores what it does not show. The events
+    and their details are those the log views below read (and ``rollup_slice``: ``piece``,
+    ``done``, ``total``)."""
 
     def __call__(self, event: str, /, **details: Any) -> None: ...
 
@@ -34,8 +25,8 @@ def no_progress(event: str, /, **details: Any) -> None:
 
 
 class Events:
-    """A run's event stream: each event goes once to each subscriber, in order, and to the
-    progress callback when it is one of ``shown`` (the others are the log's alone)."""
+    """A run's event stream: each event to each subscriber, then to the progress callback
+    when it is one of ``shown``."""
 
     def __init__(self, progress: Progress, shown: Collection[str], *subscribers: Progress) -> None:
         self.progress, self.shown, self.subscribers = progress, shown, subscribers
@@ -59,57 +50,53 @@ def repair_log(logger: logging.Logger, current: Callable[[], Any]) -> Progress:
     def log(event: str, /, **d: Any) -> None:
         result = current()
         run_id = result.run.pk
-        line = functools.partial(log_event, logger)
+        level, name, fields = logging.INFO, event, {"run_id": run_id}
         if event == "started":
-            line(logging.INFO, "start", f"run {run_id} started", run_id=run_id)
+            name, message = "start", f"run {run_id} started"
         elif event == "stamping":
-            p = d["policy"]
-            fields = pick(p, "stamp", "watermark_at", "first", "top", "keys")
-            line(logging.INFO, "stamp", p.reason, run_id=run_id, **fields)
+            name, message = "stamp", d["policy"].reason
+            fields.update(pick(d["policy"], "stamp", "watermark_at", "first", "top", "keys"))
         elif event in ("rollup_path", "path_changed"):
             level = logging.INFO if event == "rollup_path" else logging.WARNING
-            fields = {k: v for k, v in d.items() if k != "reason"}
-            line(level, "rollup_path", d["reason"], run_id=run_id, **fields)
+            name, message = "rollup_path", d.pop("reason")
+            fields.update(d)
         elif event == "planned":
             message = f"run {run_id}: {d['rows']} candidate rows"
-            line(logging.INFO, "planned", message, run_id=run_id, rows_planned=d["rows"])
+            fields["rows_planned"] = d["rows"]
         elif event == "batch":
             b = d["batch"]
-            line(
-                logging.DEBUG,
-                "batch",
+            level = logging.DEBUG
+            message = (
                 f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
-                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s",
-                run_id=run_id,
-                batch=b.number,
-                **pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size"),
-                seconds=round(b.seconds, 6),
-                rows_done=result.rows_updated,
-                rows_planned=result.rows_planned,
-                retry=b.retry,
+                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s"
             )
+            counts = pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size")
+            fields.update(batch=b.number, **counts, seconds=round(b.seconds, 6))
+            fields.update(rows_done=result.rows_updated, rows_planned=result.rows_planned)
+            fields["retry"] = b.retry
         elif event == "paused" and d["seconds"] is not None:
-            seconds = d["seconds"]
-            line(logging.DEBUG, "pause", f"pause {seconds:.3f}s", reason="sleep", seconds=seconds)
+            level, name, message = logging.DEBUG, "pause", f"pause {d['seconds']:.3f}s"
+            fields = {"reason": "sleep", "seconds": d["seconds"]}
         elif event == "paused":
-            reason = d["reason"]
-            line(
-                logging.INFO, "pause", f"paused: {reason}", reason="replication_lag", detail=reason
-            )
+            name, message = "pause", f"paused: {d['reason']}"
+            fields = {"reason": "replication_lag", "detail": d["reason"]}
         elif event == "stamped":
             first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
             message = f"run {run_id} wrote stamps from {first} to {last}"
-            line(logging.INFO, "stamped", message, run_id=run_id, **d)
+            fields.update(d)
         elif event == "end":
-            status, error = d["status"], d["error"]
-            level = logging.INFO if status == BackfillRun.Status.SUCCEEDED else logging.WARNING
+            if d["status"] != BackfillRun.Status.SUCCEEDED:
+                level = logging.WARNING
             message = (
-                f"run {run_id} {status}: {result.rows_updated} rows updated, "
+                f"run {run_id} {d['status']}: {result.rows_updated} rows updated, "
                 f"{result.rows_remaining} remaining"
             )
             counts = ("rows_planned", "rows_updated", "rows_remaining")
             figures = pick(result, *counts, "input_tokens_removed", "clamped_rows")
-            line(level, "end", message, run_id=run_id, status=status, **figures, error=error)
+            fields.update(status=d["status"], **figures, error=d["error"])
+        else:
+            return
+        log_event(logger, level, name, message, **fields)
 
     return log
 

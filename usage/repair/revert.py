@@ -1,9 +1,6 @@
-"""Undoing one execute run from its journal: rows back as they were, their keys rebuilt.
-
-``Revert`` is the chunk engine's backward strategy (``batching.Chunks``): it walks the run's
-journal by id, restores a row only while it is still exactly what the run left, and has the
-keys each batch queued rebuilt right after it (``usage.repair.rollup.RevertDrains``).
-"""
+"""Undoing one execute run, the chunk engine's backward strategy: its journal walked by id,
+a row restored only while still exactly what the run left, the keys of each batch rebuilt
+right after it (``rollup.RevertDrains``)."""
 
 from __future__ import annotations
 
@@ -26,8 +23,9 @@ from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Events, Progress, no_progress, revert_log
+from usage.repair.progress import Progress, no_progress, revert_log
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
+from usage.repair.verify import KEY, ROW_KEY
 
 logger = logging.getLogger("usage.revert")
 
@@ -40,17 +38,15 @@ WORDS = batching.BatchWords(
     kept="the rows restored so far stay restored: run the same revert again later",
     retrying="revert batch timed out; retrying with %(size)d entries",
 )
-# The events the progress callback is given (the others are the log's alone).
-SHOWN = frozenset({"started", "batch", "rollup_slice"})
 REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
-
+KEY_LIST = ", ".join(KEY)
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
 UNCHANGED = """(tu.id IS NOT NULL
         AND tu.input_tokens = j.new_input_tokens
         AND tu.updated_at IS NOT DISTINCT FROM j.new_updated_at)"""
 
-# The task count of every agent the run's rows belong to: a key's rollup cost grows with it.
+# The task count of each agent of the run's rows: a key's rollup cost grows with it.
 AGENT_TASKS_TABLE = "pg_temp.codex_revert_agent_tasks"
 CREATE_AGENT_TASKS_SQL = """
 CREATE TEMP TABLE codex_revert_agent_tasks ON COMMIT PRESERVE ROWS AS
@@ -58,8 +54,7 @@ SELECT q.agent_id, count(*) AS tasks
 FROM {agent_task_queue} q
 WHERE q.agent_id IN (
     SELECT uq.agent_id
-    FROM {journal} j
-    JOIN {task_usage} tu ON tu.id = j.usage_id
+    FROM {journal} j JOIN {task_usage} tu ON tu.id = j.usage_id
     JOIN {agent_task_queue} uq ON uq.id = tu.task_id
     WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL
 )
@@ -76,34 +71,25 @@ WITH batch AS MATERIALIZED (
     SELECT j.id, j.usage_id, j.old_input_tokens, j.old_updated_at,
            j.new_input_tokens, j.new_updated_at
     FROM {{journal}} j
-    WHERE {{selector}}
-      AND j.run_id = %(run_id)s
-      AND j.reverted_at IS NULL
+    WHERE {{selector}} AND j.run_id = %(run_id)s AND j.reverted_at IS NULL
 ),
 locked AS MATERIALIZED (
     SELECT j.id AS journal_id, tu.id AS usage_id, j.old_input_tokens, j.old_updated_at
-    FROM batch j
-    JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    FROM batch j JOIN {{task_usage}} tu ON tu.id = j.usage_id
     WHERE {UNCHANGED}
     FOR NO KEY UPDATE OF tu SKIP LOCKED
 ),
 restored AS (
-    UPDATE {{task_usage}} tu
-    SET input_tokens = l.old_input_tokens, updated_at = l.old_updated_at
-    FROM locked l
-    WHERE tu.id = l.usage_id
+    UPDATE {{task_usage}} tu SET input_tokens = l.old_input_tokens, updated_at = l.old_updated_at
+    FROM locked l WHERE tu.id = l.usage_id
     RETURNING l.journal_id, tu.task_id, tu.provider, tu.model, tu.created_at
 ),
 marked AS (
-    UPDATE {{journal}} j
-    SET reverted_at = now()
-    FROM restored r
-    WHERE j.id = r.journal_id
+    UPDATE {{journal}} j SET reverted_at = now() FROM restored r WHERE j.id = r.journal_id
     RETURNING j.id
 ),
 restored_keys AS (
-    SELECT DISTINCT {{bucket_hour}} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
+    SELECT DISTINCT {ROW_KEY}
     FROM restored tu
     JOIN {{agent_task_queue}} q ON q.id = tu.task_id
     JOIN {{agent}} a ON a.id = q.agent_id
@@ -116,28 +102,20 @@ noted AS (
 ),
 enqueued AS (
     -- An upsert, as every platform writer queues keys (the later of the two times).
-    INSERT INTO {{task_usage_hourly_dirty}} AS d (
-        bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
-        enqueued_at
-    )
-    SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model, now()
-    FROM restored_keys
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_LIST}, enqueued_at)
+    SELECT {KEY_LIST}, now() FROM restored_keys
     ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
     DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
     RETURNING d.agent_id, d.enqueued_at
 ),
 skipped AS (
     -- Unchanged in our snapshot but not locked by us: a writer holds the row.
-    SELECT j.id
-    FROM batch j
-    LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
+    SELECT j.id FROM batch j LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
     WHERE {UNCHANGED}
       AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.journal_id = j.id)
 )
-SELECT (SELECT count(*) FROM batch),
-       (SELECT count(*) FROM restored),
-       (SELECT count(*) FROM marked),
-       (SELECT count(*) FROM enqueued),
+SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM restored),
+       (SELECT count(*) FROM marked), (SELECT count(*) FROM enqueued),
        (SELECT coalesce(sum(t.tasks), 0)::bigint
         FROM enqueued e LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = e.agent_id),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
@@ -170,7 +148,7 @@ LIMIT %(limit)s"""
 
 
 class RevertError(batching.RunError):
-    """The revert cannot start or stopped; the message says what to do."""
+    """The revert cannot start, or stopped; the message says what to do."""
 
     result: RevertResult | None
 
@@ -196,9 +174,8 @@ class ChangedRow:
 
 @dataclass(kw_only=True)
 class RevertResult(batching.RunResult):
-    """What a revert found (dry run) or did (``executed``) with the run's active journal
-    entries: restorable, restored, changed by others since (left alone; ``changed`` lists the
-    first), and remaining (locked by writers through every retry, or not reached)."""
+    """What a revert found (dry run) or did (``executed``) with the run's active entries;
+    ``changed`` lists the first rows changed by others since (left alone)."""
 
     executed: bool = True
     entries: int = 0
@@ -226,15 +203,8 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
     started = time.monotonic()
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
-        run = _load_run(run_id)
-        owner_gone = False
-        if run.status == BackfillRun.Status.RUNNING:
-            holder = runs.run_lock_holder()
-            if holder is not None:
-                raise RevertError(_still_running(run, holder))
-            owner_gone = True
-        else:
-            _ensure_revertable(run)
+        run = _revertable_run(run_id, planning=True)
+        owner_gone = run.status == BackfillRun.Status.RUNNING  # no live owner holds the lock
         result = RevertResult(run=run, executed=False, owner_gone=owner_gone)
         _classify(result, show_changed)
     result.seconds = time.monotonic() - started
@@ -247,25 +217,20 @@ def execute_revert(
     stop: threading.Event | None = None,
     progress: Progress = no_progress,
 ) -> RevertResult:
-    """Restore the run's unchanged rows and rebuild their rollup, under the run lock
-    (``runs.RunLockError`` when another run has it). ``result.rows_remaining`` or
-    ``result.stopped`` mean the run is not reverted yet: the same revert again finishes it.
-    """
+    """Restore the run's unchanged rows and rebuild their rollup, under the run lock; while
+    ``result.rows_remaining`` or ``result.stopped``, the same revert again finishes it."""
     return Revert(options, stop or threading.Event(), progress).run()
 
 
 class Revert(batching.Chunks):
     """One execute revert, the engine's backward strategy. Use ``execute_revert``."""
 
-    words = WORDS
-    logger = logger
-    error = RevertError
+    words, logger, error, log_view = WORDS, logger, RevertError, staticmethod(revert_log)
+    shown = {"started", "batch", "rollup_slice"}
     result: RevertResult
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(
-            options, stop, Events(progress, SHOWN, revert_log(logger, lambda: self.result))
-        )
+        super().__init__(options, stop, progress)
         self.options = options
         self.size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.restored_before = 0  # rows earlier reverts of the run restored
@@ -279,8 +244,7 @@ class Revert(batching.Chunks):
         self.refuse_missing_privileges("the revert", revert=True, own_path=path.own)
         with runs.run_lock():
             stale = runs.mark_stale_runs()
-            run = _load_run(self.options.run_id)
-            _ensure_revertable(run)
+            run = _revertable_run(self.options.run_id)
             self.result = result = RevertResult(run=run, stale_runs=stale, path=path)
             _classify(result, 0)
             self.events("started", result=result)
@@ -332,7 +296,7 @@ class Revert(batching.Chunks):
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Record the rows restored, rebuild the batch's keys in one slice, and size the next
-        batch so that its keys' rebuild fits the slice the planner allows."""
+        batch for its keys' rebuild to fit a slice."""
         assert self.drains is not None
         self.skipped.extend(batch.skipped)
         if batch.rows:
@@ -369,7 +333,7 @@ class Revert(batching.Chunks):
         return message
 
     def _drain_queued(self) -> None:
-        """Rebuild whatever is queued now (through the function: its keys are not known)."""
+        """Rebuild whatever is queued now (through the function: the keys are not known)."""
         assert self.drains is not None
         with connection.cursor() as cursor:
             cursor.execute(compose(QUEUED_SQL))
@@ -430,8 +394,7 @@ class Revert(batching.Chunks):
 
     def _rebuild_pending_rollup(self) -> bool:
         """A run whose own rollup never finished: rebuild the keys of the rows the revert
-        leaves (changed by others since), so that every key of the run is right once it is
-        reverted. False when a stop came first (the same revert finishes it)."""
+        leaves too; False when a stop came first."""
         run = self.result.run
         if run.rollup_state != BackfillRun.RollupState.PENDING:
             return True
@@ -451,17 +414,15 @@ class Revert(batching.Chunks):
         return not rebuilt.stopped
 
 
-def _load_run(run_id: int) -> BackfillRun:
+def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:
+    """The run, or the reason it cannot be reverted; a dry run (``planning``) may plan a
+    ``running`` run whose owner died (no one holds the run lock)."""
     run = BackfillRun.objects.filter(pk=run_id).first()
     if run is None:
         raise RevertError(
             f"run {run_id} not found in {settings.CODEX_REPAIR_SCHEMA}.backfill_run; give the "
             "number printed as 'Run N' by backfill_codex_usage_cache --execute"
         )
-    return run
-
-
-def _ensure_revertable(run: BackfillRun) -> None:
     if run.status == BackfillRun.Status.REVERTED:
         when = run.reverted_at.strftime("%Y-%m-%d %H:%M:%S UTC") if run.reverted_at else "-"
         raise RevertError(
@@ -469,17 +430,16 @@ def _ensure_revertable(run: BackfillRun) -> None:
             "again, so nothing is left to revert"
         )
     if run.status == BackfillRun.Status.RUNNING:
-        raise RevertError(_still_running(run, run.backend_pid))
-    if run.status not in REVERTABLE_STATUSES:
+        pid = runs.run_lock_holder() if planning else run.backend_pid
+        if pid is not None or not planning:
+            raise RevertError(
+                f"run {run.pk} is still running (started {run.started_at:%Y-%m-%d %H:%M:%S} "
+                f"UTC by {run.os_user}@{run.client_host}, database backend pid {pid}); wait "
+                "for it to finish, or stop it, before reverting it"
+            )
+    elif run.status not in REVERTABLE_STATUSES:
         raise RevertError(f"run {run.pk} has status {run.status!r}, which cannot be reverted")
-
-
-def _still_running(run: BackfillRun, backend_pid: int | None) -> str:
-    return (
-        f"run {run.pk} is still running (started {run.started_at:%Y-%m-%d %H:%M:%S} UTC by "
-        f"{run.os_user}@{run.client_host}, database backend pid {backend_pid}); wait for it "
-        "to finish, or stop it, before reverting it"
-    )
+    return run
 
 
 def _classify(result: RevertResult, show_changed: int) -> None:

@@ -26,8 +26,7 @@ logger = logging.getLogger("usage.runs")
 RUN_LOCK_ID = 0x636F646578
 
 WHO_SQL = "SELECT current_user, pg_backend_pid()"
-# Who holds the run lock (a bigint advisory lock shows as classid = high, objid = low half),
-# in this database (pg_locks lists every database of the server).
+# Who holds the run lock in this database (a bigint lock shows as classid, objid halves).
 RUN_LOCK_HOLDER_SQL = """
 SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND granted
@@ -93,14 +92,13 @@ def mark_stale_runs() -> list[int]:
     return stale
 
 
-# A run of these statuses did not finish what it was asked to do: the next run of the same
-# cutoff and workspace continues it.
+# A run that did not finish: the next run of the same cutoff and workspace continues it.
 UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
 
 def run_to_continue(cutoff: datetime, workspace_id: uuid.UUID | None) -> BackfillRun | None:
-    """The run a new run of this scope continues (call with the run lock held): the latest
-    run of the same cutoff and workspace, when it did not finish and was not reverted."""
+    """The latest run of this cutoff and workspace, when it did not finish (call with the run
+    lock held)."""
     latest = (
         BackfillRun.objects.filter(cutoff=cutoff, workspace_id=workspace_id)
         .order_by("-pk")
@@ -120,8 +118,7 @@ def chain(run: BackfillRun) -> list[BackfillRun]:
 
 
 def start_run(**fields: Any) -> BackfillRun:
-    """Create the run record, stamped with who runs it, the database's clock and the run it
-    continues (``run_to_continue``, unless ``fields`` says)."""
+    """Create the run record, stamped with who runs it and the run it continues."""
     with connection.cursor() as cursor:
         cursor.execute(WHO_SQL)
         db_role, backend_pid = cursor.fetchone()

@@ -13,21 +13,18 @@ from usage.eligibility import compose, eligible_params
 from usage.events import json_default
 
 # Sums per hourly key (parallel workers can split them, unlike a DISTINCT), then per workspace
-# and day, with the totals over all groups on each group (window sums). ``ids_digest`` XORs a
-# 64-bit hash of each row's id: the same rows, the same digest (``usage.plan`` compares them).
+# and day, with the totals on each group. ``ids_digest``: the same rows, the same digest.
 SUMMARY_SQL = """
 WITH per_key AS (
     SELECT
-        a.workspace_id,
-        {bucket_hour} AS bucket_hour,
+        a.workspace_id, {bucket_hour} AS bucket_hour,
         q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model,
         count(*) AS rows,
         sum(tu.input_tokens) AS input_before,
         sum({corrected_input}) AS input_after,
         sum({removed_input}) AS input_tokens_removed,
         count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
-        min(tu.created_at) AS first_created_at,
-        max(tu.created_at) AS last_created_at,
+        min(tu.created_at) AS first_created_at, max(tu.created_at) AS last_created_at,
         bit_xor(uuid_hash_extended(tu.id, 0)) AS ids_digest
     FROM {eligible_from}
         LEFT JOIN {issue} i ON i.id = q.issue_id
@@ -37,16 +34,14 @@ WITH per_key AS (
 ),
 per_day AS (
     SELECT
-        workspace_id,
-        bucket_hour::date AS date_utc,
+        workspace_id, bucket_hour::date AS date_utc,
         sum(rows)::bigint AS rows,
         sum(input_before)::bigint AS input_before,
         sum(input_after)::bigint AS input_after,
         sum(input_tokens_removed)::bigint AS input_tokens_removed,
         sum(clamped_rows)::bigint AS clamped_rows,
         count(*) FILTER (WHERE runtime_id IS NOT NULL) AS rollup_keys,
-        min(first_created_at) AS first_created_at,
-        max(last_created_at) AS last_created_at,
+        min(first_created_at) AS first_created_at, max(last_created_at) AS last_created_at,
         bit_xor(ids_digest) AS ids_digest
     FROM per_key
     GROUP BY workspace_id, date_utc
@@ -55,25 +50,20 @@ SELECT
     workspace_id, date_utc, rows, input_before, input_after, input_tokens_removed,
     clamped_rows, rollup_keys, first_created_at, last_created_at, ids_digest,
     count(*) OVER () AS group_count,
-    sum(rows) OVER ()::bigint,
-    sum(input_before) OVER ()::bigint,
-    sum(input_after) OVER ()::bigint,
-    sum(input_tokens_removed) OVER ()::bigint,
-    sum(clamped_rows) OVER ()::bigint,
-    sum(rollup_keys) OVER ()::bigint
+    sum(rows) OVER ()::bigint, sum(input_before) OVER ()::bigint,
+    sum(input_after) OVER ()::bigint, sum(input_tokens_removed) OVER ()::bigint,
+    sum(clamped_rows) OVER ()::bigint, sum(rollup_keys) OVER ()::bigint
 FROM per_day
 ORDER BY workspace_id, date_utc
 LIMIT %(max_groups)s"""
 
-# Groups are fetched from the server in chunks of this many rows.
 SUMMARY_FETCH_ROWS = 2000
 
 WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
 
 
 class CutoffError(ValueError):
-    """The cutoff is not in the database's past (said as the command line says it; ``named``
-    says it in another's words, the admin page's)."""
+    """The cutoff is not in the database's past (``named`` says it in the admin's words)."""
 
     def __init__(self, cutoff: datetime, database_now: datetime) -> None:
         self.cutoff, self.database_now = cutoff, database_now
@@ -98,8 +88,7 @@ class SummaryGroup:
     rollup_keys: int
     first_created_at: datetime
     last_created_at: datetime
-    # XOR of uuid_hash_extended(id, 0) over the group's rows (a signed bigint).
-    ids_digest: int
+    ids_digest: int  # XOR of uuid_hash_extended(id, 0) over the group's rows
 
 
 @dataclass(frozen=True)
@@ -124,8 +113,7 @@ class DryRunSummary:
 
 
 def ensure_cutoff_in_past(cutoff: datetime, database_now: datetime) -> None:
-    """Refuse a cutoff at or after the database's now(): rows the repair rewrites would still
-    match ``< cutoff`` and be subtracted again."""
+    """Refuse a cutoff not before the database's now(): repaired rows would match again."""
     if cutoff >= database_now:
         raise CutoffError(cutoff, database_now)
 
@@ -145,31 +133,20 @@ def load_summary(
     """Aggregate the eligible rows in one read-only pass, keeping at most ``max_groups``
     groups (the totals cover all of them)."""
     groups: list[SummaryGroup] = []
-    totals = Totals()
-    count = 0
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION READ ONLY")
-            cursor.execute("SELECT now()")
-            database_now = cursor.fetchone()[0]
-            ensure_cutoff_in_past(cutoff, database_now)
-            workspace_known = workspace_has_agents(workspace_id)
-        # A client-side cursor keeps parallel query; its rows stay in libpq's compact result
-        # and become Python objects only chunk by chunk.
-        with connection.cursor() as cursor:
-            params = dict(eligible_params(cutoff, workspace_id), max_groups=max_groups)
-            cursor.execute(compose(SUMMARY_SQL), params)
-            while chunk := cursor.fetchmany(SUMMARY_FETCH_ROWS):
-                if not groups:
-                    count = chunk[0][11]
-                    totals = Totals(*chunk[0][12:])
-                groups.extend(SummaryGroup(*row[:11]) for row in chunk)
+    totals, count = Totals(), 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute("SELECT now()")
+        database_now = cursor.fetchone()[0]
+        ensure_cutoff_in_past(cutoff, database_now)
+        workspace_known = workspace_has_agents(workspace_id)
+        # A client-side cursor keeps parallel query; its rows become Python objects by chunks.
+        params = dict(eligible_params(cutoff, workspace_id), max_groups=max_groups)
+        cursor.execute(compose(SUMMARY_SQL), params)
+        while chunk := cursor.fetchmany(SUMMARY_FETCH_ROWS):
+            if not groups:
+                count, totals = chunk[0][11], Totals(*chunk[0][12:])
+            groups.extend(SummaryGroup(*row[:11]) for row in chunk)
     return DryRunSummary(
-        cutoff=cutoff,
-        workspace_id=workspace_id,
-        database_now=database_now,
-        groups=groups,
-        totals=totals,
-        workspace_known=workspace_known,
-        group_count=count,
+        cutoff, workspace_id, database_now, groups, totals, workspace_known, group_count=count
     )

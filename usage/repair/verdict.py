@@ -1,7 +1,5 @@
 """What ``--verify --run-id N`` judges: nothing eligible left and the hourly keys of the
-run's whole chain (``runs.chain``) equal to a recompute. Rows a revert restored are eligible
-again by design, so they are reported, not counted as a failure.
-"""
+run's whole chain (``runs.chain``) equal to a recompute."""
 
 from __future__ import annotations
 
@@ -16,8 +14,7 @@ from usage.repair.rollup.versions import read_installed_function
 from usage.repair.verify import Mismatch, compared_columns, find_mismatches
 
 # The eligible rows left, and how many of them a revert (of any run) restored exactly: those
-# are eligible again by design, not rows the repair missed (seen in the chaos soak: a run
-# reverted after a later run finished).
+# are eligible again by design, not rows the repair missed.
 COUNT_LEFT_SQL = """
 SELECT count(*), count(*) FILTER (WHERE EXISTS (
     SELECT 1 FROM {journal} r WHERE r.usage_id = tu.id AND r.reverted_at IS NOT NULL
@@ -27,7 +24,7 @@ FROM {eligible_from} WHERE {eligible_where}"""
 
 @dataclass(frozen=True)
 class RunVerification:
-    """A run's verification, with the runs it covers and how to read the rows left."""
+    """A run's verification, with the runs it covers."""
 
     run_id: int
     run_status: str
@@ -38,17 +35,10 @@ class RunVerification:
     eligible_rows_left: int
     mismatched_keys: int
     mismatches: list[Mismatch]
-    # The rows left are eligible by design: a run of the chain was reverted, or a revert
-    # restored them after the run.
-    eligible_rows_expected: bool
-    # The hourly columns compared (the platform's version decides which exist).
-    columns: tuple[str, ...] = ()
-    # Of the differing keys, those the platform's next cron tick rebuilds from scratch (rows
-    # others wrote since its watermark, or queued): not the run's to answer for.
-    awaiting_tick_keys: int = 0
-    # The installed rollup function as recognised ("unknown" when the tool does not know it:
-    # it may compute the keys otherwise than the documented sums verify compares with).
-    rollup_function: str = ""
+    eligible_rows_expected: bool  # a run of the chain, or the rows left, reverted
+    columns: tuple[str, ...] = ()  # the hourly columns compared
+    awaiting_tick_keys: int = 0  # differing keys the platform's next cron tick rebuilds
+    rollup_function: str = ""  # the installed function as recognised, or "unknown"
 
     @property
     def last_run(self) -> int:
@@ -66,10 +56,7 @@ class RunVerification:
 
 
 def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
-    """Verify run ``run_id`` with its chain (see the module), read-only.
-
-    All differing keys are counted; at most ``limit`` of them are listed.
-    """
+    """Verify run ``run_id`` with its chain, read-only; at most ``limit`` keys are listed."""
     run = BackfillRun.objects.get(pk=run_id)
     members = runs.chain(run)
     later = next((r for r in members if r.continues_id == run.pk), None)

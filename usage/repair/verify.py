@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 
 from usage.eligibility import compose
@@ -26,31 +27,39 @@ EXPECTED_SUMS = {
     "event_count": "count(*)",
 }
 KEY = ("bucket_hour", "workspace_id", "runtime_id", "agent_id", "project_id", "provider", "model")
+# A usage row's hourly key, as the hourly table has it (needs ``{eligible_from}`` and ``i``).
+ROW_KEY = """{bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
+           q.agent_id, i.project_id, tu.provider, tu.model"""
+
+
+def same_key(left: str, right: str) -> str:
+    """SQL comparing two keys, given as formats of a key column's name (``"h.{}"``)."""
+    return " AND ".join(
+        f"{left.format(c)} {'IS NOT DISTINCT FROM' if c == 'project_id' else '='} "
+        + right.format(c)
+        for c in KEY
+    )
+
 
 HOURLY_COLUMNS_SQL = """
 SELECT column_name FROM information_schema.columns
 WHERE table_schema = %s AND table_name = 'task_usage_hourly'"""
 
-# ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all; the
-# expected row of a key is absent (``e.present`` NULL) when it has no rows left, and its
-# hourly row is absent when the rollup has none.
+# ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all; a
+# key's expected row is absent (``e.present`` NULL) when it has no rows left.
 MISMATCHES_SQL = """
 WITH watermark AS (
     SELECT coalesce(max(watermark_at), '-infinity') AS watermark_at
     FROM {task_usage_hourly_rollup_state}
 ),
 scoped AS (
-    SELECT DISTINCT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id,
-           q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model
-    FROM {task_usage} tu
-    JOIN {agent_task_queue} q ON q.id = tu.task_id
-    JOIN {agent} a ON a.id = q.agent_id
+    SELECT DISTINCT {row_key}
+    FROM {eligible_from}
     LEFT JOIN {issue} i ON i.id = q.issue_id
     WHERE q.runtime_id IS NOT NULL {scope}
 ),
 expected AS (
-    SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
-           q.agent_id, i.project_id, tu.provider, tu.model, true AS present,
+    SELECT {row_key}, true AS present,
            bool_or((tu.updated_at >= w.watermark_at
                     OR (tu.updated_at IS NULL AND tu.created_at >= w.watermark_at))
                    AND NOT EXISTS (
@@ -59,9 +68,7 @@ expected AS (
                          AND j.run_id = ANY(%(run_ids)s)))
                AS written_since_watermark,
            {expected}
-    FROM {task_usage} tu
-    JOIN {agent_task_queue} q ON q.id = tu.task_id
-    JOIN {agent} a ON a.id = q.agent_id
+    FROM {eligible_from}
     LEFT JOIN {issue} i ON i.id = q.issue_id
     CROSS JOIN watermark w
     WHERE q.runtime_id IS NOT NULL
@@ -71,10 +78,7 @@ actual AS (
     SELECT h.* FROM {task_usage_hourly} h
     {actual_scope}
 )
-SELECT coalesce(e.bucket_hour, h.bucket_hour), coalesce(e.workspace_id, h.workspace_id),
-       coalesce(e.runtime_id, h.runtime_id), coalesce(e.agent_id, h.agent_id),
-       coalesce(e.project_id, h.project_id), coalesce(e.provider, h.provider),
-       coalesce(e.model, h.model),
+SELECT {either_key},
        e.present IS NOT NULL, h.bucket_hour IS NOT NULL, {pairs},
        m.awaiting_tick,
        count(*) OVER () AS mismatched_keys,
@@ -83,24 +87,13 @@ FROM (SELECT e.* FROM expected e JOIN scoped s USING (bucket_hour, workspace_id,
                                                      provider, model)
       WHERE s.runtime_id IS NOT DISTINCT FROM e.runtime_id
         AND s.project_id IS NOT DISTINCT FROM e.project_id) e
-FULL JOIN actual h
-  ON h.bucket_hour = e.bucket_hour AND h.workspace_id = e.workspace_id
- AND h.runtime_id = e.runtime_id AND h.agent_id = e.agent_id
- AND h.project_id IS NOT DISTINCT FROM e.project_id
- AND h.provider = e.provider AND h.model = e.model
+FULL JOIN actual h ON {actual_is_expected}
 -- The platform's next cron tick rebuilds a key whose rows someone else (not the runs
 -- verified: their own stamps do not count) wrote since its watermark, or that is queued:
 -- such a key may differ now without the runs having done anything wrong.
 CROSS JOIN LATERAL (
     SELECT coalesce(e.written_since_watermark, false) OR EXISTS (
-        SELECT 1 FROM {task_usage_hourly_dirty} d
-        WHERE d.bucket_hour = coalesce(e.bucket_hour, h.bucket_hour)
-          AND d.workspace_id = coalesce(e.workspace_id, h.workspace_id)
-          AND d.runtime_id = coalesce(e.runtime_id, h.runtime_id)
-          AND d.agent_id = coalesce(e.agent_id, h.agent_id)
-          AND d.project_id IS NOT DISTINCT FROM coalesce(e.project_id, h.project_id)
-          AND d.provider = coalesce(e.provider, h.provider)
-          AND d.model = coalesce(e.model, h.model)
+        SELECT 1 FROM {task_usage_hourly_dirty} d WHERE {queued}
     ) AS awaiting_tick
 ) m
 WHERE e.present IS NULL OR h.bucket_hour IS NULL
@@ -108,15 +101,11 @@ WHERE e.present IS NULL OR h.bucket_hour IS NULL
 ORDER BY 1, 2, 4, 6, 7
 LIMIT %(limit)s"""
 
-# The scope of a check, as the parts of MISMATCHES_SQL that differ: every key, or the keys
-# of the rows some runs changed.
+# The scope of a check: every key, or the keys of the rows some runs changed.
 ALL_KEYS = {"scope": "", "actual_scope": ""}
 RUN_KEYS = {
     "scope": "AND tu.id IN (SELECT usage_id FROM {journal} WHERE run_id = ANY(%(run_ids)s))",
-    "actual_scope": "WHERE EXISTS (SELECT 1 FROM scoped s WHERE s.bucket_hour = h.bucket_hour"
-    " AND s.workspace_id = h.workspace_id AND s.runtime_id = h.runtime_id"
-    " AND s.agent_id = h.agent_id AND s.project_id IS NOT DISTINCT FROM h.project_id"
-    " AND s.provider = h.provider AND s.model = h.model)",
+    "actual_scope": f"WHERE EXISTS (SELECT 1 FROM scoped s WHERE {same_key('s.{}', 'h.{}')})",
 }
 
 
@@ -131,22 +120,19 @@ class ColumnMismatch:
 
 @dataclass(frozen=True)
 class Mismatch:
-    """An hourly key that differs from the recompute: missing (rows but no hourly row),
-    stale (an hourly row but no rows left), or with the columns that differ."""
+    """An hourly key that differs from the recompute: missing (no hourly row), stale (no rows
+    left), or with the columns that differ."""
 
     key: tuple[Any, ...]
     missing: bool
     stale: bool
     columns: tuple[ColumnMismatch, ...]
-    # Rows written since the cron tick's watermark, or the key queued: its next tick
-    # rebuilds it (ingestion, a task moved, rows deleted), so the difference is not the run's.
+    # Written since the cron tick's watermark, or queued: the next tick rebuilds it.
     awaiting_tick: bool = False
 
 
 def compared_columns(cursor: Any) -> list[str]:
     """The columns the platform's function writes that this database's hourly table has."""
-    from django.conf import settings
-
     cursor.execute(HOURLY_COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA])
     present = {name for (name,) in cursor.fetchall()}
     return [name for name in EXPECTED_SUMS if name in present]
@@ -159,14 +145,17 @@ def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
         pairs=", ".join(f"e.{name}, h.{name}" for name in columns),
         e_columns=", ".join(f"e.{name}" for name in columns),
         h_columns=", ".join(f"h.{name}" for name in columns),
+        row_key=ROW_KEY,
+        either_key=", ".join(f"coalesce(e.{c}, h.{c})" for c in KEY),
+        actual_is_expected=same_key("h.{}", "e.{}"),
+        queued=same_key("d.{}", "coalesce(e.{0}, h.{0})"),
         **scope,
     )
 
 
 @dataclass(frozen=True)
 class Mismatches:
-    """The keys that differ: how many, how many of them wait for the platform's cron tick,
-    and the first of them."""
+    """The keys that differ: how many, how many wait for the cron tick, and the first."""
 
     count: int
     awaiting_tick: int
@@ -174,8 +163,7 @@ class Mismatches:
 
 
 def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mismatches:
-    """How many hourly keys differ from the recompute (all keys, or those of some runs), in
-    every column of ``compared_columns``, and the first ``limit`` of them."""
+    """The hourly keys that differ from the recompute (all keys, or those of some runs)."""
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
         columns = compared_columns(cursor)
@@ -185,13 +173,9 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
     found = []
     width = len(KEY)
     for row in rows:
-        expected_row, actual_row = row[width], row[width + 1]
-        values = row[width + 2 : -3]
-        differing = tuple(
-            ColumnMismatch(name, expected, actual)
-            for name, expected, actual in zip(columns, values[0::2], values[1::2], strict=True)
-            if expected != actual
-        )
+        expected_row, actual_row, values = row[width], row[width + 1], row[width + 2 : -3]
+        pairs = zip(columns, values[0::2], values[1::2], strict=True)
+        differing = tuple(ColumnMismatch(*pair) for pair in pairs if pair[1] != pair[2])
         found.append(
             Mismatch(
                 tuple(row[:width]),
@@ -210,8 +194,7 @@ def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> li
 
 
 def describe(mismatch: dict[str, Any]) -> str:
-    """One line for a mismatch (as the result document has it): the key, then what differs,
-    with both values."""
+    """One line for a mismatch (as the result document has it): the key, then what differs."""
     hour, workspace, runtime, agent, project, provider, model = mismatch["key"]
     when = hour.strftime("%Y-%m-%dT%H:%MZ") if hasattr(hour, "strftime") else str(hour)
     key = (
