@@ -52,8 +52,7 @@ CREATE_WORK_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_backfill_work (seq, id, tid, rank) ON COMMIT PRESERVE ROWS AS
 SELECT row_number() OVER (ORDER BY tu.ctid), tu.id, tu.ctid,
        dense_rank() OVER (ORDER BY {SNAPSHOT_KEY_ORDER})
-FROM {{eligible_from}}
-LEFT JOIN {{issue}} i ON i.id = q.issue_id
+FROM {{task_usage}} tu {{key_joins}}
 WHERE {{eligible_where}}"""
 INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"

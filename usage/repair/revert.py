@@ -25,7 +25,6 @@ from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress, revert_log
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
-from usage.repair.verify import KEY, ROW_KEY
 
 logger = logging.getLogger("usage.revert")
 
@@ -39,7 +38,6 @@ WORDS = batching.BatchWords(
     retrying="revert batch timed out; retrying with %(size)d entries",
 )
 REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
-KEY_LIST = ", ".join(KEY)
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
 UNCHANGED = """(tu.id IS NOT NULL
@@ -89,12 +87,7 @@ marked AS (
     RETURNING j.id
 ),
 restored_keys AS (
-    SELECT DISTINCT {ROW_KEY}
-    FROM restored tu
-    JOIN {{agent_task_queue}} q ON q.id = tu.task_id
-    JOIN {{agent}} a ON a.id = q.agent_id
-    LEFT JOIN {{issue}} i ON i.id = q.issue_id
-    WHERE q.runtime_id IS NOT NULL
+    SELECT DISTINCT {{row_key}} FROM restored tu {{key_joins}} WHERE {{has_key}}
 ),
 noted AS (
     -- The keys this batch's drain rebuilds (usage.repair.rollup.RevertDrains).
@@ -102,8 +95,8 @@ noted AS (
 ),
 enqueued AS (
     -- An upsert, as every platform writer queues keys (the later of the two times).
-    INSERT INTO {{task_usage_hourly_dirty}} AS d ({KEY_LIST}, enqueued_at)
-    SELECT {KEY_LIST}, now() FROM restored_keys
+    INSERT INTO {{task_usage_hourly_dirty}} AS d ({{key_columns}}, enqueued_at)
+    SELECT {{key_columns}}, now() FROM restored_keys
     ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
     DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
     RETURNING d.agent_id, d.enqueued_at

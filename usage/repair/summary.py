@@ -26,8 +26,7 @@ WITH per_key AS (
         count(*) FILTER (WHERE {is_clamped}) AS clamped_rows,
         min(tu.created_at) AS first_created_at, max(tu.created_at) AS last_created_at,
         bit_xor(uuid_hash_extended(tu.id, 0)) AS ids_digest
-    FROM {eligible_from}
-        LEFT JOIN {issue} i ON i.id = q.issue_id
+    FROM {task_usage} tu {key_joins}
     WHERE {eligible_where}
     GROUP BY a.workspace_id, {bucket_hour}, q.runtime_id, q.agent_id, i.project_id,
              tu.provider, tu.model

@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from usage.eligibility import compose
+from usage.eligibility import KEY_COLUMNS, compose
 
 # Every aggregate column the platform's function writes, as this module recomputes it.
 TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
@@ -26,10 +26,6 @@ EXPECTED_SUMS = {
     "task_count": "count(DISTINCT tu.task_id)",
     "event_count": "count(*)",
 }
-KEY = ("bucket_hour", "workspace_id", "runtime_id", "agent_id", "project_id", "provider", "model")
-# A usage row's hourly key, as the hourly table has it (needs ``{eligible_from}`` and ``i``).
-ROW_KEY = """{bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
-           q.agent_id, i.project_id, tu.provider, tu.model"""
 
 
 def same_key(left: str, right: str) -> str:
@@ -37,7 +33,7 @@ def same_key(left: str, right: str) -> str:
     return " AND ".join(
         f"{left.format(c)} {'IS NOT DISTINCT FROM' if c == 'project_id' else '='} "
         + right.format(c)
-        for c in KEY
+        for c in KEY_COLUMNS
     )
 
 
@@ -54,9 +50,8 @@ WITH watermark AS (
 ),
 scoped AS (
     SELECT DISTINCT {row_key}
-    FROM {eligible_from}
-    LEFT JOIN {issue} i ON i.id = q.issue_id
-    WHERE q.runtime_id IS NOT NULL {scope}
+    FROM {task_usage} tu {key_joins}
+    WHERE {has_key} {scope}
 ),
 expected AS (
     SELECT {row_key}, true AS present,
@@ -68,10 +63,9 @@ expected AS (
                          AND j.run_id = ANY(%(run_ids)s)))
                AS written_since_watermark,
            {expected}
-    FROM {eligible_from}
-    LEFT JOIN {issue} i ON i.id = q.issue_id
+    FROM {task_usage} tu {key_joins}
     CROSS JOIN watermark w
-    WHERE q.runtime_id IS NOT NULL
+    WHERE {has_key}
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 ),
 actual AS (
@@ -145,8 +139,7 @@ def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
         pairs=", ".join(f"e.{name}, h.{name}" for name in columns),
         e_columns=", ".join(f"e.{name}" for name in columns),
         h_columns=", ".join(f"h.{name}" for name in columns),
-        row_key=ROW_KEY,
-        either_key=", ".join(f"coalesce(e.{c}, h.{c})" for c in KEY),
+        either_key=", ".join(f"coalesce(e.{c}, h.{c})" for c in KEY_COLUMNS),
         actual_is_expected=same_key("h.{}", "e.{}"),
         queued=same_key("d.{}", "coalesce(e.{0}, h.{0})"),
         **scope,
@@ -171,7 +164,7 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
         rows = cursor.fetchall()
     count, awaiting = (rows[0][-2], rows[0][-1]) if rows else (0, 0)
     found = []
-    width = len(KEY)
+    width = len(KEY_COLUMNS)
     for row in rows:
         expected_row, actual_row, values = row[width], row[width + 1], row[width + 2 : -3]
         pairs = zip(columns, values[0::2], values[1::2], strict=True)
