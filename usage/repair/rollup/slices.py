@@ -230,6 +230,17 @@ def run_locked(
     )
 
 
+def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
+    """Statements (with their parameters) in one transaction with no statement timeout: a
+    pass over the runs' journal holds no lock another writer waits for. The last one's row."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        set_local_timeouts(cursor, limits.lock_timeout, 0)
+        for statement in statements:
+            text, params = statement if isinstance(statement, tuple) else (statement, None)
+            cursor.execute(text, params)
+        return cursor.fetchone()
+
+
 class Slicer:
     """What every rebuild loop shares: the room left to the lock's other users, the stop
     request, and the bound on slices cancelled in a row."""

@@ -1,6 +1,5 @@
-"""The repair's rebuild through the platform's function: slices of the runs' stamps (a call
-over a window of stamps rebuilds exactly their keys), then the keys of rows rewritten since,
-queued and drained.
+"""The repair's rebuild through the platform's function: slices of the runs' stamps, then the
+keys of rows rewritten since, queued and drained (docs/design.md).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from usage.db import drop_temp_table, set_local_timeouts
+from usage.db import drop_temp_table
 from usage.eligibility import compose
 from usage.repair.rollup.function import (
     KEY_BASE_COST,
@@ -30,11 +29,11 @@ from usage.repair.rollup.slices import (
     RollupError,
     ShouldStop,
     SliceCancelled,
+    unbounded,
 )
 
 logger = logging.getLogger("usage.rollup")
 
-# The planner's queue backlog is counted up to this many keys.
 BACKLOG_COUNT_CAP = 100_000
 # Keys queued by others before a moment: a call whose window ends then drains them too.
 BACKLOG_SQL = """
@@ -42,12 +41,7 @@ SELECT count(*) FROM (
     SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
 ) queued"""
 
-
-# -- the repair's slices of stamps, the rewritten keys, the drains ---------------------------
-
-# The repair stamps every row of one hourly key with the same updated_at, one microsecond per
-# key (usage.repair.backfill): a call over the window from a slice's first stamp to just after
-# its last rebuilds exactly those keys (plus any row someone else wrote in that window).
+# A call over the window of a slice's stamps rebuilds exactly their keys (docs/design.md).
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
 # A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
@@ -62,13 +56,11 @@ CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
 ) ON COMMIT PRESERVE ROWS"""
 TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
 DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
-# The run just added its rows to the journal: fresh statistics keep the plans below from
-# taking them for a handful (nested loops over every entry).
+# Fresh statistics of the journal the run just wrote (docs/design.md).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The rows some runs changed and did not revert, joined to their hourly key: ``{match}`` keeps
-# those still carrying the run's stamp or those rewritten since; ``{only_hour}`` one bucket
-# hour's (the own path's fallback for an hour too big for its slices).
+# The runs' rows (not reverted) with their hourly keys: those ``{match}`` keeps (stamped or
+# rewritten since), of one bucket hour with ``{only_hour}`` (the own path's fallback).
 RUN_ROWS = """{journal} j
 JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 {key_joins}
@@ -77,9 +69,7 @@ STAMPED = "AND tu.updated_at = j.new_updated_at"
 REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
 ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
 
-# One row per (stamp, key), in a table analyzed before the next statement joins it: the
-# estimate of the join on id and stamp (two correlated conditions) is a single row, and a plan
-# built on that walks every task of every key's agent once per key.
+# One row per (stamp, key), analyzed before it is joined (docs/design.md).
 CREATE_STAMPED_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
 SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
@@ -89,8 +79,7 @@ AGENT_TASKS = """agent_tasks AS MATERIALIZED (
     WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
 )"""
 ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
-# The stamps in time order, with their keys and their agents' tasks as running totals, and a
-# segment number that grows at every gap wider than MAX_WINDOW_GAP.
+# The stamps with running totals of keys and tasks, a new segment at every gap > MAX_WINDOW_GAP.
 FILL_STAMPS_TABLE_SQL = f"""
 WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
 stamps AS (
@@ -110,8 +99,8 @@ STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
 NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
-# The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
-# ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
+# The next slice: the stamps after ``after`` of one segment whose keys cost at most ``limit``
+# (tasks plus ``base`` a key; at least one stamp).
 NEXT_SLICE_SQL = f"""
 WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
 SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
@@ -128,8 +117,7 @@ WHERE s.seq = greatest(
     )
 )"""
 
-# Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
-# no window of stamps finds them, so they are queued and drained like the revert's.
+# Keys of the runs' rows rewritten since (no window of stamps finds them): queued and drained.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
 CREATE_REWRITTEN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
@@ -176,8 +164,7 @@ class _Span:
 
 
 class FunctionPath(QueueDrainer):
-    """The function path as a strategy: the revert's drains (``QueueDrainer``), and the
-    repair's rebuild of every key of some runs (``rebuild``), sharing one planner."""
+    """The function path: the revert's drains (``QueueDrainer``) and the repair's rebuild."""
 
     def rebuild(
         self,
@@ -187,22 +174,19 @@ class FunctionPath(QueueDrainer):
         on_wait: OnWait,
         hour: datetime | None = None,
     ) -> bool:
-        """Every hourly key of the rows the runs changed: slices of stamps, then the keys of
-        rows rewritten since; stops between slices when ``should_stop()`` says so
-        (``result.stopped``). With ``hour``, only that bucket hour's keys. Always True."""
+        """Every hourly key of the runs' rows (of ``hour`` when given): slices of stamps, then
+        the rewritten keys; stops between slices on ``should_stop()``. Always True."""
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
-        # One pass over the runs' journal, as long as it takes (it holds no lock another
-        # writer waits for): the session's statement_timeout would end it at scale.
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(CREATE_STAMPS_TABLE_SQL)
-            cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
-            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-            cursor.execute(from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params)
-            cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
-            cursor.execute(compose(FILL_STAMPS_TABLE_SQL), params)
-            cursor.execute(STAMPS_TOTAL_SQL)
-            stamps, keys, tasks = cursor.fetchone()
+        stamps, keys, tasks = unbounded(
+            self.limits,
+            CREATE_STAMPS_TABLE_SQL,
+            TRUNCATE_STAMPS_TABLE_SQL,
+            compose(ANALYZE_JOURNAL_SQL),
+            (from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params),
+            ANALYZE_STAMPED_KEYS_SQL,
+            (compose(FILL_STAMPS_TABLE_SQL), params),
+            STAMPS_TOTAL_SQL,
+        )
         self.result.keys_total += keys
         try:
             if stamps:
@@ -255,9 +239,7 @@ class FunctionPath(QueueDrainer):
                 self.leave_a_gap()
 
     def _backlog(self, seq: int) -> int:
-        """Keys others queued before the window from stamp ``seq`` ends: its call rebuilds
-        them too. Normally none: the stamps are below the cron's watermark, and the cron tick
-        drains what was queued before its own window's end."""
+        """Keys others queued before the window from stamp ``seq`` ends (normally none)."""
         with connection.cursor() as cursor:
             cursor.execute(NEXT_STAMP_SQL, [seq])
             before = cursor.fetchone()[0] + MAX_WINDOW_GAP
@@ -267,8 +249,8 @@ class FunctionPath(QueueDrainer):
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
     ) -> tuple[Plan, _Span]:
-        """The plan and the stamps after ``done`` (stamps, keys, tasks) of the next slice:
-        each plan judged at the size its measured rate allows, run at the size growth allows."""
+        """The next slice's plan and stamps after ``done`` (stamps, keys, tasks): each plan
+        judged at the size its rate allows, run at the size growth allows."""
         after, keys_done, tasks_done = done
 
         def limit(plan: Plan, grow: bool) -> float:
@@ -298,17 +280,15 @@ class FunctionPath(QueueDrainer):
         should_stop: ShouldStop,
         on_wait: OnWait,
     ) -> None:
-        """The keys of rows rewritten since the run: queued and drained, in chunks the
-        planner sizes (usually few, but the run's keys are right when it ends)."""
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-            rewritten = from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"])
-            cursor.execute(rewritten, params)
-            cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
-            cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
-            cursor.execute(REWRITTEN_TOTAL_SQL)
-            total, tasks = cursor.fetchone()
+        """The keys of rows rewritten since the run: queued and drained in planned chunks."""
+        total, tasks = unbounded(
+            self.limits,
+            DROP_REWRITTEN_TABLE_SQL,
+            (from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"]), params),
+            ANALYZE_REWRITTEN_KEYS_SQL,
+            compose(CREATE_REWRITTEN_TABLE_SQL),
+            REWRITTEN_TOTAL_SQL,
+        )
         self.result.keys_total += total
         done = 0
         while done < total:
