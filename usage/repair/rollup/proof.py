@@ -13,31 +13,24 @@ from psycopg import sql
 
 from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
 from usage.repair.rollup.slices import Bound
-from usage.repair.rollup.versions import FunctionVersion
+from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
 
 HOUR = timedelta(hours=1)
 T = TypeVar("T")
 
-# Each column's sum, as the known definitions compute it (never shared with usage.repair.verify,
-# which checks the result with SQL of its own).
+# Each column's sum, as the known definitions compute it (usage.repair.verify checks the
+# result with SQL of its own).
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
 OWN_SUMS = {
-    "input_tokens": "sum(tu.input_tokens)::bigint",
-    "output_tokens": "sum(tu.output_tokens)::bigint",
-    "cache_read_tokens": "sum(tu.cache_read_tokens)::bigint",
-    "cache_write_tokens": "sum(tu.cache_write_tokens)::bigint",
+    **{name: f"sum(tu.{name})::bigint" for name in TOKEN_COLUMNS},
+    **{f"uncosted_{name}": UNCOSTED.format(name) for name in TOKEN_COLUMNS},
     "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)::bigint",
-    "uncosted_input_tokens": UNCOSTED.format("input_tokens"),
-    "uncosted_output_tokens": UNCOSTED.format("output_tokens"),
-    "uncosted_cache_read_tokens": UNCOSTED.format("cache_read_tokens"),
-    "uncosted_cache_write_tokens": UNCOSTED.format("cache_write_tokens"),
     "task_count": "count(DISTINCT tu.task_id)",
     "event_count": "count(*)",
 }
 
-# The recompute of the keys of ``keys``: every usage row created in some spans of time (bound
-# ranges of created_at, read through its index) grouped by its key, then kept for the keys
-# asked for (``found`` is false for a key with no rows left).
+# The keys of ``keys`` recomputed from the usage rows of some spans of created_at, grouped by
+# key (``found`` is false for a key with no rows left).
 RECOMPUTE_CTES = """
 sums AS (
     SELECT {row_key}, {sums}
@@ -69,15 +62,13 @@ WITH keys AS MATERIALIZED ({keys_sql}),
 {write}
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
        (SELECT count(*) FROM keys)"""
-# An own slice's statements are short: JIT compilation would cost more than it saves (seen:
-# 1.4 s of a 2.3 s slice), and the sorts and hashes of tens of thousands of rows fit memory.
+# Short statements: no JIT, sorts in memory (docs/design.md).
 OWN_SETTINGS_SQL = (
     "SELECT set_config('jit', 'off', true), set_config('work_mem', %(work_mem)s, true)"
 )
 OWN_WORK_MEM = "64MB"
 
-# The proof: the own recompute of some keys kept aside (the function writes them next), then
-# compared with what the function wrote, column by column.
+# The proof: the own recompute set aside, then compared with what the function wrote.
 CREATE_PROOF_SQL = """
 CREATE TEMP TABLE codex_rollup_proof ON COMMIT DROP AS
 WITH keys AS MATERIALIZED ({keys_sql}),

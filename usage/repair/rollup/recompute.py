@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +26,7 @@ from usage.repair.rollup.proof import (
     spans_of,
 )
 from usage.repair.rollup.slices import (
+    NEXT_SPAN_SQL,
     Bound,
     OnSlice,
     OnWait,
@@ -34,6 +34,7 @@ from usage.repair.rollup.slices import (
     RollupSlice,
     ShouldStop,
     SliceCancelled,
+    Span,
     log_slice,
     run_locked,
     unbounded,
@@ -106,16 +107,12 @@ ANALYZE_HOURS_SQL = f"ANALYZE {HOURS_TABLE}"
 KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
 HOURS_TOTAL_SQL = f"SELECT count(*) FROM {HOURS_TABLE}"
 # The next slice: the hours after ``after`` within ``limit`` estimated rows (at least one).
-NEXT_HOURS_SQL = f"""
-SELECT s.seq, s.rows_to - f.rows_to + f.rows, s.keys_to - f.keys_to + f.keys,
-       f.bucket_hour, s.bucket_hour + interval '1 hour'
-FROM {HOURS_TABLE} s, {HOURS_TABLE} f
-WHERE f.seq = %(after)s + 1
-  AND s.seq = greatest(
-      %(after)s + 1,
-      coalesce((SELECT n.seq - 1 FROM {HOURS_TABLE} n
-                WHERE n.seq > %(after)s AND n.rows_to - f.rows_to + f.rows > %(limit)s
-                ORDER BY n.seq LIMIT 1), %(total)s))"""
+NEXT_HOURS_SQL = NEXT_SPAN_SQL.format(
+    table=HOURS_TABLE,
+    columns="s.keys_to - f.keys_to + f.keys, s.rows_to - f.rows_to + f.rows, f.bucket_hour, "
+    "s.bucket_hour + interval '1 hour'",
+    over="n.rows_to - f.rows_to + f.rows > %(limit)s",
+)
 
 SLICE_KEYS = f"""
 SELECT {{keys}} FROM {KEYS_TABLE}
@@ -164,22 +161,6 @@ PRIOR_ROWS_PER_SECOND = 200_000.0
 MICROSECOND = timedelta(microseconds=1)
 
 
-@dataclass(frozen=True)
-class _Hours:
-    """Touched hours (after, upto]: their estimated rows, their keys, and their span."""
-
-    after: int
-    upto: int
-    rows: int
-    keys: int
-    start: datetime
-    end: datetime
-
-    @property
-    def hours(self) -> int:
-        return self.upto - self.after
-
-
 def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, datetime]]:
     """The fewest spans of time that cover the bucket hours of ``keys_sql``'s keys."""
     with connection.cursor() as cursor:
@@ -214,7 +195,7 @@ class OwnRebuild:
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
         self.last_held = 0.0
-        self.hours = self.done = self.rows_done = self.keys_done = 0
+        self.hours = self.done = self.keys_done = 0
         self.run_ids: list[int] = []
 
     def _prove(
@@ -340,35 +321,35 @@ class OwnRebuild:
             try:
                 done = run_locked(self.limits, self._slice_work(span))
             except SliceCancelled as exc:
-                self.rate.cancelled(span.rows)
-                if span.hours == 1 and self.function.cancelled_in_a_row >= 1:
+                self.rate.cancelled(span.cost)
+                if span.count == 1 and self.function.cancelled_in_a_row >= 1:
                     # Twice too big for a slice: its keys go through the function.
                     self.result.cancelled_holds.append(exc.held)
                     self._hour_by_function(span, should_stop, on_slice, on_wait)
                     continue
                 self.function.cancelled(
                     exc,
-                    f"slice of {span.hours} bucket hours (about {span.rows:,} usage rows, "
+                    f"slice of {span.count} bucket hours (about {span.cost:,} usage rows, "
                     f"{span.keys:,} keys)",
                 )
                 continue
             rollup_rows, keys = (int(value) for value in done.value)
             piece = done.piece(
-                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.rows
+                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.cost
             )
-            self.rate.add(span.rows, done.held)
+            self.rate.add(span.cost, done.held)
             self.function.settled(piece)
-            self.done, self.rows_done = span.upto, self.rows_done + span.rows
+            self.done = span.upto
             self.keys_done += keys
             total = self.result.keys_total
-            what = f"rollup slice: {span.hours} hours, {keys} keys ({self.keys_done}/{total})"
+            what = f"rollup slice: {span.count} hours, {keys} keys ({self.keys_done}/{total})"
             self.function.report(piece, what, self.keys_done, on_slice)
             if self.done < self.hours:
                 self.function.leave_a_gap()
 
     def _hour_by_function(
         self,
-        span: _Hours,
+        span: Span,
         should_stop: ShouldStop,
         on_slice: OnSlice,
         on_wait: OnWait,
@@ -377,27 +358,27 @@ class OwnRebuild:
             "bucket hour %s (about %s usage rows) does not fit one slice of the own "
             "recompute: the platform's function rebuilds its keys",
             f"{span.start:%Y-%m-%d %H:00}",
-            f"{span.rows:,}",
+            f"{span.cost:,}",
         )
         counted = self.result.keys_total
         self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, span.start)
         self.result.keys_total = counted  # its keys were counted with the run's
         self.function.cancelled_in_a_row = 0
         if not self.result.stopped:
-            self.done, self.rows_done = span.upto, self.rows_done + span.rows
+            self.done = span.upto
             self.keys_done += span.keys
 
-    def _slice_work(self, span: _Hours) -> Callable[[Any, Bound], Any]:
+    def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
         return _write(self.slice_sql, params)
 
-    def _span(self, limit: float) -> _Hours:
+    def _span(self, limit: float) -> Span:
         with connection.cursor() as cursor:
             cursor.execute(
                 NEXT_HOURS_SQL, {"after": self.done, "limit": int(limit), "total": self.hours}
             )
-            upto, rows, keys, start, end = cursor.fetchone()
-        return _Hours(self.done, int(upto), int(rows), int(keys), start, end)
+            upto, keys, rows, start, end = cursor.fetchone()
+        return Span(self.done, int(upto), int(keys), int(rows), start, end)
 
     # -- the revert's drains -------------------------------------------------------------
 

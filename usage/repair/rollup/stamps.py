@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,11 +23,13 @@ from usage.repair.rollup.function import (
     slice_units,
 )
 from usage.repair.rollup.slices import (
+    NEXT_SPAN_SQL,
     OnSlice,
     OnWait,
     RollupError,
     ShouldStop,
     SliceCancelled,
+    Span,
     unbounded,
 )
 
@@ -101,21 +102,12 @@ STAMPS_TOTAL_SQL = (
 NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
 # The next slice: the stamps after ``after`` of one segment whose keys cost at most ``limit``
 # (tasks plus ``base`` a key; at least one stamp).
-NEXT_SLICE_SQL = f"""
-WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
-SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
-FROM {STAMPS_TABLE} s, first
-WHERE s.seq = greatest(
-    %(after)s + 1,
-    coalesce(
-        (SELECT n.seq - 1 FROM {STAMPS_TABLE} n
-         WHERE n.seq > %(after)s
-           AND (n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s
-                OR n.segment <> first.segment)
-         ORDER BY n.seq LIMIT 1),
-        %(total)s
-    )
-)"""
+NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
+    table=STAMPS_TABLE,
+    columns="s.keys_to, s.tasks_to, f.stamp, s.stamp",
+    over="n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s "
+    "OR n.segment <> f.segment",
+)
 
 # Keys of the runs' rows rewritten since (no window of stamps finds them): queued and drained.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
@@ -149,18 +141,6 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None) -> st
     """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
     only_hour = ONLY_HOUR[hour is not None]
     return compose(template, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
-
-    after: int
-    upto: int
-    keys: int
-    tasks: int
-    window_from: datetime
-    window_to: datetime
 
 
 class FunctionPath(QueueDrainer):
@@ -209,16 +189,12 @@ class FunctionPath(QueueDrainer):
             backlog = self._backlog(after + 1)
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
             try:
-                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
+                piece = run_slice(plan, self.limits, span.start, span.end)
             except SliceCancelled as exc:
                 drained = f", {backlog} queued keys drained with it" if backlog else ""
-                what = (
-                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
-                    f"({plan} plan{drained})"
-                )
-                units = slice_units(plan, span.keys, span.tasks, backlog, mean)
-                smallest = span.upto == span.after + 1
-                self.planner.cancelled(plan, units, span.keys, smallest=smallest)
+                what = f"slice of {span.keys} keys on {span.count} stamps ({plan} plan{drained})"
+                units = slice_units(plan, span.keys, span.cost, backlog, mean)
+                self.planner.cancelled(plan, units, span.keys, smallest=span.count == 1)
                 if not self.planner.usable:
                     self.result.cancelled_holds.append(exc.held)
                     raise RollupError(
@@ -229,10 +205,10 @@ class FunctionPath(QueueDrainer):
                     ) from exc
                 self.cancelled(exc, what)
                 continue
-            piece = self._settled(piece, span.keys, span.tasks, backlog, mean)
+            piece = self._settled(piece, span.keys, span.cost, backlog, mean)
             after = span.upto
             keys_done += span.keys
-            tasks_done += span.tasks
+            tasks_done += span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
             self.report(piece, what, keys_done, on_slice)
             if after < total:
@@ -248,7 +224,7 @@ class FunctionPath(QueueDrainer):
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
-    ) -> tuple[Plan, _Span]:
+    ) -> tuple[Plan, Span]:
         """The next slice's plan and stamps after ``done`` (stamps, keys, tasks): each plan
         judged at the size its rate allows, run at the size growth allows."""
         after, keys_done, tasks_done = done
@@ -257,18 +233,18 @@ class FunctionPath(QueueDrainer):
             backlog_units = slice_units(plan, 0, 0, backlog, mean)
             return self.planner.limit(plan, probe_units(plan, mean), backlog_units, grow=grow)
 
-        def span(plan: Plan, limit: float) -> _Span:
+        def span(plan: Plan, limit: float) -> Span:
             with connection.cursor() as cursor:
                 params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
                 params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
                 cursor.execute(NEXT_SLICE_SQL, params)
                 upto, keys_to, tasks_to, first, last = cursor.fetchone()
             keys, tasks = int(keys_to) - keys_done, int(tasks_to) - tasks_done
-            return _Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
+            return Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
 
         def speed(plan: Plan) -> float:
             judged = span(plan, limit(plan, False))
-            units = slice_units(plan, judged.keys, judged.tasks, backlog, mean)
+            units = slice_units(plan, judged.keys, judged.cost, backlog, mean)
             return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
 
         plan = self.planner.best(speed)
