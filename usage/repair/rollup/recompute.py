@@ -232,11 +232,7 @@ class OwnRebuild:
     # -- the repair's rebuild ------------------------------------------------------------
 
     def rebuild(
-        self,
-        run_ids: Sequence[int],
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, run_ids: Sequence[int], should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> bool:
         """Every key of the runs; False when the proof failed (``result.path_reason``)."""
         self.run_ids = list(run_ids)
@@ -348,11 +344,7 @@ class OwnRebuild:
                 self.function.leave_a_gap()
 
     def _hour_by_function(
-        self,
-        span: Span,
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> None:
         logger.warning(
             "bucket hour %s (about %s usage rows) does not fit one slice of the own "

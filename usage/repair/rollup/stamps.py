@@ -250,12 +250,7 @@ class FunctionPath(QueueDrainer):
         plan = self.planner.best(speed)
         return plan, span(plan, limit(plan, True))
 
-    def _rewritten(
-        self,
-        params: dict[str, Any],
-        should_stop: ShouldStop,
-        on_wait: OnWait,
-    ) -> None:
+    def _rewritten(self, params: dict[str, Any], should_stop: ShouldStop, on_wait: OnWait) -> None:
         """The keys of rows rewritten since the run: queued and drained in planned chunks."""
         total, tasks = unbounded(
             self.limits,
