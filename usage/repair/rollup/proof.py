@@ -5,7 +5,7 @@ that they write what the function writes (some keys computed both ways in one sn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -154,49 +154,46 @@ def own_settings(cursor: Any) -> None:
     cursor.execute(OWN_SETTINGS_SQL, {"work_mem": OWN_WORK_MEM})
 
 
-@dataclass(frozen=True)
-class ColumnDifference:
-    column: str
-    own: Any
-    function: Any
-
-
-@dataclass(frozen=True)
-class KeyDifference:
-    key: tuple[Any, ...]
-    columns: tuple[ColumnDifference, ...]
-
-
 @dataclass
 class Proof:
-    """Some keys computed both ways in one snapshot: equal, or how they differ."""
+    """Some keys computed both ways in one snapshot: how many, how many differ, the first."""
 
     keys: int = 0
-    differences: list[KeyDifference] = field(default_factory=list)
+    differing: int = 0
+    first: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differing
 
     def describe(self) -> str:
         """One line: what differed (the first key and its columns), or that nothing did."""
         if self.ok:
             return f"the own recompute equals the function on the first {self.keys} keys"
-        first = self.differences[0]
-        columns = "; ".join(
-            f"{c.column}: function {_shown(c.function)}, own {_shown(c.own)}"
-            for c in first.columns
-        )
-        hour = first.key[0].strftime("%Y-%m-%dT%H:%MZ")
         return (
-            f"the own recompute differs from the function on {len(self.differences)} of "
-            f"the first {self.keys} keys (first: {hour}, agent {first.key[3]}, "
-            f"{first.key[5]}/{first.key[6]}: {columns})"
+            f"the own recompute differs from the function on {self.differing} of "
+            f"the first {self.keys} keys ({self.first})"
         )
 
 
 def _shown(value: Any) -> str:
     return "no row" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _difference(row: Sequence[Any], names: Sequence[str]) -> str:
+    """A row of ``COMPARE_PROOF_SQL``: its key, and the columns that differ."""
+    n = len(KEY_COLUMNS)
+    key, (own_found, function_found), values = row[:n], row[n : n + 2], row[n + 2 :]
+    if own_found != function_found:
+        pairs = [("row", "present" if own_found else None, "present" if function_found else None)]
+    else:
+        pairs = [
+            (name, own, function)
+            for name, own, function in zip(names, values[0::2], values[1::2], strict=True)
+            if own != function
+        ]
+    columns = "; ".join(f"{name}: function {_shown(f)}, own {_shown(o)}" for name, o, f in pairs)
+    return f"first: {key[0]:%Y-%m-%dT%H:%MZ}, agent {key[3]}, {key[5]}/{key[6]}: {columns}"
 
 
 def prove(
@@ -223,22 +220,8 @@ def prove(
     cursor.execute(recompute.compare_sql())
     rows = cursor.fetchall()
     cursor.execute(PROOF_COUNT_SQL)
-    proof = Proof(keys=int(cursor.fetchone()[0]))
-    width = len(KEY_COLUMNS)
-    for row in rows:
-        key, own_found, function_found = tuple(row[:width]), row[width], row[width + 1]
-        values = row[width + 2 :]
-        if own_found != function_found:
-            shown = ("present" if own_found else None, "present" if function_found else None)
-            columns = (ColumnDifference("row", *shown),)
-        else:
-            columns = tuple(
-                ColumnDifference(name, own, function)
-                for name, own, function in zip(
-                    recompute.version.columns, values[0::2], values[1::2], strict=True
-                )
-                if own != function
-            )
-        proof.differences.append(KeyDifference(key, columns))
+    proof = Proof(keys=int(cursor.fetchone()[0]), differing=len(rows))
+    if rows:
+        proof.first = _difference(rows[0], recompute.version.columns)
     cursor.execute(DROP_PROOF_SQL)
     return proof, called

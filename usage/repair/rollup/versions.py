@@ -213,34 +213,23 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     found = f"{installed.described} (fingerprint {shown})"
 
     def through_function(why: str) -> PathChoice:
+        reason = "the platform's function rebuilds the keys" + why
         function = BackfillRun.RollupPath.FUNCTION
-        return PathChoice(function, installed.described, installed.fingerprint, why, version)
+        return PathChoice(function, installed.described, installed.fingerprint, reason, version)
 
     if version is None:
-        return through_function(
-            f"the platform's function rebuilds the keys: its installed definition "
-            f"(fingerprint {shown}) is not one this tool knows"
-        )
+        why = f": its installed definition (fingerprint {shown}) is not one this tool knows"
+        return through_function(why)
     if requested == "function":
-        return through_function(
-            f"the platform's function rebuilds the keys, as asked (--rollup-path function); "
-            f"installed: {found}"
-        )
-    absent = [name for name in version.columns if name not in installed.hourly_columns]
+        return through_function(f", as asked (--rollup-path function); installed: {found}")
+    absent = ", ".join(name for name in version.columns if name not in installed.hourly_columns)
     if absent:
-        return through_function(
-            f"the platform's function rebuilds the keys: task_usage_hourly lacks "
-            f"{', '.join(absent)}, which {found} writes"
-        )
-    cursor.execute(
-        OWN_PATH_PRIVILEGES_SQL, {"table": f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"}
-    )
-    missing = list(cursor.fetchone()[0])
+        return through_function(f": task_usage_hourly lacks {absent}, which {found} writes")
+    table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
+    cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
+    missing = "/".join(cursor.fetchone()[0])
     if missing:
-        return through_function(
-            f"the platform's function rebuilds the keys: the role may not "
-            f"{'/'.join(missing)} task_usage_hourly itself"
-        )
+        return through_function(f": the role may not {missing} task_usage_hourly itself")
     return PathChoice(
         BackfillRun.RollupPath.OWN,
         version.name,
