@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -15,7 +15,7 @@ from django.db import connection
 from usage.db import drop_temp_table
 from usage.eligibility import compose, key_table
 from usage.models import BackfillRun
-from usage.repair.rollup.function import Plan, call_function
+from usage.repair.rollup.function import MICROSECOND, Plan, call_function
 from usage.repair.rollup.proof import (
     WRITE_SQL,
     Proof,
@@ -158,7 +158,6 @@ MAX_SPANS = 24
 PROOF_KEYS_COUNT = 50
 FIRST_SLICE_ROWS = 20_000
 PRIOR_ROWS_PER_SECOND = 200_000.0
-MICROSECOND = timedelta(microseconds=1)
 
 
 def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, datetime]]:

@@ -46,16 +46,6 @@ SELECT count(*) FROM (
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
 # A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
-
-CREATE_STAMPS_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
-    seq bigint PRIMARY KEY,
-    stamp timestamptz NOT NULL,
-    segment bigint NOT NULL,
-    keys_to bigint NOT NULL,
-    tasks_to bigint NOT NULL
-) ON COMMIT PRESERVE ROWS"""
-TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
 DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 # Fresh statistics of the journal the run just wrote (docs/design.md).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
@@ -81,7 +71,8 @@ AGENT_TASKS = """agent_tasks AS MATERIALIZED (
 )"""
 ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
 # The stamps with running totals of keys and tasks, a new segment at every gap > MAX_WINDOW_GAP.
-FILL_STAMPS_TABLE_SQL = f"""
+CREATE_STAMPS_TABLE_SQL = f"""
+CREATE TEMP TABLE codex_rollup_stamps ON COMMIT PRESERVE ROWS AS
 WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
 stamps AS (
     SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
@@ -89,13 +80,13 @@ stamps AS (
     FROM pg_temp.codex_rollup_stamped_keys k JOIN agent_tasks t USING (agent_id)
     GROUP BY k.stamp
 )
-INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
-SELECT row_number() OVER w, stamp,
-       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
+SELECT row_number() OVER w AS seq, stamp,
+       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING) AS segment,
+       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS keys_to,
+       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS tasks_to
 FROM stamps
 WINDOW w AS (ORDER BY stamp)"""
+INDEX_STAMPS_TABLE_SQL = f"ALTER TABLE {STAMPS_TABLE} ADD PRIMARY KEY (seq)"
 STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
@@ -159,12 +150,12 @@ class FunctionPath(QueueDrainer):
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
         stamps, keys, tasks = unbounded(
             self.limits,
-            CREATE_STAMPS_TABLE_SQL,
-            TRUNCATE_STAMPS_TABLE_SQL,
+            DROP_STAMPS_TABLE_SQL,
             compose(ANALYZE_JOURNAL_SQL),
             (from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params),
             ANALYZE_STAMPED_KEYS_SQL,
-            (compose(FILL_STAMPS_TABLE_SQL), params),
+            (compose(CREATE_STAMPS_TABLE_SQL), params),
+            INDEX_STAMPS_TABLE_SQL,
             STAMPS_TOTAL_SQL,
         )
         self.result.keys_total += keys
