@@ -89,17 +89,17 @@ _TOKEN = re.compile(
 )
 
 
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+
+
 def _block_comment_end(text: str, start: int) -> int:
     """Where a block comment opened just before ``start`` ends (they nest in PostgreSQL)."""
-    depth, i = 1, start
-    while i < len(text) and depth:
-        if text.startswith("/*", i):
-            depth, i = depth + 1, i + 2
-        elif text.startswith("*/", i):
-            depth, i = depth - 1, i + 2
-        else:
-            i += 1
-    return i
+    depth = 1
+    for mark in _COMMENT_MARK.finditer(text, start):
+        depth += 1 if mark.group() == "/*" else -1
+        if not depth:
+            return mark.end()
+    return len(text)
 
 
 def sql_tokens(text: str) -> list[str]:
