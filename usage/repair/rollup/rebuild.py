@@ -13,14 +13,10 @@ from datetime import datetime
 from django.db import connection
 
 from usage.db import drop_temp_table
+from usage.eligibility import key_table
 from usage.models import BackfillRun
 from usage.repair.progress import Progress, no_progress
-from usage.repair.rollup.recompute import (
-    CLEAR_REVERT_KEYS_SQL,
-    CREATE_REVERT_KEYS,
-    DROP_REVERT_KEYS_SQL,
-    OwnRebuild,
-)
+from usage.repair.rollup.recompute import REVERT_KEYS_TABLE, OwnRebuild
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     MAX_SLICE_GROWTH,
@@ -35,6 +31,10 @@ from usage.repair.rollup.stamps import FunctionPath
 from usage.repair.rollup.versions import PathChoice, choose_path
 
 logger = logging.getLogger("usage.rollup")
+
+CREATE_REVERT_KEYS = key_table("codex_revert_keys")
+CLEAR_REVERT_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
+DROP_REVERT_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
 
 
 # A path's strategy: ``rebuild`` (False: its proof failed), ``drain`` and ``batch_entries``.

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection
 
 from usage.db import drop_temp_table
-from usage.eligibility import compose, key_table
+from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
 from usage.repair.rollup.proof import (
@@ -129,9 +129,6 @@ MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(las
 
 # The keys the revert's batches restored (and queued) since the last drain.
 REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
-CREATE_REVERT_KEYS = key_table("codex_revert_keys")
-CLEAR_REVERT_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
-DROP_REVERT_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
 REVERT_KEYS = f"SELECT DISTINCT {{keys}} FROM {REVERT_KEYS_TABLE}"
 # The bucket hours of a ``{keys}`` query, to bound its recompute.
 HOURS_OF_SQL = "SELECT DISTINCT bucket_hour FROM ({keys_sql}) k ORDER BY 1"

@@ -35,12 +35,6 @@ from usage.repair.rollup.slices import (
 
 logger = logging.getLogger("usage.rollup")
 
-BACKLOG_COUNT_CAP = 100_000
-# Keys queued by others before a moment: a call whose window ends then drains them too.
-BACKLOG_SQL = """
-SELECT count(*) FROM (
-    SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
-) queued"""
 
 # A call over the window of a slice's stamps rebuilds exactly their keys (docs/design.md).
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
@@ -90,7 +84,14 @@ INDEX_STAMPS_TABLE_SQL = f"ALTER TABLE {STAMPS_TABLE} ADD PRIMARY KEY (seq)"
 STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
-NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
+# Keys others queued before the window from stamp ``seq`` ends: its call drains them too.
+BACKLOG_COUNT_CAP = 100_000
+BACKLOG_SQL = f"""
+SELECT count(*) FROM (
+    SELECT 1 FROM {{task_usage_hourly_dirty}}
+    WHERE enqueued_at < (SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %(seq)s) + %(gap)s
+    LIMIT %(cap)s
+) queued"""
 # The next slice: the stamps after ``after`` of one segment whose keys cost at most ``limit``
 # (tasks plus ``base`` a key; at least one stamp).
 NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
@@ -208,9 +209,8 @@ class FunctionPath(QueueDrainer):
     def _backlog(self, seq: int) -> int:
         """Keys others queued before the window from stamp ``seq`` ends (normally none)."""
         with connection.cursor() as cursor:
-            cursor.execute(NEXT_STAMP_SQL, [seq])
-            before = cursor.fetchone()[0] + MAX_WINDOW_GAP
-            cursor.execute(compose(BACKLOG_SQL), {"before": before, "cap": BACKLOG_COUNT_CAP})
+            params = {"seq": seq, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+            cursor.execute(compose(BACKLOG_SQL), params)
             return int(cursor.fetchone()[0])
 
     def _choose(
