@@ -33,7 +33,7 @@ TASK_JOINS = """JOIN {agent_task_queue} q ON q.id = tu.task_id
 ELIGIBLE_FROM = f"""{{task_usage}} tu
     {TASK_JOINS}"""
 
-# The parts of a row's own eligibility. A Codex row whose input still counts cached input:
+# A row's own eligibility: a Codex row whose input still counts cached input, ...
 CODEX_WITH_CACHED_INPUT = """tu.provider = 'codex'
     AND tu.cache_read_tokens > 0
     AND tu.input_tokens > 0"""
@@ -43,13 +43,11 @@ WRITTEN_BEFORE_CUTOFF = "coalesce(tu.updated_at, tu.created_at) < %(cutoff)s"
 NOT_REPAIRED = """NOT EXISTS (
         SELECT 1 FROM {journal} j WHERE j.usage_id = tu.id AND j.reverted_at IS NULL
     )"""
-# What a row's own state decides: the part a concurrent writer can change, so the repair
-# re-checks it under the row lock. Needs only ``{task_usage} tu``.
+# What a concurrent writer can change, re-checked under the row lock (needs only ``tu``).
 ROW_ELIGIBLE_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
     AND {WRITTEN_BEFORE_CUTOFF}
     AND {NOT_REPAIRED}"""
-# The workspace scope: a row's task, and a task's agent and workspace, never change, so rows
-# selected once within the scope stay within it.
+# The workspace scope (a row's task, agent and workspace never change).
 SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
 ELIGIBLE_WHERE = f"""{ROW_ELIGIBLE_WHERE}
     AND {SCOPE_WHERE}"""
@@ -74,8 +72,8 @@ KEY_TYPES = (
     ("model", "text NOT NULL"),
 )
 KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
-# A usage row ``tu`` joined to what its key needs (``{key_joins}``), and its key as the seven
-# columns (``{row_key}``). A row of a task with no runtime has no key: add ``{has_key}``.
+# A row ``tu`` joined to what its key needs, its key as the seven columns, and whether it has
+# one (a task with no runtime has none).
 KEY_JOINS = f"""{TASK_JOINS}
     LEFT JOIN {{issue}} i ON i.id = q.issue_id"""
 ROW_KEY = f"""{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
@@ -156,12 +154,8 @@ def format_sql(template: str, **parts: sql.Composable) -> sql.Composed:
 
 @cache
 def compose(template: str, **parts: str) -> str:
-    """Render a SQL template: schema-qualified identifiers and the shared fragments.
-
-    ``parts`` name the statement's own fragments (``compose(BATCH_SQL, selector=...)`` fills
-    ``{selector}``); they may use the shared names, and the parts named before them.
-    Placeholders for values (``%(name)s``) are left for the driver to bind.
-    """
+    """A SQL template rendered with the shared names and ``parts``, the statement's own
+    fragments (each may use the shared names and the parts before it); ``%(name)s`` is kept."""
     own: dict[str, sql.Composable] = {}
     for key, fragment in parts.items():
         own[key] = sql.SQL(fragment).format(**{**names(), **own})

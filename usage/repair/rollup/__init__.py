@@ -1,7 +1,6 @@
-"""Rebuilding the hourly rollup for the rows a run changed, in short slices under lock 4246
-(``slices``): the path from the function's version (``versions``), the own recompute and its
-proof (``proof``, ``recompute``), the platform's function (``function``, ``stamps``), and the
-entry points (``rebuild``).
+"""Rebuilding the hourly rollup for the rows a run changed, in slices under lock 4246: entry
+points (``rebuild``), the path (``versions``), the own recompute (``proof``, ``recompute``) and
+the platform's function (``function``, ``stamps``); docs/design.md says why.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The function path: hourly keys rebuilt by the platform's ``rollup_task_usage_hourly_window``,
-in slices of the repair's stamps or as drains of queued keys, each call planned (nested loops
-or hashed) by a cost model measured as it goes (``SlicePlanner``).
+"""The function path's calls of ``rollup_task_usage_hourly_window``, each planned (nested loops
+or hashed) by a measured cost model (``SlicePlanner``), and the drains of queued keys.
 """
 
 from __future__ import annotations
@@ -36,16 +35,10 @@ from usage.repair.rollup.slices import (
 
 logger = logging.getLogger("usage.rollup")
 
-# The first slice of each plan takes this many keys' worth of cost, to measure it.
+# The cost model's measured constants and priors (docs/design.md): keys of a plan's first
+# slice, a key's cost in tasks beside its agent's, task units a second, a page's scan.
 FIRST_SLICE_KEYS = 50
-# Per-key cost beside the tasks of its agent, in "tasks", for each plan (measured at 400,000
-# rows on PostgreSQL 15: a nested-loop key costs about 7 µs a task of its agent plus 0.4 ms;
-# a hashed key about 0.3 ms whatever its agent, its share of the joins, the upsert and the
-# drain, beside the slice's fixed whole scans).
 KEY_BASE_COST = {"nestloop": 60, "hash": 5000}
-# Priors, replaced by measurements as soon as a slice of that plan ran: task units per second
-# of a nested-loop slice and beyond a hash slice's fixed part, and seconds of a hash slice's
-# whole scan per 8 kB page of task_usage and agent_task_queue.
 PRIOR_RATE = {"nestloop": 150_000.0, "hash": 20_000_000.0}
 PRIOR_SCAN_SECONDS_PER_PAGE = 40e-6
 
@@ -55,34 +48,26 @@ class Plan(enum.StrEnum):
     HASH = "hash"
 
 
-# The slice transaction's planner settings for each plan; force_custom_plan makes every call
-# plan afresh, so the settings reach the function's statements whatever the session cached.
+# A plan's settings; force_custom_plan, or the function reuses its cached plan (docs/design.md).
 SET_PLAN_SQL = (
     "SELECT set_config('enable_nestloop', %s, true),"
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
 ENABLE_NESTLOOP = {Plan.NESTLOOP: "on", Plan.HASH: "off"}
-# What the transaction has scanned of task_usage so far: a hash plan scans it whole.
+# The transaction's scans of task_usage so far: a hash plan scans it whole.
 SCANS_SQL = """
 SELECT coalesce(sum(seq_scan), 0), coalesce(sum(idx_scan), 0)
 FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'task_usage'"""
 # The 8 kB pages a whole-scan plan reads.
-SCANNED_PAGES_SQL = """
-SELECT (pg_relation_size(%(task_usage)s::regclass)
-        + pg_relation_size(%(agent_task_queue)s::regclass)) / 8192"""
+SCANNED_PAGES_SQL = "SELECT (pg_relation_size(%s::regclass) + pg_relation_size(%s::regclass))/8192"
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
-# -- the cost model ----------------------------------------------------------------------
 
 
 @dataclass
 class SlicePlanner:
-    """Chooses each slice's plan and size so it holds the lock about ``target`` seconds.
-
-    Costs are in "task units": the task counts of a slice's keys' agents plus a per-key part
-    (``KEY_BASE_COST``); a hash slice also pays its whole scans (``scan_seconds`` before one
-    ran). A plan is dropped when it cannot work.
-    """
+    """Each slice's plan and size, to hold the lock about ``target`` seconds: a ``Rate`` a
+    plan, in task units (``slice_units``); a hash slice also pays its whole scans."""
 
     target: float
     scan_seconds: float
@@ -122,17 +107,15 @@ class SlicePlanner:
         self.rates[plan].add(units, held)
 
     def cancelled(self, plan: Plan, units: float, keys: int, *, smallest: bool = False) -> None:
-        """A slice of ``plan`` hit the cap: believe half of it fits, or drop the plan when the
-        slice could not have been smaller, or was a hash plan's first (its scans alone do not
-        fit)."""
+        """A slice of ``plan`` hit the cap: believe half of it fits; drop the plan when the
+        slice could not be smaller or was a hash plan's first (its scans alone do not fit)."""
         if smallest or keys <= 1 or (plan == Plan.HASH and not self.rates[plan].measured):
             self.usable.discard(plan)
             return
         self.rates[plan].cancelled(units)
 
     def best(self, speed: Callable[[Plan], float]) -> Plan:
-        """The plan to run next: one not measured yet, else the one of most keys per second
-        of wall time (``speed(plan)``)."""
+        """One not measured yet, else the one of most keys per second (``speed(plan)``)."""
         probe = self.next_to_probe()
         return probe or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
 
@@ -152,24 +135,19 @@ def slice_units(
 
 def predict_scan_seconds() -> float:
     """A hash slice's whole scans, predicted from the size of the tables they read."""
-    names = {
-        "task_usage": f"{settings.CODEX_TARGET_SCHEMA}.task_usage",
-        "agent_task_queue": f"{settings.CODEX_TARGET_SCHEMA}.agent_task_queue",
-    }
+    schema = settings.CODEX_TARGET_SCHEMA
+    tables = [f"{schema}.task_usage", f"{schema}.agent_task_queue"]
     with connection.cursor() as cursor:
-        cursor.execute(SCANNED_PAGES_SQL, names)
+        cursor.execute(SCANNED_PAGES_SQL, tables)
         pages = cursor.fetchone()[0] or 0
     return float(pages) * PRIOR_SCAN_SECONDS_PER_PAGE
-
-
-# -- one call of the function ------------------------------------------------------------
 
 
 def call_function(
     cursor: Any, bound: Bound, plan: Plan, window: tuple[datetime, datetime]
 ) -> tuple[int, dict[str, int]]:
-    """One call over ``window`` ``[from, to)`` with ``plan``'s settings, in the caller's
-    slice: the hourly rows it wrote, and the scans of ``task_usage`` it made."""
+    """One call over ``window`` with ``plan``'s settings in the caller's slice: the hourly
+    rows it wrote, and its scans of ``task_usage``."""
     cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_before, idx_before = cursor.fetchone()
@@ -185,9 +163,8 @@ def call_function(
 def run_slice(
     plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
 ) -> RollupSlice:
-    """One transaction holding lock 4246 around one rollup call over ``[from, to)``: it
-    rebuilds the keys of the rows last written in the window, and every key queued before
-    its end."""
+    """One slice around one call over ``[from, to)``: the keys of the rows last written in
+    the window, and every key queued before its end."""
     window = (window_from, window_to)
     done = run_locked(limits, lambda cursor, bound: call_function(cursor, bound, plan, window))
     rollup_rows, scans = done.value
@@ -200,8 +177,8 @@ def plan_applied(piece: RollupSlice) -> bool:
 
 
 def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
-    """The slice as it really ran: a hash plan that did not scan task_usage was nested loops,
-    and the planner drops it (a ``SET`` clause on the function, say, keeps the settings out)."""
+    """The slice as it ran: a hash plan with no whole scan was nested loops (a ``SET`` clause
+    on the function, say, keeps the settings out), and the planner drops it."""
     if plan_applied(piece):
         return piece
     planner.usable.discard(Plan(piece.plan))
@@ -216,8 +193,8 @@ MICROSECOND = timedelta(microseconds=1)
 
 
 class QueueDrainer(Slicer):
-    """The function path's drains: keys another statement queued, one slice per ``drain``,
-    planned by one ``SlicePlanner``; ``label`` names them in the log ("revert drain")."""
+    """The function path's drains of queued keys, one slice each, planned by one
+    ``SlicePlanner``; ``label`` names them in the log."""
 
     def __init__(
         self,
@@ -231,8 +208,6 @@ class QueueDrainer(Slicer):
         super().__init__(limits, neighbours, result or RollupResult())
         self.label = label
         self.planner = SlicePlanner(limits.target, predict_scan_seconds(), neighbours.gap)
-
-    # -- the revert's drains, and the rewritten keys' --------------------------------------
 
     def next_keys(self, mean_tasks: float) -> int:
         """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
@@ -260,8 +235,8 @@ class QueueDrainer(Slicer):
         should_stop: ShouldStop | None = None,
         on_wait: OnWait = None,
     ) -> RollupSlice:
-        """Rebuild everything queued up to ``enqueued_until`` in one slice transaction; one
-        the server cancels is tried once with each usable plan, then ``RollupError``."""
+        """Rebuild everything queued up to ``enqueued_until`` in one slice, tried once with
+        each usable plan, then ``RollupError``."""
         self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
         plans = [self._best_plan(tasks / keys if keys else 0.0)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
@@ -286,7 +261,6 @@ class QueueDrainer(Slicer):
     def _settled(
         self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
     ) -> RollupSlice:
-        """The slice as it ran, measured by the planner and added to the result."""
         piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
         piece = _checked(piece, self.planner)
         units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)

@@ -5,7 +5,7 @@ that they write what the function writes (some keys computed both ways in one sn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -13,31 +13,24 @@ from psycopg import sql
 
 from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
 from usage.repair.rollup.slices import Bound
-from usage.repair.rollup.versions import FunctionVersion
+from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
 
 HOUR = timedelta(hours=1)
 T = TypeVar("T")
 
-# Each column's sum, as the known definitions compute it (never shared with usage.repair.verify,
-# which checks the result with SQL of its own).
+# Each column's sum, as the known definitions compute it (usage.repair.verify checks the
+# result with SQL of its own).
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
 OWN_SUMS = {
-    "input_tokens": "sum(tu.input_tokens)::bigint",
-    "output_tokens": "sum(tu.output_tokens)::bigint",
-    "cache_read_tokens": "sum(tu.cache_read_tokens)::bigint",
-    "cache_write_tokens": "sum(tu.cache_write_tokens)::bigint",
+    **{name: f"sum(tu.{name})::bigint" for name in TOKEN_COLUMNS},
+    **{f"uncosted_{name}": UNCOSTED.format(name) for name in TOKEN_COLUMNS},
     "cost_usd_ticks": "coalesce(sum(tu.cost_usd_ticks), 0)::bigint",
-    "uncosted_input_tokens": UNCOSTED.format("input_tokens"),
-    "uncosted_output_tokens": UNCOSTED.format("output_tokens"),
-    "uncosted_cache_read_tokens": UNCOSTED.format("cache_read_tokens"),
-    "uncosted_cache_write_tokens": UNCOSTED.format("cache_write_tokens"),
     "task_count": "count(DISTINCT tu.task_id)",
     "event_count": "count(*)",
 }
 
-# The recompute of the keys of ``keys``: every usage row created in some spans of time (bound
-# ranges of created_at, read through its index) grouped by its key, then kept for the keys
-# asked for (``found`` is false for a key with no rows left).
+# The keys of ``keys`` recomputed from the usage rows of some spans of created_at, grouped by
+# key (``found`` is false for a key with no rows left).
 RECOMPUTE_CTES = """
 sums AS (
     SELECT {row_key}, {sums}
@@ -69,15 +62,13 @@ WITH keys AS MATERIALIZED ({keys_sql}),
 {write}
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
        (SELECT count(*) FROM keys)"""
-# An own slice's statements are short: JIT compilation would cost more than it saves (seen:
-# 1.4 s of a 2.3 s slice), and the sorts and hashes of tens of thousands of rows fit memory.
+# Short statements: no JIT, sorts in memory (docs/design.md).
 OWN_SETTINGS_SQL = (
     "SELECT set_config('jit', 'off', true), set_config('work_mem', %(work_mem)s, true)"
 )
 OWN_WORK_MEM = "64MB"
 
-# The proof: the own recompute of some keys kept aside (the function writes them next), then
-# compared with what the function wrote, column by column.
+# The proof: the own recompute set aside, then compared with what the function wrote.
 CREATE_PROOF_SQL = """
 CREATE TEMP TABLE codex_rollup_proof ON COMMIT DROP AS
 WITH keys AS MATERIALIZED ({keys_sql}),
@@ -163,49 +154,46 @@ def own_settings(cursor: Any) -> None:
     cursor.execute(OWN_SETTINGS_SQL, {"work_mem": OWN_WORK_MEM})
 
 
-@dataclass(frozen=True)
-class ColumnDifference:
-    column: str
-    own: Any
-    function: Any
-
-
-@dataclass(frozen=True)
-class KeyDifference:
-    key: tuple[Any, ...]
-    columns: tuple[ColumnDifference, ...]
-
-
 @dataclass
 class Proof:
-    """Some keys computed both ways in one snapshot: equal, or how they differ."""
+    """Some keys computed both ways in one snapshot: how many, how many differ, the first."""
 
     keys: int = 0
-    differences: list[KeyDifference] = field(default_factory=list)
+    differing: int = 0
+    first: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differing
 
     def describe(self) -> str:
         """One line: what differed (the first key and its columns), or that nothing did."""
         if self.ok:
             return f"the own recompute equals the function on the first {self.keys} keys"
-        first = self.differences[0]
-        columns = "; ".join(
-            f"{c.column}: function {_shown(c.function)}, own {_shown(c.own)}"
-            for c in first.columns
-        )
-        hour = first.key[0].strftime("%Y-%m-%dT%H:%MZ")
         return (
-            f"the own recompute differs from the function on {len(self.differences)} of "
-            f"the first {self.keys} keys (first: {hour}, agent {first.key[3]}, "
-            f"{first.key[5]}/{first.key[6]}: {columns})"
+            f"the own recompute differs from the function on {self.differing} of "
+            f"the first {self.keys} keys ({self.first})"
         )
 
 
 def _shown(value: Any) -> str:
     return "no row" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _difference(row: Sequence[Any], names: Sequence[str]) -> str:
+    """A row of ``COMPARE_PROOF_SQL``: its key, and the columns that differ."""
+    n = len(KEY_COLUMNS)
+    key, (own_found, function_found), values = row[:n], row[n : n + 2], row[n + 2 :]
+    if own_found != function_found:
+        pairs = [("row", "present" if own_found else None, "present" if function_found else None)]
+    else:
+        pairs = [
+            (name, own, function)
+            for name, own, function in zip(names, values[0::2], values[1::2], strict=True)
+            if own != function
+        ]
+    columns = "; ".join(f"{name}: function {_shown(f)}, own {_shown(o)}" for name, o, f in pairs)
+    return f"first: {key[0]:%Y-%m-%dT%H:%MZ}, agent {key[3]}, {key[5]}/{key[6]}: {columns}"
 
 
 def prove(
@@ -232,22 +220,8 @@ def prove(
     cursor.execute(recompute.compare_sql())
     rows = cursor.fetchall()
     cursor.execute(PROOF_COUNT_SQL)
-    proof = Proof(keys=int(cursor.fetchone()[0]))
-    width = len(KEY_COLUMNS)
-    for row in rows:
-        key, own_found, function_found = tuple(row[:width]), row[width], row[width + 1]
-        values = row[width + 2 :]
-        if own_found != function_found:
-            shown = ("present" if own_found else None, "present" if function_found else None)
-            columns = (ColumnDifference("row", *shown),)
-        else:
-            columns = tuple(
-                ColumnDifference(name, own, function)
-                for name, own, function in zip(
-                    recompute.version.columns, values[0::2], values[1::2], strict=True
-                )
-                if own != function
-            )
-        proof.differences.append(KeyDifference(key, columns))
+    proof = Proof(keys=int(cursor.fetchone()[0]), differing=len(rows))
+    if rows:
+        proof.first = _difference(rows[0], recompute.version.columns)
     cursor.execute(DROP_PROOF_SQL)
     return proof, called

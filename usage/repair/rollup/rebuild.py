@@ -1,7 +1,5 @@
-"""The rollup's entry points: the repair's ``rebuild_keys`` and the revert's ``RevertDrains``.
-Both take the run's path (``versions.choose_path``): the own recompute (``OwnRebuild``) or the
-platform's function (``FunctionPath``), two strategies with one interface; a failed proof puts
-the rest of the work on the function (``result.path`` and ``result.path_reason`` say so).
+"""The rollup's entry points, the repair's ``rebuild_keys`` and the revert's ``RevertDrains``,
+on the run's path: ``OwnRebuild`` or ``FunctionPath``, two strategies with one interface.
 """
 
 from __future__ import annotations
@@ -11,25 +9,18 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
 
 from django.db import connection
 
 from usage.db import drop_temp_table
+from usage.eligibility import key_table
 from usage.models import BackfillRun
 from usage.repair.progress import Progress, no_progress
-from usage.repair.rollup.recompute import (
-    CLEAR_REVERT_KEYS_SQL,
-    CREATE_REVERT_KEYS,
-    DROP_REVERT_KEYS_SQL,
-    OwnRebuild,
-)
+from usage.repair.rollup.recompute import REVERT_KEYS_TABLE, OwnRebuild
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     MAX_SLICE_GROWTH,
     NeighbourOptions,
-    OnSlice,
-    OnWait,
     RollupError,
     RollupResult,
     RollupSlice,
@@ -41,25 +32,13 @@ from usage.repair.rollup.versions import PathChoice, choose_path
 
 logger = logging.getLogger("usage.rollup")
 
+CREATE_REVERT_KEYS = key_table("codex_revert_keys")
+CLEAR_REVERT_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
+DROP_REVERT_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
 
-class RollupPath(Protocol):
-    """A path's strategy (``OwnRebuild`` or ``FunctionPath``): the repair's rebuild of some
-    runs' keys (False: its proof failed), the revert's drains and the size of its batches."""
 
-    def rebuild(
-        self, run_ids: Sequence[int], should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
-    ) -> bool: ...
-
-    def drain(
-        self,
-        enqueued_until: datetime,
-        keys: int,
-        tasks: int,
-        should_stop: ShouldStop | None = None,
-        on_wait: OnWait = None,
-    ) -> RollupSlice: ...
-
-    def batch_entries(self, entries: int, keys: int, tasks: int) -> float: ...
+# A path's strategy: ``rebuild`` (False: its proof failed), ``drain`` and ``batch_entries``.
+RollupPath = OwnRebuild | FunctionPath
 
 
 def _strategy(choice: PathChoice, function: FunctionPath) -> RollupPath:
@@ -78,13 +57,11 @@ def rebuild_keys(
     should_stop: ShouldStop | None = None,
     progress: Progress = no_progress,
 ) -> RollupResult:
-    """Rebuild every hourly key of the rows the given runs changed, each key once.
+    """Rebuild every hourly key of the rows the given runs changed, each key once, on
+    ``choice``'s path (``choose_path()`` when not given; a failed proof: the function's).
 
-    On ``choice``'s path (``choose_path()`` when not given); an own path whose proof fails
-    goes on through the function. Stops between slices when ``should_stop()`` says so
-    (``result.stopped``; the keys left are rebuilt by the next run). Reports each slice
-    (``rollup_slice``), each wait for the platform's cron tick (``paused``) and a change of
-    path (``rollup_path``) to ``progress``.
+    Stops between slices on ``should_stop()`` (``result.stopped``). Reports ``rollup_slice``,
+    ``paused`` (a wait for the cron tick) and ``rollup_path`` to ``progress``.
     """
 
     def on_slice(piece: RollupSlice, done: int, total: int) -> None:
@@ -102,8 +79,7 @@ def rebuild_keys(
     try:
         path = _strategy(choice, function)
         if not path.rebuild(run_ids, stop, on_slice, on_wait) and not result.stopped:
-            # The function rebuilds every key; the proof's keys (the function's already)
-            # count once.
+            # The function rebuilds every key; the proof's keys count once.
             result.path = BackfillRun.RollupPath.FUNCTION
             result.keys_total = 0
             result.slices = [dataclasses.replace(piece, keys=0) for piece in result.slices]
@@ -119,12 +95,8 @@ def rebuild_keys(
 
 
 class RevertDrains:
-    """Rebuilds the keys each revert batch restored, on the revert's path.
-
-    A batch restores rows, queues their keys (as the platform's writers do) and adds them to
-    ``REVERT_KEYS_TABLE``; ``drain`` then rebuilds them in one slice, and ``next_entries``
-    sizes the next batch so its drain fits the lock budget.
-    """
+    """Rebuilds the keys each revert batch restored (and noted in ``REVERT_KEYS_TABLE``) in
+    one slice a batch, on the revert's path; ``next_entries`` sizes the batches to fit."""
 
     def __init__(
         self, choice: PathChoice, limits: SliceLimits, neighbours: NeighbourOptions
@@ -137,16 +109,9 @@ class RevertDrains:
             cursor.execute(CREATE_REVERT_KEYS)
             cursor.execute(CLEAR_REVERT_KEYS_SQL)
 
-    def drain(
-        self,
-        enqueued_until: datetime,
-        keys: int,
-        tasks: int,
-        should_stop: ShouldStop | None = None,
-        on_wait: OnWait = None,
-    ) -> RollupSlice:
+    def drain(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
         """Rebuild the keys the batches queued up to ``enqueued_until``."""
-        return self._cleared(self.path.drain(enqueued_until, keys, tasks, should_stop, on_wait))
+        return self._cleared(self.path.drain(enqueued_until, keys, tasks))
 
     def drain_queue(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
         """Rebuild everything queued up to ``enqueued_until`` through the function (what an

@@ -1,23 +1,21 @@
-"""The own path: hourly keys recomputed aggregate-first (usage rows of the touched hours read
-once, grouped by key), for function definitions the tool knows, after each run proved the
-recompute equal to the function on its first keys; a range of bucket hours a slice.
+"""The own path: hourly keys recomputed aggregate-first, a range of touched bucket hours a
+slice, after each run proved it equal to the function on its first keys (docs/design.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
-from usage.db import drop_temp_table, set_local_timeouts
-from usage.eligibility import compose, key_table
+from usage.db import drop_temp_table
+from usage.eligibility import compose
 from usage.models import BackfillRun
-from usage.repair.rollup.function import Plan, call_function
+from usage.repair.rollup.function import MICROSECOND, Plan, call_function
 from usage.repair.rollup.proof import (
     WRITE_SQL,
     Proof,
@@ -28,6 +26,7 @@ from usage.repair.rollup.proof import (
     spans_of,
 )
 from usage.repair.rollup.slices import (
+    NEXT_SPAN_SQL,
     Bound,
     OnSlice,
     OnWait,
@@ -35,8 +34,10 @@ from usage.repair.rollup.slices import (
     RollupSlice,
     ShouldStop,
     SliceCancelled,
+    Span,
     log_slice,
     run_locked,
+    unbounded,
 )
 from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
 from usage.repair.rollup.versions import PathChoice
@@ -45,9 +46,7 @@ __all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_pa
 
 logger = logging.getLogger("usage.rollup")
 
-# The touched keys of some runs: every key of a row a run changed and did not revert,
-# attributed as its task is now, with the smallest stamp of its rows that still carry their
-# run's stamp (a call of the function over a window of stamps rebuilds the keys stamped in it).
+# The runs' touched keys, attributed as their tasks are now, with their smallest kept stamp.
 KEYS_TABLE = "pg_temp.codex_rollup_keys"
 CREATE_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_keys ON COMMIT PRESERVE ROWS AS
@@ -57,10 +56,8 @@ FROM {run_rows}
 GROUP BY 1, 2, 3, 4, 5, 6, 7"""
 DROP_KEYS_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 
-# The touched hours in time order, each with its keys, its usage rows and the rows between it
-# and the touched hour before it (read too when a slice spans both), as the planner's
-# statistics of task_usage.created_at estimate them (an hour has at least as many rows as
-# keys), and their running totals: a slice is a range of hours within a budget of rows.
+# The touched hours with their keys and their rows (and the gap's since the hour before) as
+# task_usage.created_at's statistics estimate them, in running totals (docs/design.md).
 HOURS_TABLE = "pg_temp.codex_rollup_hours"
 CREATE_HOURS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_hours ON COMMIT PRESERVE ROWS AS
@@ -109,49 +106,34 @@ ANALYZE_KEYS_SQL = f"ANALYZE {KEYS_TABLE}"
 ANALYZE_HOURS_SQL = f"ANALYZE {HOURS_TABLE}"
 KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
 HOURS_TOTAL_SQL = f"SELECT count(*) FROM {HOURS_TABLE}"
-# The next slice: from the hour after ``after`` to the last one within ``limit`` estimated
-# rows (the first hour's gap is not read; at least one hour), with its rows, keys and span.
-NEXT_HOURS_SQL = f"""
-SELECT s.seq, s.rows_to - f.rows_to + f.rows, s.keys_to - f.keys_to + f.keys,
-       f.bucket_hour, s.bucket_hour + interval '1 hour'
-FROM {HOURS_TABLE} s, {HOURS_TABLE} f
-WHERE f.seq = %(after)s + 1
-  AND s.seq = greatest(
-      %(after)s + 1,
-      coalesce((SELECT n.seq - 1 FROM {HOURS_TABLE} n
-                WHERE n.seq > %(after)s AND n.rows_to - f.rows_to + f.rows > %(limit)s
-                ORDER BY n.seq LIMIT 1), %(total)s))"""
+# The next slice: the hours after ``after`` within ``limit`` estimated rows (at least one).
+NEXT_HOURS_SQL = NEXT_SPAN_SQL.format(
+    table=HOURS_TABLE,
+    columns="s.keys_to - f.keys_to + f.keys, s.rows_to - f.rows_to + f.rows, f.bucket_hour, "
+    "s.bucket_hour + interval '1 hour'",
+    over="n.rows_to - f.rows_to + f.rows > %(limit)s",
+)
 
-# One slice of the repair's rebuild: the keys of hours (after, upto] not done yet.
 SLICE_KEYS = f"""
 SELECT {{keys}} FROM {KEYS_TABLE}
 WHERE hour_seq > %(after)s AND hour_seq <= %(upto)s AND NOT done"""
 
-# The proof's keys: those of the first ``n`` stamps in time order (and every key sharing the
-# last of them), the window of stamps whose call of the function rebuilds them, and their
-# hours. The repair ranks keys hour by hour (usage.repair.backfill), so they are few.
+# The proof's keys: those of the first ``n`` stamps (a window of the function rebuilds them).
 PROOF_BOUNDS_SQL = f"""
 WITH probe AS (
     SELECT stamp FROM {KEYS_TABLE} WHERE stamp IS NOT NULL ORDER BY stamp LIMIT %(n)s
 )
 SELECT min(stamp), max(stamp) FROM probe"""
 PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
-PROOF_HOURS_SQL = (
-    f"SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"
-)
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
 
-# The revert's keys: each batch adds the keys of the rows it restored (and queues them, as the
-# platform's writers do, so that a crash leaves them to the cron tick); a drain rebuilds them.
+# The keys the revert's batches restored (and queued) since the last drain.
 REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
-CREATE_REVERT_KEYS = key_table("codex_revert_keys")
-CLEAR_REVERT_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
-DROP_REVERT_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
 REVERT_KEYS = f"SELECT DISTINCT {{keys}} FROM {REVERT_KEYS_TABLE}"
-REVERT_HOURS_SQL = f"SELECT DISTINCT bucket_hour FROM {REVERT_KEYS_TABLE} ORDER BY 1"
-# One revert drain on the own path: its keys recomputed and written, then their queue rows
-# removed, but only the row versions the recompute's snapshot saw (``xmin``): a key queued
-# again meanwhile (an upsert makes a new row version) stays queued for the cron tick.
+# The bucket hours of a ``{keys}`` query, to bound its recompute.
+HOURS_OF_SQL = "SELECT DISTINCT bucket_hour FROM ({keys_sql}) k ORDER BY 1"
+# A revert drain: its keys rewritten, then the queue rows its snapshot saw removed (same
+# ``xmin``: a key queued again meanwhile stays queued; docs/design.md).
 DRAIN_SQL = """
 WITH keys AS MATERIALIZED ({keys_sql}),
 {recompute},
@@ -167,34 +149,19 @@ drained AS (
 )
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
        (SELECT count(*) FROM keys), (SELECT count(*) FROM drained)"""
-# A revert drain reads at most this many separate spans of hours (its batch's rows were
-# written in time order, so they fall in a few); more, and the function drains it.
+# Spans of hours a drain or a proof may read; more, and the function drains it.
 MAX_SPANS = 24
-
-# The proof runs on this many keys (the first of the first touched hour): few enough that the
-# function rebuilds them within the budget whatever its plan costs a key.
+# Stamps of the proof's keys; the first slice's usage rows; the prior rows per second.
 PROOF_KEYS_COUNT = 50
-# The first hour slice reads about this many usage rows, to measure the rate.
 FIRST_SLICE_ROWS = 20_000
-# Prior rate of the recompute, in usage rows read per second, until a slice measured it.
 PRIOR_ROWS_PER_SECOND = 200_000.0
-MICROSECOND = timedelta(microseconds=1)
 
 
-@dataclass(frozen=True)
-class _Hours:
-    """Touched hours (after, upto]: their estimated rows, their keys, and their span."""
-
-    after: int
-    upto: int
-    rows: int
-    keys: int
-    start: datetime
-    end: datetime
-
-    @property
-    def hours(self) -> int:
-        return self.upto - self.after
+def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, datetime]]:
+    """The fewest spans of time that cover the bucket hours of ``keys_sql``'s keys."""
+    with connection.cursor() as cursor:
+        cursor.execute(HOURS_OF_SQL.format(keys_sql=keys_sql.format(keys="bucket_hour")), params)
+        return spans_of([hour for (hour,) in cursor.fetchall()])
 
 
 def _write(statement: str, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
@@ -211,10 +178,7 @@ def _write(statement: str, params: dict[str, Any]) -> Callable[[Any, Bound], Any
 
 class OwnRebuild:
     """The own path, for the keys of some runs (``rebuild``) or of the revert's batches
-    (``drain``): proven on the first keys, then slices of the own recompute.
-
-    ``function``, the function path, is the fallback (a failed proof, an hour too big for a
-    slice, a drain too scattered) and keeps the slices' count and the room left to neighbours.
+    (``drain``); ``function``, its fallback, keeps the slices' count and the neighbours' room.
     """
 
     def __init__(self, choice: PathChoice, function: FunctionPath) -> None:
@@ -227,10 +191,8 @@ class OwnRebuild:
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
         self.last_held = 0.0
-        self.hours = self.done = self.rows_done = self.keys_done = 0
+        self.hours = self.done = self.keys_done = 0
         self.run_ids: list[int] = []
-
-    # -- the one proof -------------------------------------------------------------------
 
     def _prove(
         self,
@@ -240,9 +202,8 @@ class OwnRebuild:
         window: tuple[datetime, datetime],
         keys: int | None = None,
     ) -> tuple[Proof, RollupSlice]:
-        """Some keys both ways in one REPEATABLE READ slice: their own sums set aside, the
-        function called over ``window`` (with its default plan), the two compared. Raises
-        ``SliceCancelled``; a failed proof puts the rest on the function path."""
+        """``prove`` in one REPEATABLE READ slice, the function called over ``window``; a
+        failed proof puts the rest on the function path. Raises ``SliceCancelled``."""
 
         def call(cursor: Any, bound: Bound) -> tuple[int, dict[str, int]]:
             return call_function(cursor, bound, Plan.NESTLOOP, window)
@@ -267,17 +228,20 @@ class OwnRebuild:
     # -- the repair's rebuild ------------------------------------------------------------
 
     def rebuild(
-        self,
-        run_ids: Sequence[int],
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, run_ids: Sequence[int], should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> bool:
-        """Every key of the runs; False when the proof failed (the function then rebuilds
-        every key; ``result.path_reason`` says why)."""
+        """Every key of the runs; False when the proof failed (``result.path_reason``)."""
         self.run_ids = list(run_ids)
         try:
-            keys, stamped = self._touched(run_ids)
+            keys, stamped = unbounded(
+                self.limits,
+                DROP_KEYS_SQL,
+                DROP_HOURS_SQL,
+                compose(ANALYZE_JOURNAL_SQL),
+                (from_run_rows(CREATE_KEYS_SQL, ""), {"run_ids": self.run_ids}),
+                ANALYZE_KEYS_SQL,
+                KEYS_TOTAL_SQL,
+            )
             if not keys:
                 return True
             self.result.keys_total += keys
@@ -289,47 +253,29 @@ class OwnRebuild:
                 return False
             if not self._prove_first_keys(should_stop, on_slice, on_wait):
                 return bool(self.result.stopped)  # stopped first: the next run rebuilds all
-            self.hours = self._hours()
+            target = settings.CODEX_TARGET_SCHEMA
+            where = {"schema": target, "table": f"{target}.task_usage"}
+            (self.hours,) = unbounded(
+                self.limits,
+                (CREATE_HOURS_SQL, where),
+                INDEX_HOURS_SQL,
+                NUMBER_KEYS_SQL,
+                INDEX_KEYS_SQL,
+                ANALYZE_KEYS_SQL,
+                ANALYZE_HOURS_SQL,
+                HOURS_TOTAL_SQL,
+            )
             self._slices(should_stop, on_slice, on_wait)
             return True
         finally:
             drop_temp_table(DROP_KEYS_SQL, "rollup keys table", logger)
             drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
 
-    def _touched(self, run_ids: Sequence[int]) -> tuple[int, int]:
-        """The touched keys, in a temporary table: how many, and how many carry a stamp."""
-        # One pass over the runs' journal, as long as it takes (it holds no lock another
-        # writer waits for): the session's statement_timeout would end it at scale.
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(DROP_KEYS_SQL)
-            cursor.execute(DROP_HOURS_SQL)
-            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-            cursor.execute(from_run_rows(CREATE_KEYS_SQL, ""), {"run_ids": list(run_ids)})
-            cursor.execute(ANALYZE_KEYS_SQL)
-            cursor.execute(KEYS_TOTAL_SQL)
-            keys, stamped = cursor.fetchone()
-        return int(keys), int(stamped)
-
-    def _hours(self) -> int:
-        """The hours of the keys the proof left, numbered, with their estimated rows."""
-        target = settings.CODEX_TARGET_SCHEMA
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(CREATE_HOURS_SQL, {"schema": target, "table": f"{target}.task_usage"})
-            for statement in (INDEX_HOURS_SQL, NUMBER_KEYS_SQL, INDEX_KEYS_SQL):
-                cursor.execute(statement)
-            cursor.execute(ANALYZE_KEYS_SQL)
-            cursor.execute(ANALYZE_HOURS_SQL)
-            cursor.execute(HOURS_TOTAL_SQL)
-            return int(cursor.fetchone()[0])
-
     def _prove_first_keys(
         self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> bool:
-        """The keys of the first stamps both ways, in one slice (a call of the function over
-        their window of stamps rebuilds exactly them); a cancelled proof is tried on fewer
-        keys. False when it failed or a stop came first (``result.stopped``)."""
+        """The keys of the first stamps both ways, in one slice (tried on fewer keys when
+        cancelled). False when it failed or a stop came first (``result.stopped``)."""
         count = PROOF_KEYS_COUNT
         while True:
             if not self.function.may_start(should_stop, on_wait):
@@ -337,8 +283,7 @@ class OwnRebuild:
             with connection.cursor() as cursor:
                 cursor.execute(PROOF_BOUNDS_SQL, {"n": count})
                 first, last = cursor.fetchone()
-                cursor.execute(PROOF_HOURS_SQL, {"last": last})
-                spans = spans_of([hour for (hour,) in cursor.fetchall()])
+            spans = _spans(PROOF_KEYS, {"last": last})
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
@@ -368,87 +313,71 @@ class OwnRebuild:
             try:
                 done = run_locked(self.limits, self._slice_work(span))
             except SliceCancelled as exc:
-                self.rate.cancelled(span.rows)
-                if span.hours == 1 and self.function.cancelled_in_a_row >= 1:
-                    # One hour's rows are more than a slice can read: its keys go through
-                    # the function, a window of stamps at a time, and the rest goes on.
+                self.rate.cancelled(span.cost)
+                if span.count == 1 and self.function.cancelled_in_a_row >= 1:
+                    # Twice too big for a slice: its keys go through the function.
                     self.result.cancelled_holds.append(exc.held)
                     self._hour_by_function(span, should_stop, on_slice, on_wait)
                     continue
                 self.function.cancelled(
                     exc,
-                    f"slice of {span.hours} bucket hours (about {span.rows:,} usage rows, "
+                    f"slice of {span.count} bucket hours (about {span.cost:,} usage rows, "
                     f"{span.keys:,} keys)",
                 )
                 continue
             rollup_rows, keys = (int(value) for value in done.value)
             piece = done.piece(
-                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.rows
+                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.cost
             )
-            self.rate.add(span.rows, done.held)
+            self.rate.add(span.cost, done.held)
             self.function.settled(piece)
-            self.done, self.rows_done = span.upto, self.rows_done + span.rows
+            self.done = span.upto
             self.keys_done += keys
             total = self.result.keys_total
-            what = f"rollup slice: {span.hours} hours, {keys} keys ({self.keys_done}/{total})"
+            what = f"rollup slice: {span.count} hours, {keys} keys ({self.keys_done}/{total})"
             self.function.report(piece, what, self.keys_done, on_slice)
             if self.done < self.hours:
                 self.function.leave_a_gap()
 
     def _hour_by_function(
-        self,
-        span: _Hours,
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> None:
-        """The own path's fallback for an hour too big for one of its slices."""
         logger.warning(
             "bucket hour %s (about %s usage rows) does not fit one slice of the own "
             "recompute: the platform's function rebuilds its keys",
             f"{span.start:%Y-%m-%d %H:00}",
-            f"{span.rows:,}",
+            f"{span.cost:,}",
         )
         counted = self.result.keys_total
         self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, span.start)
         self.result.keys_total = counted  # its keys were counted with the run's
         self.function.cancelled_in_a_row = 0
         if not self.result.stopped:
-            self.done, self.rows_done = span.upto, self.rows_done + span.rows
+            self.done = span.upto
             self.keys_done += span.keys
 
-    def _slice_work(self, span: _Hours) -> Callable[[Any, Bound], Any]:
+    def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
         return _write(self.slice_sql, params)
 
-    def _span(self, limit: float) -> _Hours:
+    def _span(self, limit: float) -> Span:
         with connection.cursor() as cursor:
             cursor.execute(
                 NEXT_HOURS_SQL, {"after": self.done, "limit": int(limit), "total": self.hours}
             )
-            upto, rows, keys, start, end = cursor.fetchone()
-        return _Hours(self.done, int(upto), int(rows), int(keys), start, end)
+            upto, keys, rows, start, end = cursor.fetchone()
+        return Span(self.done, int(upto), int(keys), int(rows), start, end)
 
     # -- the revert's drains -------------------------------------------------------------
 
-    def drain(
-        self,
-        enqueued_until: datetime,
-        keys: int,
-        tasks: int,
-        should_stop: ShouldStop | None = None,
-        on_wait: OnWait = None,
-    ) -> RollupSlice:
-        """Rebuild the keys the revert's batches queued up to ``enqueued_until`` (and noted
-        in ``REVERT_KEYS_TABLE``): the first drain is the proof, later ones the own
-        recompute; too scattered, too big or after a failed proof, the function drains it."""
-        with connection.cursor() as cursor:
-            cursor.execute(REVERT_HOURS_SQL)
-            spans = spans_of([hour for (hour,) in cursor.fetchall()])
+    def drain(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
+        """Rebuild the keys of ``REVERT_KEYS_TABLE``, queued up to ``enqueued_until``: the
+        first drain is the proof; too scattered, too big or unproven, the function's."""
+        spans = _spans(REVERT_KEYS, {})
         if self.proven is False or len(spans) > MAX_SPANS:
-            piece = self.function.drain(enqueued_until, keys, tasks, should_stop, on_wait)
+            piece = self.function.drain(enqueued_until, keys, tasks)
         else:
-            self.function.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
+            self.function.ticks.wait_if_due(lambda: False, None)
             what = "revert drain of {} keys on the own path"
             try:
                 if self.proven:
@@ -462,7 +391,7 @@ class OwnRebuild:
             except SliceCancelled as exc:
                 # Too big for one slice: the function alone drains it (and the proof waits).
                 self.function.cancelled(exc, what.format(keys))
-                piece = self.function.drain(enqueued_until, keys, tasks, should_stop, on_wait)
+                piece = self.function.drain(enqueued_until, keys, tasks)
         self.last_held = piece.lock_held_seconds
         return piece
 

@@ -1,6 +1,5 @@
-"""One rollup slice: a short transaction holding lock 4246, the budget that bounds it, the room
-left to the lock's other users (the cron tick, try-lock callers, a stop request), and the rate
-learner that sizes the next slice.
+"""One rollup slice: a short transaction holding lock 4246, its budget, the room left to the
+lock's other users, and the rate learner that sizes the next one (docs/design.md).
 """
 
 from __future__ import annotations
@@ -29,27 +28,19 @@ logger = logging.getLogger("usage.rollup")
 
 T = TypeVar("T")
 
-# The longest a slice may hold lock 4246 (plus LOCK_CAP_SLACK_SECONDS). Short against the
-# 10 s a workspace deletion waits for the lock. The cron tick is waited for, and try-lock
-# callers get the gaps between slices, whatever the budget.
+# The lock budget and the server's slack past it (the cap); of the cap, what the commit and
+# the round trips after the last statement keep; the least a statement is given.
 DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 5.0
-# Slack the server allows a slice before cancelling it: the cap is the budget plus this.
 LOCK_CAP_SLACK_SECONDS = 0.5
-# Of that cap, this much is kept for what follows the last statement under the lock: the
-# commit (a WAL flush) and the round trips.
 COMMIT_ALLOWANCE_SECONDS = 0.3
-# A statement is never given less than this.
 MIN_CALL_SECONDS = 0.05
-# A slice aims at this fraction of the lock budget, leaving room for variance.
+# A slice aims at this fraction of the budget, and grows at most this fold.
 TARGET_LOCK_FRACTION = 0.7
-# A slice is at most this many times the largest one measured so far.
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
-# Lock 4246 stays free this long after every slice: a try-lock caller polling every 50 ms
-# asks in that gap several times, even when a busy server delays its polls.
+# The lock stays free this long after every slice, for try-lock callers (docs/design.md).
 SLICE_GAP_SECONDS = 0.2
-# After this many slices cancelled in a row (each smaller, or with another plan, than the
-# one before, where that is possible), the rebuild stops: the run's rollup stays pending.
+# This many slices cancelled in a row stop the rebuild: the run's rollup stays pending.
 MAX_CANCELLED_IN_A_ROW = 5
 
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
@@ -100,8 +91,8 @@ class NeighbourOptions:
 
 @dataclass(frozen=True)
 class RollupSlice:
-    """One slice transaction: what it rebuilt, how (``own``, or the function's plan), over
-    which stamps or bucket hours, and how long it held 4246; ``rows``: usage rows it read."""
+    """One slice transaction: what it rebuilt, how (``own`` or the function's plan), over
+    which window, how long it held 4246; ``rows``: the usage rows it read."""
 
     window_from: datetime | None
     window_to: datetime | None
@@ -127,11 +118,8 @@ class RollupResult:
     stopped: bool = False
     cron_waits: int = 0
     cron_wait_seconds: float = 0.0
-    # How long each slice the server cancelled at the budget held the lock.
-    cancelled_holds: list[float] = field(default_factory=list)
-    # The path the keys were rebuilt on ("own" or "function"), and why, when it changed
-    # during the rebuild (a failed proof).
-    path: str = ""
+    cancelled_holds: list[float] = field(default_factory=list)  # of slices cancelled at the cap
+    path: str = ""  # "own" or "function"; the reason when a failed proof changed it
     path_reason: str = ""
 
     @property
@@ -152,6 +140,35 @@ class RollupResult:
     def hash_slices(self) -> int:
         return sum(1 for s in self.slices if s.plan == "hash")
 
+
+@dataclass(frozen=True)
+class Span:
+    """A slice's stamps or touched hours (after, upto] by number, their keys, their cost
+    (tasks, or estimated usage rows) and the window ``[start, end)`` they cover."""
+
+    after: int
+    upto: int
+    keys: int
+    cost: int
+    start: datetime
+    end: datetime
+
+    @property
+    def count(self) -> int:
+        return self.upto - self.after
+
+
+# The next slice in a table of running totals (``seq``, from 1): from ``after + 1`` to the
+# last row before one where ``{over}`` holds (at least one); ``{columns}`` of ``s``, the last,
+# and ``f``, the first.
+NEXT_SPAN_SQL = """
+SELECT s.seq, {columns}
+FROM {table} s, {table} f
+WHERE f.seq = %(after)s + 1
+  AND s.seq = greatest(
+      %(after)s + 1,
+      coalesce((SELECT n.seq - 1 FROM {table} n WHERE n.seq > %(after)s AND ({over})
+                ORDER BY n.seq LIMIT 1), %(total)s))"""
 
 # Sets the next statement's timeout to what is left of the cap since the lock was taken.
 Bound = Callable[[], None]
@@ -188,10 +205,8 @@ def run_locked(
     limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
 ) -> Locked[T]:
     """Run ``work(cursor, bound)`` in one transaction holding lock 4246; ``work`` calls
-    ``bound()`` before each statement that may run long. With ``repeatable_read`` every
-    statement sees one snapshot (a proof compares two computations; inside a caller's
-    transaction its isolation stands); a serialization failure is retried like a busy lock.
-    """
+    ``bound()`` before each long statement. ``repeatable_read``: one snapshot (unless in a
+    caller's transaction); a serialization failure is retried like a busy lock."""
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
         locked_at: float | None = None
@@ -230,9 +245,19 @@ def run_locked(
     )
 
 
+def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
+    """Statements (with their parameters) in one transaction with no statement timeout: a
+    pass over the runs' journal holds no lock another writer waits for. The last one's row."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        set_local_timeouts(cursor, limits.lock_timeout, 0)
+        for statement in statements:
+            text, params = statement if isinstance(statement, tuple) else (statement, None)
+            cursor.execute(text, params)
+        return cursor.fetchone()
+
+
 class Slicer:
-    """What every rebuild loop shares: the room left to the lock's other users, the stop
-    request, and the bound on slices cancelled in a row."""
+    """What every rebuild loop shares: the neighbours' room, the stop, the cancellations."""
 
     def __init__(
         self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
@@ -257,8 +282,7 @@ class Slicer:
             time.sleep(self.neighbours.gap)
 
     def cancelled(self, exc: SliceCancelled, what: str) -> None:
-        """The server ended the slice ``what`` at the cap: its hold counts; too many in a
-        row stop the rebuild."""
+        """The server ended the slice ``what`` at the cap; too many in a row stop all."""
         self.result.cancelled_holds.append(exc.held)
         self.cancelled_in_a_row += 1
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
@@ -287,19 +311,15 @@ class Slicer:
         self.result.cron_wait_seconds += self.ticks.waited_seconds
 
 
-# How fast a lower rate (a slower slice) is believed, and how fast a higher one.
+# How fast a slower rate is believed, and a faster one.
 RATE_SLOWER_WEIGHT = 1.0
 RATE_FASTER_WEIGHT = 0.3
 
 
 @dataclass
 class Rate:
-    """One kind of slice's measured speed, in units of work per second of hold, and its size.
-
-    A slowdown is believed at once, a speed-up gradually; a slice grows at most
-    ``MAX_SLICE_GROWTH``-fold, and a cancelled one halves the ceiling. With ``scans`` a slice
-    also pays a fixed part (whole scans): the shortest slice seen, or ``fixed`` before one ran.
-    """
+    """One kind of slice's measured speed (units a second of hold), and the next's size.
+    With ``scans`` a slice also pays a fixed part: the shortest slice seen, or ``fixed``."""
 
     target: float
     rate: float
@@ -313,8 +333,8 @@ class Rate:
         return self.fixed + units / self.rate
 
     def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
-        """The units the next slice may take: ``first`` until one was measured, less
-        ``less``. Without ``grow`` (comparing kinds) a slice is what the rate allows."""
+        """The units the next slice may take (``first`` until one was measured), less
+        ``less``; without ``grow`` (comparing kinds), what the rate allows."""
         wanted = (self.target - self.fixed) * self.rate if self.measured else first
         wanted -= less
         if grow and self.largest:

@@ -1,19 +1,17 @@
-"""The repair's rebuild through the platform's function: slices of the runs' stamps (a call
-over a window of stamps rebuilds exactly their keys), then the keys of rows rewritten since,
-queued and drained.
+"""The repair's rebuild through the platform's function: slices of the runs' stamps, then the
+keys of rows rewritten since, queued and drained (docs/design.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
 
-from usage.db import drop_temp_table, set_local_timeouts
+from usage.db import drop_temp_table
 from usage.eligibility import compose
 from usage.repair.rollup.function import (
     KEY_BASE_COST,
@@ -25,50 +23,29 @@ from usage.repair.rollup.function import (
     slice_units,
 )
 from usage.repair.rollup.slices import (
+    NEXT_SPAN_SQL,
     OnSlice,
     OnWait,
     RollupError,
     ShouldStop,
     SliceCancelled,
+    Span,
+    unbounded,
 )
 
 logger = logging.getLogger("usage.rollup")
 
-# The planner's queue backlog is counted up to this many keys.
-BACKLOG_COUNT_CAP = 100_000
-# Keys queued by others before a moment: a call whose window ends then drains them too.
-BACKLOG_SQL = """
-SELECT count(*) FROM (
-    SELECT 1 FROM {task_usage_hourly_dirty} WHERE enqueued_at < %(before)s LIMIT %(cap)s
-) queued"""
 
-
-# -- the repair's slices of stamps, the rewritten keys, the drains ---------------------------
-
-# The repair stamps every row of one hourly key with the same updated_at, one microsecond per
-# key (usage.repair.backfill): a call over the window from a slice's first stamp to just after
-# its last rebuilds exactly those keys (plus any row someone else wrote in that window).
+# A call over the window of a slice's stamps rebuilds exactly their keys (docs/design.md).
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
 # A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
-
-CREATE_STAMPS_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_rollup_stamps (
-    seq bigint PRIMARY KEY,
-    stamp timestamptz NOT NULL,
-    segment bigint NOT NULL,
-    keys_to bigint NOT NULL,
-    tasks_to bigint NOT NULL
-) ON COMMIT PRESERVE ROWS"""
-TRUNCATE_STAMPS_TABLE_SQL = f"TRUNCATE {STAMPS_TABLE}"
 DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
-# The run just added its rows to the journal: fresh statistics keep the plans below from
-# taking them for a handful (nested loops over every entry).
+# Fresh statistics of the journal the run just wrote (docs/design.md).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The rows some runs changed and did not revert, joined to their hourly key: ``{match}`` keeps
-# those still carrying the run's stamp or those rewritten since; ``{only_hour}`` one bucket
-# hour's (the own path's fallback for an hour too big for its slices).
+# The runs' rows (not reverted) with their hourly keys: those ``{match}`` keeps (stamped or
+# rewritten since), of one bucket hour with ``{only_hour}`` (the own path's fallback).
 RUN_ROWS = """{journal} j
 JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 {key_joins}
@@ -77,9 +54,7 @@ STAMPED = "AND tu.updated_at = j.new_updated_at"
 REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
 ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
 
-# One row per (stamp, key), in a table analyzed before the next statement joins it: the
-# estimate of the join on id and stamp (two correlated conditions) is a single row, and a plan
-# built on that walks every task of every key's agent once per key.
+# One row per (stamp, key), analyzed before it is joined (docs/design.md).
 CREATE_STAMPED_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
 SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
@@ -89,9 +64,9 @@ AGENT_TASKS = """agent_tasks AS MATERIALIZED (
     WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
 )"""
 ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
-# The stamps in time order, with their keys and their agents' tasks as running totals, and a
-# segment number that grows at every gap wider than MAX_WINDOW_GAP.
-FILL_STAMPS_TABLE_SQL = f"""
+# The stamps with running totals of keys and tasks, a new segment at every gap > MAX_WINDOW_GAP.
+CREATE_STAMPS_TABLE_SQL = f"""
+CREATE TEMP TABLE codex_rollup_stamps ON COMMIT PRESERVE ROWS AS
 WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
 stamps AS (
     SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
@@ -99,37 +74,34 @@ stamps AS (
     FROM pg_temp.codex_rollup_stamped_keys k JOIN agent_tasks t USING (agent_id)
     GROUP BY k.stamp
 )
-INSERT INTO {STAMPS_TABLE} (seq, stamp, segment, keys_to, tasks_to)
-SELECT row_number() OVER w, stamp,
-       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING),
-       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)
+SELECT row_number() OVER w AS seq, stamp,
+       count(*) FILTER (WHERE gap > %(max_gap)s) OVER (w ROWS UNBOUNDED PRECEDING) AS segment,
+       sum(keys) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS keys_to,
+       sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS tasks_to
 FROM stamps
 WINDOW w AS (ORDER BY stamp)"""
+INDEX_STAMPS_TABLE_SQL = f"ALTER TABLE {STAMPS_TABLE} ADD PRIMARY KEY (seq)"
 STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
-NEXT_STAMP_SQL = f"SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %s"
-# The next slice: from the stamp after ``after`` to the last one whose keys cost no more than
-# ``limit`` (their tasks plus ``base`` a key; at least one stamp) within the same segment.
-NEXT_SLICE_SQL = f"""
-WITH first AS (SELECT stamp, segment FROM {STAMPS_TABLE} WHERE seq = %(after)s + 1)
-SELECT s.seq, s.keys_to, s.tasks_to, first.stamp, s.stamp
-FROM {STAMPS_TABLE} s, first
-WHERE s.seq = greatest(
-    %(after)s + 1,
-    coalesce(
-        (SELECT n.seq - 1 FROM {STAMPS_TABLE} n
-         WHERE n.seq > %(after)s
-           AND (n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s
-                OR n.segment <> first.segment)
-         ORDER BY n.seq LIMIT 1),
-        %(total)s
-    )
-)"""
+# Keys others queued before the window from stamp ``seq`` ends: its call drains them too.
+BACKLOG_COUNT_CAP = 100_000
+BACKLOG_SQL = f"""
+SELECT count(*) FROM (
+    SELECT 1 FROM {{task_usage_hourly_dirty}}
+    WHERE enqueued_at < (SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %(seq)s) + %(gap)s
+    LIMIT %(cap)s
+) queued"""
+# The next slice: the stamps after ``after`` of one segment whose keys cost at most ``limit``
+# (tasks plus ``base`` a key; at least one stamp).
+NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
+    table=STAMPS_TABLE,
+    columns="s.keys_to, s.tasks_to, f.stamp, s.stamp",
+    over="n.tasks_to - %(done_tasks)s + %(base)s * (n.keys_to - %(done_keys)s) > %(limit)s "
+    "OR n.segment <> f.segment",
+)
 
-# Keys of rows the runs changed that someone rewrote since (ingestion's UPSERT stamps now()):
-# no window of stamps finds them, so they are queued and drained like the revert's.
+# Keys of the runs' rows rewritten since (no window of stamps finds them): queued and drained.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
 CREATE_REWRITTEN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
@@ -163,21 +135,8 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None) -> st
     return compose(template, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
 
 
-@dataclass(frozen=True)
-class _Span:
-    """Stamps (after, upto] and the keys and tasks they cover, as one window."""
-
-    after: int
-    upto: int
-    keys: int
-    tasks: int
-    window_from: datetime
-    window_to: datetime
-
-
 class FunctionPath(QueueDrainer):
-    """The function path as a strategy: the revert's drains (``QueueDrainer``), and the
-    repair's rebuild of every key of some runs (``rebuild``), sharing one planner."""
+    """The function path: the revert's drains (``QueueDrainer``) and the repair's rebuild."""
 
     def rebuild(
         self,
@@ -187,22 +146,19 @@ class FunctionPath(QueueDrainer):
         on_wait: OnWait,
         hour: datetime | None = None,
     ) -> bool:
-        """Every hourly key of the rows the runs changed: slices of stamps, then the keys of
-        rows rewritten since; stops between slices when ``should_stop()`` says so
-        (``result.stopped``). With ``hour``, only that bucket hour's keys. Always True."""
+        """Every hourly key of the runs' rows (of ``hour`` when given): slices of stamps, then
+        the rewritten keys; stops between slices on ``should_stop()``. Always True."""
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
-        # One pass over the runs' journal, as long as it takes (it holds no lock another
-        # writer waits for): the session's statement_timeout would end it at scale.
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(CREATE_STAMPS_TABLE_SQL)
-            cursor.execute(TRUNCATE_STAMPS_TABLE_SQL)
-            cursor.execute(compose(ANALYZE_JOURNAL_SQL))
-            cursor.execute(from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params)
-            cursor.execute(ANALYZE_STAMPED_KEYS_SQL)
-            cursor.execute(compose(FILL_STAMPS_TABLE_SQL), params)
-            cursor.execute(STAMPS_TOTAL_SQL)
-            stamps, keys, tasks = cursor.fetchone()
+        stamps, keys, tasks = unbounded(
+            self.limits,
+            DROP_STAMPS_TABLE_SQL,
+            compose(ANALYZE_JOURNAL_SQL),
+            (from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params),
+            ANALYZE_STAMPED_KEYS_SQL,
+            (compose(CREATE_STAMPS_TABLE_SQL), params),
+            INDEX_STAMPS_TABLE_SQL,
+            STAMPS_TOTAL_SQL,
+        )
         self.result.keys_total += keys
         try:
             if stamps:
@@ -225,16 +181,12 @@ class FunctionPath(QueueDrainer):
             backlog = self._backlog(after + 1)
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
             try:
-                piece = run_slice(plan, self.limits, span.window_from, span.window_to)
+                piece = run_slice(plan, self.limits, span.start, span.end)
             except SliceCancelled as exc:
                 drained = f", {backlog} queued keys drained with it" if backlog else ""
-                what = (
-                    f"slice of {span.keys} keys on {span.upto - span.after} stamps "
-                    f"({plan} plan{drained})"
-                )
-                units = slice_units(plan, span.keys, span.tasks, backlog, mean)
-                smallest = span.upto == span.after + 1
-                self.planner.cancelled(plan, units, span.keys, smallest=smallest)
+                what = f"slice of {span.keys} keys on {span.count} stamps ({plan} plan{drained})"
+                units = slice_units(plan, span.keys, span.cost, backlog, mean)
+                self.planner.cancelled(plan, units, span.keys, smallest=span.count == 1)
                 if not self.planner.usable:
                     self.result.cancelled_holds.append(exc.held)
                     raise RollupError(
@@ -245,70 +197,60 @@ class FunctionPath(QueueDrainer):
                     ) from exc
                 self.cancelled(exc, what)
                 continue
-            piece = self._settled(piece, span.keys, span.tasks, backlog, mean)
+            piece = self._settled(piece, span.keys, span.cost, backlog, mean)
             after = span.upto
             keys_done += span.keys
-            tasks_done += span.tasks
+            tasks_done += span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
             self.report(piece, what, keys_done, on_slice)
             if after < total:
                 self.leave_a_gap()
 
     def _backlog(self, seq: int) -> int:
-        """Keys others queued before the window from stamp ``seq`` ends: its call rebuilds
-        them too. Normally none: the stamps are below the cron's watermark, and the cron tick
-        drains what was queued before its own window's end."""
+        """Keys others queued before the window from stamp ``seq`` ends (normally none)."""
         with connection.cursor() as cursor:
-            cursor.execute(NEXT_STAMP_SQL, [seq])
-            before = cursor.fetchone()[0] + MAX_WINDOW_GAP
-            cursor.execute(compose(BACKLOG_SQL), {"before": before, "cap": BACKLOG_COUNT_CAP})
+            params = {"seq": seq, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+            cursor.execute(compose(BACKLOG_SQL), params)
             return int(cursor.fetchone()[0])
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
-    ) -> tuple[Plan, _Span]:
-        """The plan and the stamps after ``done`` (stamps, keys, tasks) of the next slice:
-        each plan judged at the size its measured rate allows, run at the size growth allows."""
+    ) -> tuple[Plan, Span]:
+        """The next slice's plan and stamps after ``done`` (stamps, keys, tasks): each plan
+        judged at the size its rate allows, run at the size growth allows."""
         after, keys_done, tasks_done = done
 
         def limit(plan: Plan, grow: bool) -> float:
             backlog_units = slice_units(plan, 0, 0, backlog, mean)
             return self.planner.limit(plan, probe_units(plan, mean), backlog_units, grow=grow)
 
-        def span(plan: Plan, limit: float) -> _Span:
+        def span(plan: Plan, limit: float) -> Span:
             with connection.cursor() as cursor:
                 params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
                 params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
                 cursor.execute(NEXT_SLICE_SQL, params)
                 upto, keys_to, tasks_to, first, last = cursor.fetchone()
             keys, tasks = int(keys_to) - keys_done, int(tasks_to) - tasks_done
-            return _Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
+            return Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
 
         def speed(plan: Plan) -> float:
             judged = span(plan, limit(plan, False))
-            units = slice_units(plan, judged.keys, judged.tasks, backlog, mean)
+            units = slice_units(plan, judged.keys, judged.cost, backlog, mean)
             return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
 
         plan = self.planner.best(speed)
         return plan, span(plan, limit(plan, True))
 
-    def _rewritten(
-        self,
-        params: dict[str, Any],
-        should_stop: ShouldStop,
-        on_wait: OnWait,
-    ) -> None:
-        """The keys of rows rewritten since the run: queued and drained, in chunks the
-        planner sizes (usually few, but the run's keys are right when it ends)."""
-        with transaction.atomic(), connection.cursor() as cursor:
-            set_local_timeouts(cursor, self.limits.lock_timeout, 0)
-            cursor.execute(DROP_REWRITTEN_TABLE_SQL)
-            rewritten = from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"])
-            cursor.execute(rewritten, params)
-            cursor.execute(ANALYZE_REWRITTEN_KEYS_SQL)
-            cursor.execute(compose(CREATE_REWRITTEN_TABLE_SQL))
-            cursor.execute(REWRITTEN_TOTAL_SQL)
-            total, tasks = cursor.fetchone()
+    def _rewritten(self, params: dict[str, Any], should_stop: ShouldStop, on_wait: OnWait) -> None:
+        """The keys of rows rewritten since the run: queued and drained in planned chunks."""
+        total, tasks = unbounded(
+            self.limits,
+            DROP_REWRITTEN_TABLE_SQL,
+            (from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"]), params),
+            ANALYZE_REWRITTEN_KEYS_SQL,
+            compose(CREATE_REWRITTEN_TABLE_SQL),
+            REWRITTEN_TOTAL_SQL,
+        )
         self.result.keys_total += total
         done = 0
         while done < total:

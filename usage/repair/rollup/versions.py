@@ -1,6 +1,5 @@
-"""The rollup function's definitions the tool knows (by a fingerprint of their tokens), how it
-recognises the installed one, and the path a run takes because of it: the own path for a
-recognised definition the role can stand in for, else the platform's function.
+"""The rollup function's definitions the tool knows (by a fingerprint of their tokens), the
+installed one, and the path a run takes because of it (docs/design.md).
 """
 
 from __future__ import annotations
@@ -30,15 +29,19 @@ PLATFORM_COLUMNS = {
 }
 assert tuple(PLATFORM_COLUMNS) == DECLARABLE_MIGRATIONS
 
-# Where a recognised definition comes from.
+# Where a recognised definition comes from, and what it is called.
 PLATFORM, FIXTURE, DECLARED = "platform", "fixture", "declared"
 DECLARE_SETTING = "CODEX_ROLLUP_DECLARE"
+VERSION_NAMES = {
+    PLATFORM: "the platform's migration {}",
+    FIXTURE: "this project's fixture of migration {}",
+    DECLARED: "declared as the platform's migration {} (" + DECLARE_SETTING + ")",
+}
 
 
 @dataclass(frozen=True)
 class FunctionVersion:
-    """A definition of the rollup function the tool can stand in for, and the hourly columns
-    it writes (those of the platform migration it matches)."""
+    """A definition of the rollup function the tool can stand in for."""
 
     migration: int
     source: str  # PLATFORM, FIXTURE or DECLARED
@@ -46,21 +49,16 @@ class FunctionVersion:
 
     @property
     def columns(self) -> tuple[str, ...]:
+        """The hourly columns it writes."""
         return PLATFORM_COLUMNS[self.migration]
 
     @property
     def name(self) -> str:
-        """What the pre-flight, the run and the admin call it."""
-        if self.source == PLATFORM:
-            return f"the platform's migration {self.migration}"
-        if self.source == FIXTURE:
-            return f"this project's fixture of migration {self.migration}"
-        return f"declared as the platform's migration {self.migration} ({DECLARE_SETTING})"
+        return VERSION_NAMES[self.source].format(self.migration)
 
 
-# The platform's definitions as the catalog of a database built from its migrations holds them
-# (multica-ai/multica, server/migrations/102 and 213; README, "The rollup's two paths"), and
-# the fixture's (sandbox/rollup_window_*.sql: the same sums, written differently).
+# The platform's definitions (multica-ai/multica, server/migrations/102 and 213) and the
+# fixture's (sandbox/rollup_window_*.sql); docs/design.md says how to check them.
 KNOWN_FUNCTIONS = {
     print_: FunctionVersion(migration, source, print_)
     for migration, source, print_ in (
@@ -72,10 +70,7 @@ KNOWN_FUNCTIONS = {
 }
 
 
-# -- the fingerprint -----------------------------------------------------------------------
-
-# One SQL token each; whitespace and comments are matched and dropped. Strings, dollar-quoted
-# text and quoted identifiers are kept as written; a comment marker inside them is text.
+# One SQL token each (whitespace and comments dropped; a comment marker in a string is text).
 _TOKEN = re.compile(
     r"""
       (?P<space>\s+)
@@ -94,25 +89,22 @@ _TOKEN = re.compile(
 )
 
 
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+
+
 def _block_comment_end(text: str, start: int) -> int:
     """Where a block comment opened just before ``start`` ends (they nest in PostgreSQL)."""
-    depth, i = 1, start
-    while i < len(text) and depth:
-        if text.startswith("/*", i):
-            depth, i = depth + 1, i + 2
-        elif text.startswith("*/", i):
-            depth, i = depth - 1, i + 2
-        else:
-            i += 1
-    return i
+    depth = 1
+    for mark in _COMMENT_MARK.finditer(text, start):
+        depth += 1 if mark.group() == "/*" else -1
+        if not depth:
+            return mark.end()
+    return len(text)
 
 
 def sql_tokens(text: str) -> list[str]:
-    """``text`` as SQL tokens: comments and whitespace dropped, unquoted words in lower case.
-
-    Two bodies with the same tokens are the same program to PostgreSQL's parser; a change of
-    any token (a literal, an operator, a quoted name) is a change of the fingerprint.
-    """
+    """``text`` as SQL tokens: comments and whitespace dropped, unquoted words in lower case
+    (the same program to PostgreSQL's parser)."""
     tokens: list[str] = []
     i = 0
     while i < len(text):
@@ -139,20 +131,14 @@ def fingerprint(language: str, config: str, body: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def declared_functions() -> dict[str, FunctionVersion]:
-    """The operator's declarations (``CODEX_ROLLUP_DECLARE``): fingerprint to version."""
-    return {
-        print_: FunctionVersion(migration, DECLARED, print_)
-        for print_, migration in settings.CODEX_ROLLUP_DECLARED.items()
-    }
-
-
 def recognise(print_: str) -> FunctionVersion | None:
-    """The version a fingerprint is known or declared as (a known one wins), or None."""
-    return KNOWN_FUNCTIONS.get(print_) or declared_functions().get(print_)
+    """The version a fingerprint is known or declared (``CODEX_ROLLUP_DECLARE``) as, or None;
+    a known one wins."""
+    declared = settings.CODEX_ROLLUP_DECLARED.get(print_)
+    if print_ in KNOWN_FUNCTIONS or declared is None:
+        return KNOWN_FUNCTIONS.get(print_)
+    return FunctionVersion(declared, DECLARED, print_)
 
-
-# -- the installed definition ----------------------------------------------------------------
 
 # What the fingerprint is made of, and whether the function runs with its owner's privileges.
 INSTALLED_FUNCTION_SQL = """
@@ -162,15 +148,10 @@ WHERE p.oid = to_regprocedure(%(signature)s)"""
 HOURLY_COLUMNS_SQL = """
 SELECT attname FROM pg_attribute
 WHERE attrelid = to_regclass(%(table)s) AND attnum > 0 AND NOT attisdropped"""
-# The role writes the hourly table itself on the own path (the function may be a security
-# definer that does it for roles that cannot).
+# What the role lacks to write the hourly table itself, as the own path does.
 OWN_PATH_PRIVILEGES_SQL = """
-SELECT array_remove(ARRAY[
-    CASE WHEN NOT has_table_privilege(%(table)s, 'SELECT') THEN 'SELECT' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'INSERT') THEN 'INSERT' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'UPDATE') THEN 'UPDATE' END,
-    CASE WHEN NOT has_table_privilege(%(table)s, 'DELETE') THEN 'DELETE' END
-], NULL)"""
+SELECT array(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) WITH ORDINALITY
+             AS w (p, n) WHERE NOT has_table_privilege(%(table)s, p) ORDER BY n)"""
 
 
 @dataclass(frozen=True)
@@ -182,7 +163,6 @@ class InstalledFunction:
 
     @property
     def described(self) -> str:
-        """The version's name, or "unknown"."""
         return self.version.name if self.version else "unknown"
 
 
@@ -198,9 +178,6 @@ def read_installed_function(cursor: Any) -> InstalledFunction | None:
     cursor.execute(HOURLY_COLUMNS_SQL, {"table": f"{target}.task_usage_hourly"})
     columns = frozenset(name for (name,) in cursor.fetchall())
     return InstalledFunction(print_, recognise(print_), security_definer, columns)
-
-
-# -- the path ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -224,9 +201,7 @@ ROLLUP_PATHS = ("auto", "function")
 
 def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     """The own path for a recognised definition the role can stand in for; else the function.
-
-    Read-only; on ``cursor`` (the pre-flight's) or Django's connection.
-    """
+    Read-only; on ``cursor`` (the pre-flight's) or Django's connection."""
     if cursor is None:
         with connection.cursor() as cursor:
             return choose_path(requested, cursor)
@@ -238,34 +213,23 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     found = f"{installed.described} (fingerprint {shown})"
 
     def through_function(why: str) -> PathChoice:
+        reason = "the platform's function rebuilds the keys" + why
         function = BackfillRun.RollupPath.FUNCTION
-        return PathChoice(function, installed.described, installed.fingerprint, why, version)
+        return PathChoice(function, installed.described, installed.fingerprint, reason, version)
 
     if version is None:
-        return through_function(
-            f"the platform's function rebuilds the keys: its installed definition "
-            f"(fingerprint {shown}) is not one this tool knows"
-        )
+        why = f": its installed definition (fingerprint {shown}) is not one this tool knows"
+        return through_function(why)
     if requested == "function":
-        return through_function(
-            f"the platform's function rebuilds the keys, as asked (--rollup-path function); "
-            f"installed: {found}"
-        )
-    absent = [name for name in version.columns if name not in installed.hourly_columns]
+        return through_function(f", as asked (--rollup-path function); installed: {found}")
+    absent = ", ".join(name for name in version.columns if name not in installed.hourly_columns)
     if absent:
-        return through_function(
-            f"the platform's function rebuilds the keys: task_usage_hourly lacks "
-            f"{', '.join(absent)}, which {found} writes"
-        )
-    cursor.execute(
-        OWN_PATH_PRIVILEGES_SQL, {"table": f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"}
-    )
-    missing = list(cursor.fetchone()[0])
+        return through_function(f": task_usage_hourly lacks {absent}, which {found} writes")
+    table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
+    cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
+    missing = "/".join(cursor.fetchone()[0])
     if missing:
-        return through_function(
-            f"the platform's function rebuilds the keys: the role may not "
-            f"{'/'.join(missing)} task_usage_hourly itself"
-        )
+        return through_function(f": the role may not {missing} task_usage_hourly itself")
     return PathChoice(
         BackfillRun.RollupPath.OWN,
         version.name,
