@@ -397,3 +397,58 @@ def test_a_signal_that_lands_while_the_stop_event_is_locked_does_not_hang() -> N
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"stop set [{int(signal.SIGTERM)}]", done.stdout
     assert "SIGTERM received: stopping." in done.stderr
+
+
+def _rollup_blocker(connection_: psycopg.Connection, application: str, statement: str) -> int:
+    """Make ``connection_`` another writer named ``application`` that holds ``statement``'s
+    locks in an open transaction; its backend pid."""
+    connection_.execute(f"SET application_name = '{application}'")
+    connection_.commit()
+    connection_.execute(statement)
+    return connection_.info.backend_pid
+
+
+def test_row_locks_on_the_hourly_table_are_named_as_such_with_their_holder(
+    other_connection,
+) -> None:
+    """Issue 26, fault 1: a writer's row locks on task_usage_hourly are not "lock 4246 busy";
+    the error names the session that holds them, and once it lets go a re-run finishes."""
+    make_rows(6)
+    pid = _rollup_blocker(
+        other_connection, "dashboard-job", "SELECT 1 FROM task_usage_hourly FOR UPDATE"
+    )
+    with pytest.raises(BackfillError) as error:
+        execute_backfill(ExecuteOptions(cutoff=CUTOFF, lock_timeout=0.2))
+    message = str(error.value)
+    assert "rows of the hourly rollup stayed locked by another session in 5 tries of 0.2s" in (
+        message
+    )
+    assert f"pid {pid} (application 'dashboard-job', transaction open since " in message
+    assert "idle in transaction" in message and "commit or end it" in message
+    assert "could not take rollup lock" not in message
+    run = BackfillRun.objects.get()
+    assert (run.status, run.rollup_state) == (BackfillRun.Status.FAILED, "pending")
+    assert run.rows_updated == 6 and f"pid {pid}" in run.error
+
+    other_connection.rollback()
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert result.run.status == BackfillRun.Status.SUCCEEDED
+    assert BackfillRun.objects.get(pk=run.pk).rollup_state == "done"
+    assert repaired_count() == 6 and rollup_mismatches() == []
+
+
+def test_lock_4246_held_elsewhere_is_named_with_its_holder(other_connection) -> None:
+    make_rows(3)
+    pid = _rollup_blocker(other_connection, "stuck-maintenance", "SELECT pg_advisory_lock(4246)")
+    try:
+        with pytest.raises(BackfillError) as error:
+            execute_backfill(ExecuteOptions(cutoff=CUTOFF, lock_timeout=0.2))
+    finally:
+        other_connection.execute("SELECT pg_advisory_unlock(4246)")
+        other_connection.rollback()
+    message = str(error.value)
+    assert "could not take rollup lock 4246 in 5 tries of 0.2s: held by " in message
+    assert f"pid {pid} (application 'stuck-maintenance'" in message
+    assert BackfillRun.objects.get().rollup_state == "pending"
+    execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert rollup_mismatches() == []

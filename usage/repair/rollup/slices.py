@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from django.db import DatabaseError, connection, transaction
 
-from usage import cron
+from usage import cron, render
 from usage.cron import ROLLUP_LOCK_ID
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
@@ -22,6 +22,7 @@ from usage.db import (
     set_local_timeouts,
     sqlstate,
 )
+from usage.eligibility import names
 from usage.events import log_event
 
 logger = logging.getLogger("usage.rollup")
@@ -44,6 +45,17 @@ SLICE_GAP_SECONDS = 0.2
 MAX_CANCELLED_IN_A_ROW = 5
 
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+# Who holds what a slice waited for: lock 4246, or a lock on the rollup's tables (a writer's
+# row locks show as its lock on the table), oldest transaction first.
+HOLDERS_SQL = """
+SELECT DISTINCT a.pid, a.application_name, a.xact_start, a.state
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.pid <> pg_backend_pid() AND (%(rows)s
+    AND l.locktype = 'relation' AND l.mode <> 'AccessShareLock'
+    AND l.relation IN (%(hourly)s::regclass, %(dirty)s::regclass)
+    OR NOT %(rows)s AND l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %(lock)s
+    AND l.objsubid = 1)
+ORDER BY a.xact_start NULLS LAST LIMIT 3"""
 SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
@@ -207,6 +219,7 @@ def run_locked(
     """Run ``work(cursor, bound)`` in one transaction holding lock 4246; ``work`` calls
     ``bound()`` before each long statement. ``repeatable_read``: one snapshot (unless in a
     caller's transaction); a serialization failure is retried like a busy lock."""
+    rows_locked = False
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
         locked_at: float | None = None
@@ -229,19 +242,50 @@ def run_locked(
                 continue
             if state != SQLSTATE_LOCK_NOT_AVAILABLE:
                 raise
+            # With 4246 taken, what timed out was a lock on the rollup's tables.
+            rows_locked = locked_at is not None
             logger.warning(
-                "lock %d busy for %.1fs (attempt %d of %d)",
-                ROLLUP_LOCK_ID,
+                "%s busy for %.1fs (attempt %d of %d)",
+                "rows of the hourly rollup" if rows_locked else f"lock {ROLLUP_LOCK_ID}",
                 limits.lock_timeout,
                 attempt,
                 LOCK_WAIT_ATTEMPTS,
             )
             continue
         return Locked(value, locked_at - waited_from, released_at - locked_at)
+    tries = f"in {LOCK_WAIT_ATTEMPTS} tries of {limits.lock_timeout:g}s"
+    if rows_locked:
+        raise RollupError(
+            f"rows of the hourly rollup stayed locked by another session {tries} (while this "
+            f"run held lock {ROLLUP_LOCK_ID}): {holders(rows=True)}; have that session commit "
+            "or end it, then re-run the same command to finish the rollup"
+        )
     raise RollupError(
-        f"could not take rollup lock {ROLLUP_LOCK_ID} in {LOCK_WAIT_ATTEMPTS} tries of "
-        f"{limits.lock_timeout:g}s: another writer holds it; re-run the same command later to "
-        "finish the rollup"
+        f"could not take rollup lock {ROLLUP_LOCK_ID} {tries}: {holders(rows=False)}; re-run "
+        "the same command later to finish the rollup (a session other than the platform's "
+        "cron tick that keeps holding it is for you to end)"
+    )
+
+
+def holders(*, rows: bool) -> str:
+    """Who holds the rollup's tables (``rows``) or lock 4246 now: pid, application, since."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            HOLDERS_SQL,
+            {
+                "rows": rows,
+                "lock": ROLLUP_LOCK_ID,
+                "hourly": names()["task_usage_hourly"].as_string(),
+                "dirty": names()["task_usage_hourly_dirty"].as_string(),
+            },
+        )
+        found = cursor.fetchall()
+    if not found:
+        return "held by a session that has let go since"
+    return "held by " + "; ".join(
+        f"pid {pid} (application {application or 'not named'!r}, transaction open since "
+        f"{render.timestamp(since)}, {state})"
+        for pid, application, since, state in found
     )
 
 
