@@ -540,3 +540,68 @@ def test_verify_on_an_unknown_definition_names_it_as_the_likely_cause(
     assert "the installed rollup function is one this tool does not know" in str(failed.value)
     text = " ".join(out.getvalue().split())
     assert "The installed rollup function is not a definition this tool knows" in text
+
+
+# -- a definition changed during the run (issue 26, fault 2) -------------------------------
+
+# A bad hotfix: every key's cost doubled.
+DOUBLED_COST = (
+    "coalesce(sum(tu.cost_usd_ticks), 0)::bigint AS cost_usd_ticks",
+    "coalesce(sum(tu.cost_usd_ticks) * 2, 0)::bigint AS cost_usd_ticks",
+)
+
+
+def _redefine_after_the_proof(other: Any) -> tuple[list[Any], Any]:
+    """A progress callback that, once the proof's slice is reported, redefines the function
+    from another session, as an operator's migration would; and the pieces it saw."""
+    seen: list[Any] = []
+    text = target.ROLLUP_FUNCTIONS[213].read_text()
+    assert DOUBLED_COST[0] in text
+
+    def progress(event: str, /, **details: Any) -> None:
+        if event == "rollup_slice":
+            seen.append(details["piece"])
+            if len(seen) == 1:
+                other.execute(f"SET search_path TO {settings.CODEX_TARGET_SCHEMA}")
+                other.execute(text.replace(*DOUBLED_COST))
+                other.commit()
+
+    return seen, progress
+
+
+def test_a_function_redefined_after_the_proof_sends_the_rest_to_the_function(
+    restored_function: None, other_connection: Any
+) -> None:
+    make_keys(12, 6)  # 72 keys: the proof takes the first 50 stamps', slices the rest
+    live_watermark()
+    version = choose_path().version
+    assert version is not None
+    seen, progress = _redefine_after_the_proof(other_connection)
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF), progress=progress)
+    assert seen[0].plan == "nestloop" and len(seen) > 1  # the proof, then the rest
+    assert result.rollup.path == "function"
+    reason = result.rollup.path_reason
+    assert reason.startswith("the rollup function was redefined during the run (now unknown")
+    assert reason.endswith("): the rest on the function path")
+    run = BackfillRun.objects.get()
+    assert (run.status, run.rollup_path) == (BackfillRun.Status.SUCCEEDED, "function")
+    assert run.rollup_path_reason == reason
+    # Every key as the installed function makes it now, none as the proven one did.
+    assert hourly() == as_the_function_makes_it()
+    assert hourly() != as_the_own_path_makes_it(version)
+
+
+def test_a_function_redefined_during_a_revert_sends_its_next_drains_to_the_function(
+    restored_function: None, other_connection: Any
+) -> None:
+    make_keys(4, 5)
+    live_watermark()
+    done = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert done.rollup.path == "own"
+    seen, progress = _redefine_after_the_proof(other_connection)
+    reverted = execute_revert(RevertOptions(run_id=done.run.pk, batch_size=5), progress=progress)
+    assert reverted.reverted and reverted.rows_restored == 20
+    assert [piece.plan for piece in reverted.rollup.slices][:1] == ["nestloop"]
+    assert reverted.rollup.path == "function"
+    assert "the rollup function was redefined during the run" in reverted.rollup.path_reason
+    assert "own" not in [piece.plan for piece in reverted.rollup.slices[1:]]

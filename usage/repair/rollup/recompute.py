@@ -15,6 +15,7 @@ from django.db import connection
 from usage.db import drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillRun
+from usage.render import short_hash
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
 from usage.repair.rollup.proof import (
     WRITE_SQL,
@@ -40,7 +41,7 @@ from usage.repair.rollup.slices import (
     unbounded,
 )
 from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
-from usage.repair.rollup.versions import PathChoice
+from usage.repair.rollup.versions import PathChoice, read_installed_function
 
 __all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
 
@@ -164,14 +165,35 @@ def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, dateti
         return spans_of([hour for (hour,) in cursor.fetchall()])
 
 
-def _write(statement: str, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
-    """A slice's work: one own statement, with the own settings, under the lock's bound."""
+class DefinitionChanged(Exception):
+    """The rollup function was redefined since the run chose (and proved) its path."""
+
+
+def check_definition(cursor: Any, fingerprint: str) -> None:
+    """Before an own slice commits: the installed definition is still the proven one."""
+    installed = read_installed_function(cursor)
+    now = installed.fingerprint if installed else ""
+    if now != fingerprint:
+        what = f"{installed.described}, fingerprint {short_hash(now)}" if installed else "gone"
+        raise DefinitionChanged(
+            f"the rollup function was redefined during the run (now {what}; the run chose "
+            f"fingerprint {short_hash(fingerprint)})"
+        )
+
+
+def _write(
+    statement: str, params: dict[str, Any], fingerprint: str
+) -> Callable[[Any, Bound], Any]:
+    """A slice's work: one own statement, with the own settings, under the lock's bound,
+    kept only while the installed definition is the one the run chose."""
 
     def work(cursor: Any, bound: Bound) -> Any:
         own_settings(cursor)
         bound()
         cursor.execute(statement, params)
-        return cursor.fetchone()
+        row = cursor.fetchone()
+        check_definition(cursor, fingerprint)
+        return row
 
     return work
 
@@ -187,6 +209,7 @@ class OwnRebuild:
         self.limits = function.limits
         self.result = function.result
         self.recompute = Recompute(choice.version)
+        self.fingerprint = choice.fingerprint
         self.slice_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS)
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
@@ -209,7 +232,9 @@ class OwnRebuild:
             return call_function(cursor, bound, Plan.NESTLOOP, window)
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
-            return prove(self.recompute, cursor, bound, keys_sql, params, spans, call)
+            proved = prove(self.recompute, cursor, bound, keys_sql, params, spans, call)
+            check_definition(cursor, self.fingerprint)
+            return proved
 
         done = run_locked(self.limits, work, repeatable_read=True)
         proof, (rollup_rows, scans) = done.value
@@ -220,10 +245,15 @@ class OwnRebuild:
         if proof.ok:
             logger.info("rollup path: %s", proof.describe())
         else:
-            self.result.path = BackfillRun.RollupPath.FUNCTION
-            self.result.path_reason = proof.describe() + ": the rest on the function path"
-            logger.warning("rollup path: %s", self.result.path_reason)
+            self._to_function(proof.describe())
         return proof, piece
+
+    def _to_function(self, why: str) -> None:
+        """A failed proof, or a definition changed since: the rest on the function path."""
+        self.proven = False
+        self.result.path = BackfillRun.RollupPath.FUNCTION
+        self.result.path_reason = why + ": the rest on the function path"
+        logger.warning("rollup path: %s", self.result.path_reason)
 
     # -- the repair's rebuild ------------------------------------------------------------
 
@@ -267,6 +297,9 @@ class OwnRebuild:
             )
             self._slices(should_stop, on_slice, on_wait)
             return True
+        except DefinitionChanged as exc:
+            self._to_function(str(exc))
+            return False
         finally:
             drop_temp_table(DROP_KEYS_SQL, "rollup keys table", logger)
             drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
@@ -358,7 +391,7 @@ class OwnRebuild:
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
-        return _write(self.slice_sql, params)
+        return _write(self.slice_sql, params, self.fingerprint)
 
     def _span(self, limit: float) -> Span:
         with connection.cursor() as cursor:
@@ -392,12 +425,16 @@ class OwnRebuild:
                 # Too big for one slice: the function alone drains it (and the proof waits).
                 self.function.cancelled(exc, what.format(keys))
                 piece = self.function.drain(enqueued_until, keys, tasks)
+            except DefinitionChanged as exc:
+                self._to_function(str(exc))
+                piece = self.function.drain(enqueued_until, keys, tasks)
         self.last_held = piece.lock_held_seconds
         return piece
 
     def _own_drain(self, spans: list[tuple[datetime, datetime]], keys: int) -> RollupSlice:
         statement = self.recompute.statement(DRAIN_SQL, REVERT_KEYS, len(spans))
-        done = run_locked(self.limits, _write(statement, span_params(spans)))
+        work = _write(statement, span_params(spans), self.fingerprint)
+        done = run_locked(self.limits, work)
         rollup_rows, recomputed, drained = done.value
         window = (spans[0][0], spans[-1][1]) if spans else (None, None)
         piece = done.piece(*window, rollup_rows, keys=int(recomputed), plan="own")
