@@ -31,7 +31,7 @@ DEFAULT_MAX_AGE_SECONDS = 24 * 3600.0
 DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 
-# Lines fitted to where they go, given the width (see the repair command).
+# Shows lines fitted to where they go, given the width (see the repair command).
 LinesShower = Callable[[Callable[[int | None], list[str]]], None]
 
 
@@ -103,12 +103,8 @@ class PlanOptions:
     def context(self) -> dict[str, Any]:
         """The plan applied, as the JSON log's ``context`` event names it."""
         assert self.given is not None
-        return {
-            "file": self.given.given,
-            "created_at": self.given.created_at,
-            "rows": self.given.rows,
-            "fingerprint": self.given.fingerprint,
-        }
+        fields = ("created_at", "rows", "fingerprint")
+        return {"file": self.given.given, **{key: getattr(self.given, key) for key in fields}}
 
     def context_line(self) -> str:
         given = self.given

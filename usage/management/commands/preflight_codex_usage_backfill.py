@@ -53,17 +53,12 @@ class Command(ToolCommand):
         "both sides of the cutoff. Prints a checklist with what to do for each failure; "
         "exits non-zero when any check fails."
     )
-
-    def examples(self) -> str:
-        listed = "\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
-        return EXAMPLES.format(checks=listed)
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.description = textwrap.fill(self.help, 88)
-        return parser
+    examples = EXAMPLES.format(
+        checks="\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        parser.description = textwrap.fill(self.help, 88)
         parser.add_argument(
             "--cutoff",
             help="required: RFC 3339 hosted deployment time of the Codex usage fix, the "
@@ -81,7 +76,7 @@ class Command(ToolCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.bad_input():
+        with self.failing(ValueError):
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
