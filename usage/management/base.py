@@ -136,9 +136,9 @@ class ToolCommand(BaseCommand):
         try:
             return super().execute(*args, **options)
         except CommandError as exc:
-            if not (self._called_from_command_line and self.json_errors):
-                raise
-            if options.get("traceback"):
+            if options.get("traceback") or not (
+                self._called_from_command_line and self.json_errors
+            ):
                 raise
             self.stderr.write(error_line(str(exc), exc.returncode), style_func=lambda t: t)
             sys.exit(exc.returncode)
@@ -227,12 +227,11 @@ class ToolCommand(BaseCommand):
         try:
             output.write(text)
         except OutputError as exc:
-            self.stdout.write(readable("brief"))
             self.write_error = str(exc)
-            return
-        self.stdout.write(f"Result written to {output.given} ({fmt}).")
+        else:
+            self.stdout.write(f"Result written to {output.given} ({fmt}).")
         brief = readable("brief")
-        if brief:
+        if brief or self.write_error is not None:
             self.stdout.write(brief)
 
     def ending(self, error: CommandError | None, done: str) -> CommandError | None:

@@ -94,7 +94,7 @@ class PlanOutcome:
         if self.identical:
             return (
                 f"Plan check: the candidates are exactly the planned {render.number(rows)} "
-                f"rows (fingerprint {short(self.plan.fingerprint)})."
+                f"rows (fingerprint {render.short_hash(self.plan.fingerprint)})."
             )
         row_is, left = ("row is", "is") if gone == 1 else ("rows are", "are")
         return (
@@ -104,9 +104,6 @@ class PlanOutcome:
             f"{render.number(gone)} planned {row_is} no longer eligible (rewritten by "
             f"ingestion or repaired since the plan) and {left} left alone."
         )
-
-
-short = render.short_hash
 
 
 def read_identity() -> DatabaseIdentity:

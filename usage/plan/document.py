@@ -3,7 +3,6 @@ fingerprint covers the scope and each group's figures; its checksum detects edit
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -246,7 +245,6 @@ def _read_bytes(value: str, flag: str) -> bytes:
     if value == "-":
         raise refuse(f"is not a file; {GIVE_THE_DRY_RUNS}")
     path = Path(os.path.abspath(value))
-    not_a_directory = "is a directory; give the plan's file, e.g. plan.json"
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -258,7 +256,7 @@ def _read_bytes(value: str, flag: str) -> bytes:
     try:
         mode = os.fstat(handle).st_mode
         if stat.S_ISDIR(mode):
-            raise refuse(not_a_directory)
+            raise refuse("is a directory; give the plan's file, e.g. plan.json")
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
             raise refuse(f"is {kind}; give the plan's file, e.g. plan.json")
@@ -272,8 +270,6 @@ def _read_bytes(value: str, flag: str) -> bytes:
             if size > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
     except OSError as exc:
-        if exc.errno == errno.EISDIR:
-            raise refuse(not_a_directory) from None
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(handle)

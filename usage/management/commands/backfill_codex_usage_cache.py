@@ -244,11 +244,8 @@ class Command(ToolCommand):
         summary = self._summary()
         saved = planning.document(summary, identity, self.report)
         document = self._show(result.build("dry_run", database, summary=summary))
-        failed = planning.write(saved, self.report, self._lines) if saved else None
-        if failed:
-            self.write_error = (
-                f"{self.write_error}; also, {failed}" if self.write_error else failed
-            )
+        if saved and (failed := planning.write(saved, self.report, self._lines)):
+            self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
     def _execute(self, database: str, summary: DryRunSummary | None) -> dict[str, Any]:

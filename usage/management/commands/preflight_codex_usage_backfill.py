@@ -91,12 +91,11 @@ class Command(ToolCommand):
         level = logging.DEBUG if verbosity >= 3 else logging.WARNING
         with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
             if verbosity >= 1:
-                for line in wrap(
+                header = (
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
-                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}",
-                    self.terminal_width(),
-                ):
-                    self.stdout.write(line)
+                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}"
+                )
+                self.stdout.write("\n".join(wrap(header, self.terminal_width())))
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
         counts = {status: 0 for status in MARKS}
@@ -138,8 +137,7 @@ class Command(ToolCommand):
             self._indented(f"what to do: {result.fix}", width)
 
     def _indented(self, text: str, width: int | None) -> None:
-        for line in wrap(text, width, indent=" " * 9, hanging=" " * 11):
-            self.stdout.write(line)
+        self.stdout.write("\n".join(wrap(text, width, indent=" " * 9, hanging=" " * 11)))
 
 
 def _cannot_inspect(exc: DatabaseError) -> str:

@@ -103,20 +103,15 @@ class Command(ToolCommand):
                 show_changed=show_changed,
             )
             self.start_output(OutputOptions.read(options))
-        self.database = describe_database()
+        self.database = database = describe_database()
         execute = options["execute"]
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
         if self.report.json_logs:
             self.report.context(
-                "context",
-                mode,
-                database=self.database,
-                mode="revert",
-                run_id=run_id,
-                execute=execute,
+                "context", mode, database=database, mode="revert", run_id=run_id, execute=execute
             )
         else:
-            self.report.context("context", f"Database: {self.database}")
+            self.report.context("context", f"Database: {database}")
             self.report.context("context", f"Mode: {mode}")
         try:
             with self.run_logging(), self.database_errors():
