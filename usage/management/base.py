@@ -47,29 +47,24 @@ class ToolParser(CommandParser):
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        if args is not None:
-            args = self._attach_dash_values(list(args))
-        return super().parse_known_args(args, namespace)
-
-    def _attach_dash_values(self, args: list[str]) -> list[str]:
         """``--flag -1s`` becomes ``--flag=-1s`` for a flag that takes one value."""
-        known = set(self._option_string_actions)
-        takes_value = {
-            option
-            for action in self._actions
-            if action.nargs is None
-            for option in action.option_strings
-        }
-        attached: list[str] = []
-        position = 0
-        while position < len(args):
-            token, value = args[position], "".join(args[position + 1 : position + 2])
-            if token == "--":
-                return attached + args[position:]
-            joined = token in takes_value and value.startswith("-") and value not in known
-            attached.append(f"{token}={value}" if joined else token)
-            position += 2 if joined else 1
-        return attached
+        if args is not None:
+            args, position = list(args), 0
+            attached: list[str] = []
+            known = set(self._option_string_actions)
+            takes_value = {
+                option
+                for action in self._actions
+                if action.nargs is None
+                for option in action.option_strings
+            }
+            while position < len(args) and args[position] != "--":
+                token, value = args[position], "".join(args[position + 1 : position + 2])
+                joined = token in takes_value and value.startswith("-") and value not in known
+                attached.append(f"{token}={value}" if joined else token)
+                position += 2 if joined else 1
+            args = attached + args[position:]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes the offending value whole: keep the line short whatever it was.
