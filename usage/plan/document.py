@@ -56,15 +56,10 @@ class DatabaseIdentity:
 
     def differences(self, other: DatabaseIdentity) -> list[str]:
         """What tells ``other`` apart from this one; the system identifier if both know it."""
-        named = [
-            ("host", self.host, other.host),
-            ("port", self.port, other.port),
-            ("database name", self.name, other.name),
-            ("database oid", self.oid, other.oid),
-        ]
+        named = {"host": "host", "port": "port", "name": "database name", "oid": "database oid"}
         if self.system_identifier is not None and other.system_identifier is not None:
-            named.append(("system identifier", self.system_identifier, other.system_identifier))
-        return [name for name, mine, theirs in named if mine != theirs]
+            named["system_identifier"] = "system identifier"
+        return [words for key, words in named.items() if getattr(self, key) != getattr(other, key)]
 
 
 @dataclass(frozen=True)

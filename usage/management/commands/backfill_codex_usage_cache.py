@@ -364,8 +364,7 @@ class Command(ToolCommand):
         )
 
     def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
-        """Lines of the readable outcome, fitted to where they go: with the result, or on
-        stderr beside a document."""
+        """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
         target = self.stderr if self.report.document_on_stdout else self.stdout
         width = self.terminal_width() if target is self.stdout else None
         for line in lines(width):
