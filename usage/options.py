@@ -1,9 +1,6 @@
-"""The operator's values (options and environment), parsed and checked before the database.
-
-Each parser raises ``ValueError`` with a one-line message that says what is wrong and what to
-type instead. Only ASCII digits are digits (``int()`` also reads full-width digits, ``_``,
-``nan`` and ``inf``, none of which an operator means).
-"""
+"""The operator's values (options and environment), parsed and checked before the database:
+each parser raises a one-line ``ValueError`` saying what to type instead. Only ASCII digits
+are digits (``int()`` also reads full-width digits, ``_``, ``nan`` and ``inf``)."""
 
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ from typing import Any
 
 MAX_BATCH_SIZE = 50_000
 MAX_SLEEP_SECONDS = 3600.0
-# Run ids are PostgreSQL bigints.
-MAX_RUN_ID = 2**63 - 1
+MAX_RUN_ID = 2**63 - 1  # a PostgreSQL bigint
 # An error message quotes at most this many characters of the value it refuses.
 SHOWN_CHARS = 200
 
@@ -44,10 +40,8 @@ def shown(value: Any) -> str:
 
 
 def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
-    """Parse an RFC 3339 timestamp with an explicit offset and normalize it to UTC.
-
-    ``name`` is what the messages call it (the admin's page says "the cutoff").
-    """
+    """An RFC 3339 timestamp with an explicit offset, in UTC; ``name`` is what messages call
+    it."""
     if not value or not str(value).strip():
         raise ValueError(
             f"{name} is required: give the hosted deployment time of the Codex usage fix, "
@@ -75,10 +69,8 @@ def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
 def parse_workspace_id(
     value: str | None, *, allow_empty: bool = True, name: str = "--workspace-id"
 ) -> uuid.UUID | None:
-    """Validate the workspace filter here, so a typo never reaches the database as a cast.
-
-    On the command line an empty value is refused (``--workspace-id "$WS"`` with ``WS``
-    unset must not widen the repair to every workspace); the admin's form sends "" for all.
+    """The workspace filter; an empty value is refused on the command line (an unset
+    ``$WS`` must not widen the repair to every workspace), the admin's form sends "" for all.
     """
     if value is None or (value == "" and allow_empty):
         return None
@@ -126,11 +118,8 @@ def parse_batch_size(value: str | int) -> int:
 
 
 def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.0) -> float:
-    """Read a duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``).
-
-    Each unit at most once, largest first, and nothing around it (``1h1h`` or ``' 5s'`` is
-    refused, not read as 2 h or 5 s). Says nothing about the range; the callers check it.
-    """
+    """A duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``), each
+    unit at most once, largest first, nothing around it; the callers check the range."""
     if isinstance(value, bool):
         raise ValueError(f"{flag} {shown(value)} is not a duration")
     if isinstance(value, int | float):
@@ -164,8 +153,7 @@ def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-bat
 
 
 def duration_text(seconds: float) -> str:
-    """Seconds as the options take them, largest unit first: ``500ms``, ``5s``, ``1m``,
-    ``1h30m`` (so every default in the help reads the same way)."""
+    """Seconds as the options take them: ``500ms``, ``5s``, ``1m``, ``1h30m``."""
     if 0 < seconds < 1:
         return f"{round(seconds * 1000)}ms"
     if seconds != int(seconds):
@@ -215,10 +203,8 @@ _DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
 
 
 def parse_rollup_declarations(value: str, flag: str = "CODEX_ROLLUP_DECLARE") -> dict[str, int]:
-    """``FINGERPRINT=MIGRATION`` pairs, separated by commas: fingerprint to platform migration.
-
-    The fingerprint is the one the pre-flight prints in full for an unknown definition.
-    """
+    """``FINGERPRINT=MIGRATION`` pairs, separated by commas (the fingerprint the pre-flight
+    prints for an unknown definition): fingerprint to platform migration."""
     declared: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         match = _DECLARATION.fullmatch(item)

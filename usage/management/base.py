@@ -1,8 +1,6 @@
-"""``ToolCommand``, the one base of the tool's commands, and what they share: the parser's
-rules (an argument error is one line and exit status 1, and ``--flag -1s`` gives ``-1s`` to
-the flag), the timeout and output options, the showing of a result, the library's log lines,
-a run's progress bar and SIGINT/SIGTERM as a stop request.
-"""
+"""``ToolCommand``, the base of the tool's commands: one-line argument errors (exit status 1),
+the shared options, the result's output, the library's log lines, the progress bar and
+SIGINT/SIGTERM as a stop request."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
@@ -38,21 +36,9 @@ LONGEST_WORD = 80
 LONGEST_MESSAGE = 400
 
 
-def wants_json_logs(argv: Sequence[str]) -> bool:
-    """Whether a command line asks for ``--log-format json`` (read before it is parsed, so
-    that even an argument error is a JSON line)."""
-    pairs = zip(argv, argv[1:], strict=False)
-    return "--log-format=json" in argv or ("--log-format", "json") in pairs
-
-
 def error_line(message: str, returncode: int) -> str:
     """A command's error as a JSON event (``--log-format json``)."""
     return event_line("error", "error", message, {"exit_status": returncode})
-
-
-def _shorten(match: re.Match[str]) -> str:
-    word = match.group(0)
-    return f"{word[:60]}...({len(word) - 60} more characters)"
 
 
 class ToolParser(CommandParser):
@@ -61,36 +47,32 @@ class ToolParser(CommandParser):
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        if args is not None:
-            args = self._attach_dash_values(list(args))
-        return super().parse_known_args(args, namespace)
-
-    def _attach_dash_values(self, args: list[str]) -> list[str]:
         """``--flag -1s`` becomes ``--flag=-1s`` for a flag that takes one value."""
-        known = set(self._option_string_actions)
-        takes_value = {
-            option
-            for action in self._actions
-            if action.nargs is None
-            for option in action.option_strings
-        }
-        attached: list[str] = []
-        position = 0
-        while position < len(args):
-            token, value = args[position], "".join(args[position + 1 : position + 2])
-            if token == "--":
-                return attached + args[position:]
-            if token in takes_value and value.startswith("-") and value not in known:
-                attached.append(f"{token}={value}")
-                position += 2
-                continue
-            attached.append(token)
-            position += 1
-        return attached
+        if args is not None:
+            args, position = list(args), 0
+            attached: list[str] = []
+            known = set(self._option_string_actions)
+            takes_value = {
+                option
+                for action in self._actions
+                if action.nargs is None
+                for option in action.option_strings
+            }
+            while position < len(args) and args[position] != "--":
+                token, value = args[position], "".join(args[position + 1 : position + 2])
+                joined = token in takes_value and value.startswith("-") and value not in known
+                attached.append(f"{token}={value}" if joined else token)
+                position += 2 if joined else 1
+            args = attached + args[position:]
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes the offending value whole: keep the line short whatever it was.
-        text = re.sub(rf"\S{{{LONGEST_WORD},}}", _shorten, " ".join(message.split()))
+        text = re.sub(
+            rf"\S{{{LONGEST_WORD},}}",
+            lambda word: f"{word[0][:60]}...({len(word[0]) - 60} more characters)",
+            " ".join(message.split()),
+        )
         if len(text) > LONGEST_MESSAGE:
             text = text[:LONGEST_MESSAGE] + "..."
         text = f"{text} (see {self.prog.strip()} --help)"
@@ -122,26 +104,26 @@ class OutputOptions:
 
 
 class ToolCommand(BaseCommand):
-    """A command of the tool: its parser, its help epilog (``examples()``, laid out verbatim)
-    and the surface the commands share (see the module)."""
+    """A command of the tool; ``examples`` is its help epilog, laid out verbatim."""
 
+    examples = ""
     json_errors = False
     write_error: str | None = None
-
-    def examples(self) -> str:
-        return ""
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         # BaseCommand builds a CommandParser itself; ToolParser only adds behaviour to it.
         parser.__class__ = ToolParser
-        parser.epilog = self.examples()
+        parser.epilog = self.examples
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.json_errors = self.json_errors  # type: ignore[attr-defined]
         return parser
 
     def run_from_argv(self, argv: list[str]) -> None:
-        self.json_errors = wants_json_logs(argv[2:])
+        # Read before the parsing, so that even an argument error is a JSON line.
+        args = argv[2:]
+        pairs = zip(args, args[1:], strict=False)
+        self.json_errors = "--log-format=json" in args or ("--log-format", "json") in pairs
         super().run_from_argv(argv)
 
     def execute(self, *args: Any, **options: Any) -> str | None:
@@ -149,14 +131,12 @@ class ToolCommand(BaseCommand):
         try:
             return super().execute(*args, **options)
         except CommandError as exc:
-            if not (self._called_from_command_line and self.json_errors):
-                raise
-            if options.get("traceback"):
+            if options.get("traceback") or not (
+                self._called_from_command_line and self.json_errors
+            ):
                 raise
             self.stderr.write(error_line(str(exc), exc.returncode), style_func=lambda t: t)
             sys.exit(exc.returncode)
-
-    # -- options ---------------------------------------------------------------------------
 
     def add_timeout_arguments(
         self, parser: CommandParser, *, lock: str, statement: str, rollup: str
@@ -210,8 +190,6 @@ class ToolCommand(BaseCommand):
             "line, every line",
         )
 
-    # -- output ----------------------------------------------------------------------------
-
     def start_output(self, out: OutputOptions) -> None:
         """Where this command's lines go from now on (``self.report``, ``usage.output``)."""
         self.out = out
@@ -231,12 +209,9 @@ class ToolCommand(BaseCommand):
         return shutil.get_terminal_size().columns if self.stdout.isatty() else None
 
     def show_result(self, document: dict[str, Any], readable: Callable[[str], str]) -> None:
-        """Show the result: on stdout, or in ``--output`` with only the outcome on stdout.
-
-        ``readable(kind)`` renders it as text: ``file`` (whole), ``screen`` (the result on
-        stdout) or ``brief`` (the outcome, when the result went to the file). A failed write
-        is kept in ``write_error``, after the outcome is shown.
-        """
+        """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
+        write is kept in ``write_error``. ``readable(kind)`` renders it as text: ``file``
+        (whole), ``screen`` (on stdout) or ``brief`` (the outcome beside a file)."""
         fmt, output = self.out.format, self.out.file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         text = as_data(document) if as_data else readable("screen" if output is None else "file")
@@ -247,12 +222,11 @@ class ToolCommand(BaseCommand):
         try:
             output.write(text)
         except OutputError as exc:
-            self.stdout.write(readable("brief"))
             self.write_error = str(exc)
-            return
-        self.stdout.write(f"Result written to {output.given} ({fmt}).")
+        else:
+            self.stdout.write(f"Result written to {output.given} ({fmt}).")
         brief = readable("brief")
-        if brief:
+        if brief or self.write_error is not None:
             self.stdout.write(brief)
 
     def ending(self, error: CommandError | None, done: str) -> CommandError | None:
@@ -264,43 +238,31 @@ class ToolCommand(BaseCommand):
             return CommandError(f"{self.write_error}; {done}")
         return CommandError(f"{error}; also, {self.write_error}", returncode=error.returncode)
 
-    # -- running ---------------------------------------------------------------------------
-
     @contextmanager
-    def bad_input(self) -> Iterator[None]:
-        """A value refused while the options are read (``ValueError``): one line, exit 1."""
-        try:
-            yield
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
-
-    @contextmanager
-    def database_errors(
-        self, describe: Callable[[DatabaseError], str] = database_failure
+    def failing(
+        self, *kinds: type[Exception], describe: Callable[[Any], str] = str
     ) -> Iterator[None]:
-        """A database error that ends the command: one line (``describe``), exit 1."""
+        """An error of ``kinds`` in the block ends the command: one line (``describe``)."""
         try:
             yield
-        except DatabaseError as exc:
+        except kinds as exc:
             raise CommandError(describe(exc)) from exc
 
-    def run_logging(self) -> Any:
-        """The library's log lines as the output mode wants them.
+    def database_errors(
+        self, describe: Callable[[DatabaseError], str] = database_failure
+    ) -> AbstractContextManager[None]:
+        return self.failing(DatabaseError, describe=describe)
 
-        As text: warnings, and at ``--verbosity 2`` everything (the events too, which the bar
-        and the outcome show otherwise). As JSON: the events (at ``--verbosity 0`` only
-        warnings), and the library's other messages from warnings up (all at 2).
-        """
+    def run_logging(self) -> Any:
+        """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
+        JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
         verbosity, json_logs = self.report.verbosity, self.report.json_logs
-        if json_logs:
-            level = logging.DEBUG if verbosity >= 1 else logging.WARNING
-        else:
-            level = logging.WARNING if verbosity <= 1 else logging.DEBUG
+        everything = verbosity >= (1 if json_logs else 2)
         return self.logging_to(
             self.err,
-            level,
+            logging.DEBUG if everything else logging.WARNING,
             json=json_logs,
-            plain_level=logging.WARNING if verbosity <= 1 else None,
+            plain_level=None if verbosity >= 2 else logging.WARNING,
             events=json_logs or verbosity >= 2,
         )
 
@@ -314,11 +276,8 @@ class ToolCommand(BaseCommand):
         plain_level: int | None = None,
         events: bool = True,
     ) -> Iterator[None]:
-        """The library's log lines (the ``usage`` loggers) on ``stream`` from ``level`` up.
-
-        ``plain_level``: messages without an event of their own only from this level up;
-        ``events``: whether records of an event are shown.
-        """
+        """The ``usage`` loggers' lines on ``stream`` from ``level`` up; messages without an
+        event only from ``plain_level`` up, and records of an event only if ``events``."""
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
         handler.setFormatter(
@@ -370,10 +329,7 @@ class ToolCommand(BaseCommand):
         say: Callable[[str], None] | None = None,
     ) -> Iterator[list[int]]:
         """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
-        what it returns then), through ``say`` or as a warning on stderr.
-
-        Yields the signals received, in order; the previous handlers are back afterwards.
-        """
+        what it returns), through ``say`` or as a warning; yields the signals received."""
         received: list[int] = []
 
         def act(signum: int) -> None:

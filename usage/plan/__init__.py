@@ -1,7 +1,5 @@
 """Saved plans: the dry run writes what it found (``--plan-out``); ``--execute --plan``
-repairs that, or refuses and changes nothing. ``document`` is the file, ``check`` holds it
-against the database, ``handling`` is what the repair command does with its plan options.
-"""
+repairs that, or refuses and changes nothing."""
 
 from __future__ import annotations
 

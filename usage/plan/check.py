@@ -46,9 +46,8 @@ WHERE d.datname = current_database()"""
 
 SYSTEM_IDENTIFIER_SQL = "SELECT system_identifier::text FROM pg_catalog.pg_control_system()"
 
-# The plan's group figures over the execute's snapshot: the same definitions as the dry
-# run's summary (``usage.repair.summary.SUMMARY_SQL``), for the snapshot's rows that are still
-# eligible (the batches re-check the same condition under the row lock).
+# The plan's group figures over the execute's snapshot rows still eligible, defined as the dry
+# run's summary (``usage.repair.summary.SUMMARY_SQL``) defines them.
 SNAPSHOT_FIGURES_SQL = f"""
 SELECT a.workspace_id,
        {{bucket_hour}}::date,
@@ -91,12 +90,11 @@ class PlanOutcome:
         }
 
     def summary(self) -> str:
-        """One line for the operator: exactly the plan, or what is no longer there."""
         rows, gone = self.plan.rows, self.plan.rows - self.rows_now
         if self.identical:
             return (
                 f"Plan check: the candidates are exactly the planned {render.number(rows)} "
-                f"rows (fingerprint {short(self.plan.fingerprint)})."
+                f"rows (fingerprint {render.short_hash(self.plan.fingerprint)})."
             )
         row_is, left = ("row is", "is") if gone == 1 else ("rows are", "are")
         return (
@@ -108,17 +106,9 @@ class PlanOutcome:
         )
 
 
-# A fingerprint as a line shows it.
-short = render.short_hash
-
-
 def read_identity() -> DatabaseIdentity:
-    """This connection's database, as a plan names it.
-
-    The server's system identifier tells a copy made with ``initdb`` or ``pg_upgrade`` from
-    the original; a role without EXECUTE on ``pg_control_system()`` (asked first, never an
-    error in the caller's transaction) leaves it out and the other parts decide.
-    """
+    """This connection's database, as a plan names it; the system identifier (which tells a
+    copy from its original) only if the role may call ``pg_control_system()``."""
     connection.ensure_connection()
     info = connection.connection.info
     with connection.cursor() as cursor:
@@ -142,9 +132,7 @@ def check_database(plan: Plan, max_age_seconds: float) -> float:
     here = read_identity()
     differences = plan.database.differences(here)
     if differences:
-        named = differences[0] if len(differences) == 1 else ", ".join(differences[:-1])
-        if len(differences) > 1:
-            named += f" and {differences[-1]}"
+        named = " and ".join(filter(None, [", ".join(differences[:-1]), differences[-1]]))
         raise PlanError(
             f"{plan.name} is for another database: it was made on "
             f"{plan.database.describe()}, this is {here.describe()} (different "
@@ -227,7 +215,7 @@ def _beyond(group: GroupFigures, planned: GroupFigures | None) -> str:
 
 @dataclass(eq=False)
 class SnapshotCheck:
-    """``ExecuteOptions.check_snapshot`` for a plan: judge the snapshot, keep the outcome."""
+    """``ExecuteOptions.check_snapshot`` for a plan: judges the snapshot, keeps the outcome."""
 
     plan: Plan
     max_age_seconds: float

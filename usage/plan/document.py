@@ -1,12 +1,8 @@
-"""A saved plan's document: written by the dry run (``--plan-out``), read back checked.
-
-The fingerprint covers the scope and each workspace/day group's figures and ids digest; the
-checksum, a SHA-256 over the canonical JSON, detects editing (re-indenting is harmless).
-"""
+"""A saved plan's document: written by the dry run (``--plan-out``), read back checked. Its
+fingerprint covers the scope and each group's figures; its checksum detects editing."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -26,14 +22,13 @@ from usage.repair.summary import DryRunSummary
 
 PLAN_KIND = "codex_usage_backfill_plan"
 PLAN_VERSION = 1
-# A plan file larger than this is not one this tool wrote (or not one worth reading).
 MAX_PLAN_BYTES = 1 << 30
 # The group figures a plan's fingerprint covers; "more than planned" is judged on these.
 CHECKED_FIGURES = ("rows", "input_before", "input_tokens_removed", "clamped_rows")
 FIGURE_KEYS = ("workspace_id", "date_utc", *CHECKED_FIGURES, "ids_digest")
 DIGEST_MASK = (1 << 64) - 1
-# A plan's string fields (host, names, times, ids) are at most this long.
 MAX_TEXT_FIELD = 255
+KIND_WORDS = {dict: "an object", list: "a list", int: "a whole number", str: "a string"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -53,8 +48,7 @@ class DatabaseIdentity:
     port: int | None
     name: str
     oid: int
-    # None when the role may not call pg_control_system() (see ``check.read_identity``).
-    system_identifier: str | None
+    system_identifier: str | None  # None when the role may not read it
 
     def describe(self) -> str:
         system = self.system_identifier or "unknown"
@@ -62,15 +56,10 @@ class DatabaseIdentity:
 
     def differences(self, other: DatabaseIdentity) -> list[str]:
         """What tells ``other`` apart from this one; the system identifier if both know it."""
-        named = [
-            ("host", self.host, other.host),
-            ("port", self.port, other.port),
-            ("database name", self.name, other.name),
-            ("database oid", self.oid, other.oid),
-        ]
+        named = {"host": "host", "port": "port", "name": "database name", "oid": "database oid"}
         if self.system_identifier is not None and other.system_identifier is not None:
-            named.append(("system identifier", self.system_identifier, other.system_identifier))
-        return [name for name, mine, theirs in named if mine != theirs]
+            named["system_identifier"] = "system identifier"
+        return [words for key, words in named.items() if getattr(self, key) != getattr(other, key)]
 
 
 @dataclass(frozen=True)
@@ -111,9 +100,6 @@ class Plan:
     @property
     def name(self) -> str:
         return f"--plan {shown(self.given)}"
-
-
-# -- writing -------------------------------------------------------------------------------
 
 
 def digest_hex(value: int | None) -> str:
@@ -184,18 +170,13 @@ def _plain(value: Any) -> Any:
 
 
 def plan_text(document: dict[str, Any]) -> str:
-    """The file's text: indented for the reviewer, one line per group (a table to read, and
-    less than half the size of an indented list). The checksum ignores the layout.
-    """
+    """The file's text: indented for the reviewer, one line per group (a table to read)."""
     placeholder = f"groups-{uuid.uuid4().hex}"
     text = json.dumps({**document, "groups": placeholder}, indent=2, ensure_ascii=False)
     lines = ",\n".join(
         f"    {json.dumps(group, ensure_ascii=False)}" for group in document["groups"]
     )
     return text.replace(json.dumps(placeholder), f"[\n{lines}\n  ]" if lines else "[]", 1)
-
-
-# -- reading -------------------------------------------------------------------------------
 
 
 def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
@@ -259,7 +240,6 @@ def _read_bytes(value: str, flag: str) -> bytes:
     if value == "-":
         raise refuse(f"is not a file; {GIVE_THE_DRY_RUNS}")
     path = Path(os.path.abspath(value))
-    not_a_directory = "is a directory; give the plan's file, e.g. plan.json"
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -271,7 +251,7 @@ def _read_bytes(value: str, flag: str) -> bytes:
     try:
         mode = os.fstat(handle).st_mode
         if stat.S_ISDIR(mode):
-            raise refuse(not_a_directory)
+            raise refuse("is a directory; give the plan's file, e.g. plan.json")
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
             raise refuse(f"is {kind}; give the plan's file, e.g. plan.json")
@@ -285,8 +265,6 @@ def _read_bytes(value: str, flag: str) -> bytes:
             if size > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
     except OSError as exc:
-        if exc.errno == errno.EISDIR:
-            raise refuse(not_a_directory) from None
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(handle)
@@ -318,12 +296,12 @@ def _load_json(data: bytes, name: str) -> Any:
 def _parse_plan(document: dict[str, Any], given: str) -> Plan:
     database = _field(document, "database", dict)
     groups = tuple(_group(entry) for entry in _field(document, "groups", list))
-    if _integer(document, "group_count") != len(groups):
+    if _field(document, "group_count", int) != len(groups):
         raise ValueError("group_count is not the number of groups")
     if len({group.key for group in groups}) != len(groups):
         raise ValueError("a workspace and day appears twice in groups")
     totals = _field(document, "totals", dict)
-    rows = _integer(totals, "rows")
+    rows = _field(totals, "rows", int)
     if rows != sum(group.rows for group in groups):
         raise ValueError("totals.rows is not the sum of the groups' rows")
     workspace = document["workspace_id"]
@@ -331,63 +309,47 @@ def _parse_plan(document: dict[str, Any], given: str) -> Plan:
         given=given,
         created_at=_time(document, "created_at"),
         cutoff=_time(document, "cutoff"),
-        workspace_id=None if workspace is None else uuid.UUID(_text(document, "workspace_id")),
+        workspace_id=None if workspace is None else uuid.UUID(_field(document, "workspace_id")),
         database=DatabaseIdentity(
-            host=_text(database, "host"),
-            port=None if database["port"] is None else _integer(database, "port"),
-            name=_text(database, "name"),
-            oid=_integer(database, "oid"),
-            system_identifier=(
-                None
-                if database["system_identifier"] is None
-                else _text(database, "system_identifier")
-            ),
+            host=_field(database, "host"),
+            port=_field(database, "port", int, nullable=True),
+            name=_field(database, "name"),
+            oid=_field(database, "oid", int),
+            system_identifier=_field(database, "system_identifier", nullable=True),
         ),
         groups=groups,
         rows=rows,
-        input_tokens_removed=_integer(totals, "input_tokens_removed"),
-        fingerprint=_text(document, "fingerprint"),
+        input_tokens_removed=_field(totals, "input_tokens_removed", int),
+        fingerprint=_field(document, "fingerprint"),
     )
 
 
 def _group(entry: Any) -> GroupFigures:
     if not isinstance(entry, dict):
         raise TypeError("groups[] holds something that is not an object")
-    workspace = str(uuid.UUID(_text(entry, "workspace_id")))
-    day = date.fromisoformat(_text(entry, "date_utc")).isoformat()
-    digest = _text(entry, "ids_digest")
+    workspace = str(uuid.UUID(_field(entry, "workspace_id")))
+    day = date.fromisoformat(_field(entry, "date_utc")).isoformat()
+    digest = _field(entry, "ids_digest")
     if not _HEX16.fullmatch(digest):
         raise ValueError("groups[].ids_digest is not 16 hex digits")
-    figures = {figure: _integer(entry, figure) for figure in CHECKED_FIGURES}
+    figures = {figure: _field(entry, figure, int) for figure in CHECKED_FIGURES}
     return GroupFigures(workspace_id=workspace, date_utc=day, ids_digest=digest, **figures)
 
 
-def _field(document: dict[str, Any], key: str, kind: type) -> Any:
+def _field(document: dict[str, Any], key: str, kind: type = str, nullable: bool = False) -> Any:
+    """A field of ``kind``; strings short and printable (messages quote them on one line)."""
     value = document[key]
-    if not isinstance(value, kind):
-        raise TypeError(f"{key} is not {'an object' if kind is dict else 'a list'}")
-    return value
-
-
-def _integer(document: dict[str, Any], key: str) -> int:
-    value = document[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"{key} is not a whole number")
-    return value
-
-
-def _text(document: dict[str, Any], key: str) -> str:
-    """A string field: short and printable, since messages quote it on one line."""
-    value = document[key]
-    if not isinstance(value, str):
-        raise TypeError(f"{key} is not a string")
-    if len(value) > MAX_TEXT_FIELD or _CONTROL.search(value):
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+        raise TypeError(f"{key} is not {KIND_WORDS[kind]}")
+    if kind is str and (len(value) > MAX_TEXT_FIELD or _CONTROL.search(value)):
         raise ValueError(f"{key} is not a short printable string")
     return value
 
 
 def _time(document: dict[str, Any], key: str) -> datetime:
-    value = datetime.fromisoformat(_text(document, key))
+    value = datetime.fromisoformat(_field(document, key))
     if value.tzinfo is None:
         raise ValueError(f"{key} has no UTC offset")
     return value.astimezone(UTC)

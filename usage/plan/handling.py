@@ -14,7 +14,7 @@ from usage.options import duration_seconds, parse_cutoff, parse_workspace_id, sh
 from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.report import Reporter
-from usage.plan.check import PlanOutcome, SnapshotCheck, check_database, read_identity, short
+from usage.plan.check import PlanOutcome, SnapshotCheck, check_database, read_identity
 from usage.plan.document import (
     DatabaseIdentity,
     Plan,
@@ -30,8 +30,7 @@ from usage.repair.summary import DryRunSummary
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600.0
 DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
-
-# Lines fitted to where they go, given the width (see the repair command).
+# Shows lines fitted to the width where they go (see the repair command).
 LinesShower = Callable[[Callable[[int | None], list[str]]], None]
 
 
@@ -103,12 +102,8 @@ class PlanOptions:
     def context(self) -> dict[str, Any]:
         """The plan applied, as the JSON log's ``context`` event names it."""
         assert self.given is not None
-        return {
-            "file": self.given.given,
-            "created_at": self.given.created_at,
-            "rows": self.given.rows,
-            "fingerprint": self.given.fingerprint,
-        }
+        fields = ("created_at", "rows", "fingerprint")
+        return {"file": self.given.given, **{key: getattr(self.given, key) for key in fields}}
 
     def context_line(self) -> str:
         given = self.given
@@ -116,7 +111,7 @@ class PlanOptions:
         return (
             f"Plan: {given.given}, made {render.timestamp(given.created_at)} by the "
             f"database's clock, {render.number(given.rows)} rows, fingerprint "
-            f"{short(given.fingerprint)}"
+            f"{render.short_hash(given.fingerprint)}"
         )
 
     def check_database(self) -> None:
@@ -153,8 +148,8 @@ class PlanOptions:
         given = self.out.given
         prose = (
             f"Plan written to {given}: {render.number(saved['totals']['rows'])} rows, "
-            f"fingerprint {short(saved['fingerprint'])}. Next: have it reviewed, then "
-            "apply exactly it"
+            f"fingerprint {render.short_hash(saved['fingerprint'])}. Next: have it reviewed, "
+            "then apply exactly it"
         )
         command = f"{outcome.REPAIR} --execute --plan {given}"
         if report.json_logs:

@@ -1,7 +1,5 @@
-"""``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows.
-
-Its options are read once (``repair_settings``); ``handle()`` follows the runbook.
-"""
+"""``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows;
+its options are read once (``repair_settings``) and ``handle()`` follows the runbook."""
 
 from __future__ import annotations
 
@@ -68,13 +66,27 @@ stopped by SIGINT/SIGTERM.
 """
 
 
-def _done(document: dict[str, Any]) -> str:
-    """What happened, for the error of a failed ``--output`` write."""
+def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """The outcome line and its fields, and what happened (for a failed ``--output`` write)."""
+    verdict = {True: "passed", False: "FAILED"}
     if "run_id" in document:
-        return f"run {document['run_id']} {document['status']} (its outcome is shown above)"
-    if "verify" in document:
-        return "the verification's outcome is shown above"
-    return "the dry run changed nothing (its summary is shown above)"
+        message = (
+            f"Run {document['run_id']} {document['status']}: "
+            f"{render.number(document['rows_updated'])} rows changed, "
+            f"{render.number(document['rows_remaining'])} still eligible"
+        )
+        if "verify" in document:
+            message += f"; verification {verdict[document['verify']['ok']]}"
+        done = f"run {document['run_id']} {document['status']} (its outcome is shown above)"
+        return message, {key: document[key] for key in OUTCOME_FIELDS}, done
+    if document["mode"] == "verify":
+        verify = document["verify"]
+        message = f"Verification of run {verify['run_id']} {verdict[verify['ok']]}"
+        fields = {"run_id": verify["run_id"], "verified": verify["ok"]}
+        return message, fields, "the verification's outcome is shown above"
+    rows = document["totals"]["rows"]
+    message = f"Dry run complete: {render.number(rows)} rows would change; nothing was written"
+    return message, {"rows": rows}, "the dry run changed nothing (its summary is shown above)"
 
 
 class Command(ToolCommand):
@@ -83,9 +95,7 @@ class Command(ToolCommand):
         "input (input_tokens := max(input_tokens - cache_read_tokens, 0)), once per row, and "
         "rebuild the hourly rollup for them. Dry run unless --execute is given."
     )
-
-    def examples(self) -> str:
-        return EXAMPLES
+    examples = EXAMPLES
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -153,26 +163,29 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.bad_input():
+        with self.failing(ValueError):
             self.settings = settings = read_settings(options)
         self.start_output(settings.out)
         self.signals: list[int] = []
         self.failure: str | None = None
-        try:
-            with self.run_logging(), self.database_errors():
-                database = describe_database()
-                self._context(database)
-                check_target()
-                if settings.run_id is not None:
-                    document = self._verify(database, settings.run_id)
-                elif settings.execute:
-                    document = self._execute(database, self._summary())
-                else:
-                    document = self._dry_run(database)
-        except (TargetError, CutoffError, RunLockError, plan.PlanError) as exc:
-            raise CommandError(str(exc)) from exc
-        error = self.ending(self._exit_status(document), _done(document))
-        self._final_line(document, error)
+        refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
+        with self.failing(*refused), self.run_logging(), self.database_errors():
+            database = describe_database()
+            self._context(database)
+            check_target()
+            if settings.run_id is not None:
+                document = self._verify(database, settings.run_id)
+            elif settings.execute:
+                document = self._execute(database, self._summary())
+            else:
+                document = self._dry_run(database)
+        # The outcome is the last stderr line when stdout carries a document (or JSON).
+        message, fields, done = _outcome(document)
+        error = self.ending(self._exit_status(document), done)
+        status = 0 if error is None else error.returncode
+        self.report.outcome(
+            f"{message} (exit status {status}).", ok=status == 0, exit_status=status, **fields
+        )
         if error is not None:
             raise error
 
@@ -201,8 +214,6 @@ class Command(ToolCommand):
         for line in lines:
             self.report.context("context", line)
 
-    # -- modes ---------------------------------------------------------------------------
-
     def _verify(self, database: str, run_id: int) -> dict[str, Any]:
         if not BackfillRun.objects.filter(pk=run_id).exists():
             raise CommandError(
@@ -212,9 +223,8 @@ class Command(ToolCommand):
         return self._show(result.build("verify", database, verify=verify_run_in_context(run_id)))
 
     def _summary(self) -> DryRunSummary | None:
-        """What the dry run shows, or the plan it writes; none when a run shows its outcome
-        alone (a pass over every candidate before the run's own: its record has the figures).
-        """
+        """What the dry run shows or its plan writes; none when a run shows its outcome alone
+        (its record has the figures: no pass over every candidate before the run's own)."""
         settings = self.settings
         cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
         settings.plan.check_database()
@@ -234,11 +244,8 @@ class Command(ToolCommand):
         summary = self._summary()
         saved = planning.document(summary, identity, self.report)
         document = self._show(result.build("dry_run", database, summary=summary))
-        failed = planning.write(saved, self.report, self._lines) if saved else None
-        if failed:
-            self.write_error = (
-                f"{self.write_error}; also, {failed}" if self.write_error else failed
-            )
+        if saved and (failed := planning.write(saved, self.report, self._lines)):
+            self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
     def _execute(self, database: str, summary: DryRunSummary | None) -> dict[str, Any]:
@@ -335,8 +342,6 @@ class Command(ToolCommand):
             **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
         )
 
-    # -- output --------------------------------------------------------------------------
-
     def _show(self, document: dict[str, Any]) -> dict[str, Any]:
         self.show_result(document, partial(self._readable, document))
         return document
@@ -359,40 +364,11 @@ class Command(ToolCommand):
         )
 
     def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
-        """Lines of the readable outcome, fitted to where they go: with the result, or on
-        stderr beside a document."""
+        """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
         target = self.stderr if self.report.document_on_stdout else self.stdout
         width = self.terminal_width() if target is self.stdout else None
         for line in lines(width):
             target.write(line, style_func=lambda text: text)
-
-    def _final_line(self, document: dict[str, Any], error: CommandError | None) -> None:
-        """The outcome as the last stderr line when stdout carries a document (or JSON)."""
-        status = 0 if error is None else error.returncode
-        if "run_id" in document:
-            message = (
-                f"Run {document['run_id']} {document['status']}: "
-                f"{render.number(document['rows_updated'])} rows changed, "
-                f"{render.number(document['rows_remaining'])} still eligible"
-            )
-            fields = {key: document[key] for key in OUTCOME_FIELDS}
-        elif document["mode"] == "verify":
-            verify = document["verify"]
-            message = f"Verification of run {verify['run_id']} " + (
-                "passed" if verify["ok"] else "FAILED"
-            )
-            fields: dict[str, Any] = {"run_id": verify["run_id"], "verified": verify["ok"]}
-        else:
-            rows = document["totals"]["rows"]
-            message = (
-                f"Dry run complete: {render.number(rows)} rows would change; nothing was written"
-            )
-            fields = {"rows": rows}
-        if "verify" in document and "run_id" in document:
-            message += "; verification " + ("passed" if document["verify"]["ok"] else "FAILED")
-        self.report.outcome(
-            f"{message} (exit status {status}).", ok=status == 0, exit_status=status, **fields
-        )
 
     def _exit_status(self, document: dict[str, Any]) -> CommandError | None:
         """The error that ends the command, if any: a failed run first, then a signal."""

@@ -53,17 +53,12 @@ class Command(ToolCommand):
         "both sides of the cutoff. Prints a checklist with what to do for each failure; "
         "exits non-zero when any check fails."
     )
-
-    def examples(self) -> str:
-        listed = "\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
-        return EXAMPLES.format(checks=listed)
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.description = textwrap.fill(self.help, 88)
-        return parser
+    examples = EXAMPLES.format(
+        checks="\n".join(f"  {check.name:<16} {check.title}" for check in CHECKS)
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        parser.description = textwrap.fill(self.help, 88)
         parser.add_argument(
             "--cutoff",
             help="required: RFC 3339 hosted deployment time of the Codex usage fix, the "
@@ -81,7 +76,7 @@ class Command(ToolCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.bad_input():
+        with self.failing(ValueError):
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
@@ -96,12 +91,11 @@ class Command(ToolCommand):
         level = logging.DEBUG if verbosity >= 3 else logging.WARNING
         with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
             if verbosity >= 1:
-                for line in wrap(
+                header = (
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
-                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}",
-                    self.terminal_width(),
-                ):
-                    self.stdout.write(line)
+                    f"{render.timestamp(cutoff)}, workspace {workspace_id or 'all'}"
+                )
+                self.stdout.write("\n".join(wrap(header, self.terminal_width())))
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
         counts = {status: 0 for status in MARKS}
@@ -143,8 +137,7 @@ class Command(ToolCommand):
             self._indented(f"what to do: {result.fix}", width)
 
     def _indented(self, text: str, width: int | None) -> None:
-        for line in wrap(text, width, indent=" " * 9, hanging=" " * 11):
-            self.stdout.write(line)
+        self.stdout.write("\n".join(wrap(text, width, indent=" " * 9, hanging=" " * 11)))
 
 
 def _cannot_inspect(exc: DatabaseError) -> str:

@@ -1,7 +1,4 @@
-"""``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first).
-
-It looks and behaves like the repair, from the same command base and output helpers.
-"""
+"""``revert_codex_usage_backfill``: undo one execute run from its journal (dry run first)."""
 
 from __future__ import annotations
 
@@ -68,9 +65,7 @@ class Command(ToolCommand):
         "(input_tokens and updated_at as journaled) unless someone changed them since, and "
         "rebuild their hourly rollup. Dry run unless --execute is given."
     )
-
-    def examples(self) -> str:
-        return EXAMPLES
+    examples = EXAMPLES
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("run_id", metavar="RUN_ID", help="the run to revert (its number)")
@@ -98,7 +93,7 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.bad_input():
+        with self.failing(ValueError):
             run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
             show_changed = _parse_show(options["show"])
             settings = RevertOptions(
@@ -108,20 +103,15 @@ class Command(ToolCommand):
                 show_changed=show_changed,
             )
             self.start_output(OutputOptions.read(options))
-        self.database = describe_database()
+        self.database = database = describe_database()
         execute = options["execute"]
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
         if self.report.json_logs:
             self.report.context(
-                "context",
-                mode,
-                database=self.database,
-                mode="revert",
-                run_id=run_id,
-                execute=execute,
+                "context", mode, database=database, mode="revert", run_id=run_id, execute=execute
             )
         else:
-            self.report.context("context", f"Database: {self.database}")
+            self.report.context("context", f"Database: {database}")
             self.report.context("context", f"Mode: {mode}")
         try:
             with self.run_logging(), self.database_errors():
@@ -133,8 +123,6 @@ class Command(ToolCommand):
             raise CommandError(str(exc)) from exc
         if error is not None:
             raise error
-
-    # -- modes ---------------------------------------------------------------------------
 
     def _dry_run(self, settings: RevertOptions) -> CommandError | None:
         found = plan_revert(settings.run_id, show_changed=settings.show_changed)
@@ -178,8 +166,6 @@ class Command(ToolCommand):
             )
         return self.ending(error, f"the revert's outcome is shown above ({document['status']})")
 
-    # -- output --------------------------------------------------------------------------
-
     def _describe_run(self, found: RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
         run = found.run
@@ -190,13 +176,9 @@ class Command(ToolCommand):
             f"{render.number(run.rows_updated)} rows repaired; "
             f"{render.number(found.entries)} journal entries to read.",
             run_id=run.pk,
-            status=run.status,
-            cutoff=run.cutoff,
-            workspace_id=run.workspace_id,
+            **{key: getattr(run, key) for key in ("status", "cutoff", "workspace_id")},
             rows_updated=run.rows_updated,
-            entries=found.entries,
-            rows_restorable=found.rows_restorable,
-            rows_changed=found.rows_changed,
+            **{key: getattr(found, key) for key in ("entries", "rows_restorable", "rows_changed")},
         )
 
     def _batch_event(self, batch: Any, found: RevertResult) -> None:
