@@ -605,3 +605,31 @@ def test_a_function_redefined_during_a_revert_sends_its_next_drains_to_the_funct
     assert reverted.rollup.path == "function"
     assert "the rollup function was redefined during the run" in reverted.rollup.path_reason
     assert "own" not in [piece.plan for piece in reverted.rollup.slices[1:]]
+
+
+# -- the proof and the platform's queue (issue 26, fault 3) --------------------------------
+
+QUEUE_OTHERS_SQL = """
+INSERT INTO {task_usage_hourly_dirty} (bucket_hour, workspace_id, runtime_id, agent_id,
+                                       project_id, provider, model, enqueued_at)
+SELECT date_trunc('hour', now()) - n * interval '1 hour', gen_random_uuid(), gen_random_uuid(),
+       gen_random_uuid(), NULL, 'codex', 'm' || n %% 7, now() - interval '1 minute'
+FROM generate_series(1, %s) n"""
+QUEUE_DIGEST_SQL = """
+SELECT count(*), md5(string_agg(d::text, ',' ORDER BY d::text))
+FROM {task_usage_hourly_dirty} d"""
+
+
+def test_the_proof_leaves_the_keys_others_queued_to_the_cron_tick() -> None:
+    """With the cron tick stopped (here: it never ran), the run stamps its rows with its own
+    start, and the proof's call of the function would drain every key others queued before
+    it: 20,000 here. The proof sets them aside in its transaction and puts them back."""
+    make_keys(3, 4)
+    sql(QUEUE_OTHERS_SQL, [20_000])
+    queue = sql(QUEUE_DIGEST_SQL)
+    assert queue[0][0] == 20_000
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert result.run.stamp == BackfillRun.Stamp.REPAIR_TIME  # the window reaches now
+    assert (result.rollup.path, result.rollup.slices[0].plan) == ("own", "nestloop")
+    assert sql(QUEUE_DIGEST_SQL) == queue  # every queued key, as it was
+    assert rollup_mismatches() == []

@@ -11,9 +11,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from psycopg import sql
 
 from usage.db import drop_temp_table
-from usage.eligibility import compose
+from usage.eligibility import KEY_COLUMNS, compose, format_sql, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
@@ -128,6 +129,25 @@ SELECT min(stamp), max(stamp) FROM probe"""
 PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
 
+# Others' keys queued before the proof's window ends, which its call of the function would
+# drain (all of them while the cron tick is stopped): set aside in the proof's transaction
+# and put back before it commits, so that the proof costs what its own keys cost.
+SET_ASIDE_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_proof_queue (LIKE {task_usage_hourly_dirty})
+ON COMMIT DROP"""
+SET_ASIDE_SQL = """
+WITH gone AS (
+    DELETE FROM {task_usage_hourly_dirty} d
+    WHERE d.enqueued_at < %(to)s
+      AND NOT EXISTS (SELECT 1 FROM ({proof_keys}) k WHERE {same})
+    RETURNING d.*
+)
+INSERT INTO pg_temp.codex_proof_queue SELECT * FROM gone"""
+PUT_BACK_SQL = """
+INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_queue
+ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
+
 # The keys the revert's batches restored (and queued) since the last drain.
 REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
 REVERT_KEYS = f"SELECT DISTINCT {{keys}} FROM {REVERT_KEYS_TABLE}"
@@ -228,8 +248,15 @@ class OwnRebuild:
         """``prove`` in one REPEATABLE READ slice, the function called over ``window``; a
         failed proof puts the rest on the function path. Raises ``SliceCancelled``."""
 
+        proof_keys = sql.SQL(keys_sql.format(keys=", ".join(KEY_COLUMNS)))
+        set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
+
         def call(cursor: Any, bound: Bound) -> tuple[int, dict[str, int]]:
-            return call_function(cursor, bound, Plan.NESTLOOP, window)
+            cursor.execute(compose(SET_ASIDE_TABLE_SQL))
+            cursor.execute(set_aside.as_string(), dict(params, to=window[1]))
+            called = call_function(cursor, bound, Plan.NESTLOOP, window)
+            cursor.execute(compose(PUT_BACK_SQL))
+            return called
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
             proved = prove(self.recompute, cursor, bound, keys_sql, params, spans, call)
