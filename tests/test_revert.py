@@ -397,3 +397,29 @@ def test_revert_while_another_run_holds_the_run_lock_names_it(
     # The dry run does not need the lock.
     out, _ = revert(str(done.pk))
     assert f"rows to restore  {len(ELIGIBLE)}\n" in out
+
+
+def test_a_key_restored_by_several_batches_counts_once_in_the_outcome() -> None:
+    """Issue 26: the revert's "hourly keys queued and rebuilt" and its bar count distinct
+    keys, not one a batch: 3 keys, each with rows in four batches of 3."""
+    agent = make_agent()
+    tasks = [make_task(agent) for _ in range(4)]  # one runtime: their rows share 3 keys
+    AgentTaskQueue.objects.filter(agent=agent).update(runtime_id=tasks[0].runtime_id)
+    for task in tasks:
+        for model in ("m0", "m1", "m2"):
+            make_usage(task, model=model)
+    populate_rollup()
+    out = io.StringIO()
+    call_command("backfill_codex_usage_cache", "--cutoff", CUTOFF_ARG, "--execute", stdout=out)
+    run = BackfillRun.objects.get()
+    seen: list[tuple[int, int]] = []
+
+    def progress(event: str, /, **details: Any) -> None:
+        if event == "rollup_slice":
+            seen.append((details["done"], details["total"]))
+
+    reverted = execute_revert(RevertOptions(run_id=run.pk, batch_size=3), progress=progress)
+    assert reverted.reverted and reverted.batches >= 4
+    assert reverted.rollup.keys_done == 3
+    assert seen[-1] == (3, 3) and all(done <= total for done, total in seen)
+    assert rollup_mismatches() == []

@@ -13,7 +13,7 @@ from datetime import datetime
 from django.db import connection
 
 from usage.db import drop_temp_table
-from usage.eligibility import key_table
+from usage.eligibility import compose, key_table
 from usage.models import BackfillRun
 from usage.repair.progress import Progress, no_progress
 from usage.repair.rollup.recompute import REVERT_KEYS_TABLE, OwnRebuild
@@ -35,6 +35,18 @@ logger = logging.getLogger("usage.rollup")
 CREATE_REVERT_KEYS = key_table("codex_revert_keys")
 CLEAR_REVERT_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
 DROP_REVERT_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
+# Every key the revert's drains rebuilt, once: a key restored by two batches counts once.
+CREATE_SEEN_KEYS = key_table("codex_revert_seen")
+SEEN_KEYS_UNIQUE_SQL = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS codex_revert_seen_key ON pg_temp.codex_revert_seen "
+    "({key_columns}) NULLS NOT DISTINCT"
+)
+CLEAR_SEEN_KEYS_SQL = "TRUNCATE pg_temp.codex_revert_seen"
+NOTE_SEEN_KEYS_SQL = (
+    f"INSERT INTO pg_temp.codex_revert_seen SELECT DISTINCT * FROM {REVERT_KEYS_TABLE} "
+    "ON CONFLICT DO NOTHING"
+)
+DROP_SEEN_KEYS_SQL = "DROP TABLE IF EXISTS pg_temp.codex_revert_seen"
 
 
 # A path's strategy: ``rebuild`` (False: its proof failed), ``drain`` and ``batch_entries``.
@@ -101,13 +113,16 @@ class RevertDrains:
     def __init__(
         self, choice: PathChoice, limits: SliceLimits, neighbours: NeighbourOptions
     ) -> None:
-        self.result = RollupResult(path=choice.path)
+        self.result = RollupResult(path=choice.path, distinct_keys=0)
         self.limits = limits
         self.function = FunctionPath(limits, neighbours, label="revert drain", result=self.result)
         self.path = _strategy(choice, self.function)
         with connection.cursor() as cursor:
             cursor.execute(CREATE_REVERT_KEYS)
             cursor.execute(CLEAR_REVERT_KEYS_SQL)
+            cursor.execute(CREATE_SEEN_KEYS)
+            cursor.execute(compose(SEEN_KEYS_UNIQUE_SQL))
+            cursor.execute(CLEAR_SEEN_KEYS_SQL)
 
     def drain(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
         """Rebuild the keys the batches queued up to ``enqueued_until``."""
@@ -116,10 +131,14 @@ class RevertDrains:
     def drain_queue(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
         """Rebuild everything queued up to ``enqueued_until`` through the function (what an
         earlier revert that stopped left queued: its keys are not known any more)."""
-        return self._cleared(self.function.drain(enqueued_until, keys, tasks))
+        piece = self._cleared(self.function.drain(enqueued_until, keys, tasks))
+        self.result.distinct_keys = self.result.keys_done + piece.keys
+        return piece
 
     def _cleared(self, piece: RollupSlice) -> RollupSlice:
         with connection.cursor() as cursor:
+            cursor.execute(NOTE_SEEN_KEYS_SQL)
+            self.result.distinct_keys = self.result.keys_done + max(cursor.rowcount, 0)
             cursor.execute(CLEAR_REVERT_KEYS_SQL)
         return piece
 
@@ -131,3 +150,4 @@ class RevertDrains:
     def close(self) -> None:
         self.function.finish()
         drop_temp_table(DROP_REVERT_KEYS_SQL, "revert keys table", logger)
+        drop_temp_table(DROP_SEEN_KEYS_SQL, "revert seen keys table", logger)

@@ -133,6 +133,8 @@ class RollupResult:
     cancelled_holds: list[float] = field(default_factory=list)  # of slices cancelled at the cap
     path: str = ""  # "own" or "function"; the reason when a failed proof changed it
     path_reason: str = ""
+    # The distinct keys rebuilt, where slices may rebuild a key more than once (the revert's).
+    distinct_keys: int | None = None
 
     @property
     def rollup_rows(self) -> int:
@@ -140,6 +142,8 @@ class RollupResult:
 
     @property
     def keys_done(self) -> int:
+        if self.distinct_keys is not None:
+            return self.distinct_keys
         return sum(s.keys for s in self.slices)
 
     @property
