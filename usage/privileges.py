@@ -1,8 +1,5 @@
-"""The privileges a run needs, checked before its first write (and listed by the pre-flight).
-
-A run that could rewrite rows but not rebuild their hourly keys would leave them wrong for
-good, so the execute and the revert refuse first, naming what is missing and the ``GRANT``.
-Privileges are read with ``has_*_privilege`` for the role actually connected.
+"""The privileges a run needs, checked (``has_*_privilege``) before its first write, so that
+no run rewrites rows it could not then roll up; the refusal names each ``GRANT``.
 """
 
 from __future__ import annotations
@@ -105,12 +102,7 @@ def requirements(
     revert: bool = False,
     own_path: bool = True,
 ) -> list[Need]:
-    """What a run needs: the repair's (``revert=False``) or the revert's.
-
-    ``rebuild_rollup`` adds the rollup's needs: the function, and, when the function runs
-    with the caller's privileges (not ``security_definer``) or the own path writes the hourly
-    table itself (``own_path``), the hourly table and the queue.
-    """
+    """What the repair (or the ``revert``) needs; ``rebuild_rollup`` adds the rollup's."""
     readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.

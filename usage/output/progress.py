@@ -1,8 +1,5 @@
-"""A run's progress: a live bar per phase on a terminal, a line every few seconds elsewhere.
-
-Each phase (update, rollup, revert) is one line, composed for the terminal's width at every
-refresh: the ornaments go first, and done/total, the rate and the ETA stay whole. The ETA
-follows the rate of the phase's last few seconds.
+"""A run's progress: a live bar per phase (update, rollup, revert) on a terminal, fitted to
+its width at every refresh; a line every few seconds elsewhere.
 """
 
 from __future__ import annotations
@@ -54,9 +51,7 @@ class Phase:
         if len(self.samples) < 2:
             return None
         (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
-        if last <= first:
-            return None
-        return (done_last - done_first) / (last - first)
+        return (done_last - done_first) / (last - first) if last > first else None
 
     def eta(self) -> float | None:
         rate = self.rate()
@@ -68,8 +63,7 @@ class Phase:
 
     def parts(self) -> dict[str, str]:
         """The texts of the line, each kept whole."""
-        rate = self.rate()
-        eta = self.eta()
+        rate, eta = self.rate(), self.eta()
         return {
             "label": f"{self.label:<6}",
             "count": f"{number(self.done)}/{number(self.total)} {self.unit}",
@@ -145,8 +139,7 @@ class _Lines(Progress):
 
 
 class ProgressBar:
-    """Show a run's phases; the events of a run are turned into calls by ``repair_events``
-    and ``revert_events``. ``close()`` at the end."""
+    """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
 
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
@@ -200,8 +193,7 @@ class ProgressBar:
             self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
-        """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it
-        at once."""
+        """What a phase is doing now (a pause); off a terminal, ``force`` shows it at once."""
         phase = self.phases.get(key)
         if phase is None:
             return
@@ -217,8 +209,7 @@ class ProgressBar:
             self._show_where_phases_ended()
 
     def _show_where_phases_ended(self) -> None:
-        """Off a terminal, each phase's last line says where it ended (a line every few
-        seconds may have left it at its start)."""
+        """Off a terminal, each phase's last line says where it ended."""
         if not self.enabled or self.live is not None:
             return
         for key, phase in self.phases.items():
@@ -315,8 +306,7 @@ def _rollup_slice(bar: ProgressBar, details: dict[str, Any]) -> None:
 
 
 class OutputStream:
-    """A file-like view of a command's OutputWrapper that writes text exactly as given (no
-    newline or style added), for a progress bar and a log handler."""
+    """A command's OutputWrapper as a file that writes text exactly as given."""
 
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper

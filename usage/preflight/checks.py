@@ -1,8 +1,5 @@
-"""The pre-flight's checks: is this database ready for the repair, judged read-only.
-
-Each check is a small function registered in ``CHECKS`` (``@check``) that returns a
-``CheckResult`` through ``passed``, ``warned`` or ``failed``: what was found and, when it is
-not fine, what to do. ``usage.preflight.run`` runs them in one read-only transaction.
+"""The pre-flight's checks, read-only: each registered in ``CHECKS`` by ``@check``, in the
+checklist's order, returns ``passed``, ``warned`` or ``failed`` (what was found, what to do).
 """
 
 from __future__ import annotations
@@ -57,9 +54,6 @@ def check(title: str, requires: str = "") -> Callable[[Callable], Callable]:
         return run
 
     return register
-
-
-# -- the checks, in the checklist's order --------------------------------------------------
 
 
 @check("PostgreSQL 15 or newer")
@@ -157,7 +151,6 @@ def check_rollup_function(ctx: Context) -> CheckResult:
 
 @check("how the repair rebuilds the hourly rollup", requires="tables rollup_function")
 def check_rollup_path(ctx: Context) -> CheckResult:
-    """How the repair will rebuild the hourly rollup: its own recompute, or the function."""
     choice = ctx.path
     if choice.own:
         return passed(f"{choice.function}: {choice.reason}")
@@ -177,7 +170,6 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 
 @check("the rollup queue's unique key the repair upserts into", requires="tables")
 def check_rollup_queue(ctx: Context) -> CheckResult:
-    """The queue's key is unique NULLS NOT DISTINCT under the name the upserts use."""
     table = compose("{task_usage_hourly_dirty}")
     key = list(catalog.QUEUE_KEY_COLUMNS)
     fix = (
@@ -210,7 +202,6 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
 
 @check("the platform's cron tick and its watermark", requires="tables")
 def check_rollup_cron(ctx: Context) -> CheckResult:
-    """Where the platform's cron tick stands: how the repair will stamp its rows."""
     watermark, last_started, last_error, now, has_cron = ctx.one(
         compose(catalog.CRON_STATE_SQL),
         {"cron": f"{ctx.target_schema}.rollup_task_usage_hourly()"},

@@ -64,11 +64,8 @@ def run_preflight(
     checks: Sequence[Check] = CHECKS,
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
 ) -> list[CheckResult]:
-    """Run ``checks`` in one read-only transaction; never writes, always rolls back.
-
-    ``conn``: a psycopg connection to inspect instead of Django's (the pytest pre-flight's
-    target). ``statement_timeout`` (seconds) bounds every query.
-    """
+    """Run ``checks`` in one read-only transaction, always rolled back; on ``conn`` instead
+    of Django's connection when given; ``statement_timeout`` (seconds) bounds every query."""
     results: dict[str, CheckResult] = {}
     with _read_only(conn) as (raw_cursor, savepoint):
         raw_cursor.execute(READ_ONLY_SQL)
