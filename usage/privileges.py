@@ -139,14 +139,8 @@ def requirements(
 
 def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
     """The needs the connected role lacks (read-only)."""
-    cursor.execute(
-        PRIVILEGES_SQL,
-        {
-            "kinds": [need.kind for need in needs],
-            "objs": [need.obj for need in needs],
-            "privs": [need.privilege for need in needs],
-        },
-    )
+    columns = {"kinds": "kind", "objs": "obj", "privs": "privilege"}
+    cursor.execute(PRIVILEGES_SQL, {k: [getattr(n, a) for n in needs] for k, a in columns.items()})
     rows = cursor.fetchall()
     lacking = tuple(need for need, row in zip(needs, rows, strict=True) if not row[3])
     return Missing(rows[0][4], rows[0][5], lacking)

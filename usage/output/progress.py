@@ -269,40 +269,34 @@ def revert_events(bar: ProgressBar) -> Any:
 def _events(
     bar: ProgressBar, first: str, on_first: Callable[..., None], on_batch: Callable[..., None]
 ) -> Callable[..., None]:
-    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices."""
-    paused = {"now": False}
+    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices
+    (their ``done``/``total`` count hourly keys)."""
+    paused = False
 
     def show(event: str, /, **details: Any) -> None:
+        nonlocal paused
         if event == first:
             on_first(details)
         elif event == "batch":
-            paused["now"] = False
+            paused = False
             on_batch(details["batch"], details["result"])
-        elif event == "paused":
-            _pause(bar, paused, details["reason"], details.get("seconds"))
+        elif event == "paused" and not (
+            details["reason"].startswith("sleep") and bar.live is None
+        ):
+            # (A sleep is the operator's own throttle: not worth a line in a log.) The start of
+            # a pause is always shown off a terminal; while it lasts, at the usual rate.
+            seconds = details.get("seconds")
+            what = f"paused: {details['reason']}" + (f" ({seconds:g}s)" if seconds else "")
+            key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
+            bar.status(key, what, force=not paused)
+            paused = True
         elif event == "rollup_slice":
-            _rollup_slice(bar, details)
+            # The first slice event comes after the rollup's set-up and its first (probe) slice.
+            bar.phase("rollup", "rollup", details["total"], "keys", started_now=False)
+            held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
+            bar.update("rollup", details["done"], total=details["total"], status=held)
 
     return show
-
-
-def _pause(bar: ProgressBar, paused: dict[str, bool], reason: str, seconds: Any) -> None:
-    what = f"paused: {reason}" + (f" ({seconds:g}s)" if seconds else "")
-    key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
-    if reason.startswith("sleep") and bar.live is None:
-        return  # the operator's own throttle: not worth a line in a log
-    # The start of a pause is always shown off a terminal; while it lasts, the usual rate.
-    bar.status(key, what, force=not paused["now"])
-    paused["now"] = True
-
-
-def _rollup_slice(bar: ProgressBar, details: dict[str, Any]) -> None:
-    """``done``/``total`` count the hourly keys the slices rebuild."""
-    piece, done, total = details["piece"], details["done"], details["total"]
-    status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
-    # The first slice event comes after the rollup's set-up and its first (probe) slice.
-    bar.phase("rollup", "rollup", total, "keys", started_now=False)
-    bar.update("rollup", done, total=total, status=status)
 
 
 class OutputStream:

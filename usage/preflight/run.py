@@ -74,13 +74,8 @@ def run_preflight(
             "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
         }
         raw_cursor.execute(TIMEOUTS_SQL, milliseconds)
-        ctx = Context(
-            _LoggingCursor(raw_cursor),
-            cutoff,
-            workspace_id,
-            settings.CODEX_TARGET_SCHEMA,
-            settings.CODEX_REPAIR_SCHEMA,
-        )
+        schemas = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
+        ctx = Context(_LoggingCursor(raw_cursor), cutoff, workspace_id, *schemas)
         for check in checks:
             results[check.name] = _run_one(check, ctx, savepoint, results, statement_timeout)
     return list(results.values())
