@@ -167,20 +167,19 @@ def _rollup(d: dict[str, Any]) -> str:
     )
     return (
         f"{number(d['rollup_keys'])} {done}{recovered} in {count(slices, 'slice')} "
-        f"({plans}) in {d['rollup_seconds']:.1f} s; lock 4246 held at most "
-        f"{d['rollup_max_lock_seconds']:.3f} s{waits}"
-        + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
+        f"({plans}) in {d['rollup_seconds']:.1f} s; {_held(d, waits)}"
     )
 
 
-def rows_against_keys(rows: int, keys: int) -> str:
-    """Why the rollup function's count may differ from the keys rebuilt, when it does."""
-    if rows == keys:
-        return ""
-    return (
-        f"; the rollup function reported {number(rows)} hourly rows: it counts rows upserted "
-        "plus rows deleted (a key left with no rows) for every key its windows found, other "
-        "rows stamped in those windows and keys other writers queued included"
+def _held(d: dict[str, Any], waits: str = "") -> str:
+    """Lock 4246's longest hold, and why the function's row count differs from the keys."""
+    held = f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f} s{waits}"
+    if d["rollup_rows"] == d["rollup_keys"]:
+        return held
+    return held + (
+        f"; the rollup function reported {number(d['rollup_rows'])} hourly rows: it counts rows "
+        "upserted plus rows deleted (a key left with no rows) for every key its windows found, "
+        "other rows stamped in those windows and keys other writers queued included"
     )
 
 
@@ -313,9 +312,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
     lines = _heading(heading, shown, width, d, style)
     rollup = (
         f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
-        f"{count(d['rollup_calls'], 'call')}; lock 4246 held at most "
-        f"{d['rollup_max_lock_seconds']:.3f} s"
-        + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
+        f"{count(d['rollup_calls'], 'call')}; {_held(d)}"
     )
     rows = [
         (

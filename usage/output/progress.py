@@ -54,12 +54,10 @@ class Phase:
         return (done_last - done_first) / (last - first) if last > first else None
 
     def eta(self) -> float | None:
-        rate = self.rate()
         if self.done >= self.total:
             return 0.0
-        if not rate or rate <= 0:
-            return None
-        return (self.total - self.done) / rate
+        rate = self.rate()
+        return (self.total - self.done) / rate if rate and rate > 0 else None
 
     def parts(self) -> dict[str, str]:
         """The texts of the line, each kept whole."""

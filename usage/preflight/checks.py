@@ -98,11 +98,8 @@ def check_tables(ctx: Context) -> CheckResult:
 
 @check("the columns and types the tool uses", requires="tables")
 def check_columns(ctx: Context) -> CheckResult:
-    rows = ctx.all(
-        catalog.COLUMNS_SQL,
-        {"schema": ctx.target_schema, "tables": list(catalog.EXPECTED_COLUMNS)},
-    )
-    found = {(table, column): column_type for table, column, column_type in rows}
+    params = {"schema": ctx.target_schema, "tables": list(catalog.EXPECTED_COLUMNS)}
+    found = {(table, column): kind for table, column, kind in ctx.all(catalog.COLUMNS_SQL, params)}
     problems = []
     for table, columns in catalog.EXPECTED_COLUMNS.items():
         for column in columns:
