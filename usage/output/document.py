@@ -155,12 +155,8 @@ def _verify(result: RunVerification) -> dict[str, Any]:
 def build_revert(
     database: str, result: RevertResult, *, signal: str | None = None, error: str | None = None
 ) -> dict[str, Any]:
-    """The result of a revert (``executed``) or of its dry run, for every format.
-
-    ``status`` is the revert's own outcome, never the reverted run's: ``would_revert`` (dry
-    run), ``reverted``, ``stopped`` (by ``signal``), ``incomplete`` (rows stayed locked) or
-    ``failed`` (``error``).
-    """
+    """The result of a revert or of its dry run; ``status`` is the revert's own outcome (never
+    the run's): ``would_revert``, ``reverted``, ``stopped``, ``incomplete`` or ``failed``."""
     run = result.run
     rollup = _rollup(result.rollup)
     if not result.executed:

@@ -51,9 +51,8 @@ def scope_arguments(document: dict[str, Any]) -> str:
 
 
 def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
-    """``Next: <prose>: <command>``, the command whole: on the same line when it fits, else
-    on lines of its own, broken before an option with a shell continuation (``\\``), so
-    that it can be copied as it is. Without a command: the prose, wrapped."""
+    """``Next: <prose>: <command>``, the command on lines of its own when it does not fit,
+    broken before an option with ``\\``, to be copied as it is; else the prose, wrapped."""
     if command is None:
         return wrap(prose + ".", width)
     line = f"{prose}: {command}"
@@ -249,8 +248,7 @@ def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> l
 
 
 def _why_keys_differ(v: dict[str, Any]) -> list[str]:
-    """What the differing keys are due to: the platform's tick still to come, or a rollup
-    function the tool does not know (its sums may be its own)."""
+    """What the differing keys are due to: a tick to come, or an unknown rollup function."""
     said = []
     waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
     if waiting:
