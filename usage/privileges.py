@@ -44,10 +44,6 @@ class Need:
     privilege: str
     why: str = ""
 
-    def named(self, database: str) -> str:
-        target = self.obj or f"database {database}"
-        return f"{self.privilege} on {target}"
-
 
 @dataclass(frozen=True)
 class Missing:
@@ -59,7 +55,8 @@ class Missing:
 
     def described(self) -> str:
         return ", ".join(
-            need.named(self.database) + (f" ({need.why})" if need.why else "")
+            f"{need.privilege} on {need.obj or f'database {self.database}'}"
+            + (f" ({need.why})" if need.why else "")
             for need in self.needs
         )
 

@@ -96,7 +96,7 @@ def summary_table(
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         text = _layout([tuple(v[key] for key in shape.columns) for v in values(shape)], shape)
-        if width is None or _widest(text) <= width:
+        if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
             break
@@ -224,10 +224,6 @@ def _shape_notes(shape: Shape | None, short: dict[str, str], width: int | None) 
         for full, prefix in short.items():
             lines.extend(wrap(f"{prefix}  {full}", width, indent="  ", hanging="    "))
     return lines
-
-
-def _widest(text: str) -> int:
-    return max((len(line) for line in text.splitlines()), default=0)
 
 
 def result_table(

@@ -243,10 +243,9 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
 
 
 def _usable(
-    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, method: str
+    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, kind: str
 ) -> bool:
-    fits = not need.unique or unique and keys == 1
-    return valid and not partial and method == "btree" and fits
+    return valid and not partial and kind == "btree" and (not need.unique or unique and keys == 1)
 
 
 @check("the indexes the tool relies on", requires="tables")
