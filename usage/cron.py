@@ -1,8 +1,6 @@
-"""The platform's own rollup: its cron tick's state, and what the repair does about it.
-
-``choose_stamp`` decides how the repair stamps ``updated_at``: just below the tick's watermark
-when there is room after the cutoff (no tick re-rolls the rows), else the repair's own time.
-``TickWatcher`` leaves lock 4246 free around a due tick while the repair's rollup runs.
+"""The platform's cron tick: its state, how the repair stamps ``updated_at`` around it
+(``choose_stamp``), and ``TickWatcher``, which leaves lock 4246 free when a tick is due.
+Why: docs/design.md, "The platform's cron tick and lock 4246".
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ DEFAULT_TICK_INTERVAL_SECONDS = 300.0
 # A tick whose last start is older than this many intervals is taken for a stopped scheduler:
 # the repair does not wait for it.
 STALE_AFTER_INTERVALS = 3
-# How long past its expected time a due tick is waited for, at most (and never more than half
-# an interval): a scheduler runs late by seconds, not minutes.
+# How long past its expected time a due tick is waited for (at most half an interval).
 MAX_TICK_GRACE_SECONDS = 30.0
 POLL_SECONDS = 0.2
 
@@ -57,20 +54,15 @@ def read_state() -> CronState:
     return CronState(*row)
 
 
-# Keys share a stamp, at most this many, where the watermark leaves less than a microsecond
-# a key after the cutoff (a function-path slice takes whole stamps); past that, the rows get
-# the repair's time.
+# Where the watermark leaves less than a microsecond a key, up to this many keys share one.
 MAX_KEYS_PER_STAMP = 64
 MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
 class StampPolicy:
-    """How the repair stamps ``updated_at``, decided once per run from the cron's watermark.
-
-    The key of rank r (of ``keys``) gets ``top - (r - 1) x slots / keys`` microseconds: every
-    stamp lies in ``[first, top]``, after the cutoff and, below the watermark, before it.
-    """
+    """How the repair stamps ``updated_at``: the key of rank r (of ``keys``) gets
+    ``top - (r - 1) x slots / keys`` microseconds, all in ``[first, top]``."""
 
     stamp: str  # a BackfillRun.Stamp value
     watermark_at: datetime | None
@@ -112,25 +104,17 @@ def _policy(
 
 def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
     """Below the watermark when there is room after the cutoff; the repair's own time else.
-
-    ``keys`` is the number of hourly keys the run stamps; None (the pre-flight) describes the
-    room there is.
-    """
+    ``keys``: the hourly keys the run stamps; None (the pre-flight) describes the room."""
     watermark = state.watermark_at
     if watermark is not None and watermark > cutoff:
         top = min(watermark, state.now) - MICROSECOND
         room = (top - cutoff) // MICROSECOND  # stamps strictly after the cutoff, up to top
         if room >= 1 and (keys is None or room * MAX_KEYS_PER_STAMP >= keys):
-            return _policy(
-                BackfillRun.Stamp.BELOW_WATERMARK,
-                state,
-                top,
-                room,
-                keys,
+            below = (
                 f"repaired rows are stamped just below the platform rollup's watermark "
-                f"({_clock(watermark, microseconds=True)}), so its cron tick never re-rolls "
-                "them",
+                f"({_clock(watermark, microseconds=True)}), so its cron tick never re-rolls them"
             )
+            return _policy(BackfillRun.Stamp.BELOW_WATERMARK, state, top, room, keys, below)
         why = (
             f"the platform rollup's watermark ({_clock(watermark, microseconds=True)}) is only "
             f"{max(room + 1, 0):,} microseconds after the cutoff, too close for "
@@ -145,13 +129,11 @@ def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampP
             f"the platform rollup's watermark ({_clock(watermark)}) is not after the cutoff: "
             "its cron tick is that far behind"
         )
-    return _repair_time(
-        cutoff,
-        state,
-        keys,
-        f"{why}; repaired rows are stamped with the time the repair started, and the "
-        "platform's rollup will re-roll their hourly keys once its watermark passes that time",
+    why += (
+        "; repaired rows are stamped with the time the repair started, and the platform's "
+        "rollup will re-roll their hourly keys once its watermark passes that time"
     )
+    return _repair_time(cutoff, state, keys, why)
 
 
 def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str) -> StampPolicy:
@@ -162,23 +144,17 @@ def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str)
 
 def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPolicy:
     """Without the repair's own rollup, the rows must land in the cron tick's future windows."""
-    return _repair_time(
-        cutoff,
-        state,
-        keys,
+    why = (
         "--no-rebuild-rollup: repaired rows are stamped with the time the repair started, so "
-        "the platform's cron tick rolls them up once its watermark passes that time",
+        "the platform's cron tick rolls them up once its watermark passes that time"
     )
+    return _repair_time(cutoff, state, keys, why)
 
 
 @dataclass
 class TickWatcher:
-    """Keeps lock 4246 free around the platform's cron ticks while the rollup runs.
-
-    A tick is expected every ``interval`` seconds after the last one started; from ``lead``
-    seconds before it (a slice's longest hold) until it started, or ``grace`` seconds past
-    it, the caller does not take the lock. A scheduler that looks stopped is not waited for.
-    """
+    """Keeps lock 4246 free from ``lead`` seconds (a slice's longest hold) before a tick is
+    due (``interval`` after the last start) until it starts or ``grace`` passes."""
 
     interval: float
     lead: float
@@ -232,9 +208,7 @@ class TickWatcher:
         if on_wait is not None:
             on_wait(message, max(limit, 0.0))
         pause = sleep or threading.Event().wait
-        started = state.now
-        last = state.last_run_started_at
-        current = state
+        started, last, current = state.now, state.last_run_started_at, state
         while not stop() and current.now < give_up:
             pause(POLL_SECONDS)
             current = read_state()

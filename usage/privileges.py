@@ -1,8 +1,5 @@
-"""The privileges a run needs, checked before its first write (and listed by the pre-flight).
-
-A run that could rewrite rows but not rebuild their hourly keys would leave them wrong for
-good, so the execute and the revert refuse first, naming what is missing and the ``GRANT``.
-Privileges are read with ``has_*_privilege`` for the role actually connected.
+"""The privileges a run needs, checked (``has_*_privilege``) before its first write, so that
+no run rewrites rows it could not then roll up; the refusal names each ``GRANT``.
 """
 
 from __future__ import annotations
@@ -47,10 +44,6 @@ class Need:
     privilege: str
     why: str = ""
 
-    def named(self, database: str) -> str:
-        target = self.obj or f"database {database}"
-        return f"{self.privilege} on {target}"
-
 
 @dataclass(frozen=True)
 class Missing:
@@ -62,7 +55,8 @@ class Missing:
 
     def described(self) -> str:
         return ", ".join(
-            need.named(self.database) + (f" ({need.why})" if need.why else "")
+            f"{need.privilege} on {need.obj or f'database {self.database}'}"
+            + (f" ({need.why})" if need.why else "")
             for need in self.needs
         )
 
@@ -105,12 +99,7 @@ def requirements(
     revert: bool = False,
     own_path: bool = True,
 ) -> list[Need]:
-    """What a run needs: the repair's (``revert=False``) or the revert's.
-
-    ``rebuild_rollup`` adds the rollup's needs: the function, and, when the function runs
-    with the caller's privileges (not ``security_definer``) or the own path writes the hourly
-    table itself (``own_path``), the hourly table and the queue.
-    """
+    """What the repair (or the ``revert``) needs; ``rebuild_rollup`` adds the rollup's."""
     readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
@@ -147,14 +136,8 @@ def requirements(
 
 def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
     """The needs the connected role lacks (read-only)."""
-    cursor.execute(
-        PRIVILEGES_SQL,
-        {
-            "kinds": [need.kind for need in needs],
-            "objs": [need.obj for need in needs],
-            "privs": [need.privilege for need in needs],
-        },
-    )
+    columns = {"kinds": "kind", "objs": "obj", "privs": "privilege"}
+    cursor.execute(PRIVILEGES_SQL, {k: [getattr(n, a) for n in needs] for k, a in columns.items()})
     rows = cursor.fetchall()
     lacking = tuple(need for need, row in zip(needs, rows, strict=True) if not row[3])
     return Missing(rows[0][4], rows[0][5], lacking)

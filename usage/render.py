@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 
 
 def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
-    """RFC 3339 in UTC to the second (or the microsecond); four-digit years (``strftime``
-    gives year 1 as "1")."""
+    """RFC 3339 in UTC to the second (or microsecond), four-digit years (unlike strftime)."""
     if value is None:
         return "-"
     if value.utcoffset():

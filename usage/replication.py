@@ -115,22 +115,17 @@ def replica_states(cursor: Any = None) -> list[ReplicaState]:
 
 
 def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
-    """None when every connected streaming replica is within ``max_lag_seconds``.
-
-    Otherwise a short human reason naming the worst replica, such as
-    ``replica walreceiver@10.0.0.2 replay lag 12.3s > 5s``. Runs one query on ``cursor``
-    (a Django or psycopg cursor on the primary; default: Django's default connection).
-    """
+    """None when every replica is within ``max_lag_seconds``, else why the worst is not
+    (``replica walreceiver@10.0.0.2 replay lag 12.3s > 5s``); one query on ``cursor``."""
     reasons: list[tuple[float, str]] = []
     for replica in replica_states(cursor):
-        reason = judge(replica, max_lag_seconds)
-        lag = replica.replay_lag_seconds
+        reason, lag = judge(replica, max_lag_seconds), replica.replay_lag_seconds
         if reason is not None:
             # Worst first: known lags by size; unknown or hidden ones rank above all of them.
             reasons.append((float("inf") if lag is None else lag, reason))
+    reasons.sort(key=lambda item: item[0], reverse=True)
     if not reasons:
         return None
-    reasons.sort(key=lambda item: item[0], reverse=True)
     more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
     return reasons[0][1] + more
 
@@ -143,11 +138,8 @@ def wait_for_replicas(
     max_wait_seconds: float | None = None,
     cursor: Any = None,
 ) -> float:
-    """Block while replication lag is too high; return the seconds spent paused.
-
-    ``on_pause(reason)`` on every poll that finds it too high; returns early when
-    ``stop_event`` is set; raises ``ReplicationLagTimeout`` after ``max_wait_seconds``.
-    """
+    """Block while replication lag is too high (``on_pause(reason)`` each poll) and return
+    the seconds paused; early on ``stop_event``; ``ReplicationLagTimeout`` past the wait."""
     started = time.monotonic()
     paused = False
     while True:

@@ -60,6 +60,12 @@ _VERIFY_KEYS = _fields(
     "eligible_rows_expected mismatched_keys awaiting_tick_keys rollup_function"
 )
 _VERIFY_ATTRIBUTES = {"last_run_status": "last_status"}
+# The result's (and the run record's) figures copied under their own names.
+_EXECUTE_COUNTS = _fields(
+    "rows_planned rows_updated rows_remaining input_tokens_removed clamped_rows batches"
+)
+_RUN_PATH = _fields("stamp_first stamp_last rollup_path rollup_function rollup_path_reason")
+_REVERT_COUNTS = _fields("entries rows_restorable rows_restored rows_changed rows_remaining")
 
 
 def build(
@@ -125,21 +131,12 @@ def _execute(result: ExecuteResult) -> dict[str, Any]:
     return {
         "run_id": run.pk,
         "status": run.status,
-        "rows_planned": result.rows_planned,
-        "rows_updated": result.rows_updated,
-        "rows_remaining": result.rows_remaining,
-        "input_tokens_removed": result.input_tokens_removed,
-        "clamped_rows": result.clamped_rows,
-        "batches": result.batches,
+        **{name: getattr(result, name) for name in _EXECUTE_COUNTS},
         **_rollup(result.rollup),
         "rollup_state": run.rollup_state,
         "stamp": run.stamp,
         "stamp_reason": result.stamp.reason if result.stamp else "",
-        "stamp_first": run.stamp_first,
-        "stamp_last": run.stamp_last,
-        "rollup_path": run.rollup_path,
-        "rollup_function": run.rollup_function,
-        "rollup_path_reason": run.rollup_path_reason,
+        **{name: getattr(run, name) for name in _RUN_PATH},
         "continues": run.continues_id,
         "recovered_runs": result.recovered_runs,
         "stale_runs": result.stale_runs,
@@ -158,12 +155,8 @@ def _verify(result: RunVerification) -> dict[str, Any]:
 def build_revert(
     database: str, result: RevertResult, *, signal: str | None = None, error: str | None = None
 ) -> dict[str, Any]:
-    """The result of a revert (``executed``) or of its dry run, for every format.
-
-    ``status`` is the revert's own outcome, never the reverted run's: ``would_revert`` (dry
-    run), ``reverted``, ``stopped`` (by ``signal``), ``incomplete`` (rows stayed locked) or
-    ``failed`` (``error``).
-    """
+    """The result of a revert or of its dry run; ``status`` is the revert's own outcome (never
+    the run's): ``would_revert``, ``reverted``, ``stopped``, ``incomplete`` or ``failed``."""
     run = result.run
     rollup = _rollup(result.rollup)
     if not result.executed:
@@ -184,11 +177,7 @@ def build_revert(
         "executed": result.executed,
         "status": status,
         "signal": signal,
-        "entries": result.entries,
-        "rows_restorable": result.rows_restorable,
-        "rows_restored": result.rows_restored,
-        "rows_changed": result.rows_changed,
-        "rows_remaining": result.rows_remaining,
+        **{name: getattr(result, name) for name in _REVERT_COUNTS},
         # Executed: the keys the revert queued and rebuilt; a dry run: the keys it would.
         "rollup_keys": rollup["rollup_keys"] if result.executed else result.rollup_keys,
         "batches": result.batches,

@@ -1,8 +1,5 @@
-"""Writing a result to a file the operator named, checked before any work starts.
-
-``check_output`` refuses, in one line, a path that cannot take the result. ``OutputFile``
-then replaces a regular file atomically (a link is followed and stays a link) and writes
-into a character device or a FIFO; every failure is one-line ``OutputError``.
+"""Writing a result to a file the operator named: ``check_output`` refuses a bad path before
+any work; ``OutputFile`` replaces a file atomically, or writes into a device or a FIFO.
 """
 
 from __future__ import annotations
@@ -49,10 +46,8 @@ class OutputFile:
 
 
 def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
-    """Check that ``value`` can take a result, without creating or opening anything.
-
-    Raises ``ValueError`` with a one-line message (bad input) when it cannot.
-    """
+    """Check that ``value`` can take a result (nothing created or opened); one-line
+    ``ValueError`` when it cannot."""
     given = "" if value is None else str(value)
 
     def refuse(why: str) -> ValueError:

@@ -10,10 +10,8 @@ from collections.abc import Iterable, Sequence
 
 
 def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ") -> list[str]:
-    """``text`` as lines of at most ``width`` characters (None: one line), split at spaces.
-
-    ``indent`` starts the first line, ``hanging`` the lines that continue it.
-    """
+    """``text`` as lines of at most ``width`` characters (None: one line), split at spaces;
+    ``indent`` starts the first line, ``hanging`` the lines that continue it."""
     if width is None:
         return [indent + text]
     lines = textwrap.wrap(
@@ -40,10 +38,8 @@ _UNIT_AFTER_NUMBER = re.compile(r"(\d) (ms|s|min|h|%|MB|GB)(?=$|[\s;,.:)])")
 def labelled(
     rows: Sequence[tuple[str, str]], width: int | None, *, indent: str = "  "
 ) -> list[str]:
-    """``label  value`` lines with the values aligned; a long value continues under itself.
-
-    When the labels leave too little room, a value continues under its label instead.
-    """
+    """``label  value`` lines, values aligned, a long one continued under itself (under its
+    label when the labels leave too little room)."""
     if not rows:
         return []
     column = max(len(label) for label, _ in rows) + 2

@@ -51,9 +51,8 @@ def scope_arguments(document: dict[str, Any]) -> str:
 
 
 def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
-    """``Next: <prose>: <command>``, the command whole: on the same line when it fits, else
-    on lines of its own, broken before an option with a shell continuation (``\\``), so
-    that it can be copied as it is. Without a command: the prose, wrapped."""
+    """``Next: <prose>: <command>``, the command on lines of its own when it does not fit,
+    broken before an option with ``\\``, to be copied as it is; else the prose, wrapped."""
     if command is None:
         return wrap(prose + ".", width)
     line = f"{prose}: {command}"
@@ -167,20 +166,19 @@ def _rollup(d: dict[str, Any]) -> str:
     )
     return (
         f"{number(d['rollup_keys'])} {done}{recovered} in {count(slices, 'slice')} "
-        f"({plans}) in {d['rollup_seconds']:.1f} s; lock 4246 held at most "
-        f"{d['rollup_max_lock_seconds']:.3f} s{waits}"
-        + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
+        f"({plans}) in {d['rollup_seconds']:.1f} s; {_held(d, waits)}"
     )
 
 
-def rows_against_keys(rows: int, keys: int) -> str:
-    """Why the rollup function's count may differ from the keys rebuilt, when it does."""
-    if rows == keys:
-        return ""
-    return (
-        f"; the rollup function reported {number(rows)} hourly rows: it counts rows upserted "
-        "plus rows deleted (a key left with no rows) for every key its windows found, other "
-        "rows stamped in those windows and keys other writers queued included"
+def _held(d: dict[str, Any], waits: str = "") -> str:
+    """Lock 4246's longest hold, and why the function's row count differs from the keys."""
+    held = f"lock 4246 held at most {d['rollup_max_lock_seconds']:.3f} s{waits}"
+    if d["rollup_rows"] == d["rollup_keys"]:
+        return held
+    return held + (
+        f"; the rollup function reported {number(d['rollup_rows'])} hourly rows: it counts rows "
+        "upserted plus rows deleted (a key left with no rows) for every key its windows found, "
+        "other rows stamped in those windows and keys other writers queued included"
     )
 
 
@@ -250,8 +248,7 @@ def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> l
 
 
 def _why_keys_differ(v: dict[str, Any]) -> list[str]:
-    """What the differing keys are due to: the platform's tick still to come, or a rollup
-    function the tool does not know (its sums may be its own)."""
+    """What the differing keys are due to: a tick to come, or an unknown rollup function."""
     said = []
     waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
     if waiting:
@@ -313,9 +310,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
     lines = _heading(heading, shown, width, d, style)
     rollup = (
         f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
-        f"{count(d['rollup_calls'], 'call')}; lock 4246 held at most "
-        f"{d['rollup_max_lock_seconds']:.3f} s"
-        + rows_against_keys(d["rollup_rows"], d["rollup_keys"])
+        f"{count(d['rollup_calls'], 'call')}; {_held(d)}"
     )
     rows = [
         (

@@ -1,8 +1,5 @@
-"""A run's progress: a live bar per phase on a terminal, a line every few seconds elsewhere.
-
-Each phase (update, rollup, revert) is one line, composed for the terminal's width at every
-refresh: the ornaments go first, and done/total, the rate and the ETA stay whole. The ETA
-follows the rate of the phase's last few seconds.
+"""A run's progress: a live bar per phase (update, rollup, revert) on a terminal, fitted to
+its width at every refresh; a line every few seconds elsewhere.
 """
 
 from __future__ import annotations
@@ -54,22 +51,17 @@ class Phase:
         if len(self.samples) < 2:
             return None
         (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
-        if last <= first:
-            return None
-        return (done_last - done_first) / (last - first)
+        return (done_last - done_first) / (last - first) if last > first else None
 
     def eta(self) -> float | None:
-        rate = self.rate()
         if self.done >= self.total:
             return 0.0
-        if not rate or rate <= 0:
-            return None
-        return (self.total - self.done) / rate
+        rate = self.rate()
+        return (self.total - self.done) / rate if rate and rate > 0 else None
 
     def parts(self) -> dict[str, str]:
         """The texts of the line, each kept whole."""
-        rate = self.rate()
-        eta = self.eta()
+        rate, eta = self.rate(), self.eta()
         return {
             "label": f"{self.label:<6}",
             "count": f"{number(self.done)}/{number(self.total)} {self.unit}",
@@ -145,8 +137,7 @@ class _Lines(Progress):
 
 
 class ProgressBar:
-    """Show a run's phases; the events of a run are turned into calls by ``repair_events``
-    and ``revert_events``. ``close()`` at the end."""
+    """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
 
     def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
         self.stream = stream
@@ -200,8 +191,7 @@ class ProgressBar:
             self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
-        """What a phase is doing now (a pause, a wait); off a terminal, ``force`` shows it
-        at once."""
+        """What a phase is doing now (a pause); off a terminal, ``force`` shows it at once."""
         phase = self.phases.get(key)
         if phase is None:
             return
@@ -217,8 +207,7 @@ class ProgressBar:
             self._show_where_phases_ended()
 
     def _show_where_phases_ended(self) -> None:
-        """Off a terminal, each phase's last line says where it ended (a line every few
-        seconds may have left it at its start)."""
+        """Off a terminal, each phase's last line says where it ended."""
         if not self.enabled or self.live is not None:
             return
         for key, phase in self.phases.items():
@@ -278,45 +267,38 @@ def revert_events(bar: ProgressBar) -> Any:
 def _events(
     bar: ProgressBar, first: str, on_first: Callable[..., None], on_batch: Callable[..., None]
 ) -> Callable[..., None]:
-    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices."""
-    paused = {"now": False}
+    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices
+    (their ``done``/``total`` count hourly keys)."""
+    paused = False
 
     def show(event: str, /, **details: Any) -> None:
+        nonlocal paused
         if event == first:
             on_first(details)
         elif event == "batch":
-            paused["now"] = False
+            paused = False
             on_batch(details["batch"], details["result"])
-        elif event == "paused":
-            _pause(bar, paused, details["reason"], details.get("seconds"))
+        elif event == "paused" and not (
+            details["reason"].startswith("sleep") and bar.live is None
+        ):
+            # (A sleep is the operator's own throttle: not worth a line in a log.) The start of
+            # a pause is always shown off a terminal; while it lasts, at the usual rate.
+            seconds = details.get("seconds")
+            what = f"paused: {details['reason']}" + (f" ({seconds:g}s)" if seconds else "")
+            key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
+            bar.status(key, what, force=not paused)
+            paused = True
         elif event == "rollup_slice":
-            _rollup_slice(bar, details)
+            # The first slice event comes after the rollup's set-up and its first (probe) slice.
+            bar.phase("rollup", "rollup", details["total"], "keys", started_now=False)
+            held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
+            bar.update("rollup", details["done"], total=details["total"], status=held)
 
     return show
 
 
-def _pause(bar: ProgressBar, paused: dict[str, bool], reason: str, seconds: Any) -> None:
-    what = f"paused: {reason}" + (f" ({seconds:g}s)" if seconds else "")
-    key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
-    if reason.startswith("sleep") and bar.live is None:
-        return  # the operator's own throttle: not worth a line in a log
-    # The start of a pause is always shown off a terminal; while it lasts, the usual rate.
-    bar.status(key, what, force=not paused["now"])
-    paused["now"] = True
-
-
-def _rollup_slice(bar: ProgressBar, details: dict[str, Any]) -> None:
-    """``done``/``total`` count the hourly keys the slices rebuild."""
-    piece, done, total = details["piece"], details["done"], details["total"]
-    status = f"lock 4246 held {piece.lock_held_seconds:.2f}s"
-    # The first slice event comes after the rollup's set-up and its first (probe) slice.
-    bar.phase("rollup", "rollup", total, "keys", started_now=False)
-    bar.update("rollup", done, total=total, status=status)
-
-
 class OutputStream:
-    """A file-like view of a command's OutputWrapper that writes text exactly as given (no
-    newline or style added), for a progress bar and a log handler."""
+    """A command's OutputWrapper as a file that writes text exactly as given."""
 
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper

@@ -1,8 +1,5 @@
-"""The backfill command's result as the readable text, and the dry run's groups as a table.
-
-On a terminal the table takes the first of ``SHAPES`` that fits the width (else one block of
-lines per group) and never lets the terminal split a number, a time or a header; in a file
-or a pipe it has its natural width. JSON and CSV carry every group and every column.
+"""The backfill command's result as readable text, and the dry run's groups as a table: on a
+terminal the first of ``SHAPES`` that fits (else a block per group), nothing split.
 """
 
 from __future__ import annotations
@@ -99,7 +96,7 @@ def summary_table(
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         text = _layout([tuple(v[key] for key in shape.columns) for v in values(shape)], shape)
-        if width is None or _widest(text) <= width:
+        if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
             break
@@ -229,10 +226,6 @@ def _shape_notes(shape: Shape | None, short: dict[str, str], width: int | None) 
     return lines
 
 
-def _widest(text: str) -> int:
-    return max((len(line) for line in text.splitlines()), default=0)
-
-
 def result_table(
     document: dict[str, Any],
     style: Style,
@@ -243,12 +236,8 @@ def result_table(
     signal_name: str | None = None,
     width: int | None = None,
 ) -> str:
-    """The result document as the readable text; ``width``: the terminal's (None: any).
-
-    ``groups``: show the workspace/day table (an execute on a terminal shows its outcome
-    instead); ``plan_out``: the dry run also saved a plan; ``plan_line``: the plan check's
-    outcome; ``signal_name``: the signal that stopped the run.
-    """
+    """The result document as readable text; ``width``: the terminal's (None: any);
+    ``groups``: with the workspace/day table; ``plan_out``: the dry run saved a plan."""
     lines: list[str] = []
     totals = document.get("totals")
     dry_run = document["mode"] == "dry_run"

@@ -1,8 +1,5 @@
-"""The pre-flight's checks: is this database ready for the repair, judged read-only.
-
-Each check is a small function registered in ``CHECKS`` (``@check``) that returns a
-``CheckResult`` through ``passed``, ``warned`` or ``failed``: what was found and, when it is
-not fine, what to do. ``usage.preflight.run`` runs them in one read-only transaction.
+"""The pre-flight's checks, read-only: each registered in ``CHECKS`` by ``@check``, in the
+checklist's order, returns ``passed``, ``warned`` or ``failed`` (what was found, what to do).
 """
 
 from __future__ import annotations
@@ -59,9 +56,6 @@ def check(title: str, requires: str = "") -> Callable[[Callable], Callable]:
     return register
 
 
-# -- the checks, in the checklist's order --------------------------------------------------
-
-
 @check("PostgreSQL 15 or newer")
 def check_server_version(ctx: Context) -> CheckResult:
     number, text = ctx.one(catalog.SERVER_VERSION_SQL)
@@ -104,11 +98,8 @@ def check_tables(ctx: Context) -> CheckResult:
 
 @check("the columns and types the tool uses", requires="tables")
 def check_columns(ctx: Context) -> CheckResult:
-    rows = ctx.all(
-        catalog.COLUMNS_SQL,
-        {"schema": ctx.target_schema, "tables": list(catalog.EXPECTED_COLUMNS)},
-    )
-    found = {(table, column): column_type for table, column, column_type in rows}
+    params = {"schema": ctx.target_schema, "tables": list(catalog.EXPECTED_COLUMNS)}
+    found = {(table, column): kind for table, column, kind in ctx.all(catalog.COLUMNS_SQL, params)}
     problems = []
     for table, columns in catalog.EXPECTED_COLUMNS.items():
         for column in columns:
@@ -157,7 +148,6 @@ def check_rollup_function(ctx: Context) -> CheckResult:
 
 @check("how the repair rebuilds the hourly rollup", requires="tables rollup_function")
 def check_rollup_path(ctx: Context) -> CheckResult:
-    """How the repair will rebuild the hourly rollup: its own recompute, or the function."""
     choice = ctx.path
     if choice.own:
         return passed(f"{choice.function}: {choice.reason}")
@@ -177,7 +167,6 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 
 @check("the rollup queue's unique key the repair upserts into", requires="tables")
 def check_rollup_queue(ctx: Context) -> CheckResult:
-    """The queue's key is unique NULLS NOT DISTINCT under the name the upserts use."""
     table = compose("{task_usage_hourly_dirty}")
     key = list(catalog.QUEUE_KEY_COLUMNS)
     fix = (
@@ -210,7 +199,6 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
 
 @check("the platform's cron tick and its watermark", requires="tables")
 def check_rollup_cron(ctx: Context) -> CheckResult:
-    """Where the platform's cron tick stands: how the repair will stamp its rows."""
     watermark, last_started, last_error, now, has_cron = ctx.one(
         compose(catalog.CRON_STATE_SQL),
         {"cron": f"{ctx.target_schema}.rollup_task_usage_hourly()"},
@@ -255,10 +243,9 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
 
 
 def _usable(
-    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, method: str
+    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, kind: str
 ) -> bool:
-    fits = not need.unique or unique and keys == 1
-    return valid and not partial and method == "btree" and fits
+    return valid and not partial and kind == "btree" and (not need.unique or unique and keys == 1)
 
 
 @check("the indexes the tool relies on", requires="tables")

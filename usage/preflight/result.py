@@ -1,6 +1,5 @@
-"""What a pre-flight check is given (``Context``) and what it reports (``CheckResult``):
-one way to report, through ``passed``, ``warned`` and ``failed``.
-"""
+"""What a pre-flight check is given (``Context``) and reports (``passed``, ``warned``,
+``failed``)."""
 
 from __future__ import annotations
 

@@ -64,11 +64,8 @@ def run_preflight(
     checks: Sequence[Check] = CHECKS,
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
 ) -> list[CheckResult]:
-    """Run ``checks`` in one read-only transaction; never writes, always rolls back.
-
-    ``conn``: a psycopg connection to inspect instead of Django's (the pytest pre-flight's
-    target). ``statement_timeout`` (seconds) bounds every query.
-    """
+    """Run ``checks`` in one read-only transaction, always rolled back; on ``conn`` instead
+    of Django's connection when given; ``statement_timeout`` (seconds) bounds every query."""
     results: dict[str, CheckResult] = {}
     with _read_only(conn) as (raw_cursor, savepoint):
         raw_cursor.execute(READ_ONLY_SQL)
@@ -77,13 +74,8 @@ def run_preflight(
             "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
         }
         raw_cursor.execute(TIMEOUTS_SQL, milliseconds)
-        ctx = Context(
-            _LoggingCursor(raw_cursor),
-            cutoff,
-            workspace_id,
-            settings.CODEX_TARGET_SCHEMA,
-            settings.CODEX_REPAIR_SCHEMA,
-        )
+        schemas = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
+        ctx = Context(_LoggingCursor(raw_cursor), cutoff, workspace_id, *schemas)
         for check in checks:
             results[check.name] = _run_one(check, ctx, savepoint, results, statement_timeout)
     return list(results.values())
