@@ -19,7 +19,7 @@ from django.db import connection
 from tests.factories import CUTOFF, make_agent, make_keys, make_task, make_usage, set_rollup_state
 from tests.platform import FAST_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
-from usage import render
+from usage import privileges, render
 from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import BackfillRun, TaskUsage
@@ -371,3 +371,15 @@ def test_an_hour_too_big_for_one_slice_of_the_own_path_goes_through_the_function
     plans = [piece.plan for piece in result.rollup.slices]
     assert "own" not in plans and plans.count("nestloop") >= 2  # the proof, the function's
     assert rollup_mismatches() == []
+
+
+def test_the_own_path_needs_to_set_the_platforms_queue_aside_even_as_definer() -> None:
+    """The own path's proof sets others' queued keys aside and puts them back (issue 26,
+    fault 3): even when the function runs as its owner, the role needs SELECT and DELETE on
+    the queue, and the pre-flight and the run say so before anything is written."""
+    needs = privileges.requirements(security_definer=True, own_path=True)
+    queue = {n.privilege for n in needs if n.obj.endswith('"task_usage_hourly_dirty"')}
+    assert queue == {"SELECT", "DELETE", "INSERT", "UPDATE"}
+    through_function = privileges.requirements(security_definer=True, own_path=False)
+    queue = {n.privilege for n in through_function if n.obj.endswith('"task_usage_hourly_dirty"')}
+    assert queue == {"INSERT", "UPDATE"}

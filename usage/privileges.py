@@ -96,10 +96,9 @@ def requirements(
     *,
     rebuild_rollup: bool = True,
     security_definer: bool = False,
-    revert: bool = False,
     own_path: bool = True,
 ) -> list[Need]:
-    """What the repair (or the ``revert``) needs; ``rebuild_rollup`` adds the rollup's."""
+    """What the repair or the revert needs; ``rebuild_rollup`` adds the rollup's."""
     readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
@@ -126,9 +125,10 @@ def requirements(
         # The rollup runs with the caller's privileges, or the own path writes the hourly
         # table itself.
         needs += _needs(hourly, "INSERT UPDATE DELETE", "the rollup rebuild")
-    if not security_definer or (own_path and revert):
-        # The function drains the queue as the caller; the revert's own path removes the
-        # queue rows of the keys it rebuilt.
+    if not security_definer or own_path:
+        # The function drains the queue as the caller; the own path's proof sets others'
+        # queued keys aside and puts them back, and the revert's removes the queue rows of
+        # the keys it rebuilt.
         needs += _needs(queue, "SELECT DELETE", "draining rebuilt keys")
     # Keys of rewritten rows, and the revert's, are queued with the platform's upsert.
     return needs + _needs(queue, "INSERT UPDATE", "queueing keys")

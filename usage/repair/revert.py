@@ -234,7 +234,7 @@ class Revert(batching.Chunks):
         check_target()
         started = time.monotonic()
         path = rollup.choose_path(self.options.rollup_path)
-        self.refuse_missing_privileges("the revert", revert=True, own_path=path.own)
+        self.refuse_missing_privileges("the revert", own_path=path.own)
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _revertable_run(self.options.run_id)
