@@ -123,12 +123,8 @@ def requirements(
     ]
     if not security_definer or own_path:
         # The rollup runs with the caller's privileges, or the own path writes the hourly
-        # table itself.
+        # table itself and its proof sets others' queued keys aside and puts them back.
         needs += _needs(hourly, "INSERT UPDATE DELETE", "the rollup rebuild")
-    if not security_definer or own_path:
-        # The function drains the queue as the caller; the own path's proof sets others'
-        # queued keys aside and puts them back, and the revert's removes the queue rows of
-        # the keys it rebuilt.
         needs += _needs(queue, "SELECT DELETE", "draining rebuilt keys")
     # Keys of rewritten rows, and the revert's, are queued with the platform's upsert.
     return needs + _needs(queue, "INSERT UPDATE", "queueing keys")

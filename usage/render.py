@@ -35,8 +35,7 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-            if numeric[i] and not _looks_numeric(cell):
-                numeric[i] = False
+            numeric[i] = numeric[i] and _looks_numeric(cell)
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(

@@ -34,13 +34,6 @@ ROLLUP_FIELDS = _fields(
     "rollup_rows rollup_slices rollup_max_lock_seconds rollup_keys rollup_seconds "
     "rollup_hash_slices rollup_cron_waits rollup_cron_wait_seconds"
 )
-RUN_FIELDS = (
-    *_fields("run_id status rows_planned rows_updated rows_remaining input_tokens_removed"),
-    *_fields("clamped_rows batches"),
-    *ROLLUP_FIELDS,
-    *_fields("stamp stamp_first stamp_last rollup_path rollup_function rollup_path_reason"),
-    "continues",
-)
 VERIFY_FIELDS = _fields(
     "run_id run_status ok eligible_rows_left eligible_rows_expected mismatched_keys "
     "awaiting_tick_keys continues continued_by"
@@ -61,11 +54,12 @@ _VERIFY_KEYS = _fields(
 )
 _VERIFY_ATTRIBUTES = {"last_run_status": "last_status"}
 # The result's (and the run record's) figures copied under their own names.
-_EXECUTE_COUNTS = _fields(
+_RUN_COUNTS = _fields(
     "rows_planned rows_updated rows_remaining input_tokens_removed clamped_rows batches"
 )
 _RUN_PATH = _fields("stamp_first stamp_last rollup_path rollup_function rollup_path_reason")
 _REVERT_COUNTS = _fields("entries rows_restorable rows_restored rows_changed rows_remaining")
+RUN_FIELDS = ("run_id", "status", *_RUN_COUNTS, *ROLLUP_FIELDS, "stamp", *_RUN_PATH, "continues")
 
 
 def build(
@@ -131,7 +125,7 @@ def _execute(result: ExecuteResult) -> dict[str, Any]:
     return {
         "run_id": run.pk,
         "status": run.status,
-        **{name: getattr(result, name) for name in _EXECUTE_COUNTS},
+        **{name: getattr(result, name) for name in _RUN_COUNTS},
         **_rollup(result.rollup),
         "rollup_state": run.rollup_state,
         "stamp": run.stamp,

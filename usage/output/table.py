@@ -5,7 +5,6 @@ terminal the first of ``SHAPES`` that fits (else a block per group), nothing spl
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +129,10 @@ def _numbers(figures: dict[str, Any]) -> dict[str, str]:
 
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
     workspace = str(group["workspace_id"])
-    when: Callable[[Any], str] = _time_of_day if shape.times_of_day else timestamp
+
+    def when(value: Any) -> str:
+        return timestamp(value)[11:] if shape.times_of_day else timestamp(value)
+
     return {
         "workspace": short[workspace] if shape.short_workspace else workspace,
         "date": group["date_utc"].isoformat(),
@@ -144,10 +146,6 @@ def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     date = f"{number(group_count)} groups"
     return {"workspace": "TOTAL", "date": date, **_numbers(figures), "first": "", "last": ""}
-
-
-def _time_of_day(value: Any) -> str:
-    return timestamp(value)[11:]
 
 
 def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
