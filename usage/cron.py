@@ -49,9 +49,7 @@ def read_state() -> CronState:
     with connection.cursor() as cursor:
         cursor.execute(compose(STATE_SQL))
         row = cursor.fetchone()
-    if row is None:
-        return CronState(None, None, database_now())
-    return CronState(*row)
+    return CronState(*row) if row is not None else CronState(None, None, database_now())
 
 
 # Where the watermark leaves less than a microsecond a key, up to this many keys share one.

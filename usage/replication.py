@@ -123,11 +123,10 @@ def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
         if reason is not None:
             # Worst first: known lags by size; unknown or hidden ones rank above all of them.
             reasons.append((float("inf") if lag is None else lag, reason))
-    reasons.sort(key=lambda item: item[0], reverse=True)
     if not reasons:
         return None
     more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
-    return reasons[0][1] + more
+    return max(reasons, key=lambda item: item[0])[1] + more
 
 
 def wait_for_replicas(

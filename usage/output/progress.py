@@ -91,10 +91,9 @@ def compose(phase: Phase, width: int) -> Text:
     for step in ("shrink", "elapsed", "bar", "status", "label", "unit"):
         if size(bar) <= width:
             break
-        if step == "shrink":
-            bar = bar_room()
-        elif step == "elapsed":
+        if step == "elapsed":
             names.remove("elapsed")
+        if step in ("shrink", "elapsed"):
             bar = bar_room()
         elif step == "bar":
             bar = 0

@@ -55,7 +55,6 @@ class Context:
         return self.cursor.fetchall()
 
     def column(self, query: str, params: Any = None) -> list[Any]:
-        """The first value of every row."""
         return [row[0] for row in self.all(query, params)]
 
     @cached_property
