@@ -114,7 +114,6 @@ class RevertDrains:
         self, choice: PathChoice, limits: SliceLimits, neighbours: NeighbourOptions
     ) -> None:
         self.result = RollupResult(path=choice.path, distinct_keys=0)
-        self.limits = limits
         self.function = FunctionPath(limits, neighbours, label="revert drain", result=self.result)
         self.path = _strategy(choice, self.function)
         with connection.cursor() as cursor:

@@ -52,10 +52,11 @@ SELECT DISTINCT a.pid, a.application_name, a.xact_start, a.state
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.granted AND l.pid <> pg_backend_pid() AND (%(rows)s
     AND l.locktype = 'relation' AND l.mode <> 'AccessShareLock'
-    AND l.relation IN (%(hourly)s::regclass, %(dirty)s::regclass)
+    AND l.relation IN (%(task_usage_hourly)s::regclass, %(task_usage_hourly_dirty)s::regclass)
     OR NOT %(rows)s AND l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %(lock)s
     AND l.objsubid = 1)
 ORDER BY a.xact_start NULLS LAST LIMIT 3"""
+HOLDERS_TABLES = ("task_usage_hourly", "task_usage_hourly_dirty")
 SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
@@ -273,16 +274,9 @@ def run_locked(
 
 def holders(*, rows: bool) -> str:
     """Who holds the rollup's tables (``rows``) or lock 4246 now: pid, application, since."""
+    tables = {name: names()[name].as_string() for name in HOLDERS_TABLES}
     with connection.cursor() as cursor:
-        cursor.execute(
-            HOLDERS_SQL,
-            {
-                "rows": rows,
-                "lock": ROLLUP_LOCK_ID,
-                "hourly": names()["task_usage_hourly"].as_string(),
-                "dirty": names()["task_usage_hourly_dirty"].as_string(),
-            },
-        )
+        cursor.execute(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables})
         found = cursor.fetchall()
     if not found:
         return "held by a session that has let go since"

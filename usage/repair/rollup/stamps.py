@@ -52,26 +52,29 @@ JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND {has_key} {only_hour}"""
 STAMPED = "AND tu.updated_at = j.new_updated_at"
 REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
+STAMP = "j.new_updated_at AS stamp, "
 ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
 
-# One row per (stamp, key), analyzed before it is joined (docs/design.md).
-CREATE_STAMPED_KEYS_SQL = """
-CREATE TEMP TABLE codex_rollup_stamped_keys ON COMMIT DROP AS
-SELECT DISTINCT j.new_updated_at AS stamp, {row_key} FROM {run_rows}"""
-# The task count of each agent of some keys: a key's rollup cost grows with it.
-AGENT_TASKS = """agent_tasks AS MATERIALIZED (
+# The runs' distinct keys (one row per stamp and key for the stamps), analyzed before they
+# are joined (docs/design.md).
+RUN_KEYS_TABLE = "pg_temp.codex_rollup_run_keys"
+CREATE_RUN_KEYS_SQL = """
+CREATE TEMP TABLE codex_rollup_run_keys ON COMMIT DROP AS
+SELECT DISTINCT {stamp}{row_key} FROM {run_rows}"""
+ANALYZE_RUN_KEYS_SQL = f"ANALYZE {RUN_KEYS_TABLE}"
+# The task count of each agent of the keys: a key's rollup cost grows with it.
+AGENT_TASKS = f"""agent_tasks AS MATERIALIZED (
     SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
-    WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {keys}) GROUP BY t.agent_id
+    WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {RUN_KEYS_TABLE}) GROUP BY t.agent_id
 )"""
-ANALYZE_STAMPED_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_stamped_keys"
 # The stamps with running totals of keys and tasks, a new segment at every gap > MAX_WINDOW_GAP.
 CREATE_STAMPS_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_stamps ON COMMIT PRESERVE ROWS AS
-WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_stamped_keys")},
+WITH {AGENT_TASKS},
 stamps AS (
     SELECT k.stamp, count(*) AS keys, sum(t.tasks) AS tasks,
            k.stamp - lag(k.stamp) OVER (ORDER BY k.stamp) AS gap
-    FROM pg_temp.codex_rollup_stamped_keys k JOIN agent_tasks t USING (agent_id)
+    FROM {RUN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)
     GROUP BY k.stamp
 )
 SELECT row_number() OVER w AS seq, stamp,
@@ -103,15 +106,11 @@ NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
 
 # Keys of the runs' rows rewritten since (no window of stamps finds them): queued and drained.
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
-CREATE_REWRITTEN_KEYS_SQL = """
-CREATE TEMP TABLE codex_rollup_rewritten_keys ON COMMIT DROP AS
-SELECT DISTINCT {row_key} FROM {run_rows}"""
-ANALYZE_REWRITTEN_KEYS_SQL = "ANALYZE pg_temp.codex_rollup_rewritten_keys"
 CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
-WITH {AGENT_TASKS.format(keys="pg_temp.codex_rollup_rewritten_keys")}
+WITH {AGENT_TASKS}
 SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
-FROM pg_temp.codex_rollup_rewritten_keys k JOIN agent_tasks t USING (agent_id)"""
+FROM {RUN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)"""
 DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
 REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
 # Queue keys (after, upto] as the platform does; the latest enqueued_at and their tasks.
@@ -129,10 +128,10 @@ SELECT (SELECT max(enqueued_at) FROM queued),
         WHERE seq > %(after)s AND seq <= %(upto)s)"""
 
 
-def from_run_rows(template: str, match: str, hour: datetime | None = None) -> str:
+def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp: str = "") -> str:
     """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
     only_hour = ONLY_HOUR[hour is not None]
-    return compose(template, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
+    return compose(template, stamp=stamp, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
 
 
 class FunctionPath(QueueDrainer):
@@ -153,8 +152,8 @@ class FunctionPath(QueueDrainer):
             self.limits,
             DROP_STAMPS_TABLE_SQL,
             compose(ANALYZE_JOURNAL_SQL),
-            (from_run_rows(CREATE_STAMPED_KEYS_SQL, STAMPED, hour), params),
-            ANALYZE_STAMPED_KEYS_SQL,
+            (from_run_rows(CREATE_RUN_KEYS_SQL, STAMPED, hour, STAMP), params),
+            ANALYZE_RUN_KEYS_SQL,
             (compose(CREATE_STAMPS_TABLE_SQL), params),
             INDEX_STAMPS_TABLE_SQL,
             STAMPS_TOTAL_SQL,
@@ -246,8 +245,8 @@ class FunctionPath(QueueDrainer):
         total, tasks = unbounded(
             self.limits,
             DROP_REWRITTEN_TABLE_SQL,
-            (from_run_rows(CREATE_REWRITTEN_KEYS_SQL, REWRITTEN, params["hour"]), params),
-            ANALYZE_REWRITTEN_KEYS_SQL,
+            (from_run_rows(CREATE_RUN_KEYS_SQL, REWRITTEN, params["hour"]), params),
+            ANALYZE_RUN_KEYS_SQL,
             compose(CREATE_REWRITTEN_TABLE_SQL),
             REWRITTEN_TOTAL_SQL,
         )
