@@ -40,8 +40,7 @@ def shown(value: Any) -> str:
 
 
 def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
-    """An RFC 3339 timestamp with an explicit offset, in UTC; ``name`` is what messages call
-    it."""
+    """An RFC 3339 timestamp with an explicit offset, in UTC; messages call it ``name``."""
     if not value or not str(value).strip():
         raise ValueError(
             f"{name} is required: give the hosted deployment time of the Codex usage fix, "
@@ -69,9 +68,8 @@ def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
 def parse_workspace_id(
     value: str | None, *, allow_empty: bool = True, name: str = "--workspace-id"
 ) -> uuid.UUID | None:
-    """The workspace filter; an empty value is refused on the command line (an unset
-    ``$WS`` must not widen the repair to every workspace), the admin's form sends "" for all.
-    """
+    """The workspace filter; "" is refused on the command line (an unset ``$WS`` must not
+    widen the repair to every workspace), while the admin's form sends it for all."""
     if value is None or (value == "" and allow_empty):
         return None
     text = str(value).strip()

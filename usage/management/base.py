@@ -331,15 +331,12 @@ class ToolCommand(BaseCommand):
         """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
         what it returns), through ``say`` or as a warning; yields the signals received."""
         received: list[int] = []
+        say = say or (lambda message: self.stderr.write(self.style.WARNING(message)))
 
         def act(signum: int) -> None:
             stop.set()
             then = what_next() if callable(what_next) else what_next
-            message = f"{signal.Signals(signum).name} received: {then}"
-            if say is not None:
-                say(message)
-            else:
-                self.stderr.write(self.style.WARNING(message))
+            say(f"{signal.Signals(signum).name} received: {then}")
 
         def on_signal(signum: int, frame: Any) -> None:
             # The handler runs between two bytecodes of the main thread, which may hold the

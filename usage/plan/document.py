@@ -183,6 +183,10 @@ def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
     """Read, check and parse a plan file; every problem is a one-line ``PlanError``."""
     value = "" if given is None else str(given)
     name = f"{flag} {shown(value)}"
+
+    def refuse(why: str) -> PlanError:
+        return PlanError(f"{name} {why}; {NEW_PLAN_ADVICE}")
+
     document = _load_json(_read_bytes(value, flag), name)
     if not isinstance(document, dict) or document.get("kind") != PLAN_KIND:
         if isinstance(document, dict) and document.get("mode") in ("dry_run", "execute"):
@@ -202,28 +206,20 @@ def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
             f"{NEW_PLAN_ADVICE}"
         )
     if "checksum" not in document:
-        raise PlanError(
-            f"{name} has no checksum (--plan-out always writes one); {NEW_PLAN_ADVICE}"
-        )
+        raise refuse("has no checksum (--plan-out always writes one)")
     if document["checksum"] != checksum(document):
-        raise PlanError(
-            f"{name} was changed since --plan-out wrote it (its checksum does not match its "
-            f"content); {NEW_PLAN_ADVICE}"
+        raise refuse(
+            "was changed since --plan-out wrote it (its checksum does not match its content)"
         )
     try:
         plan = _parse_plan(document, value)
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        problem = (
-            f"it has no field {exc.args[0]}"
-            if isinstance(exc, KeyError)
-            else shown(str(exc)).strip("'\"")
-        )
-        raise PlanError(f"{name} is not a valid plan ({problem}); {NEW_PLAN_ADVICE}") from None
+    except KeyError as exc:
+        raise refuse(f"is not a valid plan (it has no field {exc.args[0]})") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        problem = shown(str(exc)).strip("'\"")
+        raise refuse(f"is not a valid plan ({problem})") from None
     if fingerprint(plan.cutoff, plan.workspace_id, plan.groups) != plan.fingerprint:
-        raise PlanError(
-            f"{name} is not a valid plan (its fingerprint does not match its "
-            f"groups); {NEW_PLAN_ADVICE}"
-        )
+        raise refuse("is not a valid plan (its fingerprint does not match its groups)")
     return plan
 
 

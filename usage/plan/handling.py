@@ -14,7 +14,7 @@ from usage.options import duration_seconds, parse_cutoff, parse_workspace_id, sh
 from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.report import Reporter
-from usage.plan.check import PlanOutcome, SnapshotCheck, check_database, read_identity
+from usage.plan.check import PlanOutcome, SnapshotCheck, check_database
 from usage.plan.document import (
     DatabaseIdentity,
     Plan,
@@ -118,10 +118,6 @@ class PlanOptions:
         """Another database or too old: refused before the summary's pass over the rows."""
         if self.given is not None:
             check_database(self.given, self.max_age)
-
-    def identity(self) -> DatabaseIdentity | None:
-        """The database a plan to write names (read before the summary)."""
-        return read_identity() if self.out is not None else None
 
     def document(
         self, summary: DryRunSummary | None, identity: DatabaseIdentity | None, report: Reporter

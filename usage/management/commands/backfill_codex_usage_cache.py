@@ -240,7 +240,8 @@ class Command(ToolCommand):
     def _dry_run(self, database: str) -> dict[str, Any]:
         """The dry run's result, then the plan it writes (``--plan-out``)."""
         planning = self.settings.plan
-        identity = planning.identity()
+        # The database a plan to write names, read before the summary.
+        identity = plan.read_identity() if planning.out is not None else None
         summary = self._summary()
         saved = planning.document(summary, identity, self.report)
         document = self._show(result.build("dry_run", database, summary=summary))
