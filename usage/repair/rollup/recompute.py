@@ -42,7 +42,7 @@ from usage.repair.rollup.slices import (
     unbounded,
 )
 from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
-from usage.repair.rollup.versions import PathChoice, read_installed_function
+from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
 
 __all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
 
@@ -191,10 +191,12 @@ class DefinitionChanged(Exception):
 
 def check_definition(cursor: Any, fingerprint: str) -> None:
     """Before an own slice commits: the installed definition is still the proven one."""
-    installed = read_installed_function(cursor)
-    now = installed.fingerprint if installed else ""
+    found = installed_fingerprint(cursor)
+    now = found[0] if found else ""
     if now != fingerprint:
-        what = f"{installed.described}, fingerprint {short_hash(now)}" if installed else "gone"
+        version = recognise(now) if found else None
+        named = version.name if version else "unknown"
+        what = f"{named}, fingerprint {short_hash(now)}" if found else "gone"
         raise DefinitionChanged(
             f"the rollup function was redefined during the run (now {what}; the run chose "
             f"fingerprint {short_hash(fingerprint)})"

@@ -166,16 +166,26 @@ class InstalledFunction:
         return self.version.name if self.version else "unknown"
 
 
-def read_installed_function(cursor: Any) -> InstalledFunction | None:
-    """The rollup function as the catalog has it (None when it is missing)."""
+def installed_fingerprint(cursor: Any) -> tuple[str, bool] | None:
+    """The installed function's fingerprint and whether it is a security definer (None when
+    it is missing): one catalog read, what a slice checks before it commits."""
     target = settings.CODEX_TARGET_SCHEMA
     cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
     row = cursor.fetchone()
     if row is None:
         return None
     language, config, body, security_definer = row
-    print_ = fingerprint(language, config, body)
-    cursor.execute(HOURLY_COLUMNS_SQL, {"table": f"{target}.task_usage_hourly"})
+    return fingerprint(language, config, body), security_definer
+
+
+def read_installed_function(cursor: Any) -> InstalledFunction | None:
+    """The rollup function as the catalog has it (None when it is missing)."""
+    found = installed_fingerprint(cursor)
+    if found is None:
+        return None
+    print_, security_definer = found
+    table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
+    cursor.execute(HOURLY_COLUMNS_SQL, {"table": table})
     columns = frozenset(name for (name,) in cursor.fetchall())
     return InstalledFunction(print_, recognise(print_), security_definer, columns)
 
