@@ -343,31 +343,36 @@ def test_the_repairs_drain_of_rewritten_keys_is_named_as_such(
     assert rollup_mismatches() == []
 
 
-def test_an_hour_too_big_for_one_slice_of_the_own_path_goes_through_the_function(
+def test_one_agents_hour_too_big_for_a_part_of_the_own_path_goes_through_the_function(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every own slice sleeps past the cap, as a slice whose one hour holds too many rows
-    would: after two tries the hour's keys go through the function, and the run ends."""
+    """Every own slice and every part sleeps past the cap, as an hour whose one agent holds
+    too many rows would: after two tries of that agent's part the hour's keys go through the
+    function, and the run ends."""
     make_keys(4, 30)  # one bucket hour: 50 keys for the proof, 70 for the own slices
+
+    def too_slow(make_work: Any) -> Any:
+        def slowed(self: own.OwnRebuild, *args: Any) -> Any:
+            work = make_work(self, *args)
+
+            def slow(cursor: Any, bound: Any) -> Any:
+                bound()
+                cursor.execute("SELECT pg_sleep(5)")
+                return work(cursor, bound)
+
+            return slow
+
+        return slowed
+
     live_watermark()
-    sliced = own.OwnRebuild._slice_work
-
-    def too_slow(self: own.OwnRebuild, span: Any) -> Any:
-        work = sliced(self, span)
-
-        def slow(cursor: Any, bound: Any) -> Any:
-            bound()
-            cursor.execute("SELECT pg_sleep(5)")
-            return work(cursor, bound)
-
-        return slow
-
-    monkeypatch.setattr(own.OwnRebuild, "_slice_work", too_slow)
+    monkeypatch.setattr(own.OwnRebuild, "_slice_work", too_slow(own.OwnRebuild._slice_work))
+    monkeypatch.setattr(own.OwnRebuild, "part_work", too_slow(own.OwnRebuild.part_work))
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF, max_rollup_lock_seconds=0.2))
     run = BackfillRun.objects.get(pk=result.run.pk)
     assert run.status == BackfillRun.Status.SUCCEEDED
     assert result.rollup is not None and result.rollup.path == "own"
-    assert len(result.rollup.cancelled_holds) == 2
+    # The hour once, then parts down to one agent, that agent twice.
+    assert len(result.rollup.cancelled_holds) >= 3
     plans = [piece.plan for piece in result.rollup.slices]
     assert "own" not in plans and plans.count("nestloop") >= 2  # the proof, the function's
     assert rollup_mismatches() == []

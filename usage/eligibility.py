@@ -76,8 +76,9 @@ KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
 # one (a task with no runtime has none).
 KEY_JOINS = f"""{TASK_JOINS}
     LEFT JOIN {{issue}} i ON i.id = q.issue_id"""
-ROW_KEY = f"""{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, a.workspace_id, q.runtime_id,
-    q.agent_id, i.project_id, tu.provider, tu.model"""
+# A task's part of a key (``q`` joined to ``a`` and ``i``).
+TASK_KEY = "a.workspace_id, q.runtime_id, q.agent_id, i.project_id"
+ROW_KEY = f"{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, {TASK_KEY}, tu.provider, tu.model"
 HAS_KEY = "q.runtime_id IS NOT NULL"
 
 
@@ -138,6 +139,7 @@ def names() -> dict[str, sql.Composable]:
         "rollup_key": ROLLUP_KEY,
         "key_joins": KEY_JOINS,
         "row_key": ROW_KEY,
+        "task_key": TASK_KEY,
         "has_key": HAS_KEY,
     }
     for key, fragment in fragments.items():

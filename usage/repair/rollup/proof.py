@@ -30,15 +30,48 @@ OWN_SUMS = {
 }
 
 # The keys of ``keys`` recomputed from the usage rows of some spans of created_at, grouped by
-# key (``found`` is false for a key with no rows left).
-RECOMPUTE_CTES = """
+# key (``found`` is false for a key with no rows left). Agents and issues are looked up per
+# task (memoized), never hashed whole, so a small slice of a large table costs what its rows
+# cost; the planner joins the tasks by index or by hash, as the slice's size calls for.
+SPAN_SUMS = """
 sums AS (
     SELECT {row_key}, {sums}
     FROM {task_usage} tu
-    {key_joins}
-    WHERE ({spans}) AND {has_key}
+    JOIN {agent_task_queue} q ON q.id = tu.task_id
+    {task_lookups}
+    WHERE {spans} AND {has_key}
     GROUP BY 1, 2, 3, 4, 5, 6, 7
+)"""
+TASK_LOOKUPS = """CROSS JOIN LATERAL (
+        SELECT a.workspace_id FROM {agent} a WHERE a.id = q.agent_id OFFSET 0
+    ) a
+    LEFT JOIN LATERAL (
+        SELECT i.project_id FROM {issue} i WHERE i.id = q.issue_id OFFSET 0
+    ) i ON true"""
+# One part of an hour (``usage.repair.rollup.parts``): the tasks listed for its agents, each
+# looked up again (a task moved to an agent outside the part no longer counts), and only
+# their rows of the hour, by ``task_id``.
+PART_SUMS = """
+tasks AS MATERIALIZED (
+    SELECT t.task_id, {task_key}
+    FROM pg_temp.codex_rollup_hour_tasks t
+    CROSS JOIN LATERAL (
+        SELECT q.agent_id, q.runtime_id, q.issue_id FROM {agent_task_queue} q
+        WHERE q.id = t.task_id AND {has_key}
+          AND q.agent_id = ANY(%(agents)s) OFFSET 0
+    ) q
+    {task_lookups}
+    WHERE t.agent_id = ANY(%(agents)s)
 ),
+sums AS (
+    SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour,
+           t.workspace_id, t.runtime_id, t.agent_id, t.project_id, tu.provider, tu.model, {sums}
+    FROM tasks t CROSS JOIN LATERAL (
+        SELECT * FROM {task_usage} tu WHERE tu.task_id = t.task_id AND {spans} OFFSET 0
+    ) tu
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+)"""
+RECOMPUTE_CTES = """{sums_ctes},
 recomputed AS (
     SELECT {k_keys}, s.bucket_hour IS NOT NULL AS found, {s_columns}
     FROM keys k LEFT JOIN sums s ON {same_k_s}
@@ -132,15 +165,22 @@ class Recompute:
         for a, b in ("ks", "hr", "hp", "dk"):
             self.parts[f"same_{a}_{b}"] = same_key(a, b)
 
-    def statement(self, template: str, keys_sql: str, spans: int = 1) -> str:
-        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans."""
+    def statement(
+        self, template: str, keys_sql: str, spans: int = 1, sums: str = SPAN_SUMS
+    ) -> str:
+        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans, with
+        ``sums`` (SPAN_SUMS or PART_SUMS)."""
         parts = dict(self.parts)
-        parts["spans"] = sql.SQL(" OR ").join(
-            sql.SQL("(tu.created_at >= {} AND tu.created_at < {})").format(
-                sql.Placeholder(f"span_from_{n}"), sql.Placeholder(f"span_to_{n}")
+        parts["spans"] = sql.SQL("({})").format(
+            sql.SQL(" OR ").join(
+                sql.SQL("(tu.created_at >= {} AND tu.created_at < {})").format(
+                    sql.Placeholder(f"span_from_{n}"), sql.Placeholder(f"span_to_{n}")
+                )
+                for n in range(spans)
             )
-            for n in range(spans)
         )
+        parts["task_lookups"] = format_sql(TASK_LOOKUPS)
+        parts["sums_ctes"] = format_sql(sums, **parts)
         parts["keys_sql"] = format_sql(keys_sql, **parts)
         parts["recompute"] = format_sql(RECOMPUTE_CTES, **parts)
         parts["write"] = format_sql(WRITE_CTES, **parts)

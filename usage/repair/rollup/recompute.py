@@ -18,7 +18,9 @@ from usage.eligibility import KEY_COLUMNS, compose, format_sql, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
+from usage.repair.rollup.parts import PART_KEYS, HourParts, HourTooBig
 from usage.repair.rollup.proof import (
+    PART_SUMS,
     WRITE_SQL,
     Proof,
     Recompute,
@@ -233,7 +235,9 @@ class OwnRebuild:
         self.recompute = Recompute(choice.version)
         self.fingerprint = choice.fingerprint
         self.slice_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS)
+        self.part_sql = self.recompute.statement(WRITE_SQL, PART_KEYS, sums=PART_SUMS)
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
+        self.parts = HourParts(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
         self.last_held = 0.0
         self.hours = self.done = self.keys_done = 0
@@ -367,20 +371,20 @@ class OwnRebuild:
             return proof.ok
 
     def _slices(self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait) -> None:
-        """Slices of hours, each sized by the measured rate to hold the lock ``target``."""
+        """Slices of hours, each sized by the measured rate to hold the lock ``target``; an
+        hour bigger than that, in parts (``HourParts``)."""
         while self.done < self.hours:
             if not self.function.may_start(should_stop, on_wait):
                 break
-            span = self._span(self.rate.limit(FIRST_SLICE_ROWS))
+            limit = self.rate.limit(FIRST_SLICE_ROWS)
+            span = self._span(limit)
+            if span.count == 1 and span.keys > 1 and span.cost > limit:
+                self._hour_in_parts(span, should_stop, on_slice, on_wait)
+                continue
             try:
                 done = run_locked(self.limits, self._slice_work(span))
             except SliceCancelled as exc:
-                self.rate.cancelled(span.cost)
-                if span.count == 1 and self.function.cancelled_in_a_row >= 1:
-                    # Twice too big for a slice: its keys go through the function.
-                    self.result.cancelled_holds.append(exc.held)
-                    self._hour_by_function(span, should_stop, on_slice, on_wait)
-                    continue
+                self.rate.cancelled(span.cost)  # an hour alone goes in parts next
                 self.function.cancelled(
                     exc,
                     f"slice of {span.count} bucket hours (about {span.cost:,} usage rows, "
@@ -401,14 +405,25 @@ class OwnRebuild:
             if self.done < self.hours:
                 self.function.leave_a_gap()
 
+    def _hour_in_parts(
+        self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
+    ) -> None:
+        try:
+            keys = self.parts.rebuild(span, self, should_stop, on_slice, on_wait)
+        except HourTooBig:
+            self._hour_by_function(span, should_stop, on_slice, on_wait)
+            return
+        self.keys_done += keys
+        if not self.result.stopped:
+            self.done = span.upto
+
     def _hour_by_function(
         self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> None:
         logger.warning(
-            "bucket hour %s (about %s usage rows) does not fit one slice of the own "
-            "recompute: the platform's function rebuilds its keys",
+            "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
+            "the platform's function rebuilds the hour's keys",
             f"{span.start:%Y-%m-%d %H:00}",
-            f"{span.cost:,}",
         )
         counted = self.result.keys_total
         self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, span.start)
@@ -421,6 +436,9 @@ class OwnRebuild:
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
         return _write(self.slice_sql, params, self.fingerprint)
+
+    def part_work(self, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
+        return _write(self.part_sql, params, self.fingerprint)
 
     def _span(self, limit: float) -> Span:
         with connection.cursor() as cursor:
