@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -82,3 +83,18 @@ def opted_in(config: pytest.Config, marker: str, variable: str) -> bool:
         return True
     markexpr = config.getoption("markexpr", default="") or ""
     return bool(re.search(rf"(?<!not )\b{marker}\b", markexpr))
+
+
+def sql(statement: str, params: Any = None) -> list[tuple]:
+    """A target-schema statement (shared names filled in); its rows, if it returns any."""
+    with connection.cursor() as cursor:
+        cursor.execute(compose(statement), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def live_watermark() -> None:
+    """The platform's cron tick is current: its watermark is a few minutes ago."""
+    from tests.factories import set_rollup_state
+    from usage.db import database_now
+
+    set_rollup_state(database_now() - timedelta(minutes=10), None)

@@ -18,10 +18,9 @@ from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_keys, make_task, make_usage, set_rollup_state
 from tests.platform import FAST_ROLLUP, delayed_rollup, installed
-from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
+from tests.support import COMMITS, CUTOFF_ARG, live_watermark, sql, table_snapshot
 from usage import privileges, render
 from usage.db import database_now
-from usage.eligibility import compose
 from usage.models import BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
@@ -33,16 +32,6 @@ from usage.repair.verify import rollup_mismatches
 pytestmark = COMMITS
 
 MICROSECOND = timedelta(microseconds=1)
-
-
-def sql(statement: str, params: Any = None) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(compose(statement), params)
-        return cursor.fetchall() if cursor.description else []
-
-
-def live_watermark() -> None:
-    set_rollup_state(database_now() - timedelta(minutes=10), None)
 
 
 # -- 1. stamps strictly between the cutoff and the watermark -------------------------------

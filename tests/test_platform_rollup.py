@@ -19,7 +19,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 from django.core.management import call_command
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 
 from tests.factories import (
     CUTOFF,
@@ -38,9 +38,8 @@ from tests.platform import (
     next_tick,
 )
 from tests.processes import start_manage
-from tests.support import COMMITS, CUTOFF_ARG, wait_until
+from tests.support import COMMITS, CUTOFF_ARG, live_watermark, sql, wait_until
 from usage.db import database_now
-from usage.eligibility import compose
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
@@ -62,22 +61,10 @@ DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 PLAIN_QUEUE_KEY_SQL = QUEUE_KEY_SQL.split("ON CONFLICT")[0]
 
 
-def sql(statement: str, params: object = None) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(compose(statement), params)
-        return cursor.fetchall() if cursor.description else []
-
-
 def queued() -> list[tuple]:
     return sql(
         "SELECT agent_id, runtime_id, project_id, provider, model FROM {task_usage_hourly_dirty}"
     )
-
-
-def live_watermark() -> None:
-    """The platform's cron tick is current: its watermark is a few minutes ago."""
-    now = database_now()
-    set_rollup_state(now - timedelta(minutes=10), None)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from tests.factories import (
     BEFORE,
@@ -18,11 +17,9 @@ from tests.factories import (
     make_task,
     make_usage,
     populate_rollup,
-    set_rollup_state,
 )
-from tests.support import COMMITS, table_snapshot
+from tests.support import COMMITS, live_watermark, sql, table_snapshot
 from usage.db import database_now
-from usage.eligibility import compose
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.rollup import parts
@@ -40,16 +37,6 @@ def agent(n: int) -> Agent:
     return Agent.objects.create(
         id=uuid.UUID(int=n), workspace_id=WORKSPACE, name=f"agent-{n}", created_at=BEFORE
     )
-
-
-def sql(statement: str, params: Any = None) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(compose(statement), params)
-        return cursor.fetchall() if cursor.description else []
-
-
-def live_watermark() -> None:
-    set_rollup_state(database_now() - timedelta(minutes=10), None)
 
 
 def rewritten_since(moment: Any) -> set[tuple[Any, uuid.UUID]]:

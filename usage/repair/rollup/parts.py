@@ -86,26 +86,29 @@ class HourTooBig(Exception):
 
 
 class HourParts:
-    """The parts of bucket hours, each a slice of ``work(seq, agents)`` (the caller's own
-    statement), sized by their own measured rate in usage rows."""
+    """The parts of one bucket hour (``span``), each a slice of ``rebuild.part_work`` sized
+    by ``rate``, the parts' own measured rate in usage rows."""
 
-    def __init__(self, target: float, rows_per_second: float) -> None:
-        self.rate = Rate(target, rows_per_second)
-
-    def rebuild(
+    def __init__(
         self,
-        span: Span,
         rebuild: OwnRebuild,
+        span: Span,
+        rate: Rate,
         should_stop: ShouldStop,
         on_slice: OnSlice,
         on_wait: OnWait,
-    ) -> int:
-        """Every key of ``span``'s one hour, in parts; the keys rebuilt (those done again after
-        a task moved count once). Raises ``HourTooBig``; returns early on a stop."""
-        seq = span.upto
-        hour = {"start": span.start, "end": span.end}
+    ) -> None:
+        self.rebuild, self.span, self.rate = rebuild, span, rate
+        self.should_stop, self.on_slice, self.on_wait = should_stop, on_slice, on_wait
+        self.seq = span.upto
+
+    def run(self) -> int:
+        """Every key of the hour, in parts; the keys rebuilt (those done again after a task
+        moved count once). Raises ``HourTooBig``; returns early on a stop."""
+        hour = {"start": self.span.start, "end": self.span.end}
+        limits = self.rebuild.limits
         unbounded(
-            rebuild.limits,
+            limits,
             DROP_HOUR_TASKS_SQL,
             (compose(CREATE_HOUR_TASKS_SQL), hour),
             INDEX_HOUR_TASKS_SQL,
@@ -115,11 +118,11 @@ class HourParts:
         keys = 0
         try:
             for round_ in range(MAX_ROUNDS):
-                done = self._parts(seq, span, rebuild, should_stop, on_slice, on_wait)
+                done = self._round()
                 keys += 0 if round_ else done
-                if rebuild.result.stopped:
+                if self.rebuild.result.stopped:
                     return keys
-                relisted, again = unbounded(rebuild.limits, (compose(MOVED_SQL), {"seq": seq}))
+                relisted, again = unbounded(limits, (compose(MOVED_SQL), {"seq": self.seq}))
                 if not relisted:
                     break
                 logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
@@ -127,47 +130,41 @@ class HourParts:
             drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
         return keys
 
-    def _parts(
-        self,
-        seq: int,
-        span: Span,
-        rebuild: OwnRebuild,
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
-    ) -> int:
+    def _round(self) -> int:
+        """One part after another until every key of the hour still to do is done."""
+        slicer, span = self.rebuild.function, self.span
         with connection.cursor() as cursor:
-            cursor.execute(AGENT_ROWS_SQL, {"seq": seq})
+            cursor.execute(AGENT_ROWS_SQL, {"seq": self.seq})
             agents = cursor.fetchall()
         keys = failed = 0
         while agents:
-            if not rebuild.function.may_start(should_stop, on_wait):
+            if not slicer.may_start(self.should_stop, self.on_wait):
                 break
             part, rows = _take(agents, self.rate.limit(FIRST_PART_ROWS))
-            params = dict(span_params([(span.start, span.end)]), seq=seq, agents=part)
+            params = dict(span_params([(span.start, span.end)]), seq=self.seq, agents=part)
             try:
-                done = run_locked(rebuild.limits, rebuild.part_work(params))
+                done = run_locked(self.rebuild.limits, self.rebuild.part_work(params))
             except SliceCancelled as exc:
                 self.rate.cancelled(max(rows, 1))
                 failed = failed + 1 if len(part) == 1 else 0
                 if failed >= 2:
                     raise HourTooBig from exc
-                rebuild.function.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
+                slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
                 continue
             failed = 0
             rollup_rows, part_keys = (int(value) for value in done.value)
             with connection.cursor() as cursor:
-                cursor.execute(MARK_PART_DONE_SQL, {"seq": seq, "agents": part})
+                cursor.execute(MARK_PART_DONE_SQL, {"seq": self.seq, "agents": part})
             del agents[: len(part)]
             self.rate.add(max(rows, 1), done.held)
             piece = done.piece(
                 span.start, span.end, rollup_rows, keys=part_keys, plan="own", rows=rows
             )
-            rebuild.function.settled(piece)
+            slicer.settled(piece)
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
-            rebuild.function.report(piece, what, rebuild.keys_done + keys, on_slice)
-            rebuild.function.leave_a_gap()
+            slicer.report(piece, what, self.rebuild.keys_done + keys, self.on_slice)
+            slicer.leave_a_gap()
         return keys
 
 

@@ -237,7 +237,7 @@ class OwnRebuild:
         self.slice_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS)
         self.part_sql = self.recompute.statement(WRITE_SQL, PART_KEYS, sums=PART_SUMS)
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
-        self.parts = HourParts(self.limits.target, PRIOR_ROWS_PER_SECOND)
+        self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
         self.last_held = 0.0
         self.hours = self.done = self.keys_done = 0
@@ -409,7 +409,8 @@ class OwnRebuild:
         self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
     ) -> None:
         try:
-            keys = self.parts.rebuild(span, self, should_stop, on_slice, on_wait)
+            parts = HourParts(self, span, self.part_rate, should_stop, on_slice, on_wait)
+            keys = parts.run()
         except HourTooBig:
             self._hour_by_function(span, should_stop, on_slice, on_wait)
             return
