@@ -4,18 +4,14 @@ terminal the first of ``SHAPES`` that fits (else a block per group), nothing spl
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.color import Style
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from usage.output import outcome
 from usage.output.lines import fit_items, wrap
-from usage.render import number, timestamp
+from usage.render import number, render_table, timestamp
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
@@ -75,9 +71,6 @@ SHAPES = (
         short_workspace=True,
     ),
 )
-
-# A rule under the header, and nothing else: the plain layout the table always had.
-HEADER_RULE = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
 
 
 def summary_table(
@@ -150,36 +143,9 @@ def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
 
 def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
     """The table at its natural width: nothing wraps, nothing is cut."""
-    table = Table(
-        box=HEADER_RULE,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        header_style="",
-        highlight=False,
-    )
-    for key in shape.columns:
-        column = COLUMNS[key]
-        table.add_column(
-            column.two_lines if shape.two_line_headers else column.header,
-            justify="right" if column.field else "left",
-            vertical="bottom",
-            no_wrap=True,
-        )
-    for row in rows:
-        table.add_row(*row)
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=100_000,
-        color_system=None,
-        highlight=False,
-        emoji=False,
-        markup=False,
-        legacy_windows=False,
-    )
-    console.print(table)
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+    columns = [COLUMNS[key] for key in shape.columns]
+    headers = [c.two_lines if shape.two_line_headers else c.header for c in columns]
+    return render_table(headers, rows)
 
 
 def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
