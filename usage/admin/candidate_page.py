@@ -18,6 +18,7 @@ from django.db import connection, transaction
 
 from usage import options
 from usage.eligibility import compose, eligible_params
+from usage.events import utc_text
 from usage.models import BackfillRun
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
@@ -102,11 +103,6 @@ def month_range(month: date) -> tuple[datetime, datetime | None]:
     if (month.year, month.month) == (9999, 12):
         return start, None
     return start, datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
-
-
-def cutoff_param(cutoff: datetime) -> str:
-    """A cutoff as the page's query string (and the command's --cutoff) spell it."""
-    return cutoff.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -241,7 +237,7 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     try:
         if value:
             page.cutoff = options.parse_cutoff(value, name=name)
-        page.cutoff_text = page.cutoff_text or cutoff_param(page.cutoff)
+        page.cutoff_text = page.cutoff_text or utc_text(page.cutoff)
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)
