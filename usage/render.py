@@ -39,7 +39,7 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-            numeric[i] = numeric[i] and _looks_numeric(cell)
+            numeric[i] = numeric[i] and (cell == "" or cell.replace(",", "").isdigit())
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -50,7 +50,3 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     header = [line([head[n] for head in heads]) for n in range(height)]
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([*header, rule, *(line(row) for row in rows)])
-
-
-def _looks_numeric(text: str) -> bool:
-    return text == "" or text.replace(",", "").isdigit()

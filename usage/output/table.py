@@ -87,7 +87,10 @@ def summary_table(
 
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
-        text = _layout([tuple(v[key] for key in shape.columns) for v in values(shape)], shape)
+        # At its natural width: nothing wraps, nothing is cut.
+        columns = [COLUMNS[key] for key in shape.columns]
+        headers = [c.two_lines if shape.two_line_headers else c.header for c in columns]
+        text = render_table(headers, [tuple(v[c.key] for c in columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
@@ -139,13 +142,6 @@ def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     date = f"{number(group_count)} groups"
     return {"workspace": "TOTAL", "date": date, **_numbers(figures), "first": "", "last": ""}
-
-
-def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
-    """The table at its natural width: nothing wraps, nothing is cut."""
-    columns = [COLUMNS[key] for key in shape.columns]
-    headers = [c.two_lines if shape.two_line_headers else c.header for c in columns]
-    return render_table(headers, rows)
 
 
 def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
