@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,17 +75,17 @@ FROM {run}"""
 # paging, filtering and searching reuse it for this long.
 TOTALS_CACHE_SECONDS = 120
 
-_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
-
 
 def parse_month(value: str | None) -> date | None:
     """Parse the created-month filter (``YYYY-MM``); ``None`` when absent."""
     if not value:
         return None
-    match = _MONTH.fullmatch(value.strip())
-    if not match or not 1 <= int(match.group(1)) <= 9999 or not 1 <= int(match.group(2)) <= 12:
-        raise ValueError(f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05")
-    return date(int(match.group(1)), int(match.group(2)), 1)
+    try:
+        return date.fromisoformat(f"{value.strip()}-01")
+    except ValueError:
+        raise ValueError(
+            f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05"
+        ) from None
 
 
 def parse_clamped(value: str | None) -> bool | None:
