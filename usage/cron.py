@@ -180,7 +180,6 @@ class TickWatcher:
         self,
         stop: Callable[[], bool],
         on_wait: Callable[[str, float], None] | None = None,
-        sleep: Callable[[float], object] | None = None,
     ) -> float:
         """Return at once, or after the due tick ran (or its grace passed); seconds waited."""
         state = read_state()
@@ -205,7 +204,7 @@ class TickWatcher:
         logger.info(message)
         if on_wait is not None:
             on_wait(message, max(limit, 0.0))
-        pause = sleep or threading.Event().wait
+        pause = threading.Event().wait
         started, last, current = state.now, state.last_run_started_at, state
         while not stop() and current.now < give_up:
             pause(POLL_SECONDS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -55,3 +55,8 @@ def json_default(value: Any) -> Any:
     if isinstance(value, UUID):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def utc_text(value: datetime) -> str:
+    """A time as plans and the options write it: RFC 3339 in UTC, to the microsecond."""
+    return json_default(value.astimezone(UTC))

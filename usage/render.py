@@ -29,13 +29,17 @@ def number(value: int) -> str:
 
 
 def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain table: a header, a rule, the rows; numeric columns right-aligned."""
-    widths = [len(name) for name in columns]
+    """A plain table: a header (a name may take lines, bottom-aligned), a rule, the rows;
+    numeric columns right-aligned."""
+    heads = [name.split("\n") for name in columns]
+    height = max(map(len, heads), default=1)
+    heads = [[""] * (height - len(head)) + head for head in heads]
+    widths = [max(map(len, head)) for head in heads]
     numeric = [bool(rows)] * len(columns)
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-            numeric[i] = numeric[i] and _looks_numeric(cell)
+            numeric[i] = numeric[i] and (cell == "" or cell.replace(",", "").isdigit())
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -43,9 +47,6 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
             for i, cell in enumerate(cells)
         ).rstrip()
 
+    header = [line([head[n] for head in heads]) for n in range(height)]
     rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
-
-
-def _looks_numeric(text: str) -> bool:
-    return text == "" or text.replace(",", "").isdigit()
+    return "\n".join([*header, rule, *(line(row) for row in rows)])

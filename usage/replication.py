@@ -71,10 +71,6 @@ class ReplicaState:
         return f"replica {self.name}@{self.client}"
 
 
-def _format_seconds(value: float) -> str:
-    return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
-
-
 def _format_bytes(value: int) -> str:
     size = float(value)
     for unit in ("B", "kB", "MB"):
@@ -88,13 +84,12 @@ def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
     """Why this replica is too far behind, or None when it is within the limit."""
     if replica.hidden:
         return f"replica pid {replica.pid} lag not visible to this role ({MISSING_PRIVILEGE_HINT})"
-    if replica.replay_lag_seconds is not None:
-        if replica.replay_lag_seconds > max_lag_seconds:
-            return (
-                f"{replica.label} replay lag {_format_seconds(replica.replay_lag_seconds)} "
-                f"> {max_lag_seconds:g}s"
-            )
-        return None
+    lag = replica.replay_lag_seconds
+    if lag is not None:
+        if lag <= max_lag_seconds:
+            return None
+        shown = f"{lag:.1f}s" if lag < 100 else f"{lag:.0f}s"
+        return f"{replica.label} replay lag {shown} > {max_lag_seconds:g}s"
     if replica.position_unknown:
         return f"{replica.label} replay lag unknown, replay position not reported yet"
     if replica.behind_bytes:

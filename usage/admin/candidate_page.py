@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from django.db import connection, transaction
 
 from usage import options
 from usage.eligibility import compose, eligible_params
+from usage.events import utc_text
 from usage.models import BackfillRun
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
@@ -75,17 +75,17 @@ FROM {run}"""
 # paging, filtering and searching reuse it for this long.
 TOTALS_CACHE_SECONDS = 120
 
-_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
-
 
 def parse_month(value: str | None) -> date | None:
     """Parse the created-month filter (``YYYY-MM``); ``None`` when absent."""
     if not value:
         return None
-    match = _MONTH.fullmatch(value.strip())
-    if not match or not 1 <= int(match.group(1)) <= 9999 or not 1 <= int(match.group(2)) <= 12:
-        raise ValueError(f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05")
-    return date(int(match.group(1)), int(match.group(2)), 1)
+    try:
+        return date.fromisoformat(f"{value.strip()}-01")
+    except ValueError:
+        raise ValueError(
+            f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05"
+        ) from None
 
 
 def parse_clamped(value: str | None) -> bool | None:
@@ -102,11 +102,6 @@ def month_range(month: date) -> tuple[datetime, datetime | None]:
     if (month.year, month.month) == (9999, 12):
         return start, None
     return start, datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
-
-
-def cutoff_param(cutoff: datetime) -> str:
-    """A cutoff as the page's query string (and the command's --cutoff) spell it."""
-    return cutoff.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -241,7 +236,7 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     try:
         if value:
             page.cutoff = options.parse_cutoff(value, name=name)
-        page.cutoff_text = page.cutoff_text or cutoff_param(page.cutoff)
+        page.cutoff_text = page.cutoff_text or utc_text(page.cutoff)
         page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)

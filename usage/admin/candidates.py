@@ -47,7 +47,8 @@ def _page(request: HttpRequest) -> CandidatePage | None:
 
 
 class PageFilter(admin.SimpleListFilter):
-    """A sidebar filter whose choices and counts come from the page's totals pass."""
+    """A sidebar filter whose choices (``choices_of``) and counts come from the page's totals
+    pass; a parsed value narrows the list (``narrow``)."""
 
     parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
     otherwise = ""  # what the list shows when the value cannot be parsed
@@ -56,9 +57,6 @@ class PageFilter(admin.SimpleListFilter):
         page = _page(request)
         return [] if page is None or page.result is None else self.choices_of(page)
 
-    def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
-        raise NotImplementedError
-
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         try:
             value = self.parse(self.value())
@@ -66,9 +64,6 @@ class PageFilter(admin.SimpleListFilter):
             messages.warning(request, f"{exc}; {self.otherwise}")
             return queryset
         return queryset if value is None else self.narrow(queryset, value)
-
-    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
-        return queryset
 
 
 class WorkspaceFilter(PageFilter):

@@ -5,12 +5,14 @@ in UTC with the zone, long ids in lists as their shortest prefix unique on the p
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+
+from usage.render import timestamp
 
 DASH = "-"
 # A list's ids are at least this long a prefix (as git abbreviates commits); this long
@@ -21,11 +23,7 @@ SHORT_ID_DEFAULT = 8
 
 def clock(value: datetime | None, *, micro: bool = False) -> str:
     """``2026-12-03 08:11:02 UTC`` (four-digit years), with microseconds if ``micro``."""
-    if value is None:
-        return DASH
-    value = value.astimezone(UTC) if value.utcoffset() else value
-    # strftime's %Y does not pad years before 1000.
-    return f"{value.year:04d}-{value:%m-%d %H:%M:%S{'.%f' if micro else ''}} UTC"
+    return timestamp(value, microseconds=micro).replace("T", " ").replace("Z", " UTC")
 
 
 def clock_cell(value: datetime | None, *, micro: bool = False) -> str:

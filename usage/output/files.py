@@ -16,6 +16,7 @@ from usage.options import shown
 
 # A new result file gets these permissions, less the umask's.
 NEW_FILE_MODE = 0o666
+DANGLING_LINK = "is a symbolic link to a file that does not exist; give the real path"
 
 
 class OutputError(Exception):
@@ -45,10 +46,9 @@ class OutputFile:
             ) from exc
 
 
-def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
-    """Check that ``value`` can take a result (nothing created or opened); one-line
-    ``ValueError`` when it cannot."""
-    given = "" if value is None else str(value)
+def named_file(given: str, flag: str, dash: str) -> tuple[Path, Callable[[str], ValueError]]:
+    """The absolute path of the file ``flag`` names, and how to refuse it in one line; no
+    name, a NUL byte and ``-`` (``dash`` says what to do instead) are refused here."""
 
     def refuse(why: str) -> ValueError:
         return ValueError(f"{flag} {shown(given)} {why}")
@@ -58,17 +58,22 @@ def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
     if "\x00" in given:
         raise refuse("contains a NUL byte; give a file name")
     if given == "-":
-        raise refuse("is not a file; leave out the option to print the result on stdout")
+        raise refuse(f"is not a file; {dash}")
+    return Path(os.path.abspath(given)), refuse
+
+
+def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
+    """Check that ``value`` can take a result (nothing created or opened); one-line
+    ``ValueError`` when it cannot."""
+    given = "" if value is None else str(value)
+    path, refuse = named_file(given, flag, "leave out the option to print the result on stdout")
     if given.endswith(("/", os.sep)):
         raise refuse("names a directory; give a file name, e.g. reports/plan.json")
-    path = Path(os.path.abspath(given))
     try:
         found = os.stat(path)
     except FileNotFoundError:
         if os.path.lexists(path):
-            raise refuse(
-                "is a symbolic link to a file that does not exist; give the real path"
-            ) from None
+            raise refuse(DANGLING_LINK) from None
         _check_directory(path.parent, refuse)
         return OutputFile(given, path, stream=False, flag=flag)
     except OSError as exc:

@@ -28,9 +28,9 @@ STAMPS = {
 Status = BackfillRun.Status
 
 
-def count(value: int, word: str, plural: str | None = None) -> str:
+def count(value: int, word: str) -> str:
     """``1 slice``, ``2 slices``, ``1,000 slices``."""
-    return f"{number(value)} {word if value == 1 else plural or word + 's'}"
+    return f"{number(value)} {word if value == 1 else word + 's'}"
 
 
 def moment(value: Any) -> str:

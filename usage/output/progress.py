@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import Progress
+from rich.console import Console, Group
+from rich.live import Live
 from rich.text import Text
 
 from usage.render import number
@@ -123,18 +123,6 @@ def compose(phase: Phase, width: int) -> Text:
     return line
 
 
-class _Lines(Progress):
-    """rich's live display, showing our composed lines instead of its table."""
-
-    def __init__(self, bar: ProgressBar, console: Console) -> None:
-        self.bar = bar
-        self.shown_on = console
-        super().__init__(console=console, transient=False, redirect_stdout=False)
-
-    def get_renderables(self) -> Any:
-        yield from [compose(p, self.shown_on.width) for p in self.bar.phases.values()]
-
-
 class ProgressBar:
     """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
 
@@ -145,8 +133,17 @@ class ProgressBar:
         self.phases: dict[str, Phase] = {}
         # Off a terminal: the done count each phase's last line showed.
         self.shown: dict[str, int] = {}
-        live = terminal and enabled
-        self.live = _Lines(self, Console(file=stream, force_terminal=True)) if live else None
+        self.live: Live | None = None
+        if terminal and enabled:
+            # rich's live display, showing the phases' composed lines at every refresh.
+            console = Console(file=stream, force_terminal=True)
+            phases = self.phases.values
+            self.live = Live(
+                get_renderable=lambda: Group(*(compose(p, console.width) for p in phases())),
+                console=console,
+                refresh_per_second=10,
+                redirect_stdout=False,
+            )
 
     def phase(
         self,

@@ -4,18 +4,14 @@ terminal the first of ``SHAPES`` that fits (else a block per group), nothing spl
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.color import Style
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from usage.output import outcome
 from usage.output.lines import fit_items, wrap
-from usage.render import number, timestamp
+from usage.render import number, render_table, timestamp
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
@@ -76,9 +72,6 @@ SHAPES = (
     ),
 )
 
-# A rule under the header, and nothing else: the plain layout the table always had.
-HEADER_RULE = box.Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
-
 
 def summary_table(
     document: dict[str, Any], limit: int = TABLE_GROUP_LIMIT, width: int | None = None
@@ -94,7 +87,10 @@ def summary_table(
 
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
-        text = _layout([tuple(v[key] for key in shape.columns) for v in values(shape)], shape)
+        # At its natural width: nothing wraps, nothing is cut.
+        columns = [COLUMNS[key] for key in shape.columns]
+        headers = [c.two_lines if shape.two_line_headers else c.header for c in columns]
+        text = render_table(headers, [tuple(v[c.key] for c in columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
@@ -146,40 +142,6 @@ def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     date = f"{number(group_count)} groups"
     return {"workspace": "TOTAL", "date": date, **_numbers(figures), "first": "", "last": ""}
-
-
-def _layout(rows: list[tuple[str, ...]], shape: Shape) -> str:
-    """The table at its natural width: nothing wraps, nothing is cut."""
-    table = Table(
-        box=HEADER_RULE,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        header_style="",
-        highlight=False,
-    )
-    for key in shape.columns:
-        column = COLUMNS[key]
-        table.add_column(
-            column.two_lines if shape.two_line_headers else column.header,
-            justify="right" if column.field else "left",
-            vertical="bottom",
-            no_wrap=True,
-        )
-    for row in rows:
-        table.add_row(*row)
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=100_000,
-        color_system=None,
-        highlight=False,
-        emoji=False,
-        markup=False,
-        legacy_windows=False,
-    )
-    console.print(table)
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:

@@ -3,16 +3,7 @@ repairs that, or refuses and changes nothing."""
 
 from __future__ import annotations
 
-from usage.plan.check import SnapshotCheck, read_identity
-from usage.plan.document import PlanError, checksum, read_plan, timestamp
-from usage.plan.handling import DEFAULT_MAX_AGE
-
-__all__ = [
-    "DEFAULT_MAX_AGE",
-    "PlanError",
-    "SnapshotCheck",
-    "checksum",
-    "read_identity",
-    "read_plan",
-    "timestamp",
-]
+# The package's interface (the command's and the tests'), re-exported.
+from usage.plan.check import SnapshotCheck, read_identity  # noqa: F401
+from usage.plan.document import PlanError, checksum, read_plan, timestamp  # noqa: F401
+from usage.plan.handling import DEFAULT_MAX_AGE  # noqa: F401

@@ -12,12 +12,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 from usage.events import json_default
+from usage.events import utc_text as timestamp
 from usage.options import shown
 from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS
+from usage.output.files import DANGLING_LINK, named_file
 from usage.repair.summary import DryRunSummary
 
 PLAN_KIND = "codex_usage_backfill_plan"
@@ -126,11 +127,6 @@ def checksum(document: dict[str, Any]) -> str:
     return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
-def timestamp(value: datetime) -> str:
-    """A time as the plan writes it: RFC 3339 in UTC, to the microsecond."""
-    return json_default(value.astimezone(UTC))
-
-
 def plan_document(summary: DryRunSummary, identity: DatabaseIdentity) -> dict[str, Any]:
     """The plan of a dry run that kept every group (``load_summary(max_groups=None)``)."""
     if summary.group_count != len(summary.groups):
@@ -226,21 +222,12 @@ def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
 def _read_bytes(value: str, flag: str) -> bytes:
     """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
 
-    def refuse(why: str) -> PlanError:
-        return PlanError(f"{flag} {shown(value)} {why}")
-
-    if not value.strip():
-        raise PlanError(f"{flag} needs a file name, e.g. {flag} plan.json")
-    if "\x00" in value:
-        raise refuse("contains a NUL byte; give the plan's file name")
-    if value == "-":
-        raise refuse(f"is not a file; {GIVE_THE_DRY_RUNS}")
-    path = Path(os.path.abspath(value))
+    path, refuse = named_file(value, flag, GIVE_THE_DRY_RUNS)
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
         if os.path.lexists(path):
-            raise refuse("is a symbolic link to a file that does not exist") from None
+            raise refuse(DANGLING_LINK) from None
         raise refuse(f"does not exist; {GIVE_THE_DRY_RUNS}") from None
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None

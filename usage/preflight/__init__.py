@@ -5,18 +5,7 @@ Used by the ``preflight_codex_usage_backfill`` command and ``pytest -m preflight
 
 from __future__ import annotations
 
-from usage.preflight.checks import CHECK_NAMES, CHECKS
-from usage.preflight.result import Check, CheckResult, Context, passed
-from usage.preflight.run import DEFAULT_STATEMENT_TIMEOUT_SECONDS, connect_target, run_preflight
-
-__all__ = [
-    "CHECKS",
-    "CHECK_NAMES",
-    "DEFAULT_STATEMENT_TIMEOUT_SECONDS",
-    "Check",
-    "CheckResult",
-    "Context",
-    "connect_target",
-    "passed",
-    "run_preflight",
-]
+# The package's interface (the command's and the tests'), re-exported.
+from usage.preflight.checks import CHECK_NAMES, CHECKS  # noqa: F401
+from usage.preflight.result import Check, CheckResult, Context, passed  # noqa: F401
+from usage.preflight.run import connect_target, run_preflight  # noqa: F401

@@ -133,7 +133,6 @@ LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.
 WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
 APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
 DATABASE_NOW_SQL = "SELECT now()"
-WORKSPACE_HAS_AGENTS_SQL = "SELECT EXISTS (SELECT 1 FROM {agent} WHERE workspace_id = %s)"
 COUNT_CANDIDATES_SQL = """
 SELECT count(*) FROM (
     SELECT 1 FROM {eligible_from} WHERE {eligible_where} LIMIT %(cap)s

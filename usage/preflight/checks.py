@@ -15,7 +15,7 @@ from usage.preflight.catalog import IndexNeed
 from usage.preflight.result import Check, CheckResult, Context, failed, passed, warned
 from usage.render import short_hash
 from usage.repair.rollup.versions import DECLARE_SETTING
-from usage.repair.summary import CutoffError, ensure_cutoff_in_past
+from usage.repair.summary import WORKSPACE_HAS_AGENTS_SQL, CutoffError, ensure_cutoff_in_past
 
 MIN_SERVER_VERSION_NUM = 150000
 # Candidate counts stop here; the dry run gives exact numbers.
@@ -348,7 +348,7 @@ def _describe_age(age: timedelta) -> str:
 @check("eligible rows exist before the cutoff", requires="tables columns tool_schema")
 def check_candidates(ctx: Context) -> CheckResult:
     if ctx.workspace_id is not None:
-        (known,) = ctx.one(compose(catalog.WORKSPACE_HAS_AGENTS_SQL), [str(ctx.workspace_id)])
+        (known,) = ctx.one(compose(WORKSPACE_HAS_AGENTS_SQL), [str(ctx.workspace_id)])
         if not known:
             return failed(
                 f"no agent belongs to workspace {ctx.workspace_id}",

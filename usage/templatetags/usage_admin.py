@@ -6,9 +6,9 @@ from __future__ import annotations
 from django import template
 
 from usage.admin import formats
-from usage.admin.candidate_page import cutoff_param
+from usage.events import utc_text
 
 register = template.Library()
 for name in ("clock", "number"):
     register.filter(name, getattr(formats, name))
-register.filter("cutoff_param", cutoff_param)
+register.filter("cutoff_param", utc_text)
