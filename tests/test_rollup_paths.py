@@ -77,11 +77,13 @@ def as_the_function_makes_it() -> list[tuple]:
     return state
 
 
-def as_the_own_path_makes_it(version: versions.FunctionVersion) -> list[tuple]:
+def as_the_own_path_makes_it(
+    version: versions.FunctionVersion, probed: dict[str, str] | None = None
+) -> list[tuple]:
     """The hourly table after the own recompute wrote every key (rolled back)."""
     first, last = sql(HOURS_SQL)[0]
     span = [(first - timedelta(hours=1), last + timedelta(hours=1))]
-    statement = own.Recompute(version).statement(own.WRITE_SQL, ALL_KEYS_SQL)
+    statement = own.Recompute(version).statement(own.WRITE_SQL, ALL_KEYS_SQL, probed=probed)
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(statement, own.span_params(span))
@@ -267,7 +269,16 @@ def test_a_definition_recommented_and_relaid_is_still_recognised(
 # -- equal to the function, column by column --------------------------------------------
 
 
-def test_the_own_path_writes_what_the_function_writes(platform: int) -> None:
+@pytest.mark.parametrize("probed", [False, True], ids=["planner-joined", "probed"])
+def test_the_own_path_writes_what_the_function_writes(
+    platform: int, probed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either way of joining a slice's rows to their tasks (the planner's, or a lookup per
+    task for slices that read few of the task table's rows), in slices after a proof of one
+    stamp's keys."""
+    monkeypatch.setattr(own, "PROOF_KEYS_COUNT", 1)
+    if probed:
+        monkeypatch.setattr(own, "PROBE_BELOW", 1e12)
     tasks = edge_cases()
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     run = BackfillRun.objects.get(pk=result.run.pk)
@@ -288,7 +299,7 @@ def test_the_own_path_writes_what_the_function_writes(platform: int) -> None:
         [tasks["with_project"].pk],
     )
     before = hourly()
-    recomputed = as_the_own_path_makes_it(known(platform))
+    recomputed = as_the_own_path_makes_it(known(platform), own.SPAN_TASKS if probed else None)
     assert recomputed != before  # the changes matter: this comparison can fail
     assert recomputed == as_the_function_makes_it()
 

@@ -48,29 +48,44 @@ TASK_LOOKUPS = """CROSS JOIN LATERAL (
     LEFT JOIN LATERAL (
         SELECT i.project_id FROM {issue} i WHERE i.id = q.issue_id OFFSET 0
     ) i ON true"""
-# One part of an hour (``usage.repair.rollup.parts``): the tasks listed for its agents, each
-# looked up again (a task moved to an agent outside the part no longer counts), and only
-# their rows of the hour, by ``task_id``.
-PART_SUMS = """
+# The same sums with each task looked up by its primary key rather than joined as the
+# planner would: the planner hashes the whole task table for a slice of a few hours of a
+# table of a million rows, a fixed cost a slice; a slice that reads few of its rows does
+# better probing (``SPAN_TASKS``, below ``PROBE_BELOW`` of them). A part of an hour
+# (``usage.repair.rollup.parts``) reads the tasks listed for its agents, each looked up again
+# (a task moved to an agent outside the part no longer counts), and only their rows of the
+# hour, by ``task_id`` (``PART_TASKS``).
+PROBED_SUMS = """
 tasks AS MATERIALIZED (
     SELECT t.task_id, {task_key}
-    FROM pg_temp.codex_rollup_hour_tasks t
+    FROM ({task_ids}) t
     CROSS JOIN LATERAL (
         SELECT q.agent_id, q.runtime_id, q.issue_id FROM {agent_task_queue} q
-        WHERE q.id = t.task_id AND {has_key}
-          AND q.agent_id = ANY(%(agents)s) OFFSET 0
+        WHERE q.id = t.task_id AND {has_key}{task_filter} OFFSET 0
     ) q
     {task_lookups}
-    WHERE t.agent_id = ANY(%(agents)s)
 ),
 sums AS (
     SELECT {bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour,
            t.workspace_id, t.runtime_id, t.agent_id, t.project_id, tu.provider, tu.model, {sums}
-    FROM tasks t CROSS JOIN LATERAL (
-        SELECT * FROM {task_usage} tu WHERE tu.task_id = t.task_id AND {spans} OFFSET 0
-    ) tu
+    FROM tasks t {task_rows}
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 )"""
+SPAN_TASKS = {
+    "task_ids": "SELECT DISTINCT tu.task_id FROM {task_usage} tu WHERE {spans}",
+    "task_filter": "",
+    "task_rows": "JOIN {task_usage} tu ON tu.task_id = t.task_id AND {spans}",
+}
+PART_TASKS = {
+    "task_ids": "SELECT task_id FROM pg_temp.codex_rollup_hour_tasks "
+    "WHERE agent_id = ANY(%(agents)s)",
+    "task_filter": " AND q.agent_id = ANY(%(agents)s)",
+    "task_rows": """CROSS JOIN LATERAL (
+        SELECT * FROM {task_usage} tu WHERE tu.task_id = t.task_id AND {spans} OFFSET 0
+    ) tu""",
+}
+# A slice probes its tasks when it reads fewer rows than this share of the task table's.
+PROBE_BELOW = 0.1
 RECOMPUTE_CTES = """{sums_ctes},
 recomputed AS (
     SELECT {k_keys}, s.bucket_hour IS NOT NULL AS found, {s_columns}
@@ -166,10 +181,11 @@ class Recompute:
             self.parts[f"same_{a}_{b}"] = same_key(a, b)
 
     def statement(
-        self, template: str, keys_sql: str, spans: int = 1, sums: str = SPAN_SUMS
+        self, template: str, keys_sql: str, spans: int = 1, probed: dict[str, str] | None = None
     ) -> str:
-        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans, with
-        ``sums`` (SPAN_SUMS or PART_SUMS)."""
+        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans, its
+        tasks joined by the planner, or looked up one by one (``probed``: SPAN_TASKS or
+        PART_TASKS)."""
         parts = dict(self.parts)
         parts["spans"] = sql.SQL("({})").format(
             sql.SQL(" OR ").join(
@@ -180,7 +196,9 @@ class Recompute:
             )
         )
         parts["task_lookups"] = format_sql(TASK_LOOKUPS)
-        parts["sums_ctes"] = format_sql(sums, **parts)
+        for name, piece in (probed or {}).items():
+            parts[name] = format_sql(piece, **parts)
+        parts["sums_ctes"] = format_sql(PROBED_SUMS if probed else SPAN_SUMS, **parts)
         parts["keys_sql"] = format_sql(keys_sql, **parts)
         parts["recompute"] = format_sql(RECOMPUTE_CTES, **parts)
         parts["write"] = format_sql(WRITE_CTES, **parts)

@@ -20,7 +20,9 @@ from usage.render import short_hash
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
 from usage.repair.rollup.parts import PART_KEYS, HourParts, HourTooBig
 from usage.repair.rollup.proof import (
-    PART_SUMS,
+    PART_TASKS,
+    PROBE_BELOW,
+    SPAN_TASKS,
     WRITE_SQL,
     Proof,
     Recompute,
@@ -46,7 +48,14 @@ from usage.repair.rollup.slices import (
 from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
 from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
 
-__all__ = ["REVERT_KEYS_TABLE", "WRITE_SQL", "OwnRebuild", "Recompute", "span_params"]
+__all__ = [
+    "REVERT_KEYS_TABLE",
+    "SPAN_TASKS",
+    "WRITE_SQL",
+    "OwnRebuild",
+    "Recompute",
+    "span_params",
+]
 
 logger = logging.getLogger("usage.rollup")
 
@@ -109,7 +118,10 @@ INDEX_KEYS_SQL = f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)"
 ANALYZE_KEYS_SQL = f"ANALYZE {KEYS_TABLE}"
 ANALYZE_HOURS_SQL = f"ANALYZE {HOURS_TABLE}"
 KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
-HOURS_TOTAL_SQL = f"SELECT count(*) FROM {HOURS_TABLE}"
+# The touched hours, and the rows of the task table (of which a slice may probe a share).
+HOURS_TOTAL_SQL = f"""
+SELECT count(*), (SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = %(tasks)s::regclass)
+FROM {HOURS_TABLE}"""
 # The next slice: the hours after ``after`` within ``limit`` estimated rows (at least one).
 NEXT_HOURS_SQL = NEXT_SPAN_SQL.format(
     table=HOURS_TABLE,
@@ -235,7 +247,9 @@ class OwnRebuild:
         self.recompute = Recompute(choice.version)
         self.fingerprint = choice.fingerprint
         self.slice_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS)
-        self.part_sql = self.recompute.statement(WRITE_SQL, PART_KEYS, sums=PART_SUMS)
+        self.probed_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS, probed=SPAN_TASKS)
+        self.part_sql = self.recompute.statement(WRITE_SQL, PART_KEYS, probed=PART_TASKS)
+        self.probe_below = 0.0
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.proven: bool | None = None
@@ -318,7 +332,8 @@ class OwnRebuild:
                 return bool(self.result.stopped)  # stopped first: the next run rebuilds all
             target = settings.CODEX_TARGET_SCHEMA
             where = {"schema": target, "table": f"{target}.task_usage"}
-            (self.hours,) = unbounded(
+            tasks = {"tasks": f"{target}.agent_task_queue"}
+            self.hours, task_rows = unbounded(
                 self.limits,
                 (CREATE_HOURS_SQL, where),
                 INDEX_HOURS_SQL,
@@ -326,8 +341,9 @@ class OwnRebuild:
                 INDEX_KEYS_SQL,
                 ANALYZE_KEYS_SQL,
                 ANALYZE_HOURS_SQL,
-                HOURS_TOTAL_SQL,
+                (HOURS_TOTAL_SQL, tasks),
             )
+            self.probe_below = PROBE_BELOW * max(task_rows, 1)
             self._slices(should_stop, on_slice, on_wait)
             return True
         except DefinitionChanged as exc:
@@ -436,7 +452,8 @@ class OwnRebuild:
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
-        return _write(self.slice_sql, params, self.fingerprint)
+        statement = self.probed_sql if span.cost < self.probe_below else self.slice_sql
+        return _write(statement, params, self.fingerprint)
 
     def part_work(self, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
         return _write(self.part_sql, params, self.fingerprint)
