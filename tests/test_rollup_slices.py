@@ -12,7 +12,8 @@ from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, p
 from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
 from tests.support import COMMITS
 from usage.repair.backfill import ExecuteOptions, execute_backfill
-from usage.repair.rollup import function
+from usage.repair.rollup import function, slices
+from usage.repair.rollup.slices import RollupResult
 from usage.repair.summary import load_summary
 from usage.repair.verify import rollup_mismatches
 
@@ -102,3 +103,17 @@ def test_slices_are_sized_by_the_cost_of_their_keys(
     assert "rollup slice of" not in caplog.text  # no slice was cancelled and retried
     assert max(piece.lock_held_seconds for piece in slices) <= budget + 0.5
     assert rollup_mismatches() == []
+
+
+@pytest.mark.parametrize(
+    ("budget", "gap"), [(0.2, 0.1), (1.0, 0.1), (2.5, 0.1), (4.0, 0.16), (5.0, 0.2), (30.0, 0.2)]
+)
+def test_the_gap_after_a_slice_follows_a_small_budget_down_to_a_tenth_of_a_second(
+    budget: float, gap: float
+) -> None:
+    """A fixed 0.2 s was a fifth of every slice's cycle at a 1 s budget; a try-lock caller
+    polling every 50 ms still gets at least two tries in 0.1 s."""
+    made = slices.Slicer(slices.SliceLimits(budget), slices.NeighbourOptions(), RollupResult())
+    assert made.gap == pytest.approx(gap)
+    quiet = slices.NeighbourOptions(gap=0)
+    assert slices.Slicer(slices.SliceLimits(budget), quiet, RollupResult()).gap == 0

@@ -39,8 +39,11 @@ MIN_CALL_SECONDS = 0.05
 TARGET_LOCK_FRACTION = 0.7
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
-# The lock stays free this long after every slice, for try-lock callers (docs/design.md).
+# The lock stays free this long after every slice, for try-lock callers (docs/design.md):
+# 0.2 s at the default budget, less with a smaller one (this share of it), never under 0.1 s.
 SLICE_GAP_SECONDS = 0.2
+SLICE_GAP_SHARE = 0.04
+MIN_SLICE_GAP_SECONDS = 0.1
 # This many slices cancelled in a row stop the rebuild: the run's rollup stays pending.
 MAX_CANCELLED_IN_A_ROW = 5
 
@@ -319,9 +322,15 @@ class Slicer:
             return False
         return True
 
+    @property
+    def gap(self) -> float:
+        """How long lock 4246 stays free after a slice."""
+        share = max(MIN_SLICE_GAP_SECONDS, SLICE_GAP_SHARE * self.limits.max_lock_seconds)
+        return min(self.neighbours.gap, share)
+
     def leave_a_gap(self) -> None:
-        if self.neighbours.gap > 0:
-            time.sleep(self.neighbours.gap)
+        if self.gap > 0:
+            time.sleep(self.gap)
 
     def cancelled(self, exc: SliceCancelled, what: str) -> None:
         """The server ended the slice ``what`` at the cap; too many in a row stop all."""
