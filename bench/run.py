@@ -29,6 +29,9 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
                (medians, alternating, same connection), plus the dry-run command's wall time;
 (g) budget     the whole execute again with ``--small-budget`` (1 s) as the lock budget,
                with the same neighbours as (c);
+(r) revert     after (c), the whole ``revert_codex_usage_backfill --execute`` of its run as a
+               process, with the same neighbours, timed against (c)'s whole command; then
+               task_usage must equal the template's and the hourly table verify's recompute;
 (u) update     ``--update-repeat`` pairs, in turn, of (a)'s UPDATE and the whole command with
                ``--no-rebuild-rollup`` (process wall time, start-up included); medians.
 

@@ -99,10 +99,10 @@ enqueued AS (
     RETURNING 1
 ),
 skipped AS (
-    -- Unchanged in our snapshot but not locked by us: a writer holds the row.
+    -- Unchanged in our snapshot but not locked by us: a writer holds the row. (NOT IN: a
+    -- hashed subplan; NOT EXISTS was planned as a nested loop, quadratic in the batch.)
     SELECT j.id FROM batch j LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
-    WHERE {UNCHANGED}
-      AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.journal_id = j.id)
+    WHERE {UNCHANGED} AND j.id NOT IN (SELECT l.journal_id FROM locked l)
 )
 SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM restored),
        (SELECT count(*) FROM marked), (SELECT count(*) FROM enqueued),
