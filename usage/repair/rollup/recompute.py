@@ -271,7 +271,6 @@ class OwnRebuild:
         self.recompute = Recompute(choice.version)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
-        self.proven: bool | None = None
         self.hours = self.done = self.keys_done = 0
         self.run_ids: list[int] = []
         self.source = RUN_KEYS
@@ -282,7 +281,6 @@ class OwnRebuild:
         params: dict[str, Any],
         spans: list[tuple[datetime, datetime]],
         window: tuple[datetime, datetime],
-        keys: int | None = None,
     ) -> tuple[Proof, RollupSlice]:
         """``prove`` in one REPEATABLE READ slice, the function called over ``window``; a
         failed proof puts the rest on the function path. Raises ``SliceCancelled``."""
@@ -304,10 +302,8 @@ class OwnRebuild:
 
         done = run_locked(self.limits, work, repeatable_read=True)
         proof, (rollup_rows, scans) = done.value
-        keys = proof.keys if keys is None else keys
-        piece = done.piece(*window, rollup_rows, keys=keys, plan=Plan.NESTLOOP, **scans)
+        piece = done.piece(*window, rollup_rows, keys=proof.keys, plan=Plan.NESTLOOP, **scans)
         self.function.settled(piece)
-        self.proven = proof.ok
         if proof.ok:
             logger.info("rollup path: %s", proof.describe())
         else:
@@ -316,7 +312,6 @@ class OwnRebuild:
 
     def _to_function(self, why: str) -> None:
         """A failed proof, or a definition changed since: the rest on the function path."""
-        self.proven = False
         self.result.path = BackfillRun.RollupPath.FUNCTION
         self.result.path_reason = why + ": the rest on the function path"
         logger.warning("rollup path: %s", self.result.path_reason)

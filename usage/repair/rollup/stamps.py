@@ -144,7 +144,7 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp
 
 
 class FunctionPath(QueueDrainer):
-    """The function path: the revert's drains (``QueueDrainer``) and the repair's rebuild."""
+    """The function path: the repair's rebuild, and the revert's (its queued keys)."""
 
     def rebuild(
         self,
