@@ -524,3 +524,16 @@ def test_a_key_queued_again_by_a_writer_during_a_slice_stays_queued(
         cursor.execute(compose("SELECT {key_columns} FROM {task_usage_hourly_dirty}"))
         assert cursor.fetchall() == requeued
     assert rollup_mismatches() == []
+
+
+def test_on_the_function_path_the_revert_drains_its_keys_by_the_windows_they_were_queued() -> None:
+    shared_keys(3, 4)
+    backfill()
+    run = BackfillRun.objects.get()
+    options = RevertOptions(run_id=run.pk, batch_size=4, rollup_path="function")
+    reverted = execute_revert(options)
+    assert reverted.reverted and reverted.batches == 3
+    assert reverted.rollup.path == "function" and reverted.rollup.keys_done == 4
+    assert {piece.plan for piece in reverted.rollup.slices} <= {"nestloop", "hash"}
+    assert dirty_queue_size() == 0
+    assert rollup_mismatches() == []
