@@ -671,6 +671,9 @@ class SizeRun:
         argv += ["--execute", "--batch-size", str(self.args.batch_size)]
         argv += ["--max-rollup-lock-seconds", f"{self.args.max_rollup_lock_seconds:g}"]
         argv += ["--cron-tick-interval", f"{self.args.cron_interval:g}s", "--log-format", "json"]
+        with self.srv.connect(name) as conn:  # the tick's phase, as for (c)
+            conn.execute(compose(variants.LIVE_CRON_STATE_SQL))
+            conn.commit()
         probe = neighbours.TryLockProbe(url).start()
         cron = neighbours.CronScheduler(url, self.args.cron_interval).start()
         try:
@@ -690,8 +693,11 @@ class SizeRun:
                 )
                 mismatches = cur.fetchall()
         slices = _slice_events(proc.stderr)
+        events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
         self.results["revert"] = {
             "command_seconds": proc.seconds,
+            "batch_seconds": sum(e["seconds"] for e in events if e["event"] == "batch"),
+            "timeline": [(e["time"], e["event"], e.get("seconds")) for e in events],
             "execute_seconds": execute,
             "execute_command_seconds": self.results["tool"]["command_seconds"],
             "rollup_slices": len(slices),
