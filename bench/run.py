@@ -29,6 +29,9 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
                (medians, alternating, same connection), plus the dry-run command's wall time;
 (g) budget     the whole execute again with ``--small-budget`` (1 s) as the lock budget,
                with the same neighbours as (c);
+(r) revert     after (c), the whole ``revert_codex_usage_backfill --execute`` of its run as a
+               process, with the same neighbours, timed against (c)'s whole command; then
+               task_usage must equal the template's and the hourly table verify's recompute;
 (u) update     ``--update-repeat`` pairs, in turn, of (a)'s UPDATE and the whole command with
                ``--no-rebuild-rollup`` (process wall time, start-up included); medians.
 
@@ -98,7 +101,7 @@ TEMPLATE_INPUTS = (
     *sorted((ROOT / "usage" / "migrations").glob("0*.py")),
 )
 WORKER = str(ROOT / "bench" / "worker.py")
-PHASES = "abcdegu"
+PHASES = "abcdegru"
 
 DEFAULT_CRON_INTERVAL = 60.0
 DEFAULT_CALL_MAX_SECONDS = 900.0
@@ -656,7 +659,70 @@ class SizeRun:
         )
         if with_default_call and run["rows_updated"]:
             self.default_call(name, run)
+        if "r" in self.args.phases:
+            self.revert(name, run, execute)
         self.done_with(name)
+
+    def revert(self, name: str, run: dict[str, Any], execute: float) -> None:
+        """(r) The whole revert of (c)'s run as a process, with the same neighbours."""
+        logger.info("(r) the revert: revert_codex_usage_backfill --execute of (c)'s run")
+        url = self.srv.url(name)
+        argv = [sys.executable, manage(), "revert_codex_usage_backfill", str(run["id"])]
+        argv += ["--execute", "--batch-size", str(self.args.batch_size)]
+        argv += ["--max-rollup-lock-seconds", f"{self.args.max_rollup_lock_seconds:g}"]
+        argv += ["--cron-tick-interval", f"{self.args.cron_interval:g}s", "--log-format", "json"]
+        with self.srv.connect(name) as conn:  # the tick's phase, as for (c)
+            conn.execute(compose(variants.LIVE_CRON_STATE_SQL))
+            conn.commit()
+        probe = neighbours.TryLockProbe(url).start()
+        cron = neighbours.CronScheduler(url, self.args.cron_interval).start()
+        try:
+            proc = run_process(argv, url)
+        finally:
+            probe.stop()
+            cron.stop()
+        self.check("(r) command exit status 0", proc.returncode == 0, proc.tail())
+        with self.srv.connect(self.template) as conn:
+            expected = variants.task_usage_digest(conn)
+        with self.srv.connect(name) as conn:
+            found = variants.task_usage_digest(conn)
+            reverted = variants.latest_run(conn)
+            with conn.cursor() as cur:
+                cur.execute(
+                    mismatches_sql(compared_columns(cur), ALL_KEYS), {"run_ids": [], "limit": 10}
+                )
+                mismatches = cur.fetchall()
+        slices = _slice_events(proc.stderr)
+        events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+        self.results["revert"] = {
+            "command_seconds": proc.seconds,
+            "batch_seconds": sum(e["seconds"] for e in events if e["event"] == "batch"),
+            "timeline": [(e["time"], e["event"], e.get("seconds")) for e in events],
+            "execute_seconds": execute,
+            "execute_command_seconds": self.results["tool"]["command_seconds"],
+            "rollup_slices": len(slices),
+            "rollup_keys": sum(e["keys"] for e in slices),
+            "max_lock_held_seconds": max((e["lock_held_seconds"] for e in slices), default=0),
+            "try_lock_longest_refusal_seconds": probe.longest_refusal(),
+            "cron_ticks": len(cron.ticks),
+            "per_plan": _per_plan(slices),
+            "status": reverted["status"],
+        }
+        self.check("(r) run reverted", reverted["status"] == "reverted", str(reverted["status"]))
+        self.check("(r) task_usage equals the template's", found == expected, f"{found}")
+        self.check(
+            "(r) task_usage_hourly equals usage.repair.verify's recompute",
+            not mismatches,
+            f"{len(mismatches)}+ mismatching keys",
+        )
+        logger.info(
+            "    revert %.2fs (command) vs execute %.2fs (command): %.2fx; %d slices, %d keys",
+            proc.seconds,
+            self.results["tool"]["command_seconds"],
+            proc.seconds / max(self.results["tool"]["command_seconds"], 1e-9),
+            len(slices),
+            self.results["revert"]["rollup_keys"],
+        )
 
     def default_call(self, name: str, run: dict[str, Any]) -> None:
         """(d) The platform's function over the run's keys, planned with its defaults."""

@@ -294,9 +294,10 @@ def test_a_revert_that_fails_midway_says_so_in_its_record(replace_rollup) -> Non
     run = BackfillRun.objects.get()
     with connection.cursor() as cursor:
         cursor.execute("CREATE SEQUENCE pg_temp.rollup_calls")
-    # The hourly rollup answers its first call, then fails (a platform outage, say).
+    # The hourly rollup fails (a platform outage, say): the revert restores every row, queues
+    # their keys, and stops at its rebuild.
     replace_rollup(
-        "IF nextval('pg_temp.rollup_calls') > 1 THEN "
+        "IF nextval('pg_temp.rollup_calls') > 0 THEN "
         "RAISE EXCEPTION 'hourly rollup unavailable'; END IF;"
     )
     with pytest.raises(CommandError, match="hourly rollup unavailable"):
@@ -312,7 +313,8 @@ def test_a_revert_that_fails_midway_says_so_in_its_record(replace_rollup) -> Non
     assert run.status == BackfillRun.Status.SUCCEEDED  # not reverted: not every row is
     assert run.revert_state == BackfillRun.RevertState.FAILED
     restored = BackfillJournal.objects.filter(run=run, reverted_at__isnull=False).count()
-    assert 0 < run.rows_restored == restored < 6
+    assert run.rows_restored == restored == 6
+    assert run.rollup_state == BackfillRun.RollupState.PENDING  # its keys wait in the queue
     assert "hourly rollup unavailable" in run.revert_error
     assert run.revert_started_at is not None and run.revert_finished_at is not None
 

@@ -7,6 +7,7 @@ hold locks from a second connection, so they are transactional.
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from tests.factories import (
     BEFORE,
     CUTOFF,
     make_agent,
+    make_keys,
     make_task,
     make_usage,
     populate_rollup,
@@ -174,8 +176,10 @@ def test_revert_in_batches_of_one_with_a_tight_lock_budget(
     assert (result.rows_restored, result.rows_changed, result.rows_remaining) == (6, 0, 0)
     assert result.batches == len(ELIGIBLE)
     assert result.reverted
-    # Five of the six rows have a rollup key (one task has no runtime): one drain each.
-    assert len(result.rollup.slices) == 5
+    # Five of the six rows have a rollup key (one task has no runtime): rebuilt once each,
+    # after the batches, not one drain a batch.
+    assert sum(piece.keys for piece in result.rollup.slices) == result.rollup.keys_done == 5
+    assert len(result.rollup.slices) < result.batches
     assert snapshot() == original
     assert dirty_queue_size() == 0
 
@@ -422,4 +426,114 @@ def test_a_key_restored_by_several_batches_counts_once_in_the_outcome() -> None:
     assert reverted.reverted and reverted.batches >= 4
     assert reverted.rollup.keys_done == 3
     assert seen[-1] == (3, 3) and all(done <= total for done, total in seen)
+    assert rollup_mismatches() == []
+
+
+# -- the rebuild after the batches (issue 27) ----------------------------------------------
+
+
+def shared_keys(tasks: int, models: int) -> None:
+    """``tasks`` tasks of one agent and runtime, a row of each of ``models`` models each: the
+    run's rows share ``models`` hourly keys, whatever batches they fall in."""
+    agent = make_agent()
+    made = [make_task(agent) for _ in range(tasks)]
+    AgentTaskQueue.objects.filter(agent=agent).update(runtime_id=made[0].runtime_id)
+    for task in made:
+        for model in range(models):
+            make_usage(task, model=f"m{model}")
+    populate_rollup()
+
+
+def test_keys_restored_by_three_batches_are_rebuilt_once_each() -> None:
+    shared_keys(3, 4)  # 12 rows, 4 keys, each with a row in each batch of 4
+    backfill()
+    run = BackfillRun.objects.get()
+    reverted = execute_revert(RevertOptions(run_id=run.pk, batch_size=4))
+    assert reverted.reverted and reverted.batches == 3
+    # Per batch, each key would be rebuilt 3 times: once each here.
+    assert sum(piece.keys for piece in reverted.rollup.slices) == 4
+    assert reverted.rollup.keys_done == 4
+    assert dirty_queue_size() == 0
+    assert rollup_mismatches() == []
+
+
+def test_a_revert_stopped_before_its_rebuild_leaves_the_rollup_pending_and_a_rerun_ends_it(
+    scenario: dict[str, TaskUsage],
+) -> None:
+    original = snapshot()
+    backfill()
+    run = BackfillRun.objects.get()
+    stop = threading.Event()
+
+    def stop_after_the_last_batch(event: str, /, **details: Any) -> None:
+        if event == "batch" and details["result"].rows_restored == len(ELIGIBLE):
+            stop.set()
+
+    stopped = execute_revert(
+        RevertOptions(run_id=run.pk, batch_size=2), stop=stop, progress=stop_after_the_last_batch
+    )
+    assert stopped.stopped and stopped.rows_restored == len(ELIGIBLE)
+    assert stopped.rollup.slices == []
+    run.refresh_from_db()
+    assert (run.status, run.rollup_state) == (BackfillRun.Status.SUCCEEDED, "pending")
+    assert snapshot()["task_usage"] == original["task_usage"]
+    assert dirty_queue_size() == 5  # the restored rows' keys, for the platform's cron tick
+    assert rollup_mismatches() != []
+
+    again = execute_revert(RevertOptions(run_id=run.pk))
+    assert again.reverted and again.rows_restored == 0 and again.rollup.keys_done == 5
+    run.refresh_from_db()
+    assert run.rollup_state == BackfillRun.RollupState.DONE
+    assert snapshot() == original
+    assert dirty_queue_size() == 0
+    assert rollup_mismatches() == []
+
+
+KEY_SQL = "SELECT {key_columns} FROM pg_temp.codex_rollup_keys WHERE NOT done LIMIT 1"
+REQUEUE_SQL = """
+UPDATE {task_usage_hourly_dirty} SET enqueued_at = clock_timestamp()
+WHERE (bucket_hour, workspace_id, runtime_id, agent_id, provider, model) =
+      (%s, %s, %s, %s, %s, %s) AND project_id IS NOT DISTINCT FROM %s"""
+
+
+def test_a_key_queued_again_by_a_writer_during_a_slice_stays_queued(
+    other_connection: psycopg.Connection,
+) -> None:
+    """A writer queues a key again while the own slice that rebuilds it runs: the slice
+    removes only the queue row its snapshot saw, so the key stays queued for the tick."""
+    make_keys(12, 6)  # 72 keys: the proof takes 50, the first own slice the rest
+    backfill()
+    run = BackfillRun.objects.get()
+    requeued: list[tuple[Any, ...]] = []
+
+    def requeue_during_the_next_slice(event: str, /, **details: Any) -> None:
+        if event != "rollup_slice" or requeued:
+            return
+        with connection.cursor() as cursor:  # the revert's session, between two slices
+            cursor.execute(compose(KEY_SQL))
+            requeued.append(cursor.fetchone())
+        key = requeued[0]
+        # Queued again, committed once the slice waits for the row (its snapshot is older).
+        other_connection.execute(compose(REQUEUE_SQL), [*key[:4], *key[5:], key[4]])
+        threading.Timer(1.0, other_connection.commit).start()
+
+    reverted = execute_revert(RevertOptions(run_id=run.pk), progress=requeue_during_the_next_slice)
+    assert reverted.reverted and requeued
+    assert [piece.plan for piece in reverted.rollup.slices] == ["nestloop", "own"]
+    with connection.cursor() as cursor:
+        cursor.execute(compose("SELECT {key_columns} FROM {task_usage_hourly_dirty}"))
+        assert cursor.fetchall() == requeued
+    assert rollup_mismatches() == []
+
+
+def test_on_the_function_path_the_revert_drains_its_keys_by_the_windows_they_were_queued() -> None:
+    shared_keys(3, 4)
+    backfill()
+    run = BackfillRun.objects.get()
+    options = RevertOptions(run_id=run.pk, batch_size=4, rollup_path="function")
+    reverted = execute_revert(options)
+    assert reverted.reverted and reverted.batches == 3
+    assert reverted.rollup.path == "function" and reverted.rollup.keys_done == 4
+    assert {piece.plan for piece in reverted.rollup.slices} <= {"nestloop", "hash"}
+    assert dirty_queue_size() == 0
     assert rollup_mismatches() == []

@@ -305,14 +305,15 @@ def test_the_own_path_writes_what_the_function_writes(
 
 
 def test_the_revert_rebuilds_on_the_own_path_and_leaves_nothing_queued() -> None:
-    make_keys(4, 5)
+    make_keys(12, 6)  # 72 keys: the proof takes the first 50, own slices the rest
     live_watermark()
     result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     reverted = execute_revert(RevertOptions(run_id=result.run.pk, batch_size=5))
-    assert reverted.reverted and reverted.rows_restored == 20
+    assert reverted.reverted and reverted.rows_restored == 72
     assert reverted.rollup.path == "own"
     plans = [piece.plan for piece in reverted.rollup.slices]
-    assert plans[0] == "nestloop" and "own" in plans[1:]  # the proof, then its own drains
+    assert plans[0] == "nestloop" and "own" in plans[1:]  # the proof, then its own slices
+    assert sum(piece.keys for piece in reverted.rollup.slices) == 72  # each key once
     assert sql("SELECT count(*) FROM {task_usage_hourly_dirty}") == [(0,)]
     assert rollup_mismatches() == []
     assert hourly() == as_the_function_makes_it()
@@ -602,16 +603,16 @@ def test_a_function_redefined_after_the_proof_sends_the_rest_to_the_function(
     assert hourly() != as_the_own_path_makes_it(version)
 
 
-def test_a_function_redefined_during_a_revert_sends_its_next_drains_to_the_function(
+def test_a_function_redefined_during_a_revert_sends_its_next_slices_to_the_function(
     restored_function: None, other_connection: Any
 ) -> None:
-    make_keys(4, 5)
+    make_keys(12, 6)
     live_watermark()
     done = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
     assert done.rollup.path == "own"
     seen, progress = _redefine_after_the_proof(other_connection)
     reverted = execute_revert(RevertOptions(run_id=done.run.pk, batch_size=5), progress=progress)
-    assert reverted.reverted and reverted.rows_restored == 20
+    assert reverted.reverted and reverted.rows_restored == 72
     assert [piece.plan for piece in reverted.rollup.slices][:1] == ["nestloop"]
     assert reverted.rollup.path == "function"
     assert "the rollup function was redefined during the run" in reverted.rollup.path_reason

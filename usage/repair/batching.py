@@ -93,11 +93,9 @@ class Batch:
     clamped_rows: int = 0
     first_stamp: datetime | None = None
     last_stamp: datetime | None = None
-    # The revert's: journal entries read, keys queued, their agents' tasks, entries held.
+    # The revert's: journal entries read, keys queued, entries held.
     entries: int = 0
     keys_enqueued: int = 0
-    tasks: int = 0
-    stamp: datetime | None = None
     skipped: tuple[int, ...] = ()
 
     @property
@@ -194,9 +192,13 @@ class Chunks:
             privileges.refuse_missing(cursor, needed, what)
 
     def rebuild_keys(
-        self, run_ids: list[int], should_stop: Callable[[], bool]
+        self,
+        run_ids: list[int],
+        should_stop: Callable[[], bool],
+        source: rollup.KeySource = rollup.RUN_KEYS,
     ) -> rollup.RollupResult:
-        """Rebuild every hourly key of the runs' rows on the run's path, in lock slices."""
+        """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path, in
+        lock slices."""
         limits = self.limits
         return rollup.rebuild_keys(
             run_ids,
@@ -207,6 +209,7 @@ class Chunks:
             neighbours=limits.neighbours(),
             should_stop=should_stop,
             progress=self.events.progress,
+            source=source,
         )
 
     def walk(self, after: int, last: int) -> int:

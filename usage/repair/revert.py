@@ -1,6 +1,7 @@
 """Undoing one execute run, the chunk engine's backward strategy: its journal walked by id,
-a row restored only while still exactly what the run left, the keys of each batch rebuilt
-right after it (``rollup.RevertDrains``)."""
+a row restored only while still exactly what the run left, each batch's keys queued for the
+platform and noted; after the batches, the distinct keys rebuilt once each (``rebuild_keys``
+with ``rollup.REVERT_KEYS``)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,15 @@ from django.db.models import Max, Min
 from django.db.models.functions import Now
 
 from usage.db import check_target, drop_temp_table
-from usage.eligibility import compose
+from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress, revert_log
-from usage.repair.rollup.recompute import REVERT_KEYS_TABLE
+from usage.repair.rollup import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-# The first batch's size at most; later ones are sized from the measured rollup cost.
-INITIAL_BATCH_SIZE = 100
 WORDS = batching.BatchWords(
     batch="a revert batch",
     unit="entries",
@@ -44,24 +43,22 @@ UNCHANGED = """(tu.id IS NOT NULL
         AND tu.input_tokens = j.new_input_tokens
         AND tu.updated_at IS NOT DISTINCT FROM j.new_updated_at)"""
 
-# The task count of each agent of the run's rows: a key's rollup cost grows with it.
-AGENT_TASKS_TABLE = "pg_temp.codex_revert_agent_tasks"
-CREATE_AGENT_TASKS_SQL = """
-CREATE TEMP TABLE codex_revert_agent_tasks ON COMMIT PRESERVE ROWS AS
-SELECT q.agent_id, count(*) AS tasks
-FROM {agent_task_queue} q
-WHERE q.agent_id IN (
-    SELECT uq.agent_id
-    FROM {journal} j JOIN {task_usage} tu ON tu.id = j.usage_id
-    JOIN {agent_task_queue} uq ON uq.id = tu.task_id
-    WHERE j.run_id = %(run_id)s AND j.reverted_at IS NULL
+# The distinct keys the batches restored (and queued), for the rebuild after them.
+CREATE_KEYS_SQL = key_table("codex_revert_keys")
+UNIQUE_KEYS_SQL = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS codex_revert_keys_key ON pg_temp.codex_revert_keys "
+    "({key_columns}) NULLS NOT DISTINCT"
 )
-GROUP BY q.agent_id"""
-DROP_AGENT_TASKS_SQL = f"DROP TABLE IF EXISTS {AGENT_TASKS_TABLE}"
-# What is queued now (an earlier revert of the run may have stopped before its drain).
-QUEUED_SQL = f"""
-SELECT count(*), coalesce(sum(t.tasks), 0)::bigint, max(d.enqueued_at)
-FROM {{task_usage_hourly_dirty}} d LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = d.agent_id"""
+CLEAR_KEYS_SQL = f"TRUNCATE {REVERT_KEYS_TABLE}"
+DROP_KEYS_SQL = f"DROP TABLE IF EXISTS {REVERT_KEYS_TABLE}"
+# An earlier revert of the run stopped before its rebuild: the keys of the rows it restored.
+EARLIER_KEYS_SQL = f"""
+INSERT INTO {REVERT_KEYS_TABLE}
+SELECT DISTINCT {{row_key}}
+FROM {{journal}} j JOIN {{task_usage}} tu ON tu.id = j.usage_id {{key_joins}}
+WHERE j.run_id = %(run_id)s AND j.reverted_at IS NOT NULL AND {{has_key}}
+ON CONFLICT DO NOTHING"""
+KEYS_COUNT_SQL = f"SELECT count(*) FROM {REVERT_KEYS_TABLE}"
 
 # One batch: lock, re-check, restore, mark the journal and queue the keys in one statement.
 BATCH_SQL = f"""
@@ -90,8 +87,8 @@ restored_keys AS (
     SELECT DISTINCT {{row_key}} FROM restored tu {{key_joins}} WHERE {{has_key}}
 ),
 noted AS (
-    -- The keys this batch's drain rebuilds (usage.repair.rollup.RevertDrains).
-    INSERT INTO {REVERT_KEYS_TABLE} SELECT * FROM restored_keys RETURNING 1
+    -- The keys the rebuild after the batches rebuilds, each once.
+    INSERT INTO {REVERT_KEYS_TABLE} SELECT * FROM restored_keys ON CONFLICT DO NOTHING
 ),
 enqueued AS (
     -- An upsert, as every platform writer queues keys (the later of the two times).
@@ -99,22 +96,19 @@ enqueued AS (
     SELECT {{key_columns}}, now() FROM restored_keys
     ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
     DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)
-    RETURNING d.agent_id, d.enqueued_at
+    RETURNING 1
 ),
 skipped AS (
-    -- Unchanged in our snapshot but not locked by us: a writer holds the row.
+    -- Unchanged in our snapshot but not locked by us: a writer holds the row. (NOT IN: a
+    -- hashed subplan; NOT EXISTS was planned as a nested loop, quadratic in the batch.)
     SELECT j.id FROM batch j LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
-    WHERE {UNCHANGED}
-      AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.journal_id = j.id)
+    WHERE {UNCHANGED} AND j.id NOT IN (SELECT l.journal_id FROM locked l)
 )
 SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM restored),
        (SELECT count(*) FROM marked), (SELECT count(*) FROM enqueued),
-       (SELECT coalesce(sum(t.tasks), 0)::bigint
-        FROM enqueued e LEFT JOIN {AGENT_TASKS_TABLE} t ON t.agent_id = e.agent_id),
-       (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped),
-       coalesce((SELECT max(enqueued_at) FROM enqueued), now())"""
+       (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped)"""
 
-FIGURES = ("entries", "rows", "marked", "keys_enqueued", "tasks", "skipped", "stamp")
+FIGURES = ("entries", "rows", "marked", "keys_enqueued", "skipped")
 # The two kinds of batch: an id range of the run's journal, or the ids a writer held.
 RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
 RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
@@ -225,10 +219,8 @@ class Revert(batching.Chunks):
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
         self.options = options
-        self.size = min(options.batch_size, INITIAL_BATCH_SIZE)
         self.restored_before = 0  # rows earlier reverts of the run restored
         self.skipped: list[int] = []  # journal entries a writer held
-        self.drains: rollup.RevertDrains | None = None
 
     def run(self) -> RevertResult:
         check_target()
@@ -244,12 +236,17 @@ class Revert(batching.Chunks):
             self.restored_before = BackfillJournal.objects.filter(
                 run=run, reverted_at__isnull=False
             ).count()
+            Rollup = BackfillRun.RollupState
+            state = Rollup.SKIPPED if run.rollup_state == Rollup.SKIPPED else Rollup.PENDING
+            # Until the rebuild after the batches is done, the run's rollup is pending (its
+            # keys wait in the platform's queue for the cron tick, or the same revert again).
             self.record(
                 revert_state=BackfillRun.RevertState.RUNNING,
                 revert_started_at=Now(),
                 revert_finished_at=None,
                 revert_error="",
                 rows_restored=self.restored_before,
+                rollup_state=state,
             )
             self.guard(self._restore_phase, self._cleanup)
             self._finish()
@@ -257,24 +254,40 @@ class Revert(batching.Chunks):
         return result
 
     def _restore_phase(self) -> None:
-        """The agents' task counts (the function path's cost model), the drains, the batches."""
-        o = self.options
+        """The batches, then the rebuild of their keys (and of those an earlier revert of the
+        run left pending)."""
+        run = self.result.run
         with connection.cursor() as cursor:
-            cursor.execute(DROP_AGENT_TASKS_SQL)
-            cursor.execute(compose(CREATE_AGENT_TASKS_SQL), {"run_id": self.result.run.pk})
-        limits = rollup.SliceLimits(
-            o.max_rollup_lock_seconds, o.lock_timeout, max(o.statement_timeout, 0)
+            cursor.execute(CREATE_KEYS_SQL)
+            cursor.execute(compose(UNIQUE_KEYS_SQL))
+            cursor.execute(CLEAR_KEYS_SQL)
+            if self.restored_before and run.rollup_state == BackfillRun.RollupState.PENDING:
+                cursor.execute(compose(EARLIER_KEYS_SQL), {"run_id": run.pk})
+        bounds = BackfillJournal.objects.filter(run=run, reverted_at__isnull=True).aggregate(
+            first=Min("id"), last=Max("id")
         )
-        self.drains = rollup.RevertDrains(self.result.path, limits, o.neighbours())
-        self.result.rollup = self.drains.result
-        if self.restored_before:  # an earlier revert of the run stopped: drain what it queued
-            self._drain_queued()
-        bounds = BackfillJournal.objects.filter(
-            run=self.result.run, reverted_at__isnull=True
-        ).aggregate(first=Min("id"), last=Max("id"))
         if bounds["first"] is not None:
             self.walk(bounds["first"] - 1, bounds["last"])
             self.result.stopped = self.stop.is_set()
+        if not self.result.stopped:
+            self._rebuild_restored()
+
+    def _rebuild_restored(self) -> None:
+        """The restored rows' keys, each once, by touched hour; the run's rollup is as it was
+        before the revert once they are."""
+        try:
+            rebuilt = self.rebuild_keys([], self.stop.is_set, rollup.REVERT_KEYS)
+        except rollup.RollupError as exc:
+            if exc.result is not None:
+                self.result.rollup = exc.result
+            raise
+        self.result.rollup = rebuilt
+        self.result.stopped = rebuilt.stopped
+        if not rebuilt.stopped:
+            with connection.cursor() as cursor:
+                cursor.execute(KEYS_COUNT_SQL)
+                (rebuilt.distinct_keys,) = cursor.fetchone()
+            self.record(rollup_state=self.result.run.rollup_state)
 
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
         params = dict(selector, run_id=self.result.run.pk)
@@ -288,20 +301,10 @@ class Revert(batching.Chunks):
         return dict(figures, skipped=tuple(figures["skipped"]))
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
-        """Record the rows restored, rebuild the batch's keys in one slice, and size the next
-        batch for its keys' rebuild to fit a slice."""
-        assert self.drains is not None
+        """Record the rows restored (their keys wait in the queue for the rebuild)."""
         self.skipped.extend(batch.skipped)
         if batch.rows:
             self.record(rows_restored=self.restored_before + self.result.rows_restored)
-        wanted = batch.batch_size * 4
-        if batch.keys_enqueued:
-            keys, tasks = batch.keys_enqueued, batch.tasks
-            piece = self.drains.drain(batch.stamp, keys, tasks)
-            done, total = self.drains.result.keys_done, self.result.rollup_keys
-            self.events("rollup_slice", piece=piece, done=done, total=total)
-            wanted = self.drains.next_entries(batch.entries, keys, tasks, self.size)
-        self.size = max(1, min(self.options.batch_size, wanted))
 
     def locked(self) -> int:
         return len(self.skipped)
@@ -314,9 +317,6 @@ class Revert(batching.Chunks):
                 pending = pending[len(chunk) :]
 
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
-        if salvage and self.drains is not None:
-            warning = "rollup drain failed (%s); the queued keys stay in task_usage_hourly_dirty"
-            self.quietly(self._drain_queued, warning)
         if salvage and not timed_out:
             message = (
                 f"revert of run {self.result.run.pk} stopped: {message}; the rows restored so "
@@ -325,19 +325,8 @@ class Revert(batching.Chunks):
         self._record_end(BackfillRun.RevertState.FAILED, message)
         return message
 
-    def _drain_queued(self) -> None:
-        """Rebuild whatever is queued now (through the function: the keys are not known)."""
-        assert self.drains is not None
-        with connection.cursor() as cursor:
-            cursor.execute(compose(QUEUED_SQL))
-            keys, tasks, latest = cursor.fetchone()
-        if keys:
-            self.drains.drain_queue(latest, keys, tasks)
-
     def _cleanup(self) -> None:
-        drop_temp_table(DROP_AGENT_TASKS_SQL, "agent task counts", logger)
-        if self.drains is not None:
-            self.drains.close()
+        drop_temp_table(DROP_KEYS_SQL, "revert keys table", logger)
 
     def _record_end(self, state: str, error: str) -> None:
         """How the revert ended, when it did not finish."""

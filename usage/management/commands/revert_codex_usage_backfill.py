@@ -143,7 +143,7 @@ class Command(ToolCommand):
                 self._batch_event(details["batch"], details["result"])
             show(event, **details)
 
-        what_next = "finishing the current batch and its rollup, then stopping."
+        what_next = "finishing the current batch or rollup slice, then stopping."
         with self.live_run(what_next, revert_events) as (stop, show, received):
             done = execute_revert(settings, stop=stop, progress=progress)
         signum = received[0] if received else signal.SIGTERM

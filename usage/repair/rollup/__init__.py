@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from usage.cron import ROLLUP_LOCK_ID
 from usage.repair.rollup.function import QueueDrainer
-from usage.repair.rollup.rebuild import RevertDrains, rebuild_keys
+from usage.repair.rollup.rebuild import rebuild_keys
+from usage.repair.rollup.recompute import REVERT_KEYS, REVERT_KEYS_TABLE, RUN_KEYS, KeySource
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     LOCK_CAP_SLACK_SECONDS,
-    MAX_SLICE_GROWTH,
     NeighbourOptions,
     RollupError,
     RollupResult,
@@ -22,13 +22,15 @@ from usage.repair.rollup.versions import PathChoice, choose_path
 
 __all__ = [
     "DEFAULT_MAX_ROLLUP_LOCK_SECONDS",
+    "KeySource",
     "LOCK_CAP_SLACK_SECONDS",
-    "MAX_SLICE_GROWTH",
     "ROLLUP_LOCK_ID",
     "NeighbourOptions",
+    "REVERT_KEYS",
+    "REVERT_KEYS_TABLE",
+    "RUN_KEYS",
     "PathChoice",
     "QueueDrainer",
-    "RevertDrains",
     "RollupError",
     "RollupResult",
     "RollupSlice",

@@ -215,10 +215,6 @@ class QueueDrainer(Slicer):
         per_key = mean_tasks + KEY_BASE_COST[plan]
         return max(1, int(self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0) / per_key))
 
-    def batch_entries(self, entries: int, keys: int, tasks: int) -> float:
-        """How many journal entries the revert's next batch may take (before its caps)."""
-        return self.next_keys(tasks / keys) * entries / keys
-
     def _best_plan(self, mean_tasks: float) -> Plan:
         def speed(plan: Plan) -> float:
             per_key = mean_tasks + KEY_BASE_COST[plan]

@@ -152,7 +152,7 @@ class HourParts:
                 slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
                 continue
             failed = 0
-            rollup_rows, part_keys = (int(value) for value in done.value)
+            rollup_rows, part_keys = (int(value) for value in done.value[:2])
             with connection.cursor() as cursor:
                 cursor.execute(MARK_PART_DONE_SQL, {"seq": self.seq, "agents": part})
             del agents[: len(part)]

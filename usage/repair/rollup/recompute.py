@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +15,7 @@ from django.db import connection
 from psycopg import sql
 
 from usage.db import drop_temp_table
-from usage.eligibility import KEY_COLUMNS, compose, format_sql, same_key
+from usage.eligibility import KEY_COLUMNS, compose, format_sql, key_columns, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
 from usage.repair.rollup.function import MICROSECOND, Plan, call_function
@@ -41,17 +42,24 @@ from usage.repair.rollup.slices import (
     ShouldStop,
     SliceCancelled,
     Span,
-    log_slice,
     run_locked,
     unbounded,
 )
-from usage.repair.rollup.stamps import ANALYZE_JOURNAL_SQL, FunctionPath, from_run_rows
+from usage.repair.rollup.stamps import (
+    ANALYZE_JOURNAL_SQL,
+    REVERT_KEYS_TABLE,
+    FunctionPath,
+    from_run_rows,
+)
 from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
 
 __all__ = [
+    "REVERT_KEYS",
     "REVERT_KEYS_TABLE",
+    "RUN_KEYS",
     "SPAN_TASKS",
     "WRITE_SQL",
+    "KeySource",
     "OwnRebuild",
     "Recompute",
     "span_params",
@@ -162,12 +170,21 @@ INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_que
 ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
 DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 
-# The keys the revert's batches restored (and queued) since the last drain.
-REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
-REVERT_KEYS = f"SELECT DISTINCT {{keys}} FROM {REVERT_KEYS_TABLE}"
+# The revert's keys table: the keys its batches restored, numbered in the order they were
+# queued (``stamp``), with the time each was (``queued_at``; none when the tick drained it).
+CREATE_REVERT_KEYS_SQL = f"""
+CREATE TEMP TABLE codex_rollup_keys ON COMMIT PRESERVE ROWS AS
+SELECT {key_columns("k").as_string()},
+       row_number() OVER (ORDER BY d.enqueued_at, k.agent_id) AS stamp, d.enqueued_at AS queued_at,
+       0::bigint AS hour_seq, false AS done
+FROM {REVERT_KEYS_TABLE} k
+LEFT JOIN {{task_usage_hourly_dirty}} d ON {same_key("k", "d").as_string()}"""
+# The revert's proof calls the function over the time its keys were queued: it drains them.
+QUEUED_WINDOW_SQL = f"""
+SELECT coalesce(max(queued_at), statement_timestamp()) FROM {KEYS_TABLE} WHERE stamp <= %(last)s"""
 # The bucket hours of a ``{keys}`` query, to bound its recompute.
 HOURS_OF_SQL = "SELECT DISTINCT bucket_hour FROM ({keys_sql}) k ORDER BY 1"
-# A revert drain: its keys rewritten, then the queue rows its snapshot saw removed (same
+# The revert's slice: its keys rewritten, then the queue rows its snapshot saw removed (same
 # ``xmin``: a key queued again meanwhile stays queued; docs/design.md).
 DRAIN_SQL = """
 WITH keys AS MATERIALIZED ({keys_sql}),
@@ -190,6 +207,22 @@ MAX_SPANS = 24
 PROOF_KEYS_COUNT = 50
 FIRST_SLICE_ROWS = 20_000
 PRIOR_ROWS_PER_SECOND = 200_000.0
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where a rebuild's keys come from: ``create`` makes the keys table (from the runs' rows,
+    or the revert's keys); ``write``, an own slice's statement; ``queued``: the keys are in the
+    platform's queue (the revert's), which the function path drains and the proof calls the
+    function over."""
+
+    create: str = CREATE_KEYS_SQL
+    write: str = WRITE_SQL
+    queued: bool = False
+
+
+RUN_KEYS = KeySource()
+REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
 
 
 def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, datetime]]:
@@ -235,9 +268,8 @@ def _write(
 
 
 class OwnRebuild:
-    """The own path, for the keys of some runs (``rebuild``) or of the revert's batches
-    (``drain``); ``function``, its fallback, keeps the slices' count and the neighbours' room.
-    """
+    """The own path, for the keys of some runs or of the revert's batches (``rebuild``);
+    ``function``, its fallback, keeps the slices' count and the neighbours' room."""
 
     def __init__(self, choice: PathChoice, function: FunctionPath) -> None:
         assert choice.version is not None
@@ -246,16 +278,12 @@ class OwnRebuild:
         self.result = function.result
         self.recompute = Recompute(choice.version)
         self.fingerprint = choice.fingerprint
-        self.slice_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS)
-        self.probed_sql = self.recompute.statement(WRITE_SQL, SLICE_KEYS, probed=SPAN_TASKS)
-        self.part_sql = self.recompute.statement(WRITE_SQL, PART_KEYS, probed=PART_TASKS)
-        self.probe_below = 0.0
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
-        self.proven: bool | None = None
-        self.last_held = 0.0
+        self.probe_below = 0.0
         self.hours = self.done = self.keys_done = 0
         self.run_ids: list[int] = []
+        self.source = RUN_KEYS
 
     def _prove(
         self,
@@ -263,7 +291,6 @@ class OwnRebuild:
         params: dict[str, Any],
         spans: list[tuple[datetime, datetime]],
         window: tuple[datetime, datetime],
-        keys: int | None = None,
     ) -> tuple[Proof, RollupSlice]:
         """``prove`` in one REPEATABLE READ slice, the function called over ``window``; a
         failed proof puts the rest on the function path. Raises ``SliceCancelled``."""
@@ -285,10 +312,8 @@ class OwnRebuild:
 
         done = run_locked(self.limits, work, repeatable_read=True)
         proof, (rollup_rows, scans) = done.value
-        keys = proof.keys if keys is None else keys
-        piece = done.piece(*window, rollup_rows, keys=keys, plan=Plan.NESTLOOP, **scans)
+        piece = done.piece(*window, rollup_rows, keys=proof.keys, plan=Plan.NESTLOOP, **scans)
         self.function.settled(piece)
-        self.proven = proof.ok
         if proof.ok:
             logger.info("rollup path: %s", proof.describe())
         else:
@@ -297,25 +322,32 @@ class OwnRebuild:
 
     def _to_function(self, why: str) -> None:
         """A failed proof, or a definition changed since: the rest on the function path."""
-        self.proven = False
         self.result.path = BackfillRun.RollupPath.FUNCTION
         self.result.path_reason = why + ": the rest on the function path"
         logger.warning("rollup path: %s", self.result.path_reason)
 
-    # -- the repair's rebuild ------------------------------------------------------------
-
     def rebuild(
-        self, run_ids: Sequence[int], should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
+        self,
+        run_ids: Sequence[int],
+        should_stop: ShouldStop,
+        on_slice: OnSlice,
+        on_wait: OnWait,
+        source: KeySource = RUN_KEYS,
     ) -> bool:
-        """Every key of the runs; False when the proof failed (``result.path_reason``)."""
-        self.run_ids = list(run_ids)
+        """Every key of the runs, or of ``source``; False when the proof failed
+        (``result.path_reason``)."""
+        self.run_ids, self.source = list(run_ids), source
+        statement = self.recompute.statement
+        self.slice_sql = statement(source.write, SLICE_KEYS)
+        self.probed_sql = statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
+        self.part_sql = statement(source.write, PART_KEYS, probed=PART_TASKS)
         try:
             keys, stamped = unbounded(
                 self.limits,
                 DROP_KEYS_SQL,
                 DROP_HOURS_SQL,
                 compose(ANALYZE_JOURNAL_SQL),
-                (from_run_rows(CREATE_KEYS_SQL, ""), {"run_ids": self.run_ids}),
+                (from_run_rows(source.create, ""), {"run_ids": self.run_ids}),
                 ANALYZE_KEYS_SQL,
                 KEYS_TOTAL_SQL,
             )
@@ -369,7 +401,7 @@ class OwnRebuild:
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
-            window = (first, last + MICROSECOND)
+            window = self._window(first, last)
             try:
                 proof, piece = self._prove(PROOF_KEYS, {"last": last}, spans, window)
             except SliceCancelled as exc:
@@ -385,6 +417,15 @@ class OwnRebuild:
             self.function.report(piece, what, self.keys_done, on_slice)
             self.function.leave_a_gap()
             return proof.ok
+
+    def _window(self, first: Any, last: Any) -> tuple[datetime, datetime]:
+        """The proof's call of the function: over its stamps, or the time the revert's keys
+        were queued (it drains them)."""
+        if self.source.queued:
+            with connection.cursor() as cursor:
+                cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
+                first = last = cursor.fetchone()[0]
+        return first, last + MICROSECOND
 
     def _slices(self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait) -> None:
         """Slices of hours, each sized by the measured rate to hold the lock ``target``; an
@@ -407,7 +448,7 @@ class OwnRebuild:
                     f"{span.keys:,} keys)",
                 )
                 continue
-            rollup_rows, keys = (int(value) for value in done.value)
+            rollup_rows, keys = (int(value) for value in done.value[:2])
             piece = done.piece(
                 span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.cost
             )
@@ -443,7 +484,8 @@ class OwnRebuild:
             f"{span.start:%Y-%m-%d %H:00}",
         )
         counted = self.result.keys_total
-        self.function.rebuild(self.run_ids, should_stop, on_slice, on_wait, span.start)
+        function = self.function.rebuild
+        function(self.run_ids, should_stop, on_slice, on_wait, span.start, self.source.queued)
         self.result.keys_total = counted  # its keys were counted with the run's
         self.function.cancelled_in_a_row = 0
         if not self.result.stopped:
@@ -465,50 +507,3 @@ class OwnRebuild:
             )
             upto, keys, rows, start, end = cursor.fetchone()
         return Span(self.done, int(upto), int(keys), int(rows), start, end)
-
-    # -- the revert's drains -------------------------------------------------------------
-
-    def drain(self, enqueued_until: datetime, keys: int, tasks: int) -> RollupSlice:
-        """Rebuild the keys of ``REVERT_KEYS_TABLE``, queued up to ``enqueued_until``: the
-        first drain is the proof; too scattered, too big or unproven, the function's."""
-        spans = _spans(REVERT_KEYS, {})
-        if self.proven is False or len(spans) > MAX_SPANS:
-            piece = self.function.drain(enqueued_until, keys, tasks)
-        else:
-            self.function.ticks.wait_if_due(lambda: False, None)
-            what = "revert drain of {} keys on the own path"
-            try:
-                if self.proven:
-                    piece = self._own_drain(spans, keys)
-                else:
-                    what = "proof of the own recompute on {} revert keys"
-                    window = (enqueued_until, enqueued_until + MICROSECOND)
-                    proof, piece = self._prove(REVERT_KEYS, {}, spans, window, keys)
-                    log_slice(piece, f"revert proof: {proof.keys} keys both ways", keys, keys)
-                self.function.leave_a_gap()
-            except SliceCancelled as exc:
-                # Too big for one slice: the function alone drains it (and the proof waits).
-                self.function.cancelled(exc, what.format(keys))
-                piece = self.function.drain(enqueued_until, keys, tasks)
-            except DefinitionChanged as exc:
-                self._to_function(str(exc))
-                piece = self.function.drain(enqueued_until, keys, tasks)
-        self.last_held = piece.lock_held_seconds
-        return piece
-
-    def _own_drain(self, spans: list[tuple[datetime, datetime]], keys: int) -> RollupSlice:
-        statement = self.recompute.statement(DRAIN_SQL, REVERT_KEYS, len(spans))
-        work = _write(statement, span_params(spans), self.fingerprint)
-        done = run_locked(self.limits, work)
-        rollup_rows, recomputed, drained = done.value
-        window = (spans[0][0], spans[-1][1]) if spans else (None, None)
-        piece = done.piece(*window, rollup_rows, keys=int(recomputed), plan="own")
-        self.function.settled(piece)
-        log_slice(piece, f"revert drain: {recomputed} keys, {drained} queue rows", keys, keys)
-        return piece
-
-    def batch_entries(self, entries: int, keys: int, tasks: int) -> float:
-        """How many journal entries the revert's next batch may take (before its caps)."""
-        if not self.proven:
-            return self.function.batch_entries(entries, keys, tasks)
-        return entries * self.limits.target / max(self.last_held, 1e-3)

@@ -137,7 +137,8 @@ class RollupResult:
     cancelled_holds: list[float] = field(default_factory=list)  # of slices cancelled at the cap
     path: str = ""  # "own" or "function"; the reason when a failed proof changed it
     path_reason: str = ""
-    # The distinct keys rebuilt, where slices may rebuild a key more than once (the revert's).
+    # The distinct keys rebuilt, where the slices' keys may not count them (the revert's: a
+    # key the cron tick drained first, a failed proof's keys drained by its call).
     distinct_keys: int | None = None
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import connection, transaction
 
 from usage.db import drop_temp_table
-from usage.eligibility import compose
+from usage.eligibility import compose, key_columns, same_key
 from usage.repair.rollup.function import (
     KEY_BASE_COST,
     MICROSECOND,
@@ -62,6 +62,15 @@ CREATE_RUN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_run_keys ON COMMIT DROP AS
 SELECT DISTINCT {stamp}{row_key} FROM {run_rows}"""
 ANALYZE_RUN_KEYS_SQL = f"ANALYZE {RUN_KEYS_TABLE}"
+# The keys the revert's batches restored (and queued), distinct.
+REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
+# The revert's keys (of ``hour`` when given) as its batches queued them: their time in the
+# queue is their stamp, a window of which drains them.
+CREATE_QUEUED_KEYS_SQL = f"""
+CREATE TEMP TABLE codex_rollup_run_keys ON COMMIT DROP AS
+SELECT d.enqueued_at AS stamp, {key_columns("d").as_string()}
+FROM {REVERT_KEYS_TABLE} k JOIN {{task_usage_hourly_dirty}} d ON {same_key("k", "d").as_string()}
+WHERE %(hour)s::timestamptz IS NULL OR k.bucket_hour = %(hour)s"""
 # The task count of each agent of the keys: a key's rollup cost grows with it.
 AGENT_TASKS = f"""agent_tasks AS MATERIALIZED (
     SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
@@ -135,7 +144,7 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp
 
 
 class FunctionPath(QueueDrainer):
-    """The function path: the revert's drains (``QueueDrainer``) and the repair's rebuild."""
+    """The function path: the repair's rebuild, and the revert's (its queued keys)."""
 
     def rebuild(
         self,
@@ -144,15 +153,18 @@ class FunctionPath(QueueDrainer):
         on_slice: OnSlice,
         on_wait: OnWait,
         hour: datetime | None = None,
+        queued: bool = False,
     ) -> bool:
         """Every hourly key of the runs' rows (of ``hour`` when given): slices of stamps, then
-        the rewritten keys; stops between slices on ``should_stop()``. Always True."""
+        the rewritten keys; or the revert's ``queued`` keys, by the windows of their queue
+        times. Stops between slices on ``should_stop()``. Always True."""
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
+        keys_sql = from_run_rows(CREATE_RUN_KEYS_SQL, STAMPED, hour, STAMP)
         stamps, keys, tasks = unbounded(
             self.limits,
             DROP_STAMPS_TABLE_SQL,
             compose(ANALYZE_JOURNAL_SQL),
-            (from_run_rows(CREATE_RUN_KEYS_SQL, STAMPED, hour, STAMP), params),
+            (compose(CREATE_QUEUED_KEYS_SQL) if queued else keys_sql, params),
             ANALYZE_RUN_KEYS_SQL,
             (compose(CREATE_STAMPS_TABLE_SQL), params),
             INDEX_STAMPS_TABLE_SQL,
@@ -162,7 +174,7 @@ class FunctionPath(QueueDrainer):
         try:
             if stamps:
                 self._stamp_slices(stamps, tasks / keys, should_stop, on_slice, on_wait)
-            if not self.result.stopped:
+            if not self.result.stopped and not queued:
                 self._rewritten(params, should_stop, on_wait)
         finally:
             drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
