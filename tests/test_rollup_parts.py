@@ -22,6 +22,7 @@ from tests.support import COMMITS, live_watermark, sql, table_snapshot
 from usage.db import database_now
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
+from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import parts
 from usage.repair.rollup import recompute as own
 from usage.repair.verify import rollup_mismatches
@@ -161,4 +162,12 @@ def test_an_hour_too_big_for_one_slice_finishes_in_parts_on_the_own_path(
     own_parts = [piece for piece in result.rollup.slices if piece.plan == "own"]
     assert len(own_parts) >= 2 and all(piece.keys <= 60 for piece in own_parts)
     assert result.rollup.keys_done == result.rollup.keys_total == 120
+    assert rollup_mismatches() == []
+
+    # The revert rebuilds its keys with the same slices: the hour in parts again.
+    reverted = execute_revert(RevertOptions(run_id=run.pk, max_rollup_lock_seconds=0.2))
+    assert reverted.rows_restored == 120 and reverted.rollup.path == BackfillRun.RollupPath.OWN
+    plans = [piece.plan for piece in reverted.rollup.slices]
+    assert plans.count("own") >= 2 and plans.count("nestloop") == 1
+    assert not sql("SELECT 1 FROM {task_usage_hourly_dirty}")
     assert rollup_mismatches() == []
