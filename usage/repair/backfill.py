@@ -21,6 +21,7 @@ from usage import cron, db
 from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
+from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
@@ -40,6 +41,13 @@ RECORD_PATH = {
     "reason": "rollup_path_reason",
 }
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
+# Batches are sized for a time, not a count (as GitLab's batched background migrations are):
+# the first takes this many rows (or --batch-size, if smaller), each next one as many as the
+# last one's pace fits in the target time, at most twice and at least half as many, never
+# more than --batch-size. Half a second is where the commit and round trips of a batch cost
+# about 1 % (BENCHMARKS.md), and a writer waits at most that long for a row.
+FIRST_BATCH_SIZE = 1000
+DEFAULT_BATCH_SECONDS = 0.5
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
@@ -98,10 +106,13 @@ FROM updated"""
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
 # A range of the snapshot, found where it saw each row (one written since has moved: the
 # retry finds it), or (a retry) the next rows of the snapshot still eligible, found by id.
+# The range's rows are found by a TID scan of its ctids (an array: a join on ctid turns into a
+# scan of the whole table once a batch has a few thousand rows).
 RANGE_BATCH = {
     "selector": "w.seq > %(after)s AND w.seq <= %(upto)s",
     "limit": "",
-    "find": "tu.ctid = w.tid AND tu.id = w.id",
+    "find": f"""tu.id = w.id AND tu.ctid = ANY (ARRAY(
+        SELECT r.tid FROM {WORK_TABLE} r WHERE r.seq > %(after)s AND r.seq <= %(upto)s))""",
 }
 RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s", "find": "tu.id = w.id"}
 
@@ -119,6 +130,8 @@ class BackfillError(batching.RunError):
 @dataclass(frozen=True)
 class ExecuteOptions(batching.RunLimits):
     cutoff: datetime
+    batch_size: int = field(default=MAX_BATCH_SIZE, kw_only=True)  # the most rows a batch takes
+    batch_seconds: float = DEFAULT_BATCH_SECONDS  # the time a batch is sized for
     workspace_id: uuid.UUID | None = None
     sleep_between_batches: float = 0.0
     rebuild_rollup: bool = True
@@ -162,6 +175,7 @@ class Repair(batching.Chunks):
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
         self.options = options
+        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.range_shortfall = 0  # snapshot rows a range batch did not update
 
@@ -255,8 +269,11 @@ class Repair(batching.Chunks):
         return figures
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
+        """Count the range's rows left behind; size the next batch for the target time."""
         if not batch.retry:
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
+        pace = min(2.0, max(0.5, self.options.batch_seconds / max(batch.seconds, 0.001)))
+        self.size = max(1, min(self.options.batch_size, int(batch.batch_size * pace)))
 
     def locked(self) -> int:
         """The snapshot's rows still eligible (none while every range batch was whole)."""
