@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F
 
 from usage import cron, db
 from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
@@ -72,8 +71,8 @@ STAMP = (
     "%(stamp_top)s - ((w.rank - 1) * %(stamp_slots)s / %(stamp_keys)s) * interval '1 microsecond'"
 )
 
-# One batch: lock, re-check the row's own eligibility, journal and update in one statement
-# (an update never exists without its journal entry).
+# One batch: lock, re-check the row's own eligibility, journal and update, and add the counts
+# to the run record, in one statement (an update never exists without its journal entry).
 BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
@@ -98,10 +97,19 @@ updated AS (
     RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
               l.input_tokens < l.cache_read_tokens AS clamped,
               l.stamp
+),
+totals AS (
+    SELECT count(*) AS rows, coalesce(sum(removed), 0)::bigint AS removed,
+           count(*) FILTER (WHERE clamped) AS clamped, min(stamp) AS first, max(stamp) AS last
+    FROM updated
+),
+recorded AS (
+    UPDATE {{run}} r SET rows_updated = r.rows_updated + t.rows,
+        input_tokens_removed = r.input_tokens_removed + t.removed,
+        clamped_rows = r.clamped_rows + t.clamped
+    FROM totals t WHERE r.id = %(run_id)s AND t.rows > 0
 )
-SELECT (SELECT count(*) FROM journaled), count(*), coalesce(sum(removed), 0)::bigint,
-       count(*) FILTER (WHERE clamped), min(stamp), max(stamp)
-FROM updated"""
+SELECT (SELECT count(*) FROM journaled), rows, removed, clamped, first, last FROM totals"""
 
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
 # A range of the snapshot, found where it saw each row (one written since has moved: the
@@ -259,12 +267,6 @@ class Repair(batching.Chunks):
         if journaled != rows:
             raise RuntimeError(
                 f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
-            )
-        if rows:  # the run record's counts, in the batch's transaction
-            self.record(
-                rows_updated=F("rows_updated") + rows,
-                input_tokens_removed=F("input_tokens_removed") + figures["input_tokens_removed"],
-                clamped_rows=F("clamped_rows") + figures["clamped_rows"],
             )
         return figures
 
