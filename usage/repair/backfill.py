@@ -43,8 +43,8 @@ REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure 
 # Batches are sized for a time, not a count (as GitLab's batched background migrations are):
 # the first takes this many rows (or --batch-size, if smaller), each next one as many as the
 # last one's pace fits in the target time, at most twice and at least half as many, never
-# more than --batch-size. Half a second is where the commit and round trips of a batch cost
-# about 1 % (BENCHMARKS.md), and a writer waits at most that long for a row.
+# more than --batch-size. At half a second the commit and round trips of a batch cost a few
+# per cent (BENCHMARKS.md), and a writer waits at most about that long for a row.
 FIRST_BATCH_SIZE = 1000
 DEFAULT_BATCH_SECONDS = 0.5
 
