@@ -32,8 +32,10 @@ VACUUM ANALYZE), and measures every variant on its own byte-identical copy of it
 (r) revert     after (c), the whole ``revert_codex_usage_backfill --execute`` of its run as a
                process, with the same neighbours, timed against (c)'s whole command; then
                task_usage must equal the template's and the hourly table verify's recompute;
-(u) update     ``--update-repeat`` pairs, in turn, of (a)'s UPDATE and the whole command with
-               ``--no-rebuild-rollup`` (process wall time, start-up included); medians.
+(u) update     ``--update-repeat`` turns of (a)'s UPDATE, the journalled floor (one transaction:
+               the tool's journal entry for every candidate, then one set-based UPDATE from
+               it) and the whole command with ``--no-rebuild-rollup`` (process wall time,
+               start-up included), each on a fresh copy; medians.
 
 End states of (a), (b) and (c) are compared by an md5 of (id, input_tokens) ordered by id, and
 (c)'s hourly table against usage.repair.verify's recompute; any failed check makes the exit
@@ -91,7 +93,7 @@ CUTOFF_ARG = CUTOFF.strftime("%Y-%m-%dT%H:%M:%SZ")
 DEFAULT_DATA_DIR = ROOT / "bench" / ".pgdata"
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 DEFAULT_PREFIX = "codexbench"
-DEFAULT_BATCH_SIZE = 1000
+ORIGINAL_BATCH_SIZE = 1000  # the Go tool's batch
 DEFAULT_BASELINE_MAX_ROWS = 400_000
 # Bumped when the way the template is built changes, so an old template is never reused.
 TEMPLATE_VERSION = "2"
@@ -118,6 +120,9 @@ EXECUTE_VS_FLOORS_MAX = 1.5
 SMALL_BUDGET_VS_DEFAULT_MAX = 1.3
 NEXT_TICK_HOLD_MAX = 0.5
 UPDATE_VS_FLOOR_MAX = 1.5
+UPDATE_VS_JOURNALLED_MAX = 1.25  # at LARGE_ROWS
+UPDATE_VS_FLOOR_SMALL_MAX = 2.0  # at SMALL_ROWS
+SMALL_ROWS = 200_000
 DEFAULT_SMALL_BUDGET = 1.0
 SPEEDUP_VS_ORIGINAL_MIN = 20.0
 PER_ROW_DRIFT_MAX = 0.30
@@ -429,7 +434,8 @@ class SizeRun:
             self.srv.connect(name, autocommit=True) as lock_conn,
             watch,
         ):
-            timed = variants.original_loop(conn, lock_conn, CUTOFF, self.args.batch_size)
+            size = self.args.batch_size or ORIGINAL_BATCH_SIZE
+            timed = variants.original_loop(conn, lock_conn, CUTOFF, size)
         self.results["original"] = {
             "seconds": timed.seconds,
             "rows": timed.rows,
@@ -450,9 +456,9 @@ class SizeRun:
             "--cutoff",
             CUTOFF_ARG,
             "--execute",
-            "--batch-size",
-            str(self.args.batch_size),
         ]
+        if self.args.batch_size is not None:
+            argv += ["--batch-size", str(self.args.batch_size)]
         if not rollup_too:
             return [*argv, "--no-rebuild-rollup"]
         return [
@@ -466,13 +472,15 @@ class SizeRun:
         ]
 
     def update_process(self) -> None:
-        """(u) Pairs of (a)'s UPDATE and the whole command with --no-rebuild-rollup, in turn.
+        """(u) (a)'s UPDATE, the journalled floor and the whole command with --no-rebuild-rollup,
+        in turn.
 
         The command's figure is its process's wall time, Python's start-up and the snapshot
         included: what an operator waits for. One sample of each is at the mercy of the
         machine (a checkpoint, neighbours on the CPUs); the ratio of medians is steadier.
         """
         floors: list[float] = []
+        journalled: list[float] = []
         processes: list[float] = []
         for turn in range(1, self.args.update_repeat + 1):
             logger.info(
@@ -485,6 +493,15 @@ class SizeRun:
             )
             floors.append(timed.seconds)
             self.done_with(name)
+            name = self.fresh_copy("journalled")
+            with self.srv.connect(name) as conn:
+                timed = variants.journalled_floor(conn, CUTOFF)
+            self.check(
+                f"(u) turn {turn}: the journalled floor updated every candidate",
+                timed.rows == self.candidates,
+            )
+            journalled.append(timed.seconds)
+            self.done_with(name)
             name = self.fresh_copy("update")
             proc = run_process(self.tool_argv(), self.srv.url(name))
             with self.srv.connect(name) as conn:
@@ -493,11 +510,18 @@ class SizeRun:
             self.check(f"(u) turn {turn}: the command updated every candidate", ok, proc.tail())
             processes.append(proc.seconds)
             self.done_with(name)
-            logger.info("    UPDATE %.2fs, command %.2fs", floors[-1], processes[-1])
+            logger.info(
+                "    UPDATE %.2fs, journalled %.2fs, command %.2fs",
+                floors[-1],
+                journalled[-1],
+                processes[-1],
+            )
         self.results["update_process"] = {
             "floor_samples": floors,
+            "journalled_samples": journalled,
             "process_samples": processes,
             "floor_seconds": statistics.median(floors),
+            "journalled_seconds": statistics.median(journalled),
             "process_seconds": statistics.median(processes),
         }
 
@@ -986,10 +1010,18 @@ def table_rows(size: dict[str, Any]) -> list[dict[str, Any]]:
         )
         line(
             "u",
+            "journalled floor (journal INSERT, then UPDATE), median",
+            u["journalled_seconds"],
+            u["floor_seconds"],
+            note="runs: " + ", ".join(f"{x:.2f}" for x in u["journalled_samples"]),
+        )
+        line(
+            "u",
             "tool --no-rebuild-rollup, whole process, median",
             u["process_seconds"],
             u["floor_seconds"],
-            note="runs: " + ", ".join(f"{x:.2f}" for x in u["process_samples"]),
+            note=f"{ratio(u['process_seconds'], u['journalled_seconds']):.2f}x journalled; runs: "
+            + ", ".join(f"{x:.2f}" for x in u["process_samples"]),
         )
     if "default_call" in r:
         d = r["default_call"]
@@ -1060,6 +1092,22 @@ def targets(size: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         f"<= {UPDATE_VS_FLOOR_MAX}",
         v is not None and v <= UPDATE_VS_FLOOR_MAX,
         rows >= LARGE_ROWS,
+    )
+    v = ratio(u.get("process_seconds"), u.get("journalled_seconds"))
+    target(
+        "update: whole process with --no-rebuild-rollup / journalled floor (medians)",
+        v,
+        f"<= {UPDATE_VS_JOURNALLED_MAX}",
+        v is not None and v <= UPDATE_VS_JOURNALLED_MAX,
+        rows >= LARGE_ROWS,
+    )
+    v = ratio(u.get("process_seconds"), u.get("floor_seconds"))
+    target(
+        f"update at {SMALL_ROWS:,} rows: whole process / one-shot UPDATE (medians)",
+        v,
+        f"<= {UPDATE_VS_FLOOR_SMALL_MAX:g}",
+        v is not None and v <= UPDATE_VS_FLOOR_SMALL_MAX,
+        rows == SMALL_ROWS,
     )
     v = ratio(original, tool)
     target(
@@ -1232,7 +1280,7 @@ def render(console: Console, size: dict[str, Any]) -> None:
     console.print(
         f"\n[bold]{size['shape']}: {size['rows']:,} task_usage rows, {size['agents']:,} agents, "
         f"{size['tasks']:,} tasks, {size['candidates']:,} candidates, "
-        f"batch size {size['batch_size']}[/bold]"
+        f"--batch-size {size['batch_size'] or 'not given'}[/bold]"
     )
     table = Table(box=box.SIMPLE_HEAD)
     for column, justify in (
@@ -1355,7 +1403,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time (d) on a sample of the keys when one call over all of them would take "
         f"longer (default {DEFAULT_CALL_MAX_SECONDS:g})",
     )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="--batch-size for the command (default: its own) and the original's batch "
+        f"(default {ORIGINAL_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--database-url",
         help="use this PostgreSQL server (its role needs CREATEDB) instead of the embedded one; "
@@ -1419,7 +1472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if set(args.phases) - set(PHASES):
         parser.error(f"--phases takes letters from {PHASES!r}")
-    if args.batch_size <= 0:
+    if args.batch_size is not None and args.batch_size <= 0:
         parser.error("--batch-size must be positive")
     if args.smoke:
         args.repeat = 1

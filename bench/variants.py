@@ -35,6 +35,42 @@ FROM {agent_task_queue} q
 WHERE q.id = tu.task_id
   AND {eligible_where}"""
 
+# (u) The journalled floor: the tool's journal entry for every candidate (as its batches write
+# it: old and new values, one stamp), then one set-based UPDATE of the rows it journalled, in
+# one statement. Nested loops are off: the check that a candidate has no entry yet, a nested
+# loop over the journal the statement is filling, would read it whole per candidate. The run
+# the entries belong to is a row of the run table with every column that has no default set
+# to its type's zero (made outside the timing).
+RUN_COLUMNS_SQL = """
+SELECT column_name, data_type FROM information_schema.columns
+WHERE table_schema = %(schema)s AND table_name = 'backfill_run'
+  AND is_nullable = 'NO' AND column_default IS NULL AND is_identity = 'NO'"""
+ZERO_OF_TYPE = {
+    "jsonb": "'{{}}'",
+    "timestamp with time zone": "now()",
+    "integer": "0",
+    "bigint": "0",
+    "double precision": "0",
+}
+INSERT_RUN_SQL = "INSERT INTO {run} ({columns}) VALUES ({values}) RETURNING id"
+JOURNALLED_FLOOR_SQL = """
+WITH journaled AS (
+    INSERT INTO {journal} (
+        run_id, usage_id, old_input_tokens, old_updated_at,
+        new_input_tokens, cache_read_tokens, new_updated_at, repaired_at
+    )
+    SELECT %(run_id)s, tu.id, tu.input_tokens, tu.updated_at,
+           {corrected_input}, tu.cache_read_tokens, now(), now()
+    FROM {eligible_from}
+    WHERE {eligible_where}
+    RETURNING usage_id, new_input_tokens, new_updated_at
+)
+UPDATE {task_usage} AS tu
+SET input_tokens = j.new_input_tokens, updated_at = j.new_updated_at
+FROM journaled j
+WHERE tu.id = j.usage_id"""
+NO_NESTED_LOOPS_SQL = "SET LOCAL enable_nestloop = off"
+
 # (a) The floor of the rollup: the same sums as the platform's function for every key the
 # floor's UPDATE touched, in one aggregate-first statement (every usage row joined to its
 # task, agent and issue and grouped by the seven key columns, then kept for the touched
@@ -245,6 +281,28 @@ def floor_update(conn: psycopg.Connection, cutoff: datetime) -> Timed:
         cur.execute(compose(FLOOR_UPDATE_SQL), eligible_params(cutoff, None))
         rows = cur.rowcount
     return Timed(time.monotonic() - started, rows, {"since": since})
+
+
+def journalled_floor(conn: psycopg.Connection, cutoff: datetime) -> Timed:
+    """(u) The journal INSERT of every candidate, then the UPDATE, one transaction, timed to
+    its commit."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(RUN_COLUMNS_SQL, {"schema": compose("{run}").split(".")[0].strip('"')})
+        columns = dict(cur.fetchall())
+        values = [ZERO_OF_TYPE.get(kind, "''") for kind in columns.values()]
+        insert = INSERT_RUN_SQL.format(
+            run="{run}", columns=", ".join(columns), values=", ".join(values)
+        )
+        cur.execute(compose(insert))
+        (run_id,) = cur.fetchone()
+    params = dict(eligible_params(cutoff, None), run_id=run_id)
+    started = time.monotonic()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(NO_STATEMENT_TIMEOUT_SQL)
+        cur.execute(NO_NESTED_LOOPS_SQL)
+        cur.execute(compose(JOURNALLED_FLOOR_SQL), params)
+        rows = cur.rowcount
+    return Timed(time.monotonic() - started, rows)
 
 
 def floor_recompute(conn: psycopg.Connection, since: datetime) -> Timed:

@@ -178,7 +178,7 @@ def test_a_runs_page_reads_as_words_numbers_and_utc_times(
         assert raw not in text, raw
     assert "Input tokens removed: 36,641,482" in text
     assert "Longest hold of lock 4246: 0.507 s" in text
-    assert f"Batch size: {number(1000)}" in text
+    assert f"Batch size: {number(50_000)}" in text  # the default: the most rows a batch takes
     for label in ("OS user:", "Database role:", "Client host:", "PID:", "Backend PID:"):
         assert label in text, label
     assert "Os user" not in text and "Db role" not in text

@@ -110,7 +110,7 @@ def parse_batch_size(value: str | int) -> int:
     if size > MAX_BATCH_SIZE:
         raise ValueError(
             f"--batch-size {size} is too large: batches over {MAX_BATCH_SIZE} rows hold row "
-            "locks for too long on a live database; use 1000 to 10000"
+            "locks for too long on a live database; leave it out for the default"
         )
     return size
 

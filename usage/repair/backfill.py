@@ -15,12 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F
 
 from usage import cron, db
 from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
+from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
 from usage.repair.progress import Progress, no_progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
@@ -40,6 +40,13 @@ RECORD_PATH = {
     "reason": "rollup_path_reason",
 }
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
+# Batches are sized for a time, not a count (as GitLab's batched background migrations are):
+# the first takes this many rows (or --batch-size, if smaller), each next one as many as the
+# last one's pace fits in the target time, at most twice and at least half as many, never
+# more than --batch-size. At half a second the commit and round trips of a batch cost a few
+# per cent (BENCHMARKS.md), and a writer waits at most about that long for a row.
+FIRST_BATCH_SIZE = 1000
+DEFAULT_BATCH_SECONDS = 0.5
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
@@ -64,8 +71,8 @@ STAMP = (
     "%(stamp_top)s - ((w.rank - 1) * %(stamp_slots)s / %(stamp_keys)s) * interval '1 microsecond'"
 )
 
-# One batch: lock, re-check the row's own eligibility, journal and update in one statement
-# (an update never exists without its journal entry).
+# One batch: lock, re-check the row's own eligibility, journal and update, and add the counts
+# to the run record, in one statement (an update never exists without its journal entry).
 BATCH_SQL = f"""
 WITH locked AS (
     SELECT tu.id, tu.input_tokens, tu.cache_read_tokens, tu.updated_at, {STAMP} AS stamp
@@ -90,18 +97,30 @@ updated AS (
     RETURNING least(l.input_tokens, l.cache_read_tokens) AS removed,
               l.input_tokens < l.cache_read_tokens AS clamped,
               l.stamp
+),
+totals AS (
+    SELECT count(*) AS rows, coalesce(sum(removed), 0)::bigint AS removed,
+           count(*) FILTER (WHERE clamped) AS clamped, min(stamp) AS first, max(stamp) AS last
+    FROM updated
+),
+recorded AS (
+    UPDATE {{run}} r SET rows_updated = r.rows_updated + t.rows,
+        input_tokens_removed = r.input_tokens_removed + t.removed,
+        clamped_rows = r.clamped_rows + t.clamped
+    FROM totals t WHERE r.id = %(run_id)s AND t.rows > 0
 )
-SELECT (SELECT count(*) FROM journaled), count(*), coalesce(sum(removed), 0)::bigint,
-       count(*) FILTER (WHERE clamped), min(stamp), max(stamp)
-FROM updated"""
+SELECT (SELECT count(*) FROM journaled), rows, removed, clamped, first, last FROM totals"""
 
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
 # A range of the snapshot, found where it saw each row (one written since has moved: the
 # retry finds it), or (a retry) the next rows of the snapshot still eligible, found by id.
+# The range's rows are found by a TID scan of its ctids (an array: a join on ctid turns into a
+# scan of the whole table once a batch has a few thousand rows).
 RANGE_BATCH = {
     "selector": "w.seq > %(after)s AND w.seq <= %(upto)s",
     "limit": "",
-    "find": "tu.ctid = w.tid AND tu.id = w.id",
+    "find": f"""tu.id = w.id AND tu.ctid = ANY (ARRAY(
+        SELECT r.tid FROM {WORK_TABLE} r WHERE r.seq > %(after)s AND r.seq <= %(upto)s))""",
 }
 RETRY_BATCH = {"selector": "TRUE", "limit": "LIMIT %(limit)s", "find": "tu.id = w.id"}
 
@@ -119,6 +138,8 @@ class BackfillError(batching.RunError):
 @dataclass(frozen=True)
 class ExecuteOptions(batching.RunLimits):
     cutoff: datetime
+    batch_size: int = field(default=MAX_BATCH_SIZE, kw_only=True)  # the most rows a batch takes
+    batch_seconds: float = DEFAULT_BATCH_SECONDS  # the time a batch is sized for
     workspace_id: uuid.UUID | None = None
     sleep_between_batches: float = 0.0
     rebuild_rollup: bool = True
@@ -162,6 +183,7 @@ class Repair(batching.Chunks):
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
         self.options = options
+        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.range_shortfall = 0  # snapshot rows a range batch did not update
 
@@ -246,17 +268,14 @@ class Repair(batching.Chunks):
             raise RuntimeError(
                 f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
             )
-        if rows:  # the run record's counts, in the batch's transaction
-            self.record(
-                rows_updated=F("rows_updated") + rows,
-                input_tokens_removed=F("input_tokens_removed") + figures["input_tokens_removed"],
-                clamped_rows=F("clamped_rows") + figures["clamped_rows"],
-            )
         return figures
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
+        """Count the range's rows left behind; size the next batch for the target time."""
         if not batch.retry:
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
+        pace = min(2.0, max(0.5, self.options.batch_seconds / max(batch.seconds, 0.001)))
+        self.size = max(1, min(self.options.batch_size, int(batch.batch_size * pace)))
 
     def locked(self) -> int:
         """The snapshot's rows still eligible (none while every range batch was whole)."""

@@ -22,8 +22,8 @@ from usage.output import document as result
 from usage.output.progress import repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.plan.handling import checked
+from usage.repair import backfill
 from usage.repair.backfill import BackfillError, ExecuteResult, execute_backfill
-from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
@@ -107,9 +107,10 @@ class Command(ToolCommand):
         parser.add_argument("--workspace-id", help="optional workspace UUID to limit the repair")
         parser.add_argument(
             "--batch-size",
-            default=str(DEFAULT_BATCH_SIZE),
-            help=f"rows per update batch (default {DEFAULT_BATCH_SIZE}, "
-            f"at most {opts.MAX_BATCH_SIZE})",
+            default=str(opts.MAX_BATCH_SIZE),
+            help=f"the most rows an update batch takes (default and limit "
+            f"{opts.MAX_BATCH_SIZE}): batches start at {backfill.FIRST_BATCH_SIZE} rows (fewer "
+            f"if this is smaller) and are sized to take about {backfill.DEFAULT_BATCH_SECONDS:g}s",
         )
         parser.add_argument(
             "--sleep-between-batches",
