@@ -6,7 +6,8 @@ hour of one agent, so a part still recomputes whole keys (docs/design.md).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from django.db import connection
 
@@ -14,18 +15,19 @@ from usage.db import drop_temp_table
 from usage.eligibility import compose
 from usage.repair.rollup.proof import span_params
 from usage.repair.rollup.slices import (
+    Bound,
     OnSlice,
     OnWait,
     Rate,
+    RollupResult,
     ShouldStop,
     SliceCancelled,
+    SliceLimits,
+    Slicer,
     Span,
     run_locked,
     unbounded,
 )
-
-if TYPE_CHECKING:
-    from usage.repair.rollup.recompute import OwnRebuild
 
 logger = logging.getLogger("usage.rollup")
 
@@ -81,6 +83,17 @@ MAX_ROUNDS = 3
 FIRST_PART_ROWS = 20_000
 
 
+class Rebuild(Protocol):
+    """What the parts need of the own path's rebuild (``recompute.OwnRebuild``)."""
+
+    limits: SliceLimits
+    function: Slicer
+    result: RollupResult
+    keys_done: int
+
+    def part_work(self, params: dict[str, Any]) -> Callable[[Any, Bound], Any]: ...
+
+
 class HourTooBig(Exception):
     """One agent's rows of the hour did not fit a slice, twice: the function rebuilds it."""
 
@@ -91,7 +104,7 @@ class HourParts:
 
     def __init__(
         self,
-        rebuild: OwnRebuild,
+        rebuild: Rebuild,
         span: Span,
         rate: Rate,
         should_stop: ShouldStop,
