@@ -128,6 +128,25 @@ FROM pg_temp.codex_rollup_proof p
 LEFT JOIN {task_usage_hourly} h ON {same_h_p}
 WHERE p.found IS DISTINCT FROM (h.bucket_hour IS NOT NULL)
    OR (p.found AND ({p_columns}) IS DISTINCT FROM ({h_columns}))"""
+# Others' keys queued before the proof's window ends, which its call of the function would
+# drain (all of them while the cron tick is stopped): set aside in the proof's transaction
+# and put back before it commits, so that the proof costs what its own keys cost.
+SET_ASIDE_TABLE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS codex_proof_queue (LIKE {task_usage_hourly_dirty})
+ON COMMIT DROP"""
+SET_ASIDE_SQL = """
+WITH gone AS (
+    DELETE FROM {task_usage_hourly_dirty} d
+    WHERE d.enqueued_at < %(to)s
+      AND NOT EXISTS (SELECT 1 FROM ({proof_keys}) k WHERE {same})
+    RETURNING d.*
+)
+INSERT INTO pg_temp.codex_proof_queue SELECT * FROM gone"""
+PUT_BACK_SQL = """
+INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_queue
+ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
+DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
+
 PROOF_COUNT_SQL = "SELECT count(*) FROM pg_temp.codex_rollup_proof"
 DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
 

@@ -23,6 +23,9 @@ from usage.repair.rollup.parts import PART_KEYS, HourParts, HourTooBig
 from usage.repair.rollup.proof import (
     PART_TASKS,
     PROBE_BELOW,
+    PUT_BACK_SQL,
+    SET_ASIDE_SQL,
+    SET_ASIDE_TABLE_SQL,
     SPAN_TASKS,
     WRITE_SQL,
     Proof,
@@ -150,25 +153,6 @@ WITH probe AS (
 SELECT min(stamp), max(stamp) FROM probe"""
 PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
-
-# Others' keys queued before the proof's window ends, which its call of the function would
-# drain (all of them while the cron tick is stopped): set aside in the proof's transaction
-# and put back before it commits, so that the proof costs what its own keys cost.
-SET_ASIDE_TABLE_SQL = """
-CREATE TEMP TABLE IF NOT EXISTS codex_proof_queue (LIKE {task_usage_hourly_dirty})
-ON COMMIT DROP"""
-SET_ASIDE_SQL = """
-WITH gone AS (
-    DELETE FROM {task_usage_hourly_dirty} d
-    WHERE d.enqueued_at < %(to)s
-      AND NOT EXISTS (SELECT 1 FROM ({proof_keys}) k WHERE {same})
-    RETURNING d.*
-)
-INSERT INTO pg_temp.codex_proof_queue SELECT * FROM gone"""
-PUT_BACK_SQL = """
-INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_queue
-ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
-DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 
 # The revert's keys table: the keys its batches restored, numbered in the order they were
 # queued (``stamp``), with the time each was (``queued_at``; none when the tick drained it).
