@@ -692,7 +692,9 @@ class SizeRun:
         logger.info("(r) the revert: revert_codex_usage_backfill --execute of (c)'s run")
         url = self.srv.url(name)
         argv = [sys.executable, manage(), "revert_codex_usage_backfill", str(run["id"])]
-        argv += ["--execute", "--batch-size", str(self.args.batch_size)]
+        argv += ["--execute"]
+        if self.args.batch_size is not None:
+            argv += ["--batch-size", str(self.args.batch_size)]
         argv += ["--max-rollup-lock-seconds", f"{self.args.max_rollup_lock_seconds:g}"]
         argv += ["--cron-tick-interval", f"{self.args.cron_interval:g}s", "--log-format", "json"]
         with self.srv.connect(name) as conn:  # the tick's phase, as for (c)
