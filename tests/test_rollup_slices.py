@@ -117,3 +117,18 @@ def test_the_gap_after_a_slice_follows_a_small_budget_down_to_a_tenth_of_a_secon
     assert made.gap == pytest.approx(gap)
     quiet = slices.NeighbourOptions(gap=0)
     assert slices.Slicer(slices.SliceLimits(budget), quiet, RollupResult()).gap == 0
+
+
+def test_one_cancelled_slice_does_not_cap_the_rest_of_the_run() -> None:
+    """After a cancelled slice the next is at most half of it; once a slice ran, the
+    measured rate alone sizes the next (a transient stall must not send every later hour
+    into parts). A rate with whole scans keeps its ceiling."""
+    rate = slices.Rate(target=0.7, rate=100_000.0)
+    rate.cancelled(20_000)
+    assert rate.limit(20_000) <= 10_000
+    rate.add(10_000, 0.1)  # fast: 100,000 rows a second
+    assert rate.limit(20_000) > 10_000
+    scans = slices.Rate(target=0.7, rate=100_000.0, scans=True)
+    scans.cancelled(20_000)
+    scans.add(10_000, 0.1)
+    assert scans.limit(20_000) <= 10_000

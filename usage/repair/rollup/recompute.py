@@ -37,6 +37,7 @@ from usage.repair.rollup.proof import (
 )
 from usage.repair.rollup.slices import (
     NEXT_SPAN_SQL,
+    TARGET_LOCK_FRACTION,
     Bound,
     OnSlice,
     OnWait,
@@ -419,7 +420,9 @@ class OwnRebuild:
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
             span = self._span(limit)
-            if span.count == 1 and span.keys > 1 and span.cost > limit:
+            # An hour alone whose rows would hold the lock past the budget (not only the
+            # target): in parts.
+            if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
                 self._hour_in_parts(span, should_stop, on_slice, on_wait)
                 continue
             try:

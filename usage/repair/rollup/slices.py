@@ -396,7 +396,10 @@ class Rate:
         return max(1.0, wanted)
 
     def add(self, units: float, held: float) -> None:
-        """A slice of ``units`` held the lock ``held`` seconds."""
+        """A slice of ``units`` held the lock ``held`` seconds (without ``scans`` the rate
+        alone sizes the next: one cancelled slice does not cap the rest of the run)."""
+        if not self.scans:
+            self.ceiling = None
         first = not self.measured
         self.measured = True
         self.largest = max(self.largest, units)
