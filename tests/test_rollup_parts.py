@@ -171,3 +171,28 @@ def test_an_hour_too_big_for_one_slice_finishes_in_parts_on_the_own_path(
     assert plans.count("own") >= 2 and plans.count("nestloop") == 1
     assert not sql("SELECT 1 FROM {task_usage_hourly_dirty}")
     assert rollup_mismatches() == []
+
+
+def test_after_an_hour_in_parts_the_next_hours_go_in_slices_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first slice may take one row: the first hour goes in parts. What the parts held
+    then sizes the slices, so the two later hours go in one slice, not in parts each."""
+    for n in range(1, 5):
+        task = make_task(agent(n))
+        for hour in range(3):
+            for model in range(10):
+                made = BEFORE + hour * HOUR
+                make_usage(task, model=f"h{hour}m{model}", created_at=made)
+    populate_rollup()
+    live_watermark()
+    monkeypatch.setattr(own, "FIRST_SLICE_ROWS", 1)
+    monkeypatch.setattr(own, "PROOF_KEYS_COUNT", 1)
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    assert result.rollup is not None and result.rollup.path == BackfillRun.RollupPath.OWN
+    pieces = [piece for piece in result.rollup.slices if piece.plan == "own"]
+    widths = [piece.window_to - piece.window_from for piece in pieces]
+    first = BEFORE.replace(minute=0, second=0, microsecond=0)
+    assert all(p.window_from == first for p, w in zip(pieces, widths, strict=True) if w == HOUR)
+    assert widths[-1] == 2 * HOUR  # hours 2 and 3 in one slice
+    assert rollup_mismatches() == []

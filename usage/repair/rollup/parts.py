@@ -114,6 +114,7 @@ class HourParts:
         self.rebuild, self.span, self.rate = rebuild, span, rate
         self.should_stop, self.on_slice, self.on_wait = should_stop, on_slice, on_wait
         self.seq = span.upto
+        self.held = 0.0  # by all the hour's parts together
 
     def run(self) -> int:
         """Every key of the hour, in parts; the keys rebuilt (those done again after a task
@@ -174,6 +175,7 @@ class HourParts:
                 span.start, span.end, rollup_rows, keys=part_keys, plan="own", rows=rows
             )
             slicer.settled(piece)
+            self.held += done.held
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
             slicer.report(piece, what, self.rebuild.keys_done + keys, self.on_slice)

@@ -458,6 +458,9 @@ class OwnRebuild:
         except HourTooBig:
             self._hour_by_function(span, should_stop, on_slice, on_wait)
             return
+        # What the hour cost in all: without it the slices' rate, cut by the cancellation
+        # that sent the hour here, would send every later hour into parts too.
+        self.rate.add(span.cost, parts.held)
         self.keys_done += keys
         if not self.result.stopped:
             self.done = span.upto
