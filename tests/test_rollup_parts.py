@@ -23,7 +23,7 @@ from usage.db import database_now
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import parts
+from usage.repair.rollup import parts, slices
 from usage.repair.rollup import recompute as own
 from usage.repair.verify import rollup_mismatches
 
@@ -195,4 +195,34 @@ def test_after_an_hour_in_parts_the_next_hours_go_in_slices_again(
     first = BEFORE.replace(minute=0, second=0, microsecond=0)
     assert all(p.window_from == first for p, w in zip(pieces, widths, strict=True) if w == HOUR)
     assert widths[-1] == 2 * HOUR  # hours 2 and 3 in one slice
+    assert rollup_mismatches() == []
+
+
+def test_a_proof_too_big_for_a_small_budget_is_halved_down_to_one_stamp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proof calls the function, whose cost per key does not shrink with the budget: it
+    is halved (50, 25, 12, 6, 3 stamps' keys) down to one stamp's before its cancellations
+    count against the run, five in a row of which would stop the rollup."""
+    for n in range(1, 4):
+        task = make_task(agent(n))
+        for model in range(30):
+            make_usage(task, model=f"m{model}")
+    populate_rollup()
+    live_watermark()
+    proved = own.OwnRebuild._prove
+    calls: list[int] = []
+
+    def cancelled_five_times(self: own.OwnRebuild, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 5:
+            raise slices.SliceCancelled(1.0)
+        return proved(self, *args, **kwargs)
+
+    monkeypatch.setattr(own.OwnRebuild, "_prove", cancelled_five_times)
+    result = execute_backfill(ExecuteOptions(cutoff=CUTOFF))
+    run = BackfillRun.objects.get(pk=result.run.pk)
+    assert run.status == BackfillRun.Status.SUCCEEDED
+    assert result.rollup is not None and result.rollup.path == BackfillRun.RollupPath.OWN
+    assert len(calls) == 6 and len(result.rollup.cancelled_holds) == 5
     assert rollup_mismatches() == []
