@@ -50,7 +50,9 @@ def projection(
     r = size["results"]
     t = dict(r["tool"])
     g = r.get("small_budget")
+    key = "tool"
     if g is not None and g["budget"] == budget and budget != size["max_rollup_lock_seconds"]:
+        key = "small_budget"
         t.update(
             seconds=g["update_seconds"],
             rollup_seconds=g["rollup_seconds"],
@@ -60,7 +62,6 @@ def projection(
     n = size["candidates"]
     scale = candidates / n
     decades = math.log10(scale)
-    key = "small_budget" if t is not r["tool"] else "tool"
 
     def slope(seconds: Any) -> float:
         return scale * growth(smaller, size, seconds) ** decades
