@@ -423,8 +423,7 @@ class OwnRebuild:
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
             span = self._span(limit)
-            # An hour alone whose rows would hold the lock past the budget (not only the
-            # target): in parts.
+            # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
                 self._hour_in_parts(span, should_stop, on_slice, on_wait)
                 continue
@@ -461,8 +460,7 @@ class OwnRebuild:
         except HourTooBig:
             self._hour_by_function(span, should_stop, on_slice, on_wait)
             return
-        # What the hour cost in all: without it the slices' rate, cut by the cancellation
-        # that sent the hour here, would send every later hour into parts too.
+        # What the hour cost in all sizes the next slices (else every later hour in parts).
         self.rate.add(span.cost, parts.held)
         self.keys_done += keys
         if not self.result.stopped:
