@@ -41,7 +41,6 @@ FROM (SELECT tu.task_id, count(*) AS rows FROM {task_usage} tu
 JOIN {agent_task_queue} q ON q.id = t.task_id"""
 INDEX_HOUR_TASKS_SQL = f"CREATE INDEX ON {HOUR_TASKS_TABLE} (agent_id)"
 ANALYZE_HOUR_TASKS_SQL = f"ANALYZE {HOUR_TASKS_TABLE}"
-HOUR_TASKS_COUNT_SQL = f"SELECT count(*) FROM {HOUR_TASKS_TABLE}"
 DROP_HOUR_TASKS_SQL = f"DROP TABLE IF EXISTS {HOUR_TASKS_TABLE}"
 # The agents of the hour's keys still to do, in order, with their tasks' rows.
 AGENT_ROWS_SQL = f"""
@@ -127,7 +126,6 @@ class HourParts:
             (compose(CREATE_HOUR_TASKS_SQL), hour),
             INDEX_HOUR_TASKS_SQL,
             ANALYZE_HOUR_TASKS_SQL,
-            HOUR_TASKS_COUNT_SQL,
         )
         keys = 0
         try:

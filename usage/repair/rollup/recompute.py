@@ -390,11 +390,10 @@ class OwnRebuild:
             try:
                 proof, piece = self._prove(PROOF_KEYS, {"last": last}, spans, window)
             except SliceCancelled as exc:
-                if count > 1:  # halved down to one stamp's keys before it counts against the run
-                    self.function.result.cancelled_holds.append(exc.held)
-                    self.function.leave_a_gap()
-                else:
-                    self.function.cancelled(exc, "proof of the own recompute on one stamp's keys")
+                # Halved down to one stamp's keys before a cancellation counts against the run.
+                stamps = f"{count} stamps'" if count > 1 else "one stamp's"
+                what = f"proof of the own recompute on {stamps} keys"
+                self.function.cancelled(exc, what, counts=count == 1)
                 count = max(1, count // 2)
                 continue
             with connection.cursor() as cursor:

@@ -293,13 +293,14 @@ def holders(*, rows: bool) -> str:
 
 def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
     """Statements (with their parameters) in one transaction with no statement timeout: a
-    pass over the runs' journal holds no lock another writer waits for. The last one's row."""
+    pass over the runs' journal holds no lock another writer waits for. The last one's row
+    (None when it returns none)."""
     with transaction.atomic(), connection.cursor() as cursor:
         set_local_timeouts(cursor, limits.lock_timeout, 0)
         for statement in statements:
             text, params = statement if isinstance(statement, tuple) else (statement, None)
             cursor.execute(text, params)
-        return cursor.fetchone()
+        return cursor.fetchone() if cursor.description else None
 
 
 class Slicer:
@@ -333,10 +334,11 @@ class Slicer:
         if self.gap > 0:
             time.sleep(self.gap)
 
-    def cancelled(self, exc: SliceCancelled, what: str) -> None:
-        """The server ended the slice ``what`` at the cap; too many in a row stop all."""
+    def cancelled(self, exc: SliceCancelled, what: str, *, counts: bool = True) -> None:
+        """The server ended the slice ``what`` at the cap; too many in a row stop all (those
+        that ``counts``: a slice the caller can still make smaller does not)."""
         self.result.cancelled_holds.append(exc.held)
-        self.cancelled_in_a_row += 1
+        self.cancelled_in_a_row += counts
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
         if self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
             raise RollupError(
