@@ -192,7 +192,7 @@ def test_a_slice_whose_settings_do_not_reach_the_function_is_seen_as_nested_loop
     assert piece.rollup_rows == 30
     assert not plan_applied(piece)
     planner = SlicePlanner(target=1.0, scan_seconds=0.1)
-    checked = function._checked(piece, planner)
+    checked = function.checked(piece, planner)
     assert checked.plan == Plan.NESTLOOP
     assert Plan.HASH not in planner.usable
 

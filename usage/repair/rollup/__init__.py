@@ -6,7 +6,6 @@ the platform's function (``function``, ``stamps``); docs/design.md says why.
 from __future__ import annotations
 
 from usage.cron import ROLLUP_LOCK_ID
-from usage.repair.rollup.function import QueueDrainer
 from usage.repair.rollup.rebuild import rebuild_keys
 from usage.repair.rollup.recompute import REVERT_KEYS, REVERT_KEYS_TABLE, RUN_KEYS, KeySource
 from usage.repair.rollup.slices import (
@@ -15,8 +14,6 @@ from usage.repair.rollup.slices import (
     NeighbourOptions,
     RollupError,
     RollupResult,
-    RollupSlice,
-    SliceLimits,
 )
 from usage.repair.rollup.versions import PathChoice, choose_path
 
@@ -30,11 +27,8 @@ __all__ = [
     "REVERT_KEYS_TABLE",
     "RUN_KEYS",
     "PathChoice",
-    "QueueDrainer",
     "RollupError",
     "RollupResult",
-    "RollupSlice",
-    "SliceLimits",
     "choose_path",
     "rebuild_keys",
 ]

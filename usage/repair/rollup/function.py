@@ -1,6 +1,5 @@
 """The function path's calls of ``rollup_task_usage_hourly_window``, each planned (nested loops
-or hashed) by a measured cost model (``SlicePlanner``), and the drains of queued keys.
-"""
+or hashed) by a measured cost model (``SlicePlanner``)."""
 
 from __future__ import annotations
 
@@ -19,17 +18,9 @@ from usage.eligibility import compose
 from usage.repair.rollup.slices import (
     SLICE_GAP_SECONDS,
     Bound,
-    NeighbourOptions,
-    OnWait,
     Rate,
-    RollupError,
-    RollupResult,
     RollupSlice,
-    ShouldStop,
-    SliceCancelled,
     SliceLimits,
-    Slicer,
-    log_slice,
     run_locked,
 )
 
@@ -62,12 +53,13 @@ FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'task_usage'""
 SCANNED_PAGES_SQL = "SELECT (pg_relation_size(%s::regclass) + pg_relation_size(%s::regclass))/8192"
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
+MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass
 class SlicePlanner:
     """Each slice's plan and size, to hold the lock about ``target`` seconds: a ``Rate`` a
-    plan, in task units (``slice_units``); a hash slice also pays its whole scans."""
+    plan, in task units (``slice_units``)."""
 
     target: float
     scan_seconds: float
@@ -93,11 +85,9 @@ class SlicePlanner:
     def limit(
         self, plan: Plan, probe_units: float, backlog_units: float, *, grow: bool = True
     ) -> float:
-        """The task units of our keys the next slice of ``plan`` may take (at least 1)."""
         return self.rates[plan].limit(probe_units, backlog_units, grow=grow)
 
     def next_to_probe(self) -> Plan | None:
-        """A usable plan not measured yet: each is tried once on a small slice first."""
         for plan in (Plan.NESTLOOP, Plan.HASH):
             if plan in self.usable and not self.rates[plan].measured:
                 return plan
@@ -107,15 +97,13 @@ class SlicePlanner:
         self.rates[plan].add(units, held)
 
     def cancelled(self, plan: Plan, units: float, keys: int, *, smallest: bool = False) -> None:
-        """A slice of ``plan`` hit the cap: believe half of it fits; drop the plan when the
-        slice could not be smaller or was a hash plan's first (its scans alone do not fit)."""
+        """Drop the plan when the slice could not be smaller or was a hash plan's first."""
         if smallest or keys <= 1 or (plan == Plan.HASH and not self.rates[plan].measured):
             self.usable.discard(plan)
             return
         self.rates[plan].cancelled(units)
 
     def best(self, speed: Callable[[Plan], float]) -> Plan:
-        """One not measured yet, else the one of most keys per second (``speed(plan)``)."""
         probe = self.next_to_probe()
         return probe or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
 
@@ -176,7 +164,7 @@ def plan_applied(piece: RollupSlice) -> bool:
     return piece.plan != Plan.HASH or piece.seq_scans > 0
 
 
-def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
+def checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     """The slice as it ran: a hash plan with no whole scan was nested loops (a ``SET`` clause
     on the function, say, keeps the settings out), and the planner drops it."""
     if plan_applied(piece):
@@ -187,79 +175,3 @@ def _checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
         "scan of task_usage); using its default plan from now on"
     )
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
-
-
-MICROSECOND = timedelta(microseconds=1)
-
-
-class QueueDrainer(Slicer):
-    """The function path's drains of queued keys, one slice each, planned by one
-    ``SlicePlanner``; ``label`` names them in the log."""
-
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions | None = None,
-        *,
-        label: str = "revert drain",
-        result: RollupResult | None = None,
-    ) -> None:
-        neighbours = neighbours or NeighbourOptions()
-        super().__init__(limits, neighbours, result or RollupResult())
-        self.label = label
-        self.planner = SlicePlanner(limits.target, predict_scan_seconds(), neighbours.gap)
-
-    def next_keys(self, mean_tasks: float) -> int:
-        """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
-        plan = self._best_plan(mean_tasks)
-        per_key = mean_tasks + KEY_BASE_COST[plan]
-        return max(1, int(self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0) / per_key))
-
-    def _best_plan(self, mean_tasks: float) -> Plan:
-        def speed(plan: Plan) -> float:
-            per_key = mean_tasks + KEY_BASE_COST[plan]
-            units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0, grow=False)
-            return units / per_key / (self.planner.seconds(plan, units) + self.planner.gap)
-
-        return self.planner.best(speed)
-
-    def drain(
-        self,
-        enqueued_until: datetime,
-        keys: int,
-        tasks: int,
-        should_stop: ShouldStop | None = None,
-        on_wait: OnWait = None,
-    ) -> RollupSlice:
-        """Rebuild everything queued up to ``enqueued_until`` in one slice, tried once with
-        each usable plan, then ``RollupError``."""
-        self.ticks.wait_if_due(should_stop or (lambda: False), on_wait)
-        plans = [self._best_plan(tasks / keys if keys else 0.0)]
-        plans += [p for p in sorted(self.planner.usable) if p not in plans]
-        for plan in plans:
-            try:
-                piece = run_slice(plan, self.limits, enqueued_until, enqueued_until + MICROSECOND)
-            except SliceCancelled as exc:
-                self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
-                self.cancelled(exc, f"{self.label} of {keys} keys ({plan} plan)")
-                continue
-            piece = self._settled(piece, keys, tasks)
-            log_slice(piece, f"{self.label}: {keys} keys", keys, keys)
-            self.leave_a_gap()
-            return piece
-        raise RollupError(
-            f"the hourly keys of one {self.label} ({keys} keys) could not be rebuilt within "
-            f"the lock budget ({self.limits.cap:g}s); they stay queued in "
-            "task_usage_hourly_dirty (the platform's cron tick drains them too): run the same "
-            "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
-        )
-
-    def _settled(
-        self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
-    ) -> RollupSlice:
-        piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
-        piece = _checked(piece, self.planner)
-        units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)
-        self.planner.measured(Plan(piece.plan), units, piece.lock_held_seconds)
-        self.settled(piece)
-        return piece

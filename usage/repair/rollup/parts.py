@@ -1,13 +1,11 @@
-"""A bucket hour too big for one slice of the own path, recomputed in parts: lists of its
-agents, each part one slice that reads only the rows of its agents' tasks. A key is one
-hour of one agent, so a part still recomputes whole keys (docs/design.md).
-"""
+"""A bucket hour too big for one slice of the own path, recomputed in parts of its agents,
+each part one slice reading only its agents' tasks' rows (docs/design.md)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from django.db import connection
 
@@ -16,13 +14,8 @@ from usage.eligibility import compose
 from usage.repair.rollup.proof import span_params
 from usage.repair.rollup.slices import (
     Bound,
-    OnSlice,
-    OnWait,
     Rate,
-    RollupResult,
-    ShouldStop,
     SliceCancelled,
-    SliceLimits,
     Slicer,
     Span,
     run_locked,
@@ -56,8 +49,7 @@ MARK_PART_DONE_SQL = """
 UPDATE pg_temp.codex_rollup_keys SET done = true
 WHERE hour_seq = %(seq)s AND agent_id = ANY(%(agents)s)"""
 # Tasks moved to another agent since they were listed: listed again, and the keys of both
-# agents of the hour done again (a part already done counted them with the agent they left,
-# or missed them).
+# agents of the hour done again.
 MOVED_SQL = """
 WITH moved AS (
     SELECT t.task_id, t.agent_id AS left_agent, q.agent_id AS new_agent
@@ -78,19 +70,12 @@ again AS (
 SELECT (SELECT count(*) FROM relisted), (SELECT count(*) FROM again)"""
 # Rounds of parts and checks for moved tasks before the hour counts as done.
 MAX_ROUNDS = 3
-# The first part's rows, before a part's rate was measured.
+# The first part's rows.
 FIRST_PART_ROWS = 20_000
 
 
-class Rebuild(Protocol):
-    """What the parts need of the own path's rebuild (``recompute.OwnRebuild``)."""
-
-    limits: SliceLimits
-    function: Slicer
-    result: RollupResult
-    keys_done: int
-
-    def part_work(self, params: dict[str, Any]) -> Callable[[Any, Bound], Any]: ...
+# ``OwnRebuild.part_work``.
+PartWork = Callable[[dict[str, Any]], Callable[[Any, Bound], Any]]
 
 
 class HourTooBig(Exception):
@@ -98,20 +83,14 @@ class HourTooBig(Exception):
 
 
 class HourParts:
-    """The parts of one bucket hour (``span``), each a slice of ``rebuild.part_work`` sized
-    by ``rate``, the parts' own measured rate in usage rows."""
+    """The parts of one bucket hour (``span``), each a slice of ``part_work`` sized by
+    ``rate``, the parts' own measured rate in usage rows; ``keys_done``: before the hour."""
 
     def __init__(
-        self,
-        rebuild: Rebuild,
-        span: Span,
-        rate: Rate,
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
+        self, slicer: Slicer, span: Span, rate: Rate, part_work: PartWork, keys_done: int
     ) -> None:
-        self.rebuild, self.span, self.rate = rebuild, span, rate
-        self.should_stop, self.on_slice, self.on_wait = should_stop, on_slice, on_wait
+        self.slicer, self.span, self.rate = slicer, span, rate
+        self.part_work, self.keys_done = part_work, keys_done
         self.seq = span.upto
         self.held = 0.0  # by all the hour's parts together
 
@@ -119,7 +98,7 @@ class HourParts:
         """Every key of the hour, in parts; the keys rebuilt (those done again after a task
         moved count once). Raises ``HourTooBig``; returns early on a stop."""
         hour = {"start": self.span.start, "end": self.span.end}
-        limits = self.rebuild.limits
+        limits = self.slicer.limits
         unbounded(
             limits,
             DROP_HOUR_TASKS_SQL,
@@ -132,7 +111,7 @@ class HourParts:
             for round_ in range(MAX_ROUNDS):
                 done = self._round()
                 keys += 0 if round_ else done
-                if self.rebuild.result.stopped:
+                if self.slicer.result.stopped:
                     return keys
                 relisted, again = unbounded(limits, (compose(MOVED_SQL), {"seq": self.seq}))
                 if not relisted:
@@ -144,18 +123,18 @@ class HourParts:
 
     def _round(self) -> int:
         """One part after another until every key of the hour still to do is done."""
-        slicer, span = self.rebuild.function, self.span
+        slicer, span = self.slicer, self.span
         with connection.cursor() as cursor:
             cursor.execute(AGENT_ROWS_SQL, {"seq": self.seq})
             agents = cursor.fetchall()
         keys = failed = 0
         while agents:
-            if not slicer.may_start(self.should_stop, self.on_wait):
+            if not slicer.may_start():
                 break
             part, rows = _take(agents, self.rate.limit(FIRST_PART_ROWS))
             params = dict(span_params([(span.start, span.end)]), seq=self.seq, agents=part)
             try:
-                done = run_locked(self.rebuild.limits, self.rebuild.part_work(params))
+                done = run_locked(slicer.limits, self.part_work(params))
             except SliceCancelled as exc:
                 self.rate.cancelled(max(rows, 1))
                 failed = failed + 1 if len(part) == 1 else 0
@@ -176,7 +155,7 @@ class HourParts:
             self.held += done.held
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
-            slicer.report(piece, what, self.rebuild.keys_done + keys, self.on_slice)
+            slicer.report(piece, what, self.keys_done + keys)
             slicer.leave_a_gap()
         return keys
 

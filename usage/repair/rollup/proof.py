@@ -1,25 +1,23 @@
 """The own recompute's statements for a known version of the platform's function, and the proof
-that they write what the function writes (some keys computed both ways in one snapshot).
-"""
+that they write what the function writes (some keys computed both ways in one snapshot)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from psycopg import sql
 
-from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
+from usage.eligibility import KEY_COLUMNS, compose, format_sql, key_columns, same_key
+from usage.repair.rollup.function import Plan, call_function
 from usage.repair.rollup.slices import Bound
 from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
 
 HOUR = timedelta(hours=1)
-T = TypeVar("T")
 
-# Each column's sum, as the known definitions compute it (usage.repair.verify checks the
-# result with SQL of its own).
+# Each column's sum, as the known definitions compute it.
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
 OWN_SUMS = {
     **{name: f"sum(tu.{name})::bigint" for name in TOKEN_COLUMNS},
@@ -29,10 +27,8 @@ OWN_SUMS = {
     "event_count": "count(*)",
 }
 
-# The keys of ``keys`` recomputed from the usage rows of some spans of created_at, grouped by
-# key (``found`` is false for a key with no rows left). Agents and issues are looked up per
-# task (memoized), never hashed whole, so a small slice of a large table costs what its rows
-# cost; the planner joins the tasks by index or by hash, as the slice's size calls for.
+# The keys of ``keys`` recomputed from the usage rows of some spans of created_at; agents and
+# issues looked up per task (memoized), never hashed whole (docs/design.md).
 SPAN_SUMS = """
 sums AS (
     SELECT {row_key}, {sums}
@@ -48,13 +44,9 @@ TASK_LOOKUPS = """CROSS JOIN LATERAL (
     LEFT JOIN LATERAL (
         SELECT i.project_id FROM {issue} i WHERE i.id = q.issue_id OFFSET 0
     ) i ON true"""
-# The same sums with each task looked up by its primary key rather than joined as the
-# planner would: the planner hashes the whole task table for a slice of a few hours of a
-# table of a million rows, a fixed cost a slice; a slice that reads few of its rows does
-# better probing (``SPAN_TASKS``, below ``PROBE_BELOW`` of them). A part of an hour
-# (``usage.repair.rollup.parts``) reads the tasks listed for its agents, each looked up again
-# (a task moved to an agent outside the part no longer counts), and only their rows of the
-# hour, by ``task_id`` (``PART_TASKS``).
+# The same sums with each task looked up by its primary key, where the planner would hash the
+# whole task table: a slice that reads few rows (``SPAN_TASKS``), or a part of an hour, which
+# reads its agents' listed tasks, looked up again, and their rows by ``task_id`` (``PART_TASKS``).
 PROBED_SUMS = """
 tasks AS MATERIALIZED (
     SELECT t.task_id, {task_key}
@@ -91,7 +83,7 @@ recomputed AS (
     SELECT {k_keys}, s.bucket_hour IS NOT NULL AS found, {s_columns}
     FROM keys k LEFT JOIN sums s ON {same_k_s}
 )"""
-# ... written as the function writes it: upserted, or deleted when no row is left.
+# ... written as the function writes it (``found`` is false for a key with no rows left).
 WRITE_CTES = """
 upserted AS (
     INSERT INTO {task_usage_hourly} AS h ({keys}, {columns}, updated_at)
@@ -111,10 +103,7 @@ WITH keys AS MATERIALIZED ({keys_sql}),
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
        (SELECT count(*) FROM keys)"""
 # Short statements: no JIT, sorts in memory (docs/design.md).
-OWN_SETTINGS_SQL = (
-    "SELECT set_config('jit', 'off', true), set_config('work_mem', %(work_mem)s, true)"
-)
-OWN_WORK_MEM = "64MB"
+OWN_SETTINGS_SQL = "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true)"
 
 # The proof: the own recompute set aside, then compared with what the function wrote.
 CREATE_PROOF_SQL = """
@@ -128,9 +117,8 @@ FROM pg_temp.codex_rollup_proof p
 LEFT JOIN {task_usage_hourly} h ON {same_h_p}
 WHERE p.found IS DISTINCT FROM (h.bucket_hour IS NOT NULL)
    OR (p.found AND ({p_columns}) IS DISTINCT FROM ({h_columns}))"""
-# Others' keys queued before the proof's window ends, which its call of the function would
-# drain (all of them while the cron tick is stopped): set aside in the proof's transaction
-# and put back before it commits, so that the proof costs what its own keys cost.
+# Others' keys queued before the proof's window ends, which its call would drain: set aside
+# and put back before it commits (docs/design.md).
 SET_ASIDE_TABLE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS codex_proof_queue (LIKE {task_usage_hourly_dirty})
 ON COMMIT DROP"""
@@ -202,9 +190,8 @@ class Recompute:
     def statement(
         self, template: str, keys_sql: str, spans: int = 1, probed: dict[str, str] | None = None
     ) -> str:
-        """``template`` (WRITE_SQL, CREATE_PROOF_SQL or a drain) over ``spans`` spans, its
-        tasks joined by the planner, or looked up one by one (``probed``: SPAN_TASKS or
-        PART_TASKS)."""
+        """``template`` over ``spans`` spans, its tasks joined by the planner, or looked up one
+        by one (``probed``: SPAN_TASKS or PART_TASKS)."""
         parts = dict(self.parts)
         parts["spans"] = sql.SQL("({})").format(
             sql.SQL(" OR ").join(
@@ -223,13 +210,6 @@ class Recompute:
         parts["write"] = format_sql(WRITE_CTES, **parts)
         return format_sql(template, **parts).as_string()
 
-    def compare_sql(self) -> str:
-        return format_sql(COMPARE_PROOF_SQL, **self.parts).as_string()
-
-
-def own_settings(cursor: Any) -> None:
-    cursor.execute(OWN_SETTINGS_SQL, {"work_mem": OWN_WORK_MEM})
-
 
 @dataclass
 class Proof:
@@ -244,7 +224,6 @@ class Proof:
         return not self.differing
 
     def describe(self) -> str:
-        """One line: what differed (the first key and its columns), or that nothing did."""
         if self.ok:
             return f"the own recompute equals the function on the first {self.keys} keys"
         return (
@@ -280,21 +259,25 @@ def prove(
     keys_sql: str,
     params: dict[str, Any],
     spans: Sequence[tuple[datetime, datetime]],
-    call: Callable[[Any, Bound], T],
-) -> tuple[Proof, T]:
-    """In the caller's REPEATABLE READ slice: the own sums of ``keys_sql``'s keys (from the
-    rows of ``spans``) set aside, then ``call`` (the function, which writes them), then the
-    two compared column by column."""
+    window: tuple[datetime, datetime],
+) -> tuple[Proof, tuple[int, dict[str, int]]]:
+    """In the caller's REPEATABLE READ slice: the own sums of ``keys_sql``'s keys set aside,
+    then the function called over ``window`` (which writes them), then the two compared."""
     cursor.execute(DROP_PROOF_SQL)
-    own_settings(cursor)
+    cursor.execute(OWN_SETTINGS_SQL)
     bound()
     cursor.execute(
         recompute.statement(CREATE_PROOF_SQL, keys_sql, len(spans)),
         dict(params, **span_params(spans)),
     )
-    called = call(cursor, bound)
+    proof_keys = sql.SQL(keys_sql.format(keys=", ".join(KEY_COLUMNS)))
+    set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
+    cursor.execute(compose(SET_ASIDE_TABLE_SQL))
+    cursor.execute(set_aside.as_string(), dict(params, to=window[1]))
+    called = call_function(cursor, bound, Plan.NESTLOOP, window)
+    cursor.execute(compose(PUT_BACK_SQL))
     bound()
-    cursor.execute(recompute.compare_sql())
+    cursor.execute(format_sql(COMPARE_PROOF_SQL, **recompute.parts).as_string())
     rows = cursor.fetchall()
     cursor.execute(PROOF_COUNT_SQL)
     proof = Proof(keys=int(cursor.fetchone()[0]), differing=len(rows))

@@ -16,7 +16,6 @@ from usage.repair.rollup.slices import (
     NeighbourOptions,
     RollupError,
     RollupResult,
-    RollupSlice,
     ShouldStop,
     SliceLimits,
 )
@@ -38,38 +37,23 @@ def rebuild_keys(
 ) -> RollupResult:
     """Rebuild every hourly key of the rows the given runs changed (or of ``source``, the
     revert's keys), each key once, on ``choice``'s path (``choose_path()`` when not given; a
-    failed proof: the function's).
-
-    Stops between slices on ``should_stop()`` (``result.stopped``). Reports ``rollup_slice``,
-    ``paused`` (a wait for the cron tick) and ``rollup_path`` to ``progress``.
-    """
-
-    def on_slice(piece: RollupSlice, done: int, total: int) -> None:
-        progress("rollup_slice", piece=piece, done=done, total=total)
-
-    def on_wait(reason: str, seconds: float) -> None:
-        progress("paused", reason=reason, seconds=seconds)
-
+    failed proof: the function's). Stops between slices on ``should_stop()``."""
     started = time.monotonic()
     choice = choice or choose_path()
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
-    stop = should_stop or (lambda: False)
     result = RollupResult(path=choice.path)
-    function = FunctionPath(limits, neighbours, label="rewritten keys drain", result=result)
+    neighbours = neighbours or NeighbourOptions()
+    function = FunctionPath(limits, neighbours, result, should_stop or (lambda: False), progress)
     try:
-        own = choice.own and choice.version is not None
-        if not own:
-            function.rebuild(run_ids, stop, on_slice, on_wait, queued=source.queued)
-        elif (
-            not OwnRebuild(choice, function).rebuild(run_ids, stop, on_slice, on_wait, source)
-            and not result.stopped
-        ):
+        if not (choice.own and choice.version is not None):
+            function.rebuild(run_ids, queued=source.queued)
+        elif not OwnRebuild(choice, function, run_ids, source).rebuild() and not result.stopped:
             # The function rebuilds every key; the proof's keys count once.
             result.path = BackfillRun.RollupPath.FUNCTION
             result.keys_total = 0
             result.slices = [dataclasses.replace(piece, keys=0) for piece in result.slices]
             progress("rollup_path", path=result.path, reason=result.path_reason)
-            function.rebuild(run_ids, stop, on_slice, on_wait, queued=source.queued)
+            function.rebuild(run_ids, queued=source.queued)
     except RollupError as exc:
         exc.result = result
         raise

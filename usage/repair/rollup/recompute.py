@@ -1,6 +1,5 @@
 """The own path: hourly keys recomputed aggregate-first, a range of touched bucket hours a
-slice, after each run proved it equal to the function on its first keys (docs/design.md).
-"""
+slice, after each run proved it equal to the function on its first keys (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -12,25 +11,21 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from psycopg import sql
 
 from usage.db import drop_temp_table
-from usage.eligibility import KEY_COLUMNS, compose, format_sql, key_columns, same_key
+from usage.eligibility import compose, key_columns, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
-from usage.repair.rollup.function import MICROSECOND, Plan, call_function
+from usage.repair.rollup.function import MICROSECOND, Plan
 from usage.repair.rollup.parts import PART_KEYS, HourParts, HourTooBig
 from usage.repair.rollup.proof import (
+    OWN_SETTINGS_SQL,
     PART_TASKS,
     PROBE_BELOW,
-    PUT_BACK_SQL,
-    SET_ASIDE_SQL,
-    SET_ASIDE_TABLE_SQL,
     SPAN_TASKS,
     WRITE_SQL,
     Proof,
     Recompute,
-    own_settings,
     prove,
     span_params,
     spans_of,
@@ -39,11 +34,8 @@ from usage.repair.rollup.slices import (
     NEXT_SPAN_SQL,
     TARGET_LOCK_FRACTION,
     Bound,
-    OnSlice,
-    OnWait,
     Rate,
     RollupSlice,
-    ShouldStop,
     SliceCancelled,
     Span,
     run_locked,
@@ -57,18 +49,6 @@ from usage.repair.rollup.stamps import (
 )
 from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
 
-__all__ = [
-    "REVERT_KEYS",
-    "REVERT_KEYS_TABLE",
-    "RUN_KEYS",
-    "SPAN_TASKS",
-    "WRITE_SQL",
-    "KeySource",
-    "OwnRebuild",
-    "Recompute",
-    "span_params",
-]
-
 logger = logging.getLogger("usage.rollup")
 
 # The runs' touched keys, attributed as their tasks are now, with their smallest kept stamp.
@@ -81,8 +61,8 @@ FROM {run_rows}
 GROUP BY 1, 2, 3, 4, 5, 6, 7"""
 DROP_KEYS_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 
-# The touched hours with their keys and their rows (and the gap's since the hour before) as
-# task_usage.created_at's statistics estimate them, in running totals (docs/design.md).
+# The touched hours with their keys and estimated rows (and the gap's since the hour before),
+# in running totals (docs/design.md).
 HOURS_TABLE = "pg_temp.codex_rollup_hours"
 CREATE_HOURS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_hours ON COMMIT PRESERVE ROWS AS
@@ -130,7 +110,7 @@ INDEX_KEYS_SQL = f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)"
 ANALYZE_KEYS_SQL = f"ANALYZE {KEYS_TABLE}"
 ANALYZE_HOURS_SQL = f"ANALYZE {HOURS_TABLE}"
 KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
-# The touched hours, and the rows of the task table (of which a slice may probe a share).
+# The touched hours, and the rows of the task table.
 HOURS_TOTAL_SQL = f"""
 SELECT count(*), (SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = %(tasks)s::regclass)
 FROM {HOURS_TABLE}"""
@@ -146,17 +126,20 @@ SLICE_KEYS = f"""
 SELECT {{keys}} FROM {KEYS_TABLE}
 WHERE hour_seq > %(after)s AND hour_seq <= %(upto)s AND NOT done"""
 
-# The proof's keys: those of the first ``n`` stamps (a window of the function rebuilds them).
+# The proof's keys: those of the first ``n`` stamps.
 PROOF_BOUNDS_SQL = f"""
 WITH probe AS (
     SELECT stamp FROM {KEYS_TABLE} WHERE stamp IS NOT NULL ORDER BY stamp LIMIT %(n)s
 )
 SELECT min(stamp), max(stamp) FROM probe"""
 PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
+PROOF_HOURS_SQL = (
+    f"SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"
+)
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
 
-# The revert's keys table: the keys its batches restored, numbered in the order they were
-# queued (``stamp``), with the time each was (``queued_at``; none when the tick drained it).
+# The revert's keys, numbered in the order they were queued (``stamp``), with the time each was
+# (``queued_at``; none when the tick drained it).
 CREATE_REVERT_KEYS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_keys ON COMMIT PRESERVE ROWS AS
 SELECT {key_columns("k").as_string()},
@@ -164,13 +147,10 @@ SELECT {key_columns("k").as_string()},
        0::bigint AS hour_seq, false AS done
 FROM {REVERT_KEYS_TABLE} k
 LEFT JOIN {{task_usage_hourly_dirty}} d ON {same_key("k", "d").as_string()}"""
-# The revert's proof calls the function over the time its keys were queued: it drains them.
 QUEUED_WINDOW_SQL = f"""
 SELECT coalesce(max(queued_at), statement_timestamp()) FROM {KEYS_TABLE} WHERE stamp <= %(last)s"""
-# The bucket hours of a ``{keys}`` query, to bound its recompute.
-HOURS_OF_SQL = "SELECT DISTINCT bucket_hour FROM ({keys_sql}) k ORDER BY 1"
 # The revert's slice: its keys rewritten, then the queue rows its snapshot saw removed (same
-# ``xmin``: a key queued again meanwhile stays queued; docs/design.md).
+# ``xmin``: a key queued again meanwhile stays queued).
 DRAIN_SQL = """
 WITH keys AS MATERIALIZED ({keys_sql}),
 {recompute},
@@ -186,7 +166,7 @@ drained AS (
 )
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
        (SELECT count(*) FROM keys), (SELECT count(*) FROM drained)"""
-# Spans of hours a drain or a proof may read; more, and the function drains it.
+# Spans of hours a proof may read; more, and it is halved.
 MAX_SPANS = 24
 # Stamps of the proof's keys; the first slice's usage rows; the prior rows per second.
 PROOF_KEYS_COUNT = 50
@@ -196,10 +176,8 @@ PRIOR_ROWS_PER_SECOND = 200_000.0
 
 @dataclass(frozen=True)
 class KeySource:
-    """Where a rebuild's keys come from: ``create`` makes the keys table (from the runs' rows,
-    or the revert's keys); ``write``, an own slice's statement; ``queued``: the keys are in the
-    platform's queue (the revert's), which the function path drains and the proof calls the
-    function over."""
+    """How a rebuild's keys table is made, an own slice's statement, and whether the keys are in
+    the platform's queue (the revert's)."""
 
     create: str = CREATE_KEYS_SQL
     write: str = WRITE_SQL
@@ -210,88 +188,51 @@ RUN_KEYS = KeySource()
 REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
 
 
-def _spans(keys_sql: str, params: dict[str, Any]) -> list[tuple[datetime, datetime]]:
-    """The fewest spans of time that cover the bucket hours of ``keys_sql``'s keys."""
-    with connection.cursor() as cursor:
-        cursor.execute(HOURS_OF_SQL.format(keys_sql=keys_sql.format(keys="bucket_hour")), params)
-        return spans_of([hour for (hour,) in cursor.fetchall()])
-
-
 class DefinitionChanged(Exception):
     """The rollup function was redefined since the run chose (and proved) its path."""
 
 
 def check_definition(cursor: Any, fingerprint: str) -> None:
-    """Before an own slice commits: the installed definition is still the proven one."""
-    found = installed_fingerprint(cursor)
-    now = found[0] if found else ""
+    now = installed_fingerprint(cursor)
     if now != fingerprint:
-        version = recognise(now) if found else None
+        version = recognise(now) if now else None
         named = version.name if version else "unknown"
-        what = f"{named}, fingerprint {short_hash(now)}" if found else "gone"
+        what = f"{named}, fingerprint {short_hash(now)}" if now else "gone"
         raise DefinitionChanged(
             f"the rollup function was redefined during the run (now {what}; the run chose "
             f"fingerprint {short_hash(fingerprint)})"
         )
 
 
-def _write(
-    statement: str, params: dict[str, Any], fingerprint: str
-) -> Callable[[Any, Bound], Any]:
-    """A slice's work: one own statement, with the own settings, under the lock's bound,
-    kept only while the installed definition is the one the run chose."""
-
-    def work(cursor: Any, bound: Bound) -> Any:
-        own_settings(cursor)
-        bound()
-        cursor.execute(statement, params)
-        row = cursor.fetchone()
-        check_definition(cursor, fingerprint)
-        return row
-
-    return work
-
-
 class OwnRebuild:
-    """The own path, for the keys of some runs or of the revert's batches (``rebuild``);
-    ``function``, its fallback, keeps the slices' count and the neighbours' room."""
+    """The own path, for the keys of some runs or of the revert's batches; ``function``, its
+    fallback, keeps the slices' count and the neighbours' room."""
 
-    def __init__(self, choice: PathChoice, function: FunctionPath) -> None:
+    def __init__(
+        self, choice: PathChoice, function: FunctionPath, run_ids: Sequence[int], source: KeySource
+    ) -> None:
         assert choice.version is not None
-        self.function = function
-        self.limits = function.limits
-        self.result = function.result
-        self.recompute = Recompute(choice.version)
+        self.function, self.limits, self.result = function, function.limits, function.result
+        self.run_ids, self.source = list(run_ids), source
+        self.recompute = recompute = Recompute(choice.version)
+        self.slice_sql = recompute.statement(source.write, SLICE_KEYS)
+        self.probed_sql = recompute.statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
+        self.part_sql = recompute.statement(source.write, PART_KEYS, probed=PART_TASKS)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.probe_below = 0.0
         self.hours = self.done = self.keys_done = 0
-        self.run_ids: list[int] = []
-        self.source = RUN_KEYS
 
     def _prove(
-        self,
-        keys_sql: str,
-        params: dict[str, Any],
-        spans: list[tuple[datetime, datetime]],
-        window: tuple[datetime, datetime],
+        self, last: Any, spans: list[tuple[datetime, datetime]], window: tuple[datetime, datetime]
     ) -> tuple[Proof, RollupSlice]:
-        """``prove`` in one REPEATABLE READ slice, the function called over ``window``; a
-        failed proof puts the rest on the function path. Raises ``SliceCancelled``."""
-
-        proof_keys = sql.SQL(keys_sql.format(keys=", ".join(KEY_COLUMNS)))
-        set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
-
-        def call(cursor: Any, bound: Bound) -> tuple[int, dict[str, int]]:
-            cursor.execute(compose(SET_ASIDE_TABLE_SQL))
-            cursor.execute(set_aside.as_string(), dict(params, to=window[1]))
-            called = call_function(cursor, bound, Plan.NESTLOOP, window)
-            cursor.execute(compose(PUT_BACK_SQL))
-            return called
+        """``prove`` in one REPEATABLE READ slice; a failed proof puts the rest on the function
+        path. Raises ``SliceCancelled``."""
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
-            proved = prove(self.recompute, cursor, bound, keys_sql, params, spans, call)
+            keys = (PROOF_KEYS, {"last": last})
+            proved = prove(self.recompute, cursor, bound, *keys, spans, window)
             check_definition(cursor, self.fingerprint)
             return proved
 
@@ -311,28 +252,15 @@ class OwnRebuild:
         self.result.path_reason = why + ": the rest on the function path"
         logger.warning("rollup path: %s", self.result.path_reason)
 
-    def rebuild(
-        self,
-        run_ids: Sequence[int],
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
-        source: KeySource = RUN_KEYS,
-    ) -> bool:
-        """Every key of the runs, or of ``source``; False when the proof failed
-        (``result.path_reason``)."""
-        self.run_ids, self.source = list(run_ids), source
-        statement = self.recompute.statement
-        self.slice_sql = statement(source.write, SLICE_KEYS)
-        self.probed_sql = statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
-        self.part_sql = statement(source.write, PART_KEYS, probed=PART_TASKS)
+    def rebuild(self) -> bool:
+        """Every key; False when the proof failed (``result.path_reason``)."""
         try:
             keys, stamped = unbounded(
                 self.limits,
                 DROP_KEYS_SQL,
                 DROP_HOURS_SQL,
                 compose(ANALYZE_JOURNAL_SQL),
-                (from_run_rows(source.create, ""), {"run_ids": self.run_ids}),
+                (from_run_rows(self.source.create, ""), {"run_ids": self.run_ids}),
                 ANALYZE_KEYS_SQL,
                 KEYS_TOTAL_SQL,
             )
@@ -345,7 +273,7 @@ class OwnRebuild:
                     "(ingestion rewrote every row since): the function rebuilds them"
                 )
                 return False
-            if not self._prove_first_keys(should_stop, on_slice, on_wait):
+            if not self._prove_first_keys():
                 return bool(self.result.stopped)  # stopped first: the next run rebuilds all
             target = settings.CODEX_TARGET_SCHEMA
             where = {"schema": target, "table": f"{target}.task_usage"}
@@ -361,7 +289,7 @@ class OwnRebuild:
                 (HOURS_TOTAL_SQL, tasks),
             )
             self.probe_below = PROBE_BELOW * max(task_rows, 1)
-            self._slices(should_stop, on_slice, on_wait)
+            self._slices()
             return True
         except DefinitionChanged as exc:
             self._to_function(str(exc))
@@ -370,25 +298,24 @@ class OwnRebuild:
             drop_temp_table(DROP_KEYS_SQL, "rollup keys table", logger)
             drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
 
-    def _prove_first_keys(
-        self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
-    ) -> bool:
+    def _prove_first_keys(self) -> bool:
         """The keys of the first stamps both ways, in one slice (tried on fewer keys when
         cancelled). False when it failed or a stop came first (``result.stopped``)."""
         count = PROOF_KEYS_COUNT
         while True:
-            if not self.function.may_start(should_stop, on_wait):
+            if not self.function.may_start():
                 return False
             with connection.cursor() as cursor:
                 cursor.execute(PROOF_BOUNDS_SQL, {"n": count})
                 first, last = cursor.fetchone()
-            spans = _spans(PROOF_KEYS, {"last": last})
+                cursor.execute(PROOF_HOURS_SQL, {"last": last})
+                spans = spans_of([hour for (hour,) in cursor.fetchall()])
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
             window = self._window(first, last)
             try:
-                proof, piece = self._prove(PROOF_KEYS, {"last": last}, spans, window)
+                proof, piece = self._prove(last, spans, window)
             except SliceCancelled as exc:
                 # Halved down to one stamp's keys before a cancellation counts against the run.
                 stamps = f"{count} stamps'" if count > 1 else "one stamp's"
@@ -401,7 +328,7 @@ class OwnRebuild:
             self.keys_done += proof.keys
             outcome = "equal" if proof.ok else "different"
             what = f"rollup proof: {proof.keys} keys both ways, {outcome}"
-            self.function.report(piece, what, self.keys_done, on_slice)
+            self.function.report(piece, what, self.keys_done)
             self.function.leave_a_gap()
             return proof.ok
 
@@ -414,17 +341,17 @@ class OwnRebuild:
                 first = last = cursor.fetchone()[0]
         return first, last + MICROSECOND
 
-    def _slices(self, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait) -> None:
+    def _slices(self) -> None:
         """Slices of hours, each sized by the measured rate to hold the lock ``target``; an
         hour bigger than that, in parts (``HourParts``)."""
         while self.done < self.hours:
-            if not self.function.may_start(should_stop, on_wait):
+            if not self.function.may_start():
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
             span = self._span(limit)
             # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
-                self._hour_in_parts(span, should_stop, on_slice, on_wait)
+                self._hour_in_parts(span)
                 continue
             try:
                 done = run_locked(self.limits, self._slice_work(span))
@@ -446,18 +373,29 @@ class OwnRebuild:
             self.keys_done += keys
             total = self.result.keys_total
             what = f"rollup slice: {span.count} hours, {keys} keys ({self.keys_done}/{total})"
-            self.function.report(piece, what, self.keys_done, on_slice)
+            self.function.report(piece, what, self.keys_done)
             if self.done < self.hours:
                 self.function.leave_a_gap()
 
-    def _hour_in_parts(
-        self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
-    ) -> None:
+    def _hour_in_parts(self, span: Span) -> None:
+        """An hour too big for a slice, in parts; through the function when one agent's rows
+        do not fit a part."""
         try:
-            parts = HourParts(self, span, self.part_rate, should_stop, on_slice, on_wait)
+            parts = HourParts(self.function, span, self.part_rate, self.part_work, self.keys_done)
             keys = parts.run()
         except HourTooBig:
-            self._hour_by_function(span, should_stop, on_slice, on_wait)
+            logger.warning(
+                "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
+                "the platform's function rebuilds the hour's keys",
+                f"{span.start:%Y-%m-%d %H:00}",
+            )
+            counted = self.result.keys_total
+            self.function.rebuild(self.run_ids, span.start, self.source.queued)
+            self.result.keys_total = counted  # its keys were counted with the run's
+            self.function.cancelled_in_a_row = 0
+            if not self.result.stopped:
+                self.done = span.upto
+                self.keys_done += span.keys
             return
         # What the hour cost in all sizes the next slices (else every later hour in parts).
         self.rate.add(span.cost, parts.held)
@@ -465,30 +403,26 @@ class OwnRebuild:
         if not self.result.stopped:
             self.done = span.upto
 
-    def _hour_by_function(
-        self, span: Span, should_stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
-    ) -> None:
-        logger.warning(
-            "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
-            "the platform's function rebuilds the hour's keys",
-            f"{span.start:%Y-%m-%d %H:00}",
-        )
-        counted = self.result.keys_total
-        function = self.function.rebuild
-        function(self.run_ids, should_stop, on_slice, on_wait, span.start, self.source.queued)
-        self.result.keys_total = counted  # its keys were counted with the run's
-        self.function.cancelled_in_a_row = 0
-        if not self.result.stopped:
-            self.done = span.upto
-            self.keys_done += span.keys
-
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
         statement = self.probed_sql if span.cost < self.probe_below else self.slice_sql
-        return _write(statement, params, self.fingerprint)
+        return self._work(statement, params)
 
     def part_work(self, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
-        return _write(self.part_sql, params, self.fingerprint)
+        return self._work(self.part_sql, params)
+
+    def _work(self, statement: str, params: dict[str, Any]) -> Callable[[Any, Bound], Any]:
+        """One own statement, kept only while the installed definition is the proven one."""
+
+        def work(cursor: Any, bound: Bound) -> Any:
+            cursor.execute(OWN_SETTINGS_SQL)
+            bound()
+            cursor.execute(statement, params)
+            row = cursor.fetchone()
+            check_definition(cursor, self.fingerprint)
+            return row
+
+        return work
 
     def _span(self, limit: float) -> Span:
         with connection.cursor() as cursor:

@@ -1,6 +1,5 @@
 """One rollup slice: a short transaction holding lock 4246, its budget, the room left to the
-lock's other users, and the rate learner that sizes the next one (docs/design.md).
-"""
+lock's other users, and the rate learner that sizes the next one (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from usage.db import (
 )
 from usage.eligibility import names
 from usage.events import log_event
+from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.rollup")
 
@@ -39,17 +39,14 @@ MIN_CALL_SECONDS = 0.05
 TARGET_LOCK_FRACTION = 0.7
 MAX_SLICE_GROWTH = 4.0
 LOCK_WAIT_ATTEMPTS = 5
-# The lock stays free this long after every slice, for try-lock callers (docs/design.md):
-# 0.2 s at the default budget, less with a smaller one (this share of it), never under 0.1 s.
+# The lock stays free this long after every slice (docs/design.md).
 SLICE_GAP_SECONDS = 0.2
 SLICE_GAP_SHARE = 0.04
 MIN_SLICE_GAP_SECONDS = 0.1
-# This many slices cancelled in a row stop the rebuild: the run's rollup stays pending.
 MAX_CANCELLED_IN_A_ROW = 5
 
 TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
-# Who holds what a slice waited for: lock 4246, or a lock on the rollup's tables (a writer's
-# row locks show as its lock on the table), oldest transaction first.
+# Who holds lock 4246, or a lock on the rollup's tables (a writer's row locks show as one).
 HOLDERS_SQL = """
 SELECT DISTINCT a.pid, a.application_name, a.xact_start, a.state
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -65,14 +62,13 @@ REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 
 class RollupError(Exception):
-    """The rollup could not be rebuilt; the run's rollup stays pending for the next run.
-    ``result`` is what the rebuild did before it stopped, when ``rebuild_keys`` knows it."""
+    """The rollup could not be rebuilt (it stays pending); ``result``: what it did till then."""
 
     result: RollupResult | None = None
 
 
 class SliceCancelled(Exception):
-    """The server ended a slice at the lock budget; it held lock 4246 ``held`` seconds."""
+    """The server ended a slice at the cap, after holding lock 4246 ``held`` seconds."""
 
     def __init__(self, held: float) -> None:
         super().__init__(f"rollup slice cancelled after holding lock {ROLLUP_LOCK_ID} {held:.3f}s")
@@ -81,8 +77,6 @@ class SliceCancelled(Exception):
 
 @dataclass(frozen=True)
 class SliceLimits:
-    """The server-side limits of slice transactions."""
-
     max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_timeout: float = 5.0
     statement_timeout: float = 600.0
@@ -93,13 +87,12 @@ class SliceLimits:
 
     @property
     def target(self) -> float:
-        """How long a slice aims to hold the lock."""
         return self.max_lock_seconds * TARGET_LOCK_FRACTION
 
 
 @dataclass(frozen=True)
 class NeighbourOptions:
-    """How the rebuild makes room for the platform's other users of lock 4246."""
+    """The room left to the platform's other users of lock 4246."""
 
     tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     gap: float = SLICE_GAP_SECONDS
@@ -107,8 +100,7 @@ class NeighbourOptions:
 
 @dataclass(frozen=True)
 class RollupSlice:
-    """One slice transaction: what it rebuilt, how (``own`` or the function's plan), over
-    which window, how long it held 4246; ``rows``: the usage rows it read."""
+    """One slice transaction; ``plan``: ``own`` or the function's; ``rows``: usage rows read."""
 
     window_from: datetime | None
     window_to: datetime | None
@@ -137,9 +129,7 @@ class RollupResult:
     cancelled_holds: list[float] = field(default_factory=list)  # of slices cancelled at the cap
     path: str = ""  # "own" or "function"; the reason when a failed proof changed it
     path_reason: str = ""
-    # The distinct keys rebuilt, where the slices' keys may not count them (the revert's: a
-    # key the cron tick drained first, a failed proof's keys drained by its call).
-    distinct_keys: int | None = None
+    distinct_keys: int | None = None  # the revert's, which the slices' keys may not count
 
     @property
     def rollup_rows(self) -> int:
@@ -153,7 +143,6 @@ class RollupResult:
 
     @property
     def max_lock_held_seconds(self) -> float:
-        """The longest hold of lock 4246, cancelled slices included."""
         holds = [s.lock_held_seconds for s in self.slices] + self.cancelled_holds
         return max(holds, default=0.0)
 
@@ -164,8 +153,7 @@ class RollupResult:
 
 @dataclass(frozen=True)
 class Span:
-    """A slice's stamps or touched hours (after, upto] by number, their keys, their cost
-    (tasks, or estimated usage rows) and the window ``[start, end)`` they cover."""
+    """A slice's stamps or hours (after, upto] by number; ``cost``: tasks, or estimated rows."""
 
     after: int
     upto: int
@@ -180,8 +168,7 @@ class Span:
 
 
 # The next slice in a table of running totals (``seq``, from 1): from ``after + 1`` to the
-# last row before one where ``{over}`` holds (at least one); ``{columns}`` of ``s``, the last,
-# and ``f``, the first.
+# last row (``s``; ``f`` the first) before one where ``{over}`` holds (at least one).
 NEXT_SPAN_SQL = """
 SELECT s.seq, {columns}
 FROM {table} s, {table} f
@@ -193,15 +180,12 @@ WHERE f.seq = %(after)s + 1
 
 # Sets the next statement's timeout to what is left of the cap since the lock was taken.
 Bound = Callable[[], None]
-# What a rebuild is told: whether to stop, each slice it made, each wait for the cron tick.
 ShouldStop = Callable[[], bool]
-OnSlice = Callable[[RollupSlice, int, int], None] | None
-OnWait = Callable[[str, float], None] | None
 
 
 @dataclass(frozen=True)
 class Locked(Generic[T]):
-    """What a slice's work returned, how long it waited for lock 4246 and held it."""
+    """What a slice's work returned, and how long it waited for lock 4246 and held it."""
 
     value: T
     waited: float
@@ -210,7 +194,6 @@ class Locked(Generic[T]):
     def piece(
         self, window_from: datetime | None, window_to: datetime | None, written: int, **more: Any
     ) -> RollupSlice:
-        """The slice as the result records it: ``written`` hourly rows, and ``more``."""
         return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
 
 
@@ -225,9 +208,8 @@ def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
 def run_locked(
     limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
 ) -> Locked[T]:
-    """Run ``work(cursor, bound)`` in one transaction holding lock 4246; ``work`` calls
-    ``bound()`` before each long statement. ``repeatable_read``: one snapshot (unless in a
-    caller's transaction); a serialization failure is retried like a busy lock."""
+    """``work(cursor, bound)`` in one transaction holding lock 4246, calling ``bound()`` before
+    each long statement; with ``repeatable_read`` a serialization failure is retried."""
     rows_locked = False
     for attempt in range(1, LOCK_WAIT_ATTEMPTS + 1):
         waited_from = time.monotonic()
@@ -277,7 +259,7 @@ def run_locked(
 
 
 def holders(*, rows: bool) -> str:
-    """Who holds the rollup's tables (``rows``) or lock 4246 now: pid, application, since."""
+    """Who holds the rollup's tables (``rows``) or lock 4246 now."""
     tables = {name: names()[name].as_string() for name in HOLDERS_TABLES}
     with connection.cursor() as cursor:
         cursor.execute(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables})
@@ -292,9 +274,8 @@ def holders(*, rows: bool) -> str:
 
 
 def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
-    """Statements (with their parameters) in one transaction with no statement timeout: a
-    pass over the runs' journal holds no lock another writer waits for. The last one's row
-    (None when it returns none)."""
+    """Statements in one transaction with no statement timeout (a pass over the journal holds
+    no lock a writer waits for); the last one's row, or None."""
     with transaction.atomic(), connection.cursor() as cursor:
         set_local_timeouts(cursor, limits.lock_timeout, 0)
         for statement in statements:
@@ -304,29 +285,39 @@ def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]
 
 
 class Slicer:
-    """What every rebuild loop shares: the neighbours' room, the stop, the cancellations."""
+    """What every rebuild loop shares: the neighbours' room, the stop, the cancellations, and
+    the ``rollup_slice`` and ``paused`` events to ``progress``."""
 
     def __init__(
-        self, limits: SliceLimits, neighbours: NeighbourOptions, result: RollupResult
+        self,
+        limits: SliceLimits,
+        neighbours: NeighbourOptions,
+        result: RollupResult,
+        should_stop: ShouldStop = lambda: False,
+        progress: Progress = no_progress,
     ) -> None:
         self.limits = limits
         self.neighbours = neighbours
         self.result = result
+        self.should_stop = should_stop
+        self.progress = progress
         self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
         self.cancelled_in_a_row = 0
 
-    def may_start(self, should_stop: ShouldStop, on_wait: OnWait) -> bool:
+    def paused(self, reason: str, seconds: float) -> None:
+        self.progress("paused", reason=reason, seconds=seconds)
+
+    def may_start(self) -> bool:
         """Wait while the cron tick is due; False when a stop was asked for (noted)."""
-        if not should_stop():
-            self.ticks.wait_if_due(should_stop, on_wait)
-        if should_stop():
+        if not self.should_stop():
+            self.ticks.wait_if_due(self.should_stop, self.paused)
+        if self.should_stop():
             self.result.stopped = True
             return False
         return True
 
     @property
     def gap(self) -> float:
-        """How long lock 4246 stays free after a slice."""
         share = max(MIN_SLICE_GAP_SECONDS, SLICE_GAP_SHARE * self.limits.max_lock_seconds)
         return min(self.neighbours.gap, share)
 
@@ -335,8 +326,7 @@ class Slicer:
             time.sleep(self.gap)
 
     def cancelled(self, exc: SliceCancelled, what: str, *, counts: bool = True) -> None:
-        """The server ended the slice ``what`` at the cap; too many in a row stop all (those
-        that ``counts``: a slice the caller can still make smaller does not)."""
+        """The slice ``what`` hit the cap; too many in a row that ``counts`` stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
         self.cancelled_in_a_row += counts
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
@@ -347,16 +337,13 @@ class Slicer:
                 "pending: re-run the same command with a larger --max-rollup-lock-seconds "
                 "(or when the database is less busy) to rebuild the rest"
             ) from exc
-        self.leave_a_gap()  # the cancelled slice held the lock up to the cap
+        self.leave_a_gap()
 
-    def report(self, piece: RollupSlice, what: str, done: int, on_slice: OnSlice) -> None:
-        """A slice made, ``done`` keys of the result's so far: to the caller and the log."""
-        if on_slice is not None:
-            on_slice(piece, done, self.result.keys_total)
+    def report(self, piece: RollupSlice, what: str, done: int) -> None:
+        self.progress("rollup_slice", piece=piece, done=done, total=self.result.keys_total)
         log_slice(piece, what, done, self.result.keys_total)
 
     def settled(self, piece: RollupSlice) -> None:
-        """A slice that ran: it counts, and the run of cancellations is over."""
         self.cancelled_in_a_row = 0
         self.result.slices.append(piece)
 
@@ -365,15 +352,15 @@ class Slicer:
         self.result.cron_wait_seconds += self.ticks.waited_seconds
 
 
-# How fast a slower rate is believed, and a faster one.
+# How much of a slower measured rate is believed at once, and of a faster one.
 RATE_SLOWER_WEIGHT = 1.0
 RATE_FASTER_WEIGHT = 0.3
 
 
 @dataclass
 class Rate:
-    """One kind of slice's measured speed (units a second of hold), and the next's size.
-    With ``scans`` a slice also pays a fixed part: the shortest slice seen, or ``fixed``."""
+    """One kind of slice's measured speed (units a second of hold), and the next's size; with
+    ``scans`` a slice also pays a fixed part (the shortest slice seen)."""
 
     target: float
     rate: float
@@ -387,8 +374,7 @@ class Rate:
         return self.fixed + units / self.rate
 
     def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
-        """The units the next slice may take (``first`` until one was measured), less
-        ``less``; without ``grow`` (comparing kinds), what the rate allows."""
+        """The units the next slice may take (``first`` until one was measured), less ``less``."""
         wanted = (self.target - self.fixed) * self.rate if self.measured else first
         wanted -= less
         if grow and self.largest:
@@ -398,9 +384,7 @@ class Rate:
         return max(1.0, wanted)
 
     def add(self, units: float, held: float) -> None:
-        """A slice of ``units`` held the lock ``held`` seconds (without ``scans`` the rate
-        alone sizes the next: one cancelled slice does not cap the rest of the run)."""
-        if not self.scans:
+        if not self.scans:  # a stall does not cap the rest of the run
             self.ceiling = None
         first = not self.measured
         self.measured = True
@@ -418,7 +402,6 @@ class Rate:
             self.rate += weight * (rate - self.rate)
 
     def cancelled(self, units: float) -> None:
-        """A slice of ``units`` hit the cap: believe half of it fits."""
         self.ceiling = max(1.0, units / 2)
         if not self.scans:
             self.rate = min(self.rate, units / 2 / self.target)
@@ -426,7 +409,6 @@ class Rate:
 
 
 def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
-    """One ``rollup_slice`` event: what was rebuilt, how, and how long lock 4246 was held."""
     log_event(
         logger,
         logging.DEBUG,

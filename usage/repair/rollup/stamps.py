@@ -1,9 +1,9 @@
-"""The repair's rebuild through the platform's function: slices of the runs' stamps, then the
-keys of rows rewritten since, queued and drained (docs/design.md).
-"""
+"""The function path's rebuild: slices of the runs' stamps (or of the revert's queue times),
+then the keys of rows rewritten since, queued and drained (docs/design.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -17,26 +17,29 @@ from usage.repair.rollup.function import (
     KEY_BASE_COST,
     MICROSECOND,
     Plan,
-    QueueDrainer,
+    SlicePlanner,
+    checked,
+    predict_scan_seconds,
     probe_units,
     run_slice,
     slice_units,
 )
 from usage.repair.rollup.slices import (
     NEXT_SPAN_SQL,
-    OnSlice,
-    OnWait,
     RollupError,
-    ShouldStop,
+    RollupSlice,
     SliceCancelled,
+    Slicer,
     Span,
+    log_slice,
     unbounded,
 )
 
 logger = logging.getLogger("usage.rollup")
+# What the log and the errors call a drain of the rewritten keys.
+DRAIN = "rewritten keys drain"
 
 
-# A call over the window of a slice's stamps rebuilds exactly their keys (docs/design.md).
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
 # A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
@@ -45,7 +48,7 @@ DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
 # The runs' rows (not reverted) with their hourly keys: those ``{match}`` keeps (stamped or
-# rewritten since), of one bucket hour with ``{only_hour}`` (the own path's fallback).
+# rewritten since), of one bucket hour with ``{only_hour}``.
 RUN_ROWS = """{journal} j
 JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 {key_joins}
@@ -55,23 +58,21 @@ REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
 STAMP = "j.new_updated_at AS stamp, "
 ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
 
-# The runs' distinct keys (one row per stamp and key for the stamps), analyzed before they
-# are joined (docs/design.md).
+# The runs' distinct keys (per stamp for the stamps), analyzed before joined (docs/design.md).
 RUN_KEYS_TABLE = "pg_temp.codex_rollup_run_keys"
 CREATE_RUN_KEYS_SQL = """
 CREATE TEMP TABLE codex_rollup_run_keys ON COMMIT DROP AS
 SELECT DISTINCT {stamp}{row_key} FROM {run_rows}"""
 ANALYZE_RUN_KEYS_SQL = f"ANALYZE {RUN_KEYS_TABLE}"
-# The keys the revert's batches restored (and queued), distinct.
+# The distinct keys the revert's batches restored (and queued).
 REVERT_KEYS_TABLE = "pg_temp.codex_revert_keys"
-# The revert's keys (of ``hour`` when given) as its batches queued them: their time in the
-# queue is their stamp, a window of which drains them.
+# The revert's keys (of ``hour`` when given), their time in the queue as their stamp.
 CREATE_QUEUED_KEYS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_run_keys ON COMMIT DROP AS
 SELECT d.enqueued_at AS stamp, {key_columns("d").as_string()}
 FROM {REVERT_KEYS_TABLE} k JOIN {{task_usage_hourly_dirty}} d ON {same_key("k", "d").as_string()}
 WHERE %(hour)s::timestamptz IS NULL OR k.bucket_hour = %(hour)s"""
-# The task count of each agent of the keys: a key's rollup cost grows with it.
+# The task count of each agent of the keys: a key's cost grows with it.
 AGENT_TASKS = f"""agent_tasks AS MATERIALIZED (
     SELECT t.agent_id, count(*) AS tasks FROM {{agent_task_queue}} t
     WHERE t.agent_id IN (SELECT DISTINCT agent_id FROM {RUN_KEYS_TABLE}) GROUP BY t.agent_id
@@ -104,8 +105,8 @@ SELECT count(*) FROM (
     WHERE enqueued_at < (SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %(seq)s) + %(gap)s
     LIMIT %(cap)s
 ) queued"""
-# The next slice: the stamps after ``after`` of one segment whose keys cost at most ``limit``
-# (tasks plus ``base`` a key; at least one stamp).
+# The next slice: stamps of one segment whose keys cost at most ``limit`` (tasks plus ``base``
+# a key).
 NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
     table=STAMPS_TABLE,
     columns="s.keys_to, s.tasks_to, f.stamp, s.stamp",
@@ -113,7 +114,7 @@ NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
     "OR n.segment <> f.segment",
 )
 
-# Keys of the runs' rows rewritten since (no window of stamps finds them): queued and drained.
+# Keys of the runs' rows rewritten since (no window of stamps finds them).
 REWRITTEN_TABLE = "pg_temp.codex_rollup_rewritten"
 CREATE_REWRITTEN_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_rollup_rewritten ON COMMIT PRESERVE ROWS AS
@@ -143,21 +144,20 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp
     return compose(template, stamp=stamp, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
 
 
-class FunctionPath(QueueDrainer):
+class FunctionPath(Slicer):
     """The function path: the repair's rebuild, and the revert's (its queued keys)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        scans = predict_scan_seconds()
+        self.planner = SlicePlanner(self.limits.target, scans, self.neighbours.gap)
+
     def rebuild(
-        self,
-        run_ids: Sequence[int],
-        should_stop: ShouldStop,
-        on_slice: OnSlice,
-        on_wait: OnWait,
-        hour: datetime | None = None,
-        queued: bool = False,
-    ) -> bool:
+        self, run_ids: Sequence[int], hour: datetime | None = None, queued: bool = False
+    ) -> None:
         """Every hourly key of the runs' rows (of ``hour`` when given): slices of stamps, then
         the rewritten keys; or the revert's ``queued`` keys, by the windows of their queue
-        times. Stops between slices on ``should_stop()``. Always True."""
+        times. Stops between slices on ``should_stop()``."""
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
         keys_sql = from_run_rows(CREATE_RUN_KEYS_SQL, STAMPED, hour, STAMP)
         stamps, keys, tasks = unbounded(
@@ -173,21 +173,17 @@ class FunctionPath(QueueDrainer):
         self.result.keys_total += keys
         try:
             if stamps:
-                self._stamp_slices(stamps, tasks / keys, should_stop, on_slice, on_wait)
+                self._stamp_slices(stamps, tasks / keys)
             if not self.result.stopped and not queued:
-                self._rewritten(params, should_stop, on_wait)
+                self._rewritten(params)
         finally:
             drop_temp_table(DROP_STAMPS_TABLE_SQL, "stamps table", logger)
             drop_temp_table(DROP_REWRITTEN_TABLE_SQL, "rewritten keys table", logger)
-        return True
 
-    def _stamp_slices(
-        self, total: int, mean: float, stop: ShouldStop, on_slice: OnSlice, on_wait: OnWait
-    ) -> None:
-        """Slices of stamps: plan, wait, run, learn."""
+    def _stamp_slices(self, total: int, mean: float) -> None:
         after = keys_done = tasks_done = 0
         while after < total:
-            if not self.may_start(stop, on_wait):
+            if not self.may_start():
                 return
             backlog = self._backlog(after + 1)
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
@@ -213,7 +209,7 @@ class FunctionPath(QueueDrainer):
             keys_done += span.keys
             tasks_done += span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
-            self.report(piece, what, keys_done, on_slice)
+            self.report(piece, what, keys_done)
             if after < total:
                 self.leave_a_gap()
 
@@ -252,7 +248,7 @@ class FunctionPath(QueueDrainer):
         plan = self.planner.best(speed)
         return plan, span(plan, limit(plan, True))
 
-    def _rewritten(self, params: dict[str, Any], should_stop: ShouldStop, on_wait: OnWait) -> None:
+    def _rewritten(self, params: dict[str, Any]) -> None:
         """The keys of rows rewritten since the run: queued and drained in planned chunks."""
         total, tasks = unbounded(
             self.limits,
@@ -265,12 +261,60 @@ class FunctionPath(QueueDrainer):
         self.result.keys_total += total
         done = 0
         while done < total:
-            if should_stop():
+            if self.should_stop():
                 self.result.stopped = True
                 return
-            upto = min(total, done + self.next_keys(tasks / total))
+            upto = min(total, done + self._drain_keys(tasks / total))
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
                 latest, chunk_tasks = cursor.fetchone()
-            self.drain(latest, upto - done, int(chunk_tasks), should_stop, on_wait)
+            self._drain(latest, upto - done, int(chunk_tasks))
             done = upto
+
+    def _drain_keys(self, mean_tasks: float) -> int:
+        """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
+        plan = self._best_plan(mean_tasks)
+        per_key = mean_tasks + KEY_BASE_COST[plan]
+        return max(1, int(self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0) / per_key))
+
+    def _best_plan(self, mean_tasks: float) -> Plan:
+        def speed(plan: Plan) -> float:
+            per_key = mean_tasks + KEY_BASE_COST[plan]
+            units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0, grow=False)
+            return units / per_key / (self.planner.seconds(plan, units) + self.planner.gap)
+
+        return self.planner.best(speed)
+
+    def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
+        """Rebuild everything queued up to ``enqueued_until`` in one slice, tried once with
+        each usable plan, then ``RollupError``."""
+        self.ticks.wait_if_due(self.should_stop, self.paused)
+        plans = [self._best_plan(tasks / keys if keys else 0.0)]
+        plans += [p for p in sorted(self.planner.usable) if p not in plans]
+        for plan in plans:
+            try:
+                piece = run_slice(plan, self.limits, enqueued_until, enqueued_until + MICROSECOND)
+            except SliceCancelled as exc:
+                self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
+                self.cancelled(exc, f"{DRAIN} of {keys} keys ({plan} plan)")
+                continue
+            piece = self._settled(piece, keys, tasks)
+            log_slice(piece, f"{DRAIN}: {keys} keys", keys, keys)
+            self.leave_a_gap()
+            return
+        raise RollupError(
+            f"the hourly keys of one {DRAIN} ({keys} keys) could not be rebuilt within "
+            f"the lock budget ({self.limits.cap:g}s); they stay queued in "
+            "task_usage_hourly_dirty (the platform's cron tick drains them too): run the same "
+            "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
+        )
+
+    def _settled(
+        self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
+    ) -> RollupSlice:
+        piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
+        piece = checked(piece, self.planner)
+        units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)
+        self.planner.measured(Plan(piece.plan), units, piece.lock_held_seconds)
+        self.settled(piece)
+        return piece

@@ -1,6 +1,5 @@
 """The rollup function's definitions the tool knows (by a fingerprint of their tokens), the
-installed one, and the path a run takes because of it (docs/design.md).
-"""
+installed one, and the path a run takes because of it (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -140,9 +139,9 @@ def recognise(print_: str) -> FunctionVersion | None:
     return FunctionVersion(declared, DECLARED, print_)
 
 
-# What the fingerprint is made of, and whether the function runs with its owner's privileges.
+# What the fingerprint is made of.
 INSTALLED_FUNCTION_SQL = """
-SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc, p.prosecdef
+SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc
 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
 WHERE p.oid = to_regprocedure(%(signature)s)"""
 HOURLY_COLUMNS_SQL = """
@@ -158,7 +157,6 @@ SELECT array(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'])
 class InstalledFunction:
     fingerprint: str
     version: FunctionVersion | None
-    security_definer: bool
     hourly_columns: frozenset[str]
 
     @property
@@ -166,28 +164,24 @@ class InstalledFunction:
         return self.version.name if self.version else "unknown"
 
 
-def installed_fingerprint(cursor: Any) -> tuple[str, bool] | None:
-    """The installed function's fingerprint and whether it is a security definer (None when
-    it is missing): one catalog read, what a slice checks before it commits."""
+def installed_fingerprint(cursor: Any) -> str | None:
+    """The installed function's fingerprint (None when it is missing): one catalog read, what
+    a slice checks before it commits."""
     target = settings.CODEX_TARGET_SCHEMA
     cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
     row = cursor.fetchone()
-    if row is None:
-        return None
-    language, config, body, security_definer = row
-    return fingerprint(language, config, body), security_definer
+    return None if row is None else fingerprint(*row)
 
 
 def read_installed_function(cursor: Any) -> InstalledFunction | None:
     """The rollup function as the catalog has it (None when it is missing)."""
-    found = installed_fingerprint(cursor)
-    if found is None:
+    print_ = installed_fingerprint(cursor)
+    if print_ is None:
         return None
-    print_, security_definer = found
     table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
     cursor.execute(HOURLY_COLUMNS_SQL, {"table": table})
     columns = frozenset(name for (name,) in cursor.fetchall())
-    return InstalledFunction(print_, recognise(print_), security_definer, columns)
+    return InstalledFunction(print_, recognise(print_), columns)
 
 
 @dataclass(frozen=True)
