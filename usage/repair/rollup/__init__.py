@@ -1,7 +1,5 @@
-"""Rebuilding the hourly rollup for the rows a run changed, in slices under lock 4246: entry
-points (``rebuild``), the path (``versions``), the own recompute (``proof``, ``recompute``) and
-the platform's function (``function``, ``stamps``); docs/design.md says why.
-"""
+"""Rebuilding the hourly rollup for the rows a run changed, in slices under lock 4246
+(README.md lays out the modules; docs/design.md says why)."""
 
 from __future__ import annotations
 

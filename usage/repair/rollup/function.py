@@ -58,8 +58,7 @@ MICROSECOND = timedelta(microseconds=1)
 
 @dataclass
 class SlicePlanner:
-    """Each slice's plan and size, to hold the lock about ``target`` seconds: a ``Rate`` a
-    plan, in task units (``slice_units``)."""
+    """Each slice's plan and size, to hold the lock ``target`` seconds: a ``Rate`` a plan."""
 
     target: float
     scan_seconds: float
@@ -134,8 +133,7 @@ def predict_scan_seconds() -> float:
 def call_function(
     cursor: Any, bound: Bound, plan: Plan, window: tuple[datetime, datetime]
 ) -> tuple[int, dict[str, int]]:
-    """One call over ``window`` with ``plan``'s settings in the caller's slice: the hourly
-    rows it wrote, and its scans of ``task_usage``."""
+    """One call in the caller's slice: the hourly rows it wrote, its scans of task_usage."""
     cursor.execute(SET_PLAN_SQL, [ENABLE_NESTLOOP[plan]])
     cursor.execute(SCANS_SQL, [settings.CODEX_TARGET_SCHEMA])
     seq_before, idx_before = cursor.fetchone()
@@ -151,8 +149,7 @@ def call_function(
 def run_slice(
     plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
 ) -> RollupSlice:
-    """One slice around one call over ``[from, to)``: the keys of the rows last written in
-    the window, and every key queued before its end."""
+    """One slice around one call over ``[from, to)``."""
     window = (window_from, window_to)
     done = run_locked(limits, lambda cursor, bound: call_function(cursor, bound, plan, window))
     rollup_rows, scans = done.value
@@ -166,7 +163,7 @@ def plan_applied(piece: RollupSlice) -> bool:
 
 def checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     """The slice as it ran: a hash plan with no whole scan was nested loops (a ``SET`` clause
-    on the function, say, keeps the settings out), and the planner drops it."""
+    on the function keeps the settings out), and the planner drops it."""
     if plan_applied(piece):
         return piece
     planner.usable.discard(Plan(piece.plan))

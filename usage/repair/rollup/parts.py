@@ -83,8 +83,7 @@ class HourTooBig(Exception):
 
 
 class HourParts:
-    """The parts of one bucket hour (``span``), each a slice of ``part_work`` sized by
-    ``rate``, the parts' own measured rate in usage rows; ``keys_done``: before the hour."""
+    """The parts of one bucket hour, each a slice of ``part_work`` sized by the parts' ``rate``."""
 
     def __init__(
         self, slicer: Slicer, span: Span, rate: Rate, part_work: PartWork, keys_done: int
@@ -95,8 +94,7 @@ class HourParts:
         self.held = 0.0  # by all the hour's parts together
 
     def run(self) -> int:
-        """Every key of the hour, in parts; the keys rebuilt (those done again after a task
-        moved count once). Raises ``HourTooBig``; returns early on a stop."""
+        """Every key of the hour, in parts (those done again count once); or ``HourTooBig``."""
         hour = {"start": self.span.start, "end": self.span.end}
         limits = self.slicer.limits
         unbounded(

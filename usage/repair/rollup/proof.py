@@ -261,8 +261,8 @@ def prove(
     spans: Sequence[tuple[datetime, datetime]],
     window: tuple[datetime, datetime],
 ) -> tuple[Proof, tuple[int, dict[str, int]]]:
-    """In the caller's REPEATABLE READ slice: the own sums of ``keys_sql``'s keys set aside,
-    then the function called over ``window`` (which writes them), then the two compared."""
+    """In the caller's REPEATABLE READ slice: the own sums set aside, the function called
+    over ``window`` (which writes them), then the two compared."""
     cursor.execute(DROP_PROOF_SQL)
     cursor.execute(OWN_SETTINGS_SQL)
     bound()

@@ -1,6 +1,5 @@
-"""The rollup's entry point, ``rebuild_keys`` (the repair's and the revert's), on the run's
-path: ``OwnRebuild``, or ``FunctionPath`` (its fallback too).
-"""
+"""The rollup's entry point (the repair's and the revert's), on the run's path: ``OwnRebuild``,
+or ``FunctionPath`` (its fallback too)."""
 
 from __future__ import annotations
 
@@ -35,9 +34,8 @@ def rebuild_keys(
     progress: Progress = no_progress,
     source: KeySource = RUN_KEYS,
 ) -> RollupResult:
-    """Rebuild every hourly key of the rows the given runs changed (or of ``source``, the
-    revert's keys), each key once, on ``choice``'s path (``choose_path()`` when not given; a
-    failed proof: the function's). Stops between slices on ``should_stop()``."""
+    """Every hourly key of the rows the runs changed (or of ``source``), each once, on
+    ``choice``'s path (after a failed proof, the function's)."""
     started = time.monotonic()
     choice = choice or choose_path()
     limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)

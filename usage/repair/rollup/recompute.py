@@ -227,8 +227,7 @@ class OwnRebuild:
     def _prove(
         self, last: Any, spans: list[tuple[datetime, datetime]], window: tuple[datetime, datetime]
     ) -> tuple[Proof, RollupSlice]:
-        """``prove`` in one REPEATABLE READ slice; a failed proof puts the rest on the function
-        path. Raises ``SliceCancelled``."""
+        """``prove`` in one REPEATABLE READ slice; a failed proof puts the rest on the function."""
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
             keys = (PROOF_KEYS, {"last": last})
@@ -299,8 +298,8 @@ class OwnRebuild:
             drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
 
     def _prove_first_keys(self) -> bool:
-        """The keys of the first stamps both ways, in one slice (tried on fewer keys when
-        cancelled). False when it failed or a stop came first (``result.stopped``)."""
+        """The keys of the first stamps both ways (halved when cancelled); False when it failed
+        or a stop came first."""
         count = PROOF_KEYS_COUNT
         while True:
             if not self.function.may_start():
@@ -333,8 +332,7 @@ class OwnRebuild:
             return proof.ok
 
     def _window(self, first: Any, last: Any) -> tuple[datetime, datetime]:
-        """The proof's call of the function: over its stamps, or the time the revert's keys
-        were queued (it drains them)."""
+        """Over the proof's stamps, or the time the revert's keys were queued (draining them)."""
         if self.source.queued:
             with connection.cursor() as cursor:
                 cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
@@ -342,8 +340,6 @@ class OwnRebuild:
         return first, last + MICROSECOND
 
     def _slices(self) -> None:
-        """Slices of hours, each sized by the measured rate to hold the lock ``target``; an
-        hour bigger than that, in parts (``HourParts``)."""
         while self.done < self.hours:
             if not self.function.may_start():
                 break
@@ -378,8 +374,7 @@ class OwnRebuild:
                 self.function.leave_a_gap()
 
     def _hour_in_parts(self, span: Span) -> None:
-        """An hour too big for a slice, in parts; through the function when one agent's rows
-        do not fit a part."""
+        """In parts; through the function when one agent's rows do not fit a part."""
         try:
             parts = HourParts(self.function, span, self.part_rate, self.part_work, self.keys_done)
             keys = parts.run()

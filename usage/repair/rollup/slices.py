@@ -274,8 +274,8 @@ def holders(*, rows: bool) -> str:
 
 
 def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
-    """Statements in one transaction with no statement timeout (a pass over the journal holds
-    no lock a writer waits for); the last one's row, or None."""
+    """Statements in one transaction with no statement timeout (docs/design.md); the last one's
+    row, or None."""
     with transaction.atomic(), connection.cursor() as cursor:
         set_local_timeouts(cursor, limits.lock_timeout, 0)
         for statement in statements:

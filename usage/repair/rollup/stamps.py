@@ -56,7 +56,7 @@ WHERE j.run_id = ANY(%(run_ids)s) AND j.reverted_at IS NULL AND {has_key} {only_
 STAMPED = "AND tu.updated_at = j.new_updated_at"
 REWRITTEN = "AND tu.updated_at IS DISTINCT FROM j.new_updated_at"
 STAMP = "j.new_updated_at AS stamp, "
-ONLY_HOUR = {False: "", True: "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"}
+ONLY_HOUR = "AND {bucket_hour} AT TIME ZONE 'UTC' = %(hour)s"
 
 # The runs' distinct keys (per stamp for the stamps), analyzed before joined (docs/design.md).
 RUN_KEYS_TABLE = "pg_temp.codex_rollup_run_keys"
@@ -140,7 +140,7 @@ SELECT (SELECT max(enqueued_at) FROM queued),
 
 def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp: str = "") -> str:
     """``template`` over ``{run_rows}``: those ``match`` keeps, of ``hour`` when given."""
-    only_hour = ONLY_HOUR[hour is not None]
+    only_hour = "" if hour is None else ONLY_HOUR
     return compose(template, stamp=stamp, match=match, only_hour=only_hour, run_rows=RUN_ROWS)
 
 
@@ -155,9 +155,7 @@ class FunctionPath(Slicer):
     def rebuild(
         self, run_ids: Sequence[int], hour: datetime | None = None, queued: bool = False
     ) -> None:
-        """Every hourly key of the runs' rows (of ``hour`` when given): slices of stamps, then
-        the rewritten keys; or the revert's ``queued`` keys, by the windows of their queue
-        times. Stops between slices on ``should_stop()``."""
+        """Every key of the runs' rows (of ``hour``), or the revert's ``queued`` keys."""
         params = {"run_ids": list(run_ids), "hour": hour, "max_gap": MAX_WINDOW_GAP}
         keys_sql = from_run_rows(CREATE_RUN_KEYS_SQL, STAMPED, hour, STAMP)
         stamps, keys, tasks = unbounded(
@@ -223,8 +221,7 @@ class FunctionPath(Slicer):
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
     ) -> tuple[Plan, Span]:
-        """The next slice's plan and stamps after ``done`` (stamps, keys, tasks): each plan
-        judged at the size its rate allows, run at the size growth allows."""
+        """The next slice's plan (each judged at the size its rate allows) and stamps."""
         after, keys_done, tasks_done = done
 
         def limit(plan: Plan, grow: bool) -> float:
@@ -286,8 +283,7 @@ class FunctionPath(Slicer):
         return self.planner.best(speed)
 
     def _drain(self, enqueued_until: datetime, keys: int, tasks: int) -> None:
-        """Rebuild everything queued up to ``enqueued_until`` in one slice, tried once with
-        each usable plan, then ``RollupError``."""
+        """Everything queued up to ``enqueued_until`` in one slice, tried once with each plan."""
         self.ticks.wait_if_due(self.should_stop, self.paused)
         plans = [self._best_plan(tasks / keys if keys else 0.0)]
         plans += [p for p in sorted(self.planner.usable) if p not in plans]

@@ -102,8 +102,7 @@ def _block_comment_end(text: str, start: int) -> int:
 
 
 def sql_tokens(text: str) -> list[str]:
-    """``text`` as SQL tokens: comments and whitespace dropped, unquoted words in lower case
-    (the same program to PostgreSQL's parser)."""
+    """``text`` as SQL tokens: comments and whitespace dropped, unquoted words in lower case."""
     tokens: list[str] = []
     i = 0
     while i < len(text):
@@ -131,8 +130,7 @@ def fingerprint(language: str, config: str, body: str) -> str:
 
 
 def recognise(print_: str) -> FunctionVersion | None:
-    """The version a fingerprint is known or declared (``CODEX_ROLLUP_DECLARE``) as, or None;
-    a known one wins."""
+    """The version a fingerprint is known or else declared as, or None."""
     declared = settings.CODEX_ROLLUP_DECLARED.get(print_)
     if print_ in KNOWN_FUNCTIONS or declared is None:
         return KNOWN_FUNCTIONS.get(print_)
@@ -165,8 +163,7 @@ class InstalledFunction:
 
 
 def installed_fingerprint(cursor: Any) -> str | None:
-    """The installed function's fingerprint (None when it is missing): one catalog read, what
-    a slice checks before it commits."""
+    """The installed function's fingerprint, or None when it is missing."""
     target = settings.CODEX_TARGET_SCHEMA
     cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
     row = cursor.fetchone()
@@ -204,8 +201,7 @@ ROLLUP_PATHS = ("auto", "function")
 
 
 def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
-    """The own path for a recognised definition the role can stand in for; else the function.
-    Read-only; on ``cursor`` (the pre-flight's) or Django's connection."""
+    """The own path for a recognised definition the role can stand in for; else the function."""
     if cursor is None:
         with connection.cursor() as cursor:
             return choose_path(requested, cursor)
