@@ -60,8 +60,7 @@ INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 WORK_TABLE_KEYS_SQL = f"SELECT coalesce(max(rank), 0) FROM {WORK_TABLE}"
 
-# The updated_at a batch writes (usage.cron.StampPolicy): the run's top stamp less the key's
-# rank spread over the microseconds there are.
+# The updated_at a batch writes (usage.cron.StampPolicy), by the key's rank.
 STAMP = (
     "%(stamp_top)s - ((w.rank - 1) * %(stamp_slots)s / %(stamp_keys)s) * interval '1 microsecond'"
 )
@@ -156,7 +155,6 @@ class ExecuteResult(batching.RunResult):
     stamp_last: datetime | None = None
 
     def add(self, batch: batching.Batch) -> None:
-        super().add(batch)
         self.rows_updated += batch.rows
         self.input_tokens_removed += batch.input_tokens_removed
         self.clamped_rows += batch.clamped_rows
@@ -189,6 +187,7 @@ class Repair(batching.Chunks):
         # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
         own = path is not None and path.own
+        details = {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
         self.refuse_missing_privileges(
             "the repair", rebuild_rollup=options.rebuild_rollup, own_path=own
         )
@@ -214,19 +213,21 @@ class Repair(batching.Chunks):
                 stamp_base=policy.top,
                 watermark_at_start=policy.watermark_at,
                 rows_planned=planned,
-                **{RECORD_PATH[name]: value for name, value in _path_details(path).items()},
+                **{RECORD_PATH[name]: value for name, value in details.items()},
                 **checked,
             )
-            self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy, path=path)
+            self.result = ExecuteResult(
+                run=run, stale_runs=stale, stamp=policy, path=path, rows_planned=planned
+            )
             self.events("started", run=run)
             self.events("stamping", policy=policy)
             if path is not None:
-                self.events("rollup_path", **_path_details(path))
-            self.guard(functools.partial(self._update_phase, planned))
+                self.events("rollup_path", **details)
+            self.guard(self._update_phase)
             return self._finish_normally()
 
     def _snapshot(self) -> tuple[int, int]:
-        """Number the candidates into the session's work table; its rows and hourly keys."""
+        """Number the candidates into the work table; its rows and hourly keys."""
         with connection.cursor() as cursor:
             cursor.execute(DROP_WORK_TABLE_SQL)
             with transaction.atomic():
@@ -238,13 +239,12 @@ class Repair(batching.Chunks):
             cursor.execute(WORK_TABLE_KEYS_SQL)
             return planned, int(cursor.fetchone()[0])
 
-    def _update_phase(self, planned: int) -> None:
+    def _update_phase(self) -> None:
         started = time.monotonic()
         result = self.result
-        result.rows_planned = planned
         self.record(rollup_from=database_now())
-        self.events("planned", rows=planned)
-        result.rows_remaining = self.walk(0, planned)
+        self.events("planned", rows=result.rows_planned)
+        result.rows_remaining = self.walk(0, result.rows_planned)
         if self.stop.is_set():
             result.stopped = True
             self._count_remaining()
@@ -332,7 +332,6 @@ class Repair(batching.Chunks):
         self._record_rollup(result.rollup)
 
     def _record_rollup(self, done: rollup.RollupResult) -> None:
-        """The rollup's figures on the run record, and the path when a failed proof changed it."""
         fields: dict[str, Any] = {}
         if self.result.path is not None and done.path != self.result.path.path:
             fields = {"rollup_path": done.path, "rollup_path_reason": done.path_reason}
@@ -372,8 +371,7 @@ class Repair(batching.Chunks):
         return result
 
     def _count_remaining(self) -> str:
-        """Count the rows still eligible after a failure or a stop; "" once counted, else a
-        note for the error (and an upper bound)."""
+        """Count the rows still eligible after a failure or a stop; "" or why not."""
         result = self.result
         try:
             db.reconnect_if_dead()
@@ -398,11 +396,6 @@ class Repair(batching.Chunks):
         status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
         finish = functools.partial(self._finish, status, message)
         self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
-
-
-def _path_details(path: rollup.PathChoice | None) -> dict[str, str]:
-    """The rollup's path, as its event has it (none with --no-rebuild-rollup)."""
-    return {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
 
 
 def execute_backfill(

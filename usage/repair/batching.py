@@ -111,7 +111,7 @@ class Batch:
 
 @dataclass(kw_only=True)
 class RunResult:
-    """What a run did, either way; each direction's result adds its own figures."""
+    """What a run did, either way; each direction's result adds a batch's figures (``add``)."""
 
     run: BackfillRun
     batches: int = 0
@@ -119,9 +119,6 @@ class RunResult:
     stopped: bool = False
     stale_runs: list[int] = field(default_factory=list)
     path: rollup.PathChoice | None = None
-
-    def add(self, batch: Batch) -> None:
-        self.batches += 1
 
 
 class Chunks:
@@ -155,7 +152,6 @@ class Chunks:
             self.progress(event, **details)
 
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        """One batch's statement; the figures of its ``Batch``."""
         params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
         kind = self.retry_batch if retry else self.range_batch
         cursor.execute(compose(self.sql, **kind), params)
@@ -175,8 +171,7 @@ class Chunks:
         BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
 
     def quietly(self, action: Callable[[], Any], warning: str, *args: Any) -> None:
-        """``action`` on the way out of a failed run (on a fresh connection if need be); its
-        failure is a warning, never a mask on the run's own error."""
+        """``action`` on the way out of a failed run: its failure must not mask the run's."""
         try:
             reconnect_if_dead()
             action()
@@ -211,8 +206,7 @@ class Chunks:
         )
 
     def rebuild_after_rows(self, rebuild: Callable[[], T], message: str) -> T:
-        """``rebuild`` once the rows are done; its failure ends the run with ``message``
-        (``{}``: the failure)."""
+        """``rebuild`` once the rows are done; its failure ends the run (``message``)."""
         try:
             return rebuild()
         except (rollup.RollupError, DatabaseError) as exc:
@@ -221,8 +215,8 @@ class Chunks:
             raise self.error(message, self.result) from exc
 
     def walk(self, after: int, last: int) -> int:
-        """Move the keyset range (``after``, ``last``] in batches, then retry the rows a writer
-        held; return how many stay locked (0 after a stop, which the direction counts)."""
+        """Move the keyset range (``after``, ``last``], then retry the rows a writer held;
+        return how many stay locked (0 after a stop, which the direction counts)."""
         while after < last and not self.stop.is_set():
             upto = min(after + self.size, last)
             if self.batch({"after": after, "upto": upto}) is None:
@@ -233,8 +227,7 @@ class Chunks:
         return 0 if self.stop.is_set() else self.retry_locked()
 
     def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
-        """One batch in its own transaction, reported once; None when it timed out (rolled
-        back, the size halved: try again)."""
+        """One batch in its own transaction; None when it timed out (the size halved)."""
         size, started = self.size, time.monotonic()
         try:
             with transaction.atomic(), connection.cursor() as cursor:
@@ -245,8 +238,9 @@ class Chunks:
                 raise
             return None
         self.timeouts = 0
-        number = self.result.batches + 1
+        self.result.batches += 1
         seconds = time.monotonic() - started
+        number = self.result.batches
         batch = Batch(number=number, batch_size=size, seconds=seconds, retry=retry, **figures)
         self.result.add(batch)
         self.settle(batch, selector)
@@ -254,8 +248,7 @@ class Chunks:
         return batch
 
     def _halved(self, exc: DatabaseError, size: int) -> bool:
-        """Halve the size after a timeout (False for any other error); a timeout once too
-        often, or at one row, raises ``BatchTimeoutError``."""
+        """Halve the size after a timeout (False for any other error), or give up."""
         state = sqlstate(exc)
         if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
             return False
@@ -285,8 +278,7 @@ class Chunks:
         return self.locked()
 
     def guard(self, phase: Callable[[], None]) -> None:
-        """Run ``phase``; on an error the direction salvages what it can and records the end
-        (``ended``), and the run's error is raised with its result. The temp table goes."""
+        """Run ``phase``; an error ends the run (``ended``) and is raised as the run's."""
         try:
             phase()
         except BaseException as exc:  # noqa: BLE001 - raised again as the run's error

@@ -179,7 +179,6 @@ class RevertResult(batching.RunResult):
         return self.run.status == BackfillRun.Status.REVERTED
 
     def add(self, batch: batching.Batch) -> None:
-        super().add(batch)
         self.rows_restored += batch.rows
 
 
@@ -270,12 +269,9 @@ class Revert(batching.Chunks):
         if bounds["first"] is not None:
             self.walk(bounds["first"] - 1, bounds["last"])
             self.result.stopped = self.stop.is_set()
-        if not self.result.stopped:
-            self._rebuild_restored()
-
-    def _rebuild_restored(self) -> None:
-        """The restored rows' keys, each once, by touched hour; the run's rollup is as it was
-        before the revert once they are."""
+        if self.result.stopped:
+            return
+        # The restored rows' keys, each once; the run's rollup is then as it was before it.
         try:
             rebuilt = self.rebuild_keys([], self.stop.is_set, rollup.REVERT_KEYS)
         except rollup.RollupError as exc:
