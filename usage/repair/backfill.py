@@ -21,7 +21,7 @@ from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress, pick, repair_log
+from usage.repair.progress import Progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -158,14 +158,13 @@ class ExecuteResult(batching.RunResult):
         self.rows_updated += batch.rows
         self.input_tokens_removed += batch.input_tokens_removed
         self.clamped_rows += batch.clamped_rows
-        if batch.first_stamp is not None:
+        if batch.first_stamp is not None:  # and the last: both None when it updated none
             self.stamp_first = min(filter(None, (self.stamp_first, batch.first_stamp)))
-        if batch.last_stamp is not None:
             self.stamp_last = max(filter(None, (self.stamp_last, batch.last_stamp)))
 
 
 class Repair(batching.Chunks):
-    """One execute run, the engine's forward direction. Use ``execute_backfill``."""
+    """One execute run, the engine's forward direction."""
 
     words, logger, error, log_view = WORDS, logger, BackfillError, staticmethod(repair_log)
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
@@ -175,7 +174,6 @@ class Repair(batching.Chunks):
 
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
-        self.options = options
         self.size = min(options.batch_size, FIRST_BATCH_SIZE)
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.range_shortfall = 0  # snapshot rows a range batch did not update
@@ -398,11 +396,5 @@ class Repair(batching.Chunks):
         self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
 
 
-def execute_backfill(
-    options: ExecuteOptions,
-    *,
-    stop: threading.Event | None = None,
-    progress: Progress = no_progress,
-) -> ExecuteResult:
-    """Repair the eligible rows and rebuild their rollup, reporting to ``progress``."""
-    return Repair(options, stop or threading.Event(), progress).run()
+# Repair the eligible rows and rebuild their rollup.
+execute_backfill = Repair.execute

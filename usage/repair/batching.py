@@ -28,7 +28,7 @@ from usage.db import (
 from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.repair import rollup
-from usage.repair.progress import Progress
+from usage.repair.progress import Progress, no_progress
 
 T = TypeVar("T")
 
@@ -137,13 +137,21 @@ class Chunks:
     retry_batch: ClassVar[dict[str, str]]
     figures: ClassVar[tuple[str, ...]]
     temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
+    options: Any  # the direction's ``RunLimits``
     result: Any
 
-    def __init__(self, limits: RunLimits, stop: threading.Event, progress: Progress) -> None:
-        self.limits, self.stop, self.progress = limits, stop, progress
-        self.size = limits.batch_size
+    def __init__(self, options: RunLimits, stop: threading.Event, progress: Progress) -> None:
+        self.options, self.stop, self.progress = options, stop, progress
+        self.size = options.batch_size
         self.timeouts = 0
         self.params: dict[str, Any] = {}
+
+    @classmethod
+    def execute(
+        cls, options: Any, *, stop: threading.Event | None = None, progress: Progress = no_progress
+    ) -> Any:
+        """One run of this direction, stopped between batches by ``stop``."""
+        return cls(options, stop or threading.Event(), progress).run()
 
     def events(self, event: str, /, **details: Any) -> None:
         """One event to the log view, then to the progress callback when it is ``shown``."""
@@ -192,7 +200,7 @@ class Chunks:
         source: rollup.KeySource = rollup.RUN_KEYS,
     ) -> rollup.RollupResult:
         """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path."""
-        limits = self.limits
+        limits = self.options
         return rollup.rebuild_keys(
             run_ids,
             choice=self.result.path,
@@ -231,7 +239,9 @@ class Chunks:
         size, started = self.size, time.monotonic()
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                set_local_timeouts(cursor, self.limits.lock_timeout, self.limits.statement_timeout)
+                set_local_timeouts(
+                    cursor, self.options.lock_timeout, self.options.statement_timeout
+                )
                 figures = self.move(cursor, selector, retry)
         except DatabaseError as exc:
             if not self._halved(exc, size):
@@ -267,7 +277,7 @@ class Chunks:
 
     def retry_locked(self) -> int:
         """Give rows a writer held a few more chances; return how many stay locked."""
-        for delay in self.limits.lock_retry_delays:
+        for delay in self.options.lock_retry_delays:
             locked = self.locked()
             if locked == 0 or self.stop.is_set():
                 return locked

@@ -12,9 +12,8 @@ from usage.models import BackfillRun
 
 
 class Progress(Protocol):
-    """``progress(event, **details)``; a callback ignores what it does not show. The events
-    and their details are those the log views below read (and ``rollup_slice``: ``piece``,
-    ``done``, ``total``)."""
+    """``progress(event, **details)``: the events the log views below read, and ``rollup_slice``
+    (``piece``, ``done``, ``total``); a callback ignores what it does not show."""
 
     def __call__(self, event: str, /, **details: Any) -> None: ...
 
@@ -29,8 +28,7 @@ def pick(source: Any, *names: str) -> dict[str, Any]:
 
 
 def repair_log(logger: logging.Logger, result: Any, event: str, /, **d: Any) -> None:
-    """The repair's events (``result``: its ``ExecuteResult``) as its log has them: each one a
-    record with the name and fields of its JSON line."""
+    """The repair's events as its log has them: records with their JSON line's name and fields."""
     run_id = result.run.pk
     level, name, fields = logging.INFO, event, {"run_id": run_id}
     if event == "started":
@@ -82,8 +80,7 @@ def repair_log(logger: logging.Logger, result: Any, event: str, /, **d: Any) -> 
 
 
 def revert_log(logger: logging.Logger, r: Any, event: str, /, **d: Any) -> None:
-    """The revert's events (``r``: its ``RevertResult``) as its log has them: plain lines (the
-    command shows the events)."""
+    """The revert's events as its log has them: plain lines (the command shows the events)."""
     if event == "started":
         message = "revert of run %d: %d active journal entries, %d restorable, %d changed since"
         logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)

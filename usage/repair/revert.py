@@ -22,7 +22,7 @@ from usage.db import check_target
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress, revert_log
+from usage.repair.progress import Progress, revert_log
 from usage.repair.rollup import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
@@ -196,19 +196,8 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
     return result
 
 
-def execute_revert(
-    options: RevertOptions,
-    *,
-    stop: threading.Event | None = None,
-    progress: Progress = no_progress,
-) -> RevertResult:
-    """Restore the run's unchanged rows and rebuild their rollup, under the run lock; while
-    ``result.rows_remaining`` or ``result.stopped``, the same revert again finishes it."""
-    return Revert(options, stop or threading.Event(), progress).run()
-
-
 class Revert(batching.Chunks):
-    """One execute revert, the engine's backward direction. Use ``execute_revert``."""
+    """One execute revert, the engine's backward direction."""
 
     words, logger, error, log_view = WORDS, logger, RevertError, staticmethod(revert_log)
     shown = {"started", "batch", "rollup_slice"}
@@ -218,7 +207,6 @@ class Revert(batching.Chunks):
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
-        self.options = options
         self.restored_before = 0  # rows earlier reverts of the run restored
         self.skipped: list[int] = []  # journal entries a writer held
 
@@ -254,8 +242,7 @@ class Revert(batching.Chunks):
         return result
 
     def _restore_phase(self) -> None:
-        """The batches, then the rebuild of their keys (and of those an earlier revert of the
-        run left pending)."""
+        """The batches, then the rebuild of their keys (and those an earlier revert left)."""
         run = self.result.run
         with connection.cursor() as cursor:
             cursor.execute(CREATE_KEYS_SQL)
@@ -376,6 +363,11 @@ class Revert(batching.Chunks):
         self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
         self.result.stopped = rebuilt.stopped
         return not rebuilt.stopped
+
+
+# Restore the run's unchanged rows and rebuild their rollup (the same revert again finishes a
+# revert that stopped or left rows locked).
+execute_revert = Revert.execute
 
 
 def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:
