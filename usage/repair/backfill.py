@@ -1,6 +1,5 @@
-"""The repair, the chunk engine's forward strategy: the candidates numbered in a temp table,
-batches that lock, re-check, journal and update their rows in one statement, then the rebuild
-of the hourly keys the run touched."""
+"""The repair, the chunk engine's forward direction: the candidates numbered in a temp table,
+batches that journal and update them, then the rebuild of the hourly keys the run touched."""
 
 from __future__ import annotations
 
@@ -14,15 +13,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 
 from usage import cron, db
-from usage.db import check_target, database_now, drop_temp_table, error_text, set_local_timeouts
+from usage.db import check_target, database_now, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress, pick, repair_log
+from usage.repair.progress import Progress, pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -32,6 +31,7 @@ WORDS = batching.BatchWords(
     unit="rows",
     kept="the work done so far is kept: re-run later",
     retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
+    unequal="journal wrote %d entries for %d updated rows",
 )
 RECORD_PATH = {
     "path": "rollup_path",
@@ -40,20 +40,15 @@ RECORD_PATH = {
     "reason": "rollup_path_reason",
 }
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
-# Batches are sized for a time, not a count (as GitLab's batched background migrations are):
-# the first takes this many rows (or --batch-size, if smaller), each next one as many as the
-# last one's pace fits in the target time, at most twice and at least half as many, never
-# more than --batch-size. At half a second the commit and round trips of a batch cost a few
-# per cent (BENCHMARKS.md), and a writer waits at most about that long for a row.
+# Batches are sized for a time, not a count (docs/design.md, "How a run works", 4).
 FIRST_BATCH_SIZE = 1000
 DEFAULT_BATCH_SECONDS = 0.5
 
 WORK_TABLE = "pg_temp.codex_backfill_work"
 DROP_WORK_TABLE_SQL = f"DROP TABLE IF EXISTS {WORK_TABLE}"
 
-# The candidates in physical order (``ctid``: a batch rewrites neighbouring heap pages, 35 s
-# instead of 48 s at 1,000,000 rows), with their key's rank, which decides the stamp (STAMP).
-# CREATE TABLE AS may use parallel workers (an INSERT may not).
+# The candidates in physical order (a batch rewrites neighbouring heap pages: 35 s instead of
+# 48 s at 1,000,000 rows) with their key's rank (the stamp's). CREATE TABLE AS may run parallel.
 SNAPSHOT_KEY_ORDER = "{bucket_hour}, q.agent_id, q.runtime_id, i.project_id, tu.provider, tu.model"
 CREATE_WORK_TABLE_SQL = f"""
 CREATE TEMP TABLE codex_backfill_work (seq, id, tid, rank) ON COMMIT PRESERVE ROWS AS
@@ -65,8 +60,7 @@ INDEX_WORK_TABLE_SQL = f"ALTER TABLE {WORK_TABLE} ADD PRIMARY KEY (seq)"
 ANALYZE_WORK_TABLE_SQL = f"ANALYZE {WORK_TABLE}"
 WORK_TABLE_KEYS_SQL = f"SELECT coalesce(max(rank), 0) FROM {WORK_TABLE}"
 
-# The updated_at a batch writes (usage.cron.StampPolicy): the run's top stamp less the key's
-# rank spread over the microseconds there are.
+# The updated_at a batch writes (usage.cron.StampPolicy), by the key's rank.
 STAMP = (
     "%(stamp_top)s - ((w.rank - 1) * %(stamp_slots)s / %(stamp_keys)s) * interval '1 microsecond'"
 )
@@ -112,10 +106,8 @@ recorded AS (
 SELECT (SELECT count(*) FROM journaled), rows, removed, clamped, first, last FROM totals"""
 
 FIGURES = ("journal", "rows", "input_tokens_removed", "clamped_rows", "first_stamp", "last_stamp")
-# A range of the snapshot, found where it saw each row (one written since has moved: the
-# retry finds it), or (a retry) the next rows of the snapshot still eligible, found by id.
-# The range's rows are found by a TID scan of its ctids (an array: a join on ctid turns into a
-# scan of the whole table once a batch has a few thousand rows).
+# A range of the snapshot, found by a TID scan of its ctids (a row written since has moved:
+# the retry finds it), or (a retry) the next rows of the snapshot still eligible, found by id.
 RANGE_BATCH = {
     "selector": "w.seq > %(after)s AND w.seq <= %(upto)s",
     "limit": "",
@@ -163,26 +155,25 @@ class ExecuteResult(batching.RunResult):
     stamp_last: datetime | None = None
 
     def add(self, batch: batching.Batch) -> None:
-        super().add(batch)
         self.rows_updated += batch.rows
         self.input_tokens_removed += batch.input_tokens_removed
         self.clamped_rows += batch.clamped_rows
-        if batch.first_stamp is not None:
+        if batch.first_stamp is not None:  # and the last: both None when it updated none
             self.stamp_first = min(filter(None, (self.stamp_first, batch.first_stamp)))
-        if batch.last_stamp is not None:
             self.stamp_last = max(filter(None, (self.stamp_last, batch.last_stamp)))
 
 
 class Repair(batching.Chunks):
-    """One execute run, the engine's forward strategy. Use ``execute_backfill``."""
+    """One execute run, the engine's forward direction."""
 
     words, logger, error, log_view = WORDS, logger, BackfillError, staticmethod(repair_log)
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
+    sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
+    temp_table = (DROP_WORK_TABLE_SQL, "work table")
     result: ExecuteResult
 
     def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
-        self.options = options
         self.size = min(options.batch_size, FIRST_BATCH_SIZE)
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.range_shortfall = 0  # snapshot rows a range batch did not update
@@ -194,6 +185,7 @@ class Repair(batching.Chunks):
         # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
         own = path is not None and path.own
+        details = {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
         self.refuse_missing_privileges(
             "the repair", rebuild_rollup=options.rebuild_rollup, own_path=own
         )
@@ -202,7 +194,7 @@ class Repair(batching.Chunks):
                 planned, keys = self._snapshot()
                 checked = options.check_snapshot() if options.check_snapshot else {}
             except BaseException:
-                self._drop_work_table()
+                self.drop_temp_table()
                 raise
             stale = runs.mark_stale_runs()
             choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
@@ -219,19 +211,21 @@ class Repair(batching.Chunks):
                 stamp_base=policy.top,
                 watermark_at_start=policy.watermark_at,
                 rows_planned=planned,
-                **{RECORD_PATH[name]: value for name, value in _path_details(path).items()},
+                **{RECORD_PATH[name]: value for name, value in details.items()},
                 **checked,
             )
-            self.result = ExecuteResult(run=run, stale_runs=stale, stamp=policy, path=path)
+            self.result = ExecuteResult(
+                run=run, stale_runs=stale, stamp=policy, path=path, rows_planned=planned
+            )
             self.events("started", run=run)
             self.events("stamping", policy=policy)
             if path is not None:
-                self.events("rollup_path", **_path_details(path))
-            self.guard(functools.partial(self._update_phase, planned), self._drop_work_table)
+                self.events("rollup_path", **details)
+            self.guard(self._update_phase)
             return self._finish_normally()
 
     def _snapshot(self) -> tuple[int, int]:
-        """Number the candidates into the session's work table; its rows and hourly keys."""
+        """Number the candidates into the work table; its rows and hourly keys."""
         with connection.cursor() as cursor:
             cursor.execute(DROP_WORK_TABLE_SQL)
             with transaction.atomic():
@@ -243,13 +237,12 @@ class Repair(batching.Chunks):
             cursor.execute(WORK_TABLE_KEYS_SQL)
             return planned, int(cursor.fetchone()[0])
 
-    def _update_phase(self, planned: int) -> None:
+    def _update_phase(self) -> None:
         started = time.monotonic()
         result = self.result
-        result.rows_planned = planned
         self.record(rollup_from=database_now())
-        self.events("planned", rows=planned)
-        result.rows_remaining = self.walk(0, planned)
+        self.events("planned", rows=result.rows_planned)
+        result.rows_remaining = self.walk(0, result.rows_planned)
         if self.stop.is_set():
             result.stopped = True
             self._count_remaining()
@@ -258,17 +251,6 @@ class Repair(batching.Chunks):
         if result.stamp_first is not None:
             self.events("stamped", first=result.stamp_first, last=result.stamp_last)
         result.update_seconds = time.monotonic() - started
-
-    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
-        cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
-        figures = dict(zip(FIGURES, cursor.fetchone(), strict=True))
-        journaled, rows = figures.pop("journal"), figures["rows"]
-        if journaled != rows:
-            raise RuntimeError(
-                f"journal wrote {journaled} entries for {rows} updated rows; batch rolled back"
-            )
-        return figures
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Count the range's rows left behind; size the next batch for the target time."""
@@ -313,7 +295,7 @@ class Repair(batching.Chunks):
                 self.quietly(self._rebuild_rollup, warning)
             self._finish(BackfillRun.Status.FAILED, message)
         else:
-            self._finish_after_error(message)
+            self.failed(message)
         return message
 
     def _rebuild_rollup(self) -> None:
@@ -331,8 +313,10 @@ class Repair(batching.Chunks):
             self.record(rollup_state=BackfillRun.RollupState.DONE)
             result.rollup = rollup.RollupResult()
             return
+        # A stop before the rollup began does not stop it: the rows repaired need their keys.
+        should_stop = (lambda: False) if self.stop.is_set() else self.stop.is_set
         try:
-            result.rollup = self.rebuild_keys(run_ids, self._rollup_stop_check())
+            result.rollup = self.rebuild_keys(run_ids, should_stop)
         except rollup.RollupError as exc:
             if exc.result is not None:  # what it did, its longest hold included, is recorded
                 result.rollup = exc.result
@@ -346,7 +330,6 @@ class Repair(batching.Chunks):
         self._record_rollup(result.rollup)
 
     def _record_rollup(self, done: rollup.RollupResult) -> None:
-        """The rollup's figures on the run record, and the path when a failed proof changed it."""
         fields: dict[str, Any] = {}
         if self.result.path is not None and done.path != self.result.path.path:
             fields = {"rollup_path": done.path, "rollup_path_reason": done.path_reason}
@@ -363,23 +346,11 @@ class Repair(batching.Chunks):
             **fields,
         )
 
-    def _rollup_stop_check(self) -> Callable[[], bool]:
-        """Whether a stop request arrived after the rollup began (``batching.StopRequests``)."""
-        count = getattr(self.stop, "count", None)
-        if count is not None:
-            return lambda: self.stop.count > count  # type: ignore[attr-defined]
-        return (lambda: False) if self.stop.is_set() else self.stop.is_set
-
     def _finish_normally(self) -> ExecuteResult:
         result = self.result
         if self.options.rebuild_rollup:
-            try:
-                self._rebuild_rollup()
-            except (rollup.RollupError, DatabaseError) as exc:
-                failure = batching.describe_failure(exc)
-                message = f"rows repaired, but the rollup rebuild failed: {failure}"
-                self._finish_after_error(message)
-                raise BackfillError(message, result) from exc
+            failed = "rows repaired, but the rollup rebuild failed: {}"
+            self.rebuild_after_rows(self._rebuild_rollup, failed)
         status, error = BackfillRun.Status.INTERRUPTED, ""
         if result.rollup is not None and result.rollup.stopped:
             error = (
@@ -398,8 +369,7 @@ class Repair(batching.Chunks):
         return result
 
     def _count_remaining(self) -> str:
-        """Count the rows still eligible after a failure or a stop; "" once counted, else a
-        note for the error (and an upper bound)."""
+        """Count the rows still eligible after a failure or a stop; "" or why not."""
         result = self.result
         try:
             db.reconnect_if_dead()
@@ -419,26 +389,12 @@ class Repair(batching.Chunks):
         runs.finish_run(result.run, status, error=error, rows_remaining=result.rows_remaining)
         self.events("end", status=status, error=error)
 
-    def _finish_after_error(self, message: str) -> None:
+    def failed(self, message: str) -> None:
         stopped = self.stop.is_set()
         status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
         finish = functools.partial(self._finish, status, message)
         self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
 
-    def _drop_work_table(self) -> None:
-        drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
 
-
-def _path_details(path: rollup.PathChoice | None) -> dict[str, str]:
-    """The rollup's path, as its event has it (none with --no-rebuild-rollup)."""
-    return {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
-
-
-def execute_backfill(
-    options: ExecuteOptions,
-    *,
-    stop: threading.Event | None = None,
-    progress: Progress = no_progress,
-) -> ExecuteResult:
-    """Repair the eligible rows and rebuild their rollup, reporting to ``progress``."""
-    return Repair(options, stop or batching.StopRequests(), progress).run()
+# Repair the eligible rows and rebuild their rollup.
+execute_backfill = Repair.execute

@@ -1,16 +1,16 @@
-"""The chunk engine the repair and the revert share, in the manner of Zulip's retention.py:
-``Chunks`` walks a keyset in short batches, one transaction each, and a direction's strategy
-(``backfill.Repair``, ``revert.Revert``) says what a batch moves."""
+"""The chunk engine the repair and the revert share (as Zulip's retention.py): ``Chunks`` walks
+a keyset in short batches, one transaction each, moving rows forward (``backfill.Repair``) or
+back (``revert.Revert``)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from django.db import DatabaseError, connection, transaction
 
@@ -18,15 +18,19 @@ from usage import cron, privileges
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
+    drop_temp_table,
     error_text,
     reconnect_if_dead,
     scrub,
     set_local_timeouts,
     sqlstate,
 )
+from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.repair import rollup
-from usage.repair.progress import Events, Progress
+from usage.repair.progress import Progress, no_progress
+
+T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
@@ -53,9 +57,6 @@ class RunLimits:
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     rollup_path: str = "auto"  # or "function"
 
-    def neighbours(self) -> rollup.NeighbourOptions:
-        return rollup.NeighbourOptions(tick_interval=self.cron_tick_interval)
-
 
 class RunError(Exception):
     """A run could not start, or stopped; ``result`` is what it did, if anything."""
@@ -77,6 +78,7 @@ class BatchWords:
     unit: str  # what a batch is made of: "rows"
     kept: str  # what a stop keeps, and what to do
     retrying: str  # the warning logged with %(kind)s (lock or statement) and %(size)d
+    unequal: str  # a batch's journal entries (%d) not its rows (%d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +98,7 @@ class Batch:
     # The revert's: journal entries read, keys queued, entries held.
     entries: int = 0
     keys_enqueued: int = 0
-    skipped: tuple[int, ...] = ()
+    skipped: Sequence[int] = ()
 
     @property
     def rows_restored(self) -> int:
@@ -109,7 +111,7 @@ class Batch:
 
 @dataclass(kw_only=True)
 class RunResult:
-    """What a run did, either way; each direction's result adds its own figures."""
+    """What a run did, either way; each direction's result adds a batch's figures (``add``)."""
 
     run: BackfillRun
     batches: int = 0
@@ -118,53 +120,54 @@ class RunResult:
     stale_runs: list[int] = field(default_factory=list)
     path: rollup.PathChoice | None = None
 
-    def add(self, batch: Batch) -> None:
-        self.batches += 1
-
-
-class StopRequests(threading.Event):
-    """A stop flag counting its requests: a second one (in the rollup) stops the rollup."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def set(self) -> None:
-        self.count += 1
-        super().set()
-
 
 class Chunks:
-    """The keyset batch loop; a subclass, one direction's strategy, sets ``result`` and
-    implements the methods that raise ``NotImplementedError`` here."""
+    """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
+    a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
+    and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
     words: ClassVar[BatchWords]
     logger: ClassVar[logging.Logger]
     error: ClassVar[type[RunError]] = RunError
     # The events the progress callback is given (the others are the log view's alone).
     shown: ClassVar[Collection[str]]
-    log_view: ClassVar[Callable[[logging.Logger, Callable[[], Any]], Progress]]
+    log_view: ClassVar[Callable[..., None]]
+    sql: ClassVar[str]
+    range_batch: ClassVar[dict[str, str]]
+    retry_batch: ClassVar[dict[str, str]]
+    figures: ClassVar[tuple[str, ...]]
+    temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
+    options: Any  # the direction's ``RunLimits``
     result: Any
 
-    def __init__(self, limits: RunLimits, stop: threading.Event, progress: Progress) -> None:
-        self.limits, self.stop = limits, stop
-        self.events = Events(progress, self.shown, self.log_view(self.logger, lambda: self.result))
-        self.size = limits.batch_size
+    def __init__(self, options: RunLimits, stop: threading.Event, progress: Progress) -> None:
+        self.options, self.stop, self.progress = options, stop, progress
+        self.size = options.batch_size
         self.timeouts = 0
+        self.params: dict[str, Any] = {}
+
+    @classmethod
+    def execute(
+        cls, options: Any, *, stop: threading.Event | None = None, progress: Progress = no_progress
+    ) -> Any:
+        """One run of this direction, stopped between batches by ``stop``."""
+        return cls(options, stop or threading.Event(), progress).run()
+
+    def events(self, event: str, /, **details: Any) -> None:
+        """One event to the log view, then to the progress callback when it is ``shown``."""
+        self.log_view(self.logger, self.result, event, **details)
+        if event in self.shown:
+            self.progress(event, **details)
 
     def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        """One batch's statement; the figures of its ``Batch``."""
-        raise NotImplementedError
-
-    def locked(self) -> int:
-        raise NotImplementedError
-
-    def retry_pass(self) -> None:
-        raise NotImplementedError
-
-    def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
-        """Record how a failed run ended; return the message its error carries."""
-        raise NotImplementedError
+        params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
+        kind = self.retry_batch if retry else self.range_batch
+        cursor.execute(compose(self.sql, **kind), params)
+        figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
+        journaled, rows = figures.pop(self.figures[0]), figures["rows"]
+        if journaled != rows:
+            raise RuntimeError(f"{self.words.unequal % (journaled, rows)}; batch rolled back")
+        return figures
 
     def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
         """After each batch, before it is reported."""
@@ -176,8 +179,7 @@ class Chunks:
         BackfillRun.objects.filter(pk=self.result.run.pk).update(**fields)
 
     def quietly(self, action: Callable[[], Any], warning: str, *args: Any) -> None:
-        """``action`` on the way out of a failed run (on a fresh connection if need be); its
-        failure is a warning, never a mask on the run's own error."""
+        """``action`` on the way out of a failed run: its failure must not mask the run's."""
         try:
             reconnect_if_dead()
             action()
@@ -197,24 +199,32 @@ class Chunks:
         should_stop: Callable[[], bool],
         source: rollup.KeySource = rollup.RUN_KEYS,
     ) -> rollup.RollupResult:
-        """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path, in
-        lock slices."""
-        limits = self.limits
+        """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path."""
+        limits = self.options
         return rollup.rebuild_keys(
             run_ids,
             choice=self.result.path,
             max_lock_seconds=limits.max_rollup_lock_seconds,
             lock_timeout=limits.lock_timeout,
             statement_timeout=max(limits.statement_timeout, 0),
-            neighbours=limits.neighbours(),
+            neighbours=rollup.NeighbourOptions(tick_interval=limits.cron_tick_interval),
             should_stop=should_stop,
-            progress=self.events.progress,
+            progress=self.progress,
             source=source,
         )
 
+    def rebuild_after_rows(self, rebuild: Callable[[], T], message: str) -> T:
+        """``rebuild`` once the rows are done; its failure ends the run (``message``)."""
+        try:
+            return rebuild()
+        except (rollup.RollupError, DatabaseError) as exc:
+            message = message.format(describe_failure(exc))
+            self.failed(message)
+            raise self.error(message, self.result) from exc
+
     def walk(self, after: int, last: int) -> int:
-        """Move the keyset range (``after``, ``last``] in batches, then retry the rows a writer
-        held; return how many stay locked (0 after a stop, which the direction counts)."""
+        """Move the keyset range (``after``, ``last``], then retry the rows a writer held;
+        return how many stay locked (0 after a stop, which the direction counts)."""
         while after < last and not self.stop.is_set():
             upto = min(after + self.size, last)
             if self.batch({"after": after, "upto": upto}) is None:
@@ -225,20 +235,22 @@ class Chunks:
         return 0 if self.stop.is_set() else self.retry_locked()
 
     def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
-        """One batch in its own transaction, reported once; None when it timed out (rolled
-        back, the size halved: try again)."""
+        """One batch in its own transaction; None when it timed out (the size halved)."""
         size, started = self.size, time.monotonic()
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                set_local_timeouts(cursor, self.limits.lock_timeout, self.limits.statement_timeout)
+                set_local_timeouts(
+                    cursor, self.options.lock_timeout, self.options.statement_timeout
+                )
                 figures = self.move(cursor, selector, retry)
         except DatabaseError as exc:
             if not self._halved(exc, size):
                 raise
             return None
         self.timeouts = 0
-        number = self.result.batches + 1
+        self.result.batches += 1
         seconds = time.monotonic() - started
+        number = self.result.batches
         batch = Batch(number=number, batch_size=size, seconds=seconds, retry=retry, **figures)
         self.result.add(batch)
         self.settle(batch, selector)
@@ -246,8 +258,7 @@ class Chunks:
         return batch
 
     def _halved(self, exc: DatabaseError, size: int) -> bool:
-        """Halve the size after a timeout (False for any other error); a timeout once too
-        often, or at one row, raises ``BatchTimeoutError``."""
+        """Halve the size after a timeout (False for any other error), or give up."""
         state = sqlstate(exc)
         if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
             return False
@@ -266,7 +277,7 @@ class Chunks:
 
     def retry_locked(self) -> int:
         """Give rows a writer held a few more chances; return how many stay locked."""
-        for delay in self.limits.lock_retry_delays:
+        for delay in self.options.lock_retry_delays:
             locked = self.locked()
             if locked == 0 or self.stop.is_set():
                 return locked
@@ -276,9 +287,8 @@ class Chunks:
             self.retry_pass()
         return self.locked()
 
-    def guard(self, phase: Callable[[], None], cleanup: Callable[[], None]) -> None:
-        """Run ``phase``; on an error the direction salvages what it can and records the end
-        (``ended``), and the run's error is raised with its result."""
+    def guard(self, phase: Callable[[], None]) -> None:
+        """Run ``phase``; an error ends the run (``ended``) and is raised as the run's."""
         try:
             phase()
         except BaseException as exc:  # noqa: BLE001 - raised again as the run's error
@@ -289,7 +299,10 @@ class Chunks:
             message = self.ended(failure, salvage=salvage, timed_out=timed_out)
             raise self.error(message, self.result) from (None if timed_out else exc)
         finally:
-            cleanup()
+            self.drop_temp_table()
+
+    def drop_temp_table(self) -> None:
+        drop_temp_table(*self.temp_table, self.logger)
 
 
 def describe_failure(exc: BaseException) -> str:

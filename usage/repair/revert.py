@@ -1,7 +1,5 @@
-"""Undoing one execute run, the chunk engine's backward strategy: its journal walked by id,
-a row restored only while still exactly what the run left, each batch's keys queued for the
-platform and noted; after the batches, the distinct keys rebuilt once each (``rebuild_keys``
-with ``rollup.REVERT_KEYS``)."""
+"""Undoing one execute run, the chunk engine's backward direction: its journal walked by id,
+a row restored only while still exactly what the run left; then its keys rebuilt once each."""
 
 from __future__ import annotations
 
@@ -16,15 +14,15 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage.db import check_target, drop_temp_table
+from usage.db import check_target
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, no_progress, revert_log
+from usage.repair.progress import Progress, revert_log
 from usage.repair.rollup import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
@@ -35,6 +33,7 @@ WORDS = batching.BatchWords(
     unit="entries",
     kept="the rows restored so far stay restored: run the same revert again later",
     retrying="revert batch timed out; retrying with %(size)d entries",
+    unequal="marked %d journal entries for %d restored rows",
 )
 REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
 
@@ -104,11 +103,11 @@ skipped AS (
     SELECT j.id FROM batch j LEFT JOIN {{task_usage}} tu ON tu.id = j.usage_id
     WHERE {UNCHANGED} AND j.id NOT IN (SELECT l.journal_id FROM locked l)
 )
-SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM restored),
-       (SELECT count(*) FROM marked), (SELECT count(*) FROM enqueued),
+SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM batch),
+       (SELECT count(*) FROM restored), (SELECT count(*) FROM enqueued),
        (SELECT coalesce(array_agg(id ORDER BY id), '{{{{}}}}') FROM skipped)"""
 
-FIGURES = ("entries", "rows", "marked", "keys_enqueued", "skipped")
+FIGURES = ("marked", "entries", "rows", "keys_enqueued", "skipped")
 # The two kinds of batch: an id range of the run's journal, or the ids a writer held.
 RANGE_BATCH = {"selector": "j.id > %(after)s AND j.id <= %(upto)s"}
 RETRY_BATCH = {"selector": "j.id = ANY(%(ids)s)"}
@@ -180,7 +179,6 @@ class RevertResult(batching.RunResult):
         return self.run.status == BackfillRun.Status.REVERTED
 
     def add(self, batch: batching.Batch) -> None:
-        super().add(batch)
         self.rows_restored += batch.rows
 
 
@@ -198,27 +196,17 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
     return result
 
 
-def execute_revert(
-    options: RevertOptions,
-    *,
-    stop: threading.Event | None = None,
-    progress: Progress = no_progress,
-) -> RevertResult:
-    """Restore the run's unchanged rows and rebuild their rollup, under the run lock; while
-    ``result.rows_remaining`` or ``result.stopped``, the same revert again finishes it."""
-    return Revert(options, stop or threading.Event(), progress).run()
-
-
 class Revert(batching.Chunks):
-    """One execute revert, the engine's backward strategy. Use ``execute_revert``."""
+    """One execute revert, the engine's backward direction."""
 
     words, logger, error, log_view = WORDS, logger, RevertError, staticmethod(revert_log)
     shown = {"started", "batch", "rollup_slice"}
+    sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
+    temp_table = (DROP_KEYS_SQL, "revert keys table")
     result: RevertResult
 
     def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
         super().__init__(options, stop, progress)
-        self.options = options
         self.restored_before = 0  # rows earlier reverts of the run restored
         self.skipped: list[int] = []  # journal entries a writer held
 
@@ -248,14 +236,13 @@ class Revert(batching.Chunks):
                 rows_restored=self.restored_before,
                 rollup_state=state,
             )
-            self.guard(self._restore_phase, self._cleanup)
+            self.guard(self._restore_phase)
             self._finish()
         result.seconds = time.monotonic() - started
         return result
 
     def _restore_phase(self) -> None:
-        """The batches, then the rebuild of their keys (and of those an earlier revert of the
-        run left pending)."""
+        """The batches, then the rebuild of their keys (and those an earlier revert left)."""
         run = self.result.run
         with connection.cursor() as cursor:
             cursor.execute(CREATE_KEYS_SQL)
@@ -269,12 +256,9 @@ class Revert(batching.Chunks):
         if bounds["first"] is not None:
             self.walk(bounds["first"] - 1, bounds["last"])
             self.result.stopped = self.stop.is_set()
-        if not self.result.stopped:
-            self._rebuild_restored()
-
-    def _rebuild_restored(self) -> None:
-        """The restored rows' keys, each once, by touched hour; the run's rollup is as it was
-        before the revert once they are."""
+        if self.result.stopped:
+            return
+        # The restored rows' keys, each once; the run's rollup is then as it was before it.
         try:
             rebuilt = self.rebuild_keys([], self.stop.is_set, rollup.REVERT_KEYS)
         except rollup.RollupError as exc:
@@ -288,17 +272,6 @@ class Revert(batching.Chunks):
                 cursor.execute(KEYS_COUNT_SQL)
                 (rebuilt.distinct_keys,) = cursor.fetchone()
             self.record(rollup_state=self.result.run.rollup_state)
-
-    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        params = dict(selector, run_id=self.result.run.pk)
-        cursor.execute(compose(BATCH_SQL, **(RETRY_BATCH if retry else RANGE_BATCH)), params)
-        figures = dict(zip(FIGURES, cursor.fetchone(), strict=True))
-        marked, restored = figures.pop("marked"), figures["rows"]
-        if marked != restored:
-            raise RuntimeError(
-                f"marked {marked} journal entries for {restored} restored rows; batch rolled back"
-            )
-        return dict(figures, skipped=tuple(figures["skipped"]))
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Record the rows restored (their keys wait in the queue for the rebuild)."""
@@ -322,11 +295,11 @@ class Revert(batching.Chunks):
                 f"revert of run {self.result.run.pk} stopped: {message}; the rows restored so "
                 "far stay restored: run the same revert again to finish"
             )
-        self._record_end(BackfillRun.RevertState.FAILED, message)
+        self.failed(message)
         return message
 
-    def _cleanup(self) -> None:
-        drop_temp_table(DROP_KEYS_SQL, "revert keys table", logger)
+    def failed(self, message: str) -> None:
+        self._record_end(BackfillRun.RevertState.FAILED, message)
 
     def _record_end(self, state: str, error: str) -> None:
         """How the revert ended, when it did not finish."""
@@ -352,7 +325,7 @@ class Revert(batching.Chunks):
         if result.stopped or result.rows_remaining:
             self.events("end")
             return
-        if not self._rebuild_pending_rollup():
+        if not self._rebuild_pending_rollup(result.run):
             self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
             return
         rollup_skipped = result.run.rollup_state == Rollup.SKIPPED
@@ -374,26 +347,27 @@ class Revert(batching.Chunks):
         result.run.refresh_from_db()
         self.events("end")
 
-    def _rebuild_pending_rollup(self) -> bool:
+    def _rebuild_pending_rollup(self, run: BackfillRun) -> bool:
         """A run whose own rollup never finished: rebuild the keys of the rows the revert
         leaves too; False when a stop came first."""
-        run = self.result.run
         if run.rollup_state != BackfillRun.RollupState.PENDING:
             return True
-        try:
-            rebuilt = self.rebuild_keys([run.pk], self.stop.is_set)
-        except (rollup.RollupError, DatabaseError) as exc:
-            message = (
-                f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
-                f"since it (its own rollup never finished) could not be rebuilt: "
-                f"{batching.describe_failure(exc)}; run the same revert again to finish"
-            )
-            self._record_end(BackfillRun.RevertState.FAILED, message)
-            raise RevertError(message, self.result) from exc
+        failed = (
+            f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed since it "
+            "(its own rollup never finished) could not be rebuilt: {}; run the same revert "
+            "again to finish"
+        )
+        rebuild = functools.partial(self.rebuild_keys, [run.pk], self.stop.is_set)
+        rebuilt = self.rebuild_after_rows(rebuild, failed)
         self.result.rollup.slices.extend(rebuilt.slices)
         self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
         self.result.stopped = rebuilt.stopped
         return not rebuilt.stopped
+
+
+# Restore the run's unchanged rows and rebuild their rollup (the same revert again finishes a
+# revert that stopped or left rows locked).
+execute_revert = Revert.execute
 
 
 def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:

@@ -1,6 +1,5 @@
 """The run record's life cycle, the chain of runs that continue each other, and the run
-lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time.
-"""
+lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
 
 from __future__ import annotations
 
@@ -68,7 +67,7 @@ def run_lock() -> Iterator[None]:
 
 
 def run_lock_holder() -> int | None:
-    """The backend holding the run lock, if any: read from pg_locks, never by taking it."""
+    """The backend holding the run lock, if any, read without taking it."""
     with connection.cursor() as cursor:
         cursor.execute(
             RUN_LOCK_HOLDER_SQL, {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
@@ -97,8 +96,7 @@ UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
 
 def run_to_continue(cutoff: datetime, workspace_id: uuid.UUID | None) -> BackfillRun | None:
-    """The latest run of this cutoff and workspace, when it did not finish (call with the run
-    lock held)."""
+    """The latest run of this cutoff and workspace, when it did not finish."""
     latest = (
         BackfillRun.objects.filter(cutoff=cutoff, workspace_id=workspace_id)
         .order_by("-pk")

@@ -41,10 +41,6 @@ class RunVerification:
     rollup_function: str = ""  # the installed function as recognised, or "unknown"
 
     @property
-    def last_run(self) -> int:
-        return self.runs[-1]
-
-    @property
     def keys_ok(self) -> bool:
         """Every key equal to a recompute, or waiting for the tick that recomputes it."""
         return self.mismatched_keys == self.awaiting_tick_keys

@@ -1,7 +1,6 @@
-"""Proof that the hourly rollup is right: every column the platform's function writes,
-compared with a from-scratch recompute written here on its own (``CASE``, not the rollup's
-``FILTER``), so that a mistake in ``usage.repair.rollup`` cannot pass both.
-"""
+"""Proof that the hourly rollup is right: every column the platform's function writes against
+a recompute written here on its own, so that a mistake in ``usage.repair.rollup`` cannot pass
+both."""
 
 from __future__ import annotations
 
@@ -182,12 +181,11 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
 
 
 def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
-    """Hourly keys whose row differs from the recompute (all keys, or those of some runs)."""
     return find_mismatches(run_ids, limit).listed
 
 
 def describe(mismatch: dict[str, Any]) -> str:
-    """One line for a mismatch (as the result document has it): the key, then what differs."""
+    """One line for a mismatch as the result document has it."""
     hour, workspace, runtime, agent, project, provider, model = mismatch["key"]
     when = hour.strftime("%Y-%m-%dT%H:%MZ") if hasattr(hour, "strftime") else str(hour)
     key = (
