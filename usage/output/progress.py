@@ -1,6 +1,5 @@
 """A run's progress: a live bar per phase (update, rollup, revert) on a terminal, fitted to
-its width at every refresh; a line every few seconds elsewhere.
-"""
+its width at every refresh; a line every few seconds elsewhere."""
 
 from __future__ import annotations
 
@@ -73,9 +72,7 @@ class Phase:
 
 
 def compose(phase: Phase, width: int) -> Text:
-    """The phase's line at most ``width`` wide: until it fits, the bar shrinks, the elapsed
-    time goes, the bar goes, the status is cut between words (or goes), the label goes, the
-    rate's unit is shortened; narrower still, the line is cropped."""
+    """The phase's line at most ``width`` wide, losing its least useful parts first."""
     parts = phase.parts()
     names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
 
@@ -87,29 +84,29 @@ def compose(phase: Phase, width: int) -> Text:
         room = width - size(0) - 1
         return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
 
+    # Until it fits: the bar shrinks, the elapsed time goes, the bar goes, the status is cut
+    # between words (or goes), the label goes, the rate's unit is shortened; then it is cropped.
     bar = BAR_WIDTH
-    for step in ("shrink", "elapsed", "bar", "status", "label", "unit"):
-        if size(bar) <= width:
-            break
-        if step == "elapsed":
-            names.remove("elapsed")
-        if step in ("shrink", "elapsed"):
-            bar = bar_room()
-        elif step == "bar":
-            bar = 0
-        elif step == "status" and "status" in names:
-            spare = width - (size(0) - len(parts["status"])) - 1
-            words = parts["status"].split(" ")
-            while words and len(" ".join(words)) + 1 > spare:
-                words.pop()
-            if words:
-                parts["status"] = " ".join(words) + "…"
-            else:
-                names.remove("status")
-        elif step == "label":
-            names.remove("label")
-        elif step == "unit":
-            parts["rate"] = parts["rate"].replace(f" {phase.unit}/s", "/s")
+    if size(bar) > width:
+        bar = bar_room()
+    if size(bar) > width:
+        names.remove("elapsed")
+        bar = bar_room()
+    if size(bar) > width:
+        bar = 0
+    if size(bar) > width and "status" in names:
+        spare = width - (size(0) - len(parts["status"])) - 1
+        words = parts["status"].split(" ")
+        while words and len(" ".join(words)) + 1 > spare:
+            words.pop()
+        if words:
+            parts["status"] = " ".join(words) + "…"
+        else:
+            names.remove("status")
+    if size(bar) > width:
+        names.remove("label")
+    if size(bar) > width:
+        parts["rate"] = parts["rate"].replace(f" {phase.unit}/s", "/s")
     line = Text(no_wrap=True, overflow="crop")
     for index, name in enumerate(names):
         if index:
