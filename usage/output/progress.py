@@ -72,7 +72,9 @@ class Phase:
 
 
 def compose(phase: Phase, width: int) -> Text:
-    """The phase's line at most ``width`` wide, losing its least useful parts first."""
+    """The phase's line at most ``width`` wide: until it fits, the bar shrinks, the elapsed
+    time goes, the bar goes, the status is cut between words (or goes), the label goes, the
+    rate's unit is shortened; narrower still, the line is cropped."""
     parts = phase.parts()
     names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
 
@@ -84,8 +86,6 @@ def compose(phase: Phase, width: int) -> Text:
         room = width - size(0) - 1
         return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
 
-    # Until it fits: the bar shrinks, the elapsed time goes, the bar goes, the status is cut
-    # between words (or goes), the label goes, the rate's unit is shortened; then it is cropped.
     bar = BAR_WIDTH
     if size(bar) > width:
         bar = bar_room()
@@ -132,7 +132,6 @@ class ProgressBar:
         self.shown: dict[str, int] = {}
         self.live: Live | None = None
         if terminal and enabled:
-            # rich's live display, showing the phases' composed lines at every refresh.
             console = Console(file=stream, force_terminal=True)
             phases = self.phases.values
             self.live = Live(
