@@ -109,16 +109,13 @@ def _numbers(figures: dict[str, Any]) -> dict[str, str]:
 
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
     workspace = str(group["workspace_id"])
-
-    def when(value: Any) -> str:
-        return timestamp(value)[11:] if shape.times_of_day else timestamp(value)
-
+    time_from = 11 if shape.times_of_day else 0  # the time of day: after "YYYY-MM-DDT"
     return {
         "workspace_id": short[workspace] if shape.short_workspace else workspace,
         "date_utc": group["date_utc"].isoformat(),
         **_numbers(group),
-        "first_created_at": when(group["first_created_at"]),
-        "last_created_at": when(group["last_created_at"]),
+        "first_created_at": timestamp(group["first_created_at"])[time_from:],
+        "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
 
 
