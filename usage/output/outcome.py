@@ -201,7 +201,7 @@ def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
     return f"Next: {first}; the new run continues run {run_id}", None
 
 
-def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
+def verify_lines(v: dict[str, Any], style: Style, width: int | None) -> list[str]:
     """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
     run_id, runs, differing = v["run_id"], v["runs"], v["mismatched_keys"]
     context = []
@@ -320,9 +320,8 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
     lines += labelled(rows, width)
     if status != "reverted":
         return lines + next_step("Next: run the same revert again to finish", again, width)
-    scope = {"cutoff": d["cutoff"], "workspace_id": d.get("workspace_id")}
     return lines + next_step(
         "Next: its rows are candidates again; see them with the dry run",
-        f"{REPAIR} {scope_arguments(scope)}",
+        f"{REPAIR} {scope_arguments(d)}",
         width,
     )

@@ -55,12 +55,12 @@ class Reporter:
             self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
 
     def _text(
-        self, stream: OutputWrapper, message: str, style: Callable[[str], str] | None = None
+        self, stream: OutputWrapper, message: str, style: Callable[[str], str] = str
     ) -> None:
         """``message`` on ``stream``, wrapped to its terminal between words."""
         width = shutil.get_terminal_size().columns if stream.isatty() else None
         for line in wrap(message, width):
-            stream.write(style(line) if style else line, style_func=lambda text: text)
+            stream.write(style(line), style_func=lambda text: text)
 
     def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
         self.stderr.write(
