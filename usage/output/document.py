@@ -149,8 +149,7 @@ def _verify(result: RunVerification) -> dict[str, Any]:
 def build_revert(
     database: str, result: RevertResult, *, signal: str | None = None, error: str | None = None
 ) -> dict[str, Any]:
-    """The result of a revert or of its dry run; ``status`` is the revert's own outcome (never
-    the run's): ``would_revert``, ``reverted``, ``stopped``, ``incomplete`` or ``failed``."""
+    """A revert's result or its dry run's; ``status``: the revert's own (docs/reference.md)."""
     run = result.run
     rollup = _rollup(result.rollup)
     if not result.executed:
@@ -190,8 +189,7 @@ def to_json(document: dict[str, Any]) -> str:
 
 
 def to_csv(document: dict[str, Any]) -> str:
-    """The groups (and a TOTAL row), then a run's figures and its verification as blocks; a
-    revert's document: its figures, then the rows changed since the run."""
+    """Blocks of rows: the groups and a TOTAL, a run, its verify; a revert, the rows changed."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
 

@@ -1,6 +1,5 @@
 """Writing a result to a file the operator named: ``check_output`` refuses a bad path before
-any work; ``OutputFile`` replaces a file atomically, or writes into a device or a FIFO.
-"""
+any work; ``OutputFile`` replaces a file atomically, or writes into a device or a FIFO."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ class OutputFile:
     flag: str = "--output"
 
     def write(self, text: str) -> None:
-        """Write ``text`` (with a final newline): into a stream, or replacing a file whole."""
         data = (text if text.endswith("\n") else text + "\n").encode()
         try:
             if self.stream:
@@ -47,8 +45,7 @@ class OutputFile:
 
 
 def named_file(given: str, flag: str, dash: str) -> tuple[Path, Callable[[str], ValueError]]:
-    """The absolute path of the file ``flag`` names, and how to refuse it in one line; no
-    name, a NUL byte and ``-`` (``dash`` says what to do instead) are refused here."""
+    """The file's absolute path, and how to refuse it in one line; ``dash``: instead of ``-``."""
 
     def refuse(why: str) -> ValueError:
         return ValueError(f"{flag} {shown(given)} {why}")
@@ -62,10 +59,8 @@ def named_file(given: str, flag: str, dash: str) -> tuple[Path, Callable[[str], 
     return Path(os.path.abspath(given)), refuse
 
 
-def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
-    """Check that ``value`` can take a result (nothing created or opened); one-line
-    ``ValueError`` when it cannot."""
-    given = "" if value is None else str(value)
+def check_output(given: str, *, flag: str = "--output") -> OutputFile:
+    """Refuse a path that cannot take a result in one line, creating or opening nothing."""
     path, refuse = named_file(given, flag, "leave out the option to print the result on stdout")
     if given.endswith(("/", os.sep)):
         raise refuse("names a directory; give a file name, e.g. reports/plan.json")
@@ -96,7 +91,7 @@ def check_output(value: str | None, *, flag: str = "--output") -> OutputFile:
 
 
 def _check_directory(directory: Path, refuse: Callable[[str], ValueError]) -> None:
-    """The directory a new or replaced file goes in must exist and let us create files."""
+    """The directory must exist and let us create files: a result replaces a file whole."""
     try:
         found = os.stat(directory)
     except FileNotFoundError:

@@ -1,6 +1,5 @@
 """Lines of prose fitted to a terminal: wrapped at spaces only, so that a number, a time or
-a command is never split across lines.
-"""
+a command is never split across lines."""
 
 from __future__ import annotations
 
@@ -35,26 +34,21 @@ def paragraphs(texts: Iterable[str], width: int | None) -> list[str]:
 _UNIT_AFTER_NUMBER = re.compile(r"(\d) (ms|s|min|h|%|MB|GB)(?=$|[\s;,.:)])")
 
 
-def labelled(
-    rows: Sequence[tuple[str, str]], width: int | None, *, indent: str = "  "
-) -> list[str]:
-    """``label  value`` lines, values aligned, a long one continued under itself (under its
+def labelled(rows: Sequence[tuple[str, str]], width: int | None) -> list[str]:
+    """``  label  value`` lines, values aligned, a long one continued under itself (under its
     label when the labels leave too little room)."""
-    if not rows:
-        return []
-    column = max(len(label) for label, _ in rows) + 2
+    column = max((len(label) for label, _ in rows), default=0) + 4
     lines: list[str] = []
     for label, value in rows:
-        first = f"{indent}{label}".ljust(len(indent) + column)
-        room = None if width is None else width - len(first)
-        if room is not None and room < 30:
-            lines.extend(wrap(f"{label}  {value}", width, indent=indent, hanging=indent + "  "))
+        first = f"  {label}".ljust(column)
+        if width is not None and width - len(first) < 30:
+            lines.extend(wrap(f"{label}  {value}", width, indent="  ", hanging="    "))
             continue
         lines.extend(wrap(value, width, indent=first, hanging=" " * len(first)))
     return lines
 
 
-def fit_items(items: Sequence[str], width: int | None, *, hanging: str = "  ") -> list[str]:
+def fit_items(items: Sequence[str], width: int | None) -> list[str]:
     """Items (each kept whole) on lines of at most ``width``, two spaces apart."""
     if width is None:
         return ["  ".join(items)]
@@ -62,12 +56,12 @@ def fit_items(items: Sequence[str], width: int | None, *, hanging: str = "  ") -
     current = ""
     for item in items:
         if not current:
-            current = (hanging if lines else "") + item
+            current = ("  " if lines else "") + item
         elif len(current) + 2 + len(item) <= width:
             current += "  " + item
         else:
             lines.append(current)
-            current = hanging + item
+            current = "  " + item
     if current:
         lines.append(current)
     return lines

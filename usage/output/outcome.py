@@ -1,11 +1,9 @@
-"""What a command did, said once in the same words for every command: a run's outcome, a
-verification, a revert, and the next command to type. Lines are wrapped between words
-(``lines.wrap``), so a number or a command is never split.
-"""
+"""What a command did, in the same words for every command: a run's outcome, a verification,
+a revert, and the next command to type; wrapped between words, never splitting a value."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.management.color import Style
@@ -51,8 +49,7 @@ def scope_arguments(document: dict[str, Any]) -> str:
 
 
 def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
-    """``Next: <prose>: <command>``, the command on lines of its own when it does not fit,
-    broken before an option with ``\\``, to be copied as it is; else the prose, wrapped."""
+    """``Next: <prose>: <command>``; a command too long is broken before options, to be copied."""
     if command is None:
         return wrap(prose + ".", width)
     line = f"{prose}: {command}"
@@ -70,10 +67,9 @@ def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
     return [*lines, current]
 
 
-def _heading(
-    text: str, shown: Callable[[str], str], width: int | None, d: dict[str, Any], style: Style
-) -> list[str]:
+def _heading(text: str, ok: bool, width: int | None, d: dict[str, Any], style: Style) -> list[str]:
     """The outcome's first line(s), then the runs found without a live owner."""
+    shown = style.SUCCESS if ok else style.ERROR
     stale = [f"Run {run} had no live owner; marked interrupted." for run in d["stale_runs"]]
     return [shown(line) for line in wrap(text, width)] + [style.WARNING(s) for s in stale]
 
@@ -107,8 +103,7 @@ def execute_lines(
     status = d["status"]
     ok = status == Status.SUCCEEDED
     by = f" by {signal_name}" if status == Status.INTERRUPTED and signal_name else ""
-    shown = style.SUCCESS if ok else style.ERROR
-    lines = _heading(f"Run {d['run_id']} {status}{by}.", shown, width, d, style)
+    lines = _heading(f"Run {d['run_id']} {status}{by}.", ok, width, d, style)
     rows = [
         (
             "rows changed",
@@ -206,7 +201,7 @@ def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
     return f"Next: {first}; the new run continues run {run_id}", None
 
 
-def verify_lines(v: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
+def verify_lines(v: dict[str, Any], style: Style, width: int | None) -> list[str]:
     """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
     run_id, runs, differing = v["run_id"], v["runs"], v["mismatched_keys"]
     context = []
@@ -295,7 +290,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         return [
             # The block names its run (at -v 0 it is all there is).
             *wrap(f"Revert of run {run_id} (dry run):", width),
-            *labelled(rows, width, indent="  "),
+            *labelled(rows, width),
             style.SUCCESS("Dry run complete: nothing was written."),
             *next_step("Next: revert it", again, width),
         ]
@@ -306,8 +301,7 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         "incomplete": f"Revert of run {run_id} incomplete: rows stayed locked by writers.",
         "failed": f"Revert of run {run_id} failed.",
     }[status]
-    shown = style.SUCCESS if status == "reverted" else style.ERROR
-    lines = _heading(heading, shown, width, d, style)
+    lines = _heading(heading, status == "reverted", width, d, style)
     rollup = (
         f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
         f"{count(d['rollup_calls'], 'call')}; {_held(d)}"
@@ -326,9 +320,8 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
     lines += labelled(rows, width)
     if status != "reverted":
         return lines + next_step("Next: run the same revert again to finish", again, width)
-    scope = {"cutoff": d["cutoff"], "workspace_id": d.get("workspace_id")}
     return lines + next_step(
         "Next: its rows are candidates again; see them with the dry run",
-        f"{REPAIR} {scope_arguments(scope)}",
+        f"{REPAIR} {scope_arguments(d)}",
         width,
     )

@@ -1,6 +1,5 @@
 """A run's progress: a live bar per phase (update, rollup, revert) on a terminal, fitted to
-its width at every refresh; a line every few seconds elsewhere.
-"""
+its width at every refresh; a line every few seconds elsewhere."""
 
 from __future__ import annotations
 
@@ -88,28 +87,26 @@ def compose(phase: Phase, width: int) -> Text:
         return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
 
     bar = BAR_WIDTH
-    for step in ("shrink", "elapsed", "bar", "status", "label", "unit"):
-        if size(bar) <= width:
-            break
-        if step == "elapsed":
-            names.remove("elapsed")
-        if step in ("shrink", "elapsed"):
-            bar = bar_room()
-        elif step == "bar":
-            bar = 0
-        elif step == "status" and "status" in names:
-            spare = width - (size(0) - len(parts["status"])) - 1
-            words = parts["status"].split(" ")
-            while words and len(" ".join(words)) + 1 > spare:
-                words.pop()
-            if words:
-                parts["status"] = " ".join(words) + "…"
-            else:
-                names.remove("status")
-        elif step == "label":
-            names.remove("label")
-        elif step == "unit":
-            parts["rate"] = parts["rate"].replace(f" {phase.unit}/s", "/s")
+    if size(bar) > width:
+        bar = bar_room()
+    if size(bar) > width:
+        names.remove("elapsed")
+        bar = bar_room()
+    if size(bar) > width:
+        bar = 0
+    if size(bar) > width and "status" in names:
+        spare = width - (size(0) - len(parts["status"])) - 1
+        words = parts["status"].split(" ")
+        while words and len(" ".join(words)) + 1 > spare:
+            words.pop()
+        if words:
+            parts["status"] = " ".join(words) + "…"
+        else:
+            names.remove("status")
+    if size(bar) > width:
+        names.remove("label")
+    if size(bar) > width:
+        parts["rate"] = parts["rate"].replace(f" {phase.unit}/s", "/s")
     line = Text(no_wrap=True, overflow="crop")
     for index, name in enumerate(names):
         if index:
@@ -135,7 +132,6 @@ class ProgressBar:
         self.shown: dict[str, int] = {}
         self.live: Live | None = None
         if terminal and enabled:
-            # rich's live display, showing the phases' composed lines at every refresh.
             console = Console(file=stream, force_terminal=True)
             phases = self.phases.values
             self.live = Live(

@@ -1,8 +1,5 @@
-"""Where a command's lines go. ``--log-format text``: context lines on stdout (on stderr when
-stdout carries the document), warnings on stderr, and beside a document the outcome as
-stderr's last line. ``--log-format json``: every stderr line is one JSON event, stdout the
-result alone. ``--verbosity 0``: no context lines.
-"""
+"""Where a command's lines go: as text, context on stdout (stderr beside a document), warnings
+on stderr; with ``--log-format json`` every stderr line is one JSON event; none at -v 0."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ from usage.output.lines import wrap
 
 @dataclass
 class Reporter:
-    """A command's context lines, warnings, events and outcome line (see the module)."""
+    """A command's context lines, warnings, events and outcome line."""
 
     stdout: OutputWrapper
     stderr: OutputWrapper
@@ -58,12 +55,12 @@ class Reporter:
             self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
 
     def _text(
-        self, stream: OutputWrapper, message: str, style: Callable[[str], str] | None = None
+        self, stream: OutputWrapper, message: str, style: Callable[[str], str] = str
     ) -> None:
         """``message`` on ``stream``, wrapped to its terminal between words."""
         width = shutil.get_terminal_size().columns if stream.isatty() else None
         for line in wrap(message, width):
-            stream.write(style(line) if style else line, style_func=lambda text: text)
+            stream.write(style(line), style_func=lambda text: text)
 
     def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
         self.stderr.write(

@@ -1,6 +1,5 @@
 """The backfill command's result as readable text, and the dry run's groups as a table: on a
-terminal the first of ``SHAPES`` that fits (else a block per group), nothing split.
-"""
+terminal the first of ``SHAPES`` that fits (else a block per group), nothing split."""
 
 from __future__ import annotations
 
@@ -19,34 +18,21 @@ TABLE_GROUP_LIMIT = 200
 # unique in the table); with at most this many workspaces their full ids are listed below.
 SHORT_WORKSPACE = 8
 LISTED_WORKSPACES = 10
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column of the table; ``field``: the group's (and totals') number it shows, if any."""
-
-    key: str
-    header: str
-    two_lines: str
-    field: str = ""
-
-
-COLUMNS = {
-    c.key: c
-    for c in (
-        Column("workspace", "workspace", "workspace"),
-        Column("date", "date (UTC)", "date\n(UTC)"),
-        Column("rows", "rows", "rows", "rows"),
-        Column("before", "input before", "input\nbefore", "input_before"),
-        Column("after", "input after", "input\nafter", "input_after"),
-        Column("removed", "tokens removed", "tokens\nremoved", "input_tokens_removed"),
-        Column("clamped", "clamped", "clamped", "clamped_rows"),
-        Column("keys", "rollup keys", "rollup\nkeys", "rollup_keys"),
-        Column("first", "first created_at", "first\ncreated"),
-        Column("last", "last created_at", "last\ncreated"),
-    )
+# Each column's header on one line and on two, by the group's field it shows.
+HEADERS = {
+    "workspace_id": ("workspace", "workspace"),
+    "date_utc": ("date (UTC)", "date\n(UTC)"),
+    "rows": ("rows", "rows"),
+    "input_before": ("input before", "input\nbefore"),
+    "input_after": ("input after", "input\nafter"),
+    "input_tokens_removed": ("tokens removed", "tokens\nremoved"),
+    "clamped_rows": ("clamped", "clamped"),
+    "rollup_keys": ("rollup keys", "rollup\nkeys"),
+    "first_created_at": ("first created_at", "first\ncreated"),
+    "last_created_at": ("last created_at", "last\ncreated"),
 }
-ALL_COLUMNS = tuple(COLUMNS)
+ALL_COLUMNS = tuple(HEADERS)
+NUMBERS = ALL_COLUMNS[2:8]
 
 
 @dataclass(frozen=True)
@@ -59,26 +45,25 @@ class Shape:
     times_of_day: bool = False
 
 
-# Widest first; the first that fits the terminal is used, else one block per group.
+# Widest first; the first that fits the terminal is used, else one block per group (BLOCKS).
 SHAPES = (
     Shape(),
     Shape(two_line_headers=True),
     Shape(two_line_headers=True, short_workspace=True, times_of_day=True),
     Shape(columns=ALL_COLUMNS[:8], two_line_headers=True, short_workspace=True),
     Shape(
-        columns=tuple(c for c in ALL_COLUMNS[:8] if c != "after"),
+        columns=tuple(c for c in ALL_COLUMNS[:8] if c != "input_after"),
         two_line_headers=True,
         short_workspace=True,
     ),
 )
+BLOCKS = Shape(short_workspace=True, times_of_day=True)
 
 
-def summary_table(
-    document: dict[str, Any], limit: int = TABLE_GROUP_LIMIT, width: int | None = None
-) -> str:
-    """The dry-run groups (at most ``limit``) and their total, from a result document; with
-    a ``width`` no line is longer and no value is split."""
-    groups = document["groups"][:limit]
+def summary_table(document: dict[str, Any], width: int | None = None) -> str:
+    """The dry-run groups (the first ``TABLE_GROUP_LIMIT``) and their total; with a ``width``
+    no line is longer and no value is split."""
+    groups = document["groups"][:TABLE_GROUP_LIMIT]
     group_count = document.get("group_count", len(document["groups"]))
     short = _short_workspaces([str(g["workspace_id"]) for g in groups])
 
@@ -88,21 +73,20 @@ def summary_table(
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         # At its natural width: nothing wraps, nothing is cut.
-        columns = [COLUMNS[key] for key in shape.columns]
-        headers = [c.two_lines if shape.two_line_headers else c.header for c in columns]
-        text = render_table(headers, [tuple(v[c.key] for c in columns) for v in values(shape)])
+        headers = [HEADERS[key][shape.two_line_headers] for key in shape.columns]
+        text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
             lines.extend(_shape_notes(shape, short, width))
             break
     else:
-        lines.extend(_blocks(values(Shape(short_workspace=True, times_of_day=True)), width))
-        lines.extend(_shape_notes(None, short, width))
-    if group_count > limit:
+        lines.extend(_blocks(values(BLOCKS), width))
+        lines.extend(_shape_notes(BLOCKS, short, width))
+    if group_count > TABLE_GROUP_LIMIT:
         lines.extend(
             wrap(
-                f"(the first {limit} of {number(group_count)} workspace/day groups are shown; "
-                "--format csv or json --output FILE gives them all)",
+                f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
+                "groups are shown; --format csv or json --output FILE gives them all)",
                 width,
                 hanging="",
             )
@@ -120,28 +104,26 @@ def _short_workspaces(ids: list[str]) -> dict[str, str]:
 
 
 def _numbers(figures: dict[str, Any]) -> dict[str, str]:
-    return {c.key: number(figures[c.field]) for c in COLUMNS.values() if c.field}
+    return {key: number(figures[key]) for key in NUMBERS}
 
 
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
     workspace = str(group["workspace_id"])
-
-    def when(value: Any) -> str:
-        return timestamp(value)[11:] if shape.times_of_day else timestamp(value)
-
+    time_from = 11 if shape.times_of_day else 0  # the time of day: after "YYYY-MM-DDT"
     return {
-        "workspace": short[workspace] if shape.short_workspace else workspace,
-        "date": group["date_utc"].isoformat(),
+        "workspace_id": short[workspace] if shape.short_workspace else workspace,
+        "date_utc": group["date_utc"].isoformat(),
         **_numbers(group),
-        "first": when(group["first_created_at"]),
-        "last": when(group["last_created_at"]),
+        "first_created_at": timestamp(group["first_created_at"])[time_from:],
+        "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
 
 
 def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     date = f"{number(group_count)} groups"
-    return {"workspace": "TOTAL", "date": date, **_numbers(figures), "first": "", "last": ""}
+    times = dict.fromkeys(ALL_COLUMNS[8:], "")
+    return {"workspace_id": "TOTAL", "date_utc": date, **_numbers(figures), **times}
 
 
 def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
@@ -149,29 +131,29 @@ def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
     lines: list[str] = []
     for values in rows:
         items = [
-            f"{values['workspace']} {values['date']}",
+            f"{values['workspace_id']} {values['date_utc']}",
             f"rows {values['rows']}",
-            f"input {values['before']} -> {values['after']}",
-            f"removed {values['removed']}",
-            f"clamped {values['clamped']}",
-            f"keys {values['keys']}",
+            f"input {values['input_before']} -> {values['input_after']}",
+            f"removed {values['input_tokens_removed']}",
+            f"clamped {values['clamped_rows']}",
+            f"keys {values['rollup_keys']}",
         ]
-        if values["first"]:
-            items.append(f"created {values['first']}-{values['last']}")
+        if values["first_created_at"]:
+            items.append(f"created {values['first_created_at']}-{values['last_created_at']}")
         lines.extend(fit_items(items, width))
     return lines
 
 
-def _shape_notes(shape: Shape | None, short: dict[str, str], width: int | None) -> list[str]:
+def _shape_notes(shape: Shape, short: dict[str, str], width: int | None) -> list[str]:
     """What a narrower shape left out or shortened, and where to find it whole."""
-    if shape is not None and not shape.short_workspace:
+    if not shape.short_workspace:
         return []
-    length = len(next(iter(short.values()), "")) if short else SHORT_WORKSPACE
+    length = len(next(iter(short.values()))) if short else SHORT_WORKSPACE
     changes = [f"workspaces by the first {length} characters of their id"]
-    if shape is None or shape.times_of_day:
+    if shape.times_of_day:
         changes.append("created_at as the time of day")
-    left_out = [] if shape is None or shape.times_of_day else ["first/last created_at"]
-    if shape is not None and "after" not in shape.columns:
+    left_out = [] if shape.times_of_day else ["first/last created_at"]
+    if "input_after" not in shape.columns:
         left_out.append("input after")
     if left_out:
         changes.append(f"{' and '.join(left_out)} left out")
