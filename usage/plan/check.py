@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
@@ -46,8 +45,8 @@ WHERE d.datname = current_database()"""
 
 SYSTEM_IDENTIFIER_SQL = "SELECT system_identifier::text FROM pg_catalog.pg_control_system()"
 
-# The plan's group figures over the execute's snapshot rows still eligible, defined as the dry
-# run's summary (``usage.repair.summary.SUMMARY_SQL``) defines them.
+# The plan's group figures over the execute's snapshot rows still eligible, as the dry run's
+# summary (``usage.repair.summary.SUMMARY_SQL``) defines them.
 SNAPSHOT_FIGURES_SQL = f"""
 SELECT a.workspace_id,
        {{bucket_hour}}::date,
@@ -155,17 +154,6 @@ def check_database(plan: Plan, max_age_seconds: float) -> float:
     return age
 
 
-def snapshot_figures(cutoff: datetime, lock_timeout: float) -> list[GroupFigures]:
-    """The execute's snapshot, still-eligible rows only, as the plan's group figures."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        set_local_timeouts(cursor, lock_timeout, 0)
-        cursor.execute(compose(SNAPSHOT_FIGURES_SQL), {"cutoff": cutoff})
-        return [
-            GroupFigures(str(workspace), day.isoformat(), *figures, digest_hex(digest))
-            for workspace, day, *figures, digest in cursor.fetchall()
-        ]
-
-
 def compare(plan: Plan, now: list[GroupFigures], age_seconds: float) -> PlanOutcome:
     """Refuse unless every group now is within the plan's; say what changed otherwise."""
     planned = {group.key: group for group in plan.groups}
@@ -224,7 +212,14 @@ class SnapshotCheck:
 
     def __call__(self) -> dict[str, Any]:
         age = check_database(self.plan, self.max_age_seconds)
-        outcome = compare(self.plan, snapshot_figures(self.plan.cutoff, self.lock_timeout), age)
+        with transaction.atomic(), connection.cursor() as cursor:
+            set_local_timeouts(cursor, self.lock_timeout, 0)
+            cursor.execute(compose(SNAPSHOT_FIGURES_SQL), {"cutoff": self.plan.cutoff})
+            now = [
+                GroupFigures(str(workspace), day.isoformat(), *figures, digest_hex(digest))
+                for workspace, day, *figures, digest in cursor.fetchall()
+            ]
+        outcome = compare(self.plan, now, age)
         self.outcome = outcome
         details = {k: v for k, v in outcome.document().items() if k != "file"}
         log_event(logger, logging.INFO, "plan", outcome.summary(), **details)

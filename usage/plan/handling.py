@@ -27,7 +27,6 @@ from usage.plan.document import (
 from usage.repair.summary import DryRunSummary
 
 # How old a plan may be, by the database's clock, when it is executed.
-DEFAULT_MAX_AGE_SECONDS = 24 * 3600.0
 DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 # Shows lines fitted to the width where they go (see the repair command).
@@ -39,7 +38,7 @@ class PlanOptions:
     """The plan to apply (``given``) or to write (``out``), checked before the database."""
 
     given: Plan | None = None
-    max_age: float = DEFAULT_MAX_AGE_SECONDS
+    max_age: float = 0.0  # seconds, with ``given``
     out: OutputFile | None = None
 
     @classmethod
@@ -67,8 +66,11 @@ class PlanOptions:
                 "--plan goes with --execute (it applies a reviewed plan); a dry run writes "
                 "one with --plan-out FILE"
             )
-        max_age = parse_max_age(options["plan_max_age"])
-        return cls(given=read_plan(options["plan"]), max_age=max_age, out=out)
+        age = options["plan_max_age"]
+        max_age = duration_seconds(DEFAULT_MAX_AGE if age is None else age, flag="--plan-max-age")
+        if not 1 <= max_age <= MAX_AGE_LIMIT_SECONDS:
+            raise PlanError("--plan-max-age must be between 1s and 720h (30 days)")
+        return cls(given=read_plan(str(options["plan"])), max_age=max_age, out=out)
 
     def scope(
         self, cutoff: str | None, workspace_id: str | None
@@ -155,14 +157,6 @@ class PlanOptions:
         else:
             show(lambda width: outcome.next_step(prose, command, width))
         return None
-
-
-def parse_max_age(value: str | None) -> float:
-    """``--plan-max-age``: a duration from 1 second to 30 days (720h)."""
-    seconds = duration_seconds(DEFAULT_MAX_AGE if value is None else value, flag="--plan-max-age")
-    if not 1 <= seconds <= MAX_AGE_LIMIT_SECONDS:
-        raise PlanError("--plan-max-age must be between 1s and 720h (30 days)")
-    return seconds
 
 
 def checked(check: SnapshotCheck | None) -> PlanOutcome | None:
