@@ -2,6 +2,5 @@
 repairs that, or refuses and changes nothing."""
 
 # The package's interface (the command's and the tests'), re-exported.
-from usage.plan.check import SnapshotCheck, read_identity  # noqa: F401
 from usage.plan.document import PlanError, checksum, read_plan, timestamp  # noqa: F401
-from usage.plan.handling import DEFAULT_MAX_AGE  # noqa: F401
+from usage.plan.handling import DEFAULT_MAX_AGE, SnapshotCheck, read_identity  # noqa: F401
