@@ -233,20 +233,18 @@ def _read_bytes(given: str) -> bytes:
             raise refuse(f"is {kind}; give the plan's file, e.g. plan.json")
         # Non-blocking only to open a pipe without a writer (then it reads as empty).
         os.set_blocking(handle, True)
-        chunks: list[bytes] = []
-        size = 0
+        data = bytearray()
         while chunk := os.read(handle, 1 << 20):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_PLAN_BYTES:
+            data += chunk
+            if len(data) > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(handle)
-    if size == 0:
+    if not data:
         raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
-    return b"".join(chunks)
+    return bytes(data)
 
 
 def _load_json(data: bytes, name: str) -> Any:

@@ -90,7 +90,6 @@ def warned(detail: str, fix: str) -> CheckResult:
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
 PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
 
-_TIMESTAMPTZ = "timestamp with time zone"
 _KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
 _TOKENS = "input_tokens output_tokens cache_read_tokens cache_write_tokens"
 # The queue's key, in the order of its unique constraint.
@@ -119,7 +118,7 @@ def expected_type(table: str, column: str) -> str:
     if column == "id" or column.endswith("_id"):
         return "uuid"
     if column == "bucket_hour" or column.endswith("_at"):
-        return _TIMESTAMPTZ
+        return "timestamp with time zone"
     return "text" if column in ("provider", "model") else "bigint"
 
 
@@ -139,6 +138,11 @@ class IndexNeed:
     unique: bool
     why: str
 
+    def usable(self, unique: bool, keys: int, valid: bool, partial: bool, kind: str) -> bool:
+        return (
+            valid and not partial and kind == "btree" and (not self.unique or unique and keys == 1)
+        )
+
 
 REQUIRED_INDEXES = (
     IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
@@ -149,12 +153,6 @@ REQUIRED_INDEXES = (
     IndexNeed("agent", "id", True, "tasks join their agent"),
     IndexNeed("issue", "id", True, "tasks join their issue for the project"),
 )
-
-READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
-# Transaction-local (third argument true): they end with the pre-flight's transaction.
-TIMEOUTS_SQL = """
-SELECT set_config('statement_timeout', %(statement_timeout)s, true),
-       set_config('lock_timeout', %(lock_timeout)s, true)"""
 
 # The queue's unique constraint the tool's upserts name, and its shape.
 QUEUE_CONSTRAINT_SQL = """

@@ -12,7 +12,7 @@ from usage import cron, db, privileges, replication
 from usage.eligibility import compose, eligible_params
 from usage.events import json_default
 from usage.preflight import catalog
-from usage.preflight.catalog import Check, CheckResult, Context, IndexNeed, failed, passed, warned
+from usage.preflight.catalog import Check, CheckResult, Context, failed, passed, warned
 from usage.render import short_hash
 from usage.repair.rollup.versions import DECLARE_SETTING
 from usage.repair.summary import WORKSPACE_HAS_AGENTS_SQL, CutoffError, ensure_cutoff_in_past
@@ -238,12 +238,6 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
     return passed(detail)
 
 
-def _usable(
-    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, kind: str
-) -> bool:
-    return valid and not partial and kind == "btree" and (not need.unique or unique and keys == 1)
-
-
 @check("the indexes the tool relies on", requires="tables")
 def check_indexes(ctx: Context) -> CheckResult:
     tables = sorted({need.table for need in catalog.REQUIRED_INDEXES})
@@ -251,7 +245,7 @@ def check_indexes(ctx: Context) -> CheckResult:
     problems, fixes = [], []
     for need in catalog.REQUIRED_INDEXES:
         leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
-        if any(_usable(need, *row[3:]) for row in leading):
+        if any(need.usable(*row[3:]) for row in leading):
             continue
         target = f"{need.table}({need.column})"
         invalid = [row[1] for row in leading if not row[5]]

@@ -17,14 +17,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from usage.db import SQLSTATE_QUERY_CANCELED, error_text, sqlstate
-from usage.preflight.catalog import (
-    READ_ONLY_SQL,
-    TIMEOUTS_SQL,
-    Check,
-    CheckResult,
-    Context,
-    failed,
-)
+from usage.preflight.catalog import Check, CheckResult, Context, failed
 from usage.preflight.checks import CHECKS
 
 logger = logging.getLogger("usage.preflight")
@@ -32,6 +25,11 @@ logger = logging.getLogger("usage.preflight")
 # Every statement is bounded: the pre-flight may run on a busy production primary.
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 LOCK_TIMEOUT_SECONDS = 5.0
+READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
+# Transaction-local (third argument true): they end with the pre-flight's transaction.
+TIMEOUTS_SQL = """
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('lock_timeout', %(lock_timeout)s, true)"""
 
 
 class _LoggingCursor:
