@@ -126,9 +126,8 @@ class PlanOutcome:
 def read_identity() -> DatabaseIdentity:
     """This connection's database, as a plan names it; the system identifier (which tells a
     copy from its original) only if the role may call ``pg_control_system()``."""
-    connection.ensure_connection()
-    info = connection.connection.info
     with connection.cursor() as cursor:
+        info = connection.connection.info
         cursor.execute(IDENTITY_SQL)
         name, oid, may_read = cursor.fetchone()
         system_identifier = None
