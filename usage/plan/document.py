@@ -111,7 +111,8 @@ def fingerprint(
         f"{PLAN_KIND}/{PLAN_VERSION}|{timestamp(cutoff)}|{workspace_id or ''}\n".encode()
     )
     for group in sorted(groups, key=lambda g: g.key):
-        digest.update(("|".join(str(getattr(group, key)) for key in FIGURE_KEYS) + "\n").encode())
+        line = "|".join(str(getattr(group, key)) for key in FIGURE_KEYS)
+        digest.update(f"{line}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 
