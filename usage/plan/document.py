@@ -27,7 +27,6 @@ MAX_PLAN_BYTES = 1 << 30
 # The group figures a plan's fingerprint covers; "more than planned" is judged on these.
 CHECKED_FIGURES = ("rows", "input_before", "input_tokens_removed", "clamped_rows")
 FIGURE_KEYS = ("workspace_id", "date_utc", *CHECKED_FIGURES, "ids_digest")
-DIGEST_MASK = (1 << 64) - 1
 MAX_TEXT_FIELD = 255
 KIND_WORDS = {dict: "an object", list: "a list", int: "a whole number", str: "a string"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -79,10 +78,6 @@ class GroupFigures:
     def key(self) -> tuple[str, str]:
         return (self.workspace_id, self.date_utc)
 
-    def line(self) -> str:
-        figures = [str(getattr(self, figure)) for figure in CHECKED_FIGURES]
-        return "|".join([self.workspace_id, self.date_utc, *figures, self.ids_digest])
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -105,7 +100,7 @@ class Plan:
 
 def digest_hex(value: int | None) -> str:
     """A signed 64-bit digest as 16 hex digits (a JSON number would lose digits in JS)."""
-    return f"{(value or 0) & DIGEST_MASK:016x}"
+    return f"{(value or 0) & ((1 << 64) - 1):016x}"
 
 
 def fingerprint(
@@ -116,7 +111,8 @@ def fingerprint(
         f"{PLAN_KIND}/{PLAN_VERSION}|{timestamp(cutoff)}|{workspace_id or ''}\n".encode()
     )
     for group in sorted(groups, key=lambda g: g.key):
-        digest.update(f"{group.line()}\n".encode())
+        line = "|".join(str(getattr(group, key)) for key in FIGURE_KEYS)
+        digest.update(f"{line}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -175,15 +171,14 @@ def plan_text(document: dict[str, Any]) -> str:
     return text.replace(json.dumps(placeholder), f"[\n{lines}\n  ]" if lines else "[]", 1)
 
 
-def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
+def read_plan(given: str) -> Plan:
     """Read, check and parse a plan file; every problem is a one-line ``PlanError``."""
-    value = "" if given is None else str(given)
-    name = f"{flag} {shown(value)}"
+    name = f"--plan {shown(given)}"
 
     def refuse(why: str) -> PlanError:
         return PlanError(f"{name} {why}; {NEW_PLAN_ADVICE}")
 
-    document = _load_json(_read_bytes(value, flag), name)
+    document = _load_json(_read_bytes(given), name)
     if not isinstance(document, dict) or document.get("kind") != PLAN_KIND:
         if isinstance(document, dict) and document.get("mode") in ("dry_run", "execute"):
             raise PlanError(
@@ -208,7 +203,7 @@ def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
             "was changed since --plan-out wrote it (its checksum does not match its content)"
         )
     try:
-        plan = _parse_plan(document, value)
+        plan = _parse_plan(document, given)
     except KeyError as exc:
         raise refuse(f"is not a valid plan (it has no field {exc.args[0]})") from None
     except (TypeError, ValueError, OverflowError) as exc:
@@ -219,10 +214,9 @@ def read_plan(given: str | None, *, flag: str = "--plan") -> Plan:
     return plan
 
 
-def _read_bytes(value: str, flag: str) -> bytes:
+def _read_bytes(given: str) -> bytes:
     """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
-
-    path, refuse = named_file(value, flag, GIVE_THE_DRY_RUNS)
+    path, refuse = named_file(given, "--plan", GIVE_THE_DRY_RUNS)
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -240,20 +234,18 @@ def _read_bytes(value: str, flag: str) -> bytes:
             raise refuse(f"is {kind}; give the plan's file, e.g. plan.json")
         # Non-blocking only to open a pipe without a writer (then it reads as empty).
         os.set_blocking(handle, True)
-        chunks: list[bytes] = []
-        size = 0
+        data = bytearray()
         while chunk := os.read(handle, 1 << 20):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_PLAN_BYTES:
+            data += chunk
+            if len(data) > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
         os.close(handle)
-    if size == 0:
+    if not data:
         raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
-    return b"".join(chunks)
+    return bytes(data)
 
 
 def _load_json(data: bytes, name: str) -> Any:

@@ -1,17 +1,95 @@
 """What the pre-flight expects of the database (tables, columns and their types, indexes,
-the queue's key) and the read-only queries that look; values always as bound parameters.
-"""
+the queue's key), the read-only queries that look (values always bound parameters), and what
+a check is given (``Context``) and reports (``passed``, ``warned``, ``failed``)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Any
 
 from usage import db, eligibility
+from usage.repair.rollup import choose_path
+from usage.repair.rollup.versions import PathChoice
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of the checklist: what was found and, unless fine, what to do."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warning: bool = False
+    skipped: bool = False
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``warn`` (passes, but read the fix), ``fail``, or ``skip`` (not checked)."""
+        if self.skipped:
+            return "skip"
+        if not self.ok:
+            return "fail"
+        return "warn" if self.warning else "ok"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every check may use: a cursor inside the read-only transaction and the options."""
+
+    cursor: Any
+    cutoff: datetime
+    workspace_id: uuid.UUID | None
+    target_schema: str
+    tool_schema: str
+
+    def one(self, query: str, params: Any = None) -> Any:
+        self.cursor.execute(query, params)
+        return self.cursor.fetchone()
+
+    def all(self, query: str, params: Any = None) -> list[Any]:
+        self.cursor.execute(query, params)
+        return self.cursor.fetchall()
+
+    def column(self, query: str, params: Any = None) -> list[Any]:
+        return [row[0] for row in self.all(query, params)]
+
+    @cached_property
+    def path(self) -> PathChoice:
+        """The rollup's path and the definition it recognised, read once for the checks."""
+        return choose_path(cursor=self.cursor)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named check; ``requires`` names checks that must pass before this one can run."""
+
+    name: str
+    title: str
+    run: Callable[[Context], CheckResult]
+    requires: tuple[str, ...] = ()
+
+
+def passed(detail: str) -> CheckResult:
+    return CheckResult("", True, detail)
+
+
+def failed(detail: str, fix: str) -> CheckResult:
+    return CheckResult("", False, detail, fix)
+
+
+def warned(detail: str, fix: str) -> CheckResult:
+    return CheckResult("", True, detail, fix, warning=True)
+
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
 PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
 
-_TIMESTAMPTZ = "timestamp with time zone"
 _KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
 _TOKENS = "input_tokens output_tokens cache_read_tokens cache_write_tokens"
 # The queue's key, in the order of its unique constraint.
@@ -40,7 +118,7 @@ def expected_type(table: str, column: str) -> str:
     if column == "id" or column.endswith("_id"):
         return "uuid"
     if column == "bucket_hour" or column.endswith("_at"):
-        return _TIMESTAMPTZ
+        return "timestamp with time zone"
     return "text" if column in ("provider", "model") else "bigint"
 
 
@@ -60,6 +138,11 @@ class IndexNeed:
     unique: bool
     why: str
 
+    def usable(self, unique: bool, keys: int, valid: bool, partial: bool, kind: str) -> bool:
+        return (
+            valid and not partial and kind == "btree" and (not self.unique or unique and keys == 1)
+        )
+
 
 REQUIRED_INDEXES = (
     IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
@@ -70,12 +153,6 @@ REQUIRED_INDEXES = (
     IndexNeed("agent", "id", True, "tasks join their agent"),
     IndexNeed("issue", "id", True, "tasks join their issue for the project"),
 )
-
-READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
-# Transaction-local (third argument true): they end with the pre-flight's transaction.
-TIMEOUTS_SQL = """
-SELECT set_config('statement_timeout', %(statement_timeout)s, true),
-       set_config('lock_timeout', %(lock_timeout)s, true)"""
 
 # The queue's unique constraint the tool's upserts name, and its shape.
 QUEUE_CONSTRAINT_SQL = """

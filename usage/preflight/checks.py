@@ -1,18 +1,18 @@
-"""The pre-flight's checks, read-only: each registered in ``CHECKS`` by ``@check``, in the
-checklist's order, returns ``passed``, ``warned`` or ``failed`` (what was found, what to do).
-"""
+"""The pre-flight's checks, read-only, registered in ``CHECKS`` by ``@check`` in the
+checklist's order; each returns ``passed``, ``warned`` or ``failed``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from django.db.migrations.loader import MigrationLoader
+
 from usage import cron, db, privileges, replication
 from usage.eligibility import compose, eligible_params
 from usage.events import json_default
 from usage.preflight import catalog
-from usage.preflight.catalog import IndexNeed
-from usage.preflight.result import Check, CheckResult, Context, failed, passed, warned
+from usage.preflight.catalog import Check, CheckResult, Context, failed, passed, warned
 from usage.render import short_hash
 from usage.repair.rollup.versions import DECLARE_SETTING
 from usage.repair.summary import WORKSPACE_HAS_AGENTS_SQL, CutoffError, ensure_cutoff_in_past
@@ -31,14 +31,6 @@ BEFORE_NORMALIZED_WARN_SHARE = 0.2
 # The ingestion fix landed upstream on this date; no hosted deployment predates it.
 FIX_LANDED_UPSTREAM = datetime.fromisoformat("2026-06-13T00:00:00+00:00")
 
-MIGRATE_FIX = (
-    "run `python manage.py migrate` against this database (same DATABASE_URL; unset for the "
-    "sandbox): it creates only the tool's schema {schema!r}"
-)
-TARGET_FIX = (
-    "point DATABASE_URL at the application database, or set CODEX_TARGET_SCHEMA to the "
-    "schema that holds its tables"
-)
 WRONG_SCHEMA_FIX = "check DATABASE_URL and CODEX_TARGET_SCHEMA"
 
 
@@ -90,7 +82,11 @@ def check_tables(ctx: Context) -> CheckResult:
     tables = {"tables": list(catalog.PREFLIGHT_TARGET_TABLES), "schema": ctx.target_schema}
     missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
     if missing:
-        return failed(f"missing in schema {ctx.target_schema!r}: {', '.join(missing)}", TARGET_FIX)
+        return failed(
+            f"missing in schema {ctx.target_schema!r}: {', '.join(missing)}",
+            "point DATABASE_URL at the application database, or set CODEX_TARGET_SCHEMA to the "
+            "schema that holds its tables",
+        )
     return passed(
         f"{len(catalog.PREFLIGHT_TARGET_TABLES)} tables found in schema {ctx.target_schema!r}"
     )
@@ -242,12 +238,6 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
     return passed(detail)
 
 
-def _usable(
-    need: IndexNeed, unique: bool, keys: int, valid: bool, partial: bool, kind: str
-) -> bool:
-    return valid and not partial and kind == "btree" and (not need.unique or unique and keys == 1)
-
-
 @check("the indexes the tool relies on", requires="tables")
 def check_indexes(ctx: Context) -> CheckResult:
     tables = sorted({need.table for need in catalog.REQUIRED_INDEXES})
@@ -255,7 +245,7 @@ def check_indexes(ctx: Context) -> CheckResult:
     problems, fixes = [], []
     for need in catalog.REQUIRED_INDEXES:
         leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
-        if any(_usable(need, *row[3:]) for row in leading):
+        if any(need.usable(*row[3:]) for row in leading):
             continue
         target = f"{need.table}({need.column})"
         invalid = [row[1] for row in leading if not row[5]]
@@ -282,7 +272,10 @@ def check_indexes(ctx: Context) -> CheckResult:
 
 @check("the tool's own schema is migrated")
 def check_tool_schema(ctx: Context) -> CheckResult:
-    fix = MIGRATE_FIX.format(schema=ctx.tool_schema)
+    fix = (
+        "run `python manage.py migrate` against this database (same DATABASE_URL; unset for the "
+        f"sandbox): it creates only the tool's schema {ctx.tool_schema!r}"
+    )
     tables = {"tables": [*db.REQUIRED_TOOL_TABLES, "django_migrations"], "schema": ctx.tool_schema}
     missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
     if missing:
@@ -291,19 +284,14 @@ def check_tool_schema(ctx: Context) -> CheckResult:
             fix,
         )
     applied = {tuple(row) for row in ctx.all(compose(catalog.APPLIED_MIGRATIONS_SQL))}
-    pending = sorted(f"{app}.{name}" for app, name in expected_migrations() - applied)
+    # The migrations on disk for the installed apps, replaced ones aside.
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    on_disk = {key for key, migration in loader.disk_migrations.items() if not migration.replaces}
+    pending = sorted(f"{app}.{name}" for app, name in on_disk - applied)
     if pending:
         more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
         return failed(f"unapplied migrations: {', '.join(pending[:5])}{more}", fix)
     return passed(f"schema {ctx.tool_schema!r} migrated ({len(applied)} migrations applied)")
-
-
-def expected_migrations() -> set[tuple[str, str]]:
-    """The migrations on disk for the installed apps (no database access)."""
-    from django.db.migrations.loader import MigrationLoader
-
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return {key for key, migration in loader.disk_migrations.items() if not migration.replaces}
 
 
 @check("the privileges the repair needs", requires="tables rollup_function tool_schema")

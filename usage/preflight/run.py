@@ -1,6 +1,5 @@
-"""Running the pre-flight: every check in its own savepoint of one ``READ ONLY`` transaction
-that is always rolled back, on Django's connection or the target's own (``connect_target``).
-"""
+"""Running the pre-flight: each check in its own savepoint of one ``READ ONLY`` transaction,
+always rolled back, on Django's connection or the target's own (``connect_target``)."""
 
 from __future__ import annotations
 
@@ -18,15 +17,19 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from usage.db import SQLSTATE_QUERY_CANCELED, error_text, sqlstate
-from usage.preflight.catalog import READ_ONLY_SQL, TIMEOUTS_SQL
+from usage.preflight.catalog import Check, CheckResult, Context, failed
 from usage.preflight.checks import CHECKS
-from usage.preflight.result import Check, CheckResult, Context, failed
 
 logger = logging.getLogger("usage.preflight")
 
 # Every statement is bounded: the pre-flight may run on a busy production primary.
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 LOCK_TIMEOUT_SECONDS = 5.0
+READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
+# Transaction-local (third argument true): they end with the pre-flight's transaction.
+TIMEOUTS_SQL = """
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('lock_timeout', %(lock_timeout)s, true)"""
 
 
 class _LoggingCursor:
@@ -43,8 +46,7 @@ class _LoggingCursor:
 
 @contextmanager
 def _read_only(conn: psycopg.Connection | None) -> Iterator[tuple[Any, Callable[[], Any]]]:
-    """A cursor in a transaction (or savepoint) rolled back at the end, and how to nest one:
-    on ``conn``, or on Django's default connection."""
+    """A cursor in a transaction rolled back at the end, and how to open a savepoint in it."""
     if conn is not None:
         with conn.transaction(force_rollback=True), conn.cursor() as cursor:
             yield cursor, conn.transaction
@@ -64,8 +66,6 @@ def run_preflight(
     checks: Sequence[Check] = CHECKS,
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
 ) -> list[CheckResult]:
-    """Run ``checks`` in one read-only transaction, always rolled back; on ``conn`` instead
-    of Django's connection when given; ``statement_timeout`` (seconds) bounds every query."""
     results: dict[str, CheckResult] = {}
     with _read_only(conn) as (raw_cursor, savepoint):
         raw_cursor.execute(READ_ONLY_SQL)
@@ -77,45 +77,36 @@ def run_preflight(
         schemas = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
         ctx = Context(_LoggingCursor(raw_cursor), cutoff, workspace_id, *schemas)
         for check in checks:
-            results[check.name] = _run_one(check, ctx, savepoint, results, statement_timeout)
+            blocked = [name for name in check.requires if name in results and not results[name].ok]
+            if blocked:
+                # Not checked counts as not passed: the pre-flight proves readiness.
+                names = ", ".join(blocked)
+                fix = f"fix {names} first, then run the pre-flight again"
+                why = f"not checked: needs {names}"
+                results[check.name] = CheckResult(check.name, False, why, fix, skipped=True)
+                continue
+            started = time.monotonic()
+            try:
+                with savepoint():
+                    result = check.run(ctx)
+            except (DatabaseError, psycopg.Error) as exc:
+                fix = (
+                    f"the check's query ran longer than {statement_timeout:g}s: run the "
+                    "pre-flight again off-peak with a longer --statement-timeout (e.g. 10m)"
+                    if sqlstate(exc) == SQLSTATE_QUERY_CANCELED
+                    else "fix the error above (often a missing privilege), then run the "
+                    "pre-flight again"
+                )
+                result = failed(f"query failed: {error_text(exc)}", fix)
+            seconds = time.monotonic() - started
+            logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
+            results[check.name] = replace(result, name=check.name, seconds=seconds)
     return list(results.values())
 
 
-def _run_one(
-    check: Check,
-    ctx: Context,
-    savepoint: Callable[[], Any],
-    earlier: dict[str, CheckResult],
-    statement_timeout: float,
-) -> CheckResult:
-    blocked = [name for name in check.requires if name in earlier and not earlier[name].ok]
-    if blocked:
-        # Not checked counts as not passed: the pre-flight proves readiness, never assumes it.
-        names = ", ".join(blocked)
-        fix = f"fix {names} first, then run the pre-flight again"
-        return CheckResult(check.name, False, f"not checked: needs {names}", fix, skipped=True)
-    started = time.monotonic()
-    try:
-        with savepoint():
-            result = check.run(ctx)
-    except (DatabaseError, psycopg.Error) as exc:
-        if sqlstate(exc) == SQLSTATE_QUERY_CANCELED:
-            fix = (
-                f"the check's query ran longer than {statement_timeout:g}s: run the pre-flight "
-                "again off-peak with a longer --statement-timeout (e.g. 10m)"
-            )
-        else:
-            fix = "fix the error above (often a missing privilege), then run the pre-flight again"
-        result = failed(f"query failed: {error_text(exc)}", fix)
-    seconds = time.monotonic() - started
-    logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
-    return replace(result, name=check.name, seconds=seconds)
-
-
 def connect_target() -> psycopg.Connection:
-    """A separate connection to the database the tool targets, for ``pytest -m preflight``:
-    ``DATABASE_URL`` when set, else the sandbox's own database (not pytest's test database),
-    with the same limits as Django's connection."""
+    """The target database for ``pytest -m preflight``: ``DATABASE_URL``, else the sandbox's
+    own database (not pytest's test database), with the limits of Django's connection."""
     limits = settings.CODEX_CONNECTION_LIMITS
     options: dict[str, Any] = {
         "autocommit": True,
@@ -124,11 +115,11 @@ def connect_target() -> psycopg.Connection:
         "options": limits.server_options(),
         **limits.libpq_params(),
     }
-    if settings.USING_SANDBOX:
-        from sandbox import server
+    if not settings.USING_SANDBOX:
+        return psycopg.connect(settings.DATABASE_URL, **options)
+    from sandbox import server
 
-        options.update(
-            host=server.ensure_sandbox(), user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
-        )
-        return psycopg.connect(**options)
-    return psycopg.connect(settings.DATABASE_URL, **options)
+    host = server.ensure_sandbox()
+    return psycopg.connect(
+        **options, host=host, user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
+    )
