@@ -1,10 +1,8 @@
 """The read-only base of every admin page (no add, change, delete, action or history): fields
-declared as data, lists that never count a big table. ``usage.sites`` refuses every write.
-"""
+declared as data, lists that never count a big table. ``usage.sites`` refuses every write."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
@@ -28,10 +26,6 @@ from usage.admin.formats import DASH, SHORT_ID_DEFAULT, short_id, text, unique_p
 COUNT_CAP = 10_000
 
 Display = Callable[[Any, Any], Any]
-
-
-def usage_url(usage_id: uuid.UUID) -> str:
-    return reverse("admin:usage_candidateusage_change", args=[usage_id])
 
 
 def html(name: str, **context: Any) -> SafeString:
@@ -59,9 +53,8 @@ def shown(
     boolean: bool = False,
     optional: bool = False,
 ) -> Display:
-    """A list column or detail field showing one attribute (dotted for a relation; a method is
-    called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
-    list by the attribute, and an ``optional`` field is left out of a record without it."""
+    """One attribute (dotted for a relation; a method is called), formatted; ``none`` stands for
+    None or "", and an ``optional`` field is left out of a record without the attribute."""
     get = attrgetter(attribute)
 
     @admin.display(
@@ -84,9 +77,10 @@ def id_column(
     attribute: str,
     *,
     empty: str = DASH,
-    link: Callable[[Any], str] | None = None,
+    link: str = "",
 ) -> Display:
-    """A sortable list column showing an id as its shortest prefix unique on the page."""
+    """A sortable list column showing an id as its shortest prefix unique on the page, linked to
+    the ``link`` URL name's page of that id."""
     get = attrgetter(attribute)
 
     @admin.display(description=description, ordering=attribute.replace(".", "__"))
@@ -96,7 +90,9 @@ def id_column(
             return empty
         lengths = getattr(obj, "id_prefix_lengths", {})
         shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
-        return format_html('<a href="{}">{}</a>', link(value), shown_id) if link else shown_id
+        if not link:
+            return shown_id
+        return format_html('<a href="{}">{}</a>', reverse(link, args=[value]), shown_id)
 
     show.id_attribute = attribute  # type: ignore[attr-defined]
     return show
@@ -123,8 +119,7 @@ class ReadOnlyChangeList(ChangeList):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only pages (a staff login with the view permission): nothing to add, change or
-    delete, no bulk actions, no history."""
+    """View-only pages (a staff login with the view permission): no bulk actions, no history."""
 
     actions = None
     show_facets = admin.ShowFacets.NEVER
@@ -138,18 +133,14 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
     notes: dict[str, str] = {}
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    has_add_permission = has_delete_permission = has_change_permission
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         """Every shown field: the detail pages render values, never inputs."""
-        return flatten_fieldsets(self.fieldsets) if self.fieldsets else self.fields or ()
+        return flatten_fieldsets(self.fieldsets)
 
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")

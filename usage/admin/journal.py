@@ -11,7 +11,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated, usage_url
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import clock, clock_cell, number, stamp, stamp_cell
 from usage.models import BackfillJournal
 
@@ -37,7 +37,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         }
     )
 
-    usage_cell = id_column("usage row", "usage_id", link=usage_url)
+    usage_cell = id_column("usage row", "usage_id", link="admin:usage_candidateusage_change")
     repaired_cell = shown("repaired at", "repaired_at", clock_cell, sort=True)
     reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     reverted_cell = shown("reverted", "reverted_at", clock_cell, sort=True)
@@ -56,20 +56,13 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     notes = {STAMP_TITLE: "journal_stamp"}
 
     def render_change_form(
-        self,
-        request: HttpRequest,
-        context: dict[str, Any],
-        add: bool = False,
-        change: bool = False,
-        form_url: str = "",
-        obj: BackfillJournal | None = None,
+        self, request: HttpRequest, context: dict, *args: Any, obj: BackfillJournal, **kwargs: Any
     ) -> Any:
-        if obj is not None:
-            context["subtitle"] = (
-                f"Journal entry #{obj.pk}: usage row {obj.usage_id}, repaired by run "
-                f"#{obj.run_id} at {clock(obj.repaired_at)}"
-            )
-        return super().render_change_form(request, context, add, change, form_url, obj)
+        context["subtitle"] = (
+            f"Journal entry #{obj.pk}: usage row {obj.usage_id}, repaired by run "
+            f"#{obj.run_id} at {clock(obj.repaired_at)}"
+        )
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
 
     def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
