@@ -1,6 +1,5 @@
 """The runs, read-only: who ran each repair, with what, what it changed, the stamp it wrote and
-how it rebuilt the hourly rollup; fields a run does not have are left out, not shown empty.
-"""
+how it rebuilt the hourly rollup; fields a run does not have are left out, not shown empty."""
 
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
 
 @admin.register(BackfillRun)
 class BackfillRunAdmin(ReadOnlyAdmin):
-    # Fits the list's 1,050 px at a 1,400 px window: times may wrap between date and time,
-    # rows updated link to the journal, the rollup state shows under the status when not done.
+    # Fits the list's 1,050 px at a 1,400 px window (times may wrap between date and time).
     list_display = names(
         "id status_cell started_cell took cutoff_cell workspace updated removed clamped "
         "remaining os_user_cell"
@@ -97,8 +95,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     notes = {STAMP_TITLE: "run_stamp"}
 
-    # -- list columns --------------------------------------------------------------------
-
     started_cell = shown("started", "started_at", clock_cell, sort=True)
     cutoff_cell = shown("cutoff", "cutoff", clock_cell, sort=True)
     workspace = id_column("workspace", "workspace_id", empty="all")
@@ -115,8 +111,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     updated = templated("updated", "run_updated", ordering="rows_updated")
 
-    # -- the run -------------------------------------------------------------------------
-
     status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
@@ -128,8 +122,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
-        """A running run's progress from its record, as the terminal shows it: rows done of
-        planned, the rate since it started and the ETA (as of its last batch)."""
+        """A running run's progress from its record, as the terminal shows it."""
         done, planned = obj.rows_updated, obj.rows_planned
         share = f" ({100 * done / planned:.0f}%)" if planned else ""
         running_for = (timezone.now() - obj.started_at).total_seconds()
@@ -155,8 +148,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     continues_link = templated("continues", "run_continues")
     continued_by_links = templated("continued by", "run_continued_by")
 
-    # -- who and what --------------------------------------------------------------------
-
     os_user_shown = shown("OS user", "os_user")
     db_role_shown = shown("database role", "db_role")
     client_host_shown = shown("client host", "client_host")
@@ -181,8 +172,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
     candidates_link = templated("candidates now", "run_candidates")
-
-    # -- plan and result -----------------------------------------------------------------
 
     plan_fingerprint_shown = shown(
         "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
@@ -215,8 +204,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"({elapsed(obj.rollup_from, obj.rollup_to)})"
         )
 
-    # -- stamp ---------------------------------------------------------------------------
-
     stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
     stamp_base_shown = shown("top stamp", "stamp_base", stamp)
 
@@ -232,8 +219,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         if first is None or last is None or first == last:
             return stamp(first or last)
         return f"from {stamp(first)} to {stamp(last)}"
-
-    # -- rollup --------------------------------------------------------------------------
 
     rollup_state_shown = shown("state", "get_rollup_state_display")
     rollup_path_shown = shown(
