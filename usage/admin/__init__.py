@@ -1,6 +1,5 @@
 """The read-only admin: what a repair would change (the candidates, with the dry run's
-totals) and what it did (its runs and journal, linked to each other and to the usage rows).
-"""
+totals) and what it did (its runs and journal, linked to each other and to the usage rows)."""
 
 from __future__ import annotations
 

@@ -72,13 +72,7 @@ def shown(
     return show
 
 
-def id_column(
-    description: str,
-    attribute: str,
-    *,
-    empty: str = DASH,
-    link: str = "",
-) -> Display:
+def id_column(description: str, attribute: str, *, empty: str = DASH, link: str = "") -> Display:
     """A sortable list column showing an id as its shortest prefix unique on the page, linked to
     the ``link`` URL name's page of that id."""
     get = attrgetter(attribute)
@@ -195,23 +189,19 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def get_paginator(
         self, request: HttpRequest, queryset: QuerySet, per_page: int, *args: Any, **kwargs: Any
     ) -> BoundedPaginator:
-        known = self.known_count(request)
-        return BoundedPaginator(
-            queryset, per_page, *args, known_count=known, cap=self.count_cap, **kwargs
-        )
+        paginator = BoundedPaginator(queryset, per_page, *args, **kwargs)
+        paginator.known_count = self.known_count(request)
+        paginator.cap = self.count_cap
+        return paginator
 
 
 class BoundedPaginator(Paginator):
     """A paginator told the count (``known_count``), or counting at most ``cap`` + 1 rows
     and then reporting "more than ``cap``"."""
 
-    def __init__(
-        self, *args: Any, known_count: int | None = None, cap: int = COUNT_CAP, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.known_count = known_count
-        self.cap = cap
-        self.capped = False
+    known_count: int | None = None
+    cap = COUNT_CAP
+    capped = False
 
     @cached_property
     def count(self) -> int:

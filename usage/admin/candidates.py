@@ -90,34 +90,6 @@ FROM {run}"""
 TOTALS_CACHE_SECONDS = 120
 
 
-def parse_month(value: str | None) -> date | None:
-    """Parse the created-month filter (``YYYY-MM``); ``None`` when absent."""
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(f"{value.strip()}-01")
-    except ValueError:
-        raise ValueError(
-            f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05"
-        ) from None
-
-
-def parse_clamped(value: str | None) -> bool | None:
-    if not value:
-        return None
-    if value in ("yes", "no"):
-        return value == "yes"
-    raise ValueError(f"clamped {options.shown(value)} must be yes or no")
-
-
-def month_range(month: date) -> tuple[datetime, datetime | None]:
-    """The UTC bounds of a calendar month; no upper bound (None) after December 9999."""
-    start = datetime(month.year, month.month, 1, tzinfo=UTC)
-    if (month.year, month.month) == (9999, 12):
-        return start, None
-    return start, datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
-
-
 @dataclass(frozen=True)
 class CandidateTotals:
     """What the page shows above the list, and the counts its sidebar and paginator use."""
@@ -129,9 +101,19 @@ class CandidateTotals:
     counts: dict[tuple[date | None, bool | None], int]
 
 
-def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateTotals:
-    """One read-only pass: the dry run's totals plus the sidebar's counts, refusing a cutoff
-    not in the database's past as the dry run does."""
+def load_candidate_totals(
+    cutoff: datetime, workspace_id: uuid.UUID | None
+) -> tuple[CandidateTotals, bool]:
+    """One read-only pass, refusing a cutoff not in the database's past as the dry run does, and
+    whether it was reused: while no run changes anything (only the tool's runs make rows
+    eligible again; ingestion stamps ``updated_at`` past the cutoff), the last one is."""
+    with connection.cursor() as cursor:
+        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
+        runs = cursor.fetchone()[0]
+    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs}"
+    reused = cache.get(key)
+    if reused is not None:
+        return reused, True
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute("SELECT now()")
@@ -156,22 +138,7 @@ def load_candidate_totals(cutoff: datetime, workspace_id: uuid.UUID | None) -> C
             months.append((month, count))
     workspaces.sort(key=lambda item: (-item[1], str(item[0])))
     months.sort()
-    return CandidateTotals(database_now, totals, workspaces, months, counts)
-
-
-def cached_candidate_totals(
-    cutoff: datetime, workspace_id: uuid.UUID | None
-) -> tuple[CandidateTotals, bool]:
-    """The totals, from the last pass while no run changed anything, and whether reused: only
-    the tool's runs make rows eligible again (ingestion stamps ``updated_at`` past the cutoff)."""
-    with connection.cursor() as cursor:
-        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
-        runs = cursor.fetchone()[0]
-    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs}"
-    result = cache.get(key)
-    if result is not None:
-        return result, True
-    result = load_candidate_totals(cutoff, workspace_id)
+    result = CandidateTotals(database_now, totals, workspaces, months, counts)
     cache.set(key, result, TOTALS_CACHE_SECONDS)
     return result, False
 
@@ -232,7 +199,7 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         if value:
             page.cutoff = options.parse_cutoff(value, name=name)
         page.cutoff_text = page.cutoff_text or utc_text(page.cutoff)
-        page.result, page.reused = cached_candidate_totals(page.cutoff, page.workspace_id)
+        page.result, page.reused = load_candidate_totals(page.cutoff, page.workspace_id)
     except CutoffError as exc:  # a ValueError too, said here in the page's words
         page.error = exc.named(name)
     except ValueError as exc:
@@ -296,8 +263,19 @@ class WorkspaceFilter(PageFilter):
 class CreatedMonthFilter(PageFilter):
     title = "created date (UTC month)"
     parameter_name = CREATED_PARAM
-    parse = staticmethod(parse_month)
     otherwise = "showing every month"
+
+    @staticmethod
+    def parse(value: str | None) -> date | None:
+        """The month of ``YYYY-MM``."""
+        if not value:
+            return None
+        try:
+            return date.fromisoformat(f"{value.strip()}-01")
+        except ValueError:
+            raise ValueError(
+                f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05"
+            ) from None
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         return [
@@ -305,17 +283,26 @@ class CreatedMonthFilter(PageFilter):
             for m, rows in page.result.months
         ]
 
-    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
-        start, end = month_range(value)
-        queryset = queryset.filter(created_at__gte=start)
-        return queryset if end is None else queryset.filter(created_at__lt=end)
+    def narrow(self, queryset: QuerySet, month: date) -> QuerySet:
+        start = datetime(month.year, month.month, 1, tzinfo=UTC)
+        if (month.year, month.month) == (9999, 12):  # no month after it: no upper bound
+            return queryset.filter(created_at__gte=start)
+        end = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        return queryset.filter(created_at__gte=start, created_at__lt=end)
 
 
 class ClampedFilter(PageFilter):
     title = "clamped (input below cached tokens)"
     parameter_name = CLAMPED_PARAM
-    parse = staticmethod(parse_clamped)
     otherwise = "showing all rows"
+
+    @staticmethod
+    def parse(value: str | None) -> bool | None:
+        if not value:
+            return None
+        if value in ("yes", "no"):
+            return value == "yes"
+        raise ValueError(f"clamped {options.shown(value)} must be yes or no")
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         counts = page.result.counts
@@ -348,7 +335,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     list_display = names(
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )
-    list_display_links = ("usage_id",)
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
     list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just

@@ -1,6 +1,5 @@
 """Values as every admin page shows them: numbers with separators, seconds with a unit, times
-in UTC with the zone, long ids in lists as their shortest prefix unique on the page.
-"""
+in UTC with the zone, long ids in lists as their shortest prefix unique on the page."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from django.utils.safestring import SafeString
 from usage.render import timestamp
 
 DASH = "-"
-# A list's ids are at least this long a prefix (as git abbreviates commits); this long
+# A list's ids are at least this long a prefix (as git abbreviates commits), DEFAULT long
 # until the page has computed it.
 SHORT_ID_MINIMUM = 4
 SHORT_ID_DEFAULT = 8

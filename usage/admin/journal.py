@@ -24,7 +24,6 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         "id run_link usage_cell repaired_cell old_input new_input removed cached stamp_cell "
         "reverted_cell"
     )
-    list_display_links = ("id",)
     list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
     ordering = ("-id",)
     search_fields = ("usage_id",)

@@ -59,7 +59,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "id status_cell started_cell took cutoff_cell workspace updated removed clamped "
         "remaining os_user_cell"
     )
-    list_display_links = ("id",)
     list_filter = ("status", "rollup_state")
     ordering = ("-id",)
     fieldsets = sections(
