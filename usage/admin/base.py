@@ -48,18 +48,17 @@ def shown(
     attribute: str,
     fmt: Callable[[Any], Any] = text,
     *,
-    sort: bool = False,
     none: str | None = None,
     boolean: bool = False,
     optional: bool = False,
 ) -> Display:
-    """One attribute (dotted for a relation; a method is called), formatted; ``none`` stands for
-    None or "", and an ``optional`` field is left out of a record without the attribute."""
+    """One attribute (dotted for a relation; a method is called), formatted, a list sorted by it;
+    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
     get = attrgetter(attribute)
 
     @admin.display(
         description=description,
-        ordering=attribute.replace(".", "__") if sort else None,
+        ordering=attribute.replace(".", "__"),
         boolean=boolean or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:

@@ -97,8 +97,7 @@ class CandidateTotals:
     database_now: datetime
     totals: Totals
     workspaces: list[tuple[uuid.UUID, int]]
-    months: list[tuple[date, int]]
-    counts: dict[tuple[date | None, bool | None], int]
+    counts: dict[tuple[date | None, bool | None], int]  # by (created month, clamped); None: any
 
 
 def load_candidate_totals(
@@ -123,7 +122,6 @@ def load_candidate_totals(
         rows = cursor.fetchall()
     totals = Totals()
     workspaces: list[tuple[uuid.UUID, int]] = []
-    months: list[tuple[date, int]] = []
     counts: dict[tuple[date | None, bool | None], int] = {}
     for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
         count = int(count)
@@ -134,11 +132,8 @@ def load_candidate_totals(
         if all_months and all_clamped:
             # input_before, input_after, input_tokens_removed, clamped_rows, in Totals' order
             totals = Totals(count, *(int(value) for value in sums))
-        elif all_clamped:
-            months.append((month, count))
     workspaces.sort(key=lambda item: (-item[1], str(item[0])))
-    months.sort()
-    result = CandidateTotals(database_now, totals, workspaces, months, counts)
+    result = CandidateTotals(database_now, totals, workspaces, counts)
     cache.set(key, result, TOTALS_CACHE_SECONDS)
     return result, False
 
@@ -278,9 +273,11 @@ class CreatedMonthFilter(PageFilter):
             ) from None
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
+        counts = page.result.counts
+        months = sorted(m for m, clamped in counts if m is not None and clamped is None)
         return [
-            (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({rows:,})")
-            for m, rows in page.result.months
+            (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({counts[m, None]:,})")
+            for m in months
         ]
 
     def narrow(self, queryset: QuerySet, month: date) -> QuerySet:
@@ -360,11 +357,11 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     usage_id = id_column("id", "id")
     workspace = id_column("workspace", "task.agent.workspace_id")
-    created = shown("created", "created_at", clock_cell, sort=True)
-    updated = shown("updated", "updated_at", clock_cell, sort=True)
-    input = shown("input", "input_tokens", number, sort=True)
-    cached = shown("cached", "cache_read_tokens", number, sort=True)
-    removed = shown("removed", "tokens_removed", number, sort=True)
+    created = shown("created", "created_at", clock_cell)
+    updated = shown("updated", "updated_at", clock_cell)
+    input = shown("input", "input_tokens", number)
+    cached = shown("cached", "cache_read_tokens", number)
+    removed = shown("removed", "tokens_removed", number)
     row_id = shown("ID", "id")
     created_shown = shown("created at", "created_at", stamp)
     updated_shown = shown("updated at", "updated_at", stamp, none="none")
@@ -375,7 +372,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     output_shown = shown("output tokens", "output_tokens", number)
     cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
-    is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
+    is_clamped = shown("clamped", "clamped", bool, boolean=True)
 
     notes = {"Repair": "candidate_repair"}
 

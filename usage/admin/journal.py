@@ -37,12 +37,12 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     )
 
     usage_cell = id_column("usage row", "usage_id", link="admin:usage_candidateusage_change")
-    repaired_cell = shown("repaired at", "repaired_at", clock_cell, sort=True)
+    repaired_cell = shown("repaired at", "repaired_at", clock_cell)
     reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
-    reverted_cell = shown("reverted", "reverted_at", clock_cell, sort=True)
-    old_input = shown("input before", "old_input_tokens", number, sort=True)
-    new_input = shown("input after", "new_input_tokens", number, sort=True)
-    cached = shown("cached", "cache_read_tokens", number, sort=True)
+    reverted_cell = shown("reverted", "reverted_at", clock_cell)
+    old_input = shown("input before", "old_input_tokens", number)
+    new_input = shown("input after", "new_input_tokens", number)
+    cached = shown("cached", "cache_read_tokens", number)
     old_updated_at_shown = shown(
         "old updated_at (a revert restores it)",
         "old_updated_at",
@@ -50,7 +50,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         none="none (the row had no updated_at)",
     )
     stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
-    stamp_cell = shown("stamp written", "new_updated_at", stamp_cell, sort=True)
+    stamp_cell = shown("stamp written", "new_updated_at", stamp_cell)
 
     notes = {STAMP_TITLE: "journal_stamp"}
 

@@ -94,13 +94,13 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     notes = {STAMP_TITLE: "run_stamp"}
 
-    started_cell = shown("started", "started_at", clock_cell, sort=True)
-    cutoff_cell = shown("cutoff", "cutoff", clock_cell, sort=True)
+    started_cell = shown("started", "started_at", clock_cell)
+    cutoff_cell = shown("cutoff", "cutoff", clock_cell)
     workspace = id_column("workspace", "workspace_id", empty="all")
-    removed = shown("removed", "input_tokens_removed", number, sort=True)
-    clamped = shown("clamped", "clamped_rows", number, sort=True)
-    remaining = shown("left", "rows_remaining", number, sort=True)
-    os_user_cell = shown("OS user", "os_user", sort=True)
+    removed = shown("removed", "input_tokens_removed", number)
+    clamped = shown("clamped", "clamped_rows", number)
+    remaining = shown("left", "rows_remaining", number)
+    os_user_cell = shown("OS user", "os_user")
 
     status_cell = templated("status", "run_status", ordering="status")
 
