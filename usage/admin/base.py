@@ -139,8 +139,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         raise Http404("the tool's records are never edited: they have no history")
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
-        if obj is None:
-            return self.fieldsets
         shown_sets = []
         for title, options in self.fieldsets:
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))

@@ -51,12 +51,8 @@ WORKSPACE_CHOICES = 20
 # is the dry run's totals; the others count rows per workspace, created month and clamped.
 CANDIDATE_TOTALS_SQL = """
 SELECT
-    GROUPING(c.workspace_id) AS all_workspaces,
-    GROUPING(c.created_month) AS all_months,
-    GROUPING(c.clamped) AS all_clamped,
-    c.workspace_id,
-    c.created_month,
-    c.clamped,
+    GROUPING(c.workspace_id), GROUPING(c.created_month), GROUPING(c.clamped),
+    c.workspace_id, c.created_month, c.clamped,
     count(*) AS rows,
     coalesce(sum(c.input_before), 0) AS input_before,
     coalesce(sum(c.input_after), 0) AS input_after,
@@ -333,7 +329,6 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
-    list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just
     # the rows it shows instead of sorting every candidate.
     ordering = ("created_at",)

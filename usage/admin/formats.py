@@ -35,7 +35,6 @@ def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
 
 # An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one.
 stamp = partial(clock, micro=True)
-stamp_cell = partial(clock_cell, micro=True)
 
 
 def number(value: int | None) -> str:
