@@ -117,8 +117,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     actions = None
     show_facets = admin.ShowFacets.NEVER
     show_full_result_count = False
-    list_per_page = 100
-    view_on_site = False
     changelist_class: type[ChangeList] = ReadOnlyChangeList
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
     # Detail fields shown only when the record passes a test, besides shown(optional=True).

@@ -81,8 +81,8 @@ SELECT md5(coalesce(string_agg(
 ), ''))
 FROM {run}"""
 
-# The totals pass reads every eligible row (as the dry run does); while the runs stay the same,
-# paging, filtering and searching reuse it for this long.
+# The totals pass reads every eligible row (as the dry run does): paging, filtering and
+# searching reuse it for this long while the runs stay the same.
 TOTALS_CACHE_SECONDS = 120
 
 
@@ -258,7 +258,6 @@ class CreatedMonthFilter(PageFilter):
 
     @staticmethod
     def parse(value: str | None) -> date | None:
-        """The month of ``YYYY-MM``."""
         if not value:
             return None
         try:
@@ -321,10 +320,7 @@ class CandidateChangeList(ReadOnlyChangeList):
 
 @admin.register(CandidateUsage)
 class CandidateUsageAdmin(ReadOnlyAdmin):
-    """The rows the command would repair for the page's cutoff and workspace."""
-
-    # Fits the list's 1,050 px at a 1,400 px window: the task is on the row's page (and the
-    # search finds it).
+    # Fits the list's 1,050 px at a 1,400 px window: the task is on the row's page.
     list_display = names(
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )

@@ -31,9 +31,8 @@ ROLLUP_PATHS = {
     BackfillRun.RollupPath.FUNCTION: "the platform's rollup_task_usage_hourly_window",
 }
 
-# The command's recorded options in reading order (what, which plan, how fast, the rollup);
-# a flag is recorded as the setting it turns off ("rebuild_rollup": "False" for
-# --no-rebuild-rollup). Options recorded later by a newer version follow, by name.
+# The command's options in reading order (what, which plan, how fast, the rollup), then any a
+# newer version records, by name; a flag is recorded as the setting it turns off.
 ARGUMENT_ORDER = names(
     "cutoff workspace_id plan plan_max_age batch_size sleep_between_batches lock_timeout "
     "statement_timeout max_replication_lag rebuild_rollup max_rollup_lock_seconds "
