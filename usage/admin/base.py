@@ -102,13 +102,19 @@ def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 
 class ReadOnlyChangeList(ChangeList):
-    """A change list whose "show all" link keeps the page's own parameters."""
-
-    kept_params: tuple[str, ...] = ()
+    """A change list whose "show all" link keeps the page's own parameters (``kept_params``),
+    and whose field lookups leave out those the page reads itself (``page_params``)."""
 
     @property
     def reset_query(self) -> str:
-        return "?" + urlencode({k: v for k, v in self.params.items() if k in self.kept_params})
+        kept = self.model_admin.kept_params
+        return "?" + urlencode({k: v for k, v in self.params.items() if k in kept})
+
+    def get_filters_params(self, params: dict | None = None) -> dict:
+        lookup_params = super().get_filters_params(params)
+        for name in self.model_admin.page_params:
+            lookup_params.pop(name, None)
+        return lookup_params
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -117,7 +123,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     actions = None
     show_facets = admin.ShowFacets.NEVER
     show_full_result_count = False
-    changelist_class: type[ChangeList] = ReadOnlyChangeList
+    kept_params: tuple[str, ...] = ()  # GET parameters the "show all" link keeps
+    page_params: tuple[str, ...] = ()  # GET parameters the page reads, never field lookups
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
     # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
@@ -153,7 +160,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return not test or bool(test(obj))
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
-        return self.changelist_class
+        return ReadOnlyChangeList
 
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
         """The list, each row told how long a prefix tells its ids apart on the page."""

@@ -21,15 +21,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
 from usage import options
-from usage.admin.base import (
-    ReadOnlyAdmin,
-    ReadOnlyChangeList,
-    id_column,
-    names,
-    sections,
-    shown,
-    templated,
-)
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
@@ -307,17 +299,6 @@ class ClampedFilter(PageFilter):
         return queryset.filter(clamped=value)
 
 
-class CandidateChangeList(ReadOnlyChangeList):
-    """Keeps the cutoff in every link, but not as a field lookup."""
-
-    kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
-
-    def get_filters_params(self, params: dict | None = None) -> dict:
-        lookup_params = super().get_filters_params(params)
-        lookup_params.pop(CUTOFF_PARAM, None)
-        return lookup_params
-
-
 @admin.register(CandidateUsage)
 class CandidateUsageAdmin(ReadOnlyAdmin):
     # Fits the list's 1,050 px at a 1,400 px window: the task is on the row's page.
@@ -331,7 +312,8 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     sortable_by = ("usage_id", "created", "updated")
     search_fields = ("task__agent__name",)
     search_help_text = "Search by task id, usage row id (a UUID) or agent name (any part)."
-    changelist_class = CandidateChangeList
+    kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
+    page_params = (CUTOFF_PARAM,)  # the workspace filter reads the workspace
     fieldsets = sections(
         {
             "Usage row": "row_id workspace_id agent_name task provider model created_shown "

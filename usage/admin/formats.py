@@ -14,7 +14,7 @@ from django.utils.safestring import SafeString
 from usage.render import timestamp
 
 DASH = "-"
-# A list's ids are at least this long a prefix (as git abbreviates commits), DEFAULT long
+# A list's ids are a prefix at least MINIMUM long (as git abbreviates commits), DEFAULT long
 # until the page has computed it.
 SHORT_ID_MINIMUM = 4
 SHORT_ID_DEFAULT = 8
