@@ -72,8 +72,7 @@ def shown(
 
 
 def id_column(description: str, attribute: str, *, empty: str = DASH, link: str = "") -> Display:
-    """A sortable list column showing an id as its shortest prefix unique on the page, linked to
-    the ``link`` URL name's page of that id."""
+    """A sortable list column: an id as its shortest prefix unique on the page, maybe a link."""
     get = attrgetter(attribute)
 
     @admin.display(description=description, ordering=attribute.replace(".", "__"))
@@ -198,8 +197,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 class BoundedPaginator(Paginator):
-    """A paginator told the count (``known_count``), or counting at most ``cap`` + 1 rows
-    and then reporting "more than ``cap``"."""
+    """Told the count (``known_count``), or counting at most ``cap`` + 1 rows: "more than"."""
 
     known_count: int | None = None
     cap = COUNT_CAP

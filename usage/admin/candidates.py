@@ -1,6 +1,5 @@
-"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair for a cutoff and
-workspace, with the dry run's totals and the sidebar's and paginator's counts from one grouped
-aggregate on ``usage.eligibility``."""
+"""The candidates page: the rows the repair would change for a cutoff and workspace, with the
+dry run's totals and the sidebar's counts from one grouped aggregate on ``usage.eligibility``."""
 
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ GROUP BY GROUPING SETS (
     (), (c.workspace_id), (c.created_month), (c.clamped), (c.created_month, c.clamped)
 )"""
 
-# Changes whenever a run starts, finishes a batch, ends or is reverted: whenever the tool
-# itself changed which rows are eligible.
+# Changes whenever a run changes which rows are eligible: it starts, a batch, it ends, a revert.
 RUNS_FINGERPRINT_SQL = """
 SELECT md5(coalesce(string_agg(
     concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
@@ -91,9 +89,8 @@ class CandidateTotals:
 def load_candidate_totals(
     cutoff: datetime, workspace_id: uuid.UUID | None
 ) -> tuple[CandidateTotals, bool]:
-    """One read-only pass, refusing a cutoff not in the database's past as the dry run does, and
-    whether it was reused: while no run changes anything (only the tool's runs make rows
-    eligible again; ingestion stamps ``updated_at`` past the cutoff), the last one is."""
+    """One read-only pass (refusing a cutoff not in the database's past, as the dry run does), or
+    the last while no run changed anything: ingestion only takes rows out; and whether reused."""
     with connection.cursor() as cursor:
         cursor.execute(compose(RUNS_FINGERPRINT_SQL))
         runs = cursor.fetchone()[0]
@@ -203,8 +200,7 @@ def _page(request: HttpRequest) -> CandidatePage | None:
 
 
 class PageFilter(admin.SimpleListFilter):
-    """A sidebar filter whose choices (``choices_of``) and counts come from the page's totals
-    pass; a parsed value narrows the list (``narrow``)."""
+    """A sidebar filter: choices and counts from the totals pass, a parsed value ``narrow``s."""
 
     parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
     otherwise = ""  # what the list shows when the value cannot be parsed
@@ -237,8 +233,7 @@ class WorkspaceFilter(PageFilter):
             chosen = page.result.workspaces[:WORKSPACE_CHOICES]
             if len(page.result.workspaces) > WORKSPACE_CHOICES:
                 self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
-        # A whole id wraps mid-id in the narrow sidebar: the shortest prefix that tells the
-        # choices apart (the chosen one is whole in the form).
+        # A whole id would wrap in the narrow sidebar (the chosen one is whole in the form).
         length = unique_prefix_length(ws for ws, _ in chosen)
         return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
 

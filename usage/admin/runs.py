@@ -1,7 +1,6 @@
-"""The runs, read-only: who ran each repair, with what, what it changed, the stamp it wrote and
-how it rebuilt the hourly rollup (fields a run does not have are left out, not shown empty);
-and their journal: every row a run changed, with what it was before, the time of the repair
-apart from the ``updated_at`` stamp the repair wrote into the row."""
+"""The runs, read-only: who ran each repair, with what, what it changed, its stamp and rollup
+(fields a run does not have are left out, not shown empty); and their journal: every row a run
+changed, what it was before, the time of the repair apart from the stamp written into it."""
 
 from __future__ import annotations
 
