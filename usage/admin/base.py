@@ -1,10 +1,8 @@
 """The read-only base of every admin page (no add, change, delete, action or history): fields
-declared as data, lists that never count a big table. ``usage.sites`` refuses every write.
-"""
+declared as data, lists that never count a big table. ``usage.sites`` refuses every write."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
@@ -30,10 +28,6 @@ COUNT_CAP = 10_000
 Display = Callable[[Any, Any], Any]
 
 
-def usage_url(usage_id: uuid.UUID) -> str:
-    return reverse("admin:usage_candidateusage_change", args=[usage_id])
-
-
 def html(name: str, **context: Any) -> SafeString:
     """A fragment of a page (a field, a fieldset's note) from ``admin/usage/<name>.html``."""
     return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
@@ -54,19 +48,17 @@ def shown(
     attribute: str,
     fmt: Callable[[Any], Any] = text,
     *,
-    sort: bool = False,
     none: str | None = None,
     boolean: bool = False,
     optional: bool = False,
 ) -> Display:
-    """A list column or detail field showing one attribute (dotted for a relation; a method is
-    called), formatted; ``none`` stands for a missing value (None or ""), ``sort`` orders the
-    list by the attribute, and an ``optional`` field is left out of a record without it."""
+    """One attribute (dotted for a relation; a method is called), formatted, a list sorted by it;
+    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
     get = attrgetter(attribute)
 
     @admin.display(
         description=description,
-        ordering=attribute.replace(".", "__") if sort else None,
+        ordering=attribute.replace(".", "__"),
         boolean=boolean or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
@@ -79,14 +71,8 @@ def shown(
     return show
 
 
-def id_column(
-    description: str,
-    attribute: str,
-    *,
-    empty: str = DASH,
-    link: Callable[[Any], str] | None = None,
-) -> Display:
-    """A sortable list column showing an id as its shortest prefix unique on the page."""
+def id_column(description: str, attribute: str, *, empty: str = DASH, link: str = "") -> Display:
+    """A sortable list column: an id as its shortest prefix unique on the page, maybe a link."""
     get = attrgetter(attribute)
 
     @admin.display(description=description, ordering=attribute.replace(".", "__"))
@@ -96,7 +82,9 @@ def id_column(
             return empty
         lengths = getattr(obj, "id_prefix_lengths", {})
         shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
-        return format_html('<a href="{}">{}</a>', link(value), shown_id) if link else shown_id
+        if not link:
+            return shown_id
+        return format_html('<a href="{}">{}</a>', reverse(link, args=[value]), shown_id)
 
     show.id_attribute = attribute  # type: ignore[attr-defined]
     return show
@@ -113,50 +101,48 @@ def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 
 class ReadOnlyChangeList(ChangeList):
-    """A change list whose "show all" link keeps the page's own parameters."""
-
-    kept_params: tuple[str, ...] = ()
+    """A change list whose "show all" link keeps the page's own parameters (``kept_params``),
+    and whose field lookups leave out those the page reads itself (``page_params``)."""
 
     @property
     def reset_query(self) -> str:
-        return "?" + urlencode({k: v for k, v in self.params.items() if k in self.kept_params})
+        kept = self.model_admin.kept_params
+        return "?" + urlencode({k: v for k, v in self.params.items() if k in kept})
+
+    def get_filters_params(self, params: dict | None = None) -> dict:
+        lookup_params = super().get_filters_params(params)
+        for name in self.model_admin.page_params:
+            lookup_params.pop(name, None)
+        return lookup_params
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only pages (a staff login with the view permission): nothing to add, change or
-    delete, no bulk actions, no history."""
+    """View-only pages (a staff login with the view permission): no bulk actions, no history."""
 
     actions = None
     show_facets = admin.ShowFacets.NEVER
     show_full_result_count = False
-    list_per_page = 100
-    view_on_site = False
-    changelist_class: type[ChangeList] = ReadOnlyChangeList
+    kept_params: tuple[str, ...] = ()  # GET parameters the "show all" link keeps
+    page_params: tuple[str, ...] = ()  # GET parameters the page reads, never field lookups
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
     # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
     # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
     notes: dict[str, str] = {}
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    has_add_permission = has_delete_permission = has_change_permission
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         """Every shown field: the detail pages render values, never inputs."""
-        return flatten_fieldsets(self.fieldsets) if self.fieldsets else self.fields or ()
+        return flatten_fieldsets(self.fieldsets)
 
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
-        if obj is None:
-            return self.fieldsets
         shown_sets = []
         for title, options in self.fieldsets:
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
@@ -173,7 +159,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return not test or bool(test(obj))
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
-        return self.changelist_class
+        return ReadOnlyChangeList
 
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
         """The list, each row told how long a prefix tells its ids apart on the page."""
@@ -204,23 +190,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def get_paginator(
         self, request: HttpRequest, queryset: QuerySet, per_page: int, *args: Any, **kwargs: Any
     ) -> BoundedPaginator:
-        known = self.known_count(request)
-        return BoundedPaginator(
-            queryset, per_page, *args, known_count=known, cap=self.count_cap, **kwargs
-        )
+        paginator = BoundedPaginator(queryset, per_page, *args, **kwargs)
+        paginator.known_count = self.known_count(request)
+        paginator.cap = self.count_cap
+        return paginator
 
 
 class BoundedPaginator(Paginator):
-    """A paginator told the count (``known_count``), or counting at most ``cap`` + 1 rows
-    and then reporting "more than ``cap``"."""
+    """Told the count (``known_count``), or counting at most ``cap`` + 1 rows: "more than"."""
 
-    def __init__(
-        self, *args: Any, known_count: int | None = None, cap: int = COUNT_CAP, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.known_count = known_count
-        self.cap = cap
-        self.capped = False
+    known_count: int | None = None
+    cap = COUNT_CAP
+    capped = False
 
     @cached_property
     def count(self) -> int:

@@ -1,61 +1,213 @@
-"""The candidates page: the rows ``backfill_codex_usage_cache`` would repair, with its sidebar
-filters, search and columns (what it lists and totals is ``candidate_page``'s).
-"""
+"""The candidates page: the rows the repair would change for a cutoff and workspace, with the
+dry run's totals and the sidebar's counts from one grouped aggregate on ``usage.eligibility``."""
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import SEARCH_VAR
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
+from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
-from usage.admin.base import (
-    ReadOnlyAdmin,
-    ReadOnlyChangeList,
-    id_column,
-    names,
-    sections,
-    shown,
-    templated,
-)
-from usage.admin.candidate_page import (
-    CLAMPED_PARAM,
-    CREATED_PARAM,
-    CUTOFF_PARAM,
-    TOTALS_CACHE_SECONDS,
-    WORKSPACE_CHOICES,
-    WORKSPACE_PARAM,
-    CandidatePage,
-    load_candidate_page,
-    month_range,
-    parse_clamped,
-    parse_month,
-)
+from usage import options
+from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
-from usage.models import CandidateUsage
+from usage.eligibility import compose, eligible_params
+from usage.events import utc_text
+from usage.models import BackfillRun, CandidateUsage
+from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
-# Where the candidates page keeps its state for the request (filters and paginator read it).
-PAGE_ATTRIBUTE = "codex_candidate_page"
+logger = logging.getLogger("usage.candidates")
+
+# GET parameters that choose what the page lists (the command's --cutoff and --workspace-id).
+CUTOFF_PARAM = "cutoff"
+WORKSPACE_PARAM = "workspace"
+CREATED_PARAM = "created"
+CLAMPED_PARAM = "clamped"
+
+# The workspace filter lists the workspaces with the most candidates, at most this many.
+WORKSPACE_CHOICES = 20
+
+# Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
+# is the dry run's totals; the others count rows per workspace, created month and clamped.
+CANDIDATE_TOTALS_SQL = """
+SELECT
+    GROUPING(c.workspace_id), GROUPING(c.created_month), GROUPING(c.clamped),
+    c.workspace_id, c.created_month, c.clamped,
+    count(*) AS rows,
+    coalesce(sum(c.input_before), 0) AS input_before,
+    coalesce(sum(c.input_after), 0) AS input_after,
+    coalesce(sum(c.input_tokens_removed), 0) AS input_tokens_removed,
+    count(*) FILTER (WHERE c.clamped) AS clamped_rows
+FROM (
+    SELECT
+        a.workspace_id,
+        date_trunc('month', tu.created_at AT TIME ZONE 'UTC')::date AS created_month,
+        {is_clamped} AS clamped,
+        tu.input_tokens AS input_before,
+        {corrected_input} AS input_after,
+        {removed_input} AS input_tokens_removed
+    FROM {eligible_from}
+    WHERE {eligible_where}
+) AS c
+GROUP BY GROUPING SETS (
+    (), (c.workspace_id), (c.created_month), (c.clamped), (c.created_month, c.clamped)
+)"""
+
+# Changes whenever a run changes which rows are eligible: it starts, a batch, it ends, a revert.
+RUNS_FINGERPRINT_SQL = """
+SELECT md5(coalesce(string_agg(
+    concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
+), ''))
+FROM {run}"""
+
+# The totals pass reads every eligible row (as the dry run does): paging, filtering and
+# searching reuse it for this long while the runs stay the same.
+TOTALS_CACHE_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class CandidateTotals:
+    """What the page shows above the list, and the counts its sidebar and paginator use."""
+
+    database_now: datetime
+    totals: Totals
+    workspaces: list[tuple[uuid.UUID, int]]
+    counts: dict[tuple[date | None, bool | None], int]  # by (created month, clamped); None: any
+
+
+def load_candidate_totals(
+    cutoff: datetime, workspace_id: uuid.UUID | None
+) -> tuple[CandidateTotals, bool]:
+    """One read-only pass (refusing a cutoff not in the database's past, as the dry run does), or
+    the last while no run changed anything: ingestion only takes rows out; and whether reused."""
+    with connection.cursor() as cursor:
+        cursor.execute(compose(RUNS_FINGERPRINT_SQL))
+        runs = cursor.fetchone()[0]
+    key = f"codex-candidates:{cutoff.isoformat()}:{workspace_id or 'all'}:{runs}"
+    reused = cache.get(key)
+    if reused is not None:
+        return reused, True
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute("SELECT now()")
+        database_now = cursor.fetchone()[0]
+        ensure_cutoff_in_past(cutoff, database_now)
+        cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
+        rows = cursor.fetchall()
+    totals = Totals()
+    workspaces: list[tuple[uuid.UUID, int]] = []
+    counts: dict[tuple[date | None, bool | None], int] = {}
+    for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
+        count = int(count)
+        if not all_ws:
+            workspaces.append((ws, count))
+            continue
+        counts[(None if all_months else month, None if all_clamped else clamped)] = count
+        if all_months and all_clamped:
+            # input_before, input_after, input_tokens_removed, clamped_rows, in Totals' order
+            totals = Totals(count, *(int(value) for value in sums))
+    workspaces.sort(key=lambda item: (-item[1], str(item[0])))
+    result = CandidateTotals(database_now, totals, workspaces, counts)
+    cache.set(key, result, TOTALS_CACHE_SECONDS)
+    return result, False
+
+
+@dataclass
+class CandidatePage:
+    """The cutoff and workspace the page lists candidates for, and what it found."""
+
+    cutoff: datetime | None = None
+    cutoff_text: str = ""
+    cutoff_source: str = ""
+    source_run_id: int | None = None
+    workspace_id: uuid.UUID | None = None
+    workspace_text: str = ""
+    error: str = ""
+    workspace_known: bool = True
+    result: CandidateTotals | None = None
+    reused: bool = False
+    chosen: dict[str, Any] = field(default_factory=dict)  # the sidebar's parsed choices
+
+    @property
+    def ready(self) -> bool:
+        return self.result is not None
+
+    @property
+    def totals(self) -> Totals | None:
+        return self.result.totals if self.result else None
+
+
+def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
+    """Resolve the page's cutoff (chosen on the page, else ``CODEX_BACKFILL_CUTOFF``, else the
+    latest run's; with none the page lists nothing) and workspace, then load their totals."""
+    page = CandidatePage(
+        cutoff_text=(params.get(CUTOFF_PARAM) or "").strip(),
+        workspace_text=(params.get(WORKSPACE_PARAM) or "").strip(),
+    )
+    try:
+        page.workspace_id = options.parse_workspace_id(page.workspace_text, name="The workspace")
+    except ValueError as exc:
+        page.error = str(exc)
+        return page
+
+    value = page.cutoff_text or settings.CODEX_BACKFILL_CUTOFF
+    if page.cutoff_text:
+        page.cutoff_source = "chosen on this page"
+    elif value:
+        page.cutoff_source = "CODEX_BACKFILL_CUTOFF"
+    else:
+        run = BackfillRun.objects.order_by("-started_at", "-id").only("id", "cutoff").first()
+        if run is None:
+            return page
+        page.cutoff = run.cutoff
+        page.cutoff_source = f"the latest run (#{run.pk})"
+        page.source_run_id = run.pk
+    # The page's own words, not the command line's flags.
+    name = "The cutoff" if page.cutoff_text else page.cutoff_source
+    try:
+        if value:
+            page.cutoff = options.parse_cutoff(value, name=name)
+        page.cutoff_text = page.cutoff_text or utc_text(page.cutoff)
+        page.result, page.reused = load_candidate_totals(page.cutoff, page.workspace_id)
+    except CutoffError as exc:  # a ValueError too, said here in the page's words
+        page.error = exc.named(name)
+    except ValueError as exc:
+        page.error = str(exc)
+    else:
+        rows, ws = page.result.totals.rows, page.workspace_id
+        if ws and rows == 0:
+            page.workspace_known = workspace_has_agents(ws)
+        logger.debug(
+            "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
+        )
+    return page
 
 
 def _page(request: HttpRequest) -> CandidatePage | None:
-    return getattr(request, PAGE_ATTRIBUTE, None)
+    """The candidates page's state for the request (the filters and paginator read it)."""
+    return getattr(request, "codex_candidate_page", None)
 
 
 class PageFilter(admin.SimpleListFilter):
-    """A sidebar filter whose choices (``choices_of``) and counts come from the page's totals
-    pass; a parsed value narrows the list (``narrow``)."""
+    """A sidebar filter: choices and counts from the totals pass, a parsed value ``narrow``s."""
 
     parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
     otherwise = ""  # what the list shows when the value cannot be parsed
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         page = _page(request)
-        return [] if page is None or page.result is None else self.choices_of(page)
+        return self.choices_of(page) if page.ready else []
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         try:
@@ -63,14 +215,13 @@ class PageFilter(admin.SimpleListFilter):
         except ValueError as exc:
             messages.warning(request, f"{exc}; {self.otherwise}")
             return queryset
+        _page(request).chosen[self.parameter_name] = value
         return queryset if value is None else self.narrow(queryset, value)
 
 
 class WorkspaceFilter(PageFilter):
-    """The command's --workspace-id: the workspaces with the most candidates, by count.
-
-    Applied with the cutoff, not here: the totals depend on it too.
-    """
+    """The command's --workspace-id: the workspaces with the most candidates, by count (applied
+    with the cutoff, not here: the totals depend on it too)."""
 
     title = "workspace"
     parameter_name = WORKSPACE_PARAM
@@ -82,8 +233,7 @@ class WorkspaceFilter(PageFilter):
             chosen = page.result.workspaces[:WORKSPACE_CHOICES]
             if len(page.result.workspaces) > WORKSPACE_CHOICES:
                 self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
-        # A whole id wraps mid-id in the narrow sidebar: the shortest prefix that tells the
-        # choices apart (the chosen one is whole in the form).
+        # A whole id would wrap in the narrow sidebar (the chosen one is whole in the form).
         length = unique_prefix_length(ws for ws, _ in chosen)
         return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
 
@@ -91,26 +241,47 @@ class WorkspaceFilter(PageFilter):
 class CreatedMonthFilter(PageFilter):
     title = "created date (UTC month)"
     parameter_name = CREATED_PARAM
-    parse = staticmethod(parse_month)
     otherwise = "showing every month"
 
+    @staticmethod
+    def parse(value: str | None) -> date | None:
+        if not value:
+            return None
+        try:
+            return date.fromisoformat(f"{value.strip()}-01")
+        except ValueError:
+            raise ValueError(
+                f"created month {options.shown(value)} is not YYYY-MM, e.g. 2026-05"
+            ) from None
+
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
+        counts = page.result.counts
+        months = sorted(m for m, clamped in counts if m is not None and clamped is None)
         return [
-            (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({rows:,})")
-            for m, rows in page.result.months
+            (f"{m.year:04d}-{m.month:02d}", f"{m:%B} {m.year:04d} ({counts[m, None]:,})")
+            for m in months
         ]
 
-    def narrow(self, queryset: QuerySet, value: Any) -> QuerySet:
-        start, end = month_range(value)
-        queryset = queryset.filter(created_at__gte=start)
-        return queryset if end is None else queryset.filter(created_at__lt=end)
+    def narrow(self, queryset: QuerySet, month: date) -> QuerySet:
+        start = datetime(month.year, month.month, 1, tzinfo=UTC)
+        if (month.year, month.month) == (9999, 12):  # no month after it: no upper bound
+            return queryset.filter(created_at__gte=start)
+        end = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        return queryset.filter(created_at__gte=start, created_at__lt=end)
 
 
 class ClampedFilter(PageFilter):
     title = "clamped (input below cached tokens)"
     parameter_name = CLAMPED_PARAM
-    parse = staticmethod(parse_clamped)
     otherwise = "showing all rows"
+
+    @staticmethod
+    def parse(value: str | None) -> bool | None:
+        if not value:
+            return None
+        if value in ("yes", "no"):
+            return value == "yes"
+        raise ValueError(f"clamped {options.shown(value)} must be yes or no")
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         counts = page.result.counts
@@ -123,37 +294,21 @@ class ClampedFilter(PageFilter):
         return queryset.filter(clamped=value)
 
 
-class CandidateChangeList(ReadOnlyChangeList):
-    """Keeps the cutoff in every link, but not as a field lookup."""
-
-    kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
-
-    def get_filters_params(self, params: dict | None = None) -> dict:
-        lookup_params = super().get_filters_params(params)
-        lookup_params.pop(CUTOFF_PARAM, None)
-        return lookup_params
-
-
 @admin.register(CandidateUsage)
 class CandidateUsageAdmin(ReadOnlyAdmin):
-    """The rows the command would repair for the page's cutoff and workspace."""
-
-    # Fits the list's 1,050 px at a 1,400 px window: ids are a prefix (the full id in the
-    # tooltip), times may wrap between date and time, a clamped row says so by its input
-    # after; the task is on the row's page (and the search finds it).
+    # Fits the list's 1,050 px at a 1,400 px window: the task is on the row's page.
     list_display = names(
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )
-    list_display_links = ("usage_id",)
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
-    list_select_related = ("task__agent",)
     # Oldest first, and sortable only where an index serves the order: the page reads just
     # the rows it shows instead of sorting every candidate.
     ordering = ("created_at",)
     sortable_by = ("usage_id", "created", "updated")
     search_fields = ("task__agent__name",)
     search_help_text = "Search by task id, usage row id (a UUID) or agent name (any part)."
-    changelist_class = CandidateChangeList
+    kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
+    page_params = (CUTOFF_PARAM,)  # the workspace filter reads the workspace
     fieldsets = sections(
         {
             "Usage row": "row_id workspace_id agent_name task provider model created_shown "
@@ -170,11 +325,11 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     usage_id = id_column("id", "id")
     workspace = id_column("workspace", "task.agent.workspace_id")
-    created = shown("created", "created_at", clock_cell, sort=True)
-    updated = shown("updated", "updated_at", clock_cell, sort=True)
-    input = shown("input", "input_tokens", number, sort=True)
-    cached = shown("cached", "cache_read_tokens", number, sort=True)
-    removed = shown("removed", "tokens_removed", number, sort=True)
+    created = shown("created", "created_at", clock_cell)
+    updated = shown("updated", "updated_at", clock_cell)
+    input = shown("input", "input_tokens", number)
+    cached = shown("cached", "cache_read_tokens", number)
+    removed = shown("removed", "tokens_removed", number)
     row_id = shown("ID", "id")
     created_shown = shown("created at", "created_at", stamp)
     updated_shown = shown("updated at", "updated_at", stamp, none="none")
@@ -185,7 +340,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     output_shown = shown("output tokens", "output_tokens", number)
     cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
-    is_clamped = shown("clamped", "clamped", bool, sort=True, boolean=True)
+    is_clamped = shown("clamped", "clamped", bool, boolean=True)
 
     notes = {"Repair": "candidate_repair"}
 
@@ -202,8 +357,15 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         return lookup in (WORKSPACE_PARAM, CREATED_PARAM, CLAMPED_PARAM)
 
     def known_count(self, request: HttpRequest) -> int | None:
+        """The count for the sidebar's choices (the filters ran first) if the totals counted it."""
         page = _page(request)
-        return page.known_count(request.GET) if page is not None else None
+        if not page.ready:
+            return 0
+        if request.GET.get(SEARCH_VAR, "").strip():
+            return None
+        return page.result.counts.get(
+            (page.chosen.get(CREATED_PARAM), page.chosen.get(CLAMPED_PARAM)), 0
+        )
 
     def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
         try:
@@ -218,7 +380,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         page = load_candidate_page(request.GET)
-        setattr(request, PAGE_ATTRIBUTE, page)
+        request.codex_candidate_page = page  # type: ignore[attr-defined]
         if page.error:
             messages.error(request, page.error)
         elif page.ready and not page.workspace_known:
@@ -231,15 +393,11 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         }
         return super().changelist_view(request, context)
 
-    def changeform_view(
-        self,
-        request: HttpRequest,
-        object_id: str | None = None,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
+    def render_change_form(
+        self, request: HttpRequest, context: dict, *args: Any, **kwargs: Any
     ) -> HttpResponse:
-        context = {"title": f"Usage row {object_id}", **(extra_context or {})}
-        return super().changeform_view(request, object_id, form_url, context)
+        context["title"] = f"Usage row {context['object_id']}"
+        return super().render_change_form(request, context, *args, **kwargs)
 
     workspace_id = templated("workspace", "usage_workspace")
     agent_name = templated("agent", "usage_agent", ordering="task__agent__name")

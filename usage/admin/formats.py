@@ -1,6 +1,5 @@
 """Values as every admin page shows them: numbers with separators, seconds with a unit, times
-in UTC with the zone, long ids in lists as their shortest prefix unique on the page.
-"""
+in UTC with the zone, long ids in lists as their shortest prefix unique on the page."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from django.utils.safestring import SafeString
 from usage.render import timestamp
 
 DASH = "-"
-# A list's ids are at least this long a prefix (as git abbreviates commits); this long
+# A list's ids are a prefix at least MINIMUM long (as git abbreviates commits), DEFAULT long
 # until the page has computed it.
 SHORT_ID_MINIMUM = 4
 SHORT_ID_DEFAULT = 8
@@ -36,7 +35,6 @@ def clock_cell(value: datetime | None, *, micro: bool = False) -> str:
 
 # An ``updated_at`` stamp: stamps differ by microseconds, so they are shown to one.
 stamp = partial(clock, micro=True)
-stamp_cell = partial(clock_cell, micro=True)
 
 
 def number(value: int | None) -> str:

@@ -1,20 +1,25 @@
-"""The runs, read-only: who ran each repair, with what, what it changed, the stamp it wrote and
-how it rebuilt the hourly rollup; fields a run does not have are left out, not shown empty.
-"""
+"""The runs, read-only: who ran each repair, with what, what it changed, its stamp and rollup
+(fields a run does not have are left out, not shown empty); and their journal: every row a run
+changed, what it was before, the time of the repair apart from the stamp written into it."""
 
 from __future__ import annotations
 
+import uuid
+from functools import partial
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
 from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
-from usage.models import BackfillRun
+from usage.models import BackfillJournal, BackfillRun
 
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
+JOURNAL_STAMP_TITLE = "The row's updated_at"
 
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
@@ -25,9 +30,8 @@ ROLLUP_PATHS = {
     BackfillRun.RollupPath.FUNCTION: "the platform's rollup_task_usage_hourly_window",
 }
 
-# The command's recorded options in reading order (what, which plan, how fast, the rollup);
-# a flag is recorded as the setting it turns off ("rebuild_rollup": "False" for
-# --no-rebuild-rollup). Options recorded later by a newer version follow, by name.
+# The command's options in reading order (what, which plan, how fast, the rollup), then any a
+# newer version records, by name; a flag is recorded as the setting it turns off.
 ARGUMENT_ORDER = names(
     "cutoff workspace_id plan plan_max_age batch_size sleep_between_batches lock_timeout "
     "statement_timeout max_replication_lag rebuild_rollup max_rollup_lock_seconds "
@@ -55,13 +59,11 @@ def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
 
 @admin.register(BackfillRun)
 class BackfillRunAdmin(ReadOnlyAdmin):
-    # Fits the list's 1,050 px at a 1,400 px window: times may wrap between date and time,
-    # rows updated link to the journal, the rollup state shows under the status when not done.
+    # Fits the list's 1,050 px at a 1,400 px window (times may wrap between date and time).
     list_display = names(
         "id status_cell started_cell took cutoff_cell workspace updated removed clamped "
         "remaining os_user_cell"
     )
-    list_display_links = ("id",)
     list_filter = ("status", "rollup_state")
     ordering = ("-id",)
     fieldsets = sections(
@@ -97,15 +99,13 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     notes = {STAMP_TITLE: "run_stamp"}
 
-    # -- list columns --------------------------------------------------------------------
-
-    started_cell = shown("started", "started_at", clock_cell, sort=True)
-    cutoff_cell = shown("cutoff", "cutoff", clock_cell, sort=True)
+    started_cell = shown("started", "started_at", clock_cell)
+    cutoff_cell = shown("cutoff", "cutoff", clock_cell)
     workspace = id_column("workspace", "workspace_id", empty="all")
-    removed = shown("removed", "input_tokens_removed", number, sort=True)
-    clamped = shown("clamped", "clamped_rows", number, sort=True)
-    remaining = shown("left", "rows_remaining", number, sort=True)
-    os_user_cell = shown("OS user", "os_user", sort=True)
+    removed = shown("removed", "input_tokens_removed", number)
+    clamped = shown("clamped", "clamped_rows", number)
+    remaining = shown("left", "rows_remaining", number)
+    os_user_cell = shown("OS user", "os_user")
 
     status_cell = templated("status", "run_status", ordering="status")
 
@@ -114,8 +114,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         return elapsed(obj.started_at, obj.finished_at)
 
     updated = templated("updated", "run_updated", ordering="rows_updated")
-
-    # -- the run -------------------------------------------------------------------------
 
     status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error", optional=True)
@@ -128,8 +126,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
-        """A running run's progress from its record, as the terminal shows it: rows done of
-        planned, the rate since it started and the ETA (as of its last batch)."""
+        """A running run's progress from its record, as the terminal shows it."""
         done, planned = obj.rows_updated, obj.rows_planned
         share = f" ({100 * done / planned:.0f}%)" if planned else ""
         running_for = (timezone.now() - obj.started_at).total_seconds()
@@ -155,8 +152,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     continues_link = templated("continues", "run_continues")
     continued_by_links = templated("continued by", "run_continued_by")
 
-    # -- who and what --------------------------------------------------------------------
-
     os_user_shown = shown("OS user", "os_user")
     db_role_shown = shown("database role", "db_role")
     client_host_shown = shown("client host", "client_host")
@@ -181,8 +176,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
     candidates_link = templated("candidates now", "run_candidates")
-
-    # -- plan and result -----------------------------------------------------------------
 
     plan_fingerprint_shown = shown(
         "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
@@ -215,8 +208,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"({elapsed(obj.rollup_from, obj.rollup_to)})"
         )
 
-    # -- stamp ---------------------------------------------------------------------------
-
     stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
     stamp_base_shown = shown("top stamp", "stamp_base", stamp)
 
@@ -232,8 +223,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         if first is None or last is None or first == last:
             return stamp(first or last)
         return f"from {stamp(first)} to {stamp(last)}"
-
-    # -- rollup --------------------------------------------------------------------------
 
     rollup_state_shown = shown("state", "get_rollup_state_display")
     rollup_path_shown = shown(
@@ -265,3 +254,64 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         if not obj.rollup_cron_waits:
             return waits
         return f"{waits} ({seconds(obj.rollup_cron_wait_seconds)} in all)"
+
+
+@admin.register(BackfillJournal)
+class BackfillJournalAdmin(ReadOnlyAdmin):
+    list_display = names(
+        "id run_link usage_cell repaired_cell old_input new_input removed cached stamp_cell "
+        "reverted_cell"
+    )
+    list_filter = ("run", ("reverted_at", admin.EmptyFieldListFilter))
+    ordering = ("-id",)
+    search_fields = ("usage_id",)
+    search_help_text = "Search by usage row id (a UUID)."
+    fieldsets = sections(
+        {
+            "Repair": "repaired run_link usage_link reverted",
+            "Input tokens": "old_input new_input removed cached",
+            JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
+        }
+    )
+
+    usage_cell = id_column("usage row", "usage_id", link="admin:usage_candidateusage_change")
+    repaired_cell = shown("repaired at", "repaired_at", clock_cell)
+    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
+    reverted_cell = shown("reverted", "reverted_at", clock_cell)
+    old_input = shown("input before", "old_input_tokens", number)
+    new_input = shown("input after", "new_input_tokens", number)
+    cached = shown("cached", "cache_read_tokens", number)
+    old_updated_at_shown = shown(
+        "old updated_at (a revert restores it)",
+        "old_updated_at",
+        stamp,
+        none="none (the row had no updated_at)",
+    )
+    stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
+    stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
+
+    notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
+
+    def render_change_form(
+        self, request: HttpRequest, context: dict, *args: Any, obj: BackfillJournal, **kwargs: Any
+    ) -> Any:
+        context["subtitle"] = (
+            f"Journal entry #{obj.pk}: usage row {obj.usage_id}, repaired by run "
+            f"#{obj.run_id} at {clock(obj.repaired_at)}"
+        )
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
+
+    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
+        try:
+            return queryset.filter(usage_id=uuid.UUID(term))
+        except ValueError:
+            messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
+            return queryset.none()
+
+    repaired = templated("repaired at (database clock)", "journal_repaired")
+    run_link = templated("run", "journal_run", ordering="run_id")
+    usage_link = templated("usage row", "journal_usage")
+
+    @admin.display(description="removed")
+    def removed(self, obj: BackfillJournal) -> str:
+        return number(obj.old_input_tokens - obj.new_input_tokens)

@@ -1,5 +1,4 @@
-"""The admin's value formats (``usage.admin.formats``) and a cutoff as the command spells it,
-as template filters."""
+"""The admin's value formats and a cutoff as the command spells it, as template filters."""
 
 from __future__ import annotations
 
