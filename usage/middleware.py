@@ -13,8 +13,7 @@ NUL_REFUSED = (
 
 
 class RejectNulBytes:
-    """A NUL byte in the path or a query parameter gets a 400 page, never a server error
-    (PostgreSQL text cannot hold one): one check here covers every filter, search and id."""
+    """A NUL byte in the path or a query gets a 400 page (PostgreSQL text cannot hold one)."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response

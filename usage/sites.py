@@ -1,6 +1,5 @@
 """The tool's admin site: its own models only (never auth's User and Group), every view but
-logging out answers only GET and HEAD, and no password form (logins are made with manage.py).
-"""
+logging out answers only GET and HEAD, and no password form (logins are made with manage.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +21,10 @@ PASSWORD_FORM_GONE = (
     "This admin changes no password: run `python manage.py changepassword USERNAME` "
     "against the same database instead."
 )
-# The apps whose models the site serves: the tool's own, and nothing else.
 SERVED_APP_LABELS = frozenset({"usage"})
 
 
 class ReviewAdminSite(AdminSite):
-    """Django's admin site for the tool's models only, reading only, less the password form."""
-
     site_header = site_title = "Codex usage repair"
     index_title = "Review (read-only)"
     site_url = None  # The tool has no site besides this admin.
@@ -40,7 +36,6 @@ class ReviewAdminSite(AdminSite):
         admin_class: Any = None,
         **options: Any,
     ) -> None:
-        """Register the tool's models; a model of another app (User, Group) is not served."""
         if isinstance(model_or_iterable, ModelBase):
             model_or_iterable = [model_or_iterable]
         served = []
@@ -53,8 +48,7 @@ class ReviewAdminSite(AdminSite):
             super().register(served, admin_class, **options)
 
     def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
-        """Every view of the site, wrapped so that a write (a POST, forged or not) never
-        reaches it, except logging out."""
+        """A write (a POST, forged or not) never reaches a view but logging out."""
         if view == self.logout:
             return super().admin_view(view, cacheable)
 
@@ -74,7 +68,5 @@ class ReviewAdminSite(AdminSite):
 
 
 class ReviewAdminConfig(AdminConfig):
-    """``django.contrib.admin`` with ``ReviewAdminSite`` as ``admin.site``."""
-
     default = False  # Not the default config of the ``usage`` package it lives in.
     default_site = "usage.sites.ReviewAdminSite"
