@@ -2,8 +2,6 @@
 ``usage.environment``; without ``DATABASE_URL``, an embedded sandbox PostgreSQL.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from pathlib import Path

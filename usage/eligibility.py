@@ -2,8 +2,6 @@
 them, so the command, the admin, the rollup and the tests never disagree about a row or a key.
 """
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from functools import cache

@@ -1,7 +1,5 @@
 """Requests the admin refuses before any view sees them."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest

@@ -1,14 +1,12 @@
 """The application's tables (unmanaged: Django never creates or alters them) and the tool's
 own run record and journal, in the tool's schema."""
 
-from __future__ import annotations
-
 import functools
 import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import connection, models
@@ -248,14 +246,14 @@ def on_usage_table(fragment: str) -> str:
 
 
 class CandidateUsageQuerySet(models.QuerySet):
-    def with_repair(self) -> CandidateUsageQuerySet:
+    def with_repair(self) -> Self:
         return self.annotate(
             corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), models.BigIntegerField()),
             tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), models.BigIntegerField()),
             clamped=RawSQL(on_usage_table(IS_CLAMPED), (), models.BooleanField()),
         )
 
-    def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateUsageQuerySet:
+    def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> Self:
         ids_sql, params = positional(
             compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
         )

@@ -1,8 +1,6 @@
 """The tool's admin site: its own models only (never auth's User and Group), every view but
 logging out answers only GET and HEAD, and no password form (logins are made with manage.py)."""
 
-from __future__ import annotations
-
 import logging
 from collections.abc import Callable, Iterable
 from functools import update_wrapper
