@@ -17,8 +17,7 @@ from usage.render import timestamp as _clock
 
 logger = logging.getLogger("usage.cron")
 
-# Serializes every writer of task_usage_hourly on the platform: the cron tick, workspace
-# deletion and the repair's rollup slices.
+# Serializes every writer of task_usage_hourly: the cron tick, workspace deletion, the repair.
 ROLLUP_LOCK_ID = 4246
 DEFAULT_TICK_INTERVAL_SECONDS = 300.0
 # A tick last started more than this many intervals ago is taken for a stopped scheduler.

@@ -1,6 +1,5 @@
 """The one definition of an "eligible row", of a row's hourly rollup key, and the SQL naming
-them, so the command, the admin, the rollup and the tests never disagree about a row or a key.
-"""
+them, so the command, the admin, the rollup and the tests never disagree about a row or a key."""
 
 import uuid
 from datetime import datetime
@@ -65,7 +64,6 @@ KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
 # A task's part of a key (``q`` joined to ``a`` and ``i``).
 TASK_KEY = "a.workspace_id, q.runtime_id, q.agent_id, i.project_id"
 
-# The shared fragments, composed with the shared names by ``names()``.
 FRAGMENTS = {
     "eligible_from": f"{{task_usage}} tu\n    {TASK_JOINS}",
     "eligible_where": f"{ROW_ELIGIBLE_WHERE}\n    AND {SCOPE_WHERE}",
@@ -147,8 +145,7 @@ def format_sql(template: str, **parts: sql.Composable) -> sql.Composed:
 
 @cache
 def compose(template: str, **parts: str) -> str:
-    """A SQL template rendered with the shared names and ``parts``, the statement's own
-    fragments (each may use the shared names and the parts before it); ``%(name)s`` is kept."""
+    """``parts``: the statement's own fragments, each may use the names and the parts before it."""
     own: dict[str, sql.Composable] = {}
     for key, fragment in parts.items():
         own[key] = sql.SQL(fragment).format(**{**names(), **own})

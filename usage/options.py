@@ -183,8 +183,7 @@ def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
     return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}
 
 
-# The platform versions of the rollup function an operator may declare a definition equal to
-# (``CODEX_ROLLUP_DECLARE``); usage.repair.rollup.versions knows the columns each writes.
+# The platform versions an operator may declare a rollup definition equal to.
 DECLARABLE_MIGRATIONS = (102, 213)
 _DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
 

@@ -8,10 +8,8 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-from usage.db import REQUIRED_TOOL_TABLES, ROLLUP_FUNCTION_SIGNATURE, TargetError
+from usage.db import ROLLUP_FUNCTION_SIGNATURE, TargetError
 from usage.eligibility import compose
-
-TOOL_TABLE_PRIVILEGES = "SELECT INSERT UPDATE"
 
 # Each requirement (kind, qualified object, privilege), evaluated for the current role.
 PRIVILEGES_SQL = """
@@ -98,11 +96,10 @@ def requirements(
         *(need for table in readable for need in _needs(_table(table), "SELECT")),
         Need("database", "", "TEMPORARY", "the work list is a temporary table"),
         Need("schema", settings.CODEX_REPAIR_SCHEMA, "USAGE"),
+        *_needs(_table("run"), "SELECT INSERT UPDATE"),
+        *_needs(_table("journal"), "SELECT INSERT UPDATE"),
+        *_needs(compose("{tool_schema}") + "." + _quote("django_migrations"), "SELECT"),
     ]
-    for tool_table in (*REQUIRED_TOOL_TABLES, "django_migrations"):
-        qualified = compose("{tool_schema}") + "." + _quote(tool_table)
-        reads_only = tool_table == "django_migrations"
-        needs += _needs(qualified, "SELECT" if reads_only else TOOL_TABLE_PRIVILEGES)
     if not rebuild_rollup:
         return needs
     hourly, queue = _table("task_usage_hourly"), _table("task_usage_hourly_dirty")
