@@ -14,13 +14,11 @@ logger = logging.getLogger("usage.apps")
 def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
     """First on the search path, a missing schema would send Django's tables to the next one."""
     from django.db import connections
-    from psycopg import sql
 
-    statement = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-        sql.Identifier(settings.CODEX_REPAIR_SCHEMA)
-    )
+    from usage.eligibility import compose
+
     with connections[using].cursor() as cursor:
-        cursor.execute(statement.as_string())
+        cursor.execute(compose("CREATE SCHEMA IF NOT EXISTS {tool_schema}"))
 
 
 _sandbox_migrated = False

@@ -44,15 +44,11 @@ SELECT EXISTS (
 )"""
 
 
-SET_LOCAL_TIMEOUTS_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
-
-
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
     """Server-side limits end a stuck statement even if this process is gone (0 means none)."""
     cursor.execute(
-        SET_LOCAL_TIMEOUTS_SQL, [timeout_setting(lock_timeout), timeout_setting(statement_timeout)]
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [timeout_setting(lock_timeout), timeout_setting(statement_timeout)],
     )
 
 
@@ -88,8 +84,7 @@ def error_text(exc: BaseException) -> str:
     candidate: BaseException | None = exc
     while candidate is not None and candidate not in seen and len(seen) < 8:
         seen.append(candidate)
-        diag = getattr(candidate, "diag", None)
-        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        primary = getattr(getattr(candidate, "diag", None), "message_primary", None)
         if primary:
             return scrub(primary)
         candidate = candidate.__cause__ or candidate.__context__

@@ -4,9 +4,8 @@ own run record and journal, in the tool's schema."""
 import functools
 import re
 import uuid
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Self
+from typing import Self
 
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import connection, models
@@ -233,12 +232,6 @@ _USAGE_ALIAS = re.compile(r"\btu\.")
 _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 
-def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """``RawSQL`` takes positional parameters."""
-    values = [params[name] for name in _NAMED_PARAM.findall(sql_text)]
-    return _NAMED_PARAM.sub("%s", sql_text), values
-
-
 @functools.cache
 def on_usage_table(fragment: str) -> str:
     alias = connection.ops.quote_name(TaskUsage._meta.db_table)
@@ -254,10 +247,10 @@ class CandidateUsageQuerySet(models.QuerySet):
         )
 
     def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> Self:
-        ids_sql, params = positional(
-            compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
-        )
-        return self.filter(id__in=RawSQL(ids_sql, params))
+        # ``RawSQL`` takes positional parameters.
+        ids_sql, params = compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
+        values = [params[name] for name in _NAMED_PARAM.findall(ids_sql)]
+        return self.filter(id__in=RawSQL(_NAMED_PARAM.sub("%s", ids_sql), values))
 
 
 class CandidateUsage(TaskUsage):

@@ -1,5 +1,6 @@
 """The tool's admin site: its own models only (never auth's User and Group), every view but
-logging out answers only GET and HEAD, and no password form (logins are made with manage.py)."""
+logging out answers only GET and HEAD, no password form (logins are made with manage.py), and
+no request with a NUL byte."""
 
 import logging
 from collections.abc import Callable, Iterable
@@ -11,7 +12,7 @@ from django.contrib.admin.sites import AdminSite
 from django.core.exceptions import PermissionDenied
 from django.db.models import Model
 from django.db.models.base import ModelBase
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 
 logger = logging.getLogger("usage.admin")
 
@@ -20,6 +21,10 @@ PASSWORD_FORM_GONE = (
     "against the same database instead."
 )
 SERVED_APP_LABELS = frozenset({"usage"})
+NUL_REFUSED = (
+    "Bad request: the address or one of its parameters contains a NUL byte (%00), which "
+    "no value in this database can hold. Remove it and try again."
+)
 
 
 class ReviewAdminSite(AdminSite):
@@ -68,3 +73,16 @@ class ReviewAdminSite(AdminSite):
 class ReviewAdminConfig(AdminConfig):
     default = False  # Not the default config of the ``usage`` package it lives in.
     default_site = "usage.sites.ReviewAdminSite"
+
+
+class RejectNulBytes:
+    """A NUL byte in the path or a query gets a 400 page (PostgreSQL text cannot hold one)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        values = (value for _key, given in request.GET.lists() for value in given)
+        if any("\x00" in text for text in (request.path, *request.GET, *values)):
+            return HttpResponseBadRequest(NUL_REFUSED, content_type="text/plain; charset=utf-8")
+        return self.get_response(request)
