@@ -122,14 +122,13 @@ SELECT count(*) FROM {eligible_from} WHERE {eligible_where}"""
 @cache
 def names() -> dict[str, sql.Composable]:
     """Every shared name: schema-qualified identifiers, and the shared fragments composed."""
-    target_schema = settings.CODEX_TARGET_SCHEMA
-    tool_schema = settings.CODEX_REPAIR_SCHEMA
+    target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     found: dict[str, sql.Composable] = {
-        name: sql.Identifier(target_schema, name) for name in TARGET_NAMES
+        name: sql.Identifier(target, name) for name in TARGET_NAMES
     }
-    found.update({key: sql.Identifier(tool_schema, table) for key, table in TOOL_NAMES.items()})
-    found["tool_schema"] = sql.Identifier(tool_schema)
-    found["target_schema"] = sql.Identifier(target_schema)
+    found.update({key: sql.Identifier(tool, table) for key, table in TOOL_NAMES.items()})
+    found["tool_schema"] = sql.Identifier(tool)
+    found["target_schema"] = sql.Identifier(target)
     found["key_columns"] = key_columns()
     for key, fragment in FRAGMENTS.items():
         found[key] = sql.SQL(fragment).format(**{k: v for k, v in found.items() if k != key})

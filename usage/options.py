@@ -63,8 +63,8 @@ def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
 def parse_workspace_id(
     value: str | None, *, allow_empty: bool = True, name: str = "--workspace-id"
 ) -> uuid.UUID | None:
-    """ "" is refused on the command line (an unset ``$WS`` must not widen the repair), while
-    the admin's form sends it for all."""
+    """An empty value is refused on the command line (an unset ``$WS`` must not widen the
+    repair), while the admin's form sends it for all."""
     if value is None or (value == "" and allow_empty):
         return None
     text = str(value).strip()
