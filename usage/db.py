@@ -19,7 +19,7 @@ REQUIRED_TARGET_TABLES = (
     "task_usage_hourly_dirty",
     "task_usage_hourly_rollup_state",
 )
-# The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform.
+# The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform does.
 QUEUE_CONSTRAINT = "uq_task_usage_hourly_dirty_key"
 REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")
 

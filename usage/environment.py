@@ -23,7 +23,6 @@ KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keep
 # Django's own test of a strong key (``check --deploy``, security.W009).
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE = 5
-SECRET_KEY_FILE = "secret_key"
 
 
 def database_settings(url: str) -> dict[str, Any]:
@@ -134,7 +133,7 @@ def secret_key(
         return given, "DJANGO_SECRET_KEY"
     if sandbox_dir is not None:
         try:
-            return _kept_key(sandbox_dir / SECRET_KEY_FILE), "sandbox"
+            return _kept_key(sandbox_dir / "secret_key"), "sandbox"
         except OSError:
             pass  # an unwritable sandbox folder: no kept key, so no serving either
     return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
