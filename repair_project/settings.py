@@ -1,6 +1,8 @@
 """Settings, read and checked from the environment by ``usage.environment``; without
 ``DATABASE_URL``, an embedded sandbox PostgreSQL."""
 
+from __future__ import annotations
+
 import os
 import re
 from pathlib import Path

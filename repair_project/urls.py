@@ -1,5 +1,7 @@
 """URL routes: the read-only admin is the only web surface of the tool."""
 
+from __future__ import annotations
+
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve
 from django.urls import path, re_path

@@ -1,6 +1,8 @@
 """WSGI entry point for the read-only admin; it refuses to load without a secret key of its own
 (``usage.serving``)."""
 
+from __future__ import annotations
+
 import os
 
 from django.core.exceptions import ImproperlyConfigured

@@ -1,5 +1,7 @@
 """App configuration: creates the tool's schema before migrations and migrates the sandbox."""
 
+from __future__ import annotations
+
 import logging
 from typing import Any
 

@@ -1,6 +1,8 @@
 """The platform's cron tick: its state, the repair's ``updated_at`` stamp around it, and
 ``TickWatcher``; why: docs/design.md, "The platform's cron tick and lock 4246"."""
 
+from __future__ import annotations
+
 import logging
 import math
 import threading

@@ -1,6 +1,8 @@
 """Small read-only database facts the commands need: where we are, what is there, what went
 wrong."""
 
+from __future__ import annotations
+
 import logging
 from datetime import datetime
 from typing import Any

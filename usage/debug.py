@@ -1,6 +1,8 @@
 """Django's error pages (``DJANGO_DEBUG=1``) without secrets: no DATABASE_URL, password or key,
 whatever the name of the setting or variable holding one."""
 
+from __future__ import annotations
+
 import html
 import re
 from typing import Any

@@ -1,6 +1,8 @@
 """The one definition of an "eligible row", of a row's hourly rollup key, and the SQL naming
 them, so the command, the admin, the rollup and the tests never disagree about a row or a key."""
 
+from __future__ import annotations
+
 import uuid
 from datetime import datetime
 from functools import cache

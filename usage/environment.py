@@ -1,6 +1,8 @@
 """The settings read from the environment once per process; a bad value is a one-line
 ``ImproperlyConfigured``, never with a password."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import secrets

@@ -1,6 +1,8 @@
 """A run's events as log records with their fields attached, and as one line of JSON each
 (``--log-format json``): a command shows them as text or JSON without the library knowing."""
 
+from __future__ import annotations
+
 import json
 import logging
 from datetime import UTC, date, datetime

@@ -1,6 +1,8 @@
 """The application's tables (unmanaged: Django never creates or alters them) and the tool's
 own run record and journal, in the tool's schema."""
 
+from __future__ import annotations
+
 import functools
 import re
 import uuid

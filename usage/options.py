@@ -1,6 +1,8 @@
 """The operator's values, checked before the database: a one-line ``ValueError`` says what to
 type instead. Only ASCII digits count (``int()`` also reads full-width ones, ``_``, ``nan``)."""
 
+from __future__ import annotations
+
 import math
 import re
 import uuid

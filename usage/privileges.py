@@ -1,6 +1,8 @@
 """The privileges a run needs, checked before its first write so that no run rewrites rows it
 could not then roll up; the refusal names each ``GRANT``."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any

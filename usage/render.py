@@ -1,5 +1,7 @@
 """Human-readable values for the commands and the admin: numbers, times, a plain table."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from datetime import UTC, datetime
 

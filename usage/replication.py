@@ -1,6 +1,8 @@
 """``--max-replication-lag``: pauses the repair between batches while a streaming replica is
 behind (docs/design.md, "How a run works")."""
 
+from __future__ import annotations
+
 import logging
 import threading
 import time

@@ -1,6 +1,8 @@
 """Whether the admin may be served (never with a key anyone could know): asked by
 ``runserver`` and the WSGI entry point, and reported by ``check --deploy``."""
 
+from __future__ import annotations
+
 from typing import Any
 
 from django.conf import settings

@@ -2,6 +2,8 @@
 logging out answers only GET and HEAD, no password form (logins are made with manage.py), and
 no request with a NUL byte."""
 
+from __future__ import annotations
+
 import logging
 from collections.abc import Callable, Iterable
 from functools import update_wrapper
