@@ -1,6 +1,5 @@
-"""Settings of the codex-usage-repair tool, read and checked from the environment by
-``usage.environment``; without ``DATABASE_URL``, an embedded sandbox PostgreSQL.
-"""
+"""Settings, read and checked from the environment by ``usage.environment``; without
+``DATABASE_URL``, an embedded sandbox PostgreSQL."""
 
 from __future__ import annotations
 
@@ -40,7 +39,6 @@ if CODEX_REPAIR_SCHEMA == CODEX_TARGET_SCHEMA:
         "anything in the application's schema."
     )
 
-# Where the embedded sandbox PostgreSQL keeps its data (git-ignored).
 SANDBOX_DIR = Path(os.environ.get("CODEX_REPAIR_SANDBOX_DIR", BASE_DIR / ".sandbox")).resolve()
 SANDBOX_DATABASE_NAME = "codex_usage"
 
@@ -52,7 +50,6 @@ if USING_SANDBOX:
 else:
     _default_db = environment.database_settings(DATABASE_URL)
 
-# Limits on every connection: connecting, one statement, idling inside a transaction.
 CODEX_CONNECTION_LIMITS = environment.connection_limits(os.environ)
 _default_db.setdefault("OPTIONS", {})
 _default_db["OPTIONS"].update(CODEX_CONNECTION_LIMITS.libpq_params())
@@ -63,8 +60,7 @@ _default_db["OPTIONS"]["options"] = (
 _default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
 DATABASES = {"default": _default_db}
 
-# Never a committed value. CODEX_SECRET_KEY_SOURCE is "DJANGO_SECRET_KEY", "sandbox", or ""
-# (a key for this process only: nothing is served).
+# Never a committed value; a source of "" (a key for this process only): nothing is served.
 SECRET_KEY, CODEX_SECRET_KEY_SOURCE = environment.secret_key(
     os.environ, SANDBOX_DIR if USING_SANDBOX else None
 )
@@ -73,8 +69,7 @@ ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 ]
 
-# DJANGO_HTTPS=1 when the WSGI server itself serves HTTPS, "proxy" when a proxy in front
-# terminates TLS and sets X-Forwarded-Proto; unset for runserver on a workstation.
+# DJANGO_HTTPS: docs/admin.md.
 _HTTPS = os.environ.get("DJANGO_HTTPS", "").strip().lower()
 if _HTTPS not in ("", "0", "1", "proxy"):
     raise ImproperlyConfigured(f"DJANGO_HTTPS={_HTTPS[:20]!r} must be 1, proxy or unset")
@@ -93,14 +88,12 @@ SILENCED_SYSTEM_CHECKS = ["security.W021"]
 # Messages live in the session, never in a cookie the browser could hand back with markup.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
-# Django's error pages (DJANGO_DEBUG=1) never show DATABASE_URL, a password or the key.
 DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
 DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
 
 INSTALLED_APPS = [
     # First: its runserver and admin templates take precedence over Django's.
     "usage",
-    # The admin without a password form: logins are managed with manage.py only.
     "usage.sites.ReviewAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -111,7 +104,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "usage.middleware.RejectNulBytes",
+    "usage.sites.RejectNulBytes",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -147,11 +140,8 @@ USE_I18N = False
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# The admin's candidates page defaults to this cutoff when set (RFC 3339).
 CODEX_BACKFILL_CUTOFF = os.environ.get("CODEX_BACKFILL_CUTOFF", "").strip()
 
-# CODEX_ROLLUP_DECLARE=FINGERPRINT=MIGRATION[,...]: rollup definitions declared equal to a
-# platform version (README, "The rollup's two paths").
 CODEX_ROLLUP_DECLARED = environment.rollup_declarations(os.environ)
 
 LOGGING = {

@@ -1,6 +1,5 @@
-"""WSGI entry point for the read-only admin behind a real web server; it refuses to load
-without a secret key of its own (``usage.serving``).
-"""
+"""WSGI entry point for the read-only admin; it refuses to load without a secret key of its own
+(``usage.serving``)."""
 
 from __future__ import annotations
 

@@ -14,23 +14,19 @@ logger = logging.getLogger("usage.apps")
 
 
 def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
-    """Create the tool's schema before any migration: first on the search path, a missing
-    schema would silently send Django's tables to the next one, the application's."""
+    """First on the search path, a missing schema would send Django's tables to the next one."""
     from django.db import connections
-    from psycopg import sql
 
-    statement = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-        sql.Identifier(settings.CODEX_REPAIR_SCHEMA)
-    )
+    from usage.eligibility import compose
+
     with connections[using].cursor() as cursor:
-        cursor.execute(statement.as_string())
+        cursor.execute(compose("CREATE SCHEMA IF NOT EXISTS {tool_schema}"))
 
 
 _sandbox_migrated = False
 
 
 def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
-    """On the sandbox's own database, apply the tool's migrations on first use."""
     global _sandbox_migrated
     if _sandbox_migrated or not getattr(connection, "is_sandbox", False):
         return

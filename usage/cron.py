@@ -1,7 +1,5 @@
-"""The platform's cron tick: its state, how the repair stamps ``updated_at`` around it
-(``choose_stamp``), and ``TickWatcher``, which leaves lock 4246 free when a tick is due.
-Why: docs/design.md, "The platform's cron tick and lock 4246".
-"""
+"""The platform's cron tick: its state, the repair's ``updated_at`` stamp around it, and
+``TickWatcher``; why: docs/design.md, "The platform's cron tick and lock 4246"."""
 
 from __future__ import annotations
 
@@ -21,12 +19,10 @@ from usage.render import timestamp as _clock
 
 logger = logging.getLogger("usage.cron")
 
-# Serializes every writer of task_usage_hourly on the platform: the cron tick, workspace
-# deletion and the repair's rollup slices.
+# Serializes every writer of task_usage_hourly: the cron tick, workspace deletion, the repair.
 ROLLUP_LOCK_ID = 4246
 DEFAULT_TICK_INTERVAL_SECONDS = 300.0
-# A tick whose last start is older than this many intervals is taken for a stopped scheduler:
-# the repair does not wait for it.
+# A tick last started more than this many intervals ago is taken for a stopped scheduler.
 STALE_AFTER_INTERVALS = 3
 # How long past its expected time a due tick is waited for (at most half an interval).
 MAX_TICK_GRACE_SECONDS = 30.0
@@ -45,7 +41,6 @@ class CronState:
 
 
 def read_state() -> CronState:
-    """The cron tick's progress row (read without a lock), and the database's clock."""
     with connection.cursor() as cursor:
         cursor.execute(compose(STATE_SQL))
         row = cursor.fetchone()
@@ -59,8 +54,7 @@ MICROSECOND = timedelta(microseconds=1)
 
 @dataclass(frozen=True)
 class StampPolicy:
-    """How the repair stamps ``updated_at``: the key of rank r (of ``keys``) gets
-    ``top - (r - 1) x slots / keys`` microseconds, all in ``[first, top]``."""
+    """The key of rank r (of ``keys``) is stamped ``top - (r - 1) x slots / keys`` microseconds."""
 
     stamp: str  # a BackfillRun.Stamp value
     watermark_at: datetime | None
@@ -75,19 +69,16 @@ class StampPolicy:
 
     @property
     def first(self) -> datetime:
-        """The earliest stamp the policy can give."""
         return self.top - (self.slots - 1) * MICROSECOND
 
     def params(self) -> dict[str, object]:
-        """The batch statement's parameters for the stamp (see ``usage.repair.backfill``)."""
         return {"stamp_top": self.top, "stamp_slots": self.slots, "stamp_keys": max(self.keys, 1)}
 
 
 def _policy(
     stamp: str, state: CronState, top: datetime, room: int, keys: int | None, reason: str
 ) -> StampPolicy:
-    """Up to ``room`` stamps ending at ``top``; once the keys are counted (not in the
-    pre-flight), the reason names the stamps."""
+    """Up to ``room`` stamps ending at ``top``; with the keys counted, the reason names them."""
     slots = room if keys is None else min(room, max(keys, 1))
     policy = StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason)
     if keys is None:
@@ -101,8 +92,7 @@ def _policy(
 
 
 def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
-    """Below the watermark when there is room after the cutoff; the repair's own time else.
-    ``keys``: the hourly keys the run stamps; None (the pre-flight) describes the room."""
+    """Below the watermark when there is room after the cutoff; ``keys`` None: the pre-flight."""
     watermark = state.watermark_at
     if watermark is not None and watermark > cutoff:
         top = min(watermark, state.now) - MICROSECOND
@@ -135,13 +125,11 @@ def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampP
 
 
 def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str) -> StampPolicy:
-    """Stamps just up to the run's start (the cutoff is before it, ``ensure_cutoff_in_past``)."""
     room = max(1, (state.now - cutoff) // MICROSECOND)
     return _policy(BackfillRun.Stamp.REPAIR_TIME, state, state.now, room, keys, why)
 
 
 def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPolicy:
-    """Without the repair's own rollup, the rows must land in the cron tick's future windows."""
     why = (
         "--no-rebuild-rollup: repaired rows are stamped with the time the repair started, so "
         "the platform's cron tick rolls them up once its watermark passes that time"
@@ -151,8 +139,7 @@ def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPo
 
 @dataclass
 class TickWatcher:
-    """Keeps lock 4246 free from ``lead`` seconds (a slice's longest hold) before a tick is
-    due (``interval`` after the last start) until it starts or ``grace`` passes."""
+    """Keeps lock 4246 free from ``lead`` seconds before a tick is due until it starts."""
 
     interval: float
     lead: float
@@ -165,7 +152,6 @@ class TickWatcher:
         return min(MAX_TICK_GRACE_SECONDS, self.interval / 2)
 
     def next_due(self, state: CronState) -> datetime | None:
-        """When the next tick is expected, or None when the scheduler looks stopped."""
         last = state.last_run_started_at
         if last is None:
             return None
@@ -181,7 +167,6 @@ class TickWatcher:
         stop: Callable[[], bool],
         on_wait: Callable[[str, float], None] | None = None,
     ) -> float:
-        """Return at once, or after the due tick ran (or its grace passed); seconds waited."""
         state = read_state()
         due = self.next_due(state)
         if due is None:

@@ -1,6 +1,5 @@
-"""Small database facts the commands need: where we are, what is there, what went wrong;
-all read-only and safe on a production database.
-"""
+"""Small read-only database facts the commands need: where we are, what is there, what went
+wrong."""
 
 from __future__ import annotations
 
@@ -10,7 +9,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from psycopg import sql
+
+from usage.eligibility import compose
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
 REQUIRED_TARGET_TABLES = (
@@ -21,12 +21,10 @@ REQUIRED_TARGET_TABLES = (
     "task_usage_hourly_dirty",
     "task_usage_hourly_rollup_state",
 )
-# The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform
-# does, so a key the platform queued is no conflict.
+# The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform does.
 QUEUE_CONSTRAINT = "uq_task_usage_hourly_dirty_key"
 REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")
 
-# SQLSTATEs the repair reacts to.
 SQLSTATE_LOCK_NOT_AVAILABLE = "55P03"
 SQLSTATE_QUERY_CANCELED = "57014"
 SQLSTATE_READ_ONLY = "25006"
@@ -39,7 +37,7 @@ WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL""
 
 ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
 
-APPLIED_TOOL_MIGRATIONS_SQL = "SELECT name FROM {} WHERE app = 'usage'"
+APPLIED_MIGRATIONS_SQL = "SELECT name FROM {tool_schema}.django_migrations WHERE app = 'usage'"
 
 QUEUE_CONSTRAINT_EXISTS_SQL = """
 SELECT EXISTS (
@@ -48,21 +46,15 @@ SELECT EXISTS (
 )"""
 
 
-SET_LOCAL_TIMEOUTS_SQL = (
-    "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)"
-)
-
-
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
-    """Set both timeouts for this transaction only: server-side limits end a stuck statement
-    even if this process is gone (0 means none)."""
+    """Server-side limits end a stuck statement even if this process is gone (0 means none)."""
     cursor.execute(
-        SET_LOCAL_TIMEOUTS_SQL, [timeout_setting(lock_timeout), timeout_setting(statement_timeout)]
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [timeout_setting(lock_timeout), timeout_setting(statement_timeout)],
     )
 
 
 def timeout_setting(seconds: float) -> str:
-    """A server-side timeout value; 0 keeps PostgreSQL's meaning of "no limit"."""
     return "0" if seconds <= 0 else f"{max(1, int(seconds * 1000))}ms"
 
 
@@ -71,7 +63,6 @@ class TargetError(Exception):
 
 
 def describe_database() -> str:
-    """Name the database a run works on, never its password."""
     params = connection.settings_dict
     if getattr(connection, "is_sandbox", False):
         return f"sandbox (embedded PostgreSQL, database {params['NAME']})"
@@ -82,8 +73,7 @@ def describe_database() -> str:
 
 
 def scrub(message: str) -> str:
-    """One line fit to show or store: the message's first line (a server error's DETAIL, HINT
-    and CONTEXT lines can be kilobytes of PL/pgSQL), without the password."""
+    """The first line (DETAIL and CONTEXT can be kilobytes of PL/pgSQL), without the password."""
     password = connection.settings_dict.get("PASSWORD") or ""
     lines = [line for line in str(message).splitlines() if line.strip()]
     text = " ".join(lines[0].split()) if lines else ""
@@ -91,14 +81,12 @@ def scrub(message: str) -> str:
 
 
 def error_text(exc: BaseException) -> str:
-    """A database error in one line: the server's primary message, searched along the chain
-    (Django's wrapper, an error raised while cleaning up after a lost connection)."""
+    """The server's primary message, searched along the chain (Django's wrapper included)."""
     seen: list[BaseException] = []
     candidate: BaseException | None = exc
     while candidate is not None and candidate not in seen and len(seen) < 8:
         seen.append(candidate)
-        diag = getattr(candidate, "diag", None)
-        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        primary = getattr(getattr(candidate, "diag", None), "message_primary", None)
         if primary:
             return scrub(primary)
         candidate = candidate.__cause__ or candidate.__context__
@@ -106,7 +94,6 @@ def error_text(exc: BaseException) -> str:
 
 
 def database_failure(exc: BaseException) -> str:
-    """The one line a command prints for a database error, with what to do about it."""
     role = connection.settings_dict.get("USER") or "the role"
     advice = {
         SQLSTATE_QUERY_CANCELED: (
@@ -126,7 +113,6 @@ def database_failure(exc: BaseException) -> str:
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, looking through Django's wrapper."""
     for candidate in (exc, exc.__cause__):
         state = getattr(candidate, "sqlstate", None)
         if state:
@@ -135,7 +121,8 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def check_target() -> None:
-    """Refuse to start when the target or the tool's own tables are not what the tool needs."""
+    from django.db.migrations.loader import MigrationLoader
+
     target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     with connection.cursor() as cursor:
 
@@ -168,10 +155,13 @@ def check_target() -> None:
                 f"the tool's own tables are missing from schema {tool!r}:"
                 " run `python manage.py migrate` first (it creates only that schema)"
             )
-        applied = sql.SQL(APPLIED_TOOL_MIGRATIONS_SQL).format(
-            sql.Identifier(tool, "django_migrations")
-        )
-        missing = sorted(tool_migrations() - set(column(applied.as_string())))
+        loader = MigrationLoader(None, ignore_no_migrations=True)
+        on_disk = {
+            name
+            for (app, name), migration in loader.disk_migrations.items()
+            if app == "usage" and not migration.replaces
+        }
+        missing = sorted(on_disk - set(column(compose(APPLIED_MIGRATIONS_SQL))))
         if missing:
             raise TargetError(
                 f"the tool's schema {tool!r} is not migrated to this version (missing "
@@ -180,33 +170,19 @@ def check_target() -> None:
             )
 
 
-def tool_migrations() -> set[str]:
-    """The names of the tool's own migrations on disk (no database access)."""
-    from django.db.migrations.loader import MigrationLoader
-
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return {
-        name
-        for (app, name), migration in loader.disk_migrations.items()
-        if app == "usage" and not migration.replaces
-    }
-
-
 def database_now() -> datetime:
-    """The database's clock: every cutoff and run time is judged by it, not by ours."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT clock_timestamp()")
         return cursor.fetchone()[0]
 
 
 def reconnect_if_dead() -> None:
-    """After the connection was lost, let the next statement open a fresh one."""
     if connection.connection is not None and not connection.is_usable():
         connection.close()
 
 
 def drop_temp_table(statement: str, what: str, logger: logging.Logger) -> None:
-    """Drop a run's session temp table; when the session is gone, the table went with it."""
+    """When the session is gone, its temp table went with it."""
     try:
         if connection.is_usable():
             with connection.cursor() as cursor:

@@ -1,6 +1,5 @@
 """Django's error pages (``DJANGO_DEBUG=1``) without secrets: no DATABASE_URL, password or key,
-whatever the name of the setting or variable holding one.
-"""
+whatever the name of the setting or variable holding one."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ HIDDEN = SafeExceptionReporterFilter.cleansed_substitute
 
 
 def known_secrets() -> list[str]:
-    """Every value that must never be shown: passwords, the database URL, the key."""
     found = url_secrets(getattr(settings, "DATABASE_URL", ""))
     found += [str(db["PASSWORD"]) for db in settings.DATABASES.values() if db.get("PASSWORD")]
     found.append(settings.SECRET_KEY)
@@ -34,8 +32,6 @@ def _holds_secret(value: Any, secrets: list[str]) -> bool:
 
 
 class SecretHidingFilter(SafeExceptionReporterFilter):
-    """Django's filter, also hiding ``DATABASE_URL`` and any value holding a secret."""
-
     hidden_settings = re.compile(
         "API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|HTTP_COOKIE|DATABASE_URL|DSN", flags=re.I
     )
@@ -55,8 +51,6 @@ class SecretHidingFilter(SafeExceptionReporterFilter):
 
 
 class SecretHidingReporter(ExceptionReporter):
-    """Django's reporter, whose page text never contains a known secret."""
-
     def get_traceback_html(self) -> str:
         return _without_secrets(super().get_traceback_html(), escaped=True)
 

@@ -1,6 +1,5 @@
 """The one definition of an "eligible row", of a row's hourly rollup key, and the SQL naming
-them, so the command, the admin, the rollup and the tests never disagree about a row or a key.
-"""
+them, so the command, the admin, the rollup and the tests never disagree about a row or a key."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-# Target tables and objects, qualified with the application's schema.
+# Qualified with the application's schema.
 TARGET_NAMES = (
     "task_usage",
     "agent_task_queue",
@@ -24,43 +23,35 @@ TARGET_NAMES = (
     "rollup_task_usage_hourly_window",
     "rollup_task_usage_hourly",
 )
-# The tool's own tables, qualified with the tool's schema.
+# Qualified with the tool's schema.
 TOOL_NAMES = {"journal": "backfill_journal", "run": "backfill_run"}
 
 # A usage row ``tu`` joined to its task and agent (its scope), and to its issue (its key).
 TASK_JOINS = """JOIN {agent_task_queue} q ON q.id = tu.task_id
     JOIN {agent} a ON a.id = q.agent_id"""
-ELIGIBLE_FROM = f"""{{task_usage}} tu
-    {TASK_JOINS}"""
 
-# A row's own eligibility: a Codex row whose input still counts cached input, ...
+# A row's own eligibility: a Codex row whose input still counts cached input, last written
+# before the cutoff (the deployment of the ingestion fix), not repaired by a run that was not
+# reverted.
 CODEX_WITH_CACHED_INPUT = """tu.provider = 'codex'
     AND tu.cache_read_tokens > 0
     AND tu.input_tokens > 0"""
-# ... last written before the cutoff (the deployment of the ingestion fix) ...
-WRITTEN_BEFORE_CUTOFF = "coalesce(tu.updated_at, tu.created_at) < %(cutoff)s"
-# ... and not repaired by a run that was not reverted (the journal says so).
 NOT_REPAIRED = """NOT EXISTS (
         SELECT 1 FROM {journal} j WHERE j.usage_id = tu.id AND j.reverted_at IS NULL
     )"""
 # What a concurrent writer can change, re-checked under the row lock (needs only ``tu``).
 ROW_ELIGIBLE_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
-    AND {WRITTEN_BEFORE_CUTOFF}
+    AND coalesce(tu.updated_at, tu.created_at) < %(cutoff)s
     AND {NOT_REPAIRED}"""
 # The workspace scope (a row's task, agent and workspace never change).
 SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
-ELIGIBLE_WHERE = f"""{ROW_ELIGIBLE_WHERE}
-    AND {SCOPE_WHERE}"""
 
 # The repaired value, and what the repair removes (never more than the row's input).
 CORRECTED_INPUT = "greatest(tu.input_tokens - tu.cache_read_tokens, 0)"
 REMOVED_INPUT = "least(tu.input_tokens, tu.cache_read_tokens)"
 IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
 
-# The hourly rollup key of a usage row (needs ``LEFT JOIN {issue} i ON i.id = q.issue_id``).
 BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
-ROLLUP_KEY = f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model)"
-
 # The seven columns of an hourly key (task_usage_hourly's and its queue's), with their types.
 KEY_TYPES = (
     ("bucket_hour", "timestamptz NOT NULL"),
@@ -72,14 +63,28 @@ KEY_TYPES = (
     ("model", "text NOT NULL"),
 )
 KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
-# A row ``tu`` joined to what its key needs, its key as the seven columns, and whether it has
-# one (a task with no runtime has none).
-KEY_JOINS = f"""{TASK_JOINS}
-    LEFT JOIN {{issue}} i ON i.id = q.issue_id"""
 # A task's part of a key (``q`` joined to ``a`` and ``i``).
 TASK_KEY = "a.workspace_id, q.runtime_id, q.agent_id, i.project_id"
-ROW_KEY = f"{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, {TASK_KEY}, tu.provider, tu.model"
-HAS_KEY = "q.runtime_id IS NOT NULL"
+
+FRAGMENTS = {
+    "eligible_from": f"{{task_usage}} tu\n    {TASK_JOINS}",
+    "eligible_where": f"{ROW_ELIGIBLE_WHERE}\n    AND {SCOPE_WHERE}",
+    "row_eligible_where": ROW_ELIGIBLE_WHERE,
+    "corrected_input": CORRECTED_INPUT,
+    "removed_input": REMOVED_INPUT,
+    "is_clamped": IS_CLAMPED,
+    "bucket_hour": BUCKET_HOUR,
+    # The hourly rollup key of a usage row (needs ``LEFT JOIN {issue} i ON i.id = q.issue_id``).
+    "rollup_key": f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, "
+    "tu.model)",
+    # A row ``tu`` joined to what its key needs, its key as the seven columns, and whether it
+    # has one (a task with no runtime has none).
+    "key_joins": f"{TASK_JOINS}\n    LEFT JOIN {{issue}} i ON i.id = q.issue_id",
+    "row_key": f"{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, {TASK_KEY}, tu.provider, "
+    "tu.model",
+    "task_key": TASK_KEY,
+    "has_key": "q.runtime_id IS NOT NULL",
+}
 
 
 def key_columns(alias: str = "") -> sql.Composed:
@@ -119,30 +124,15 @@ SELECT count(*) FROM {eligible_from} WHERE {eligible_where}"""
 @cache
 def names() -> dict[str, sql.Composable]:
     """Every shared name: schema-qualified identifiers, and the shared fragments composed."""
-    target_schema = settings.CODEX_TARGET_SCHEMA
-    tool_schema = settings.CODEX_REPAIR_SCHEMA
+    target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     found: dict[str, sql.Composable] = {
-        name: sql.Identifier(target_schema, name) for name in TARGET_NAMES
+        name: sql.Identifier(target, name) for name in TARGET_NAMES
     }
-    found.update({key: sql.Identifier(tool_schema, table) for key, table in TOOL_NAMES.items()})
-    found["tool_schema"] = sql.Identifier(tool_schema)
-    found["target_schema"] = sql.Identifier(target_schema)
+    found.update({key: sql.Identifier(tool, table) for key, table in TOOL_NAMES.items()})
+    found["tool_schema"] = sql.Identifier(tool)
+    found["target_schema"] = sql.Identifier(target)
     found["key_columns"] = key_columns()
-    fragments = {
-        "eligible_from": ELIGIBLE_FROM,
-        "eligible_where": ELIGIBLE_WHERE,
-        "row_eligible_where": ROW_ELIGIBLE_WHERE,
-        "corrected_input": CORRECTED_INPUT,
-        "removed_input": REMOVED_INPUT,
-        "is_clamped": IS_CLAMPED,
-        "bucket_hour": BUCKET_HOUR,
-        "rollup_key": ROLLUP_KEY,
-        "key_joins": KEY_JOINS,
-        "row_key": ROW_KEY,
-        "task_key": TASK_KEY,
-        "has_key": HAS_KEY,
-    }
-    for key, fragment in fragments.items():
+    for key, fragment in FRAGMENTS.items():
         found[key] = sql.SQL(fragment).format(**{k: v for k, v in found.items() if k != key})
     return found
 
@@ -156,8 +146,7 @@ def format_sql(template: str, **parts: sql.Composable) -> sql.Composed:
 
 @cache
 def compose(template: str, **parts: str) -> str:
-    """A SQL template rendered with the shared names and ``parts``, the statement's own
-    fragments (each may use the shared names and the parts before it); ``%(name)s`` is kept."""
+    """``parts``: the statement's own fragments, each may use the names and the parts before it."""
     own: dict[str, sql.Composable] = {}
     for key, fragment in parts.items():
         own[key] = sql.SQL(fragment).format(**{**names(), **own})

@@ -1,6 +1,5 @@
-"""Reading the settings from the environment (the database URL, connection limits, the key),
-once per process; a bad value is a one-line ``ImproperlyConfigured``, never with a password.
-"""
+"""The settings read from the environment once per process; a bad value is a one-line
+``ImproperlyConfigured``, never with a password."""
 
 from __future__ import annotations
 
@@ -26,11 +25,9 @@ KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keep
 # Django's own test of a strong key (``check --deploy``, security.W009).
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE = 5
-SECRET_KEY_FILE = "secret_key"
 
 
 def database_settings(url: str) -> dict[str, Any]:
-    """Django's database settings for ``DATABASE_URL``, refused in one line when malformed."""
     problem = _url_problem(url)
     if problem:
         raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
@@ -65,7 +62,7 @@ def _url_problem(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The URL itself and its password (as written and decoded): never to be shown."""
+    """The URL and its password (as written and decoded): never to be shown."""
     found = [url] if url else []
     try:
         password = urlsplit(url).password
@@ -78,18 +75,16 @@ def url_secrets(url: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """The limits set on every connection the tool opens (seconds; 0 means none)."""
+    """Set on every connection the tool opens (seconds; 0 means none)."""
 
     connect_timeout: int
     statement_timeout: float
     idle_in_transaction_timeout: float
 
     def libpq_params(self) -> dict[str, Any]:
-        """Connection parameters for psycopg (and Django's ``OPTIONS``)."""
         return {"connect_timeout": self.connect_timeout, **KEEPALIVES}
 
     def server_options(self) -> str:
-        """The server-side limits as a libpq ``options`` string (``-c name=value`` each)."""
         return (
             f"-c statement_timeout={_milliseconds(self.statement_timeout)}"
             " -c idle_in_transaction_session_timeout="
@@ -120,7 +115,6 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
 
 
 def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str, int]:
-    """``CODEX_ROLLUP_DECLARE``: rollup definitions declared equal to a platform version."""
     try:
         return parse_rollup_declarations(environ.get("CODEX_ROLLUP_DECLARE", ""))
     except ValueError as exc:
@@ -134,15 +128,14 @@ def _milliseconds(seconds: float) -> str:
 def secret_key(
     environ: os._Environ[str] | dict[str, str], sandbox_dir: Path | None
 ) -> tuple[str, str]:
-    """The key that signs sessions and messages, and where it came from: ``DJANGO_SECRET_KEY``,
-    else on the sandbox a key kept with its data (mode 0600), else one for this process only
-    (source "": the admin is not served)."""
+    """The key and its source: ``DJANGO_SECRET_KEY``, else the sandbox's kept key, else one for
+    this process only (source "": the admin is not served)."""
     given = environ.get("DJANGO_SECRET_KEY", "")
     if given:
         return given, "DJANGO_SECRET_KEY"
     if sandbox_dir is not None:
         try:
-            return _kept_key(sandbox_dir / SECRET_KEY_FILE), "sandbox"
+            return _kept_key(sandbox_dir / "secret_key"), "sandbox"
         except OSError:
             pass  # an unwritable sandbox folder: no kept key, so no serving either
     return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
@@ -177,7 +170,6 @@ def _read_key(path: Path) -> str:
 
 
 def key_problem(key: str) -> str:
-    """Why a secret key is too weak to sign the admin's cookies, or ""."""
     if len(key) < SECRET_KEY_MIN_LENGTH or len(set(key)) < SECRET_KEY_MIN_UNIQUE:
         return (
             f"has fewer than {SECRET_KEY_MIN_LENGTH} characters or fewer than "

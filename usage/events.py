@@ -11,14 +11,12 @@ from uuid import UUID
 
 
 def log_event(logger: logging.Logger, level: int, event: str, message: str, **fields: Any) -> None:
-    """Log ``message`` with ``event`` and its ``fields`` attached for structured output."""
     logger.log(level, message, extra={"event": event, "fields": fields})
 
 
 def event_line(
     level: str, event: str, message: str, fields: dict[str, Any], created: float | None = None
 ) -> str:
-    """One event as one line of JSON: time, level, event, message, then its fields."""
     when = datetime.now() if created is None else datetime.fromtimestamp(created)
     document: dict[str, Any] = {
         "time": when.astimezone().isoformat(),
@@ -31,7 +29,7 @@ def event_line(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log record (``event_line``); one without an event is a ``log``."""
+    """A record without an event is a ``log``."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = dict(getattr(record, "fields", {}))
@@ -47,7 +45,6 @@ class JsonFormatter(logging.Formatter):
 
 
 def json_default(value: Any) -> Any:
-    """JSON for the values our documents hold: datetimes, dates, UUIDs."""
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
     if isinstance(value, date):
@@ -58,5 +55,4 @@ def json_default(value: Any) -> Any:
 
 
 def utc_text(value: datetime) -> str:
-    """A time as plans and the options write it: RFC 3339 in UTC, to the microsecond."""
     return json_default(value.astimezone(UTC))

@@ -1,15 +1,13 @@
-"""Models: the application's tables (unmanaged: Django never creates or alters them) and the
-tool's own run record and journal, in the tool's schema.
-"""
+"""The application's tables (unmanaged: Django never creates or alters them) and the tool's
+own run record and journal, in the tool's schema."""
 
 from __future__ import annotations
 
 import functools
 import re
 import uuid
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Self
 
 from django.contrib.postgres.indexes import BrinIndex
 from django.db import connection, models
@@ -111,14 +109,10 @@ class BackfillRun(models.Model):
         SKIPPED = "skipped"
 
     class Stamp(models.TextChoices):
-        """What ``updated_at`` the run writes into the rows it repairs (see ``usage.cron``)."""
-
         BELOW_WATERMARK = "below_watermark"
         REPAIR_TIME = "repair_time"
 
     class RevertState(models.TextChoices):
-        """How the latest revert of the run went (``usage.repair.revert``); "" before any."""
-
         RUNNING = "running"
         STOPPED = "stopped"  # by a signal: the rows restored so far stay restored
         INCOMPLETE = "incomplete"  # rows stayed locked by writers
@@ -126,8 +120,6 @@ class BackfillRun(models.Model):
         DONE = "done"
 
     class RollupPath(models.TextChoices):
-        """How the run rebuilds its hourly keys (see ``usage.repair.rollup.recompute``)."""
-
         OWN = "own"  # the tool's aggregate-first recompute, for a function definition it knows
         FUNCTION = "function"  # the platform's rollup_task_usage_hourly_window
 
@@ -160,33 +152,27 @@ class BackfillRun(models.Model):
     rollup_seconds = models.FloatField(default=0)
     rollup_hash_slices = models.IntegerField(default=0)
     rollup_cron_waits = models.IntegerField(default=0)
-    # How long the rollup left lock 4246 free for the platform's cron tick, in all.
     rollup_cron_wait_seconds = models.FloatField(default=0)
     stamp = models.CharField(max_length=24, choices=Stamp.choices, blank=True)
-    # The top stamp: the rows of the key of rank r (of K) are stamped ``stamp_base`` less
-    # (r - 1) x S / K microseconds (``usage.cron.StampPolicy``).
+    # The top stamp (docs/design.md, "The platform's cron tick and lock 4246").
     stamp_base = models.DateTimeField(null=True, blank=True)
     watermark_at_start = models.DateTimeField(null=True, blank=True)
-    # The earliest and the latest updated_at the run wrote (always after the cutoff).
     stamp_first = models.DateTimeField(null=True, blank=True)
     stamp_last = models.DateTimeField(null=True, blank=True)
-    # The rollup's path, the installed function it recognised (a version name, or "unknown")
-    # and that definition's fingerprint, and why the path was taken (a failed proof included).
+    # The installed function recognised: a version name, or "unknown".
     rollup_path = models.CharField(max_length=16, choices=RollupPath.choices, blank=True)
     rollup_function = models.CharField(max_length=80, blank=True)
     rollup_fingerprint = models.CharField(max_length=80, blank=True)
     rollup_path_reason = models.TextField(blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
-    # The latest revert of this run, as it goes: its state, when it started and ended, the
-    # rows restored so far (by every revert of the run) and why it did not finish.
+    # The latest revert of this run ("" before any); rows restored counts every revert.
     revert_state = models.CharField(max_length=16, choices=RevertState.choices, blank=True)
     revert_started_at = models.DateTimeField(null=True, blank=True)
     revert_finished_at = models.DateTimeField(null=True, blank=True)
     rows_restored = models.BigIntegerField(default=0)
     revert_error = models.TextField(blank=True)
     error = models.TextField(blank=True)
-    # The saved plan the run executed (``--plan``; see ``usage.plan``): its fingerprint of the
-    # candidate set, the database time it was made, and how many rows it planned.
+    # The saved plan the run executed (``--plan``).
     plan_fingerprint = models.CharField(max_length=80, blank=True)
     plan_created_at = models.DateTimeField(null=True, blank=True)
     plan_rows = models.BigIntegerField(null=True, blank=True)
@@ -210,8 +196,7 @@ class BackfillRun(models.Model):
 
 
 class BackfillJournal(models.Model):
-    """A row the repair changed, with what it was before: the proof and the undo record,
-    written in the same statement as the update; repaired at most once is a constraint."""
+    """A row the repair changed and what it was before, written with the update: proof and undo."""
 
     run = models.ForeignKey(
         BackfillRun, on_delete=models.PROTECT, related_name="journal", db_index=False
@@ -222,7 +207,7 @@ class BackfillJournal(models.Model):
     new_input_tokens = models.BigIntegerField()
     cache_read_tokens = models.BigIntegerField()
     new_updated_at = models.DateTimeField()
-    # The database time of the repair (``new_updated_at`` is the stamp written into the row).
+    # The database time of the repair (``new_updated_at`` is the stamp).
     repaired_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
 
@@ -237,7 +222,7 @@ class BackfillJournal(models.Model):
                 name="backfill_journal_repaired_once",
             )
         ]
-        # Appended run by run: a BRIN index serves the per-run reads at almost no write cost.
+        # Appended run by run: BRIN serves the per-run reads at almost no write cost.
         indexes = [BrinIndex(fields=["run", "new_updated_at"], name="backfill_journal_run_brin")]
 
     def __str__(self) -> str:
@@ -249,36 +234,25 @@ _USAGE_ALIAS = re.compile(r"\btu\.")
 _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 
-def positional(sql_text: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """Turn ``%(name)s`` placeholders into ``%s`` and a list: ``RawSQL`` takes positions."""
-    values = [params[name] for name in _NAMED_PARAM.findall(sql_text)]
-    return _NAMED_PARAM.sub("%s", sql_text), values
-
-
 @functools.cache
 def on_usage_table(fragment: str) -> str:
-    """Render a shared ``tu.`` fragment against the ORM's alias of the usage table."""
     alias = connection.ops.quote_name(TaskUsage._meta.db_table)
     return _USAGE_ALIAS.sub(f"{alias}.", fragment)
 
 
 class CandidateUsageQuerySet(models.QuerySet):
-    """Usage rows seen by the repair's one eligibility definition (``usage.eligibility``)."""
-
-    def with_repair(self) -> CandidateUsageQuerySet:
-        """Add the repair's own per-row values: corrected input, tokens removed, clamped."""
+    def with_repair(self) -> Self:
         return self.annotate(
             corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), models.BigIntegerField()),
             tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), models.BigIntegerField()),
             clamped=RawSQL(on_usage_table(IS_CLAMPED), (), models.BooleanField()),
         )
 
-    def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> CandidateUsageQuerySet:
-        """Keep the rows the command would repair, by the shared definition's id list."""
-        ids_sql, params = positional(
-            compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
-        )
-        return self.filter(id__in=RawSQL(ids_sql, params))
+    def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> Self:
+        # ``RawSQL`` takes positional parameters.
+        ids_sql, params = compose(CANDIDATE_IDS_SQL), eligible_params(cutoff, workspace_id)
+        values = [params[name] for name in _NAMED_PARAM.findall(ids_sql)]
+        return self.filter(id__in=RawSQL(_NAMED_PARAM.sub("%s", ids_sql), values))
 
 
 class CandidateUsage(TaskUsage):
@@ -288,7 +262,6 @@ class CandidateUsage(TaskUsage):
 
     @cached_property
     def repair_entry(self) -> BackfillJournal | None:
-        """The journal entry of the repair that holds for this row (not reverted), if any."""
         return BackfillJournal.objects.filter(usage_id=self.id, reverted_at__isnull=True).first()
 
     class Meta:

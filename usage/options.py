@@ -1,6 +1,5 @@
-"""The operator's values (options and environment), parsed and checked before the database:
-each parser raises a one-line ``ValueError`` saying what to type instead. Only ASCII digits
-are digits (``int()`` also reads full-width digits, ``_``, ``nan`` and ``inf``)."""
+"""The operator's values, checked before the database: a one-line ``ValueError`` says what to
+type instead. Only ASCII digits count (``int()`` also reads full-width ones, ``_``, ``nan``)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from typing import Any
 MAX_BATCH_SIZE = 50_000
 MAX_SLEEP_SECONDS = 3600.0
 MAX_RUN_ID = 2**63 - 1  # a PostgreSQL bigint
-# An error message quotes at most this many characters of the value it refuses.
 SHOWN_CHARS = 200
 
 _RFC3339 = re.compile(
@@ -32,7 +30,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def shown(value: Any) -> str:
-    """A value as a message quotes it: its repr (escapes stay escaped), cut to a short line."""
+    """A value as a message quotes it: its repr (escapes stay escaped), cut short."""
     text = str(value)
     if len(text) > SHOWN_CHARS:
         return repr(text[:SHOWN_CHARS]) + f" (and {len(text) - SHOWN_CHARS} more characters)"
@@ -40,7 +38,6 @@ def shown(value: Any) -> str:
 
 
 def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
-    """An RFC 3339 timestamp with an explicit offset, in UTC; messages call it ``name``."""
     if not value or not str(value).strip():
         raise ValueError(
             f"{name} is required: give the hosted deployment time of the Codex usage fix, "
@@ -68,8 +65,8 @@ def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
 def parse_workspace_id(
     value: str | None, *, allow_empty: bool = True, name: str = "--workspace-id"
 ) -> uuid.UUID | None:
-    """The workspace filter; "" is refused on the command line (an unset ``$WS`` must not
-    widen the repair to every workspace), while the admin's form sends it for all."""
+    """An empty value is refused on the command line (an unset ``$WS`` must not widen the
+    repair), while the admin's form sends it for all."""
     if value is None or (value == "" and allow_empty):
         return None
     text = str(value).strip()
@@ -89,7 +86,6 @@ def parse_workspace_id(
 
 
 def parse_run_id(value: str | int | None, *, name: str = "--run-id") -> int:
-    """A run number: a positive whole number in ASCII digits, checked before the database."""
     text = "" if value is None else str(value).strip()
     number = int(text) if _WHOLE.fullmatch(text) else 0
     if not 0 < number <= MAX_RUN_ID:
@@ -116,8 +112,7 @@ def parse_batch_size(value: str | int) -> int:
 
 
 def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.0) -> float:
-    """A duration: seconds as a plain number (``5``, ``0.5``) or Go-style (``1m30s``), each
-    unit at most once, largest first, nothing around it; the callers check the range."""
+    """Seconds as a plain number (``0.5``) or Go-style (``1m30s``); the callers check the range."""
     if isinstance(value, bool):
         raise ValueError(f"{flag} {shown(value)} is not a duration")
     if isinstance(value, int | float):
@@ -143,7 +138,6 @@ def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.
 
 
 def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-batches") -> float:
-    """The pause between batches: a duration from 0 to 1h (``500ms``, ``2s``, ``5``)."""
     seconds = duration_seconds(value, flag=flag)
     if not 0 <= seconds <= MAX_SLEEP_SECONDS:
         raise ValueError(f"{flag} must be between 0 and 1h")
@@ -163,7 +157,6 @@ def duration_text(seconds: float) -> str:
 
 
 def parse_seconds(value: str | float, *, flag: str, minimum: float, maximum: float) -> float:
-    """Parse a positive number of seconds (a bare number or a duration such as ``5s``)."""
     seconds = duration_seconds(value, flag=flag, minimum=minimum)
     if not minimum <= seconds <= maximum:
         raise ValueError(f"{flag} must be between {minimum:g} and {maximum:g} seconds")
@@ -180,7 +173,6 @@ TIMEOUT_LIMITS = {
 
 
 def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
-    """The server-side limits (``TIMEOUT_LIMITS``) of a command's options, validated once."""
     return {
         key: parse_seconds(
             options[key], flag=f"--{key.replace('_', '-')}", minimum=least, maximum=most
@@ -190,19 +182,16 @@ def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
 
 
 def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
-    """The server-side limits and the rollup's path: a run's ``RunLimits`` but its batches."""
     return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}
 
 
-# The platform versions of the rollup function an operator may declare a definition equal to
-# (``CODEX_ROLLUP_DECLARE``); usage.repair.rollup.versions knows the columns each writes.
+# The platform versions an operator may declare a rollup definition equal to.
 DECLARABLE_MIGRATIONS = (102, 213)
 _DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
 
 
 def parse_rollup_declarations(value: str, flag: str = "CODEX_ROLLUP_DECLARE") -> dict[str, int]:
-    """``FINGERPRINT=MIGRATION`` pairs, separated by commas (the fingerprint the pre-flight
-    prints for an unknown definition): fingerprint to platform migration."""
+    """Comma-separated ``FINGERPRINT=MIGRATION`` pairs (the pre-flight prints the fingerprint)."""
     declared: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         match = _DECLARATION.fullmatch(item)

@@ -1,6 +1,5 @@
-"""The privileges a run needs, checked (``has_*_privilege``) before its first write, so that
-no run rewrites rows it could not then roll up; the refusal names each ``GRANT``.
-"""
+"""The privileges a run needs, checked before its first write so that no run rewrites rows it
+could not then roll up; the refusal names each ``GRANT``."""
 
 from __future__ import annotations
 
@@ -11,11 +10,8 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-from usage.db import REQUIRED_TOOL_TABLES, ROLLUP_FUNCTION_SIGNATURE, TargetError
+from usage.db import ROLLUP_FUNCTION_SIGNATURE, TargetError
 from usage.eligibility import compose
-
-# The tool's own tables: the run record and the journal are read, written and updated.
-TOOL_TABLE_PRIVILEGES = "SELECT INSERT UPDATE"
 
 # Each requirement (kind, qualified object, privilege), evaluated for the current role.
 PRIVILEGES_SQL = """
@@ -37,8 +33,6 @@ RUNS_AS_OWNER_SQL = (
 
 @dataclass(frozen=True)
 class Need:
-    """One privilege: on what (``kind`` table, function, schema or database) and why."""
-
     kind: str
     obj: str
     privilege: str
@@ -47,8 +41,6 @@ class Need:
 
 @dataclass(frozen=True)
 class Missing:
-    """What the connected role lacks of some needs."""
-
     role: str
     database: str
     needs: tuple[Need, ...]
@@ -88,7 +80,6 @@ def _table(name: str) -> str:
 
 
 def _needs(obj: str, privileges: str, why: str = "") -> list[Need]:
-    """A table's needs, one per privilege."""
     return [Need("table", obj, privilege, why) for privilege in privileges.split()]
 
 
@@ -98,7 +89,6 @@ def requirements(
     security_definer: bool = False,
     own_path: bool = True,
 ) -> list[Need]:
-    """What the repair or the revert needs; ``rebuild_rollup`` adds the rollup's."""
     readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
@@ -108,11 +98,10 @@ def requirements(
         *(need for table in readable for need in _needs(_table(table), "SELECT")),
         Need("database", "", "TEMPORARY", "the work list is a temporary table"),
         Need("schema", settings.CODEX_REPAIR_SCHEMA, "USAGE"),
+        *_needs(_table("run"), "SELECT INSERT UPDATE"),
+        *_needs(_table("journal"), "SELECT INSERT UPDATE"),
+        *_needs(compose("{tool_schema}") + "." + _quote("django_migrations"), "SELECT"),
     ]
-    for tool_table in (*REQUIRED_TOOL_TABLES, "django_migrations"):
-        qualified = compose("{tool_schema}") + "." + _quote(tool_table)
-        reads_only = tool_table == "django_migrations"
-        needs += _needs(qualified, "SELECT" if reads_only else TOOL_TABLE_PRIVILEGES)
     if not rebuild_rollup:
         return needs
     hourly, queue = _table("task_usage_hourly"), _table("task_usage_hourly_dirty")
@@ -131,7 +120,6 @@ def requirements(
 
 
 def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
-    """The needs the connected role lacks (read-only)."""
     columns = {"kinds": "kind", "objs": "obj", "privs": "privilege"}
     cursor.execute(PRIVILEGES_SQL, {k: [getattr(n, a) for n in needs] for k, a in columns.items()})
     rows = cursor.fetchall()
@@ -140,7 +128,6 @@ def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
 
 
 def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
-    """Raise ``PrivilegeError`` (one line, nothing written) when the role lacks a need."""
     missing = find_missing(cursor, needs)
     if missing.needs:
         raise PrivilegeError(
@@ -151,7 +138,7 @@ def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
 
 
 def function_runs_as_owner(cursor: Any) -> bool:
-    """Whether the rollup function is SECURITY DEFINER (it writes as its owner)."""
+    """A SECURITY DEFINER function writes as its owner."""
     cursor.execute(
         RUNS_AS_OWNER_SQL, [f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"]
     )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 
 def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
-    """RFC 3339 in UTC to the second (or microsecond), four-digit years (unlike strftime)."""
+    """RFC 3339 in UTC, four-digit years (unlike strftime)."""
     if value is None:
         return "-"
     if value.utcoffset():
@@ -20,7 +20,6 @@ def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
 
 
 def short_hash(fingerprint: str) -> str:
-    """A fingerprint as a line shows it: the algorithm and the first 12 hex digits."""
     return fingerprint[: len("sha256:") + 12] + "…"
 
 
@@ -29,8 +28,7 @@ def number(value: int) -> str:
 
 
 def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain table: a header (a name may take lines, bottom-aligned), a rule, the rows;
-    numeric columns right-aligned."""
+    """A header (a name may take lines, bottom-aligned), a rule, the rows; numbers right."""
     heads = [name.split("\n") for name in columns]
     height = max(map(len, heads), default=1)
     heads = [[""] * (height - len(head)) + head for head in heads]

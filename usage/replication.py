@@ -1,8 +1,5 @@
-"""Replication-lag throttle: ``--max-replication-lag`` pauses the repair between batches
-while a streaming replica is behind. A replica whose lag is unknown counts as behind only
-when its replay position is; one whose details this role may not see (no ``pg_monitor``)
-counts as behind (fail closed). ``pg_basebackup`` walsenders are not replicas.
-"""
+"""``--max-replication-lag``: pauses the repair between batches while a streaming replica is
+behind (docs/design.md, "How a run works")."""
 
 from __future__ import annotations
 
@@ -17,8 +14,8 @@ from django.db import connection
 
 logger = logging.getLogger("usage.replication")
 
-# One cheap query: a row per walsender, no joins. On a standby (cascading replication) the
-# reference position is what it has replayed itself, since pg_current_wal_lsn() fails there.
+# A row per walsender, no joins. On a standby (cascading replication) the reference position
+# is what it has replayed itself, since pg_current_wal_lsn() fails there.
 REPLICAS_SQL = """
 WITH here AS (
     SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
@@ -38,8 +35,6 @@ MISSING_PRIVILEGE_HINT = "grant pg_monitor to the repair's role to see replica l
 
 
 class ReplicationLagTimeout(Exception):
-    """Replicas stayed behind for longer than the caller was willing to wait."""
-
     def __init__(self, reason: str, waited_seconds: float) -> None:
         super().__init__(
             f"replication lag stayed too high for {waited_seconds:.0f}s ({reason}); "
@@ -51,8 +46,6 @@ class ReplicationLagTimeout(Exception):
 
 @dataclass(frozen=True)
 class ReplicaState:
-    """One walsender as the throttle sees it."""
-
     pid: int
     state: str | None
     name: str
@@ -63,7 +56,7 @@ class ReplicaState:
 
     @property
     def hidden(self) -> bool:
-        """The role may not see this walsender's details (only ``pid`` is shown)."""
+        """The role may not see this walsender's details (no ``pg_monitor``)."""
         return self.state is None
 
     @property
@@ -81,7 +74,6 @@ def _format_bytes(value: int) -> str:
 
 
 def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
-    """Why this replica is too far behind, or None when it is within the limit."""
     if replica.hidden:
         return f"replica pid {replica.pid} lag not visible to this role ({MISSING_PRIVILEGE_HINT})"
     lag = replica.replay_lag_seconds
@@ -101,7 +93,6 @@ def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
 
 
 def replica_states(cursor: Any = None) -> list[ReplicaState]:
-    """Every walsender of this server that serves a replica (one query)."""
     if cursor is None:
         with connection.cursor() as own_cursor:
             return replica_states(own_cursor)
@@ -110,8 +101,7 @@ def replica_states(cursor: Any = None) -> list[ReplicaState]:
 
 
 def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
-    """None when every replica is within ``max_lag_seconds``, else why the worst is not
-    (``replica walreceiver@10.0.0.2 replay lag 12.3s > 5s``); one query on ``cursor``."""
+    """None when every replica is within ``max_lag_seconds``, else why the worst is not."""
     reasons: list[tuple[float, str]] = []
     for replica in replica_states(cursor):
         reason, lag = judge(replica, max_lag_seconds), replica.replay_lag_seconds
@@ -132,8 +122,7 @@ def wait_for_replicas(
     max_wait_seconds: float | None = None,
     cursor: Any = None,
 ) -> float:
-    """Block while replication lag is too high (``on_pause(reason)`` each poll) and return
-    the seconds paused; early on ``stop_event``; ``ReplicationLagTimeout`` past the wait."""
+    """Block while replication lag is too high and return the seconds paused."""
     started = time.monotonic()
     paused = False
     while True:

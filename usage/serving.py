@@ -1,6 +1,5 @@
 """Whether the admin may be served (never with a key anyone could know): asked by
-``runserver`` and the WSGI entry point, and reported by ``check --deploy``.
-"""
+``runserver`` and the WSGI entry point, and reported by ``check --deploy``."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ KEY_EXAMPLE = (
 
 
 def serving_refusal() -> str:
-    """Why the admin must not be served with these settings, or ""."""
     source = settings.CODEX_SECRET_KEY_SOURCE
     if not source:
         return (

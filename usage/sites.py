@@ -1,6 +1,6 @@
 """The tool's admin site: its own models only (never auth's User and Group), every view but
-logging out answers only GET and HEAD, and no password form (logins are made with manage.py).
-"""
+logging out answers only GET and HEAD, no password form (logins are made with manage.py), and
+no request with a NUL byte."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from django.contrib.admin.sites import AdminSite
 from django.core.exceptions import PermissionDenied
 from django.db.models import Model
 from django.db.models.base import ModelBase
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 
 logger = logging.getLogger("usage.admin")
 
@@ -22,13 +22,14 @@ PASSWORD_FORM_GONE = (
     "This admin changes no password: run `python manage.py changepassword USERNAME` "
     "against the same database instead."
 )
-# The apps whose models the site serves: the tool's own, and nothing else.
 SERVED_APP_LABELS = frozenset({"usage"})
+NUL_REFUSED = (
+    "Bad request: the address or one of its parameters contains a NUL byte (%00), which "
+    "no value in this database can hold. Remove it and try again."
+)
 
 
 class ReviewAdminSite(AdminSite):
-    """Django's admin site for the tool's models only, reading only, less the password form."""
-
     site_header = site_title = "Codex usage repair"
     index_title = "Review (read-only)"
     site_url = None  # The tool has no site besides this admin.
@@ -40,7 +41,6 @@ class ReviewAdminSite(AdminSite):
         admin_class: Any = None,
         **options: Any,
     ) -> None:
-        """Register the tool's models; a model of another app (User, Group) is not served."""
         if isinstance(model_or_iterable, ModelBase):
             model_or_iterable = [model_or_iterable]
         served = []
@@ -53,8 +53,7 @@ class ReviewAdminSite(AdminSite):
             super().register(served, admin_class, **options)
 
     def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
-        """Every view of the site, wrapped so that a write (a POST, forged or not) never
-        reaches it, except logging out."""
+        """A write (a POST, forged or not) never reaches a view but logging out."""
         if view == self.logout:
             return super().admin_view(view, cacheable)
 
@@ -74,7 +73,18 @@ class ReviewAdminSite(AdminSite):
 
 
 class ReviewAdminConfig(AdminConfig):
-    """``django.contrib.admin`` with ``ReviewAdminSite`` as ``admin.site``."""
-
     default = False  # Not the default config of the ``usage`` package it lives in.
     default_site = "usage.sites.ReviewAdminSite"
+
+
+class RejectNulBytes:
+    """A NUL byte in the path or a query gets a 400 page (PostgreSQL text cannot hold one)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        values = (value for _key, given in request.GET.lists() for value in given)
+        if any("\x00" in text for text in (request.path, *request.GET, *values)):
+            return HttpResponseBadRequest(NUL_REFUSED, content_type="text/plain; charset=utf-8")
+        return self.get_response(request)
