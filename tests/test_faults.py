@@ -14,11 +14,12 @@ import psycopg
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import PROJECT_DIR, error_lines, start_manage
 from tests.support import COMMITS, CUTOFF_ARG, wait_until
+from usage.db import set_local_timeouts
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.verify import rollup_mismatches
@@ -111,6 +112,19 @@ def test_lock_timeout_rolls_back_and_retries_with_a_smaller_batch(other_connecti
     assert sizes[0] == 2  # the first attempt (4 rows) timed out and was retried with 2
     assert sum(1 for _ in sizes) >= 2
     assert BackfillJournal.objects.count() == 4
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [(1.001, "1001ms"), (0.0015, "2ms"), (0.0001, "1ms"), (2.5, "2500ms")]
+)
+def test_a_batch_gets_the_timeouts_asked_for_to_the_millisecond(given, expected) -> None:
+    """``--lock-timeout 1001ms`` is 1001ms on the server (1.001 * 1000 is 1000.999...)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        set_local_timeouts(cursor, given, given)
+        cursor.execute(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+        )
+        assert cursor.fetchone() == (expected, expected)
 
 
 def test_statement_timeout_stops_cleanly_after_bounded_retries(other_connection) -> None:

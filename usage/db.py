@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connection
 
 from usage.eligibility import compose
+from usage.environment import timeout_setting
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
 REQUIRED_TARGET_TABLES = (
@@ -52,10 +53,6 @@ def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: floa
         "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
         [timeout_setting(lock_timeout), timeout_setting(statement_timeout)],
     )
-
-
-def timeout_setting(seconds: float) -> str:
-    return "0" if seconds <= 0 else f"{max(1, int(seconds * 1000))}ms"
 
 
 class TargetError(Exception):

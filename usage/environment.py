@@ -86,9 +86,9 @@ class ConnectionLimits:
 
     def server_options(self) -> str:
         return (
-            f"-c statement_timeout={_milliseconds(self.statement_timeout)}"
+            f"-c statement_timeout={timeout_setting(self.statement_timeout)}"
             " -c idle_in_transaction_session_timeout="
-            f"{_milliseconds(self.idle_in_transaction_timeout)}"
+            f"{timeout_setting(self.idle_in_transaction_timeout)}"
         )
 
 
@@ -121,7 +121,8 @@ def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str,
         raise ImproperlyConfigured(str(exc)) from None
 
 
-def _milliseconds(seconds: float) -> str:
+def timeout_setting(seconds: float) -> str:
+    """A server timeout in whole milliseconds, rounded (1001ms is 1001ms), at least 1ms."""
     return "0" if seconds <= 0 else f"{max(1, round(seconds * 1000))}ms"
 
 

@@ -16,7 +16,7 @@ import psycopg
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
-from usage.db import SQLSTATE_QUERY_CANCELED, error_text, sqlstate
+from usage.db import SQLSTATE_QUERY_CANCELED, error_text, set_local_timeouts, sqlstate
 from usage.preflight.catalog import Check, CheckResult, Context, failed
 from usage.preflight.checks import CHECKS
 
@@ -26,10 +26,6 @@ logger = logging.getLogger("usage.preflight")
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 LOCK_TIMEOUT_SECONDS = 5.0
 READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
-# Transaction-local (third argument true): they end with the pre-flight's transaction.
-TIMEOUTS_SQL = """
-SELECT set_config('statement_timeout', %(statement_timeout)s, true),
-       set_config('lock_timeout', %(lock_timeout)s, true)"""
 
 
 class _LoggingCursor:
@@ -69,11 +65,7 @@ def run_preflight(
     results: dict[str, CheckResult] = {}
     with _read_only(conn) as (raw_cursor, savepoint):
         raw_cursor.execute(READ_ONLY_SQL)
-        milliseconds = {
-            "statement_timeout": f"{round(statement_timeout * 1000)}ms",
-            "lock_timeout": f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms",
-        }
-        raw_cursor.execute(TIMEOUTS_SQL, milliseconds)
+        set_local_timeouts(raw_cursor, LOCK_TIMEOUT_SECONDS, statement_timeout)
         schemas = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
         ctx = Context(_LoggingCursor(raw_cursor), cutoff, workspace_id, *schemas)
         for check in checks:
