@@ -52,16 +52,11 @@ class ToolParser(CommandParser):
         if args is not None:
             args, position = list(args), 0
             attached: list[str] = []
-            known = set(self._option_string_actions)
-            takes_value = {
-                option
-                for action in self._actions
-                if action.nargs is None
-                for option in action.option_strings
-            }
+            known = self._option_string_actions
             while position < len(args) and args[position] != "--":
                 token, value = args[position], "".join(args[position + 1 : position + 2])
-                joined = token in takes_value and value.startswith("-") and value not in known
+                takes_value = token in known and known[token].nargs is None
+                joined = takes_value and value.startswith("-") and value not in known
                 attached.append(f"{token}={value}" if joined else token)
                 position += 2 if joined else 1
             args = attached + args[position:]

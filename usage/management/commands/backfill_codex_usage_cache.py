@@ -187,15 +187,16 @@ class Command(ToolCommand):
             raise error
 
     def _context(self, database: str) -> None:
-        settings, mode = self.settings, self.settings.mode
-        scope: dict[str, Any] = {"run_id": settings.run_id}
-        lines = []
-        if settings.run_id is None:
-            scope = {"cutoff": settings.run.cutoff, "workspace_id": settings.run.workspace_id}
-            lines = [
-                f"Cutoff: {render.timestamp(settings.run.cutoff)}",
-                f"Workspace: {settings.run.workspace_id or 'all'}",
-            ]
+        settings, run = self.settings, self.settings.run
+        mode = "execute" if settings.execute else "dry run"
+        scope: dict[str, Any] = {"cutoff": run.cutoff, "workspace_id": run.workspace_id}
+        lines = [
+            f"Cutoff: {render.timestamp(run.cutoff)}",
+            f"Workspace: {run.workspace_id or 'all'}",
+        ]
+        if settings.run_id is not None:
+            mode = f"verify run {settings.run_id}"
+            scope, lines = {"run_id": settings.run_id}, []
         if settings.plan.given is not None:
             scope["plan"] = settings.plan.context()
             lines.append(settings.plan.context_line())

@@ -181,11 +181,7 @@ class Command(ToolCommand):
         )
 
     def _show(
-        self,
-        found: RevertResult,
-        *,
-        signal_name: str | None = None,
-        error: str | None = None,
+        self, found: RevertResult, *, signal_name: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
         """Show the revert's result once; its outcome as the last stderr line when stdout
         carries a document."""
