@@ -322,8 +322,7 @@ class Command(ToolCommand):
             self.report.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
-        """Whole for a file; for stdout, the groups of a dry run (not at --verbosity 0), and
-        for a run its outcome."""
+        """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
         compared = checked(self.settings.run.check_snapshot)
         groups = kind == "file" or (
             kind == "screen" and document["mode"] == "dry_run" and self.out.verbosity >= 1

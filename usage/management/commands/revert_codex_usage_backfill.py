@@ -146,7 +146,22 @@ class Command(ToolCommand):
         if event == "started":
             self._describe_run(details["result"])
         elif event == "batch" and self.report.json_logs:
-            self._batch_event(details["batch"], details["result"])
+            batch, found = details["batch"], details["result"]
+            self.report.event(
+                "batch",
+                f"revert batch {batch.number}: {batch.entries} entries, "
+                f"{batch.rows_restored} rows restored",
+                run_id=found.run.pk,
+                batch=batch.number,
+                entries=batch.entries,
+                rows_restored=batch.rows_restored,
+                keys_queued=batch.keys_enqueued,
+                rows_skipped_locked=batch.rows_skipped_locked,
+                batch_size=batch.batch_size,
+                seconds=round(batch.seconds, 6),
+                retry=batch.retry,
+                rows_done=found.rows_restored,
+            )
 
     def _describe_run(self, found: RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
@@ -163,28 +178,10 @@ class Command(ToolCommand):
             **{key: getattr(found, key) for key in ("entries", "rows_restorable", "rows_changed")},
         )
 
-    def _batch_event(self, batch: Any, found: RevertResult) -> None:
-        self.report.event(
-            "batch",
-            f"revert batch {batch.number}: {batch.entries} entries, {batch.rows_restored} rows "
-            f"restored",
-            run_id=found.run.pk,
-            batch=batch.number,
-            entries=batch.entries,
-            rows_restored=batch.rows_restored,
-            keys_queued=batch.keys_enqueued,
-            rows_skipped_locked=batch.rows_skipped_locked,
-            batch_size=batch.batch_size,
-            seconds=round(batch.seconds, 6),
-            retry=batch.retry,
-            rows_done=found.rows_restored,
-        )
-
     def _show(
         self, found: RevertResult, *, signal_name: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
-        """Show the revert's result once; its outcome as the last stderr line when stdout
-        carries a document."""
+        """Show the revert's result once, and its outcome line."""
         found.run.refresh_from_db()
         document = result.build_revert(self.database, found, signal=signal_name, error=error)
         self.show_result(document)
