@@ -1,6 +1,5 @@
-"""``ToolCommand``, the base of the tool's commands: one-line argument errors (exit status 1),
-the shared options, the result's output, the library's log lines, the progress bar and
-SIGINT/SIGTERM as a stop request."""
+"""``ToolCommand``, the base of the tool's commands: one-line argument errors, the shared
+options, the context and result output, log lines, the progress bar and stop signals."""
 
 from __future__ import annotations
 
@@ -34,6 +33,8 @@ from usage.repair.rollup.versions import ROLLUP_PATHS
 # An argument error quotes at most this much of a value, and says at most this much.
 LONGEST_WORD = 80
 LONGEST_MESSAGE = 400
+# Exit status when rows stayed locked by other writers: distinct from an error (1).
+EXIT_ROWS_REMAINING = 3
 
 
 def error_line(message: str, returncode: int) -> str:
@@ -51,16 +52,11 @@ class ToolParser(CommandParser):
         if args is not None:
             args, position = list(args), 0
             attached: list[str] = []
-            known = set(self._option_string_actions)
-            takes_value = {
-                option
-                for action in self._actions
-                if action.nargs is None
-                for option in action.option_strings
-            }
+            known = self._option_string_actions
             while position < len(args) and args[position] != "--":
                 token, value = args[position], "".join(args[position + 1 : position + 2])
-                joined = token in takes_value and value.startswith("-") and value not in known
+                takes_value = token in known and known[token].nargs is None
+                joined = takes_value and value.startswith("-") and value not in known
                 attached.append(f"{token}={value}" if joined else token)
                 position += 2 if joined else 1
             args = attached + args[position:]
@@ -109,6 +105,7 @@ class ToolCommand(BaseCommand):
     examples = ""
     json_errors = False
     write_error: str | None = None
+    what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
         parser = super().create_parser(prog_name, subcommand, **kwargs)
@@ -195,6 +192,7 @@ class ToolCommand(BaseCommand):
         self.out = out
         self.err = OutputStream(self.stderr)
         self.write_error = None
+        self.signals: list[int] = []
         self.report = Reporter(
             self.stdout,
             self.stderr,
@@ -204,30 +202,46 @@ class ToolCommand(BaseCommand):
             verbosity=out.verbosity,
         )
 
+    def show_context(
+        self, database: str, mode: str, lines: list[str], message: str, /, **fields: Any
+    ) -> None:
+        """The first lines: the database, the mode and ``lines``; in JSON one event."""
+        if self.report.json_logs:
+            self.report.context("context", message, database=database, **fields)
+            return
+        for line in (f"Database: {database}", f"Mode: {mode}", *lines):
+            self.report.context("context", line)
+
     def terminal_width(self) -> int | None:
         """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
         return shutil.get_terminal_size().columns if self.stdout.isatty() else None
 
-    def show_result(self, document: dict[str, Any], readable: Callable[[str], str]) -> None:
+    def readable(self, document: dict[str, Any], kind: str) -> str:
+        """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the
+        outcome beside a file)."""
+        raise NotImplementedError
+
+    def show_result(self, document: dict[str, Any]) -> dict[str, Any]:
         """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
-        write is kept in ``write_error``. ``readable(kind)`` renders it as text: ``file``
-        (whole), ``screen`` (on stdout) or ``brief`` (the outcome beside a file)."""
+        write is kept in ``write_error``."""
         fmt, output = self.out.format, self.out.file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
-        text = as_data(document) if as_data else readable("screen" if output is None else "file")
+        kind = "screen" if output is None else "file"
+        text = as_data(document) if as_data else self.readable(document, kind)
         self.write_error = None
         if output is None:
             self.stdout.write(text)
-            return
+            return document
         try:
             output.write(text)
         except OutputError as exc:
             self.write_error = str(exc)
         else:
             self.stdout.write(f"Result written to {output.given} ({fmt}).")
-        brief = readable("brief")
+        brief = self.readable(document, "brief")
         if brief or self.write_error is not None:
             self.stdout.write(brief)
+        return document
 
     def ending(self, error: CommandError | None, done: str) -> CommandError | None:
         """The command's error with a failed write added; alone, that is exit status 1 and
@@ -237,6 +251,18 @@ class ToolCommand(BaseCommand):
         if error is None:
             return CommandError(f"{self.write_error}; {done}")
         return CommandError(f"{error}; also, {self.write_error}", returncode=error.returncode)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signals[0]).name if self.signals else None
+
+    def stopped(self, after: str) -> CommandError:
+        """The exit's reason after a stop signal, for the log (the outcome says what next)."""
+        signum = self.signals[0] if self.signals else signal.SIGTERM
+        return CommandError(
+            f"stopped by {signal.Signals(signum).name}{after} (see the outcome)",
+            returncode=128 + signum,
+        )
 
     @contextmanager
     def failing(
@@ -253,16 +279,15 @@ class ToolCommand(BaseCommand):
     ) -> AbstractContextManager[None]:
         return self.failing(DatabaseError, describe=describe)
 
-    def run_logging(self) -> Any:
+    def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
         verbosity, json_logs = self.report.verbosity, self.report.json_logs
-        everything = verbosity >= (1 if json_logs else 2)
         return self.logging_to(
             self.err,
-            logging.DEBUG if everything else logging.WARNING,
+            logging.DEBUG if verbosity >= (1 if json_logs else 2) else logging.WARNING,
             json=json_logs,
-            plain_level=None if verbosity >= 2 else logging.WARNING,
+            plain_level=logging.NOTSET if verbosity >= 2 else logging.WARNING,
             events=json_logs or verbosity >= 2,
         )
 
@@ -273,7 +298,7 @@ class ToolCommand(BaseCommand):
         level: int,
         *,
         json: bool = False,
-        plain_level: int | None = None,
+        plain_level: int = logging.NOTSET,
         events: bool = True,
     ) -> Iterator[None]:
         """The ``usage`` loggers' lines on ``stream`` from ``level`` up; messages without an
@@ -283,9 +308,8 @@ class ToolCommand(BaseCommand):
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         )
-        least = logging.NOTSET if plain_level is None else plain_level
         handler.addFilter(
-            lambda record: events if hasattr(record, "event") else record.levelno >= least
+            lambda record: events if hasattr(record, "event") else record.levelno >= plain_level
         )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
@@ -296,10 +320,10 @@ class ToolCommand(BaseCommand):
 
     @contextmanager
     def live_run(
-        self, what_next: str | Callable[[], str], events: Callable[[ProgressBar], Any]
-    ) -> Iterator[tuple[threading.Event, Callable[..., None], list[int]]]:
-        """A run with its progress bar, stopped by SIGINT or SIGTERM: yields the stop event,
-        the bar's event handler (``events(bar)``) and the signals received."""
+        self, events: Callable[[ProgressBar], Callable[..., None]], hook: Callable[..., None]
+    ) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
+        """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
+        each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
         report = self.report
         bar = ProgressBar(
@@ -307,6 +331,11 @@ class ToolCommand(BaseCommand):
             terminal=self.err.isatty(),
             enabled=report.verbosity >= 1 and not report.json_logs,
         )
+        show = events(bar)
+
+        def progress(event: str, /, **details: Any) -> None:
+            hook(event, **details)
+            show(event, **details)
 
         def say(message: str) -> None:
             if report.json_logs:
@@ -314,9 +343,9 @@ class ToolCommand(BaseCommand):
             else:
                 self.stderr.write(self.style.WARNING(f"\n{message}"))
 
-        with self.stopping_on_signals(stop, what_next, say=say) as received:
+        with self.stopping_on_signals(stop, lambda: self.what_next, say=say) as self.signals:
             try:
-                yield stop, events(bar), received
+                yield stop, progress
             finally:
                 bar.close()
 
@@ -339,9 +368,8 @@ class ToolCommand(BaseCommand):
             say(f"{signal.Signals(signum).name} received: {then}")
 
         def on_signal(signum: int, frame: Any) -> None:
-            # The handler runs between two bytecodes of the main thread, which may hold the
-            # lock of the stop event or of the stream (a hang found by the chaos soak,
-            # schedule 110): it only notes the signal, and a thread of its own acts on it.
+            # This runs between two bytecodes of the main thread, which may hold the stop
+            # event's or the stream's lock (chaos soak, schedule 110): a thread acts on it.
             received.append(signum)
             threading.Thread(target=act, args=(signum,), name="stop-request").start()
 

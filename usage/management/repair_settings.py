@@ -42,12 +42,6 @@ class RepairSettings:
     plan: PlanOptions
     run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
 
-    @property
-    def mode(self) -> str:
-        if self.run_id is not None:
-            return f"verify run {self.run_id}"
-        return "execute" if self.execute else "dry run"
-
 
 def read_settings(options: dict[str, Any]) -> RepairSettings:
     """The options as one ``RepairSettings``; a refused value is a one-line ``ValueError``."""

@@ -4,9 +4,7 @@ its options are read once (``repair_settings``) and ``handle()`` follows the run
 from __future__ import annotations
 
 import argparse
-import signal
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -15,7 +13,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import plan, render
 from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.management.base import ToolCommand
+from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand
 from usage.management.repair_settings import read_settings
 from usage.models import BackfillRun
 from usage.output import document as result
@@ -23,13 +21,12 @@ from usage.output.progress import repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.plan.handling import checked
 from usage.repair import backfill
-from usage.repair.backfill import BackfillError, ExecuteResult, execute_backfill
+from usage.repair.backfill import BackfillError, execute_backfill
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
 
-# Exit statuses besides 0 (done) and 1 (error or bad input); 128+N after signal N.
-EXIT_ROWS_REMAINING = 3
+# Exit status besides 0, 1, 3 (``EXIT_ROWS_REMAINING``) and 128+N after signal N.
 EXIT_VERIFY_FAILED = 4
 
 # The run's figures the outcome line names (besides the verify's).
@@ -167,7 +164,6 @@ class Command(ToolCommand):
         with self.failing(ValueError):
             self.settings = settings = read_settings(options)
         self.start_output(settings.out)
-        self.signals: list[int] = []
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
         with self.failing(*refused), self.run_logging(), self.database_errors():
@@ -191,29 +187,20 @@ class Command(ToolCommand):
             raise error
 
     def _context(self, database: str) -> None:
-        """The first lines: the database, the mode and the scope (one event in JSON)."""
-        settings = self.settings
-        mode, given = settings.mode, settings.plan.given
-        scope: dict[str, Any] = (
-            {"run_id": settings.run_id}
-            if settings.run_id is not None
-            else {"cutoff": settings.run.cutoff, "workspace_id": settings.run.workspace_id}
-        )
-        if self.report.json_logs:
-            if given is not None:
-                scope["plan"] = settings.plan.context()
-            self.report.context(
-                "context", f"{mode} on {database}", database=database, mode=mode, **scope
-            )
-            return
-        lines = [f"Database: {database}", f"Mode: {mode}"]
-        if "cutoff" in scope:
-            lines.append(f"Cutoff: {render.timestamp(scope['cutoff'])}")
-            lines.append(f"Workspace: {scope['workspace_id'] or 'all'}")
-        if given is not None:
+        settings, run = self.settings, self.settings.run
+        mode = "execute" if settings.execute else "dry run"
+        scope: dict[str, Any] = {"cutoff": run.cutoff, "workspace_id": run.workspace_id}
+        lines = [
+            f"Cutoff: {render.timestamp(run.cutoff)}",
+            f"Workspace: {run.workspace_id or 'all'}",
+        ]
+        if settings.run_id is not None:
+            mode = f"verify run {settings.run_id}"
+            scope, lines = {"run_id": settings.run_id}, []
+        if settings.plan.given is not None:
+            scope["plan"] = settings.plan.context()
             lines.append(settings.plan.context_line())
-        for line in lines:
-            self.report.context("context", line)
+        self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
 
     def _verify(self, database: str, run_id: int) -> dict[str, Any]:
         if not BackfillRun.objects.filter(pk=run_id).exists():
@@ -221,7 +208,8 @@ class Command(ToolCommand):
                 f"run {run_id} does not exist; give the number printed as 'Run N' by "
                 "--execute (the admin lists the runs)"
             )
-        return self._show(result.build("verify", database, verify=verify_run_in_context(run_id)))
+        verified = verify_run_in_context(run_id)
+        return self.show_result(result.build("verify", database, verify=verified))
 
     def _summary(self) -> DryRunSummary | None:
         """What the dry run shows or its plan writes; none when a run shows its outcome alone
@@ -245,15 +233,19 @@ class Command(ToolCommand):
         identity = plan.read_identity() if planning.out is not None else None
         summary = self._summary()
         saved = planning.document(summary, identity, self.report)
-        document = self._show(result.build("dry_run", database, summary=summary))
+        document = self.show_result(result.build("dry_run", database, summary=summary))
         if saved and (failed := planning.write(saved, self.report, self._lines)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
     def _execute(self, database: str, summary: DryRunSummary | None) -> dict[str, Any]:
         """The run, then its verify (``--verify``); a failed run still shows its outcome."""
+        self.what_next = (
+            "finishing the current batch, then rebuilding the rollup for what was done."
+        )
         try:
-            executed = self._run()
+            with self.live_run(repair_events, self._progress) as (stop, progress):
+                executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
@@ -271,7 +263,7 @@ class Command(ToolCommand):
                 )
         executed.run.refresh_from_db()
         compared = checked(self.settings.run.check_snapshot)
-        return self._show(
+        return self.show_result(
             result.build(
                 "execute",
                 database,
@@ -282,32 +274,27 @@ class Command(ToolCommand):
             )
         )
 
-    def _run(self) -> ExecuteResult:
-        phase = ["update"]
-
-        def what_next() -> str:
-            if phase[0] == "rollup":
-                return (
-                    "stopping the rollup after its current slice; the keys not rebuilt stay "
-                    "pending until the same command is run again."
-                )
-            return "finishing the current batch, then rebuilding the rollup for what was done."
-
-        with self.live_run(what_next, repair_events) as (stop, show, self.signals):
-
-            def progress(event: str, /, **details: Any) -> None:
-                if event == "stamped":
-                    phase[0] = "rollup"  # the batches are done; the rollup comes next
-                # In JSON the library's own events say started, stamping and rollup_path.
-                if event == "started":
-                    self._started(details["run"])
-                elif event == "stamping" and not self.report.json_logs:
-                    self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
-                elif event == "rollup_path" and not self.report.json_logs:
-                    self._rollup_path(**details)
-                show(event, **details)
-
-            return execute_backfill(self.settings.run, stop=stop, progress=progress)
+    def _progress(self, event: str, /, **details: Any) -> None:
+        """The run's lines among the first (in JSON the library's own events say them)."""
+        json_logs = self.report.json_logs
+        if event == "stamped":
+            # The batches are done; the rollup comes next.
+            self.what_next = (
+                "stopping the rollup after its current slice; the keys not rebuilt stay "
+                "pending until the same command is run again."
+            )
+        elif event == "started":
+            self._started(details["run"])
+        elif event == "stamping" and not json_logs:
+            self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
+        elif event == "rollup_path" and not json_logs:
+            function = f" ({details['function']})" if details.get("function") else ""
+            reason = f": {details['reason']}" if details.get("reason") else ""
+            self.report.context(
+                "rollup_path",
+                f"Rollup: {details.get('path')}{function}{reason}.",
+                **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
+            )
 
     def _started(self, run: BackfillRun) -> None:
         if not self.report.json_logs:
@@ -334,23 +321,8 @@ class Command(ToolCommand):
         if compared is not None and not self.report.json_logs:
             self.report.context("plan", compared.summary())
 
-    def _rollup_path(self, **details: Any) -> None:
-        """The rollup's path (the tool's recompute or the platform's function), and why."""
-        function = f" ({details['function']})" if details.get("function") else ""
-        reason = f": {details['reason']}" if details.get("reason") else ""
-        self.report.context(
-            "rollup_path",
-            f"Rollup: {details.get('path')}{function}{reason}.",
-            **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
-        )
-
-    def _show(self, document: dict[str, Any]) -> dict[str, Any]:
-        self.show_result(document, partial(self._readable, document))
-        return document
-
-    def _readable(self, document: dict[str, Any], kind: str) -> str:
-        """The result as text: whole for a file; for stdout, the groups of a dry run (not at
-        --verbosity 0), and for a run its outcome."""
+    def readable(self, document: dict[str, Any], kind: str) -> str:
+        """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
         compared = checked(self.settings.run.check_snapshot)
         groups = kind == "file" or (
             kind == "screen" and document["mode"] == "dry_run" and self.out.verbosity >= 1
@@ -361,7 +333,7 @@ class Command(ToolCommand):
             groups=groups,
             plan_out=self.settings.plan.out is not None,
             plan_line=compared.summary() if compared is not None else None,
-            signal_name=signal.Signals(self.signals[0]).name if self.signals else None,
+            signal_name=self.signal_name,
             width=None if kind == "file" else self.terminal_width(),
         )
 
@@ -376,15 +348,9 @@ class Command(ToolCommand):
         """The error that ends the command, if any: a failed run first, then a signal."""
         if self.failure is not None:
             return CommandError(self.failure)
-        signum = self.signals[0] if self.signals else None
-        if signum:
-            # The outcome says what next; this line is the exit's reason, for the log.
-            return CommandError(
-                f"stopped by {signal.Signals(signum).name}: run {document['run_id']} "
-                f"interrupted after {render.number(document['rows_updated'])} rows "
-                "(see the outcome)",
-                returncode=128 + signum,
-            )
+        if self.signals:
+            rows = render.number(document["rows_updated"])
+            return self.stopped(f": run {document['run_id']} interrupted after {rows} rows")
         if document.get("rows_remaining"):
             return CommandError(
                 f"{render.number(document['rows_remaining'])} eligible rows were locked by "

@@ -121,17 +121,14 @@ class Command(ToolCommand):
     def _write_result(self, result: CheckResult, verbosity: int) -> None:
         if result.status == "ok" and verbosity < 1:
             return
-        style = getattr(self.style, STYLES[result.status])
+        mark, style = MARKS[result.status], getattr(self.style, STYLES[result.status])
         timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
         width = self.terminal_width()
-        mark = MARKS[result.status]
         first, *rest = wrap(
             f"{mark} {result.name}: {result.detail}{timing}", width, hanging=" " * 9
         )
         # The mark is styled on its own: the wrapping counts the characters shown.
-        self.stdout.write(style(mark) + first[len(mark) :])
-        for line in rest:
-            self.stdout.write(line)
+        self.stdout.write("\n".join([style(mark) + first[len(mark) :], *rest]))
         if verbosity >= 2:
             self._indented(f"checked: {TITLES.get(result.name, result.name)}", width)
         if result.fix and result.status != "ok":

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import signal
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -13,7 +11,7 @@ from django.core.management.base import CommandError, CommandParser
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
-from usage.management.base import OutputOptions, ToolCommand
+from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
 from usage.output import document as result
 from usage.output.lines import fit_items
 from usage.output.outcome import revert_lines
@@ -29,8 +27,6 @@ from usage.repair.revert import (
 )
 from usage.repair.runs import RunLockError
 
-# Exit status when restorable rows were left (locked by writers): distinct from errors (1).
-EXIT_ROWS_REMAINING = 3
 MAX_SHOW_CHANGED = 10_000
 
 EXAMPLES = """
@@ -94,25 +90,17 @@ class Command(ToolCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         with self.failing(ValueError):
-            run_id = opts.parse_run_id(options["run_id"], name="RUN_ID")
-            show_changed = _parse_show(options["show"])
             settings = RevertOptions(
-                run_id=run_id,
+                run_id=opts.parse_run_id(options["run_id"], name="RUN_ID"),
+                show_changed=_parse_show(options["show"]),
                 batch_size=opts.parse_batch_size(options["batch_size"]),
                 **opts.parse_limits(options),
-                show_changed=show_changed,
             )
             self.start_output(OutputOptions.read(options))
         self.database = database = describe_database()
-        execute = options["execute"]
+        run_id, execute = settings.run_id, options["execute"]
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
-        if self.report.json_logs:
-            self.report.context(
-                "context", mode, database=database, mode="revert", run_id=run_id, execute=execute
-            )
-        else:
-            self.report.context("context", f"Database: {database}")
-            self.report.context("context", f"Mode: {mode}")
+        self.show_context(database, mode, [], mode, mode="revert", run_id=run_id, execute=execute)
         try:
             with self.run_logging(), self.database_errors():
                 error = self._execute(settings) if execute else self._dry_run(settings)
@@ -136,27 +124,15 @@ class Command(ToolCommand):
         return self.ending(None, "the dry run changed nothing")
 
     def _execute(self, settings: RevertOptions) -> CommandError | None:
-        def progress(event: str, /, **details: Any) -> None:
-            if event == "started":
-                self._describe_run(details["result"])
-            elif event == "batch" and self.report.json_logs:
-                self._batch_event(details["batch"], details["result"])
-            show(event, **details)
-
-        what_next = "finishing the current batch or rollup slice, then stopping."
-        with self.live_run(what_next, revert_events) as (stop, show, received):
+        self.what_next = "finishing the current batch or rollup slice, then stopping."
+        with self.live_run(revert_events, self._progress) as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
-        signum = received[0] if received else signal.SIGTERM
-        name = signal.Signals(signum).name
-        document = self._show(done, signal_name=name if done.stopped else None)
+        document = self._show(
+            done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
+        )
         error = None
         if done.stopped:
-            # The outcome says what next; this line is the exit's reason, for the log.
-            error = CommandError(
-                f"stopped by {name} after {render.number(done.rows_restored)} rows "
-                "restored (see the outcome)",
-                returncode=128 + signum,
-            )
+            error = self.stopped(f" after {render.number(done.rows_restored)} rows restored")
         elif done.rows_remaining:
             error = CommandError(
                 f"{render.number(done.rows_remaining)} rows of run {done.run.pk} stayed locked "
@@ -165,6 +141,27 @@ class Command(ToolCommand):
                 returncode=EXIT_ROWS_REMAINING,
             )
         return self.ending(error, f"the revert's outcome is shown above ({document['status']})")
+
+    def _progress(self, event: str, /, **details: Any) -> None:
+        if event == "started":
+            self._describe_run(details["result"])
+        elif event == "batch" and self.report.json_logs:
+            batch, found = details["batch"], details["result"]
+            self.report.event(
+                "batch",
+                f"revert batch {batch.number}: {batch.entries} entries, "
+                f"{batch.rows_restored} rows restored",
+                run_id=found.run.pk,
+                batch=batch.number,
+                entries=batch.entries,
+                rows_restored=batch.rows_restored,
+                keys_queued=batch.keys_enqueued,
+                rows_skipped_locked=batch.rows_skipped_locked,
+                batch_size=batch.batch_size,
+                seconds=round(batch.seconds, 6),
+                retry=batch.retry,
+                rows_done=found.rows_restored,
+            )
 
     def _describe_run(self, found: RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
@@ -181,35 +178,13 @@ class Command(ToolCommand):
             **{key: getattr(found, key) for key in ("entries", "rows_restorable", "rows_changed")},
         )
 
-    def _batch_event(self, batch: Any, found: RevertResult) -> None:
-        self.report.event(
-            "batch",
-            f"revert batch {batch.number}: {batch.entries} entries, {batch.rows_restored} rows "
-            f"restored",
-            run_id=found.run.pk,
-            batch=batch.number,
-            entries=batch.entries,
-            rows_restored=batch.rows_restored,
-            keys_queued=batch.keys_enqueued,
-            rows_skipped_locked=batch.rows_skipped_locked,
-            batch_size=batch.batch_size,
-            seconds=round(batch.seconds, 6),
-            retry=batch.retry,
-            rows_done=found.rows_restored,
-        )
-
     def _show(
-        self,
-        found: RevertResult,
-        *,
-        signal_name: str | None = None,
-        error: str | None = None,
+        self, found: RevertResult, *, signal_name: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
-        """Show the revert's result once (see ``ToolCommand.show_result``); its outcome as
-        the last stderr line when stdout carries a document."""
+        """Show the revert's result once, and its outcome line."""
         found.run.refresh_from_db()
         document = result.build_revert(self.database, found, signal=signal_name, error=error)
-        self.show_result(document, partial(self._readable, document))
+        self.show_result(document)
         ok = document["status"] in ("reverted", "would_revert")
         if document["status"] == "would_revert":
             said = (
@@ -227,8 +202,8 @@ class Command(ToolCommand):
         self.report.outcome(said, ok=ok, **{key: document[key] for key in fields})
         return document
 
-    def _readable(self, document: dict[str, Any], kind: str) -> str:
-        """The revert's outcome as text, with the rows changed since the run (not in brief)."""
+    def readable(self, document: dict[str, Any], kind: str) -> str:
+        """The revert's outcome, with the rows changed since the run (not in brief)."""
         width = None if kind == "file" else self.terminal_width()
         lines = []
         if kind != "brief" and document["rows_changed"]:

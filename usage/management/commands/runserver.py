@@ -1,6 +1,5 @@
-"""``runserver``: Django's development server, refusing to start without a secret key of
-its own (``usage.serving``) or when the database cannot be reached (one line, not a
-traceback)."""
+"""``runserver``: Django's development server, refusing in one line to start without a secret
+key of its own (``usage.serving``) or a database it can reach."""
 
 from __future__ import annotations
 
