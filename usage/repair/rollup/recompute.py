@@ -126,13 +126,12 @@ SLICE_KEYS = f"""
 SELECT {{keys}} FROM {KEYS_TABLE}
 WHERE hour_seq > %(after)s AND hour_seq <= %(upto)s AND NOT done"""
 
-# The proof's keys: those of the first ``n`` stamps.
+# The proof's stamps: the first ``n``.
 PROOF_BOUNDS_SQL = f"""
 WITH probe AS (
     SELECT stamp FROM {KEYS_TABLE} WHERE stamp IS NOT NULL ORDER BY stamp LIMIT %(n)s
 )
 SELECT min(stamp), max(stamp) FROM probe"""
-PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
 PROOF_HOURS_SQL = (
     f"SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"
 )
@@ -230,8 +229,7 @@ class OwnRebuild:
         """``prove`` in one REPEATABLE READ slice; a failed proof puts the rest on the function."""
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
-            keys = (PROOF_KEYS, {"last": last})
-            proved = prove(self.recompute, cursor, bound, *keys, spans, window)
+            proved = prove(self.recompute, cursor, bound, last, spans, window)
             check_definition(cursor, self.fingerprint)
             return proved
 
@@ -312,7 +310,13 @@ class OwnRebuild:
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
-            window = self._window(first, last)
+            if self.source.queued:  # over the time the revert's keys were queued (draining them)
+                with connection.cursor() as cursor:
+                    cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
+                    first = stamp = cursor.fetchone()[0]
+            else:
+                stamp = last
+            window = (first, stamp + MICROSECOND)
             try:
                 proof, piece = self._prove(last, spans, window)
             except SliceCancelled as exc:
@@ -331,20 +335,16 @@ class OwnRebuild:
             self.function.leave_a_gap()
             return proof.ok
 
-    def _window(self, first: Any, last: Any) -> tuple[datetime, datetime]:
-        """Over the proof's stamps, or the time the revert's keys were queued (draining them)."""
-        if self.source.queued:
-            with connection.cursor() as cursor:
-                cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
-                first = last = cursor.fetchone()[0]
-        return first, last + MICROSECOND
-
     def _slices(self) -> None:
         while self.done < self.hours:
             if not self.function.may_start():
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
-            span = self._span(limit)
+            with connection.cursor() as cursor:
+                params = {"after": self.done, "limit": int(limit), "total": self.hours}
+                cursor.execute(NEXT_HOURS_SQL, params)
+                upto, keys, rows, start, end = cursor.fetchone()
+            span = Span(self.done, int(upto), int(keys), int(rows), start, end)
             # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
                 self._hour_in_parts(span)
@@ -418,11 +418,3 @@ class OwnRebuild:
             return row
 
         return work
-
-    def _span(self, limit: float) -> Span:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                NEXT_HOURS_SQL, {"after": self.done, "limit": int(limit), "total": self.hours}
-            )
-            upto, keys, rows, start, end = cursor.fetchone()
-        return Span(self.done, int(upto), int(keys), int(rows), start, end)

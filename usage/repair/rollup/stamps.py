@@ -183,7 +183,10 @@ class FunctionPath(Slicer):
         while after < total:
             if not self.may_start():
                 return
-            backlog = self._backlog(after + 1)
+            with connection.cursor() as cursor:
+                params = {"seq": after + 1, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+                cursor.execute(compose(BACKLOG_SQL), params)
+                backlog = int(cursor.fetchone()[0])
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
             try:
                 piece = run_slice(plan, self.limits, span.start, span.end)
@@ -210,13 +213,6 @@ class FunctionPath(Slicer):
             self.report(piece, what, keys_done)
             if after < total:
                 self.leave_a_gap()
-
-    def _backlog(self, seq: int) -> int:
-        """Keys others queued before the window from stamp ``seq`` ends (normally none)."""
-        with connection.cursor() as cursor:
-            params = {"seq": seq, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
-            cursor.execute(compose(BACKLOG_SQL), params)
-            return int(cursor.fetchone()[0])
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
