@@ -54,7 +54,7 @@ def one_agent_a_part(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every hour goes in parts of one agent each, after a proof of one stamp's keys."""
     monkeypatch.setattr(own, "FIRST_SLICE_ROWS", 1)
     monkeypatch.setattr(own, "PROOF_KEYS_COUNT", 1)
-    monkeypatch.setattr(parts, "_take", lambda agents, limit: ([agents[0][0]], agents[0][1]))
+    monkeypatch.setattr(parts, "take", lambda agents, limit: ([agents[0][0]], agents[0][1]))
 
 
 def test_a_part_recomputes_exactly_its_agents_keys_of_its_hour_as_the_function_does(

@@ -147,13 +147,13 @@ def call_function(
 
 
 def run_slice(
-    plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime
+    plan: Plan, limits: SliceLimits, window_from: datetime, window_to: datetime, **more: int
 ) -> RollupSlice:
-    """One slice around one call over ``[from, to)``."""
+    """One slice around one call over ``[from, to)`` (``more``: its keys, tasks, backlog)."""
     window = (window_from, window_to)
     done = run_locked(limits, lambda cursor, bound: call_function(cursor, bound, plan, window))
     rollup_rows, scans = done.value
-    return done.piece(window_from, window_to, rollup_rows, plan=plan, **scans)
+    return done.piece(window_from, window_to, rollup_rows, plan=plan, **scans, **more)
 
 
 def plan_applied(piece: RollupSlice) -> bool:

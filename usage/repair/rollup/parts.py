@@ -1,28 +1,9 @@
-"""A bucket hour too big for one slice of the own path, recomputed in parts of its agents,
-each part one slice reading only its agents' tasks' rows (docs/design.md)."""
+"""The statements of a bucket hour too big for one slice of the own path, recomputed in parts
+of its agents, each part one slice reading only its agents' tasks' rows (docs/design.md)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
-
-from django.db import connection
-
-from usage.db import drop_temp_table
-from usage.eligibility import compose
-from usage.repair.rollup.proof import span_params
-from usage.repair.rollup.slices import (
-    Bound,
-    Rate,
-    SliceCancelled,
-    Slicer,
-    Span,
-    run_locked,
-    unbounded,
-)
-
-logger = logging.getLogger("usage.rollup")
 
 # The hour's tasks with their agent and rows, listed once per hour outside the lock.
 HOUR_TASKS_TABLE = "pg_temp.codex_rollup_hour_tasks"
@@ -74,91 +55,11 @@ MAX_ROUNDS = 3
 FIRST_PART_ROWS = 20_000
 
 
-# ``OwnRebuild.part_work``.
-PartWork = Callable[[dict[str, Any]], Callable[[Any, Bound], Any]]
-
-
 class HourTooBig(Exception):
     """One agent's rows of the hour did not fit a slice, twice: the function rebuilds it."""
 
 
-class HourParts:
-    """The parts of one bucket hour, each a slice of ``part_work`` sized by the parts' ``rate``."""
-
-    def __init__(
-        self, slicer: Slicer, span: Span, rate: Rate, part_work: PartWork, keys_done: int
-    ) -> None:
-        self.slicer, self.span, self.rate = slicer, span, rate
-        self.part_work, self.keys_done = part_work, keys_done
-        self.seq = span.upto
-        self.held = 0.0  # by all the hour's parts together
-
-    def run(self) -> int:
-        """Every key of the hour, in parts (those done again count once); or ``HourTooBig``."""
-        hour = {"start": self.span.start, "end": self.span.end}
-        limits = self.slicer.limits
-        unbounded(
-            limits,
-            DROP_HOUR_TASKS_SQL,
-            (compose(CREATE_HOUR_TASKS_SQL), hour),
-            INDEX_HOUR_TASKS_SQL,
-            ANALYZE_HOUR_TASKS_SQL,
-        )
-        keys = 0
-        try:
-            for round_ in range(MAX_ROUNDS):
-                done = self._round()
-                keys += 0 if round_ else done
-                if self.slicer.result.stopped:
-                    return keys
-                relisted, again = unbounded(limits, (compose(MOVED_SQL), {"seq": self.seq}))
-                if not relisted:
-                    break
-                logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
-        finally:
-            drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
-        return keys
-
-    def _round(self) -> int:
-        """One part after another until every key of the hour still to do is done."""
-        slicer, span = self.slicer, self.span
-        with connection.cursor() as cursor:
-            cursor.execute(AGENT_ROWS_SQL, {"seq": self.seq})
-            agents = cursor.fetchall()
-        keys = failed = 0
-        while agents:
-            if not slicer.may_start():
-                break
-            part, rows = _take(agents, self.rate.limit(FIRST_PART_ROWS))
-            params = dict(span_params([(span.start, span.end)]), seq=self.seq, agents=part)
-            try:
-                done = run_locked(slicer.limits, self.part_work(params))
-            except SliceCancelled as exc:
-                self.rate.cancelled(max(rows, 1))
-                failed = failed + 1 if len(part) == 1 else 0
-                if failed >= 2:
-                    raise HourTooBig from exc
-                slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
-                continue
-            failed = 0
-            rollup_rows, part_keys = (int(value) for value in done.value[:2])
-            with connection.cursor() as cursor:
-                cursor.execute(MARK_PART_DONE_SQL, {"seq": self.seq, "agents": part})
-            del agents[: len(part)]
-            self.rate.add(max(rows, 1), done.held)
-            piece = done.piece(
-                span.start, span.end, rollup_rows, keys=part_keys, plan="own", rows=rows
-            )
-            slicer.settled(piece)
-            self.held += done.held
-            keys += part_keys
-            what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
-            slicer.report(piece, what, self.keys_done + keys)
-            slicer.leave_a_gap()
-        return keys
-
-
-def _take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
+def take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
     """The first agents whose rows fit ``limit`` (at least one), and their rows."""
     part: list[Any] = []
     rows = 0

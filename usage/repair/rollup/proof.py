@@ -105,7 +105,9 @@ SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
 # Short statements: no JIT, sorts in memory (docs/design.md).
 OWN_SETTINGS_SQL = "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true)"
 
-# The proof: the own recompute set aside, then compared with what the function wrote.
+# The proof's keys (those of its stamps, up to ``last``): the own recompute set aside, then
+# compared with what the function wrote.
+PROOF_KEYS = "SELECT {keys} FROM pg_temp.codex_rollup_keys WHERE stamp <= %(last)s"
 CREATE_PROOF_SQL = """
 CREATE TEMP TABLE codex_rollup_proof ON COMMIT DROP AS
 WITH keys AS MATERIALIZED ({keys_sql}),
@@ -256,8 +258,7 @@ def prove(
     recompute: Recompute,
     cursor: Any,
     bound: Bound,
-    keys_sql: str,
-    params: dict[str, Any],
+    last: Any,
     spans: Sequence[tuple[datetime, datetime]],
     window: tuple[datetime, datetime],
 ) -> tuple[Proof, tuple[int, dict[str, int]]]:
@@ -266,14 +267,12 @@ def prove(
     cursor.execute(DROP_PROOF_SQL)
     cursor.execute(OWN_SETTINGS_SQL)
     bound()
-    cursor.execute(
-        recompute.statement(CREATE_PROOF_SQL, keys_sql, len(spans)),
-        dict(params, **span_params(spans)),
-    )
-    proof_keys = sql.SQL(keys_sql.format(keys=", ".join(KEY_COLUMNS)))
+    statement = recompute.statement(CREATE_PROOF_SQL, PROOF_KEYS, len(spans))
+    cursor.execute(statement, dict(span_params(spans), last=last))
+    proof_keys = sql.SQL(PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
     set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
     cursor.execute(compose(SET_ASIDE_TABLE_SQL))
-    cursor.execute(set_aside.as_string(), dict(params, to=window[1]))
+    cursor.execute(set_aside.as_string(), {"last": last, "to": window[1]})
     called = call_function(cursor, bound, Plan.NESTLOOP, window)
     cursor.execute(compose(PUT_BACK_SQL))
     bound()

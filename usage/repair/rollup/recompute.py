@@ -16,8 +16,8 @@ from usage.db import drop_temp_table
 from usage.eligibility import compose, key_columns, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
+from usage.repair.rollup import parts
 from usage.repair.rollup.function import MICROSECOND, Plan
-from usage.repair.rollup.parts import PART_KEYS, HourParts, HourTooBig
 from usage.repair.rollup.proof import (
     OWN_SETTINGS_SQL,
     PART_TASKS,
@@ -126,13 +126,12 @@ SLICE_KEYS = f"""
 SELECT {{keys}} FROM {KEYS_TABLE}
 WHERE hour_seq > %(after)s AND hour_seq <= %(upto)s AND NOT done"""
 
-# The proof's keys: those of the first ``n`` stamps.
+# The proof's stamps: the first ``n``.
 PROOF_BOUNDS_SQL = f"""
 WITH probe AS (
     SELECT stamp FROM {KEYS_TABLE} WHERE stamp IS NOT NULL ORDER BY stamp LIMIT %(n)s
 )
 SELECT min(stamp), max(stamp) FROM probe"""
-PROOF_KEYS = f"SELECT {{keys}} FROM {KEYS_TABLE} WHERE stamp <= %(last)s"
 PROOF_HOURS_SQL = (
     f"SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"
 )
@@ -217,7 +216,7 @@ class OwnRebuild:
         self.recompute = recompute = Recompute(choice.version)
         self.slice_sql = recompute.statement(source.write, SLICE_KEYS)
         self.probed_sql = recompute.statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
-        self.part_sql = recompute.statement(source.write, PART_KEYS, probed=PART_TASKS)
+        self.part_sql = recompute.statement(source.write, parts.PART_KEYS, probed=PART_TASKS)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
@@ -230,8 +229,7 @@ class OwnRebuild:
         """``prove`` in one REPEATABLE READ slice; a failed proof puts the rest on the function."""
 
         def work(cursor: Any, bound: Bound) -> tuple[Proof, tuple[int, dict[str, int]]]:
-            keys = (PROOF_KEYS, {"last": last})
-            proved = prove(self.recompute, cursor, bound, *keys, spans, window)
+            proved = prove(self.recompute, cursor, bound, last, spans, window)
             check_definition(cursor, self.fingerprint)
             return proved
 
@@ -312,7 +310,13 @@ class OwnRebuild:
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
-            window = self._window(first, last)
+            if self.source.queued:  # over the time the revert's keys were queued (draining them)
+                with connection.cursor() as cursor:
+                    cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
+                    first = stamp = cursor.fetchone()[0]
+            else:
+                stamp = last
+            window = (first, stamp + MICROSECOND)
             try:
                 proof, piece = self._prove(last, spans, window)
             except SliceCancelled as exc:
@@ -331,20 +335,16 @@ class OwnRebuild:
             self.function.leave_a_gap()
             return proof.ok
 
-    def _window(self, first: Any, last: Any) -> tuple[datetime, datetime]:
-        """Over the proof's stamps, or the time the revert's keys were queued (draining them)."""
-        if self.source.queued:
-            with connection.cursor() as cursor:
-                cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
-                first = last = cursor.fetchone()[0]
-        return first, last + MICROSECOND
-
     def _slices(self) -> None:
         while self.done < self.hours:
             if not self.function.may_start():
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
-            span = self._span(limit)
+            with connection.cursor() as cursor:
+                params = {"after": self.done, "limit": int(limit), "total": self.hours}
+                cursor.execute(NEXT_HOURS_SQL, params)
+                upto, keys, rows, start, end = cursor.fetchone()
+            span = Span(self.done, int(upto), int(keys), int(rows), start, end)
             # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
                 self._hour_in_parts(span)
@@ -376,9 +376,8 @@ class OwnRebuild:
     def _hour_in_parts(self, span: Span) -> None:
         """In parts; through the function when one agent's rows do not fit a part."""
         try:
-            parts = HourParts(self.function, span, self.part_rate, self.part_work, self.keys_done)
-            keys = parts.run()
-        except HourTooBig:
+            keys, held = self._rounds_of_parts(span)
+        except parts.HourTooBig:
             logger.warning(
                 "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
                 "the platform's function rebuilds the hour's keys",
@@ -393,10 +392,76 @@ class OwnRebuild:
                 self.keys_done += span.keys
             return
         # What the hour cost in all sizes the next slices (else every later hour in parts).
-        self.rate.add(span.cost, parts.held)
+        self.rate.add(span.cost, held)
         self.keys_done += keys
         if not self.result.stopped:
             self.done = span.upto
+
+    def _rounds_of_parts(self, span: Span) -> tuple[int, float]:
+        """Every key of the hour (those done again count once), and the lock its parts held."""
+        unbounded(
+            self.limits,
+            parts.DROP_HOUR_TASKS_SQL,
+            (compose(parts.CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
+            parts.INDEX_HOUR_TASKS_SQL,
+            parts.ANALYZE_HOUR_TASKS_SQL,
+        )
+        keys = 0
+        held = 0.0
+        try:
+            for round_ in range(parts.MAX_ROUNDS):
+                done, round_held = self._parts(span)
+                keys += 0 if round_ else done
+                held += round_held
+                if self.result.stopped:
+                    break
+                moved = (compose(parts.MOVED_SQL), {"seq": span.upto})
+                relisted, again = unbounded(self.limits, moved)
+                if not relisted:
+                    break
+                logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
+        finally:
+            drop_temp_table(parts.DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
+        return keys, held
+
+    def _parts(self, span: Span) -> tuple[int, float]:
+        """One part after another until every key of the hour still to do is done."""
+        slicer = self.function
+        held = 0.0
+        with connection.cursor() as cursor:
+            cursor.execute(parts.AGENT_ROWS_SQL, {"seq": span.upto})
+            agents = cursor.fetchall()
+        keys = failed = 0
+        while agents:
+            if not slicer.may_start():
+                break
+            part, rows = parts.take(agents, self.part_rate.limit(parts.FIRST_PART_ROWS))
+            params = dict(span_params([(span.start, span.end)]), seq=span.upto, agents=part)
+            try:
+                done = run_locked(self.limits, self.part_work(params))
+            except SliceCancelled as exc:
+                self.part_rate.cancelled(max(rows, 1))
+                failed = failed + 1 if len(part) == 1 else 0
+                if failed >= 2:
+                    raise parts.HourTooBig from exc
+                slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
+                continue
+            failed = 0
+            rollup_rows, part_keys = (int(value) for value in done.value[:2])
+            with connection.cursor() as cursor:
+                cursor.execute(parts.MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
+            del agents[: len(part)]
+            self.part_rate.add(max(rows, 1), done.held)
+            piece = done.piece(
+                span.start, span.end, rollup_rows, keys=part_keys, plan="own", rows=rows
+            )
+            slicer.settled(piece)
+            held += done.held
+            keys += part_keys
+            what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
+            slicer.report(piece, what, self.keys_done + keys)
+            slicer.leave_a_gap()
+        return keys, held
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
         params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
@@ -418,11 +483,3 @@ class OwnRebuild:
             return row
 
         return work
-
-    def _span(self, limit: float) -> Span:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                NEXT_HOURS_SQL, {"after": self.done, "limit": int(limit), "total": self.hours}
-            )
-            upto, keys, rows, start, end = cursor.fetchone()
-        return Span(self.done, int(upto), int(keys), int(rows), start, end)

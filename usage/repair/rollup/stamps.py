@@ -3,7 +3,6 @@ then the keys of rows rewritten since, queued and drained (docs/design.md)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -183,10 +182,14 @@ class FunctionPath(Slicer):
         while after < total:
             if not self.may_start():
                 return
-            backlog = self._backlog(after + 1)
+            with connection.cursor() as cursor:
+                params = {"seq": after + 1, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+                cursor.execute(compose(BACKLOG_SQL), params)
+                backlog = int(cursor.fetchone()[0])
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
             try:
-                piece = run_slice(plan, self.limits, span.start, span.end)
+                more = {"keys": span.keys, "tasks": span.cost, "backlog": backlog}
+                piece = run_slice(plan, self.limits, span.start, span.end, **more)
             except SliceCancelled as exc:
                 drained = f", {backlog} queued keys drained with it" if backlog else ""
                 what = f"slice of {span.keys} keys on {span.count} stamps ({plan} plan{drained})"
@@ -202,7 +205,7 @@ class FunctionPath(Slicer):
                     ) from exc
                 self.cancelled(exc, what)
                 continue
-            piece = self._settled(piece, span.keys, span.cost, backlog, mean)
+            piece = self._settled(piece, mean)
             after = span.upto
             keys_done += span.keys
             tasks_done += span.cost
@@ -210,13 +213,6 @@ class FunctionPath(Slicer):
             self.report(piece, what, keys_done)
             if after < total:
                 self.leave_a_gap()
-
-    def _backlog(self, seq: int) -> int:
-        """Keys others queued before the window from stamp ``seq`` ends (normally none)."""
-        with connection.cursor() as cursor:
-            params = {"seq": seq, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
-            cursor.execute(compose(BACKLOG_SQL), params)
-            return int(cursor.fetchone()[0])
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
@@ -289,12 +285,13 @@ class FunctionPath(Slicer):
         plans += [p for p in sorted(self.planner.usable) if p not in plans]
         for plan in plans:
             try:
-                piece = run_slice(plan, self.limits, enqueued_until, enqueued_until + MICROSECOND)
+                window = (enqueued_until, enqueued_until + MICROSECOND)
+                piece = run_slice(plan, self.limits, *window, keys=keys, tasks=tasks)
             except SliceCancelled as exc:
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 self.cancelled(exc, f"{DRAIN} of {keys} keys ({plan} plan)")
                 continue
-            piece = self._settled(piece, keys, tasks)
+            piece = self._settled(piece)
             log_slice(piece, f"{DRAIN}: {keys} keys", keys, keys)
             self.leave_a_gap()
             return
@@ -305,12 +302,9 @@ class FunctionPath(Slicer):
             "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
         )
 
-    def _settled(
-        self, piece: RollupSlice, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0
-    ) -> RollupSlice:
-        piece = dataclasses.replace(piece, keys=keys, tasks=tasks, backlog=backlog)
+    def _settled(self, piece: RollupSlice, mean: float = 0.0) -> RollupSlice:
         piece = checked(piece, self.planner)
-        units = slice_units(Plan(piece.plan), keys, tasks, backlog, mean)
+        units = slice_units(Plan(piece.plan), piece.keys, piece.tasks, piece.backlog, mean)
         self.planner.measured(Plan(piece.plan), units, piece.lock_held_seconds)
         self.settled(piece)
         return piece
