@@ -154,14 +154,6 @@ REQUIRED_INDEXES = (
     IndexNeed("issue", "id", True, "tasks join their issue for the project"),
 )
 
-# The queue's unique constraint the tool's upserts name, and its shape.
-QUEUE_CONSTRAINT_SQL = """
-SELECT c.contype, i.indnullsnotdistinct,
-       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             ORDER BY k.n)
-FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
-WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
 # Columns of the queue an insert of the key and enqueued_at alone would leave NULL.
 QUEUE_REQUIRED_COLUMNS_SQL = """
 SELECT a.attname FROM pg_attribute a
@@ -187,10 +179,6 @@ JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
   AND a.attnum > 0 AND NOT a.attisdropped"""
-ROLLUP_FUNCTION_DETAILS_SQL = """
-SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
-FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
-LEFT JOIN pg_proc p ON p.oid = f.oid"""
 ROLLUP_FUNCTION_OVERLOADS_SQL = """
 SELECT p.oid::regprocedure::text
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -208,7 +196,6 @@ JOIN pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ic.relam
 LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
 WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
-APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
 DATABASE_NOW_SQL = "SELECT now()"
 COUNT_CANDIDATES_SQL = """
 SELECT count(*) FROM (
