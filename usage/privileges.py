@@ -52,10 +52,6 @@ class Missing:
         return " ".join(grant_statement(need, self.role, self.database) for need in self.needs)
 
 
-class PrivilegeError(TargetError):
-    """The role lacks privileges a run needs; nothing was written."""
-
-
 def _quote(identifier: str) -> str:
     return sql.Identifier(identifier).as_string()
 
@@ -126,7 +122,7 @@ def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
 def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
     missing = find_missing(cursor, needs)
     if missing.needs:
-        raise PrivilegeError(
+        raise TargetError(
             f"role {missing.role} lacks {missing.described()}: {what} would not be able to "
             f"finish, so nothing was changed; grant them (as the owner or a superuser): "
             f"{missing.grants()} or connect as a role that has them"

@@ -198,11 +198,10 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
             "task_usage_hourly_rollup_state has no row (id = 1)",
             f"the platform's rollup state is missing: {WRONG_SCHEMA_FIX}",
         )
-    policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now), None)
+    state = cron.CronState(watermark, last_started, now)
+    policy = cron.choose_stamp(ctx.cutoff, state, None)
     notes = []
-    # As the repair judges it (usage.cron): a tick this late means a stopped scheduler.
-    limit = cron.STALE_AFTER_INTERVALS * cron.DEFAULT_TICK_INTERVAL_SECONDS
-    stopped = last_started is not None and (now - last_started).total_seconds() > limit
+    stopped = state.stopped(cron.DEFAULT_TICK_INTERVAL_SECONDS)
     if last_started is not None and not stopped:
         notes.append(f"last cron tick started {_describe_age(now - last_started)} ago")
     elif last_started is None and "never ran" not in policy.reason:
