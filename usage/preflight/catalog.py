@@ -138,11 +138,6 @@ class IndexNeed:
     unique: bool
     why: str
 
-    def usable(self, unique: bool, keys: int, valid: bool, partial: bool, kind: str) -> bool:
-        return (
-            valid and not partial and kind == "btree" and (not self.unique or unique and keys == 1)
-        )
-
 
 REQUIRED_INDEXES = (
     IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
@@ -184,11 +179,12 @@ SELECT p.oid::regprocedure::text
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = %(schema)s AND p.proname = %(name)s
 ORDER BY 1"""
-# One row per index of the listed tables: its leading key column and whether it is usable.
+# One row per index of the listed tables: its leading key column, whether it is valid, usable
+# (a whole btree) and a key of that column alone.
 INDEXES_SQL = """
-SELECT t.relname, ic.relname, a.attname,
-       i.indisunique, i.indnkeyatts, i.indisvalid AND i.indisready, i.indpred IS NOT NULL,
-       am.amname
+SELECT t.relname, ic.relname, a.attname, i.indisvalid AND i.indisready,
+       i.indisvalid AND i.indisready AND i.indpred IS NULL AND am.amname = 'btree',
+       i.indisunique AND i.indnkeyatts = 1
 FROM pg_index i
 JOIN pg_class t ON t.oid = i.indrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace

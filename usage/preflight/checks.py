@@ -238,10 +238,10 @@ def check_indexes(ctx: Context) -> CheckResult:
     problems, fixes = [], []
     for need in catalog.REQUIRED_INDEXES:
         leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
-        if any(need.usable(*row[3:]) for row in leading):
+        if any(row[4] and (row[5] or not need.unique) for row in leading):
             continue
         target = f"{need.table}({need.column})"
-        invalid = [row[1] for row in leading if not row[5]]
+        invalid = [row[1] for row in leading if not row[3]]
         if invalid:
             problems.append(f"index {invalid[0]} on {target} is INVALID ({need.why})")
             fixes.append(f"REINDEX INDEX CONCURRENTLY {ctx.target_schema}.{invalid[0]};")
