@@ -108,8 +108,6 @@ EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
         "task_usage_hourly_rollup_state": "id watermark_at last_run_started_at",
     }.items()
 }
-# Types that behave the same for the tool's queries.
-_EQUIVALENT_TYPES = {"text": ("text", "character varying")}
 
 
 def expected_type(table: str, column: str) -> str:
@@ -123,10 +121,9 @@ def expected_type(table: str, column: str) -> str:
 
 
 def type_matches(actual: str, expected: str) -> bool:
-    return any(
-        actual == name or actual.startswith(name + "(")
-        for name in _EQUIVALENT_TYPES.get(expected, (expected,))
-    )
+    # character varying behaves as text for the tool's queries.
+    names = ("text", "character varying") if expected == "text" else (expected,)
+    return any(actual == name or actual.startswith(name + "(") for name in names)
 
 
 @dataclass(frozen=True)
@@ -192,7 +189,6 @@ JOIN pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ic.relam
 LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
 WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
-DATABASE_NOW_SQL = "SELECT now()"
 COUNT_CANDIDATES_SQL = """
 SELECT count(*) FROM (
     SELECT 1 FROM {eligible_from} WHERE {eligible_where} LIMIT %(cap)s
