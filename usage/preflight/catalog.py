@@ -21,21 +21,18 @@ class CheckResult:
     """One line of the checklist: what was found and, unless fine, what to do."""
 
     name: str
-    ok: bool
+    status: str  # ok, warn (passes, but read the fix), fail, or skip (not checked)
     detail: str
     fix: str = ""
-    warning: bool = False
-    skipped: bool = False
     seconds: float = 0.0
 
     @property
-    def status(self) -> str:
-        """``ok``, ``warn`` (passes, but read the fix), ``fail``, or ``skip`` (not checked)."""
-        if self.skipped:
-            return "skip"
-        if not self.ok:
-            return "fail"
-        return "warn" if self.warning else "ok"
+    def ok(self) -> bool:
+        return self.status in ("ok", "warn")
+
+    @property
+    def warning(self) -> bool:
+        return self.status == "warn"
 
 
 @dataclass(frozen=True)
@@ -76,15 +73,15 @@ class Check:
 
 
 def passed(detail: str) -> CheckResult:
-    return CheckResult("", True, detail)
+    return CheckResult("", "ok", detail)
 
 
 def failed(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", False, detail, fix)
+    return CheckResult("", "fail", detail, fix)
 
 
 def warned(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", True, detail, fix, warning=True)
+    return CheckResult("", "warn", detail, fix)
 
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.

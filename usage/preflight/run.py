@@ -74,7 +74,7 @@ def run_preflight(
                 names = ", ".join(blocked)
                 fix = f"fix {names} first, then run the pre-flight again"
                 why = f"not checked: needs {names}"
-                results[check.name] = CheckResult(check.name, False, why, fix, skipped=True)
+                results[check.name] = CheckResult(check.name, "skip", why, fix)
                 continue
             started = time.monotonic()
             try:
