@@ -39,6 +39,13 @@ class CronState:
     last_run_started_at: datetime | None
     now: datetime
 
+    def stopped(self, interval: float) -> bool:
+        last = self.last_run_started_at
+        return (
+            last is not None
+            and (self.now - last).total_seconds() > STALE_AFTER_INTERVALS * interval
+        )
+
 
 def read_state() -> CronState:
     with connection.cursor() as cursor:
@@ -153,11 +160,9 @@ class TickWatcher:
 
     def next_due(self, state: CronState) -> datetime | None:
         last = state.last_run_started_at
-        if last is None:
+        if last is None or state.stopped(self.interval):
             return None
         since = (state.now - last).total_seconds()
-        if since > STALE_AFTER_INTERVALS * self.interval:
-            return None
         # The first expected moment that is not yet more than ``grace`` behind us.
         ticks = max(1, math.ceil((since - self.grace) / self.interval))
         return last + timedelta(seconds=ticks * self.interval)

@@ -4,6 +4,7 @@ wrong."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,15 +37,22 @@ MISSING_OBJECTS_SQL = """
 SELECT name FROM unnest(%(tables)s::text[]) AS name
 WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
 
-ROLLUP_FUNCTION_SQL = "SELECT to_regprocedure(%(signature)s) IS NOT NULL"
+# Whether the rollup function exists, what it returns, and whether it runs as its owner.
+ROLLUP_FUNCTION_SQL = """
+SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
+FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
+LEFT JOIN pg_proc p ON p.oid = f.oid"""
 
-APPLIED_MIGRATIONS_SQL = "SELECT name FROM {tool_schema}.django_migrations WHERE app = 'usage'"
+# The queue's unique constraint the tool's upserts name, and its shape.
+QUEUE_CONSTRAINT_SQL = """
+SELECT c.contype, i.indnullsnotdistinct,
+       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             ORDER BY k.n)
+FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
 
-QUEUE_CONSTRAINT_EXISTS_SQL = """
-SELECT EXISTS (
-    SELECT 1 FROM pg_constraint
-    WHERE conrelid = to_regclass(%(table)s) AND conname = %(name)s AND contype = 'u'
-)"""
+APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
 
 
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
@@ -117,48 +125,62 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
-def check_target() -> None:
+def missing_tables(cursor: Any, tables: Sequence[str], schema: str) -> list[str]:
+    cursor.execute(MISSING_OBJECTS_SQL, {"tables": list(tables), "schema": schema})
+    return [row[0] for row in cursor.fetchall()]
+
+
+def rollup_function(cursor: Any) -> tuple[bool, str | None, bool | None]:
+    signature = f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"
+    cursor.execute(ROLLUP_FUNCTION_SQL, {"signature": signature})
+    return cursor.fetchone()
+
+
+def queue_constraint(cursor: Any) -> tuple[str, bool, list[str]] | None:
+    """Its kind, NULLS NOT DISTINCT and key columns; None when the queue has no such constraint."""
+    table = compose("{task_usage_hourly_dirty}")
+    cursor.execute(QUEUE_CONSTRAINT_SQL, {"table": table, "name": QUEUE_CONSTRAINT})
+    return cursor.fetchone()
+
+
+def migrations(cursor: Any) -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
+    """The applied (app, name) pairs, and those on disk not applied (replaced ones aside)."""
     from django.db.migrations.loader import MigrationLoader
 
+    cursor.execute(compose(APPLIED_MIGRATIONS_SQL))
+    applied = {tuple(row) for row in cursor.fetchall()}
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    on_disk = {key for key, migration in loader.disk_migrations.items() if not migration.replaces}
+    return applied, sorted(on_disk - applied)
+
+
+def check_target() -> None:
     target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     with connection.cursor() as cursor:
-
-        def column(statement: Any, params: Any = None) -> list[Any]:
-            cursor.execute(statement, params)
-            return [row[0] for row in cursor.fetchall()]
-
-        tables = {"tables": list(REQUIRED_TARGET_TABLES), "schema": target}
-        missing = column(MISSING_OBJECTS_SQL, tables)
+        missing = missing_tables(cursor, REQUIRED_TARGET_TABLES, target)
         if missing:
             raise TargetError(
                 f"table {', '.join(missing)} not found in schema {target!r}: point DATABASE_URL "
                 "at the application database (or set CODEX_TARGET_SCHEMA)"
             )
-        signature = f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"
-        if not column(ROLLUP_FUNCTION_SQL, {"signature": signature})[0]:
+        if not rollup_function(cursor)[0]:
             raise TargetError(
                 f"function {ROLLUP_FUNCTION_SIGNATURE} not found in schema {target!r}: this "
                 "database does not have the hourly rollup the repair must call; check DATABASE_URL"
             )
-        queue = {"table": f"{target}.task_usage_hourly_dirty", "name": QUEUE_CONSTRAINT}
-        if not column(QUEUE_CONSTRAINT_EXISTS_SQL, queue)[0]:
+        constraint = queue_constraint(cursor)
+        if constraint is None or constraint[0] != "u":
             raise TargetError(
                 f"task_usage_hourly_dirty has no unique constraint {QUEUE_CONSTRAINT}: the "
                 "repair queues hourly keys with ON CONFLICT ON CONSTRAINT, as the platform "
                 "does; run preflight_codex_usage_backfill for the details"
             )
-        if column(MISSING_OBJECTS_SQL, {"tables": list(REQUIRED_TOOL_TABLES), "schema": tool}):
+        if missing_tables(cursor, REQUIRED_TOOL_TABLES, tool):
             raise TargetError(
                 f"the tool's own tables are missing from schema {tool!r}:"
                 " run `python manage.py migrate` first (it creates only that schema)"
             )
-        loader = MigrationLoader(None, ignore_no_migrations=True)
-        on_disk = {
-            name
-            for (app, name), migration in loader.disk_migrations.items()
-            if app == "usage" and not migration.replaces
-        }
-        missing = sorted(on_disk - set(column(compose(APPLIED_MIGRATIONS_SQL))))
+        missing = [name for app, name in migrations(cursor)[1] if app == "usage"]
         if missing:
             raise TargetError(
                 f"the tool's schema {tool!r} is not migrated to this version (missing "

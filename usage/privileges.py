@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-from usage.db import ROLLUP_FUNCTION_SIGNATURE, TargetError
+from usage.db import TargetError, rollup_function
 from usage.eligibility import compose
 
 # Each requirement (kind, qualified object, privilege), evaluated for the current role.
@@ -25,10 +25,6 @@ SELECT r.kind, r.obj, r.priv,
        current_user,
        current_database()
 FROM unnest(%(kinds)s::text[], %(objs)s::text[], %(privs)s::text[]) AS r(kind, obj, priv)"""
-
-RUNS_AS_OWNER_SQL = (
-    "SELECT coalesce((SELECT prosecdef FROM pg_proc WHERE oid = to_regprocedure(%s)), false)"
-)
 
 
 @dataclass(frozen=True)
@@ -54,10 +50,6 @@ class Missing:
 
     def grants(self) -> str:
         return " ".join(grant_statement(need, self.role, self.database) for need in self.needs)
-
-
-class PrivilegeError(TargetError):
-    """The role lacks privileges a run needs; nothing was written."""
 
 
 def _quote(identifier: str) -> str:
@@ -130,7 +122,7 @@ def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:
 def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
     missing = find_missing(cursor, needs)
     if missing.needs:
-        raise PrivilegeError(
+        raise TargetError(
             f"role {missing.role} lacks {missing.described()}: {what} would not be able to "
             f"finish, so nothing was changed; grant them (as the owner or a superuser): "
             f"{missing.grants()} or connect as a role that has them"
@@ -139,7 +131,4 @@ def refuse_missing(cursor: Any, needs: Sequence[Need], what: str) -> None:
 
 def function_runs_as_owner(cursor: Any) -> bool:
     """A SECURITY DEFINER function writes as its owner."""
-    cursor.execute(
-        RUNS_AS_OWNER_SQL, [f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"]
-    )
-    return bool(cursor.fetchone()[0])
+    return bool(rollup_function(cursor)[2])

@@ -40,7 +40,6 @@ class ReplicationLagTimeout(Exception):
             f"replication lag stayed too high for {waited_seconds:.0f}s ({reason}); "
             "wait for the replicas to catch up, then re-run the same command to resume"
         )
-        self.reason = reason
         self.waited_seconds = waited_seconds
 
 

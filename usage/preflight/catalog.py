@@ -21,21 +21,18 @@ class CheckResult:
     """One line of the checklist: what was found and, unless fine, what to do."""
 
     name: str
-    ok: bool
+    status: str  # ok, warn (passes, but read the fix), fail, or skip (not checked)
     detail: str
     fix: str = ""
-    warning: bool = False
-    skipped: bool = False
     seconds: float = 0.0
 
     @property
-    def status(self) -> str:
-        """``ok``, ``warn`` (passes, but read the fix), ``fail``, or ``skip`` (not checked)."""
-        if self.skipped:
-            return "skip"
-        if not self.ok:
-            return "fail"
-        return "warn" if self.warning else "ok"
+    def ok(self) -> bool:
+        return self.status in ("ok", "warn")
+
+    @property
+    def warning(self) -> bool:
+        return self.status == "warn"
 
 
 @dataclass(frozen=True)
@@ -76,15 +73,15 @@ class Check:
 
 
 def passed(detail: str) -> CheckResult:
-    return CheckResult("", True, detail)
+    return CheckResult("", "ok", detail)
 
 
 def failed(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", False, detail, fix)
+    return CheckResult("", "fail", detail, fix)
 
 
 def warned(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", True, detail, fix, warning=True)
+    return CheckResult("", "warn", detail, fix)
 
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
@@ -108,8 +105,6 @@ EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {
         "task_usage_hourly_rollup_state": "id watermark_at last_run_started_at",
     }.items()
 }
-# Types that behave the same for the tool's queries.
-_EQUIVALENT_TYPES = {"text": ("text", "character varying")}
 
 
 def expected_type(table: str, column: str) -> str:
@@ -123,10 +118,9 @@ def expected_type(table: str, column: str) -> str:
 
 
 def type_matches(actual: str, expected: str) -> bool:
-    return any(
-        actual == name or actual.startswith(name + "(")
-        for name in _EQUIVALENT_TYPES.get(expected, (expected,))
-    )
+    # character varying behaves as text for the tool's queries.
+    names = ("text", "character varying") if expected == "text" else (expected,)
+    return any(actual == name or actual.startswith(name + "(") for name in names)
 
 
 @dataclass(frozen=True)
@@ -137,11 +131,6 @@ class IndexNeed:
     column: str
     unique: bool
     why: str
-
-    def usable(self, unique: bool, keys: int, valid: bool, partial: bool, kind: str) -> bool:
-        return (
-            valid and not partial and kind == "btree" and (not self.unique or unique and keys == 1)
-        )
 
 
 REQUIRED_INDEXES = (
@@ -154,14 +143,6 @@ REQUIRED_INDEXES = (
     IndexNeed("issue", "id", True, "tasks join their issue for the project"),
 )
 
-# The queue's unique constraint the tool's upserts name, and its shape.
-QUEUE_CONSTRAINT_SQL = """
-SELECT c.contype, i.indnullsnotdistinct,
-       array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             ORDER BY k.n)
-FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
-WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
 # Columns of the queue an insert of the key and enqueued_at alone would leave NULL.
 QUEUE_REQUIRED_COLUMNS_SQL = """
 SELECT a.attname FROM pg_attribute a
@@ -187,20 +168,17 @@ JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
   AND a.attnum > 0 AND NOT a.attisdropped"""
-ROLLUP_FUNCTION_DETAILS_SQL = """
-SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
-FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
-LEFT JOIN pg_proc p ON p.oid = f.oid"""
 ROLLUP_FUNCTION_OVERLOADS_SQL = """
 SELECT p.oid::regprocedure::text
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = %(schema)s AND p.proname = %(name)s
 ORDER BY 1"""
-# One row per index of the listed tables: its leading key column and whether it is usable.
+# One row per index of the listed tables: its leading key column, whether it is valid, usable
+# (a whole btree) and a key of that column alone.
 INDEXES_SQL = """
-SELECT t.relname, ic.relname, a.attname,
-       i.indisunique, i.indnkeyatts, i.indisvalid AND i.indisready, i.indpred IS NOT NULL,
-       am.amname
+SELECT t.relname, ic.relname, a.attname, i.indisvalid AND i.indisready,
+       i.indisvalid AND i.indisready AND i.indpred IS NULL AND am.amname = 'btree',
+       i.indisunique AND i.indnkeyatts = 1
 FROM pg_index i
 JOIN pg_class t ON t.oid = i.indrelid
 JOIN pg_namespace n ON n.oid = t.relnamespace
@@ -208,8 +186,6 @@ JOIN pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ic.relam
 LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] AND i.indkey[0] <> 0
 WHERE n.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[])"""
-APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
-DATABASE_NOW_SQL = "SELECT now()"
 COUNT_CANDIDATES_SQL = """
 SELECT count(*) FROM (
     SELECT 1 FROM {eligible_from} WHERE {eligible_where} LIMIT %(cap)s

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from django.db.migrations.loader import MigrationLoader
-
 from usage import cron, db, privileges, replication
 from usage.eligibility import compose, eligible_params
 from usage.events import json_default
@@ -79,8 +77,7 @@ def check_primary(ctx: Context) -> CheckResult:
 
 @check("the application's tables")
 def check_tables(ctx: Context) -> CheckResult:
-    tables = {"tables": list(catalog.PREFLIGHT_TARGET_TABLES), "schema": ctx.target_schema}
-    missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
+    missing = db.missing_tables(ctx.cursor, catalog.PREFLIGHT_TARGET_TABLES, ctx.target_schema)
     if missing:
         return failed(
             f"missing in schema {ctx.target_schema!r}: {', '.join(missing)}",
@@ -118,9 +115,7 @@ def check_columns(ctx: Context) -> CheckResult:
 @check("the hourly rollup function and signature")
 def check_rollup_function(ctx: Context) -> CheckResult:
     signature = f"{ctx.target_schema}.{db.ROLLUP_FUNCTION_SIGNATURE}"
-    exists, returns, definer = ctx.one(
-        catalog.ROLLUP_FUNCTION_DETAILS_SQL, {"signature": signature}
-    )
+    exists, returns, definer = db.rollup_function(ctx.cursor)
     fix = (
         "deploy the application migration that creates "
         f"{db.ROLLUP_FUNCTION_SIGNATURE} returning bigint in schema {ctx.target_schema!r} "
@@ -163,14 +158,13 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 
 @check("the rollup queue's unique key the repair upserts into", requires="tables")
 def check_rollup_queue(ctx: Context) -> CheckResult:
-    table = compose("{task_usage_hourly_dirty}")
     key = list(catalog.QUEUE_KEY_COLUMNS)
     fix = (
         "the repair queues hourly keys as the platform does (INSERT ... ON CONFLICT ON "
         f"CONSTRAINT {db.QUEUE_CONSTRAINT}); deploy the application migration that gives "
         f"task_usage_hourly_dirty that constraint: UNIQUE NULLS NOT DISTINCT ({', '.join(key)})"
     )
-    row = ctx.one(catalog.QUEUE_CONSTRAINT_SQL, {"table": table, "name": db.QUEUE_CONSTRAINT})
+    row = db.queue_constraint(ctx.cursor)
     if row is None:
         return failed(f"task_usage_hourly_dirty has no constraint {db.QUEUE_CONSTRAINT}", fix)
     kind, nulls_not_distinct, columns = row
@@ -180,7 +174,7 @@ def check_rollup_queue(ctx: Context) -> CheckResult:
             f"{' NULLS NOT DISTINCT' if nulls_not_distinct else ''} ({', '.join(columns)})"
         )
         return failed(f"{db.QUEUE_CONSTRAINT} is {shape}", fix)
-    params = {"table": table, "columns": [*key, "enqueued_at"]}
+    params = {"table": compose("{task_usage_hourly_dirty}"), "columns": [*key, "enqueued_at"]}
     extra = ctx.column(catalog.QUEUE_REQUIRED_COLUMNS_SQL, params)
     if extra:
         return failed(
@@ -204,11 +198,10 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
             "task_usage_hourly_rollup_state has no row (id = 1)",
             f"the platform's rollup state is missing: {WRONG_SCHEMA_FIX}",
         )
-    policy = cron.choose_stamp(ctx.cutoff, cron.CronState(watermark, last_started, now), None)
+    state = cron.CronState(watermark, last_started, now)
+    policy = cron.choose_stamp(ctx.cutoff, state, None)
     notes = []
-    # As the repair judges it (usage.cron): a tick this late means a stopped scheduler.
-    limit = cron.STALE_AFTER_INTERVALS * cron.DEFAULT_TICK_INTERVAL_SECONDS
-    stopped = last_started is not None and (now - last_started).total_seconds() > limit
+    stopped = state.stopped(cron.DEFAULT_TICK_INTERVAL_SECONDS)
     if last_started is not None and not stopped:
         notes.append(f"last cron tick started {_describe_age(now - last_started)} ago")
     elif last_started is None and "never ran" not in policy.reason:
@@ -245,10 +238,10 @@ def check_indexes(ctx: Context) -> CheckResult:
     problems, fixes = [], []
     for need in catalog.REQUIRED_INDEXES:
         leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
-        if any(need.usable(*row[3:]) for row in leading):
+        if any(row[4] and (row[5] or not need.unique) for row in leading):
             continue
         target = f"{need.table}({need.column})"
-        invalid = [row[1] for row in leading if not row[5]]
+        invalid = [row[1] for row in leading if not row[3]]
         if invalid:
             problems.append(f"index {invalid[0]} on {target} is INVALID ({need.why})")
             fixes.append(f"REINDEX INDEX CONCURRENTLY {ctx.target_schema}.{invalid[0]};")
@@ -276,18 +269,15 @@ def check_tool_schema(ctx: Context) -> CheckResult:
         "run `python manage.py migrate` against this database (same DATABASE_URL; unset for the "
         f"sandbox): it creates only the tool's schema {ctx.tool_schema!r}"
     )
-    tables = {"tables": [*db.REQUIRED_TOOL_TABLES, "django_migrations"], "schema": ctx.tool_schema}
-    missing = ctx.column(db.MISSING_OBJECTS_SQL, tables)
+    tables = [*db.REQUIRED_TOOL_TABLES, "django_migrations"]
+    missing = db.missing_tables(ctx.cursor, tables, ctx.tool_schema)
     if missing:
         return failed(
             f"schema {ctx.tool_schema!r} lacks {', '.join(missing)}: the tool is not migrated",
             fix,
         )
-    applied = {tuple(row) for row in ctx.all(compose(catalog.APPLIED_MIGRATIONS_SQL))}
-    # The migrations on disk for the installed apps, replaced ones aside.
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    on_disk = {key for key, migration in loader.disk_migrations.items() if not migration.replaces}
-    pending = sorted(f"{app}.{name}" for app, name in on_disk - applied)
+    applied, unapplied = db.migrations(ctx.cursor)
+    pending = [f"{app}.{name}" for app, name in unapplied]
     if pending:
         more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
         return failed(f"unapplied migrations: {', '.join(pending[:5])}{more}", fix)
@@ -311,7 +301,7 @@ def check_privileges(ctx: Context) -> CheckResult:
 
 @check("the cutoff is in the database's past")
 def check_cutoff(ctx: Context) -> CheckResult:
-    (database_now,) = ctx.one(catalog.DATABASE_NOW_SQL)
+    (database_now,) = ctx.one("SELECT now()")
     try:
         ensure_cutoff_in_past(ctx.cutoff, database_now)
     except CutoffError as exc:

@@ -25,7 +25,6 @@ logger = logging.getLogger("usage.preflight")
 # Every statement is bounded: the pre-flight may run on a busy production primary.
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 60.0
 LOCK_TIMEOUT_SECONDS = 5.0
-READ_ONLY_SQL = "SET TRANSACTION READ ONLY"
 
 
 class _LoggingCursor:
@@ -64,7 +63,7 @@ def run_preflight(
 ) -> list[CheckResult]:
     results: dict[str, CheckResult] = {}
     with _read_only(conn) as (raw_cursor, savepoint):
-        raw_cursor.execute(READ_ONLY_SQL)
+        raw_cursor.execute("SET TRANSACTION READ ONLY")
         set_local_timeouts(raw_cursor, LOCK_TIMEOUT_SECONDS, statement_timeout)
         schemas = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
         ctx = Context(_LoggingCursor(raw_cursor), cutoff, workspace_id, *schemas)
@@ -75,7 +74,7 @@ def run_preflight(
                 names = ", ".join(blocked)
                 fix = f"fix {names} first, then run the pre-flight again"
                 why = f"not checked: needs {names}"
-                results[check.name] = CheckResult(check.name, False, why, fix, skipped=True)
+                results[check.name] = CheckResult(check.name, "skip", why, fix)
                 continue
             started = time.monotonic()
             try:
