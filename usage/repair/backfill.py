@@ -318,9 +318,8 @@ class Repair(batching.Chunks):
         try:
             result.rollup = self.rebuild_keys(run_ids, should_stop)
         except rollup.RollupError as exc:
-            if exc.result is not None:  # what it did, its longest hold included, is recorded
-                result.rollup = exc.result
-                self._record_rollup(exc.result)
+            result.rollup = exc.result  # what it did, its longest hold included, is recorded
+            self._record_rollup(exc.result)
             raise
         if not result.rollup.stopped:
             BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(

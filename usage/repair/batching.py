@@ -29,6 +29,7 @@ from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.repair import rollup
 from usage.repair.progress import Progress, no_progress
+from usage.repair.rollup.slices import SliceLimits
 
 T = TypeVar("T")
 
@@ -41,10 +42,6 @@ MAX_TIMEOUT_RETRIES = 3
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
 
 
-def default_lock_retry_delays() -> tuple[float, ...]:
-    return LOCK_RETRY_DELAYS_SECONDS  # read when called: the tests set it short
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunLimits:
     """How a run may use the database: batches, timeouts, the rollup's hold, the cron tick."""
@@ -53,7 +50,8 @@ class RunLimits:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
+    # Read when the options are made: the tests set it short.
+    lock_retry_delays: tuple[float, ...] = field(default_factory=lambda: LOCK_RETRY_DELAYS_SECONDS)
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     rollup_path: str = "auto"  # or "function"
 
@@ -200,17 +198,13 @@ class Chunks:
         source: rollup.KeySource = rollup.RUN_KEYS,
     ) -> rollup.RollupResult:
         """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path."""
-        limits = self.options
+        options = self.options
+        limits = SliceLimits(
+            options.max_rollup_lock_seconds, options.lock_timeout, options.statement_timeout
+        )
+        neighbours = rollup.NeighbourOptions(tick_interval=options.cron_tick_interval)
         return rollup.rebuild_keys(
-            run_ids,
-            choice=self.result.path,
-            max_lock_seconds=limits.max_rollup_lock_seconds,
-            lock_timeout=limits.lock_timeout,
-            statement_timeout=max(limits.statement_timeout, 0),
-            neighbours=rollup.NeighbourOptions(tick_interval=limits.cron_tick_interval),
-            should_stop=should_stop,
-            progress=self.progress,
-            source=source,
+            run_ids, self.result.path, limits, neighbours, should_stop, self.progress, source
         )
 
     def rebuild_after_rows(self, rebuild: Callable[[], T], message: str) -> T:

@@ -262,8 +262,7 @@ class Revert(batching.Chunks):
         try:
             rebuilt = self.rebuild_keys([], self.stop.is_set, rollup.REVERT_KEYS)
         except rollup.RollupError as exc:
-            if exc.result is not None:
-                self.result.rollup = exc.result
+            self.result.rollup = exc.result
             raise
         self.result.rollup = rebuilt
         self.result.stopped = rebuilt.stopped
