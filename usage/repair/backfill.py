@@ -33,12 +33,6 @@ WORDS = batching.BatchWords(
     retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
     unequal="journal wrote %d entries for %d updated rows",
 )
-RECORD_PATH = {
-    "path": "rollup_path",
-    "function": "rollup_function",
-    "fingerprint": "rollup_fingerprint",
-    "reason": "rollup_path_reason",
-}
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
 # Batches are sized for a time, not a count (docs/design.md, "How a run works", 4).
 FIRST_BATCH_SIZE = 1000
@@ -211,7 +205,10 @@ class Repair(batching.Chunks):
                 stamp_base=policy.top,
                 watermark_at_start=policy.watermark_at,
                 rows_planned=planned,
-                **{RECORD_PATH[name]: value for name, value in details.items()},
+                rollup_path=details.get("path", ""),
+                rollup_function=details.get("function", ""),
+                rollup_fingerprint=details.get("fingerprint", ""),
+                rollup_path_reason=details.get("reason", ""),
                 **checked,
             )
             self.result = ExecuteResult(
