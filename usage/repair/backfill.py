@@ -26,13 +26,6 @@ from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
 
-WORDS = batching.BatchWords(
-    batch="a batch",
-    unit="rows",
-    kept="the work done so far is kept: re-run later",
-    retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
-    unequal="journal wrote %d entries for %d updated rows",
-)
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
 # Batches are sized for a time, not a count (docs/design.md, "How a run works", 4).
 FIRST_BATCH_SIZE = 1000
@@ -160,7 +153,13 @@ class ExecuteResult(batching.RunResult):
 class Repair(batching.Chunks):
     """One execute run, the engine's forward direction."""
 
-    words, logger, error, log_view = WORDS, logger, BackfillError, staticmethod(repair_log)
+    logger, error, log_view = logger, BackfillError, staticmethod(repair_log)
+    timed_out = (
+        "a batch timed out {times} times, down to {size} rows ({error}); the work done so far "
+        "is kept: re-run later"
+    )
+    retrying = "batch timed out (%(kind)s); rolled back, retrying with %(size)d rows"
+    unequal = "journal wrote %d entries for %d updated rows"
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_WORK_TABLE_SQL, "work table")

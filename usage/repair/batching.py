@@ -68,17 +68,6 @@ class BatchTimeoutError(Exception):
     """A batch timed out too often; the message says what was kept and what to do."""
 
 
-@dataclass(frozen=True)
-class BatchWords:
-    """How a direction names its batches in its messages."""
-
-    batch: str  # "a batch"
-    unit: str  # what a batch is made of: "rows"
-    kept: str  # what a stop keeps, and what to do
-    retrying: str  # the warning logged with %(kind)s (lock or statement) and %(size)d
-    unequal: str  # a batch's journal entries (%d) not its rows (%d)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Batch:
     """One batch, either way: its number and size, how long it took, what it moved."""
@@ -124,7 +113,12 @@ class Chunks:
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
     and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
-    words: ClassVar[BatchWords]
+    # Its messages: a batch that timed out too often ({times}, {size}, {error}: what a stop
+    # keeps, and what to do), the warning as it is retried smaller (%(kind)s: lock or statement,
+    # %(size)d), and a batch whose journal entries (%d) are not its rows (%d).
+    timed_out: ClassVar[str]
+    retrying: ClassVar[str]
+    unequal: ClassVar[str]
     logger: ClassVar[logging.Logger]
     error: ClassVar[type[RunError]] = RunError
     # The events the progress callback is given (the others are the log view's alone).
@@ -164,7 +158,7 @@ class Chunks:
         figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
         journaled, rows = figures.pop(self.figures[0]), figures["rows"]
         if journaled != rows:
-            raise RuntimeError(f"{self.words.unequal % (journaled, rows)}; batch rolled back")
+            raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
         return figures
 
     def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
@@ -258,15 +252,13 @@ class Chunks:
             return False
         self.timeouts += 1
         if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-            words = self.words
             raise BatchTimeoutError(
-                f"{words.batch} timed out {self.timeouts} times, down to {size} {words.unit} "
-                f"({error_text(exc)}); {words.kept}, or with a larger "
-                "--lock-timeout/--statement-timeout"
+                self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
+                + ", or with a larger --lock-timeout/--statement-timeout"
             ) from exc
         self.size = max(1, size // 2)
         kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
-        self.logger.warning(self.words.retrying, {"kind": kind, "size": self.size})
+        self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
         return True
 
     def retry_locked(self) -> int:
