@@ -51,7 +51,6 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
     """Verify run ``run_id`` with its chain, read-only; at most ``limit`` keys are listed."""
     run = BackfillRun.objects.get(pk=run_id)
     members = runs.chain(run)
-    later = next((r for r in members if r.continues_id == run.pk), None)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_LEFT_SQL), eligible_params(run.cutoff, run.workspace_id))
@@ -65,7 +64,7 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
         runs=[r.pk for r in members],
         last_status=members[-1].status,
         continues=run.continues_id,
-        continued_by=later.pk if later is not None else None,
+        continued_by=next((r.pk for r in members if r.continues_id == run.pk), None),
         eligible_rows_left=left,
         eligible_rows_expected=any(r.status == BackfillRun.Status.REVERTED for r in members)
         or (left > 0 and left == restored),
