@@ -113,9 +113,8 @@ class Chunks:
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
     and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
-    # Its messages: a batch that timed out too often ({times}, {size}, {error}: what a stop
-    # keeps, and what to do), the warning as it is retried smaller (%(kind)s: lock or statement,
-    # %(size)d), and a batch whose journal entries (%d) are not its rows (%d).
+    # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
+    # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
     timed_out: ClassVar[str]
     retrying: ClassVar[str]
     unequal: ClassVar[str]
