@@ -26,19 +26,6 @@ from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
 
-WORDS = batching.BatchWords(
-    batch="a batch",
-    unit="rows",
-    kept="the work done so far is kept: re-run later",
-    retrying="batch timed out (%(kind)s); rolled back, retrying with %(size)d rows",
-    unequal="journal wrote %d entries for %d updated rows",
-)
-RECORD_PATH = {
-    "path": "rollup_path",
-    "function": "rollup_function",
-    "fingerprint": "rollup_fingerprint",
-    "reason": "rollup_path_reason",
-}
 REMAINING_COUNT_TIMEOUT_SECONDS = 60.0  # counting what is left after a failure or a stop
 # Batches are sized for a time, not a count (docs/design.md, "How a run works", 4).
 FIRST_BATCH_SIZE = 1000
@@ -166,7 +153,13 @@ class ExecuteResult(batching.RunResult):
 class Repair(batching.Chunks):
     """One execute run, the engine's forward direction."""
 
-    words, logger, error, log_view = WORDS, logger, BackfillError, staticmethod(repair_log)
+    logger, error, log_view = logger, BackfillError, staticmethod(repair_log)
+    timed_out = (
+        "a batch timed out {times} times, down to {size} rows ({error}); the work done so far "
+        "is kept: re-run later"
+    )
+    retrying = "batch timed out (%(kind)s); rolled back, retrying with %(size)d rows"
+    unequal = "journal wrote %d entries for %d updated rows"
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_WORK_TABLE_SQL, "work table")
@@ -211,7 +204,10 @@ class Repair(batching.Chunks):
                 stamp_base=policy.top,
                 watermark_at_start=policy.watermark_at,
                 rows_planned=planned,
-                **{RECORD_PATH[name]: value for name, value in details.items()},
+                rollup_path=details.get("path", ""),
+                rollup_function=details.get("function", ""),
+                rollup_fingerprint=details.get("fingerprint", ""),
+                rollup_path_reason=details.get("reason", ""),
                 **checked,
             )
             self.result = ExecuteResult(
@@ -318,9 +314,8 @@ class Repair(batching.Chunks):
         try:
             result.rollup = self.rebuild_keys(run_ids, should_stop)
         except rollup.RollupError as exc:
-            if exc.result is not None:  # what it did, its longest hold included, is recorded
-                result.rollup = exc.result
-                self._record_rollup(exc.result)
+            result.rollup = exc.result  # what it did, its longest hold included, is recorded
+            self._record_rollup(exc.result)
             raise
         if not result.rollup.stopped:
             BackfillRun.objects.filter(pk__in=[*pending, run.pk]).update(

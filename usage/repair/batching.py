@@ -29,6 +29,7 @@ from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.repair import rollup
 from usage.repair.progress import Progress, no_progress
+from usage.repair.rollup.slices import SliceLimits
 
 T = TypeVar("T")
 
@@ -41,10 +42,6 @@ MAX_TIMEOUT_RETRIES = 3
 LOCK_RETRY_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0)
 
 
-def default_lock_retry_delays() -> tuple[float, ...]:
-    return LOCK_RETRY_DELAYS_SECONDS  # read when called: the tests set it short
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunLimits:
     """How a run may use the database: batches, timeouts, the rollup's hold, the cron tick."""
@@ -53,7 +50,8 @@ class RunLimits:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS
     max_rollup_lock_seconds: float = rollup.DEFAULT_MAX_ROLLUP_LOCK_SECONDS
-    lock_retry_delays: tuple[float, ...] = field(default_factory=default_lock_retry_delays)
+    # Read when the options are made: the tests set it short.
+    lock_retry_delays: tuple[float, ...] = field(default_factory=lambda: LOCK_RETRY_DELAYS_SECONDS)
     cron_tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
     rollup_path: str = "auto"  # or "function"
 
@@ -68,17 +66,6 @@ class RunError(Exception):
 
 class BatchTimeoutError(Exception):
     """A batch timed out too often; the message says what was kept and what to do."""
-
-
-@dataclass(frozen=True)
-class BatchWords:
-    """How a direction names its batches in its messages."""
-
-    batch: str  # "a batch"
-    unit: str  # what a batch is made of: "rows"
-    kept: str  # what a stop keeps, and what to do
-    retrying: str  # the warning logged with %(kind)s (lock or statement) and %(size)d
-    unequal: str  # a batch's journal entries (%d) not its rows (%d)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +113,11 @@ class Chunks:
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
     and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
-    words: ClassVar[BatchWords]
+    # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
+    # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
+    timed_out: ClassVar[str]
+    retrying: ClassVar[str]
+    unequal: ClassVar[str]
     logger: ClassVar[logging.Logger]
     error: ClassVar[type[RunError]] = RunError
     # The events the progress callback is given (the others are the log view's alone).
@@ -166,7 +157,7 @@ class Chunks:
         figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
         journaled, rows = figures.pop(self.figures[0]), figures["rows"]
         if journaled != rows:
-            raise RuntimeError(f"{self.words.unequal % (journaled, rows)}; batch rolled back")
+            raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
         return figures
 
     def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
@@ -200,17 +191,13 @@ class Chunks:
         source: rollup.KeySource = rollup.RUN_KEYS,
     ) -> rollup.RollupResult:
         """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path."""
-        limits = self.options
+        options = self.options
+        limits = SliceLimits(
+            options.max_rollup_lock_seconds, options.lock_timeout, options.statement_timeout
+        )
+        neighbours = rollup.NeighbourOptions(tick_interval=options.cron_tick_interval)
         return rollup.rebuild_keys(
-            run_ids,
-            choice=self.result.path,
-            max_lock_seconds=limits.max_rollup_lock_seconds,
-            lock_timeout=limits.lock_timeout,
-            statement_timeout=max(limits.statement_timeout, 0),
-            neighbours=rollup.NeighbourOptions(tick_interval=limits.cron_tick_interval),
-            should_stop=should_stop,
-            progress=self.progress,
-            source=source,
+            run_ids, self.result.path, limits, neighbours, should_stop, self.progress, source
         )
 
     def rebuild_after_rows(self, rebuild: Callable[[], T], message: str) -> T:
@@ -264,15 +251,13 @@ class Chunks:
             return False
         self.timeouts += 1
         if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-            words = self.words
             raise BatchTimeoutError(
-                f"{words.batch} timed out {self.timeouts} times, down to {size} {words.unit} "
-                f"({error_text(exc)}); {words.kept}, or with a larger "
-                "--lock-timeout/--statement-timeout"
+                self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
+                + ", or with a larger --lock-timeout/--statement-timeout"
             ) from exc
         self.size = max(1, size // 2)
         kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
-        self.logger.warning(self.words.retrying, {"kind": kind, "size": self.size})
+        self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
         return True
 
     def retry_locked(self) -> int:

@@ -4,18 +4,16 @@ the run's log view below and to the ``Progress`` callback a command passes to dr
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from usage import render
 from usage.events import log_event
 from usage.models import BackfillRun
 
-
-class Progress(Protocol):
-    """``progress(event, **details)``: the events the log views below read, and ``rollup_slice``
-    (``piece``, ``done``, ``total``); a callback ignores what it does not show."""
-
-    def __call__(self, event: str, /, **details: Any) -> None: ...
+# ``progress(event, **details)``: the events the log views below read, and ``rollup_slice``
+# (``piece``, ``done``, ``total``); a callback ignores what it does not show.
+Progress = Callable[..., None]
 
 
 def no_progress(event: str, /, **details: Any) -> None:

@@ -28,13 +28,6 @@ from usage.repair.rollup import REVERT_KEYS_TABLE
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-WORDS = batching.BatchWords(
-    batch="a revert batch",
-    unit="entries",
-    kept="the rows restored so far stay restored: run the same revert again later",
-    retrying="revert batch timed out; retrying with %(size)d entries",
-    unequal="marked %d journal entries for %d restored rows",
-)
 REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
@@ -199,7 +192,13 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
 class Revert(batching.Chunks):
     """One execute revert, the engine's backward direction."""
 
-    words, logger, error, log_view = WORDS, logger, RevertError, staticmethod(revert_log)
+    logger, error, log_view = logger, RevertError, staticmethod(revert_log)
+    timed_out = (
+        "a revert batch timed out {times} times, down to {size} entries ({error}); the rows "
+        "restored so far stay restored: run the same revert again later"
+    )
+    retrying = "revert batch timed out; retrying with %(size)d entries"
+    unequal = "marked %d journal entries for %d restored rows"
     shown = {"started", "batch", "rollup_slice"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_KEYS_SQL, "revert keys table")
@@ -262,8 +261,7 @@ class Revert(batching.Chunks):
         try:
             rebuilt = self.rebuild_keys([], self.stop.is_set, rollup.REVERT_KEYS)
         except rollup.RollupError as exc:
-            if exc.result is not None:
-                self.result.rollup = exc.result
+            self.result.rollup = exc.result
             raise
         self.result.rollup = rebuilt
         self.result.stopped = rebuilt.stopped

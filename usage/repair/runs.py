@@ -7,10 +7,8 @@ import getpass
 import logging
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 from django.db import connection
@@ -95,16 +93,6 @@ def mark_stale_runs() -> list[int]:
 UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
 
-def run_to_continue(cutoff: datetime, workspace_id: uuid.UUID | None) -> BackfillRun | None:
-    """The latest run of this cutoff and workspace, when it did not finish."""
-    latest = (
-        BackfillRun.objects.filter(cutoff=cutoff, workspace_id=workspace_id)
-        .order_by("-pk")
-        .first()
-    )
-    return latest if latest is not None and latest.status in UNFINISHED else None
-
-
 def chain(run: BackfillRun) -> list[BackfillRun]:
     """``run`` with the runs it continues and the runs that continue it, oldest first."""
     runs = [run]
@@ -116,19 +104,24 @@ def chain(run: BackfillRun) -> list[BackfillRun]:
 
 
 def start_run(**fields: Any) -> BackfillRun:
-    """Create the run record, stamped with who runs it and the run it continues."""
+    """Create the run record, stamped with who runs it and the unfinished run it continues."""
     with connection.cursor() as cursor:
         cursor.execute(WHO_SQL)
         db_role, backend_pid = cursor.fetchone()
-    if "continues" not in fields and "cutoff" in fields:
-        fields["continues"] = run_to_continue(fields["cutoff"], fields.get("workspace_id"))
+    scope = {"cutoff": fields["cutoff"], "workspace_id": fields["workspace_id"]}
+    latest = BackfillRun.objects.filter(**scope).order_by("-pk").first()
+    try:
+        os_user = getpass.getuser()
+    except (KeyError, OSError):
+        os_user = str(os.getuid())
     run = BackfillRun.objects.create(
-        os_user=_os_user(),
+        os_user=os_user,
         db_role=db_role,
         client_host=socket.gethostname(),
         pid=os.getpid(),
         backend_pid=backend_pid,
         started_at=Now(),
+        continues=latest if latest is not None and latest.status in UNFINISHED else None,
         **fields,
     )
     run.refresh_from_db()
@@ -140,10 +133,3 @@ def finish_run(run: BackfillRun, status: str, **fields: Any) -> None:
     reconnect_if_dead()
     BackfillRun.objects.filter(pk=run.pk).update(status=status, finished_at=Now(), **fields)
     run.refresh_from_db()
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())

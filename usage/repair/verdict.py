@@ -11,7 +11,7 @@ from usage.eligibility import compose, eligible_params
 from usage.models import BackfillRun
 from usage.repair import runs
 from usage.repair.rollup.versions import read_installed_function
-from usage.repair.verify import Mismatch, compared_columns, find_mismatches
+from usage.repair.verify import Mismatches, find_mismatches
 
 # The eligible rows left, and how many of them a revert (of any run) restored exactly: those
 # are eligible again by design, not rows the repair missed.
@@ -22,8 +22,8 @@ SELECT count(*), count(*) FILTER (WHERE EXISTS (
 FROM {eligible_from} WHERE {eligible_where}"""
 
 
-@dataclass(frozen=True)
-class RunVerification:
+@dataclass(frozen=True, kw_only=True)
+class RunVerification(Mismatches):
     """A run's verification, with the runs it covers."""
 
     run_id: int
@@ -33,11 +33,7 @@ class RunVerification:
     continues: int | None
     continued_by: int | None
     eligible_rows_left: int
-    mismatched_keys: int
-    mismatches: list[Mismatch]
     eligible_rows_expected: bool  # a run of the chain, or the rows left, reverted
-    columns: tuple[str, ...] = ()  # the hourly columns compared
-    awaiting_tick_keys: int = 0  # differing keys the platform's next cron tick rebuilds
     rollup_function: str = ""  # the installed function as recognised, or "unknown"
 
     @property
@@ -55,27 +51,22 @@ def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
     """Verify run ``run_id`` with its chain, read-only; at most ``limit`` keys are listed."""
     run = BackfillRun.objects.get(pk=run_id)
     members = runs.chain(run)
-    later = next((r for r in members if r.continues_id == run.pk), None)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_LEFT_SQL), eligible_params(run.cutoff, run.workspace_id))
         left, restored = cursor.fetchone()
-        columns = compared_columns(cursor)
         found = find_mismatches(run_ids=[r.pk for r in members], limit=limit)
         installed = read_installed_function(cursor)
     return RunVerification(
+        **vars(found),
         run_id=run.pk,
         run_status=run.status,
         runs=[r.pk for r in members],
         last_status=members[-1].status,
         continues=run.continues_id,
-        continued_by=later.pk if later is not None else None,
+        continued_by=next((r.pk for r in members if r.continues_id == run.pk), None),
         eligible_rows_left=left,
-        mismatched_keys=found.count,
-        mismatches=found.listed,
         eligible_rows_expected=any(r.status == BackfillRun.Status.REVERTED for r in members)
         or (left > 0 and left == restored),
-        columns=tuple(columns),
-        awaiting_tick_keys=found.awaiting_tick,
         rollup_function=installed.described if installed is not None else "missing",
     )

@@ -147,11 +147,13 @@ def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Mismatches:
-    """The keys that differ: how many, how many wait for the cron tick, and the first."""
+    """The keys that differ: how many, how many the platform's next cron tick rebuilds, the
+    first, and the hourly columns compared."""
 
-    count: int
-    awaiting_tick: int
-    listed: list[Mismatch]
+    mismatched_keys: int
+    awaiting_tick_keys: int
+    mismatches: list[Mismatch]
+    columns: tuple[str, ...]
 
 
 def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mismatches:
@@ -177,11 +179,11 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
                 awaiting_tick=bool(row[-3]),
             )
         )
-    return Mismatches(count, awaiting, found)
+    return Mismatches(count, awaiting, found, tuple(columns))
 
 
 def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
-    return find_mismatches(run_ids, limit).listed
+    return find_mismatches(run_ids, limit).mismatches
 
 
 def describe(mismatch: dict[str, Any]) -> str:

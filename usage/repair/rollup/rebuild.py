@@ -8,10 +8,9 @@ import time
 from collections.abc import Sequence
 
 from usage.models import BackfillRun
-from usage.repair.progress import Progress, no_progress
-from usage.repair.rollup.recompute import RUN_KEYS, KeySource, OwnRebuild
+from usage.repair.progress import Progress
+from usage.repair.rollup.recompute import KeySource, OwnRebuild
 from usage.repair.rollup.slices import (
-    DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     NeighbourOptions,
     RollupError,
     RollupResult,
@@ -19,31 +18,25 @@ from usage.repair.rollup.slices import (
     SliceLimits,
 )
 from usage.repair.rollup.stamps import FunctionPath
-from usage.repair.rollup.versions import PathChoice, choose_path
+from usage.repair.rollup.versions import PathChoice
 
 
 def rebuild_keys(
     run_ids: Sequence[int],
-    *,
-    choice: PathChoice | None = None,
-    max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
-    lock_timeout: float = 5.0,
-    statement_timeout: float = 600.0,
-    neighbours: NeighbourOptions | None = None,
-    should_stop: ShouldStop | None = None,
-    progress: Progress = no_progress,
-    source: KeySource = RUN_KEYS,
+    choice: PathChoice,
+    limits: SliceLimits,
+    neighbours: NeighbourOptions,
+    should_stop: ShouldStop,
+    progress: Progress,
+    source: KeySource,
 ) -> RollupResult:
     """Every hourly key of the rows the runs changed (or of ``source``), each once, on
     ``choice``'s path (after a failed proof, the function's)."""
     started = time.monotonic()
-    choice = choice or choose_path()
-    limits = SliceLimits(max_lock_seconds, lock_timeout, statement_timeout)
     result = RollupResult(path=choice.path)
-    neighbours = neighbours or NeighbourOptions()
-    function = FunctionPath(limits, neighbours, result, should_stop or (lambda: False), progress)
+    function = FunctionPath(limits, neighbours, result, should_stop, progress)
     try:
-        if not (choice.own and choice.version is not None):
+        if not choice.own:
             function.rebuild(run_ids, queued=source.queued)
         elif not OwnRebuild(choice, function, run_ids, source).rebuild() and not result.stopped:
             # The function rebuilds every key; the proof's keys count once.
