@@ -150,7 +150,7 @@ class ExecuteResult(batching.RunResult):
             self.stamp_last = max(filter(None, (self.stamp_last, batch.last_stamp)))
 
 
-class Repair(batching.Chunks):
+class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     """One execute run, the engine's forward direction."""
 
     logger, error, log_view = logger, BackfillError, staticmethod(repair_log)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from django.db import DatabaseError, connection, transaction
 
@@ -108,7 +108,11 @@ class RunResult:
     path: rollup.PathChoice | None = None
 
 
-class Chunks:
+OptionsT = TypeVar("OptionsT", bound="RunLimits")
+ResultT = TypeVar("ResultT", bound="RunResult")
+
+
+class Chunks(Generic[OptionsT, ResultT]):
     """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
     and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
@@ -128,10 +132,10 @@ class Chunks:
     retry_batch: ClassVar[dict[str, str]]
     figures: ClassVar[tuple[str, ...]]
     temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
-    options: Any  # the direction's ``RunLimits``
-    result: Any
+    options: OptionsT
+    result: ResultT
 
-    def __init__(self, options: RunLimits, stop: threading.Event, progress: Progress) -> None:
+    def __init__(self, options: OptionsT, stop: threading.Event, progress: Progress) -> None:
         self.options, self.stop, self.progress = options, stop, progress
         self.size = options.batch_size
         self.timeouts = 0
@@ -139,8 +143,12 @@ class Chunks:
 
     @classmethod
     def execute(
-        cls, options: Any, *, stop: threading.Event | None = None, progress: Progress = no_progress
-    ) -> Any:
+        cls,
+        options: OptionsT,
+        *,
+        stop: threading.Event | None = None,
+        progress: Progress = no_progress,
+    ) -> ResultT:
         """One run of this direction, stopped between batches by ``stop``."""
         return cls(options, stop or threading.Event(), progress).run()
 

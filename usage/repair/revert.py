@@ -189,7 +189,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
     return result
 
 
-class Revert(batching.Chunks):
+class Revert(batching.Chunks[RevertOptions, RevertResult]):
     """One execute revert, the engine's backward direction."""
 
     logger, error, log_view = logger, RevertError, staticmethod(revert_log)
