@@ -22,10 +22,10 @@ from django.http import HttpRequest, HttpResponse
 
 from usage import options
 from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
-from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
 from usage.eligibility import compose
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
+from usage.render import clock_cell, number, stamp, unique_prefix_length
 from usage.repair.summary import CutoffError, Totals, load_summary, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
