@@ -1,5 +1,5 @@
 """The read-only base of every admin page (no add, change, delete, action or history): fields
-declared as data, lists that never count a big table. ``usage.sites`` refuses every write."""
+declared as data, lists that never count a big table. ``usage.serving`` refuses every write."""
 
 from __future__ import annotations
 
