@@ -65,7 +65,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "remaining os_user_cell"
     )
     list_filter = ("status", "rollup_state")
-    ordering = ("-id",)
     fieldsets = sections(
         {
             "Run": "status_shown progress_shown error_shown started finished took reverted "
