@@ -148,10 +148,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
             if not fields:  # a section with nothing to show (a run never reverted) is left out
                 continue
-            note = html(f"notes/{self.notes[title]}", obj=obj) if title in self.notes else ""
-            shown_sets.append(
-                (title, {**options, "fields": fields, **({"description": note} if note else {})})
-            )
+            options = {**options, "fields": fields}
+            if title in self.notes:
+                options["description"] = html(f"notes/{self.notes[title]}", obj=obj)
+            shown_sets.append((title, options))
         return shown_sets
 
     def has_field(self, name: str, obj: Any) -> bool:
