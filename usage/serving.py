@@ -34,7 +34,6 @@ PASSWORD_FORM_GONE = (
     "This admin changes no password: run `python manage.py changepassword USERNAME` "
     "against the same database instead."
 )
-SERVED_APP_LABELS = frozenset({"usage"})
 NUL_REFUSED = (
     "Bad request: the address or one of its parameters contains a NUL byte (%00), which "
     "no value in this database can hold. Remove it and try again."
@@ -75,14 +74,11 @@ class ReviewAdminSite(AdminSite):
     ) -> None:
         if isinstance(model_or_iterable, ModelBase):
             model_or_iterable = [model_or_iterable]
-        served = []
         for model in model_or_iterable:
-            if model._meta.app_label in SERVED_APP_LABELS:
-                served.append(model)
+            if model._meta.app_label == "usage":  # the tool's own models only
+                super().register(model, admin_class, **options)
             else:
                 logger.debug("the admin does not serve %s", model._meta.label)
-        if served:
-            super().register(served, admin_class, **options)
 
     def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
         """A write (a POST, forged or not) never reaches a view but logging out."""
