@@ -26,7 +26,7 @@ from usage.eligibility import compose
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
 from usage.render import clock_cell, number, stamp, unique_prefix_length
-from usage.repair.summary import CutoffError, Totals, load_summary
+from usage.repair.summary import CutoffError, Totals, load_summary, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
 
@@ -59,7 +59,6 @@ class CandidateTotals:
     totals: Totals
     workspaces: list[tuple[uuid.UUID, int]]
     counts: dict[tuple[date | None, bool | None], int]  # by (created month, clamped); None: any
-    workspace_known: bool
 
 
 def load_candidate_totals(
@@ -85,9 +84,7 @@ def load_candidate_totals(
             counts[None, clamped] += rows
             counts[month, clamped] += rows
     by_rows = sorted(workspaces.items(), key=lambda item: (-item[1], str(item[0])))
-    result = CandidateTotals(
-        summary.database_now, summary.totals, by_rows, counts, summary.workspace_known
-    )
+    result = CandidateTotals(summary.database_now, summary.totals, by_rows, counts)
     cache.set(key, result, TOTALS_CACHE_SECONDS)
     return result, False
 
@@ -103,6 +100,7 @@ class CandidatePage:
     workspace_id: uuid.UUID | None = None
     workspace_text: str = ""
     error: str = ""
+    workspace_known: bool = True
     result: CandidateTotals | None = None
     reused: bool = False
     chosen: dict[str, Any] = field(default_factory=dict)  # the sidebar's parsed choices
@@ -153,11 +151,11 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     except ValueError as exc:
         page.error = str(exc)
     else:
+        rows, ws = page.result.totals.rows, page.workspace_id
+        if ws and rows == 0:
+            page.workspace_known = workspace_has_agents(ws)
         logger.debug(
-            "candidates for cutoff %s, workspace %s: %s rows",
-            page.cutoff_text,
-            page.workspace_id or "all",
-            page.totals.rows,
+            "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
         )
     return page
 
@@ -351,7 +349,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         request.codex_candidate_page = page  # type: ignore[attr-defined]
         if page.error:
             messages.error(request, page.error)
-        elif page.ready and not page.result.workspace_known:
+        elif page.ready and not page.workspace_known:
             messages.warning(request, f"No agent belongs to workspace {page.workspace_id}.")
         context = {
             "title": "Candidates: the rows the repair would change",
