@@ -1,11 +1,10 @@
 """The candidates page: the rows the repair would change for a cutoff and workspace, with the
-dry run's totals and the sidebar's counts from the dry run's own pass (``load_summary``)."""
+dry run's totals and the sidebar's counts from one grouped aggregate on ``usage.eligibility``."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -16,17 +15,17 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import SEARCH_VAR
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
 from usage import options
 from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
-from usage.eligibility import compose
+from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
 from usage.render import clock_cell, number, stamp, unique_prefix_length
-from usage.repair.summary import CutoffError, Totals, load_summary, workspace_has_agents
+from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
 
@@ -39,6 +38,32 @@ CLAMPED_PARAM = "clamped"
 # The workspace filter lists the workspaces with the most candidates, at most this many.
 WORKSPACE_CHOICES = 20
 
+# Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
+# is the dry run's totals; the others count rows per workspace, created month and clamped.
+CANDIDATE_TOTALS_SQL = """
+SELECT
+    GROUPING(c.workspace_id), GROUPING(c.created_month), GROUPING(c.clamped),
+    c.workspace_id, c.created_month, c.clamped,
+    count(*) AS rows,
+    coalesce(sum(c.input_before), 0) AS input_before,
+    coalesce(sum(c.input_after), 0) AS input_after,
+    coalesce(sum(c.input_tokens_removed), 0) AS input_tokens_removed,
+    count(*) FILTER (WHERE c.clamped) AS clamped_rows
+FROM (
+    SELECT
+        a.workspace_id,
+        date_trunc('month', tu.created_at AT TIME ZONE 'UTC')::date AS created_month,
+        {is_clamped} AS clamped,
+        tu.input_tokens AS input_before,
+        {corrected_input} AS input_after,
+        {removed_input} AS input_tokens_removed
+    FROM {eligible_from}
+    WHERE {eligible_where}
+) AS c
+GROUP BY GROUPING SETS (
+    (), (c.workspace_id), (c.created_month), (c.clamped), (c.created_month, c.clamped)
+)"""
+
 # Changes whenever a run changes which rows are eligible: it starts, a batch, it ends, a revert.
 RUNS_FINGERPRINT_SQL = """
 SELECT md5(coalesce(string_agg(
@@ -46,8 +71,8 @@ SELECT md5(coalesce(string_agg(
 ), ''))
 FROM {run}"""
 
-# The dry run's pass reads every eligible row: paging, filtering and searching reuse it for
-# this long while the runs stay the same.
+# The totals pass reads every eligible row (as the dry run does): paging, filtering and
+# searching reuse it for this long while the runs stay the same.
 TOTALS_CACHE_SECONDS = 120
 
 
@@ -64,8 +89,8 @@ class CandidateTotals:
 def load_candidate_totals(
     cutoff: datetime, workspace_id: uuid.UUID | None
 ) -> tuple[CandidateTotals, bool]:
-    """The dry run's pass (it refuses a cutoff not in the database's past), or the last while no
-    run changed anything: ingestion only takes rows out; and whether reused."""
+    """One read-only pass (refusing a cutoff not in the database's past, as the dry run does), or
+    the last while no run changed anything: ingestion only takes rows out; and whether reused."""
     with connection.cursor() as cursor:
         cursor.execute(compose(RUNS_FINGERPRINT_SQL))
         runs = cursor.fetchone()[0]
@@ -73,18 +98,27 @@ def load_candidate_totals(
     reused = cache.get(key)
     if reused is not None:
         return reused, True
-    summary = load_summary(cutoff, workspace_id)
-    workspaces: Counter[uuid.UUID] = Counter()
-    counts: Counter[tuple[date | None, bool | None]] = Counter()
-    for group in summary.groups:
-        workspaces[group.workspace_id] += group.rows
-        month = group.date_utc.replace(day=1)
-        unclamped = group.rows - group.clamped_rows
-        for clamped, rows in ((None, group.rows), (True, group.clamped_rows), (False, unclamped)):
-            counts[None, clamped] += rows
-            counts[month, clamped] += rows
-    by_rows = sorted(workspaces.items(), key=lambda item: (-item[1], str(item[0])))
-    result = CandidateTotals(summary.database_now, summary.totals, by_rows, counts)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION READ ONLY")
+        cursor.execute("SELECT now()")
+        database_now = cursor.fetchone()[0]
+        ensure_cutoff_in_past(cutoff, database_now)
+        cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
+        rows = cursor.fetchall()
+    totals = Totals()
+    workspaces: list[tuple[uuid.UUID, int]] = []
+    counts: dict[tuple[date | None, bool | None], int] = {}
+    for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
+        count = int(count)
+        if not all_ws:
+            workspaces.append((ws, count))
+            continue
+        counts[(None if all_months else month, None if all_clamped else clamped)] = count
+        if all_months and all_clamped:
+            # input_before, input_after, input_tokens_removed, clamped_rows, in Totals' order
+            totals = Totals(count, *(int(value) for value in sums))
+    workspaces.sort(key=lambda item: (-item[1], str(item[0])))
+    result = CandidateTotals(database_now, totals, workspaces, counts)
     cache.set(key, result, TOTALS_CACHE_SECONDS)
     return result, False
 
