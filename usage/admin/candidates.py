@@ -109,7 +109,6 @@ def load_candidate_totals(
     workspaces: list[tuple[uuid.UUID, int]] = []
     counts: dict[tuple[date | None, bool | None], int] = {}
     for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
-        count = int(count)
         if not all_ws:
             workspaces.append((ws, count))
             continue
