@@ -88,13 +88,13 @@ SILENCED_SYSTEM_CHECKS = ["security.W021"]
 # Messages live in the session, never in a cookie the browser could hand back with markup.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
-DEFAULT_EXCEPTION_REPORTER = "usage.debug.SecretHidingReporter"
-DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.debug.SecretHidingFilter"
+DEFAULT_EXCEPTION_REPORTER = "usage.serving.SecretHidingReporter"
+DEFAULT_EXCEPTION_REPORTER_FILTER = "usage.serving.SecretHidingFilter"
 
 INSTALLED_APPS = [
     # First: its runserver and admin templates take precedence over Django's.
     "usage",
-    "usage.sites.ReviewAdminConfig",
+    "usage.serving.ReviewAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -104,7 +104,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "usage.sites.RejectNulBytes",
+    "usage.serving.RejectNulBytes",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -25,9 +25,9 @@ from django.utils import timezone
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, set_rollup_state
 from tests.support import CUTOFF_ARG
-from usage.admin.formats import clock, elapsed, number, seconds, short_id, unique_prefix_length
 from usage.admin.runs import STAMP_KINDS, argument_rows
 from usage.models import BackfillJournal, BackfillRun
+from usage.render import clock, elapsed, number, seconds, short_id, unique_prefix_length
 
 pytestmark = pytest.mark.django_db
 

@@ -35,7 +35,7 @@ from django.utils import timezone
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage
 from tests.processes import PROJECT_DIR
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
-from usage.sites import ReviewAdminSite
+from usage.serving import ReviewAdminSite
 
 # Tests that log in need auth's tables flushed after them, not only the tool's.
 LOGS_IN = pytest.mark.django_db(transaction=True)

@@ -133,15 +133,13 @@ def names() -> dict[str, sql.Composable]:
     found["target_schema"] = sql.Identifier(target)
     found["key_columns"] = key_columns()
     for key, fragment in FRAGMENTS.items():
-        found[key] = sql.SQL(fragment).format(**{k: v for k, v in found.items() if k != key})
+        found[key] = sql.SQL(fragment).format(**found)
     return found
 
 
 def format_sql(template: str, **parts: sql.Composable) -> sql.Composed:
     """``template`` with the shared names and ``parts`` (composed already) filled in."""
-    every = dict(names(), **parts)
-    used = {k: v for k, v in every.items() if "{" + k + "}" in template}
-    return sql.SQL(template).format(**used)
+    return sql.SQL(template).format(**dict(names(), **parts))
 
 
 @cache

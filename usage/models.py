@@ -3,7 +3,6 @@ own run record and journal, in the tool's schema."""
 
 from __future__ import annotations
 
-import functools
 import re
 import uuid
 from datetime import datetime
@@ -229,15 +228,13 @@ class BackfillJournal(models.Model):
         return f"{self.usage_id} in run {self.run_id}"
 
 
-# The shared fragments name the usage table ``tu``; the ORM names it after its table.
-_USAGE_ALIAS = re.compile(r"\btu\.")
 _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 
-@functools.cache
 def on_usage_table(fragment: str) -> str:
+    """The shared fragments name the usage table ``tu``; the ORM names it after its table."""
     alias = connection.ops.quote_name(TaskUsage._meta.db_table)
-    return _USAGE_ALIAS.sub(f"{alias}.", fragment)
+    return re.sub(r"\btu\.", f"{alias}.", fragment)
 
 
 class CandidateUsageQuerySet(models.QuerySet):

@@ -1,5 +1,5 @@
 """The read-only base of every admin page (no add, change, delete, action or history): fields
-declared as data, lists that never count a big table. ``usage.sites`` refuses every write."""
+declared as data, lists that never count a big table. ``usage.serving`` refuses every write."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from usage.admin.formats import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
+from usage.render import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
@@ -148,10 +148,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
             fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
             if not fields:  # a section with nothing to show (a run never reverted) is left out
                 continue
-            note = html(f"notes/{self.notes[title]}", obj=obj) if title in self.notes else ""
-            shown_sets.append(
-                (title, {**options, "fields": fields, **({"description": note} if note else {})})
-            )
+            options = {**options, "fields": fields}
+            if title in self.notes:
+                options["description"] = html(f"notes/{self.notes[title]}", obj=obj)
+            shown_sets.append((title, options))
         return shown_sets
 
     def has_field(self, name: str, obj: Any) -> bool:

@@ -21,10 +21,10 @@ from django.http import HttpRequest, HttpResponse
 
 from usage import options
 from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
-from usage.admin.formats import clock_cell, number, stamp, unique_prefix_length
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
+from usage.render import clock_cell, number, stamp, unique_prefix_length
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
@@ -109,7 +109,6 @@ def load_candidate_totals(
     workspaces: list[tuple[uuid.UUID, int]] = []
     counts: dict[tuple[date | None, bool | None], int] = {}
     for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
-        count = int(count)
         if not all_ws:
             workspaces.append((ws, count))
             continue

@@ -15,8 +15,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
-from usage.admin.formats import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 from usage.models import BackfillJournal, BackfillRun
+from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 JOURNAL_STAMP_TITLE = "The row's updated_at"
@@ -65,7 +65,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "remaining os_user_cell"
     )
     list_filter = ("status", "rollup_state")
-    ordering = ("-id",)
     fieldsets = sections(
         {
             "Run": "status_shown progress_shown error_shown started finished took reverted "

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from django import template
 
-from usage.admin import formats
+from usage import render
 from usage.events import utc_text
 
 register = template.Library()
 for name in ("clock", "number"):
-    register.filter(name, getattr(formats, name))
+    register.filter(name, getattr(render, name))
 register.filter("cutoff_param", utc_text)
