@@ -24,7 +24,7 @@ from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
 from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.progress import OutputStream, ProgressBar
+from usage.output.progress import ProgressBar
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -190,7 +190,9 @@ class ToolCommand(BaseCommand):
     def start_output(self, out: OutputOptions) -> None:
         """Where this command's lines go from now on (``self.report``, ``usage.output``)."""
         self.out = out
-        self.err = OutputStream(self.stderr)
+        # Under Django's wrapper: a stream that writes text exactly as given (no ending, no
+        # style), for the log handler and the progress bar.
+        self.err: TextIO = self.stderr._out
         self.write_error = None
         self.signals: list[int] = []
         self.report = Reporter(

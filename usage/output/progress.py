@@ -142,22 +142,15 @@ class ProgressBar:
             )
 
     def phase(
-        self,
-        key: str,
-        label: str,
-        total: int,
-        unit: str,
-        status: str = "",
-        *,
-        started_now: bool = True,
+        self, key: str, total: int, unit: str, status: str = "", *, started_now: bool = True
     ) -> None:
-        """Start a phase (once; a second call only updates its total). Without
+        """Start a phase, named ``key`` (once; a second call only updates its total). Without
         ``started_now`` its first update is its first measure (it follows a set-up)."""
         if key in self.phases:
             self.phases[key].total = total
             return
         self._show_where_phases_ended()
-        self.phases[key] = Phase(label, unit, total, status=status)
+        self.phases[key] = Phase(key, unit, total, status=status)
         if started_now:
             self.phases[key].update(0)
         if self.live is not None:
@@ -165,7 +158,7 @@ class ProgressBar:
                 self.live.start()
             self.live.refresh()
         elif self.enabled and started_now:
-            self._line(f"{label}: 0/{number(total)} {unit}", force=True)
+            self._line(f"{key}: 0/{number(total)} {unit}", force=True)
             self.shown[key] = 0
 
     def update(
@@ -236,7 +229,7 @@ def repair_events(bar: ProgressBar) -> Any:
         bar.update("update", result.rows_updated, status=status)
 
     def planned(details: dict[str, Any]) -> None:
-        bar.phase("update", "update", details["rows"], "rows", status="snapshot taken")
+        bar.phase("update", details["rows"], "rows", status="snapshot taken")
 
     return _events(bar, "planned", planned, batch)
 
@@ -251,7 +244,7 @@ def revert_events(bar: ProgressBar) -> Any:
         bar.update("revert", done["entries"], status=f"restored {number(result.rows_restored)}")
 
     def started(details: dict[str, Any]) -> None:
-        bar.phase("revert", "revert", details["result"].entries, "entries")
+        bar.phase("revert", details["result"].entries, "entries")
 
     return _events(bar, "started", started, batch)
 
@@ -282,28 +275,11 @@ def _events(
             paused = True
         elif event == "rollup_slice":
             # The first slice event comes after the rollup's set-up and its first (probe) slice.
-            bar.phase("rollup", "rollup", details["total"], "keys", started_now=False)
+            bar.phase("rollup", details["total"], "keys", started_now=False)
             held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
             bar.update("rollup", details["done"], total=details["total"], status=held)
 
     return show
-
-
-class OutputStream:
-    """A command's OutputWrapper as a file that writes text exactly as given."""
-
-    def __init__(self, wrapper: Any) -> None:
-        self.wrapper = wrapper
-
-    def write(self, text: str) -> int:
-        self.wrapper.write(text, style_func=lambda message: message, ending="")
-        return len(text)
-
-    def flush(self) -> None:
-        self.wrapper.flush()
-
-    def isatty(self) -> bool:
-        return self.wrapper.isatty()
 
 
 def clock(seconds: float) -> str:
