@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -13,8 +12,7 @@ from usage import render
 from usage.db import TargetError, describe_database
 from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
 from usage.output import document as result
-from usage.output.lines import fit_items
-from usage.output.outcome import revert_lines
+from usage.output.outcome import changed_lines, revert_lines
 from usage.output.progress import revert_events
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
@@ -45,14 +43,6 @@ exit status: 0 done; 1 bad input (nothing changed) or an error (the rows restore
 stay restored: run it again); 3 rows stayed locked by other writers (run the same revert
 again); 130/143 stopped by SIGINT/SIGTERM (run it again).
 """
-
-CHANGED_COLUMNS = (
-    "usage id",
-    "input (run left)",
-    "input (now)",
-    "updated_at (run left)",
-    "updated_at (now)",
-)
 
 
 class Command(ToolCommand):
@@ -205,41 +195,8 @@ class Command(ToolCommand):
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """The revert's outcome, with the rows changed since the run (not in brief)."""
         width = None if kind == "file" else self.terminal_width()
-        lines = []
-        if kind != "brief" and document["rows_changed"]:
-            changed = document["changed"]
-            lines.append(
-                self.style.WARNING(
-                    f"{render.number(document['rows_changed'])} rows were changed by someone "
-                    "else since the run; they are left as they are"
-                    + (f" (first {len(changed)}):" if changed else ".")
-                )
-            )
-            if changed:
-                rows = [
-                    (
-                        str(c["usage_id"]),
-                        render.number(c["expected_input_tokens"]),
-                        "deleted" if c["deleted"] else render.number(c["current_input_tokens"]),
-                        _precise(c["expected_updated_at"]),
-                        "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
-                    )
-                    for c in changed
-                ]
-                table = render.render_table(CHANGED_COLUMNS, rows)
-                if width is not None and max(map(len, table.splitlines())) > width:
-                    # Too wide for the terminal: one block per row, each value whole.
-                    for usage, was, now, was_at, now_at in rows:
-                        items = [
-                            usage,
-                            f"input {was} -> now {now}",
-                            f"updated_at {was_at} -> now {now_at}",
-                        ]
-                        lines.extend(fit_items(items, width))
-                else:
-                    lines.append(table)
-        lines.extend(revert_lines(document, self.style, width))
-        return "\n".join(lines)
+        lines = changed_lines(document, self.style, width) if kind != "brief" else []
+        return "\n".join(lines + revert_lines(document, self.style, width))
 
 
 def _parse_show(value: str) -> int:
@@ -249,8 +206,3 @@ def _parse_show(value: str) -> int:
             f"--show {opts.shown(value)} must be a whole number from 0 to {MAX_SHOW_CHANGED}"
         )
     return int(text)
-
-
-def _precise(value: datetime | None) -> str:
-    """Timestamps to the microsecond: a row changed a moment later must not look the same."""
-    return value.isoformat() if value else "NULL"
