@@ -104,7 +104,6 @@ class ToolCommand(BaseCommand):
 
     examples = ""
     json_errors = False
-    write_error: str | None = None
     what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
@@ -193,7 +192,7 @@ class ToolCommand(BaseCommand):
         # Under Django's wrapper: a stream that writes text exactly as given (no ending, no
         # style), for the log handler and the progress bar.
         self.err: TextIO = self.stderr._out
-        self.write_error = None
+        self.write_error: str | None = None
         self.signals: list[int] = []
         self.report = Reporter(
             self.stdout,
@@ -230,7 +229,6 @@ class ToolCommand(BaseCommand):
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
         text = as_data(document) if as_data else self.readable(document, kind)
-        self.write_error = None
         if output is None:
             self.stdout.write(text)
             return document

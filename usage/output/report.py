@@ -42,10 +42,10 @@ class Reporter:
         else:
             self._text(self.stderr, message, self.style.WARNING)
 
-    def event(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
+    def event(self, event: str, message: str, **fields: Any) -> None:
         """An event that only the JSON log shows (text mode shows it otherwise, or not)."""
-        if self.json_logs and (self.verbosity >= 1 or level != "info"):
-            self._json(level, event, message, fields)
+        if self.json_logs and self.verbosity >= 1:
+            self._json("info", event, message, fields)
 
     def outcome(self, message: str, *, ok: bool, **fields: Any) -> None:
         """The command's outcome as its last stderr line, when stdout does not show it."""
