@@ -99,7 +99,7 @@ class OutputOptions:
         )
 
 
-class ToolCommand(BaseCommand):
+class ToolCommand(Reporter, BaseCommand):
     """A command of the tool; ``examples`` is its help epilog, laid out verbatim."""
 
     examples = ""
@@ -187,31 +187,26 @@ class ToolCommand(BaseCommand):
         )
 
     def start_output(self, out: OutputOptions) -> None:
-        """Where this command's lines go from now on (``self.report``, ``usage.output``)."""
+        """Where this command's lines go from now on (``Reporter``, ``usage.output``)."""
         self.out = out
         # Under Django's wrapper: a stream that writes text exactly as given (no ending, no
         # style), for the log handler and the progress bar.
         self.err: TextIO = self.stderr._out
         self.write_error: str | None = None
         self.signals: list[int] = []
-        self.report = Reporter(
-            self.stdout,
-            self.stderr,
-            self.style,
-            json_logs=out.json_logs,
-            document_on_stdout=out.format != "table" and out.file is None,
-            verbosity=out.verbosity,
-        )
+        self.json_logs = out.json_logs
+        self.document_on_stdout = out.format != "table" and out.file is None
+        self.verbosity = out.verbosity
 
     def show_context(
         self, database: str, mode: str, lines: list[str], message: str, /, **fields: Any
     ) -> None:
         """The first lines: the database, the mode and ``lines``; in JSON one event."""
-        if self.report.json_logs:
-            self.report.context("context", message, database=database, **fields)
+        if self.json_logs:
+            self.context("context", message, database=database, **fields)
             return
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
-            self.report.context("context", line)
+            self.context("context", line)
 
     def terminal_width(self) -> int | None:
         """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
@@ -282,7 +277,7 @@ class ToolCommand(BaseCommand):
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
-        verbosity, json_logs = self.report.verbosity, self.report.json_logs
+        verbosity, json_logs = self.verbosity, self.json_logs
         return self.logging_to(
             self.err,
             logging.DEBUG if verbosity >= (1 if json_logs else 2) else logging.WARNING,
@@ -325,11 +320,10 @@ class ToolCommand(BaseCommand):
         """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
         each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
-        report = self.report
         bar = ProgressBar(
             self.err,
             terminal=self.err.isatty(),
-            enabled=report.verbosity >= 1 and not report.json_logs,
+            enabled=self.verbosity >= 1 and not self.json_logs,
         )
         show = events(bar)
 
@@ -338,8 +332,8 @@ class ToolCommand(BaseCommand):
             show(event, **details)
 
         def say(message: str) -> None:
-            if report.json_logs:
-                report.warning(message, event="signal")
+            if self.json_logs:
+                self.warning(message, event="signal")
             else:
                 self.stderr.write(self.style.WARNING(f"\n{message}"))
 

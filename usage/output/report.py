@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from django.core.management.base import OutputWrapper
@@ -15,14 +14,12 @@ from usage.events import event_line
 from usage.output.lines import wrap
 
 
-@dataclass
 class Reporter:
-    """A command's context lines, warnings, events and outcome line."""
+    """A command's context lines, warnings, events and outcome line (``ToolCommand`` is one)."""
 
     stdout: OutputWrapper
     stderr: OutputWrapper
     style: Style
-    _: KW_ONLY
     json_logs: bool
     document_on_stdout: bool
     verbosity: int

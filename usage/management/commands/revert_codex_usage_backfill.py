@@ -106,7 +106,7 @@ class Command(ToolCommand):
         found = plan_revert(settings.run_id, show_changed=settings.show_changed)
         self._describe_run(found)
         if found.owner_gone:
-            self.report.warning(
+            self.warning(
                 f"Run {found.run.pk} is marked running but no process holds the run lock; "
                 "--execute will mark it interrupted first."
             )
@@ -135,9 +135,9 @@ class Command(ToolCommand):
     def _progress(self, event: str, /, **details: Any) -> None:
         if event == "started":
             self._describe_run(details["result"])
-        elif event == "batch" and self.report.json_logs:
+        elif event == "batch" and self.json_logs:
             batch, found = details["batch"], details["result"]
-            self.report.event(
+            self.event(
                 "batch",
                 f"revert batch {batch.number}: {batch.entries} entries, "
                 f"{batch.rows_restored} rows restored",
@@ -156,7 +156,7 @@ class Command(ToolCommand):
     def _describe_run(self, found: RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
         run = found.run
-        self.report.context(
+        self.context(
             "run",
             f"Run {run.pk}: {run.status}, started {render.timestamp(run.started_at)} by "
             f"{run.os_user}@{run.client_host}, cutoff {render.timestamp(run.cutoff)}, "
@@ -189,7 +189,7 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_remaining'])} still to restore."
             )
         fields = ("run_id", "status", "rows_restored", "rows_remaining")
-        self.report.outcome(said, ok=ok, **{key: document[key] for key in fields})
+        self.outcome(said, ok=ok, **{key: document[key] for key in fields})
         return document
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
