@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -207,10 +206,6 @@ class ToolCommand(Reporter, BaseCommand):
             return
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
             self.context("context", line)
-
-    def terminal_width(self) -> int | None:
-        """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
-        return shutil.get_terminal_size().columns if self.stdout.isatty() else None
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the

@@ -51,12 +51,15 @@ class Reporter:
         elif self.document_on_stdout:
             self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
 
+    def terminal_width(self, stream: OutputWrapper | None = None) -> int | None:
+        """The width of the terminal ``stream`` (stdout) is, or None (a file or a pipe)."""
+        return shutil.get_terminal_size().columns if (stream or self.stdout).isatty() else None
+
     def _text(
         self, stream: OutputWrapper, message: str, style: Callable[[str], str] = str
     ) -> None:
         """``message`` on ``stream``, wrapped to its terminal between words."""
-        width = shutil.get_terminal_size().columns if stream.isatty() else None
-        for line in wrap(message, width):
+        for line in wrap(message, self.terminal_width(stream)):
             stream.write(style(line), style_func=lambda text: text)
 
     def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
