@@ -315,16 +315,14 @@ class ToolCommand(Reporter, BaseCommand):
         """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
         each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
-        bar = ProgressBar(
-            self.err,
-            terminal=self.err.isatty(),
-            enabled=self.verbosity >= 1 and not self.json_logs,
-        )
+        bar = ProgressBar(self.err, terminal=self.err.isatty())
         show = events(bar)
+        shown = self.verbosity >= 1 and not self.json_logs
 
         def progress(event: str, /, **details: Any) -> None:
             hook(event, **details)
-            show(event, **details)
+            if shown:
+                show(event, **details)
 
         def say(message: str) -> None:
             if self.json_logs:

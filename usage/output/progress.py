@@ -123,15 +123,14 @@ def compose(phase: Phase, width: int) -> Text:
 class ProgressBar:
     """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
 
-    def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
+    def __init__(self, stream: TextIO, *, terminal: bool) -> None:
         self.stream = stream
-        self.enabled = enabled
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
         # Off a terminal: the done count each phase's last line showed.
         self.shown: dict[str, int] = {}
         self.live: Live | None = None
-        if terminal and enabled:
+        if terminal:
             console = Console(file=stream, force_terminal=True)
             phases = self.phases.values
             self.live = Live(
@@ -157,7 +156,7 @@ class ProgressBar:
             if len(self.phases) == 1:
                 self.live.start()
             self.live.refresh()
-        elif self.enabled and started_now:
+        elif started_now:
             self._line(f"{key}: 0/{number(total)} {unit}", force=True)
             self.shown[key] = 0
 
@@ -172,7 +171,7 @@ class ProgressBar:
             phase.status = status
         # Off a terminal, a phase's first line is shown at once; then one every few seconds.
         first = len(phase.samples) == 1
-        if self.live is None and self.enabled and self._line(plain(phase), force=first):
+        if self.live is None and self._line(plain(phase), force=first):
             self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
@@ -181,7 +180,7 @@ class ProgressBar:
         if phase is None:
             return
         phase.status = text
-        if self.live is None and self.enabled:
+        if self.live is None:
             self._line(text, force=force)
 
     def close(self) -> None:
@@ -193,7 +192,7 @@ class ProgressBar:
 
     def _show_where_phases_ended(self) -> None:
         """Off a terminal, each phase's last line says where it ended."""
-        if not self.enabled or self.live is not None:
+        if self.live is not None:
             return
         for key, phase in self.phases.items():
             if self.shown.get(key) != phase.done:
