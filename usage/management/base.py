@@ -23,7 +23,7 @@ from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
 from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.progress import ProgressBar
+from usage.output.progress import ProgressBar, run_events
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -310,13 +310,13 @@ class ToolCommand(Reporter, BaseCommand):
 
     @contextmanager
     def live_run(
-        self, events: Callable[[ProgressBar], Callable[..., None]], hook: Callable[..., None]
+        self, phase: str, hook: Callable[..., None]
     ) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
         """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
         each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
         bar = ProgressBar(self.err, terminal=self.err.isatty())
-        show = events(bar)
+        show = run_events(bar, phase)
         shown = self.verbosity >= 1 and not self.json_logs
 
         def progress(event: str, /, **details: Any) -> None:

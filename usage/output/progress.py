@@ -121,7 +121,7 @@ def compose(phase: Phase, width: int) -> Text:
 
 
 class ProgressBar:
-    """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
+    """Show a run's phases (fed by ``run_events``); ``close()`` ends."""
 
     def __init__(self, stream: TextIO, *, terminal: bool) -> None:
         self.stream = stream
@@ -220,48 +220,28 @@ def plain(phase: Phase) -> str:
     )
 
 
-def repair_events(bar: ProgressBar) -> Any:
-    """The repair's progress events (``usage.repair.progress``) shown on ``bar``."""
-
-    def batch(batch: Any, result: Any) -> None:
-        status = f"batch {number(batch.batch_size)}" + (" (retry)" if batch.retry else "")
-        bar.update("update", result.rows_updated, status=status)
-
-    def planned(details: dict[str, Any]) -> None:
-        bar.phase("update", details["rows"], "rows", status="snapshot taken")
-
-    return _events(bar, "planned", planned, batch)
-
-
-def revert_events(bar: ProgressBar) -> Any:
-    """The revert's progress events shown on ``bar``: its journal entries, then its rollup."""
-    done = {"entries": 0}
-
-    def batch(batch: Any, result: Any) -> None:
-        if not batch.retry:
-            done["entries"] += batch.entries
-        bar.update("revert", done["entries"], status=f"restored {number(result.rows_restored)}")
-
-    def started(details: dict[str, Any]) -> None:
-        bar.phase("revert", details["result"].entries, "entries")
-
-    return _events(bar, "started", started, batch)
-
-
-def _events(
-    bar: ProgressBar, first: str, on_first: Callable[..., None], on_batch: Callable[..., None]
-) -> Callable[..., None]:
-    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices
-    (their ``done``/``total`` count hourly keys)."""
+def run_events(bar: ProgressBar, phase: str) -> Callable[..., None]:
+    """Show a run's events on ``bar``: its ``phase`` (a repair's ``update``, from its plan's rows;
+    a revert's ``revert``, its journal entries), batches, pauses, rollup slices (their
+    ``done``/``total`` count hourly keys)."""
     paused = False
+    entries = 0  # the journal entries a revert's batches read (a retry reads them again)
 
     def show(event: str, /, **details: Any) -> None:
-        nonlocal paused
-        if event == first:
-            on_first(details)
+        nonlocal paused, entries
+        if event == "planned":
+            bar.phase("update", details["rows"], "rows", status="snapshot taken")
+        elif event == "started" and phase == "revert":
+            bar.phase("revert", details["result"].entries, "entries")
         elif event == "batch":
             paused = False
-            on_batch(details["batch"], details["result"])
+            batch, result = details["batch"], details["result"]
+            if phase == "update":
+                status = f"batch {number(batch.batch_size)}" + (" (retry)" if batch.retry else "")
+                bar.update("update", result.rows_updated, status=status)
+            else:
+                entries += 0 if batch.retry else batch.entries
+                bar.update("revert", entries, status=f"restored {number(result.rows_restored)}")
         elif event == "paused" and not (
             details["reason"].startswith("sleep") and bar.live is None
         ):

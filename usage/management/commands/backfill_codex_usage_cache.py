@@ -17,7 +17,6 @@ from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand
 from usage.management.repair_settings import read_settings
 from usage.models import BackfillRun
 from usage.output import document as result
-from usage.output.progress import repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.plan.handling import checked
 from usage.repair import backfill
@@ -244,7 +243,7 @@ class Command(ToolCommand):
             "finishing the current batch, then rebuilding the rollup for what was done."
         )
         try:
-            with self.live_run(repair_events, self._progress) as (stop, progress):
+            with self.live_run("update", self._progress) as (stop, progress):
                 executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:

@@ -13,7 +13,6 @@ from usage.db import TargetError, describe_database
 from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
-from usage.output.progress import revert_events
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
@@ -115,7 +114,7 @@ class Command(ToolCommand):
 
     def _execute(self, settings: RevertOptions) -> CommandError | None:
         self.what_next = "finishing the current batch or rollup slice, then stopping."
-        with self.live_run(revert_events, self._progress) as (stop, progress):
+        with self.live_run("revert", self._progress) as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
         document = self._show(
             done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
