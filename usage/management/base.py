@@ -272,13 +272,12 @@ class ToolCommand(Reporter, BaseCommand):
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
-        verbosity, json_logs = self.verbosity, self.json_logs
         return self.logging_to(
             self.err,
-            logging.DEBUG if verbosity >= (1 if json_logs else 2) else logging.WARNING,
-            json=json_logs,
-            plain_level=logging.NOTSET if verbosity >= 2 else logging.WARNING,
-            events=json_logs or verbosity >= 2,
+            logging.DEBUG if self.verbosity >= (1 if self.json_logs else 2) else logging.WARNING,
+            json=self.json_logs,
+            plain_level=logging.NOTSET if self.verbosity >= 2 else logging.WARNING,
+            events=self.json_logs or self.verbosity >= 2,
         )
 
     @contextmanager
