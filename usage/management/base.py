@@ -188,8 +188,7 @@ class ToolCommand(Reporter, BaseCommand):
     def start_output(self, out: OutputOptions) -> None:
         """Where this command's lines go from now on (``Reporter``, ``usage.output``)."""
         self.out = out
-        # Under Django's wrapper: a stream that writes text exactly as given (no ending, no
-        # style), for the log handler and the progress bar.
+        # The stream under Django's wrapper: text exactly as given, for the log and the bar.
         self.err: TextIO = self.stderr._out
         self.write_error: str | None = None
         self.signals: list[int] = []
