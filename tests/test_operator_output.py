@@ -226,10 +226,10 @@ def test_off_a_terminal_each_phase_ends_on_where_it_ended() -> None:
     """A line every few seconds could leave a log at "update: 0/3 rows" (issue 26)."""
     stream = io.StringIO()
     bar = ProgressBar(stream, terminal=False)
-    bar.phase("update", "update", 3, "rows")
+    bar.phase("update", 3, "rows")
     bar.update("update", 1)  # shown: a phase's first update
     bar.update("update", 3)  # within the interval: not shown yet
-    bar.phase("rollup", "rollup", 2, "keys", started_now=False)
+    bar.phase("rollup", 2, "keys", started_now=False)
     bar.update("rollup", 2)
     bar.close()
     lines = stream.getvalue().splitlines()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
 from usage.output.files import OutputError, OutputFile, check_output
-from usage.output.progress import OutputStream, ProgressBar
+from usage.output.progress import ProgressBar, run_events
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
@@ -99,12 +98,11 @@ class OutputOptions:
         )
 
 
-class ToolCommand(BaseCommand):
+class ToolCommand(Reporter, BaseCommand):
     """A command of the tool; ``examples`` is its help epilog, laid out verbatim."""
 
     examples = ""
     json_errors = False
-    write_error: str | None = None
     what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
@@ -188,33 +186,25 @@ class ToolCommand(BaseCommand):
         )
 
     def start_output(self, out: OutputOptions) -> None:
-        """Where this command's lines go from now on (``self.report``, ``usage.output``)."""
+        """Where this command's lines go from now on (``Reporter``, ``usage.output``)."""
         self.out = out
-        self.err = OutputStream(self.stderr)
-        self.write_error = None
+        # The stream under Django's wrapper: text exactly as given, for the log and the bar.
+        self.err: TextIO = self.stderr._out
+        self.write_error: str | None = None
         self.signals: list[int] = []
-        self.report = Reporter(
-            self.stdout,
-            self.stderr,
-            self.style,
-            json_logs=out.json_logs,
-            document_on_stdout=out.format != "table" and out.file is None,
-            verbosity=out.verbosity,
-        )
+        self.json_logs = out.json_logs
+        self.document_on_stdout = out.format != "table" and out.file is None
+        self.verbosity = out.verbosity
 
     def show_context(
         self, database: str, mode: str, lines: list[str], message: str, /, **fields: Any
     ) -> None:
         """The first lines: the database, the mode and ``lines``; in JSON one event."""
-        if self.report.json_logs:
-            self.report.context("context", message, database=database, **fields)
+        if self.json_logs:
+            self.context("context", message, database=database, **fields)
             return
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
-            self.report.context("context", line)
-
-    def terminal_width(self) -> int | None:
-        """The width of the terminal stdout is, or None (a file or a pipe: any width)."""
-        return shutil.get_terminal_size().columns if self.stdout.isatty() else None
+            self.context("context", line)
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the
@@ -228,7 +218,6 @@ class ToolCommand(BaseCommand):
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
         text = as_data(document) if as_data else self.readable(document, kind)
-        self.write_error = None
         if output is None:
             self.stdout.write(text)
             return document
@@ -282,13 +271,12 @@ class ToolCommand(BaseCommand):
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
-        verbosity, json_logs = self.report.verbosity, self.report.json_logs
         return self.logging_to(
             self.err,
-            logging.DEBUG if verbosity >= (1 if json_logs else 2) else logging.WARNING,
-            json=json_logs,
-            plain_level=logging.NOTSET if verbosity >= 2 else logging.WARNING,
-            events=json_logs or verbosity >= 2,
+            logging.DEBUG if self.verbosity >= (1 if self.json_logs else 2) else logging.WARNING,
+            json=self.json_logs,
+            plain_level=logging.NOTSET if self.verbosity >= 2 else logging.WARNING,
+            events=self.json_logs or self.verbosity >= 2,
         )
 
     @contextmanager
@@ -320,26 +308,23 @@ class ToolCommand(BaseCommand):
 
     @contextmanager
     def live_run(
-        self, events: Callable[[ProgressBar], Callable[..., None]], hook: Callable[..., None]
+        self, phase: str, hook: Callable[..., None]
     ) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
         """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
         each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
-        report = self.report
-        bar = ProgressBar(
-            self.err,
-            terminal=self.err.isatty(),
-            enabled=report.verbosity >= 1 and not report.json_logs,
-        )
-        show = events(bar)
+        bar = ProgressBar(self.err, terminal=self.err.isatty())
+        show = run_events(bar, phase)
+        shown = self.verbosity >= 1 and not self.json_logs
 
         def progress(event: str, /, **details: Any) -> None:
             hook(event, **details)
-            show(event, **details)
+            if shown:
+                show(event, **details)
 
         def say(message: str) -> None:
-            if report.json_logs:
-                report.warning(message, event="signal")
+            if self.json_logs:
+                self.warning(message, event="signal")
             else:
                 self.stderr.write(self.style.WARNING(f"\n{message}"))
 

@@ -33,8 +33,6 @@ RECORDED_OPTIONS = (
 
 @dataclass(frozen=True)
 class RepairSettings:
-    """The command line, read and checked once, before the database."""
-
     out: OutputOptions
     execute: bool
     verify: bool

@@ -4,14 +4,15 @@ a revert, and the next command to type; wrapped between words, never splitting a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from django.core.management.color import Style
 
 from usage.events import json_default
 from usage.models import BackfillRun
-from usage.output.lines import labelled, paragraphs, wrap
-from usage.render import number
+from usage.output.lines import fit_items, labelled, paragraphs, wrap
+from usage.render import number, render_table
 from usage.repair.verify import describe as describe_mismatch
 
 REPAIR = "python manage.py backfill_codex_usage_cache"
@@ -24,6 +25,13 @@ STAMPS = {
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started; the platform's rollup re-rolls them",
 }
 Status = BackfillRun.Status
+CHANGED_COLUMNS = (
+    "usage id",
+    "input (run left)",
+    "input (now)",
+    "updated_at (run left)",
+    "updated_at (now)",
+)
 
 
 def count(value: int, word: str) -> str:
@@ -325,3 +333,41 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         f"{REPAIR} {scope_arguments(d)}",
         width,
     )
+
+
+def changed_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str]:
+    """The rows someone changed since the run (a revert leaves them): a table, or on a narrow
+    terminal one block per row, each value whole."""
+    if not d["rows_changed"]:
+        return []
+    changed = d["changed"]
+    lines = [
+        style.WARNING(
+            f"{number(d['rows_changed'])} rows were changed by someone else since the run; "
+            "they are left as they are" + (f" (first {len(changed)}):" if changed else ".")
+        )
+    ]
+    if not changed:
+        return lines
+    rows = [
+        (
+            str(c["usage_id"]),
+            number(c["expected_input_tokens"]),
+            "deleted" if c["deleted"] else number(c["current_input_tokens"]),
+            _precise(c["expected_updated_at"]),
+            "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
+        )
+        for c in changed
+    ]
+    table = render_table(CHANGED_COLUMNS, rows)
+    if width is None or max(map(len, table.splitlines())) <= width:
+        return [*lines, table]
+    for usage, was, now, was_at, now_at in rows:
+        items = [usage, f"input {was} -> now {now}", f"updated_at {was_at} -> now {now_at}"]
+        lines.extend(fit_items(items, width))
+    return lines
+
+
+def _precise(value: datetime | None) -> str:
+    """Timestamps to the microsecond: a row changed a moment later must not look the same."""
+    return value.isoformat() if value else "NULL"

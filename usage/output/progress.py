@@ -121,17 +121,16 @@ def compose(phase: Phase, width: int) -> Text:
 
 
 class ProgressBar:
-    """Show a run's phases (fed by ``repair_events`` or ``revert_events``); ``close()`` ends."""
+    """Show a run's phases (fed by ``run_events``); ``close()`` ends."""
 
-    def __init__(self, stream: TextIO, *, terminal: bool, enabled: bool = True) -> None:
+    def __init__(self, stream: TextIO, *, terminal: bool) -> None:
         self.stream = stream
-        self.enabled = enabled
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
         # Off a terminal: the done count each phase's last line showed.
         self.shown: dict[str, int] = {}
         self.live: Live | None = None
-        if terminal and enabled:
+        if terminal:
             console = Console(file=stream, force_terminal=True)
             phases = self.phases.values
             self.live = Live(
@@ -142,30 +141,23 @@ class ProgressBar:
             )
 
     def phase(
-        self,
-        key: str,
-        label: str,
-        total: int,
-        unit: str,
-        status: str = "",
-        *,
-        started_now: bool = True,
+        self, key: str, total: int, unit: str, status: str = "", *, started_now: bool = True
     ) -> None:
-        """Start a phase (once; a second call only updates its total). Without
+        """Start a phase, named ``key`` (once; a second call only updates its total). Without
         ``started_now`` its first update is its first measure (it follows a set-up)."""
         if key in self.phases:
             self.phases[key].total = total
             return
         self._show_where_phases_ended()
-        self.phases[key] = Phase(label, unit, total, status=status)
+        self.phases[key] = Phase(key, unit, total, status=status)
         if started_now:
             self.phases[key].update(0)
         if self.live is not None:
             if len(self.phases) == 1:
                 self.live.start()
             self.live.refresh()
-        elif self.enabled and started_now:
-            self._line(f"{label}: 0/{number(total)} {unit}", force=True)
+        elif started_now:
+            self._line(f"{key}: 0/{number(total)} {unit}", force=True)
             self.shown[key] = 0
 
     def update(
@@ -179,7 +171,7 @@ class ProgressBar:
             phase.status = status
         # Off a terminal, a phase's first line is shown at once; then one every few seconds.
         first = len(phase.samples) == 1
-        if self.live is None and self.enabled and self._line(plain(phase), force=first):
+        if self.live is None and self._line(plain(phase), force=first):
             self.shown[key] = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
@@ -188,7 +180,7 @@ class ProgressBar:
         if phase is None:
             return
         phase.status = text
-        if self.live is None and self.enabled:
+        if self.live is None:
             self._line(text, force=force)
 
     def close(self) -> None:
@@ -200,7 +192,7 @@ class ProgressBar:
 
     def _show_where_phases_ended(self) -> None:
         """Off a terminal, each phase's last line says where it ended."""
-        if not self.enabled or self.live is not None:
+        if self.live is not None:
             return
         for key, phase in self.phases.items():
             if self.shown.get(key) != phase.done:
@@ -228,48 +220,28 @@ def plain(phase: Phase) -> str:
     )
 
 
-def repair_events(bar: ProgressBar) -> Any:
-    """The repair's progress events (``usage.repair.progress``) shown on ``bar``."""
-
-    def batch(batch: Any, result: Any) -> None:
-        status = f"batch {number(batch.batch_size)}" + (" (retry)" if batch.retry else "")
-        bar.update("update", result.rows_updated, status=status)
-
-    def planned(details: dict[str, Any]) -> None:
-        bar.phase("update", "update", details["rows"], "rows", status="snapshot taken")
-
-    return _events(bar, "planned", planned, batch)
-
-
-def revert_events(bar: ProgressBar) -> Any:
-    """The revert's progress events shown on ``bar``: its journal entries, then its rollup."""
-    done = {"entries": 0}
-
-    def batch(batch: Any, result: Any) -> None:
-        if not batch.retry:
-            done["entries"] += batch.entries
-        bar.update("revert", done["entries"], status=f"restored {number(result.rows_restored)}")
-
-    def started(details: dict[str, Any]) -> None:
-        bar.phase("revert", "revert", details["result"].entries, "entries")
-
-    return _events(bar, "started", started, batch)
-
-
-def _events(
-    bar: ProgressBar, first: str, on_first: Callable[..., None], on_batch: Callable[..., None]
-) -> Callable[..., None]:
-    """Show a run's events: its ``first`` (the phase starts), batches, pauses, rollup slices
-    (their ``done``/``total`` count hourly keys)."""
+def run_events(bar: ProgressBar, phase: str) -> Callable[..., None]:
+    """Show a run's events on ``bar``: its ``phase`` (a repair's ``update``, from its plan's rows;
+    a revert's ``revert``, its journal entries), batches, pauses, rollup slices (their
+    ``done``/``total`` count hourly keys)."""
     paused = False
+    entries = 0  # the journal entries a revert's batches read (a retry reads them again)
 
     def show(event: str, /, **details: Any) -> None:
-        nonlocal paused
-        if event == first:
-            on_first(details)
+        nonlocal paused, entries
+        if event == "planned":
+            bar.phase("update", details["rows"], "rows", status="snapshot taken")
+        elif event == "started" and phase == "revert":
+            bar.phase("revert", details["result"].entries, "entries")
         elif event == "batch":
             paused = False
-            on_batch(details["batch"], details["result"])
+            batch, result = details["batch"], details["result"]
+            if phase == "update":
+                status = f"batch {number(batch.batch_size)}" + (" (retry)" if batch.retry else "")
+                bar.update("update", result.rows_updated, status=status)
+            else:
+                entries += 0 if batch.retry else batch.entries
+                bar.update("revert", entries, status=f"restored {number(result.rows_restored)}")
         elif event == "paused" and not (
             details["reason"].startswith("sleep") and bar.live is None
         ):
@@ -282,28 +254,11 @@ def _events(
             paused = True
         elif event == "rollup_slice":
             # The first slice event comes after the rollup's set-up and its first (probe) slice.
-            bar.phase("rollup", "rollup", details["total"], "keys", started_now=False)
+            bar.phase("rollup", details["total"], "keys", started_now=False)
             held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
             bar.update("rollup", details["done"], total=details["total"], status=held)
 
     return show
-
-
-class OutputStream:
-    """A command's OutputWrapper as a file that writes text exactly as given."""
-
-    def __init__(self, wrapper: Any) -> None:
-        self.wrapper = wrapper
-
-    def write(self, text: str) -> int:
-        self.wrapper.write(text, style_func=lambda message: message, ending="")
-        return len(text)
-
-    def flush(self) -> None:
-        self.wrapper.flush()
-
-    def isatty(self) -> bool:
-        return self.wrapper.isatty()
 
 
 def clock(seconds: float) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from django.core.management.base import OutputWrapper
@@ -15,14 +14,12 @@ from usage.events import event_line
 from usage.output.lines import wrap
 
 
-@dataclass
 class Reporter:
-    """A command's context lines, warnings, events and outcome line."""
+    """A command's context lines, warnings, events and outcome line (``ToolCommand`` is one)."""
 
     stdout: OutputWrapper
     stderr: OutputWrapper
     style: Style
-    _: KW_ONLY
     json_logs: bool
     document_on_stdout: bool
     verbosity: int
@@ -42,10 +39,10 @@ class Reporter:
         else:
             self._text(self.stderr, message, self.style.WARNING)
 
-    def event(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
+    def event(self, event: str, message: str, **fields: Any) -> None:
         """An event that only the JSON log shows (text mode shows it otherwise, or not)."""
-        if self.json_logs and (self.verbosity >= 1 or level != "info"):
-            self._json(level, event, message, fields)
+        if self.json_logs and self.verbosity >= 1:
+            self._json("info", event, message, fields)
 
     def outcome(self, message: str, *, ok: bool, **fields: Any) -> None:
         """The command's outcome as its last stderr line, when stdout does not show it."""
@@ -54,12 +51,15 @@ class Reporter:
         elif self.document_on_stdout:
             self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
 
+    def terminal_width(self, stream: OutputWrapper | None = None) -> int | None:
+        """The width of the terminal ``stream`` (stdout) is, or None (a file or a pipe)."""
+        return shutil.get_terminal_size().columns if (stream or self.stdout).isatty() else None
+
     def _text(
         self, stream: OutputWrapper, message: str, style: Callable[[str], str] = str
     ) -> None:
         """``message`` on ``stream``, wrapped to its terminal between words."""
-        width = shutil.get_terminal_size().columns if stream.isatty() else None
-        for line in wrap(message, width):
+        for line in wrap(message, self.terminal_width(stream)):
             stream.write(style(line), style_func=lambda text: text)
 
     def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand
 from usage.management.repair_settings import read_settings
 from usage.models import BackfillRun
 from usage.output import document as result
-from usage.output.progress import repair_events
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.plan.handling import checked
 from usage.repair import backfill
@@ -180,7 +179,7 @@ class Command(ToolCommand):
         message, fields, done = _outcome(document)
         error = self.ending(self._exit_status(document), done)
         status = 0 if error is None else error.returncode
-        self.report.outcome(
+        self.outcome(
             f"{message} (exit status {status}).", ok=status == 0, exit_status=status, **fields
         )
         if error is not None:
@@ -223,7 +222,7 @@ class Command(ToolCommand):
         outcome_only = settings.execute and table and settings.out.file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
-            self.report.warning(f"No agent belongs to workspace {workspace_id}.")
+            self.warning(f"No agent belongs to workspace {workspace_id}.")
         return summary
 
     def _dry_run(self, database: str) -> dict[str, Any]:
@@ -232,9 +231,9 @@ class Command(ToolCommand):
         # The database a plan to write names, read before the summary.
         identity = plan.read_identity() if planning.out is not None else None
         summary = self._summary()
-        saved = planning.document(summary, identity, self.report)
+        saved = planning.document(summary, identity, self)
         document = self.show_result(result.build("dry_run", database, summary=summary))
-        if saved and (failed := planning.write(saved, self.report, self._lines)):
+        if saved and (failed := planning.write(saved, self, self._lines)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
@@ -244,7 +243,7 @@ class Command(ToolCommand):
             "finishing the current batch, then rebuilding the rollup for what was done."
         )
         try:
-            with self.live_run(repair_events, self._progress) as (stop, progress):
+            with self.live_run("update", self._progress) as (stop, progress):
                 executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
@@ -276,7 +275,7 @@ class Command(ToolCommand):
 
     def _progress(self, event: str, /, **details: Any) -> None:
         """The run's lines among the first (in JSON the library's own events say them)."""
-        json_logs = self.report.json_logs
+        json_logs = self.json_logs
         if event == "stamped":
             # The batches are done; the rollup comes next.
             self.what_next = (
@@ -286,19 +285,19 @@ class Command(ToolCommand):
         elif event == "started":
             self._started(details["run"])
         elif event == "stamping" and not json_logs:
-            self.report.context("stamp", f"Stamp: {details['policy'].reason}.")
+            self.context("stamp", f"Stamp: {details['policy'].reason}.")
         elif event == "rollup_path" and not json_logs:
             function = f" ({details['function']})" if details.get("function") else ""
             reason = f": {details['reason']}" if details.get("reason") else ""
-            self.report.context(
+            self.context(
                 "rollup_path",
                 f"Rollup: {details.get('path')}{function}{reason}.",
                 **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
             )
 
     def _started(self, run: BackfillRun) -> None:
-        if not self.report.json_logs:
-            self.report.context(
+        if not self.json_logs:
+            self.context(
                 "start",
                 f"Run {run.pk} started at {render.timestamp(run.started_at)} "
                 f"by {run.os_user}@{run.client_host} as role {run.db_role}.",
@@ -306,7 +305,7 @@ class Command(ToolCommand):
         earlier = run.continues
         if earlier is not None:
             first = earlier.error.split(";")[0].strip() if earlier.error else ""
-            self.report.context(
+            self.context(
                 "continues",
                 f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
                 f"{render.number(earlier.rows_updated)} rows repaired, "
@@ -318,14 +317,14 @@ class Command(ToolCommand):
                 continues_rows_remaining=earlier.rows_remaining,
             )
         compared = checked(self.settings.run.check_snapshot)
-        if compared is not None and not self.report.json_logs:
-            self.report.context("plan", compared.summary())
+        if compared is not None and not self.json_logs:
+            self.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
         compared = checked(self.settings.run.check_snapshot)
         groups = kind == "file" or (
-            kind == "screen" and document["mode"] == "dry_run" and self.out.verbosity >= 1
+            kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
         )
         return result_table(
             document,
@@ -339,7 +338,7 @@ class Command(ToolCommand):
 
     def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
         """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
-        target = self.stderr if self.report.document_on_stdout else self.stdout
+        target = self.stderr if self.document_on_stdout else self.stdout
         width = self.terminal_width() if target is self.stdout else None
         for line in lines(width):
             target.write(line, style_func=lambda text: text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -13,9 +12,7 @@ from usage import render
 from usage.db import TargetError, describe_database
 from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
 from usage.output import document as result
-from usage.output.lines import fit_items
-from usage.output.outcome import revert_lines
-from usage.output.progress import revert_events
+from usage.output.outcome import changed_lines, revert_lines
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
@@ -45,14 +42,6 @@ exit status: 0 done; 1 bad input (nothing changed) or an error (the rows restore
 stay restored: run it again); 3 rows stayed locked by other writers (run the same revert
 again); 130/143 stopped by SIGINT/SIGTERM (run it again).
 """
-
-CHANGED_COLUMNS = (
-    "usage id",
-    "input (run left)",
-    "input (now)",
-    "updated_at (run left)",
-    "updated_at (now)",
-)
 
 
 class Command(ToolCommand):
@@ -116,7 +105,7 @@ class Command(ToolCommand):
         found = plan_revert(settings.run_id, show_changed=settings.show_changed)
         self._describe_run(found)
         if found.owner_gone:
-            self.report.warning(
+            self.warning(
                 f"Run {found.run.pk} is marked running but no process holds the run lock; "
                 "--execute will mark it interrupted first."
             )
@@ -125,7 +114,7 @@ class Command(ToolCommand):
 
     def _execute(self, settings: RevertOptions) -> CommandError | None:
         self.what_next = "finishing the current batch or rollup slice, then stopping."
-        with self.live_run(revert_events, self._progress) as (stop, progress):
+        with self.live_run("revert", self._progress) as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
         document = self._show(
             done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
@@ -145,9 +134,9 @@ class Command(ToolCommand):
     def _progress(self, event: str, /, **details: Any) -> None:
         if event == "started":
             self._describe_run(details["result"])
-        elif event == "batch" and self.report.json_logs:
+        elif event == "batch" and self.json_logs:
             batch, found = details["batch"], details["result"]
-            self.report.event(
+            self.event(
                 "batch",
                 f"revert batch {batch.number}: {batch.entries} entries, "
                 f"{batch.rows_restored} rows restored",
@@ -166,7 +155,7 @@ class Command(ToolCommand):
     def _describe_run(self, found: RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
         run = found.run
-        self.report.context(
+        self.context(
             "run",
             f"Run {run.pk}: {run.status}, started {render.timestamp(run.started_at)} by "
             f"{run.os_user}@{run.client_host}, cutoff {render.timestamp(run.cutoff)}, "
@@ -199,47 +188,14 @@ class Command(ToolCommand):
                 f"{render.number(document['rows_remaining'])} still to restore."
             )
         fields = ("run_id", "status", "rows_restored", "rows_remaining")
-        self.report.outcome(said, ok=ok, **{key: document[key] for key in fields})
+        self.outcome(said, ok=ok, **{key: document[key] for key in fields})
         return document
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """The revert's outcome, with the rows changed since the run (not in brief)."""
         width = None if kind == "file" else self.terminal_width()
-        lines = []
-        if kind != "brief" and document["rows_changed"]:
-            changed = document["changed"]
-            lines.append(
-                self.style.WARNING(
-                    f"{render.number(document['rows_changed'])} rows were changed by someone "
-                    "else since the run; they are left as they are"
-                    + (f" (first {len(changed)}):" if changed else ".")
-                )
-            )
-            if changed:
-                rows = [
-                    (
-                        str(c["usage_id"]),
-                        render.number(c["expected_input_tokens"]),
-                        "deleted" if c["deleted"] else render.number(c["current_input_tokens"]),
-                        _precise(c["expected_updated_at"]),
-                        "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
-                    )
-                    for c in changed
-                ]
-                table = render.render_table(CHANGED_COLUMNS, rows)
-                if width is not None and max(map(len, table.splitlines())) > width:
-                    # Too wide for the terminal: one block per row, each value whole.
-                    for usage, was, now, was_at, now_at in rows:
-                        items = [
-                            usage,
-                            f"input {was} -> now {now}",
-                            f"updated_at {was_at} -> now {now_at}",
-                        ]
-                        lines.extend(fit_items(items, width))
-                else:
-                    lines.append(table)
-        lines.extend(revert_lines(document, self.style, width))
-        return "\n".join(lines)
+        lines = changed_lines(document, self.style, width) if kind != "brief" else []
+        return "\n".join(lines + revert_lines(document, self.style, width))
 
 
 def _parse_show(value: str) -> int:
@@ -249,8 +205,3 @@ def _parse_show(value: str) -> int:
             f"--show {opts.shown(value)} must be a whole number from 0 to {MAX_SHOW_CHANGED}"
         )
     return int(text)
-
-
-def _precise(value: datetime | None) -> str:
-    """Timestamps to the microsecond: a row changed a moment later must not look the same."""
-    return value.isoformat() if value else "NULL"
