@@ -52,7 +52,8 @@ REMOVED_INPUT = "least(tu.input_tokens, tu.cache_read_tokens)"
 IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
 
 BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
-# The seven columns of an hourly key (task_usage_hourly's and its queue's), with their types.
+# The seven columns of an hourly key (task_usage_hourly's and its queue's, in the order of
+# the queue's unique constraint), with their types.
 KEY_TYPES = (
     ("bucket_hour", "timestamptz NOT NULL"),
     ("workspace_id", "uuid NOT NULL"),

@@ -87,10 +87,8 @@ def warned(detail: str, fix: str) -> CheckResult:
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
 PREFLIGHT_TARGET_TABLES = tuple(dict.fromkeys((*db.REQUIRED_TARGET_TABLES, "issue")))
 
-_KEY = "bucket_hour workspace_id runtime_id agent_id project_id provider model"
+_KEY = " ".join(eligibility.KEY_COLUMNS)
 _TOKENS = "input_tokens output_tokens cache_read_tokens cache_write_tokens"
-# The queue's key, in the order of its unique constraint.
-QUEUE_KEY_COLUMNS = tuple(_KEY.split())
 # Table -> the columns the tool (or the rollup it calls) reads or writes; their types follow
 # from their names (``expected_type``).
 EXPECTED_COLUMNS: dict[str, tuple[str, ...]] = {

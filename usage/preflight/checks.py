@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from usage import cron, db, privileges, replication
-from usage.eligibility import compose, eligible_params
+from usage.eligibility import KEY_COLUMNS, compose, eligible_params
 from usage.events import json_default
 from usage.preflight import catalog
 from usage.preflight.catalog import Check, CheckResult, Context, failed, passed, warned
@@ -158,7 +158,7 @@ def check_rollup_path(ctx: Context) -> CheckResult:
 
 @check("the rollup queue's unique key the repair upserts into", requires="tables")
 def check_rollup_queue(ctx: Context) -> CheckResult:
-    key = list(catalog.QUEUE_KEY_COLUMNS)
+    key = list(KEY_COLUMNS)
     fix = (
         "the repair queues hourly keys as the platform does (INSERT ... ON CONFLICT ON "
         f"CONSTRAINT {db.QUEUE_CONSTRAINT}); deploy the application migration that gives "
