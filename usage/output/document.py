@@ -108,15 +108,10 @@ def _rollup(rollup: RollupResult | None) -> dict[str, Any]:
     """A rebuild's figures, as every document names them (zeros without one)."""
     if rollup is None:
         return dict.fromkeys(ROLLUP_FIELDS, 0)
+    digits = {"rollup_max_lock_seconds": 6, "rollup_seconds": 3, "rollup_cron_wait_seconds": 3}
     return {
-        "rollup_rows": rollup.rollup_rows,
-        "rollup_slices": len(rollup.slices),
-        "rollup_max_lock_seconds": round(rollup.max_lock_held_seconds, 6),
-        "rollup_keys": rollup.keys_done,
-        "rollup_seconds": round(rollup.seconds, 3),
-        "rollup_hash_slices": rollup.hash_slices,
-        "rollup_cron_waits": rollup.cron_waits,
-        "rollup_cron_wait_seconds": round(rollup.cron_wait_seconds, 3),
+        name: round(value, digits[name]) if name in digits else value
+        for name, value in rollup.figures().items()
     }
 
 

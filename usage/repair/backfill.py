@@ -329,17 +329,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         if self.result.path is not None and done.path != self.result.path.path:
             fields = {"rollup_path": done.path, "rollup_path_reason": done.path_reason}
             self.events("path_changed", path=done.path, reason=done.path_reason)
-        self.record(
-            rollup_slices=len(done.slices),
-            rollup_rows=done.rollup_rows,
-            rollup_max_lock_seconds=done.max_lock_held_seconds,
-            rollup_keys=done.keys_done,
-            rollup_seconds=done.seconds,
-            rollup_hash_slices=done.hash_slices,
-            rollup_cron_waits=done.cron_waits,
-            rollup_cron_wait_seconds=done.cron_wait_seconds,
-            **fields,
-        )
+        self.record(**done.figures(), **fields)
 
     def _finish_normally(self) -> ExecuteResult:
         result = self.result

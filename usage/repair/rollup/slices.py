@@ -150,6 +150,19 @@ class RollupResult:
     def hash_slices(self) -> int:
         return sum(1 for s in self.slices if s.plan == "hash")
 
+    def figures(self) -> dict[str, Any]:
+        """The rebuild's figures as the run record and every document name them."""
+        return {
+            "rollup_rows": self.rollup_rows,
+            "rollup_slices": len(self.slices),
+            "rollup_max_lock_seconds": self.max_lock_held_seconds,
+            "rollup_keys": self.keys_done,
+            "rollup_seconds": self.seconds,
+            "rollup_hash_slices": self.hash_slices,
+            "rollup_cron_waits": self.cron_waits,
+            "rollup_cron_wait_seconds": self.cron_wait_seconds,
+        }
+
 
 @dataclass(frozen=True)
 class Span:
