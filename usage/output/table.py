@@ -32,7 +32,16 @@ HEADERS = {
     "last_created_at": ("last created_at", "last\ncreated"),
 }
 ALL_COLUMNS = tuple(HEADERS)
-NUMBERS = ALL_COLUMNS[2:8]
+# The columns of figures (the totals row has them too), and of times (the totals row has none).
+NUMBERS = (
+    "rows",
+    "input_before",
+    "input_after",
+    "input_tokens_removed",
+    "clamped_rows",
+    "rollup_keys",
+)
+TIMES = ("first_created_at", "last_created_at")
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,10 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         # At its natural width: nothing wraps, nothing is cut.
-        headers = [HEADERS[key][shape.two_line_headers] for key in shape.columns]
+        headers = [
+            two_lines if shape.two_line_headers else one_line
+            for one_line, two_lines in (HEADERS[key] for key in shape.columns)
+        ]
         text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
@@ -122,7 +134,7 @@ def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[
 def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     date = f"{number(group_count)} groups"
-    times = dict.fromkeys(ALL_COLUMNS[8:], "")
+    times = dict.fromkeys(TIMES, "")
     return {"workspace_id": "TOTAL", "date_utc": date, **_numbers(figures), **times}
 
 
