@@ -341,7 +341,8 @@ class Slicer:
     def cancelled(self, exc: SliceCancelled, what: str, *, counts: bool = True) -> None:
         """The slice ``what`` hit the cap; too many in a row that ``counts`` stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
-        self.cancelled_in_a_row += counts
+        if counts:
+            self.cancelled_in_a_row += 1
         logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
         if self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
             raise RollupError(
