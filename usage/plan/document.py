@@ -217,15 +217,9 @@ def read_plan(given: str) -> Plan:
 def _read_bytes(given: str) -> bytes:
     """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
     path, refuse = named_file(given, "--plan", GIVE_THE_DRY_RUNS)
+    handle = -1
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        if os.path.lexists(path):
-            raise refuse(DANGLING_LINK) from None
-        raise refuse(f"does not exist; {GIVE_THE_DRY_RUNS}") from None
-    except OSError as exc:
-        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
-    try:
         mode = os.fstat(handle).st_mode
         if stat.S_ISDIR(mode):
             raise refuse("is a directory; give the plan's file, e.g. plan.json")
@@ -239,10 +233,16 @@ def _read_bytes(given: str) -> bytes:
             data += chunk
             if len(data) > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
+    except FileNotFoundError:
+        missing = (
+            DANGLING_LINK if os.path.lexists(path) else f"does not exist; {GIVE_THE_DRY_RUNS}"
+        )
+        raise refuse(missing) from None
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
-        os.close(handle)
+        if handle >= 0:
+            os.close(handle)
     if not data:
         raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
     return bytes(data)

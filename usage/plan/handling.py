@@ -127,20 +127,14 @@ def read_identity() -> DatabaseIdentity:
     """This connection's database, as a plan names it; the system identifier (which tells a
     copy from its original) only if the role may call ``pg_control_system()``."""
     with connection.cursor() as cursor:
-        info = connection.connection.info
         cursor.execute(IDENTITY_SQL)
         name, oid, may_read = cursor.fetchone()
-        system_identifier = None
         if may_read:
             cursor.execute(SYSTEM_IDENTIFIER_SQL)
-            system_identifier = cursor.fetchone()[0]
-    return DatabaseIdentity(
-        host=str(info.host or ""),
-        port=int(info.port) if info.port else None,
-        name=name,
-        oid=int(oid),
-        system_identifier=system_identifier,
-    )
+        system_identifier = cursor.fetchone()[0] if may_read else None
+    info = connection.connection.info
+    port = int(info.port) if info.port else None
+    return DatabaseIdentity(str(info.host or ""), port, name, int(oid), system_identifier)
 
 
 def check_database(plan: Plan, max_age_seconds: float) -> float:
@@ -169,30 +163,6 @@ def check_database(plan: Plan, max_age_seconds: float) -> float:
             "--plan-max-age"
         )
     return age
-
-
-def compare(plan: Plan, now: list[GroupFigures], age_seconds: float) -> PlanOutcome:
-    """Refuse unless every group now is within the plan's; say what changed otherwise."""
-    planned = {group.key: group for group in plan.groups}
-    problems = [
-        problem
-        for group in sorted(now, key=lambda g: g.key)
-        if (problem := _beyond(group, planned.get(group.key)))
-    ]
-    if problems:
-        others = len(problems) - 1
-        more = f" (and {others} more group{'s' if others > 1 else ''})" if others else ""
-        raise PlanError(
-            f"{plan.name} does not cover the candidates now: {problems[0]}{more}; nothing "
-            f"was changed: {NEW_PLAN_ADVICE}"
-        )
-    return PlanOutcome(
-        plan=plan,
-        age_seconds=age_seconds,
-        rows_now=sum(group.rows for group in now),
-        input_tokens_removed_now=sum(group.input_tokens_removed for group in now),
-        identical=fingerprint(plan.cutoff, plan.workspace_id, now) == plan.fingerprint,
-    )
 
 
 def _beyond(group: GroupFigures, planned: GroupFigures | None) -> str:
@@ -228,22 +198,42 @@ class SnapshotCheck:
     outcome: PlanOutcome | None = None
 
     def __call__(self) -> dict[str, Any]:
-        age = check_database(self.plan, self.max_age_seconds)
+        """Refuse unless every group now is within the plan's; say what changed otherwise."""
+        plan = self.plan
+        age = check_database(plan, self.max_age_seconds)
         with transaction.atomic(), connection.cursor() as cursor:
             set_local_timeouts(cursor, self.lock_timeout, 0)
-            cursor.execute(compose(SNAPSHOT_FIGURES_SQL), {"cutoff": self.plan.cutoff})
+            cursor.execute(compose(SNAPSHOT_FIGURES_SQL), {"cutoff": plan.cutoff})
             now = [
                 GroupFigures(str(workspace), day.isoformat(), *figures, digest_hex(digest))
                 for workspace, day, *figures, digest in cursor.fetchall()
             ]
-        compared = compare(self.plan, now, age)
-        self.outcome = compared
+        planned = {group.key: group for group in plan.groups}
+        problems = [
+            problem
+            for group in sorted(now, key=lambda g: g.key)
+            if (problem := _beyond(group, planned.get(group.key)))
+        ]
+        if problems:
+            others = len(problems) - 1
+            more = f" (and {others} more group{'s' if others > 1 else ''})" if others else ""
+            raise PlanError(
+                f"{plan.name} does not cover the candidates now: {problems[0]}{more}; nothing "
+                f"was changed: {NEW_PLAN_ADVICE}"
+            )
+        self.outcome = compared = PlanOutcome(
+            plan=plan,
+            age_seconds=age,
+            rows_now=sum(group.rows for group in now),
+            input_tokens_removed_now=sum(group.input_tokens_removed for group in now),
+            identical=fingerprint(plan.cutoff, plan.workspace_id, now) == plan.fingerprint,
+        )
         details = {k: v for k, v in compared.document().items() if k != "file"}
         log_event(logger, logging.INFO, "plan", compared.summary(), **details)
         return {
-            "plan_fingerprint": self.plan.fingerprint,
-            "plan_created_at": self.plan.created_at,
-            "plan_rows": self.plan.rows,
+            "plan_fingerprint": plan.fingerprint,
+            "plan_created_at": plan.created_at,
+            "plan_rows": plan.rows,
         }
 
 
@@ -353,9 +343,8 @@ class PlanOptions:
         saved = plan_document(summary, identity)
         if identity.system_identifier is None:
             report.warning(
-                "The server's system identifier is not readable by this role (no "
-                "EXECUTE on pg_control_system()): the plan names its database by "
-                "host, port, name and oid."
+                "The server's system identifier is not readable by this role (no EXECUTE on "
+                "pg_control_system()): the plan names its database by host, port, name and oid."
             )
         return saved
 
