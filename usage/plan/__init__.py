@@ -23,7 +23,7 @@ from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.report import Reporter
 from usage.plan.document import (
-    CHECKED_FIGURES,
+    FIGURE_WORDS,
     NEW_PLAN_ADVICE,
     DatabaseIdentity,
     GroupFigures,
@@ -47,13 +47,6 @@ DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 # Shows lines fitted to the width where they go (see the repair command).
 LinesShower = Callable[[Callable[[int | None], list[str]]], None]
-
-FIGURE_WORDS = {
-    "rows": "candidate rows",
-    "input_before": "input tokens before the repair",
-    "input_tokens_removed": "input tokens to remove",
-    "clamped_rows": "rows clamped to 0",
-}
 
 IDENTITY_SQL = """
 SELECT current_database(),
@@ -176,13 +169,10 @@ def _beyond(group: GroupFigures, planned: GroupFigures | None) -> str:
             f"{where} has {rows} ({render.number(group.input_tokens_removed)} input tokens to "
             "remove) and the plan has none there"
         )
-    for figure in CHECKED_FIGURES:
+    for figure, words in FIGURE_WORDS.items():
         mine, theirs = getattr(group, figure), getattr(planned, figure)
         if mine > theirs:
-            return (
-                f"{where} has {render.number(mine)} {FIGURE_WORDS[figure]}, the plan "
-                f"{render.number(theirs)}"
-            )
+            return f"{where} has {render.number(mine)} {words}, the plan {render.number(theirs)}"
     if group.rows == planned.rows and group.ids_digest != planned.ids_digest:
         return (
             f"{where} has {rows} as planned, but not the planned rows (some left and others came)"
@@ -312,9 +302,8 @@ class PlanOptions:
         return plan.cutoff, plan.workspace_id
 
     def snapshot_check(self, lock_timeout: float) -> SnapshotCheck | None:
-        if self.given is None:
-            return None
-        return SnapshotCheck(self.given, max_age_seconds=self.max_age, lock_timeout=lock_timeout)
+        given = self.given
+        return None if given is None else SnapshotCheck(given, self.max_age, lock_timeout)
 
     def context(self) -> dict[str, Any]:
         """The plan applied, as the JSON log's ``context`` event names it."""
@@ -342,13 +331,12 @@ class PlanOptions:
         """The plan to write, from a summary that kept every group."""
         if identity is None or summary is None:
             return None
-        saved = plan_document(summary, identity)
         if identity.system_identifier is None:
             report.warning(
                 "The server's system identifier is not readable by this role (no EXECUTE on "
                 "pg_control_system()): the plan names its database by host, port, name and oid."
             )
-        return saved
+        return plan_document(summary, identity)
 
     def write(self, saved: dict[str, Any], report: Reporter, show: LinesShower) -> str | None:
         """Write the plan, then say the next command; returns the error of a failed write."""

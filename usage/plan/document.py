@@ -24,9 +24,14 @@ from usage.repair.summary import DryRunSummary
 PLAN_KIND = "codex_usage_backfill_plan"
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 1 << 30
-# The group figures a plan's fingerprint covers; "more than planned" is judged on these.
-CHECKED_FIGURES = ("rows", "input_before", "input_tokens_removed", "clamped_rows")
-FIGURE_KEYS = ("workspace_id", "date_utc", *CHECKED_FIGURES, "ids_digest")
+# The group figures a plan's fingerprint covers, in words; "more than planned" is judged on these.
+FIGURE_WORDS = {
+    "rows": "candidate rows",
+    "input_before": "input tokens before the repair",
+    "input_tokens_removed": "input tokens to remove",
+    "clamped_rows": "rows clamped to 0",
+}
+FIGURE_KEYS = ("workspace_id", "date_utc", *FIGURE_WORDS, "ids_digest")
 MAX_TEXT_FIELD = 255
 KIND_WORDS = {dict: "an object", list: "a list", int: "a whole number", str: "a string"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -307,7 +312,7 @@ def _group(entry: Any) -> GroupFigures:
     digest = _field(entry, "ids_digest")
     if not _HEX16.fullmatch(digest):
         raise ValueError("groups[].ids_digest is not 16 hex digits")
-    figures = {figure: _field(entry, figure, int) for figure in CHECKED_FIGURES}
+    figures = {figure: _field(entry, figure, int) for figure in FIGURE_WORDS}
     return GroupFigures(workspace_id=workspace, date_utc=day, ids_digest=digest, **figures)
 
 
