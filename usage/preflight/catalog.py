@@ -115,8 +115,7 @@ def type_matches(actual: str, expected: str) -> bool:
     return any(actual == name or actual.startswith(name + "(") for name in names)
 
 
-# The indexes the tool relies on, judged by their leading key column: (table, column, unique,
-# why).
+# The indexes the tool relies on, by leading key column: (table, column, unique, why).
 REQUIRED_INDEXES = (
     ("task_usage", "id", True, "batches update rows by primary key"),
     ("task_usage", "task_id", False, "the rollup probes usage rows per task"),
