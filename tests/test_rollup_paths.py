@@ -26,7 +26,7 @@ from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
 from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import AgentTaskQueue, BackfillRun, Issue
-from usage.preflight.run import run_preflight
+from usage.preflight import run_preflight
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import choose_path, versions

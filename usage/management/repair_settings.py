@@ -10,7 +10,7 @@ from typing import Any
 
 from usage import options as opts
 from usage.management.base import OutputOptions
-from usage.plan.handling import PlanOptions
+from usage.plan import PlanOptions
 from usage.repair.backfill import ExecuteOptions
 
 # The options a run records (``BackfillRun.arguments``), as given.

@@ -24,9 +24,14 @@ from usage.repair.summary import DryRunSummary
 PLAN_KIND = "codex_usage_backfill_plan"
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 1 << 30
-# The group figures a plan's fingerprint covers; "more than planned" is judged on these.
-CHECKED_FIGURES = ("rows", "input_before", "input_tokens_removed", "clamped_rows")
-FIGURE_KEYS = ("workspace_id", "date_utc", *CHECKED_FIGURES, "ids_digest")
+# The group figures a plan's fingerprint covers, in words; "more than planned" is judged on these.
+FIGURE_WORDS = {
+    "rows": "candidate rows",
+    "input_before": "input tokens before the repair",
+    "input_tokens_removed": "input tokens to remove",
+    "clamped_rows": "rows clamped to 0",
+}
+FIGURE_KEYS = ("workspace_id", "date_utc", *FIGURE_WORDS, "ids_digest")
 MAX_TEXT_FIELD = 255
 KIND_WORDS = {dict: "an object", list: "a list", int: "a whole number", str: "a string"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -217,15 +222,9 @@ def read_plan(given: str) -> Plan:
 def _read_bytes(given: str) -> bytes:
     """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
     path, refuse = named_file(given, "--plan", GIVE_THE_DRY_RUNS)
+    handle = -1
     try:
         handle = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        if os.path.lexists(path):
-            raise refuse(DANGLING_LINK) from None
-        raise refuse(f"does not exist; {GIVE_THE_DRY_RUNS}") from None
-    except OSError as exc:
-        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
-    try:
         mode = os.fstat(handle).st_mode
         if stat.S_ISDIR(mode):
             raise refuse("is a directory; give the plan's file, e.g. plan.json")
@@ -239,10 +238,16 @@ def _read_bytes(given: str) -> bytes:
             data += chunk
             if len(data) > MAX_PLAN_BYTES:
                 raise refuse(f"is larger than {MAX_PLAN_BYTES >> 20} MiB: not a plan")
+    except FileNotFoundError:
+        missing = (
+            DANGLING_LINK if os.path.lexists(path) else f"does not exist; {GIVE_THE_DRY_RUNS}"
+        )
+        raise refuse(missing) from None
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     finally:
-        os.close(handle)
+        if handle >= 0:
+            os.close(handle)
     if not data:
         raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
     return bytes(data)
@@ -307,7 +312,7 @@ def _group(entry: Any) -> GroupFigures:
     digest = _field(entry, "ids_digest")
     if not _HEX16.fullmatch(digest):
         raise ValueError("groups[].ids_digest is not 16 hex digits")
-    figures = {figure: _field(entry, figure, int) for figure in CHECKED_FIGURES}
+    figures = {figure: _field(entry, figure, int) for figure in FIGURE_WORDS}
     return GroupFigures(workspace_id=workspace, date_utc=day, ids_digest=digest, **figures)
 
 

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 from usage import db, eligibility
@@ -72,16 +72,10 @@ class Check:
     requires: tuple[str, ...] = ()
 
 
-def passed(detail: str) -> CheckResult:
-    return CheckResult("", "ok", detail)
-
-
-def failed(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", "fail", detail, fix)
-
-
-def warned(detail: str, fix: str) -> CheckResult:
-    return CheckResult("", "warn", detail, fix)
+# A check's result, named by the runner: passed(detail), warned(detail, fix), failed(detail, fix).
+passed = partial(CheckResult, "", "ok")
+warned = partial(CheckResult, "", "warn")
+failed = partial(CheckResult, "", "fail")
 
 
 # All tables the repair and the rollup function touch; the dirty queue is read by the latter.
@@ -121,24 +115,15 @@ def type_matches(actual: str, expected: str) -> bool:
     return any(actual == name or actual.startswith(name + "(") for name in names)
 
 
-@dataclass(frozen=True)
-class IndexNeed:
-    """An index the tool relies on, judged by its leading key column."""
-
-    table: str
-    column: str
-    unique: bool
-    why: str
-
-
+# The indexes the tool relies on, by leading key column: (table, column, unique, why).
 REQUIRED_INDEXES = (
-    IndexNeed("task_usage", "id", True, "batches update rows by primary key"),
-    IndexNeed("task_usage", "task_id", False, "the rollup probes usage rows per task"),
-    IndexNeed("task_usage", "created_at", False, "legacy rows are found by created_at"),
-    IndexNeed("task_usage", "updated_at", False, "the rollup window selects by updated_at"),
-    IndexNeed("agent_task_queue", "id", True, "usage rows join their task"),
-    IndexNeed("agent", "id", True, "tasks join their agent"),
-    IndexNeed("issue", "id", True, "tasks join their issue for the project"),
+    ("task_usage", "id", True, "batches update rows by primary key"),
+    ("task_usage", "task_id", False, "the rollup probes usage rows per task"),
+    ("task_usage", "created_at", False, "legacy rows are found by created_at"),
+    ("task_usage", "updated_at", False, "the rollup window selects by updated_at"),
+    ("agent_task_queue", "id", True, "usage rows join their task"),
+    ("agent", "id", True, "tasks join their agent"),
+    ("issue", "id", True, "tasks join their issue for the project"),
 )
 
 # Columns of the queue an insert of the key and enqueued_at alone would leave NULL.

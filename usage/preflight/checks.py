@@ -233,23 +233,23 @@ def check_rollup_cron(ctx: Context) -> CheckResult:
 
 @check("the indexes the tool relies on", requires="tables")
 def check_indexes(ctx: Context) -> CheckResult:
-    tables = sorted({need.table for need in catalog.REQUIRED_INDEXES})
+    tables = sorted({table for table, *_ in catalog.REQUIRED_INDEXES})
     rows = ctx.all(catalog.INDEXES_SQL, {"schema": ctx.target_schema, "tables": tables})
     problems, fixes = [], []
-    for need in catalog.REQUIRED_INDEXES:
-        leading = [row for row in rows if row[0] == need.table and row[2] == need.column]
-        if any(row[4] and (row[5] or not need.unique) for row in leading):
+    for table, column, unique, why in catalog.REQUIRED_INDEXES:
+        leading = [row for row in rows if row[0] == table and row[2] == column]
+        if any(row[4] and (row[5] or not unique) for row in leading):
             continue
-        target = f"{need.table}({need.column})"
+        target = f"{table}({column})"
         invalid = [row[1] for row in leading if not row[3]]
         if invalid:
-            problems.append(f"index {invalid[0]} on {target} is INVALID ({need.why})")
+            problems.append(f"index {invalid[0]} on {target} is INVALID ({why})")
             fixes.append(f"REINDEX INDEX CONCURRENTLY {ctx.target_schema}.{invalid[0]};")
             continue
-        kind = "unique index (primary key)" if need.unique else "index"
-        problems.append(f"no usable {kind} on {target} ({need.why})")
-        create = "CREATE UNIQUE INDEX" if need.unique else "CREATE INDEX"
-        fixes.append(f"{create} CONCURRENTLY ON {ctx.target_schema}.{need.table} ({need.column});")
+        kind = "unique index (primary key)" if unique else "index"
+        problems.append(f"no usable {kind} on {target} ({why})")
+        create = "CREATE UNIQUE INDEX" if unique else "CREATE INDEX"
+        fixes.append(f"{create} CONCURRENTLY ON {ctx.target_schema}.{table} ({column});")
     if problems:
         return failed(
             "; ".join(problems),
@@ -258,7 +258,7 @@ def check_indexes(ctx: Context) -> CheckResult:
         )
     return passed(
         f"{len(catalog.REQUIRED_INDEXES)} indexes found by leading column: "
-        + ", ".join(f"{n.table}({n.column})" for n in catalog.REQUIRED_INDEXES[:4])
+        + ", ".join(f"{table}({column})" for table, column, *_ in catalog.REQUIRED_INDEXES[:4])
         + " and the joined tables' primary keys"
     )
 

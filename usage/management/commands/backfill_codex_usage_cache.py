@@ -18,7 +18,7 @@ from usage.management.repair_settings import read_settings
 from usage.models import BackfillRun
 from usage.output import document as result
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
-from usage.plan.handling import checked
+from usage.plan import checked
 from usage.repair import backfill
 from usage.repair.backfill import BackfillError, execute_backfill
 from usage.repair.runs import RunLockError
