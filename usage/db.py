@@ -118,11 +118,7 @@ def database_failure(exc: BaseException) -> str:
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    for candidate in (exc, exc.__cause__):
-        state = getattr(candidate, "sqlstate", None)
-        if state:
-            return state
-    return None
+    return getattr(exc, "sqlstate", None) or getattr(exc.__cause__, "sqlstate", None) or None
 
 
 def missing_tables(cursor: Any, tables: Sequence[str], schema: str) -> list[str]:

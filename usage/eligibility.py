@@ -46,11 +46,6 @@ ROW_ELIGIBLE_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
 # The workspace scope (a row's task, agent and workspace never change).
 SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
 
-# The repaired value, and what the repair removes (never more than the row's input).
-CORRECTED_INPUT = "greatest(tu.input_tokens - tu.cache_read_tokens, 0)"
-REMOVED_INPUT = "least(tu.input_tokens, tu.cache_read_tokens)"
-IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
-
 BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
 # The seven columns of an hourly key (task_usage_hourly's and its queue's, in the order of
 # the queue's unique constraint), with their types.
@@ -71,9 +66,10 @@ FRAGMENTS = {
     "eligible_from": f"{{task_usage}} tu\n    {TASK_JOINS}",
     "eligible_where": f"{ROW_ELIGIBLE_WHERE}\n    AND {SCOPE_WHERE}",
     "row_eligible_where": ROW_ELIGIBLE_WHERE,
-    "corrected_input": CORRECTED_INPUT,
-    "removed_input": REMOVED_INPUT,
-    "is_clamped": IS_CLAMPED,
+    # The repaired value, and what the repair removes (never more than the row's input).
+    "corrected_input": "greatest(tu.input_tokens - tu.cache_read_tokens, 0)",
+    "removed_input": "least(tu.input_tokens, tu.cache_read_tokens)",
+    "is_clamped": "tu.input_tokens < tu.cache_read_tokens",
     "bucket_hour": BUCKET_HOUR,
     # The hourly rollup key of a usage row (needs ``LEFT JOIN {issue} i ON i.id = q.issue_id``).
     "rollup_key": f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, "

@@ -135,19 +135,16 @@ def secret_key(
     if given:
         return given, "DJANGO_SECRET_KEY"
     if sandbox_dir is not None:
-        try:
+        # An unwritable sandbox folder: no kept key, so no serving either.
+        with contextlib.suppress(OSError):
             return _kept_key(sandbox_dir / "secret_key"), "sandbox"
-        except OSError:
-            pass  # an unwritable sandbox folder: no kept key, so no serving either
     return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
 
 
 def _kept_key(path: Path) -> str:
     """Read the sandbox's key, creating it first (atomically: processes may race)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         return _read_key(path)
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     handle = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

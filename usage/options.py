@@ -3,6 +3,7 @@ type instead. Only ASCII digits count (``int()`` also reads full-width ones, ``_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import uuid
@@ -10,8 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 MAX_BATCH_SIZE = 50_000
-MAX_SLEEP_SECONDS = 3600.0
-MAX_RUN_ID = 2**63 - 1  # a PostgreSQL bigint
 SHOWN_CHARS = 200
 
 _RFC3339 = re.compile(
@@ -74,21 +73,19 @@ def parse_workspace_id(
         raise ValueError(
             f"{name} is empty; give a workspace UUID, or leave it out to work on every workspace"
         )
-    try:
-        if not text.isascii():
-            raise ValueError(text)
-        return uuid.UUID(text)
-    except ValueError:
-        raise ValueError(
-            f"{name} {shown(value)} is not a UUID; "
-            "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
-        ) from None
+    if text.isascii():
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(text)
+    raise ValueError(
+        f"{name} {shown(value)} is not a UUID; "
+        "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
+    )
 
 
 def parse_run_id(value: str | int | None, *, name: str = "--run-id") -> int:
     text = "" if value is None else str(value).strip()
     number = int(text) if _WHOLE.fullmatch(text) else 0
-    if not 0 < number <= MAX_RUN_ID:
+    if not 0 < number < 2**63:  # a PostgreSQL bigint
         raise ValueError(
             f"{name} {shown(value)} is not a run number; give the number printed as "
             "'Run N' by backfill_codex_usage_cache --execute, e.g. 12"
@@ -139,7 +136,7 @@ def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.
 
 def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-batches") -> float:
     seconds = duration_seconds(value, flag=flag)
-    if not 0 <= seconds <= MAX_SLEEP_SECONDS:
+    if not 0 <= seconds <= 3600:
         raise ValueError(f"{flag} must be between 0 and 1h")
     return seconds
 
@@ -172,17 +169,14 @@ TIMEOUT_LIMITS = {
 }
 
 
-def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
-    return {
+def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
+    timeouts = {
         key: parse_seconds(
             options[key], flag=f"--{key.replace('_', '-')}", minimum=least, maximum=most
         )
         for key, (least, most) in TIMEOUT_LIMITS.items()
     }
-
-
-def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
-    return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}
+    return {**timeouts, "rollup_path": options.get("rollup_path") or "auto"}
 
 
 # The platform versions an operator may declare a rollup definition equal to.

@@ -27,12 +27,26 @@ SELECT r.kind, r.obj, r.priv,
 FROM unnest(%(kinds)s::text[], %(objs)s::text[], %(privs)s::text[]) AS r(kind, obj, priv)"""
 
 
+def _quote(identifier: str) -> str:
+    return sql.Identifier(identifier).as_string()
+
+
 @dataclass(frozen=True)
 class Need:
     kind: str
     obj: str
     privilege: str
     why: str = ""
+
+    def grant(self, role: str, database: str) -> str:
+        target = self.obj  # a table
+        if self.kind == "database":
+            target = f"DATABASE {_quote(database)}"
+        elif self.kind == "schema":
+            target = f"SCHEMA {_quote(self.obj)}"
+        elif self.kind == "function":
+            target = f"FUNCTION {self.obj}"  # its privilege is EXECUTE
+        return f"GRANT {self.privilege} ON {target} TO {_quote(role)};"
 
 
 @dataclass(frozen=True)
@@ -49,22 +63,7 @@ class Missing:
         )
 
     def grants(self) -> str:
-        return " ".join(grant_statement(need, self.role, self.database) for need in self.needs)
-
-
-def _quote(identifier: str) -> str:
-    return sql.Identifier(identifier).as_string()
-
-
-def grant_statement(need: Need, role: str, database: str) -> str:
-    privilege, target = need.privilege, need.obj
-    if need.kind == "database":
-        target = f"DATABASE {_quote(database)}"
-    elif need.kind == "schema":
-        target = f"SCHEMA {_quote(need.obj)}"
-    elif need.kind == "function":
-        privilege, target = "EXECUTE", f"FUNCTION {need.obj}"
-    return f"GRANT {privilege} ON {target} TO {_quote(role)};"
+        return " ".join(need.grant(self.role, self.database) for need in self.needs)
 
 
 def _table(name: str) -> str:
