@@ -23,16 +23,13 @@ def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any)
         cursor.execute(compose("CREATE SCHEMA IF NOT EXISTS {tool_schema}"))
 
 
-_sandbox_migrated = False
-
-
 def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
-    global _sandbox_migrated
-    if _sandbox_migrated or not getattr(connection, "is_sandbox", False):
+    """On the first connection to the sandbox's database, once: it then stops listening."""
+    if not getattr(connection, "is_sandbox", False):
         return
     if connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
         return
-    _sandbox_migrated = True
+    connection_created.disconnect(migrate_sandbox)
     from django.core.management import call_command
     from django.db.migrations.executor import MigrationExecutor
 

@@ -69,6 +69,7 @@ class StampPolicy:
     slots: int
     keys: int
     reason: str
+    first: datetime  # the earliest stamp
 
     @property
     def below_watermark(self) -> bool:
@@ -83,14 +84,14 @@ def _policy(
 ) -> StampPolicy:
     """Up to ``room`` stamps ending at ``top``; with the keys counted, the reason names them."""
     slots = room if keys is None else min(room, max(keys, 1))
+    first = top - (slots - 1) * MICROSECOND
     if keys is not None:
-        first = top - (slots - 1) * MICROSECOND
         shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
         reason += (
             f": stamps from {_clock(first, microseconds=True)} to "
             f"{_clock(top, microseconds=True)}{shared}"
         )
-    return StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason)
+    return StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason, first)
 
 
 def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
