@@ -11,18 +11,10 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from usage.eligibility import compose
+from usage.eligibility import REQUIRED_TARGET_TABLES, compose
 from usage.environment import timeout_setting
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
-REQUIRED_TARGET_TABLES = (
-    "task_usage",
-    "agent_task_queue",
-    "agent",
-    "task_usage_hourly",
-    "task_usage_hourly_dirty",
-    "task_usage_hourly_rollup_state",
-)
 # The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform does.
 QUEUE_CONSTRAINT = "uq_task_usage_hourly_dirty_key"
 REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")

@@ -11,15 +11,19 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-# Qualified with the application's schema.
-TARGET_NAMES = (
+# Qualified with the application's schema: the tables the tool cannot work without, and the
+# rest it names.
+REQUIRED_TARGET_TABLES = (
     "task_usage",
     "agent_task_queue",
     "agent",
-    "issue",
     "task_usage_hourly",
     "task_usage_hourly_dirty",
     "task_usage_hourly_rollup_state",
+)
+TARGET_NAMES = (
+    *REQUIRED_TARGET_TABLES,
+    "issue",
     "rollup_task_usage_hourly_window",
     "rollup_task_usage_hourly",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from usage.options import parse_rollup_declarations, parse_seconds
+from usage.options import DECLARABLE_MIGRATIONS, parse_seconds, shown
 
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
@@ -25,6 +26,8 @@ KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keep
 # Django's own test of a strong key (``check --deploy``, security.W009).
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE = 5
+
+_DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
 
 
 def database_settings(url: str) -> dict[str, Any]:
@@ -115,10 +118,30 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
 
 
 def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str, int]:
-    try:
-        return parse_rollup_declarations(environ.get("CODEX_ROLLUP_DECLARE", ""))
-    except ValueError as exc:
-        raise ImproperlyConfigured(str(exc)) from None
+    """Comma-separated ``FINGERPRINT=MIGRATION`` pairs (the pre-flight prints the fingerprint)."""
+    flag = "CODEX_ROLLUP_DECLARE"
+    declared: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in environ.get(flag, "").split(","))):
+        match = _DECLARATION.fullmatch(item)
+        if not match:
+            raise ImproperlyConfigured(
+                f"{flag} {shown(item)} is not FINGERPRINT=MIGRATION; give the fingerprint the "
+                "pre-flight prints (sha256: and 64 hex digits) and a platform migration, "
+                f"e.g. sha256:{'0' * 64}=213"
+            )
+        print_, migration = match.group(1), int(match.group(2))
+        if migration not in DECLARABLE_MIGRATIONS:
+            known = " or ".join(map(str, DECLARABLE_MIGRATIONS))
+            raise ImproperlyConfigured(
+                f"{flag} declares {print_[:19]}… as migration {migration}, which this tool "
+                f"does not know; declare it as {known}, the versions whose sums it computes"
+            )
+        if declared.get(print_, migration) != migration:
+            raise ImproperlyConfigured(
+                f"{flag} declares {print_[:19]}… twice, as {declared[print_]} and {migration}"
+            )
+        declared[print_] = migration
+    return declared
 
 
 def timeout_setting(seconds: float) -> str:

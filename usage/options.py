@@ -181,30 +181,3 @@ def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
 
 # The platform versions an operator may declare a rollup definition equal to.
 DECLARABLE_MIGRATIONS = (102, 213)
-_DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
-
-
-def parse_rollup_declarations(value: str, flag: str = "CODEX_ROLLUP_DECLARE") -> dict[str, int]:
-    """Comma-separated ``FINGERPRINT=MIGRATION`` pairs (the pre-flight prints the fingerprint)."""
-    declared: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        match = _DECLARATION.fullmatch(item)
-        if not match:
-            raise ValueError(
-                f"{flag} {shown(item)} is not FINGERPRINT=MIGRATION; give the fingerprint the "
-                "pre-flight prints (sha256: and 64 hex digits) and a platform migration, "
-                f"e.g. sha256:{'0' * 64}=213"
-            )
-        print_, migration = match.group(1), int(match.group(2))
-        if migration not in DECLARABLE_MIGRATIONS:
-            known = " or ".join(map(str, DECLARABLE_MIGRATIONS))
-            raise ValueError(
-                f"{flag} declares {print_[:19]}… as migration {migration}, which this tool "
-                f"does not know; declare it as {known}, the versions whose sums it computes"
-            )
-        if declared.get(print_, migration) != migration:
-            raise ValueError(
-                f"{flag} declares {print_[:19]}… twice, as {declared[print_]} and {migration}"
-            )
-        declared[print_] = migration
-    return declared
