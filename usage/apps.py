@@ -7,18 +7,17 @@ from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
+from django.db import connections
 from django.db.backends.signals import connection_created
 from django.db.models.signals import pre_migrate
+
+from usage.eligibility import compose
 
 logger = logging.getLogger("usage.apps")
 
 
 def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
     """First on the search path, a missing schema would send Django's tables to the next one."""
-    from django.db import connections
-
-    from usage.eligibility import compose
-
     with connections[using].cursor() as cursor:
         cursor.execute(compose("CREATE SCHEMA IF NOT EXISTS {tool_schema}"))
 

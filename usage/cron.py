@@ -186,10 +186,9 @@ class TickWatcher:
         )
         logger.info(message)
         on_wait(message, max(limit, 0.0))
-        pause = threading.Event().wait
         started, last, current = state.now, state.last_run_started_at, state
         while not stop() and current.now < give_up:
-            pause(POLL_SECONDS)
+            threading.Event().wait(POLL_SECONDS)
             current = read_state()
             if current.last_run_started_at != last:
                 break

@@ -37,12 +37,12 @@ def shown(value: Any) -> str:
 
 
 def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
-    if not value or not str(value).strip():
+    text = str(value or "").strip()
+    if not text:
         raise ValueError(
             f"{name} is required: give the hosted deployment time of the Codex usage fix, "
             "e.g. 2026-06-13T08:00:00Z"
         )
-    text = str(value).strip()
     if not _RFC3339.fullmatch(text):
         raise ValueError(
             f"{name} {shown(value)} is not an RFC 3339 timestamp with an offset; "
