@@ -18,7 +18,6 @@ from django.core.exceptions import ImproperlyConfigured
 from usage.options import DECLARABLE_MIGRATIONS, parse_seconds, shown
 
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
-POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
 
 # TCP keepalives: a server that vanished mid-statement is noticed within about a minute.
 KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
@@ -32,14 +31,11 @@ _DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
 
 def database_settings(url: str) -> dict[str, Any]:
     problem = _url_problem(url)
-    if problem:
-        raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
-    try:
-        return dict(dj_database_url.parse(url, conn_max_age=0))
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"DATABASE_URL is not a valid URL; expected {URL_FORM}"
-        ) from None
+    if not problem:
+        with contextlib.suppress(ValueError):
+            return dict(dj_database_url.parse(url, conn_max_age=0))
+        problem = "is not a valid URL"
+    raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
 
 
 def _url_problem(url: str) -> str:
@@ -55,7 +51,7 @@ def _url_problem(url: str) -> str:
         return "is not a valid URL"
     if "://" not in url or not parts.scheme:
         return "is not a URL"
-    if parts.scheme not in POSTGRES_SCHEMES:
+    if parts.scheme not in ("postgres", "postgresql", "pgsql"):
         return f"names a {parts.scheme!r} database, but the tool works on PostgreSQL only"
     if port == 0:
         return "has a port that is not a number from 1 to 65535"
