@@ -79,14 +79,12 @@ def scrub(message: str) -> str:
 
 def error_text(exc: BaseException) -> str:
     """The server's primary message, searched along the chain (Django's wrapper included)."""
-    seen: list[BaseException] = []
     candidate: BaseException | None = exc
-    while candidate is not None and candidate not in seen and len(seen) < 8:
-        seen.append(candidate)
+    for _ in range(8):  # a chain can loop
         primary = getattr(getattr(candidate, "diag", None), "message_primary", None)
         if primary:
             return scrub(primary)
-        candidate = candidate.__cause__ or candidate.__context__
+        candidate = candidate and (candidate.__cause__ or candidate.__context__)
     return scrub(str(exc)) or type(exc).__name__
 
 

@@ -63,12 +63,10 @@ def _url_problem(url: str) -> str:
 def url_secrets(url: str) -> list[str]:
     """The URL and its password (as written and decoded): never to be shown."""
     found = [url] if url else []
-    try:
+    with contextlib.suppress(ValueError):  # a URL that does not parse has no password to hide
         password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        found.extend({password, unquote(password)})
+        if password:
+            found.extend({password, unquote(password)})
     return found
 
 
