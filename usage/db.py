@@ -44,8 +44,6 @@ SELECT c.contype, i.indnullsnotdistinct,
 FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
 WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
 
-APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
-
 
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
     """Server-side limits end a stuck statement even if this process is gone (0 means none)."""
@@ -133,7 +131,7 @@ def migrations(cursor: Any) -> tuple[set[tuple[str, str]], list[tuple[str, str]]
     """The applied (app, name) pairs, and those on disk not applied (replaced ones aside)."""
     from django.db.migrations.loader import MigrationLoader
 
-    cursor.execute(compose(APPLIED_MIGRATIONS_SQL))
+    cursor.execute(compose("SELECT app, name FROM {tool_schema}.django_migrations"))
     applied = {tuple(row) for row in cursor.fetchall()}
     loader = MigrationLoader(None, ignore_no_migrations=True)
     on_disk = {key for key, migration in loader.disk_migrations.items() if not migration.replaces}

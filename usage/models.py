@@ -86,8 +86,10 @@ class TaskUsage(models.Model):
 
 
 def _choices(name: str, values: str) -> type[models.TextChoices]:
-    """Each value under its upper-case name (``RUNNING = "running"``), labelled "Running"."""
-    return models.TextChoices(name, [(value.upper(), value) for value in values.split()])
+    """``BackfillRun.<name>``: each value under its upper-case name (``RUNNING = "running"``),
+    labelled "Running"."""
+    members = [(value.upper(), value) for value in values.split()]
+    return models.TextChoices(name, members, qualname=f"BackfillRun.{name}")
 
 
 class BackfillRun(models.Model):
