@@ -51,14 +51,13 @@ else:
     _default_db = environment.database_settings(DATABASE_URL)
 
 CODEX_CONNECTION_LIMITS = environment.connection_limits(os.environ)
-_default_db.setdefault("OPTIONS", {})
-_default_db["OPTIONS"].update(CODEX_CONNECTION_LIMITS.libpq_params())
-_default_db["OPTIONS"]["options"] = (
-    f"-c search_path={CODEX_REPAIR_SCHEMA},{CODEX_TARGET_SCHEMA}"
-    " -c application_name=codex-usage-repair " + CODEX_CONNECTION_LIMITS.server_options()
-)
-_default_db["TEST"] = {"NAME": f"test_{_default_db['NAME']}"}
-DATABASES = {"default": _default_db}
+_default_db["OPTIONS"] = {
+    **_default_db.get("OPTIONS", {}),
+    **CODEX_CONNECTION_LIMITS.libpq_params(),
+    "options": f"-c search_path={CODEX_REPAIR_SCHEMA},{CODEX_TARGET_SCHEMA}"
+    " -c application_name=codex-usage-repair " + CODEX_CONNECTION_LIMITS.server_options(),
+}
+DATABASES = {"default": {**_default_db, "TEST": {"NAME": f"test_{_default_db['NAME']}"}}}
 
 # Never a committed value; a source of "" (a key for this process only): nothing is served.
 SECRET_KEY, CODEX_SECRET_KEY_SOURCE = environment.secret_key(

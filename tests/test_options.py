@@ -27,7 +27,7 @@ TIMEOUT_DEFAULTS = {
 
 
 def timeouts(name: str) -> Callable[[str], Any]:
-    return lambda value: options.parse_timeouts({**TIMEOUT_DEFAULTS, name: value})
+    return lambda value: options.parse_limits({**TIMEOUT_DEFAULTS, name: value})
 
 
 # Each option's parser, as the commands call it.

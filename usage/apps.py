@@ -7,32 +7,28 @@ from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
+from django.db import connections
 from django.db.backends.signals import connection_created
 from django.db.models.signals import pre_migrate
+
+from usage.eligibility import compose
 
 logger = logging.getLogger("usage.apps")
 
 
 def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
     """First on the search path, a missing schema would send Django's tables to the next one."""
-    from django.db import connections
-
-    from usage.eligibility import compose
-
     with connections[using].cursor() as cursor:
         cursor.execute(compose("CREATE SCHEMA IF NOT EXISTS {tool_schema}"))
 
 
-_sandbox_migrated = False
-
-
 def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
-    global _sandbox_migrated
-    if _sandbox_migrated or not getattr(connection, "is_sandbox", False):
+    """On the first connection to the sandbox's database, once: it then stops listening."""
+    if not getattr(connection, "is_sandbox", False):
         return
     if connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
         return
-    _sandbox_migrated = True
+    connection_created.disconnect(migrate_sandbox)
     from django.core.management import call_command
     from django.db.migrations.executor import MigrationExecutor
 

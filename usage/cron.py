@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import connection
@@ -69,14 +69,11 @@ class StampPolicy:
     slots: int
     keys: int
     reason: str
+    first: datetime  # the earliest stamp
 
     @property
     def below_watermark(self) -> bool:
         return self.stamp == BackfillRun.Stamp.BELOW_WATERMARK
-
-    @property
-    def first(self) -> datetime:
-        return self.top - (self.slots - 1) * MICROSECOND
 
     def params(self) -> dict[str, object]:
         return {"stamp_top": self.top, "stamp_slots": self.slots, "stamp_keys": max(self.keys, 1)}
@@ -87,15 +84,14 @@ def _policy(
 ) -> StampPolicy:
     """Up to ``room`` stamps ending at ``top``; with the keys counted, the reason names them."""
     slots = room if keys is None else min(room, max(keys, 1))
-    policy = StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason)
-    if keys is None:
-        return policy
-    shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
-    return replace(
-        policy,
-        reason=f"{reason}: stamps from {_clock(policy.first, microseconds=True)} to "
-        f"{_clock(top, microseconds=True)}{shared}",
-    )
+    first = top - (slots - 1) * MICROSECOND
+    if keys is not None:
+        shared = f", {-(-keys // slots):,} hourly keys a stamp at most" if 0 < slots < keys else ""
+        reason += (
+            f": stamps from {_clock(first, microseconds=True)} to "
+            f"{_clock(top, microseconds=True)}{shared}"
+        )
+    return StampPolicy(stamp, state.watermark_at, top, slots, keys or 0, reason, first)
 
 
 def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampPolicy:
@@ -128,20 +124,19 @@ def choose_stamp(cutoff: datetime, state: CronState, keys: int | None) -> StampP
         "; repaired rows are stamped with the time the repair started, and the platform's "
         "rollup will re-roll their hourly keys once its watermark passes that time"
     )
-    return _repair_time(cutoff, state, keys, why)
+    return stamp_for_the_tick(cutoff, state, keys, why)
 
 
-def _repair_time(cutoff: datetime, state: CronState, keys: int | None, why: str) -> StampPolicy:
+def stamp_for_the_tick(
+    cutoff: datetime,
+    state: CronState,
+    keys: int | None,
+    why: str = "--no-rebuild-rollup: repaired rows are stamped with the time the repair "
+    "started, so the platform's cron tick rolls them up once its watermark passes that time",
+) -> StampPolicy:
+    """The time the repair started: stamps from the cutoff up to it."""
     room = max(1, (state.now - cutoff) // MICROSECOND)
     return _policy(BackfillRun.Stamp.REPAIR_TIME, state, state.now, room, keys, why)
-
-
-def stamp_for_the_tick(cutoff: datetime, state: CronState, keys: int) -> StampPolicy:
-    why = (
-        "--no-rebuild-rollup: repaired rows are stamped with the time the repair started, so "
-        "the platform's cron tick rolls them up once its watermark passes that time"
-    )
-    return _repair_time(cutoff, state, keys, why)
 
 
 @dataclass
@@ -168,9 +163,7 @@ class TickWatcher:
         return last + timedelta(seconds=ticks * self.interval)
 
     def wait_if_due(
-        self,
-        stop: Callable[[], bool],
-        on_wait: Callable[[str, float], None] | None = None,
+        self, stop: Callable[[], bool], on_wait: Callable[[str, float], None]
     ) -> float:
         state = read_state()
         due = self.next_due(state)
@@ -192,12 +185,10 @@ class TickWatcher:
             f"(lock {ROLLUP_LOCK_ID} left free, at most {max(limit, 0):.1f}s)"
         )
         logger.info(message)
-        if on_wait is not None:
-            on_wait(message, max(limit, 0.0))
-        pause = threading.Event().wait
+        on_wait(message, max(limit, 0.0))
         started, last, current = state.now, state.last_run_started_at, state
         while not stop() and current.now < give_up:
-            pause(POLL_SECONDS)
+            threading.Event().wait(POLL_SECONDS)
             current = read_state()
             if current.last_run_started_at != last:
                 break

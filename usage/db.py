@@ -11,18 +11,10 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from usage.eligibility import compose
+from usage.eligibility import REQUIRED_TARGET_TABLES, compose
 from usage.environment import timeout_setting
 
 ROLLUP_FUNCTION_SIGNATURE = "rollup_task_usage_hourly_window(timestamptz, timestamptz)"
-REQUIRED_TARGET_TABLES = (
-    "task_usage",
-    "agent_task_queue",
-    "agent",
-    "task_usage_hourly",
-    "task_usage_hourly_dirty",
-    "task_usage_hourly_rollup_state",
-)
 # The rollup queue's unique key: the repair and the revert upsert keys on it, as the platform does.
 QUEUE_CONSTRAINT = "uq_task_usage_hourly_dirty_key"
 REQUIRED_TOOL_TABLES = ("backfill_run", "backfill_journal")
@@ -51,8 +43,6 @@ SELECT c.contype, i.indnullsnotdistinct,
              ORDER BY k.n)
 FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
 WHERE c.conrelid = %(table)s::regclass AND c.conname = %(name)s"""
-
-APPLIED_MIGRATIONS_SQL = "SELECT app, name FROM {tool_schema}.django_migrations"
 
 
 def set_local_timeouts(cursor: Any, lock_timeout: float, statement_timeout: float) -> None:
@@ -87,14 +77,12 @@ def scrub(message: str) -> str:
 
 def error_text(exc: BaseException) -> str:
     """The server's primary message, searched along the chain (Django's wrapper included)."""
-    seen: list[BaseException] = []
     candidate: BaseException | None = exc
-    while candidate is not None and candidate not in seen and len(seen) < 8:
-        seen.append(candidate)
+    for _ in range(8):  # a chain can loop
         primary = getattr(getattr(candidate, "diag", None), "message_primary", None)
         if primary:
             return scrub(primary)
-        candidate = candidate.__cause__ or candidate.__context__
+        candidate = candidate and (candidate.__cause__ or candidate.__context__)
     return scrub(str(exc)) or type(exc).__name__
 
 
@@ -118,11 +106,7 @@ def database_failure(exc: BaseException) -> str:
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    for candidate in (exc, exc.__cause__):
-        state = getattr(candidate, "sqlstate", None)
-        if state:
-            return state
-    return None
+    return getattr(exc, "sqlstate", None) or getattr(exc.__cause__, "sqlstate", None) or None
 
 
 def missing_tables(cursor: Any, tables: Sequence[str], schema: str) -> list[str]:
@@ -147,7 +131,7 @@ def migrations(cursor: Any) -> tuple[set[tuple[str, str]], list[tuple[str, str]]
     """The applied (app, name) pairs, and those on disk not applied (replaced ones aside)."""
     from django.db.migrations.loader import MigrationLoader
 
-    cursor.execute(compose(APPLIED_MIGRATIONS_SQL))
+    cursor.execute(compose("SELECT app, name FROM {tool_schema}.django_migrations"))
     applied = {tuple(row) for row in cursor.fetchall()}
     loader = MigrationLoader(None, ignore_no_migrations=True)
     on_disk = {key for key, migration in loader.disk_migrations.items() if not migration.replaces}

@@ -11,15 +11,19 @@ from typing import Any
 from django.conf import settings
 from psycopg import sql
 
-# Qualified with the application's schema.
-TARGET_NAMES = (
+# Qualified with the application's schema: the tables the tool cannot work without, and the
+# rest it names.
+REQUIRED_TARGET_TABLES = (
     "task_usage",
     "agent_task_queue",
     "agent",
-    "issue",
     "task_usage_hourly",
     "task_usage_hourly_dirty",
     "task_usage_hourly_rollup_state",
+)
+TARGET_NAMES = (
+    *REQUIRED_TARGET_TABLES,
+    "issue",
     "rollup_task_usage_hourly_window",
     "rollup_task_usage_hourly",
 )
@@ -46,12 +50,6 @@ ROW_ELIGIBLE_WHERE = f"""{CODEX_WITH_CACHED_INPUT}
 # The workspace scope (a row's task, agent and workspace never change).
 SCOPE_WHERE = "(%(workspace_id)s::uuid IS NULL OR a.workspace_id = %(workspace_id)s::uuid)"
 
-# The repaired value, and what the repair removes (never more than the row's input).
-CORRECTED_INPUT = "greatest(tu.input_tokens - tu.cache_read_tokens, 0)"
-REMOVED_INPUT = "least(tu.input_tokens, tu.cache_read_tokens)"
-IS_CLAMPED = "tu.input_tokens < tu.cache_read_tokens"
-
-BUCKET_HOUR = "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')"
 # The seven columns of an hourly key (task_usage_hourly's and its queue's, in the order of
 # the queue's unique constraint), with their types.
 KEY_TYPES = (
@@ -64,26 +62,26 @@ KEY_TYPES = (
     ("model", "text NOT NULL"),
 )
 KEY_COLUMNS = tuple(name for name, _ in KEY_TYPES)
-# A task's part of a key (``q`` joined to ``a`` and ``i``).
-TASK_KEY = "a.workspace_id, q.runtime_id, q.agent_id, i.project_id"
 
+# Each may use the names and the fragments before it.
 FRAGMENTS = {
     "eligible_from": f"{{task_usage}} tu\n    {TASK_JOINS}",
-    "eligible_where": f"{ROW_ELIGIBLE_WHERE}\n    AND {SCOPE_WHERE}",
     "row_eligible_where": ROW_ELIGIBLE_WHERE,
-    "corrected_input": CORRECTED_INPUT,
-    "removed_input": REMOVED_INPUT,
-    "is_clamped": IS_CLAMPED,
-    "bucket_hour": BUCKET_HOUR,
+    "eligible_where": "{row_eligible_where}\n    AND " + SCOPE_WHERE,
+    # The repaired value, and what the repair removes (never more than the row's input).
+    "corrected_input": "greatest(tu.input_tokens - tu.cache_read_tokens, 0)",
+    "removed_input": "least(tu.input_tokens, tu.cache_read_tokens)",
+    "is_clamped": "tu.input_tokens < tu.cache_read_tokens",
+    "bucket_hour": "date_trunc('hour', tu.created_at AT TIME ZONE 'UTC')",
     # The hourly rollup key of a usage row (needs ``LEFT JOIN {issue} i ON i.id = q.issue_id``).
-    "rollup_key": f"({BUCKET_HOUR}, q.runtime_id, q.agent_id, i.project_id, tu.provider, "
-    "tu.model)",
+    "rollup_key": "({bucket_hour}, q.runtime_id, q.agent_id, i.project_id, tu.provider, tu.model)",
+    # A task's part of a key (``q`` joined to ``a`` and ``i``).
+    "task_key": "a.workspace_id, q.runtime_id, q.agent_id, i.project_id",
     # A row ``tu`` joined to what its key needs, its key as the seven columns, and whether it
     # has one (a task with no runtime has none).
     "key_joins": f"{TASK_JOINS}\n    LEFT JOIN {{issue}} i ON i.id = q.issue_id",
-    "row_key": f"{BUCKET_HOUR} AT TIME ZONE 'UTC' AS bucket_hour, {TASK_KEY}, tu.provider, "
+    "row_key": "{bucket_hour} AT TIME ZONE 'UTC' AS bucket_hour, {task_key}, tu.provider, "
     "tu.model",
-    "task_key": TASK_KEY,
     "has_key": "q.runtime_id IS NOT NULL",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,9 @@ from urllib.parse import unquote, urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from usage.options import parse_rollup_declarations, parse_seconds
+from usage.options import DECLARABLE_MIGRATIONS, parse_seconds, shown
 
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
-POSTGRES_SCHEMES = ("postgres", "postgresql", "pgsql")
 
 # TCP keepalives: a server that vanished mid-statement is noticed within about a minute.
 KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
@@ -26,17 +26,16 @@ KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keep
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY_MIN_UNIQUE = 5
 
+_DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
+
 
 def database_settings(url: str) -> dict[str, Any]:
     problem = _url_problem(url)
-    if problem:
-        raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
-    try:
-        return dict(dj_database_url.parse(url, conn_max_age=0))
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"DATABASE_URL is not a valid URL; expected {URL_FORM}"
-        ) from None
+    if not problem:
+        with contextlib.suppress(ValueError):
+            return dict(dj_database_url.parse(url, conn_max_age=0))
+        problem = "is not a valid URL"
+    raise ImproperlyConfigured(f"DATABASE_URL {problem}; expected {URL_FORM}")
 
 
 def _url_problem(url: str) -> str:
@@ -52,7 +51,7 @@ def _url_problem(url: str) -> str:
         return "is not a valid URL"
     if "://" not in url or not parts.scheme:
         return "is not a URL"
-    if parts.scheme not in POSTGRES_SCHEMES:
+    if parts.scheme not in ("postgres", "postgresql", "pgsql"):
         return f"names a {parts.scheme!r} database, but the tool works on PostgreSQL only"
     if port == 0:
         return "has a port that is not a number from 1 to 65535"
@@ -64,12 +63,10 @@ def _url_problem(url: str) -> str:
 def url_secrets(url: str) -> list[str]:
     """The URL and its password (as written and decoded): never to be shown."""
     found = [url] if url else []
-    try:
+    with contextlib.suppress(ValueError):  # a URL that does not parse has no password to hide
         password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        found.extend({password, unquote(password)})
+        if password:
+            found.extend({password, unquote(password)})
     return found
 
 
@@ -115,10 +112,30 @@ def connection_limits(environ: os._Environ[str] | dict[str, str]) -> ConnectionL
 
 
 def rollup_declarations(environ: os._Environ[str] | dict[str, str]) -> dict[str, int]:
-    try:
-        return parse_rollup_declarations(environ.get("CODEX_ROLLUP_DECLARE", ""))
-    except ValueError as exc:
-        raise ImproperlyConfigured(str(exc)) from None
+    """Comma-separated ``FINGERPRINT=MIGRATION`` pairs (the pre-flight prints the fingerprint)."""
+    flag = "CODEX_ROLLUP_DECLARE"
+    declared: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in environ.get(flag, "").split(","))):
+        match = _DECLARATION.fullmatch(item)
+        if not match:
+            raise ImproperlyConfigured(
+                f"{flag} {shown(item)} is not FINGERPRINT=MIGRATION; give the fingerprint the "
+                "pre-flight prints (sha256: and 64 hex digits) and a platform migration, "
+                f"e.g. sha256:{'0' * 64}=213"
+            )
+        print_, migration = match.group(1), int(match.group(2))
+        if migration not in DECLARABLE_MIGRATIONS:
+            known = " or ".join(map(str, DECLARABLE_MIGRATIONS))
+            raise ImproperlyConfigured(
+                f"{flag} declares {print_[:19]}… as migration {migration}, which this tool "
+                f"does not know; declare it as {known}, the versions whose sums it computes"
+            )
+        if declared.get(print_, migration) != migration:
+            raise ImproperlyConfigured(
+                f"{flag} declares {print_[:19]}… twice, as {declared[print_]} and {migration}"
+            )
+        declared[print_] = migration
+    return declared
 
 
 def timeout_setting(seconds: float) -> str:
@@ -135,19 +152,16 @@ def secret_key(
     if given:
         return given, "DJANGO_SECRET_KEY"
     if sandbox_dir is not None:
-        try:
+        # An unwritable sandbox folder: no kept key, so no serving either.
+        with contextlib.suppress(OSError):
             return _kept_key(sandbox_dir / "secret_key"), "sandbox"
-        except OSError:
-            pass  # an unwritable sandbox folder: no kept key, so no serving either
     return secrets.token_urlsafe(SECRET_KEY_MIN_LENGTH), ""
 
 
 def _kept_key(path: Path) -> str:
     """Read the sandbox's key, creating it first (atomically: processes may race)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         return _read_key(path)
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     handle = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -18,14 +18,9 @@ def event_line(
     level: str, event: str, message: str, fields: dict[str, Any], created: float | None = None
 ) -> str:
     when = datetime.now() if created is None else datetime.fromtimestamp(created)
-    document: dict[str, Any] = {
-        "time": when.astimezone().isoformat(),
-        "level": level,
-        "event": event,
-        "message": message,
-    }
-    document.update(fields)
-    return json.dumps(document, default=json_default, sort_keys=False)
+    time = when.astimezone().isoformat()
+    document = {"time": time, "level": level, "event": event, "message": message, **fields}
+    return json.dumps(document, default=json_default)
 
 
 class JsonFormatter(logging.Formatter):

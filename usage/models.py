@@ -13,14 +13,7 @@ from django.db import connection, models
 from django.db.models.expressions import RawSQL
 from django.utils.functional import cached_property
 
-from usage.eligibility import (
-    CANDIDATE_IDS_SQL,
-    CORRECTED_INPUT,
-    IS_CLAMPED,
-    REMOVED_INPUT,
-    compose,
-    eligible_params,
-)
+from usage.eligibility import CANDIDATE_IDS_SQL, FRAGMENTS, compose, eligible_params
 
 
 class Agent(models.Model):
@@ -92,35 +85,25 @@ class TaskUsage(models.Model):
         return str(self.id)
 
 
+def _choices(name: str, values: str) -> type[models.TextChoices]:
+    """``BackfillRun.<name>``: each value under its upper-case name (``RUNNING = "running"``),
+    labelled "Running"."""
+    members = [(value.upper(), value) for value in values.split()]
+    return models.TextChoices(name, members, qualname=f"BackfillRun.{name}")
+
+
 class BackfillRun(models.Model):
     """One ``--execute`` invocation: who ran it, with what, and what it did."""
 
-    class Status(models.TextChoices):
-        RUNNING = "running"
-        INTERRUPTED = "interrupted"
-        FAILED = "failed"
-        SUCCEEDED = "succeeded"
-        REVERTED = "reverted"
-
-    class RollupState(models.TextChoices):
-        PENDING = "pending"
-        DONE = "done"
-        SKIPPED = "skipped"
-
-    class Stamp(models.TextChoices):
-        BELOW_WATERMARK = "below_watermark"
-        REPAIR_TIME = "repair_time"
-
-    class RevertState(models.TextChoices):
-        RUNNING = "running"
-        STOPPED = "stopped"  # by a signal: the rows restored so far stay restored
-        INCOMPLETE = "incomplete"  # rows stayed locked by writers
-        FAILED = "failed"
-        DONE = "done"
-
-    class RollupPath(models.TextChoices):
-        OWN = "own"  # the tool's aggregate-first recompute, for a function definition it knows
-        FUNCTION = "function"  # the platform's rollup_task_usage_hourly_window
+    Status = _choices("Status", "running interrupted failed succeeded reverted")
+    RollupState = _choices("RollupState", "pending done skipped")
+    Stamp = _choices("Stamp", "below_watermark repair_time")
+    # The latest revert: stopped by a signal (the rows restored so far stay restored), or
+    # incomplete (rows stayed locked by writers).
+    RevertState = _choices("RevertState", "running stopped incomplete failed done")
+    # Own: the tool's aggregate-first recompute, for a function definition it knows; function:
+    # the platform's rollup_task_usage_hourly_window.
+    RollupPath = _choices("RollupPath", "own function")
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     rollup_state = models.CharField(
@@ -231,18 +214,18 @@ class BackfillJournal(models.Model):
 _NAMED_PARAM = re.compile(r"%\((\w+)\)s")
 
 
-def on_usage_table(fragment: str) -> str:
+def _on_usage_table(fragment: str, field: models.Field) -> RawSQL:
     """The shared fragments name the usage table ``tu``; the ORM names it after its table."""
     alias = connection.ops.quote_name(TaskUsage._meta.db_table)
-    return re.sub(r"\btu\.", f"{alias}.", fragment)
+    return RawSQL(re.sub(r"\btu\.", f"{alias}.", FRAGMENTS[fragment]), (), field)
 
 
 class CandidateUsageQuerySet(models.QuerySet):
     def with_repair(self) -> Self:
         return self.annotate(
-            corrected_input=RawSQL(on_usage_table(CORRECTED_INPUT), (), models.BigIntegerField()),
-            tokens_removed=RawSQL(on_usage_table(REMOVED_INPUT), (), models.BigIntegerField()),
-            clamped=RawSQL(on_usage_table(IS_CLAMPED), (), models.BooleanField()),
+            corrected_input=_on_usage_table("corrected_input", models.BigIntegerField()),
+            tokens_removed=_on_usage_table("removed_input", models.BigIntegerField()),
+            clamped=_on_usage_table("is_clamped", models.BooleanField()),
         )
 
     def eligible(self, cutoff: datetime, workspace_id: uuid.UUID | None) -> Self:

@@ -3,6 +3,7 @@ type instead. Only ASCII digits count (``int()`` also reads full-width ones, ``_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import uuid
@@ -10,8 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 MAX_BATCH_SIZE = 50_000
-MAX_SLEEP_SECONDS = 3600.0
-MAX_RUN_ID = 2**63 - 1  # a PostgreSQL bigint
 SHOWN_CHARS = 200
 
 _RFC3339 = re.compile(
@@ -38,12 +37,12 @@ def shown(value: Any) -> str:
 
 
 def parse_cutoff(value: str | None, *, name: str = "--cutoff") -> datetime:
-    if not value or not str(value).strip():
+    text = str(value or "").strip()
+    if not text:
         raise ValueError(
             f"{name} is required: give the hosted deployment time of the Codex usage fix, "
             "e.g. 2026-06-13T08:00:00Z"
         )
-    text = str(value).strip()
     if not _RFC3339.fullmatch(text):
         raise ValueError(
             f"{name} {shown(value)} is not an RFC 3339 timestamp with an offset; "
@@ -74,21 +73,19 @@ def parse_workspace_id(
         raise ValueError(
             f"{name} is empty; give a workspace UUID, or leave it out to work on every workspace"
         )
-    try:
-        if not text.isascii():
-            raise ValueError(text)
-        return uuid.UUID(text)
-    except ValueError:
-        raise ValueError(
-            f"{name} {shown(value)} is not a UUID; "
-            "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
-        ) from None
+    if text.isascii():
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(text)
+    raise ValueError(
+        f"{name} {shown(value)} is not a UUID; "
+        "use the workspace's id, e.g. 0b5c3a4e-8f1d-4c2a-9e7b-1d2f3a4b5c6d"
+    )
 
 
 def parse_run_id(value: str | int | None, *, name: str = "--run-id") -> int:
     text = "" if value is None else str(value).strip()
     number = int(text) if _WHOLE.fullmatch(text) else 0
-    if not 0 < number <= MAX_RUN_ID:
+    if not 0 < number < 2**63:  # a PostgreSQL bigint
         raise ValueError(
             f"{name} {shown(value)} is not a run number; give the number printed as "
             "'Run N' by backfill_codex_usage_cache --execute, e.g. 12"
@@ -139,7 +136,7 @@ def duration_seconds(value: str | float | int, *, flag: str, minimum: float = 0.
 
 def parse_duration(value: str | float | int, *, flag: str = "--sleep-between-batches") -> float:
     seconds = duration_seconds(value, flag=flag)
-    if not 0 <= seconds <= MAX_SLEEP_SECONDS:
+    if not 0 <= seconds <= 3600:
         raise ValueError(f"{flag} must be between 0 and 1h")
     return seconds
 
@@ -172,45 +169,15 @@ TIMEOUT_LIMITS = {
 }
 
 
-def parse_timeouts(options: dict[str, Any]) -> dict[str, float]:
-    return {
+def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
+    timeouts = {
         key: parse_seconds(
             options[key], flag=f"--{key.replace('_', '-')}", minimum=least, maximum=most
         )
         for key, (least, most) in TIMEOUT_LIMITS.items()
     }
-
-
-def parse_limits(options: dict[str, Any]) -> dict[str, Any]:
-    return {**parse_timeouts(options), "rollup_path": options.get("rollup_path") or "auto"}
+    return {**timeouts, "rollup_path": options.get("rollup_path") or "auto"}
 
 
 # The platform versions an operator may declare a rollup definition equal to.
 DECLARABLE_MIGRATIONS = (102, 213)
-_DECLARATION = re.compile(r"(sha256:[0-9a-f]{64})=([0-9]{1,6})")
-
-
-def parse_rollup_declarations(value: str, flag: str = "CODEX_ROLLUP_DECLARE") -> dict[str, int]:
-    """Comma-separated ``FINGERPRINT=MIGRATION`` pairs (the pre-flight prints the fingerprint)."""
-    declared: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        match = _DECLARATION.fullmatch(item)
-        if not match:
-            raise ValueError(
-                f"{flag} {shown(item)} is not FINGERPRINT=MIGRATION; give the fingerprint the "
-                "pre-flight prints (sha256: and 64 hex digits) and a platform migration, "
-                f"e.g. sha256:{'0' * 64}=213"
-            )
-        print_, migration = match.group(1), int(match.group(2))
-        if migration not in DECLARABLE_MIGRATIONS:
-            known = " or ".join(map(str, DECLARABLE_MIGRATIONS))
-            raise ValueError(
-                f"{flag} declares {print_[:19]}… as migration {migration}, which this tool "
-                f"does not know; declare it as {known}, the versions whose sums it computes"
-            )
-        if declared.get(print_, migration) != migration:
-            raise ValueError(
-                f"{flag} declares {print_[:19]}… twice, as {declared[print_]} and {migration}"
-            )
-        declared[print_] = migration
-    return declared

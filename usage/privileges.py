@@ -27,12 +27,26 @@ SELECT r.kind, r.obj, r.priv,
 FROM unnest(%(kinds)s::text[], %(objs)s::text[], %(privs)s::text[]) AS r(kind, obj, priv)"""
 
 
+def _quote(identifier: str) -> str:
+    return sql.Identifier(identifier).as_string()
+
+
 @dataclass(frozen=True)
 class Need:
     kind: str
     obj: str
     privilege: str
     why: str = ""
+
+    def grant(self, role: str, database: str) -> str:
+        target = self.obj  # a table
+        if self.kind == "database":
+            target = f"DATABASE {_quote(database)}"
+        elif self.kind == "schema":
+            target = f"SCHEMA {_quote(self.obj)}"
+        elif self.kind == "function":
+            target = f"FUNCTION {self.obj}"  # its privilege is EXECUTE
+        return f"GRANT {self.privilege} ON {target} TO {_quote(role)};"
 
 
 @dataclass(frozen=True)
@@ -49,30 +63,12 @@ class Missing:
         )
 
     def grants(self) -> str:
-        return " ".join(grant_statement(need, self.role, self.database) for need in self.needs)
+        return " ".join(need.grant(self.role, self.database) for need in self.needs)
 
 
-def _quote(identifier: str) -> str:
-    return sql.Identifier(identifier).as_string()
-
-
-def grant_statement(need: Need, role: str, database: str) -> str:
-    privilege, target = need.privilege, need.obj
-    if need.kind == "database":
-        target = f"DATABASE {_quote(database)}"
-    elif need.kind == "schema":
-        target = f"SCHEMA {_quote(need.obj)}"
-    elif need.kind == "function":
-        privilege, target = "EXECUTE", f"FUNCTION {need.obj}"
-    return f"GRANT {privilege} ON {target} TO {_quote(role)};"
-
-
-def _table(name: str) -> str:
-    return compose("{" + name + "}")
-
-
-def _needs(obj: str, privileges: str, why: str = "") -> list[Need]:
-    return [Need("table", obj, privilege, why) for privilege in privileges.split()]
+def _needs(table: str, privileges: str, why: str = "") -> list[Need]:
+    """``table``: its shared name, e.g. ``{task_usage}`` (``eligibility.names``)."""
+    return [Need("table", compose(table), privilege, why) for privilege in privileges.split()]
 
 
 def requirements(
@@ -85,30 +81,29 @@ def requirements(
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
         Need("schema", settings.CODEX_TARGET_SCHEMA, "USAGE"),
-        *_needs(_table("task_usage"), "SELECT"),
-        *_needs(_table("task_usage"), "UPDATE", "the rows are rewritten"),
-        *(need for table in readable for need in _needs(_table(table), "SELECT")),
+        *_needs("{task_usage}", "SELECT"),
+        *_needs("{task_usage}", "UPDATE", "the rows are rewritten"),
+        *(need for table in readable for need in _needs(f"{{{table}}}", "SELECT")),
         Need("database", "", "TEMPORARY", "the work list is a temporary table"),
         Need("schema", settings.CODEX_REPAIR_SCHEMA, "USAGE"),
-        *_needs(_table("run"), "SELECT INSERT UPDATE"),
-        *_needs(_table("journal"), "SELECT INSERT UPDATE"),
-        *_needs(compose("{tool_schema}") + "." + _quote("django_migrations"), "SELECT"),
+        *_needs("{run}", "SELECT INSERT UPDATE"),
+        *_needs("{journal}", "SELECT INSERT UPDATE"),
+        *_needs('{tool_schema}."django_migrations"', "SELECT"),
     ]
     if not rebuild_rollup:
         return needs
-    hourly, queue = _table("task_usage_hourly"), _table("task_usage_hourly_dirty")
     function = compose("{rollup_task_usage_hourly_window}") + "(timestamptz, timestamptz)"
     needs += [
         Need("function", function, "EXECUTE", "the rollup rebuild"),
-        Need("table", hourly, "SELECT"),
+        *_needs("{task_usage_hourly}", "SELECT"),
     ]
     if not security_definer or own_path:
         # The rollup runs with the caller's privileges, or the own path writes the hourly
         # table itself and its proof sets others' queued keys aside and puts them back.
-        needs += _needs(hourly, "INSERT UPDATE DELETE", "the rollup rebuild")
-        needs += _needs(queue, "SELECT DELETE", "draining rebuilt keys")
+        needs += _needs("{task_usage_hourly}", "INSERT UPDATE DELETE", "the rollup rebuild")
+        needs += _needs("{task_usage_hourly_dirty}", "SELECT DELETE", "draining rebuilt keys")
     # Keys of rewritten rows, and the revert's, are queued with the platform's upsert.
-    return needs + _needs(queue, "INSERT UPDATE", "queueing keys")
+    return needs + _needs("{task_usage_hourly_dirty}", "INSERT UPDATE", "queueing keys")
 
 
 def find_missing(cursor: Any, needs: Sequence[Need]) -> Missing:

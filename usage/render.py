@@ -19,16 +19,13 @@ SHORT_ID_DEFAULT = 8
 
 
 def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
-    """RFC 3339 in UTC, four-digit years (unlike strftime)."""
+    """RFC 3339 in UTC, four-digit years (isoformat pads them, unlike strftime)."""
     if value is None:
         return DASH
     if value.utcoffset():
         value = value.astimezone(UTC)
-    fraction = f".{value.microsecond:06d}" if microseconds else ""
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
-        f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}{fraction}Z"
-    )
+    timespec = "microseconds" if microseconds else "seconds"
+    return value.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
 
 def clock(value: datetime | None, *, micro: bool = False) -> str:

@@ -118,7 +118,7 @@ def wait_for_replicas(
     stop_event: threading.Event,
     on_pause: Callable[[str], None],
     poll_seconds: float = 0.5,
-    max_wait_seconds: float | None = None,
+    max_wait_seconds: float = float("inf"),
     cursor: Any = None,
 ) -> float:
     """Block while replication lag is too high and return the seconds paused."""
@@ -133,13 +133,10 @@ def wait_for_replicas(
             return waited if paused else 0.0
         if stop_event.is_set():
             return waited
-        if max_wait_seconds is not None and waited >= max_wait_seconds:
+        if waited >= max_wait_seconds:
             raise ReplicationLagTimeout(reason, waited)
         paused = True
         logger.debug("pausing: %s", reason)
         on_pause(reason)
-        delay = poll_seconds
-        if max_wait_seconds is not None:
-            delay = min(delay, max(max_wait_seconds - waited, 0.0))
-        if stop_event.wait(delay):
+        if stop_event.wait(min(poll_seconds, max(max_wait_seconds - waited, 0.0))):
             return time.monotonic() - started

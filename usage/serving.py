@@ -1,7 +1,6 @@
-"""Serving the admin safely: never with a key anyone could know (asked by ``runserver`` and the
-WSGI entry point, reported by ``check --deploy``); a site of the tool's own models where every
-view but logging out answers only GET and HEAD, with no password form (logins are made with
-manage.py); no request with a NUL byte; and error pages (``DJANGO_DEBUG=1``) without secrets."""
+"""Serving the admin safely: never with a key anyone could know (``runserver`` and the WSGI entry
+point refuse, ``check --deploy`` reports); the tool's own models, read-only, no password form
+(logins are made with manage.py); no NUL bytes; no secret on error pages (``DJANGO_DEBUG=1``)."""
 
 from __future__ import annotations
 
