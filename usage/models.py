@@ -85,25 +85,35 @@ class TaskUsage(models.Model):
         return str(self.id)
 
 
-def _choices(name: str, values: str) -> type[models.TextChoices]:
-    """``BackfillRun.<name>``: each value under its upper-case name (``RUNNING = "running"``),
-    labelled "Running"."""
-    members = [(value.upper(), value) for value in values.split()]
-    return models.TextChoices(name, members, qualname=f"BackfillRun.{name}")
-
-
 class BackfillRun(models.Model):
     """One ``--execute`` invocation: who ran it, with what, and what it did."""
 
-    Status = _choices("Status", "running interrupted failed succeeded reverted")
-    RollupState = _choices("RollupState", "pending done skipped")
-    Stamp = _choices("Stamp", "below_watermark repair_time")
-    # The latest revert: stopped by a signal (the rows restored so far stay restored), or
-    # incomplete (rows stayed locked by writers).
-    RevertState = _choices("RevertState", "running stopped incomplete failed done")
-    # Own: the tool's aggregate-first recompute, for a function definition it knows; function:
-    # the platform's rollup_task_usage_hourly_window.
-    RollupPath = _choices("RollupPath", "own function")
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        INTERRUPTED = "interrupted"
+        FAILED = "failed"
+        SUCCEEDED = "succeeded"
+        REVERTED = "reverted"
+
+    class RollupState(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        SKIPPED = "skipped"
+
+    class Stamp(models.TextChoices):
+        BELOW_WATERMARK = "below_watermark"
+        REPAIR_TIME = "repair_time"
+
+    class RevertState(models.TextChoices):
+        RUNNING = "running"
+        STOPPED = "stopped"  # by a signal: the rows restored so far stay restored
+        INCOMPLETE = "incomplete"  # rows stayed locked by writers
+        FAILED = "failed"
+        DONE = "done"
+
+    class RollupPath(models.TextChoices):
+        OWN = "own"  # the tool's aggregate-first recompute, for a function definition it knows
+        FUNCTION = "function"  # the platform's rollup_task_usage_hourly_window
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     rollup_state = models.CharField(
