@@ -35,12 +35,11 @@ class Phase:
     status: str = ""
     started: float = field(default_factory=time.monotonic)
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+    shown: int | None = None  # off a terminal: the done count its last line showed
 
-    def update(self, done: int, total: int | None = None) -> None:
+    def update(self, done: int) -> None:
         now = time.monotonic()
         self.done = done
-        if total is not None:
-            self.total = total
         self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_SECONDS:
             self.samples.popleft()
@@ -86,14 +85,10 @@ def compose(phase: Phase, width: int) -> Text:
         room = width - size(0) - 1
         return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
 
-    bar = BAR_WIDTH
-    if size(bar) > width:
-        bar = bar_room()
+    bar = bar_room()
     if size(bar) > width:
         names.remove("elapsed")
         bar = bar_room()
-    if size(bar) > width:
-        bar = 0
     if size(bar) > width and "status" in names:
         spare = width - (size(0) - len(parts["status"])) - 1
         words = parts["status"].split(" ")
@@ -127,8 +122,6 @@ class ProgressBar:
         self.stream = stream
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
-        # Off a terminal: the done count each phase's last line showed.
-        self.shown: dict[str, int] = {}
         self.live: Live | None = None
         if terminal:
             console = Console(file=stream, force_terminal=True)
@@ -158,21 +151,19 @@ class ProgressBar:
             self.live.refresh()
         elif started_now:
             self._line(f"{key}: 0/{number(total)} {unit}", force=True)
-            self.shown[key] = 0
+            self.phases[key].shown = 0
 
-    def update(
-        self, key: str, done: int, *, total: int | None = None, status: str | None = None
-    ) -> None:
+    def update(self, key: str, done: int, *, status: str | None = None) -> None:
         phase = self.phases.get(key)
         if phase is None:
             return
-        phase.update(done, total)
+        phase.update(done)
         if status is not None:
             phase.status = status
         # Off a terminal, a phase's first line is shown at once; then one every few seconds.
         first = len(phase.samples) == 1
         if self.live is None and self._line(plain(phase), force=first):
-            self.shown[key] = phase.done
+            phase.shown = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
         """What a phase is doing now (a pause); off a terminal, ``force`` shows it at once."""
@@ -194,10 +185,10 @@ class ProgressBar:
         """Off a terminal, each phase's last line says where it ended."""
         if self.live is not None:
             return
-        for key, phase in self.phases.items():
-            if self.shown.get(key) != phase.done:
+        for phase in self.phases.values():
+            if phase.shown != phase.done:
                 self._line(plain(phase), force=True)
-                self.shown[key] = phase.done
+                phase.shown = phase.done
 
     def _line(self, text: str, *, force: bool = False) -> bool:
         now = time.monotonic()
@@ -256,7 +247,7 @@ def run_events(bar: ProgressBar, phase: str) -> Callable[..., None]:
             # The first slice event comes after the rollup's set-up and its first (probe) slice.
             bar.phase("rollup", details["total"], "keys", started_now=False)
             held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
-            bar.update("rollup", details["done"], total=details["total"], status=held)
+            bar.update("rollup", details["done"], status=held)
 
     return show
 
