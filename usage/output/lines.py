@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 
 def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ") -> list[str]:
@@ -24,22 +24,17 @@ def wrap(text: str, width: int | None, *, indent: str = "", hanging: str = "  ")
     return [line.replace("\0", " ") for line in lines]
 
 
-def paragraphs(texts: Iterable[str], width: int | None) -> list[str]:
-    """Each text wrapped (its lines continued two spaces in), one after the other."""
-    return [line for text in texts for line in wrap(text, width)]
-
-
 # A unit stays on the line of its number ("0.3 s", not "0.3" then "s;"): the space between
 # them is held by a placeholder while the text is wrapped.
 _UNIT_AFTER_NUMBER = re.compile(r"(\d) (ms|s|min|h|%|MB|GB)(?=$|[\s;,.:)])")
 
 
-def labelled(rows: Sequence[tuple[str, str]], width: int | None) -> list[str]:
+def labelled(rows: dict[str, str], width: int | None) -> list[str]:
     """``  label  value`` lines, values aligned, a long one continued under itself (under its
     label when the labels leave too little room)."""
-    column = max((len(label) for label, _ in rows), default=0) + 4
+    column = max(map(len, rows), default=0) + 4
     lines: list[str] = []
-    for label, value in rows:
+    for label, value in rows.items():
         first = f"  {label}".ljust(column)
         if width is not None and width - len(first) < 30:
             lines.extend(wrap(f"{label}  {value}", width, indent="  ", hanging="    "))
