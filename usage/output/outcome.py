@@ -82,23 +82,6 @@ def _heading(text: str, ok: bool, width: int | None, d: dict[str, Any], style: S
     return [shown(line) for line in wrap(text, width)] + [style.WARNING(s) for s in stale]
 
 
-def dry_run_lines(
-    document: dict[str, Any], style: Style, width: int | None, *, plan_out: bool
-) -> list[str]:
-    """The end of a dry run that found rows: nothing written, and the runbook's next step."""
-    if plan_out:
-        # The command's next line names the plan and what to do with it.
-        return [style.SUCCESS("Dry run complete: nothing was written to the database.")]
-    return [
-        style.SUCCESS("Dry run complete: nothing was written."),
-        *next_step(
-            "Next: save it as a plan for the reviewer",
-            f"{REPAIR} {scope_arguments(document)} --plan-out plan.json",
-            width,
-        ),
-    ]
-
-
 def execute_lines(
     d: dict[str, Any],
     style: Style,

@@ -9,6 +9,7 @@ from typing import Any
 from django.core.management.color import Style
 
 from usage.output import outcome
+from usage.output.document import TOTAL_FIELDS
 from usage.output.lines import fit_items, wrap
 from usage.render import number, render_table, timestamp
 
@@ -33,14 +34,7 @@ HEADERS = {
 }
 ALL_COLUMNS = tuple(HEADERS)
 # The columns of figures (the totals row has them too), and of times (the totals row has none).
-NUMBERS = (
-    "rows",
-    "input_before",
-    "input_after",
-    "input_tokens_removed",
-    "clamped_rows",
-    "rollup_keys",
-)
+NUMBERS = (*TOTAL_FIELDS, "rollup_keys")
 TIMES = ("first_created_at", "last_created_at")
 
 
@@ -211,7 +205,13 @@ def result_table(
             )
             lines.extend(wrap(sentence, width, hanging=""))
     if dry_run and totals and totals["rows"]:
-        lines.extend(outcome.dry_run_lines(document, style, width, plan_out=plan_out))
+        if plan_out:
+            # The command's next line names the plan and what to do with it.
+            lines.append(style.SUCCESS("Dry run complete: nothing was written to the database."))
+        else:
+            lines.append(style.SUCCESS("Dry run complete: nothing was written."))
+            command = f"{outcome.REPAIR} {outcome.scope_arguments(document)} --plan-out plan.json"
+            lines += outcome.next_step("Next: save it as a plan for the reviewer", command, width)
     if "run_id" in document:
         lines.extend(
             outcome.execute_lines(
