@@ -34,10 +34,7 @@ class OutputFile:
     def write(self, text: str) -> None:
         data = (text if text.endswith("\n") else text + "\n").encode()
         try:
-            if self.stream:
-                _write_into(self.path, data)
-            else:
-                _replace(self.path, data)
+            (_write_into if self.stream else _replace)(self.path, data)
         except OSError as exc:
             raise OutputError(
                 f"could not write the result to {self.flag} {shown(self.given)}: {_reason(exc)}"
@@ -147,8 +144,7 @@ def _write_into(path: Path, data: bytes) -> None:
 def _write_all(handle: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(handle, view)
-        view = view[written:]
+        view = view[os.write(handle, view) :]
 
 
 def _reason(exc: OSError) -> str:

@@ -43,22 +43,18 @@ class Shape:
     """One way to lay out the groups: which columns, and how compactly."""
 
     columns: tuple[str, ...] = ALL_COLUMNS
-    two_line_headers: bool = False
+    one_line_headers: bool = False
     short_workspace: bool = False
     times_of_day: bool = False
 
 
 # Widest first; the first that fits the terminal is used, else one block per group (BLOCKS).
 SHAPES = (
+    Shape(one_line_headers=True),
     Shape(),
-    Shape(two_line_headers=True),
-    Shape(two_line_headers=True, short_workspace=True, times_of_day=True),
-    Shape(columns=ALL_COLUMNS[:8], two_line_headers=True, short_workspace=True),
-    Shape(
-        columns=tuple(c for c in ALL_COLUMNS[:8] if c != "input_after"),
-        two_line_headers=True,
-        short_workspace=True,
-    ),
+    Shape(short_workspace=True, times_of_day=True),
+    Shape(columns=ALL_COLUMNS[:8], short_workspace=True),
+    Shape(columns=tuple(c for c in ALL_COLUMNS[:8] if c != "input_after"), short_workspace=True),
 )
 BLOCKS = Shape(short_workspace=True, times_of_day=True)
 
@@ -70,14 +66,22 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     group_count = document.get("group_count", len(document["groups"]))
     short = _short_workspaces([str(g["workspace_id"]) for g in groups])
 
+    figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
+    total = {
+        "workspace_id": "TOTAL",
+        "date_utc": f"{number(group_count)} groups",
+        **_numbers(figures),
+        **dict.fromkeys(TIMES, ""),
+    }
+
     def values(shape: Shape) -> list[dict[str, str]]:
-        return [*(_values(g, shape, short) for g in groups), _total_values(document, group_count)]
+        return [*(_values(g, shape, short) for g in groups), total]
 
     lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         # At its natural width: nothing wraps, nothing is cut.
         headers = [
-            two_lines if shape.two_line_headers else one_line
+            one_line if shape.one_line_headers else two_lines
             for one_line, two_lines in (HEADERS[key] for key in shape.columns)
         ]
         text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
@@ -89,13 +93,11 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
         lines.extend(_blocks(values(BLOCKS), width))
         lines.extend(_shape_notes(BLOCKS, short, width))
     if group_count > TABLE_GROUP_LIMIT:
-        lines.extend(
-            wrap(
-                f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
-                "groups are shown; --format csv or json --output FILE gives them all)",
-                width,
-                hanging="",
-            )
+        lines += wrap(
+            f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
+            "groups are shown; --format csv or json --output FILE gives them all)",
+            width,
+            hanging="",
         )
     return "\n".join(lines)
 
@@ -123,13 +125,6 @@ def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[
         "first_created_at": timestamp(group["first_created_at"])[time_from:],
         "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
-
-
-def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
-    figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
-    date = f"{number(group_count)} groups"
-    times = dict.fromkeys(TIMES, "")
-    return {"workspace_id": "TOTAL", "date_utc": date, **_numbers(figures), **times}
 
 
 def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
