@@ -280,15 +280,12 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         "failed": f"Revert of run {run_id} failed.",
     }[status]
     lines = _heading(heading, status == "reverted", width, d, style)
-    rollup = (
-        f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
-        f"{count(d['rollup_calls'], 'call')}; {_held(d)}"
-    )
     rows = {
         "rows restored": f"{number(d['rows_restored'])} of {number(d['rows_restorable'])}; "
         f"{number(d['rows_remaining'])} still to restore",
         "changed since": changed,
-        "rollup keys": rollup,
+        "rollup keys": f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
+        f"{count(d['rollup_calls'], 'call')}; {_held(d)}",
     }
     if d.get("error"):
         rows["why"] = d["error"]
