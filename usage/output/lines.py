@@ -43,20 +43,19 @@ def labelled(rows: dict[str, str], width: int | None) -> list[str]:
     return lines
 
 
-def fit_items(items: Sequence[str], width: int | None) -> list[str]:
-    """Items (each kept whole) on lines of at most ``width``, two spaces apart."""
+def fit_items(
+    items: Sequence[str], width: int | None, between: str = "  ", indent: str = "  ", end: str = ""
+) -> list[str]:
+    """Items (each kept whole) on lines of at most ``width``, ``between`` apart, the lines after
+    the first started by ``indent``, each but the last ended by ``end``."""
     if width is None:
-        return ["  ".join(items)]
+        return [between.join(items)]
     lines: list[str] = []
-    current = ""
-    for item in items:
-        if not current:
-            current = ("  " if lines else "") + item
-        elif len(current) + 2 + len(item) <= width:
-            current += "  " + item
+    current = items[0]
+    for item in items[1:]:
+        if len(current) + len(between) + len(item) + len(end) <= width:
+            current += between + item
         else:
-            lines.append(current)
-            current = "  " + item
-    if current:
-        lines.append(current)
-    return lines
+            lines.append(current + end)
+            current = indent + item
+    return [*lines, current]

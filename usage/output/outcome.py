@@ -63,16 +63,10 @@ def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
     line = f"{prose}: {command}"
     if width is None or len(line) <= width:
         return [line]
-    lines = wrap(prose + ":", width)
     first, *options = command.split(" --")
-    current = "  " + first
-    for option in options:
-        if len(current) + len(option) + 5 <= width:
-            current += " --" + option
-        else:
-            lines.append(current + " \\")
-            current = "      --" + option
-    return [*lines, current]
+    items = ["  " + first, *("--" + option for option in options)]
+    broken = fit_items(items, width, between=" ", indent="      ", end=" \\")
+    return wrap(prose + ":", width) + broken
 
 
 def _heading(text: str, ok: bool, width: int | None, d: dict[str, Any], style: Style) -> list[str]:

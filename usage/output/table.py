@@ -11,7 +11,7 @@ from django.core.management.color import Style
 from usage.output import outcome
 from usage.output.document import TOTAL_FIELDS
 from usage.output.lines import fit_items, wrap
-from usage.render import number, render_table, timestamp
+from usage.render import number, render_table, timestamp, unique_prefix_length
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
@@ -64,7 +64,10 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     no line is longer and no value is split."""
     groups = document["groups"][:TABLE_GROUP_LIMIT]
     group_count = document.get("group_count", len(document["groups"]))
-    short = _short_workspaces([str(g["workspace_id"]) for g in groups])
+    # Each workspace id's shortest prefix (SHORT_WORKSPACE characters at least) unique here.
+    ids = sorted({str(g["workspace_id"]) for g in groups})
+    length = unique_prefix_length(ids, SHORT_WORKSPACE)
+    short = {i: i[:length] for i in ids}
 
     figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
     total = {
@@ -100,15 +103,6 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
             hanging="",
         )
     return "\n".join(lines)
-
-
-def _short_workspaces(ids: list[str]) -> dict[str, str]:
-    """Each id's shortest prefix (``SHORT_WORKSPACE`` characters at least) unique among ``ids``."""
-    distinct = sorted(set(ids))
-    length = SHORT_WORKSPACE
-    while length < 36 and len({i[:length] for i in distinct}) < len(distinct):
-        length += 1
-    return {i: i[:length] for i in distinct}
 
 
 def _numbers(figures: dict[str, Any]) -> dict[str, str]:
