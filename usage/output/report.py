@@ -26,44 +26,42 @@ class Reporter:
 
     def context(self, event: str, message: str, **fields: Any) -> None:
         """A line that says what the command works on or what it decided (not at -v 0)."""
-        if self.verbosity < 1:
-            return
-        if self.json_logs:
-            self._json("info", event, message, fields)
-        else:
-            self._text(self.stderr if self.document_on_stdout else self.stdout, message)
+        if self.verbosity >= 1:
+            stream = self.stderr if self.document_on_stdout else self.stdout
+            self._say("info", event, message, fields, stream)
 
     def warning(self, message: str, event: str = "warning", **fields: Any) -> None:
-        if self.json_logs:
-            self._json("warning", event, message, fields)
-        else:
-            self._text(self.stderr, message, self.style.WARNING)
+        self._say("warning", event, message, fields, self.stderr, self.style.WARNING)
 
     def event(self, event: str, message: str, **fields: Any) -> None:
         """An event that only the JSON log shows (text mode shows it otherwise, or not)."""
-        if self.json_logs and self.verbosity >= 1:
-            self._json("info", event, message, fields)
+        if self.verbosity >= 1:
+            self._say("info", event, message, fields, None)
 
     def outcome(self, message: str, *, ok: bool, **fields: Any) -> None:
         """The command's outcome as its last stderr line, when stdout does not show it."""
-        if self.json_logs:
-            self._json("info" if ok else "error", "outcome", message, fields)
-        elif self.document_on_stdout:
-            self._text(self.stderr, message, self.style.SUCCESS if ok else self.style.ERROR)
+        stream = self.stderr if self.document_on_stdout else None
+        style = self.style.SUCCESS if ok else self.style.ERROR
+        self._say("info" if ok else "error", "outcome", message, fields, stream, style)
 
     def terminal_width(self, stream: OutputWrapper | None = None) -> int | None:
         """The width of the terminal ``stream`` (stdout) is, or None (a file or a pipe)."""
         return shutil.get_terminal_size().columns if (stream or self.stdout).isatty() else None
 
-    def _text(
-        self, stream: OutputWrapper, message: str, style: Callable[[str], str] = str
+    def _say(
+        self,
+        level: str,
+        event: str,
+        message: str,
+        fields: dict[str, Any],
+        stream: OutputWrapper | None,
+        style: Callable[[str], str] = str,
     ) -> None:
-        """``message`` on ``stream``, wrapped to its terminal between words."""
-        for line in wrap(message, self.terminal_width(stream)):
-            stream.write(style(line), style_func=lambda text: text)
-
-    def _json(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
-        self.stderr.write(
-            event_line(level, event, " ".join(message.split()), fields),
-            style_func=lambda text: text,
-        )
+        """One JSON event on stderr (``--log-format json``), else ``message`` on ``stream`` (if
+        any), wrapped to its terminal between words."""
+        if self.json_logs:
+            line = event_line(level, event, " ".join(message.split()), fields)
+            self.stderr.write(line, style_func=lambda text: text)
+        elif stream is not None:
+            for line in wrap(message, self.terminal_width(stream)):
+                stream.write(style(line), style_func=lambda text: text)
