@@ -44,22 +44,16 @@ class Phase:
         while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_SECONDS:
             self.samples.popleft()
 
-    def rate(self) -> float | None:
-        """Units per second over the recent updates; None before two updates."""
-        if len(self.samples) < 2:
-            return None
-        (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
-        return (done_last - done_first) / (last - first) if last > first else None
-
-    def eta(self) -> float | None:
-        if self.done >= self.total:
-            return 0.0
-        rate = self.rate()
-        return (self.total - self.done) / rate if rate and rate > 0 else None
-
     def parts(self) -> dict[str, str]:
-        """The texts of the line, each kept whole."""
-        rate, eta = self.rate(), self.eta()
+        """The texts of the line, each kept whole; the rate is over the recent updates."""
+        rate = eta = None
+        if len(self.samples) >= 2:
+            (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
+            rate = (done_last - done_first) / (last - first) if last > first else None
+        if self.done >= self.total:
+            eta = 0.0
+        elif rate and rate > 0:
+            eta = (self.total - self.done) / rate
         return {
             "label": f"{self.label:<6}",
             "count": f"{number(self.done)}/{number(self.total)} {self.unit}",
@@ -161,8 +155,7 @@ class ProgressBar:
         if status is not None:
             phase.status = status
         # Off a terminal, a phase's first line is shown at once; then one every few seconds.
-        first = len(phase.samples) == 1
-        if self.live is None and self._line(plain(phase), force=first):
+        if self.live is None and self._line(plain(phase), force=len(phase.samples) == 1):
             phase.shown = phase.done
 
     def status(self, key: str, text: str, *, force: bool = False) -> None:
@@ -175,11 +168,10 @@ class ProgressBar:
             self._line(text, force=force)
 
     def close(self) -> None:
+        self._show_where_phases_ended()
         if self.live is not None and self.phases:
             self.live.refresh()
             self.live.stop()
-        else:
-            self._show_where_phases_ended()
 
     def _show_where_phases_ended(self) -> None:
         """Off a terminal, each phase's last line says where it ended."""
