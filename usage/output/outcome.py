@@ -80,9 +80,8 @@ def execute_lines(
     d: dict[str, Any],
     style: Style,
     width: int | None,
-    *,
-    plan_line: str | None = None,
-    signal_name: str | None = None,
+    plan_line: str | None,
+    signal_name: str | None,
 ) -> list[str]:
     """The outcome of an execute: status, what changed, the rollup."""
     status = d["status"]

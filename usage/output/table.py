@@ -202,11 +202,7 @@ def result_table(
             command = f"{outcome.REPAIR} {outcome.scope_arguments(document)} --plan-out plan.json"
             lines += outcome.next_step("Next: save it as a plan for the reviewer", command, width)
     if "run_id" in document:
-        lines.extend(
-            outcome.execute_lines(
-                document, style, width, plan_line=plan_line, signal_name=signal_name
-            )
-        )
+        lines += outcome.execute_lines(document, style, width, plan_line, signal_name)
     if "verify" in document:
         lines.extend(outcome.verify_lines(document["verify"], style, width))
     if "run_id" in document:
