@@ -189,12 +189,8 @@ def to_csv(document: dict[str, Any]) -> str:
         return buffer.getvalue()
     if "groups" in document:
         block(GROUP_FIELDS, document["groups"])
-        totals = document["totals"]
-        writer.writerow(
-            ["TOTAL", ""]
-            + [totals[key] for key in TOTAL_FIELDS]
-            + [document["expected_rollup_keys"], "", ""]
-        )
+        figures = [document["totals"][key] for key in TOTAL_FIELDS]
+        writer.writerow(["TOTAL", "", *figures, document["expected_rollup_keys"], "", ""])
     if "run_id" in document:
         block(RUN_FIELDS, [document])
     if "verify" in document:
