@@ -165,17 +165,15 @@ def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
         if checked["ok"]:
             return "Nothing else to do. To undo the run", f"{REVERT} {run_id}"
         return "Next: look at the keys above, then verify again", verify
+    left = ""
     if d["status"] != Status.FAILED:
-        return (
-            f"Next: re-run the same command; the new run continues run {run_id} (the rows "
-            "still eligible, and the rollup of what was done)",
-            None,
-        )
-    if "locked by other writers" in d.get("error", ""):
+        first = "re-run the same command"
+        left = " (the rows still eligible, and the rollup of what was done)"
+    elif "locked by other writers" in d.get("error", ""):
         first = "re-run the same command later (writers held those rows)"
     else:
         first = "fix what the error says, then re-run the same command"
-    return f"Next: {first}; the new run continues run {run_id}", None
+    return f"Next: {first}; the new run continues run {run_id}{left}", None
 
 
 def verify_lines(v: dict[str, Any], style: Style, width: int | None) -> list[str]:

@@ -72,8 +72,7 @@ def compose(phase: Phase, width: int) -> Text:
     names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
 
     def size(bar: int) -> int:
-        texts = [parts[n] for n in names]
-        return sum(map(len, texts)) + 2 * (len(texts) - 1) + (bar + 1 if bar else 0)
+        return len("  ".join(parts[n] for n in names)) + (bar + 1 if bar else 0)
 
     def bar_room() -> int:
         room = width - size(0) - 1

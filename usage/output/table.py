@@ -90,11 +90,11 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
         text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines.append(text)
-            lines.extend(_shape_notes(shape, short, width))
+            lines.extend(_shape_notes(shape, short, length, width))
             break
     else:
         lines.extend(_blocks(values(BLOCKS), width))
-        lines.extend(_shape_notes(BLOCKS, short, width))
+        lines.extend(_shape_notes(BLOCKS, short, length, width))
     if group_count > TABLE_GROUP_LIMIT:
         lines += wrap(
             f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
@@ -139,11 +139,10 @@ def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
     return lines
 
 
-def _shape_notes(shape: Shape, short: dict[str, str], width: int | None) -> list[str]:
-    """What a narrower shape left out or shortened, and where to find it whole."""
+def _shape_notes(shape: Shape, short: dict[str, str], length: int, width: int | None) -> list[str]:
+    """What a narrower shape left out or shortened (ids to ``length``), and where it is whole."""
     if not shape.short_workspace:
         return []
-    length = len(next(iter(short.values()))) if short else SHORT_WORKSPACE
     changes = [f"workspaces by the first {length} characters of their id"]
     if shape.times_of_day:
         changes.append("created_at as the time of day")
@@ -157,7 +156,7 @@ def _shape_notes(shape: Shape, short: dict[str, str], width: int | None) -> list
         width,
         hanging="",
     )
-    if 0 < len(short) <= LISTED_WORKSPACES:
+    if len(short) <= LISTED_WORKSPACES:
         for full, prefix in short.items():
             lines.extend(wrap(f"{prefix}  {full}", width, indent="  ", hanging="    "))
     return lines
