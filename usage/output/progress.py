@@ -139,8 +139,7 @@ class ProgressBar:
         if started_now:
             self.phases[key].update(0)
         if self.live is not None:
-            if len(self.phases) == 1:
-                self.live.start()
+            self.live.start()  # with the first phase (a no-op while it runs)
             self.live.refresh()
         elif started_now:
             self._line(f"{key}: 0/{number(total)} {unit}", force=True)
@@ -157,9 +156,9 @@ class ProgressBar:
         if self.live is None and self._line(plain(phase), force=len(phase.samples) == 1):
             phase.shown = phase.done
 
-    def status(self, key: str, text: str, *, force: bool = False) -> None:
-        """What a phase is doing now (a pause); off a terminal, ``force`` shows it at once."""
-        phase = self.phases.get(key)
+    def pause(self, text: str, *, force: bool) -> None:
+        """A pause, on the rollup (else the latest phase); off a terminal ``force`` writes it now."""
+        phase = self.phases.get("rollup") or next(reversed(self.phases.values()), None)
         if phase is None:
             return
         phase.status = text
@@ -231,8 +230,7 @@ def run_events(bar: ProgressBar, phase: str) -> Callable[..., None]:
             # a pause is always shown off a terminal; while it lasts, at the usual rate.
             seconds = details.get("seconds")
             what = f"paused: {details['reason']}" + (f" ({seconds:g}s)" if seconds else "")
-            key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
-            bar.status(key, what, force=not paused)
+            bar.pause(what, force=not paused)
             paused = True
         elif event == "rollup_slice":
             # The first slice event comes after the rollup's set-up and its first (probe) slice.

@@ -80,7 +80,6 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     def values(shape: Shape) -> list[dict[str, str]]:
         return [*(_values(g, shape, short) for g in groups), total]
 
-    lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         # At its natural width: nothing wraps, nothing is cut.
         headers = [
@@ -89,12 +88,12 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
         ]
         text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
-            lines.append(text)
-            lines.extend(_shape_notes(shape, short, length, width))
+            lines = [text]
             break
     else:
-        lines.extend(_blocks(values(BLOCKS), width))
-        lines.extend(_shape_notes(BLOCKS, short, length, width))
+        shape = BLOCKS
+        lines = _blocks(values(BLOCKS), width)
+    lines += _shape_notes(shape, short, length, width)
     if group_count > TABLE_GROUP_LIMIT:
         lines += wrap(
             f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
