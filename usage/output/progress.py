@@ -157,7 +157,7 @@ class ProgressBar:
             phase.shown = phase.done
 
     def pause(self, text: str, *, force: bool) -> None:
-        """A pause, on the rollup (else the latest phase); off a terminal ``force`` writes it now."""
+        """The rollup's pause (else the latest phase's); off a terminal, ``force`` shows it now."""
         phase = self.phases.get("rollup") or next(reversed(self.phases.values()), None)
         if phase is None:
             return
