@@ -73,7 +73,7 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     total = {
         "workspace_id": "TOTAL",
         "date_utc": f"{number(group_count)} groups",
-        **_numbers(figures),
+        **{key: number(figures[key]) for key in NUMBERS},
         **dict.fromkeys(TIMES, ""),
     }
 
@@ -104,17 +104,13 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _numbers(figures: dict[str, Any]) -> dict[str, str]:
-    return {key: number(figures[key]) for key in NUMBERS}
-
-
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
     workspace = str(group["workspace_id"])
     time_from = 11 if shape.times_of_day else 0  # the time of day: after "YYYY-MM-DDT"
     return {
         "workspace_id": short[workspace] if shape.short_workspace else workspace,
         "date_utc": group["date_utc"].isoformat(),
-        **_numbers(group),
+        **{key: number(group[key]) for key in NUMBERS},
         "first_created_at": timestamp(group["first_created_at"])[time_from:],
         "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
