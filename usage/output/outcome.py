@@ -25,13 +25,6 @@ STAMPS = {
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started; the platform's rollup re-rolls them",
 }
 Status = BackfillRun.Status
-CHANGED_COLUMNS = (
-    "usage id",
-    "input (run left)",
-    "input (now)",
-    "updated_at (run left)",
-    "updated_at (now)",
-)
 
 
 def count(value: int, word: str) -> str:
@@ -305,19 +298,19 @@ def changed_lines(d: dict[str, Any], style: Style, width: int | None) -> list[st
     if not changed:
         return lines
     rows = [
-        (
-            str(c["usage_id"]),
-            number(c["expected_input_tokens"]),
-            "deleted" if c["deleted"] else number(c["current_input_tokens"]),
-            _precise(c["expected_updated_at"]),
-            "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
-        )
+        {
+            "usage id": str(c["usage_id"]),
+            "input (run left)": number(c["expected_input_tokens"]),
+            "input (now)": "deleted" if c["deleted"] else number(c["current_input_tokens"]),
+            "updated_at (run left)": _precise(c["expected_updated_at"]),
+            "updated_at (now)": "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
+        }
         for c in changed
     ]
-    table = render_table(CHANGED_COLUMNS, rows)
+    table = render_table(list(rows[0]), [list(row.values()) for row in rows])
     if width is None or max(map(len, table.splitlines())) <= width:
         return [*lines, table]
-    for usage, was, now, was_at, now_at in rows:
+    for usage, was, now, was_at, now_at in map(dict.values, rows):
         items = [usage, f"input {was} -> now {now}", f"updated_at {was_at} -> now {now_at}"]
         lines.extend(fit_items(items, width))
     return lines
