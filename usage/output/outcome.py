@@ -11,7 +11,7 @@ from django.core.management.color import Style
 
 from usage.events import json_default
 from usage.models import BackfillRun
-from usage.output.lines import fit_items, labelled, wrap
+from usage.output.report import fit_items, labelled, wrap
 from usage.render import number, render_table
 from usage.repair.verify import describe as describe_mismatch
 

@@ -10,7 +10,7 @@ from django.core.management.color import Style
 
 from usage.output import outcome
 from usage.output.document import TOTAL_FIELDS
-from usage.output.lines import fit_items, wrap
+from usage.output.report import fit_items, wrap
 from usage.render import number, render_table, timestamp, unique_prefix_length
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
