@@ -7,16 +7,14 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from usage.events import json_default
 from usage.repair.backfill import ExecuteResult
 from usage.repair.revert import RevertResult
+from usage.repair.rollup import RollupResult
 from usage.repair.summary import DryRunSummary
 from usage.repair.verdict import RunVerification
-
-if TYPE_CHECKING:
-    from usage.repair.rollup import RollupResult
 
 FORMATS = ("table", "json", "csv")
 

@@ -90,9 +90,20 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
             lines = [text]
             break
-    else:
-        shape = BLOCKS
-        lines = _blocks(values(BLOCKS), width)
+    else:  # one block per group: its workspace and day, then its figures, each kept whole
+        shape, lines = BLOCKS, []
+        for v in values(BLOCKS):
+            items = [
+                f"{v['workspace_id']} {v['date_utc']}",
+                f"rows {v['rows']}",
+                f"input {v['input_before']} -> {v['input_after']}",
+                f"removed {v['input_tokens_removed']}",
+                f"clamped {v['clamped_rows']}",
+                f"keys {v['rollup_keys']}",
+            ]
+            if v["first_created_at"]:
+                items.append(f"created {v['first_created_at']}-{v['last_created_at']}")
+            lines += fit_items(items, width)
     lines += _shape_notes(shape, short, length, width)
     if group_count > TABLE_GROUP_LIMIT:
         lines += wrap(
@@ -114,24 +125,6 @@ def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[
         "first_created_at": timestamp(group["first_created_at"])[time_from:],
         "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
-
-
-def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
-    """One block per group: its workspace and day, then its figures, each kept whole."""
-    lines: list[str] = []
-    for values in rows:
-        items = [
-            f"{values['workspace_id']} {values['date_utc']}",
-            f"rows {values['rows']}",
-            f"input {values['input_before']} -> {values['input_after']}",
-            f"removed {values['input_tokens_removed']}",
-            f"clamped {values['clamped_rows']}",
-            f"keys {values['rollup_keys']}",
-        ]
-        if values["first_created_at"]:
-            items.append(f"created {values['first_created_at']}-{values['last_created_at']}")
-        lines.extend(fit_items(items, width))
-    return lines
 
 
 def _shape_notes(shape: Shape, short: dict[str, str], length: int, width: int | None) -> list[str]:
