@@ -41,12 +41,10 @@ def listed(values: Iterable[Any]) -> str:
     return ", ".join(map(str, values))
 
 
-def scope_arguments(document: dict[str, Any]) -> str:
+def scope_arguments(d: dict[str, Any]) -> str:
     """``--cutoff T [--workspace-id W]`` for the document's scope."""
-    arguments = f"--cutoff {moment(document['cutoff'])}"
-    if document.get("workspace_id"):
-        arguments += f" --workspace-id {document['workspace_id']}"
-    return arguments
+    workspace = f" --workspace-id {d['workspace_id']}" if d.get("workspace_id") else ""
+    return f"--cutoff {moment(d['cutoff'])}{workspace}"
 
 
 def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
