@@ -274,11 +274,8 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
     lines += labelled(rows, width)
     if status != "reverted":
         return lines + next_step("Next: run the same revert again to finish", again, width)
-    return lines + next_step(
-        "Next: its rows are candidates again; see them with the dry run",
-        f"{REPAIR} {scope_arguments(d)}",
-        width,
-    )
+    prose = "Next: its rows are candidates again; see them with the dry run"
+    return lines + next_step(prose, f"{REPAIR} {scope_arguments(d)}", width)
 
 
 def changed_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str]:
