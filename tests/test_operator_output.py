@@ -20,8 +20,8 @@ from tests.processes import PROJECT_DIR, on_terminal
 from tests.support import COMMITS, CUTOFF_ARG
 from tests.support import backfill as command
 from usage.models import BackfillRun
-from usage.output.lines import wrap
 from usage.output.progress import ProgressBar
+from usage.output.report import wrap
 
 pytestmark = COMMITS
 

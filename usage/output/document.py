@@ -7,16 +7,14 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from usage.events import json_default
 from usage.repair.backfill import ExecuteResult
 from usage.repair.revert import RevertResult
-from usage.repair.summary import DryRunSummary, SummaryGroup
+from usage.repair.rollup import RollupResult
+from usage.repair.summary import DryRunSummary
 from usage.repair.verdict import RunVerification
-
-if TYPE_CHECKING:
-    from usage.repair.rollup import RollupResult
 
 FORMATS = ("table", "json", "csv")
 
@@ -74,34 +72,46 @@ def build(
     """The result of one command: its mode and database, then whichever parts it has."""
     document: dict[str, Any] = {"mode": mode, "database": database}
     if summary is not None:
-        document.update(_summary(summary))
+        totals = asdict(summary.totals)
+        document |= {
+            "cutoff": summary.cutoff,
+            "workspace_id": summary.workspace_id,
+            "database_now": summary.database_now,
+            "totals": {key: totals[key] for key in TOTAL_FIELDS},
+            "expected_rollup_keys": summary.totals.rollup_keys,
+            "group_count": summary.group_count,
+            # vars(), not asdict(): fast enough for 100,000s of groups; ids_digest is for saved
+            # plans (usage.plan), not for readers of the summary.
+            "groups": [
+                {key: value for key, value in vars(group).items() if key != "ids_digest"}
+                for group in summary.groups
+            ],
+        }
     if execute is not None:
-        document.update(_execute(execute))
+        run = execute.run
+        document |= {
+            "run_id": run.pk,
+            "status": run.status,
+            **{name: getattr(execute, name) for name in _RUN_COUNTS},
+            **_rollup(execute.rollup),
+            "rollup_state": run.rollup_state,
+            "stamp": run.stamp,
+            "stamp_reason": execute.stamp.reason if execute.stamp else "",
+            **{name: getattr(run, name) for name in _RUN_PATH},
+            "continues": run.continues_id,
+            "recovered_runs": execute.recovered_runs,
+            "stale_runs": execute.stale_runs,
+            "error": run.error,
+        }
     if plan is not None:
         document["plan"] = plan
     if verify is not None:
-        document["verify"] = _verify(verify)
+        document["verify"] = {
+            **{name: getattr(verify, _VERIFY_ATTRIBUTES.get(name, name)) for name in _VERIFY_KEYS},
+            "columns": list(verify.columns),
+            "mismatches": [asdict(m) for m in verify.mismatches],
+        }
     return document
-
-
-def _summary(summary: DryRunSummary) -> dict[str, Any]:
-    totals = asdict(summary.totals)
-    return {
-        "cutoff": summary.cutoff,
-        "workspace_id": summary.workspace_id,
-        "database_now": summary.database_now,
-        "totals": {key: totals[key] for key in TOTAL_FIELDS},
-        "expected_rollup_keys": summary.totals.rollup_keys,
-        "group_count": summary.group_count,
-        # vars(), not asdict(): a shallow copy, fast enough for 100,000s of groups.
-        "groups": [_public_group(group) for group in summary.groups],
-    }
-
-
-def _public_group(group: SummaryGroup) -> dict[str, Any]:
-    fields = dict(vars(group))
-    del fields["ids_digest"]  # for saved plans (usage.plan), not for readers of the summary
-    return fields
 
 
 def _rollup(rollup: RollupResult | None) -> dict[str, Any]:
@@ -112,32 +122,6 @@ def _rollup(rollup: RollupResult | None) -> dict[str, Any]:
     return {
         name: round(value, digits[name]) if name in digits else value
         for name, value in rollup.figures().items()
-    }
-
-
-def _execute(result: ExecuteResult) -> dict[str, Any]:
-    run = result.run
-    return {
-        "run_id": run.pk,
-        "status": run.status,
-        **{name: getattr(result, name) for name in _RUN_COUNTS},
-        **_rollup(result.rollup),
-        "rollup_state": run.rollup_state,
-        "stamp": run.stamp,
-        "stamp_reason": result.stamp.reason if result.stamp else "",
-        **{name: getattr(run, name) for name in _RUN_PATH},
-        "continues": run.continues_id,
-        "recovered_runs": result.recovered_runs,
-        "stale_runs": result.stale_runs,
-        "error": run.error,
-    }
-
-
-def _verify(result: RunVerification) -> dict[str, Any]:
-    return {
-        **{name: getattr(result, _VERIFY_ATTRIBUTES.get(name, name)) for name in _VERIFY_KEYS},
-        "columns": list(result.columns),
-        "mismatches": [asdict(m) for m in result.mismatches],
     }
 
 
@@ -203,12 +187,8 @@ def to_csv(document: dict[str, Any]) -> str:
         return buffer.getvalue()
     if "groups" in document:
         block(GROUP_FIELDS, document["groups"])
-        totals = document["totals"]
-        writer.writerow(
-            ["TOTAL", ""]
-            + [totals[key] for key in TOTAL_FIELDS]
-            + [document["expected_rollup_keys"], "", ""]
-        )
+        figures = [document["totals"][key] for key in TOTAL_FIELDS]
+        writer.writerow(["TOTAL", "", *figures, document["expected_rollup_keys"], "", ""])
     if "run_id" in document:
         block(RUN_FIELDS, [document])
     if "verify" in document:

@@ -34,10 +34,7 @@ class OutputFile:
     def write(self, text: str) -> None:
         data = (text if text.endswith("\n") else text + "\n").encode()
         try:
-            if self.stream:
-                _write_into(self.path, data)
-            else:
-                _replace(self.path, data)
+            (_write_into if self.stream else _replace)(self.path, data)
         except OSError as exc:
             raise OutputError(
                 f"could not write the result to {self.flag} {shown(self.given)}: {_reason(exc)}"
@@ -110,11 +107,10 @@ def _replace(path: Path, data: bytes) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     handle = os.open(temporary, flags, NEW_FILE_MODE)
     try:
-        try:
-            _write_all(handle, data)
+        with open(handle, "wb") as file:
+            file.write(data)
+            file.flush()
             os.fsync(handle)
-        finally:
-            os.close(handle)
         if os.path.islink(path):
             # Checked as a file (links followed); a link put there since is never replaced.
             raise OSError(errno.ELOOP, "it became a symbolic link after it was checked")
@@ -133,22 +129,13 @@ def _write_into(path: Path, data: bytes) -> None:
         if exc.errno == errno.ENXIO:
             raise OSError(errno.ENXIO, "it is a FIFO that no process reads") from exc
         raise
-    try:
+    with open(handle, "wb") as file:
         found = os.fstat(handle).st_mode
         if not (stat.S_ISCHR(found) or stat.S_ISFIFO(found)):
             raise OSError(errno.EINVAL, "it is no longer a device or a FIFO")
         # Non-blocking only to open a FIFO without a reader; write the usual way.
         fcntl.fcntl(handle, fcntl.F_SETFL, fcntl.fcntl(handle, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        _write_all(handle, data)
-    finally:
-        os.close(handle)
-
-
-def _write_all(handle: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(handle, view)
-        view = view[written:]
+        file.write(data)
 
 
 def _reason(exc: OSError) -> str:

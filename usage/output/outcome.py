@@ -11,7 +11,7 @@ from django.core.management.color import Style
 
 from usage.events import json_default
 from usage.models import BackfillRun
-from usage.output.lines import fit_items, labelled, paragraphs, wrap
+from usage.output.report import fit_items, labelled, wrap
 from usage.render import number, render_table
 from usage.repair.verify import describe as describe_mismatch
 
@@ -25,13 +25,6 @@ STAMPS = {
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started; the platform's rollup re-rolls them",
 }
 Status = BackfillRun.Status
-CHANGED_COLUMNS = (
-    "usage id",
-    "input (run left)",
-    "input (now)",
-    "updated_at (run left)",
-    "updated_at (now)",
-)
 
 
 def count(value: int, word: str) -> str:
@@ -48,12 +41,10 @@ def listed(values: Iterable[Any]) -> str:
     return ", ".join(map(str, values))
 
 
-def scope_arguments(document: dict[str, Any]) -> str:
+def scope_arguments(d: dict[str, Any]) -> str:
     """``--cutoff T [--workspace-id W]`` for the document's scope."""
-    arguments = f"--cutoff {moment(document['cutoff'])}"
-    if document.get("workspace_id"):
-        arguments += f" --workspace-id {document['workspace_id']}"
-    return arguments
+    workspace = f" --workspace-id {d['workspace_id']}" if d.get("workspace_id") else ""
+    return f"--cutoff {moment(d['cutoff'])}{workspace}"
 
 
 def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
@@ -63,16 +54,10 @@ def next_step(prose: str, command: str | None, width: int | None) -> list[str]:
     line = f"{prose}: {command}"
     if width is None or len(line) <= width:
         return [line]
-    lines = wrap(prose + ":", width)
     first, *options = command.split(" --")
-    current = "  " + first
-    for option in options:
-        if len(current) + len(option) + 5 <= width:
-            current += " --" + option
-        else:
-            lines.append(current + " \\")
-            current = "      --" + option
-    return [*lines, current]
+    items = ["  " + first, *("--" + option for option in options)]
+    broken = fit_items(items, width, between=" ", indent="      ", end=" \\")
+    return wrap(prose + ":", width) + broken
 
 
 def _heading(text: str, ok: bool, width: int | None, d: dict[str, Any], style: Style) -> list[str]:
@@ -82,65 +67,40 @@ def _heading(text: str, ok: bool, width: int | None, d: dict[str, Any], style: S
     return [shown(line) for line in wrap(text, width)] + [style.WARNING(s) for s in stale]
 
 
-def dry_run_lines(
-    document: dict[str, Any], style: Style, width: int | None, *, plan_out: bool
-) -> list[str]:
-    """The end of a dry run that found rows: nothing written, and the runbook's next step."""
-    if plan_out:
-        # The command's next line names the plan and what to do with it.
-        return [style.SUCCESS("Dry run complete: nothing was written to the database.")]
-    return [
-        style.SUCCESS("Dry run complete: nothing was written."),
-        *next_step(
-            "Next: save it as a plan for the reviewer",
-            f"{REPAIR} {scope_arguments(document)} --plan-out plan.json",
-            width,
-        ),
-    ]
-
-
 def execute_lines(
     d: dict[str, Any],
     style: Style,
     width: int | None,
-    *,
-    plan_line: str | None = None,
-    signal_name: str | None = None,
+    plan_line: str | None,
+    signal_name: str | None,
 ) -> list[str]:
     """The outcome of an execute: status, what changed, the rollup."""
     status = d["status"]
     ok = status == Status.SUCCEEDED
     by = f" by {signal_name}" if status == Status.INTERRUPTED and signal_name else ""
     lines = _heading(f"Run {d['run_id']} {status}{by}.", ok, width, d, style)
-    rows = [
-        (
-            "rows changed",
-            f"{number(d['rows_updated'])} of {number(d['rows_planned'])} planned; "
-            f"{number(d['rows_remaining'])} still eligible",
-        ),
-        (
-            "tokens removed",
-            f"{number(d['input_tokens_removed'])} input tokens; "
-            f"{number(d['clamped_rows'])} rows clamped to 0",
-        ),
-        ("rollup keys", _rollup(d)),
-    ]
+    rows = {
+        "rows changed": f"{number(d['rows_updated'])} of {number(d['rows_planned'])} planned; "
+        f"{number(d['rows_remaining'])} still eligible",
+        "tokens removed": f"{number(d['input_tokens_removed'])} input tokens; "
+        f"{number(d['clamped_rows'])} rows clamped to 0",
+        "rollup keys": _rollup(d),
+    }
     if d.get("stamp_first"):
         stamp = STAMPS.get(d["stamp"], d["stamp"])
-        span = f"{moment(d['stamp_first'])} to {moment(d['stamp_last'])} ({stamp})"
-        rows.append(("stamps", span))
+        rows["stamps"] = f"{moment(d['stamp_first'])} to {moment(d['stamp_last'])} ({stamp})"
     if d.get("rollup_path"):
         function = f" ({d['rollup_function']})" if d.get("rollup_function") else ""
         reason = f": {d['rollup_path_reason']}" if d.get("rollup_path_reason") else ""
-        rows.append(("rollup path", f"{d['rollup_path']}{function}{reason}"))
+        rows["rollup path"] = f"{d['rollup_path']}{function}{reason}"
     if d.get("continues"):
-        rows.append(("continues", f"run {d['continues']}"))
+        rows["continues"] = f"run {d['continues']}"
     if plan_line:
-        rows.append(("plan", plan_line.removeprefix("Plan check: ")))
+        rows["plan"] = plan_line.removeprefix("Plan check: ")
     error = d.get("error", "")
     plain_stop = status == Status.INTERRUPTED and error.startswith("stopped by a signal;")
     if error and not ok and not plain_stop:
-        rows.append(("why", error))
+        rows["why"] = error
     return lines + labelled(rows, width)
 
 
@@ -196,39 +156,42 @@ def execute_next(d: dict[str, Any]) -> tuple[str, str | None]:
         if checked["ok"]:
             return "Nothing else to do. To undo the run", f"{REVERT} {run_id}"
         return "Next: look at the keys above, then verify again", verify
+    left = ""
     if d["status"] != Status.FAILED:
-        return (
-            f"Next: re-run the same command; the new run continues run {run_id} (the rows "
-            "still eligible, and the rollup of what was done)",
-            None,
-        )
-    if "locked by other writers" in d.get("error", ""):
+        first = "re-run the same command"
+        left = " (the rows still eligible, and the rollup of what was done)"
+    elif "locked by other writers" in d.get("error", ""):
         first = "re-run the same command later (writers held those rows)"
     else:
         first = "fix what the error says, then re-run the same command"
-    return f"Next: {first}; the new run continues run {run_id}", None
+    return f"Next: {first}; the new run continues run {run_id}{left}", None
 
 
 def verify_lines(v: dict[str, Any], style: Style, width: int | None) -> list[str]:
-    """The verification: what was checked (a reverted run, a chain), the counts, the keys."""
+    """The verification: what was checked (a reverted run, a chain), the counts, the keys, what
+    the differing keys are due to (a tick to come, an unknown rollup function), what to do."""
     run_id, runs, differing = v["run_id"], v["runs"], v["mismatched_keys"]
-    context = []
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        lines.extend(wrap(text, width))
+
     if v["run_status"] == Status.REVERTED:
-        context.append(
+        say(
             f"Run {run_id} was reverted: its rows were restored and are eligible again by "
             "design, so rows left are not a failure. Checked: the hourly keys of its rows "
             "equal a recompute (the revert rebuilt them)."
         )
     if v.get("continues"):
-        context.append(f"Run {run_id} continues run {v['continues']}.")
+        say(f"Run {run_id} continues run {v['continues']}.")
     if v.get("continued_by"):
-        context.append(
+        say(
             f"Run {run_id} ({v['run_status']}) was continued by run {v['continued_by']}: "
             f"its rows left are judged by the last run of the chain, run {runs[-1]} "
             f"({v['last_run_status']})."
         )
     if len(runs) > 1:
-        context.append(
+        say(
             f"Runs {listed(runs)} are one repair done in several goes: the hourly keys of all "
             "of them are checked."
         )
@@ -238,63 +201,52 @@ def verify_lines(v: dict[str, Any], style: Style, width: int | None) -> list[str
         left += " (eligible again by design: restored by a revert)"
     listing = min(len(v["mismatches"]), VERIFY_LISTED)
     first = f" (the first {listing} are listed)." if differing > VERIFY_LISTED else "."
-    context.append(
+    say(
         f"Verify run {run_id}{covered}: {left}; "
         f"{number(differing)} hourly keys differ from a recompute{first}"
     )
-    lines = paragraphs(context, width)
     lines += [f"  {describe_mismatch(m)}" for m in v["mismatches"][:VERIFY_LISTED]]
-    lines += paragraphs(_why_keys_differ(v), width)
-    shown = style.SUCCESS if v["ok"] else style.ERROR
-    lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
-    return lines + paragraphs(_verify_next(v), width)
-
-
-def _why_keys_differ(v: dict[str, Any]) -> list[str]:
-    """What the differing keys are due to: a tick to come, or an unknown rollup function."""
-    said = []
-    waiting, differing = v.get("awaiting_tick_keys", 0), v["mismatched_keys"]
+    waiting = v.get("awaiting_tick_keys", 0)
     if waiting:
-        said.append(
+        say(
             f"{number(waiting)} of the {number(differing)} differing keys wait for the "
             "platform's cron tick (others wrote their rows since its watermark, or the key is "
             "queued): the tick rebuilds them from scratch, so they are not the run's; verify "
             "again after it to see them equal."
         )
     if differing > waiting and v.get("rollup_function") == "unknown":
-        said.append(
+        say(
             "The installed rollup function is not a definition this tool knows: it may "
             "compute the hourly sums otherwise than the documented ones verify compares with "
             "(see the pre-flight's rollup_function and rollup_path)."
         )
-    return said
-
-
-def _verify_next(v: dict[str, Any]) -> list[str]:
-    if v["ok"] or not v["eligible_rows_left"] or v["eligible_rows_expected"]:
-        return []
-    if v["last_run_status"] in (Status.INTERRUPTED, Status.FAILED):
-        return [
-            f"Run {v['runs'][-1]} did not finish ({v['last_run_status']}): re-run its command "
-            "to continue it, then verify the run that finishes."
-        ]
-    return [
-        "Rows became eligible after the run (written before the cutoff since?): run the dry "
-        "run to see them."
-    ]
+    shown = style.SUCCESS if v["ok"] else style.ERROR
+    lines.append(shown("Verification passed." if v["ok"] else "Verification FAILED."))
+    if not v["ok"] and v["eligible_rows_left"] and not v["eligible_rows_expected"]:
+        if v["last_run_status"] in (Status.INTERRUPTED, Status.FAILED):
+            say(
+                f"Run {runs[-1]} did not finish ({v['last_run_status']}): re-run its command "
+                "to continue it, then verify the run that finishes."
+            )
+        else:
+            say(
+                "Rows became eligible after the run (written before the cutoff since?): run "
+                "the dry run to see them."
+            )
+    return lines
 
 
 def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str]:
     """The outcome of a revert (or what its dry run would do), once."""
     run_id = d["run_id"]
     again = f"{REVERT} {run_id} --execute"
-    changed = ("changed since", f"{number(d['rows_changed'])} (left alone)")
+    changed = f"{number(d['rows_changed'])} (left alone)"
     if not d["executed"]:
-        rows = [
-            ("rows to restore", number(d["rows_restorable"])),
-            changed,
-            ("rollup keys", f"{number(d['rollup_keys'])} hourly keys to rebuild"),
-        ]
+        rows = {
+            "rows to restore": number(d["rows_restorable"]),
+            "changed since": changed,
+            "rollup keys": f"{number(d['rollup_keys'])} hourly keys to rebuild",
+        }
         return [
             # The block names its run (at -v 0 it is all there is).
             *wrap(f"Revert of run {run_id} (dry run):", width),
@@ -310,29 +262,20 @@ def revert_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str
         "failed": f"Revert of run {run_id} failed.",
     }[status]
     lines = _heading(heading, status == "reverted", width, d, style)
-    rollup = (
-        f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
-        f"{count(d['rollup_calls'], 'call')}; {_held(d)}"
-    )
-    rows = [
-        (
-            "rows restored",
-            f"{number(d['rows_restored'])} of {number(d['rows_restorable'])}; "
-            f"{number(d['rows_remaining'])} still to restore",
-        ),
-        changed,
-        ("rollup keys", rollup),
-    ]
+    rows = {
+        "rows restored": f"{number(d['rows_restored'])} of {number(d['rows_restorable'])}; "
+        f"{number(d['rows_remaining'])} still to restore",
+        "changed since": changed,
+        "rollup keys": f"{number(d['rollup_keys'])} hourly keys queued and rebuilt in "
+        f"{count(d['rollup_calls'], 'call')}; {_held(d)}",
+    }
     if d.get("error"):
-        rows.append(("why", d["error"]))
+        rows["why"] = d["error"]
     lines += labelled(rows, width)
     if status != "reverted":
         return lines + next_step("Next: run the same revert again to finish", again, width)
-    return lines + next_step(
-        "Next: its rows are candidates again; see them with the dry run",
-        f"{REPAIR} {scope_arguments(d)}",
-        width,
-    )
+    prose = "Next: its rows are candidates again; see them with the dry run"
+    return lines + next_step(prose, f"{REPAIR} {scope_arguments(d)}", width)
 
 
 def changed_lines(d: dict[str, Any], style: Style, width: int | None) -> list[str]:
@@ -350,19 +293,19 @@ def changed_lines(d: dict[str, Any], style: Style, width: int | None) -> list[st
     if not changed:
         return lines
     rows = [
-        (
-            str(c["usage_id"]),
-            number(c["expected_input_tokens"]),
-            "deleted" if c["deleted"] else number(c["current_input_tokens"]),
-            _precise(c["expected_updated_at"]),
-            "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
-        )
+        {
+            "usage id": str(c["usage_id"]),
+            "input (run left)": number(c["expected_input_tokens"]),
+            "input (now)": "deleted" if c["deleted"] else number(c["current_input_tokens"]),
+            "updated_at (run left)": _precise(c["expected_updated_at"]),
+            "updated_at (now)": "deleted" if c["deleted"] else _precise(c["current_updated_at"]),
+        }
         for c in changed
     ]
-    table = render_table(CHANGED_COLUMNS, rows)
+    table = render_table(list(rows[0]), [list(row.values()) for row in rows])
     if width is None or max(map(len, table.splitlines())) <= width:
         return [*lines, table]
-    for usage, was, now, was_at, now_at in rows:
+    for usage, was, now, was_at, now_at in map(dict.values, rows):
         items = [usage, f"input {was} -> now {now}", f"updated_at {was_at} -> now {now_at}"]
         lines.extend(fit_items(items, width))
     return lines

@@ -35,32 +35,25 @@ class Phase:
     status: str = ""
     started: float = field(default_factory=time.monotonic)
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+    shown: int | None = None  # off a terminal: the done count its last line showed
 
-    def update(self, done: int, total: int | None = None) -> None:
+    def update(self, done: int) -> None:
         now = time.monotonic()
         self.done = done
-        if total is not None:
-            self.total = total
         self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_SECONDS:
             self.samples.popleft()
 
-    def rate(self) -> float | None:
-        """Units per second over the recent updates; None before two updates."""
-        if len(self.samples) < 2:
-            return None
-        (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
-        return (done_last - done_first) / (last - first) if last > first else None
-
-    def eta(self) -> float | None:
-        if self.done >= self.total:
-            return 0.0
-        rate = self.rate()
-        return (self.total - self.done) / rate if rate and rate > 0 else None
-
     def parts(self) -> dict[str, str]:
-        """The texts of the line, each kept whole."""
-        rate, eta = self.rate(), self.eta()
+        """The texts of the line, each kept whole; the rate is over the recent updates."""
+        rate = eta = None
+        if len(self.samples) >= 2:
+            (first, done_first), (last, done_last) = self.samples[0], self.samples[-1]
+            rate = (done_last - done_first) / (last - first) if last > first else None
+        if self.done >= self.total:
+            eta = 0.0
+        elif rate and rate > 0:
+            eta = (self.total - self.done) / rate
         return {
             "label": f"{self.label:<6}",
             "count": f"{number(self.done)}/{number(self.total)} {self.unit}",
@@ -79,21 +72,16 @@ def compose(phase: Phase, width: int) -> Text:
     names = [n for n in ("label", "count", "rate", "eta", "elapsed", "status") if parts[n]]
 
     def size(bar: int) -> int:
-        texts = [parts[n] for n in names]
-        return sum(map(len, texts)) + 2 * (len(texts) - 1) + (bar + 1 if bar else 0)
+        return len("  ".join(parts[n] for n in names)) + (bar + 1 if bar else 0)
 
     def bar_room() -> int:
         room = width - size(0) - 1
         return min(BAR_WIDTH, room) if room >= MIN_BAR_WIDTH else 0
 
-    bar = BAR_WIDTH
-    if size(bar) > width:
-        bar = bar_room()
+    bar = bar_room()
     if size(bar) > width:
         names.remove("elapsed")
         bar = bar_room()
-    if size(bar) > width:
-        bar = 0
     if size(bar) > width and "status" in names:
         spare = width - (size(0) - len(parts["status"])) - 1
         words = parts["status"].split(" ")
@@ -127,8 +115,6 @@ class ProgressBar:
         self.stream = stream
         self.last_line = 0.0
         self.phases: dict[str, Phase] = {}
-        # Off a terminal: the done count each phase's last line showed.
-        self.shown: dict[str, int] = {}
         self.live: Live | None = None
         if terminal:
             console = Console(file=stream, force_terminal=True)
@@ -153,30 +139,26 @@ class ProgressBar:
         if started_now:
             self.phases[key].update(0)
         if self.live is not None:
-            if len(self.phases) == 1:
-                self.live.start()
+            self.live.start()  # with the first phase (a no-op while it runs)
             self.live.refresh()
         elif started_now:
             self._line(f"{key}: 0/{number(total)} {unit}", force=True)
-            self.shown[key] = 0
+            self.phases[key].shown = 0
 
-    def update(
-        self, key: str, done: int, *, total: int | None = None, status: str | None = None
-    ) -> None:
+    def update(self, key: str, done: int, *, status: str | None = None) -> None:
         phase = self.phases.get(key)
         if phase is None:
             return
-        phase.update(done, total)
+        phase.update(done)
         if status is not None:
             phase.status = status
         # Off a terminal, a phase's first line is shown at once; then one every few seconds.
-        first = len(phase.samples) == 1
-        if self.live is None and self._line(plain(phase), force=first):
-            self.shown[key] = phase.done
+        if self.live is None and self._line(plain(phase), force=len(phase.samples) == 1):
+            phase.shown = phase.done
 
-    def status(self, key: str, text: str, *, force: bool = False) -> None:
-        """What a phase is doing now (a pause); off a terminal, ``force`` shows it at once."""
-        phase = self.phases.get(key)
+    def pause(self, text: str, *, force: bool) -> None:
+        """The rollup's pause (else the latest phase's); off a terminal, ``force`` shows it now."""
+        phase = self.phases.get("rollup") or next(reversed(self.phases.values()), None)
         if phase is None:
             return
         phase.status = text
@@ -184,20 +166,19 @@ class ProgressBar:
             self._line(text, force=force)
 
     def close(self) -> None:
+        self._show_where_phases_ended()
         if self.live is not None and self.phases:
             self.live.refresh()
             self.live.stop()
-        else:
-            self._show_where_phases_ended()
 
     def _show_where_phases_ended(self) -> None:
         """Off a terminal, each phase's last line says where it ended."""
         if self.live is not None:
             return
-        for key, phase in self.phases.items():
-            if self.shown.get(key) != phase.done:
+        for phase in self.phases.values():
+            if phase.shown != phase.done:
                 self._line(plain(phase), force=True)
-                self.shown[key] = phase.done
+                phase.shown = phase.done
 
     def _line(self, text: str, *, force: bool = False) -> bool:
         now = time.monotonic()
@@ -249,14 +230,13 @@ def run_events(bar: ProgressBar, phase: str) -> Callable[..., None]:
             # a pause is always shown off a terminal; while it lasts, at the usual rate.
             seconds = details.get("seconds")
             what = f"paused: {details['reason']}" + (f" ({seconds:g}s)" if seconds else "")
-            key = "rollup" if "rollup" in bar.phases else next(reversed(bar.phases), "")
-            bar.status(key, what, force=not paused)
+            bar.pause(what, force=not paused)
             paused = True
         elif event == "rollup_slice":
             # The first slice event comes after the rollup's set-up and its first (probe) slice.
             bar.phase("rollup", details["total"], "keys", started_now=False)
             held = f"lock 4246 held {details['piece'].lock_held_seconds:.2f}s"
-            bar.update("rollup", details["done"], total=details["total"], status=held)
+            bar.update("rollup", details["done"], status=held)
 
     return show
 

@@ -9,8 +9,9 @@ from typing import Any
 from django.core.management.color import Style
 
 from usage.output import outcome
-from usage.output.lines import fit_items, wrap
-from usage.render import number, render_table, timestamp
+from usage.output.document import TOTAL_FIELDS
+from usage.output.report import fit_items, wrap
+from usage.render import number, render_table, timestamp, unique_prefix_length
 
 # Groups shown in a summary table; --format csv/json always carry all of them.
 TABLE_GROUP_LIMIT = 200
@@ -33,14 +34,7 @@ HEADERS = {
 }
 ALL_COLUMNS = tuple(HEADERS)
 # The columns of figures (the totals row has them too), and of times (the totals row has none).
-NUMBERS = (
-    "rows",
-    "input_before",
-    "input_after",
-    "input_tokens_removed",
-    "clamped_rows",
-    "rollup_keys",
-)
+NUMBERS = (*TOTAL_FIELDS, "rollup_keys")
 TIMES = ("first_created_at", "last_created_at")
 
 
@@ -49,22 +43,18 @@ class Shape:
     """One way to lay out the groups: which columns, and how compactly."""
 
     columns: tuple[str, ...] = ALL_COLUMNS
-    two_line_headers: bool = False
+    one_line_headers: bool = False
     short_workspace: bool = False
     times_of_day: bool = False
 
 
 # Widest first; the first that fits the terminal is used, else one block per group (BLOCKS).
 SHAPES = (
+    Shape(one_line_headers=True),
     Shape(),
-    Shape(two_line_headers=True),
-    Shape(two_line_headers=True, short_workspace=True, times_of_day=True),
-    Shape(columns=ALL_COLUMNS[:8], two_line_headers=True, short_workspace=True),
-    Shape(
-        columns=tuple(c for c in ALL_COLUMNS[:8] if c != "input_after"),
-        two_line_headers=True,
-        short_workspace=True,
-    ),
+    Shape(short_workspace=True, times_of_day=True),
+    Shape(columns=ALL_COLUMNS[:8], short_workspace=True),
+    Shape(columns=tuple(c for c in ALL_COLUMNS[:8] if c != "input_after"), short_workspace=True),
 )
 BLOCKS = Shape(short_workspace=True, times_of_day=True)
 
@@ -74,49 +64,55 @@ def summary_table(document: dict[str, Any], width: int | None = None) -> str:
     no line is longer and no value is split."""
     groups = document["groups"][:TABLE_GROUP_LIMIT]
     group_count = document.get("group_count", len(document["groups"]))
-    short = _short_workspaces([str(g["workspace_id"]) for g in groups])
+    # Each workspace id's shortest prefix (SHORT_WORKSPACE characters at least) unique here.
+    ids = sorted({str(g["workspace_id"]) for g in groups})
+    length = unique_prefix_length(ids, SHORT_WORKSPACE)
+    short = {i: i[:length] for i in ids}
+
+    figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
+    total = {
+        "workspace_id": "TOTAL",
+        "date_utc": f"{number(group_count)} groups",
+        **{key: number(figures[key]) for key in NUMBERS},
+        **dict.fromkeys(TIMES, ""),
+    }
 
     def values(shape: Shape) -> list[dict[str, str]]:
-        return [*(_values(g, shape, short) for g in groups), _total_values(document, group_count)]
+        return [*(_values(g, shape, short) for g in groups), total]
 
-    lines: list[str] = []
     for shape in SHAPES if width is not None else SHAPES[:1]:
         # At its natural width: nothing wraps, nothing is cut.
         headers = [
-            two_lines if shape.two_line_headers else one_line
+            one_line if shape.one_line_headers else two_lines
             for one_line, two_lines in (HEADERS[key] for key in shape.columns)
         ]
         text = render_table(headers, [tuple(v[c] for c in shape.columns) for v in values(shape)])
         if width is None or max(map(len, text.splitlines()), default=0) <= width:
-            lines.append(text)
-            lines.extend(_shape_notes(shape, short, width))
+            lines = [text]
             break
-    else:
-        lines.extend(_blocks(values(BLOCKS), width))
-        lines.extend(_shape_notes(BLOCKS, short, width))
+    else:  # one block per group: its workspace and day, then its figures, each kept whole
+        shape, lines = BLOCKS, []
+        for v in values(BLOCKS):
+            items = [
+                f"{v['workspace_id']} {v['date_utc']}",
+                f"rows {v['rows']}",
+                f"input {v['input_before']} -> {v['input_after']}",
+                f"removed {v['input_tokens_removed']}",
+                f"clamped {v['clamped_rows']}",
+                f"keys {v['rollup_keys']}",
+            ]
+            if v["first_created_at"]:
+                items.append(f"created {v['first_created_at']}-{v['last_created_at']}")
+            lines += fit_items(items, width)
+    lines += _shape_notes(shape, short, length, width)
     if group_count > TABLE_GROUP_LIMIT:
-        lines.extend(
-            wrap(
-                f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
-                "groups are shown; --format csv or json --output FILE gives them all)",
-                width,
-                hanging="",
-            )
+        lines += wrap(
+            f"(the first {TABLE_GROUP_LIMIT} of {number(group_count)} workspace/day "
+            "groups are shown; --format csv or json --output FILE gives them all)",
+            width,
+            hanging="",
         )
     return "\n".join(lines)
-
-
-def _short_workspaces(ids: list[str]) -> dict[str, str]:
-    """Each id's shortest prefix (``SHORT_WORKSPACE`` characters at least) unique among ``ids``."""
-    distinct = sorted(set(ids))
-    length = SHORT_WORKSPACE
-    while length < 36 and len({i[:length] for i in distinct}) < len(distinct):
-        length += 1
-    return {i: i[:length] for i in distinct}
-
-
-def _numbers(figures: dict[str, Any]) -> dict[str, str]:
-    return {key: number(figures[key]) for key in NUMBERS}
 
 
 def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[str, str]:
@@ -125,42 +121,16 @@ def _values(group: dict[str, Any], shape: Shape, short: dict[str, str]) -> dict[
     return {
         "workspace_id": short[workspace] if shape.short_workspace else workspace,
         "date_utc": group["date_utc"].isoformat(),
-        **_numbers(group),
+        **{key: number(group[key]) for key in NUMBERS},
         "first_created_at": timestamp(group["first_created_at"])[time_from:],
         "last_created_at": timestamp(group["last_created_at"])[time_from:],
     }
 
 
-def _total_values(document: dict[str, Any], group_count: int) -> dict[str, str]:
-    figures = {**document["totals"], "rollup_keys": document["expected_rollup_keys"]}
-    date = f"{number(group_count)} groups"
-    times = dict.fromkeys(TIMES, "")
-    return {"workspace_id": "TOTAL", "date_utc": date, **_numbers(figures), **times}
-
-
-def _blocks(rows: list[dict[str, str]], width: int | None) -> list[str]:
-    """One block per group: its workspace and day, then its figures, each kept whole."""
-    lines: list[str] = []
-    for values in rows:
-        items = [
-            f"{values['workspace_id']} {values['date_utc']}",
-            f"rows {values['rows']}",
-            f"input {values['input_before']} -> {values['input_after']}",
-            f"removed {values['input_tokens_removed']}",
-            f"clamped {values['clamped_rows']}",
-            f"keys {values['rollup_keys']}",
-        ]
-        if values["first_created_at"]:
-            items.append(f"created {values['first_created_at']}-{values['last_created_at']}")
-        lines.extend(fit_items(items, width))
-    return lines
-
-
-def _shape_notes(shape: Shape, short: dict[str, str], width: int | None) -> list[str]:
-    """What a narrower shape left out or shortened, and where to find it whole."""
+def _shape_notes(shape: Shape, short: dict[str, str], length: int, width: int | None) -> list[str]:
+    """What a narrower shape left out or shortened (ids to ``length``), and where it is whole."""
     if not shape.short_workspace:
         return []
-    length = len(next(iter(short.values()))) if short else SHORT_WORKSPACE
     changes = [f"workspaces by the first {length} characters of their id"]
     if shape.times_of_day:
         changes.append("created_at as the time of day")
@@ -174,7 +144,7 @@ def _shape_notes(shape: Shape, short: dict[str, str], width: int | None) -> list
         width,
         hanging="",
     )
-    if 0 < len(short) <= LISTED_WORKSPACES:
+    if len(short) <= LISTED_WORKSPACES:
         for full, prefix in short.items():
             lines.extend(wrap(f"{prefix}  {full}", width, indent="  ", hanging="    "))
     return lines
@@ -211,13 +181,15 @@ def result_table(
             )
             lines.extend(wrap(sentence, width, hanging=""))
     if dry_run and totals and totals["rows"]:
-        lines.extend(outcome.dry_run_lines(document, style, width, plan_out=plan_out))
+        if plan_out:
+            # The command's next line names the plan and what to do with it.
+            lines.append(style.SUCCESS("Dry run complete: nothing was written to the database."))
+        else:
+            lines.append(style.SUCCESS("Dry run complete: nothing was written."))
+            command = f"{outcome.REPAIR} {outcome.scope_arguments(document)} --plan-out plan.json"
+            lines += outcome.next_step("Next: save it as a plan for the reviewer", command, width)
     if "run_id" in document:
-        lines.extend(
-            outcome.execute_lines(
-                document, style, width, plan_line=plan_line, signal_name=signal_name
-            )
-        )
+        lines += outcome.execute_lines(document, style, width, plan_line, signal_name)
     if "verify" in document:
         lines.extend(outcome.verify_lines(document["verify"], style, width))
     if "run_id" in document:

@@ -13,7 +13,7 @@ from usage import options as opts
 from usage import render
 from usage.db import describe_database, error_text
 from usage.management.base import ToolCommand
-from usage.output.lines import wrap
+from usage.output.report import wrap
 from usage.preflight import CHECKS, DEFAULT_STATEMENT_TIMEOUT_SECONDS, CheckResult, run_preflight
 
 EXAMPLES = """
