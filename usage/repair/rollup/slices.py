@@ -297,25 +297,20 @@ def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]
         return cursor.fetchone() if cursor.description else None
 
 
+@dataclass(eq=False)
 class Slicer:
     """What every rebuild loop shares: the neighbours' room, the stop, the cancellations, and
     the ``rollup_slice`` and ``paused`` events to ``progress``."""
 
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions,
-        result: RollupResult,
-        should_stop: ShouldStop = lambda: False,
-        progress: Progress = no_progress,
-    ) -> None:
-        self.limits = limits
-        self.neighbours = neighbours
-        self.result = result
-        self.should_stop = should_stop
-        self.progress = progress
-        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
-        self.cancelled_in_a_row = 0
+    limits: SliceLimits
+    neighbours: NeighbourOptions
+    result: RollupResult
+    should_stop: ShouldStop = lambda: False
+    progress: Progress = no_progress
+    cancelled_in_a_row: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.ticks = cron.TickWatcher(interval=self.neighbours.tick_interval, lead=self.limits.cap)
 
     def paused(self, reason: str, seconds: float) -> None:
         self.progress("paused", reason=reason, seconds=seconds)

@@ -12,7 +12,6 @@ from django.db import connection, transaction
 
 from usage.db import drop_temp_table
 from usage.eligibility import compose, key_columns, same_key
-from usage.repair.progress import Progress
 from usage.repair.rollup.function import (
     KEY_BASE_COST,
     MICROSECOND,
@@ -26,13 +25,9 @@ from usage.repair.rollup.function import (
 )
 from usage.repair.rollup.slices import (
     NEXT_SPAN_SQL,
-    NeighbourOptions,
     RollupError,
-    RollupResult,
     RollupSlice,
-    ShouldStop,
     SliceCancelled,
-    SliceLimits,
     Slicer,
     Span,
     log_slice,
@@ -151,17 +146,11 @@ def from_run_rows(template: str, match: str, hour: datetime | None = None, stamp
 class FunctionPath(Slicer):
     """The function path: the repair's rebuild, and the revert's (its queued keys)."""
 
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions,
-        result: RollupResult,
-        should_stop: ShouldStop,
-        progress: Progress,
-    ) -> None:
-        super().__init__(limits, neighbours, result, should_stop, progress)
-        scans = predict_scan_seconds()
-        self.planner = SlicePlanner(self.limits.target, scans, self.neighbours.gap)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.planner = SlicePlanner(
+            self.limits.target, predict_scan_seconds(), self.neighbours.gap
+        )
 
     def rebuild(
         self, run_ids: Sequence[int], hour: datetime | None = None, queued: bool = False
