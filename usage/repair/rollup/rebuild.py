@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from usage.models import BackfillRun
 from usage.repair.progress import Progress
+from usage.repair.rollup.function import FunctionPath
 from usage.repair.rollup.recompute import KeySource, OwnRebuild
 from usage.repair.rollup.slices import (
     NeighbourOptions,
@@ -17,7 +18,6 @@ from usage.repair.rollup.slices import (
     ShouldStop,
     SliceLimits,
 )
-from usage.repair.rollup.stamps import FunctionPath
 from usage.repair.rollup.versions import PathChoice
 
 

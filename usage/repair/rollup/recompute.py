@@ -16,8 +16,14 @@ from usage.db import drop_temp_table
 from usage.eligibility import compose, key_columns, same_key
 from usage.models import BackfillRun
 from usage.render import short_hash
-from usage.repair.rollup import parts
-from usage.repair.rollup.function import MICROSECOND, Plan
+from usage.repair.rollup.function import (
+    ANALYZE_JOURNAL_SQL,
+    MICROSECOND,
+    REVERT_KEYS_TABLE,
+    FunctionPath,
+    Plan,
+    from_run_rows,
+)
 from usage.repair.rollup.proof import (
     OWN_SETTINGS_SQL,
     PART_TASKS,
@@ -40,12 +46,6 @@ from usage.repair.rollup.slices import (
     Span,
     run_locked,
     unbounded,
-)
-from usage.repair.rollup.stamps import (
-    ANALYZE_JOURNAL_SQL,
-    REVERT_KEYS_TABLE,
-    FunctionPath,
-    from_run_rows,
 )
 from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
 
@@ -187,6 +187,72 @@ RUN_KEYS = KeySource()
 REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
 
 
+# An hour too big for one slice goes in parts of its agents, each one slice reading only its
+# agents' tasks' rows (docs/design.md); its tasks with their agent and rows are listed once.
+HOUR_TASKS_TABLE = "pg_temp.codex_rollup_hour_tasks"
+CREATE_HOUR_TASKS_SQL = """
+CREATE TEMP TABLE codex_rollup_hour_tasks ON COMMIT PRESERVE ROWS AS
+SELECT t.task_id, q.agent_id, t.rows
+FROM (SELECT tu.task_id, count(*) AS rows FROM {task_usage} tu
+      WHERE tu.created_at >= %(start)s AND tu.created_at < %(end)s GROUP BY tu.task_id) t
+JOIN {agent_task_queue} q ON q.id = t.task_id"""
+INDEX_HOUR_TASKS_SQL = f"CREATE INDEX ON {HOUR_TASKS_TABLE} (agent_id)"
+ANALYZE_HOUR_TASKS_SQL = f"ANALYZE {HOUR_TASKS_TABLE}"
+DROP_HOUR_TASKS_SQL = f"DROP TABLE IF EXISTS {HOUR_TASKS_TABLE}"
+# The agents of the hour's keys still to do, in order, with their tasks' rows.
+AGENT_ROWS_SQL = f"""
+SELECT k.agent_id, coalesce((SELECT sum(t.rows) FROM {HOUR_TASKS_TABLE} t
+                             WHERE t.agent_id = k.agent_id), 0)::bigint
+FROM (SELECT DISTINCT agent_id FROM pg_temp.codex_rollup_keys
+      WHERE hour_seq = %(seq)s AND NOT done) k
+ORDER BY k.agent_id"""
+PART_KEYS = """
+SELECT {keys} FROM pg_temp.codex_rollup_keys
+WHERE hour_seq = %(seq)s AND agent_id = ANY(%(agents)s) AND NOT done"""
+MARK_PART_DONE_SQL = """
+UPDATE pg_temp.codex_rollup_keys SET done = true
+WHERE hour_seq = %(seq)s AND agent_id = ANY(%(agents)s)"""
+# Tasks moved to another agent since they were listed: listed again, and the keys of both
+# agents of the hour done again.
+MOVED_SQL = """
+WITH moved AS (
+    SELECT t.task_id, t.agent_id AS left_agent, q.agent_id AS new_agent
+    FROM pg_temp.codex_rollup_hour_tasks t JOIN {agent_task_queue} q ON q.id = t.task_id
+    WHERE q.agent_id <> t.agent_id
+),
+relisted AS (
+    UPDATE pg_temp.codex_rollup_hour_tasks t SET agent_id = m.new_agent
+    FROM moved m WHERE t.task_id = m.task_id
+    RETURNING 1
+),
+again AS (
+    UPDATE pg_temp.codex_rollup_keys k SET done = false
+    WHERE k.hour_seq = %(seq)s AND k.done AND k.agent_id IN (
+        SELECT left_agent FROM moved UNION SELECT new_agent FROM moved)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM relisted), (SELECT count(*) FROM again)"""
+# Rounds of parts and checks for moved tasks before the hour counts as done; the first part's rows.
+MAX_ROUNDS = 3
+FIRST_PART_ROWS = 20_000
+
+
+class HourTooBig(Exception):
+    """One agent's rows of the hour did not fit a slice, twice: the function rebuilds it."""
+
+
+def take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
+    """The first agents whose rows fit ``limit`` (at least one), and their rows."""
+    part: list[Any] = []
+    rows = 0
+    for agent, agent_rows in agents:
+        if part and rows + agent_rows > limit:
+            break
+        part.append(agent)
+        rows += int(agent_rows)
+    return part, rows
+
+
 class DefinitionChanged(Exception):
     """The rollup function was redefined since the run chose (and proved) its path."""
 
@@ -216,7 +282,7 @@ class OwnRebuild:
         self.recompute = recompute = Recompute(choice.version)
         self.slice_sql = recompute.statement(source.write, SLICE_KEYS)
         self.probed_sql = recompute.statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
-        self.part_sql = recompute.statement(source.write, parts.PART_KEYS, probed=PART_TASKS)
+        self.part_sql = recompute.statement(source.write, PART_KEYS, probed=PART_TASKS)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
@@ -377,7 +443,7 @@ class OwnRebuild:
         """In parts; through the function when one agent's rows do not fit a part."""
         try:
             keys, held = self._rounds_of_parts(span)
-        except parts.HourTooBig:
+        except HourTooBig:
             logger.warning(
                 "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
                 "the platform's function rebuilds the hour's keys",
@@ -401,27 +467,27 @@ class OwnRebuild:
         """Every key of the hour (those done again count once), and the lock its parts held."""
         unbounded(
             self.limits,
-            parts.DROP_HOUR_TASKS_SQL,
-            (compose(parts.CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
-            parts.INDEX_HOUR_TASKS_SQL,
-            parts.ANALYZE_HOUR_TASKS_SQL,
+            DROP_HOUR_TASKS_SQL,
+            (compose(CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
+            INDEX_HOUR_TASKS_SQL,
+            ANALYZE_HOUR_TASKS_SQL,
         )
         keys = 0
         held = 0.0
         try:
-            for round_ in range(parts.MAX_ROUNDS):
+            for round_ in range(MAX_ROUNDS):
                 done, round_held = self._parts(span)
                 keys += 0 if round_ else done
                 held += round_held
                 if self.result.stopped:
                     break
-                moved = (compose(parts.MOVED_SQL), {"seq": span.upto})
+                moved = (compose(MOVED_SQL), {"seq": span.upto})
                 relisted, again = unbounded(self.limits, moved)
                 if not relisted:
                     break
                 logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
         finally:
-            drop_temp_table(parts.DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
+            drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
         return keys, held
 
     def _parts(self, span: Span) -> tuple[int, float]:
@@ -429,13 +495,13 @@ class OwnRebuild:
         slicer = self.function
         held = 0.0
         with connection.cursor() as cursor:
-            cursor.execute(parts.AGENT_ROWS_SQL, {"seq": span.upto})
+            cursor.execute(AGENT_ROWS_SQL, {"seq": span.upto})
             agents = cursor.fetchall()
         keys = failed = 0
         while agents:
             if not slicer.may_start():
                 break
-            part, rows = parts.take(agents, self.part_rate.limit(parts.FIRST_PART_ROWS))
+            part, rows = take(agents, self.part_rate.limit(FIRST_PART_ROWS))
             params = dict(span_params([(span.start, span.end)]), seq=span.upto, agents=part)
             try:
                 done = run_locked(self.limits, self.part_work(params))
@@ -443,13 +509,13 @@ class OwnRebuild:
                 self.part_rate.cancelled(max(rows, 1))
                 failed = failed + 1 if len(part) == 1 else 0
                 if failed >= 2:
-                    raise parts.HourTooBig from exc
+                    raise HourTooBig from exc
                 slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
                 continue
             failed = 0
             rollup_rows, part_keys = (int(value) for value in done.value[:2])
             with connection.cursor() as cursor:
-                cursor.execute(parts.MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
+                cursor.execute(MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
             del agents[: len(part)]
             self.part_rate.add(max(rows, 1), done.held)
             piece = done.piece(
