@@ -129,16 +129,6 @@ def slice_units(
     return tasks + base * keys + backlog * (mean_tasks + base)
 
 
-def predict_scan_seconds() -> float:
-    """A hash slice's whole scans, predicted from the size of the tables they read."""
-    schema = settings.CODEX_TARGET_SCHEMA
-    tables = [f"{schema}.task_usage", f"{schema}.agent_task_queue"]
-    with connection.cursor() as cursor:
-        cursor.execute(SCANNED_PAGES_SQL, tables)
-        pages = cursor.fetchone()[0] or 0
-    return float(pages) * PRIOR_SCAN_SECONDS_PER_PAGE
-
-
 def call_function(
     cursor: Any, bound: Bound, plan: Plan, window: tuple[datetime, datetime]
 ) -> tuple[int, dict[str, int]]:
@@ -293,10 +283,15 @@ class FunctionPath(Slicer):
     """The function path: the repair's rebuild, and the revert's (its queued keys)."""
 
     def __post_init__(self) -> None:
+        """Its planner, with a hash slice's whole scans predicted from the tables' size."""
         super().__post_init__()
-        self.planner = SlicePlanner(
-            self.limits.target, predict_scan_seconds(), self.neighbours.gap
-        )
+        schema = settings.CODEX_TARGET_SCHEMA
+        with connection.cursor() as cursor:
+            cursor.execute(
+                SCANNED_PAGES_SQL, [f"{schema}.task_usage", f"{schema}.agent_task_queue"]
+            )
+            scans = float(cursor.fetchone()[0] or 0) * PRIOR_SCAN_SECONDS_PER_PAGE
+        self.planner = SlicePlanner(self.limits.target, scans, self.neighbours.gap)
 
     def rebuild(
         self, run_ids: Sequence[int], hour: datetime | None = None, queued: bool = False
