@@ -228,7 +228,6 @@ SELECT row_number() OVER w AS seq, stamp,
        sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS tasks_to
 FROM stamps
 WINDOW w AS (ORDER BY stamp)"""
-INDEX_STAMPS_TABLE_SQL = f"ALTER TABLE {STAMPS_TABLE} ADD PRIMARY KEY (seq)"
 STAMPS_TOTAL_SQL = (
     f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
 )
@@ -257,7 +256,6 @@ WITH {AGENT_TASKS}
 SELECT row_number() OVER (ORDER BY k.agent_id) AS seq, k.*, t.tasks
 FROM {RUN_KEYS_TABLE} k JOIN agent_tasks t USING (agent_id)"""
 DROP_REWRITTEN_TABLE_SQL = f"DROP TABLE IF EXISTS {REWRITTEN_TABLE}"
-REWRITTEN_TOTAL_SQL = f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}"
 # Queue keys (after, upto] as the platform does; the latest enqueued_at and their tasks.
 ENQUEUE_REWRITTEN_SQL = f"""
 WITH queued AS (
@@ -306,7 +304,7 @@ class FunctionPath(Slicer):
             (compose(CREATE_QUEUED_KEYS_SQL) if queued else keys_sql, params),
             ANALYZE_RUN_KEYS_SQL,
             (compose(CREATE_STAMPS_TABLE_SQL), params),
-            INDEX_STAMPS_TABLE_SQL,
+            f"ALTER TABLE {STAMPS_TABLE} ADD PRIMARY KEY (seq)",
             STAMPS_TOTAL_SQL,
         )
         self.result.keys_total += keys
@@ -391,7 +389,7 @@ class FunctionPath(Slicer):
             (from_run_rows(CREATE_RUN_KEYS_SQL, REWRITTEN, params["hour"]), params),
             ANALYZE_RUN_KEYS_SQL,
             compose(CREATE_REWRITTEN_TABLE_SQL),
-            REWRITTEN_TOTAL_SQL,
+            f"SELECT count(*), coalesce(sum(tasks), 0)::bigint FROM {REWRITTEN_TABLE}",
         )
         self.result.keys_total += total
         done = 0

@@ -177,7 +177,6 @@ INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_que
 ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
 DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 
-PROOF_COUNT_SQL = "SELECT count(*) FROM pg_temp.codex_rollup_proof"
 DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
 
 
@@ -323,15 +322,11 @@ SELECT row_number() OVER w AS seq, bucket_hour, keys, rows, gap,
        sum(keys) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS keys_to
 FROM estimated
 WINDOW w AS (ORDER BY bucket_hour)"""
-INDEX_HOURS_SQL = f"ALTER TABLE {HOURS_TABLE} ADD PRIMARY KEY (seq)"
 DROP_HOURS_SQL = f"DROP TABLE IF EXISTS {HOURS_TABLE}"
 NUMBER_KEYS_SQL = f"""
 UPDATE {KEYS_TABLE} k SET hour_seq = h.seq
 FROM {HOURS_TABLE} h WHERE h.bucket_hour = k.bucket_hour AND NOT k.done"""
-INDEX_KEYS_SQL = f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)"
 ANALYZE_KEYS_SQL = f"ANALYZE {KEYS_TABLE}"
-ANALYZE_HOURS_SQL = f"ANALYZE {HOURS_TABLE}"
-KEYS_TOTAL_SQL = f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}"
 # The touched hours, and the rows of the task table.
 HOURS_TOTAL_SQL = f"""
 SELECT count(*), (SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = %(tasks)s::regclass)
@@ -418,8 +413,6 @@ SELECT t.task_id, q.agent_id, t.rows
 FROM (SELECT tu.task_id, count(*) AS rows FROM {task_usage} tu
       WHERE tu.created_at >= %(start)s AND tu.created_at < %(end)s GROUP BY tu.task_id) t
 JOIN {agent_task_queue} q ON q.id = t.task_id"""
-INDEX_HOUR_TASKS_SQL = f"CREATE INDEX ON {HOUR_TASKS_TABLE} (agent_id)"
-ANALYZE_HOUR_TASKS_SQL = f"ANALYZE {HOUR_TASKS_TABLE}"
 DROP_HOUR_TASKS_SQL = f"DROP TABLE IF EXISTS {HOUR_TASKS_TABLE}"
 # The agents of the hour's keys still to do, in order, with their tasks' rows.
 AGENT_ROWS_SQL = f"""
@@ -533,7 +526,7 @@ class OwnRebuild:
             bound()
             cursor.execute(format_sql(COMPARE_PROOF_SQL, **self.recompute.parts).as_string())
             differing = cursor.fetchall()
-            cursor.execute(PROOF_COUNT_SQL)
+            cursor.execute("SELECT count(*) FROM pg_temp.codex_rollup_proof")
             keys = int(cursor.fetchone()[0])
             cursor.execute(DROP_PROOF_SQL)
             check_definition(cursor, self.fingerprint)
@@ -570,7 +563,7 @@ class OwnRebuild:
                 compose(ANALYZE_JOURNAL_SQL),
                 (from_run_rows(self.source.create, ""), {"run_ids": self.run_ids}),
                 ANALYZE_KEYS_SQL,
-                KEYS_TOTAL_SQL,
+                f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}",
             )
             if not keys:
                 return True
@@ -584,17 +577,16 @@ class OwnRebuild:
             if not self._prove_first_keys():
                 return bool(self.result.stopped)  # stopped first: the next run rebuilds all
             target = settings.CODEX_TARGET_SCHEMA
-            where = {"schema": target, "table": f"{target}.task_usage"}
-            tasks = {"tasks": f"{target}.agent_task_queue"}
+            tables = {"table": f"{target}.task_usage", "tasks": f"{target}.agent_task_queue"}
             self.hours, task_rows = unbounded(
                 self.limits,
-                (CREATE_HOURS_SQL, where),
-                INDEX_HOURS_SQL,
+                (CREATE_HOURS_SQL, dict(tables, schema=target)),
+                f"ALTER TABLE {HOURS_TABLE} ADD PRIMARY KEY (seq)",
                 NUMBER_KEYS_SQL,
-                INDEX_KEYS_SQL,
+                f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)",
                 ANALYZE_KEYS_SQL,
-                ANALYZE_HOURS_SQL,
-                (HOURS_TOTAL_SQL, tasks),
+                f"ANALYZE {HOURS_TABLE}",
+                (HOURS_TOTAL_SQL, tables),
             )
             self.probe_below = PROBE_BELOW * max(task_rows, 1)
             self._slices()
@@ -663,11 +655,8 @@ class OwnRebuild:
                 done = run_locked(self.limits, self._slice_work(span))
             except SliceCancelled as exc:
                 self.rate.cancelled(span.cost)  # an hour alone goes in parts next
-                self.function.cancelled(
-                    exc,
-                    f"slice of {span.count} bucket hours (about {span.cost:,} usage rows, "
-                    f"{span.keys:,} keys)",
-                )
+                rows = f"about {span.cost:,} usage rows, {span.keys:,} keys"
+                self.function.cancelled(exc, f"slice of {span.count} bucket hours ({rows})")
                 continue
             rollup_rows, keys = (int(value) for value in done.value[:2])
             piece = done.piece(
@@ -684,9 +673,28 @@ class OwnRebuild:
                 self.function.leave_a_gap()
 
     def _hour_in_parts(self, span: Span) -> None:
-        """In parts; through the function when one agent's rows do not fit a part."""
+        """In rounds of parts while tasks move agent (keys done again count once); through the
+        function when one agent's rows do not fit a part."""
+        unbounded(
+            self.limits,
+            DROP_HOUR_TASKS_SQL,
+            (compose(CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
+            f"CREATE INDEX ON {HOUR_TASKS_TABLE} (agent_id)",
+            f"ANALYZE {HOUR_TASKS_TABLE}",
+        )
+        keys, held = 0, 0.0
         try:
-            keys, held = self._rounds_of_parts(span)
+            for round_ in range(MAX_ROUNDS):
+                done, round_held = self._parts(span)
+                keys += 0 if round_ else done
+                held += round_held
+                if self.result.stopped:
+                    break
+                moved = (compose(MOVED_SQL), {"seq": span.upto})
+                relisted, again = unbounded(self.limits, moved)
+                if not relisted:
+                    break
+                logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
         except HourTooBig:
             logger.warning(
                 "one agent's rows of bucket hour %s do not fit one slice of the own recompute: "
@@ -701,45 +709,19 @@ class OwnRebuild:
         else:
             # What the hour cost in all sizes the next slices (else every later hour in parts).
             self.rate.add(span.cost, held)
+        finally:
+            drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
         self.keys_done += keys
         if not self.result.stopped:
             self.done = span.upto
 
-    def _rounds_of_parts(self, span: Span) -> tuple[int, float]:
-        """Every key of the hour (those done again count once), and the lock its parts held."""
-        unbounded(
-            self.limits,
-            DROP_HOUR_TASKS_SQL,
-            (compose(CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
-            INDEX_HOUR_TASKS_SQL,
-            ANALYZE_HOUR_TASKS_SQL,
-        )
-        keys = 0
-        held = 0.0
-        try:
-            for round_ in range(MAX_ROUNDS):
-                done, round_held = self._parts(span)
-                keys += 0 if round_ else done
-                held += round_held
-                if self.result.stopped:
-                    break
-                moved = (compose(MOVED_SQL), {"seq": span.upto})
-                relisted, again = unbounded(self.limits, moved)
-                if not relisted:
-                    break
-                logger.info("%d tasks of the hour moved agent: %d keys again", relisted, again)
-        finally:
-            drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
-        return keys, held
-
     def _parts(self, span: Span) -> tuple[int, float]:
         """One part after another until every key of the hour still to do is done."""
         slicer = self.function
-        held = 0.0
         with connection.cursor() as cursor:
             cursor.execute(AGENT_ROWS_SQL, {"seq": span.upto})
             agents = cursor.fetchall()
-        keys = failed = 0
+        keys, held, failed = 0, 0.0, 0
         while agents:
             if not slicer.may_start():
                 break

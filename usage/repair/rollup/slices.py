@@ -45,7 +45,7 @@ SLICE_GAP_SHARE = 0.04
 MIN_SLICE_GAP_SECONDS = 0.1
 MAX_CANCELLED_IN_A_ROW = 5
 
-TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 # Who holds lock 4246, or a lock on the rollup's tables (a writer's row locks show as one).
 HOLDERS_SQL = """
 SELECT DISTINCT a.pid, a.application_name, a.xact_start, a.state
@@ -57,8 +57,6 @@ WHERE l.granted AND l.pid <> pg_backend_pid() AND (%(rows)s
     AND l.objsubid = 1)
 ORDER BY a.xact_start NULLS LAST LIMIT 3"""
 HOLDERS_TABLES = ("task_usage_hourly", "task_usage_hourly_dirty")
-SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
-REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 
 class RollupError(Exception):
@@ -137,14 +135,12 @@ class RollupResult:
 
     @property
     def keys_done(self) -> int:
-        if self.distinct_keys is not None:
-            return self.distinct_keys
-        return sum(s.keys for s in self.slices)
+        distinct = self.distinct_keys
+        return sum(s.keys for s in self.slices) if distinct is None else distinct
 
     @property
     def max_lock_held_seconds(self) -> float:
-        holds = [s.lock_held_seconds for s in self.slices] + self.cancelled_holds
-        return max(holds, default=0.0)
+        return max([s.lock_held_seconds for s in self.slices] + self.cancelled_holds, default=0.0)
 
     @property
     def hash_slices(self) -> int:
@@ -231,9 +227,9 @@ def run_locked(
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 if repeatable_read and own_transaction:
-                    cursor.execute(REPEATABLE_READ_SQL)
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
-                cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
                 value = work(cursor, _bound(cursor, limits.cap, locked_at))
             released_at = time.monotonic()
