@@ -29,6 +29,7 @@ from usage.repair.rollup.slices import (
     Slicer,
     Span,
     log_slice,
+    one,
     run_locked,
     unbounded,
 )
@@ -228,9 +229,8 @@ SELECT row_number() OVER w AS seq, stamp,
        sum(tasks) OVER (w ROWS UNBOUNDED PRECEDING)::bigint AS tasks_to
 FROM stamps
 WINDOW w AS (ORDER BY stamp)"""
-STAMPS_TOTAL_SQL = (
-    f"SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"
-)
+STAMPS_TOTAL_SQL = f"""
+SELECT count(*), coalesce(max(keys_to), 0), coalesce(max(tasks_to), 0) FROM {STAMPS_TABLE}"""
 # Keys others queued before the window from stamp ``seq`` ends: its call drains them too.
 BACKLOG_COUNT_CAP = 100_000
 BACKLOG_SQL = f"""
@@ -284,11 +284,8 @@ class FunctionPath(Slicer):
         """Its planner, with a hash slice's whole scans predicted from the tables' size."""
         super().__post_init__()
         schema = settings.CODEX_TARGET_SCHEMA
-        with connection.cursor() as cursor:
-            cursor.execute(
-                SCANNED_PAGES_SQL, [f"{schema}.task_usage", f"{schema}.agent_task_queue"]
-            )
-            scans = float(cursor.fetchone()[0] or 0) * PRIOR_SCAN_SECONDS_PER_PAGE
+        pages = one(SCANNED_PAGES_SQL, [f"{schema}.task_usage", f"{schema}.agent_task_queue"])[0]
+        scans = float(pages or 0) * PRIOR_SCAN_SECONDS_PER_PAGE
         self.planner = SlicePlanner(self.limits.target, scans, self.neighbours.gap)
 
     def rebuild(
@@ -322,10 +319,8 @@ class FunctionPath(Slicer):
         while after < total:
             if not self.may_start():
                 return
-            with connection.cursor() as cursor:
-                params = {"seq": after + 1, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
-                cursor.execute(compose(BACKLOG_SQL), params)
-                backlog = int(cursor.fetchone()[0])
+            params = {"seq": after + 1, "gap": MAX_WINDOW_GAP, "cap": BACKLOG_COUNT_CAP}
+            backlog = int(one(compose(BACKLOG_SQL), params)[0])
             plan, span = self._choose((after, keys_done, tasks_done), total, mean, backlog)
             try:
                 more = {"keys": span.keys, "tasks": span.cost, "backlog": backlog}
@@ -360,26 +355,22 @@ class FunctionPath(Slicer):
         """The next slice's plan (each judged at the size its rate allows) and stamps."""
         after, keys_done, tasks_done = done
 
-        def limit(plan: Plan, grow: bool) -> float:
+        def span(plan: Plan, grow: bool) -> Span:
             backlog_units = slice_units(plan, 0, 0, backlog, mean)
-            return self.planner.limit(plan, probe_units(plan, mean), backlog_units, grow=grow)
-
-        def span(plan: Plan, limit: float) -> Span:
-            with connection.cursor() as cursor:
-                params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
-                params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
-                cursor.execute(NEXT_SLICE_SQL, params)
-                upto, keys_to, tasks_to, first, last = cursor.fetchone()
+            limit = self.planner.limit(plan, probe_units(plan, mean), backlog_units, grow=grow)
+            params = {"after": after, "done_keys": keys_done, "done_tasks": tasks_done}
+            params.update(base=KEY_BASE_COST[plan], limit=int(limit), total=total)
+            upto, keys_to, tasks_to, first, last = one(NEXT_SLICE_SQL, params)
             keys, tasks = int(keys_to) - keys_done, int(tasks_to) - tasks_done
             return Span(after, int(upto), keys, tasks, first, last + MICROSECOND)
 
         def speed(plan: Plan) -> float:
-            judged = span(plan, limit(plan, False))
+            judged = span(plan, False)
             units = slice_units(plan, judged.keys, judged.cost, backlog, mean)
             return judged.keys / (self.planner.seconds(plan, units) + self.planner.gap)
 
         plan = self.planner.best(speed)
-        return plan, span(plan, limit(plan, True))
+        return plan, span(plan, True)
 
     def _rewritten(self, params: dict[str, Any]) -> None:
         """The keys of rows rewritten since the run: queued and drained in planned chunks."""

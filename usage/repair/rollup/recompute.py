@@ -42,6 +42,7 @@ from usage.repair.rollup.slices import (
     SliceCancelled,
     SliceLimits,
     Span,
+    one,
     run_locked,
     unbounded,
 )
@@ -213,8 +214,7 @@ class Recompute:
         columns = version.columns
         self.parts: dict[str, sql.Composable] = {
             "sums": sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(sql.SQL(OWN_SUMS[name]), sql.Identifier(name))
-                for name in columns
+                sql.SQL(OWN_SUMS[name] + " AS {}").format(sql.Identifier(name)) for name in columns
             ),
             "columns": _joined("{}", columns),
             "set_columns": _joined("{} = EXCLUDED.{}", columns),
@@ -234,14 +234,11 @@ class Recompute:
         """``template`` over ``spans`` spans, its tasks joined by the planner, or looked up one
         by one (``probed``: SPAN_TASKS or PART_TASKS)."""
         parts = dict(self.parts)
-        parts["spans"] = sql.SQL("({})").format(
-            sql.SQL(" OR ").join(
-                sql.SQL("(tu.created_at >= {} AND tu.created_at < {})").format(
-                    sql.Placeholder(f"span_from_{n}"), sql.Placeholder(f"span_to_{n}")
-                )
-                for n in range(spans)
-            )
+        ranges = " OR ".join(
+            f"(tu.created_at >= %(span_from_{n})s AND tu.created_at < %(span_to_{n})s)"
+            for n in range(spans)
         )
+        parts["spans"] = sql.SQL(f"({ranges})")
         parts["task_lookups"] = format_sql(TASK_LOOKUPS)
         for name, piece in (probed or {}).items():
             parts[name] = format_sql(piece, **parts)
@@ -349,9 +346,8 @@ WITH probe AS (
     SELECT stamp FROM {KEYS_TABLE} WHERE stamp IS NOT NULL ORDER BY stamp LIMIT %(n)s
 )
 SELECT min(stamp), max(stamp) FROM probe"""
-PROOF_HOURS_SQL = (
-    f"SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"
-)
+PROOF_HOURS_SQL = f"""
+SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"""
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
 
 # The revert's keys, numbered in the order they were queued (``stamp``), with the time each was
@@ -614,9 +610,7 @@ class OwnRebuild:
                 count = max(1, count // 2)
                 continue
             if self.source.queued:  # over the time the revert's keys were queued (draining them)
-                with connection.cursor() as cursor:
-                    cursor.execute(QUEUED_WINDOW_SQL, {"last": last})
-                    first = stamp = cursor.fetchone()[0]
+                first = stamp = one(QUEUED_WINDOW_SQL, {"last": last})[0]
             else:
                 stamp = last
             window = (first, stamp + MICROSECOND)
@@ -629,8 +623,7 @@ class OwnRebuild:
                 self.function.cancelled(exc, what, counts=count == 1)
                 count = max(1, count // 2)
                 continue
-            with connection.cursor() as cursor:
-                cursor.execute(MARK_PROOF_DONE_SQL, {"last": last})
+            one(MARK_PROOF_DONE_SQL, {"last": last})
             self.keys_done += keys
             what = f"rollup proof: {keys} keys both ways, {'equal' if equal else 'different'}"
             self.function.report(piece, what, self.keys_done)
@@ -642,10 +635,8 @@ class OwnRebuild:
             if not self.function.may_start():
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
-            with connection.cursor() as cursor:
-                params = {"after": self.done, "limit": int(limit), "total": self.hours}
-                cursor.execute(NEXT_HOURS_SQL, params)
-                upto, keys, rows, start, end = cursor.fetchone()
+            params = {"after": self.done, "limit": int(limit), "total": self.hours}
+            upto, keys, rows, start, end = one(NEXT_HOURS_SQL, params)
             span = Span(self.done, int(upto), int(keys), int(rows), start, end)
             # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
@@ -738,8 +729,7 @@ class OwnRebuild:
                 continue
             failed = 0
             rollup_rows, part_keys = (int(value) for value in done.value[:2])
-            with connection.cursor() as cursor:
-                cursor.execute(MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
+            one(MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
             del agents[: len(part)]
             self.part_rate.add(max(rows, 1), done.held)
             piece = done.piece(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
@@ -26,8 +26,6 @@ from usage.events import log_event
 from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.rollup")
-
-T = TypeVar("T")
 
 # The lock budget and the server's slack past it (the cap); of the cap, what the commit and
 # the round trips after the last statement keep; the least a statement is given.
@@ -193,10 +191,10 @@ ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
-class Locked(Generic[T]):
+class Locked:
     """What a slice's work returned, and how long it waited for lock 4246 and held it."""
 
-    value: T
+    value: Any
     waited: float
     held: float
 
@@ -215,8 +213,8 @@ def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
 
 
 def run_locked(
-    limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
-) -> Locked[T]:
+    limits: SliceLimits, work: Callable[[Any, Bound], Any], *, repeatable_read: bool = False
+) -> Locked:
     """``work(cursor, bound)`` in one transaction holding lock 4246, calling ``bound()`` before
     each long statement; with ``repeatable_read`` a serialization failure is retried."""
     rows_locked = False
@@ -280,6 +278,13 @@ def holders(*, rows: bool) -> str:
         f"{render.timestamp(since)}, {state})"
         for pid, application, since, state in found
     )
+
+
+def one(statement: str, params: Any = None) -> Any:
+    """``statement`` on its own: its first row, or None when it returns none."""
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone() if cursor.description else None
 
 
 def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
@@ -424,10 +429,7 @@ def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
         keys_done=done,
         keys_total=total,
         plan=str(piece.plan),
-        tasks=piece.tasks,
-        backlog=piece.backlog,
-        rows=piece.rows,
-        rollup_rows=piece.rollup_rows,
+        **{name: getattr(piece, name) for name in ("tasks", "backlog", "rows", "rollup_rows")},
         lock_wait_seconds=round(piece.lock_wait_seconds, 6),
         lock_held_seconds=round(piece.lock_held_seconds, 6),
     )

@@ -48,7 +48,6 @@ class FunctionVersion:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The hourly columns it writes."""
         return PLATFORM_COLUMNS[self.migration]
 
     @property
