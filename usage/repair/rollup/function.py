@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 
 from usage.db import drop_temp_table
 from usage.eligibility import compose, key_columns, same_key
@@ -113,8 +113,7 @@ class SlicePlanner:
         self.rates[plan].cancelled(units)
 
     def best(self, speed: Callable[[Plan], float]) -> Plan:
-        probe = self.next_to_probe()
-        return probe or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
+        return self.next_to_probe() or max(sorted(self.usable), key=speed, default=Plan.NESTLOOP)
 
 
 def probe_units(plan: Plan, mean_tasks: float) -> float:
@@ -174,8 +173,6 @@ def checked(piece: RollupSlice, planner: SlicePlanner) -> RollupSlice:
     return dataclasses.replace(piece, plan=Plan.NESTLOOP)
 
 
-# What the log and the errors call a drain of the rewritten keys.
-DRAIN = "rewritten keys drain"
 STAMPS_TABLE = "pg_temp.codex_rollup_stamps"
 # A window never spans a gap wider than this between two stamps (other writers' rows fill it).
 MAX_WINDOW_GAP = timedelta(seconds=1)
@@ -183,8 +180,7 @@ DROP_STAMPS_TABLE_SQL = f"DROP TABLE IF EXISTS {STAMPS_TABLE}"
 # Fresh statistics of the journal the run just wrote (docs/design.md).
 ANALYZE_JOURNAL_SQL = "ANALYZE {journal}"
 
-# The runs' rows (not reverted) with their hourly keys: those ``{match}`` keeps (stamped or
-# rewritten since), of one bucket hour with ``{only_hour}``.
+# The runs' rows (not reverted) with their keys: those ``{match}`` keeps, of ``{only_hour}``.
 RUN_ROWS = """{journal} j
 JOIN {task_usage} tu ON tu.id = j.usage_id {match}
 {key_joins}
@@ -239,8 +235,7 @@ SELECT count(*) FROM (
     WHERE enqueued_at < (SELECT stamp FROM {STAMPS_TABLE} WHERE seq = %(seq)s) + %(gap)s
     LIMIT %(cap)s
 ) queued"""
-# The next slice: stamps of one segment whose keys cost at most ``limit`` (tasks plus ``base``
-# a key).
+# The next slice: one segment's stamps whose keys cost at most ``limit`` (tasks, ``base`` a key).
 NEXT_SLICE_SQL = NEXT_SPAN_SQL.format(
     table=STAMPS_TABLE,
     columns="s.keys_to, s.tasks_to, f.stamp, s.stamp",
@@ -388,18 +383,14 @@ class FunctionPath(Slicer):
             if self.should_stop():
                 self.result.stopped = True
                 return
-            upto = min(total, done + self._drain_keys(tasks / total))
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
-                latest, chunk_tasks = cursor.fetchone()
-            self._drain(latest, upto - done, int(chunk_tasks))
+            mean_tasks = tasks / total  # as many keys as the best plan's next drain may take
+            plan = self._best_plan(mean_tasks)
+            units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0)
+            upto = min(total, done + max(1, int(units / (mean_tasks + KEY_BASE_COST[plan]))))
+            with transaction.atomic():
+                queued = one(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+            self._drain(queued[0], upto - done, int(queued[1]))
             done = upto
-
-    def _drain_keys(self, mean_tasks: float) -> int:
-        """How many keys (of agents with ``mean_tasks`` tasks) the next drain may rebuild."""
-        plan = self._best_plan(mean_tasks)
-        per_key = mean_tasks + KEY_BASE_COST[plan]
-        return max(1, int(self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0) / per_key))
 
     def _best_plan(self, mean_tasks: float) -> Plan:
         def speed(plan: Plan) -> float:
@@ -420,15 +411,15 @@ class FunctionPath(Slicer):
                 piece = run_slice(plan, self.limits, *window, keys=keys, tasks=tasks)
             except SliceCancelled as exc:
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
-                self.cancelled(exc, f"{DRAIN} of {keys} keys ({plan} plan)")
+                self.cancelled(exc, f"rewritten keys drain of {keys} keys ({plan} plan)")
                 continue
             piece = self._settled(piece)
-            log_slice(piece, f"{DRAIN}: {keys} keys", keys, keys)
+            log_slice(piece, f"rewritten keys drain: {keys} keys", keys, keys)
             self.leave_a_gap()
             return
         raise RollupError(
-            f"the hourly keys of one {DRAIN} ({keys} keys) could not be rebuilt within "
-            f"the lock budget ({self.limits.cap:g}s); they stay queued in "
+            f"the hourly keys of one rewritten keys drain ({keys} keys) could not be rebuilt "
+            f"within the lock budget ({self.limits.cap:g}s); they stay queued in "
             "task_usage_hourly_dirty (the platform's cron tick drains them too): run the same "
             "command again with a smaller --batch-size or a larger --max-rollup-lock-seconds"
         )

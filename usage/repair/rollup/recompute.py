@@ -68,8 +68,7 @@ OWN_SUMS = {
     "event_count": "count(*)",
 }
 
-# The keys of ``keys`` recomputed from the usage rows of some spans of created_at; agents and
-# issues looked up per task (memoized), never hashed whole (docs/design.md).
+# The keys of ``keys`` recomputed from the usage rows of some spans of created_at (docs/design.md).
 SPAN_SUMS = """
 sums AS (
     SELECT {row_key}, {sums}
@@ -85,9 +84,8 @@ TASK_LOOKUPS = """CROSS JOIN LATERAL (
     LEFT JOIN LATERAL (
         SELECT i.project_id FROM {issue} i WHERE i.id = q.issue_id OFFSET 0
     ) i ON true"""
-# The same sums with each task looked up by its primary key, where the planner would hash the
-# whole task table: a slice that reads few rows (``SPAN_TASKS``), or a part of an hour, which
-# reads its agents' listed tasks, looked up again, and their rows by ``task_id`` (``PART_TASKS``).
+# The same sums, each task looked up by primary key where the planner would hash the task table:
+# a slice of few rows (``SPAN_TASKS``), or a part of an hour by its listed tasks (``PART_TASKS``).
 PROBED_SUMS = """
 tasks AS MATERIALIZED (
     SELECT t.task_id, {task_key}
@@ -146,8 +144,7 @@ SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted),
 # Short statements: no JIT, sorts in memory (docs/design.md).
 OWN_SETTINGS_SQL = "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true)"
 
-# The proof's keys (those of its stamps, up to ``last``): the own recompute set aside, then
-# compared with what the function wrote.
+# The proof's keys (up to ``last``): the own recompute set aside, then compared to the function's.
 PROOF_KEYS = "SELECT {keys} FROM pg_temp.codex_rollup_keys WHERE stamp <= %(last)s"
 CREATE_PROOF_SQL = """
 CREATE TEMP TABLE codex_rollup_proof ON COMMIT DROP AS
@@ -160,8 +157,7 @@ FROM pg_temp.codex_rollup_proof p
 LEFT JOIN {task_usage_hourly} h ON {same_h_p}
 WHERE p.found IS DISTINCT FROM (h.bucket_hour IS NOT NULL)
    OR (p.found AND ({p_columns}) IS DISTINCT FROM ({h_columns}))"""
-# Others' keys queued before the proof's window ends, which its call would drain: set aside
-# and put back before it commits (docs/design.md).
+# Others' keys its call would drain, set aside and put back before it commits (docs/design.md).
 SET_ASIDE_TABLE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS codex_proof_queue (LIKE {task_usage_hourly_dirty})
 ON COMMIT DROP"""
@@ -279,8 +275,7 @@ FROM {run_rows}
 GROUP BY 1, 2, 3, 4, 5, 6, 7"""
 DROP_KEYS_SQL = f"DROP TABLE IF EXISTS {KEYS_TABLE}"
 
-# The touched hours with their keys and estimated rows (and the gap's since the hour before),
-# in running totals (docs/design.md).
+# The touched hours: keys, estimated rows (and the gap's before), running totals (docs/design.md).
 HOURS_TABLE = "pg_temp.codex_rollup_hours"
 CREATE_HOURS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_hours ON COMMIT PRESERVE ROWS AS
@@ -350,8 +345,7 @@ PROOF_HOURS_SQL = f"""
 SELECT DISTINCT bucket_hour FROM {KEYS_TABLE} WHERE stamp <= %(last)s ORDER BY 1"""
 MARK_PROOF_DONE_SQL = f"UPDATE {KEYS_TABLE} SET done = true WHERE stamp <= %(last)s"
 
-# The revert's keys, numbered in the order they were queued (``stamp``), with the time each was
-# (``queued_at``; none when the tick drained it).
+# The revert's keys numbered as queued (``stamp``), with their time queued (none if drained).
 CREATE_REVERT_KEYS_SQL = f"""
 CREATE TEMP TABLE codex_rollup_keys ON COMMIT PRESERVE ROWS AS
 SELECT {key_columns("k").as_string()},
@@ -400,8 +394,7 @@ RUN_KEYS = KeySource()
 REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
 
 
-# An hour too big for one slice goes in parts of its agents, each one slice reading only its
-# agents' tasks' rows (docs/design.md); its tasks with their agent and rows are listed once.
+# An hour too big for a slice goes in parts of its agents, its tasks listed once (docs/design.md).
 HOUR_TASKS_TABLE = "pg_temp.codex_rollup_hour_tasks"
 CREATE_HOUR_TASKS_SQL = """
 CREATE TEMP TABLE codex_rollup_hour_tasks ON COMMIT PRESERVE ROWS AS
@@ -423,8 +416,7 @@ WHERE hour_seq = %(seq)s AND agent_id = ANY(%(agents)s) AND NOT done"""
 MARK_PART_DONE_SQL = """
 UPDATE pg_temp.codex_rollup_keys SET done = true
 WHERE hour_seq = %(seq)s AND agent_id = ANY(%(agents)s)"""
-# Tasks moved to another agent since they were listed: listed again, and the keys of both
-# agents of the hour done again.
+# Tasks moved agent since listed: listed again, and the keys of both agents of the hour redone.
 MOVED_SQL = """
 WITH moved AS (
     SELECT t.task_id, t.agent_id AS left_agent, q.agent_id AS new_agent
@@ -503,9 +495,8 @@ class OwnRebuild:
     def _prove(
         self, last: Any, spans: list[tuple[datetime, datetime]], window: tuple[datetime, datetime]
     ) -> tuple[int, bool, RollupSlice]:
-        """The proof's keys both ways in one REPEATABLE READ slice: the own sums set aside, the
-        function called over ``window`` (which writes them), then the two compared; its keys,
-        whether they were equal, its slice. A failed proof puts the rest on the function."""
+        """The proof's keys both ways in one REPEATABLE READ slice (docs/design.md): its keys,
+        whether they were equal, its slice; a failed proof puts the rest on the function."""
 
         def work(cursor: Any, bound: Bound) -> tuple[int, list[Any], tuple[int, dict[str, int]]]:
             cursor.execute(DROP_PROOF_SQL)
