@@ -212,7 +212,7 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     elif requested == "function":
         why = f", as asked (--rollup-path function); installed: {found}"
     elif absent := ", ".join(
-        col for col in version.columns if col not in installed.hourly_columns
+        name for name in version.columns if name not in installed.hourly_columns
     ):
         why = f": task_usage_hourly lacks {absent}, which {found} writes"
     else:
@@ -220,15 +220,11 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
         cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
         missing = "/".join(cursor.fetchone()[0])
         why = f": the role may not {missing} task_usage_hourly itself" if missing else ""
-    if why:
-        reason = "the platform's function rebuilds the keys" + why
-        function = BackfillRun.RollupPath.FUNCTION
-        return PathChoice(function, installed.described, installed.fingerprint, reason, version)
-    return PathChoice(
-        BackfillRun.RollupPath.OWN,
-        version.name,
-        installed.fingerprint,
-        f"the tool's own aggregate-first recompute (fingerprint {shown}), proven equal to "
-        "the function on the run's first keys",
-        version,
-    )
+    reason = "the platform's function rebuilds the keys" + why
+    if not why:
+        reason = (
+            f"the tool's own aggregate-first recompute (fingerprint {shown}), proven equal to "
+            "the function on the run's first keys"
+        )
+    path = BackfillRun.RollupPath.FUNCTION if why else BackfillRun.RollupPath.OWN
+    return PathChoice(path, installed.described, installed.fingerprint, reason, version)
