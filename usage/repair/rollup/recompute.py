@@ -37,7 +37,6 @@ from usage.repair.rollup.slices import (
     Rate,
     RollupError,
     RollupResult,
-    RollupSlice,
     ShouldStop,
     SliceCancelled,
     SliceLimits,
@@ -216,13 +215,10 @@ class Recompute:
             "set_columns": _joined("{} = EXCLUDED.{}", columns),
             "pairs": _joined("p.{}, h.{}", columns),
             "keys": key_columns(),
+            **{f"{alias}_columns": _joined(alias + ".{}", columns) for alias in "srph"},
+            **{f"{alias}_keys": key_columns(alias) for alias in "krp"},
+            **{f"same_{a}_{b}": same_key(a, b) for a, b in ("ks", "hr", "hp", "dk")},
         }
-        for alias in "srph":
-            self.parts[f"{alias}_columns"] = _joined(alias + ".{}", columns)
-        for alias in "krp":
-            self.parts[f"{alias}_keys"] = key_columns(alias)
-        for a, b in ("ks", "hr", "hp", "dk"):
-            self.parts[f"same_{a}_{b}"] = same_key(a, b)
 
     def statement(
         self, template: str, keys_sql: str, spans: int = 1, probed: dict[str, str] | None = None
@@ -382,8 +378,7 @@ PRIOR_ROWS_PER_SECOND = 200_000.0
 
 @dataclass(frozen=True)
 class KeySource:
-    """How a rebuild's keys table is made, an own slice's statement, and whether the keys are in
-    the platform's queue (the revert's)."""
+    """How a rebuild's keys table is made, its own slices' statement, and whether it is queued."""
 
     create: str = CREATE_KEYS_SQL
     write: str = WRITE_SQL
@@ -494,9 +489,9 @@ class OwnRebuild:
 
     def _prove(
         self, last: Any, spans: list[tuple[datetime, datetime]], window: tuple[datetime, datetime]
-    ) -> tuple[int, bool, RollupSlice]:
-        """The proof's keys both ways in one REPEATABLE READ slice (docs/design.md): its keys,
-        whether they were equal, its slice; a failed proof puts the rest on the function."""
+    ) -> bool:
+        """The proof's keys both ways in one REPEATABLE READ slice (docs/design.md), marked done;
+        whether they were equal (if not, the rest goes on the function)."""
 
         def work(cursor: Any, bound: Bound) -> tuple[int, list[Any], tuple[int, dict[str, int]]]:
             cursor.execute(DROP_PROOF_SQL)
@@ -532,7 +527,12 @@ class OwnRebuild:
         else:
             equal = f"the own recompute equals the function on the first {keys} keys"
             logger.info("rollup path: %s", equal)
-        return keys, not differing, piece
+        one(MARK_PROOF_DONE_SQL, {"last": last})
+        self.keys_done += keys
+        what = f"rollup proof: {keys} keys both ways, {'different' if differing else 'equal'}"
+        self.function.report(piece, what, self.keys_done)
+        self.function.leave_a_gap()
+        return not differing
 
     def _to_function(self, why: str) -> None:
         """A failed proof, or a definition changed since: the rest on the function path."""
@@ -586,8 +586,7 @@ class OwnRebuild:
             drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
 
     def _prove_first_keys(self) -> bool:
-        """The keys of the first stamps both ways (halved when cancelled); False when it failed
-        or a stop came first."""
+        """The first stamps' keys both ways (halved if cancelled); False if unequal or stopped."""
         count = PROOF_KEYS_COUNT
         while True:
             if not self.function.may_start():
@@ -606,20 +605,13 @@ class OwnRebuild:
                 stamp = last
             window = (first, stamp + MICROSECOND)
             try:
-                keys, equal, piece = self._prove(last, spans, window)
+                return self._prove(last, spans, window)
             except SliceCancelled as exc:
                 # Halved down to one stamp's keys before a cancellation counts against the run.
                 stamps = f"{count} stamps'" if count > 1 else "one stamp's"
                 what = f"proof of the own recompute on {stamps} keys"
                 self.function.cancelled(exc, what, counts=count == 1)
                 count = max(1, count // 2)
-                continue
-            one(MARK_PROOF_DONE_SQL, {"last": last})
-            self.keys_done += keys
-            what = f"rollup proof: {keys} keys both ways, {'equal' if equal else 'different'}"
-            self.function.report(piece, what, self.keys_done)
-            self.function.leave_a_gap()
-            return equal
 
     def _slices(self) -> None:
         while self.done < self.hours:
@@ -640,10 +632,8 @@ class OwnRebuild:
                 rows = f"about {span.cost:,} usage rows, {span.keys:,} keys"
                 self.function.cancelled(exc, f"slice of {span.count} bucket hours ({rows})")
                 continue
-            rollup_rows, keys = (int(value) for value in done.value[:2])
-            piece = done.piece(
-                span.start, span.end, rollup_rows, keys=keys, plan="own", rows=span.cost
-            )
+            wrote, keys = (int(value) for value in done.value[:2])
+            piece = done.piece(span.start, span.end, wrote, keys=keys, plan="own", rows=span.cost)
             self.rate.add(span.cost, done.held)
             self.function.settled(piece)
             self.done = span.upto
@@ -719,13 +709,11 @@ class OwnRebuild:
                 slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
                 continue
             failed = 0
-            rollup_rows, part_keys = (int(value) for value in done.value[:2])
+            wrote, part_keys = (int(value) for value in done.value[:2])
             one(MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
             del agents[: len(part)]
             self.part_rate.add(max(rows, 1), done.held)
-            piece = done.piece(
-                span.start, span.end, rollup_rows, keys=part_keys, plan="own", rows=rows
-            )
+            piece = done.piece(span.start, span.end, wrote, keys=part_keys, plan="own", rows=rows)
             slicer.settled(piece)
             held += done.held
             keys += part_keys
