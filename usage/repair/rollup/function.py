@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from usage.cron import MICROSECOND
 from usage.db import drop_temp_table
 from usage.eligibility import compose, key_columns, same_key
 from usage.repair.rollup.slices import (
@@ -63,7 +64,6 @@ FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'task_usage'""
 SCANNED_PAGES_SQL = "SELECT (pg_relation_size(%s::regclass) + pg_relation_size(%s::regclass))/8192"
 
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
-MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass
@@ -97,10 +97,8 @@ class SlicePlanner:
         return self.rates[plan].limit(probe_units, backlog_units, grow=grow)
 
     def next_to_probe(self) -> Plan | None:
-        for plan in (Plan.NESTLOOP, Plan.HASH):
-            if plan in self.usable and not self.rates[plan].measured:
-                return plan
-        return None
+        todo = [plan for plan in (Plan.NESTLOOP, Plan.HASH) if not self.rates[plan].measured]
+        return next((plan for plan in todo if plan in self.usable), None)
 
     def measured(self, plan: Plan, units: float, held: float) -> None:
         self.rates[plan].add(units, held)

@@ -55,8 +55,6 @@ from usage.repair.rollup.versions import (
 
 logger = logging.getLogger("usage.rollup")
 
-HOUR = timedelta(hours=1)
-
 # Each column's sum, as the known definitions compute it.
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
 OWN_SUMS = {
@@ -172,7 +170,6 @@ PUT_BACK_SQL = """
 INSERT INTO {task_usage_hourly_dirty} AS d SELECT * FROM pg_temp.codex_proof_queue
 ON CONFLICT ON CONSTRAINT uq_task_usage_hourly_dirty_key
 DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
-
 DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
 
 
@@ -180,10 +177,8 @@ def spans_of(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
     """Bucket hours (sorted) as the fewest ranges ``[from, to)`` that cover them."""
     spans: list[tuple[datetime, datetime]] = []
     for hour in hours:
-        if spans and spans[-1][1] == hour:
-            spans[-1] = (spans[-1][0], hour + HOUR)
-        else:
-            spans.append((hour, hour + HOUR))
+        start = spans.pop()[0] if spans and spans[-1][1] == hour else hour
+        spans.append((start, hour + timedelta(hours=1)))
     return spans
 
 
@@ -245,10 +240,10 @@ def _shown(value: Any) -> str:
     return "no row" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _difference(row: Sequence[Any], names: Sequence[str]) -> str:
-    """A row of ``COMPARE_PROOF_SQL``: its key, and the columns that differ."""
+def _difference(rows: Sequence[Any], keys: int, names: Sequence[str]) -> str:
+    """Rows of ``COMPARE_PROOF_SQL`` said: how many of ``keys``, the first's key and columns."""
     n = len(KEY_COLUMNS)
-    key, (own_found, function_found), values = row[:n], row[n : n + 2], row[n + 2 :]
+    key, (own_found, function_found), values = rows[0][:n], rows[0][n : n + 2], rows[0][n + 2 :]
     if own_found != function_found:
         pairs = [("row", "present" if own_found else None, "present" if function_found else None)]
     else:
@@ -258,7 +253,10 @@ def _difference(row: Sequence[Any], names: Sequence[str]) -> str:
             if own != function
         ]
     columns = "; ".join(f"{name}: function {_shown(f)}, own {_shown(o)}" for name, o, f in pairs)
-    return f"first: {key[0]:%Y-%m-%dT%H:%MZ}, agent {key[3]}, {key[5]}/{key[6]}: {columns}"
+    return (
+        f"the own recompute differs from the function on {len(rows)} of the first {keys} keys "
+        f"(first: {key[0]:%Y-%m-%dT%H:%MZ}, agent {key[3]}, {key[5]}/{key[6]}: {columns})"
+    )
 
 
 # The runs' touched keys, attributed as their tasks are now, with their smallest kept stamp.
@@ -519,11 +517,7 @@ class OwnRebuild:
         piece = done.piece(*window, rollup_rows, keys=keys, plan=Plan.NESTLOOP, **scans)
         self.function.settled(piece)
         if differing:
-            first = _difference(differing[0], self.recompute.version.columns)
-            self._to_function(
-                f"the own recompute differs from the function on {len(differing)} of "
-                f"the first {keys} keys ({first})"
-            )
+            self._to_function(_difference(differing, keys, self.recompute.version.columns))
         else:
             equal = f"the own recompute equals the function on the first {keys} keys"
             logger.info("rollup path: %s", equal)
@@ -772,6 +766,7 @@ def rebuild_keys(
         exc.result = result
         raise
     finally:
-        function.finish()
+        result.cron_waits += function.ticks.waits
+        result.cron_wait_seconds += function.ticks.waited_seconds
         result.seconds = time.monotonic() - started
     return result

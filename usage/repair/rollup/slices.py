@@ -357,10 +357,6 @@ class Slicer:
         self.cancelled_in_a_row = 0
         self.result.slices.append(piece)
 
-    def finish(self) -> None:
-        self.result.cron_waits += self.ticks.waits
-        self.result.cron_wait_seconds += self.ticks.waited_seconds
-
 
 # How much of a slower measured rate is believed at once, and of a faster one.
 RATE_SLOWER_WEIGHT = 1.0
@@ -385,8 +381,7 @@ class Rate:
 
     def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
         """The units the next slice may take (``first`` until one was measured), less ``less``."""
-        wanted = (self.target - self.fixed) * self.rate if self.measured else first
-        wanted -= less
+        wanted = ((self.target - self.fixed) * self.rate if self.measured else first) - less
         if grow and self.largest:
             wanted = min(wanted, self.largest * MAX_SLICE_GROWTH)
         if self.ceiling is not None:

@@ -85,8 +85,6 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
-
-
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 
 
