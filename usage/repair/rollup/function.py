@@ -62,7 +62,6 @@ SELECT coalesce(sum(seq_scan), 0), coalesce(sum(idx_scan), 0)
 FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'task_usage'"""
 # The 8 kB pages a whole-scan plan reads.
 SCANNED_PAGES_SQL = "SELECT (pg_relation_size(%s::regclass) + pg_relation_size(%s::regclass))/8192"
-
 ROLLUP_CALL_SQL = "SELECT {rollup_task_usage_hourly_window}(%(from)s, %(to)s)"
 
 
@@ -119,12 +118,10 @@ def probe_units(plan: Plan, mean_tasks: float) -> float:
     return FIRST_SLICE_KEYS * (mean_tasks + KEY_BASE_COST[plan])
 
 
-def slice_units(
-    plan: Plan, keys: int, tasks: int, backlog: int = 0, mean_tasks: float = 0.0
-) -> float:
+def slice_units(plan: Plan, keys: int, tasks: int, backlog: int = 0, mean: float = 0.0) -> float:
     """A slice's cost in task units: its keys, and the queued keys its call drains too."""
     base = KEY_BASE_COST[plan]
-    return tasks + base * keys + backlog * (mean_tasks + base)
+    return tasks + base * keys + backlog * (mean + base)
 
 
 def call_function(
@@ -411,8 +408,7 @@ class FunctionPath(Slicer):
                 self.planner.cancelled(plan, slice_units(plan, keys, tasks), keys)
                 self.cancelled(exc, f"rewritten keys drain of {keys} keys ({plan} plan)")
                 continue
-            piece = self._settled(piece)
-            log_slice(piece, f"rewritten keys drain: {keys} keys", keys, keys)
+            log_slice(self._settled(piece), f"rewritten keys drain: {keys} keys", keys, keys)
             self.leave_a_gap()
             return
         raise RollupError(

@@ -386,7 +386,6 @@ class KeySource:
 RUN_KEYS = KeySource()
 REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
 
-
 # An hour too big for a slice goes in parts of its agents, its tasks listed once (docs/design.md).
 HOUR_TASKS_TABLE = "pg_temp.codex_rollup_hour_tasks"
 CREATE_HOUR_TASKS_SQL = """
@@ -439,8 +438,7 @@ class HourTooBig(Exception):
 
 def take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
     """The first agents whose rows fit ``limit`` (at least one), and their rows."""
-    part: list[Any] = []
-    rows = 0
+    part, rows = [], 0
     for agent, agent_rows in agents:
         if part and rows + agent_rows > limit:
             break
@@ -593,10 +591,9 @@ class OwnRebuild:
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
+            stamp = last
             if self.source.queued:  # over the time the revert's keys were queued (draining them)
                 first = stamp = one(QUEUED_WINDOW_SQL, {"last": last})[0]
-            else:
-                stamp = last
             window = (first, stamp + MICROSECOND)
             try:
                 return self._prove(last, spans, window)
@@ -683,13 +680,12 @@ class OwnRebuild:
 
     def _parts(self, span: Span) -> tuple[int, float]:
         """One part after another until every key of the hour still to do is done."""
-        slicer = self.function
         with connection.cursor() as cursor:
             cursor.execute(AGENT_ROWS_SQL, {"seq": span.upto})
             agents = cursor.fetchall()
         keys, held, failed = 0, 0.0, 0
         while agents:
-            if not slicer.may_start():
+            if not self.function.may_start():
                 break
             part, rows = take(agents, self.part_rate.limit(FIRST_PART_ROWS))
             params = dict(span_params([(span.start, span.end)]), seq=span.upto, agents=part)
@@ -700,7 +696,7 @@ class OwnRebuild:
                 failed = failed + 1 if len(part) == 1 else 0
                 if failed >= 2:
                     raise HourTooBig from exc
-                slicer.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
+                self.function.cancelled(exc, f"part of {len(part)} agents ({rows:,} rows)")
                 continue
             failed = 0
             wrote, part_keys = (int(value) for value in done.value[:2])
@@ -708,12 +704,12 @@ class OwnRebuild:
             del agents[: len(part)]
             self.part_rate.add(max(rows, 1), done.held)
             piece = done.piece(span.start, span.end, wrote, keys=part_keys, plan="own", rows=rows)
-            slicer.settled(piece)
+            self.function.settled(piece)
             held += done.held
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
-            slicer.report(piece, what, self.keys_done + keys)
-            slicer.leave_a_gap()
+            self.function.report(piece, what, self.keys_done + keys)
+            self.function.leave_a_gap()
         return keys, held
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:

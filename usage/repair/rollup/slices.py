@@ -198,10 +198,8 @@ class Locked:
     waited: float
     held: float
 
-    def piece(
-        self, window_from: datetime | None, window_to: datetime | None, written: int, **more: Any
-    ) -> RollupSlice:
-        return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
+    def piece(self, start: datetime, end: datetime, written: int, **more: Any) -> RollupSlice:
+        return RollupSlice(start, end, int(written), self.waited, self.held, **more)
 
 
 def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:

@@ -67,7 +67,6 @@ KNOWN_FUNCTIONS = {
     )
 }
 
-
 # One SQL token each (whitespace and comments dropped; a comment marker in a string is text).
 _TOKEN = re.compile(
     r"""
@@ -93,8 +92,7 @@ def sql_tokens(text: str) -> list[str]:
     tokens: list[str] = []
     i = 0
     while i < len(text):
-        match = _TOKEN.match(text, i)
-        assert match is not None  # "other" matches any character
+        match = _TOKEN.match(text, i)  # never None: "other" matches any character
         kind, i = match.lastgroup, match.end()
         if kind == "block_comment":  # to where it ends: they nest in PostgreSQL
             depth = 1
