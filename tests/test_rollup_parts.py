@@ -23,8 +23,8 @@ from usage.db import database_now
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import parts, slices
 from usage.repair.rollup import recompute as own
+from usage.repair.rollup import slices
 from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
@@ -54,7 +54,7 @@ def one_agent_a_part(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every hour goes in parts of one agent each, after a proof of one stamp's keys."""
     monkeypatch.setattr(own, "FIRST_SLICE_ROWS", 1)
     monkeypatch.setattr(own, "PROOF_KEYS_COUNT", 1)
-    monkeypatch.setattr(parts, "take", lambda agents, limit: ([agents[0][0]], agents[0][1]))
+    monkeypatch.setattr(own, "take", lambda agents, limit: ([agents[0][0]], agents[0][1]))
 
 
 def test_a_part_recomputes_exactly_its_agents_keys_of_its_hour_as_the_function_does(
@@ -133,7 +133,7 @@ def test_an_hour_too_big_for_one_slice_finishes_in_parts_on_the_own_path(
             make_usage(task, model=f"m{model}")
     populate_rollup()
     live_watermark()
-    monkeypatch.setattr(parts, "FIRST_PART_ROWS", 40)  # about one agent's 30 rows a part
+    monkeypatch.setattr(own, "FIRST_PART_ROWS", 40)  # about one agent's 30 rows a part
     sliced = own.OwnRebuild._slice_work
 
     def too_slow(self: own.OwnRebuild, span: Any) -> Any:

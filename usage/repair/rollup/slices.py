@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
@@ -27,8 +27,6 @@ from usage.repair.progress import Progress, no_progress
 
 logger = logging.getLogger("usage.rollup")
 
-T = TypeVar("T")
-
 # The lock budget and the server's slack past it (the cap); of the cap, what the commit and
 # the round trips after the last statement keep; the least a statement is given.
 DEFAULT_MAX_ROLLUP_LOCK_SECONDS = 5.0
@@ -45,7 +43,7 @@ SLICE_GAP_SHARE = 0.04
 MIN_SLICE_GAP_SECONDS = 0.1
 MAX_CANCELLED_IN_A_ROW = 5
 
-TAKE_ROLLUP_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
+SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
 # Who holds lock 4246, or a lock on the rollup's tables (a writer's row locks show as one).
 HOLDERS_SQL = """
 SELECT DISTINCT a.pid, a.application_name, a.xact_start, a.state
@@ -57,8 +55,6 @@ WHERE l.granted AND l.pid <> pg_backend_pid() AND (%(rows)s
     AND l.objsubid = 1)
 ORDER BY a.xact_start NULLS LAST LIMIT 3"""
 HOLDERS_TABLES = ("task_usage_hourly", "task_usage_hourly_dirty")
-SET_STATEMENT_TIMEOUT_SQL = "SELECT set_config('statement_timeout', %s, true)"
-REPEATABLE_READ_SQL = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
 
 
 class RollupError(Exception):
@@ -137,14 +133,12 @@ class RollupResult:
 
     @property
     def keys_done(self) -> int:
-        if self.distinct_keys is not None:
-            return self.distinct_keys
-        return sum(s.keys for s in self.slices)
+        distinct = self.distinct_keys
+        return sum(s.keys for s in self.slices) if distinct is None else distinct
 
     @property
     def max_lock_held_seconds(self) -> float:
-        holds = [s.lock_held_seconds for s in self.slices] + self.cancelled_holds
-        return max(holds, default=0.0)
+        return max([s.lock_held_seconds for s in self.slices] + self.cancelled_holds, default=0.0)
 
     @property
     def hash_slices(self) -> int:
@@ -197,17 +191,15 @@ ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
-class Locked(Generic[T]):
+class Locked:
     """What a slice's work returned, and how long it waited for lock 4246 and held it."""
 
-    value: T
+    value: Any
     waited: float
     held: float
 
-    def piece(
-        self, window_from: datetime | None, window_to: datetime | None, written: int, **more: Any
-    ) -> RollupSlice:
-        return RollupSlice(window_from, window_to, int(written), self.waited, self.held, **more)
+    def piece(self, start: datetime, end: datetime, written: int, **more: Any) -> RollupSlice:
+        return RollupSlice(start, end, int(written), self.waited, self.held, **more)
 
 
 def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
@@ -219,8 +211,8 @@ def _bound(cursor: Any, cap: float, locked_at: float) -> Bound:
 
 
 def run_locked(
-    limits: SliceLimits, work: Callable[[Any, Bound], T], *, repeatable_read: bool = False
-) -> Locked[T]:
+    limits: SliceLimits, work: Callable[[Any, Bound], Any], *, repeatable_read: bool = False
+) -> Locked:
     """``work(cursor, bound)`` in one transaction holding lock 4246, calling ``bound()`` before
     each long statement; with ``repeatable_read`` a serialization failure is retried."""
     rows_locked = False
@@ -231,9 +223,9 @@ def run_locked(
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 if repeatable_read and own_transaction:
-                    cursor.execute(REPEATABLE_READ_SQL)
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 set_local_timeouts(cursor, limits.lock_timeout, limits.statement_timeout)
-                cursor.execute(TAKE_ROLLUP_LOCK_SQL, [ROLLUP_LOCK_ID])
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ROLLUP_LOCK_ID])
                 locked_at = time.monotonic()
                 value = work(cursor, _bound(cursor, limits.cap, locked_at))
             released_at = time.monotonic()
@@ -286,6 +278,13 @@ def holders(*, rows: bool) -> str:
     )
 
 
+def one(statement: str, params: Any = None) -> Any:
+    """``statement`` on its own: its first row, or None when it returns none."""
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone() if cursor.description else None
+
+
 def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]) -> Any:
     """Statements in one transaction with no statement timeout (docs/design.md); the last one's
     row, or None."""
@@ -297,25 +296,20 @@ def unbounded(limits: SliceLimits, *statements: str | tuple[str, dict[str, Any]]
         return cursor.fetchone() if cursor.description else None
 
 
+@dataclass(eq=False)
 class Slicer:
     """What every rebuild loop shares: the neighbours' room, the stop, the cancellations, and
     the ``rollup_slice`` and ``paused`` events to ``progress``."""
 
-    def __init__(
-        self,
-        limits: SliceLimits,
-        neighbours: NeighbourOptions,
-        result: RollupResult,
-        should_stop: ShouldStop = lambda: False,
-        progress: Progress = no_progress,
-    ) -> None:
-        self.limits = limits
-        self.neighbours = neighbours
-        self.result = result
-        self.should_stop = should_stop
-        self.progress = progress
-        self.ticks = cron.TickWatcher(interval=neighbours.tick_interval, lead=limits.cap)
-        self.cancelled_in_a_row = 0
+    limits: SliceLimits
+    neighbours: NeighbourOptions
+    result: RollupResult
+    should_stop: ShouldStop = lambda: False
+    progress: Progress = no_progress
+    cancelled_in_a_row: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.ticks = cron.TickWatcher(interval=self.neighbours.tick_interval, lead=self.limits.cap)
 
     def paused(self, reason: str, seconds: float) -> None:
         self.progress("paused", reason=reason, seconds=seconds)
@@ -361,10 +355,6 @@ class Slicer:
         self.cancelled_in_a_row = 0
         self.result.slices.append(piece)
 
-    def finish(self) -> None:
-        self.result.cron_waits += self.ticks.waits
-        self.result.cron_wait_seconds += self.ticks.waited_seconds
-
 
 # How much of a slower measured rate is believed at once, and of a faster one.
 RATE_SLOWER_WEIGHT = 1.0
@@ -389,8 +379,7 @@ class Rate:
 
     def limit(self, first: float, less: float = 0.0, *, grow: bool = True) -> float:
         """The units the next slice may take (``first`` until one was measured), less ``less``."""
-        wanted = (self.target - self.fixed) * self.rate if self.measured else first
-        wanted -= less
+        wanted = ((self.target - self.fixed) * self.rate if self.measured else first) - less
         if grow and self.largest:
             wanted = min(wanted, self.largest * MAX_SLICE_GROWTH)
         if self.ceiling is not None:
@@ -433,10 +422,7 @@ def log_slice(piece: RollupSlice, what: str, done: int, total: int) -> None:
         keys_done=done,
         keys_total=total,
         plan=str(piece.plan),
-        tasks=piece.tasks,
-        backlog=piece.backlog,
-        rows=piece.rows,
-        rollup_rows=piece.rollup_rows,
+        **{name: getattr(piece, name) for name in ("tasks", "backlog", "rows", "rollup_rows")},
         lock_wait_seconds=round(piece.lock_wait_seconds, 6),
         lock_held_seconds=round(piece.lock_held_seconds, 6),
     )

@@ -48,7 +48,6 @@ class FunctionVersion:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The hourly columns it writes."""
         return PLATFORM_COLUMNS[self.migration]
 
     @property
@@ -68,7 +67,6 @@ KNOWN_FUNCTIONS = {
     )
 }
 
-
 # One SQL token each (whitespace and comments dropped; a comment marker in a string is text).
 _TOKEN = re.compile(
     r"""
@@ -86,19 +84,7 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
-
-
 _COMMENT_MARK = re.compile(r"/\*|\*/")
-
-
-def _block_comment_end(text: str, start: int) -> int:
-    """Where a block comment opened just before ``start`` ends (they nest in PostgreSQL)."""
-    depth = 1
-    for mark in _COMMENT_MARK.finditer(text, start):
-        depth += 1 if mark.group() == "/*" else -1
-        if not depth:
-            return mark.end()
-    return len(text)
 
 
 def sql_tokens(text: str) -> list[str]:
@@ -106,11 +92,17 @@ def sql_tokens(text: str) -> list[str]:
     tokens: list[str] = []
     i = 0
     while i < len(text):
-        match = _TOKEN.match(text, i)
-        assert match is not None  # "other" matches any character
+        match = _TOKEN.match(text, i)  # never None: "other" matches any character
         kind, i = match.lastgroup, match.end()
-        if kind == "block_comment":
-            i = _block_comment_end(text, i)
+        if kind == "block_comment":  # to where it ends: they nest in PostgreSQL
+            depth = 1
+            for mark in _COMMENT_MARK.finditer(text, i):
+                depth += 1 if mark.group() == "/*" else -1
+                if not depth:
+                    i = mark.end()
+                    break
+            else:
+                i = len(text)
         elif kind == "dollar":
             closing = text.find(match.group(), i)
             end = len(text) if closing < 0 else closing + len(match.group())
@@ -211,30 +203,24 @@ def choose_path(requested: str = "auto", cursor: Any = None) -> PathChoice:
     version = installed.version
     shown = short_hash(installed.fingerprint)
     found = f"{installed.described} (fingerprint {shown})"
-
-    def through_function(why: str) -> PathChoice:
-        reason = "the platform's function rebuilds the keys" + why
-        function = BackfillRun.RollupPath.FUNCTION
-        return PathChoice(function, installed.described, installed.fingerprint, reason, version)
-
     if version is None:
         why = f": its installed definition (fingerprint {shown}) is not one this tool knows"
-        return through_function(why)
-    if requested == "function":
-        return through_function(f", as asked (--rollup-path function); installed: {found}")
-    absent = ", ".join(name for name in version.columns if name not in installed.hourly_columns)
-    if absent:
-        return through_function(f": task_usage_hourly lacks {absent}, which {found} writes")
-    table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
-    cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
-    missing = "/".join(cursor.fetchone()[0])
-    if missing:
-        return through_function(f": the role may not {missing} task_usage_hourly itself")
-    return PathChoice(
-        BackfillRun.RollupPath.OWN,
-        version.name,
-        installed.fingerprint,
-        f"the tool's own aggregate-first recompute (fingerprint {shown}), proven equal to "
-        "the function on the run's first keys",
-        version,
-    )
+    elif requested == "function":
+        why = f", as asked (--rollup-path function); installed: {found}"
+    elif absent := ", ".join(
+        name for name in version.columns if name not in installed.hourly_columns
+    ):
+        why = f": task_usage_hourly lacks {absent}, which {found} writes"
+    else:
+        table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
+        cursor.execute(OWN_PATH_PRIVILEGES_SQL, {"table": table})
+        missing = "/".join(cursor.fetchone()[0])
+        why = f": the role may not {missing} task_usage_hourly itself" if missing else ""
+    reason = "the platform's function rebuilds the keys" + why
+    if not why:
+        reason = (
+            f"the tool's own aggregate-first recompute (fingerprint {shown}), proven equal to "
+            "the function on the run's first keys"
+        )
+    path = BackfillRun.RollupPath.FUNCTION if why else BackfillRun.RollupPath.OWN
+    return PathChoice(path, installed.described, installed.fingerprint, reason, version)
