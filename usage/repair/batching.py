@@ -87,14 +87,6 @@ class Batch:
     keys_enqueued: int = 0
     skipped: Sequence[int] = ()
 
-    @property
-    def rows_restored(self) -> int:
-        return self.rows
-
-    @property
-    def rows_skipped_locked(self) -> int:
-        return len(self.skipped)
-
 
 @dataclass(kw_only=True)
 class RunResult:
@@ -115,7 +107,8 @@ ResultT = TypeVar("ResultT", bound="RunResult")
 class Chunks(Generic[OptionsT, ResultT]):
     """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
-    and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
+    and implements ``settle`` (after each batch, before it is reported), ``locked``,
+    ``retry_pass``, ``ended`` and ``failed``."""
 
     # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
     # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
@@ -167,9 +160,6 @@ class Chunks(Generic[OptionsT, ResultT]):
         if journaled != rows:
             raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
         return figures
-
-    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
-        """After each batch, before it is reported."""
 
     def pause(self) -> None:
         """Between two range batches."""
@@ -287,15 +277,11 @@ class Chunks(Generic[OptionsT, ResultT]):
         except BaseException as exc:  # noqa: BLE001 - raised again as the run's error
             timed_out = isinstance(exc, BatchTimeoutError)
             salvage = not isinstance(exc, rollup.RollupError)
-            known = timed_out or not salvage
-            failure = str(exc) if known else describe_failure(exc)
+            failure = describe_failure(exc) if salvage and not timed_out else str(exc)
             message = self.ended(failure, salvage=salvage, timed_out=timed_out)
             raise self.error(message, self.result) from (None if timed_out else exc)
         finally:
-            self.drop_temp_table()
-
-    def drop_temp_table(self) -> None:
-        drop_temp_table(*self.temp_table, self.logger)
+            drop_temp_table(*self.temp_table, self.logger)
 
 
 def describe_failure(exc: BaseException) -> str:
