@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models.functions import Now
 
 from usage import cron, db
 from usage.db import check_target, database_now, error_text, set_local_timeouts
@@ -21,7 +21,7 @@ from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, pick, repair_log
+from usage.repair.progress import pick, repair_log
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -165,15 +165,12 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     temp_table = (DROP_WORK_TABLE_SQL, "work table")
     result: ExecuteResult
 
-    def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(options, stop, progress)
-        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
-        self.params = eligible_params(options.cutoff, options.workspace_id)
-        self.range_shortfall = 0  # snapshot rows a range batch did not update
-
     def run(self) -> ExecuteResult:
         check_target()
         options = self.options
+        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
+        self.params = eligible_params(options.cutoff, options.workspace_id)
+        self.range_shortfall = 0  # snapshot rows a range batch did not update
         ensure_cutoff_in_past(options.cutoff, database_now())
         # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
@@ -187,7 +184,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
                 planned, keys = self._snapshot()
                 checked = options.check_snapshot() if options.check_snapshot else {}
             except BaseException:
-                self.drop_temp_table()
+                db.drop_temp_table(*self.temp_table, logger)
                 raise
             stale = runs.mark_stale_runs()
             choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
@@ -195,10 +192,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.params.update(policy.params())
             State = BackfillRun.RollupState
             run = runs.start_run(
-                arguments=options.arguments,
-                cutoff=options.cutoff,
-                workspace_id=options.workspace_id,
-                batch_size=options.batch_size,
+                **pick(options, "arguments", "cutoff", "workspace_id", "batch_size"),
                 rollup_state=State.PENDING if options.rebuild_rollup else State.SKIPPED,
                 stamp=policy.stamp,
                 stamp_base=policy.top,
@@ -370,13 +364,16 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             return f"; rows remaining not counted ({error_text(exc)}): at most {bound}"
 
     def _finish(self, status: str, error: str) -> None:
-        result = self.result
-        runs.finish_run(result.run, status, error=error, rows_remaining=result.rows_remaining)
+        remaining = self.result.rows_remaining
+        db.reconnect_if_dead()
+        self.record(status=status, finished_at=Now(), error=error, rows_remaining=remaining)
+        self.result.run.refresh_from_db()
         self.events("end", status=status, error=error)
 
     def failed(self, message: str) -> None:
-        stopped = self.stop.is_set()
-        status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
+        status = (
+            BackfillRun.Status.INTERRUPTED if self.stop.is_set() else BackfillRun.Status.FAILED
+        )
         finish = functools.partial(self._finish, status, message)
         self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
 

@@ -1,4 +1,4 @@
-"""The run record's life cycle, the chain of runs that continue each other, and the run
+"""The run record's start, the chain of runs that continue each other, and the run
 lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from django.db import connection
 from django.db.models.functions import Now
 
-from usage.db import reconnect_if_dead
 from usage.models import BackfillRun
 
 logger = logging.getLogger("usage.runs")
@@ -126,10 +125,3 @@ def start_run(**fields: Any) -> BackfillRun:
     )
     run.refresh_from_db()
     return run
-
-
-def finish_run(run: BackfillRun, status: str, **fields: Any) -> None:
-    """Close the run record; a fresh connection is used if the old one died."""
-    reconnect_if_dead()
-    BackfillRun.objects.filter(pk=run.pk).update(status=status, finished_at=Now(), **fields)
-    run.refresh_from_db()
