@@ -15,13 +15,14 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
-from usage import cron, db
+from usage import cron, db, render
 from usage.db import check_target, database_now, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.events import log_event
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import pick, repair_log
+from usage.repair.progress import pick
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -153,7 +154,7 @@ class ExecuteResult(batching.RunResult):
 class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     """One execute run, the engine's forward direction."""
 
-    logger, error, log_view = logger, BackfillError, staticmethod(repair_log)
+    logger, error = logger, BackfillError
     timed_out = (
         "a batch timed out {times} times, down to {size} rows ({error}); the work done so far "
         "is kept: re-run later"
@@ -248,6 +249,58 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
         pace = min(2.0, max(0.5, self.options.batch_seconds / max(batch.seconds, 0.001)))
         self.size = max(1, min(self.options.batch_size, int(batch.batch_size * pace)))
+
+    def log_view(self, event: str, /, **d: Any) -> None:
+        """The repair's events in its log: records with their JSON line's name and fields."""
+        result = self.result
+        run_id = result.run.pk
+        level, name, fields = logging.INFO, event, {"run_id": run_id}
+        if event == "started":
+            name, message = "start", f"run {run_id} started"
+        elif event == "stamping":
+            name, message = "stamp", d["policy"].reason
+            fields.update(pick(d["policy"], "stamp", "watermark_at", "first", "top", "keys"))
+        elif event in ("rollup_path", "path_changed"):
+            level = logging.INFO if event == "rollup_path" else logging.WARNING
+            name, message = "rollup_path", d.pop("reason")
+            fields.update(d)
+        elif event == "planned":
+            message = f"run {run_id}: {d['rows']} candidate rows"
+            fields["rows_planned"] = d["rows"]
+        elif event == "batch":
+            b = d["batch"]
+            level = logging.DEBUG
+            message = (
+                f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
+                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s"
+            )
+            counts = pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size")
+            fields.update(batch=b.number, **counts, seconds=round(b.seconds, 6))
+            fields.update(rows_done=result.rows_updated, rows_planned=result.rows_planned)
+            fields["retry"] = b.retry
+        elif event == "paused" and d["seconds"] is not None:
+            level, name, message = logging.DEBUG, "pause", f"pause {d['seconds']:.3f}s"
+            fields = {"reason": "sleep", "seconds": d["seconds"]}
+        elif event == "paused":
+            name, message = "pause", f"paused: {d['reason']}"
+            fields = {"reason": "replication_lag", "detail": d["reason"]}
+        elif event == "stamped":
+            first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
+            message = f"run {run_id} wrote stamps from {first} to {last}"
+            fields.update(d)
+        elif event == "end":
+            if d["status"] != BackfillRun.Status.SUCCEEDED:
+                level = logging.WARNING
+            message = (
+                f"run {run_id} {d['status']}: {result.rows_updated} rows updated, "
+                f"{result.rows_remaining} remaining"
+            )
+            counts = ("rows_planned", "rows_updated", "rows_remaining")
+            figures = pick(result, *counts, "input_tokens_removed", "clamped_rows")
+            fields.update(status=d["status"], **figures, error=d["error"])
+        else:
+            return
+        log_event(logger, level, name, message, **fields)
 
     def locked(self) -> int:
         """The snapshot's rows still eligible (none while every range batch was whole)."""

@@ -5,11 +5,11 @@ back (``revert.Revert``)."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from threading import Event
 from typing import Any, ClassVar, Generic, TypeVar
 
 from django.db import DatabaseError, connection, transaction
@@ -107,8 +107,8 @@ ResultT = TypeVar("ResultT", bound="RunResult")
 class Chunks(Generic[OptionsT, ResultT]):
     """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
     a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
-    and implements ``settle`` (after each batch, before it is reported), ``locked``,
-    ``retry_pass``, ``ended`` and ``failed``."""
+    and implements ``log_view`` (its events as its log has them), ``settle`` (after each batch,
+    before it is reported), ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
     # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
     # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
@@ -119,7 +119,6 @@ class Chunks(Generic[OptionsT, ResultT]):
     error: ClassVar[type[RunError]] = RunError
     # The events the progress callback is given (the others are the log view's alone).
     shown: ClassVar[Collection[str]]
-    log_view: ClassVar[Callable[..., None]]
     sql: ClassVar[str]
     range_batch: ClassVar[dict[str, str]]
     retry_batch: ClassVar[dict[str, str]]
@@ -128,7 +127,7 @@ class Chunks(Generic[OptionsT, ResultT]):
     options: OptionsT
     result: ResultT
 
-    def __init__(self, options: OptionsT, stop: threading.Event, progress: Progress) -> None:
+    def __init__(self, options: OptionsT, stop: Event, progress: Progress) -> None:
         self.options, self.stop, self.progress = options, stop, progress
         self.size = options.batch_size
         self.timeouts = 0
@@ -136,18 +135,14 @@ class Chunks(Generic[OptionsT, ResultT]):
 
     @classmethod
     def execute(
-        cls,
-        options: OptionsT,
-        *,
-        stop: threading.Event | None = None,
-        progress: Progress = no_progress,
+        cls, options: OptionsT, *, stop: Event | None = None, progress: Progress = no_progress
     ) -> ResultT:
         """One run of this direction, stopped between batches by ``stop``."""
-        return cls(options, stop or threading.Event(), progress).run()
+        return cls(options, stop or Event(), progress).run()
 
     def events(self, event: str, /, **details: Any) -> None:
         """One event to the log view, then to the progress callback when it is ``shown``."""
-        self.log_view(self.logger, self.result, event, **details)
+        self.log_view(event, **details)
         if event in self.shown:
             self.progress(event, **details)
 
@@ -234,9 +229,8 @@ class Chunks(Generic[OptionsT, ResultT]):
             return None
         self.timeouts = 0
         self.result.batches += 1
-        seconds = time.monotonic() - started
-        number = self.result.batches
-        batch = Batch(number=number, batch_size=size, seconds=seconds, retry=retry, **figures)
+        figures.update(number=self.result.batches, batch_size=size, retry=retry)
+        batch = Batch(seconds=time.monotonic() - started, **figures)
         self.result.add(batch)
         self.settle(batch, selector)
         self.events("batch", batch=batch, result=self.result)

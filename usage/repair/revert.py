@@ -7,7 +7,6 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,7 +20,6 @@ from usage.db import check_target
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import revert_log
 from usage.repair.rollup import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
@@ -190,7 +188,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
 class Revert(batching.Chunks[RevertOptions, RevertResult]):
     """One execute revert, the engine's backward direction."""
 
-    logger, error, log_view = logger, RevertError, staticmethod(revert_log)
+    logger, error = logger, RevertError
     timed_out = (
         "a revert batch timed out {times} times, down to {size} entries ({error}); the rows "
         "restored so far stay restored: run the same revert again later"
@@ -239,9 +237,8 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         """The batches, then the rebuild of their keys (and those an earlier revert left)."""
         run = self.result.run
         with connection.cursor() as cursor:
-            cursor.execute(CREATE_KEYS_SQL)
-            cursor.execute(compose(UNIQUE_KEYS_SQL))
-            cursor.execute(CLEAR_KEYS_SQL)
+            for statement in (CREATE_KEYS_SQL, compose(UNIQUE_KEYS_SQL), CLEAR_KEYS_SQL):
+                cursor.execute(statement)
             if self.restored_before and run.rollup_state == BackfillRun.RollupState.PENDING:
                 cursor.execute(compose(EARLIER_KEYS_SQL), {"run_id": run.pk})
         entries = BackfillJournal.objects.filter(run=run, reverted_at__isnull=True)
@@ -270,6 +267,27 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         self.skipped.extend(batch.skipped)
         if batch.rows:
             self.record(rows_restored=self.restored_before + self.result.rows_restored)
+
+    def log_view(self, event: str, /, **d: Any) -> None:
+        """The revert's events in its log: plain lines (the command shows the events)."""
+        r = self.result
+        if event == "started":
+            message = (
+                "revert of run %d: %d active journal entries, %d restorable, %d changed since"
+            )
+            logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
+        elif event == "batch":
+            b = d["batch"]
+            message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
+            figures = (b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds)
+            logger.info(message + "%d locked, %.3fs", *figures)
+        elif event == "end" and r.reverted:
+            message = "run %d reverted: %d rows restored, %d left as changed since"
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)
+        elif event == "end":
+            message = "revert of run %d incomplete: %d rows restored, %d remaining%s"
+            signal = ", stopped by a signal" if r.stopped else ""
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_remaining, signal)
 
     def locked(self) -> int:
         return len(self.skipped)
@@ -330,14 +348,13 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
                 result.stopped = True
                 self.failed("stopped before the rollup was rebuilt", State.STOPPED)
                 return
-        rollup_skipped = run.rollup_state == Rollup.SKIPPED
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
             "revert_state": State.DONE,
             "revert_finished_at": Now(),
             "rows_restored": self.restored_before + restored,
-            "rollup_state": Rollup.SKIPPED if rollup_skipped else Rollup.DONE,
+            "rollup_state": Rollup.SKIPPED if run.rollup_state == Rollup.SKIPPED else Rollup.DONE,
         }
         if result.rows_changed:
             note = (
@@ -388,14 +405,9 @@ def _classify(result: RevertResult, show_changed: int) -> None:
     params = {"run_id": result.run.pk, "limit": show_changed}
     with connection.cursor() as cursor:
         cursor.execute(compose(CLASSIFY_SQL), params)
-        restorable, changed, keys = cursor.fetchone()
-        listed: Sequence[tuple] = []
-        if changed and show_changed > 0:
+        result.rows_restorable, result.rows_changed, result.rollup_keys = cursor.fetchone()
+        result.changed = []
+        if result.rows_changed and show_changed > 0:
             cursor.execute(compose(CHANGED_ROWS_SQL), params)
-            listed = cursor.fetchall()
-    if not result.entries:
-        result.entries = restorable + changed
-    result.rows_restorable = restorable
-    result.rows_changed = changed
-    result.rollup_keys = keys
-    result.changed = [ChangedRow(*row) for row in listed]
+            result.changed = [ChangedRow(*row) for row in cursor.fetchall()]
+    result.entries = result.entries or result.rows_restorable + result.rows_changed

@@ -20,8 +20,8 @@ logger = logging.getLogger("usage.runs")
 
 # "codex" in ASCII: a bigint advisory lock id that no other writer of this database uses.
 RUN_LOCK_ID = 0x636F646578
+RUN_LOCK_HALVES = {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
 
-WHO_SQL = "SELECT current_user, pg_backend_pid()"
 # Who holds the run lock in this database (a bigint lock shows as classid, objid halves).
 RUN_LOCK_HOLDER_SQL = """
 SELECT pid FROM pg_locks
@@ -66,9 +66,7 @@ def run_lock() -> Iterator[None]:
 def run_lock_holder() -> int | None:
     """The backend holding the run lock, if any, read without taking it."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            RUN_LOCK_HOLDER_SQL, {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
-        )
+        cursor.execute(RUN_LOCK_HOLDER_SQL, RUN_LOCK_HALVES)
         row = cursor.fetchone()
     return row[0] if row else None
 
@@ -105,7 +103,7 @@ def chain(run: BackfillRun) -> list[BackfillRun]:
 def start_run(**fields: Any) -> BackfillRun:
     """Create the run record, stamped with who runs it and the unfinished run it continues."""
     with connection.cursor() as cursor:
-        cursor.execute(WHO_SQL)
+        cursor.execute("SELECT current_user, pg_backend_pid()")
         db_role, backend_pid = cursor.fetchone()
     scope = {"cutoff": fields["cutoff"], "workspace_id": fields["workspace_id"]}
     latest = BackfillRun.objects.filter(**scope).order_by("-pk").first()
