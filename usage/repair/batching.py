@@ -203,8 +203,8 @@ class Chunks(Generic[OptionsT, ResultT]):
             raise self.error(message, self.result) from exc
 
     def walk(self, after: int, last: int) -> int:
-        """Move the keyset range (``after``, ``last``], then retry the rows a writer held;
-        return how many stay locked (0 after a stop, which the direction counts)."""
+        """Move the keyset range (``after``, ``last``], then give the rows a writer held a few
+        more chances; return how many stay locked (0 after a stop, which the direction counts)."""
         while after < last and not self.stop.is_set():
             upto = min(after + self.size, last)
             if self.batch({"after": after, "upto": upto}) is None:
@@ -212,7 +212,17 @@ class Chunks(Generic[OptionsT, ResultT]):
             after = upto
             if after < last:
                 self.pause()
-        return 0 if self.stop.is_set() else self.retry_locked()
+        if self.stop.is_set():
+            return 0
+        for delay in self.options.lock_retry_delays:
+            locked = self.locked()
+            if locked == 0 or self.stop.is_set():
+                return locked
+            self.logger.info("%d rows locked by other writers; retrying in %.1fs", locked, delay)
+            if self.stop.wait(delay):
+                return locked
+            self.retry_pass()
+        return self.locked()
 
     def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
         """One batch in its own transaction; None when it timed out (the size halved)."""
@@ -224,8 +234,18 @@ class Chunks(Generic[OptionsT, ResultT]):
                 )
                 figures = self.move(cursor, selector, retry)
         except DatabaseError as exc:
-            if not self._halved(exc, size):
+            state = sqlstate(exc)
+            if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
                 raise
+            self.timeouts += 1
+            if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
+                raise BatchTimeoutError(
+                    self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
+                    + ", or with a larger --lock-timeout/--statement-timeout"
+                ) from exc
+            self.size = max(1, size // 2)
+            kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
+            self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
             return None
         self.timeouts = 0
         self.result.batches += 1
@@ -235,34 +255,6 @@ class Chunks(Generic[OptionsT, ResultT]):
         self.settle(batch, selector)
         self.events("batch", batch=batch, result=self.result)
         return batch
-
-    def _halved(self, exc: DatabaseError, size: int) -> bool:
-        """Halve the size after a timeout (False for any other error), or give up."""
-        state = sqlstate(exc)
-        if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
-            return False
-        self.timeouts += 1
-        if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-            raise BatchTimeoutError(
-                self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
-                + ", or with a larger --lock-timeout/--statement-timeout"
-            ) from exc
-        self.size = max(1, size // 2)
-        kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
-        self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
-        return True
-
-    def retry_locked(self) -> int:
-        """Give rows a writer held a few more chances; return how many stay locked."""
-        for delay in self.options.lock_retry_delays:
-            locked = self.locked()
-            if locked == 0 or self.stop.is_set():
-                return locked
-            self.logger.info("%d rows locked by other writers; retrying in %.1fs", locked, delay)
-            if self.stop.wait(delay):
-                return locked
-            self.retry_pass()
-        return self.locked()
 
     def guard(self, phase: Callable[[], None]) -> None:
         """Run ``phase``; an error ends the run (``ended``) and is raised as the run's."""
