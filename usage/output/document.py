@@ -13,7 +13,7 @@ from usage.events import json_default
 from usage.repair.backfill import ExecuteResult
 from usage.repair.revert import RevertResult
 from usage.repair.summary import DryRunSummary, SummaryGroup
-from usage.repair.verdict import RunVerification
+from usage.repair.verify import RunVerification
 
 if TYPE_CHECKING:
     from usage.repair.rollup import RollupResult
