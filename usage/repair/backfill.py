@@ -112,8 +112,6 @@ WHERE {{row_eligible_where}}"""
 class BackfillError(batching.RunError):
     """The repair stopped; the message says what to do."""
 
-    result: ExecuteResult | None
-
 
 @dataclass(frozen=True)
 class ExecuteOptions(batching.RunLimits):
@@ -164,7 +162,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_WORK_TABLE_SQL, "work table")
-    result: ExecuteResult
 
     def run(self) -> ExecuteResult:
         check_target()
@@ -175,10 +172,9 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         ensure_cutoff_in_past(options.cutoff, database_now())
         # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
-        own = path is not None and path.own
         details = {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
         self.refuse_missing_privileges(
-            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=own
+            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=bool(path and path.own)
         )
         with runs.run_lock():
             try:

@@ -125,8 +125,6 @@ LIMIT %(limit)s"""
 class RevertError(batching.RunError):
     """The revert cannot start, or stopped; the message says what to do."""
 
-    result: RevertResult | None
-
 
 @dataclass(frozen=True)
 class RevertOptions(batching.RunLimits):
@@ -198,7 +196,6 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
     shown = {"started", "batch", "rollup_slice"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_KEYS_SQL, "revert keys table")
-    result: RevertResult
 
     def run(self) -> RevertResult:
         check_target()
