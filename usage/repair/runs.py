@@ -1,5 +1,5 @@
-"""The run record's start, the chain of runs that continue each other, and the run
-lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
+"""The run record's start (and the unfinished run it continues), and the run lock: a session
+advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
 
 from __future__ import annotations
 
@@ -88,16 +88,6 @@ def mark_stale_runs() -> list[int]:
 
 # A run that did not finish: the next run of the same cutoff and workspace continues it.
 UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
-
-
-def chain(run: BackfillRun) -> list[BackfillRun]:
-    """``run`` with the runs it continues and the runs that continue it, oldest first."""
-    runs = [run]
-    while runs[0].continues_id is not None:
-        runs.insert(0, BackfillRun.objects.get(pk=runs[0].continues_id))
-    while (later := runs[-1].continued_by.order_by("pk").first()) is not None:
-        runs.append(later)
-    return runs
 
 
 def start_run(**fields: Any) -> BackfillRun:

@@ -1,7 +1,7 @@
 """Proof that the hourly rollup is right: every column the platform's function writes against
 a recompute written here on its own, so that a mistake in ``usage.repair.rollup`` cannot pass
 both; and what ``--verify --run-id N`` judges: nothing eligible left and the hourly keys of the
-run's whole chain (``runs.chain``) equal to the recompute."""
+run's whole chain (the runs that continue each other) equal to the recompute."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from django.db import connection, transaction
 
 from usage.eligibility import KEY_COLUMNS, compose, eligible_params
 from usage.models import BackfillRun
-from usage.repair import runs
 from usage.repair.rollup.versions import read_installed_function
 
 # Every aggregate column the platform's function writes, as this module recomputes it.
@@ -227,7 +226,12 @@ class RunVerification(Mismatches):
 def verify_run_in_context(run_id: int, limit: int = 100) -> RunVerification:
     """Verify run ``run_id`` with its chain, read-only; at most ``limit`` keys are listed."""
     run = BackfillRun.objects.get(pk=run_id)
-    members = runs.chain(run)
+    # The run with the runs it continues and the runs that continue it, oldest first.
+    members = [run]
+    while members[0].continues_id is not None:
+        members.insert(0, BackfillRun.objects.get(pk=members[0].continues_id))
+    while (later := members[-1].continued_by.order_by("pk").first()) is not None:
+        members.append(later)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
         cursor.execute(compose(COUNT_LEFT_SQL), eligible_params(run.cutoff, run.workspace_id))
