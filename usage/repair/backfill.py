@@ -15,7 +15,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
-from usage import cron, db, render
+from usage import cron, db, render, replication
 from usage.db import check_target, database_now, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.events import log_event
@@ -319,7 +319,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.events("paused", reason="sleep between batches", seconds=seconds)
             self.stop.wait(seconds)
         if self.options.max_replication_lag is not None and not self.stop.is_set():
-            from usage import replication
 
             def on_lag(reason: str) -> None:
                 self.events("paused", reason=reason, seconds=None)

@@ -136,16 +136,6 @@ class Chunks(Generic[OptionsT, ResultT]):
         if event in self.shown:
             self.progress(event, **details)
 
-    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
-        kind = self.retry_batch if retry else self.range_batch
-        cursor.execute(compose(self.sql, **kind), params)
-        figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
-        journaled, rows = figures.pop(self.figures[0]), figures["rows"]
-        if journaled != rows:
-            raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
-        return figures
-
     def pause(self) -> None:
         """Between two range batches."""
 
@@ -222,7 +212,13 @@ class Chunks(Generic[OptionsT, ResultT]):
                 set_local_timeouts(
                     cursor, self.options.lock_timeout, self.options.statement_timeout
                 )
-                figures = self.move(cursor, selector, retry)
+                params = dict(self.params, run_id=self.result.run.pk, limit=size, **selector)
+                kind = self.retry_batch if retry else self.range_batch
+                cursor.execute(compose(self.sql, **kind), params)
+                figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
+                journaled, rows = figures.pop(self.figures[0]), figures["rows"]
+                if journaled != rows:
+                    raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
         except DatabaseError as exc:
             state = sqlstate(exc)
             if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):

@@ -16,5 +16,4 @@ def no_progress(event: str, /, **details: Any) -> None:
 
 
 def pick(source: Any, *names: str) -> dict[str, Any]:
-    """Some attributes of ``source``, by name, in this order."""
     return {name: getattr(source, name) for name in names}

@@ -269,10 +269,8 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         """The revert's events in its log: plain lines (the command shows the events)."""
         r = self.result
         if event == "started":
-            message = (
-                "revert of run %d: %d active journal entries, %d restorable, %d changed since"
-            )
-            logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
+            message = "revert of run %d: %d active journal entries, %d restorable, %d changed"
+            logger.info(message + " since", r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
         elif event == "batch":
             b = d["batch"]
             message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "

@@ -200,8 +200,6 @@ FROM {eligible_from} WHERE {eligible_where}"""
 
 @dataclass(frozen=True, kw_only=True)
 class RunVerification(Mismatches):
-    """A run's verification, with the runs it covers."""
-
     run_id: int
     run_status: str
     runs: list[int]
