@@ -419,9 +419,8 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         self.events("end", status=status, error=error)
 
     def failed(self, message: str) -> None:
-        status = (
-            BackfillRun.Status.INTERRUPTED if self.stop.is_set() else BackfillRun.Status.FAILED
-        )
+        stopped = self.stop.is_set()
+        status = BackfillRun.Status.INTERRUPTED if stopped else BackfillRun.Status.FAILED
         finish = functools.partial(self._finish, status, message)
         self.quietly(finish, "could not record the end of run %d: %s", self.result.run.pk)
 
