@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,7 +134,6 @@ class ExecuteResult(batching.RunResult):
     clamped_rows: int = 0
     recovered_runs: list[int] = field(default_factory=list)
     rollup: rollup.RollupResult | None = None
-    update_seconds: float = 0.0
     stamp: cron.StampPolicy | None = None
     stamp_first: datetime | None = None
     stamp_last: datetime | None = None
@@ -225,7 +223,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             return planned, int(cursor.fetchone()[0])
 
     def _update_phase(self) -> None:
-        started = time.monotonic()
         result = self.result
         self.record(rollup_from=database_now())
         self.events("planned", rows=result.rows_planned)
@@ -237,7 +234,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         self.record(rollup_to=database_now(), **stamps)
         if result.stamp_first is not None:
             self.events("stamped", first=result.stamp_first, last=result.stamp_last)
-        result.update_seconds = time.monotonic() - started
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Count the range's rows left behind; size the next batch for the target time."""
