@@ -26,8 +26,7 @@ from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfil
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import recompute as own
 from usage.repair.rollup import slices
-from usage.repair.verdict import verify_run_in_context
-from usage.repair.verify import rollup_mismatches
+from usage.repair.verify import rollup_mismatches, verify_run_in_context
 
 pytestmark = COMMITS
 

@@ -31,8 +31,7 @@ from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import choose_path, versions
 from usage.repair.rollup import recompute as own
-from usage.repair.verdict import verify_run_in_context
-from usage.repair.verify import rollup_mismatches
+from usage.repair.verify import rollup_mismatches, verify_run_in_context
 
 pytestmark = COMMITS
 

@@ -14,7 +14,7 @@ from usage.repair.backfill import ExecuteResult
 from usage.repair.revert import RevertResult
 from usage.repair.rollup import RollupResult
 from usage.repair.summary import DryRunSummary
-from usage.repair.verdict import RunVerification
+from usage.repair.verify import RunVerification
 
 FORMATS = ("table", "json", "csv")
 

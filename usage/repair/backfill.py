@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,14 +12,16 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models.functions import Now
 
-from usage import cron, db
+from usage import cron, db, render, replication
 from usage.db import check_target, database_now, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
+from usage.events import log_event
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, pick, repair_log
+from usage.repair.progress import pick
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")
@@ -111,8 +111,6 @@ WHERE {{row_eligible_where}}"""
 class BackfillError(batching.RunError):
     """The repair stopped; the message says what to do."""
 
-    result: ExecuteResult | None
-
 
 @dataclass(frozen=True)
 class ExecuteOptions(batching.RunLimits):
@@ -136,7 +134,6 @@ class ExecuteResult(batching.RunResult):
     clamped_rows: int = 0
     recovered_runs: list[int] = field(default_factory=list)
     rollup: rollup.RollupResult | None = None
-    update_seconds: float = 0.0
     stamp: cron.StampPolicy | None = None
     stamp_first: datetime | None = None
     stamp_last: datetime | None = None
@@ -153,7 +150,7 @@ class ExecuteResult(batching.RunResult):
 class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     """One execute run, the engine's forward direction."""
 
-    logger, error, log_view = logger, BackfillError, staticmethod(repair_log)
+    logger, error = logger, BackfillError
     timed_out = (
         "a batch timed out {times} times, down to {size} rows ({error}); the work done so far "
         "is kept: re-run later"
@@ -163,31 +160,26 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_WORK_TABLE_SQL, "work table")
-    result: ExecuteResult
-
-    def __init__(self, options: ExecuteOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(options, stop, progress)
-        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
-        self.params = eligible_params(options.cutoff, options.workspace_id)
-        self.range_shortfall = 0  # snapshot rows a range batch did not update
 
     def run(self) -> ExecuteResult:
         check_target()
         options = self.options
+        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
+        self.params = eligible_params(options.cutoff, options.workspace_id)
+        self.range_shortfall = 0  # snapshot rows a range batch did not update
         ensure_cutoff_in_past(options.cutoff, database_now())
         # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
         path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
-        own = path is not None and path.own
         details = {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
         self.refuse_missing_privileges(
-            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=own
+            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=bool(path and path.own)
         )
         with runs.run_lock():
             try:
                 planned, keys = self._snapshot()
                 checked = options.check_snapshot() if options.check_snapshot else {}
             except BaseException:
-                self.drop_temp_table()
+                db.drop_temp_table(*self.temp_table, logger)
                 raise
             stale = runs.mark_stale_runs()
             choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
@@ -195,10 +187,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.params.update(policy.params())
             State = BackfillRun.RollupState
             run = runs.start_run(
-                arguments=options.arguments,
-                cutoff=options.cutoff,
-                workspace_id=options.workspace_id,
-                batch_size=options.batch_size,
+                **pick(options, "arguments", "cutoff", "workspace_id", "batch_size"),
                 rollup_state=State.PENDING if options.rebuild_rollup else State.SKIPPED,
                 stamp=policy.stamp,
                 stamp_base=policy.top,
@@ -234,7 +223,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             return planned, int(cursor.fetchone()[0])
 
     def _update_phase(self) -> None:
-        started = time.monotonic()
         result = self.result
         self.record(rollup_from=database_now())
         self.events("planned", rows=result.rows_planned)
@@ -246,7 +234,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         self.record(rollup_to=database_now(), **stamps)
         if result.stamp_first is not None:
             self.events("stamped", first=result.stamp_first, last=result.stamp_last)
-        result.update_seconds = time.monotonic() - started
 
     def settle(self, batch: batching.Batch, selector: dict[str, Any]) -> None:
         """Count the range's rows left behind; size the next batch for the target time."""
@@ -254,6 +241,58 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.range_shortfall += selector["upto"] - selector["after"] - batch.rows
         pace = min(2.0, max(0.5, self.options.batch_seconds / max(batch.seconds, 0.001)))
         self.size = max(1, min(self.options.batch_size, int(batch.batch_size * pace)))
+
+    def log_view(self, event: str, /, **d: Any) -> None:
+        """The repair's events in its log: records with their JSON line's name and fields."""
+        result = self.result
+        run_id = result.run.pk
+        level, name, fields = logging.INFO, event, {"run_id": run_id}
+        if event == "started":
+            name, message = "start", f"run {run_id} started"
+        elif event == "stamping":
+            name, message = "stamp", d["policy"].reason
+            fields.update(pick(d["policy"], "stamp", "watermark_at", "first", "top", "keys"))
+        elif event in ("rollup_path", "path_changed"):
+            level = logging.INFO if event == "rollup_path" else logging.WARNING
+            name, message = "rollup_path", d.pop("reason")
+            fields.update(d)
+        elif event == "planned":
+            message = f"run {run_id}: {d['rows']} candidate rows"
+            fields["rows_planned"] = d["rows"]
+        elif event == "batch":
+            b = d["batch"]
+            level = logging.DEBUG
+            message = (
+                f"batch {b.number}: {b.rows} rows, {b.input_tokens_removed} input tokens "
+                f"removed, {b.clamped_rows} clamped, {b.seconds:.3f}s"
+            )
+            counts = pick(b, "rows", "input_tokens_removed", "clamped_rows", "batch_size")
+            fields.update(batch=b.number, **counts, seconds=round(b.seconds, 6))
+            fields.update(rows_done=result.rows_updated, rows_planned=result.rows_planned)
+            fields["retry"] = b.retry
+        elif event == "paused" and d["seconds"] is not None:
+            level, name, message = logging.DEBUG, "pause", f"pause {d['seconds']:.3f}s"
+            fields = {"reason": "sleep", "seconds": d["seconds"]}
+        elif event == "paused":
+            name, message = "pause", f"paused: {d['reason']}"
+            fields = {"reason": "replication_lag", "detail": d["reason"]}
+        elif event == "stamped":
+            first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
+            message = f"run {run_id} wrote stamps from {first} to {last}"
+            fields.update(d)
+        elif event == "end":
+            if d["status"] != BackfillRun.Status.SUCCEEDED:
+                level = logging.WARNING
+            message = (
+                f"run {run_id} {d['status']}: {result.rows_updated} rows updated, "
+                f"{result.rows_remaining} remaining"
+            )
+            counts = ("rows_planned", "rows_updated", "rows_remaining")
+            figures = pick(result, *counts, "input_tokens_removed", "clamped_rows")
+            fields.update(status=d["status"], **figures, error=d["error"])
+        else:
+            return
+        log_event(logger, level, name, message, **fields)
 
     def locked(self) -> int:
         """The snapshot's rows still eligible (none while every range batch was whole)."""
@@ -276,7 +315,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             self.events("paused", reason="sleep between batches", seconds=seconds)
             self.stop.wait(seconds)
         if self.options.max_replication_lag is not None and not self.stop.is_set():
-            from usage import replication
 
             def on_lag(reason: str) -> None:
                 self.events("paused", reason=reason, seconds=None)
@@ -370,8 +408,10 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             return f"; rows remaining not counted ({error_text(exc)}): at most {bound}"
 
     def _finish(self, status: str, error: str) -> None:
-        result = self.result
-        runs.finish_run(result.run, status, error=error, rows_remaining=result.rows_remaining)
+        remaining = self.result.rows_remaining
+        db.reconnect_if_dead()
+        self.record(status=status, finished_at=Now(), error=error, rows_remaining=remaining)
+        self.result.run.refresh_from_db()
         self.events("end", status=status, error=error)
 
     def failed(self, message: str) -> None:

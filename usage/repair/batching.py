@@ -4,13 +4,12 @@ back (``revert.Revert``)."""
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from threading import Event
+from typing import Any, Generic, TypeVar
 
 from django.db import DatabaseError, connection, transaction
 
@@ -87,14 +86,6 @@ class Batch:
     keys_enqueued: int = 0
     skipped: Sequence[int] = ()
 
-    @property
-    def rows_restored(self) -> int:
-        return self.rows
-
-    @property
-    def rows_skipped_locked(self) -> int:
-        return len(self.skipped)
-
 
 @dataclass(kw_only=True)
 class RunResult:
@@ -113,29 +104,20 @@ ResultT = TypeVar("ResultT", bound="RunResult")
 
 
 class Chunks(Generic[OptionsT, ResultT]):
-    """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
-    a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
-    and implements ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
+    """The keyset batch loop. A direction sets ``result``; as class attributes its ``logger``,
+    its ``error`` (a RunError), the events ``shown`` to the progress callback (the others are its
+    log view's alone), its messages (``timed_out``, giving up: {times}, {size}, {error}, what is
+    kept and what to do; ``retrying`` smaller: %(kind)s, lock or statement, %(size)d;
+    ``unequal``: journal entries %d not its rows %d), its batch statement (``sql``, with the
+    ``range_batch``'s or the ``retry_batch``'s selector, and ``figures``: its columns, the
+    journal's count first) and ``temp_table`` (its DROP statement and its name). It implements
+    ``log_view`` (its events as its log has them), ``settle`` (after each batch, before it is
+    reported), ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
-    # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
-    # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
-    timed_out: ClassVar[str]
-    retrying: ClassVar[str]
-    unequal: ClassVar[str]
-    logger: ClassVar[logging.Logger]
-    error: ClassVar[type[RunError]] = RunError
-    # The events the progress callback is given (the others are the log view's alone).
-    shown: ClassVar[Collection[str]]
-    log_view: ClassVar[Callable[..., None]]
-    sql: ClassVar[str]
-    range_batch: ClassVar[dict[str, str]]
-    retry_batch: ClassVar[dict[str, str]]
-    figures: ClassVar[tuple[str, ...]]
-    temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
     options: OptionsT
     result: ResultT
 
-    def __init__(self, options: OptionsT, stop: threading.Event, progress: Progress) -> None:
+    def __init__(self, options: OptionsT, stop: Event, progress: Progress) -> None:
         self.options, self.stop, self.progress = options, stop, progress
         self.size = options.batch_size
         self.timeouts = 0
@@ -143,33 +125,16 @@ class Chunks(Generic[OptionsT, ResultT]):
 
     @classmethod
     def execute(
-        cls,
-        options: OptionsT,
-        *,
-        stop: threading.Event | None = None,
-        progress: Progress = no_progress,
+        cls, options: OptionsT, *, stop: Event | None = None, progress: Progress = no_progress
     ) -> ResultT:
         """One run of this direction, stopped between batches by ``stop``."""
-        return cls(options, stop or threading.Event(), progress).run()
+        return cls(options, stop or Event(), progress).run()
 
     def events(self, event: str, /, **details: Any) -> None:
         """One event to the log view, then to the progress callback when it is ``shown``."""
-        self.log_view(self.logger, self.result, event, **details)
+        self.log_view(event, **details)
         if event in self.shown:
             self.progress(event, **details)
-
-    def move(self, cursor: Any, selector: dict[str, Any], retry: bool) -> dict[str, Any]:
-        params = dict(self.params, run_id=self.result.run.pk, limit=self.size, **selector)
-        kind = self.retry_batch if retry else self.range_batch
-        cursor.execute(compose(self.sql, **kind), params)
-        figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
-        journaled, rows = figures.pop(self.figures[0]), figures["rows"]
-        if journaled != rows:
-            raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
-        return figures
-
-    def settle(self, batch: Batch, selector: dict[str, Any]) -> None:
-        """After each batch, before it is reported."""
 
     def pause(self) -> None:
         """Between two range batches."""
@@ -218,8 +183,8 @@ class Chunks(Generic[OptionsT, ResultT]):
             raise self.error(message, self.result) from exc
 
     def walk(self, after: int, last: int) -> int:
-        """Move the keyset range (``after``, ``last``], then retry the rows a writer held;
-        return how many stay locked (0 after a stop, which the direction counts)."""
+        """Move the keyset range (``after``, ``last``], then give the rows a writer held a few
+        more chances; return how many stay locked (0 after a stop, which the direction counts)."""
         while after < last and not self.stop.is_set():
             upto = min(after + self.size, last)
             if self.batch({"after": after, "upto": upto}) is None:
@@ -227,49 +192,8 @@ class Chunks(Generic[OptionsT, ResultT]):
             after = upto
             if after < last:
                 self.pause()
-        return 0 if self.stop.is_set() else self.retry_locked()
-
-    def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
-        """One batch in its own transaction; None when it timed out (the size halved)."""
-        size, started = self.size, time.monotonic()
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                set_local_timeouts(
-                    cursor, self.options.lock_timeout, self.options.statement_timeout
-                )
-                figures = self.move(cursor, selector, retry)
-        except DatabaseError as exc:
-            if not self._halved(exc, size):
-                raise
-            return None
-        self.timeouts = 0
-        self.result.batches += 1
-        seconds = time.monotonic() - started
-        number = self.result.batches
-        batch = Batch(number=number, batch_size=size, seconds=seconds, retry=retry, **figures)
-        self.result.add(batch)
-        self.settle(batch, selector)
-        self.events("batch", batch=batch, result=self.result)
-        return batch
-
-    def _halved(self, exc: DatabaseError, size: int) -> bool:
-        """Halve the size after a timeout (False for any other error), or give up."""
-        state = sqlstate(exc)
-        if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
-            return False
-        self.timeouts += 1
-        if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
-            raise BatchTimeoutError(
-                self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
-                + ", or with a larger --lock-timeout/--statement-timeout"
-            ) from exc
-        self.size = max(1, size // 2)
-        kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
-        self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
-        return True
-
-    def retry_locked(self) -> int:
-        """Give rows a writer held a few more chances; return how many stay locked."""
+        if self.stop.is_set():
+            return 0
         for delay in self.options.lock_retry_delays:
             locked = self.locked()
             if locked == 0 or self.stop.is_set():
@@ -280,6 +204,44 @@ class Chunks(Generic[OptionsT, ResultT]):
             self.retry_pass()
         return self.locked()
 
+    def batch(self, selector: dict[str, Any], retry: bool = False) -> Batch | None:
+        """One batch in its own transaction; None when it timed out (the size halved)."""
+        size, started = self.size, time.monotonic()
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                set_local_timeouts(
+                    cursor, self.options.lock_timeout, self.options.statement_timeout
+                )
+                params = dict(self.params, run_id=self.result.run.pk, limit=size, **selector)
+                kind = self.retry_batch if retry else self.range_batch
+                cursor.execute(compose(self.sql, **kind), params)
+                figures = dict(zip(self.figures, cursor.fetchone(), strict=True))
+                journaled, rows = figures.pop(self.figures[0]), figures["rows"]
+                if journaled != rows:
+                    raise RuntimeError(f"{self.unequal % (journaled, rows)}; batch rolled back")
+        except DatabaseError as exc:
+            state = sqlstate(exc)
+            if state not in (SQLSTATE_LOCK_NOT_AVAILABLE, SQLSTATE_QUERY_CANCELED):
+                raise
+            self.timeouts += 1
+            if self.timeouts > MAX_TIMEOUT_RETRIES or size == 1:
+                raise BatchTimeoutError(
+                    self.timed_out.format(times=self.timeouts, size=size, error=error_text(exc))
+                    + ", or with a larger --lock-timeout/--statement-timeout"
+                ) from exc
+            self.size = max(1, size // 2)
+            kind = "lock" if state == SQLSTATE_LOCK_NOT_AVAILABLE else "statement"
+            self.logger.warning(self.retrying, {"kind": kind, "size": self.size})
+            return None
+        self.timeouts = 0
+        self.result.batches += 1
+        figures.update(number=self.result.batches, batch_size=size, retry=retry)
+        batch = Batch(seconds=time.monotonic() - started, **figures)
+        self.result.add(batch)
+        self.settle(batch, selector)
+        self.events("batch", batch=batch, result=self.result)
+        return batch
+
     def guard(self, phase: Callable[[], None]) -> None:
         """Run ``phase``; an error ends the run (``ended``) and is raised as the run's."""
         try:
@@ -287,15 +249,11 @@ class Chunks(Generic[OptionsT, ResultT]):
         except BaseException as exc:  # noqa: BLE001 - raised again as the run's error
             timed_out = isinstance(exc, BatchTimeoutError)
             salvage = not isinstance(exc, rollup.RollupError)
-            known = timed_out or not salvage
-            failure = str(exc) if known else describe_failure(exc)
+            failure = describe_failure(exc) if salvage and not timed_out else str(exc)
             message = self.ended(failure, salvage=salvage, timed_out=timed_out)
             raise self.error(message, self.result) from (None if timed_out else exc)
         finally:
-            self.drop_temp_table()
-
-    def drop_temp_table(self) -> None:
-        drop_temp_table(*self.temp_table, self.logger)
+            drop_temp_table(*self.temp_table, self.logger)
 
 
 def describe_failure(exc: BaseException) -> str:

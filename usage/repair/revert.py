@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,13 +20,11 @@ from usage.db import check_target
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import Progress, revert_log
 from usage.repair.rollup import REVERT_KEYS_TABLE
 
 logger = logging.getLogger("usage.revert")
 
 DEFAULT_SHOW_CHANGED = 20
-REVERTABLE_STATUSES = (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED)
 
 # "Still exactly what the run left" (false, never NULL, when the row is gone).
 UNCHANGED = """(tu.id IS NOT NULL
@@ -129,8 +125,6 @@ LIMIT %(limit)s"""
 class RevertError(batching.RunError):
     """The revert cannot start, or stopped; the message says what to do."""
 
-    result: RevertResult | None
-
 
 @dataclass(frozen=True)
 class RevertOptions(batching.RunLimits):
@@ -192,7 +186,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
 class Revert(batching.Chunks[RevertOptions, RevertResult]):
     """One execute revert, the engine's backward direction."""
 
-    logger, error, log_view = logger, RevertError, staticmethod(revert_log)
+    logger, error = logger, RevertError
     timed_out = (
         "a revert batch timed out {times} times, down to {size} entries ({error}); the rows "
         "restored so far stay restored: run the same revert again later"
@@ -202,16 +196,11 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
     shown = {"started", "batch", "rollup_slice"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
     temp_table = (DROP_KEYS_SQL, "revert keys table")
-    result: RevertResult
-
-    def __init__(self, options: RevertOptions, stop: threading.Event, progress: Progress) -> None:
-        super().__init__(options, stop, progress)
-        self.restored_before = 0  # rows earlier reverts of the run restored
-        self.skipped: list[int] = []  # journal entries a writer held
 
     def run(self) -> RevertResult:
         check_target()
         started = time.monotonic()
+        self.skipped: list[int] = []  # journal entries a writer held
         path = rollup.choose_path(self.options.rollup_path)
         self.refuse_missing_privileges("the revert", own_path=path.own)
         with runs.run_lock():
@@ -220,6 +209,7 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
             self.result = result = RevertResult(run=run, stale_runs=stale, path=path)
             _classify(result, 0)
             self.events("started", result=result)
+            # The rows earlier reverts of the run restored.
             self.restored_before = BackfillJournal.objects.filter(
                 run=run, reverted_at__isnull=False
             ).count()
@@ -244,16 +234,14 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         """The batches, then the rebuild of their keys (and those an earlier revert left)."""
         run = self.result.run
         with connection.cursor() as cursor:
-            cursor.execute(CREATE_KEYS_SQL)
-            cursor.execute(compose(UNIQUE_KEYS_SQL))
-            cursor.execute(CLEAR_KEYS_SQL)
+            for statement in (CREATE_KEYS_SQL, compose(UNIQUE_KEYS_SQL), CLEAR_KEYS_SQL):
+                cursor.execute(statement)
             if self.restored_before and run.rollup_state == BackfillRun.RollupState.PENDING:
                 cursor.execute(compose(EARLIER_KEYS_SQL), {"run_id": run.pk})
-        bounds = BackfillJournal.objects.filter(run=run, reverted_at__isnull=True).aggregate(
-            first=Min("id"), last=Max("id")
-        )
-        if bounds["first"] is not None:
-            self.walk(bounds["first"] - 1, bounds["last"])
+        entries = BackfillJournal.objects.filter(run=run, reverted_at__isnull=True)
+        first, last = entries.aggregate(first=Min("id"), last=Max("id")).values()
+        if first is not None:
+            self.walk(first - 1, last)
             self.result.stopped = self.stop.is_set()
         if self.result.stopped:
             return
@@ -277,6 +265,25 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         if batch.rows:
             self.record(rows_restored=self.restored_before + self.result.rows_restored)
 
+    def log_view(self, event: str, /, **d: Any) -> None:
+        """The revert's events in its log: plain lines (the command shows the events)."""
+        r = self.result
+        if event == "started":
+            message = "revert of run %d: %d active journal entries, %d restorable, %d changed"
+            logger.info(message + " since", r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
+        elif event == "batch":
+            b = d["batch"]
+            message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
+            figures = (b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds)
+            logger.info(message + "%d locked, %.3fs", *figures)
+        elif event == "end" and r.reverted:
+            message = "run %d reverted: %d rows restored, %d left as changed since"
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)
+        elif event == "end":
+            message = "revert of run %d incomplete: %d rows restored, %d remaining%s"
+            signal = ", stopped by a signal" if r.stopped else ""
+            logger.info(message, r.run.pk, r.rows_restored, r.rows_remaining, signal)
+
     def locked(self) -> int:
         return len(self.skipped)
 
@@ -296,10 +303,7 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         self.failed(message)
         return message
 
-    def failed(self, message: str) -> None:
-        self._record_end(BackfillRun.RevertState.FAILED, message)
-
-    def _record_end(self, state: str, error: str) -> None:
+    def failed(self, error: str, state: str = BackfillRun.RevertState.FAILED) -> None:
         """How the revert ended, when it did not finish."""
         restored = self.restored_before + self.result.rows_restored
         fields = {"revert_finished_at": Now(), "revert_error": error, "rows_restored": restored}
@@ -316,24 +320,36 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         result.rows_restorable = restored + result.rows_remaining
         State, Rollup = BackfillRun.RevertState, BackfillRun.RollupState
         if result.stopped:
-            self._record_end(State.STOPPED, f"stopped by a signal after {restored} rows restored")
+            self.failed(f"stopped by a signal after {restored} rows restored", State.STOPPED)
         elif result.rows_remaining:
             locked = f"{result.rows_remaining} rows stayed locked by other writers"
-            self._record_end(State.INCOMPLETE, locked)
+            self.failed(locked, State.INCOMPLETE)
         if result.stopped or result.rows_remaining:
             self.events("end")
             return
-        if not self._rebuild_pending_rollup(result.run):
-            self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
-            return
-        rollup_skipped = result.run.rollup_state == Rollup.SKIPPED
+        run = result.run
+        if run.rollup_state == Rollup.PENDING:
+            # Its own rollup never finished: rebuild the keys of the rows the revert leaves too.
+            failed = (
+                f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed "
+                "since it (its own rollup never finished) could not be rebuilt: {}; run the "
+                "same revert again to finish"
+            )
+            rebuild = functools.partial(self.rebuild_keys, [run.pk], self.stop.is_set)
+            rebuilt = self.rebuild_after_rows(rebuild, failed)
+            result.rollup.slices.extend(rebuilt.slices)
+            result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
+            if rebuilt.stopped:
+                result.stopped = True
+                self.failed("stopped before the rollup was rebuilt", State.STOPPED)
+                return
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
             "reverted_at": Now(),
             "revert_state": State.DONE,
             "revert_finished_at": Now(),
             "rows_restored": self.restored_before + restored,
-            "rollup_state": Rollup.SKIPPED if rollup_skipped else Rollup.DONE,
+            "rollup_state": Rollup.SKIPPED if run.rollup_state == Rollup.SKIPPED else Rollup.DONE,
         }
         if result.rows_changed:
             note = (
@@ -344,23 +360,6 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         self.record(**fields)
         result.run.refresh_from_db()
         self.events("end")
-
-    def _rebuild_pending_rollup(self, run: BackfillRun) -> bool:
-        """A run whose own rollup never finished: rebuild the keys of the rows the revert
-        leaves too; False when a stop came first."""
-        if run.rollup_state != BackfillRun.RollupState.PENDING:
-            return True
-        failed = (
-            f"run {run.pk}'s rows are restored, but the hourly keys of the rows changed since it "
-            "(its own rollup never finished) could not be rebuilt: {}; run the same revert "
-            "again to finish"
-        )
-        rebuild = functools.partial(self.rebuild_keys, [run.pk], self.stop.is_set)
-        rebuilt = self.rebuild_after_rows(rebuild, failed)
-        self.result.rollup.slices.extend(rebuilt.slices)
-        self.result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
-        self.result.stopped = rebuilt.stopped
-        return not rebuilt.stopped
 
 
 # Restore the run's unchanged rows and rebuild their rollup (the same revert again finishes a
@@ -391,7 +390,7 @@ def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:
                 f"UTC by {run.os_user}@{run.client_host}, database backend pid {pid}); wait "
                 "for it to finish, or stop it, before reverting it"
             )
-    elif run.status not in REVERTABLE_STATUSES:
+    elif run.status not in (BackfillRun.Status.SUCCEEDED, *runs.UNFINISHED):
         raise RevertError(f"run {run.pk} has status {run.status!r}, which cannot be reverted")
     return run
 
@@ -401,14 +400,9 @@ def _classify(result: RevertResult, show_changed: int) -> None:
     params = {"run_id": result.run.pk, "limit": show_changed}
     with connection.cursor() as cursor:
         cursor.execute(compose(CLASSIFY_SQL), params)
-        restorable, changed, keys = cursor.fetchone()
-        listed: Sequence[tuple] = []
-        if changed and show_changed > 0:
+        result.rows_restorable, result.rows_changed, result.rollup_keys = cursor.fetchone()
+        result.changed = []
+        if result.rows_changed and show_changed > 0:
             cursor.execute(compose(CHANGED_ROWS_SQL), params)
-            listed = cursor.fetchall()
-    if not result.entries:
-        result.entries = restorable + changed
-    result.rows_restorable = restorable
-    result.rows_changed = changed
-    result.rollup_keys = keys
-    result.changed = [ChangedRow(*row) for row in listed]
+            result.changed = [ChangedRow(*row) for row in cursor.fetchall()]
+    result.entries = result.entries or result.rows_restorable + result.rows_changed

@@ -1,5 +1,5 @@
-"""The run record's life cycle, the chain of runs that continue each other, and the run
-lock: a session advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
+"""The run record's start (and the unfinished run it continues), and the run lock: a session
+advisory lock (never 4246) that one ``--execute`` or revert holds at a time."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from typing import Any
 from django.db import connection
 from django.db.models.functions import Now
 
-from usage.db import reconnect_if_dead
 from usage.models import BackfillRun
 
 logger = logging.getLogger("usage.runs")
 
 # "codex" in ASCII: a bigint advisory lock id that no other writer of this database uses.
 RUN_LOCK_ID = 0x636F646578
+RUN_LOCK_HALVES = {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
 
-WHO_SQL = "SELECT current_user, pg_backend_pid()"
 # Who holds the run lock in this database (a bigint lock shows as classid, objid halves).
 RUN_LOCK_HOLDER_SQL = """
 SELECT pid FROM pg_locks
@@ -67,9 +66,7 @@ def run_lock() -> Iterator[None]:
 def run_lock_holder() -> int | None:
     """The backend holding the run lock, if any, read without taking it."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            RUN_LOCK_HOLDER_SQL, {"high": RUN_LOCK_ID >> 32, "low": RUN_LOCK_ID & 0xFFFFFFFF}
-        )
+        cursor.execute(RUN_LOCK_HOLDER_SQL, RUN_LOCK_HALVES)
         row = cursor.fetchone()
     return row[0] if row else None
 
@@ -93,20 +90,10 @@ def mark_stale_runs() -> list[int]:
 UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
 
-def chain(run: BackfillRun) -> list[BackfillRun]:
-    """``run`` with the runs it continues and the runs that continue it, oldest first."""
-    runs = [run]
-    while runs[0].continues_id is not None:
-        runs.insert(0, BackfillRun.objects.get(pk=runs[0].continues_id))
-    while (later := runs[-1].continued_by.order_by("pk").first()) is not None:
-        runs.append(later)
-    return runs
-
-
 def start_run(**fields: Any) -> BackfillRun:
     """Create the run record, stamped with who runs it and the unfinished run it continues."""
     with connection.cursor() as cursor:
-        cursor.execute(WHO_SQL)
+        cursor.execute("SELECT current_user, pg_backend_pid()")
         db_role, backend_pid = cursor.fetchone()
     scope = {"cutoff": fields["cutoff"], "workspace_id": fields["workspace_id"]}
     latest = BackfillRun.objects.filter(**scope).order_by("-pk").first()
@@ -126,10 +113,3 @@ def start_run(**fields: Any) -> BackfillRun:
     )
     run.refresh_from_db()
     return run
-
-
-def finish_run(run: BackfillRun, status: str, **fields: Any) -> None:
-    """Close the run record; a fresh connection is used if the old one died."""
-    reconnect_if_dead()
-    BackfillRun.objects.filter(pk=run.pk).update(status=status, finished_at=Now(), **fields)
-    run.refresh_from_db()

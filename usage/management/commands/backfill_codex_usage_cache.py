@@ -23,7 +23,7 @@ from usage.repair import backfill
 from usage.repair.backfill import BackfillError, execute_backfill
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
-from usage.repair.verdict import verify_run_in_context
+from usage.repair.verify import verify_run_in_context
 
 # Exit status besides 0, 1, 3 (``EXIT_ROWS_REMAINING``) and 128+N after signal N.
 EXIT_VERIFY_FAILED = 4

@@ -139,13 +139,13 @@ class Command(ToolCommand):
             self.event(
                 "batch",
                 f"revert batch {batch.number}: {batch.entries} entries, "
-                f"{batch.rows_restored} rows restored",
+                f"{batch.rows} rows restored",
                 run_id=found.run.pk,
                 batch=batch.number,
                 entries=batch.entries,
-                rows_restored=batch.rows_restored,
+                rows_restored=batch.rows,
                 keys_queued=batch.keys_enqueued,
-                rows_skipped_locked=batch.rows_skipped_locked,
+                rows_skipped_locked=len(batch.skipped),
                 batch_size=batch.batch_size,
                 seconds=round(batch.seconds, 6),
                 retry=batch.retry,
