@@ -4,12 +4,13 @@ back (``revert.Revert``)."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from threading import Event
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from django.db import DatabaseError, connection, transaction
 
@@ -104,16 +105,25 @@ ResultT = TypeVar("ResultT", bound="RunResult")
 
 
 class Chunks(Generic[OptionsT, ResultT]):
-    """The keyset batch loop. A direction sets ``result``; as class attributes its ``logger``,
-    its ``error`` (a RunError), the events ``shown`` to the progress callback (the others are its
-    log view's alone), its messages (``timed_out``, giving up: {times}, {size}, {error}, what is
-    kept and what to do; ``retrying`` smaller: %(kind)s, lock or statement, %(size)d;
-    ``unequal``: journal entries %d not its rows %d), its batch statement (``sql``, with the
-    ``range_batch``'s or the ``retry_batch``'s selector, and ``figures``: its columns, the
-    journal's count first) and ``temp_table`` (its DROP statement and its name). It implements
-    ``log_view`` (its events as its log has them), ``settle`` (after each batch, before it is
-    reported), ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
+    """The keyset batch loop. A direction sets ``result`` and its batch statement (``sql``, with
+    a range's or a retry's selector, and ``figures``: its columns, the journal's count first),
+    and implements ``log_view`` (its events as its log has them), ``settle`` (after each batch,
+    before it is reported), ``locked``, ``retry_pass``, ``ended`` and ``failed``."""
 
+    # Its messages: giving up ({times}, {size}, {error}; what is kept and what to do), retrying
+    # smaller (%(kind)s: lock or statement, %(size)d), journal entries (%d) not its rows (%d).
+    timed_out: ClassVar[str]
+    retrying: ClassVar[str]
+    unequal: ClassVar[str]
+    logger: ClassVar[logging.Logger]
+    error: ClassVar[type[RunError]] = RunError
+    # The events the progress callback is given (the others are the log view's alone).
+    shown: ClassVar[Collection[str]]
+    sql: ClassVar[str]
+    range_batch: ClassVar[dict[str, str]]
+    retry_batch: ClassVar[dict[str, str]]
+    figures: ClassVar[tuple[str, ...]]
+    temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
     options: OptionsT
     result: ResultT
 
