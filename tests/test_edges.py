@@ -24,8 +24,7 @@ from usage.db import database_now
 from usage.models import BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import recompute as own
-from usage.repair.rollup import slices
+from usage.repair.rollup import own, slices
 from usage.repair.verify import rollup_mismatches, verify_run_in_context
 
 pytestmark = COMMITS

@@ -23,8 +23,7 @@ from usage.db import database_now
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import recompute as own
-from usage.repair.rollup import slices
+from usage.repair.rollup import own, slices
 from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS

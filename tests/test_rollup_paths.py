@@ -29,8 +29,7 @@ from usage.models import AgentTaskQueue, BackfillRun, Issue
 from usage.preflight import run_preflight
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.rollup import choose_path, versions
-from usage.repair.rollup import recompute as own
+from usage.repair.rollup import choose_path, own, recompute, versions
 from usage.repair.verify import rollup_mismatches, verify_run_in_context
 
 pytestmark = COMMITS
@@ -82,10 +81,12 @@ def as_the_own_path_makes_it(
     """The hourly table after the own recompute wrote every key (rolled back)."""
     first, last = sql(HOURS_SQL)[0]
     span = [(first - timedelta(hours=1), last + timedelta(hours=1))]
-    statement = own.Recompute(version).statement(own.WRITE_SQL, ALL_KEYS_SQL, probed=probed)
+    statement = recompute.Recompute(version).statement(
+        recompute.WRITE_SQL, ALL_KEYS_SQL, probed=probed
+    )
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute(statement, own.span_params(span))
+            cursor.execute(statement, recompute.span_params(span))
         state = hourly()
         transaction.set_rollback(True)
     return state
@@ -298,7 +299,9 @@ def test_the_own_path_writes_what_the_function_writes(
         [tasks["with_project"].pk],
     )
     before = hourly()
-    recomputed = as_the_own_path_makes_it(known(platform), own.SPAN_TASKS if probed else None)
+    recomputed = as_the_own_path_makes_it(
+        known(platform), recompute.SPAN_TASKS if probed else None
+    )
     assert recomputed != before  # the changes matter: this comparison can fail
     assert recomputed == as_the_function_makes_it()
 

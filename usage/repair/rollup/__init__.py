@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from usage.cron import ROLLUP_LOCK_ID
 from usage.repair.rollup.function import REVERT_KEYS_TABLE
-from usage.repair.rollup.recompute import REVERT_KEYS, RUN_KEYS, KeySource, rebuild_keys
+from usage.repair.rollup.own import REVERT_KEYS, RUN_KEYS, KeySource, rebuild_keys
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     LOCK_CAP_SLACK_SECONDS,
