@@ -29,16 +29,8 @@ from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMEN
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.repair.rollup.versions import ROLLUP_PATHS
 
-# An argument error quotes at most this much of a value, and says at most this much.
-LONGEST_WORD = 80
-LONGEST_MESSAGE = 400
 # Exit status when rows stayed locked by other writers: distinct from an error (1).
 EXIT_ROWS_REMAINING = 3
-
-
-def error_line(message: str, returncode: int) -> str:
-    """A command's error as a JSON event (``--log-format json``)."""
-    return event_line("error", "error", message, {"exit_status": returncode})
 
 
 class ToolParser(CommandParser):
@@ -62,18 +54,19 @@ class ToolParser(CommandParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        # argparse quotes the offending value whole: keep the line short whatever it was.
+        # argparse quotes the offending value whole: a word of 80 characters or more is cut
+        # to 60, and the line to 400, whatever it was.
         text = re.sub(
-            rf"\S{{{LONGEST_WORD},}}",
+            r"\S{80,}",
             lambda word: f"{word[0][:60]}...({len(word[0]) - 60} more characters)",
             " ".join(message.split()),
         )
-        if len(text) > LONGEST_MESSAGE:
-            text = text[:LONGEST_MESSAGE] + "..."
+        if len(text) > 400:
+            text = text[:400] + "..."
         text = f"{text} (see {self.prog.strip()} --help)"
         if self.called_from_command_line:
             if getattr(self, "json_errors", False):
-                self.exit(1, error_line(text, 1) + "\n")
+                self.exit(1, event_line("error", "error", text, {"exit_status": 1}) + "\n")
             self.exit(1, f"CommandError: {text}\n")
         raise CommandError(f"Error: {text}")
 
@@ -89,10 +82,9 @@ class OutputOptions:
 
     @classmethod
     def read(cls, options: dict[str, Any]) -> OutputOptions:
-        given = options["output"]
         return cls(
             format=options["format"],
-            file=None if given is None else check_output(given),
+            file=None if options["output"] is None else check_output(options["output"]),
             json_logs=options["log_format"] == "json",
             verbosity=options["verbosity"],
         )
@@ -103,6 +95,7 @@ class ToolCommand(Reporter, BaseCommand):
 
     examples = ""
     json_errors = False
+    json_logs = False  # until ``start_output`` reads --log-format
     what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
@@ -130,7 +123,8 @@ class ToolCommand(Reporter, BaseCommand):
                 self._called_from_command_line and self.json_errors
             ):
                 raise
-            self.stderr.write(error_line(str(exc), exc.returncode), style_func=lambda t: t)
+            line = event_line("error", "error", str(exc), {"exit_status": exc.returncode})
+            self.stderr.write(line, style_func=lambda t: t)
             sys.exit(exc.returncode)
 
     def add_timeout_arguments(
@@ -206,14 +200,10 @@ class ToolCommand(Reporter, BaseCommand):
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
             self.context("context", line)
 
-    def readable(self, document: dict[str, Any], kind: str) -> str:
-        """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the
-        outcome beside a file)."""
-        raise NotImplementedError
-
     def show_result(self, document: dict[str, Any]) -> dict[str, Any]:
         """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
-        write is kept in ``write_error``."""
+        write is kept in ``write_error``. The command's ``readable(document, kind)`` is the
+        text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the outcome by a file)."""
         fmt, output = self.out.format, self.out.file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
@@ -255,49 +245,39 @@ class ToolCommand(Reporter, BaseCommand):
 
     @contextmanager
     def failing(
-        self, *kinds: type[Exception], describe: Callable[[Any], str] = str
+        self, *kinds: type[Exception], describe: Callable[[Any], str] | None = None
     ) -> Iterator[None]:
-        """An error of ``kinds`` in the block ends the command: one line (``describe``)."""
+        """An error of ``kinds`` in the block ends the command: one line (``describe``; by
+        default a database error's says what to check)."""
         try:
             yield
         except kinds as exc:
+            if describe is None:
+                describe = database_failure if isinstance(exc, DatabaseError) else str
             raise CommandError(describe(exc)) from exc
-
-    def database_errors(
-        self, describe: Callable[[DatabaseError], str] = database_failure
-    ) -> AbstractContextManager[None]:
-        return self.failing(DatabaseError, describe=describe)
 
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
-        return self.logging_to(
-            self.err,
-            logging.DEBUG if self.verbosity >= (1 if self.json_logs else 2) else logging.WARNING,
-            json=self.json_logs,
-            plain_level=logging.NOTSET if self.verbosity >= 2 else logging.WARNING,
-            events=self.json_logs or self.verbosity >= 2,
-        )
+        debug = self.verbosity >= (1 if self.json_logs else 2)
+        level = logging.DEBUG if debug else logging.WARNING
+        return self.logging_to(self.err, level, json=self.json_logs, every=self.verbosity >= 2)
 
     @contextmanager
     def logging_to(
-        self,
-        stream: TextIO,
-        level: int,
-        *,
-        json: bool = False,
-        plain_level: int = logging.NOTSET,
-        events: bool = True,
+        self, stream: TextIO, level: int, *, json: bool = False, every: bool = True
     ) -> Iterator[None]:
-        """The ``usage`` loggers' lines on ``stream`` from ``level`` up; messages without an
-        event only from ``plain_level`` up, and records of an event only if ``events``."""
+        """The ``usage`` loggers' lines on ``stream`` from ``level`` up; unless ``every``,
+        messages without an event only from warnings up, and events only in JSON."""
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         )
         handler.addFilter(
-            lambda record: events if hasattr(record, "event") else record.levelno >= plain_level
+            lambda record: (
+                every or (json if hasattr(record, "event") else record.levelno >= logging.WARNING)
+            )
         )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
@@ -322,13 +302,7 @@ class ToolCommand(Reporter, BaseCommand):
             if shown:
                 show(event, **details)
 
-        def say(message: str) -> None:
-            if self.json_logs:
-                self.warning(message, event="signal")
-            else:
-                self.stderr.write(self.style.WARNING(f"\n{message}"))
-
-        with self.stopping_on_signals(stop, lambda: self.what_next, say=say) as self.signals:
+        with self.stopping_on_signals(stop) as self.signals:
             try:
                 yield stop, progress
             finally:
@@ -336,21 +310,19 @@ class ToolCommand(Reporter, BaseCommand):
 
     @contextmanager
     def stopping_on_signals(
-        self,
-        stop: threading.Event,
-        what_next: str | Callable[[], str],
-        *,
-        say: Callable[[str], None] | None = None,
+        self, stop: threading.Event, what_next: str | None = None
     ) -> Iterator[list[int]]:
-        """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
-        what it returns), through ``say`` or as a warning; yields the signals received."""
+        """While the block runs, SIGINT and SIGTERM set ``stop`` and warn of ``what_next`` (by
+        default ``self.what_next`` as it is then); yields the signals received."""
         received: list[int] = []
-        say = say or (lambda message: self.stderr.write(self.style.WARNING(message)))
 
         def act(signum: int) -> None:
             stop.set()
-            then = what_next() if callable(what_next) else what_next
-            say(f"{signal.Signals(signum).name} received: {then}")
+            message = f"{signal.Signals(signum).name} received: {what_next or self.what_next}"
+            if self.json_logs:
+                self.warning(message, event="signal")
+            else:
+                self.stderr.write(self.style.WARNING(f"\n{message}"))
 
         def on_signal(signum: int, frame: Any) -> None:
             # This runs between two bytecodes of the main thread, which may hold the stop

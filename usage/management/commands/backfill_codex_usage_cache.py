@@ -165,7 +165,7 @@ class Command(ToolCommand):
         self.start_output(settings.out)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
-        with self.failing(*refused), self.run_logging(), self.database_errors():
+        with self.failing(*refused, DatabaseError), self.run_logging():
             database = describe_database()
             self._context(database)
             check_target()
@@ -275,28 +275,23 @@ class Command(ToolCommand):
 
     def _progress(self, event: str, /, **details: Any) -> None:
         """The run's lines among the first (in JSON the library's own events say them)."""
-        json_logs = self.json_logs
+        text = not self.json_logs
         if event == "stamped":
             # The batches are done; the rollup comes next.
             self.what_next = (
                 "stopping the rollup after its current slice; the keys not rebuilt stay "
                 "pending until the same command is run again."
             )
-        elif event == "started":
-            self._started(details["run"])
-        elif event == "stamping" and not json_logs:
+        elif event == "stamping" and text:
             self.context("stamp", f"Stamp: {details['policy'].reason}.")
-        elif event == "rollup_path" and not json_logs:
+        elif event == "rollup_path" and text:
             function = f" ({details['function']})" if details.get("function") else ""
             reason = f": {details['reason']}" if details.get("reason") else ""
-            self.context(
-                "rollup_path",
-                f"Rollup: {details.get('path')}{function}{reason}.",
-                **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
-            )
-
-    def _started(self, run: BackfillRun) -> None:
-        if not self.json_logs:
+            self.context("rollup_path", f"Rollup: {details.get('path')}{function}{reason}.")
+        if event != "started":
+            return
+        run = details["run"]
+        if text:
             self.context(
                 "start",
                 f"Run {run.pk} started at {render.timestamp(run.started_at)} "
@@ -304,7 +299,7 @@ class Command(ToolCommand):
             )
         earlier = run.continues
         if earlier is not None:
-            first = earlier.error.split(";")[0].strip() if earlier.error else ""
+            first = (earlier.error or "").split(";")[0].strip()
             self.context(
                 "continues",
                 f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
@@ -317,7 +312,7 @@ class Command(ToolCommand):
                 continues_rows_remaining=earlier.rows_remaining,
             )
         compared = checked(self.settings.run.check_snapshot)
-        if compared is not None and not self.json_logs:
+        if compared is not None and text:
             self.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
@@ -358,20 +353,18 @@ class Command(ToolCommand):
                 returncode=EXIT_ROWS_REMAINING,
             )
         verify = document.get("verify")
-        if verify is not None and not verify["ok"]:
-            listed = (
-                "; the first of them are listed with the result" if verify["mismatches"] else ""
-            )
-            wrong = verify["mismatched_keys"] - verify.get("awaiting_tick_keys", 0)
-            unknown = (
-                " (the installed rollup function is one this tool does not know)"
-                if wrong and verify.get("rollup_function") == "unknown"
-                else ""
-            )
-            return CommandError(
-                f"verification of run {verify['run_id']} failed: "
-                f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
-                f"{render.number(wrong)} hourly keys wrong{unknown}{listed}",
-                returncode=EXIT_VERIFY_FAILED,
-            )
-        return None
+        if verify is None or verify["ok"]:
+            return None
+        listed = "; the first of them are listed with the result" if verify["mismatches"] else ""
+        wrong = verify["mismatched_keys"] - verify.get("awaiting_tick_keys", 0)
+        unknown = (
+            " (the installed rollup function is one this tool does not know)"
+            if wrong and verify.get("rollup_function") == "unknown"
+            else ""
+        )
+        return CommandError(
+            f"verification of run {verify['run_id']} failed: "
+            f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
+            f"{render.number(wrong)} hourly keys wrong{unknown}{listed}",
+            returncode=EXIT_VERIFY_FAILED,
+        )

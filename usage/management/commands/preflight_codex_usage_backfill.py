@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections import Counter
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -89,8 +90,8 @@ class Command(ToolCommand):
 
         verbosity = options["verbosity"]
         # Library log lines on stderr; SQL statements only at --verbosity 3.
-        level = logging.DEBUG if verbosity >= 3 else logging.WARNING
-        with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
+        logs = self.logging_to(self.stderr, logging.DEBUG if verbosity >= 3 else logging.WARNING)
+        with logs, self.failing(DatabaseError, describe=_cannot_inspect):
             if verbosity >= 1:
                 header = (
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
@@ -99,10 +100,9 @@ class Command(ToolCommand):
                 self.stdout.write("\n".join(wrap(header, self.terminal_width())))
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
-        counts = {status: 0 for status in MARKS}
         for result in results:
             self._write_result(result, verbosity)
-            counts[result.status] += 1
+        counts = Counter(result.status for result in results)
         summary = (
             f"{len(results)} checks: {counts['ok']} passed, {counts['warn']} with warnings, "
             f"{counts['fail']} failed, {counts['skip']} not checked."

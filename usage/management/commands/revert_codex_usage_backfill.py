@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
+from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
@@ -14,6 +15,7 @@ from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolComman
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
 from usage.repair.batching import DEFAULT_BATCH_SIZE
+from usage.repair.progress import pick
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
     RevertError,
@@ -91,7 +93,7 @@ class Command(ToolCommand):
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
         self.show_context(database, mode, [], mode, mode="revert", run_id=run_id, execute=execute)
         try:
-            with self.run_logging(), self.database_errors():
+            with self.run_logging(), self.failing(DatabaseError):
                 error = self._execute(settings) if execute else self._dry_run(settings)
         except (TargetError, RevertError, RunLockError) as exc:
             found = getattr(exc, "result", None)
@@ -142,11 +144,9 @@ class Command(ToolCommand):
                 f"{batch.rows_restored} rows restored",
                 run_id=found.run.pk,
                 batch=batch.number,
-                entries=batch.entries,
-                rows_restored=batch.rows_restored,
+                **pick(batch, "entries", "rows_restored"),
                 keys_queued=batch.keys_enqueued,
-                rows_skipped_locked=batch.rows_skipped_locked,
-                batch_size=batch.batch_size,
+                **pick(batch, "rows_skipped_locked", "batch_size"),
                 seconds=round(batch.seconds, 6),
                 retry=batch.retry,
                 rows_done=found.rows_restored,
@@ -162,9 +162,8 @@ class Command(ToolCommand):
             f"{render.number(run.rows_updated)} rows repaired; "
             f"{render.number(found.entries)} journal entries to read.",
             run_id=run.pk,
-            **{key: getattr(run, key) for key in ("status", "cutoff", "workspace_id")},
-            rows_updated=run.rows_updated,
-            **{key: getattr(found, key) for key in ("entries", "rows_restorable", "rows_changed")},
+            **pick(run, "status", "cutoff", "workspace_id", "rows_updated"),
+            **pick(found, "entries", "rows_restorable", "rows_changed"),
         )
 
     def _show(
