@@ -33,6 +33,20 @@ from usage.repair.rollup.versions import ROLLUP_PATHS
 EXIT_ROWS_REMAINING = 3
 
 
+@contextmanager
+def failing(
+    *kinds: type[Exception], describe: Callable[[Any], str] | None = None
+) -> Iterator[None]:
+    """An error of ``kinds`` in the block ends the command: one line (``describe``; by default
+    a database error's says what to check)."""
+    try:
+        yield
+    except kinds as exc:
+        if describe is None:
+            describe = database_failure if isinstance(exc, DatabaseError) else str
+        raise CommandError(describe(exc)) from exc
+
+
 class ToolParser(CommandParser):
     """Django's parser with the tool's rules for values and errors (see the module)."""
 
@@ -242,19 +256,6 @@ class ToolCommand(Reporter, BaseCommand):
             f"stopped by {signal.Signals(signum).name}{after} (see the outcome)",
             returncode=128 + signum,
         )
-
-    @contextmanager
-    def failing(
-        self, *kinds: type[Exception], describe: Callable[[Any], str] | None = None
-    ) -> Iterator[None]:
-        """An error of ``kinds`` in the block ends the command: one line (``describe``; by
-        default a database error's says what to check)."""
-        try:
-            yield
-        except kinds as exc:
-            if describe is None:
-                describe = database_failure if isinstance(exc, DatabaseError) else str
-            raise CommandError(describe(exc)) from exc
 
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as

@@ -1,10 +1,11 @@
 """``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows;
-its options are read once (``repair_settings``) and ``handle()`` follows the runbook."""
+its options are read once (``read_settings``) and ``handle()`` follows the runbook."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -13,20 +14,36 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import plan, render
 from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand
-from usage.management.repair_settings import read_settings
+from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand, failing
 from usage.models import BackfillRun
 from usage.output import document as result
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
-from usage.plan.handling import checked
+from usage.plan.handling import PlanOptions, checked
 from usage.repair import backfill
-from usage.repair.backfill import BackfillError, execute_backfill
+from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verdict import verify_run_in_context
 
 # Exit status besides 0, 1, 3 (``EXIT_ROWS_REMAINING``) and 128+N after signal N.
 EXIT_VERIFY_FAILED = 4
+
+# The options a run records (``BackfillRun.arguments``), as given.
+RECORDED_OPTIONS = (
+    "cutoff",
+    "workspace_id",
+    "batch_size",
+    "sleep_between_batches",
+    "rebuild_rollup",
+    "lock_timeout",
+    "statement_timeout",
+    "max_rollup_lock_seconds",
+    "max_replication_lag",
+    "cron_tick_interval",
+    "rollup_path",
+    "plan",
+    "plan_max_age",
+)
 
 # The run's figures the outcome line names (besides the verify's).
 OUTCOME_FIELDS = ("run_id", "status", "rows_updated", "rows_remaining")
@@ -60,6 +77,62 @@ input (nothing changed) or an error (a run that failed keeps what it did, and it
 says so); 3 eligible rows left locked by other writers; 4 verification failed; 130/143
 stopped by SIGINT/SIGTERM.
 """
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    out: OutputOptions
+    execute: bool
+    verify: bool
+    run_id: int | None  # --verify --run-id N: an earlier run to check
+    plan: PlanOptions
+    run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
+
+
+def read_settings(options: dict[str, Any]) -> RepairSettings:
+    """The options as one ``RepairSettings``, before the database; a refused value is a
+    one-line ``ValueError``. The cutoff and workspace are the plan's, or given (none for an
+    earlier run's verify)."""
+    execute, verify = options["execute"], options["verify"]
+    run_id = None
+    if options["run_id"] is not None:
+        run_id = opts.parse_run_id(options["run_id"])
+        if not verify or execute:
+            raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
+    elif verify and not execute:
+        raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
+    out = OutputOptions.read(options)
+    planning = PlanOptions.read(options, out.file)
+    given = options["cutoff"]
+    if planning.given is not None:
+        cutoff, workspace_id = planning.scope(given, options["workspace_id"])
+    elif execute and (given is None or not str(given).strip()):
+        raise ValueError(
+            "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
+            "--plan-out FILE writes it); or give --cutoff to execute without a plan"
+        )
+    else:
+        cutoff = None if run_id is not None and not given else opts.parse_cutoff(given)
+        workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
+    limits = opts.parse_limits(options)
+    check_snapshot = planning.snapshot_check(limits["lock_timeout"])
+    lag = options["max_replication_lag"]
+    run = ExecuteOptions(
+        cutoff=cutoff,  # type: ignore[arg-type]
+        workspace_id=workspace_id,
+        batch_size=opts.parse_batch_size(options["batch_size"]),
+        sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
+        rebuild_rollup=options["rebuild_rollup"],
+        **limits,
+        max_replication_lag=(
+            None
+            if lag is None
+            else opts.parse_seconds(lag, flag="--max-replication-lag", minimum=0.1, maximum=86400)
+        ),
+        arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
+        check_snapshot=check_snapshot,
+    )
+    return RepairSettings(out, execute, verify, run_id, planning, run)
 
 
 def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -160,12 +233,12 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
+        with failing(ValueError):
             self.settings = settings = read_settings(options)
         self.start_output(settings.out)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
-        with self.failing(*refused, DatabaseError), self.run_logging():
+        with failing(*refused, DatabaseError), self.run_logging():
             database = describe_database()
             self._context(database)
             check_target()

@@ -13,7 +13,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import describe_database, error_text
-from usage.management.base import ToolCommand
+from usage.management.base import ToolCommand, failing
 from usage.output.lines import wrap
 from usage.preflight import CHECKS, CheckResult, run_preflight
 from usage.preflight.run import DEFAULT_STATEMENT_TIMEOUT_SECONDS
@@ -78,7 +78,7 @@ class Command(ToolCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
+        with failing(ValueError):
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
@@ -91,7 +91,7 @@ class Command(ToolCommand):
         verbosity = options["verbosity"]
         # Library log lines on stderr; SQL statements only at --verbosity 3.
         logs = self.logging_to(self.stderr, logging.DEBUG if verbosity >= 3 else logging.WARNING)
-        with logs, self.failing(DatabaseError, describe=_cannot_inspect):
+        with logs, failing(DatabaseError, describe=_cannot_inspect):
             if verbosity >= 1:
                 header = (
                     f"Pre-flight of {describe_database()} (read-only), cutoff "

@@ -11,7 +11,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
+from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand, failing
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
 from usage.repair.batching import DEFAULT_BATCH_SIZE
@@ -80,7 +80,7 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
+        with failing(ValueError):
             settings = RevertOptions(
                 run_id=opts.parse_run_id(options["run_id"], name="RUN_ID"),
                 show_changed=_parse_show(options["show"]),
@@ -93,7 +93,7 @@ class Command(ToolCommand):
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
         self.show_context(database, mode, [], mode, mode="revert", run_id=run_id, execute=execute)
         try:
-            with self.run_logging(), self.failing(DatabaseError):
+            with self.run_logging(), failing(DatabaseError):
                 error = self._execute(settings) if execute else self._dry_run(settings)
         except (TargetError, RevertError, RunLockError) as exc:
             found = getattr(exc, "result", None)
