@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -85,30 +84,11 @@ class ToolParser(CommandParser):
         raise CommandError(f"Error: {text}")
 
 
-@dataclass(frozen=True)
-class OutputOptions:
-    """``--format``, ``--output``, ``--log-format`` and ``--verbosity``, read once."""
-
-    format: str
-    file: OutputFile | None
-    json_logs: bool
-    verbosity: int
-
-    @classmethod
-    def read(cls, options: dict[str, Any]) -> OutputOptions:
-        return cls(
-            format=options["format"],
-            file=None if options["output"] is None else check_output(options["output"]),
-            json_logs=options["log_format"] == "json",
-            verbosity=options["verbosity"],
-        )
-
-
 class ToolCommand(Reporter, BaseCommand):
     """A command of the tool; ``examples`` is its help epilog, laid out verbatim."""
 
     examples = ""
-    json_errors = False
+    json_errors = False  # --log-format json on the command line (read by run_from_argv)
     json_logs = False  # until ``start_output`` reads --log-format
     what_next: str  # what a stop signal does now (the command keeps it current)
 
@@ -133,9 +113,7 @@ class ToolCommand(Reporter, BaseCommand):
         try:
             return super().execute(*args, **options)
         except CommandError as exc:
-            if options.get("traceback") or not (
-                self._called_from_command_line and self.json_errors
-            ):
+            if options.get("traceback") or not self.json_errors:
                 raise
             line = event_line("error", "error", str(exc), {"exit_status": exc.returncode})
             self.stderr.write(line, style_func=lambda t: t)
@@ -173,7 +151,7 @@ class ToolCommand(Reporter, BaseCommand):
         )
 
     def add_output_arguments(self, parser: CommandParser) -> None:
-        """``--format``, ``--output`` and ``--log-format`` (read by ``OutputOptions``)."""
+        """``--format``, ``--output`` and ``--log-format`` (read by ``start_output``)."""
         parser.add_argument(
             "--format",
             choices=result.FORMATS,
@@ -193,16 +171,20 @@ class ToolCommand(Reporter, BaseCommand):
             "line, every line",
         )
 
-    def start_output(self, out: OutputOptions) -> None:
-        """Where this command's lines go from now on (``Reporter``, ``usage.output``)."""
-        self.out = out
+    def start_output(self, options: dict[str, Any]) -> None:
+        """Where this command's lines go from now on (``Reporter``, ``usage.output``): reads
+        ``--format``, ``--output`` (a refused path is a ``ValueError``), ``--log-format`` and
+        ``--verbosity``."""
+        given = options["output"]
+        self.output_file: OutputFile | None = None if given is None else check_output(given)
+        self.format = options["format"]
         # The stream under Django's wrapper: text exactly as given, for the log and the bar.
         self.err: TextIO = self.stderr._out
         self.write_error: str | None = None
         self.signals: list[int] = []
-        self.json_logs = out.json_logs
-        self.document_on_stdout = out.format != "table" and out.file is None
-        self.verbosity = out.verbosity
+        self.json_logs = options["log_format"] == "json"
+        self.document_on_stdout = self.format != "table" and self.output_file is None
+        self.verbosity = options["verbosity"]
 
     def show_context(
         self, database: str, mode: str, lines: list[str], message: str, /, **fields: Any
@@ -218,7 +200,7 @@ class ToolCommand(Reporter, BaseCommand):
         """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
         write is kept in ``write_error``. The command's ``readable(document, kind)`` is the
         text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the outcome by a file)."""
-        fmt, output = self.out.format, self.out.file
+        fmt, output = self.format, self.output_file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
         text = as_data(document) if as_data else self.readable(document, kind)
@@ -275,10 +257,9 @@ class ToolCommand(Reporter, BaseCommand):
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         )
+        plain = logging.NOTSET if every else logging.WARNING
         handler.addFilter(
-            lambda record: (
-                every or (json if hasattr(record, "event") else record.levelno >= logging.WARNING)
-            )
+            lambda record: (every or json) if hasattr(record, "event") else record.levelno >= plain
         )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
@@ -295,12 +276,11 @@ class ToolCommand(Reporter, BaseCommand):
         each says ``what_next``): yields the stop event and the run's progress callback."""
         stop = threading.Event()
         bar = ProgressBar(self.err, terminal=self.err.isatty())
-        show = run_events(bar, phase)
-        shown = self.verbosity >= 1 and not self.json_logs
+        show = run_events(bar, phase) if self.verbosity >= 1 and not self.json_logs else None
 
         def progress(event: str, /, **details: Any) -> None:
             hook(event, **details)
-            if shown:
+            if show:
                 show(event, **details)
 
         with self.stopping_on_signals(stop) as self.signals:

@@ -14,7 +14,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import plan, render
 from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand, failing
+from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.models import BackfillRun
 from usage.output import document as result
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
@@ -81,7 +81,6 @@ stopped by SIGINT/SIGTERM.
 
 @dataclass(frozen=True)
 class RepairSettings:
-    out: OutputOptions
     execute: bool
     verify: bool
     run_id: int | None  # --verify --run-id N: an earlier run to check
@@ -89,10 +88,10 @@ class RepairSettings:
     run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
 
 
-def read_settings(options: dict[str, Any]) -> RepairSettings:
-    """The options as one ``RepairSettings``, before the database; a refused value is a
-    one-line ``ValueError``. The cutoff and workspace are the plan's, or given (none for an
-    earlier run's verify)."""
+def read_settings(options: dict[str, Any], command: ToolCommand) -> RepairSettings:
+    """The options as one ``RepairSettings`` (the output's in ``command``), before the
+    database; a refused value is a one-line ``ValueError``. The cutoff and workspace are the
+    plan's, or given (none for an earlier run's verify)."""
     execute, verify = options["execute"], options["verify"]
     run_id = None
     if options["run_id"] is not None:
@@ -101,8 +100,8 @@ def read_settings(options: dict[str, Any]) -> RepairSettings:
             raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
     elif verify and not execute:
         raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
-    out = OutputOptions.read(options)
-    planning = PlanOptions.read(options, out.file)
+    command.start_output(options)
+    planning = PlanOptions.read(options, command.output_file)
     given = options["cutoff"]
     if planning.given is not None:
         cutoff, workspace_id = planning.scope(given, options["workspace_id"])
@@ -115,7 +114,6 @@ def read_settings(options: dict[str, Any]) -> RepairSettings:
         cutoff = None if run_id is not None and not given else opts.parse_cutoff(given)
         workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
     limits = opts.parse_limits(options)
-    check_snapshot = planning.snapshot_check(limits["lock_timeout"])
     lag = options["max_replication_lag"]
     run = ExecuteOptions(
         cutoff=cutoff,  # type: ignore[arg-type]
@@ -130,9 +128,9 @@ def read_settings(options: dict[str, Any]) -> RepairSettings:
             else opts.parse_seconds(lag, flag="--max-replication-lag", minimum=0.1, maximum=86400)
         ),
         arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
-        check_snapshot=check_snapshot,
+        check_snapshot=planning.snapshot_check(limits["lock_timeout"]),
     )
-    return RepairSettings(out, execute, verify, run_id, planning, run)
+    return RepairSettings(execute, verify, run_id, planning, run)
 
 
 def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -234,8 +232,7 @@ class Command(ToolCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         with failing(ValueError):
-            self.settings = settings = read_settings(options)
-        self.start_output(settings.out)
+            self.settings = settings = read_settings(options, self)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
         with failing(*refused, DatabaseError), self.run_logging():
@@ -289,10 +286,10 @@ class Command(ToolCommand):
         settings = self.settings
         cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
         settings.plan.check_database()
-        table = settings.out.format == "table"
+        table = self.format == "table"
         # A table shows a bounded number of groups: keep no more in memory than that.
         keep = TABLE_GROUP_LIMIT if table and settings.plan.out is None else None
-        outcome_only = settings.execute and table and settings.out.file is None
+        outcome_only = settings.execute and table and self.output_file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
             self.warning(f"No agent belongs to workspace {workspace_id}.")

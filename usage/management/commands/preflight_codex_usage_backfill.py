@@ -124,18 +124,15 @@ class Command(ToolCommand):
         mark, style = MARKS[result.status], getattr(self.style, STYLES[result.status])
         timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
         width = self.terminal_width()
-        first, *rest = wrap(
-            f"{mark} {result.name}: {result.detail}{timing}", width, hanging=" " * 9
-        )
+        line = f"{mark} {result.name}: {result.detail}{timing}"
+        first, *rest = wrap(line, width, hanging=" " * 9)
         # The mark is styled on its own: the wrapping counts the characters shown.
         self.stdout.write("\n".join([style(mark) + first[len(mark) :], *rest]))
-        if verbosity >= 2:
-            self._indented(f"checked: {TITLES.get(result.name, result.name)}", width)
+        notes = [f"checked: {TITLES.get(result.name, result.name)}"] if verbosity >= 2 else []
         if result.fix and result.status != "ok":
-            self._indented(f"what to do: {result.fix}", width)
-
-    def _indented(self, text: str, width: int | None) -> None:
-        self.stdout.write("\n".join(wrap(text, width, indent=" " * 9, hanging=" " * 11)))
+            notes.append(f"what to do: {result.fix}")
+        for note in notes:
+            self.stdout.write("\n".join(wrap(note, width, indent=" " * 9, hanging=" " * 11)))
 
 
 def _cannot_inspect(exc: DatabaseError) -> str:

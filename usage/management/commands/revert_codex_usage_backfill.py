@@ -11,7 +11,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand, failing
+from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
 from usage.repair.batching import DEFAULT_BATCH_SIZE
@@ -87,7 +87,7 @@ class Command(ToolCommand):
                 batch_size=opts.parse_batch_size(options["batch_size"]),
                 **opts.parse_limits(options),
             )
-            self.start_output(OutputOptions.read(options))
+            self.start_output(options)
         self.database = database = describe_database()
         run_id, execute = settings.run_id, options["execute"]
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
