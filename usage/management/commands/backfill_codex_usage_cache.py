@@ -1,11 +1,10 @@
 """``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows;
-its options are read once (``read_settings``) and ``handle()`` follows the runbook."""
+its options are read once (``_read_options``) and ``handle()`` follows the runbook."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -77,60 +76,6 @@ input (nothing changed) or an error (a run that failed keeps what it did, and it
 says so); 3 eligible rows left locked by other writers; 4 verification failed; 130/143
 stopped by SIGINT/SIGTERM.
 """
-
-
-@dataclass(frozen=True)
-class RepairSettings:
-    execute: bool
-    verify: bool
-    run_id: int | None  # --verify --run-id N: an earlier run to check
-    plan: PlanOptions
-    run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
-
-
-def read_settings(options: dict[str, Any], command: ToolCommand) -> RepairSettings:
-    """The options as one ``RepairSettings`` (the output's in ``command``), before the
-    database; a refused value is a one-line ``ValueError``. The cutoff and workspace are the
-    plan's, or given (none for an earlier run's verify)."""
-    execute, verify = options["execute"], options["verify"]
-    run_id = None
-    if options["run_id"] is not None:
-        run_id = opts.parse_run_id(options["run_id"])
-        if not verify or execute:
-            raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
-    elif verify and not execute:
-        raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
-    command.start_output(options)
-    planning = PlanOptions.read(options, command.output_file)
-    given = options["cutoff"]
-    if planning.given is not None:
-        cutoff, workspace_id = planning.scope(given, options["workspace_id"])
-    elif execute and (given is None or not str(given).strip()):
-        raise ValueError(
-            "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
-            "--plan-out FILE writes it); or give --cutoff to execute without a plan"
-        )
-    else:
-        cutoff = None if run_id is not None and not given else opts.parse_cutoff(given)
-        workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
-    limits = opts.parse_limits(options)
-    lag = options["max_replication_lag"]
-    run = ExecuteOptions(
-        cutoff=cutoff,  # type: ignore[arg-type]
-        workspace_id=workspace_id,
-        batch_size=opts.parse_batch_size(options["batch_size"]),
-        sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
-        rebuild_rollup=options["rebuild_rollup"],
-        **limits,
-        max_replication_lag=(
-            None
-            if lag is None
-            else opts.parse_seconds(lag, flag="--max-replication-lag", minimum=0.1, maximum=86400)
-        ),
-        arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
-        check_snapshot=planning.snapshot_check(limits["lock_timeout"]),
-    )
-    return RepairSettings(execute, verify, run_id, planning, run)
 
 
 def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -232,16 +177,16 @@ class Command(ToolCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         with failing(ValueError):
-            self.settings = settings = read_settings(options, self)
+            self._read_options(options)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
         with failing(*refused, DatabaseError), self.run_logging():
             database = describe_database()
             self._context(database)
             check_target()
-            if settings.run_id is not None:
-                document = self._verify(database, settings.run_id)
-            elif settings.execute:
+            if self.run_id is not None:
+                document = self._verify(database, self.run_id)
+            elif self.executing:
                 document = self._execute(database, self._summary())
             else:
                 document = self._dry_run(database)
@@ -255,20 +200,61 @@ class Command(ToolCommand):
         if error is not None:
             raise error
 
+    def _read_options(self, options: dict[str, Any]) -> None:
+        """The options, read and checked before the database (a refused value is a one-line
+        ``ValueError``): ``run`` is what the run (or the dry run's summary) works on, and how;
+        its cutoff and workspace are the plan's, or given (none for an earlier run's verify)."""
+        self.executing, self.verifying = options["execute"], options["verify"]
+        self.run_id = None  # --verify --run-id N: an earlier run to check
+        if options["run_id"] is not None:
+            self.run_id = opts.parse_run_id(options["run_id"])
+            if not self.verifying or self.executing:
+                raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
+        elif self.verifying and not self.executing:
+            raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
+        self.start_output(options)
+        self.planning = planning = PlanOptions.read(options, self.output_file)
+        given = options["cutoff"]
+        if planning.given is not None:
+            cutoff, workspace_id = planning.scope(given, options["workspace_id"])
+        elif self.executing and (given is None or not str(given).strip()):
+            raise ValueError(
+                "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
+                "--plan-out FILE writes it); or give --cutoff to execute without a plan"
+            )
+        else:
+            cutoff = None if self.run_id is not None and not given else opts.parse_cutoff(given)
+            workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
+        limits = opts.parse_limits(options)
+        lag = options["max_replication_lag"]
+        self.run = ExecuteOptions(
+            cutoff=cutoff,  # type: ignore[arg-type]
+            workspace_id=workspace_id,
+            batch_size=opts.parse_batch_size(options["batch_size"]),
+            sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
+            rebuild_rollup=options["rebuild_rollup"],
+            **limits,
+            max_replication_lag=None
+            if lag is None
+            else opts.parse_seconds(lag, flag="--max-replication-lag", minimum=0.1, maximum=86400),
+            arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
+            check_snapshot=planning.snapshot_check(limits["lock_timeout"]),
+        )
+
     def _context(self, database: str) -> None:
-        settings, run = self.settings, self.settings.run
-        mode = "execute" if settings.execute else "dry run"
+        run, planning = self.run, self.planning
+        mode = "execute" if self.executing else "dry run"
         scope: dict[str, Any] = {"cutoff": run.cutoff, "workspace_id": run.workspace_id}
         lines = [
             f"Cutoff: {render.timestamp(run.cutoff)}",
             f"Workspace: {run.workspace_id or 'all'}",
         ]
-        if settings.run_id is not None:
-            mode = f"verify run {settings.run_id}"
-            scope, lines = {"run_id": settings.run_id}, []
-        if settings.plan.given is not None:
-            scope["plan"] = settings.plan.context()
-            lines.append(settings.plan.context_line())
+        if self.run_id is not None:
+            mode = f"verify run {self.run_id}"
+            scope, lines = {"run_id": self.run_id}, []
+        if planning.given is not None:
+            scope["plan"] = planning.context()
+            lines.append(planning.context_line())
         self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
 
     def _verify(self, database: str, run_id: int) -> dict[str, Any]:
@@ -283,13 +269,12 @@ class Command(ToolCommand):
     def _summary(self) -> DryRunSummary | None:
         """What the dry run shows or its plan writes; none when a run shows its outcome alone
         (its record has the figures: no pass over every candidate before the run's own)."""
-        settings = self.settings
-        cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
-        settings.plan.check_database()
+        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
+        self.planning.check_database()
         table = self.format == "table"
         # A table shows a bounded number of groups: keep no more in memory than that.
-        keep = TABLE_GROUP_LIMIT if table and settings.plan.out is None else None
-        outcome_only = settings.execute and table and self.output_file is None
+        keep = TABLE_GROUP_LIMIT if table and self.planning.out is None else None
+        outcome_only = self.executing and table and self.output_file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
             self.warning(f"No agent belongs to workspace {workspace_id}.")
@@ -297,7 +282,7 @@ class Command(ToolCommand):
 
     def _dry_run(self, database: str) -> dict[str, Any]:
         """The dry run's result, then the plan it writes (``--plan-out``)."""
-        planning = self.settings.plan
+        planning = self.planning
         # The database a plan to write names, read before the summary.
         identity = plan.read_identity() if planning.out is not None else None
         summary = self._summary()
@@ -314,13 +299,13 @@ class Command(ToolCommand):
         )
         try:
             with self.live_run("update", self._progress) as (stop, progress):
-                executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
+                executed = execute_backfill(self.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
         verified = None
-        if self.settings.verify and self.failure is None:
+        if self.verifying and self.failure is None:
             try:
                 verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
@@ -331,7 +316,7 @@ class Command(ToolCommand):
                     f"{executed.run.pk}"
                 )
         executed.run.refresh_from_db()
-        compared = checked(self.settings.run.check_snapshot)
+        compared = checked(self.run.check_snapshot)
         return self.show_result(
             result.build(
                 "execute",
@@ -381,13 +366,13 @@ class Command(ToolCommand):
                 continues_rows_updated=earlier.rows_updated,
                 continues_rows_remaining=earlier.rows_remaining,
             )
-        compared = checked(self.settings.run.check_snapshot)
+        compared = checked(self.run.check_snapshot)
         if compared is not None and text:
             self.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
-        compared = checked(self.settings.run.check_snapshot)
+        compared = checked(self.run.check_snapshot)
         groups = kind == "file" or (
             kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
         )
@@ -395,7 +380,7 @@ class Command(ToolCommand):
             document,
             self.style,
             groups=groups,
-            plan_out=self.settings.plan.out is not None,
+            plan_out=self.planning.out is not None,
             plan_line=compared.summary() if compared is not None else None,
             signal_name=self.signal_name,
             width=None if kind == "file" else self.terminal_width(),
