@@ -33,9 +33,7 @@ EXIT_ROWS_REMAINING = 3
 
 
 @contextmanager
-def failing(
-    *kinds: type[Exception], describe: Callable[[Any], str] | None = None
-) -> Iterator[None]:
+def failing(*kinds: type[Exception], describe: Callable[..., str] | None = None) -> Iterator[None]:
     """An error of ``kinds`` in the block ends the command: one line (``describe``; by default
     a database error's says what to check)."""
     try:
@@ -93,11 +91,10 @@ class ToolCommand(Reporter, BaseCommand):
     what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        kwargs.update(epilog=self.examples, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         # BaseCommand builds a CommandParser itself; ToolParser only adds behaviour to it.
         parser.__class__ = ToolParser
-        parser.epilog = self.examples
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.json_errors = self.json_errors  # type: ignore[attr-defined]
         return parser
 
@@ -269,17 +266,16 @@ class ToolCommand(Reporter, BaseCommand):
             logger.removeHandler(handler)
 
     @contextmanager
-    def live_run(
-        self, phase: str, hook: Callable[..., None]
-    ) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
+    def live_run(self, phase: str) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
         """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
-        each says ``what_next``): yields the stop event and the run's progress callback."""
+        each says ``what_next``): yields the stop event and the run's progress callback, which
+        passes each event to the command's ``_progress`` first."""
         stop = threading.Event()
         bar = ProgressBar(self.err, terminal=self.err.isatty())
         show = run_events(bar, phase) if self.verbosity >= 1 and not self.json_logs else None
 
         def progress(event: str, /, **details: Any) -> None:
-            hook(event, **details)
+            self._progress(event, **details)
             if show:
                 show(event, **details)
 

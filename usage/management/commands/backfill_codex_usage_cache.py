@@ -242,19 +242,16 @@ class Command(ToolCommand):
         )
 
     def _context(self, database: str) -> None:
-        run, planning = self.run, self.planning
+        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
         mode = "execute" if self.executing else "dry run"
-        scope: dict[str, Any] = {"cutoff": run.cutoff, "workspace_id": run.workspace_id}
-        lines = [
-            f"Cutoff: {render.timestamp(run.cutoff)}",
-            f"Workspace: {run.workspace_id or 'all'}",
-        ]
+        scope: dict[str, Any] = {"cutoff": cutoff, "workspace_id": workspace_id}
+        lines = [f"Cutoff: {render.timestamp(cutoff)}", f"Workspace: {workspace_id or 'all'}"]
         if self.run_id is not None:
             mode = f"verify run {self.run_id}"
             scope, lines = {"run_id": self.run_id}, []
-        if planning.given is not None:
-            scope["plan"] = planning.context()
-            lines.append(planning.context_line())
+        if self.planning.given is not None:
+            scope["plan"] = self.planning.context()
+            lines.append(self.planning.context_line())
         self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
 
     def _verify(self, database: str, run_id: int) -> dict[str, Any]:
@@ -282,13 +279,12 @@ class Command(ToolCommand):
 
     def _dry_run(self, database: str) -> dict[str, Any]:
         """The dry run's result, then the plan it writes (``--plan-out``)."""
-        planning = self.planning
         # The database a plan to write names, read before the summary.
-        identity = plan.read_identity() if planning.out is not None else None
+        identity = plan.read_identity() if self.planning.out is not None else None
         summary = self._summary()
-        saved = planning.document(summary, identity, self)
+        saved = self.planning.document(summary, identity, self)
         document = self.show_result(result.build("dry_run", database, summary=summary))
-        if saved and (failed := planning.write(saved, self, self._lines)):
+        if saved and (failed := self.planning.write(saved, self, self._lines)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
@@ -298,7 +294,7 @@ class Command(ToolCommand):
             "finishing the current batch, then rebuilding the rollup for what was done."
         )
         try:
-            with self.live_run("update", self._progress) as (stop, progress):
+            with self.live_run("update") as (stop, progress):
                 executed = execute_backfill(self.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
@@ -317,16 +313,11 @@ class Command(ToolCommand):
                 )
         executed.run.refresh_from_db()
         compared = checked(self.run.check_snapshot)
-        return self.show_result(
-            result.build(
-                "execute",
-                database,
-                summary=summary,
-                execute=executed,
-                plan=compared.document() if compared is not None else None,
-                verify=verified,
-            )
+        plan_doc = compared.document() if compared is not None else None
+        document = result.build(
+            "execute", database, summary=summary, execute=executed, plan=plan_doc, verify=verified
         )
+        return self.show_result(document)
 
     def _progress(self, event: str, /, **details: Any) -> None:
         """The run's lines among the first (in JSON the library's own events say them)."""
@@ -355,6 +346,7 @@ class Command(ToolCommand):
         earlier = run.continues
         if earlier is not None:
             first = (earlier.error or "").split(";")[0].strip()
+            figures = ("status", "rows_updated", "rows_remaining")
             self.context(
                 "continues",
                 f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
@@ -362,9 +354,7 @@ class Command(ToolCommand):
                 f"{render.number(earlier.rows_remaining)} left{f'; {first}' if first else ''}).",
                 run_id=run.pk,
                 continues=earlier.pk,
-                continues_status=earlier.status,
-                continues_rows_updated=earlier.rows_updated,
-                continues_rows_remaining=earlier.rows_remaining,
+                **{f"continues_{key}": getattr(earlier, key) for key in figures},
             )
         compared = checked(self.run.check_snapshot)
         if compared is not None and text:

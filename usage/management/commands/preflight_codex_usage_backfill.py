@@ -41,7 +41,6 @@ verbosity: 0 shows only failures and warnings, 1 the checklist, 2 adds what each
 looked at and its time, 3 adds every SQL statement (on stderr).
 """
 
-MAX_STATEMENT_TIMEOUT_SECONDS = 3600.0
 TITLES = {check.name: check.title for check in CHECKS}
 MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 STYLES = {"ok": "SUCCESS", "warn": "WARNING", "fail": "ERROR", "skip": "NOTICE"}
@@ -82,10 +81,7 @@ class Command(ToolCommand):
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
-                options["statement_timeout"],
-                flag="--statement-timeout",
-                minimum=0.1,
-                maximum=MAX_STATEMENT_TIMEOUT_SECONDS,
+                options["statement_timeout"], flag="--statement-timeout", minimum=0.1, maximum=3600
             )
 
         verbosity = options["verbosity"]

@@ -116,7 +116,7 @@ class Command(ToolCommand):
 
     def _execute(self, settings: RevertOptions) -> CommandError | None:
         self.what_next = "finishing the current batch or rollup slice, then stopping."
-        with self.live_run("revert", self._progress) as (stop, progress):
+        with self.live_run("revert") as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
         document = self._show(
             done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
