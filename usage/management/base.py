@@ -21,7 +21,7 @@ from usage.db import database_failure
 from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
-from usage.output.files import OutputError, OutputFile, check_output
+from usage.output.files import OutputError, check_output
 from usage.output.progress import ProgressBar, run_events
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
@@ -34,8 +34,7 @@ EXIT_ROWS_REMAINING = 3
 
 @contextmanager
 def failing(*kinds: type[Exception], describe: Callable[..., str] | None = None) -> Iterator[None]:
-    """An error of ``kinds`` in the block ends the command: one line (``describe``; by default
-    a database error's says what to check)."""
+    """An error of ``kinds`` in the block ends the command in one line (``describe``)."""
     try:
         yield
     except kinds as exc:
@@ -121,12 +120,10 @@ class ToolCommand(Reporter, BaseCommand):
     ) -> None:
         """The server-side limits of a run (``options.parse_limits`` reads them); ``lock``,
         ``statement`` and ``rollup`` say what each applies to in this command."""
+        statement = f"server-side statement_timeout {statement}"
         limits = {
             "--lock-timeout": (DEFAULT_LOCK_TIMEOUT_SECONDS, f"server-side lock_timeout {lock}"),
-            "--statement-timeout": (
-                DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-                f"server-side statement_timeout {statement}",
-            ),
+            "--statement-timeout": (DEFAULT_STATEMENT_TIMEOUT_SECONDS, statement),
             "--max-rollup-lock-seconds": (DEFAULT_MAX_ROLLUP_LOCK_SECONDS, rollup),
             "--cron-tick-interval": (
                 DEFAULT_TICK_INTERVAL_SECONDS,
@@ -169,11 +166,9 @@ class ToolCommand(Reporter, BaseCommand):
         )
 
     def start_output(self, options: dict[str, Any]) -> None:
-        """Where this command's lines go from now on (``Reporter``, ``usage.output``): reads
-        ``--format``, ``--output`` (a refused path is a ``ValueError``), ``--log-format`` and
-        ``--verbosity``."""
-        given = options["output"]
-        self.output_file: OutputFile | None = None if given is None else check_output(given)
+        """The output options (a refused ``--output`` is a ``ValueError``), and so where this
+        command's lines go from now on (``Reporter``, ``usage.output``)."""
+        self.output_file = None if options["output"] is None else check_output(options["output"])
         self.format = options["format"]
         # The stream under Django's wrapper: text exactly as given, for the log and the bar.
         self.err: TextIO = self.stderr._out
@@ -267,9 +262,8 @@ class ToolCommand(Reporter, BaseCommand):
 
     @contextmanager
     def live_run(self, phase: str) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
-        """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
-        each says ``what_next``): yields the stop event and the run's progress callback, which
-        passes each event to the command's ``_progress`` first."""
+        """A run with its bar, stopped by SIGINT or SIGTERM (kept in ``signals``; each says
+        ``what_next``): yields the stop event and the progress callback (``_progress`` first)."""
         stop = threading.Event()
         bar = ProgressBar(self.err, terminal=self.err.isatty())
         show = run_events(bar, phase) if self.verbosity >= 1 and not self.json_logs else None
