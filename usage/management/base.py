@@ -64,8 +64,7 @@ class ToolParser(CommandParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        # argparse quotes the offending value whole: a word of 80 characters or more is cut
-        # to 60, and the line to 400, whatever it was.
+        # argparse quotes the offending value whole: long words and the line are cut short.
         text = re.sub(
             r"\S{80,}",
             lambda word: f"{word[0][:60]}...({len(word[0]) - 60} more characters)",

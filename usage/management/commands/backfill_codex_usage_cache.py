@@ -185,7 +185,13 @@ class Command(ToolCommand):
             self._context(database)
             check_target()
             if self.run_id is not None:
-                document = self._verify(database, self.run_id)
+                if not BackfillRun.objects.filter(pk=self.run_id).exists():
+                    raise CommandError(
+                        f"run {self.run_id} does not exist; give the number printed as 'Run N' "
+                        "by --execute (the admin lists the runs)"
+                    )
+                verified = verify_run_in_context(self.run_id)
+                document = self.show_result(result.build("verify", database, verify=verified))
             elif self.executing:
                 document = self._execute(database, self._summary())
             else:
@@ -201,9 +207,8 @@ class Command(ToolCommand):
             raise error
 
     def _read_options(self, options: dict[str, Any]) -> None:
-        """The options, read and checked before the database (a refused value is a one-line
-        ``ValueError``): ``run`` is what the run (or the dry run's summary) works on, and how;
-        its cutoff and workspace are the plan's, or given (none for an earlier run's verify)."""
+        """The options, checked before the database (a refused one is a one-line ``ValueError``);
+        ``run``'s cutoff and workspace are the plan's, or given (none to verify an earlier run)."""
         self.executing, self.verifying = options["execute"], options["verify"]
         self.run_id = None  # --verify --run-id N: an earlier run to check
         if options["run_id"] is not None:
@@ -253,15 +258,6 @@ class Command(ToolCommand):
             scope["plan"] = self.planning.context()
             lines.append(self.planning.context_line())
         self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
-
-    def _verify(self, database: str, run_id: int) -> dict[str, Any]:
-        if not BackfillRun.objects.filter(pk=run_id).exists():
-            raise CommandError(
-                f"run {run_id} does not exist; give the number printed as 'Run N' by "
-                "--execute (the admin lists the runs)"
-            )
-        verified = verify_run_in_context(run_id)
-        return self.show_result(result.build("verify", database, verify=verified))
 
     def _summary(self) -> DryRunSummary | None:
         """What the dry run shows or its plan writes; none when a run shows its outcome alone
@@ -323,7 +319,6 @@ class Command(ToolCommand):
         """The run's lines among the first (in JSON the library's own events say them)."""
         text = not self.json_logs
         if event == "stamped":
-            # The batches are done; the rollup comes next.
             self.what_next = (
                 "stopping the rollup after its current slice; the keys not rebuilt stay "
                 "pending until the same command is run again."

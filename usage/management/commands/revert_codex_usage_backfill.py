@@ -118,9 +118,8 @@ class Command(ToolCommand):
         self.what_next = "finishing the current batch or rollup slice, then stopping."
         with self.live_run("revert") as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
-        document = self._show(
-            done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
-        )
+        signal = (self.signal_name or "SIGTERM") if done.stopped else None
+        document = self._show(done, signal=signal)
         error = None
         if done.stopped:
             error = self.stopped(f" after {render.number(done.rows_restored)} rows restored")
@@ -167,11 +166,11 @@ class Command(ToolCommand):
         )
 
     def _show(
-        self, found: RevertResult, *, signal_name: str | None = None, error: str | None = None
+        self, found: RevertResult, *, signal: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
         """Show the revert's result once, and its outcome line."""
         found.run.refresh_from_db()
-        document = result.build_revert(self.database, found, signal=signal_name, error=error)
+        document = result.build_revert(self.database, found, signal=signal, error=error)
         self.show_result(document)
         ok = document["status"] in ("reverted", "would_revert")
         if document["status"] == "would_revert":
