@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -22,23 +21,26 @@ from usage.db import database_failure
 from usage.events import JsonFormatter, event_line
 from usage.options import duration_text
 from usage.output import document as result
-from usage.output.files import OutputError, OutputFile, check_output
+from usage.output.files import OutputError, check_output
 from usage.output.progress import ProgressBar, run_events
 from usage.output.report import Reporter
 from usage.repair.batching import DEFAULT_LOCK_TIMEOUT_SECONDS, DEFAULT_STATEMENT_TIMEOUT_SECONDS
 from usage.repair.rollup import DEFAULT_MAX_ROLLUP_LOCK_SECONDS
 from usage.repair.rollup.versions import ROLLUP_PATHS
 
-# An argument error quotes at most this much of a value, and says at most this much.
-LONGEST_WORD = 80
-LONGEST_MESSAGE = 400
 # Exit status when rows stayed locked by other writers: distinct from an error (1).
 EXIT_ROWS_REMAINING = 3
 
 
-def error_line(message: str, returncode: int) -> str:
-    """A command's error as a JSON event (``--log-format json``)."""
-    return event_line("error", "error", message, {"exit_status": returncode})
+@contextmanager
+def failing(*kinds: type[Exception], describe: Callable[..., str] | None = None) -> Iterator[None]:
+    """An error of ``kinds`` in the block ends the command in one line (``describe``)."""
+    try:
+        yield
+    except kinds as exc:
+        if describe is None:
+            describe = database_failure if isinstance(exc, DatabaseError) else str
+        raise CommandError(describe(exc)) from exc
 
 
 class ToolParser(CommandParser):
@@ -62,55 +64,35 @@ class ToolParser(CommandParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        # argparse quotes the offending value whole: keep the line short whatever it was.
+        # argparse quotes the offending value whole: long words and the line are cut short.
         text = re.sub(
-            rf"\S{{{LONGEST_WORD},}}",
+            r"\S{80,}",
             lambda word: f"{word[0][:60]}...({len(word[0]) - 60} more characters)",
             " ".join(message.split()),
         )
-        if len(text) > LONGEST_MESSAGE:
-            text = text[:LONGEST_MESSAGE] + "..."
+        if len(text) > 400:
+            text = text[:400] + "..."
         text = f"{text} (see {self.prog.strip()} --help)"
         if self.called_from_command_line:
             if getattr(self, "json_errors", False):
-                self.exit(1, error_line(text, 1) + "\n")
+                self.exit(1, event_line("error", "error", text, {"exit_status": 1}) + "\n")
             self.exit(1, f"CommandError: {text}\n")
         raise CommandError(f"Error: {text}")
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """``--format``, ``--output``, ``--log-format`` and ``--verbosity``, read once."""
-
-    format: str
-    file: OutputFile | None
-    json_logs: bool
-    verbosity: int
-
-    @classmethod
-    def read(cls, options: dict[str, Any]) -> OutputOptions:
-        given = options["output"]
-        return cls(
-            format=options["format"],
-            file=None if given is None else check_output(given),
-            json_logs=options["log_format"] == "json",
-            verbosity=options["verbosity"],
-        )
 
 
 class ToolCommand(Reporter, BaseCommand):
     """A command of the tool; ``examples`` is its help epilog, laid out verbatim."""
 
     examples = ""
-    json_errors = False
+    json_errors = False  # --log-format json on the command line (read by run_from_argv)
+    json_logs = False  # until ``start_output`` reads --log-format
     what_next: str  # what a stop signal does now (the command keeps it current)
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        kwargs.update(epilog=self.examples, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         # BaseCommand builds a CommandParser itself; ToolParser only adds behaviour to it.
         parser.__class__ = ToolParser
-        parser.epilog = self.examples
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.json_errors = self.json_errors  # type: ignore[attr-defined]
         return parser
 
@@ -126,11 +108,10 @@ class ToolCommand(Reporter, BaseCommand):
         try:
             return super().execute(*args, **options)
         except CommandError as exc:
-            if options.get("traceback") or not (
-                self._called_from_command_line and self.json_errors
-            ):
+            if options.get("traceback") or not self.json_errors:
                 raise
-            self.stderr.write(error_line(str(exc), exc.returncode), style_func=lambda t: t)
+            line = event_line("error", "error", str(exc), {"exit_status": exc.returncode})
+            self.stderr.write(line, style_func=lambda t: t)
             sys.exit(exc.returncode)
 
     def add_timeout_arguments(
@@ -138,12 +119,10 @@ class ToolCommand(Reporter, BaseCommand):
     ) -> None:
         """The server-side limits of a run (``options.parse_limits`` reads them); ``lock``,
         ``statement`` and ``rollup`` say what each applies to in this command."""
+        statement = f"server-side statement_timeout {statement}"
         limits = {
             "--lock-timeout": (DEFAULT_LOCK_TIMEOUT_SECONDS, f"server-side lock_timeout {lock}"),
-            "--statement-timeout": (
-                DEFAULT_STATEMENT_TIMEOUT_SECONDS,
-                f"server-side statement_timeout {statement}",
-            ),
+            "--statement-timeout": (DEFAULT_STATEMENT_TIMEOUT_SECONDS, statement),
             "--max-rollup-lock-seconds": (DEFAULT_MAX_ROLLUP_LOCK_SECONDS, rollup),
             "--cron-tick-interval": (
                 DEFAULT_TICK_INTERVAL_SECONDS,
@@ -165,7 +144,7 @@ class ToolCommand(Reporter, BaseCommand):
         )
 
     def add_output_arguments(self, parser: CommandParser) -> None:
-        """``--format``, ``--output`` and ``--log-format`` (read by ``OutputOptions``)."""
+        """``--format``, ``--output`` and ``--log-format`` (read by ``start_output``)."""
         parser.add_argument(
             "--format",
             choices=result.FORMATS,
@@ -185,16 +164,18 @@ class ToolCommand(Reporter, BaseCommand):
             "line, every line",
         )
 
-    def start_output(self, out: OutputOptions) -> None:
-        """Where this command's lines go from now on (``Reporter``, ``usage.output``)."""
-        self.out = out
+    def start_output(self, options: dict[str, Any]) -> None:
+        """The output options (a refused ``--output`` is a ``ValueError``), and so where this
+        command's lines go from now on (``Reporter``, ``usage.output``)."""
+        self.output_file = None if options["output"] is None else check_output(options["output"])
+        self.format = options["format"]
         # The stream under Django's wrapper: text exactly as given, for the log and the bar.
         self.err: TextIO = self.stderr._out
         self.write_error: str | None = None
         self.signals: list[int] = []
-        self.json_logs = out.json_logs
-        self.document_on_stdout = out.format != "table" and out.file is None
-        self.verbosity = out.verbosity
+        self.json_logs = options["log_format"] == "json"
+        self.document_on_stdout = self.format != "table" and self.output_file is None
+        self.verbosity = options["verbosity"]
 
     def show_context(
         self, database: str, mode: str, lines: list[str], message: str, /, **fields: Any
@@ -206,15 +187,11 @@ class ToolCommand(Reporter, BaseCommand):
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
             self.context("context", line)
 
-    def readable(self, document: dict[str, Any], kind: str) -> str:
-        """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the
-        outcome beside a file)."""
-        raise NotImplementedError
-
     def show_result(self, document: dict[str, Any]) -> dict[str, Any]:
         """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
-        write is kept in ``write_error``."""
-        fmt, output = self.out.format, self.out.file
+        write is kept in ``write_error``. The command's ``readable(document, kind)`` is the
+        text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the outcome by a file)."""
+        fmt, output = self.format, self.output_file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
         text = as_data(document) if as_data else self.readable(document, kind)
@@ -253,51 +230,27 @@ class ToolCommand(Reporter, BaseCommand):
             returncode=128 + signum,
         )
 
-    @contextmanager
-    def failing(
-        self, *kinds: type[Exception], describe: Callable[[Any], str] = str
-    ) -> Iterator[None]:
-        """An error of ``kinds`` in the block ends the command: one line (``describe``)."""
-        try:
-            yield
-        except kinds as exc:
-            raise CommandError(describe(exc)) from exc
-
-    def database_errors(
-        self, describe: Callable[[DatabaseError], str] = database_failure
-    ) -> AbstractContextManager[None]:
-        return self.failing(DatabaseError, describe=describe)
-
     def run_logging(self) -> AbstractContextManager[None]:
         """The library's log lines: as text, warnings (everything at ``--verbosity 2``); as
         JSON, the events (not at 0) and the other messages from warnings up (all at 2)."""
-        return self.logging_to(
-            self.err,
-            logging.DEBUG if self.verbosity >= (1 if self.json_logs else 2) else logging.WARNING,
-            json=self.json_logs,
-            plain_level=logging.NOTSET if self.verbosity >= 2 else logging.WARNING,
-            events=self.json_logs or self.verbosity >= 2,
-        )
+        debug = self.verbosity >= (1 if self.json_logs else 2)
+        level = logging.DEBUG if debug else logging.WARNING
+        return self.logging_to(self.err, level, json=self.json_logs, every=self.verbosity >= 2)
 
     @contextmanager
     def logging_to(
-        self,
-        stream: TextIO,
-        level: int,
-        *,
-        json: bool = False,
-        plain_level: int = logging.NOTSET,
-        events: bool = True,
+        self, stream: TextIO, level: int, *, json: bool = False, every: bool = True
     ) -> Iterator[None]:
-        """The ``usage`` loggers' lines on ``stream`` from ``level`` up; messages without an
-        event only from ``plain_level`` up, and records of an event only if ``events``."""
+        """The ``usage`` loggers' lines on ``stream`` from ``level`` up; unless ``every``,
+        messages without an event only from warnings up, and events only in JSON."""
         handler = logging.StreamHandler(stream)
         handler.setLevel(level)
         handler.setFormatter(
             JsonFormatter() if json else logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         )
+        plain = logging.NOTSET if every else logging.WARNING
         handler.addFilter(
-            lambda record: events if hasattr(record, "event") else record.levelno >= plain_level
+            lambda record: (every or json) if hasattr(record, "event") else record.levelno >= plain
         )
         logger = logging.getLogger("usage")
         logger.addHandler(handler)
@@ -307,28 +260,19 @@ class ToolCommand(Reporter, BaseCommand):
             logger.removeHandler(handler)
 
     @contextmanager
-    def live_run(
-        self, phase: str, hook: Callable[..., None]
-    ) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
-        """A run with its progress bar, stopped by SIGINT or SIGTERM (kept in ``signals``;
-        each says ``what_next``): yields the stop event and the run's progress callback."""
+    def live_run(self, phase: str) -> Iterator[tuple[threading.Event, Callable[..., None]]]:
+        """A run with its bar, stopped by SIGINT or SIGTERM (kept in ``signals``; each says
+        ``what_next``): yields the stop event and the progress callback (``_progress`` first)."""
         stop = threading.Event()
         bar = ProgressBar(self.err, terminal=self.err.isatty())
-        show = run_events(bar, phase)
-        shown = self.verbosity >= 1 and not self.json_logs
+        show = run_events(bar, phase) if self.verbosity >= 1 and not self.json_logs else None
 
         def progress(event: str, /, **details: Any) -> None:
-            hook(event, **details)
-            if shown:
+            self._progress(event, **details)
+            if show:
                 show(event, **details)
 
-        def say(message: str) -> None:
-            if self.json_logs:
-                self.warning(message, event="signal")
-            else:
-                self.stderr.write(self.style.WARNING(f"\n{message}"))
-
-        with self.stopping_on_signals(stop, lambda: self.what_next, say=say) as self.signals:
+        with self.stopping_on_signals(stop) as self.signals:
             try:
                 yield stop, progress
             finally:
@@ -336,21 +280,19 @@ class ToolCommand(Reporter, BaseCommand):
 
     @contextmanager
     def stopping_on_signals(
-        self,
-        stop: threading.Event,
-        what_next: str | Callable[[], str],
-        *,
-        say: Callable[[str], None] | None = None,
+        self, stop: threading.Event, what_next: str | None = None
     ) -> Iterator[list[int]]:
-        """While the block runs, SIGINT and SIGTERM set ``stop`` and say ``what_next`` (or
-        what it returns), through ``say`` or as a warning; yields the signals received."""
+        """While the block runs, SIGINT and SIGTERM set ``stop`` and warn of ``what_next`` (by
+        default ``self.what_next`` as it is then); yields the signals received."""
         received: list[int] = []
-        say = say or (lambda message: self.stderr.write(self.style.WARNING(message)))
 
         def act(signum: int) -> None:
             stop.set()
-            then = what_next() if callable(what_next) else what_next
-            say(f"{signal.Signals(signum).name} received: {then}")
+            message = f"{signal.Signals(signum).name} received: {what_next or self.what_next}"
+            if self.json_logs:
+                self.warning(message, event="signal")
+            else:
+                self.stderr.write(self.style.WARNING(f"\n{message}"))
 
         def on_signal(signum: int, frame: Any) -> None:
             # This runs between two bytecodes of the main thread, which may hold the stop

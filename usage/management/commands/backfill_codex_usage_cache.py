@@ -1,5 +1,5 @@
 """``backfill_codex_usage_cache``: the dry-run-first repair of historical Codex usage rows;
-its options are read once (``repair_settings``) and ``handle()`` follows the runbook."""
+its options are read once (``_read_options``) and ``handle()`` follows the runbook."""
 
 from __future__ import annotations
 
@@ -13,20 +13,36 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import plan, render
 from usage.db import TargetError, check_target, database_failure, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand
-from usage.management.repair_settings import read_settings
+from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.models import BackfillRun
 from usage.output import document as result
 from usage.output.table import TABLE_GROUP_LIMIT, result_table
-from usage.plan import checked
+from usage.plan import PlanOptions, checked
 from usage.repair import backfill
-from usage.repair.backfill import BackfillError, execute_backfill
+from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verify import verify_run_in_context
 
 # Exit status besides 0, 1, 3 (``EXIT_ROWS_REMAINING``) and 128+N after signal N.
 EXIT_VERIFY_FAILED = 4
+
+# The options a run records (``BackfillRun.arguments``), as given.
+RECORDED_OPTIONS = (
+    "cutoff",
+    "workspace_id",
+    "batch_size",
+    "sleep_between_batches",
+    "rebuild_rollup",
+    "lock_timeout",
+    "statement_timeout",
+    "max_rollup_lock_seconds",
+    "max_replication_lag",
+    "cron_tick_interval",
+    "rollup_path",
+    "plan",
+    "plan_max_age",
+)
 
 # The run's figures the outcome line names (besides the verify's).
 OUTCOME_FIELDS = ("run_id", "status", "rows_updated", "rows_remaining")
@@ -160,18 +176,23 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
-            self.settings = settings = read_settings(options)
-        self.start_output(settings.out)
+        with failing(ValueError):
+            self._read_options(options)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
-        with self.failing(*refused), self.run_logging(), self.database_errors():
+        with failing(*refused, DatabaseError), self.run_logging():
             database = describe_database()
             self._context(database)
             check_target()
-            if settings.run_id is not None:
-                document = self._verify(database, settings.run_id)
-            elif settings.execute:
+            if self.run_id is not None:
+                if not BackfillRun.objects.filter(pk=self.run_id).exists():
+                    raise CommandError(
+                        f"run {self.run_id} does not exist; give the number printed as 'Run N' "
+                        "by --execute (the admin lists the runs)"
+                    )
+                verified = verify_run_in_context(self.run_id)
+                document = self.show_result(result.build("verify", database, verify=verified))
+            elif self.executing:
                 document = self._execute(database, self._summary())
             else:
                 document = self._dry_run(database)
@@ -185,41 +206,68 @@ class Command(ToolCommand):
         if error is not None:
             raise error
 
-    def _context(self, database: str) -> None:
-        settings, run = self.settings, self.settings.run
-        mode = "execute" if settings.execute else "dry run"
-        scope: dict[str, Any] = {"cutoff": run.cutoff, "workspace_id": run.workspace_id}
-        lines = [
-            f"Cutoff: {render.timestamp(run.cutoff)}",
-            f"Workspace: {run.workspace_id or 'all'}",
-        ]
-        if settings.run_id is not None:
-            mode = f"verify run {settings.run_id}"
-            scope, lines = {"run_id": settings.run_id}, []
-        if settings.plan.given is not None:
-            scope["plan"] = settings.plan.context()
-            lines.append(settings.plan.context_line())
-        self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
-
-    def _verify(self, database: str, run_id: int) -> dict[str, Any]:
-        if not BackfillRun.objects.filter(pk=run_id).exists():
-            raise CommandError(
-                f"run {run_id} does not exist; give the number printed as 'Run N' by "
-                "--execute (the admin lists the runs)"
+    def _read_options(self, options: dict[str, Any]) -> None:
+        """The options, checked before the database (a refused one is a one-line ``ValueError``);
+        ``run``'s cutoff and workspace are the plan's, or given (none to verify an earlier run)."""
+        self.executing, self.verifying = options["execute"], options["verify"]
+        self.run_id = None  # --verify --run-id N: an earlier run to check
+        if options["run_id"] is not None:
+            self.run_id = opts.parse_run_id(options["run_id"])
+            if not self.verifying or self.executing:
+                raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
+        elif self.verifying and not self.executing:
+            raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
+        self.start_output(options)
+        self.planning = planning = PlanOptions.read(options, self.output_file)
+        given = options["cutoff"]
+        if planning.given is not None:
+            cutoff, workspace_id = planning.scope(given, options["workspace_id"])
+        elif self.executing and (given is None or not str(given).strip()):
+            raise ValueError(
+                "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
+                "--plan-out FILE writes it); or give --cutoff to execute without a plan"
             )
-        verified = verify_run_in_context(run_id)
-        return self.show_result(result.build("verify", database, verify=verified))
+        else:
+            cutoff = None if self.run_id is not None and not given else opts.parse_cutoff(given)
+            workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
+        limits = opts.parse_limits(options)
+        lag = options["max_replication_lag"]
+        self.run = ExecuteOptions(
+            cutoff=cutoff,  # type: ignore[arg-type]
+            workspace_id=workspace_id,
+            batch_size=opts.parse_batch_size(options["batch_size"]),
+            sleep_between_batches=opts.parse_duration(options["sleep_between_batches"]),
+            rebuild_rollup=options["rebuild_rollup"],
+            **limits,
+            max_replication_lag=None
+            if lag is None
+            else opts.parse_seconds(lag, flag="--max-replication-lag", minimum=0.1, maximum=86400),
+            arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
+            check_snapshot=planning.snapshot_check(limits["lock_timeout"]),
+        )
+
+    def _context(self, database: str) -> None:
+        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
+        mode = "execute" if self.executing else "dry run"
+        scope: dict[str, Any] = {"cutoff": cutoff, "workspace_id": workspace_id}
+        lines = [f"Cutoff: {render.timestamp(cutoff)}", f"Workspace: {workspace_id or 'all'}"]
+        if self.run_id is not None:
+            mode = f"verify run {self.run_id}"
+            scope, lines = {"run_id": self.run_id}, []
+        if self.planning.given is not None:
+            scope["plan"] = self.planning.context()
+            lines.append(self.planning.context_line())
+        self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
 
     def _summary(self) -> DryRunSummary | None:
         """What the dry run shows or its plan writes; none when a run shows its outcome alone
         (its record has the figures: no pass over every candidate before the run's own)."""
-        settings = self.settings
-        cutoff, workspace_id = settings.run.cutoff, settings.run.workspace_id
-        settings.plan.check_database()
-        table = settings.out.format == "table"
+        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
+        self.planning.check_database()
+        table = self.format == "table"
         # A table shows a bounded number of groups: keep no more in memory than that.
-        keep = TABLE_GROUP_LIMIT if table and settings.plan.out is None else None
-        outcome_only = settings.execute and table and settings.out.file is None
+        keep = TABLE_GROUP_LIMIT if table and self.planning.out is None else None
+        outcome_only = self.executing and table and self.output_file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
             self.warning(f"No agent belongs to workspace {workspace_id}.")
@@ -227,13 +275,12 @@ class Command(ToolCommand):
 
     def _dry_run(self, database: str) -> dict[str, Any]:
         """The dry run's result, then the plan it writes (``--plan-out``)."""
-        planning = self.settings.plan
         # The database a plan to write names, read before the summary.
-        identity = plan.read_identity() if planning.out is not None else None
+        identity = plan.read_identity() if self.planning.out is not None else None
         summary = self._summary()
-        saved = planning.document(summary, identity, self)
+        saved = self.planning.document(summary, identity, self)
         document = self.show_result(result.build("dry_run", database, summary=summary))
-        if saved and (failed := planning.write(saved, self, self._lines)):
+        if saved and (failed := self.planning.write(saved, self, self._lines)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
@@ -243,14 +290,14 @@ class Command(ToolCommand):
             "finishing the current batch, then rebuilding the rollup for what was done."
         )
         try:
-            with self.live_run("update", self._progress) as (stop, progress):
-                executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
+            with self.live_run("update") as (stop, progress):
+                executed = execute_backfill(self.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
         verified = None
-        if self.settings.verify and self.failure is None:
+        if self.verifying and self.failure is None:
             try:
                 verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
@@ -261,42 +308,31 @@ class Command(ToolCommand):
                     f"{executed.run.pk}"
                 )
         executed.run.refresh_from_db()
-        compared = checked(self.settings.run.check_snapshot)
-        return self.show_result(
-            result.build(
-                "execute",
-                database,
-                summary=summary,
-                execute=executed,
-                plan=compared.document() if compared is not None else None,
-                verify=verified,
-            )
+        compared = checked(self.run.check_snapshot)
+        plan_doc = compared.document() if compared is not None else None
+        document = result.build(
+            "execute", database, summary=summary, execute=executed, plan=plan_doc, verify=verified
         )
+        return self.show_result(document)
 
     def _progress(self, event: str, /, **details: Any) -> None:
         """The run's lines among the first (in JSON the library's own events say them)."""
-        json_logs = self.json_logs
+        text = not self.json_logs
         if event == "stamped":
-            # The batches are done; the rollup comes next.
             self.what_next = (
                 "stopping the rollup after its current slice; the keys not rebuilt stay "
                 "pending until the same command is run again."
             )
-        elif event == "started":
-            self._started(details["run"])
-        elif event == "stamping" and not json_logs:
+        elif event == "stamping" and text:
             self.context("stamp", f"Stamp: {details['policy'].reason}.")
-        elif event == "rollup_path" and not json_logs:
+        elif event == "rollup_path" and text:
             function = f" ({details['function']})" if details.get("function") else ""
             reason = f": {details['reason']}" if details.get("reason") else ""
-            self.context(
-                "rollup_path",
-                f"Rollup: {details.get('path')}{function}{reason}.",
-                **{key: details.get(key) for key in ("path", "function", "fingerprint", "reason")},
-            )
-
-    def _started(self, run: BackfillRun) -> None:
-        if not self.json_logs:
+            self.context("rollup_path", f"Rollup: {details.get('path')}{function}{reason}.")
+        if event != "started":
+            return
+        run = details["run"]
+        if text:
             self.context(
                 "start",
                 f"Run {run.pk} started at {render.timestamp(run.started_at)} "
@@ -304,7 +340,8 @@ class Command(ToolCommand):
             )
         earlier = run.continues
         if earlier is not None:
-            first = earlier.error.split(";")[0].strip() if earlier.error else ""
+            first = (earlier.error or "").split(";")[0].strip()
+            figures = ("status", "rows_updated", "rows_remaining")
             self.context(
                 "continues",
                 f"Run {run.pk} continues run {earlier.pk} ({earlier.status}: "
@@ -312,17 +349,15 @@ class Command(ToolCommand):
                 f"{render.number(earlier.rows_remaining)} left{f'; {first}' if first else ''}).",
                 run_id=run.pk,
                 continues=earlier.pk,
-                continues_status=earlier.status,
-                continues_rows_updated=earlier.rows_updated,
-                continues_rows_remaining=earlier.rows_remaining,
+                **{f"continues_{key}": getattr(earlier, key) for key in figures},
             )
-        compared = checked(self.settings.run.check_snapshot)
-        if compared is not None and not self.json_logs:
+        compared = checked(self.run.check_snapshot)
+        if compared is not None and text:
             self.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
-        compared = checked(self.settings.run.check_snapshot)
+        compared = checked(self.run.check_snapshot)
         groups = kind == "file" or (
             kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
         )
@@ -330,7 +365,7 @@ class Command(ToolCommand):
             document,
             self.style,
             groups=groups,
-            plan_out=self.settings.plan.out is not None,
+            plan_out=self.planning.out is not None,
             plan_line=compared.summary() if compared is not None else None,
             signal_name=self.signal_name,
             width=None if kind == "file" else self.terminal_width(),
@@ -358,20 +393,18 @@ class Command(ToolCommand):
                 returncode=EXIT_ROWS_REMAINING,
             )
         verify = document.get("verify")
-        if verify is not None and not verify["ok"]:
-            listed = (
-                "; the first of them are listed with the result" if verify["mismatches"] else ""
-            )
-            wrong = verify["mismatched_keys"] - verify.get("awaiting_tick_keys", 0)
-            unknown = (
-                " (the installed rollup function is one this tool does not know)"
-                if wrong and verify.get("rollup_function") == "unknown"
-                else ""
-            )
-            return CommandError(
-                f"verification of run {verify['run_id']} failed: "
-                f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
-                f"{render.number(wrong)} hourly keys wrong{unknown}{listed}",
-                returncode=EXIT_VERIFY_FAILED,
-            )
-        return None
+        if verify is None or verify["ok"]:
+            return None
+        listed = "; the first of them are listed with the result" if verify["mismatches"] else ""
+        wrong = verify["mismatched_keys"] - verify.get("awaiting_tick_keys", 0)
+        unknown = (
+            " (the installed rollup function is one this tool does not know)"
+            if wrong and verify.get("rollup_function") == "unknown"
+            else ""
+        )
+        return CommandError(
+            f"verification of run {verify['run_id']} failed: "
+            f"{render.number(verify['eligible_rows_left'])} eligible rows left, "
+            f"{render.number(wrong)} hourly keys wrong{unknown}{listed}",
+            returncode=EXIT_VERIFY_FAILED,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections import Counter
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -12,7 +13,7 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import describe_database, error_text
-from usage.management.base import ToolCommand
+from usage.management.base import ToolCommand, failing
 from usage.output.report import wrap
 from usage.preflight import CHECKS, DEFAULT_STATEMENT_TIMEOUT_SECONDS, CheckResult, run_preflight
 
@@ -39,7 +40,6 @@ verbosity: 0 shows only failures and warnings, 1 the checklist, 2 adds what each
 looked at and its time, 3 adds every SQL statement (on stderr).
 """
 
-MAX_STATEMENT_TIMEOUT_SECONDS = 3600.0
 TITLES = {check.name: check.title for check in CHECKS}
 MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 STYLES = {"ok": "SUCCESS", "warn": "WARNING", "fail": "ERROR", "skip": "NOTICE"}
@@ -76,20 +76,17 @@ class Command(ToolCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
+        with failing(ValueError):
             cutoff = opts.parse_cutoff(options["cutoff"])
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
             statement_timeout = opts.parse_seconds(
-                options["statement_timeout"],
-                flag="--statement-timeout",
-                minimum=0.1,
-                maximum=MAX_STATEMENT_TIMEOUT_SECONDS,
+                options["statement_timeout"], flag="--statement-timeout", minimum=0.1, maximum=3600
             )
 
         verbosity = options["verbosity"]
         # Library log lines on stderr; SQL statements only at --verbosity 3.
-        level = logging.DEBUG if verbosity >= 3 else logging.WARNING
-        with self.logging_to(self.stderr, level), self.database_errors(_cannot_inspect):
+        logs = self.logging_to(self.stderr, logging.DEBUG if verbosity >= 3 else logging.WARNING)
+        with logs, failing(DatabaseError, describe=_cannot_inspect):
             if verbosity >= 1:
                 header = (
                     f"Pre-flight of {describe_database()} (read-only), cutoff "
@@ -98,10 +95,9 @@ class Command(ToolCommand):
                 self.stdout.write("\n".join(wrap(header, self.terminal_width())))
             results = run_preflight(cutoff, workspace_id, statement_timeout=statement_timeout)
 
-        counts = {status: 0 for status in MARKS}
         for result in results:
             self._write_result(result, verbosity)
-            counts[result.status] += 1
+        counts = Counter(result.status for result in results)
         summary = (
             f"{len(results)} checks: {counts['ok']} passed, {counts['warn']} with warnings, "
             f"{counts['fail']} failed, {counts['skip']} not checked."
@@ -123,18 +119,15 @@ class Command(ToolCommand):
         mark, style = MARKS[result.status], getattr(self.style, STYLES[result.status])
         timing = f" ({result.seconds:.3f}s)" if verbosity >= 2 else ""
         width = self.terminal_width()
-        first, *rest = wrap(
-            f"{mark} {result.name}: {result.detail}{timing}", width, hanging=" " * 9
-        )
+        line = f"{mark} {result.name}: {result.detail}{timing}"
+        first, *rest = wrap(line, width, hanging=" " * 9)
         # The mark is styled on its own: the wrapping counts the characters shown.
         self.stdout.write("\n".join([style(mark) + first[len(mark) :], *rest]))
-        if verbosity >= 2:
-            self._indented(f"checked: {TITLES.get(result.name, result.name)}", width)
+        notes = [f"checked: {TITLES.get(result.name, result.name)}"] if verbosity >= 2 else []
         if result.fix and result.status != "ok":
-            self._indented(f"what to do: {result.fix}", width)
-
-    def _indented(self, text: str, width: int | None) -> None:
-        self.stdout.write("\n".join(wrap(text, width, indent=" " * 9, hanging=" " * 11)))
+            notes.append(f"what to do: {result.fix}")
+        for note in notes:
+            self.stdout.write("\n".join(wrap(note, width, indent=" " * 9, hanging=" " * 11)))
 
 
 def _cannot_inspect(exc: DatabaseError) -> str:

@@ -6,14 +6,16 @@ import re
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
+from django.db import DatabaseError
 
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
-from usage.management.base import EXIT_ROWS_REMAINING, OutputOptions, ToolCommand
+from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
 from usage.repair.batching import DEFAULT_BATCH_SIZE
+from usage.repair.progress import pick
 from usage.repair.revert import (
     DEFAULT_SHOW_CHANGED,
     RevertError,
@@ -78,20 +80,20 @@ class Command(ToolCommand):
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        with self.failing(ValueError):
+        with failing(ValueError):
             settings = RevertOptions(
                 run_id=opts.parse_run_id(options["run_id"], name="RUN_ID"),
                 show_changed=_parse_show(options["show"]),
                 batch_size=opts.parse_batch_size(options["batch_size"]),
                 **opts.parse_limits(options),
             )
-            self.start_output(OutputOptions.read(options))
+            self.start_output(options)
         self.database = database = describe_database()
         run_id, execute = settings.run_id, options["execute"]
         mode = f"revert run {run_id} ({'execute' if execute else 'dry run'})"
         self.show_context(database, mode, [], mode, mode="revert", run_id=run_id, execute=execute)
         try:
-            with self.run_logging(), self.database_errors():
+            with self.run_logging(), failing(DatabaseError):
                 error = self._execute(settings) if execute else self._dry_run(settings)
         except (TargetError, RevertError, RunLockError) as exc:
             found = getattr(exc, "result", None)
@@ -114,11 +116,10 @@ class Command(ToolCommand):
 
     def _execute(self, settings: RevertOptions) -> CommandError | None:
         self.what_next = "finishing the current batch or rollup slice, then stopping."
-        with self.live_run("revert", self._progress) as (stop, progress):
+        with self.live_run("revert") as (stop, progress):
             done = execute_revert(settings, stop=stop, progress=progress)
-        document = self._show(
-            done, signal_name=(self.signal_name or "SIGTERM") if done.stopped else None
-        )
+        signal = (self.signal_name or "SIGTERM") if done.stopped else None
+        document = self._show(done, signal=signal)
         error = None
         if done.stopped:
             error = self.stopped(f" after {render.number(done.rows_restored)} rows restored")
@@ -162,17 +163,16 @@ class Command(ToolCommand):
             f"{render.number(run.rows_updated)} rows repaired; "
             f"{render.number(found.entries)} journal entries to read.",
             run_id=run.pk,
-            **{key: getattr(run, key) for key in ("status", "cutoff", "workspace_id")},
-            rows_updated=run.rows_updated,
-            **{key: getattr(found, key) for key in ("entries", "rows_restorable", "rows_changed")},
+            **pick(run, "status", "cutoff", "workspace_id", "rows_updated"),
+            **pick(found, "entries", "rows_restorable", "rows_changed"),
         )
 
     def _show(
-        self, found: RevertResult, *, signal_name: str | None = None, error: str | None = None
+        self, found: RevertResult, *, signal: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
         """Show the revert's result once, and its outcome line."""
         found.run.refresh_from_db()
-        document = result.build_revert(self.database, found, signal=signal_name, error=error)
+        document = result.build_revert(self.database, found, signal=signal, error=error)
         self.show_result(document)
         ok = document["status"] in ("reverted", "would_revert")
         if document["status"] == "would_revert":

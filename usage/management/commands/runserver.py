@@ -9,7 +9,7 @@ from django.contrib.staticfiles.management.commands.runserver import Command as 
 from django.core.management.base import CommandError
 from django.db import DatabaseError, connection
 
-from usage.db import database_failure
+from usage.management.base import failing
 from usage.serving import serving_refusal
 
 
@@ -20,12 +20,9 @@ class Command(Runserver):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        refusal = serving_refusal()
-        if refusal:
+        if refusal := serving_refusal():
             raise CommandError(refusal)
-        try:
+        with failing(DatabaseError):
             connection.ensure_connection()
-        except DatabaseError as exc:
-            raise CommandError(database_failure(exc)) from exc
         connection.close()
         super().handle(*args, **options)
