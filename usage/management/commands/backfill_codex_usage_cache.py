@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
@@ -76,6 +77,17 @@ input (nothing changed) or an error (a run that failed keeps what it did, and it
 says so); 3 eligible rows left locked by other writers; 4 verification failed; 130/143
 stopped by SIGINT/SIGTERM.
 """
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """The command's options, read and checked once, before the database."""
+
+    execute: bool
+    verify: bool
+    run_id: int | None  # --verify --run-id N: an earlier run to check
+    plan: PlanOptions
+    run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
 
 
 def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -177,22 +189,22 @@ class Command(ToolCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         with failing(ValueError):
-            self._read_options(options)
+            self.settings = settings = self._read_options(options)
         self.failure: str | None = None
         refused = (TargetError, CutoffError, RunLockError, plan.PlanError)
         with failing(*refused, DatabaseError), self.run_logging():
             database = describe_database()
             self._context(database)
             check_target()
-            if self.run_id is not None:
-                if not BackfillRun.objects.filter(pk=self.run_id).exists():
+            if settings.run_id is not None:
+                if not BackfillRun.objects.filter(pk=settings.run_id).exists():
                     raise CommandError(
-                        f"run {self.run_id} does not exist; give the number printed as 'Run N' "
-                        "by --execute (the admin lists the runs)"
+                        f"run {settings.run_id} does not exist; give the number printed as "
+                        "'Run N' by --execute (the admin lists the runs)"
                     )
-                verified = verify_run_in_context(self.run_id)
+                verified = verify_run_in_context(settings.run_id)
                 document = self.show_result(result.build("verify", database, verify=verified))
-            elif self.executing:
+            elif settings.execute:
                 document = self._execute(database, self._summary())
             else:
                 document = self._dry_run(database)
@@ -206,33 +218,32 @@ class Command(ToolCommand):
         if error is not None:
             raise error
 
-    def _read_options(self, options: dict[str, Any]) -> None:
+    def _read_options(self, options: dict[str, Any]) -> RepairSettings:
         """The options, checked before the database (a refused one is a one-line ``ValueError``);
         ``run``'s cutoff and workspace are the plan's, or given (none to verify an earlier run)."""
-        self.executing, self.verifying = options["execute"], options["verify"]
-        self.run_id = None  # --verify --run-id N: an earlier run to check
+        execute, verify, run_id = options["execute"], options["verify"], None
         if options["run_id"] is not None:
-            self.run_id = opts.parse_run_id(options["run_id"])
-            if not self.verifying or self.executing:
+            run_id = opts.parse_run_id(options["run_id"])
+            if not verify or execute:
                 raise ValueError("--run-id goes with --verify alone (verify an earlier run)")
-        elif self.verifying and not self.executing:
+        elif verify and not execute:
             raise ValueError("--verify needs --execute, or --run-id to check an earlier run")
         self.start_output(options)
-        self.planning = planning = PlanOptions.read(options, self.output_file)
+        planning = PlanOptions.read(options, self.output_file)
         given = options["cutoff"]
         if planning.given is not None:
             cutoff, workspace_id = planning.scope(given, options["workspace_id"])
-        elif self.executing and (given is None or not str(given).strip()):
+        elif execute and (given is None or not str(given).strip()):
             raise ValueError(
                 "--execute needs the reviewed plan: --execute --plan FILE (a dry run with "
                 "--plan-out FILE writes it); or give --cutoff to execute without a plan"
             )
         else:
-            cutoff = None if self.run_id is not None and not given else opts.parse_cutoff(given)
+            cutoff = None if run_id is not None and not given else opts.parse_cutoff(given)
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
         limits = opts.parse_limits(options)
         lag = options["max_replication_lag"]
-        self.run = ExecuteOptions(
+        run = ExecuteOptions(
             cutoff=cutoff,  # type: ignore[arg-type]
             workspace_id=workspace_id,
             batch_size=opts.parse_batch_size(options["batch_size"]),
@@ -245,29 +256,30 @@ class Command(ToolCommand):
             arguments={key: str(options[key]) for key in RECORDED_OPTIONS},
             check_snapshot=planning.snapshot_check(limits["lock_timeout"]),
         )
+        return RepairSettings(execute, verify, run_id, planning, run)
 
     def _context(self, database: str) -> None:
-        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
-        mode = "execute" if self.executing else "dry run"
+        cutoff, workspace_id = self.settings.run.cutoff, self.settings.run.workspace_id
+        mode = "execute" if self.settings.execute else "dry run"
         scope: dict[str, Any] = {"cutoff": cutoff, "workspace_id": workspace_id}
         lines = [f"Cutoff: {render.timestamp(cutoff)}", f"Workspace: {workspace_id or 'all'}"]
-        if self.run_id is not None:
-            mode = f"verify run {self.run_id}"
-            scope, lines = {"run_id": self.run_id}, []
-        if self.planning.given is not None:
-            scope["plan"] = self.planning.context()
-            lines.append(self.planning.context_line())
+        if self.settings.run_id is not None:
+            mode = f"verify run {self.settings.run_id}"
+            scope, lines = {"run_id": self.settings.run_id}, []
+        if self.settings.plan.given is not None:
+            scope["plan"] = self.settings.plan.context()
+            lines.append(self.settings.plan.context_line())
         self.show_context(database, mode, lines, f"{mode} on {database}", mode=mode, **scope)
 
     def _summary(self) -> DryRunSummary | None:
         """What the dry run shows or its plan writes; none when a run shows its outcome alone
         (its record has the figures: no pass over every candidate before the run's own)."""
-        cutoff, workspace_id = self.run.cutoff, self.run.workspace_id
-        self.planning.check_database()
+        cutoff, workspace_id = self.settings.run.cutoff, self.settings.run.workspace_id
+        self.settings.plan.check_database()
         table = self.format == "table"
         # A table shows a bounded number of groups: keep no more in memory than that.
-        keep = TABLE_GROUP_LIMIT if table and self.planning.out is None else None
-        outcome_only = self.executing and table and self.output_file is None
+        keep = TABLE_GROUP_LIMIT if table and self.settings.plan.out is None else None
+        outcome_only = self.settings.execute and table and self.output_file is None
         summary = None if outcome_only else load_summary(cutoff, workspace_id, max_groups=keep)
         if not (summary.workspace_known if summary else workspace_has_agents(workspace_id)):
             self.warning(f"No agent belongs to workspace {workspace_id}.")
@@ -276,11 +288,11 @@ class Command(ToolCommand):
     def _dry_run(self, database: str) -> dict[str, Any]:
         """The dry run's result, then the plan it writes (``--plan-out``)."""
         # The database a plan to write names, read before the summary.
-        identity = plan.read_identity() if self.planning.out is not None else None
+        identity = plan.read_identity() if self.settings.plan.out is not None else None
         summary = self._summary()
-        saved = self.planning.document(summary, identity, self)
+        saved = self.settings.plan.document(summary, identity, self)
         document = self.show_result(result.build("dry_run", database, summary=summary))
-        if saved and (failed := self.planning.write(saved, self, self._lines)):
+        if saved and (failed := self.settings.plan.write(saved, self, self._lines)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
@@ -291,13 +303,13 @@ class Command(ToolCommand):
         )
         try:
             with self.live_run("update") as (stop, progress):
-                executed = execute_backfill(self.run, stop=stop, progress=progress)
+                executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
         except BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
         verified = None
-        if self.verifying and self.failure is None:
+        if self.settings.verify and self.failure is None:
             try:
                 verified = verify_run_in_context(executed.run.pk)
             except DatabaseError as exc:
@@ -308,7 +320,7 @@ class Command(ToolCommand):
                     f"{executed.run.pk}"
                 )
         executed.run.refresh_from_db()
-        compared = checked(self.run.check_snapshot)
+        compared = checked(self.settings.run.check_snapshot)
         plan_doc = compared.document() if compared is not None else None
         document = result.build(
             "execute", database, summary=summary, execute=executed, plan=plan_doc, verify=verified
@@ -351,13 +363,13 @@ class Command(ToolCommand):
                 continues=earlier.pk,
                 **{f"continues_{key}": getattr(earlier, key) for key in figures},
             )
-        compared = checked(self.run.check_snapshot)
+        compared = checked(self.settings.run.check_snapshot)
         if compared is not None and text:
             self.context("plan", compared.summary())
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
-        compared = checked(self.run.check_snapshot)
+        compared = checked(self.settings.run.check_snapshot)
         groups = kind == "file" or (
             kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
         )
@@ -365,7 +377,7 @@ class Command(ToolCommand):
             document,
             self.style,
             groups=groups,
-            plan_out=self.planning.out is not None,
+            plan_out=self.settings.plan.out is not None,
             plan_line=compared.summary() if compared is not None else None,
             signal_name=self.signal_name,
             width=None if kind == "file" else self.terminal_width(),
