@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin
-from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -20,7 +19,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from usage.render import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
+from usage.render import SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
@@ -51,9 +50,12 @@ def shown(
     none: str | None = None,
     boolean: bool = False,
     optional: bool = False,
+    short: bool = False,
+    link: str = "",
 ) -> Display:
     """One attribute (dotted for a relation; a method is called), formatted, a list sorted by it;
-    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
+    ``none`` stands for None or "", an ``optional`` field is left out of a record without it, a
+    ``short`` id is its shortest prefix unique on the list's page, maybe a ``link``."""
     get = attrgetter(attribute)
 
     @admin.display(
@@ -64,40 +66,26 @@ def shown(
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
         value = get(obj)
         value = value() if callable(value) else value
-        return none if none is not None and value in (None, "") else fmt(value)
-
-    if optional:
-        show.shown_if = get  # type: ignore[attr-defined]
-    return show
-
-
-def id_column(description: str, attribute: str, *, empty: str = DASH, link: str = "") -> Display:
-    """A sortable list column: an id as its shortest prefix unique on the page, maybe a link."""
-    get = attrgetter(attribute)
-
-    @admin.display(description=description, ordering=attribute.replace(".", "__"))
-    def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
-        value = get(obj)
-        if not value:
-            return empty
+        if none is not None and value in (None, ""):
+            return none
+        if not short:
+            return fmt(value)
         lengths = getattr(obj, "id_prefix_lengths", {})
         shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
-        if not link:
+        if not link or value is None:
             return shown_id
         return format_html('<a href="{}">{}</a>', reverse(link, args=[value]), shown_id)
 
-    show.id_attribute = attribute  # type: ignore[attr-defined]
+    if optional:
+        show.shown_if = get  # type: ignore[attr-defined]
+    if short:
+        show.id_attribute = attribute  # type: ignore[attr-defined]
     return show
 
 
 def names(text: str) -> tuple[str, ...]:
     """Field names written as ``"field field ..."``."""
     return tuple(text.split())
-
-
-def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """Fieldsets written as ``{title: "field field ..."}``."""
-    return tuple((title, {"fields": names(fields)}) for title, fields in layout.items())
 
 
 class ReadOnlyChangeList(ChangeList):
@@ -125,6 +113,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     kept_params: tuple[str, ...] = ()  # GET parameters the "show all" link keeps
     page_params: tuple[str, ...] = ()  # GET parameters the page reads, never field lookups
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
+    # The record page's fieldsets, written as ``{title: "field field ..."}``.
+    sections: dict[str, str] = {}
     # Detail fields shown only when the record passes a test, besides shown(optional=True).
     optional_fields: dict[str, Callable[[Any], Any]] = {}
     # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
@@ -137,18 +127,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         """Every shown field: the detail pages render values, never inputs."""
-        return flatten_fieldsets(self.fieldsets)
+        return [name for layout in self.sections.values() for name in names(layout)]
 
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         shown_sets = []
-        for title, options in self.fieldsets:
-            fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
+        for title, layout in self.sections.items():
+            fields = tuple(name for name in names(layout) if self.has_field(name, obj))
             if not fields:  # a section with nothing to show (a run never reverted) is left out
                 continue
-            options = {**options, "fields": fields}
+            options: dict[str, Any] = {"fields": fields}
             if title in self.notes:
                 options["description"] = html(f"notes/{self.notes[title]}", obj=obj)
             shown_sets.append((title, options))
@@ -166,11 +156,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         changelist = super().get_changelist_instance(request)
         columns = (getattr(self, name, None) for name in self.list_display)
         attributes = {getattr(c, "id_attribute", None) for c in columns} - {None}
-        if attributes:
-            rows = list(changelist.result_list)  # read once; the template shows these rows
-            lengths = {a: unique_prefix_length(attrgetter(a)(r) for r in rows) for a in attributes}
-            for row in rows:
-                row.id_prefix_lengths = lengths
+        rows = list(changelist.result_list)  # read once; the template shows these rows
+        lengths = {a: unique_prefix_length(attrgetter(a)(r) for r in rows) for a in attributes}
+        for row in rows:
+            row.id_prefix_lengths = lengths
         return changelist
 
     def get_search_results(
@@ -199,8 +188,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class BoundedPaginator(Paginator):
     """Told the count (``known_count``), or counting at most ``cap`` + 1 rows: "more than"."""
 
-    known_count: int | None = None
-    cap = COUNT_CAP
     capped = False
 
     @cached_property

@@ -20,7 +20,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
 from usage import options
-from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown, templated
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
@@ -308,22 +308,20 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     search_help_text = "Search by task id, usage row id (a UUID) or agent name (any part)."
     kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
     page_params = (CUTOFF_PARAM,)  # the workspace filter reads the workspace
-    fieldsets = sections(
-        {
-            "Usage row": "row_id workspace_id agent_name task provider model created_shown "
-            "updated_shown",
-            "Tokens now": "input_shown cached_shown output_shown cache_write_shown cost_shown",
-            "Repair": "corrected_shown removed_shown is_clamped repair_status",
-        }
-    )
+    sections = {
+        "Usage row": "row_id workspace_id agent_name task provider model created_shown "
+        "updated_shown",
+        "Tokens now": "input_shown cached_shown output_shown cache_write_shown cost_shown",
+        "Repair": "corrected_shown removed_shown is_clamped repair_status",
+    }
     # A row already repaired shows its journal entry, not what a repair would compute.
     optional_fields = {
         name: lambda row: row.repair_entry is None
         for name in ("corrected_shown", "removed_shown", "is_clamped")
     }
 
-    usage_id = id_column("id", "id")
-    workspace = id_column("workspace", "task.agent.workspace_id")
+    usage_id = shown("id", "id", short=True)
+    workspace = shown("workspace", "task.agent.workspace_id", short=True)
     created = shown("created", "created_at", clock_cell)
     updated = shown("updated", "updated_at", clock_cell)
     input = shown("input", "input_tokens", number)

@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown, templated
 from usage.models import BackfillJournal, BackfillRun
 from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 
@@ -65,26 +65,23 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "remaining os_user_cell"
     )
     list_filter = ("status", "rollup_state")
-    fieldsets = sections(
-        {
-            "Run": "status_shown progress_shown error_shown started finished took reverted "
-            "continues_link continued_by_links",
-            "Who ran it": "os_user_shown db_role_shown client_host_shown pid_shown "
-            "backend_pid_shown",
-            "What it was asked": "cutoff_shown workspace_shown batch_size_shown arguments_shown "
-            "candidates_link",
-            "Saved plan": "plan_fingerprint_shown plan_made plan_rows_shown",
-            "Result": "rows_planned_shown rows_updated_shown removed_shown clamped_shown "
-            "remaining_shown journal_link batches",
-            STAMP_TITLE: "stamp_kind stamp_base_shown watermark_shown stamps_written",
-            "Revert": "revert_state_shown revert_started revert_finished rows_restored_shown "
-            "revert_error_shown",
-            "Hourly rollup": "rollup_state_shown rollup_path_shown rollup_function_shown "
-            "rollup_fingerprint_shown rollup_path_reason_shown rollup_keys_shown "
-            "rollup_slices_shown rollup_rows_shown rollup_time rollup_hold "
-            "rollup_cron_waits_shown",
-        }
-    )
+    sections = {
+        "Run": "status_shown progress_shown error_shown started finished took reverted "
+        "continues_link continued_by_links",
+        "Who ran it": "os_user_shown db_role_shown client_host_shown pid_shown backend_pid_shown",
+        "What it was asked": "cutoff_shown workspace_shown batch_size_shown arguments_shown "
+        "candidates_link",
+        "Saved plan": "plan_fingerprint_shown plan_made plan_rows_shown",
+        "Result": "rows_planned_shown rows_updated_shown removed_shown clamped_shown "
+        "remaining_shown journal_link batches",
+        STAMP_TITLE: "stamp_kind stamp_base_shown watermark_shown stamps_written",
+        "Revert": "revert_state_shown revert_started revert_finished rows_restored_shown "
+        "revert_error_shown",
+        "Hourly rollup": "rollup_state_shown rollup_path_shown rollup_function_shown "
+        "rollup_fingerprint_shown rollup_path_reason_shown rollup_keys_shown "
+        "rollup_slices_shown rollup_rows_shown rollup_time rollup_hold "
+        "rollup_cron_waits_shown",
+    }
     optional_fields = {
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
@@ -100,7 +97,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
 
     started_cell = shown("started", "started_at", clock_cell)
     cutoff_cell = shown("cutoff", "cutoff", clock_cell)
-    workspace = id_column("workspace", "workspace_id", empty="all")
+    workspace = shown("workspace", "workspace_id", none="all", short=True)
     removed = shown("removed", "input_tokens_removed", number)
     clamped = shown("clamped", "clamped_rows", number)
     remaining = shown("left", "rows_remaining", number)
@@ -265,15 +262,15 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     ordering = ("-id",)
     search_fields = ("usage_id",)
     search_help_text = "Search by usage row id (a UUID)."
-    fieldsets = sections(
-        {
-            "Repair": "repaired run_link usage_link reverted",
-            "Input tokens": "old_input new_input removed cached",
-            JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
-        }
-    )
+    sections = {
+        "Repair": "repaired run_link usage_link reverted",
+        "Input tokens": "old_input new_input removed cached",
+        JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
+    }
 
-    usage_cell = id_column("usage row", "usage_id", link="admin:usage_candidateusage_change")
+    usage_cell = shown(
+        "usage row", "usage_id", short=True, link="admin:usage_candidateusage_change"
+    )
     repaired_cell = shown("repaired at", "repaired_at", clock_cell)
     reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     reverted_cell = shown("reverted", "reverted_at", clock_cell)
