@@ -44,7 +44,7 @@ def templated(description: str, name: str, **display: Any) -> Display:
 
 def shown(
     description: str,
-    attribute: str,
+    attribute: str | Callable[[Any], Any],
     fmt: Callable[[Any], Any] = text,
     *,
     none: str | None = None,
@@ -53,14 +53,14 @@ def shown(
     short: bool = False,
     link: str = "",
 ) -> Display:
-    """One attribute (dotted for a relation; a method is called), formatted, a list sorted by it;
-    ``none`` stands for None or "", an ``optional`` field is left out of a record without it, a
-    ``short`` id is its shortest prefix unique on the list's page, maybe a ``link``."""
-    get = attrgetter(attribute)
+    """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
+    of the record, formatted; ``none`` stands for None or "", an ``optional`` field is left out
+    of a record without it, a ``short`` id is its shortest prefix unique on the page."""
+    get = attribute if callable(attribute) else attrgetter(attribute)
 
     @admin.display(
         description=description,
-        ordering=attribute.replace(".", "__"),
+        ordering=None if callable(attribute) else attribute.replace(".", "__"),
         boolean=boolean or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:

@@ -96,19 +96,14 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     notes = {STAMP_TITLE: "run_stamp"}
 
     started_cell = shown("started", "started_at", clock_cell)
+    took = shown("took", lambda run: elapsed(run.started_at, run.finished_at))
     cutoff_cell = shown("cutoff", "cutoff", clock_cell)
     workspace = shown("workspace", "workspace_id", none="all", short=True)
     removed = shown("removed", "input_tokens_removed", number)
     clamped = shown("clamped", "clamped_rows", number)
     remaining = shown("left", "rows_remaining", number)
     os_user_cell = shown("OS user", "os_user")
-
     status_cell = templated("status", "run_status", ordering="status")
-
-    @admin.display(description="took")
-    def took(self, obj: BackfillRun) -> str:
-        return elapsed(obj.started_at, obj.finished_at)
-
     updated = templated("updated", "run_updated", ordering="rows_updated")
 
     status_shown = shown("status", "get_status_display")
@@ -116,9 +111,48 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
     reverted = shown("reverted at", "reverted_at", clock, optional=True)
+    continues_link = templated("continues", "run_continues")
+    continued_by_links = templated("continued by", "run_continued_by")
+    os_user_shown = shown("OS user", "os_user")
+    db_role_shown = shown("database role", "db_role")
+    client_host_shown = shown("client host", "client_host")
+    pid_shown = shown("PID", "pid")
+    backend_pid_shown = shown("backend PID", "backend_pid")
+    cutoff_shown = shown("cutoff", "cutoff", clock)
+    batch_size_shown = shown("batch size", "batch_size", number)
+    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
+    candidates_link = templated("candidates now", "run_candidates")
+    plan_fingerprint_shown = shown(
+        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
+    )
+    plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
+    rows_planned_shown = shown("rows planned", "rows_planned", number)
+    rows_updated_shown = shown("rows updated", "rows_updated", number)
+    removed_shown = shown("input tokens removed", "input_tokens_removed", number)
+    clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
+    remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
+    journal_link = templated("journal", "run_journal")
+    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
+    stamp_base_shown = shown("top stamp", "stamp_base", stamp)
     revert_started = shown("revert started at", "revert_started_at", clock, optional=True)
     revert_finished = shown("revert ended at", "revert_finished_at", clock, optional=True)
+    rows_restored_shown = shown(
+        "rows restored", lambda run: f"{number(run.rows_restored)} of {number(run.rows_updated)}"
+    )
     revert_error_shown = shown("why the revert did not finish", "revert_error", optional=True)
+    rollup_state_shown = shown("state", "get_rollup_state_display")
+    rollup_path_shown = shown(
+        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
+    )
+    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
+    rollup_fingerprint_shown = shown(
+        "its definition's fingerprint", "rollup_fingerprint", optional=True
+    )
+    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
+    rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
+    rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
+    rollup_time = shown("time", "rollup_seconds", seconds)
+    rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -134,29 +168,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"since it started, {eta} (as of its last batch: reload to follow it)"
         )
 
-    @admin.display(description="state of its latest revert")
-    def revert_state_shown(self, obj: BackfillRun) -> str:
-        state = obj.get_revert_state_display()
-        if obj.revert_state == BackfillRun.RevertState.RUNNING and obj.revert_finished_at is None:
-            return f"{state} (or stopped without a trace: kill -9, a lost connection)"
-        return state
-
-    @admin.display(description="rows restored")
-    def rows_restored_shown(self, obj: BackfillRun) -> str:
-        return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
-
-    continues_link = templated("continues", "run_continues")
-    continued_by_links = templated("continued by", "run_continued_by")
-
-    os_user_shown = shown("OS user", "os_user")
-    db_role_shown = shown("database role", "db_role")
-    client_host_shown = shown("client host", "client_host")
-    pid_shown = shown("PID", "pid")
-    backend_pid_shown = shown("backend PID", "backend_pid")
-    cutoff_shown = shown("cutoff", "cutoff", clock)
-    batch_size_shown = shown("batch size", "batch_size", number)
-    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
-
     @admin.display(description="arguments")
     def arguments_shown(self, obj: BackfillRun) -> str:
         if not isinstance(obj.arguments, dict) or not obj.arguments:
@@ -171,18 +182,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         )
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
-    candidates_link = templated("candidates now", "run_candidates")
-
-    plan_fingerprint_shown = shown(
-        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
-    )
-    plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
-    rows_planned_shown = shown("rows planned", "rows_planned", number)
-    rows_updated_shown = shown("rows updated", "rows_updated", number)
-    removed_shown = shown("input tokens removed", "input_tokens_removed", number)
-    clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
-    remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
-
     @admin.display(description="rows in the plan")
     def plan_rows_shown(self, obj: BackfillRun) -> str:
         if obj.plan_rows is None:
@@ -190,8 +189,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         return (
             f"{number(obj.plan_rows)} ({number(obj.rows_planned)} still candidates at the execute)"
         )
-
-    journal_link = templated("journal", "run_journal")
 
     @admin.display(description="batches (database clock)")
     def batches(self, obj: BackfillRun) -> str:
@@ -203,9 +200,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"from {clock(obj.rollup_from)} to {clock(obj.rollup_to)} "
             f"({elapsed(obj.rollup_from, obj.rollup_to)})"
         )
-
-    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
-    stamp_base_shown = shown("top stamp", "stamp_base", stamp)
 
     @admin.display(description="rollup watermark at the start")
     def watermark_shown(self, obj: BackfillRun) -> str:
@@ -220,19 +214,12 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             return stamp(first or last)
         return f"from {stamp(first)} to {stamp(last)}"
 
-    rollup_state_shown = shown("state", "get_rollup_state_display")
-    rollup_path_shown = shown(
-        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
-    )
-    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
-    rollup_fingerprint_shown = shown(
-        "its definition's fingerprint", "rollup_fingerprint", optional=True
-    )
-    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
-    rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
-    rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
-    rollup_time = shown("time", "rollup_seconds", seconds)
-    rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
+    @admin.display(description="state of its latest revert")
+    def revert_state_shown(self, obj: BackfillRun) -> str:
+        state = obj.get_revert_state_display()
+        if obj.revert_state == BackfillRun.RevertState.RUNNING and obj.revert_finished_at is None:
+            return f"{state} (or stopped without a trace: kill -9, a lost connection)"
+        return state
 
     @admin.display(description="slices")
     def rollup_slices_shown(self, obj: BackfillRun) -> str:
@@ -268,14 +255,23 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
     }
 
+    notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
+
+    run_link = templated("run", "journal_run", ordering="run_id")
     usage_cell = shown(
         "usage row", "usage_id", short=True, link="admin:usage_candidateusage_change"
     )
     repaired_cell = shown("repaired at", "repaired_at", clock_cell)
-    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     reverted_cell = shown("reverted", "reverted_at", clock_cell)
+    stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
+    repaired = templated("repaired at (database clock)", "journal_repaired")
+    usage_link = templated("usage row", "journal_usage")
+    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     old_input = shown("input before", "old_input_tokens", number)
     new_input = shown("input after", "new_input_tokens", number)
+    removed = shown(
+        "removed", lambda entry: number(entry.old_input_tokens - entry.new_input_tokens)
+    )
     cached = shown("cached", "cache_read_tokens", number)
     old_updated_at_shown = shown(
         "old updated_at (a revert restores it)",
@@ -284,9 +280,6 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         none="none (the row had no updated_at)",
     )
     stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
-    stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
-
-    notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
     def render_change_form(
         self, request: HttpRequest, context: dict, *args: Any, obj: BackfillJournal, **kwargs: Any
@@ -303,11 +296,3 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         except ValueError:
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
             return queryset.none()
-
-    repaired = templated("repaired at (database clock)", "journal_repaired")
-    run_link = templated("run", "journal_run", ordering="run_id")
-    usage_link = templated("usage row", "journal_usage")
-
-    @admin.display(description="removed")
-    def removed(self, obj: BackfillJournal) -> str:
-        return number(obj.old_input_tokens - obj.new_input_tokens)
