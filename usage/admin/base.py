@@ -32,16 +32,6 @@ def html(name: str, **context: Any) -> SafeString:
     return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
 
 
-def templated(description: str, name: str, **display: Any) -> Display:
-    """A list column or detail field rendered from ``admin/usage/fields/<name>.html``."""
-
-    @admin.display(description=description, **display)
-    def show(model_admin: ReadOnlyAdmin, obj: Any) -> SafeString:
-        return html(f"fields/{name}", obj=obj)
-
-    return show
-
-
 def shown(
     description: str,
     attribute: str | Callable[[Any], Any],
@@ -52,10 +42,12 @@ def shown(
     optional: bool = False,
     short: bool = False,
     link: str = "",
+    template: str = "",
 ) -> Display:
     """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
-    of the record, formatted; ``none`` stands for None or "", an ``optional`` field is left out
-    of a record without it, a ``short`` id is its shortest prefix unique on the page."""
+    of the record, formatted or shown by ``admin/usage/fields/<template>.html`` (given the record
+    as ``obj``); ``none`` stands for None or "", an ``optional`` field is left out of a record
+    without it, a ``short`` id is its shortest prefix unique on the page."""
     get = attribute if callable(attribute) else attrgetter(attribute)
 
     @admin.display(
@@ -64,6 +56,8 @@ def shown(
         boolean=boolean or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
+        if template:
+            return html(f"fields/{template}", obj=obj)
         value = get(obj)
         value = value() if callable(value) else value
         if none is not None and value in (None, ""):

@@ -20,7 +20,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
 from usage import options
-from usage.admin.base import ReadOnlyAdmin, names, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
@@ -319,15 +319,19 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         name: lambda row: row.repair_entry is None
         for name in ("corrected_shown", "removed_shown", "is_clamped")
     }
+    notes = {"Repair": "candidate_repair"}
 
     usage_id = shown("id", "id", short=True)
     workspace = shown("workspace", "task.agent.workspace_id", short=True)
+    agent_name = shown("agent", "task.agent.name", template="usage_agent")
     created = shown("created", "created_at", clock_cell)
     updated = shown("updated", "updated_at", clock_cell)
     input = shown("input", "input_tokens", number)
     cached = shown("cached", "cache_read_tokens", number)
+    corrected = shown("input after", "corrected_input", template="usage_corrected")
     removed = shown("removed", "tokens_removed", number)
     row_id = shown("ID", "id")
+    workspace_id = shown("workspace", "task.agent.workspace_id", template="usage_workspace")
     created_shown = shown("created at", "created_at", stamp)
     updated_shown = shown("updated at", "updated_at", stamp, none="none")
     corrected_shown = shown("input after the repair", "corrected_input", number)
@@ -338,8 +342,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
     is_clamped = shown("clamped", "clamped", bool, boolean=True)
-
-    notes = {"Repair": "candidate_repair"}
+    repair_status = shown("repaired by", "repair_entry", template="usage_repair_status")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
@@ -395,9 +398,3 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     ) -> HttpResponse:
         context["title"] = f"Usage row {context['object_id']}"
         return super().render_change_form(request, context, *args, **kwargs)
-
-    workspace_id = templated("workspace", "usage_workspace")
-    agent_name = templated("agent", "usage_agent", ordering="task__agent__name")
-    corrected = templated("input after", "usage_corrected", ordering="corrected_input")
-
-    repair_status = templated("repaired by", "usage_repair_status")

@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from usage.admin.base import ReadOnlyAdmin, names, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.models import BackfillJournal, BackfillRun
 from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, stamp
 
@@ -103,16 +103,16 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     clamped = shown("clamped", "clamped_rows", number)
     remaining = shown("left", "rows_remaining", number)
     os_user_cell = shown("OS user", "os_user")
-    status_cell = templated("status", "run_status", ordering="status")
-    updated = templated("updated", "run_updated", ordering="rows_updated")
+    status_cell = shown("status", "status", template="run_status")
+    updated = shown("updated", "rows_updated", template="run_updated")
 
     status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
     reverted = shown("reverted at", "reverted_at", clock, optional=True)
-    continues_link = templated("continues", "run_continues")
-    continued_by_links = templated("continued by", "run_continued_by")
+    continues_link = shown("continues", "continues", template="run_continues")
+    continued_by_links = shown("continued by", "continued_by", template="run_continued_by")
     os_user_shown = shown("OS user", "os_user")
     db_role_shown = shown("database role", "db_role")
     client_host_shown = shown("client host", "client_host")
@@ -121,7 +121,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     cutoff_shown = shown("cutoff", "cutoff", clock)
     batch_size_shown = shown("batch size", "batch_size", number)
     workspace_shown = shown("workspace", "workspace_id", none="every workspace")
-    candidates_link = templated("candidates now", "run_candidates")
+    candidates_link = shown("candidates now", "cutoff", template="run_candidates")
     plan_fingerprint_shown = shown(
         "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
     )
@@ -131,7 +131,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     removed_shown = shown("input tokens removed", "input_tokens_removed", number)
     clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
     remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
-    journal_link = templated("journal", "run_journal")
+    journal_link = shown("journal", "rows_updated", template="run_journal")
     stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
     stamp_base_shown = shown("top stamp", "stamp_base", stamp)
     revert_started = shown("revert started at", "revert_started_at", clock, optional=True)
@@ -257,15 +257,15 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
 
     notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
-    run_link = templated("run", "journal_run", ordering="run_id")
+    run_link = shown("run", "run_id", template="journal_run")
     usage_cell = shown(
         "usage row", "usage_id", short=True, link="admin:usage_candidateusage_change"
     )
     repaired_cell = shown("repaired at", "repaired_at", clock_cell)
     reverted_cell = shown("reverted", "reverted_at", clock_cell)
     stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
-    repaired = templated("repaired at (database clock)", "journal_repaired")
-    usage_link = templated("usage row", "journal_usage")
+    repaired = shown("repaired at (database clock)", "repaired_at", template="journal_repaired")
+    usage_link = shown("usage row", "usage_id", template="journal_usage")
     reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     old_input = shown("input before", "old_input_tokens", number)
     new_input = shown("input after", "new_input_tokens", number)
