@@ -38,22 +38,20 @@ def shown(
     fmt: Callable[[Any], Any] = text,
     *,
     none: str | None = None,
-    boolean: bool = False,
     optional: bool = False,
-    short: bool = False,
     link: str = "",
     template: str = "",
 ) -> Display:
     """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
-    of the record, formatted or shown by ``admin/usage/fields/<template>.html`` (given the record
-    as ``obj``); ``none`` stands for None or "", an ``optional`` field is left out of a record
-    without it, a ``short`` id is its shortest prefix unique on the page."""
+    of the record, formatted (``bool`` as Django's icon, ``short_id`` to a prefix unique on the
+    page, maybe a ``link``) or shown by ``admin/usage/fields/<template>.html`` given ``obj``;
+    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
     get = attribute if callable(attribute) else attrgetter(attribute)
 
     @admin.display(
         description=description,
         ordering=None if callable(attribute) else attribute.replace(".", "__"),
-        boolean=boolean or None,
+        boolean=fmt is bool or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
         if template:
@@ -62,7 +60,7 @@ def shown(
         value = value() if callable(value) else value
         if none is not None and value in (None, ""):
             return none
-        if not short:
+        if fmt is not short_id:
             return fmt(value)
         lengths = getattr(obj, "id_prefix_lengths", {})
         shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
@@ -72,7 +70,7 @@ def shown(
 
     if optional:
         show.shown_if = get  # type: ignore[attr-defined]
-    if short:
+    if fmt is short_id:
         show.id_attribute = attribute  # type: ignore[attr-defined]
     return show
 

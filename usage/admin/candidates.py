@@ -24,7 +24,7 @@ from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
-from usage.render import clock_cell, number, stamp, unique_prefix_length
+from usage.render import clock_cell, number, short_id, stamp, unique_prefix_length
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
@@ -201,7 +201,7 @@ def _page(request: HttpRequest) -> CandidatePage | None:
 class PageFilter(admin.SimpleListFilter):
     """A sidebar filter: choices and counts from the totals pass, a parsed value ``narrow``s."""
 
-    parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
+    parse: Callable[[str], Any] = staticmethod(lambda value: None)
     otherwise = ""  # what the list shows when the value cannot be parsed
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
@@ -209,6 +209,8 @@ class PageFilter(admin.SimpleListFilter):
         return self.choices_of(page) if page.ready else []
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
         try:
             value = self.parse(self.value())
         except ValueError as exc:
@@ -243,9 +245,7 @@ class CreatedMonthFilter(PageFilter):
     otherwise = "showing every month"
 
     @staticmethod
-    def parse(value: str | None) -> date | None:
-        if not value:
-            return None
+    def parse(value: str) -> date:
         try:
             return date.fromisoformat(f"{value.strip()}-01")
         except ValueError:
@@ -275,9 +275,7 @@ class ClampedFilter(PageFilter):
     otherwise = "showing all rows"
 
     @staticmethod
-    def parse(value: str | None) -> bool | None:
-        if not value:
-            return None
+    def parse(value: str) -> bool:
         if value in ("yes", "no"):
             return value == "yes"
         raise ValueError(f"clamped {options.shown(value)} must be yes or no")
@@ -315,14 +313,13 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "Repair": "corrected_shown removed_shown is_clamped repair_status",
     }
     # A row already repaired shows its journal entry, not what a repair would compute.
-    optional_fields = {
-        name: lambda row: row.repair_entry is None
-        for name in ("corrected_shown", "removed_shown", "is_clamped")
-    }
+    optional_fields = dict.fromkeys(
+        names("corrected_shown removed_shown is_clamped"), lambda row: row.repair_entry is None
+    )
     notes = {"Repair": "candidate_repair"}
 
-    usage_id = shown("id", "id", short=True)
-    workspace = shown("workspace", "task.agent.workspace_id", short=True)
+    usage_id = shown("id", "id", short_id)
+    workspace = shown("workspace", "task.agent.workspace_id", short_id)
     agent_name = shown("agent", "task.agent.name", template="usage_agent")
     created = shown("created", "created_at", clock_cell)
     updated = shown("updated", "updated_at", clock_cell)
@@ -341,7 +338,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     output_shown = shown("output tokens", "output_tokens", number)
     cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
-    is_clamped = shown("clamped", "clamped", bool, boolean=True)
+    is_clamped = shown("clamped", "clamped", bool)
     repair_status = shown("repaired by", "repair_entry", template="usage_repair_status")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 from django.contrib import admin, messages
@@ -16,7 +17,7 @@ from django.utils.html import format_html, format_html_join
 
 from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.models import BackfillJournal, BackfillRun
-from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, stamp
+from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, short_id, stamp
 
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 JOURNAL_STAMP_TITLE = "The row's updated_at"
@@ -89,8 +90,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "continues_link": lambda run: run.continues_id,
         "continued_by_links": lambda run: run.continued_by.exists(),
         "stamps_written": lambda run: run.stamp_first or run.stamp_last,
-        "plan_made": lambda run: run.plan_fingerprint,
-        "plan_rows_shown": lambda run: run.plan_fingerprint,
+        **dict.fromkeys(names("plan_made plan_rows_shown"), attrgetter("plan_fingerprint")),
     }
 
     notes = {STAMP_TITLE: "run_stamp"}
@@ -98,11 +98,10 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     started_cell = shown("started", "started_at", clock_cell)
     took = shown("took", lambda run: elapsed(run.started_at, run.finished_at))
     cutoff_cell = shown("cutoff", "cutoff", clock_cell)
-    workspace = shown("workspace", "workspace_id", none="all", short=True)
+    workspace = shown("workspace", "workspace_id", short_id, none="all")
     removed = shown("removed", "input_tokens_removed", number)
     clamped = shown("clamped", "clamped_rows", number)
     remaining = shown("left", "rows_remaining", number)
-    os_user_cell = shown("OS user", "os_user")
     status_cell = shown("status", "status", template="run_status")
     updated = shown("updated", "rows_updated", template="run_updated")
 
@@ -113,7 +112,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     reverted = shown("reverted at", "reverted_at", clock, optional=True)
     continues_link = shown("continues", "continues", template="run_continues")
     continued_by_links = shown("continued by", "continued_by", template="run_continued_by")
-    os_user_shown = shown("OS user", "os_user")
+    os_user_shown = os_user_cell = shown("OS user", "os_user")
     db_role_shown = shown("database role", "db_role")
     client_host_shown = shown("client host", "client_host")
     pid_shown = shown("PID", "pid")
@@ -161,8 +160,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         share = f" ({100 * done / planned:.0f}%)" if planned else ""
         running_for = (timezone.now() - obj.started_at).total_seconds()
         rate = done / running_for if running_for > 0 else 0.0
-        left = max(planned - done, 0)
-        eta = f"ETA {seconds(left / rate)}" if rate else "ETA not known yet"
+        eta = f"ETA {seconds(max(planned - done, 0) / rate)}" if rate else "ETA not known yet"
         return (
             f"{number(done)} of {number(planned)} rows{share}, {number(round(rate))} rows/s "
             f"since it started, {eta} (as of its last batch: reload to follow it)"
@@ -258,9 +256,7 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
     run_link = shown("run", "run_id", template="journal_run")
-    usage_cell = shown(
-        "usage row", "usage_id", short=True, link="admin:usage_candidateusage_change"
-    )
+    usage_cell = shown("usage row", "usage_id", short_id, link="admin:usage_candidateusage_change")
     repaired_cell = shown("repaired at", "repaired_at", clock_cell)
     reverted_cell = shown("reverted", "reverted_at", clock_cell)
     stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
