@@ -24,8 +24,6 @@ from usage.render import SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
 
-Display = Callable[[Any, Any], Any]
-
 
 def html(name: str, **context: Any) -> SafeString:
     """A fragment of a page (a field, a fieldset's note) from ``admin/usage/<name>.html``."""
@@ -41,7 +39,7 @@ def shown(
     optional: bool = False,
     link: str = "",
     template: str = "",
-) -> Display:
+) -> Callable[[Any, Any], Any]:
     """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
     of the record, formatted (``bool`` as Django's icon, ``short_id`` to a prefix unique on the
     page, maybe a ``link``) or shown by ``admin/usage/fields/<template>.html`` given ``obj``;

@@ -133,7 +133,6 @@ class CandidatePage:
     workspace_id: uuid.UUID | None = None
     workspace_text: str = ""
     error: str = ""
-    workspace_known: bool = True
     result: CandidateTotals | None = None
     reused: bool = False
     chosen: dict[str, Any] = field(default_factory=dict)  # the sidebar's parsed choices
@@ -185,8 +184,6 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.error = str(exc)
     else:
         rows, ws = page.result.totals.rows, page.workspace_id
-        if ws and rows == 0:
-            page.workspace_known = workspace_has_agents(ws)
         logger.debug(
             "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
         )
@@ -244,8 +241,7 @@ class CreatedMonthFilter(PageFilter):
     parameter_name = CREATED_PARAM
     otherwise = "showing every month"
 
-    @staticmethod
-    def parse(value: str) -> date:
+    def parse(self, value: str) -> date:
         try:
             return date.fromisoformat(f"{value.strip()}-01")
         except ValueError:
@@ -274,8 +270,7 @@ class ClampedFilter(PageFilter):
     parameter_name = CLAMPED_PARAM
     otherwise = "showing all rows"
 
-    @staticmethod
-    def parse(value: str) -> bool:
+    def parse(self, value: str) -> bool:
         if value in ("yes", "no"):
             return value == "yes"
         raise ValueError(f"clamped {options.shown(value)} must be yes or no")
@@ -380,7 +375,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         request.codex_candidate_page = page  # type: ignore[attr-defined]
         if page.error:
             messages.error(request, page.error)
-        elif page.ready and not page.workspace_known:
+        elif page.ready and not (page.totals.rows or workspace_has_agents(page.workspace_id)):
             messages.warning(request, f"No agent belongs to workspace {page.workspace_id}.")
         context = {
             "title": "Candidates: the rows the repair would change",
