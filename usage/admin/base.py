@@ -89,9 +89,7 @@ class ReadOnlyChangeList(ChangeList):
 
     def get_filters_params(self, params: dict | None = None) -> dict:
         lookup_params = super().get_filters_params(params)
-        for name in self.model_admin.page_params:
-            lookup_params.pop(name, None)
-        return lookup_params
+        return {k: v for k, v in lookup_params.items() if k not in self.model_admin.page_params}
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -126,12 +124,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         shown_sets = []
         for title, layout in self.sections.items():
             fields = tuple(name for name in names(layout) if self.has_field(name, obj))
-            if not fields:  # a section with nothing to show (a run never reverted) is left out
-                continue
-            options: dict[str, Any] = {"fields": fields}
-            if title in self.notes:
-                options["description"] = html(f"notes/{self.notes[title]}", obj=obj)
-            shown_sets.append((title, options))
+            if fields:  # a section with nothing to show (a run never reverted) is left out
+                note = self.notes.get(title)
+                description = note and html(f"notes/{note}", obj=obj)
+                shown_sets.append((title, {"fields": fields, "description": description}))
         return shown_sets
 
     def has_field(self, name: str, obj: Any) -> bool:

@@ -87,12 +87,10 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
         "rows_restored_shown": lambda run: run.revert_state,
-        "continues_link": lambda run: run.continues_id,
         "continued_by_links": lambda run: run.continued_by.exists(),
         "stamps_written": lambda run: run.stamp_first or run.stamp_last,
         **dict.fromkeys(names("plan_made plan_rows_shown"), attrgetter("plan_fingerprint")),
     }
-
     notes = {STAMP_TITLE: "run_stamp"}
 
     started_cell = shown("started", "started_at", clock_cell)
@@ -110,7 +108,7 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
     reverted = shown("reverted at", "reverted_at", clock, optional=True)
-    continues_link = shown("continues", "continues", template="run_continues")
+    continues_link = shown("continues", "continues_id", template="run_continues", optional=True)
     continued_by_links = shown("continued by", "continued_by", template="run_continued_by")
     os_user_shown = os_user_cell = shown("OS user", "os_user")
     db_role_shown = shown("database role", "db_role")
@@ -252,7 +250,6 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         "Input tokens": "old_input new_input removed cached",
         JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
     }
-
     notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
     run_link = shown("run", "run_id", template="journal_run")
