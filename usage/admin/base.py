@@ -41,9 +41,8 @@ def shown(
     template: str = "",
 ) -> Callable[[Any, Any], Any]:
     """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
-    of the record, formatted (``bool`` as Django's icon, ``short_id`` to a prefix unique on the
-    page, maybe a ``link``) or shown by ``admin/usage/fields/<template>.html`` given ``obj``;
-    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
+    of the record, formatted (bool: an icon; short_id: unique on the page, maybe a ``link``) or by
+    ``fields/<template>.html``; ``none`` stands for None or "", ``optional``: shown only if set."""
     get = attribute if callable(attribute) else attrgetter(attribute)
 
     @admin.display(

@@ -71,8 +71,7 @@ SELECT md5(coalesce(string_agg(
 ), ''))
 FROM {run}"""
 
-# The totals pass reads every eligible row (as the dry run does): paging, filtering and
-# searching reuse it for this long while the runs stay the same.
+# How long paging, filtering and searching reuse the totals pass (it reads every eligible row).
 TOTALS_CACHE_SECONDS = 120
 
 
@@ -190,11 +189,6 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     return page
 
 
-def _page(request: HttpRequest) -> CandidatePage | None:
-    """The candidates page's state for the request (the filters and paginator read it)."""
-    return getattr(request, "codex_candidate_page", None)
-
-
 class PageFilter(admin.SimpleListFilter):
     """A sidebar filter: choices and counts from the totals pass, a parsed value ``narrow``s."""
 
@@ -202,7 +196,7 @@ class PageFilter(admin.SimpleListFilter):
     otherwise = ""  # what the list shows when the value cannot be parsed
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        page = _page(request)
+        page = request.codex_candidate_page
         return self.choices_of(page) if page.ready else []
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
@@ -213,13 +207,12 @@ class PageFilter(admin.SimpleListFilter):
         except ValueError as exc:
             messages.warning(request, f"{exc}; {self.otherwise}")
             return queryset
-        _page(request).chosen[self.parameter_name] = value
+        request.codex_candidate_page.chosen[self.parameter_name] = value
         return queryset if value is None else self.narrow(queryset, value)
 
 
 class WorkspaceFilter(PageFilter):
-    """The command's --workspace-id: the workspaces with the most candidates, by count (applied
-    with the cutoff, not here: the totals depend on it too)."""
+    """The command's --workspace-id, applied with the cutoff (the totals depend on it too)."""
 
     title = "workspace"
     parameter_name = WORKSPACE_PARAM
@@ -293,8 +286,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
-    # Oldest first, and sortable only where an index serves the order: the page reads just
-    # the rows it shows instead of sorting every candidate.
+    # Oldest first; sortable only where an index serves the order (no sort of every candidate).
     ordering = ("created_at",)
     sortable_by = ("usage_id", "created", "updated")
     search_fields = ("task__agent__name",)
@@ -338,7 +330,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
-        page = _page(request)
+        page = getattr(request, "codex_candidate_page", None)
         if page is None:
             return queryset  # A single row's page: any usage row, repaired or not.
         if not page.ready:
@@ -350,7 +342,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
 
     def known_count(self, request: HttpRequest) -> int | None:
         """The count for the sidebar's choices (the filters ran first) if the totals counted it."""
-        page = _page(request)
+        page = request.codex_candidate_page
         if not page.ready:
             return 0
         if request.GET.get(SEARCH_VAR, "").strip():
@@ -372,7 +364,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         page = load_candidate_page(request.GET)
-        request.codex_candidate_page = page  # type: ignore[attr-defined]
+        request.codex_candidate_page = page  # the filters, list and paginator read it
         if page.error:
             messages.error(request, page.error)
         elif page.ready and not (page.totals.rows or workspace_has_agents(page.workspace_id)):

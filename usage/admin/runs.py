@@ -1,6 +1,5 @@
-"""The runs, read-only: who ran each repair, with what, what it changed, its stamp and rollup
-(fields a run does not have are left out, not shown empty); and their journal: every row a run
-changed, what it was before, the time of the repair apart from the stamp written into it."""
+"""The runs (who ran each repair, with what, what it changed, its stamp and rollup; fields a run
+lacks are left out) and their journal: each row changed, what it was, when, and its stamp."""
 
 from __future__ import annotations
 
