@@ -73,13 +73,11 @@ def shown(
 
 
 def names(text: str) -> tuple[str, ...]:
-    """Field names written as ``"field field ..."``."""
     return tuple(text.split())
 
 
 class ReadOnlyChangeList(ChangeList):
-    """A change list whose "show all" link keeps the page's own parameters (``kept_params``),
-    and whose field lookups leave out those the page reads itself (``page_params``)."""
+    """A change list told its page's own GET parameters (``kept_params``, ``page_params``)."""
 
     @property
     def reset_query(self) -> str:
@@ -150,15 +148,13 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str
     ) -> tuple[QuerySet, bool]:
+        """A list with ``search_fields`` finds rows by ``search(request, queryset, term)``."""
         term = search_term.strip()
-        return (self.search(request, queryset, term) if term else queryset), False
-
-    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
-        """The rows a search finds (``term`` is never empty): none of a list without search."""
-        return queryset
+        if not term or not self.search_fields:
+            return queryset, False
+        return self.search(request, queryset, term), False
 
     def known_count(self, request: HttpRequest) -> int | None:
-        """The list's row count when it is known without counting."""
         return None
 
     def get_paginator(

@@ -159,10 +159,8 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         return page
 
     value = page.cutoff_text or settings.CODEX_BACKFILL_CUTOFF
-    if page.cutoff_text:
-        page.cutoff_source = "chosen on this page"
-    elif value:
-        page.cutoff_source = "CODEX_BACKFILL_CUTOFF"
+    if value:
+        page.cutoff_source = "chosen on this page" if page.cutoff_text else "CODEX_BACKFILL_CUTOFF"
     else:
         run = BackfillRun.objects.order_by("-started_at", "-id").only("id", "cutoff").first()
         if run is None:
@@ -333,9 +331,7 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         page = getattr(request, "codex_candidate_page", None)
         if page is None:
             return queryset  # A single row's page: any usage row, repaired or not.
-        if not page.ready:
-            return queryset.none()
-        return queryset.eligible(page.cutoff, page.workspace_id)
+        return queryset.eligible(page.cutoff, page.workspace_id) if page.ready else queryset.none()
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         return lookup in (WORKSPACE_PARAM, CREATED_PARAM, CLAMPED_PARAM)

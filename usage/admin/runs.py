@@ -43,10 +43,9 @@ NOT_GIVEN = "not given"
 
 def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
     """The recorded arguments as (option, value) pairs: unset options say "not given"."""
-    known = [key for key in ARGUMENT_ORDER if key in arguments]
-    rest = sorted(key for key in arguments if key not in ARGUMENT_ORDER)
+    rank = {key: n for n, key in enumerate(ARGUMENT_ORDER)}
     rows = []
-    for key in [*known, *rest]:
+    for key in sorted(arguments, key=lambda key: (rank.get(key, len(rank)), key)):
         value = "" if arguments[key] is None else str(arguments[key]).strip()
         if key in NEGATED_FLAGS:
             given = value.lower() in ("false", "0", "no")
