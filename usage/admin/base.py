@@ -98,12 +98,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     kept_params: tuple[str, ...] = ()  # GET parameters the "show all" link keeps
     page_params: tuple[str, ...] = ()  # GET parameters the page reads, never field lookups
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
-    # The record page's fieldsets, written as ``{title: "field field ..."}``.
-    sections: dict[str, str] = {}
-    # Detail fields shown only when the record passes a test, besides shown(optional=True).
-    optional_fields: dict[str, Callable[[Any], Any]] = {}
-    # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
-    notes: dict[str, str] = {}
+    sections: dict[str, str] = {}  # the record page's fieldsets: {title: "field field ..."}
+    optional_fields: dict[str, Callable[[Any], Any]] = {}  # field -> test the record must pass
+    notes: dict[str, str] = {}  # a fieldset's description: title -> template in notes/, with obj
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -35,9 +35,6 @@ WORKSPACE_PARAM = "workspace"
 CREATED_PARAM = "created"
 CLAMPED_PARAM = "clamped"
 
-# The workspace filter lists the workspaces with the most candidates, at most this many.
-WORKSPACE_CHOICES = 20
-
 # Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
 # is the dry run's totals; the others count rows per workspace, created month and clamped.
 CANDIDATE_TOTALS_SQL = """
@@ -214,14 +211,15 @@ class WorkspaceFilter(PageFilter):
 
     title = "workspace"
     parameter_name = WORKSPACE_PARAM
+    top = 20  # the sidebar lists at most this many workspaces, those with the most candidates
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         if page.workspace_id:
             chosen = [(page.workspace_id, page.totals.rows)]
         else:
-            chosen = page.result.workspaces[:WORKSPACE_CHOICES]
-            if len(page.result.workspaces) > WORKSPACE_CHOICES:
-                self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
+            chosen = page.result.workspaces[: self.top]
+            if len(page.result.workspaces) > self.top:
+                self.title = f"workspace (top {self.top} by rows)"
         # A whole id would wrap in the narrow sidebar (the chosen one is whole in the form).
         length = unique_prefix_length(ws for ws, _ in chosen)
         return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
