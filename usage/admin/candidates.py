@@ -67,7 +67,6 @@ SELECT md5(coalesce(string_agg(
     concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
 ), ''))
 FROM {run}"""
-
 # How long paging, filtering and searching reuse the totals pass (it reads every eligible row).
 TOTALS_CACHE_SECONDS = 120
 
@@ -101,9 +100,7 @@ def load_candidate_totals(
         ensure_cutoff_in_past(cutoff, database_now)
         cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
         rows = cursor.fetchall()
-    totals = Totals()
-    workspaces: list[tuple[uuid.UUID, int]] = []
-    counts: dict[tuple[date | None, bool | None], int] = {}
+    totals, workspaces, counts = Totals(), [], {}
     for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
         if not all_ws:
             workspaces.append((ws, count))
@@ -154,7 +151,6 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     except ValueError as exc:
         page.error = str(exc)
         return page
-
     value = page.cutoff_text or settings.CODEX_BACKFILL_CUTOFF
     if value:
         page.cutoff_source = "chosen on this page" if page.cutoff_text else "CODEX_BACKFILL_CUTOFF"

@@ -20,7 +20,6 @@ from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, shor
 
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 JOURNAL_STAMP_TITLE = "The row's updated_at"
-
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started",
@@ -29,7 +28,6 @@ ROLLUP_PATHS = {
     BackfillRun.RollupPath.OWN: "the tool's own recompute (for a rollup function it recognised)",
     BackfillRun.RollupPath.FUNCTION: "the platform's rollup_task_usage_hourly_window",
 }
-
 # The command's options in reading order (what, which plan, how fast, the rollup), then any a
 # newer version records, by name; a flag is recorded as the setting it turns off.
 ARGUMENT_ORDER = names(
@@ -100,7 +98,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
     remaining = shown("left", "rows_remaining", number)
     status_cell = shown("status", "status", template="run_status")
     updated = shown("updated", "rows_updated", template="run_updated")
-
     status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
