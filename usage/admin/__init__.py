@@ -1,5 +1,4 @@
-"""The read-only admin: what a repair would change (the candidates, with the dry run's
-totals) and what it did (its runs and journal, linked to each other and to the usage rows)."""
+"""The read-only admin: what a repair would change (the candidates) and did (runs, journal)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin
-from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -20,12 +19,10 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from usage.render import DASH, SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
+from usage.render import SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000
-
-Display = Callable[[Any, Any], Any]
 
 
 def html(name: str, **context: Any) -> SafeString:
@@ -33,76 +30,54 @@ def html(name: str, **context: Any) -> SafeString:
     return mark_safe(render_to_string(f"admin/usage/{name}.html", context).strip())
 
 
-def templated(description: str, name: str, **display: Any) -> Display:
-    """A list column or detail field rendered from ``admin/usage/fields/<name>.html``."""
-
-    @admin.display(description=description, **display)
-    def show(model_admin: ReadOnlyAdmin, obj: Any) -> SafeString:
-        return html(f"fields/{name}", obj=obj)
-
-    return show
-
-
 def shown(
     description: str,
-    attribute: str,
+    attribute: str | Callable[[Any], Any],
     fmt: Callable[[Any], Any] = text,
     *,
     none: str | None = None,
-    boolean: bool = False,
     optional: bool = False,
-) -> Display:
-    """One attribute (dotted for a relation; a method is called), formatted, a list sorted by it;
-    ``none`` stands for None or "", an ``optional`` field is left out of a record without it."""
-    get = attrgetter(attribute)
+    link: str = "",
+    template: str = "",
+) -> Callable[[Any, Any], Any]:
+    """An attribute (dotted for a relation; a method is called; a list sorts by it) or a function
+    of the record, formatted (bool: an icon; short_id: unique on the page, maybe a ``link``) or by
+    ``fields/<template>.html``; ``none`` stands for None or "", ``optional``: shown only if set."""
+    get = attribute if callable(attribute) else attrgetter(attribute)
 
     @admin.display(
         description=description,
-        ordering=attribute.replace(".", "__"),
-        boolean=boolean or None,
+        ordering=None if callable(attribute) else attribute.replace(".", "__"),
+        boolean=fmt is bool or None,
     )
     def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
+        if template:
+            return html(f"fields/{template}", obj=obj)
         value = get(obj)
         value = value() if callable(value) else value
-        return none if none is not None and value in (None, "") else fmt(value)
-
-    if optional:
-        show.shown_if = get  # type: ignore[attr-defined]
-    return show
-
-
-def id_column(description: str, attribute: str, *, empty: str = DASH, link: str = "") -> Display:
-    """A sortable list column: an id as its shortest prefix unique on the page, maybe a link."""
-    get = attrgetter(attribute)
-
-    @admin.display(description=description, ordering=attribute.replace(".", "__"))
-    def show(model_admin: ReadOnlyAdmin, obj: Any) -> Any:
-        value = get(obj)
-        if not value:
-            return empty
+        if none is not None and value in (None, ""):
+            return none
+        if fmt is not short_id:
+            return fmt(value)
         lengths = getattr(obj, "id_prefix_lengths", {})
         shown_id = short_id(value, lengths.get(attribute, SHORT_ID_DEFAULT))
-        if not link:
+        if not link or value is None:
             return shown_id
         return format_html('<a href="{}">{}</a>', reverse(link, args=[value]), shown_id)
 
-    show.id_attribute = attribute  # type: ignore[attr-defined]
+    if optional:
+        show.shown_if = get  # type: ignore[attr-defined]
+    if fmt is short_id:
+        show.id_attribute = attribute  # type: ignore[attr-defined]
     return show
 
 
 def names(text: str) -> tuple[str, ...]:
-    """Field names written as ``"field field ..."``."""
     return tuple(text.split())
 
 
-def sections(layout: dict[str, str]) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """Fieldsets written as ``{title: "field field ..."}``."""
-    return tuple((title, {"fields": names(fields)}) for title, fields in layout.items())
-
-
 class ReadOnlyChangeList(ChangeList):
-    """A change list whose "show all" link keeps the page's own parameters (``kept_params``),
-    and whose field lookups leave out those the page reads itself (``page_params``)."""
+    """A change list told its page's own GET parameters (``kept_params``, ``page_params``)."""
 
     @property
     def reset_query(self) -> str:
@@ -111,9 +86,7 @@ class ReadOnlyChangeList(ChangeList):
 
     def get_filters_params(self, params: dict | None = None) -> dict:
         lookup_params = super().get_filters_params(params)
-        for name in self.model_admin.page_params:
-            lookup_params.pop(name, None)
-        return lookup_params
+        return {k: v for k, v in lookup_params.items() if k not in self.model_admin.page_params}
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -125,10 +98,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     kept_params: tuple[str, ...] = ()  # GET parameters the "show all" link keeps
     page_params: tuple[str, ...] = ()  # GET parameters the page reads, never field lookups
     count_cap = COUNT_CAP  # lists count at most this many rows; past it they say "more than"
-    # Detail fields shown only when the record passes a test, besides shown(optional=True).
-    optional_fields: dict[str, Callable[[Any], Any]] = {}
-    # A fieldset's description: title -> template in ``notes/``, given the record as ``obj``.
-    notes: dict[str, str] = {}
+    sections: dict[str, str] = {}  # the record page's fieldsets: {title: "field field ..."}
+    optional_fields: dict[str, Callable[[Any], Any]] = {}  # field -> test the record must pass
+    notes: dict[str, str] = {}  # a fieldset's description: title -> template in notes/, with obj
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -137,21 +109,19 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         """Every shown field: the detail pages render values, never inputs."""
-        return flatten_fieldsets(self.fieldsets)
+        return [name for layout in self.sections.values() for name in names(layout)]
 
     def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> Any:
         raise Http404("the tool's records are never edited: they have no history")
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         shown_sets = []
-        for title, options in self.fieldsets:
-            fields = tuple(name for name in options["fields"] if self.has_field(name, obj))
-            if not fields:  # a section with nothing to show (a run never reverted) is left out
-                continue
-            options = {**options, "fields": fields}
-            if title in self.notes:
-                options["description"] = html(f"notes/{self.notes[title]}", obj=obj)
-            shown_sets.append((title, options))
+        for title, layout in self.sections.items():
+            fields = tuple(name for name in names(layout) if self.has_field(name, obj))
+            if fields:  # a section with nothing to show (a run never reverted) is left out
+                note = self.notes.get(title)
+                description = note and html(f"notes/{note}", obj=obj)
+                shown_sets.append((title, {"fields": fields, "description": description}))
         return shown_sets
 
     def has_field(self, name: str, obj: Any) -> bool:
@@ -166,25 +136,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         changelist = super().get_changelist_instance(request)
         columns = (getattr(self, name, None) for name in self.list_display)
         attributes = {getattr(c, "id_attribute", None) for c in columns} - {None}
-        if attributes:
-            rows = list(changelist.result_list)  # read once; the template shows these rows
-            lengths = {a: unique_prefix_length(attrgetter(a)(r) for r in rows) for a in attributes}
-            for row in rows:
-                row.id_prefix_lengths = lengths
+        rows = list(changelist.result_list)  # read once; the template shows these rows
+        lengths = {a: unique_prefix_length(attrgetter(a)(r) for r in rows) for a in attributes}
+        for row in rows:
+            row.id_prefix_lengths = lengths
         return changelist
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str
     ) -> tuple[QuerySet, bool]:
+        """A list with ``search_fields`` finds rows by ``search(request, queryset, term)``."""
         term = search_term.strip()
-        return (self.search(request, queryset, term) if term else queryset), False
-
-    def search(self, request: HttpRequest, queryset: QuerySet, term: str) -> QuerySet:
-        """The rows a search finds (``term`` is never empty): none of a list without search."""
-        return queryset
+        if not term or not self.search_fields:
+            return queryset, False
+        return self.search(request, queryset, term), False
 
     def known_count(self, request: HttpRequest) -> int | None:
-        """The list's row count when it is known without counting."""
         return None
 
     def get_paginator(
@@ -199,8 +166,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class BoundedPaginator(Paginator):
     """Told the count (``known_count``), or counting at most ``cap`` + 1 rows: "more than"."""
 
-    known_count: int | None = None
-    cap = COUNT_CAP
     capped = False
 
     @cached_property

@@ -20,11 +20,11 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
 from usage import options
-from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.eligibility import compose, eligible_params
 from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
-from usage.render import clock_cell, number, stamp, unique_prefix_length
+from usage.render import clock_cell, number, short_id, stamp, unique_prefix_length
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
 
 logger = logging.getLogger("usage.candidates")
@@ -34,9 +34,6 @@ CUTOFF_PARAM = "cutoff"
 WORKSPACE_PARAM = "workspace"
 CREATED_PARAM = "created"
 CLAMPED_PARAM = "clamped"
-
-# The workspace filter lists the workspaces with the most candidates, at most this many.
-WORKSPACE_CHOICES = 20
 
 # Totals and the sidebar's counts in one pass over the eligible rows: the empty grouping set
 # is the dry run's totals; the others count rows per workspace, created month and clamped.
@@ -70,9 +67,7 @@ SELECT md5(coalesce(string_agg(
     concat_ws('/', id, status, rows_updated, finished_at, reverted_at), ',' ORDER BY id
 ), ''))
 FROM {run}"""
-
-# The totals pass reads every eligible row (as the dry run does): paging, filtering and
-# searching reuse it for this long while the runs stay the same.
+# How long paging, filtering and searching reuse the totals pass (it reads every eligible row).
 TOTALS_CACHE_SECONDS = 120
 
 
@@ -105,9 +100,7 @@ def load_candidate_totals(
         ensure_cutoff_in_past(cutoff, database_now)
         cursor.execute(compose(CANDIDATE_TOTALS_SQL), eligible_params(cutoff, workspace_id))
         rows = cursor.fetchall()
-    totals = Totals()
-    workspaces: list[tuple[uuid.UUID, int]] = []
-    counts: dict[tuple[date | None, bool | None], int] = {}
+    totals, workspaces, counts = Totals(), [], {}
     for all_ws, all_months, all_clamped, ws, month, clamped, count, *sums in rows:
         if not all_ws:
             workspaces.append((ws, count))
@@ -133,7 +126,6 @@ class CandidatePage:
     workspace_id: uuid.UUID | None = None
     workspace_text: str = ""
     error: str = ""
-    workspace_known: bool = True
     result: CandidateTotals | None = None
     reused: bool = False
     chosen: dict[str, Any] = field(default_factory=dict)  # the sidebar's parsed choices
@@ -159,12 +151,9 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
     except ValueError as exc:
         page.error = str(exc)
         return page
-
     value = page.cutoff_text or settings.CODEX_BACKFILL_CUTOFF
-    if page.cutoff_text:
-        page.cutoff_source = "chosen on this page"
-    elif value:
-        page.cutoff_source = "CODEX_BACKFILL_CUTOFF"
+    if value:
+        page.cutoff_source = "chosen on this page" if page.cutoff_text else "CODEX_BACKFILL_CUTOFF"
     else:
         run = BackfillRun.objects.order_by("-started_at", "-id").only("id", "cutoff").first()
         if run is None:
@@ -185,53 +174,48 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.error = str(exc)
     else:
         rows, ws = page.result.totals.rows, page.workspace_id
-        if ws and rows == 0:
-            page.workspace_known = workspace_has_agents(ws)
         logger.debug(
             "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
         )
     return page
 
 
-def _page(request: HttpRequest) -> CandidatePage | None:
-    """The candidates page's state for the request (the filters and paginator read it)."""
-    return getattr(request, "codex_candidate_page", None)
-
-
 class PageFilter(admin.SimpleListFilter):
     """A sidebar filter: choices and counts from the totals pass, a parsed value ``narrow``s."""
 
-    parse: Callable[[str | None], Any] = staticmethod(lambda value: None)
+    parse: Callable[[str], Any] = staticmethod(lambda value: None)
     otherwise = ""  # what the list shows when the value cannot be parsed
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        page = _page(request)
+        page = request.codex_candidate_page
         return self.choices_of(page) if page.ready else []
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
         try:
             value = self.parse(self.value())
         except ValueError as exc:
             messages.warning(request, f"{exc}; {self.otherwise}")
             return queryset
-        _page(request).chosen[self.parameter_name] = value
+        request.codex_candidate_page.chosen[self.parameter_name] = value
         return queryset if value is None else self.narrow(queryset, value)
 
 
 class WorkspaceFilter(PageFilter):
-    """The command's --workspace-id: the workspaces with the most candidates, by count (applied
-    with the cutoff, not here: the totals depend on it too)."""
+    """The command's --workspace-id, applied with the cutoff (the totals depend on it too)."""
 
     title = "workspace"
     parameter_name = WORKSPACE_PARAM
+    top = 20  # the sidebar lists at most this many workspaces, those with the most candidates
 
     def choices_of(self, page: CandidatePage) -> list[tuple[str, str]]:
         if page.workspace_id:
             chosen = [(page.workspace_id, page.totals.rows)]
         else:
-            chosen = page.result.workspaces[:WORKSPACE_CHOICES]
-            if len(page.result.workspaces) > WORKSPACE_CHOICES:
-                self.title = f"workspace (top {WORKSPACE_CHOICES} by rows)"
+            chosen = page.result.workspaces[: self.top]
+            if len(page.result.workspaces) > self.top:
+                self.title = f"workspace (top {self.top} by rows)"
         # A whole id would wrap in the narrow sidebar (the chosen one is whole in the form).
         length = unique_prefix_length(ws for ws, _ in chosen)
         return [(str(ws), f"{str(ws)[:length]}… ({rows:,})") for ws, rows in chosen]
@@ -242,10 +226,7 @@ class CreatedMonthFilter(PageFilter):
     parameter_name = CREATED_PARAM
     otherwise = "showing every month"
 
-    @staticmethod
-    def parse(value: str | None) -> date | None:
-        if not value:
-            return None
+    def parse(self, value: str) -> date:
         try:
             return date.fromisoformat(f"{value.strip()}-01")
         except ValueError:
@@ -274,10 +255,7 @@ class ClampedFilter(PageFilter):
     parameter_name = CLAMPED_PARAM
     otherwise = "showing all rows"
 
-    @staticmethod
-    def parse(value: str | None) -> bool | None:
-        if not value:
-            return None
+    def parse(self, value: str) -> bool:
         if value in ("yes", "no"):
             return value == "yes"
         raise ValueError(f"clamped {options.shown(value)} must be yes or no")
@@ -300,36 +278,36 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         "usage_id workspace agent_name model created updated input cached corrected removed"
     )
     list_filter = (WorkspaceFilter, CreatedMonthFilter, ClampedFilter)
-    # Oldest first, and sortable only where an index serves the order: the page reads just
-    # the rows it shows instead of sorting every candidate.
+    # Oldest first; sortable only where an index serves the order (no sort of every candidate).
     ordering = ("created_at",)
     sortable_by = ("usage_id", "created", "updated")
     search_fields = ("task__agent__name",)
     search_help_text = "Search by task id, usage row id (a UUID) or agent name (any part)."
     kept_params = (CUTOFF_PARAM, WORKSPACE_PARAM)
     page_params = (CUTOFF_PARAM,)  # the workspace filter reads the workspace
-    fieldsets = sections(
-        {
-            "Usage row": "row_id workspace_id agent_name task provider model created_shown "
-            "updated_shown",
-            "Tokens now": "input_shown cached_shown output_shown cache_write_shown cost_shown",
-            "Repair": "corrected_shown removed_shown is_clamped repair_status",
-        }
-    )
-    # A row already repaired shows its journal entry, not what a repair would compute.
-    optional_fields = {
-        name: lambda row: row.repair_entry is None
-        for name in ("corrected_shown", "removed_shown", "is_clamped")
+    sections = {
+        "Usage row": "row_id workspace_id agent_name task provider model created_shown "
+        "updated_shown",
+        "Tokens now": "input_shown cached_shown output_shown cache_write_shown cost_shown",
+        "Repair": "corrected_shown removed_shown is_clamped repair_status",
     }
+    # A row already repaired shows its journal entry, not what a repair would compute.
+    optional_fields = dict.fromkeys(
+        names("corrected_shown removed_shown is_clamped"), lambda row: row.repair_entry is None
+    )
+    notes = {"Repair": "candidate_repair"}
 
-    usage_id = id_column("id", "id")
-    workspace = id_column("workspace", "task.agent.workspace_id")
+    usage_id = shown("id", "id", short_id)
+    workspace = shown("workspace", "task.agent.workspace_id", short_id)
+    agent_name = shown("agent", "task.agent.name", template="usage_agent")
     created = shown("created", "created_at", clock_cell)
     updated = shown("updated", "updated_at", clock_cell)
     input = shown("input", "input_tokens", number)
     cached = shown("cached", "cache_read_tokens", number)
+    corrected = shown("input after", "corrected_input", template="usage_corrected")
     removed = shown("removed", "tokens_removed", number)
     row_id = shown("ID", "id")
+    workspace_id = shown("workspace", "task.agent.workspace_id", template="usage_workspace")
     created_shown = shown("created at", "created_at", stamp)
     updated_shown = shown("updated at", "updated_at", stamp, none="none")
     corrected_shown = shown("input after the repair", "corrected_input", number)
@@ -339,25 +317,22 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     output_shown = shown("output tokens", "output_tokens", number)
     cache_write_shown = shown("cache write tokens", "cache_write_tokens", number)
     cost_shown = shown("cost (USD ticks)", "cost_usd_ticks", number)
-    is_clamped = shown("clamped", "clamped", bool, boolean=True)
-
-    notes = {"Repair": "candidate_repair"}
+    is_clamped = shown("clamped", "clamped", bool)
+    repair_status = shown("repaired by", "repair_entry", template="usage_repair_status")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request).select_related("task__agent").with_repair()
-        page = _page(request)
+        page = getattr(request, "codex_candidate_page", None)
         if page is None:
             return queryset  # A single row's page: any usage row, repaired or not.
-        if not page.ready:
-            return queryset.none()
-        return queryset.eligible(page.cutoff, page.workspace_id)
+        return queryset.eligible(page.cutoff, page.workspace_id) if page.ready else queryset.none()
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         return lookup in (WORKSPACE_PARAM, CREATED_PARAM, CLAMPED_PARAM)
 
     def known_count(self, request: HttpRequest) -> int | None:
         """The count for the sidebar's choices (the filters ran first) if the totals counted it."""
-        page = _page(request)
+        page = request.codex_candidate_page
         if not page.ready:
             return 0
         if request.GET.get(SEARCH_VAR, "").strip():
@@ -379,10 +354,10 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         page = load_candidate_page(request.GET)
-        request.codex_candidate_page = page  # type: ignore[attr-defined]
+        request.codex_candidate_page = page  # the filters, list and paginator read it
         if page.error:
             messages.error(request, page.error)
-        elif page.ready and not page.workspace_known:
+        elif page.ready and not (page.totals.rows or workspace_has_agents(page.workspace_id)):
             messages.warning(request, f"No agent belongs to workspace {page.workspace_id}.")
         context = {
             "title": "Candidates: the rows the repair would change",
@@ -397,9 +372,3 @@ class CandidateUsageAdmin(ReadOnlyAdmin):
     ) -> HttpResponse:
         context["title"] = f"Usage row {context['object_id']}"
         return super().render_change_form(request, context, *args, **kwargs)
-
-    workspace_id = templated("workspace", "usage_workspace")
-    agent_name = templated("agent", "usage_agent", ordering="task__agent__name")
-    corrected = templated("input after", "usage_corrected", ordering="corrected_input")
-
-    repair_status = templated("repaired by", "usage_repair_status")

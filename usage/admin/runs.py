@@ -1,11 +1,11 @@
-"""The runs, read-only: who ran each repair, with what, what it changed, its stamp and rollup
-(fields a run does not have are left out, not shown empty); and their journal: every row a run
-changed, what it was before, the time of the repair apart from the stamp written into it."""
+"""The runs (who ran each repair, with what, what it changed, its stamp and rollup; fields a run
+lacks are left out) and their journal: each row changed, what it was, when, and its stamp."""
 
 from __future__ import annotations
 
 import uuid
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 from django.contrib import admin, messages
@@ -14,13 +14,12 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from usage.admin.base import ReadOnlyAdmin, id_column, names, sections, shown, templated
+from usage.admin.base import ReadOnlyAdmin, names, shown
 from usage.models import BackfillJournal, BackfillRun
-from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, stamp
+from usage.render import DASH, clock, clock_cell, elapsed, number, seconds, short_id, stamp
 
 STAMP_TITLE = "Stamp: the updated_at written into the repaired rows"
 JOURNAL_STAMP_TITLE = "The row's updated_at"
-
 STAMP_KINDS = {
     BackfillRun.Stamp.BELOW_WATERMARK: "just below the platform rollup's watermark",
     BackfillRun.Stamp.REPAIR_TIME: "the time the run started",
@@ -29,7 +28,6 @@ ROLLUP_PATHS = {
     BackfillRun.RollupPath.OWN: "the tool's own recompute (for a rollup function it recognised)",
     BackfillRun.RollupPath.FUNCTION: "the platform's rollup_task_usage_hourly_window",
 }
-
 # The command's options in reading order (what, which plan, how fast, the rollup), then any a
 # newer version records, by name; a flag is recorded as the setting it turns off.
 ARGUMENT_ORDER = names(
@@ -43,10 +41,9 @@ NOT_GIVEN = "not given"
 
 def argument_rows(arguments: dict[str, Any]) -> list[tuple[str, str]]:
     """The recorded arguments as (option, value) pairs: unset options say "not given"."""
-    known = [key for key in ARGUMENT_ORDER if key in arguments]
-    rest = sorted(key for key in arguments if key not in ARGUMENT_ORDER)
+    rank = {key: n for n, key in enumerate(ARGUMENT_ORDER)}
     rows = []
-    for key in [*known, *rest]:
+    for key in sorted(arguments, key=lambda key: (rank.get(key, len(rank)), key)):
         value = "" if arguments[key] is None else str(arguments[key]).strip()
         if key in NEGATED_FLAGS:
             given = value.lower() in ("false", "0", "no")
@@ -65,63 +62,89 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         "remaining os_user_cell"
     )
     list_filter = ("status", "rollup_state")
-    fieldsets = sections(
-        {
-            "Run": "status_shown progress_shown error_shown started finished took reverted "
-            "continues_link continued_by_links",
-            "Who ran it": "os_user_shown db_role_shown client_host_shown pid_shown "
-            "backend_pid_shown",
-            "What it was asked": "cutoff_shown workspace_shown batch_size_shown arguments_shown "
-            "candidates_link",
-            "Saved plan": "plan_fingerprint_shown plan_made plan_rows_shown",
-            "Result": "rows_planned_shown rows_updated_shown removed_shown clamped_shown "
-            "remaining_shown journal_link batches",
-            STAMP_TITLE: "stamp_kind stamp_base_shown watermark_shown stamps_written",
-            "Revert": "revert_state_shown revert_started revert_finished rows_restored_shown "
-            "revert_error_shown",
-            "Hourly rollup": "rollup_state_shown rollup_path_shown rollup_function_shown "
-            "rollup_fingerprint_shown rollup_path_reason_shown rollup_keys_shown "
-            "rollup_slices_shown rollup_rows_shown rollup_time rollup_hold "
-            "rollup_cron_waits_shown",
-        }
-    )
+    sections = {
+        "Run": "status_shown progress_shown error_shown started finished took reverted "
+        "continues_link continued_by_links",
+        "Who ran it": "os_user_shown db_role_shown client_host_shown pid_shown backend_pid_shown",
+        "What it was asked": "cutoff_shown workspace_shown batch_size_shown arguments_shown "
+        "candidates_link",
+        "Saved plan": "plan_fingerprint_shown plan_made plan_rows_shown",
+        "Result": "rows_planned_shown rows_updated_shown removed_shown clamped_shown "
+        "remaining_shown journal_link batches",
+        STAMP_TITLE: "stamp_kind stamp_base_shown watermark_shown stamps_written",
+        "Revert": "revert_state_shown revert_started revert_finished rows_restored_shown "
+        "revert_error_shown",
+        "Hourly rollup": "rollup_state_shown rollup_path_shown rollup_function_shown "
+        "rollup_fingerprint_shown rollup_path_reason_shown rollup_keys_shown "
+        "rollup_slices_shown rollup_rows_shown rollup_time rollup_hold "
+        "rollup_cron_waits_shown",
+    }
     optional_fields = {
         "progress_shown": lambda run: run.status == BackfillRun.Status.RUNNING,
         "revert_state_shown": lambda run: run.revert_state,
         "rows_restored_shown": lambda run: run.revert_state,
-        "continues_link": lambda run: run.continues_id,
         "continued_by_links": lambda run: run.continued_by.exists(),
         "stamps_written": lambda run: run.stamp_first or run.stamp_last,
-        "plan_made": lambda run: run.plan_fingerprint,
-        "plan_rows_shown": lambda run: run.plan_fingerprint,
+        **dict.fromkeys(names("plan_made plan_rows_shown"), attrgetter("plan_fingerprint")),
     }
-
     notes = {STAMP_TITLE: "run_stamp"}
 
     started_cell = shown("started", "started_at", clock_cell)
+    took = shown("took", lambda run: elapsed(run.started_at, run.finished_at))
     cutoff_cell = shown("cutoff", "cutoff", clock_cell)
-    workspace = id_column("workspace", "workspace_id", empty="all")
+    workspace = shown("workspace", "workspace_id", short_id, none="all")
     removed = shown("removed", "input_tokens_removed", number)
     clamped = shown("clamped", "clamped_rows", number)
     remaining = shown("left", "rows_remaining", number)
-    os_user_cell = shown("OS user", "os_user")
-
-    status_cell = templated("status", "run_status", ordering="status")
-
-    @admin.display(description="took")
-    def took(self, obj: BackfillRun) -> str:
-        return elapsed(obj.started_at, obj.finished_at)
-
-    updated = templated("updated", "run_updated", ordering="rows_updated")
-
+    status_cell = shown("status", "status", template="run_status")
+    updated = shown("updated", "rows_updated", template="run_updated")
     status_shown = shown("status", "get_status_display")
     error_shown = shown("error", "error", optional=True)
     started = shown("started at", "started_at", clock)
     finished = shown("finished at", "finished_at", clock, none="not finished")
     reverted = shown("reverted at", "reverted_at", clock, optional=True)
+    continues_link = shown("continues", "continues_id", template="run_continues", optional=True)
+    continued_by_links = shown("continued by", "continued_by", template="run_continued_by")
+    os_user_shown = os_user_cell = shown("OS user", "os_user")
+    db_role_shown = shown("database role", "db_role")
+    client_host_shown = shown("client host", "client_host")
+    pid_shown = shown("PID", "pid")
+    backend_pid_shown = shown("backend PID", "backend_pid")
+    cutoff_shown = shown("cutoff", "cutoff", clock)
+    batch_size_shown = shown("batch size", "batch_size", number)
+    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
+    candidates_link = shown("candidates now", "cutoff", template="run_candidates")
+    plan_fingerprint_shown = shown(
+        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
+    )
+    plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
+    rows_planned_shown = shown("rows planned", "rows_planned", number)
+    rows_updated_shown = shown("rows updated", "rows_updated", number)
+    removed_shown = shown("input tokens removed", "input_tokens_removed", number)
+    clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
+    remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
+    journal_link = shown("journal", "rows_updated", template="run_journal")
+    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
+    stamp_base_shown = shown("top stamp", "stamp_base", stamp)
     revert_started = shown("revert started at", "revert_started_at", clock, optional=True)
     revert_finished = shown("revert ended at", "revert_finished_at", clock, optional=True)
+    rows_restored_shown = shown(
+        "rows restored", lambda run: f"{number(run.rows_restored)} of {number(run.rows_updated)}"
+    )
     revert_error_shown = shown("why the revert did not finish", "revert_error", optional=True)
+    rollup_state_shown = shown("state", "get_rollup_state_display")
+    rollup_path_shown = shown(
+        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
+    )
+    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
+    rollup_fingerprint_shown = shown(
+        "its definition's fingerprint", "rollup_fingerprint", optional=True
+    )
+    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
+    rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
+    rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
+    rollup_time = shown("time", "rollup_seconds", seconds)
+    rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
 
     @admin.display(description="progress")
     def progress_shown(self, obj: BackfillRun) -> str:
@@ -130,35 +153,11 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         share = f" ({100 * done / planned:.0f}%)" if planned else ""
         running_for = (timezone.now() - obj.started_at).total_seconds()
         rate = done / running_for if running_for > 0 else 0.0
-        left = max(planned - done, 0)
-        eta = f"ETA {seconds(left / rate)}" if rate else "ETA not known yet"
+        eta = f"ETA {seconds(max(planned - done, 0) / rate)}" if rate else "ETA not known yet"
         return (
             f"{number(done)} of {number(planned)} rows{share}, {number(round(rate))} rows/s "
             f"since it started, {eta} (as of its last batch: reload to follow it)"
         )
-
-    @admin.display(description="state of its latest revert")
-    def revert_state_shown(self, obj: BackfillRun) -> str:
-        state = obj.get_revert_state_display()
-        if obj.revert_state == BackfillRun.RevertState.RUNNING and obj.revert_finished_at is None:
-            return f"{state} (or stopped without a trace: kill -9, a lost connection)"
-        return state
-
-    @admin.display(description="rows restored")
-    def rows_restored_shown(self, obj: BackfillRun) -> str:
-        return f"{number(obj.rows_restored)} of {number(obj.rows_updated)}"
-
-    continues_link = templated("continues", "run_continues")
-    continued_by_links = templated("continued by", "run_continued_by")
-
-    os_user_shown = shown("OS user", "os_user")
-    db_role_shown = shown("database role", "db_role")
-    client_host_shown = shown("client host", "client_host")
-    pid_shown = shown("PID", "pid")
-    backend_pid_shown = shown("backend PID", "backend_pid")
-    cutoff_shown = shown("cutoff", "cutoff", clock)
-    batch_size_shown = shown("batch size", "batch_size", number)
-    workspace_shown = shown("workspace", "workspace_id", none="every workspace")
 
     @admin.display(description="arguments")
     def arguments_shown(self, obj: BackfillRun) -> str:
@@ -174,18 +173,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         )
         return format_html('<table class="arguments"><tbody>{}</tbody></table>', rows)
 
-    candidates_link = templated("candidates now", "run_candidates")
-
-    plan_fingerprint_shown = shown(
-        "plan fingerprint", "plan_fingerprint", none="none: executed without --plan"
-    )
-    plan_made = shown("plan made at (database clock)", "plan_created_at", clock)
-    rows_planned_shown = shown("rows planned", "rows_planned", number)
-    rows_updated_shown = shown("rows updated", "rows_updated", number)
-    removed_shown = shown("input tokens removed", "input_tokens_removed", number)
-    clamped_shown = shown("clamped rows (input set to 0)", "clamped_rows", number)
-    remaining_shown = shown("rows remaining (still eligible)", "rows_remaining", number)
-
     @admin.display(description="rows in the plan")
     def plan_rows_shown(self, obj: BackfillRun) -> str:
         if obj.plan_rows is None:
@@ -193,8 +180,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
         return (
             f"{number(obj.plan_rows)} ({number(obj.rows_planned)} still candidates at the execute)"
         )
-
-    journal_link = templated("journal", "run_journal")
 
     @admin.display(description="batches (database clock)")
     def batches(self, obj: BackfillRun) -> str:
@@ -206,9 +191,6 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             f"from {clock(obj.rollup_from)} to {clock(obj.rollup_to)} "
             f"({elapsed(obj.rollup_from, obj.rollup_to)})"
         )
-
-    stamp_kind = shown("stamp", "stamp", lambda kind: STAMP_KINDS.get(kind, kind or DASH))
-    stamp_base_shown = shown("top stamp", "stamp_base", stamp)
 
     @admin.display(description="rollup watermark at the start")
     def watermark_shown(self, obj: BackfillRun) -> str:
@@ -223,19 +205,12 @@ class BackfillRunAdmin(ReadOnlyAdmin):
             return stamp(first or last)
         return f"from {stamp(first)} to {stamp(last)}"
 
-    rollup_state_shown = shown("state", "get_rollup_state_display")
-    rollup_path_shown = shown(
-        "path", "rollup_path", lambda path: ROLLUP_PATHS.get(path, path), optional=True
-    )
-    rollup_function_shown = shown("rollup function recognised", "rollup_function", optional=True)
-    rollup_fingerprint_shown = shown(
-        "its definition's fingerprint", "rollup_fingerprint", optional=True
-    )
-    rollup_path_reason_shown = shown("why this path", "rollup_path_reason", optional=True)
-    rollup_keys_shown = shown("hourly keys rebuilt", "rollup_keys", number)
-    rollup_rows_shown = shown("hourly rows written", "rollup_rows", number)
-    rollup_time = shown("time", "rollup_seconds", seconds)
-    rollup_hold = shown("longest hold of lock 4246", "rollup_max_lock_seconds", seconds)
+    @admin.display(description="state of its latest revert")
+    def revert_state_shown(self, obj: BackfillRun) -> str:
+        state = obj.get_revert_state_display()
+        if obj.revert_state == BackfillRun.RevertState.RUNNING and obj.revert_finished_at is None:
+            return f"{state} (or stopped without a trace: kill -9, a lost connection)"
+        return state
 
     @admin.display(description="slices")
     def rollup_slices_shown(self, obj: BackfillRun) -> str:
@@ -265,20 +240,26 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
     ordering = ("-id",)
     search_fields = ("usage_id",)
     search_help_text = "Search by usage row id (a UUID)."
-    fieldsets = sections(
-        {
-            "Repair": "repaired run_link usage_link reverted",
-            "Input tokens": "old_input new_input removed cached",
-            JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
-        }
-    )
+    sections = {
+        "Repair": "repaired run_link usage_link reverted",
+        "Input tokens": "old_input new_input removed cached",
+        JOURNAL_STAMP_TITLE: "old_updated_at_shown stamp_shown",
+    }
+    notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
-    usage_cell = id_column("usage row", "usage_id", link="admin:usage_candidateusage_change")
+    run_link = shown("run", "run_id", template="journal_run")
+    usage_cell = shown("usage row", "usage_id", short_id, link="admin:usage_candidateusage_change")
     repaired_cell = shown("repaired at", "repaired_at", clock_cell)
-    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     reverted_cell = shown("reverted", "reverted_at", clock_cell)
+    stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
+    repaired = shown("repaired at (database clock)", "repaired_at", template="journal_repaired")
+    usage_link = shown("usage row", "usage_id", template="journal_usage")
+    reverted = shown("reverted at", "reverted_at", clock, none="not reverted")
     old_input = shown("input before", "old_input_tokens", number)
     new_input = shown("input after", "new_input_tokens", number)
+    removed = shown(
+        "removed", lambda entry: number(entry.old_input_tokens - entry.new_input_tokens)
+    )
     cached = shown("cached", "cache_read_tokens", number)
     old_updated_at_shown = shown(
         "old updated_at (a revert restores it)",
@@ -287,9 +268,6 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         none="none (the row had no updated_at)",
     )
     stamp_shown = shown("stamp written to updated_at", "new_updated_at", stamp)
-    stamp_cell = shown("stamp written", "new_updated_at", partial(clock_cell, micro=True))
-
-    notes = {JOURNAL_STAMP_TITLE: "journal_stamp"}
 
     def render_change_form(
         self, request: HttpRequest, context: dict, *args: Any, obj: BackfillJournal, **kwargs: Any
@@ -306,11 +284,3 @@ class BackfillJournalAdmin(ReadOnlyAdmin):
         except ValueError:
             messages.warning(request, f"{term!r} is not a usage row id (a UUID).")
             return queryset.none()
-
-    repaired = templated("repaired at (database clock)", "journal_repaired")
-    run_link = templated("run", "journal_run", ordering="run_id")
-    usage_link = templated("usage row", "journal_usage")
-
-    @admin.display(description="removed")
-    def removed(self, obj: BackfillJournal) -> str:
-        return number(obj.old_input_tokens - obj.new_input_tokens)
