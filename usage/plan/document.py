@@ -177,7 +177,7 @@ def plan_text(document: dict[str, Any]) -> str:
 
 
 def read_plan(given: str) -> Plan:
-    """Read, check and parse a plan file; every problem is a one-line ``PlanError``."""
+    """Read, check and parse a plan file; every problem is a one-line ``ValueError``."""
     name = f"--plan {shown(given)}"
 
     def refuse(why: str) -> PlanError:
