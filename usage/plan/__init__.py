@@ -47,6 +47,8 @@ DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
 # Shows lines fitted to the width where they go (see the repair command).
 LinesShower = Callable[[Callable[[int | None], list[str]]], None]
+# The plan's fields a run records (as plan_<field>) and the JSON log's context names.
+RECORDED = ("created_at", "rows", "fingerprint")
 
 IDENTITY_SQL = """
 SELECT current_database(),
@@ -222,11 +224,7 @@ class SnapshotCheck:
         )
         details = {k: v for k, v in compared.document().items() if k != "file"}
         log_event(logger, logging.INFO, "plan", compared.summary(), **details)
-        return {
-            "plan_fingerprint": plan.fingerprint,
-            "plan_created_at": plan.created_at,
-            "plan_rows": plan.rows,
-        }
+        return {f"plan_{key}": getattr(plan, key) for key in RECORDED}
 
 
 def duration(seconds: float) -> str:
@@ -308,8 +306,7 @@ class PlanOptions:
     def context(self) -> dict[str, Any]:
         """The plan applied, as the JSON log's ``context`` event names it."""
         assert self.given is not None
-        fields = ("created_at", "rows", "fingerprint")
-        return {"file": self.given.given, **{key: getattr(self.given, key) for key in fields}}
+        return {"file": self.given.given, **{key: getattr(self.given, key) for key in RECORDED}}
 
     def context_line(self) -> str:
         given = self.given

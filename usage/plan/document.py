@@ -177,13 +177,13 @@ def plan_text(document: dict[str, Any]) -> str:
 
 
 def read_plan(given: str) -> Plan:
-    """Read, check and parse a plan file; every problem is a one-line ``PlanError``."""
+    """Read, check and parse a plan file; every problem is a one-line ``ValueError``."""
     name = f"--plan {shown(given)}"
 
     def refuse(why: str) -> PlanError:
         return PlanError(f"{name} {why}; {NEW_PLAN_ADVICE}")
 
-    document = _load_json(_read_bytes(given), name)
+    document = _read_json(given)
     if not isinstance(document, dict) or document.get("kind") != PLAN_KIND:
         if isinstance(document, dict) and document.get("mode") in ("dry_run", "execute"):
             raise PlanError(
@@ -219,8 +219,8 @@ def read_plan(given: str) -> Plan:
     return plan
 
 
-def _read_bytes(given: str) -> bytes:
-    """The file's bytes: a regular file or a pipe (``--plan <(...)``), never a device."""
+def _read_json(given: str) -> Any:
+    """The file's JSON: a regular file or a pipe (``--plan <(...)``), never a device."""
     path, refuse = named_file(given, "--plan", GIVE_THE_DRY_RUNS)
     handle = -1
     try:
@@ -250,27 +250,20 @@ def _read_bytes(given: str) -> bytes:
             os.close(handle)
     if not data:
         raise refuse(f"is empty; {GIVE_THE_DRY_RUNS}")
-    return bytes(data)
 
-
-def _load_json(data: bytes, name: str) -> Any:
     def no_constants(word: str) -> Any:
         raise ValueError(f"{word} is not a JSON number")
 
     try:
         return json.loads(data.decode("utf-8"), parse_constant=no_constants)
     except UnicodeDecodeError:
-        raise PlanError(f"{name} is not UTF-8 text; {GIVE_THE_DRY_RUNS}") from None
+        unread = "UTF-8 text"
     except json.JSONDecodeError as exc:
-        raise PlanError(
-            f"{name} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-            f"{GIVE_THE_DRY_RUNS}"
-        ) from None
+        unread = f"JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
     except (ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise PlanError(
-            f"{name} is not JSON ({shown(reason.split(';')[0])}); {GIVE_THE_DRY_RUNS}"
-        ) from None
+        unread = f"JSON ({shown(reason.split(';')[0])})"
+    raise refuse(f"is not {unread}; {GIVE_THE_DRY_RUNS}")
 
 
 def _parse_plan(document: dict[str, Any], given: str) -> Plan:

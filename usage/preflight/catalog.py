@@ -175,30 +175,27 @@ SELECT count(*) FROM (
 ) capped"""
 JOURNALED_SQL = "SELECT EXISTS (SELECT 1 FROM {journal} WHERE reverted_at IS NULL)"
 
-# The eligibility definition with its cutoff comparison turned around, from the same named
-# parts: Codex rows with cached input, last written in [cutoff, window end), not repaired by
-# this tool. Written so that the updated_at index and the legacy created_at index serve it.
-_AFTER_CUTOFF_TEST = """(
-        (tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
-        OR (tu.updated_at IS NULL
-            AND tu.created_at >= %(cutoff)s AND tu.created_at < %(window_end)s))"""
-_BEFORE_WINDOW_TEST = """(
-        tu.updated_at >= %(window_start)s
-        OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))"""
-WRITTEN_AFTER_CUTOFF_WHERE = f"""{eligibility.CODEX_WITH_CACHED_INPUT}
-    AND {_AFTER_CUTOFF_TEST}
-    AND {eligibility.NOT_REPAIRED}
-    AND {eligibility.SCOPE_WHERE}"""
+# Rows last written within the window, sampled on each side of the cutoff. After it: the
+# eligibility definition with its cutoff comparison turned around, from the same named parts
+# (Codex rows with cached input, last written in [cutoff, window end), not repaired by this
+# tool), written so that the updated_at index and the legacy created_at index serve it.
 CUTOFF_NEIGHBOURHOOD_SQL = f"""
 WITH before_cutoff AS (
     SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
     FROM {{eligible_from}}
-    WHERE {{eligible_where}} AND {_BEFORE_WINDOW_TEST}
+    WHERE {{eligible_where}} AND (
+        tu.updated_at >= %(window_start)s
+        OR (tu.updated_at IS NULL AND tu.created_at >= %(window_start)s))
     LIMIT %(sample)s
 ), after_cutoff AS (
     SELECT tu.input_tokens >= tu.cache_read_tokens AS looks_unnormalized
     FROM {{eligible_from}}
-    WHERE {WRITTEN_AFTER_CUTOFF_WHERE}
+    WHERE {eligibility.CODEX_WITH_CACHED_INPUT}
+    AND ((tu.updated_at >= %(cutoff)s AND tu.updated_at < %(window_end)s)
+        OR (tu.updated_at IS NULL
+            AND tu.created_at >= %(cutoff)s AND tu.created_at < %(window_end)s))
+    AND {eligibility.NOT_REPAIRED}
+    AND {eligibility.SCOPE_WHERE}
     LIMIT %(sample)s
 )
 SELECT (SELECT count(*) FROM before_cutoff),

@@ -36,8 +36,6 @@ _REGISTERED: list[Check] = []
 
 
 def check(title: str, requires: str = "") -> Callable[[Callable], Callable]:
-    """Register ``check_<name>`` in ``CHECKS``, in the order of definition."""
-
     def register(run: Callable[[Context], CheckResult]) -> Callable[[Context], CheckResult]:
         name = run.__name__.removeprefix("check_")
         _REGISTERED.append(Check(name, title, run, tuple(requires.split())))
