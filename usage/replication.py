@@ -58,10 +58,6 @@ class ReplicaState:
         """The role may not see this walsender's details (no ``pg_monitor``)."""
         return self.state is None
 
-    @property
-    def label(self) -> str:
-        return f"replica {self.name}@{self.client}"
-
 
 def _format_bytes(value: int) -> str:
     size = float(value)
@@ -75,17 +71,17 @@ def _format_bytes(value: int) -> str:
 def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
     if replica.hidden:
         return f"replica pid {replica.pid} lag not visible to this role ({MISSING_PRIVILEGE_HINT})"
-    lag = replica.replay_lag_seconds
+    lag, label = replica.replay_lag_seconds, f"replica {replica.name}@{replica.client}"
     if lag is not None:
         if lag <= max_lag_seconds:
             return None
         shown = f"{lag:.1f}s" if lag < 100 else f"{lag:.0f}s"
-        return f"{replica.label} replay lag {shown} > {max_lag_seconds:g}s"
+        return f"{label} replay lag {shown} > {max_lag_seconds:g}s"
     if replica.position_unknown:
-        return f"{replica.label} replay lag unknown, replay position not reported yet"
+        return f"{label} replay lag unknown, replay position not reported yet"
     if replica.behind_bytes:
         return (
-            f"{replica.label} replay lag unknown, {_format_bytes(replica.behind_bytes)} "
+            f"{label} replay lag unknown, {_format_bytes(replica.behind_bytes)} "
             "of WAL not replayed"
         )
     return None
