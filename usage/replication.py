@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,11 +89,9 @@ def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
 
 
 def replica_states(cursor: Any = None) -> list[ReplicaState]:
-    if cursor is None:
-        with connection.cursor() as own_cursor:
-            return replica_states(own_cursor)
-    cursor.execute(REPLICAS_SQL)
-    return [ReplicaState(*row) for row in cursor.fetchall()]
+    with nullcontext(cursor) if cursor is not None else connection.cursor() as current:
+        current.execute(REPLICAS_SQL)
+        return [ReplicaState(*row) for row in current.fetchall()]
 
 
 def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:
