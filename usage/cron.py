@@ -167,16 +167,14 @@ class TickWatcher:
     ) -> float:
         state = read_state()
         due = self.next_due(state)
-        if due is None:
-            if not self._said_stale:
-                self._said_stale = True
-                last = state.last_run_started_at
-                logger.info(
-                    "the platform's cron tick %s: not waiting for it between slices",
-                    "never ran" if last is None else f"last ran at {_clock(last)}",
-                )
-            return 0.0
-        if (due - state.now).total_seconds() > self.lead:
+        if due is None and not self._said_stale:
+            self._said_stale = True
+            last = state.last_run_started_at
+            logger.info(
+                "the platform's cron tick %s: not waiting for it between slices",
+                "never ran" if last is None else f"last ran at {_clock(last)}",
+            )
+        if due is None or (due - state.now).total_seconds() > self.lead:
             return 0.0
         give_up = due + timedelta(seconds=self.grace)
         limit = max((give_up - state.now).total_seconds(), 0.0)
