@@ -68,19 +68,16 @@ ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 ]
 
-# DJANGO_HTTPS: docs/admin.md.
+# DJANGO_HTTPS: docs/admin.md; unset or 0: the settings below keep Django's defaults (all off).
 _HTTPS = os.environ.get("DJANGO_HTTPS", "").strip().lower()
 if _HTTPS not in ("", "0", "1", "proxy"):
     raise ImproperlyConfigured(f"DJANGO_HTTPS={_HTTPS[:20]!r} must be 1, proxy or unset")
-if _HTTPS in ("1", "proxy"):
-    SECURE_SSL_REDIRECT = True
-    SESSION_COOKIE_SECURE = True
-    CSRF_COOKIE_SECURE = True
-    # A day: the tool is a one-off; a long HSTS pin would outlive it.
-    SECURE_HSTS_SECONDS = 86400
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-    if _HTTPS == "proxy":
-        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _HTTPS in ("1", "proxy")
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_SSL_REDIRECT
+# A day: the tool is a one-off; a long HSTS pin would outlive it.
+SECURE_HSTS_SECONDS = 86400 if SECURE_SSL_REDIRECT else 0
+if _HTTPS == "proxy":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # An internal tool's admin is never submitted to the browsers' HSTS preload list.
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 

@@ -11,6 +11,6 @@ from django.core.wsgi import get_wsgi_application
 from usage.serving import serving_refusal
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "repair_project.settings")
-if serving_refusal():
-    raise ImproperlyConfigured(serving_refusal())
+if refusal := serving_refusal():
+    raise ImproperlyConfigured(refusal)
 application = get_wsgi_application()

@@ -24,9 +24,8 @@ def create_tool_schema(sender: AppConfig, using: str = "default", **kwargs: Any)
 
 def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
     """On the first connection to the sandbox's database, once: it then stops listening."""
-    if not getattr(connection, "is_sandbox", False):
-        return
-    if connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
+    sandbox = getattr(connection, "is_sandbox", False)
+    if not sandbox or connection.settings_dict["NAME"] != settings.SANDBOX_DATABASE_NAME:
         return
     connection_created.disconnect(migrate_sandbox)
     from django.core.management import call_command
@@ -41,7 +40,6 @@ def migrate_sandbox(sender: Any, connection: Any, **kwargs: Any) -> None:
 class UsageConfig(AppConfig):
     name = "usage"
     verbose_name = "Codex usage repair"
-    default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
         from usage import serving  # noqa: F401 - registers the deploy check

@@ -167,35 +167,31 @@ class TickWatcher:
     ) -> float:
         state = read_state()
         due = self.next_due(state)
-        if due is None:
-            if not self._said_stale:
-                self._said_stale = True
-                last = state.last_run_started_at
-                logger.info(
-                    "the platform's cron tick %s: not waiting for it between slices",
-                    "never ran" if last is None else f"last ran at {_clock(last)}",
-                )
-            return 0.0
-        if (due - state.now).total_seconds() > self.lead:
+        if due is None and not self._said_stale:
+            self._said_stale = True
+            last = state.last_run_started_at
+            logger.info(
+                "the platform's cron tick %s: not waiting for it between slices",
+                "never ran" if last is None else f"last ran at {_clock(last)}",
+            )
+        if due is None or (due - state.now).total_seconds() > self.lead:
             return 0.0
         give_up = due + timedelta(seconds=self.grace)
-        limit = (give_up - state.now).total_seconds()
+        limit = max((give_up - state.now).total_seconds(), 0.0)
         message = (
             f"waiting for the platform's cron tick due at {_clock(due)} "
-            f"(lock {ROLLUP_LOCK_ID} left free, at most {max(limit, 0):.1f}s)"
+            f"(lock {ROLLUP_LOCK_ID} left free, at most {limit:.1f}s)"
         )
         logger.info(message)
-        on_wait(message, max(limit, 0.0))
-        started, last, current = state.now, state.last_run_started_at, state
-        while not stop() and current.now < give_up:
+        on_wait(message, limit)
+        current = state  # until the tick starts, the time is up or the run stops
+        while current.last_run_started_at == state.last_run_started_at and not stop():
+            if current.now >= give_up:
+                logger.info("the cron tick due at %s did not start; continuing", _clock(due))
+                break
             threading.Event().wait(POLL_SECONDS)
             current = read_state()
-            if current.last_run_started_at != last:
-                break
-        else:
-            if not stop():
-                logger.info("the cron tick due at %s did not start; continuing", _clock(due))
-        waited = (current.now - started).total_seconds()
+        waited = (current.now - state.now).total_seconds()
         self.waits += 1
         self.waited_seconds += waited
         return waited

@@ -141,8 +141,7 @@ def migrations(cursor: Any) -> tuple[set[tuple[str, str]], list[tuple[str, str]]
 def check_target() -> None:
     target, tool = settings.CODEX_TARGET_SCHEMA, settings.CODEX_REPAIR_SCHEMA
     with connection.cursor() as cursor:
-        missing = missing_tables(cursor, REQUIRED_TARGET_TABLES, target)
-        if missing:
+        if missing := missing_tables(cursor, REQUIRED_TARGET_TABLES, target):
             raise TargetError(
                 f"table {', '.join(missing)} not found in schema {target!r}: point DATABASE_URL "
                 "at the application database (or set CODEX_TARGET_SCHEMA)"
@@ -164,8 +163,7 @@ def check_target() -> None:
                 f"the tool's own tables are missing from schema {tool!r}:"
                 " run `python manage.py migrate` first (it creates only that schema)"
             )
-        missing = [name for app, name in migrations(cursor)[1] if app == "usage"]
-        if missing:
+        if missing := [name for app, name in migrations(cursor)[1] if app == "usage"]:
             raise TargetError(
                 f"the tool's schema {tool!r} is not migrated to this version (missing "
                 f"{', '.join(missing)}): run `python manage.py migrate` first (it changes "

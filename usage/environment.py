@@ -18,6 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from usage.options import DECLARABLE_MIGRATIONS, parse_seconds, shown
 
 URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+BAD_PORT = "has a port that is not a number from 1 to 65535"
 
 # TCP keepalives: a server that vanished mid-statement is noticed within about a minute.
 KEEPALIVES = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
@@ -46,28 +47,16 @@ def _url_problem(url: str) -> str:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        if "port" in str(exc).lower():
-            return "has a port that is not a number from 1 to 65535"
-        return "is not a valid URL"
+        return BAD_PORT if "port" in str(exc).lower() else "is not a valid URL"
     if "://" not in url or not parts.scheme:
         return "is not a URL"
     if parts.scheme not in ("postgres", "postgresql", "pgsql"):
         return f"names a {parts.scheme!r} database, but the tool works on PostgreSQL only"
     if port == 0:
-        return "has a port that is not a number from 1 to 65535"
+        return BAD_PORT
     if not unquote(parts.path[1:]):
         return "names no database (the /DBNAME part)"
     return ""
-
-
-def url_secrets(url: str) -> list[str]:
-    """The URL and its password (as written and decoded): never to be shown."""
-    found = [url] if url else []
-    with contextlib.suppress(ValueError):  # a URL that does not parse has no password to hide
-        password = urlsplit(url).password
-        if password:
-            found.extend({password, unquote(password)})
-    return found
 
 
 @dataclass(frozen=True)
@@ -148,8 +137,7 @@ def secret_key(
 ) -> tuple[str, str]:
     """The key and its source: ``DJANGO_SECRET_KEY``, else the sandbox's kept key, else one for
     this process only (source "": the admin is not served)."""
-    given = environ.get("DJANGO_SECRET_KEY", "")
-    if given:
+    if given := environ.get("DJANGO_SECRET_KEY", ""):
         return given, "DJANGO_SECRET_KEY"
     if sandbox_dir is not None:
         # An unwritable sandbox folder: no kept key, so no serving either.
@@ -176,8 +164,7 @@ def _kept_key(path: Path) -> str:
 
 
 def _read_key(path: Path) -> str:
-    handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(handle) as stream:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as stream:
         key = stream.read().strip()
     if key_problem(key):
         raise OSError(f"{path} does not hold a usable key")

@@ -30,13 +30,8 @@ class JsonFormatter(logging.Formatter):
         fields = dict(getattr(record, "fields", {}))
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return event_line(
-            record.levelname.lower(),
-            getattr(record, "event", "log"),
-            " ".join(record.getMessage().split()),
-            fields,
-            record.created,
-        )
+        event, message = getattr(record, "event", "log"), " ".join(record.getMessage().split())
+        return event_line(record.levelname.lower(), event, message, fields, record.created)
 
 
 def json_default(value: Any) -> Any:

@@ -27,9 +27,6 @@ class Agent(models.Model):
         managed = False
         db_table = "agent"
 
-    def __str__(self) -> str:
-        return self.name
-
 
 class Issue(models.Model):
     id = models.UUIDField(primary_key=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from typing import Any
 
 from django.conf import settings
@@ -39,13 +40,11 @@ class Need:
     why: str = ""
 
     def grant(self, role: str, database: str) -> str:
-        target = self.obj  # a table
-        if self.kind == "database":
-            target = f"DATABASE {_quote(database)}"
-        elif self.kind == "schema":
-            target = f"SCHEMA {_quote(self.obj)}"
-        elif self.kind == "function":
-            target = f"FUNCTION {self.obj}"  # its privilege is EXECUTE
+        target = {
+            "database": f"DATABASE {_quote(database)}",
+            "schema": f"SCHEMA {_quote(self.obj)}",
+            "function": f"FUNCTION {self.obj}",  # its privilege is EXECUTE
+        }.get(self.kind, self.obj)  # a table
         return f"GRANT {self.privilege} ON {target} TO {_quote(role)};"
 
 
@@ -66,28 +65,24 @@ class Missing:
         return " ".join(need.grant(self.role, self.database) for need in self.needs)
 
 
-def _needs(table: str, privileges: str, why: str = "") -> list[Need]:
-    """``table``: its shared name, e.g. ``{task_usage}`` (``eligibility.names``)."""
-    return [Need("table", compose(table), privilege, why) for privilege in privileges.split()]
+def _needs(tables: str, privileges: str, why: str = "") -> list[Need]:
+    """``tables``: their shared names, e.g. ``{task_usage} {agent}`` (``eligibility.names``)."""
+    pairs = product(tables.split(), privileges.split())
+    return [Need("table", compose(table), privilege, why) for table, privilege in pairs]
 
 
 def requirements(
-    *,
-    rebuild_rollup: bool = True,
-    security_definer: bool = False,
-    own_path: bool = True,
+    *, rebuild_rollup: bool = True, security_definer: bool = False, own_path: bool = True
 ) -> list[Need]:
-    readable = ("agent_task_queue", "agent", "issue", "task_usage_hourly_rollup_state")
     needs = [
         # has_schema_privilege takes the schema's name, not a quoted identifier.
         Need("schema", settings.CODEX_TARGET_SCHEMA, "USAGE"),
         *_needs("{task_usage}", "SELECT"),
         *_needs("{task_usage}", "UPDATE", "the rows are rewritten"),
-        *(need for table in readable for need in _needs(f"{{{table}}}", "SELECT")),
+        *_needs("{agent_task_queue} {agent} {issue} {task_usage_hourly_rollup_state}", "SELECT"),
         Need("database", "", "TEMPORARY", "the work list is a temporary table"),
         Need("schema", settings.CODEX_REPAIR_SCHEMA, "USAGE"),
-        *_needs("{run}", "SELECT INSERT UPDATE"),
-        *_needs("{journal}", "SELECT INSERT UPDATE"),
+        *_needs("{run} {journal}", "SELECT INSERT UPDATE"),
         *_needs('{tool_schema}."django_migrations"', "SELECT"),
     ]
     if not rebuild_rollup:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +59,6 @@ class ReplicaState:
         """The role may not see this walsender's details (no ``pg_monitor``)."""
         return self.state is None
 
-    @property
-    def label(self) -> str:
-        return f"replica {self.name}@{self.client}"
-
 
 def _format_bytes(value: int) -> str:
     size = float(value)
@@ -75,28 +72,26 @@ def _format_bytes(value: int) -> str:
 def judge(replica: ReplicaState, max_lag_seconds: float) -> str | None:
     if replica.hidden:
         return f"replica pid {replica.pid} lag not visible to this role ({MISSING_PRIVILEGE_HINT})"
-    lag = replica.replay_lag_seconds
+    lag, label = replica.replay_lag_seconds, f"replica {replica.name}@{replica.client}"
     if lag is not None:
         if lag <= max_lag_seconds:
             return None
         shown = f"{lag:.1f}s" if lag < 100 else f"{lag:.0f}s"
-        return f"{replica.label} replay lag {shown} > {max_lag_seconds:g}s"
+        return f"{label} replay lag {shown} > {max_lag_seconds:g}s"
     if replica.position_unknown:
-        return f"{replica.label} replay lag unknown, replay position not reported yet"
+        return f"{label} replay lag unknown, replay position not reported yet"
     if replica.behind_bytes:
         return (
-            f"{replica.label} replay lag unknown, {_format_bytes(replica.behind_bytes)} "
+            f"{label} replay lag unknown, {_format_bytes(replica.behind_bytes)} "
             "of WAL not replayed"
         )
     return None
 
 
 def replica_states(cursor: Any = None) -> list[ReplicaState]:
-    if cursor is None:
-        with connection.cursor() as own_cursor:
-            return replica_states(own_cursor)
-    cursor.execute(REPLICAS_SQL)
-    return [ReplicaState(*row) for row in cursor.fetchall()]
+    with nullcontext(cursor) if cursor is not None else connection.cursor() as current:
+        current.execute(REPLICAS_SQL)
+        return [ReplicaState(*row) for row in current.fetchall()]
 
 
 def lag_too_high(max_lag_seconds: float, cursor: Any = None) -> str | None:

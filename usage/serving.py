@@ -4,12 +4,14 @@ point refuse, ``check --deploy`` reports); the tool's own models, read-only, no 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import re
 from collections.abc import Callable, Iterable
 from functools import update_wrapper
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from django.conf import settings
 from django.contrib.admin.apps import AdminConfig
@@ -21,17 +23,13 @@ from django.db.models.base import ModelBase
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
-from usage.environment import SECRET_KEY_MIN_LENGTH, key_problem, url_secrets
+from usage.environment import SECRET_KEY_MIN_LENGTH, key_problem
 
 logger = logging.getLogger("usage.admin")
 
 KEY_EXAMPLE = (
     "DJANGO_SECRET_KEY=\"$(python -c 'import secrets; "
     f"print(secrets.token_urlsafe({SECRET_KEY_MIN_LENGTH}))')\""
-)
-PASSWORD_FORM_GONE = (
-    "This admin changes no password: run `python manage.py changepassword USERNAME` "
-    "against the same database instead."
 )
 NUL_REFUSED = (
     "Bad request: the address or one of its parameters contains a NUL byte (%00), which "
@@ -94,7 +92,10 @@ class ReviewAdminSite(AdminSite):
     def password_change(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        raise Http404(PASSWORD_FORM_GONE)
+        raise Http404(
+            "This admin changes no password: run `python manage.py changepassword USERNAME` "
+            "against the same database instead."
+        )
 
     password_change_done = password_change
 
@@ -118,9 +119,13 @@ class RejectNulBytes:
 
 
 def known_secrets() -> list[str]:
-    found = url_secrets(getattr(settings, "DATABASE_URL", ""))
+    """The database URL and its password (as written and decoded), passwords, the key."""
+    url = getattr(settings, "DATABASE_URL", "")
+    found = [url, settings.SECRET_KEY]
     found += [str(db["PASSWORD"]) for db in settings.DATABASES.values() if db.get("PASSWORD")]
-    found.append(settings.SECRET_KEY)
+    with contextlib.suppress(ValueError):  # a URL that does not parse has no password to hide
+        password = urlsplit(url).password or ""
+        found += [password, unquote(password)]
     # Longest first, so that a password inside the URL goes with the URL.
     return sorted({s for s in found if s}, key=len, reverse=True)
 
@@ -140,9 +145,7 @@ class SecretHidingFilter(SafeExceptionReporterFilter):
 
     def cleanse_setting(self, key: Any, value: Any) -> Any:
         cleansed = super().cleanse_setting(key, value)
-        if cleansed is not self.cleansed_substitute and _holds_secret(cleansed, known_secrets()):
-            return self.cleansed_substitute
-        return cleansed
+        return self.cleansed_substitute if _holds_secret(cleansed, known_secrets()) else cleansed
 
     def get_traceback_frame_variables(self, request: Any, tb_frame: Any) -> Any:
         secrets = known_secrets()
@@ -154,15 +157,13 @@ class SecretHidingFilter(SafeExceptionReporterFilter):
 
 class SecretHidingReporter(ExceptionReporter):
     def get_traceback_html(self) -> str:
-        return _without_secrets(super().get_traceback_html(), escaped=True)
+        return _without_secrets(super().get_traceback_html())
 
     def get_traceback_text(self) -> str:
-        return _without_secrets(super().get_traceback_text(), escaped=False)
+        return _without_secrets(super().get_traceback_text())
 
 
-def _without_secrets(text: str, *, escaped: bool) -> str:
+def _without_secrets(text: str) -> str:
     for secret in known_secrets():
-        text = text.replace(secret, HIDDEN)
-        if escaped:
-            text = text.replace(html.escape(secret), HIDDEN)
+        text = text.replace(secret, HIDDEN).replace(html.escape(secret), HIDDEN)
     return text
