@@ -12,16 +12,9 @@ from typing import Any
 from psycopg import sql
 
 from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
-from usage.repair.rollup.function import (
-    REVERT_KEYS_TABLE,
-)
-from usage.repair.rollup.slices import (
-    NEXT_SPAN_SQL,
-)
-from usage.repair.rollup.versions import (
-    TOKEN_COLUMNS,
-    FunctionVersion,
-)
+from usage.repair.rollup.function import REVERT_KEYS_TABLE
+from usage.repair.rollup.slices import NEXT_SPAN_SQL
+from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
 
 logger = logging.getLogger("usage.rollup")
 
