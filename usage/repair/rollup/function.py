@@ -320,24 +320,14 @@ class FunctionPath(Slicer):
                 what = f"slice of {span.keys} keys on {span.count} stamps ({plan} plan{drained})"
                 units = slice_units(plan, span.keys, span.cost, backlog, mean)
                 self.planner.cancelled(plan, units, span.keys, smallest=span.count == 1)
-                if not self.planner.usable:
-                    self.result.cancelled_holds.append(exc.held)
-                    raise RollupError(
-                        f"{what} could not be rebuilt within the lock budget "
-                        f"({self.limits.cap:g}s) with either plan; the run's rollup stays "
-                        "pending: re-run the same command with a larger "
-                        "--max-rollup-lock-seconds to rebuild the rest"
-                    ) from exc
-                self.cancelled(exc, what)
+                self.cancelled(exc, what, last=not self.planner.usable)
                 continue
             piece = self._settled(piece, mean)
             after = span.upto
             keys_done += span.keys
             tasks_done += span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
-            self.report(piece, what, keys_done)
-            if after < total:
-                self.leave_a_gap()
+            self.report(piece, what, keys_done, last=after >= total)
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int

@@ -178,7 +178,6 @@ class OwnRebuild:
         self.keys_done += keys
         what = f"rollup proof: {keys} keys both ways, {'different' if differing else 'equal'}"
         self.function.report(piece, what, self.keys_done)
-        self.function.leave_a_gap()
         return not differing
 
     def _to_function(self, why: str) -> None:
@@ -286,9 +285,7 @@ class OwnRebuild:
             self.keys_done += keys
             total = self.result.keys_total
             what = f"rollup slice: {span.count} hours, {keys} keys ({self.keys_done}/{total})"
-            self.function.report(piece, what, self.keys_done)
-            if self.done < self.hours:
-                self.function.leave_a_gap()
+            self.function.report(piece, what, self.keys_done, last=self.done >= self.hours)
 
     def _hour_in_parts(self, span: Span) -> None:
         """In rounds of parts while tasks move agent (keys done again count once); through the
@@ -366,7 +363,6 @@ class OwnRebuild:
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
             self.function.report(piece, what, self.keys_done + keys)
-            self.function.leave_a_gap()
         return keys, held
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:

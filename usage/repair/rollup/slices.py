@@ -332,24 +332,32 @@ class Slicer:
         if self.gap > 0:
             time.sleep(self.gap)
 
-    def cancelled(self, exc: SliceCancelled, what: str, *, counts: bool = True) -> None:
-        """The slice ``what`` hit the cap; too many in a row that ``counts`` stop the rebuild."""
+    def cancelled(
+        self, exc: SliceCancelled, what: str, *, counts: bool = True, last: bool = False
+    ) -> None:
+        """The slice ``what`` hit the cap; too many in a row that ``counts``, or one with no
+        ``last`` way left to try it (neither plan), stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
         if counts:
             self.cancelled_in_a_row += 1
-        logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
-        if self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
+        if not last:
+            logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
+        if last or self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
+            tries = f"in {self.cancelled_in_a_row} tries in a row"
             raise RollupError(
                 f"{what} could not be rebuilt within the lock budget ({self.limits.cap:g}s) "
-                f"in {self.cancelled_in_a_row} tries in a row; the run's rollup stays "
-                "pending: re-run the same command with a larger --max-rollup-lock-seconds "
-                "(or when the database is less busy) to rebuild the rest"
+                f"{'with either plan' if last else tries}; the run's rollup stays pending: "
+                "re-run the same command with a larger --max-rollup-lock-seconds "
+                f"{'' if last else '(or when the database is less busy) '}to rebuild the rest"
             ) from exc
         self.leave_a_gap()
 
-    def report(self, piece: RollupSlice, what: str, done: int) -> None:
+    def report(self, piece: RollupSlice, what: str, done: int, *, last: bool = False) -> None:
+        """The ``rollup_slice`` event and log line; a gap after it unless it was the ``last``."""
         self.progress("rollup_slice", piece=piece, done=done, total=self.result.keys_total)
         log_slice(piece, what, done, self.result.keys_total)
+        if not last:
+            self.leave_a_gap()
 
     def settled(self, piece: RollupSlice) -> None:
         self.cancelled_in_a_row = 0
