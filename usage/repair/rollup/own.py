@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
 from psycopg import sql
 
 from usage.db import drop_temp_table
@@ -237,11 +236,9 @@ class OwnRebuild:
         while True:
             if not self.function.may_start():
                 return False
-            with connection.cursor() as cursor:
-                cursor.execute(recompute.PROOF_BOUNDS_SQL, {"n": count})
-                first, last = cursor.fetchone()
-                cursor.execute(recompute.PROOF_HOURS_SQL, {"last": last})
-                spans = recompute.spans_of([hour for (hour,) in cursor.fetchall()])
+            first, last = one(recompute.PROOF_BOUNDS_SQL, {"n": count})
+            hours = one(recompute.PROOF_HOURS_SQL, {"last": last}, every=True)
+            spans = recompute.spans_of([hour for (hour,) in hours])
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
@@ -332,9 +329,7 @@ class OwnRebuild:
 
     def _parts(self, span: Span) -> tuple[int, float]:
         """One part after another until every key of the hour still to do is done."""
-        with connection.cursor() as cursor:
-            cursor.execute(recompute.AGENT_ROWS_SQL, {"seq": span.upto})
-            agents = cursor.fetchall()
+        agents = one(recompute.AGENT_ROWS_SQL, {"seq": span.upto}, every=True)
         keys, held, failed = 0, 0.0, 0
         while agents:
             if not self.function.may_start():

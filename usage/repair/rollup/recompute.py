@@ -4,7 +4,6 @@ on a run's first keys (both ways in one snapshot; docs/design.md), and an hour's
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,8 +14,6 @@ from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
 from usage.repair.rollup.function import REVERT_KEYS_TABLE
 from usage.repair.rollup.slices import NEXT_SPAN_SQL
 from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
-
-logger = logging.getLogger("usage.rollup")
 
 # Each column's sum, as the known definitions compute it.
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"

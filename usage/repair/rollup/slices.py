@@ -266,9 +266,7 @@ def run_locked(
 def holders(*, rows: bool) -> str:
     """Who holds the rollup's tables (``rows``) or lock 4246 now."""
     tables = {name: names()[name].as_string() for name in HOLDERS_TABLES}
-    with connection.cursor() as cursor:
-        cursor.execute(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables})
-        found = cursor.fetchall()
+    found = one(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables}, every=True)
     if not found:
         return "held by a session that has let go since"
     return "held by " + "; ".join(
@@ -278,10 +276,12 @@ def holders(*, rows: bool) -> str:
     )
 
 
-def one(statement: str, params: Any = None) -> Any:
-    """``statement`` on its own: its first row, or None when it returns none."""
+def one(statement: str, params: Any = None, *, every: bool = False) -> Any:
+    """``statement`` on its own: its first row (None when it returns none), or ``every`` row."""
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
+        if every:
+            return cursor.fetchall()
         return cursor.fetchone() if cursor.description else None
 
 
