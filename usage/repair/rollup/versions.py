@@ -74,7 +74,7 @@ _TOKEN = re.compile(
     | (?P<line_comment>--[^\n]*)
     | (?P<block_comment>/\*)
     | (?P<string>[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*')
-    | (?P<dollar>\$(?P<tag>[^\W\d][\w]*)?\$)
+    | (?P<dollar>\$(?P<tag>[^\W\d]\w*|)\$(?:.*?\$(?P=tag)\$|.*))  # to its closing tag, or the end
     | (?P<param>\$\d+)
     | (?P<quoted>"(?:[^"]|"")*")
     | (?P<word>[^\W\d][\w$]*)
@@ -103,11 +103,6 @@ def sql_tokens(text: str) -> list[str]:
                     break
             else:
                 i = len(text)
-        elif kind == "dollar":
-            closing = text.find(match.group(), i)
-            end = len(text) if closing < 0 else closing + len(match.group())
-            tokens.append(text[match.start() : end])
-            i = end
         elif kind == "word":
             tokens.append(match.group().lower())
         elif kind not in ("space", "line_comment"):
