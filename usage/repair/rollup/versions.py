@@ -95,14 +95,10 @@ def sql_tokens(text: str) -> list[str]:
         match = _TOKEN.match(text, i)  # never None: "other" matches any character
         kind, i = match.lastgroup, match.end()
         if kind == "block_comment":  # to where it ends: they nest in PostgreSQL
-            depth = 1
-            for mark in _COMMENT_MARK.finditer(text, i):
+            depth, marks = 1, _COMMENT_MARK.finditer(text, i)
+            while depth and (mark := next(marks, None)):
                 depth += 1 if mark.group() == "/*" else -1
-                if not depth:
-                    i = mark.end()
-                    break
-            else:
-                i = len(text)
+            i = mark.end() if mark else len(text)
         elif kind == "word":
             tokens.append(match.group().lower())
         elif kind not in ("space", "line_comment"):
