@@ -12,10 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from psycopg import sql
 
 from usage.db import drop_temp_table
-from usage.eligibility import KEY_COLUMNS, compose, format_sql, same_key
+from usage.eligibility import compose
 from usage.models import BackfillRun
 from usage.render import short_hash
 from usage.repair.progress import Progress
@@ -134,27 +133,19 @@ class OwnRebuild:
     ) -> bool:
         """The proof's keys both ways in one REPEATABLE READ slice (docs/design.md), marked done;
         whether they were equal (if not, the rest goes on the function)."""
+        create, set_aside, compare = self.recompute.proof(len(spans))
 
         def work(cursor: Any, bound: Bound) -> tuple[int, list[Any], tuple[int, dict[str, int]]]:
             cursor.execute(recompute.DROP_PROOF_SQL)
             cursor.execute(recompute.OWN_SETTINGS_SQL)
             bound()
-            statement = self.recompute.statement(
-                recompute.CREATE_PROOF_SQL, recompute.PROOF_KEYS, len(spans)
-            )
-            cursor.execute(statement, dict(recompute.span_params(spans), last=last))
-            proof_keys = sql.SQL(recompute.PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
-            set_aside = format_sql(
-                recompute.SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d")
-            )
+            cursor.execute(create, dict(recompute.span_params(spans), last=last))
             cursor.execute(compose(recompute.SET_ASIDE_TABLE_SQL))
-            cursor.execute(set_aside.as_string(), {"last": last, "to": window[1]})
+            cursor.execute(set_aside, {"last": last, "to": window[1]})
             called = call_function(cursor, bound, Plan.NESTLOOP, window)
             cursor.execute(compose(recompute.PUT_BACK_SQL))
             bound()
-            cursor.execute(
-                format_sql(recompute.COMPARE_PROOF_SQL, **self.recompute.parts).as_string()
-            )
+            cursor.execute(compare)
             differing = cursor.fetchall()
             cursor.execute("SELECT count(*) FROM pg_temp.codex_rollup_proof")
             keys = int(cursor.fetchone()[0])

@@ -193,6 +193,14 @@ class Recompute:
         parts["write"] = format_sql(WRITE_CTES, **parts)
         return format_sql(template, **parts).as_string()
 
+    def proof(self, spans: int) -> tuple[str, str, str]:
+        """The proof's statements: its keys recomputed apart, the others' queued keys set
+        aside, and the comparison with what the function wrote."""
+        proof_keys = sql.SQL(PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
+        set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
+        compare = format_sql(COMPARE_PROOF_SQL, **self.parts).as_string()
+        return self.statement(CREATE_PROOF_SQL, PROOF_KEYS, spans), set_aside.as_string(), compare
+
 
 def _shown(value: Any) -> str:
     return "no row" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
