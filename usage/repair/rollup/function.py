@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 
 from usage.cron import MICROSECOND
 from usage.db import drop_temp_table
@@ -372,8 +371,7 @@ class FunctionPath(Slicer):
             plan = self._best_plan(mean_tasks)
             units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0)
             upto = min(total, done + max(1, int(units / (mean_tasks + KEY_BASE_COST[plan]))))
-            with transaction.atomic():
-                queued = one(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+            queued = one(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
             self._drain(queued[0], upto - done, int(queued[1]))
             done = upto
 
