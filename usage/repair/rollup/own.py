@@ -116,12 +116,8 @@ class OwnRebuild:
         self.run_ids, self.source = list(run_ids), source
         self.recompute = own = recompute.Recompute(choice.version)
         self.slice_sql = own.statement(source.write, recompute.SLICE_KEYS)
-        self.probed_sql = own.statement(
-            source.write, recompute.SLICE_KEYS, probed=recompute.SPAN_TASKS
-        )
-        self.part_sql = own.statement(
-            source.write, recompute.PART_KEYS, probed=recompute.PART_TASKS
-        )
+        self.probed_sql = own.statement(source.write, recompute.SLICE_KEYS, recompute.SPAN_TASKS)
+        self.part_sql = own.statement(source.write, recompute.PART_KEYS, recompute.PART_TASKS)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
@@ -139,7 +135,7 @@ class OwnRebuild:
             cursor.execute(recompute.DROP_PROOF_SQL)
             cursor.execute(recompute.OWN_SETTINGS_SQL)
             bound()
-            cursor.execute(create, dict(recompute.span_params(spans), last=last))
+            cursor.execute(create, recompute.span_params(spans, last=last))
             cursor.execute(compose(recompute.SET_ASIDE_TABLE_SQL))
             cursor.execute(set_aside, {"last": last, "to": window[1]})
             called = call_function(cursor, bound, Plan.NESTLOOP, window)
@@ -326,9 +322,7 @@ class OwnRebuild:
             if not self.function.may_start():
                 break
             part, rows = take(agents, self.part_rate.limit(FIRST_PART_ROWS))
-            params = dict(
-                recompute.span_params([(span.start, span.end)]), seq=span.upto, agents=part
-            )
+            params = recompute.span_params([(span.start, span.end)], seq=span.upto, agents=part)
             try:
                 done = run_locked(self.limits, self.part_work(params))
             except SliceCancelled as exc:
@@ -352,9 +346,7 @@ class OwnRebuild:
         return keys, held
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
-        params = dict(
-            recompute.span_params([(span.start, span.end)]), after=span.after, upto=span.upto
-        )
+        params = recompute.span_params([(span.start, span.end)], after=span.after, upto=span.upto)
         statement = self.probed_sql if span.cost < self.probe_below else self.slice_sql
         return self._work(statement, params)
 

@@ -140,8 +140,8 @@ def spans_of(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
     return spans
 
 
-def span_params(spans: Sequence[tuple[datetime, datetime]]) -> dict[str, datetime]:
-    params: dict[str, datetime] = {}
+def span_params(spans: Sequence[tuple[datetime, datetime]], **more: Any) -> dict[str, Any]:
+    params = dict(more)
     for n, (start, end) in enumerate(spans):
         params[f"span_from_{n}"], params[f"span_to_{n}"] = start, end
     return params
@@ -174,7 +174,7 @@ class Recompute:
         }
 
     def statement(
-        self, template: str, keys_sql: str, spans: int = 1, probed: dict[str, str] | None = None
+        self, template: str, keys_sql: str, probed: dict[str, str] | None = None, spans: int = 1
     ) -> str:
         """``template`` over ``spans`` spans, its tasks joined by the planner, or looked up one
         by one (``probed``: SPAN_TASKS or PART_TASKS)."""
@@ -199,7 +199,8 @@ class Recompute:
         proof_keys = sql.SQL(PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
         set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
         compare = format_sql(COMPARE_PROOF_SQL, **self.parts).as_string()
-        return self.statement(CREATE_PROOF_SQL, PROOF_KEYS, spans), set_aside.as_string(), compare
+        create = self.statement(CREATE_PROOF_SQL, PROOF_KEYS, spans=spans)
+        return create, set_aside.as_string(), compare
 
 
 def _shown(value: Any) -> str:
