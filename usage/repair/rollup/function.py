@@ -322,9 +322,7 @@ class FunctionPath(Slicer):
                 self.cancelled(exc, what, last=not self.planner.usable)
                 continue
             piece = self._settled(piece, mean)
-            after = span.upto
-            keys_done += span.keys
-            tasks_done += span.cost
+            after, keys_done, tasks_done = span.upto, keys_done + span.keys, tasks_done + span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
             self.report(piece, what, keys_done, last=after >= total)
 

@@ -224,8 +224,7 @@ class OwnRebuild:
             if not self.function.may_start():
                 return False
             first, last = one(recompute.PROOF_BOUNDS_SQL, {"n": count})
-            hours = one(recompute.PROOF_HOURS_SQL, {"last": last}, every=True)
-            spans = recompute.spans_of([hour for (hour,) in hours])
+            spans = recompute.spans_of(one(recompute.PROOF_HOURS_SQL, {"last": last}, every=True))
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue

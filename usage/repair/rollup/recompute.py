@@ -131,10 +131,10 @@ DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
 
 
-def spans_of(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
-    """Bucket hours (sorted) as the fewest ranges ``[from, to)`` that cover them."""
+def spans_of(rows: Sequence[tuple[datetime]]) -> list[tuple[datetime, datetime]]:
+    """Rows of a bucket hour each (sorted) as the fewest ranges ``[from, to)`` that cover them."""
     spans: list[tuple[datetime, datetime]] = []
-    for hour in hours:
+    for (hour,) in rows:
         start = spans.pop()[0] if spans and spans[-1][1] == hour else hour
         spans.append((start, hour + timedelta(hours=1)))
     return spans
