@@ -362,8 +362,7 @@ class FunctionPath(Slicer):
         self.result.keys_total += total
         done = 0
         while done < total:
-            if self.should_stop():
-                self.result.stopped = True
+            if not self.may_start(wait=False):  # its drain waits for the tick
                 return
             mean_tasks = tasks / total  # as many keys as the best plan's next drain may take
             plan = self._best_plan(mean_tasks)

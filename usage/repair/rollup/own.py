@@ -54,6 +54,9 @@ MAX_SPANS = 24
 PROOF_KEYS_COUNT = 50
 FIRST_SLICE_ROWS = 20_000
 PRIOR_ROWS_PER_SECOND = 200_000.0
+# Rounds of parts and checks for moved tasks before the hour counts as done; the first part's rows.
+MAX_ROUNDS = 3
+FIRST_PART_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,6 @@ class KeySource:
 
 RUN_KEYS = KeySource()
 REVERT_KEYS = KeySource(recompute.CREATE_REVERT_KEYS_SQL, recompute.DRAIN_SQL, queued=True)
-
-# Rounds of parts and checks for moved tasks before the hour counts as done; the first part's rows.
-MAX_ROUNDS = 3
-FIRST_PART_ROWS = 20_000
 
 
 class HourTooBig(Exception):

@@ -314,9 +314,9 @@ class Slicer:
     def paused(self, reason: str, seconds: float) -> None:
         self.progress("paused", reason=reason, seconds=seconds)
 
-    def may_start(self) -> bool:
-        """Wait while the cron tick is due; False when a stop was asked for (noted)."""
-        if not self.should_stop():
+    def may_start(self, *, wait: bool = True) -> bool:
+        """Wait while the cron tick is due (if ``wait``); False if a stop was asked for (noted)."""
+        if wait and not self.should_stop():
             self.ticks.wait_if_due(self.should_stop, self.paused)
         if self.should_stop():
             self.result.stopped = True
