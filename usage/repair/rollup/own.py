@@ -230,9 +230,8 @@ class OwnRebuild:
             stamp = last
             if self.source.queued:  # over the time the revert's keys were queued (draining them)
                 first = stamp = one(recompute.QUEUED_WINDOW_SQL, {"last": last})[0]
-            window = (first, stamp + MICROSECOND)
             try:
-                return self._prove(last, spans, window)
+                return self._prove(last, spans, (first, stamp + MICROSECOND))
             except SliceCancelled as exc:
                 # Halved down to one stamp's keys before a cancellation counts against the run.
                 stamps = f"{count} stamps'" if count > 1 else "one stamp's"
