@@ -16,7 +16,6 @@ from django.conf import settings
 from usage.db import drop_temp_table
 from usage.eligibility import compose
 from usage.models import BackfillRun
-from usage.render import short_hash
 from usage.repair.progress import Progress
 from usage.repair.rollup import recompute
 from usage.repair.rollup.function import (
@@ -42,7 +41,7 @@ from usage.repair.rollup.slices import (
     run_locked,
     unbounded,
 )
-from usage.repair.rollup.versions import PathChoice, installed_fingerprint, recognise
+from usage.repair.rollup.versions import DefinitionChanged, PathChoice, check_definition
 
 logger = logging.getLogger("usage.rollup")
 
@@ -85,22 +84,6 @@ def take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
         part.append(agent)
         rows += int(agent_rows)
     return part, rows
-
-
-class DefinitionChanged(Exception):
-    """The rollup function was redefined since the run chose (and proved) its path."""
-
-
-def check_definition(cursor: Any, fingerprint: str) -> None:
-    now = installed_fingerprint(cursor)
-    if now != fingerprint:
-        version = recognise(now) if now else None
-        named = version.name if version else "unknown"
-        what = f"{named}, fingerprint {short_hash(now)}" if now else "gone"
-        raise DefinitionChanged(
-            f"the rollup function was redefined during the run (now {what}; the run chose "
-            f"fingerprint {short_hash(fingerprint)})"
-        )
 
 
 class OwnRebuild:

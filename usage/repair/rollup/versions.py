@@ -153,6 +153,22 @@ def installed_fingerprint(cursor: Any) -> str | None:
     return None if row is None else fingerprint(*row)
 
 
+class DefinitionChanged(Exception):
+    """The rollup function was redefined since the run chose (and proved) its path."""
+
+
+def check_definition(cursor: Any, fingerprint: str) -> None:
+    now = installed_fingerprint(cursor)
+    if now != fingerprint:
+        version = recognise(now) if now else None
+        named = version.name if version else "unknown"
+        what = f"{named}, fingerprint {short_hash(now)}" if now else "gone"
+        raise DefinitionChanged(
+            f"the rollup function was redefined during the run (now {what}; the run chose "
+            f"fingerprint {short_hash(fingerprint)})"
+        )
+
+
 def read_installed_function(cursor: Any) -> InstalledFunction | None:
     """The rollup function as the catalog has it (None when it is missing)."""
     print_ = installed_fingerprint(cursor)
