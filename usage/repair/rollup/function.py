@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 
 from usage.cron import MICROSECOND
 from usage.db import drop_temp_table
@@ -320,24 +319,12 @@ class FunctionPath(Slicer):
                 what = f"slice of {span.keys} keys on {span.count} stamps ({plan} plan{drained})"
                 units = slice_units(plan, span.keys, span.cost, backlog, mean)
                 self.planner.cancelled(plan, units, span.keys, smallest=span.count == 1)
-                if not self.planner.usable:
-                    self.result.cancelled_holds.append(exc.held)
-                    raise RollupError(
-                        f"{what} could not be rebuilt within the lock budget "
-                        f"({self.limits.cap:g}s) with either plan; the run's rollup stays "
-                        "pending: re-run the same command with a larger "
-                        "--max-rollup-lock-seconds to rebuild the rest"
-                    ) from exc
-                self.cancelled(exc, what)
+                self.cancelled(exc, what, last=not self.planner.usable)
                 continue
             piece = self._settled(piece, mean)
-            after = span.upto
-            keys_done += span.keys
-            tasks_done += span.cost
+            after, keys_done, tasks_done = span.upto, keys_done + span.keys, tasks_done + span.cost
             what = f"rollup slice: {span.keys} keys ({keys_done}/{self.result.keys_total})"
-            self.report(piece, what, keys_done)
-            if after < total:
-                self.leave_a_gap()
+            self.report(piece, what, keys_done, last=after >= total)
 
     def _choose(
         self, done: tuple[int, int, int], total: int, mean: float, backlog: int
@@ -375,15 +362,13 @@ class FunctionPath(Slicer):
         self.result.keys_total += total
         done = 0
         while done < total:
-            if self.should_stop():
-                self.result.stopped = True
+            if not self.may_start(wait=False):  # its drain waits for the tick
                 return
             mean_tasks = tasks / total  # as many keys as the best plan's next drain may take
             plan = self._best_plan(mean_tasks)
             units = self.planner.limit(plan, probe_units(plan, mean_tasks), 0.0)
             upto = min(total, done + max(1, int(units / (mean_tasks + KEY_BASE_COST[plan]))))
-            with transaction.atomic():
-                queued = one(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
+            queued = one(compose(ENQUEUE_REWRITTEN_SQL), {"after": done, "upto": upto})
             self._drain(queued[0], upto - done, int(queued[1]))
             done = upto
 

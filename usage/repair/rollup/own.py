@@ -12,14 +12,12 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
-from psycopg import sql
 
 from usage.db import drop_temp_table
-from usage.eligibility import KEY_COLUMNS, compose, format_sql, same_key
+from usage.eligibility import compose
 from usage.models import BackfillRun
-from usage.render import short_hash
 from usage.repair.progress import Progress
+from usage.repair.rollup import recompute
 from usage.repair.rollup.function import (
     ANALYZE_JOURNAL_SQL,
     MICROSECOND,
@@ -27,47 +25,6 @@ from usage.repair.rollup.function import (
     Plan,
     call_function,
     from_run_rows,
-)
-from usage.repair.rollup.recompute import (
-    AGENT_ROWS_SQL,
-    ANALYZE_KEYS_SQL,
-    COMPARE_PROOF_SQL,
-    CREATE_HOUR_TASKS_SQL,
-    CREATE_HOURS_SQL,
-    CREATE_KEYS_SQL,
-    CREATE_PROOF_SQL,
-    CREATE_REVERT_KEYS_SQL,
-    DRAIN_SQL,
-    DROP_HOUR_TASKS_SQL,
-    DROP_HOURS_SQL,
-    DROP_KEYS_SQL,
-    DROP_PROOF_SQL,
-    HOUR_TASKS_TABLE,
-    HOURS_TABLE,
-    HOURS_TOTAL_SQL,
-    KEYS_TABLE,
-    MARK_PART_DONE_SQL,
-    MARK_PROOF_DONE_SQL,
-    MOVED_SQL,
-    NEXT_HOURS_SQL,
-    NUMBER_KEYS_SQL,
-    OWN_SETTINGS_SQL,
-    PART_KEYS,
-    PART_TASKS,
-    PROOF_BOUNDS_SQL,
-    PROOF_HOURS_SQL,
-    PROOF_KEYS,
-    PUT_BACK_SQL,
-    QUEUED_WINDOW_SQL,
-    SET_ASIDE_SQL,
-    SET_ASIDE_TABLE_SQL,
-    SLICE_KEYS,
-    SPAN_TASKS,
-    WRITE_SQL,
-    Recompute,
-    difference,
-    span_params,
-    spans_of,
 )
 from usage.repair.rollup.slices import (
     TARGET_LOCK_FRACTION,
@@ -84,11 +41,7 @@ from usage.repair.rollup.slices import (
     run_locked,
     unbounded,
 )
-from usage.repair.rollup.versions import (
-    PathChoice,
-    installed_fingerprint,
-    recognise,
-)
+from usage.repair.rollup.versions import DefinitionChanged, PathChoice, check_definition
 
 logger = logging.getLogger("usage.rollup")
 
@@ -100,23 +53,22 @@ MAX_SPANS = 24
 PROOF_KEYS_COUNT = 50
 FIRST_SLICE_ROWS = 20_000
 PRIOR_ROWS_PER_SECOND = 200_000.0
+# Rounds of parts and checks for moved tasks before the hour counts as done; the first part's rows.
+MAX_ROUNDS = 3
+FIRST_PART_ROWS = 20_000
 
 
 @dataclass(frozen=True)
 class KeySource:
     """How a rebuild's keys table is made, its own slices' statement, and whether it is queued."""
 
-    create: str = CREATE_KEYS_SQL
-    write: str = WRITE_SQL
+    create: str = recompute.CREATE_KEYS_SQL
+    write: str = recompute.WRITE_SQL
     queued: bool = False
 
 
 RUN_KEYS = KeySource()
-REVERT_KEYS = KeySource(CREATE_REVERT_KEYS_SQL, DRAIN_SQL, queued=True)
-
-# Rounds of parts and checks for moved tasks before the hour counts as done; the first part's rows.
-MAX_ROUNDS = 3
-FIRST_PART_ROWS = 20_000
+REVERT_KEYS = KeySource(recompute.CREATE_REVERT_KEYS_SQL, recompute.DRAIN_SQL, queued=True)
 
 
 class HourTooBig(Exception):
@@ -134,22 +86,6 @@ def take(agents: list[tuple[Any, int]], limit: float) -> tuple[list[Any], int]:
     return part, rows
 
 
-class DefinitionChanged(Exception):
-    """The rollup function was redefined since the run chose (and proved) its path."""
-
-
-def check_definition(cursor: Any, fingerprint: str) -> None:
-    now = installed_fingerprint(cursor)
-    if now != fingerprint:
-        version = recognise(now) if now else None
-        named = version.name if version else "unknown"
-        what = f"{named}, fingerprint {short_hash(now)}" if now else "gone"
-        raise DefinitionChanged(
-            f"the rollup function was redefined during the run (now {what}; the run chose "
-            f"fingerprint {short_hash(fingerprint)})"
-        )
-
-
 class OwnRebuild:
     """The own path, for the keys of some runs or of the revert's batches; ``function``, its
     fallback, keeps the slices' count and the neighbours' room."""
@@ -160,10 +96,10 @@ class OwnRebuild:
         assert choice.version is not None
         self.function, self.limits, self.result = function, function.limits, function.result
         self.run_ids, self.source = list(run_ids), source
-        self.recompute = recompute = Recompute(choice.version)
-        self.slice_sql = recompute.statement(source.write, SLICE_KEYS)
-        self.probed_sql = recompute.statement(source.write, SLICE_KEYS, probed=SPAN_TASKS)
-        self.part_sql = recompute.statement(source.write, PART_KEYS, probed=PART_TASKS)
+        self.recompute = own = recompute.Recompute(choice.version)
+        self.slice_sql = own.statement(source.write, recompute.SLICE_KEYS)
+        self.probed_sql = own.statement(source.write, recompute.SLICE_KEYS, recompute.SPAN_TASKS)
+        self.part_sql = own.statement(source.write, recompute.PART_KEYS, recompute.PART_TASKS)
         self.fingerprint = choice.fingerprint
         self.rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
         self.part_rate = Rate(self.limits.target, PRIOR_ROWS_PER_SECOND)
@@ -175,25 +111,23 @@ class OwnRebuild:
     ) -> bool:
         """The proof's keys both ways in one REPEATABLE READ slice (docs/design.md), marked done;
         whether they were equal (if not, the rest goes on the function)."""
+        create, set_aside, compare = self.recompute.proof(len(spans))
 
         def work(cursor: Any, bound: Bound) -> tuple[int, list[Any], tuple[int, dict[str, int]]]:
-            cursor.execute(DROP_PROOF_SQL)
-            cursor.execute(OWN_SETTINGS_SQL)
+            cursor.execute(recompute.DROP_PROOF_SQL)
+            cursor.execute(recompute.OWN_SETTINGS_SQL)
             bound()
-            statement = self.recompute.statement(CREATE_PROOF_SQL, PROOF_KEYS, len(spans))
-            cursor.execute(statement, dict(span_params(spans), last=last))
-            proof_keys = sql.SQL(PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
-            set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
-            cursor.execute(compose(SET_ASIDE_TABLE_SQL))
-            cursor.execute(set_aside.as_string(), {"last": last, "to": window[1]})
+            cursor.execute(create, recompute.span_params(spans, last=last))
+            cursor.execute(compose(recompute.SET_ASIDE_TABLE_SQL))
+            cursor.execute(set_aside, {"last": last, "to": window[1]})
             called = call_function(cursor, bound, Plan.NESTLOOP, window)
-            cursor.execute(compose(PUT_BACK_SQL))
+            cursor.execute(compose(recompute.PUT_BACK_SQL))
             bound()
-            cursor.execute(format_sql(COMPARE_PROOF_SQL, **self.recompute.parts).as_string())
+            cursor.execute(compare)
             differing = cursor.fetchall()
             cursor.execute("SELECT count(*) FROM pg_temp.codex_rollup_proof")
             keys = int(cursor.fetchone()[0])
-            cursor.execute(DROP_PROOF_SQL)
+            cursor.execute(recompute.DROP_PROOF_SQL)
             check_definition(cursor, self.fingerprint)
             return keys, differing, called
 
@@ -202,15 +136,16 @@ class OwnRebuild:
         piece = done.piece(*window, rollup_rows, keys=keys, plan=Plan.NESTLOOP, **scans)
         self.function.settled(piece)
         if differing:
-            self._to_function(difference(differing, keys, self.recompute.version.columns))
+            self._to_function(
+                recompute.difference(differing, keys, self.recompute.version.columns)
+            )
         else:
             equal = f"the own recompute equals the function on the first {keys} keys"
             logger.info("rollup path: %s", equal)
-        one(MARK_PROOF_DONE_SQL, {"last": last})
+        one(recompute.MARK_PROOF_DONE_SQL, {"last": last})
         self.keys_done += keys
         what = f"rollup proof: {keys} keys both ways, {'different' if differing else 'equal'}"
         self.function.report(piece, what, self.keys_done)
-        self.function.leave_a_gap()
         return not differing
 
     def _to_function(self, why: str) -> None:
@@ -224,12 +159,12 @@ class OwnRebuild:
         try:
             keys, stamped = unbounded(
                 self.limits,
-                DROP_KEYS_SQL,
-                DROP_HOURS_SQL,
+                recompute.DROP_KEYS_SQL,
+                recompute.DROP_HOURS_SQL,
                 compose(ANALYZE_JOURNAL_SQL),
                 (from_run_rows(self.source.create, ""), {"run_ids": self.run_ids}),
-                ANALYZE_KEYS_SQL,
-                f"SELECT count(*), count(stamp) FROM {KEYS_TABLE}",
+                recompute.ANALYZE_KEYS_SQL,
+                f"SELECT count(*), count(stamp) FROM {recompute.KEYS_TABLE}",
             )
             if not keys:
                 return True
@@ -246,13 +181,13 @@ class OwnRebuild:
             tables = {"table": f"{target}.task_usage", "tasks": f"{target}.agent_task_queue"}
             self.hours, task_rows = unbounded(
                 self.limits,
-                (CREATE_HOURS_SQL, dict(tables, schema=target)),
-                f"ALTER TABLE {HOURS_TABLE} ADD PRIMARY KEY (seq)",
-                NUMBER_KEYS_SQL,
-                f"CREATE INDEX ON {KEYS_TABLE} (hour_seq)",
-                ANALYZE_KEYS_SQL,
-                f"ANALYZE {HOURS_TABLE}",
-                (HOURS_TOTAL_SQL, tables),
+                (recompute.CREATE_HOURS_SQL, dict(tables, schema=target)),
+                f"ALTER TABLE {recompute.HOURS_TABLE} ADD PRIMARY KEY (seq)",
+                recompute.NUMBER_KEYS_SQL,
+                f"CREATE INDEX ON {recompute.KEYS_TABLE} (hour_seq)",
+                recompute.ANALYZE_KEYS_SQL,
+                f"ANALYZE {recompute.HOURS_TABLE}",
+                (recompute.HOURS_TOTAL_SQL, tables),
             )
             self.probe_below = PROBE_BELOW * max(task_rows, 1)
             self._slices()
@@ -261,8 +196,8 @@ class OwnRebuild:
             self._to_function(str(exc))
             return False
         finally:
-            drop_temp_table(DROP_KEYS_SQL, "rollup keys table", logger)
-            drop_temp_table(DROP_HOURS_SQL, "rollup hours table", logger)
+            drop_temp_table(recompute.DROP_KEYS_SQL, "rollup keys table", logger)
+            drop_temp_table(recompute.DROP_HOURS_SQL, "rollup hours table", logger)
 
     def _prove_first_keys(self) -> bool:
         """The first stamps' keys both ways (halved if cancelled); False if unequal or stopped."""
@@ -270,20 +205,16 @@ class OwnRebuild:
         while True:
             if not self.function.may_start():
                 return False
-            with connection.cursor() as cursor:
-                cursor.execute(PROOF_BOUNDS_SQL, {"n": count})
-                first, last = cursor.fetchone()
-                cursor.execute(PROOF_HOURS_SQL, {"last": last})
-                spans = spans_of([hour for (hour,) in cursor.fetchall()])
+            first, last = one(recompute.PROOF_BOUNDS_SQL, {"n": count})
+            spans = recompute.spans_of(one(recompute.PROOF_HOURS_SQL, {"last": last}, every=True))
             if len(spans) > MAX_SPANS and count > 1:
                 count = max(1, count // 2)
                 continue
             stamp = last
             if self.source.queued:  # over the time the revert's keys were queued (draining them)
-                first = stamp = one(QUEUED_WINDOW_SQL, {"last": last})[0]
-            window = (first, stamp + MICROSECOND)
+                first = stamp = one(recompute.QUEUED_WINDOW_SQL, {"last": last})[0]
             try:
-                return self._prove(last, spans, window)
+                return self._prove(last, spans, (first, stamp + MICROSECOND))
             except SliceCancelled as exc:
                 # Halved down to one stamp's keys before a cancellation counts against the run.
                 stamps = f"{count} stamps'" if count > 1 else "one stamp's"
@@ -297,7 +228,7 @@ class OwnRebuild:
                 break
             limit = self.rate.limit(FIRST_SLICE_ROWS)
             params = {"after": self.done, "limit": int(limit), "total": self.hours}
-            upto, keys, rows, start, end = one(NEXT_HOURS_SQL, params)
+            upto, keys, rows, start, end = one(recompute.NEXT_HOURS_SQL, params)
             span = Span(self.done, int(upto), int(keys), int(rows), start, end)
             # An hour alone that would hold the lock past the budget goes in parts.
             if span.count == 1 and span.keys > 1 and span.cost * TARGET_LOCK_FRACTION > limit:
@@ -318,19 +249,17 @@ class OwnRebuild:
             self.keys_done += keys
             total = self.result.keys_total
             what = f"rollup slice: {span.count} hours, {keys} keys ({self.keys_done}/{total})"
-            self.function.report(piece, what, self.keys_done)
-            if self.done < self.hours:
-                self.function.leave_a_gap()
+            self.function.report(piece, what, self.keys_done, last=self.done >= self.hours)
 
     def _hour_in_parts(self, span: Span) -> None:
         """In rounds of parts while tasks move agent (keys done again count once); through the
         function when one agent's rows do not fit a part."""
         unbounded(
             self.limits,
-            DROP_HOUR_TASKS_SQL,
-            (compose(CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
-            f"CREATE INDEX ON {HOUR_TASKS_TABLE} (agent_id)",
-            f"ANALYZE {HOUR_TASKS_TABLE}",
+            recompute.DROP_HOUR_TASKS_SQL,
+            (compose(recompute.CREATE_HOUR_TASKS_SQL), {"start": span.start, "end": span.end}),
+            f"CREATE INDEX ON {recompute.HOUR_TASKS_TABLE} (agent_id)",
+            f"ANALYZE {recompute.HOUR_TASKS_TABLE}",
         )
         keys, held = 0, 0.0
         try:
@@ -340,7 +269,7 @@ class OwnRebuild:
                 held += round_held
                 if self.result.stopped:
                     break
-                moved = (compose(MOVED_SQL), {"seq": span.upto})
+                moved = (compose(recompute.MOVED_SQL), {"seq": span.upto})
                 relisted, again = unbounded(self.limits, moved)
                 if not relisted:
                     break
@@ -360,22 +289,20 @@ class OwnRebuild:
             # What the hour cost in all sizes the next slices (else every later hour in parts).
             self.rate.add(span.cost, held)
         finally:
-            drop_temp_table(DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
+            drop_temp_table(recompute.DROP_HOUR_TASKS_SQL, "rollup hour tasks table", logger)
         self.keys_done += keys
         if not self.result.stopped:
             self.done = span.upto
 
     def _parts(self, span: Span) -> tuple[int, float]:
         """One part after another until every key of the hour still to do is done."""
-        with connection.cursor() as cursor:
-            cursor.execute(AGENT_ROWS_SQL, {"seq": span.upto})
-            agents = cursor.fetchall()
+        agents = one(recompute.AGENT_ROWS_SQL, {"seq": span.upto}, every=True)
         keys, held, failed = 0, 0.0, 0
         while agents:
             if not self.function.may_start():
                 break
             part, rows = take(agents, self.part_rate.limit(FIRST_PART_ROWS))
-            params = dict(span_params([(span.start, span.end)]), seq=span.upto, agents=part)
+            params = recompute.span_params([(span.start, span.end)], seq=span.upto, agents=part)
             try:
                 done = run_locked(self.limits, self.part_work(params))
             except SliceCancelled as exc:
@@ -387,7 +314,7 @@ class OwnRebuild:
                 continue
             failed = 0
             wrote, part_keys = (int(value) for value in done.value[:2])
-            one(MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
+            one(recompute.MARK_PART_DONE_SQL, {"seq": span.upto, "agents": part})
             del agents[: len(part)]
             self.part_rate.add(max(rows, 1), done.held)
             piece = done.piece(span.start, span.end, wrote, keys=part_keys, plan="own", rows=rows)
@@ -396,11 +323,10 @@ class OwnRebuild:
             keys += part_keys
             what = f"rollup part: {len(part)} agents of an hour, {part_keys} keys"
             self.function.report(piece, what, self.keys_done + keys)
-            self.function.leave_a_gap()
         return keys, held
 
     def _slice_work(self, span: Span) -> Callable[[Any, Bound], Any]:
-        params = dict(span_params([(span.start, span.end)]), after=span.after, upto=span.upto)
+        params = recompute.span_params([(span.start, span.end)], after=span.after, upto=span.upto)
         statement = self.probed_sql if span.cost < self.probe_below else self.slice_sql
         return self._work(statement, params)
 
@@ -411,7 +337,7 @@ class OwnRebuild:
         """One own statement, kept only while the installed definition is the proven one."""
 
         def work(cursor: Any, bound: Bound) -> Any:
-            cursor.execute(OWN_SETTINGS_SQL)
+            cursor.execute(recompute.OWN_SETTINGS_SQL)
             bound()
             cursor.execute(statement, params)
             row = cursor.fetchone()

@@ -4,7 +4,6 @@ on a run's first keys (both ways in one snapshot; docs/design.md), and an hour's
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,18 +11,9 @@ from typing import Any
 from psycopg import sql
 
 from usage.eligibility import KEY_COLUMNS, format_sql, key_columns, same_key
-from usage.repair.rollup.function import (
-    REVERT_KEYS_TABLE,
-)
-from usage.repair.rollup.slices import (
-    NEXT_SPAN_SQL,
-)
-from usage.repair.rollup.versions import (
-    TOKEN_COLUMNS,
-    FunctionVersion,
-)
-
-logger = logging.getLogger("usage.rollup")
+from usage.repair.rollup.function import REVERT_KEYS_TABLE
+from usage.repair.rollup.slices import NEXT_SPAN_SQL
+from usage.repair.rollup.versions import TOKEN_COLUMNS, FunctionVersion
 
 # Each column's sum, as the known definitions compute it.
 UNCOSTED = "coalesce(sum(tu.{}) FILTER (WHERE tu.cost_usd_ticks IS NULL), 0)::bigint"
@@ -141,17 +131,17 @@ DO UPDATE SET enqueued_at = GREATEST(d.enqueued_at, EXCLUDED.enqueued_at)"""
 DROP_PROOF_SQL = "DROP TABLE IF EXISTS pg_temp.codex_rollup_proof"
 
 
-def spans_of(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
-    """Bucket hours (sorted) as the fewest ranges ``[from, to)`` that cover them."""
+def spans_of(rows: Sequence[tuple[datetime]]) -> list[tuple[datetime, datetime]]:
+    """Rows of a bucket hour each (sorted) as the fewest ranges ``[from, to)`` that cover them."""
     spans: list[tuple[datetime, datetime]] = []
-    for hour in hours:
+    for (hour,) in rows:
         start = spans.pop()[0] if spans and spans[-1][1] == hour else hour
         spans.append((start, hour + timedelta(hours=1)))
     return spans
 
 
-def span_params(spans: Sequence[tuple[datetime, datetime]]) -> dict[str, datetime]:
-    params: dict[str, datetime] = {}
+def span_params(spans: Sequence[tuple[datetime, datetime]], **more: Any) -> dict[str, Any]:
+    params = dict(more)
     for n, (start, end) in enumerate(spans):
         params[f"span_from_{n}"], params[f"span_to_{n}"] = start, end
     return params
@@ -184,7 +174,7 @@ class Recompute:
         }
 
     def statement(
-        self, template: str, keys_sql: str, spans: int = 1, probed: dict[str, str] | None = None
+        self, template: str, keys_sql: str, probed: dict[str, str] | None = None, spans: int = 1
     ) -> str:
         """``template`` over ``spans`` spans, its tasks joined by the planner, or looked up one
         by one (``probed``: SPAN_TASKS or PART_TASKS)."""
@@ -202,6 +192,15 @@ class Recompute:
         parts["recompute"] = format_sql(RECOMPUTE_CTES, **parts)
         parts["write"] = format_sql(WRITE_CTES, **parts)
         return format_sql(template, **parts).as_string()
+
+    def proof(self, spans: int) -> tuple[str, str, str]:
+        """The proof's statements: its keys recomputed apart, the others' queued keys set
+        aside, and the comparison with what the function wrote."""
+        proof_keys = sql.SQL(PROOF_KEYS.format(keys=", ".join(KEY_COLUMNS)))
+        set_aside = format_sql(SET_ASIDE_SQL, proof_keys=proof_keys, same=same_key("k", "d"))
+        compare = format_sql(COMPARE_PROOF_SQL, **self.parts).as_string()
+        create = self.statement(CREATE_PROOF_SQL, PROOF_KEYS, spans=spans)
+        return create, set_aside.as_string(), compare
 
 
 def _shown(value: Any) -> str:

@@ -266,9 +266,7 @@ def run_locked(
 def holders(*, rows: bool) -> str:
     """Who holds the rollup's tables (``rows``) or lock 4246 now."""
     tables = {name: names()[name].as_string() for name in HOLDERS_TABLES}
-    with connection.cursor() as cursor:
-        cursor.execute(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables})
-        found = cursor.fetchall()
+    found = one(HOLDERS_SQL, {"rows": rows, "lock": ROLLUP_LOCK_ID, **tables}, every=True)
     if not found:
         return "held by a session that has let go since"
     return "held by " + "; ".join(
@@ -278,10 +276,12 @@ def holders(*, rows: bool) -> str:
     )
 
 
-def one(statement: str, params: Any = None) -> Any:
-    """``statement`` on its own: its first row, or None when it returns none."""
+def one(statement: str, params: Any = None, *, every: bool = False) -> Any:
+    """``statement`` on its own: its first row (None when it returns none), or ``every`` row."""
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
+        if every:
+            return cursor.fetchall()
         return cursor.fetchone() if cursor.description else None
 
 
@@ -314,9 +314,9 @@ class Slicer:
     def paused(self, reason: str, seconds: float) -> None:
         self.progress("paused", reason=reason, seconds=seconds)
 
-    def may_start(self) -> bool:
-        """Wait while the cron tick is due; False when a stop was asked for (noted)."""
-        if not self.should_stop():
+    def may_start(self, *, wait: bool = True) -> bool:
+        """Wait while the cron tick is due (if ``wait``); False if a stop was asked for (noted)."""
+        if wait and not self.should_stop():
             self.ticks.wait_if_due(self.should_stop, self.paused)
         if self.should_stop():
             self.result.stopped = True
@@ -332,24 +332,32 @@ class Slicer:
         if self.gap > 0:
             time.sleep(self.gap)
 
-    def cancelled(self, exc: SliceCancelled, what: str, *, counts: bool = True) -> None:
-        """The slice ``what`` hit the cap; too many in a row that ``counts`` stop the rebuild."""
+    def cancelled(
+        self, exc: SliceCancelled, what: str, *, counts: bool = True, last: bool = False
+    ) -> None:
+        """The slice ``what`` hit the cap; too many in a row that ``counts``, or one with no
+        ``last`` way left to try it (neither plan), stop the rebuild."""
         self.result.cancelled_holds.append(exc.held)
         if counts:
             self.cancelled_in_a_row += 1
-        logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
-        if self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
+        if not last:
+            logger.info("rollup %s over its lock budget (%.3fs held)", what, exc.held)
+        if last or self.cancelled_in_a_row >= MAX_CANCELLED_IN_A_ROW:
+            tries = f"in {self.cancelled_in_a_row} tries in a row"
             raise RollupError(
                 f"{what} could not be rebuilt within the lock budget ({self.limits.cap:g}s) "
-                f"in {self.cancelled_in_a_row} tries in a row; the run's rollup stays "
-                "pending: re-run the same command with a larger --max-rollup-lock-seconds "
-                "(or when the database is less busy) to rebuild the rest"
+                f"{'with either plan' if last else tries}; the run's rollup stays pending: "
+                "re-run the same command with a larger --max-rollup-lock-seconds "
+                f"{'' if last else '(or when the database is less busy) '}to rebuild the rest"
             ) from exc
         self.leave_a_gap()
 
-    def report(self, piece: RollupSlice, what: str, done: int) -> None:
+    def report(self, piece: RollupSlice, what: str, done: int, *, last: bool = False) -> None:
+        """The ``rollup_slice`` event and log line; a gap after it unless it was the ``last``."""
         self.progress("rollup_slice", piece=piece, done=done, total=self.result.keys_total)
         log_slice(piece, what, done, self.result.keys_total)
+        if not last:
+            self.leave_a_gap()
 
     def settled(self, piece: RollupSlice) -> None:
         self.cancelled_in_a_row = 0

@@ -74,7 +74,7 @@ _TOKEN = re.compile(
     | (?P<line_comment>--[^\n]*)
     | (?P<block_comment>/\*)
     | (?P<string>[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*')
-    | (?P<dollar>\$(?P<tag>[^\W\d][\w]*)?\$)
+    | (?P<dollar>\$(?P<tag>[^\W\d]\w*|)\$(?:.*?\$(?P=tag)\$|.*))  # to its closing tag, or the end
     | (?P<param>\$\d+)
     | (?P<quoted>"(?:[^"]|"")*")
     | (?P<word>[^\W\d][\w$]*)
@@ -95,19 +95,10 @@ def sql_tokens(text: str) -> list[str]:
         match = _TOKEN.match(text, i)  # never None: "other" matches any character
         kind, i = match.lastgroup, match.end()
         if kind == "block_comment":  # to where it ends: they nest in PostgreSQL
-            depth = 1
-            for mark in _COMMENT_MARK.finditer(text, i):
+            depth, marks = 1, _COMMENT_MARK.finditer(text, i)
+            while depth and (mark := next(marks, None)):
                 depth += 1 if mark.group() == "/*" else -1
-                if not depth:
-                    i = mark.end()
-                    break
-            else:
-                i = len(text)
-        elif kind == "dollar":
-            closing = text.find(match.group(), i)
-            end = len(text) if closing < 0 else closing + len(match.group())
-            tokens.append(text[match.start() : end])
-            i = end
+            i = mark.end() if mark else len(text)
         elif kind == "word":
             tokens.append(match.group().lower())
         elif kind not in ("space", "line_comment"):
@@ -160,6 +151,22 @@ def installed_fingerprint(cursor: Any) -> str | None:
     cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
     row = cursor.fetchone()
     return None if row is None else fingerprint(*row)
+
+
+class DefinitionChanged(Exception):
+    """The rollup function was redefined since the run chose (and proved) its path."""
+
+
+def check_definition(cursor: Any, fingerprint: str) -> None:
+    now = installed_fingerprint(cursor)
+    if now != fingerprint:
+        version = recognise(now) if now else None
+        named = version.name if version else "unknown"
+        what = f"{named}, fingerprint {short_hash(now)}" if now else "gone"
+        raise DefinitionChanged(
+            f"the rollup function was redefined during the run (now {what}; the run chose "
+            f"fingerprint {short_hash(fingerprint)})"
+        )
 
 
 def read_installed_function(cursor: Any) -> InstalledFunction | None:
