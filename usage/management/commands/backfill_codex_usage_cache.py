@@ -22,7 +22,6 @@ from usage.output.report import wrap
 from usage.output.table import TABLE_GROUP_LIMIT, summary_table
 from usage.plan import PlanOptions, checked
 from usage.repair import backfill
-from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.runs import RunLockError
 from usage.repair.summary import CutoffError, DryRunSummary, load_summary, workspace_has_agents
 from usage.repair.verify import verify_run_in_context
@@ -36,9 +35,6 @@ RECORDED_OPTIONS = result.names(
     "statement_timeout max_rollup_lock_seconds max_replication_lag cron_tick_interval "
     "rollup_path plan plan_max_age"
 )
-
-# The run's figures the outcome line names (besides the verify's).
-OUTCOME_FIELDS = ("run_id", "status", "rows_updated", "rows_remaining")
 
 EXAMPLES = """
 examples:
@@ -79,7 +75,7 @@ class RepairSettings:
     verify: bool
     run_id: int | None  # --verify --run-id N: an earlier run to check
     plan: PlanOptions
-    run: ExecuteOptions  # what the run (or the dry run's summary) works on, and how
+    run: backfill.ExecuteOptions  # what the run (or the dry run's summary) works on, and how
 
 
 def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -94,7 +90,8 @@ def _outcome(document: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
         if "verify" in document:
             message += f"; verification {verdict[document['verify']['ok']]}"
         done = f"run {document['run_id']} {document['status']} (its outcome is shown above)"
-        return message, {key: document[key] for key in OUTCOME_FIELDS}, done
+        figures = ("run_id", "status", "rows_updated", "rows_remaining")
+        return message, {key: document[key] for key in figures}, done
     if document["mode"] == "verify":
         verify = document["verify"]
         message = f"Verification of run {verify['run_id']} {verdict[verify['ok']]}"
@@ -235,7 +232,7 @@ class Command(ToolCommand):
             workspace_id = opts.parse_workspace_id(options["workspace_id"], allow_empty=False)
         limits = opts.parse_limits(options)
         lag = options["max_replication_lag"]
-        run = ExecuteOptions(
+        run = backfill.ExecuteOptions(
             cutoff=cutoff,  # type: ignore[arg-type]
             workspace_id=workspace_id,
             batch_size=opts.parse_batch_size(options["batch_size"]),
@@ -295,8 +292,10 @@ class Command(ToolCommand):
         )
         try:
             with self.live_run("update") as (stop, progress):
-                executed = execute_backfill(self.settings.run, stop=stop, progress=progress)
-        except BackfillError as exc:
+                executed = backfill.execute_backfill(
+                    self.settings.run, stop=stop, progress=progress
+                )
+        except backfill.BackfillError as exc:
             if exc.result is None:
                 raise CommandError(str(exc)) from exc
             executed, self.failure = exc.result, str(exc)
