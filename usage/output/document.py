@@ -19,44 +19,44 @@ from usage.repair.verify import RunVerification
 FORMATS = ("table", "json", "csv")
 
 
-def _fields(names: str) -> tuple[str, ...]:
-    return tuple(names.split())
+def names(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
 
 
-GROUP_FIELDS = _fields(
+GROUP_FIELDS = names(
     "workspace_id date_utc rows input_before input_after input_tokens_removed clamped_rows "
     "rollup_keys first_created_at last_created_at"
 )
-TOTAL_FIELDS = _fields("rows input_before input_after input_tokens_removed clamped_rows")
-ROLLUP_FIELDS = _fields(
+TOTAL_FIELDS = names("rows input_before input_after input_tokens_removed clamped_rows")
+ROLLUP_FIELDS = names(
     "rollup_rows rollup_slices rollup_max_lock_seconds rollup_keys rollup_seconds "
     "rollup_hash_slices rollup_cron_waits rollup_cron_wait_seconds"
 )
-VERIFY_FIELDS = _fields(
+VERIFY_FIELDS = names(
     "run_id run_status ok eligible_rows_left eligible_rows_expected mismatched_keys "
     "awaiting_tick_keys continues continued_by"
 )
-REVERT_FIELDS = _fields(
+REVERT_FIELDS = names(
     "run_id run_status executed status entries rows_restorable rows_restored rows_changed "
     "rows_remaining rollup_keys batches rollup_calls rollup_rows rollup_max_lock_seconds "
     "seconds error"
 )
-CHANGED_FIELDS = _fields(
+CHANGED_FIELDS = names(
     "journal_id usage_id expected_input_tokens expected_updated_at current_input_tokens "
     "current_updated_at deleted"
 )
 # The verification in the JSON document, and the result's names where they differ.
-_VERIFY_KEYS = _fields(
+_VERIFY_KEYS = names(
     "run_id run_status runs continues continued_by last_run_status ok eligible_rows_left "
     "eligible_rows_expected mismatched_keys awaiting_tick_keys rollup_function"
 )
 _VERIFY_ATTRIBUTES = {"last_run_status": "last_status"}
 # The result's (and the run record's) figures copied under their own names.
-_RUN_COUNTS = _fields(
+_RUN_COUNTS = names(
     "rows_planned rows_updated rows_remaining input_tokens_removed clamped_rows batches"
 )
-_RUN_PATH = _fields("stamp_first stamp_last rollup_path rollup_function rollup_path_reason")
-_REVERT_COUNTS = _fields("entries rows_restorable rows_restored rows_changed rows_remaining")
+_RUN_PATH = names("stamp_first stamp_last rollup_path rollup_function rollup_path_reason")
+_REVERT_COUNTS = names("entries rows_restorable rows_restored rows_changed rows_remaining")
 RUN_FIELDS = ("run_id", "status", *_RUN_COUNTS, *ROLLUP_FIELDS, "stamp", *_RUN_PATH, "continues")
 
 

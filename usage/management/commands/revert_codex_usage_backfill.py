@@ -14,16 +14,9 @@ from usage.db import TargetError, describe_database
 from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
+from usage.repair import revert
 from usage.repair.batching import DEFAULT_BATCH_SIZE
 from usage.repair.progress import pick
-from usage.repair.revert import (
-    DEFAULT_SHOW_CHANGED,
-    RevertError,
-    RevertOptions,
-    RevertResult,
-    execute_revert,
-    plan_revert,
-)
 from usage.repair.runs import RunLockError
 
 MAX_SHOW_CHANGED = 10_000
@@ -74,14 +67,15 @@ class Command(ToolCommand):
         )
         parser.add_argument(
             "--show",
-            default=str(DEFAULT_SHOW_CHANGED),
-            help=f"how many rows changed since the run to list (default {DEFAULT_SHOW_CHANGED})",
+            default=str(revert.DEFAULT_SHOW_CHANGED),
+            help="how many rows changed since the run to list "
+            f"(default {revert.DEFAULT_SHOW_CHANGED})",
         )
         self.add_output_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         with failing(ValueError):
-            settings = RevertOptions(
+            settings = revert.RevertOptions(
                 run_id=opts.parse_run_id(options["run_id"], name="RUN_ID"),
                 show_changed=_parse_show(options["show"]),
                 batch_size=opts.parse_batch_size(options["batch_size"]),
@@ -95,7 +89,7 @@ class Command(ToolCommand):
         try:
             with self.run_logging(), failing(DatabaseError):
                 error = self._execute(settings) if execute else self._dry_run(settings)
-        except (TargetError, RevertError, RunLockError) as exc:
+        except (TargetError, revert.RevertError, RunLockError) as exc:
             found = getattr(exc, "result", None)
             if found is not None:
                 self._show(found, error=str(exc))
@@ -103,8 +97,8 @@ class Command(ToolCommand):
         if error is not None:
             raise error
 
-    def _dry_run(self, settings: RevertOptions) -> CommandError | None:
-        found = plan_revert(settings.run_id, show_changed=settings.show_changed)
+    def _dry_run(self, settings: revert.RevertOptions) -> CommandError | None:
+        found = revert.plan_revert(settings.run_id, show_changed=settings.show_changed)
         self._describe_run(found)
         if found.owner_gone:
             self.warning(
@@ -114,10 +108,10 @@ class Command(ToolCommand):
         self._show(found)
         return self.ending(None, "the dry run changed nothing")
 
-    def _execute(self, settings: RevertOptions) -> CommandError | None:
+    def _execute(self, settings: revert.RevertOptions) -> CommandError | None:
         self.what_next = "finishing the current batch or rollup slice, then stopping."
         with self.live_run("revert") as (stop, progress):
-            done = execute_revert(settings, stop=stop, progress=progress)
+            done = revert.execute_revert(settings, stop=stop, progress=progress)
         signal = (self.signal_name or "SIGTERM") if done.stopped else None
         document = self._show(done, signal=signal)
         error = None
@@ -153,7 +147,7 @@ class Command(ToolCommand):
                 rows_done=found.rows_restored,
             )
 
-    def _describe_run(self, found: RevertResult) -> None:
+    def _describe_run(self, found: revert.RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
         run = found.run
         self.context(
@@ -168,7 +162,7 @@ class Command(ToolCommand):
         )
 
     def _show(
-        self, found: RevertResult, *, signal: str | None = None, error: str | None = None
+        self, found: revert.RevertResult, *, signal: str | None = None, error: str | None = None
     ) -> dict[str, Any]:
         """Show the revert's result once, and its outcome line."""
         found.run.refresh_from_db()
