@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage.db import check_target
+from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
@@ -195,7 +195,6 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
     unequal = "marked %d journal entries for %d restored rows"
     shown = {"started", "batch"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
-    temp_table = (DROP_KEYS_SQL, "revert keys table")
 
     def run(self) -> RevertResult:
         check_target()
@@ -225,7 +224,10 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
                 rows_restored=self.restored_before,
                 rollup_state=state,
             )
-            self.guard(self._restore_phase)
+            try:
+                self.guard(self._restore_phase)
+            finally:
+                drop_temp_table(DROP_KEYS_SQL, "revert keys table", logger)
             self._finish()
         result.seconds = time.monotonic() - started
         return result
