@@ -278,7 +278,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
             message = f"run {run_id} wrote stamps from {first} to {last}"
             fields.update(d)
-        elif event == "end":
+        else:  # "end": every event the repair sends is one of these
             if d["status"] != BackfillRun.Status.SUCCEEDED:
                 level = logging.WARNING
             message = (
@@ -288,8 +288,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             counts = ("rows_planned", "rows_updated", "rows_remaining")
             figures = pick(result, *counts, "input_tokens_removed", "clamped_rows")
             fields.update(status=d["status"], **figures, error=d["error"])
-        else:
-            return
         log_event(logger, level, name, message, **fields)
 
     def locked(self) -> int:
