@@ -310,12 +310,11 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         if seconds > 0:
             self.events("paused", reason="sleep between batches", seconds=seconds)
             self.stop.wait(seconds)
-        if self.options.max_replication_lag is not None and not self.stop.is_set():
-
-            def on_lag(reason: str) -> None:
-                self.events("paused", reason=reason, seconds=None)
-
-            replication.wait_for_replicas(self.options.max_replication_lag, self.stop, on_lag)
+        lag = self.options.max_replication_lag
+        if lag is not None and not self.stop.is_set():
+            replication.wait_for_replicas(
+                lag, self.stop, lambda reason: self.events("paused", reason=reason, seconds=None)
+            )
 
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
         message += self._count_remaining()
