@@ -84,7 +84,7 @@ from bench import server as pg  # noqa: E402
 from sandbox import dataset, target  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
 from usage.repair import rollup  # noqa: E402
-from usage.repair.verify import ALL_KEYS, compared_columns, mismatches_sql  # noqa: E402
+from usage.repair.verify import ALL_KEYS, mismatches_sql  # noqa: E402
 
 logger = logging.getLogger("bench.run")
 
@@ -398,9 +398,7 @@ class SizeRun:
         with self.srv.connect(name) as conn:
             recompute = variants.floor_recompute(conn, timed.detail["since"])
             with conn.cursor() as cur:
-                cur.execute(
-                    mismatches_sql(compared_columns(cur), ALL_KEYS), {"run_ids": [], "limit": 10}
-                )
+                cur.execute(mismatches_sql(cur, ALL_KEYS)[1], {"run_ids": [], "limit": 10})
                 mismatches = cur.fetchall()
         self.results["floor_rollup"] = {"seconds": recompute.seconds, "keys": recompute.rows}
         self.check(
@@ -603,9 +601,7 @@ class SizeRun:
                 variants.JOURNAL_BYTES_SQL, [compose("{journal}")]
             ).fetchone()
             with conn.cursor() as cur:
-                cur.execute(
-                    mismatches_sql(compared_columns(cur), ALL_KEYS), {"run_ids": [], "limit": 10}
-                )
+                cur.execute(mismatches_sql(cur, ALL_KEYS)[1], {"run_ids": [], "limit": 10})
                 mismatches = cur.fetchall()
         tick = neighbours.next_tick(url)
         update = (run["rollup_to"] - run["started_at"]).total_seconds()
@@ -714,9 +710,7 @@ class SizeRun:
             found = variants.task_usage_digest(conn)
             reverted = variants.latest_run(conn)
             with conn.cursor() as cur:
-                cur.execute(
-                    mismatches_sql(compared_columns(cur), ALL_KEYS), {"run_ids": [], "limit": 10}
-                )
+                cur.execute(mismatches_sql(cur, ALL_KEYS)[1], {"run_ids": [], "limit": 10})
                 mismatches = cur.fetchall()
         slices = _slice_events(proc.stderr)
         events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]

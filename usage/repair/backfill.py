@@ -159,7 +159,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     unequal = "journal wrote %d entries for %d updated rows"
     shown = {"started", "stamping", "rollup_path", "planned", "batch", "paused", "stamped"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
-    temp_table = (DROP_WORK_TABLE_SQL, "work table")
 
     def run(self) -> ExecuteResult:
         check_target()
@@ -178,35 +177,34 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             try:
                 planned, keys = self._snapshot()
                 checked = options.check_snapshot() if options.check_snapshot else {}
-            except BaseException:
-                db.drop_temp_table(*self.temp_table, logger)
-                raise
-            stale = runs.mark_stale_runs()
-            choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
-            policy = choose(options.cutoff, cron.read_state(), keys)
-            self.params.update(policy.params())
-            State = BackfillRun.RollupState
-            run = runs.start_run(
-                **pick(options, "arguments", "cutoff", "workspace_id", "batch_size"),
-                rollup_state=State.PENDING if options.rebuild_rollup else State.SKIPPED,
-                stamp=policy.stamp,
-                stamp_base=policy.top,
-                watermark_at_start=policy.watermark_at,
-                rows_planned=planned,
-                rollup_path=details.get("path", ""),
-                rollup_function=details.get("function", ""),
-                rollup_fingerprint=details.get("fingerprint", ""),
-                rollup_path_reason=details.get("reason", ""),
-                **checked,
-            )
-            self.result = ExecuteResult(
-                run=run, stale_runs=stale, stamp=policy, path=path, rows_planned=planned
-            )
-            self.events("started", run=run)
-            self.events("stamping", policy=policy)
-            if path is not None:
-                self.events("rollup_path", **details)
-            self.guard(self._update_phase)
+                stale = runs.mark_stale_runs()
+                choose = cron.choose_stamp if options.rebuild_rollup else cron.stamp_for_the_tick
+                policy = choose(options.cutoff, cron.read_state(), keys)
+                self.params.update(policy.params())
+                State = BackfillRun.RollupState
+                run = runs.start_run(
+                    **pick(options, "arguments", "cutoff", "workspace_id", "batch_size"),
+                    rollup_state=State.PENDING if options.rebuild_rollup else State.SKIPPED,
+                    stamp=policy.stamp,
+                    stamp_base=policy.top,
+                    watermark_at_start=policy.watermark_at,
+                    rows_planned=planned,
+                    rollup_path=details.get("path", ""),
+                    rollup_function=details.get("function", ""),
+                    rollup_fingerprint=details.get("fingerprint", ""),
+                    rollup_path_reason=details.get("reason", ""),
+                    **checked,
+                )
+                self.result = ExecuteResult(
+                    run=run, stale_runs=stale, stamp=policy, path=path, rows_planned=planned
+                )
+                self.events("started", run=run)
+                self.events("stamping", policy=policy)
+                if path is not None:
+                    self.events("rollup_path", **details)
+                self.guard(self._update_phase)
+            finally:
+                db.drop_temp_table(DROP_WORK_TABLE_SQL, "work table", logger)
             return self._finish_normally()
 
     def _snapshot(self) -> tuple[int, int]:
@@ -280,7 +278,7 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             first, last = (render.timestamp(d[k], microseconds=True) for k in ("first", "last"))
             message = f"run {run_id} wrote stamps from {first} to {last}"
             fields.update(d)
-        elif event == "end":
+        else:  # "end": every event the repair sends is one of these
             if d["status"] != BackfillRun.Status.SUCCEEDED:
                 level = logging.WARNING
             message = (
@@ -290,8 +288,6 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
             counts = ("rows_planned", "rows_updated", "rows_remaining")
             figures = pick(result, *counts, "input_tokens_removed", "clamped_rows")
             fields.update(status=d["status"], **figures, error=d["error"])
-        else:
-            return
         log_event(logger, level, name, message, **fields)
 
     def locked(self) -> int:
@@ -314,12 +310,11 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         if seconds > 0:
             self.events("paused", reason="sleep between batches", seconds=seconds)
             self.stop.wait(seconds)
-        if self.options.max_replication_lag is not None and not self.stop.is_set():
-
-            def on_lag(reason: str) -> None:
-                self.events("paused", reason=reason, seconds=None)
-
-            replication.wait_for_replicas(self.options.max_replication_lag, self.stop, on_lag)
+        lag = self.options.max_replication_lag
+        if lag is not None and not self.stop.is_set():
+            replication.wait_for_replicas(
+                lag, self.stop, lambda reason: self.events("paused", reason=reason, seconds=None)
+            )
 
     def ended(self, message: str, *, salvage: bool, timed_out: bool) -> str:
         message += self._count_remaining()

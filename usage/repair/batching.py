@@ -18,7 +18,6 @@ from usage import cron, privileges
 from usage.db import (
     SQLSTATE_LOCK_NOT_AVAILABLE,
     SQLSTATE_QUERY_CANCELED,
-    drop_temp_table,
     error_text,
     reconnect_if_dead,
     scrub,
@@ -123,7 +122,6 @@ class Chunks(Generic[OptionsT, ResultT]):
     range_batch: ClassVar[dict[str, str]]
     retry_batch: ClassVar[dict[str, str]]
     figures: ClassVar[tuple[str, ...]]
-    temp_table: ClassVar[tuple[str, str]]  # its DROP statement and its name
     options: OptionsT
     result: ResultT
 
@@ -262,8 +260,6 @@ class Chunks(Generic[OptionsT, ResultT]):
             failure = describe_failure(exc) if salvage and not timed_out else str(exc)
             message = self.ended(failure, salvage=salvage, timed_out=timed_out)
             raise self.error(message, self.result) from (None if timed_out else exc)
-        finally:
-            drop_temp_table(*self.temp_table, self.logger)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.db.models.functions import Now
 
-from usage.db import check_target
+from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose, key_table
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
@@ -175,7 +175,7 @@ def plan_revert(run_id: int, *, show_changed: int = DEFAULT_SHOW_CHANGED) -> Rev
     started = time.monotonic()
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION READ ONLY")
-        run = _revertable_run(run_id, planning=True)
+        run = _revertable_run(run_id)
         owner_gone = run.status == BackfillRun.Status.RUNNING  # no live owner holds the lock
         result = RevertResult(run=run, executed=False, owner_gone=owner_gone)
         _classify(result, show_changed)
@@ -193,9 +193,8 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
     )
     retrying = "revert batch timed out; retrying with %(size)d entries"
     unequal = "marked %d journal entries for %d restored rows"
-    shown = {"started", "batch", "rollup_slice"}
+    shown = {"started", "batch"}
     sql, figures, range_batch, retry_batch = BATCH_SQL, FIGURES, RANGE_BATCH, RETRY_BATCH
-    temp_table = (DROP_KEYS_SQL, "revert keys table")
 
     def run(self) -> RevertResult:
         check_target()
@@ -225,7 +224,10 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
                 rows_restored=self.restored_before,
                 rollup_state=state,
             )
-            self.guard(self._restore_phase)
+            try:
+                self.guard(self._restore_phase)
+            finally:
+                drop_temp_table(DROP_KEYS_SQL, "revert keys table", logger)
             self._finish()
         result.seconds = time.monotonic() - started
         return result
@@ -367,9 +369,9 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
 execute_revert = Revert.execute
 
 
-def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:
-    """The run, or the reason it cannot be reverted; a dry run (``planning``) may plan a
-    ``running`` run whose owner died (no one holds the run lock)."""
+def _revertable_run(run_id: int) -> BackfillRun:
+    """The run, or the reason it cannot be reverted; a dry run may plan a ``running`` run whose
+    owner died (no one holds the run lock: an execute, holding it, has marked it interrupted)."""
     run = BackfillRun.objects.filter(pk=run_id).first()
     if run is None:
         raise RevertError(
@@ -383,8 +385,7 @@ def _revertable_run(run_id: int, planning: bool = False) -> BackfillRun:
             "again, so nothing is left to revert"
         )
     if run.status == BackfillRun.Status.RUNNING:
-        pid = runs.run_lock_holder() if planning else run.backend_pid
-        if pid is not None or not planning:
+        if (pid := runs.run_lock_holder()) is not None:
             raise RevertError(
                 f"run {run.pk} is still running (started {run.started_at:%Y-%m-%d %H:%M:%S} "
                 f"UTC by {run.os_user}@{run.client_host}, database backend pid {pid}); wait "

@@ -127,15 +127,13 @@ class Mismatch:
     awaiting_tick: bool = False
 
 
-def compared_columns(cursor: Any) -> list[str]:
-    """The columns the platform's function writes that this database's hourly table has."""
+def mismatches_sql(cursor: Any, scope: dict[str, str]) -> tuple[list[str], str]:
+    """The columns the platform's function writes that this database's hourly table has, and
+    the query comparing them in ``scope``."""
     cursor.execute(HOURLY_COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA])
     present = {name for (name,) in cursor.fetchall()}
-    return [name for name in EXPECTED_SUMS if name in present]
-
-
-def mismatches_sql(columns: list[str], scope: dict[str, str]) -> str:
-    return compose(
+    columns = [name for name in EXPECTED_SUMS if name in present]
+    return columns, compose(
         MISMATCHES_SQL,
         expected=", ".join(f"{EXPECTED_SUMS[name]}::bigint AS {name}" for name in columns),
         pairs=", ".join(f"e.{name}, h.{name}" for name in columns),
@@ -163,8 +161,8 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
     """The hourly keys that differ from the recompute (all keys, or those of some runs)."""
     scope = ALL_KEYS if run_ids is None else RUN_KEYS
     with connection.cursor() as cursor:
-        columns = compared_columns(cursor)
-        cursor.execute(mismatches_sql(columns, scope), {"run_ids": run_ids or [], "limit": limit})
+        columns, query = mismatches_sql(cursor, scope)
+        cursor.execute(query, {"run_ids": run_ids or [], "limit": limit})
         rows = cursor.fetchall()
     count, awaiting = (rows[0][-2], rows[0][-1]) if rows else (0, 0)
     found = []
