@@ -1,4 +1,4 @@
-"""The dry run's workspace/day groups as a table (the backfill command's readable result): on a
+"""The backfill command's result as readable text, and the dry run's groups as a table: on a
 terminal the first of ``SHAPES`` that fits (else a block per group), nothing split."""
 
 from __future__ import annotations
@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django.core.management.color import Style
+
+from usage.output import outcome
 from usage.output.document import TOTAL_FIELDS
 from usage.output.report import fit_items, wrap
 from usage.render import number, render_table, timestamp, unique_prefix_length
@@ -145,3 +148,49 @@ def _shape_notes(shape: Shape, short: dict[str, str], length: int, width: int | 
         for full, prefix in short.items():
             lines.extend(wrap(f"{prefix}  {full}", width, indent="  ", hanging="    "))
     return lines
+
+
+def result_table(
+    document: dict[str, Any],
+    style: Style,
+    *,
+    groups: bool = True,
+    plan_out: bool = False,
+    plan_line: str | None = None,
+    signal_name: str | None = None,
+    width: int | None = None,
+) -> str:
+    """The result document as readable text; ``width``: the terminal's (None: any);
+    ``groups``: with the workspace/day table; ``plan_out``: the dry run saved a plan."""
+    lines: list[str] = []
+    totals = document.get("totals")
+    dry_run = document["mode"] == "dry_run"
+    if totals is not None and (dry_run or groups):
+        if totals["rows"] == 0:
+            lines.append(style.SUCCESS("No eligible Codex rows: nothing to do."))
+        else:
+            if groups:
+                lines += [summary_table(document, width=width), ""]
+            what = "rows would change" if dry_run else "rows were candidates before the run"
+            removed = "input tokens removed" if dry_run else "input tokens to remove then"
+            n = {key: number(value) for key, value in totals.items()}
+            sentence = (
+                f"{n['rows']} {what}; {n['input_tokens_removed']} {removed} "
+                f"({n['input_before']} -> {n['input_after']}); {n['clamped_rows']} clamped to 0; "
+                f"{number(document['expected_rollup_keys'])} hourly rollup keys to rebuild."
+            )
+            lines.extend(wrap(sentence, width, hanging=""))
+    if dry_run and totals and totals["rows"]:
+        # With a plan saved, the command's next line names it and what to do with it.
+        written = " to the database" if plan_out else ""
+        lines.append(style.SUCCESS(f"Dry run complete: nothing was written{written}."))
+        if not plan_out:
+            command = f"{outcome.REPAIR} {outcome.scope_arguments(document)} --plan-out plan.json"
+            lines += outcome.next_step("Next: save it as a plan for the reviewer", command, width)
+    if "run_id" in document:
+        lines += outcome.execute_lines(document, style, width, plan_line, signal_name)
+    if "verify" in document:
+        lines.extend(outcome.verify_lines(document["verify"], style, width))
+    if "run_id" in document:
+        lines.extend(outcome.next_step(*outcome.execute_next(document), width))
+    return "\n".join(lines)

@@ -17,9 +17,7 @@ from usage.db import TargetError, check_target, database_failure, describe_datab
 from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.models import BackfillRun
 from usage.output import document as result
-from usage.output import outcome
-from usage.output.report import wrap
-from usage.output.table import TABLE_GROUP_LIMIT, summary_table
+from usage.output.table import TABLE_GROUP_LIMIT, result_table
 from usage.plan import PlanOptions, checked
 from usage.repair import backfill
 from usage.repair.runs import RunLockError
@@ -360,47 +358,19 @@ class Command(ToolCommand):
 
     def readable(self, document: dict[str, Any], kind: str) -> str:
         """Whole for a file; on stdout a dry run's groups (not at -v 0) or a run's outcome."""
-        style, width = self.style, None if kind == "file" else self.terminal_width()
-        lines: list[str] = []
-        totals = document.get("totals")
-        dry_run = document["mode"] == "dry_run"
-        groups = kind == "file" or (kind == "screen" and dry_run and self.verbosity >= 1)
-        if totals is not None and (dry_run or groups):
-            if totals["rows"] == 0:
-                lines.append(style.SUCCESS("No eligible Codex rows: nothing to do."))
-            else:
-                if groups:
-                    lines += [summary_table(document, width=width), ""]
-                what = "rows would change" if dry_run else "rows were candidates before the run"
-                removed = "input tokens removed" if dry_run else "input tokens to remove then"
-                n = {key: render.number(value) for key, value in totals.items()}
-                sentence = (
-                    f"{n['rows']} {what}; {n['input_tokens_removed']} {removed} "
-                    f"({n['input_before']} -> {n['input_after']}); {n['clamped_rows']} clamped "
-                    f"to 0; {render.number(document['expected_rollup_keys'])} hourly rollup keys "
-                    "to rebuild."
-                )
-                lines.extend(wrap(sentence, width, hanging=""))
-        if dry_run and totals["rows"]:
-            saved = self.settings.plan.out is not None
-            # With a plan saved, the command's next line names it and what to do with it.
-            written = " to the database" if saved else ""
-            lines.append(style.SUCCESS(f"Dry run complete: nothing was written{written}."))
-            if not saved:
-                command = (
-                    f"{outcome.REPAIR} {outcome.scope_arguments(document)} --plan-out plan.json"
-                )
-                prose = "Next: save it as a plan for the reviewer"
-                lines += outcome.next_step(prose, command, width)
-        if "run_id" in document:
-            compared = checked(self.settings.run.check_snapshot)
-            plan_line = compared.summary() if compared is not None else None
-            lines += outcome.execute_lines(document, style, width, plan_line, self.signal_name)
-        if "verify" in document:
-            lines.extend(outcome.verify_lines(document["verify"], style, width))
-        if "run_id" in document:
-            lines.extend(outcome.next_step(*outcome.execute_next(document), width))
-        return "\n".join(lines)
+        compared = checked(self.settings.run.check_snapshot)
+        groups = kind == "file" or (
+            kind == "screen" and document["mode"] == "dry_run" and self.verbosity >= 1
+        )
+        return result_table(
+            document,
+            self.style,
+            groups=groups,
+            plan_out=self.settings.plan.out is not None,
+            plan_line=compared.summary() if compared is not None else None,
+            signal_name=self.signal_name,
+            width=None if kind == "file" else self.terminal_width(),
+        )
 
     def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
         """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
