@@ -18,6 +18,11 @@ SHORT_ID_MINIMUM = 4
 SHORT_ID_DEFAULT = 8
 
 
+def names(text: str) -> tuple[str, ...]:
+    """Field or option names written as one string of words, in order."""
+    return tuple(text.split())
+
+
 def timestamp(value: datetime | None, *, microseconds: bool = False) -> str:
     """RFC 3339 in UTC, four-digit years (isoformat pads them, unlike strftime)."""
     if value is None:

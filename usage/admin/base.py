@@ -19,8 +19,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from usage.output.document import names
-from usage.render import SHORT_ID_DEFAULT, short_id, text, unique_prefix_length
+from usage.render import SHORT_ID_DEFAULT, names, short_id, text, unique_prefix_length
 
 # Counting stops here while searching: enough to page through, never a scan of everything.
 COUNT_CAP = 10_000

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from usage.events import json_default
+from usage.render import names
 from usage.repair.backfill import ExecuteResult
 from usage.repair.revert import RevertResult
 from usage.repair.rollup import RollupResult
@@ -17,10 +18,6 @@ from usage.repair.summary import DryRunSummary
 from usage.repair.verify import RunVerification
 
 FORMATS = ("table", "json", "csv")
-
-
-def names(text: str) -> tuple[str, ...]:
-    return tuple(text.split())
 
 
 GROUP_FIELDS = names(

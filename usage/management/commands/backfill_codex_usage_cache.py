@@ -28,7 +28,7 @@ from usage.repair.verify import verify_run_in_context
 EXIT_VERIFY_FAILED = 4
 
 # The options a run records (``BackfillRun.arguments``), as given.
-RECORDED_OPTIONS = result.names(
+RECORDED_OPTIONS = render.names(
     "cutoff workspace_id batch_size sleep_between_batches rebuild_rollup lock_timeout "
     "statement_timeout max_rollup_lock_seconds max_replication_lag cron_tick_interval "
     "rollup_path plan plan_max_age"
