@@ -271,8 +271,10 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         """The revert's events in its log: plain lines (the command shows the events)."""
         r = self.result
         if event == "started":
-            message = "revert of run %d: %d active journal entries, %d restorable, %d changed"
-            logger.info(message + " since", r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
+            message = (
+                "revert of run %d: %d active journal entries, %d restorable, %d changed since"
+            )
+            logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
         elif event == "batch":
             b = d["batch"]
             message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
@@ -305,8 +307,11 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         self.failed(message)
         return message
 
-    def failed(self, error: str, state: str = BackfillRun.RevertState.FAILED) -> None:
-        """How the revert ended, when it did not finish."""
+    def failed(self, message: str) -> None:
+        self._record_end(BackfillRun.RevertState.FAILED, message)
+
+    def _record_end(self, state: str, error: str) -> None:
+        """How the revert ended, when it did not finish (failed, stopped or incomplete)."""
         restored = self.restored_before + self.result.rows_restored
         fields = {"revert_finished_at": Now(), "revert_error": error, "rows_restored": restored}
         record = functools.partial(self.record, revert_state=state, **fields)
@@ -322,10 +327,10 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         result.rows_restorable = restored + result.rows_remaining
         State, Rollup = BackfillRun.RevertState, BackfillRun.RollupState
         if result.stopped:
-            self.failed(f"stopped by a signal after {restored} rows restored", State.STOPPED)
+            self._record_end(State.STOPPED, f"stopped by a signal after {restored} rows restored")
         elif result.rows_remaining:
             locked = f"{result.rows_remaining} rows stayed locked by other writers"
-            self.failed(locked, State.INCOMPLETE)
+            self._record_end(State.INCOMPLETE, locked)
         if result.stopped or result.rows_remaining:
             self.events("end")
             return
@@ -343,7 +348,7 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
             result.rollup.cancelled_holds.extend(rebuilt.cancelled_holds)
             if rebuilt.stopped:
                 result.stopped = True
-                self.failed("stopped before the rollup was rebuilt", State.STOPPED)
+                self._record_end(State.STOPPED, "stopped before the rollup was rebuilt")
                 return
         fields: dict[str, object] = {
             "status": BackfillRun.Status.REVERTED,
