@@ -187,10 +187,14 @@ class ToolCommand(Reporter, BaseCommand):
         for line in (f"Database: {database}", f"Mode: {mode}", *lines):
             self.context("context", line)
 
+    def readable(self, document: dict[str, Any], kind: str) -> str:
+        """The result as text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the
+        outcome beside a file)."""
+        raise NotImplementedError
+
     def show_result(self, document: dict[str, Any]) -> dict[str, Any]:
         """Show the result on stdout, or in ``--output`` with the outcome on stdout; a failed
-        write is kept in ``write_error``. The command's ``readable(document, kind)`` is the
-        text: ``file`` (whole), ``screen`` (on stdout) or ``brief`` (the outcome by a file)."""
+        write is kept in ``write_error``."""
         fmt, output = self.format, self.output_file
         as_data = {"json": result.to_json, "csv": result.to_csv}.get(fmt)
         kind = "screen" if output is None else "file"
