@@ -147,6 +147,12 @@ def test_the_revert_has_the_repairs_look_and_options(rows: None, tmp_path: Path)
     events = [json.loads(line) for line in err.splitlines()]
     assert [e["event"] for e in events][0] == "context"
     assert "batch" in {e["event"] for e in events} and events[-1]["event"] == "outcome"
+    # Each batch is one event, emitted by the revert itself, with its figures.
+    batches = [e for e in events if e["event"] == "batch"]
+    assert sum(e["rows_restored"] for e in batches) == 6 and batches[-1]["rows_done"] == 6
+    assert {"run_id", "entries", "keys_queued", "rows_skipped_locked", "seconds"} <= set(
+        batches[0]
+    )
 
 
 # -- continued runs and verify ----------------------------------------------------------------

@@ -18,6 +18,7 @@ from django.db.models.functions import Now
 
 from usage.db import check_target, drop_temp_table
 from usage.eligibility import compose, key_table
+from usage.events import log_event
 from usage.models import BackfillJournal, BackfillRun
 from usage.repair import batching, rollup, runs
 from usage.repair.rollup import REVERT_KEYS_TABLE
@@ -268,18 +269,24 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
             self.record(rows_restored=self.restored_before + self.result.rows_restored)
 
     def log_view(self, event: str, /, **d: Any) -> None:
-        """The revert's events in its log: plain lines (the command shows the events)."""
+        """The revert's events in its log: plain lines, and each batch as an event."""
         r = self.result
         if event == "started":
             message = (
                 "revert of run %d: %d active journal entries, %d restorable, %d changed since"
             )
             logger.info(message, r.run.pk, r.entries, r.rows_restorable, r.rows_changed)
-        elif event == "batch":
+        elif event == "batch":  # an event: the JSON log has its figures
             b = d["batch"]
-            message = "revert batch %d: %d entries, %d rows restored, %d hourly keys queued, "
-            figures = (b.number, b.entries, b.rows, b.keys_enqueued, len(b.skipped), b.seconds)
-            logger.info(message + "%d locked, %.3fs", *figures)
+            message = (
+                f"revert batch {b.number}: {b.entries} entries, {b.rows} rows restored, "
+                f"{b.keys_enqueued} hourly keys queued, {len(b.skipped)} locked, {b.seconds:.3f}s"
+            )
+            fields = {"run_id": r.run.pk, "batch": b.number, "entries": b.entries}
+            fields.update(rows_restored=b.rows, keys_queued=b.keys_enqueued)
+            fields.update(rows_skipped_locked=len(b.skipped), batch_size=b.batch_size)
+            fields.update(seconds=round(b.seconds, 6), retry=b.retry, rows_done=r.rows_restored)
+            log_event(logger, logging.INFO, "batch", message, **fields)
         elif event == "end" and r.reverted:
             message = "run %d reverted: %d rows restored, %d left as changed since"
             logger.info(message, r.run.pk, r.rows_restored, r.rows_changed)

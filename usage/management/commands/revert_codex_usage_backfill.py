@@ -129,23 +129,6 @@ class Command(ToolCommand):
     def _progress(self, event: str, /, **details: Any) -> None:
         if event == "started":
             self._describe_run(details["result"])
-        elif event == "batch" and self.json_logs:
-            batch, found = details["batch"], details["result"]
-            self.event(
-                "batch",
-                f"revert batch {batch.number}: {batch.entries} entries, "
-                f"{batch.rows} rows restored",
-                run_id=found.run.pk,
-                batch=batch.number,
-                entries=batch.entries,
-                rows_restored=batch.rows,
-                keys_queued=batch.keys_enqueued,
-                rows_skipped_locked=len(batch.skipped),
-                batch_size=batch.batch_size,
-                seconds=round(batch.seconds, 6),
-                retry=batch.retry,
-                rows_done=found.rows_restored,
-            )
 
     def _describe_run(self, found: revert.RevertResult) -> None:
         """The run being reverted, once, among the first lines."""
