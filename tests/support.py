@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -98,3 +99,31 @@ def live_watermark() -> None:
     from usage.db import database_now
 
     set_rollup_state(database_now() - timedelta(minutes=10), None)
+
+
+def connect_target() -> psycopg.Connection:
+    """The target database for ``pytest -m preflight``: ``DATABASE_URL``, else the sandbox's
+    own database (not pytest's test database), with the limits of Django's connection."""
+    limits = settings.CODEX_CONNECTION_LIMITS
+    options: dict[str, Any] = {
+        "autocommit": True,
+        "application_name": "codex-usage-repair-preflight",
+        "cursor_factory": psycopg.ClientCursor,
+        "options": limits.server_options(),
+        **limits.libpq_params(),
+    }
+    if not settings.USING_SANDBOX:
+        return psycopg.connect(settings.DATABASE_URL, **options)
+    from sandbox import server
+
+    host = server.ensure_sandbox()
+    return psycopg.connect(
+        **options, host=host, user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
+    )
+
+
+def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Any]:
+    """The hourly keys that differ from verify's recompute (all keys, or those of some runs)."""
+    from usage.repair.verify import find_mismatches
+
+    return find_mismatches(run_ids, limit).mismatches

@@ -12,11 +12,10 @@ from django.db import connection
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import manage
-from tests.support import COMMITS, table_snapshot
+from tests.support import COMMITS, rollup_mismatches, table_snapshot
 from usage.models import AgentTaskQueue, BackfillRun, TaskUsage
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.summary import load_summary
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

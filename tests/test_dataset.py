@@ -6,9 +6,8 @@ from django.db import connection
 
 from sandbox import dataset
 from tests.factories import CUTOFF
-from tests.support import COMMITS
+from tests.support import COMMITS, rollup_mismatches
 from usage.repair.summary import load_summary
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

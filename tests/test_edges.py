@@ -18,14 +18,21 @@ from django.db import connection
 
 from tests.factories import CUTOFF, make_agent, make_keys, make_task, make_usage, set_rollup_state
 from tests.platform import FAST_ROLLUP, delayed_rollup, installed
-from tests.support import COMMITS, CUTOFF_ARG, live_watermark, sql, table_snapshot
+from tests.support import (
+    COMMITS,
+    CUTOFF_ARG,
+    live_watermark,
+    rollup_mismatches,
+    sql,
+    table_snapshot,
+)
 from usage import privileges, render
 from usage.db import database_now
 from usage.models import BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import own, slices
-from usage.repair.verify import rollup_mismatches, verify_run_in_context
+from usage.repair.verify import verify_run_in_context
 
 pytestmark = COMMITS
 

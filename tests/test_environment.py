@@ -36,9 +36,8 @@ from tests.processes import (
     silent_server,
     start_manage,
 )
-from tests.support import CUTOFF_ARG, wait_until
+from tests.support import CUTOFF_ARG, connect_target, wait_until
 from usage.environment import ConnectionLimits
-from usage.preflight import connect_target
 
 PASSWORD = "s3cr3t-pw"
 # The key this repository once committed (with it, anyone could forge the admin's cookies).
@@ -194,7 +193,7 @@ def test_the_limits_are_set_from_the_environment(subprocess_env: dict[str, str])
     )
     code = (
         "from django.db import connection\n"
-        "from usage.preflight import connect_target\n"
+        "from tests.support import connect_target\n"
         "with connection.cursor() as c:\n"
         f"    c.execute({shown!r}); print(*c.fetchone())\n"
         "print(connection.connection.info.get_parameters()['connect_timeout'])\n"

@@ -18,11 +18,10 @@ from django.db import connection, transaction
 
 from tests.factories import CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.processes import PROJECT_DIR, error_lines, start_manage
-from tests.support import COMMITS, CUTOFF_ARG, wait_until
+from tests.support import COMMITS, CUTOFF_ARG, rollup_mismatches, wait_until
 from usage.db import set_local_timeouts
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import BackfillError, ExecuteOptions, execute_backfill
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -15,10 +15,9 @@ from tests.factories import (
     make_usage,
     populate_rollup,
 )
-from tests.support import COMMITS, CUTOFF_ARG, backfill
+from tests.support import COMMITS, CUTOFF_ARG, backfill, rollup_mismatches
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.summary import load_summary
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -34,6 +34,7 @@ from usage import plan
 from usage.db import database_now
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
+from usage.plan.document import checksum
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 
 pytestmark = COMMITS
@@ -91,7 +92,7 @@ def resign(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     """Change a plan's fields and give it a matching checksum, as a tool would."""
     document = json.loads(path.read_text())
     change(document)
-    document["checksum"] = plan.checksum(document)
+    document["checksum"] = checksum(document)
     path.write_text(json.dumps(document, indent=2))
 
 
@@ -131,7 +132,7 @@ def test_plan_then_execute_repairs_exactly_the_plan(
     assert saved["kind"] == "codex_usage_backfill_plan" and saved["plan_version"] == 1
     assert (saved["cutoff"], saved["workspace_id"]) == (CUTOFF_ARG, None)
     assert saved["totals"]["rows"] == 4 and saved["group_count"] == len(saved["groups"]) == 2
-    assert saved["checksum"] == plan.checksum(saved)
+    assert saved["checksum"] == checksum(saved)
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT current_database(), (SELECT system_identifier::text FROM"

@@ -38,12 +38,11 @@ from tests.platform import (
     next_tick,
 )
 from tests.processes import start_manage
-from tests.support import COMMITS, CUTOFF_ARG, live_watermark, sql, wait_until
+from tests.support import COMMITS, CUTOFF_ARG, live_watermark, rollup_mismatches, sql, wait_until
 from usage.db import database_now
 from usage.models import BackfillJournal, BackfillRun, TaskUsage
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -43,7 +43,7 @@ from tests.factories import (
     set_rollup_state,
 )
 from tests.processes import manage
-from tests.support import CUTOFF_ARG, opted_in
+from tests.support import CUTOFF_ARG, connect_target, opted_in
 from usage.eligibility import compose
 from usage.management.commands.preflight_codex_usage_backfill import Command
 from usage.models import BackfillJournal, BackfillRun
@@ -53,7 +53,6 @@ from usage.preflight import (
     Check,
     CheckResult,
     Context,
-    connect_target,
     passed,
     run_preflight,
 )

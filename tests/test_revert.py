@@ -29,13 +29,12 @@ from tests.factories import (
     make_usage,
     populate_rollup,
 )
-from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
+from tests.support import COMMITS, CUTOFF_ARG, rollup_mismatches, table_snapshot
 from usage.eligibility import compose
 from usage.models import AgentTaskQueue, BackfillJournal, BackfillRun, TaskUsage
 from usage.repair import runs
 from usage.repair.revert import RevertOptions, execute_revert, plan_revert
 from usage.repair.summary import load_summary
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

@@ -18,13 +18,12 @@ from tests.factories import (
     make_usage,
     populate_rollup,
 )
-from tests.support import COMMITS, live_watermark, sql, table_snapshot
+from tests.support import COMMITS, live_watermark, rollup_mismatches, sql, table_snapshot
 from usage.db import database_now
 from usage.models import Agent, AgentTaskQueue, BackfillRun
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import own, slices
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

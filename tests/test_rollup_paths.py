@@ -22,7 +22,7 @@ from django.db import connection, transaction
 
 from sandbox import target
 from tests.factories import BEFORE, CUTOFF, make_agent, make_keys, make_task, make_usage
-from tests.support import COMMITS, CUTOFF_ARG, table_snapshot
+from tests.support import COMMITS, CUTOFF_ARG, rollup_mismatches, table_snapshot
 from usage.db import database_now
 from usage.eligibility import compose
 from usage.models import AgentTaskQueue, BackfillRun, Issue
@@ -30,7 +30,7 @@ from usage.preflight import run_preflight
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.revert import RevertOptions, execute_revert
 from usage.repair.rollup import choose_path, own, recompute, versions
-from usage.repair.verify import rollup_mismatches, verify_run_in_context
+from usage.repair.verify import verify_run_in_context
 
 pytestmark = COMMITS
 

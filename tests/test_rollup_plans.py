@@ -18,7 +18,7 @@ from django.db import connection, transaction
 from sandbox import dataset
 from tests.factories import CUTOFF, make_keys
 from tests.platform import CALL_KEYS, FAST_ROLLUP, delayed_rollup, installed
-from tests.support import COMMITS
+from tests.support import COMMITS, rollup_mismatches
 from usage.cron import CronState, TickWatcher
 from usage.db import database_now
 from usage.eligibility import compose
@@ -26,7 +26,6 @@ from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.rollup import function
 from usage.repair.rollup.function import Plan, SlicePlanner, plan_applied, run_slice
 from usage.repair.rollup.slices import SliceLimits
-from usage.repair.verify import rollup_mismatches
 
 # Queue ``%(keys)s`` hourly keys (every ``%(step)s``-th in key order, from ``%(offset)s``),
 # as a platform writer would; the latest enqueued_at.
@@ -250,9 +249,9 @@ def test_a_slowdown_is_believed_at_once_and_a_speed_up_gradually() -> None:
     planner = SlicePlanner(target=1.0, scan_seconds=10.0)
     planner.measured(Plan.NESTLOOP, 1000, 0.1)  # 10,000 a second
     planner.measured(Plan.NESTLOOP, 1000, 0.2)  # 5,000: believed
-    assert planner.nestloop_rate == pytest.approx(5000)
+    assert planner.rates[Plan.NESTLOOP].rate == pytest.approx(5000)
     planner.measured(Plan.NESTLOOP, 1000, 0.05)  # 20,000: a step towards it
-    assert planner.nestloop_rate == pytest.approx(5000 + 0.3 * 15_000)
+    assert planner.rates[Plan.NESTLOOP].rate == pytest.approx(5000 + 0.3 * 15_000)
 
 
 def test_a_cancelled_slice_halves_the_next_and_one_key_that_does_not_fit_drops_the_plan() -> None:

@@ -10,12 +10,11 @@ import pytest
 
 from tests.factories import BEFORE, CUTOFF, make_agent, make_task, make_usage, populate_rollup
 from tests.platform import FAST_ROLLUP, SLOW_ROLLUP, delayed_rollup, installed
-from tests.support import COMMITS
+from tests.support import COMMITS, rollup_mismatches
 from usage.repair.backfill import ExecuteOptions, execute_backfill
 from usage.repair.rollup import function, slices
 from usage.repair.rollup.slices import RollupResult
 from usage.repair.summary import load_summary
-from usage.repair.verify import rollup_mismatches
 
 pytestmark = COMMITS
 

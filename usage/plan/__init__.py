@@ -29,7 +29,6 @@ from usage.plan.document import (
     GroupFigures,
     Plan,
     PlanError,
-    checksum,  # noqa: F401 (the tests')
     digest_hex,
     fingerprint,
     plan_document,

@@ -1,6 +1,6 @@
 """Pre-flight: is this database ready for the repair, checked read-only before a run; each check
 in its own savepoint of one ``READ ONLY`` transaction, always rolled back, on Django's
-connection or the target's own (``connect_target``)."""
+connection or the target's own (``pytest -m preflight`` opens one)."""
 
 from __future__ import annotations
 
@@ -94,24 +94,3 @@ def run_preflight(
             logger.debug("check %s: %s in %.3fs", check.name, result.status, seconds)
             results[check.name] = replace(result, name=check.name, seconds=seconds)
     return list(results.values())
-
-
-def connect_target() -> psycopg.Connection:
-    """The target database for ``pytest -m preflight``: ``DATABASE_URL``, else the sandbox's
-    own database (not pytest's test database), with the limits of Django's connection."""
-    limits = settings.CODEX_CONNECTION_LIMITS
-    options: dict[str, Any] = {
-        "autocommit": True,
-        "application_name": "codex-usage-repair-preflight",
-        "cursor_factory": psycopg.ClientCursor,
-        "options": limits.server_options(),
-        **limits.libpq_params(),
-    }
-    if not settings.USING_SANDBOX:
-        return psycopg.connect(settings.DATABASE_URL, **options)
-    from sandbox import server
-
-    host = server.ensure_sandbox()
-    return psycopg.connect(
-        **options, host=host, user="postgres", dbname=settings.SANDBOX_DATABASE_NAME
-    )

@@ -183,10 +183,6 @@ def find_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> Mism
     return Mismatches(count, awaiting, found, tuple(columns))
 
 
-def rollup_mismatches(run_ids: list[int] | None = None, limit: int = 1000) -> list[Mismatch]:
-    return find_mismatches(run_ids, limit).mismatches
-
-
 # The eligible rows left, and how many of them a revert (of any run) restored exactly: those
 # are eligible again by design, not rows the repair missed.
 COUNT_LEFT_SQL = """

@@ -82,10 +82,6 @@ class SlicePlanner:
         if self.scan_seconds > self.target:
             self.usable.discard(Plan.HASH)
 
-    @property
-    def nestloop_rate(self) -> float:
-        return self.rates[Plan.NESTLOOP].rate
-
     def seconds(self, plan: Plan, units: float) -> float:
         return self.rates[plan].seconds(units)
 
