@@ -1,13 +1,27 @@
-"""A run's events as log records with their fields attached, and as one line of JSON each
-(``--log-format json``): a command shows them as text or JSON without the library knowing."""
+"""A run's events: each sent once (``batching.Chunks.events``) to its direction's log view, as
+log records with their fields (one line of JSON each under ``--log-format json``), and to the
+``Progress`` callback a command passes for its bars, without the library knowing either."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
+
+# ``progress(event, **details)``: the events the log views read, and ``rollup_slice``
+# (``piece``, ``done``, ``total``); a callback ignores what it does not show.
+Progress = Callable[..., None]
+
+
+def no_progress(event: str, /, **details: Any) -> None:
+    """The progress callback of a run nobody watches."""
+
+
+def pick(source: Any, *names: str) -> dict[str, Any]:
+    return {name: getattr(source, name) for name in names}
 
 
 def log_event(logger: logging.Logger, level: int, event: str, message: str, **fields: Any) -> None:

@@ -17,11 +17,10 @@ from django.db.models.functions import Now
 from usage import cron, db, render, replication
 from usage.db import check_target, database_now, error_text, set_local_timeouts
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
-from usage.events import log_event
+from usage.events import log_event, pick
 from usage.models import BackfillRun
 from usage.options import MAX_BATCH_SIZE
 from usage.repair import batching, rollup, runs
-from usage.repair.progress import pick
 from usage.repair.summary import ensure_cutoff_in_past
 
 logger = logging.getLogger("usage.backfill")

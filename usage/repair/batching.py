@@ -25,9 +25,9 @@ from usage.db import (
     sqlstate,
 )
 from usage.eligibility import compose
+from usage.events import Progress, no_progress
 from usage.models import BackfillRun
 from usage.repair import rollup
-from usage.repair.progress import Progress, no_progress
 from usage.repair.rollup.slices import SliceLimits
 
 T = TypeVar("T")

@@ -11,12 +11,12 @@ from django.db import DatabaseError
 from usage import options as opts
 from usage import render
 from usage.db import TargetError, describe_database
+from usage.events import pick
 from usage.management.base import EXIT_ROWS_REMAINING, ToolCommand, failing
 from usage.output import document as result
 from usage.output.outcome import changed_lines, revert_lines
 from usage.repair import revert
 from usage.repair.batching import DEFAULT_BATCH_SIZE
-from usage.repair.progress import pick
 from usage.repair.runs import RunLockError
 
 MAX_SHOW_CHANGED = 10_000

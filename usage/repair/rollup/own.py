@@ -15,8 +15,8 @@ from django.conf import settings
 
 from usage.db import drop_temp_table
 from usage.eligibility import compose
+from usage.events import Progress
 from usage.models import BackfillRun
-from usage.repair.progress import Progress
 from usage.repair.rollup import recompute
 from usage.repair.rollup.function import (
     ANALYZE_JOURNAL_SQL,

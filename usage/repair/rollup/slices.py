@@ -22,8 +22,7 @@ from usage.db import (
     sqlstate,
 )
 from usage.eligibility import names
-from usage.events import log_event
-from usage.repair.progress import Progress, no_progress
+from usage.events import Progress, log_event, no_progress
 
 logger = logging.getLogger("usage.rollup")
 
