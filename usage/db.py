@@ -29,11 +29,13 @@ MISSING_OBJECTS_SQL = """
 SELECT name FROM unnest(%(tables)s::text[]) AS name
 WHERE to_regclass(quote_ident(%(schema)s) || '.' || quote_ident(name)) IS NULL"""
 
-# Whether the rollup function exists, what it returns, and whether it runs as its owner.
+# Whether the rollup function exists, what it returns, whether it runs as its owner, and what
+# its fingerprint is made of: its language, its SET clauses and its body.
 ROLLUP_FUNCTION_SQL = """
-SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef
+SELECT p.oid IS NOT NULL, format_type(p.prorettype, NULL), p.prosecdef,
+       l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc
 FROM (SELECT to_regprocedure(%(signature)s) AS oid) f
-LEFT JOIN pg_proc p ON p.oid = f.oid"""
+LEFT JOIN pg_proc p ON p.oid = f.oid LEFT JOIN pg_language l ON l.oid = p.prolang"""
 
 # The queue's unique constraint the tool's upserts name, and its shape.
 QUEUE_CONSTRAINT_SQL = """
@@ -114,7 +116,7 @@ def missing_tables(cursor: Any, tables: Sequence[str], schema: str) -> list[str]
     return [row[0] for row in cursor.fetchall()]
 
 
-def rollup_function(cursor: Any) -> tuple[bool, str | None, bool | None]:
+def rollup_function(cursor: Any) -> tuple[Any, ...]:
     signature = f"{settings.CODEX_TARGET_SCHEMA}.{ROLLUP_FUNCTION_SIGNATURE}"
     cursor.execute(ROLLUP_FUNCTION_SQL, {"signature": signature})
     return cursor.fetchone()

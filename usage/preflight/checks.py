@@ -113,7 +113,7 @@ def check_columns(ctx: Context) -> CheckResult:
 @check("the hourly rollup function and signature")
 def check_rollup_function(ctx: Context) -> CheckResult:
     signature = f"{ctx.target_schema}.{db.ROLLUP_FUNCTION_SIGNATURE}"
-    exists, returns, definer = db.rollup_function(ctx.cursor)
+    exists, returns, definer = db.rollup_function(ctx.cursor)[:3]
     fix = (
         "deploy the application migration that creates "
         f"{db.ROLLUP_FUNCTION_SIGNATURE} returning bigint in schema {ctx.target_schema!r} "

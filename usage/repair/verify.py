@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import connection, transaction
 
 from usage.eligibility import KEY_COLUMNS, compose, eligible_params
 from usage.models import BackfillRun
-from usage.repair.rollup.versions import read_installed_function
+from usage.repair.rollup.versions import hourly_columns, read_installed_function
 
 # Every aggregate column the platform's function writes, as this module recomputes it.
 TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
@@ -38,10 +37,6 @@ def same_key(left: str, right: str) -> str:
         for c in KEY_COLUMNS
     )
 
-
-HOURLY_COLUMNS_SQL = """
-SELECT column_name FROM information_schema.columns
-WHERE table_schema = %s AND table_name = 'task_usage_hourly'"""
 
 # ``{scope}`` limits the comparison to some keys (a run's journal), or is empty for all; a
 # key's expected row is absent (``e.present`` NULL) when it has no rows left.
@@ -130,8 +125,7 @@ class Mismatch:
 def mismatches_sql(cursor: Any, scope: dict[str, str]) -> tuple[list[str], str]:
     """The columns the platform's function writes that this database's hourly table has, and
     the query comparing them in ``scope``."""
-    cursor.execute(HOURLY_COLUMNS_SQL, [settings.CODEX_TARGET_SCHEMA])
-    present = {name for (name,) in cursor.fetchall()}
+    present = hourly_columns(cursor)
     columns = [name for name in EXPECTED_SUMS if name in present]
     return columns, compose(
         MISMATCHES_SQL,

@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from usage.db import ROLLUP_FUNCTION_SIGNATURE
+from usage.db import ROLLUP_FUNCTION_SIGNATURE, rollup_function
 from usage.models import BackfillRun
 from usage.options import DECLARABLE_MIGRATIONS
 from usage.render import short_hash
@@ -120,11 +120,6 @@ def recognise(print_: str) -> FunctionVersion | None:
     return FunctionVersion(declared, DECLARED, print_)
 
 
-# What the fingerprint is made of.
-INSTALLED_FUNCTION_SQL = """
-SELECT l.lanname, coalesce(array_to_string(p.proconfig, E'\\n'), ''), p.prosrc
-FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-WHERE p.oid = to_regprocedure(%(signature)s)"""
 HOURLY_COLUMNS_SQL = """
 SELECT attname FROM pg_attribute
 WHERE attrelid = to_regclass(%(table)s) AND attnum > 0 AND NOT attisdropped"""
@@ -147,10 +142,8 @@ class InstalledFunction:
 
 def installed_fingerprint(cursor: Any) -> str | None:
     """The installed function's fingerprint, or None when it is missing."""
-    target = settings.CODEX_TARGET_SCHEMA
-    cursor.execute(INSTALLED_FUNCTION_SQL, {"signature": f"{target}.{ROLLUP_FUNCTION_SIGNATURE}"})
-    row = cursor.fetchone()
-    return None if row is None else fingerprint(*row)
+    exists, _returns, _definer, *definition = rollup_function(cursor)
+    return fingerprint(*definition) if exists else None
 
 
 class DefinitionChanged(Exception):
@@ -174,10 +167,14 @@ def read_installed_function(cursor: Any) -> InstalledFunction | None:
     print_ = installed_fingerprint(cursor)
     if print_ is None:
         return None
+    return InstalledFunction(print_, recognise(print_), hourly_columns(cursor))
+
+
+def hourly_columns(cursor: Any) -> frozenset[str]:
+    """The hourly table's columns: a known version may write one this database's table lacks."""
     table = f"{settings.CODEX_TARGET_SCHEMA}.task_usage_hourly"
     cursor.execute(HOURLY_COLUMNS_SQL, {"table": table})
-    columns = frozenset(name for (name,) in cursor.fetchall())
-    return InstalledFunction(print_, recognise(print_), columns)
+    return frozenset(name for (name,) in cursor.fetchall())
 
 
 @dataclass(frozen=True)
