@@ -35,15 +35,6 @@ WHERE r.state IS DISTINCT FROM 'backup'"""
 MISSING_PRIVILEGE_HINT = "grant pg_monitor to the repair's role to see replica lag"
 
 
-class ReplicationLagTimeout(Exception):
-    def __init__(self, reason: str, waited_seconds: float) -> None:
-        super().__init__(
-            f"replication lag stayed too high for {waited_seconds:.0f}s ({reason}); "
-            "wait for the replicas to catch up, then re-run the same command to resume"
-        )
-        self.waited_seconds = waited_seconds
-
-
 @dataclass(frozen=True)
 class ReplicaState:
     pid: int
@@ -113,10 +104,10 @@ def wait_for_replicas(
     stop_event: threading.Event,
     on_pause: Callable[[str], None],
     poll_seconds: float = 0.5,
-    max_wait_seconds: float = float("inf"),
     cursor: Any = None,
 ) -> float:
-    """Block while replication lag is too high and return the seconds paused."""
+    """Block while replication lag is too high (until it is not, or ``stop_event``) and return
+    the seconds paused."""
     started = time.monotonic()
     paused = False
     while True:
@@ -128,10 +119,8 @@ def wait_for_replicas(
             return waited if paused else 0.0
         if stop_event.is_set():
             return waited
-        if waited >= max_wait_seconds:
-            raise ReplicationLagTimeout(reason, waited)
         paused = True
         logger.debug("pausing: %s", reason)
         on_pause(reason)
-        if stop_event.wait(min(poll_seconds, max(max_wait_seconds - waited, 0.0))):
+        if stop_event.wait(poll_seconds):
             return time.monotonic() - started
