@@ -112,10 +112,10 @@ def test_the_gap_after_a_slice_follows_a_small_budget_down_to_a_tenth_of_a_secon
 ) -> None:
     """A fixed 0.2 s was a fifth of every slice's cycle at a 1 s budget; a try-lock caller
     polling every 50 ms still gets at least two tries in 0.1 s."""
-    made = slices.Slicer(slices.SliceLimits(budget), slices.NeighbourOptions(), RollupResult())
+    made = slices.Slicer(slices.SliceLimits(budget), RollupResult())
     assert made.gap == pytest.approx(gap)
-    quiet = slices.NeighbourOptions(gap=0)
-    assert slices.Slicer(slices.SliceLimits(budget), quiet, RollupResult()).gap == 0
+    quiet = slices.SliceLimits(budget, gap=0)
+    assert slices.Slicer(quiet, RollupResult()).gap == 0
 
 
 def test_one_cancelled_slice_does_not_cap_the_rest_of_the_run() -> None:

@@ -174,11 +174,13 @@ class Chunks(Generic[OptionsT, ResultT]):
         """Rebuild every hourly key of the runs' rows (or of ``source``) on the run's path."""
         options = self.options
         limits = SliceLimits(
-            options.max_rollup_lock_seconds, options.lock_timeout, options.statement_timeout
+            options.max_rollup_lock_seconds,
+            options.lock_timeout,
+            options.statement_timeout,
+            options.cron_tick_interval,
         )
-        neighbours = rollup.NeighbourOptions(tick_interval=options.cron_tick_interval)
         return rollup.rebuild_keys(
-            run_ids, self.result.path, limits, neighbours, should_stop, self.progress, source
+            run_ids, self.result.path, limits, should_stop, self.progress, source
         )
 
     def rebuild_after_rows(self, rebuild: Callable[[], T], message: str) -> T:

@@ -9,7 +9,6 @@ from usage.repair.rollup.own import REVERT_KEYS, RUN_KEYS, KeySource, rebuild_ke
 from usage.repair.rollup.slices import (
     DEFAULT_MAX_ROLLUP_LOCK_SECONDS,
     LOCK_CAP_SLACK_SECONDS,
-    NeighbourOptions,
     RollupError,
     RollupResult,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "KeySource",
     "LOCK_CAP_SLACK_SECONDS",
     "ROLLUP_LOCK_ID",
-    "NeighbourOptions",
     "REVERT_KEYS",
     "REVERT_KEYS_TABLE",
     "RUN_KEYS",

@@ -271,7 +271,7 @@ class FunctionPath(Slicer):
         schema = settings.CODEX_TARGET_SCHEMA
         pages = one(SCANNED_PAGES_SQL, [f"{schema}.task_usage", f"{schema}.agent_task_queue"])[0]
         scans = float(pages or 0) * PRIOR_SCAN_SECONDS_PER_PAGE
-        self.planner = SlicePlanner(self.limits.target, scans, self.neighbours.gap)
+        self.planner = SlicePlanner(self.limits.target, scans, self.limits.gap)
 
     def rebuild(
         self, run_ids: Sequence[int], hour: datetime | None = None, queued: bool = False

@@ -29,7 +29,6 @@ from usage.repair.rollup.function import (
 from usage.repair.rollup.slices import (
     TARGET_LOCK_FRACTION,
     Bound,
-    NeighbourOptions,
     Rate,
     RollupError,
     RollupResult,
@@ -351,7 +350,6 @@ def rebuild_keys(
     run_ids: Sequence[int],
     choice: PathChoice,
     limits: SliceLimits,
-    neighbours: NeighbourOptions,
     should_stop: ShouldStop,
     progress: Progress,
     source: KeySource,
@@ -360,7 +358,7 @@ def rebuild_keys(
     ``choice``'s path (after a failed proof, the function's)."""
     started = time.monotonic()
     result = RollupResult(path=choice.path)
-    function = FunctionPath(limits, neighbours, result, should_stop, progress)
+    function = FunctionPath(limits, result, should_stop, progress)
     try:
         if not choice.own:
             function.rebuild(run_ids, queued=source.queued)

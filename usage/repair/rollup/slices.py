@@ -72,9 +72,13 @@ class SliceCancelled(Exception):
 
 @dataclass(frozen=True)
 class SliceLimits:
+    """A slice's lock budget and timeouts, and the room it leaves the lock's other users."""
+
     max_lock_seconds: float = DEFAULT_MAX_ROLLUP_LOCK_SECONDS
     lock_timeout: float = 5.0
     statement_timeout: float = 600.0
+    tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
+    gap: float = SLICE_GAP_SECONDS
 
     @property
     def cap(self) -> float:
@@ -83,14 +87,6 @@ class SliceLimits:
     @property
     def target(self) -> float:
         return self.max_lock_seconds * TARGET_LOCK_FRACTION
-
-
-@dataclass(frozen=True)
-class NeighbourOptions:
-    """The room left to the platform's other users of lock 4246."""
-
-    tick_interval: float = cron.DEFAULT_TICK_INTERVAL_SECONDS
-    gap: float = SLICE_GAP_SECONDS
 
 
 @dataclass(frozen=True)
@@ -301,14 +297,13 @@ class Slicer:
     the ``rollup_slice`` and ``paused`` events to ``progress``."""
 
     limits: SliceLimits
-    neighbours: NeighbourOptions
     result: RollupResult
     should_stop: ShouldStop = lambda: False
     progress: Progress = no_progress
     cancelled_in_a_row: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.ticks = cron.TickWatcher(interval=self.neighbours.tick_interval, lead=self.limits.cap)
+        self.ticks = cron.TickWatcher(interval=self.limits.tick_interval, lead=self.limits.cap)
 
     def paused(self, reason: str, seconds: float) -> None:
         self.progress("paused", reason=reason, seconds=seconds)
@@ -325,7 +320,7 @@ class Slicer:
     @property
     def gap(self) -> float:
         share = max(MIN_SLICE_GAP_SECONDS, SLICE_GAP_SHARE * self.limits.max_lock_seconds)
-        return min(self.neighbours.gap, share)
+        return min(self.limits.gap, share)
 
     def leave_a_gap(self) -> None:
         if self.gap > 0:
