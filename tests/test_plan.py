@@ -300,7 +300,7 @@ def test_a_too_old_plan_is_refused(rows: dict[str, Any], plan_file: Path) -> Non
         "--execute",
         "--plan",
         str(plan_file),
-        match=r"is too old: made 1d 1h ago .* more than --plan-max-age 1d;",
+        match=r"is too old: made 25 h 00 min ago .* more than --plan-max-age 24h;",
     )
     refused(
         "--execute",

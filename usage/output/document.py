@@ -25,10 +25,7 @@ GROUP_FIELDS = names(
     "rollup_keys first_created_at last_created_at"
 )
 TOTAL_FIELDS = names("rows input_before input_after input_tokens_removed clamped_rows")
-ROLLUP_FIELDS = names(
-    "rollup_rows rollup_slices rollup_max_lock_seconds rollup_keys rollup_seconds "
-    "rollup_hash_slices rollup_cron_waits rollup_cron_wait_seconds"
-)
+ROLLUP_FIELDS = tuple(RollupResult().figures())  # a rebuild's figures, as the run record has them
 VERIFY_FIELDS = names(
     "run_id run_status ok eligible_rows_left eligible_rows_expected mismatched_keys "
     "awaiting_tick_keys continues continued_by"

@@ -18,7 +18,7 @@ from usage import render
 from usage.db import database_now, set_local_timeouts
 from usage.eligibility import compose
 from usage.events import log_event
-from usage.options import duration_seconds, parse_cutoff, parse_workspace_id, shown
+from usage.options import duration_seconds, duration_text, parse_cutoff, parse_workspace_id, shown
 from usage.output import outcome
 from usage.output.files import OutputError, OutputFile, check_output
 from usage.output.report import Reporter
@@ -153,10 +153,10 @@ def check_database(plan: Plan, max_age_seconds: float) -> float:
         )
     if age > max_age_seconds:
         raise PlanError(
-            f"{plan.name} is too old: made {duration(age)} ago "
+            f"{plan.name} is too old: made {render.seconds(age)} ago "
             f"({render.timestamp(plan.created_at)} by the database's clock), more than "
-            f"--plan-max-age {duration(max_age_seconds)}; {NEW_PLAN_ADVICE}, or give a larger "
-            "--plan-max-age"
+            f"--plan-max-age {duration_text(max_age_seconds)}; {NEW_PLAN_ADVICE}, or give a "
+            "larger --plan-max-age"
         )
     return age
 
@@ -224,15 +224,6 @@ class SnapshotCheck:
         details = {k: v for k, v in compared.document().items() if k != "file"}
         log_event(logger, logging.INFO, "plan", compared.summary(), **details)
         return {f"plan_{key}": getattr(plan, key) for key in RECORDED}
-
-
-def duration(seconds: float) -> str:
-    """An age as people read it: ``1d 2h 5m``, ``26m 3s``, ``45s``."""
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m")] + ([] if days else [(secs, "s")])
-    return " ".join(f"{n}{unit}" for n, unit in parts if n) or f"{seconds:.1f}s"
 
 
 @dataclass(frozen=True)
