@@ -172,7 +172,7 @@ def to_csv(document: dict[str, Any]) -> str:
         if gap or buffer.tell():
             buffer.write("\n")
         writer.writerow([prefix + key for key in fields])
-        writer.writerows([_cell(row[key]) for key in fields] for row in rows)
+        writer.writerows([plain(row[key]) for key in fields] for row in rows)
 
     if document["mode"] in ("revert", "revert_dry_run"):
         block(REVERT_FIELDS, [document])
@@ -190,7 +190,8 @@ def to_csv(document: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def _cell(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A value as a CSV cell or a plan's group holds it: a time, a date or an id as text."""
     if value is None:
         return ""
     return json_default(value) if not isinstance(value, int | str | float) else value

@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from usage.events import json_default
 from usage.events import utc_text as timestamp
 from usage.options import shown
-from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS
+from usage.output.document import GROUP_FIELDS, TOTAL_FIELDS, plain
 from usage.output.files import DANGLING_LINK, named_file
 from usage.repair.summary import DryRunSummary
 
@@ -136,7 +135,7 @@ def plan_document(summary: DryRunSummary, identity: DatabaseIdentity) -> dict[st
     groups = [
         {
             # As JSON holds them, so that the checksum is computed on what the file says.
-            **{key: _plain(getattr(group, key)) for key in GROUP_FIELDS},
+            **{key: plain(getattr(group, key)) for key in GROUP_FIELDS},
             "ids_digest": digest_hex(group.ids_digest),
         }
         for group in summary.groups
@@ -160,10 +159,6 @@ def plan_document(summary: DryRunSummary, identity: DatabaseIdentity) -> dict[st
     }
     document["checksum"] = checksum(document)
     return document
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, int | str) else json_default(value)
 
 
 def plan_text(document: dict[str, Any]) -> str:
