@@ -84,6 +84,7 @@ from bench import server as pg  # noqa: E402
 from sandbox import dataset, target  # noqa: E402
 from usage.eligibility import compose  # noqa: E402
 from usage.repair import rollup  # noqa: E402
+from usage.repair.rollup.slices import LOCK_CAP_SLACK_SECONDS  # noqa: E402
 from usage.repair.verify import ALL_KEYS, mismatches_sql  # noqa: E402
 
 logger = logging.getLogger("bench.run")
@@ -562,7 +563,7 @@ class SizeRun:
         self.check("(g) run succeeded", run["status"] == "succeeded", str(run["status"]))
         self.check(
             "(g) every hold within its budget",
-            run["rollup_max_lock_seconds"] <= budget + rollup.LOCK_CAP_SLACK_SECONDS,
+            run["rollup_max_lock_seconds"] <= budget + LOCK_CAP_SLACK_SECONDS,
             f"{run['rollup_max_lock_seconds']:.3f}s",
         )
         logger.info(
@@ -923,7 +924,7 @@ def table_rows(size: dict[str, Any]) -> list[dict[str, Any]]:
             )
     if "tool" in r:
         t = r["tool"]
-        cap = size["max_rollup_lock_seconds"] + rollup.LOCK_CAP_SLACK_SECONDS
+        cap = size["max_rollup_lock_seconds"] + LOCK_CAP_SLACK_SECONDS
         line(
             "c",
             "tool: whole execute (update + rollup)",
@@ -1121,7 +1122,7 @@ def targets(size: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
         mb is not None and mb <= PEAK_MB_MAX,
         True,
     )
-    cap = size["max_rollup_lock_seconds"] + rollup.LOCK_CAP_SLACK_SECONDS
+    cap = size["max_rollup_lock_seconds"] + LOCK_CAP_SLACK_SECONDS
     t = r.get("tool", {})
     hold = t.get("max_lock_held_seconds")
     target(

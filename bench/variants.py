@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 
 from sandbox.dataset import HOURLY_SUMS
+from usage.cron import ROLLUP_LOCK_ID
 from usage.eligibility import COUNT_ELIGIBLE_SQL, compose, eligible_params
 from usage.repair.backfill import CREATE_WORK_TABLE_SQL, INDEX_WORK_TABLE_SQL, WORK_TABLE
-from usage.repair.rollup import ROLLUP_LOCK_ID
 from usage.repair.rollup.function import ROLLUP_CALL_SQL
 
 logger = logging.getLogger("bench.variants")
