@@ -99,6 +99,13 @@ class Reporter:
         style = self.style.SUCCESS if ok else self.style.ERROR
         self._say("info" if ok else "error", "outcome", message, fields, stream, style)
 
+    def lines(self, lines: Callable[[int | None], list[str]]) -> None:
+        """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
+        target = self.stderr if self.document_on_stdout else self.stdout
+        width = self.terminal_width() if target is self.stdout else None
+        for line in lines(width):
+            target.write(line, style_func=lambda text: text)
+
     def terminal_width(self, stream: OutputWrapper | None = None) -> int | None:
         """The width of the terminal ``stream`` (stdout) is, or None (a file or a pipe)."""
         return shutil.get_terminal_size().columns if (stream or self.stdout).isatty() else None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,8 +43,6 @@ logger = logging.getLogger("usage.plan")
 # How old a plan may be, by the database's clock, when it is executed.
 DEFAULT_MAX_AGE = "24h"
 MAX_AGE_LIMIT_SECONDS = 30 * 24 * 3600.0
-# Shows lines fitted to the width where they go (see the repair command).
-LinesShower = Callable[[Callable[[int | None], list[str]]], None]
 # The plan's fields a run records (as plan_<field>) and the JSON log's context names.
 RECORDED = ("created_at", "rows", "fingerprint")
 
@@ -325,7 +322,7 @@ class PlanOptions:
             )
         return plan_document(summary, identity)
 
-    def write(self, saved: dict[str, Any], report: Reporter, show: LinesShower) -> str | None:
+    def write(self, saved: dict[str, Any], report: Reporter) -> str | None:
         """Write the plan, then say the next command; returns the error of a failed write."""
         assert self.out is not None
         try:
@@ -344,7 +341,7 @@ class PlanOptions:
                 "plan_written", f"{prose}: {command}", file=given, fingerprint=saved["fingerprint"]
             )
         else:
-            show(lambda width: outcome.next_step(prose, command, width))
+            report.lines(lambda width: outcome.next_step(prose, command, width))
         return None
 
 

@@ -4,7 +4,6 @@ its options are read once (``_read_options``) and ``handle()`` follows the runbo
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,7 +278,7 @@ class Command(ToolCommand):
         summary = self._summary()
         saved = self.settings.plan.document(summary, identity, self)
         document = self.show_result(result.build("dry_run", database, summary=summary))
-        if saved and (failed := self.settings.plan.write(saved, self, self._lines)):
+        if saved and (failed := self.settings.plan.write(saved, self)):
             self.write_error = "; also, ".join(filter(None, [self.write_error, failed]))
         return document
 
@@ -371,13 +370,6 @@ class Command(ToolCommand):
             signal_name=self.signal_name,
             width=None if kind == "file" else self.terminal_width(),
         )
-
-    def _lines(self, lines: Callable[[int | None], list[str]]) -> None:
-        """Lines of the outcome, fitted to where they go: stdout, or stderr beside a document."""
-        target = self.stderr if self.document_on_stdout else self.stdout
-        width = self.terminal_width() if target is self.stdout else None
-        for line in lines(width):
-            target.write(line, style_func=lambda text: text)
 
     def _exit_status(self, document: dict[str, Any]) -> CommandError | None:
         """The error that ends the command, if any: a failed run first, then a signal."""
