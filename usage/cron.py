@@ -162,9 +162,7 @@ class TickWatcher:
         ticks = max(1, math.ceil((since - self.grace) / self.interval))
         return last + timedelta(seconds=ticks * self.interval)
 
-    def wait_if_due(
-        self, stop: Callable[[], bool], on_wait: Callable[[str, float], None]
-    ) -> float:
+    def wait_if_due(self, stop: Callable[[], bool], on_wait: Callable[[str, float], None]) -> None:
         state = read_state()
         due = self.next_due(state)
         if due is None and not self._said_stale:
@@ -175,7 +173,7 @@ class TickWatcher:
                 "never ran" if last is None else f"last ran at {_clock(last)}",
             )
         if due is None or (due - state.now).total_seconds() > self.lead:
-            return 0.0
+            return
         give_up = due + timedelta(seconds=self.grace)
         limit = max((give_up - state.now).total_seconds(), 0.0)
         message = (
@@ -191,7 +189,5 @@ class TickWatcher:
                 break
             threading.Event().wait(POLL_SECONDS)
             current = read_state()
-        waited = (current.now - state.now).total_seconds()
         self.waits += 1
-        self.waited_seconds += waited
-        return waited
+        self.waited_seconds += (current.now - state.now).total_seconds()
