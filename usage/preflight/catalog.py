@@ -132,10 +132,6 @@ SELECT a.attname FROM pg_attribute a
 WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
   AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
   AND a.attname <> ALL(%(columns)s::text[])"""
-PENDING_ROLLUPS_SQL = """
-SELECT id FROM {run}
-WHERE rollup_state = 'pending' AND status NOT IN ('running', 'reverted')
-ORDER BY id"""
 CRON_STATE_SQL = """
 SELECT s.watermark_at, s.last_run_started_at, s.last_error, now(),
        to_regprocedure(%(cron)s) IS NOT NULL

@@ -12,6 +12,7 @@ from usage.events import json_default
 from usage.preflight import catalog
 from usage.preflight.catalog import Check, CheckResult, Context, failed, passed, warned
 from usage.render import short_hash
+from usage.repair import runs
 from usage.repair.rollup.versions import DECLARE_SETTING
 from usage.repair.summary import WORKSPACE_HAS_AGENTS_SQL, CutoffError, ensure_cutoff_in_past
 
@@ -398,7 +399,7 @@ def check_after_cutoff(ctx: Context) -> CheckResult:
 @check("no earlier run left its rollup unfinished", requires="tool_schema")
 def check_pending_rollups(ctx: Context) -> CheckResult:
     """Runs whose rollup did not finish: their rows are below the cron's watermark."""
-    pending = ctx.column(compose(catalog.PENDING_ROLLUPS_SQL))
+    pending = ctx.column(compose(runs.PENDING_ROLLUPS_SQL))
     if not pending:
         return passed("no run has its rollup pending")
     return warned(

@@ -329,13 +329,9 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
     def _rebuild_rollup(self) -> None:
         """Rebuild the hourly keys of this run's rows and of earlier runs that died first."""
         result, run = self.result, self.result.run
-        pending = list(
-            BackfillRun.objects.filter(rollup_state=BackfillRun.RollupState.PENDING)
-            .exclude(pk=run.pk)
-            .exclude(status__in=[BackfillRun.Status.RUNNING, BackfillRun.Status.REVERTED])
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
+        with connection.cursor() as cursor:  # this run is running: not among them
+            cursor.execute(compose(runs.PENDING_ROLLUPS_SQL))
+            pending = [pk for (pk,) in cursor.fetchall()]
         run_ids = [*pending, run.pk] if result.rows_updated else pending
         if not run_ids:
             self.record(rollup_state=BackfillRun.RollupState.DONE)

@@ -86,6 +86,12 @@ def mark_stale_runs() -> list[int]:
     return stale
 
 
+# Runs whose rollup did not finish, none running or reverted: the next run rebuilds their keys.
+PENDING_ROLLUPS_SQL = """
+SELECT id FROM {run}
+WHERE rollup_state = 'pending' AND status NOT IN ('running', 'reverted')
+ORDER BY id"""
+
 # A run that did not finish: the next run of the same cutoff and workspace continues it.
 UNFINISHED = (BackfillRun.Status.INTERRUPTED, BackfillRun.Status.FAILED)
 
