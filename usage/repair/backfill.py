@@ -166,12 +166,8 @@ class Repair(batching.Chunks[ExecuteOptions, ExecuteResult]):
         self.params = eligible_params(options.cutoff, options.workspace_id)
         self.range_shortfall = 0  # snapshot rows a range batch did not update
         ensure_cutoff_in_past(options.cutoff, database_now())
-        # Refused before it writes: a role that cannot rebuild the keys would leave them wrong.
-        path = rollup.choose_path(options.rollup_path) if options.rebuild_rollup else None
+        path = self.checked_path("the repair", options.rebuild_rollup)
         details = {} if path is None else pick(path, "path", "function", "fingerprint", "reason")
-        self.refuse_missing_privileges(
-            "the repair", rebuild_rollup=options.rebuild_rollup, own_path=bool(path and path.own)
-        )
         with runs.run_lock():
             try:
                 planned, keys = self._snapshot()

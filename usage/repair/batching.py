@@ -158,12 +158,18 @@ class Chunks(Generic[OptionsT, ResultT]):
         except Exception as exc:  # noqa: BLE001 - the run's own failure is what is reported
             self.logger.warning(warning, *args, error_text(exc))
 
-    def refuse_missing_privileges(self, what: str, **needs: bool) -> None:
-        """Every privilege the run needs to finish, checked before it writes."""
+    def checked_path(self, what: str, rebuild_rollup: bool = True) -> rollup.PathChoice | None:
+        """The run's rollup path, once every privilege it needs to finish is checked: refused
+        before it writes, a role that cannot rebuild the keys would leave them wrong."""
+        path = rollup.choose_path(self.options.rollup_path) if rebuild_rollup else None
+        own = bool(path and path.own)
         with connection.cursor() as cursor:
             owner = privileges.function_runs_as_owner(cursor)
-            needed = privileges.requirements(security_definer=owner, **needs)
+            needed = privileges.requirements(
+                security_definer=owner, rebuild_rollup=rebuild_rollup, own_path=own
+            )
             privileges.refuse_missing(cursor, needed, what)
+        return path
 
     def rebuild_keys(
         self,

@@ -201,8 +201,7 @@ class Revert(batching.Chunks[RevertOptions, RevertResult]):
         check_target()
         started = time.monotonic()
         self.skipped: list[int] = []  # journal entries a writer held
-        path = rollup.choose_path(self.options.rollup_path)
-        self.refuse_missing_privileges("the revert", own_path=path.own)
+        path = self.checked_path("the revert")
         with runs.run_lock():
             stale = runs.mark_stale_runs()
             run = _revertable_run(self.options.run_id)
