@@ -162,12 +162,10 @@ class Chunks(Generic[OptionsT, ResultT]):
         """The run's rollup path, once every privilege it needs to finish is checked: refused
         before it writes, a role that cannot rebuild the keys would leave them wrong."""
         path = rollup.choose_path(self.options.rollup_path) if rebuild_rollup else None
-        own = bool(path and path.own)
+        needs = {"rebuild_rollup": rebuild_rollup, "own_path": bool(path and path.own)}
         with connection.cursor() as cursor:
             owner = privileges.function_runs_as_owner(cursor)
-            needed = privileges.requirements(
-                security_definer=owner, rebuild_rollup=rebuild_rollup, own_path=own
-            )
+            needed = privileges.requirements(security_definer=owner, **needs)
             privileges.refuse_missing(cursor, needed, what)
         return path
 
