@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import logging
 import re
 from collections.abc import Callable, Iterable
 from functools import update_wrapper
@@ -24,8 +23,6 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadReque
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
 from usage.environment import SECRET_KEY_MIN_LENGTH, key_problem
-
-logger = logging.getLogger("usage.admin")
 
 KEY_EXAMPLE = (
     "DJANGO_SECRET_KEY=\"$(python -c 'import secrets; "
@@ -74,8 +71,6 @@ class ReviewAdminSite(AdminSite):
         for model in model_or_iterable:
             if model._meta.app_label == "usage":  # the tool's own models only
                 super().register(model, admin_class, **options)
-            else:
-                logger.debug("the admin does not serve %s", model._meta.label)
 
     def admin_view(self, view: Callable[..., HttpResponse], cacheable: bool = False) -> Any:
         """A write (a POST, forged or not) never reaches a view but logging out."""

@@ -3,7 +3,6 @@ dry run's totals and the sidebar's counts from one grouped aggregate on ``usage.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from usage.events import utc_text
 from usage.models import BackfillRun, CandidateUsage
 from usage.render import clock_cell, number, short_id, stamp, unique_prefix_length
 from usage.repair.summary import CutoffError, Totals, ensure_cutoff_in_past, workspace_has_agents
-
-logger = logging.getLogger("usage.candidates")
 
 # GET parameters that choose what the page lists (the command's --cutoff and --workspace-id).
 CUTOFF_PARAM = "cutoff"
@@ -172,11 +169,6 @@ def load_candidate_page(params: Mapping[str, str]) -> CandidatePage:
         page.error = exc.named(name)
     except ValueError as exc:
         page.error = str(exc)
-    else:
-        rows, ws = page.result.totals.rows, page.workspace_id
-        logger.debug(
-            "candidates for cutoff %s, workspace %s: %s rows", page.cutoff_text, ws or "all", rows
-        )
     return page
 
 
